@@ -1,0 +1,50 @@
+// BlockDevice: the one interface through which pcache reaches storage.
+//
+// The cache engine talks to its cache device and its backing device only through this
+// interface, so a file, a block device, memory, a remote NBD export or the crash simulator
+// can stand in for either. Contract for every implementation:
+// - offsets and lengths are byte counts; a request never extends past `sizeBytes`;
+// - a write is visible to later reads as soon as it completes, but it is durable (survives
+//   power loss) only after a later `sync()` has completed;
+// - failures are PcacheErrors ('EIO', 'ENOSPC', 'ENODEV'), never raw system errors;
+// - `discard`, where offered, leaves the range reading as zeroes.
+//
+// Devices that can complete reads and writes without waiting (memory; a file on persistent
+// memory or in the page cache) expose them through `blocking`. The engine uses it for the
+// fast cache device, where a synchronous pread/pwrite of a few KiB costs about a microsecond
+// and the thread-pool round trip of the asynchronous calls would cost more than the I/O.
+
+export interface BlockDevice {
+  readonly sizeBytes: number;
+  /**
+   * A stable identity for the storage behind this device (for example a file's inode or a
+   * disk's serial number), or undefined when it has none. pcache records it in the cache's
+   * superblock and refuses to pair the cache with a different backing device.
+   */
+  readonly identity: string | undefined;
+  /** Synchronous positional I/O, when this device offers it. */
+  readonly blocking: BlockingIo | undefined;
+
+  read(target: Uint8Array, offsetBytes: number): Promise<void>;
+  write(source: Uint8Array, offsetBytes: number): Promise<void>;
+  /** Makes every write that completed before this call durable. */
+  sync(): Promise<void>;
+  /** Drops the range's contents; afterwards it reads as zeroes. */
+  discard?(offsetBytes: number, lengthBytes: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface BlockingIo {
+  readSync(target: Uint8Array, offsetBytes: number): void;
+  writeSync(source: Uint8Array, offsetBytes: number): void;
+}
+
+/** Asserts nothing; returns a message when a request does not fit the device. */
+export function rangeProblem(device: { sizeBytes: number }, offsetBytes: number, lengthBytes: number): string | undefined {
+  if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0) return `bad offset ${offsetBytes}`;
+  if (!Number.isSafeInteger(lengthBytes) || lengthBytes < 0) return `bad length ${lengthBytes}`;
+  if (offsetBytes + lengthBytes > device.sizeBytes) {
+    return `range ${offsetBytes}+${lengthBytes} ends past the device end ${device.sizeBytes}`;
+  }
+  return undefined;
+}

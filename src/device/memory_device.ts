@@ -1,0 +1,71 @@
+// MemoryDevice: a BlockDevice held in memory, for tests, benchmarks and experiments.
+//
+// Every write is immediately visible and `sync` does nothing, so a MemoryDevice models a
+// device that never loses a completed write. Crash behaviour (unsynced writes lost or torn)
+// is the crash simulator's job, not this device's.
+
+import { assert } from '../lib/assert.js';
+import { PcacheError } from '../lib/errors.js';
+import { rangeProblem, type BlockDevice, type BlockingIo } from './block_device.js';
+
+export class MemoryDevice implements BlockDevice, BlockingIo {
+  readonly sizeBytes: number;
+  readonly identity: string | undefined;
+  readonly blocking: BlockingIo;
+  /** The device's contents; tests may inspect them directly. */
+  readonly bytes: Uint8Array;
+  private closed = false;
+
+  constructor(sizeBytesOrContents: number | Uint8Array, options: { identity?: string } = {}) {
+    this.bytes = typeof sizeBytesOrContents === 'number' ? new Uint8Array(sizeBytesOrContents) : sizeBytesOrContents;
+    this.sizeBytes = this.bytes.length;
+    this.identity = options.identity;
+    this.blocking = this;
+  }
+
+  readSync(target: Uint8Array, offsetBytes: number): void {
+    this.check(offsetBytes, target.length);
+    target.set(this.bytes.subarray(offsetBytes, offsetBytes + target.length));
+  }
+
+  writeSync(source: Uint8Array, offsetBytes: number): void {
+    this.check(offsetBytes, source.length);
+    this.bytes.set(source, offsetBytes);
+  }
+
+  read(target: Uint8Array, offsetBytes: number): Promise<void> {
+    this.readSync(target, offsetBytes);
+    return Promise.resolve();
+  }
+
+  write(source: Uint8Array, offsetBytes: number): Promise<void> {
+    this.writeSync(source, offsetBytes);
+    return Promise.resolve();
+  }
+
+  sync(): Promise<void> {
+    if (this.closed) return Promise.reject(closedError());
+    return Promise.resolve();
+  }
+
+  discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    this.check(offsetBytes, lengthBytes);
+    this.bytes.fill(0, offsetBytes, offsetBytes + lengthBytes);
+    return Promise.resolve();
+  }
+
+  close(): Promise<void> {
+    this.closed = true;
+    return Promise.resolve();
+  }
+
+  private check(offsetBytes: number, lengthBytes: number): void {
+    if (this.closed) throw closedError();
+    const problem = rangeProblem(this, offsetBytes, lengthBytes);
+    assert(problem === undefined, problem);
+  }
+}
+
+function closedError(): PcacheError {
+  return new PcacheError('ENODEV', 'memory device is closed');
+}

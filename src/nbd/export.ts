@@ -1,0 +1,47 @@
+// Export: what the NBD server serves.
+//
+// The NBD layer knows nothing about caches, keys or devices. It validates every request at
+// the boundary (range, alignment, flags, read-only) and then calls one of these methods, which
+// may therefore assume a valid, in-range, 512-byte-aligned request. Methods may complete
+// synchronously (return undefined) or return a promise; the server treats both alike and
+// avoids a promise round trip for synchronous completions. Failures are PcacheErrors; the
+// server maps their codes to NBD error numbers in one place. The pcache engine implements
+// this interface structurally; a plain BlockDevice can be served through DeviceExport.
+
+export interface WriteOptions {
+  /** Force unit access: the reply must wait until this write is durable. */
+  readonly fua: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** NBD_CMD_FLAG_FAST_ZERO: fail with ENOTSUP unless zeroing is faster than writing. */
+  readonly fastZero: boolean;
+}
+
+export interface BlockStatusExtent {
+  readonly lengthBytes: number;
+  /** The range reads as zeroes (NBD_STATE_ZERO). */
+  readonly zero: boolean;
+  /** The range is not allocated (NBD_STATE_HOLE). */
+  readonly hole: boolean;
+}
+
+type MaybePromise<T> = T | Promise<T>;
+
+export interface Export {
+  readonly sizeBytes: number;
+  read(target: Uint8Array, offsetBytes: number): MaybePromise<void>;
+  write(source: Uint8Array, offsetBytes: number, options: WriteOptions): MaybePromise<void>;
+  /** Every write completed before this call is durable when it completes. */
+  flush(): MaybePromise<void>;
+  /** The range's contents become unspecified (pcache: zeroes). */
+  trim(offsetBytes: number, lengthBytes: number, options: WriteOptions): MaybePromise<void>;
+  writeZeroes(offsetBytes: number, lengthBytes: number, options: ZeroOptions): MaybePromise<void>;
+  /** Prefetch the range (NBD_CMD_CACHE); completes when the data is cached. */
+  cache(offsetBytes: number, lengthBytes: number): MaybePromise<void>;
+  /**
+   * Describes the range from `offsetBytes` onwards as consecutive extents. The first extent
+   * starts at `offsetBytes`; together they cover at least one byte and at most `lengthBytes`.
+   */
+  blockStatus(offsetBytes: number, lengthBytes: number): MaybePromise<BlockStatusExtent[]>;
+}

@@ -1,0 +1,60 @@
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { crc32c } from '../../src/lib/crc32c.js';
+import { formatSize, parseSize, readU64BE, readU64LE, writeU64BE, writeU64LE } from '../../src/lib/units.js';
+import { PcacheError } from '../../src/lib/errors.js';
+
+describe('crc32c', () => {
+  it('matches the Castagnoli check value, not CRC-32/IEEE', () => {
+    assert.equal(crc32c(Buffer.from('123456789')), 0xe3069283);
+  });
+  it('continues a computation across pieces', () => {
+    const whole = crc32c(Buffer.from('hello, world'));
+    assert.equal(crc32c(Buffer.from(', world'), crc32c(Buffer.from('hello'))), whole);
+  });
+});
+
+describe('64-bit fields', () => {
+  it('round-trips safe integers in both byte orders', () => {
+    const bytes = new Uint8Array(8);
+    for (const value of [0, 1, 0xffffffff, 0x1_0000_0000, Number.MAX_SAFE_INTEGER]) {
+      writeU64LE(bytes, 0, value);
+      assert.equal(readU64LE(bytes, 0), value);
+      writeU64BE(bytes, 0, value);
+      assert.equal(readU64BE(bytes, 0), value);
+    }
+  });
+  it('maps values above 2^53 to +Infinity so that no bounds check passes them', () => {
+    const bytes = new Uint8Array(8).fill(0xff);
+    assert.equal(readU64LE(bytes, 0), Number.POSITIVE_INFINITY);
+    assert.equal(readU64BE(bytes, 0), Number.POSITIVE_INFINITY);
+    const justAbove = new Uint8Array([0, 0, 0, 0, 0, 0, 0x20, 0]);
+    assert.equal(readU64LE(justAbove, 0), Number.POSITIVE_INFINITY);
+  });
+  it('reads little-endian and big-endian as named', () => {
+    const bytes = new Uint8Array([2, 1, 0, 0, 0, 0, 0, 0]);
+    assert.equal(readU64LE(bytes, 0), 0x0102);
+    assert.equal(readU64BE(bytes.slice().reverse(), 0), 0x0102);
+  });
+});
+
+describe('sizes', () => {
+  it('parses binary suffixes', () => {
+    assert.equal(parseSize('512'), 512);
+    assert.equal(parseSize('4K'), 4096);
+    assert.equal(parseSize('16M'), 16 * 2 ** 20);
+    assert.equal(parseSize('1g'), 2 ** 30);
+    assert.equal(parseSize('2T'), 2 * 2 ** 40);
+    assert.equal(parseSize('8MiB'), 8 * 2 ** 20);
+  });
+  it('rejects anything else with EINVAL', () => {
+    for (const text of ['', 'x', '-1', '1.5G', '4Q']) {
+      assert.throws(() => parseSize(text), (e: unknown) => e instanceof PcacheError && e.code === 'EINVAL');
+    }
+  });
+  it('formats for people', () => {
+    assert.equal(formatSize(16 * 2 ** 20), '16 MiB');
+    assert.equal(formatSize(1.5 * 2 ** 30), '1.5 GiB');
+    assert.equal(formatSize(100), '100 B');
+  });
+});
