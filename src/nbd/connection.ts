@@ -1,0 +1,453 @@
+// One client connection: drives the handshake codec, then decodes requests, dispatches them to
+// the Export concurrently, and sends replies in batches.
+//
+// Life of a connection: greeting -> handshake (bounded by a time limit) -> transmission ->
+// ending (no more requests are read; in-flight requests finish and get their replies; then our
+// side is closed) -> closed (socket gone; in-flight Export calls still settle, their replies
+// are dropped) -> finished (closed and nothing in flight; the server forgets it).
+//
+// Invariants:
+// - Nothing is written after the socket closed or after our side ended; 'error' is always
+//   handled, so a client that vanishes mid-reply cannot crash the process.
+// - Requests are dispatched as soon as they are decoded; replies go out in completion order.
+//   Replies produced in one event-loop turn leave in one socket write (cork + uncork).
+// - Memory per connection is bounded: reading pauses while in-flight requests, in-flight
+//   bytes (READ buffers, WRITE payloads) or unsent reply bytes exceed their limits, so at most
+//   inFlightBytesMax + maxPayloadBytes is held by requests, plus one partially received WRITE
+//   payload (<= maxPayloadBytes), plus replyBacklogBytesMax of replies, plus one input chunk.
+// - An Export failure that is a PcacheError becomes an NBD error reply (nbdErrnoOf); anything
+//   else is a programmer error and is rethrown outside every handler, crashing the process.
+
+import type net from 'node:net';
+import { assert } from '../lib/assert.js';
+import { PcacheError } from '../lib/errors.js';
+import type { ByteQueue } from './bytes.js';
+import type { BlockStatusExtent, Export } from './export.js';
+import { Handshake, type HandshakeConfig, type Negotiated } from './handshake.js';
+import { Command, CommandFlag, NbdErrno, TransmissionFlag } from './protocol.js';
+import {
+  blockStatusChunk,
+  errorReply,
+  type NbdRequest,
+  noneChunk,
+  readReplyPrefixBytes,
+  RequestDecoder,
+  simpleReply,
+  type TransmissionContext,
+  writeReadReplyPrefix,
+  nbdErrnoOf,
+} from './transmission.js';
+
+export interface ConnectionLimits {
+  /** A client that has not entered transmission within this time is disconnected. */
+  readonly handshakeTimeoutMs: number;
+  /** Requests being served by the Export at once, per connection. */
+  readonly inFlightRequestsMax: number;
+  /** READ buffers and WRITE payloads held for in-flight requests, per connection. */
+  readonly inFlightBytesMax: number;
+  /** Reply bytes waiting for the client to read them before reading pauses. */
+  readonly replyBacklogBytesMax: number;
+  /** After our side ends, how long the client gets to close before the socket is destroyed. */
+  readonly closeGraceMs: number;
+}
+
+/** Counters shared by all connections of one server. */
+export interface NbdCounters {
+  connectionsTotal: number;
+  requestsTotal: number;
+  requestErrorsTotal: number;
+  replyBatchesTotal: number;
+  readPausesTotal: number;
+  protocolViolationsTotal: number;
+}
+
+/** What a connection needs from its server. */
+export interface ConnectionHost {
+  readonly export: Export;
+  readonly handshakeConfig: HandshakeConfig;
+  readonly limits: ConnectionLimits;
+  readonly counters: NbdCounters;
+  readonly shuttingDown: boolean;
+  /** Called once, when the socket has closed and no Export call is in flight. */
+  connectionFinished(connection: Connection): void;
+}
+
+type Phase = 'handshake' | 'transmission';
+
+export class Connection {
+  private readonly socket: net.Socket;
+  private readonly host: ConnectionHost;
+  private readonly exp: Export;
+  private phase: Phase = 'handshake';
+  private handshake: Handshake | undefined;
+  private readonly input: ByteQueue;
+  private decoder: RequestDecoder | undefined;
+  private context: TransmissionContext | undefined;
+  private structuredReplies = false;
+  private contextId = 0;
+
+  private inFlightCount = 0;
+  private inFlightBytes = 0;
+  private readPaused = false;
+  private pumping = false;
+  /** No further requests are read: DISC, client EOF, broken framing, or our side ended. */
+  private inputEnded = false;
+  /** Our side of the socket has ended (or the socket is gone): nothing more may be written. */
+  private writeEnded = false;
+  private socketClosed = false;
+  private finishedReported = false;
+
+  private readonly outbox: Uint8Array[] = [];
+  private outboxBytes = 0;
+  private flushScheduled = false;
+  private handshakeTimer: NodeJS.Timeout | undefined;
+  private graceTimer: NodeJS.Timeout | undefined;
+  // Bound once per connection so that batching needs no per-reply closure.
+  private readonly flushBound = (): void => {
+    this.flushScheduled = false;
+    this.flushOutbox();
+  };
+
+  constructor(socket: net.Socket, host: ConnectionHost) {
+    this.socket = socket;
+    this.host = host;
+    this.exp = host.export;
+    this.handshake = new Handshake(host.handshakeConfig);
+    this.input = this.handshake.input;
+    host.counters.connectionsTotal += 1;
+
+    socket.on('data', (chunk: Buffer) => { this.onData(chunk); });
+    socket.on('end', () => { this.stopReading(); });
+    socket.on('drain', () => { this.maybeResume(); });
+    // Errors (ECONNRESET, EPIPE) are expected from hostile or vanished clients; 'close' follows.
+    socket.on('error', () => undefined);
+    socket.on('close', () => { this.onClose(); });
+
+    this.handshakeTimer = setTimeout(() => { this.onHandshakeTimeout(); }, host.limits.handshakeTimeoutMs);
+    this.queue(this.handshake.greeting());
+  }
+
+  /** Server shutdown: refuse new work, finish in-flight work, then close. */
+  beginShutdown(): void {
+    if (this.socketClosed) return;
+    if (this.phase === 'handshake') {
+      // No state and no work yet: a hard disconnect loses nothing.
+      this.socket.destroy();
+      return;
+    }
+    assert(this.context !== undefined, 'transmission phase without a context');
+    this.context.shuttingDown = true;
+    this.maybeFinish();
+  }
+
+  /** Forced close after the shutdown time limit. In-flight Export calls still settle. */
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.inputEnded) return;
+    if (this.phase === 'transmission') {
+      this.input.push(chunk);
+      this.pump();
+      return;
+    }
+    const handshake = this.handshake;
+    assert(handshake !== undefined, 'handshake phase without a handshake');
+    const replies: Uint8Array[] = [];
+    const verdict = handshake.push(chunk, replies);
+    for (const reply of replies) this.queue(reply);
+    switch (verdict.kind) {
+      case 'negotiating':
+        return;
+      case 'transmission':
+        this.enterTransmission(verdict.negotiated);
+        this.pump();
+        return;
+      case 'closed':
+        // ABORT, an unknown export for EXPORT_NAME, or a broken rule: send what was produced
+        // (the ABORT ack, for one) and close.
+        if (verdict.reason !== 'client aborted') this.host.counters.protocolViolationsTotal += 1;
+        this.stopReading();
+        return;
+    }
+  }
+
+  private enterTransmission(negotiated: Negotiated): void {
+    clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = undefined;
+    this.phase = 'transmission';
+    this.handshake = undefined;
+    this.structuredReplies = negotiated.structuredReplies;
+    this.contextId = negotiated.baseAllocationContextId ?? 0;
+    this.context = {
+      sizeBytes: negotiated.sizeBytes,
+      readOnly: (negotiated.transmissionFlags & TransmissionFlag.readOnly) !== 0,
+      structuredReplies: negotiated.structuredReplies,
+      baseAllocationContextId: negotiated.baseAllocationContextId,
+      shuttingDown: this.host.shuttingDown,
+    };
+    this.decoder = new RequestDecoder(this.input, this.context);
+  }
+
+  /** Decodes and dispatches queued requests until the input runs dry or a limit is reached. */
+  private pump(): void {
+    const decoder = this.decoder;
+    if (this.pumping || decoder === undefined) return;
+    this.pumping = true;
+    while (!this.inputEnded) {
+      if (this.overLimit()) {
+        this.pauseReading();
+        break;
+      }
+      let request: NbdRequest | undefined;
+      try {
+        request = decoder.next();
+      } catch (error) {
+        if (!(error instanceof PcacheError)) throw error;
+        // Bad request magic: framing is lost, so this client is cut off; nobody else is.
+        this.host.counters.protocolViolationsTotal += 1;
+        this.stopReading();
+        break;
+      }
+      if (request === undefined) break;
+      this.dispatch(request);
+    }
+    this.pumping = false;
+  }
+
+  private dispatch(request: NbdRequest): void {
+    this.host.counters.requestsTotal += 1;
+    if (request.type === Command.disc) {
+      // Finish what is outstanding, then close; anything after DISC is ignored.
+      this.stopReading();
+      return;
+    }
+    const problem = request.problem;
+    if (problem !== undefined) {
+      this.host.counters.requestErrorsTotal += 1;
+      this.queue(errorReply(request, problem.errno, problem.message, this.structuredReplies));
+      return;
+    }
+    if (request.lengthBytes === 0 && request.type !== Command.flush) {
+      // Zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE: nothing to do, and no Export method is
+      // asked to handle an empty range (BLOCK_STATUS of zero bytes was refused above).
+      this.queue(request.type === Command.read && this.structuredReplies ? noneChunk(request) : simpleReply(NbdErrno.ok, request));
+      return;
+    }
+
+    let readBuffer: Uint8Array | undefined;
+    if (request.type === Command.read) {
+      // One buffer for the reply prefix and the data: the Export reads straight into it and the
+      // data is never copied again. Zero-filled, so a short read can never leak old memory.
+      readBuffer = new Uint8Array(readReplyPrefixBytes(this.structuredReplies) + request.lengthBytes);
+    }
+    this.inFlightCount += 1;
+    this.inFlightBytes += costBytes(request);
+
+    let result: unknown;
+    try {
+      result = this.invoke(request, readBuffer);
+    } catch (error) {
+      if (!(error instanceof PcacheError)) throw error;
+      this.complete(request, undefined, error, readBuffer);
+      return;
+    }
+    if (result instanceof Promise) {
+      void settle(this, request, result, readBuffer);
+    } else {
+      // Completed synchronously: reply without a promise round trip.
+      this.complete(request, result, undefined, readBuffer);
+    }
+  }
+
+  /** Calls the Export method for a validated request. */
+  private invoke(request: NbdRequest, readBuffer: Uint8Array | undefined): unknown {
+    const exp = this.exp;
+    const offset = request.offsetBytes;
+    const length = request.lengthBytes;
+    const fua = request.hasFlag(CommandFlag.fua);
+    switch (request.type) {
+      case Command.read:
+        assert(readBuffer !== undefined, 'READ without a buffer');
+        return exp.read(readBuffer.subarray(readBuffer.length - length), offset);
+      case Command.write:
+        assert(request.payload !== undefined && request.payload.length === length, 'WRITE without its payload');
+        return exp.write(request.payload, offset, { fua });
+      case Command.flush:
+        return exp.flush();
+      case Command.trim:
+        return exp.trim(offset, length, { fua });
+      case Command.writeZeroes:
+        return exp.writeZeroes(offset, length, { fua, fastZero: request.hasFlag(CommandFlag.fastZero) });
+      case Command.cache:
+        return exp.cache(offset, length);
+      case Command.blockStatus:
+        return exp.blockStatus(offset, length);
+      default:
+        // validateRequest refuses every other type, so none reaches here.
+        assert(false, `unexpected command ${request.type}`);
+    }
+  }
+
+  /** Records the outcome of a request and queues its reply (unless the client is gone). */
+  complete(request: NbdRequest, value: unknown, error: PcacheError | undefined, readBuffer: Uint8Array | undefined): void {
+    assert(this.inFlightCount > 0, 'completion without a request in flight');
+    this.inFlightCount -= 1;
+    this.inFlightBytes -= costBytes(request);
+    if (error !== undefined) {
+      this.host.counters.requestErrorsTotal += 1;
+      this.queue(errorReply(request, nbdErrnoOf(error.code), error.message, this.structuredReplies));
+    } else if (request.type === Command.read) {
+      assert(readBuffer !== undefined, 'READ completed without its buffer');
+      writeReadReplyPrefix(readBuffer, request, this.structuredReplies);
+      this.queue(readBuffer);
+    } else if (request.type === Command.blockStatus) {
+      assert(Array.isArray(value), 'blockStatus must return an array of extents');
+      this.queue(blockStatusChunk(request, this.contextId, value as BlockStatusExtent[]));
+    } else {
+      this.queue(simpleReply(NbdErrno.ok, request));
+    }
+    this.maybeResume();
+    this.maybeFinish();
+  }
+
+  private overLimit(): boolean {
+    const limits = this.host.limits;
+    return this.inFlightCount >= limits.inFlightRequestsMax ||
+      this.inFlightBytes >= limits.inFlightBytesMax ||
+      this.outboxBytes + this.socket.writableLength >= limits.replyBacklogBytesMax;
+  }
+
+  private pauseReading(): void {
+    if (this.readPaused) return;
+    this.readPaused = true;
+    this.host.counters.readPausesTotal += 1;
+    this.socket.pause();
+  }
+
+  private maybeResume(): void {
+    if (!this.readPaused || this.inputEnded || this.overLimit()) return;
+    this.readPaused = false;
+    this.socket.resume();
+    // Requests may already be queued from before the pause; serve them without waiting for data.
+    this.pump();
+  }
+
+  /** Stops reading requests; what is in flight still completes. */
+  private stopReading(): void {
+    if (!this.inputEnded) {
+      this.inputEnded = true;
+      this.input.clear();
+      // Keep the socket flowing so that whatever the client still sends is read and dropped
+      // rather than left unread in the kernel (which would turn our close into a reset).
+      this.readPaused = false;
+      if (!this.socketClosed) this.socket.resume();
+    }
+    this.maybeFinish();
+  }
+
+  /** Ends our side once nothing is in flight and no more requests will be served. */
+  private maybeFinish(): void {
+    if (this.inFlightCount > 0) return;
+    if (this.socketClosed) {
+      if (!this.finishedReported) {
+        this.finishedReported = true;
+        this.host.connectionFinished(this);
+      }
+      return;
+    }
+    if (this.inputEnded || this.context?.shuttingDown === true) this.endGracefully();
+  }
+
+  private endGracefully(): void {
+    if (this.writeEnded) return;
+    clearTimeout(this.handshakeTimer);
+    this.inputEnded = true;
+    this.input.clear();
+    this.flushOutbox();
+    this.writeEnded = true;
+    this.socket.end();
+    this.graceTimer = setTimeout(() => { this.socket.destroy(); }, this.host.limits.closeGraceMs);
+  }
+
+  private onHandshakeTimeout(): void {
+    this.handshakeTimer = undefined;
+    this.host.counters.protocolViolationsTotal += 1;
+    this.socket.destroy();
+  }
+
+  private onClose(): void {
+    this.socketClosed = true;
+    this.writeEnded = true;
+    this.inputEnded = true;
+    this.input.clear();
+    this.outbox.length = 0;
+    this.outboxBytes = 0;
+    clearTimeout(this.handshakeTimer);
+    clearTimeout(this.graceTimer);
+    this.maybeFinish();
+  }
+
+  /** Adds a reply to this turn's batch; the batch is written once, after the turn. */
+  private queue(bytes: Uint8Array): void {
+    if (this.writeEnded) return;
+    this.outbox.push(bytes);
+    this.outboxBytes += bytes.length;
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      setImmediate(this.flushBound);
+    }
+  }
+
+  private flushOutbox(): void {
+    const count = this.outbox.length;
+    if (count === 0) return;
+    if (this.socketClosed || this.writeEnded) {
+      this.outbox.length = 0;
+      this.outboxBytes = 0;
+      return;
+    }
+    this.host.counters.replyBatchesTotal += 1;
+    if (count === 1) {
+      this.socket.write(this.outbox[0] as Uint8Array);
+    } else {
+      // Corked writes are handed to the kernel together (one writev) on uncork.
+      this.socket.cork();
+      for (const bytes of this.outbox) this.socket.write(bytes);
+      this.socket.uncork();
+    }
+    this.outbox.length = 0;
+    this.outboxBytes = 0;
+    if (this.socket.writableLength >= this.host.limits.replyBacklogBytesMax) this.pauseReading();
+  }
+}
+
+/** Bytes a request holds while in flight: its READ buffer or its WRITE payload. */
+function costBytes(request: NbdRequest): number {
+  return request.type === Command.read || request.type === Command.write ? request.lengthBytes : 0;
+}
+
+/**
+ * Waits for an asynchronous Export call and completes its request. A rejection that is not a
+ * PcacheError is a programmer error: it is rethrown on the next tick, outside any promise
+ * chain, so the process stops instead of turning a bug into an I/O error.
+ */
+async function settle(connection: Connection, request: NbdRequest, pending: Promise<unknown>, readBuffer: Uint8Array | undefined): Promise<void> {
+  let value: unknown;
+  try {
+    value = await pending;
+  } catch (error) {
+    if (error instanceof PcacheError) {
+      connection.complete(request, undefined, error, readBuffer);
+    } else {
+      process.nextTick(rethrow, error);
+    }
+    return;
+  }
+  connection.complete(request, value, undefined, readBuffer);
+}
+
+function rethrow(error: unknown): never {
+  throw error;
+}

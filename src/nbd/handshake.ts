@@ -1,0 +1,418 @@
+// The fixed-newstyle handshake as a pure state machine: bytes in, reply bytes and a verdict out.
+//
+// No sockets and no clocks live here (the server owns the handshake time limit), so the same
+// transcript fed in any chunking produces the same replies and the same verdict. The machine
+// walks: client flags (4 bytes) -> option header (16) -> option data (length) -> option header
+// ... until the client enters transmission (GO, EXPORT_NAME), aborts, or breaks a rule.
+//
+// Invariants:
+// - An option's data is buffered only after its length passed the cap (optionLengthMaxBytes),
+//   so a length field from the wire never sizes an allocation beyond the cap.
+// - Every length inside option data (names, info counts, query lengths) is checked against the
+//   bytes actually present before it is used; a mismatch is NBD_REP_ERR_INVALID and haggling
+//   continues, because the option's framing (its outer length) is intact.
+// - Options we do not serve (STARTTLS, EXTENDED_HEADERS, anything unknown) are answered with
+//   NBD_REP_ERR_UNSUP after their data was consumed, so the next option parses cleanly.
+// - Once the verdict is "transmission" the machine stops reading: bytes after GO stay in
+//   `input` for the transmission decoder. After "closed" it never produces output again.
+
+import { assert } from '../lib/assert.js';
+import { writeU64BE } from '../lib/units.js';
+import { ByteQueue, readU16BE, readU32BE, readU64BEBig, writeU16BE, writeU32BE, writeU64BEBig } from './bytes.js';
+import {
+  baseAllocationContextName,
+  baseNamespacePrefix,
+  blockSizeMinimumBytes,
+  blockSizePreferredBytes,
+  ClientFlag,
+  clientFlagsBytes,
+  exportNamePaddingBytes,
+  exportNameReplyBytes,
+  greetingBytes,
+  HandshakeFlag,
+  Info,
+  infoBlockSizeBytes,
+  infoExportBytes,
+  maxPayloadBytes,
+  nbdMagic,
+  Option,
+  optionHeaderBytes,
+  optionMagic,
+  OptionReply,
+  optionReplyHeaderBytes,
+  optionReplyMagic,
+  stringMaxBytes,
+  TransmissionFlag,
+} from './protocol.js';
+
+/** The id under which base:allocation is selected (any u32 works; 0 is avoided for clarity). */
+export const baseAllocationContextId = 1;
+/** Most queries accepted in one LIST/SET_META_CONTEXT; more gets NBD_REP_ERR_TOO_BIG. */
+export const metaContextQueriesMax = 64;
+
+export interface HandshakeConfig {
+  readonly exportName: string;
+  readonly description: string | undefined;
+  readonly sizeBytes: number;
+  readonly readOnly: boolean;
+  /** Advertise NBD_FLAG_NO_ZEROES (clients may then skip the 124 padding bytes). */
+  readonly offerNoZeroes: boolean;
+  /** Accept NBD_OPT_STRUCTURED_REPLY; when false it is refused as unsupported. */
+  readonly offerStructuredReplies: boolean;
+  /** Largest option data accepted; a longer option is a hard disconnect. */
+  readonly optionLengthMaxBytes: number;
+  /** Most options accepted on one connection; one more is a hard disconnect. */
+  readonly optionsMax: number;
+}
+
+/** What the client and server agreed on, handed to the transmission phase. */
+export interface Negotiated {
+  readonly sizeBytes: number;
+  readonly transmissionFlags: number;
+  readonly structuredReplies: boolean;
+  /** The context id for BLOCK_STATUS when the client selected base:allocation, else undefined. */
+  readonly baseAllocationContextId: number | undefined;
+}
+
+export type HandshakeVerdict =
+  | { readonly kind: 'negotiating' }
+  | { readonly kind: 'transmission'; readonly negotiated: Negotiated }
+  | { readonly kind: 'closed'; readonly reason: string };
+
+type Stage = 'clientFlags' | 'optionHeader' | 'optionData';
+
+const negotiating: HandshakeVerdict = { kind: 'negotiating' };
+const textEncoder = new TextEncoder();
+
+export class Handshake {
+  /** Received bytes not consumed yet; after GO they belong to the transmission phase. */
+  readonly input = new ByteQueue();
+  private readonly config: HandshakeConfig;
+  private readonly exportNameBytes: Uint8Array;
+  private readonly descriptionBytes: Uint8Array | undefined;
+  private verdict: HandshakeVerdict = negotiating;
+  private stage: Stage = 'clientFlags';
+  private clientNoZeroes = false;
+  private structuredReplies = false;
+  private baseAllocationSelected = false;
+  private optionCount = 0;
+  private pendingOption = 0;
+  private pendingLengthBytes = 0;
+
+  constructor(config: HandshakeConfig) {
+    assert(config.optionLengthMaxBytes >= stringMaxBytes + 6, 'option cap must fit a maximal INFO/GO');
+    assert(config.optionsMax >= 1, 'at least one option must be allowed');
+    this.config = config;
+    this.exportNameBytes = textEncoder.encode(config.exportName);
+    assert(this.exportNameBytes.length <= stringMaxBytes, 'export name longer than the protocol allows');
+    this.descriptionBytes = config.description === undefined ? undefined : textEncoder.encode(config.description);
+    assert((this.descriptionBytes?.length ?? 0) <= stringMaxBytes, 'description longer than the protocol allows');
+  }
+
+  /** The 18 bytes the server sends as soon as a client connects. */
+  greeting(): Uint8Array {
+    const bytes = new Uint8Array(greetingBytes);
+    writeU64BEBig(bytes, 0, nbdMagic);
+    writeU64BEBig(bytes, 8, optionMagic);
+    writeU16BE(bytes, 16, this.handshakeFlags());
+    return bytes;
+  }
+
+  get status(): HandshakeVerdict {
+    return this.verdict;
+  }
+
+  /**
+   * Consumes as much of the received stream as possible, appending every reply to `out`, and
+   * returns the verdict. While negotiating, an incomplete message simply waits for more bytes.
+   */
+  push(chunk: Uint8Array, out: Uint8Array[]): HandshakeVerdict {
+    if (this.verdict.kind !== 'negotiating') return this.verdict;
+    this.input.push(chunk);
+    while (this.step(out)) {
+      // Each step consumes one complete message.
+    }
+    return this.verdict;
+  }
+
+  /**
+   * Handles one complete message if enough bytes are queued. False when more are needed or
+   * when negotiation is over (the rest of the input then belongs to the transmission phase).
+   */
+  private step(out: Uint8Array[]): boolean {
+    if (this.verdict.kind !== 'negotiating') return false;
+    switch (this.stage) {
+      case 'clientFlags': {
+        if (this.input.length < clientFlagsBytes) return false;
+        this.receiveClientFlags(readU32BE(this.input.take(clientFlagsBytes), 0));
+        return true;
+      }
+      case 'optionHeader': {
+        if (this.input.length < optionHeaderBytes) return false;
+        this.receiveOptionHeader(this.input.take(optionHeaderBytes));
+        return true;
+      }
+      case 'optionData': {
+        if (this.input.length < this.pendingLengthBytes) return false;
+        const data = this.input.take(this.pendingLengthBytes);
+        this.stage = 'optionHeader';
+        this.receiveOption(this.pendingOption, data, out);
+        return true;
+      }
+    }
+  }
+
+  private receiveClientFlags(flags: number): void {
+    const known = ClientFlag.fixedNewstyle | ClientFlag.noZeroes;
+    // proto.md: "the server MUST drop the TCP connection if the client sets an unknown flag,
+    // or a flag that does not match something advertised by the server".
+    if ((flags & ~known) !== 0) return this.close(`unknown client flags 0x${flags.toString(16)}`);
+    const noZeroes = (flags & ClientFlag.noZeroes) !== 0;
+    if (noZeroes && !this.config.offerNoZeroes) return this.close('client set NO_ZEROES, which was not advertised');
+    this.clientNoZeroes = noZeroes;
+    this.stage = 'optionHeader';
+  }
+
+  private receiveOptionHeader(header: Uint8Array): void {
+    if (readU64BEBig(header, 0) !== optionMagic) return this.close('bad option magic');
+    this.optionCount += 1;
+    if (this.optionCount > this.config.optionsMax) return this.close(`more than ${this.config.optionsMax} options`);
+    const lengthBytes = readU32BE(header, 12);
+    // CVE-2017-15119: never read (or allocate) an unbounded option.
+    if (lengthBytes > this.config.optionLengthMaxBytes) {
+      return this.close(`option length ${lengthBytes} exceeds ${this.config.optionLengthMaxBytes}`);
+    }
+    this.pendingOption = readU32BE(header, 8);
+    this.pendingLengthBytes = lengthBytes;
+    this.stage = 'optionData';
+  }
+
+  private receiveOption(option: number, data: Uint8Array, out: Uint8Array[]): void {
+    switch (option) {
+      case Option.exportName:
+        return this.exportName(data, out);
+      case Option.abort:
+        // Reply ACK, then close; the client may well have gone already (proto.md NBD_OPT_ABORT).
+        out.push(optionReply(option, OptionReply.ack));
+        return this.close('client aborted');
+      case Option.list:
+        return this.list(data, out);
+      case Option.info:
+      case Option.go:
+        return this.infoOrGo(option, data, out);
+      case Option.structuredReply:
+        return this.structuredReply(data, out);
+      case Option.listMetaContext:
+      case Option.setMetaContext:
+        return this.metaContext(option, data, out);
+      default:
+        // STARTTLS (we run NOTLS), EXTENDED_HEADERS and every unknown option.
+        out.push(optionError(option, OptionReply.errUnsup, 'option not supported'));
+        return;
+    }
+  }
+
+  private exportName(name: Uint8Array, out: Uint8Array[]): void {
+    // This option has no error reply: the only refusal is to close (proto.md).
+    if (name.length > stringMaxBytes) return this.close('export name too long');
+    if (!this.matchesExport(name)) return this.close('unknown export name');
+    const padding = this.clientNoZeroes ? 0 : exportNamePaddingBytes;
+    const reply = new Uint8Array(exportNameReplyBytes + padding);
+    const negotiated = this.negotiated();
+    writeU64BE(reply, 0, negotiated.sizeBytes);
+    writeU16BE(reply, 8, negotiated.transmissionFlags);
+    out.push(reply);
+    this.verdict = { kind: 'transmission', negotiated };
+  }
+
+  private list(data: Uint8Array, out: Uint8Array[]): void {
+    if (data.length !== 0) return void out.push(optionError(Option.list, OptionReply.errInvalid, 'LIST takes no data'));
+    const description = this.descriptionBytes ?? new Uint8Array(0);
+    const payload = new Uint8Array(4 + this.exportNameBytes.length + description.length);
+    writeU32BE(payload, 0, this.exportNameBytes.length);
+    payload.set(this.exportNameBytes, 4);
+    payload.set(description, 4 + this.exportNameBytes.length);
+    out.push(optionReply(Option.list, OptionReply.server, payload));
+    out.push(optionReply(Option.list, OptionReply.ack));
+  }
+
+  /**
+   * INFO and GO data: u32 name length, name, u16 request count, count x u16 info types.
+   */
+  private infoOrGo(option: number, data: Uint8Array, out: Uint8Array[]): void {
+    const fixedBytes = 4 + 2;
+    if (data.length < fixedBytes) return void out.push(optionError(option, OptionReply.errInvalid, 'option data too short'));
+    const nameLength = readU32BE(data, 0);
+    if (nameLength > data.length - fixedBytes) {
+      return void out.push(optionError(option, OptionReply.errInvalid, 'name length exceeds option length'));
+    }
+    if (nameLength > stringMaxBytes) return void out.push(optionError(option, OptionReply.errInvalid, 'export name too long'));
+    const name = data.subarray(4, 4 + nameLength);
+    const requestCount = readU16BE(data, 4 + nameLength);
+    if (data.length !== fixedBytes + nameLength + 2 * requestCount) {
+      return void out.push(optionError(option, OptionReply.errInvalid, 'information request count does not match the option length'));
+    }
+    const requested = new Set<number>();
+    for (let i = 0; i < requestCount; i += 1) requested.add(readU16BE(data, fixedBytes + nameLength + 2 * i));
+    if (!this.matchesExport(name)) return void out.push(optionError(option, OptionReply.errUnknown, 'no such export'));
+
+    const negotiated = this.negotiated();
+    const exportInfo = new Uint8Array(infoExportBytes);
+    writeU16BE(exportInfo, 0, Info.export);
+    writeU64BE(exportInfo, 2, negotiated.sizeBytes);
+    writeU16BE(exportInfo, 10, negotiated.transmissionFlags);
+    out.push(optionReply(option, OptionReply.info, exportInfo));
+    if (requested.has(Info.name)) out.push(optionReply(option, OptionReply.info, infoString(Info.name, this.exportNameBytes)));
+    if (requested.has(Info.description) && this.descriptionBytes !== undefined) {
+      out.push(optionReply(option, OptionReply.info, infoString(Info.description, this.descriptionBytes)));
+    }
+    // Always sent: our minimum (512) differs from the protocol default (1), and the spec says
+    // a server with non-default constraints MUST advertise them.
+    const blockSize = new Uint8Array(infoBlockSizeBytes);
+    writeU16BE(blockSize, 0, Info.blockSize);
+    writeU32BE(blockSize, 2, blockSizeMinimumBytes);
+    writeU32BE(blockSize, 6, blockSizePreferredBytes);
+    writeU32BE(blockSize, 10, maxPayloadBytes);
+    out.push(optionReply(option, OptionReply.info, blockSize));
+    out.push(optionReply(option, OptionReply.ack));
+    if (option === Option.go) this.verdict = { kind: 'transmission', negotiated };
+  }
+
+  private structuredReply(data: Uint8Array, out: Uint8Array[]): void {
+    const option = Option.structuredReply;
+    if (data.length !== 0) return void out.push(optionError(option, OptionReply.errInvalid, 'STRUCTURED_REPLY takes no data'));
+    if (!this.config.offerStructuredReplies) return void out.push(optionError(option, OptionReply.errUnsup, 'structured replies are disabled'));
+    // Repeating a state-changing option is refused, deterministically (reliability.md row 10).
+    if (this.structuredReplies) return void out.push(optionError(option, OptionReply.errInvalid, 'structured replies already negotiated'));
+    this.structuredReplies = true;
+    out.push(optionReply(option, OptionReply.ack));
+  }
+
+  /**
+   * LIST_META_CONTEXT and SET_META_CONTEXT data: u32 name length, name, u32 query count, then
+   * count x (u32 query length, query). Only base:allocation exists here.
+   */
+  private metaContext(option: number, data: Uint8Array, out: Uint8Array[]): void {
+    const isSet = option === Option.setMetaContext;
+    // SET replaces the previous selection even when it fails (proto.md).
+    if (isSet) this.baseAllocationSelected = false;
+    if (!this.structuredReplies) {
+      return void out.push(optionError(option, OptionReply.errInvalid, 'negotiate structured replies first'));
+    }
+    const parsed = parseMetaContextData(data);
+    if (typeof parsed === 'string') {
+      const type = parsed === tooManyQueries ? OptionReply.errTooBig : OptionReply.errInvalid;
+      return void out.push(optionError(option, type, parsed));
+    }
+    if (!this.matchesExport(parsed.name)) return void out.push(optionError(option, OptionReply.errUnknown, 'no such export'));
+
+    let matched = false;
+    if (isSet) {
+      // SET with no query selects nothing; "base:" alone is ignored during SET (proto.md).
+      matched = parsed.queries.some((query) => query === baseAllocationContextName);
+    } else {
+      // LIST with no query lists everything; "base:" is a wildcard for the base namespace.
+      matched = parsed.queries.length === 0 ||
+        parsed.queries.some((query) => query === baseAllocationContextName || query === baseNamespacePrefix);
+    }
+    if (matched) {
+      const nameBytes = textEncoder.encode(baseAllocationContextName);
+      const payload = new Uint8Array(4 + nameBytes.length);
+      // LIST replies carry id 0 ("reserved"); SET replies carry the id BLOCK_STATUS will use.
+      writeU32BE(payload, 0, isSet ? baseAllocationContextId : 0);
+      payload.set(nameBytes, 4);
+      out.push(optionReply(option, OptionReply.metaContext, payload));
+    }
+    if (isSet) this.baseAllocationSelected = matched;
+    out.push(optionReply(option, OptionReply.ack));
+  }
+
+  private negotiated(): Negotiated {
+    const config = this.config;
+    let flags = TransmissionFlag.hasFlags | TransmissionFlag.sendFlush | TransmissionFlag.sendFua |
+      TransmissionFlag.sendCache | TransmissionFlag.canMultiConn;
+    if (config.readOnly) {
+      flags |= TransmissionFlag.readOnly;
+    } else {
+      flags |= TransmissionFlag.sendTrim | TransmissionFlag.sendWriteZeroes | TransmissionFlag.sendFastZero;
+    }
+    // DF "MUST" stay clear unless structured replies were negotiated.
+    if (this.structuredReplies) flags |= TransmissionFlag.sendDf;
+    return {
+      sizeBytes: config.sizeBytes,
+      transmissionFlags: flags,
+      structuredReplies: this.structuredReplies,
+      baseAllocationContextId: this.baseAllocationSelected ? baseAllocationContextId : undefined,
+    };
+  }
+
+  /** The export answers to the empty (default) name and to its own name. */
+  private matchesExport(name: Uint8Array): boolean {
+    if (name.length === 0) return true;
+    if (name.length !== this.exportNameBytes.length) return false;
+    for (let i = 0; i < name.length; i += 1) {
+      if (name[i] !== this.exportNameBytes[i]) return false;
+    }
+    return true;
+  }
+
+  private handshakeFlags(): number {
+    return HandshakeFlag.fixedNewstyle | (this.config.offerNoZeroes ? HandshakeFlag.noZeroes : 0);
+  }
+
+  private close(reason: string): void {
+    this.verdict = { kind: 'closed', reason };
+  }
+}
+
+const tooManyQueries = `more than ${metaContextQueriesMax} queries`;
+
+/** Parses meta-context option data; returns a problem description when it is malformed. */
+function parseMetaContextData(data: Uint8Array): { name: Uint8Array; queries: string[] } | string {
+  if (data.length < 8) return 'option data too short';
+  const nameLength = readU32BE(data, 0);
+  if (nameLength > data.length - 8) return 'name length exceeds option length';
+  if (nameLength > stringMaxBytes) return 'export name too long';
+  const name = data.subarray(4, 4 + nameLength);
+  const queryCount = readU32BE(data, 4 + nameLength);
+  let position = 8 + nameLength;
+  // Each query needs at least its 4-byte length, so a count beyond that is malformed.
+  if (queryCount > (data.length - position) / 4) return 'query count exceeds option length';
+  if (queryCount > metaContextQueriesMax) return tooManyQueries;
+  const queries: string[] = [];
+  const decoder = new TextDecoder('utf-8', { fatal: false });
+  for (let i = 0; i < queryCount; i += 1) {
+    if (data.length - position < 4) return 'query length missing';
+    const queryLength = readU32BE(data, position);
+    position += 4;
+    if (queryLength > data.length - position) return 'query length exceeds option length';
+    if (queryLength > stringMaxBytes) return 'query too long';
+    queries.push(decoder.decode(data.subarray(position, position + queryLength)));
+    position += queryLength;
+  }
+  if (position !== data.length) return 'trailing bytes after the last query';
+  return { name, queries };
+}
+
+function infoString(type: number, text: Uint8Array): Uint8Array {
+  const payload = new Uint8Array(2 + text.length);
+  writeU16BE(payload, 0, type);
+  payload.set(text, 2);
+  return payload;
+}
+
+/** One fixed-newstyle option reply: magic, option, type, length, data. */
+export function optionReply(option: number, type: number, payload: Uint8Array = new Uint8Array(0)): Uint8Array {
+  const bytes = new Uint8Array(optionReplyHeaderBytes + payload.length);
+  writeU64BEBig(bytes, 0, optionReplyMagic);
+  writeU32BE(bytes, 8, option);
+  writeU32BE(bytes, 12, type);
+  writeU32BE(bytes, 16, payload.length);
+  bytes.set(payload, optionReplyHeaderBytes);
+  return bytes;
+}
+
+/** An error reply carrying a message for humans (the spec allows one on every error type). */
+function optionError(option: number, type: number, message: string): Uint8Array {
+  return optionReply(option, type, textEncoder.encode(message));
+}

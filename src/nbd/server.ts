@@ -1,0 +1,275 @@
+// NbdServer: listens on a Unix socket or TCP and serves one Export to many connections.
+//
+// The server owns the listener, the set of live connections, the limits every connection
+// runs under, and shutdown. Everything protocol-shaped lives in handshake.ts (negotiation),
+// transmission.ts (requests, replies, validation, error mapping) and connection.ts (one
+// client). All connections share the one Export, which is why CAN_MULTI_CONN is advertised:
+// a FLUSH on any connection covers writes completed on every connection.
+//
+// Invariants:
+// - Export name and description fit the protocol's 4096-byte string limit, and the export
+//   size is a safe integer multiple of 512, or construction fails (PcacheError EINVAL).
+// - A stale Unix socket file (its server was killed) is replaced; a live one, or a path that
+//   is not a socket, is never touched.
+// - close() stops accepting at once, answers new requests with ESHUTDOWN, lets in-flight
+//   requests finish and reply, then closes every socket; after shutdownTimeoutMs remaining
+//   sockets are destroyed (an Export call that never settles cannot hold shutdown forever).
+
+import fs from 'node:fs';
+import net from 'node:net';
+import { assert } from '../lib/assert.js';
+import { PcacheError } from '../lib/errors.js';
+import { KiB, MiB } from '../lib/units.js';
+import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
+import type { Export } from './export.js';
+import type { HandshakeConfig } from './handshake.js';
+import { blockSizeMinimumBytes, maxPayloadBytes, stringMaxBytes } from './protocol.js';
+
+export interface NbdLimits extends ConnectionLimits {
+  /** Largest option data accepted during the handshake; a longer option disconnects. */
+  readonly optionLengthMaxBytes: number;
+  /** Options accepted per connection before it is cut off (endless LIST/INFO loops). */
+  readonly optionsMax: number;
+  /** Connections served at once; further ones are refused by the listener. */
+  readonly connectionsMax: number;
+  /** How long close() waits for in-flight requests before destroying sockets. */
+  readonly shutdownTimeoutMs: number;
+}
+
+export const defaultNbdLimits: NbdLimits = {
+  handshakeTimeoutMs: 10_000,
+  optionLengthMaxBytes: 64 * KiB,
+  optionsMax: 128,
+  inFlightRequestsMax: 512,
+  inFlightBytesMax: 64 * MiB,
+  replyBacklogBytesMax: 16 * MiB,
+  closeGraceMs: 2_000,
+  connectionsMax: 256,
+  shutdownTimeoutMs: 30_000,
+};
+
+export interface NbdServerOptions {
+  readonly export: Export;
+  /** The export answers to this name and to the empty (default) name. */
+  readonly exportName: string;
+  readonly description?: string;
+  /** Advertise READ_ONLY and refuse WRITE, TRIM and WRITE_ZEROES with EPERM. */
+  readonly readOnly: boolean;
+  readonly limits?: Partial<NbdLimits>;
+  /** Advertise NBD_FLAG_NO_ZEROES (default true). Turning it off exercises old clients. */
+  readonly offerNoZeroes?: boolean;
+  /** Accept NBD_OPT_STRUCTURED_REPLY (default true). Turning it off exercises fallbacks. */
+  readonly offerStructuredReplies?: boolean;
+}
+
+export type NbdListenAddress =
+  | { readonly path: string }
+  | { readonly port: number; readonly host?: string };
+
+export interface NbdServerStats extends NbdCounters {
+  readonly connectionsOpen: number;
+}
+
+const textEncoder = new TextEncoder();
+
+export class NbdServer implements ConnectionHost {
+  readonly export: Export;
+  readonly limits: NbdLimits;
+  readonly counters: NbdCounters = {
+    connectionsTotal: 0,
+    requestsTotal: 0,
+    requestErrorsTotal: 0,
+    replyBatchesTotal: 0,
+    readPausesTotal: 0,
+    protocolViolationsTotal: 0,
+  };
+  private readonly options: NbdServerOptions;
+  private readonly listener: net.Server;
+  private readonly connections = new Set<Connection>();
+  private boundAddress: NbdListenAddress | undefined;
+  private stopping = false;
+  private closed: Promise<void> | undefined;
+  private resolveAllFinished: (() => void) | undefined;
+
+  constructor(options: NbdServerOptions) {
+    const limits = { ...defaultNbdLimits, ...options.limits };
+    checkLimits(limits);
+    const size = options.export.sizeBytes;
+    if (!Number.isSafeInteger(size) || size < 0 || size % blockSizeMinimumBytes !== 0) {
+      throw new PcacheError('EINVAL', `export size ${size} is not a multiple of ${blockSizeMinimumBytes} bytes`);
+    }
+    if (textEncoder.encode(options.exportName).length > stringMaxBytes) {
+      throw new PcacheError('EINVAL', `export name longer than ${stringMaxBytes} bytes`);
+    }
+    if (options.description !== undefined && textEncoder.encode(options.description).length > stringMaxBytes) {
+      throw new PcacheError('EINVAL', `export description longer than ${stringMaxBytes} bytes`);
+    }
+    this.options = options;
+    this.export = options.export;
+    this.limits = limits;
+    // allowHalfOpen: a client that shuts down its sending side still gets its replies.
+    this.listener = net.createServer({ allowHalfOpen: true, noDelay: true, keepAlive: true }, (socket) => {
+      this.accept(socket);
+    });
+    this.listener.maxConnections = limits.connectionsMax;
+    // Accept failures (EMFILE and the like) affect one connection attempt, not the server.
+    this.listener.on('error', () => undefined);
+  }
+
+  get shuttingDown(): boolean {
+    return this.stopping;
+  }
+
+  /** Negotiation parameters for a new connection; the size is read from the Export now. */
+  get handshakeConfig(): HandshakeConfig {
+    return {
+      exportName: this.options.exportName,
+      description: this.options.description,
+      sizeBytes: this.export.sizeBytes,
+      readOnly: this.options.readOnly,
+      offerNoZeroes: this.options.offerNoZeroes ?? true,
+      offerStructuredReplies: this.options.offerStructuredReplies ?? true,
+      optionLengthMaxBytes: this.limits.optionLengthMaxBytes,
+      optionsMax: this.limits.optionsMax,
+    };
+  }
+
+  /**
+   * Starts listening on a Unix socket path or on TCP (host defaults to 127.0.0.1; port 0 picks
+   * a free port). Resolves with the address actually bound.
+   */
+  async listen(address: NbdListenAddress): Promise<NbdListenAddress> {
+    assert(this.boundAddress === undefined && !this.stopping, 'listen called twice or after close');
+    if ('path' in address) await replaceStaleSocket(address.path);
+    await new Promise<void>((resolve, reject) => {
+      const onError = (error: Error): void => {
+        reject(new PcacheError('EINVAL', `cannot listen on ${describe(address)}: ${error.message}`, { cause: error }));
+      };
+      this.listener.once('error', onError);
+      const done = (): void => {
+        this.listener.off('error', onError);
+        resolve();
+      };
+      if ('path' in address) this.listener.listen(address.path, done);
+      else this.listener.listen({ port: address.port, host: address.host ?? '127.0.0.1' }, done);
+    });
+    const bound = this.listener.address();
+    if (bound !== null && typeof bound === 'object') this.boundAddress = { host: bound.address, port: bound.port };
+    else this.boundAddress = { path: 'path' in address ? address.path : String(bound) };
+    return this.boundAddress;
+  }
+
+  /** The bound address, once listening. */
+  address(): NbdListenAddress | undefined {
+    return this.boundAddress;
+  }
+
+  stats(): NbdServerStats {
+    return { ...this.counters, connectionsOpen: this.connections.size };
+  }
+
+  /**
+   * Graceful shutdown (idempotent): stop accepting, reply ESHUTDOWN to new requests, let
+   * in-flight requests finish and reply, then close every connection.
+   */
+  close(): Promise<void> {
+    this.closed ??= this.shutdown();
+    return this.closed;
+  }
+
+  connectionFinished(connection: Connection): void {
+    this.connections.delete(connection);
+    if (this.connections.size === 0) this.resolveAllFinished?.();
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.stopping) {
+      socket.destroy();
+      return;
+    }
+    this.connections.add(new Connection(socket, this));
+  }
+
+  private async shutdown(): Promise<void> {
+    this.stopping = true;
+    const listenerClosed = new Promise<void>((resolve) => {
+      // Node also removes the Unix socket file when the listener closes.
+      if (this.listener.listening) this.listener.close(() => { resolve(); });
+      else resolve();
+    });
+    const allFinished = new Promise<void>((resolve) => {
+      this.resolveAllFinished = resolve;
+      if (this.connections.size === 0) resolve();
+    });
+    for (const connection of [...this.connections]) connection.beginShutdown();
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, this.limits.shutdownTimeoutMs);
+    });
+    await Promise.race([allFinished, timedOut]);
+    clearTimeout(timer);
+    for (const connection of this.connections) connection.destroy();
+    await listenerClosed;
+  }
+}
+
+function checkLimits(limits: NbdLimits): void {
+  const positive: (keyof NbdLimits)[] = [
+    'handshakeTimeoutMs', 'optionsMax', 'inFlightRequestsMax', 'inFlightBytesMax', 'replyBacklogBytesMax',
+    'closeGraceMs', 'connectionsMax', 'shutdownTimeoutMs',
+  ];
+  for (const key of positive) {
+    if (!Number.isSafeInteger(limits[key]) || limits[key] <= 0) throw new PcacheError('EINVAL', `limit ${key} must be a positive integer`);
+  }
+  // An INFO/GO carrying a maximal (4096-byte) name must fit; 1 MiB keeps option buffers small.
+  if (limits.optionLengthMaxBytes < stringMaxBytes + 6 || limits.optionLengthMaxBytes > MiB) {
+    throw new PcacheError('EINVAL', `optionLengthMaxBytes must lie in [${stringMaxBytes + 6}, ${MiB}]`);
+  }
+  // One maximal READ or WRITE must always be admissible, or a client could stall forever.
+  if (limits.inFlightBytesMax < maxPayloadBytes) {
+    throw new PcacheError('EINVAL', `inFlightBytesMax must be at least ${maxPayloadBytes}`);
+  }
+}
+
+/**
+ * Makes `path` free for listening: nothing there is fine; a socket nobody answers on is a
+ * leftover of a killed server and is removed; a live socket or any other file is refused.
+ */
+async function replaceStaleSocket(path: string): Promise<void> {
+  let stat: fs.Stats;
+  try {
+    stat = fs.lstatSync(path);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw new PcacheError('EINVAL', `cannot inspect ${path}: ${(error as Error).message}`, { cause: error });
+  }
+  if (!stat.isSocket()) throw new PcacheError('EINVAL', `${path} exists and is not a socket; refusing to replace it`);
+  if (await somethingListens(path)) throw new PcacheError('EINVAL', `${path} is in use by another server, or cannot be probed`);
+  try {
+    fs.unlinkSync(path);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') {
+      throw new PcacheError('EPERM', `cannot remove stale socket ${path}: ${(error as Error).message}`, { cause: error });
+    }
+  }
+}
+
+/** True when a server accepts connections on `path`, or when that cannot be ruled out. */
+function somethingListens(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = net.connect(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', (error: NodeJS.ErrnoException) => {
+      // Refused: the file is a leftover with no listener. Gone: nothing to replace. Anything
+      // else (EACCES, say) leaves the question open, and an open question is not a licence.
+      resolve(error.code !== 'ECONNREFUSED' && error.code !== 'ENOENT');
+    });
+  });
+}
+
+function describe(address: NbdListenAddress): string {
+  return 'path' in address ? address.path : `${address.host ?? '127.0.0.1'}:${address.port}`;
+}
