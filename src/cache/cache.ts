@@ -1,0 +1,421 @@
+// Cache: the public face of the engine — open, requests, drain, status, close.
+//
+// A Cache turns a fast cache device and a slower backing device into one cached block device
+// of the backing device's size. It implements the NBD layer's Export interface structurally
+// (it never imports it). Requests are validated here (range, 512-byte alignment); below this
+// file the engine asserts instead. Lifecycle: open (format a blank device when asked; refuse
+// a device that belongs to another backing device; replay the log) -> running -> close (seal
+// and commit the open kset, let writeback and GC finish their round) or abandon (tests: drop
+// everything without writing, as a crash would).
+
+import { PcacheError } from '../lib/errors.js';
+import { realTimers, type Timers } from '../lib/timers.js';
+import { MiB, sectorSizeBytes } from '../lib/units.js';
+import type { BlockDevice } from '../device/block_device.js';
+import { cacheInfoFlags, type CacheInfo } from '../ondisk/cache_info.js';
+import { gcPercentMax } from '../ondisk/layout.js';
+import { uuidToString } from '../ondisk/superblock.js';
+import { buildCore, type CacheCore, type CacheStats } from './cache_core.js';
+import { checkCacheDevice } from './cache_check.js';
+import { formatCacheDevice, probeDevice, readCacheMetadata, type CacheMetadata, type FormatOptions } from './cache_dev.js';
+import { Gc } from './cache_gc.js';
+import { KsetLog, type LogPos } from './cache_kset.js';
+import {
+  DataHead, cacheBlockStatus, cachePrefetch, cacheRead, cacheWrite, cacheZero, type CacheExtentStatus,
+} from './cache_req.js';
+import { replay, type ReplayResult } from './cache_replay.js';
+import { Writeback } from './cache_writeback.js';
+
+export type { FormatOptions } from './cache_dev.js';
+
+export interface CacheOpenOptions {
+  readonly cacheDevice: BlockDevice;
+  readonly backingDevice: BlockDevice;
+  /** Format the cache device when it is blank (its first 8 KiB are zero), with these options. */
+  readonly formatIfBlank?: FormatOptions | boolean;
+  /** Serve reads only; nothing is written to either device (no writeback, no GC). */
+  readonly readOnly?: boolean;
+  /**
+   * Open even though the backing device's identity differs from the one recorded at format
+   * (for example after copying the backing device). The size must still match: a smaller or
+   * larger device would make recorded extents meaningless.
+   */
+  readonly acceptOtherBackingIdentity?: boolean;
+  /** Run writeback, GC and the kset timer on their own (default true). Tests turn it off. */
+  readonly background?: boolean;
+  readonly timers?: Timers;
+  /** A write waiting for free space fails with ETIMEDOUT after this long; 0 (default) waits forever. */
+  readonly spaceWaitTimeoutMs?: number;
+}
+
+export interface WriteOptions {
+  readonly fua: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  readonly fastZero?: boolean;
+}
+
+const noFua: WriteOptions = { fua: false };
+
+/** What `pcache status` shows: dm-pcache's nine fields, then what dm-pcache lacks. */
+export interface CacheStatus {
+  /** dm-pcache field 1: superblock flags (always 0: little-endian). */
+  readonly sbFlags: number;
+  /** dm-pcache field 2: segments on the cache device. */
+  readonly segTotal: number;
+  /** dm-pcache field 3: segments used by the cache. */
+  readonly cacheSegs: number;
+  /** dm-pcache field 4: segments in use (log and data). */
+  readonly segsUsed: number;
+  /** dm-pcache field 5. */
+  readonly gcPercent: number;
+  /** dm-pcache field 6: bit 0 DATA_CRC, bit 1 INIT_DONE, bits 2-5 cache mode (0 = writeback), bits 6-12 gc_percent. */
+  readonly cacheFlags: number;
+  /** dm-pcache fields 7-9, each "segment:offset". */
+  readonly keyHead: string;
+  readonly dirtyTail: string;
+  readonly keyTail: string;
+  readonly state: 'running' | 'degraded' | 'failed' | 'stopping' | 'stopped';
+  /** Why the state is degraded or failed. */
+  readonly stateReason: string | undefined;
+  readonly readOnly: boolean;
+  readonly dataCrc: boolean;
+  readonly cacheUuid: string;
+  readonly segmentSizeBytes: number;
+  readonly backingSizeBytes: number;
+  readonly dirtyBytes: number;
+  /** Bytes of log between key_tail and dirty_tail (written back, not yet reclaimed). */
+  readonly reclaimableLogBytes: number;
+  readonly indexKeys: number;
+  readonly indexBytes: number;
+  readonly writeback: { readonly active: boolean; readonly lastError: string | undefined; readonly failingForMs: number | undefined; readonly backoffMs: number };
+  readonly gc: { readonly active: boolean; readonly lastError: string | undefined; readonly thresholdSegments: number };
+  readonly counters: Readonly<CacheStats>;
+}
+
+export class Cache {
+  private readonly core: CacheCore;
+  readonly replayResult: ReplayResult;
+  private inFlight = 0;
+  private idleWaiters: (() => void)[] = [];
+
+  private constructor(core: CacheCore, replayResult: ReplayResult) {
+    this.core = core;
+    this.replayResult = replayResult;
+  }
+
+  /** Formats `cacheDevice` for `backingDevice`, overwriting whatever it held (the caller decides whether that is allowed). */
+  static async format(cacheDevice: BlockDevice, backingDevice: BlockDevice, options: FormatOptions = {}): Promise<void> {
+    await formatCacheDevice(cacheDevice, backingDevice, options);
+  }
+
+  static async open(options: CacheOpenOptions): Promise<Cache> {
+    const { cacheDevice, backingDevice } = options;
+    const contents = await probeDevice(cacheDevice);
+    if (contents === 'blank') {
+      if (options.formatIfBlank === undefined || options.formatIfBlank === false) {
+        throw new PcacheError('FOREIGN', 'the cache device is blank; format it first');
+      }
+      if (options.readOnly === true) throw new PcacheError('EPERM', 'cannot format a cache device opened read-only');
+      await formatCacheDevice(cacheDevice, backingDevice, options.formatIfBlank === true ? {} : options.formatIfBlank);
+    } else if (contents === 'other') {
+      throw new PcacheError('FOREIGN', 'the cache device holds data that is not a pcache cache; refusing to touch it');
+    }
+    const metadata = await readCacheMetadata(cacheDevice);
+    checkBacking(metadata, backingDevice, options.acceptOtherBackingIdentity === true);
+    const core = buildCore(cacheDevice, backingDevice, metadata, {
+      readOnly: options.readOnly === true,
+      background: options.background ?? true,
+      timers: options.timers ?? realTimers,
+      spaceWaitTimeoutMs: options.spaceWaitTimeoutMs ?? 0,
+    });
+    const result = await replay(core, metadata.dirtyTail.value);
+    core.dirtyTail = result.dirtyTail;
+    wireParts(core, result.keyHead);
+    if (!core.readOnly) await clearAfterHead(core, result.keyHead);
+    const cache = new Cache(core, result);
+    core.writeback.kick(false);
+    core.gc.kick(false);
+    return cache;
+  }
+
+  get sizeBytes(): number {
+    return this.core.dev.sb.backingSizeBytes;
+  }
+
+  read(target: Uint8Array, offsetBytes: number): Promise<void> | undefined {
+    this.validate(offsetBytes, target.length);
+    return this.track(cacheRead(this.core, target, offsetBytes));
+  }
+
+  write(source: Uint8Array, offsetBytes: number, options: WriteOptions = noFua): Promise<void> {
+    this.validate(offsetBytes, source.length);
+    return this.trackAlways(cacheWrite(this.core, source, offsetBytes, options.fua));
+  }
+
+  /** Every write completed before this call is durable (in the cache log) when it resolves. */
+  flush(): Promise<void> {
+    const core = this.core;
+    if (core.state !== 'running') return Promise.reject(new PcacheError('ESHUTDOWN', 'the cache is shutting down'));
+    core.stats.flushRequests++;
+    if (core.readOnly) return Promise.resolve();
+    return this.trackAlways(core.log.flush());
+  }
+
+  /** TRIM: the range reads as zeroes afterwards (a defined answer for "unspecified"). */
+  trim(offsetBytes: number, lengthBytes: number, options: WriteOptions = noFua): Promise<void> {
+    this.validate(offsetBytes, lengthBytes);
+    return this.trackAlways(cacheZero(this.core, offsetBytes, lengthBytes, options.fua));
+  }
+
+  /** Same as trim; the name block-layer users expect. */
+  discard(offsetBytes: number, lengthBytes: number, options: WriteOptions = noFua): Promise<void> {
+    return this.trim(offsetBytes, lengthBytes, options);
+  }
+
+  /** WRITE_ZEROES: recorded as a ZERO key, so it is always fast (FAST_ZERO never fails). */
+  writeZeroes(offsetBytes: number, lengthBytes: number, options: ZeroOptions = noFua): Promise<void> {
+    this.validate(offsetBytes, lengthBytes);
+    return this.trackAlways(cacheZero(this.core, offsetBytes, lengthBytes, options.fua));
+  }
+
+  /** Prefetches the range into the cache (NBD_CMD_CACHE). */
+  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    this.validate(offsetBytes, lengthBytes);
+    return this.trackAlways(cachePrefetch(this.core, offsetBytes, lengthBytes));
+  }
+
+  blockStatus(offsetBytes: number, lengthBytes: number): CacheExtentStatus[] {
+    this.validate(offsetBytes, lengthBytes);
+    return cacheBlockStatus(this.core, offsetBytes, lengthBytes);
+  }
+
+  /** Writes back everything written before the call and resolves once the backing device holds it, synced. */
+  async drain(): Promise<void> {
+    const core = this.core;
+    if (core.readOnly) return;
+    await this.flush();
+    const target = core.log.durableHead.lsn;
+    if (core.background) {
+      core.writeback.kick(true);
+      await core.writeback.waitFor(target);
+      return;
+    }
+    while (core.dirtyTail.lsn < target) {
+      if (core.state !== 'running') throw new PcacheError('ESHUTDOWN', 'the cache is shutting down');
+      const advanced = await core.writeback.step();
+      if (!advanced) throw new PcacheError('EIO', `drain: writeback failed: ${core.writeback.lastError ?? 'no progress'}`);
+    }
+  }
+
+  /** Runs one writeback round now (tests and the crash simulator, with background work off). */
+  writebackStep(): Promise<boolean> {
+    return this.core.writeback.step();
+  }
+
+  /** Runs one GC round now (tests and the crash simulator, with background work off). */
+  gcStep(): Promise<boolean> {
+    return this.core.gc.step();
+  }
+
+  /** Changes the GC threshold and persists it in cache_info (dm-pcache's `gc_percent` message). */
+  async setGcPercent(gcPercent: number): Promise<void> {
+    const core = this.core;
+    if (!Number.isInteger(gcPercent) || gcPercent < 0 || gcPercent > gcPercentMax) {
+      throw new PcacheError('EINVAL', `gc_percent must be an integer from 0 to ${gcPercentMax}, got ${gcPercent}`);
+    }
+    core.checkWritable();
+    await core.dev.writeCacheInfo(this.cacheInfo(gcPercent));
+    await core.dev.sync();
+    core.gcPercent = gcPercent;
+    core.gc.kick(false);
+  }
+
+  status(): CacheStatus {
+    const core = this.core;
+    const pos = (p: LogPos): string => `${p.segment}:${p.offsetBytes}`;
+    const failingSince = core.writeback.failingSinceMs;
+    let state: CacheStatus['state'] = core.state === 'running' ? 'running' : core.state;
+    let stateReason: string | undefined;
+    if (core.failure !== undefined) {
+      state = 'failed';
+      stateReason = core.failure.message;
+    } else if (core.state === 'running' && (failingSince !== undefined || core.gc.lastError !== undefined)) {
+      state = 'degraded';
+      stateReason = core.writeback.lastError ?? core.gc.lastError;
+    }
+    return {
+      sbFlags: 0,
+      segTotal: core.dev.sb.segmentCount,
+      cacheSegs: core.segments.count,
+      segsUsed: core.segments.usedCount,
+      gcPercent: core.gcPercent,
+      cacheFlags: cacheInfoFlags(this.cacheInfo(core.gcPercent)) | (core.gcPercent << 6),
+      keyHead: pos(core.log.keyHead),
+      dirtyTail: pos(core.dirtyTail),
+      keyTail: pos(core.keyTail),
+      state,
+      stateReason,
+      readOnly: core.readOnly,
+      dataCrc: core.dataCrc,
+      cacheUuid: uuidToString(core.dev.sb.cacheUuid),
+      segmentSizeBytes: core.dev.segmentSizeBytes,
+      backingSizeBytes: core.dev.sb.backingSizeBytes,
+      dirtyBytes: core.stats.dirtyBytes,
+      reclaimableLogBytes: core.dirtyTail.lsn - core.keyTail.lsn,
+      indexKeys: core.index.keyCount,
+      indexBytes: core.index.storageBytes,
+      writeback: {
+        active: core.writeback.active,
+        lastError: core.writeback.lastError,
+        failingForMs: failingSince === undefined ? undefined : core.timers.now() - failingSince,
+        backoffMs: core.writeback.backoffMs,
+      },
+      gc: { active: core.gc.active, lastError: core.gc.lastError, thresholdSegments: core.gcThresholdSegments },
+      counters: { ...core.stats },
+    };
+  }
+
+  /**
+   * Stops cleanly: no new requests, in-flight ones finish, the open kset is committed, the
+   * running writeback and GC rounds finish. Dirty data stays in the cache for the next open.
+   */
+  async close(): Promise<void> {
+    const core = this.core;
+    if (core.state !== 'running') return;
+    core.state = 'stopping';
+    await this.idle();
+    if (!core.readOnly && core.failure === undefined) {
+      core.log.sealNow();
+      await core.log.flush();
+    }
+    await core.writeback.idle();
+    await core.gc.idle();
+    core.log.stop();
+    core.state = 'stopped';
+    const shutdown = new PcacheError('ESHUTDOWN', 'the cache was closed');
+    core.writeback.abort(shutdown);
+    core.log.abort(shutdown);
+    core.segments.wakeAll();
+  }
+
+  /** Drops all in-memory state at once and writes nothing more, as a crash would (tests). */
+  abandon(): void {
+    const core = this.core;
+    core.state = 'stopped';
+    core.log.stop();
+    const shutdown = new PcacheError('ESHUTDOWN', 'the cache was abandoned');
+    core.writeback.abort(shutdown);
+    core.log.abort(shutdown);
+    core.segments.wakeAll();
+  }
+
+  /**
+   * Commits everything, waits for background work, then runs the structural checker on the
+   * cache device and compares what it rebuilds with this cache's own state. For quiesced
+   * caches (tests, the crash simulator): concurrent requests would make the two differ.
+   */
+  async check(): Promise<string[]> {
+    const core = this.core;
+    if (!core.readOnly && core.failure === undefined) await core.log.flush();
+    await core.writeback.idle();
+    await core.gc.idle();
+    const report = await checkCacheDevice(core.dev.device);
+    const problems = [...report.problems];
+    const rebuilt = report.rebuilt;
+    if (rebuilt === undefined || report.replay === undefined) return problems;
+    const same = (what: string, mine: string | number, theirs: string | number): void => {
+      if (mine !== theirs) problems.push(`${what}: the running cache has ${mine}, the device says ${theirs}`);
+    };
+    const pos = (p: LogPos): string => `${p.segment}:${p.offsetBytes}`;
+    same('key_tail', pos(core.keyTail), pos(rebuilt.keyTail));
+    same('dirty_tail', pos(core.dirtyTail), pos(report.replay.dirtyTail));
+    same('key_head', pos(core.log.durableHead), pos(report.replay.keyHead));
+    same('dirty bytes', core.stats.dirtyBytes, rebuilt.stats.dirtyBytes);
+    const headSegment = core.head.segment;
+    for (let segment = 0; segment < core.segments.count; segment++) {
+      const refs = (core.segments.refs[segment] ?? 0) - (segment === headSegment ? 1 : 0);
+      same(`segment ${segment} kind`, core.segments.kind[segment] ?? -1, rebuilt.segments.kind[segment] ?? -1);
+      same(`segment ${segment} references`, refs, rebuilt.segments.refs[segment] ?? 0);
+    }
+    return problems;
+  }
+
+  /** Internal parts, for the structural checker and tests. */
+  get internals(): CacheCore {
+    return this.core;
+  }
+
+  private cacheInfo(gcPercent: number): CacheInfo {
+    const core = this.core;
+    return { dataCrc: core.dataCrc, initDone: true, gcPercent, segmentCount: core.segments.count, firstSegment: 0 };
+  }
+
+  private validate(offsetBytes: number, lengthBytes: number): void {
+    const size = this.core.dev.sb.backingSizeBytes;
+    if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0 || offsetBytes % sectorSizeBytes !== 0) {
+      throw new PcacheError('EINVAL', `offset ${offsetBytes} is not a multiple of ${sectorSizeBytes}`);
+    }
+    if (!Number.isSafeInteger(lengthBytes) || lengthBytes < 0 || lengthBytes % sectorSizeBytes !== 0) {
+      throw new PcacheError('EINVAL', `length ${lengthBytes} is not a multiple of ${sectorSizeBytes}`);
+    }
+    if (offsetBytes + lengthBytes > size) throw new PcacheError('EINVAL', `range ${offsetBytes}+${lengthBytes} ends past the device end ${size}`);
+  }
+
+  private track(io: Promise<void> | undefined): Promise<void> | undefined {
+    if (io === undefined) return undefined;
+    return this.trackAlways(io);
+  }
+
+  private trackAlways<T>(io: Promise<T>): Promise<T> {
+    this.inFlight++;
+    return io.finally(() => {
+      this.inFlight--;
+      if (this.inFlight === 0) {
+        const waiters = this.idleWaiters;
+        this.idleWaiters = [];
+        for (const wake of waiters) wake();
+      }
+    });
+  }
+
+  private idle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => { this.idleWaiters.push(resolve); });
+  }
+}
+
+function checkBacking(metadata: CacheMetadata, backing: BlockDevice, acceptOtherIdentity: boolean): void {
+  const sb = metadata.sb;
+  if (sb.backingSizeBytes !== backing.sizeBytes) {
+    throw new PcacheError('FOREIGN', `this cache belongs to a backing device of ${sb.backingSizeBytes} bytes, but the backing device has ${backing.sizeBytes}`);
+  }
+  if (sb.backingIdentity !== '' && backing.identity !== undefined && sb.backingIdentity !== backing.identity && !acceptOtherIdentity) {
+    throw new PcacheError('FOREIGN', `this cache belongs to backing device "${sb.backingIdentity}", not "${backing.identity}" (force only if this device is a copy of it)`);
+  }
+}
+
+function wireParts(core: CacheCore, keyHead: LogPos): void {
+  core.log = new KsetLog(core, keyHead);
+  core.head = new DataHead(core);
+  core.writeback = new Writeback(core);
+  core.gc = new Gc(core);
+  core.assertTailOrder();
+}
+
+/**
+ * Zeroes key_head's segment from key_head to its end, then syncs. A kset written there before
+ * the crash was never acknowledged; without this, a later replay could find it again behind
+ * new ksets of the same length and take it for part of the log.
+ */
+async function clearAfterHead(core: CacheCore, keyHead: LogPos): Promise<void> {
+  const chunkBytes = 1 * MiB;
+  const zeroes = new Uint8Array(Math.min(chunkBytes, core.dev.dataSizeBytes));
+  for (let offset = keyHead.offsetBytes; offset < core.dev.dataSizeBytes; offset += chunkBytes) {
+    const length = Math.min(chunkBytes, core.dev.dataSizeBytes - offset);
+    const io = core.dev.writeData(zeroes.subarray(0, length), keyHead.segment, offset);
+    if (io !== undefined) await io;
+  }
+  await core.dev.sync();
+}

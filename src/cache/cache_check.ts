@@ -1,0 +1,158 @@
+// The structural checker: proves a cache device is consistent, without writing to it.
+//
+// It reads every metadata record, replays the log exactly as recovery does (same code, on a
+// read-only engine), and then checks what replay cannot: the segment chain, that replay
+// stopped at a normal end of log rather than at damage, that dirty_tail lies on the log, that
+// no two live extents share cache space, that segment kinds, references and generations agree,
+// and (with DATA_CRC) every live extent's CRC. `pcache check`, Cache.check() and the crash
+// simulator all use it. Problems are inconsistencies; warnings are states a crash leaves
+// behind normally (for example one torn copy of a dual-copy record).
+
+import { PcacheError, isPcacheError } from '../lib/errors.js';
+import { ManualTimers } from '../lib/timers.js';
+import type { BlockDevice } from '../device/block_device.js';
+import { keyFlagZero } from '../ondisk/kset.js';
+import { uuidToString } from '../ondisk/superblock.js';
+import { buildCore, type CacheCore } from './cache_core.js';
+import { readCacheMetadata, segmentChainProblems, type CacheMetadata } from './cache_dev.js';
+import { replay, type ReplayResult } from './cache_replay.js';
+import { segmentKindData, segmentKindLog } from './cache_segment.js';
+
+export interface CheckSummary {
+  readonly cacheUuid: string;
+  readonly segmentCount: number;
+  readonly segmentSizeBytes: number;
+  readonly backingSizeBytes: number;
+  readonly backingIdentity: string;
+  readonly dataCrc: boolean;
+  readonly gcPercent: number;
+  readonly keyTail: string;
+  readonly dirtyTail: string;
+  readonly keyHead: string;
+  readonly ksets: number;
+  readonly keys: number;
+  readonly staleKeys: number;
+  readonly logSegments: number;
+  readonly dataSegments: number;
+  readonly freeSegments: number;
+  readonly dirtyBytes: number;
+  readonly logEnd: string;
+}
+
+export interface CheckReport {
+  readonly problems: string[];
+  readonly warnings: string[];
+  readonly summary: CheckSummary | undefined;
+  /** The read-only engine rebuilt by the check (for comparing with a live cache). */
+  readonly rebuilt: CacheCore | undefined;
+  readonly replay: ReplayResult | undefined;
+}
+
+const unusableBacking: BlockDevice = {
+  sizeBytes: 0,
+  identity: undefined,
+  blocking: undefined,
+  read: () => Promise.reject(new PcacheError('EPERM', 'the checker never reads the backing device')),
+  write: () => Promise.reject(new PcacheError('EPERM', 'the checker never writes')),
+  sync: () => Promise.resolve(),
+  close: () => Promise.resolve(),
+};
+
+export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport> {
+  const problems: string[] = [];
+  const warnings: string[] = [];
+  let metadata: CacheMetadata;
+  try {
+    metadata = await readCacheMetadata(device);
+  } catch (error) {
+    if (!isPcacheError(error)) throw error;
+    return { problems: [error.message], warnings, summary: undefined, rebuilt: undefined, replay: undefined };
+  }
+  for (const choice of [metadata.cacheInfo, metadata.keyTail, metadata.dirtyTail, ...metadata.segmentInfos, ...metadata.gens]) {
+    for (const problem of choice.problems) if (!problem.endsWith('never written (all zero)')) warnings.push(`${problem} (the other copy is used)`);
+  }
+  problems.push(...segmentChainProblems(metadata));
+
+  const core = buildCore(device, { ...unusableBacking, sizeBytes: metadata.sb.backingSizeBytes }, metadata, {
+    readOnly: true,
+    background: false,
+    timers: new ManualTimers(),
+    spaceWaitTimeoutMs: 0,
+  });
+  const liveExtents: { segment: number; start: number; end: number; offset: number }[] = [];
+  let result: ReplayResult;
+  try {
+    result = await replay(core, metadata.dirtyTail.value, (record, live) => {
+      if (live && (record.flags & keyFlagZero) === 0) {
+        liveExtents.push({ segment: record.segment, start: record.segmentOffsetBytes, end: record.segmentOffsetBytes + record.lengthBytes, offset: record.offsetBytes });
+      }
+    });
+  } catch (error) {
+    if (!isPcacheError(error)) throw error;
+    problems.push(error.message);
+    return { problems, warnings, summary: undefined, rebuilt: undefined, replay: undefined };
+  }
+  if (result.stopDamage) problems.push(`the log ends at damage: ${result.stopReason}`);
+  for (const extent of result.dataCrcErrors) problems.push(`data CRC mismatch: ${extent}`);
+
+  liveExtents.sort((a, b) => a.segment - b.segment || a.start - b.start);
+  for (let index = 1; index < liveExtents.length; index++) {
+    const previous = liveExtents[index - 1];
+    const extent = liveExtents[index];
+    if (previous !== undefined && extent !== undefined && previous.segment === extent.segment && extent.start < previous.end) {
+      problems.push(`live extents share cache space in segment ${extent.segment}: backing ${previous.offset} and ${extent.offset}`);
+    }
+  }
+
+  const segments = core.segments;
+  let logSegments = 0;
+  let dataSegments = 0;
+  let freeSegments = 0;
+  for (let segment = 0; segment < segments.count; segment++) {
+    const kind = segments.kind[segment];
+    const refs = segments.refs[segment] ?? 0;
+    if (kind === segmentKindLog) {
+      logSegments++;
+      if ((segments.gen[segment] ?? 0) < 1) problems.push(`log segment ${segment} has generation 0, so it was never handed out`);
+    } else if (kind === segmentKindData) {
+      dataSegments++;
+      if (refs === 0) problems.push(`data segment ${segment} has no references`);
+    } else {
+      freeSegments++;
+    }
+    if (kind !== segmentKindData && refs !== 0) problems.push(`segment ${segment} is not a data segment but has ${refs} references`);
+  }
+  if (segments.freeCount !== freeSegments) problems.push(`free pool holds ${segments.freeCount} segments, ${freeSegments} are free`);
+  if (logSegments + dataSegments + freeSegments !== segments.count) problems.push('segment accounting does not add up');
+  if (!(core.keyTail.lsn <= result.dirtyTail.lsn && result.dirtyTail.lsn <= result.keyHead.lsn)) {
+    problems.push('key_tail, dirty_tail and key_head are out of order');
+  }
+  const pos = (p: { segment: number; offsetBytes: number }): string => `${p.segment}:${p.offsetBytes}`;
+  return {
+    problems,
+    warnings,
+    summary: {
+      cacheUuid: uuidToString(metadata.sb.cacheUuid),
+      segmentCount: metadata.sb.segmentCount,
+      segmentSizeBytes: metadata.sb.segmentSizeBytes,
+      backingSizeBytes: metadata.sb.backingSizeBytes,
+      backingIdentity: metadata.sb.backingIdentity,
+      dataCrc: metadata.cacheInfo.value.dataCrc,
+      gcPercent: metadata.cacheInfo.value.gcPercent,
+      keyTail: pos(core.keyTail),
+      dirtyTail: pos(result.dirtyTail),
+      keyHead: pos(result.keyHead),
+      ksets: result.ksets,
+      keys: result.keys,
+      staleKeys: result.staleKeys,
+      logSegments,
+      dataSegments,
+      freeSegments,
+      dirtyBytes: core.stats.dirtyBytes,
+      logEnd: result.stopReason,
+    },
+    rebuilt: core,
+    replay: result,
+  };
+}
+

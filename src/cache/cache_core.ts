@@ -1,0 +1,217 @@
+// CacheCore: the parts of one open cache and the few rules that tie them together.
+//
+// It owns the cache device, the backing device, the segment table, the index, the kset log,
+// the data head, writeback and GC, the persisted tails, the counters and the sticky failure.
+// Request paths (cache_req.ts), writeback (cache_writeback.ts), GC (cache_gc.ts) and replay
+// (cache_replay.ts) all work on a CacheCore; the public Cache (cache.ts) wraps it.
+// Background work is kicked, never polled: a durable kset kicks writeback, an advanced
+// dirty_tail kicks GC, a writer short of space kicks all three. With `background` off (tests
+// and the crash simulator) nothing runs on its own except what a waiting writer needs.
+
+import { assert } from '../lib/assert.js';
+import { segmentDataSizeBytes } from '../ondisk/layout.js';
+import { PcacheError, isPcacheError } from '../lib/errors.js';
+import type { Timers } from '../lib/timers.js';
+import type { BlockDevice } from '../device/block_device.js';
+import { CacheDev, type CacheMetadata } from './cache_dev.js';
+import type { KsetLog, LogPos } from './cache_kset.js';
+import { SegmentTable } from './cache_segment.js';
+import { KeyIndex } from './cache_tree.js';
+import type { DataHead } from './cache_req.js';
+import type { Writeback } from './cache_writeback.js';
+import type { Gc } from './cache_gc.js';
+
+export interface CacheStats {
+  readRequests: number;
+  readHitRequests: number;
+  readMissRequests: number;
+  readHitBytes: number;
+  readMissBytes: number;
+  writeRequests: number;
+  writeBytes: number;
+  zeroRequests: number;
+  zeroBytes: number;
+  flushRequests: number;
+  /** Bytes appended to the log that writeback has not yet applied to the backing device. */
+  dirtyBytes: number;
+  ksetsWritten: number;
+  writebackBytes: number;
+  writebackKsets: number;
+  writebackRounds: number;
+  gcKsets: number;
+  gcSegmentsFreed: number;
+  staleKeysRemoved: number;
+  fillsStored: number;
+  fillsSkipped: number;
+  cacheIoErrors: number;
+  backingReadErrors: number;
+  backingWriteErrors: number;
+  dataCrcErrors: number;
+  writebackErrors: number;
+  gcErrors: number;
+}
+
+export function newStats(): CacheStats {
+  return {
+    readRequests: 0, readHitRequests: 0, readMissRequests: 0, readHitBytes: 0, readMissBytes: 0,
+    writeRequests: 0, writeBytes: 0, zeroRequests: 0, zeroBytes: 0, flushRequests: 0,
+    dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackKsets: 0, writebackRounds: 0,
+    gcKsets: 0, gcSegmentsFreed: 0, staleKeysRemoved: 0, fillsStored: 0, fillsSkipped: 0,
+    cacheIoErrors: 0, backingReadErrors: 0, backingWriteErrors: 0, dataCrcErrors: 0, writebackErrors: 0, gcErrors: 0,
+  };
+}
+
+export type CacheState = 'running' | 'stopping' | 'stopped';
+
+export interface CoreOptions {
+  readonly dataCrc: boolean;
+  readonly gcPercent: number;
+  readonly readOnly: boolean;
+  readonly background: boolean;
+  /** How long a write may wait for free space before it fails with ETIMEDOUT; 0 waits forever. */
+  readonly spaceWaitTimeoutMs: number;
+}
+
+export class CacheCore {
+  readonly dev: CacheDev;
+  readonly backing: BlockDevice;
+  readonly segments: SegmentTable;
+  readonly index: KeyIndex;
+  readonly timers: Timers;
+  readonly stats: CacheStats = newStats();
+  readonly dataCrc: boolean;
+  readonly readOnly: boolean;
+  readonly background: boolean;
+  readonly spaceWaitTimeoutMs: number;
+  gcPercent: number;
+  state: CacheState = 'running';
+  /** Set once a metadata commit failed: every later flush, FUA and write fails with it. */
+  failure: PcacheError | undefined;
+  failureContext: string | undefined;
+  keyTail: LogPos;
+  dirtyTail: LogPos;
+  private ticket = 0;
+  // Set right after construction (they need the core themselves).
+  log!: KsetLog;
+  head!: DataHead;
+  writeback!: Writeback;
+  gc!: Gc;
+
+  constructor(parts: { dev: CacheDev; backing: BlockDevice; segments: SegmentTable; index: KeyIndex; timers: Timers; keyTail: LogPos; dirtyTail: LogPos }, options: CoreOptions) {
+    this.dev = parts.dev;
+    this.backing = parts.backing;
+    this.segments = parts.segments;
+    this.index = parts.index;
+    this.timers = parts.timers;
+    this.keyTail = parts.keyTail;
+    this.dirtyTail = parts.dirtyTail;
+    this.dataCrc = options.dataCrc;
+    this.gcPercent = options.gcPercent;
+    this.readOnly = options.readOnly;
+    this.background = options.background;
+    this.spaceWaitTimeoutMs = options.spaceWaitTimeoutMs;
+  }
+
+  /** True once close or abandon began; re-read after every await (narrowing would hide a change). */
+  stopped(): boolean {
+    return this.state === 'stopped';
+  }
+
+  /** A fresh ticket for an EMPTY placeholder (never 0, wraps at 2^32). */
+  nextTicket(): number {
+    this.ticket = (this.ticket % 0xffff_fffe) + 1;
+    return this.ticket;
+  }
+
+  /** Throws unless the cache accepts new requests that change data. */
+  checkWritable(): void {
+    if (this.state !== 'running') throw new PcacheError('ESHUTDOWN', 'the cache is shutting down');
+    if (this.readOnly) throw new PcacheError('EPERM', 'the cache is open read-only');
+    if (this.failure !== undefined) throw this.failure;
+  }
+
+  checkReadable(): void {
+    if (this.state !== 'running') throw new PcacheError('ESHUTDOWN', 'the cache is shutting down');
+  }
+
+  /**
+   * The sticky failure: a write or sync of the log or its metadata failed, so the cache no
+   * longer knows what is durable. Everything that promises durability fails from now on;
+   * reads go on. Only a restart (which re-runs recovery from what is on disk) clears it.
+   */
+  fail(error: unknown, context: string): void {
+    if (!isPcacheError(error)) throw error;
+    if (this.failure === undefined) {
+      this.failure = new PcacheError('EIO', `cache device failed while ${context}: ${error.message}; restart pcache to recover`, { cause: error });
+      this.failureContext = context;
+      this.stats.cacheIoErrors++;
+    }
+    this.log.abort(this.failure);
+    this.segments.wakeAll();
+  }
+
+  /** A writer (or the log) is short of free segments. */
+  needSpace(): void {
+    this.log.sealNow();
+    this.writeback.kick(true);
+    this.gc.kick(true);
+  }
+
+  /** Called when more of the log became durable. */
+  logAdvanced(): void {
+    this.writeback.kick(false);
+  }
+
+  /** Called when dirty_tail moved forward. */
+  dirtyTailAdvanced(): void {
+    this.gc.kick(false);
+  }
+
+  /** Waits until a segment is freed, the cache stops, or the space wait times out. */
+  async waitForSpace(startedMs: number): Promise<void> {
+    if (this.failure !== undefined) throw this.failure;
+    if (this.state !== 'running') throw new PcacheError('ESHUTDOWN', 'the cache is shutting down');
+    const freed = this.segments.nextFree();
+    this.needSpace();
+    if (this.spaceWaitTimeoutMs === 0) {
+      await freed;
+      return;
+    }
+    const leftMs = this.spaceWaitTimeoutMs - (this.timers.now() - startedMs);
+    if (leftMs <= 0) throw new PcacheError('ETIMEDOUT', `no free cache space after ${this.spaceWaitTimeoutMs} ms`);
+    let timer: { cancel(): void } | undefined;
+    const timedOut = new Promise<void>((resolve) => { timer = this.timers.after(leftMs, resolve); });
+    await Promise.race([freed, timedOut]);
+    timer?.cancel();
+  }
+
+  /** Segments in use at which GC starts (dm-pcache: seg_total * gc_percent / 100). */
+  get gcThresholdSegments(): number {
+    return Math.floor((this.segments.count * this.gcPercent) / 100);
+  }
+
+  assertTailOrder(): void {
+    assert(this.keyTail.lsn <= this.dirtyTail.lsn, 'key_tail passed dirty_tail');
+    assert(this.dirtyTail.lsn <= this.log.durableHead.lsn, 'dirty_tail passed the durable log head');
+  }
+}
+
+/** Builds the engine's parts over validated metadata; the caller replays and wires. */
+export function buildCore(cacheDevice: BlockDevice, backingDevice: BlockDevice, metadata: CacheMetadata, options: { readOnly: boolean; background: boolean; timers: Timers; spaceWaitTimeoutMs: number }): CacheCore {
+  const dev = new CacheDev(cacheDevice, metadata);
+  const segments = new SegmentTable(metadata.sb.segmentCount);
+  metadata.gens.forEach((choice, segment) => { segments.gen[segment] = choice.value ?? 0; });
+  const keyTail: LogPos = { segment: metadata.keyTail.value.segment, offsetBytes: metadata.keyTail.value.offsetBytes, lsn: 0 };
+  assert(segmentDataSizeBytes(metadata.sb.segmentSizeBytes) === dev.dataSizeBytes, 'geometry mismatch');
+  return new CacheCore(
+    { dev, backing: backingDevice, segments, index: new KeyIndex(), timers: options.timers, keyTail, dirtyTail: keyTail },
+    {
+      dataCrc: metadata.cacheInfo.value.dataCrc,
+      gcPercent: metadata.cacheInfo.value.gcPercent,
+      readOnly: options.readOnly,
+      background: options.background,
+      spaceWaitTimeoutMs: options.spaceWaitTimeoutMs,
+    },
+  );
+}
+

@@ -1,0 +1,131 @@
+// Garbage collection: reclaiming the log and the data behind it, oldest first (FIFO).
+//
+// GC runs when the segments in use reach gc_percent of the cache and key_tail is behind
+// dirty_tail (only written-back ksets may be reclaimed). A round walks ksets from key_tail,
+// never past dirty_tail, noting for every key that still holds a segment reference which
+// segment it is, and which log segments key_tail leaves behind. It persists the advanced
+// key_tail and syncs, and only then drops those references and frees those log segments:
+// a segment is never reused while a key that recovery could replay still points into it.
+// Freed segments get a new generation, which makes every index entry into them stale; the
+// index drops stale entries lazily (readers) and in bounded sweeps (here).
+
+import { isPcacheError, PcacheError } from '../lib/errors.js';
+import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
+import type { CacheCore } from './cache_core.js';
+import { positionAfter, readKsetAt } from './cache_kset.js';
+import { isDataKey } from './cache_tree.js';
+
+export const gcKsetsPerRoundMax = 64;
+export const gcBackoffMs = 1000;
+
+export class Gc {
+  private readonly core: CacheCore;
+  private running: Promise<void> | undefined;
+  private readonly scratch = new Uint8Array(ksetBytesMax);
+  private sweepNeeded = false;
+  lastError: string | undefined;
+
+  constructor(core: CacheCore) {
+    this.core = core;
+  }
+
+  /** GC has work: reclaimable ksets and enough segments in use. */
+  get due(): boolean {
+    const core = this.core;
+    return core.keyTail.lsn < core.dirtyTail.lsn && core.segments.usedCount >= core.gcThresholdSegments;
+  }
+
+  get active(): boolean {
+    return this.running !== undefined;
+  }
+
+  kick(urgent: boolean): void {
+    if (this.running !== undefined || (!this.core.background && !urgent)) return;
+    if (this.core.stopped() || this.core.readOnly) return;
+    if (!this.due && !this.sweepNeeded) return;
+    this.running = this.loop().finally(() => { this.running = undefined; });
+  }
+
+  async idle(): Promise<void> {
+    while (this.running !== undefined) await this.running;
+  }
+
+  /** One round, if one is due, and a sweep of stale index entries; for tests and the simulator. */
+  async step(): Promise<boolean> {
+    await this.idle();
+    if (this.core.stopped()) return false;
+    const advanced = this.due ? await this.round() : false;
+    if (this.sweepNeeded) this.sweep();
+    return advanced;
+  }
+
+  private async loop(): Promise<void> {
+    const core = this.core;
+    while (core.state === 'running' && core.failure === undefined) {
+      if (this.due) {
+        const advanced = await this.round();
+        if (!advanced) {
+          await core.timers.sleep(gcBackoffMs);
+          continue;
+        }
+      }
+      if (this.sweepNeeded) this.sweep();
+      if (!this.due) break;
+      await core.timers.yieldToOthers();
+    }
+  }
+
+  private async round(): Promise<boolean> {
+    const core = this.core;
+    try {
+      let pos = core.keyTail;
+      const puts: number[] = [];
+      const leftLogSegments: number[] = [];
+      let ksets = 0;
+      while (ksets < gcKsetsPerRoundMax && pos.lsn < core.dirtyTail.lsn) {
+        const kset = await readKsetAt(core, pos, this.scratch);
+        if (!kset.ok) throw new PcacheError('CORRUPT', `gc: the kset at segment ${pos.segment} offset ${pos.offsetBytes} is invalid: ${kset.problem}`);
+        if (kset.kind === 'last') {
+          leftLogSegments.push(pos.segment);
+        } else {
+          for (const key of kset.keys) {
+            // Only keys that took a reference give one back: replay skips stale keys.
+            if ((key.flags & keyFlagZero) === 0 && key.gen === core.segments.gen[key.segment]) puts.push(key.segment);
+          }
+        }
+        pos = positionAfter(pos, kset);
+        ksets++;
+      }
+      if (ksets === 0 || core.stopped()) return false;
+      await core.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes });
+      await core.dev.sync();
+      if (core.stopped()) return false;
+      core.keyTail = pos;
+      let freed = 0;
+      for (const segment of puts) if (core.segments.put(segment)) freed++;
+      for (const segment of leftLogSegments) {
+        core.segments.free(segment);
+        freed++;
+      }
+      core.stats.gcKsets += ksets;
+      core.stats.gcSegmentsFreed += freed;
+      if (freed > 0) this.sweepNeeded = true;
+      core.assertTailOrder();
+      this.lastError = undefined;
+      return true;
+    } catch (error) {
+      if (!isPcacheError(error)) throw error;
+      core.stats.gcErrors++;
+      this.lastError = error.message;
+      return false;
+    }
+  }
+
+  /** Drops index entries that point into segments freed since they were written. */
+  private sweep(): void {
+    const core = this.core;
+    this.sweepNeeded = false;
+    core.stats.staleKeysRemoved += core.index.sweep((subtree, index) =>
+      isDataKey(subtree.flags(index)) && core.segments.genLow32(subtree.segment(index)) !== subtree.genLow32(index));
+  }
+}

@@ -1,0 +1,346 @@
+// The kset log: appending keys, sealing ksets, and committing them to the cache device.
+//
+// Keys are appended to one open kset in the order their index updates happen, so the log's
+// order is the index's order and replay rebuilds exactly the index that was acknowledged.
+// A kset is sealed when it holds 128 keys, about a second after its first key, on FUA (the
+// key's kset) and on flush (with EPOCH_END). One committer writes sealed ksets at key_head.
+//
+// The ordering rule (DESIGN.md §2): a kset must never become durable before the data its keys
+// point at. pcache syncs the data first (two-phase commit): the committer loop is
+//
+//     sync            -- makes the data behind the next batch durable, and the previous batch
+//     write batch        of ksets (so each sync is phase 2 of one batch and phase 1 of the next)
+//
+// and stops with a final sync once nothing is left to write. Concurrent flushes share syncs
+// (group commit): a flush waits until the kset that ends its epoch is durable.
+// When the log moves to a new segment, that segment's freshly bumped generation is written
+// before the sync, so it is durable before the LAST kset that points at it can be.
+// Invariants: keyHead always has room for a LAST kset (ksetHeaderBytes) before the segment's
+// end; durableSeq <= writtenSeq < seq of every sealed kset; at most sealedKsetsMax ksets wait.
+
+import { assert } from '../lib/assert.js';
+import { PcacheError } from '../lib/errors.js';
+import type { TimerHandle } from '../lib/timers.js';
+import {
+  decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, ksetBytesMax, ksetHeaderBytes, ksetKeysMax, sealKset,
+  type DecodedKset, type KeyRecord,
+} from '../ondisk/kset.js';
+import type { CacheCore } from './cache_core.js';
+import { segmentKindLog } from './cache_segment.js';
+
+/** A position in the log. `lsn` orders positions: bytes of log appended since replay began. */
+export interface LogPos {
+  readonly segment: number;
+  readonly offsetBytes: number;
+  readonly lsn: number;
+}
+
+export const ksetCloseDelayMs = 1000;
+/** Sealed ksets waiting for the committer; writers wait when the queue is this long. */
+export const sealedKsetsMax = 32;
+/** A kset's bytes plus the zeroed header written after it. */
+const ksetBufferBytes = ksetBytesMax + ksetHeaderBytes;
+
+interface SealedKset {
+  readonly bytes: Uint8Array;
+  readonly keyCount: number;
+  epochEnd: boolean;
+  readonly seq: number;
+}
+
+interface DurableWaiter {
+  readonly seq: number;
+  readonly resolve: () => void;
+  readonly reject: (error: unknown) => void;
+}
+
+export class KsetLog {
+  private readonly core: CacheCore;
+  private open = new Uint8Array(ksetBufferBytes);
+  private openCount = 0;
+  private openTimer: TimerHandle | undefined;
+  private sealed: SealedKset[] = [];
+  /** Seq the open kset will carry when sealed. */
+  private nextSeq = 1;
+  private lastSealedSeq = 0;
+  private writtenSeq = 0;
+  private durableSeq = 0;
+  /** Keys were appended since the last EPOCH_END kset was sealed. */
+  private epochOpen = false;
+  private committing = false;
+  private durableWaiters: DurableWaiter[] = [];
+  private roomWaiters: (() => void)[] = [];
+  /** Where the next kset goes. */
+  keyHead: LogPos;
+  /** End of the last kset known durable; writeback never reads past it. */
+  durableHead: LogPos;
+
+  constructor(core: CacheCore, keyHead: LogPos) {
+    this.core = core;
+    this.keyHead = keyHead;
+    this.durableHead = keyHead;
+  }
+
+  /** True when writers should wait (roomAvailable) before appending more keys. */
+  get full(): boolean {
+    return this.sealed.length >= sealedKsetsMax;
+  }
+
+  get openKeyCount(): number {
+    return this.openCount;
+  }
+
+  get pendingKsetCount(): number {
+    return this.sealed.length + (this.openCount > 0 ? 1 : 0);
+  }
+
+  roomAvailable(): Promise<void> {
+    if (!this.full) return Promise.resolve();
+    return new Promise((resolve) => { this.roomWaiters.push(resolve); });
+  }
+
+  /** Appends a key to the open kset; returns the seq of the kset that carries it. */
+  append(key: KeyRecord): number {
+    assert(this.openCount < ksetKeysMax, 'open kset overflow');
+    encodeKey(this.open, ksetHeaderBytes + this.openCount * keyBytes, key);
+    this.openCount++;
+    this.epochOpen = true;
+    if ((key.flags & keyFlagClean) === 0) this.core.stats.dirtyBytes += key.lengthBytes;
+    const seq = this.nextSeq;
+    if (this.openCount === 1) {
+      this.openTimer = this.core.timers.after(ksetCloseDelayMs, () => {
+        this.openTimer = undefined;
+        if (this.openCount > 0 && seq === this.nextSeq) {
+          this.seal(false);
+          this.kick();
+        }
+      });
+    }
+    if (this.openCount === ksetKeysMax) {
+      this.seal(false);
+      this.kick();
+    }
+    return seq;
+  }
+
+  /** Seals the open kset now (when it holds keys) and starts committing it. */
+  sealNow(): void {
+    if (this.openCount > 0) {
+      this.seal(false);
+      this.kick();
+    }
+  }
+
+  /**
+   * Ends a flush epoch: every key appended so far becomes durable before the promise
+   * resolves, and the log records that an epoch ends here.
+   */
+  flush(): Promise<void> {
+    if (this.core.failure !== undefined) return Promise.reject(this.core.failure);
+    if (this.openCount > 0) {
+      this.seal(true);
+    } else if (this.epochOpen) {
+      const last = this.sealed[this.sealed.length - 1];
+      if (last !== undefined) {
+        last.epochEnd = true;
+        this.epochOpen = false;
+      } else {
+        this.seal(true); // An empty kset marks the end of an epoch whose keys are all written.
+      }
+    }
+    return this.waitDurable(this.lastSealedSeq);
+  }
+
+  /** Makes the kset `seq` (returned by append) durable: the FUA path. */
+  commit(seq: number): Promise<void> {
+    if (this.core.failure !== undefined) return Promise.reject(this.core.failure);
+    if (seq === this.nextSeq && this.openCount > 0) this.seal(false);
+    return this.waitDurable(seq);
+  }
+
+  /** Stops the kset timer; what is sealed stays queued. */
+  stop(): void {
+    this.openTimer?.cancel();
+    this.openTimer = undefined;
+  }
+
+  /** Rejects everyone waiting after the cache failed or shut down. */
+  abort(error: PcacheError): void {
+    this.stop();
+    const waiters = this.durableWaiters;
+    this.durableWaiters = [];
+    for (const waiter of waiters) waiter.reject(error);
+    this.wakeRoomWaiters();
+  }
+
+  private waitDurable(seq: number): Promise<void> {
+    if (this.durableSeq >= seq) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.durableWaiters.push({ seq, resolve, reject });
+      this.kick();
+    });
+  }
+
+  private seal(epochEnd: boolean): void {
+    assert(this.openCount > 0 || epochEnd, 'sealing an empty kset that ends no epoch');
+    this.sealed.push({ bytes: this.open, keyCount: this.openCount, epochEnd, seq: this.nextSeq });
+    this.lastSealedSeq = this.nextSeq;
+    this.nextSeq++;
+    this.open = new Uint8Array(ksetBufferBytes);
+    this.openCount = 0;
+    if (epochEnd) this.epochOpen = false;
+    this.openTimer?.cancel();
+    this.openTimer = undefined;
+  }
+
+  private kick(): void {
+    if (this.committing) return;
+    this.committing = true;
+    void this.run().finally(() => { this.committing = false; });
+  }
+
+  private async run(): Promise<void> {
+    try {
+      for (;;) {
+        if (this.core.failure !== undefined) throw this.core.failure;
+        let batch: SealedKset[] = [];
+        let nextSegment: number | undefined;
+        if (this.sealed.length > 0) {
+          ({ batch, nextSegment } = await this.planBatch());
+        } else if (this.writtenSeq === this.durableSeq) {
+          break;
+        }
+        const coversSeq = this.writtenSeq;
+        const coversHead = this.keyHead;
+        await this.core.dev.sync();
+        this.becameDurable(coversSeq, coversHead);
+        if (batch.length > 0) await this.writeBatch(batch, nextSegment);
+      }
+    } catch (error) {
+      this.core.fail(error, 'committing ksets to the cache device');
+    }
+  }
+
+  /**
+   * Takes the sealed ksets that fit at key_head, or — when the next one does not fit — a new
+   * log segment and the ksets that fit at its start. Waits for a free segment if needed.
+   */
+  private async planBatch(): Promise<{ batch: SealedKset[]; nextSegment: number | undefined }> {
+    const dataSizeBytes = this.core.dev.dataSizeBytes;
+    const fits = (offsetBytes: number, kset: SealedKset): boolean =>
+      offsetBytes + ksetHeaderBytes + kset.keyCount * keyBytes + ksetHeaderBytes <= dataSizeBytes;
+    let nextSegment: number | undefined;
+    let offsetBytes = this.keyHead.offsetBytes;
+    const first = this.sealed[0];
+    assert(first !== undefined, 'planning an empty batch');
+    if (!fits(offsetBytes, first)) {
+      nextSegment = await this.takeLogSegment();
+      offsetBytes = 0;
+    }
+    let count = 0;
+    for (const kset of this.sealed) {
+      if (!fits(offsetBytes, kset)) break;
+      offsetBytes += ksetHeaderBytes + kset.keyCount * keyBytes;
+      count++;
+    }
+    assert(count > 0, 'a kset does not fit in an empty segment');
+    const batch = this.sealed.splice(0, count);
+    this.wakeRoomWaiters();
+    return { batch, nextSegment };
+  }
+
+  private async takeLogSegment(): Promise<number> {
+    const core = this.core;
+    for (;;) {
+      if (core.failure !== undefined) throw core.failure;
+      const segment = core.segments.allocate(segmentKindLog);
+      if (segment !== undefined) {
+        await core.dev.writeGen(segment, core.segments.gen[segment] ?? 0);
+        return segment;
+      }
+      // Out of space: make what is written durable so writeback and GC can free segments.
+      if (this.writtenSeq > this.durableSeq) {
+        const coversSeq = this.writtenSeq;
+        const coversHead = this.keyHead;
+        await core.dev.sync();
+        this.becameDurable(coversSeq, coversHead);
+      }
+      const freed = core.segments.nextFree();
+      core.needSpace();
+      await freed;
+    }
+  }
+
+  private async writeBatch(batch: SealedKset[], nextSegment: number | undefined): Promise<void> {
+    const core = this.core;
+    const dev = core.dev;
+    if (nextSegment !== undefined) {
+      const last = encodeLastKset(nextSegment, core.segments.gen[this.keyHead.segment] ?? 0, dev.crcSeed);
+      await dev.writeData(last, this.keyHead.segment, this.keyHead.offsetBytes);
+      this.keyHead = { segment: nextSegment, offsetBytes: 0, lsn: this.keyHead.lsn + ksetHeaderBytes };
+    }
+    for (const kset of batch) {
+      const head = this.keyHead;
+      const size = sealKset(kset.bytes, {
+        keyCount: kset.keyCount,
+        epochEnd: kset.epochEnd,
+        logGen: core.segments.gen[head.segment] ?? 0,
+        crcSeed: dev.crcSeed,
+      });
+      kset.bytes.fill(0, size, size + ksetHeaderBytes);
+      await dev.writeData(kset.bytes.subarray(0, size + ksetHeaderBytes), head.segment, head.offsetBytes);
+      this.keyHead = { segment: head.segment, offsetBytes: head.offsetBytes + size, lsn: head.lsn + size };
+      this.writtenSeq = kset.seq;
+      core.stats.ksetsWritten++;
+    }
+  }
+
+  private becameDurable(seq: number, head: LogPos): void {
+    if (seq <= this.durableSeq && head.lsn <= this.durableHead.lsn) return;
+    this.durableSeq = seq;
+    this.durableHead = head;
+    const waiting = this.durableWaiters;
+    this.durableWaiters = [];
+    for (const waiter of waiting) {
+      if (waiter.seq <= seq) waiter.resolve();
+      else this.durableWaiters.push(waiter);
+    }
+    this.core.logAdvanced();
+  }
+
+  private wakeRoomWaiters(): void {
+    const waiters = this.roomWaiters;
+    this.roomWaiters = [];
+    for (const wake of waiters) wake();
+  }
+}
+
+/**
+ * Reads and decodes the kset at `pos` (replay, writeback, GC and the checker all read the log
+ * through here). `scratch` must hold ksetBytesMax bytes.
+ */
+export async function readKsetAt(core: Pick<CacheCore, 'dev' | 'segments'>, pos: LogPos, scratch: Uint8Array): Promise<DecodedKset> {
+  const dev = core.dev;
+  const roomBytes = dev.dataSizeBytes - pos.offsetBytes;
+  const bytes = scratch.subarray(0, Math.min(roomBytes, ksetBytesMax));
+  const io = dev.readData(bytes, pos.segment, pos.offsetBytes);
+  if (io !== undefined) await io;
+  return decodeKset(bytes, {
+    crcSeed: dev.crcSeed,
+    logGen: core.segments.gen[pos.segment] ?? 0,
+    roomBytes,
+    segmentCount: dev.segmentCount,
+    dataSizeBytes: dev.dataSizeBytes,
+    backingSizeBytes: dev.sb.backingSizeBytes,
+  });
+}
+
+/** The position right after a kset that decoded successfully at `pos`. */
+export function positionAfter(pos: LogPos, kset: DecodedKset & { ok: true }): LogPos {
+  if (kset.kind === 'last') return { segment: kset.next, offsetBytes: 0, lsn: pos.lsn + kset.sizeBytes };
+  return { segment: pos.segment, offsetBytes: pos.offsetBytes + kset.sizeBytes, lsn: pos.lsn + kset.sizeBytes };
+}
+
+export function samePosition(a: { segment: number; offsetBytes: number }, b: { segment: number; offsetBytes: number }): boolean {
+  return a.segment === b.segment && a.offsetBytes === b.offsetBytes;
+}

@@ -1,0 +1,347 @@
+// The in-memory range index: which cached extent holds each byte of the backing device.
+//
+// The backing device's address space is cut into 4 MiB subtrees. A subtree holds its keys
+// sorted by offset in columnar typed arrays (nine u32 per key, 36 bytes), which keeps the
+// index compact — caches of hundreds of GiB hold tens of millions of keys — and makes a
+// lookup a binary search. Invariants of every subtree:
+// - keys are sorted by offset and never overlap; every key lies inside the subtree;
+// - inserting a key cuts, splits or deletes whatever it overlaps (newer data wins).
+// Keys are data keys (dirty or CLEAN), ZERO keys (no data), or EMPTY placeholders for an
+// in-flight read miss, whose `segment` column holds the miss's ticket instead of a segment.
+// Stale keys (segment generation moved on) are left in place and removed lazily by readers
+// and by `sweepStale`.
+
+import { assert } from '../lib/assert.js';
+import { keyFlagClean, keyFlagEmpty, keyFlagZero } from '../ondisk/kset.js';
+import { subtreeSizeBytes } from '../ondisk/layout.js';
+
+const colOffset = 0; // offset inside the subtree
+const colLength = 1;
+const colFlags = 2;
+const colSegment = 3; // data segment, or the ticket of an EMPTY placeholder
+const colSegmentOffset = 4;
+const colGen = 5; // low 32 bits of the data segment's generation at allocation
+const colCrc = 6; // CRC32C of the key's original extent (data CRC caches only)
+const colCrcDelta = 7; // bytes cut from the front of the original extent since
+const colCrcLength = 8; // length of the original extent
+const stride = 9;
+
+const capacityInitialKeys = 4;
+/** Keys are whole sectors, so a 4 MiB subtree never holds more than this many. */
+const capacityMaxKeys = subtreeSizeBytes / 512;
+
+/** An extent as the index stores it; offsets are absolute byte offsets on the backing device. */
+export interface IndexKey {
+  offsetBytes: number;
+  lengthBytes: number;
+  flags: number;
+  segment: number;
+  segmentOffsetBytes: number;
+  gen: number;
+  crc: number;
+  crcDeltaBytes: number;
+  crcLengthBytes: number;
+}
+
+export function newIndexKey(): IndexKey {
+  return { offsetBytes: 0, lengthBytes: 0, flags: 0, segment: 0, segmentOffsetBytes: 0, gen: 0, crc: 0, crcDeltaBytes: 0, crcLengthBytes: 0 };
+}
+
+export function isDataKey(flags: number): boolean {
+  return (flags & (keyFlagEmpty | keyFlagZero)) === 0;
+}
+
+export class Subtree {
+  readonly baseBytes: number;
+  count = 0;
+  private cols = new Uint32Array(stride * capacityInitialKeys);
+
+  constructor(baseBytes: number) {
+    this.baseBytes = baseBytes;
+  }
+
+  start(index: number): number {
+    return this.baseBytes + this.at(index, colOffset);
+  }
+
+  end(index: number): number {
+    return this.baseBytes + this.at(index, colOffset) + this.at(index, colLength);
+  }
+
+  length(index: number): number {
+    return this.at(index, colLength);
+  }
+
+  flags(index: number): number {
+    return this.at(index, colFlags);
+  }
+
+  segment(index: number): number {
+    return this.at(index, colSegment);
+  }
+
+  segmentOffset(index: number): number {
+    return this.at(index, colSegmentOffset);
+  }
+
+  genLow32(index: number): number {
+    return this.at(index, colGen);
+  }
+
+  /** Copies key `index` into `out` (absolute offsets). */
+  read(index: number, out: IndexKey): IndexKey {
+    assert(index >= 0 && index < this.count, 'subtree index out of range');
+    const at = index * stride;
+    const c = this.cols;
+    out.offsetBytes = this.baseBytes + (c[at + colOffset] ?? 0);
+    out.lengthBytes = c[at + colLength] ?? 0;
+    out.flags = c[at + colFlags] ?? 0;
+    out.segment = c[at + colSegment] ?? 0;
+    out.segmentOffsetBytes = c[at + colSegmentOffset] ?? 0;
+    out.gen = c[at + colGen] ?? 0;
+    out.crc = c[at + colCrc] ?? 0;
+    out.crcDeltaBytes = c[at + colCrcDelta] ?? 0;
+    out.crcLengthBytes = c[at + colCrcLength] ?? 0;
+    return out;
+  }
+
+  /** Index of the first key that ends after `offsetBytes` (count if none). */
+  seek(offsetBytes: number): number {
+    const relative = offsetBytes - this.baseBytes;
+    let low = 0;
+    let high = this.count;
+    const c = this.cols;
+    while (low < high) {
+      const mid = (low + high) >>> 1;
+      const at = mid * stride;
+      if ((c[at + colOffset] ?? 0) + (c[at + colLength] ?? 0) > relative) high = mid;
+      else low = mid + 1;
+    }
+    return low;
+  }
+
+  /**
+   * Inserts `key`, resolving every overlap in favour of the new key. The cases, with K the
+   * new key and T an existing one:
+   *
+   *   T contains K:      T |=========|      T keeps its front, K goes in, and a copy of T
+   *                      K    |===|         cut to start at K's end follows: three keys.
+   *
+   *   T overlaps K's     T |=====|          T is cut back to end where K starts.
+   *   head:              K    |=====|
+   *
+   *   T inside K:        T    |===|         T is deleted.
+   *                      K  |=======|
+   *
+   *   T overlaps K's     T      |=====|     T is cut at the front to start where K ends.
+   *   tail:              K  |=====|
+   *
+   *   T before or after K: untouched.
+   */
+  insert(key: IndexKey): void {
+    const keyStart = key.offsetBytes - this.baseBytes;
+    const keyEnd = keyStart + key.lengthBytes;
+    assert(keyStart >= 0 && keyEnd <= subtreeSizeBytes && key.lengthBytes > 0, 'key outside its subtree');
+    let first = this.seek(key.offsetBytes);
+    if (first < this.count && this.at(first, colOffset) < keyStart) {
+      if (this.at(first, colOffset) + this.at(first, colLength) > keyEnd) {
+        // T contains K: split T around K.
+        this.makeRoom(first + 1, 2);
+        this.cols.copyWithin((first + 2) * stride, first * stride, (first + 1) * stride);
+        this.cutFront(first + 2, keyEnd);
+        this.store(first + 1, key);
+        this.cutBack(first, keyStart);
+        return;
+      }
+      // T overlaps K's head.
+      this.cutBack(first, keyStart);
+      first++;
+    }
+    let last = first;
+    while (last < this.count && this.at(last, colOffset) + this.at(last, colLength) <= keyEnd) last++;
+    // Keys first .. last-1 lie inside K. Key `last`, if it starts before K's end, overlaps K's tail.
+    if (last < this.count && this.at(last, colOffset) < keyEnd) this.cutFront(last, keyEnd);
+    this.replace(first, last - first, key);
+  }
+
+  /** Removes key `index`. */
+  removeAt(index: number): void {
+    assert(index >= 0 && index < this.count, 'subtree index out of range');
+    this.cols.copyWithin(index * stride, (index + 1) * stride, this.count * stride);
+    this.count--;
+    this.maybeShrink();
+  }
+
+  /** Turns an EMPTY placeholder (or its front part) into a CLEAN data key in place. */
+  fillPlaceholder(index: number, fill: { lengthBytes: number; segment: number; segmentOffsetBytes: number; gen: number; crc: number }): void {
+    assert((this.at(index, colFlags) & keyFlagEmpty) !== 0, 'filling a key that is not a placeholder');
+    const length = this.at(index, colLength);
+    assert(fill.lengthBytes > 0 && fill.lengthBytes <= length, 'fill longer than its placeholder');
+    if (fill.lengthBytes < length) {
+      // Split: the front becomes CLEAN, the rest stays a placeholder with the same ticket.
+      this.makeRoom(index + 1, 1);
+      this.cols.copyWithin((index + 1) * stride, index * stride, (index + 1) * stride);
+      this.set(index + 1, colOffset, this.at(index, colOffset) + fill.lengthBytes);
+      this.set(index + 1, colLength, length - fill.lengthBytes);
+      this.set(index, colLength, fill.lengthBytes);
+    }
+    this.set(index, colFlags, keyFlagClean);
+    this.set(index, colSegment, fill.segment);
+    this.set(index, colSegmentOffset, fill.segmentOffsetBytes);
+    this.set(index, colGen, fill.gen % 0x1_0000_0000);
+    this.set(index, colCrc, fill.crc);
+    this.set(index, colCrcDelta, 0);
+    this.set(index, colCrcLength, fill.lengthBytes);
+  }
+
+  /** Heap bytes this subtree's key storage occupies. */
+  get storageBytes(): number {
+    return this.cols.byteLength;
+  }
+
+  private at(index: number, column: number): number {
+    return this.cols[index * stride + column] ?? 0;
+  }
+
+  private set(index: number, column: number, value: number): void {
+    this.cols[index * stride + column] = value;
+  }
+
+  private store(index: number, key: IndexKey): void {
+    const at = index * stride;
+    const c = this.cols;
+    c[at + colOffset] = key.offsetBytes - this.baseBytes;
+    c[at + colLength] = key.lengthBytes;
+    c[at + colFlags] = key.flags;
+    c[at + colSegment] = key.segment;
+    c[at + colSegmentOffset] = key.segmentOffsetBytes;
+    c[at + colGen] = key.gen % 0x1_0000_0000;
+    c[at + colCrc] = key.crc;
+    c[at + colCrcDelta] = key.crcDeltaBytes;
+    c[at + colCrcLength] = key.crcLengthBytes;
+  }
+
+  /** Cuts key `index` so that it starts at `newStart` (relative); data keys move their data pointer along. */
+  private cutFront(index: number, newStart: number): void {
+    const start = this.at(index, colOffset);
+    const delta = newStart - start;
+    assert(delta > 0 && delta < this.at(index, colLength), 'front cut out of range');
+    this.set(index, colOffset, newStart);
+    this.set(index, colLength, this.at(index, colLength) - delta);
+    if (isDataKey(this.at(index, colFlags))) {
+      this.set(index, colSegmentOffset, this.at(index, colSegmentOffset) + delta);
+      this.set(index, colCrcDelta, this.at(index, colCrcDelta) + delta);
+    }
+  }
+
+  /** Cuts key `index` so that it ends at `newEnd` (relative). */
+  private cutBack(index: number, newEnd: number): void {
+    const start = this.at(index, colOffset);
+    assert(newEnd > start && newEnd < start + this.at(index, colLength), 'back cut out of range');
+    this.set(index, colLength, newEnd - start);
+  }
+
+  /** Replaces `removeCount` keys at `index` with `key`. */
+  private replace(index: number, removeCount: number, key: IndexKey): void {
+    if (removeCount === 0) {
+      this.makeRoom(index, 1);
+    } else if (removeCount > 1) {
+      this.cols.copyWithin((index + 1) * stride, (index + removeCount) * stride, this.count * stride);
+      this.count -= removeCount - 1;
+    }
+    this.store(index, key);
+  }
+
+  /** Opens `slots` empty slots at `index`, growing the storage if needed. */
+  private makeRoom(index: number, slots: number): void {
+    const needed = this.count + slots;
+    assert(needed <= capacityMaxKeys, 'subtree holds more keys than sectors');
+    if (needed * stride > this.cols.length) {
+      let capacity = this.cols.length / stride;
+      while (capacity < needed) capacity *= 2;
+      const grown = new Uint32Array(Math.min(capacity, capacityMaxKeys) * stride);
+      grown.set(this.cols.subarray(0, this.count * stride));
+      this.cols = grown;
+    }
+    this.cols.copyWithin((index + slots) * stride, index * stride, this.count * stride);
+    this.count = needed;
+  }
+
+  private maybeShrink(): void {
+    const capacity = this.cols.length / stride;
+    if (capacity > capacityInitialKeys * 4 && this.count * 4 < capacity) {
+      const shrunk = new Uint32Array((capacity / 2) * stride);
+      shrunk.set(this.cols.subarray(0, this.count * stride));
+      this.cols = shrunk;
+    }
+  }
+}
+
+export class KeyIndex {
+  private readonly subtrees = new Map<number, Subtree>();
+
+  get subtreeCount(): number {
+    return this.subtrees.size;
+  }
+
+  /** The subtree holding `offsetBytes`, created when `create` is set. */
+  subtree(offsetBytes: number, create: true): Subtree;
+  subtree(offsetBytes: number, create: false): Subtree | undefined;
+  subtree(offsetBytes: number, create: boolean): Subtree | undefined {
+    const id = Math.floor(offsetBytes / subtreeSizeBytes);
+    let subtree = this.subtrees.get(id);
+    if (subtree === undefined && create) {
+      subtree = new Subtree(id * subtreeSizeBytes);
+      this.subtrees.set(id, subtree);
+    }
+    return subtree;
+  }
+
+  insert(key: IndexKey): void {
+    this.subtree(key.offsetBytes, true).insert(key);
+  }
+
+  /** Drops a subtree that has become empty, so idle address space costs nothing. */
+  release(subtree: Subtree): void {
+    if (subtree.count === 0) this.subtrees.delete(subtree.baseBytes / subtreeSizeBytes);
+  }
+
+  get keyCount(): number {
+    let count = 0;
+    for (const subtree of this.subtrees.values()) count += subtree.count;
+    return count;
+  }
+
+  /** Subtrees in address order. */
+  inOrder(): Subtree[] {
+    return [...this.subtrees.values()].sort((a, b) => a.baseBytes - b.baseBytes);
+  }
+
+  /** Subtrees in no particular order (cheap; for sweeps). */
+  all(): IterableIterator<Subtree> {
+    return this.subtrees.values();
+  }
+
+  get storageBytes(): number {
+    let bytes = 0;
+    for (const subtree of this.subtrees.values()) bytes += subtree.storageBytes;
+    return bytes;
+  }
+
+  /** Removes every key for which `isStale(subtree, index)` holds; returns how many went. */
+  sweep(isStale: (subtree: Subtree, index: number) => boolean): number {
+    let removed = 0;
+    for (const subtree of [...this.subtrees.values()]) {
+      for (let index = 0; index < subtree.count;) {
+        if (isStale(subtree, index)) {
+          subtree.removeAt(index);
+          removed++;
+        } else {
+          index++;
+        }
+      }
+      this.release(subtree);
+    }
+    return removed;
+  }
+}

@@ -1,0 +1,85 @@
+// The clock and timer seam.
+//
+// Nothing in the engine reads the wall clock or arms a timer except through a Timers object,
+// so tests and the crash simulator can run the engine deterministically: ManualTimers never
+// fires anything until the test advances time, and its `yieldToOthers` only lets queued
+// promise callbacks run. Production uses realTimers.
+
+export interface TimerHandle {
+  cancel(): void;
+}
+
+export interface Timers {
+  /** Milliseconds on a monotonic clock. */
+  now(): number;
+  /** Runs `callback` once after `delayMs`; timers never keep the process alive. */
+  after(delayMs: number, callback: () => void): TimerHandle;
+  /** Resolves after `delayMs`. */
+  sleep(delayMs: number): Promise<void>;
+  /** Lets other queued work run before continuing a long loop. */
+  yieldToOthers(): Promise<void>;
+}
+
+export const realTimers: Timers = {
+  now: () => performance.now(),
+  after(delayMs, callback) {
+    const timer = setTimeout(callback, delayMs);
+    timer.unref();
+    return { cancel: () => { clearTimeout(timer); } };
+  },
+  sleep: (delayMs) => new Promise((resolve) => { setTimeout(resolve, delayMs).unref(); }),
+  yieldToOthers: () => new Promise((resolve) => { setImmediate(resolve); }),
+};
+
+interface PendingTimer {
+  readonly dueMs: number;
+  readonly order: number;
+  readonly callback: () => void;
+  cancelled: boolean;
+}
+
+/** Deterministic timers for tests: time moves only when `advance` is called. */
+export class ManualTimers implements Timers {
+  private nowMs = 0;
+  private order = 0;
+  private pending: PendingTimer[] = [];
+
+  now(): number {
+    return this.nowMs;
+  }
+
+  after(delayMs: number, callback: () => void): TimerHandle {
+    const timer: PendingTimer = { dueMs: this.nowMs + delayMs, order: this.order++, callback, cancelled: false };
+    this.pending.push(timer);
+    return { cancel: () => { timer.cancelled = true; } };
+  }
+
+  sleep(delayMs: number): Promise<void> {
+    return new Promise((resolve) => { this.after(delayMs, resolve); });
+  }
+
+  yieldToOthers(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** Moves time forward, firing due timers in order; callbacks may arm new timers. */
+  advance(deltaMs: number): void {
+    const targetMs = this.nowMs + deltaMs;
+    for (;;) {
+      const due = this.pending
+        .filter((timer) => !timer.cancelled && timer.dueMs <= targetMs)
+        .sort((a, b) => a.dueMs - b.dueMs || a.order - b.order)[0];
+      if (due === undefined) break;
+      this.nowMs = Math.max(this.nowMs, due.dueMs);
+      due.cancelled = true;
+      due.callback();
+    }
+    this.nowMs = targetMs;
+    this.pending = this.pending.filter((timer) => !timer.cancelled);
+  }
+
+  /** Number of armed timers (for tests). */
+  get armed(): number {
+    return this.pending.filter((timer) => !timer.cancelled).length;
+  }
+}

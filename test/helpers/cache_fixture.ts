@@ -1,0 +1,120 @@
+// Helpers for engine tests: memory devices, a cache opened on them with manual timers, and a
+// device whose reads can be held in flight.
+import type { BlockDevice } from '../../src/device/block_device.js';
+import { MemoryDevice } from '../../src/device/memory_device.js';
+import { Cache, type CacheOpenOptions, type FormatOptions } from '../../src/cache/cache.js';
+import { ManualTimers } from '../../src/lib/timers.js';
+
+export const KiB = 1024;
+export const MiB = 1024 * KiB;
+/** Cache device bytes for `segments` segments of 1 MiB (plus the 20 KiB of metadata). */
+export function cacheBytesFor(segments: number, segmentSizeBytes = MiB): number {
+  return 20 * KiB + segments * segmentSizeBytes;
+}
+
+export interface Rig {
+  cacheDevice: MemoryDevice;
+  backingDevice: MemoryDevice;
+  timers: ManualTimers;
+  cache: Cache;
+  reopen(options?: Partial<CacheOpenOptions>): Promise<Cache>;
+}
+
+export async function openRig(options: {
+  segments?: number;
+  backingBytes?: number;
+  format?: FormatOptions;
+  background?: boolean;
+  backing?: MemoryDevice;
+} = {}): Promise<Rig> {
+  const cacheDevice = new MemoryDevice(cacheBytesFor(options.segments ?? 8));
+  const backingDevice = options.backing ?? new MemoryDevice(options.backingBytes ?? 64 * MiB);
+  const timers = new ManualTimers();
+  const open = (extra: Partial<CacheOpenOptions> = {}): Promise<Cache> =>
+    Cache.open({
+      cacheDevice,
+      backingDevice,
+      formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, ...options.format },
+      background: options.background ?? false,
+      timers,
+      ...extra,
+    });
+  const rig: Rig = {
+    cacheDevice,
+    backingDevice,
+    timers,
+    cache: await open(),
+    async reopen(extra) {
+      rig.cache = await open(extra);
+      return rig.cache;
+    },
+  };
+  return rig;
+}
+
+/** Bytes whose every 512-byte sector names `tag` and its own offset, so misplaced data shows. */
+export function pattern(tag: number, offsetBytes: number, lengthBytes: number): Buffer {
+  const bytes = Buffer.alloc(lengthBytes, tag & 0xff);
+  for (let at = 0; at < lengthBytes; at += 512) {
+    bytes.writeUInt32LE(tag >>> 0, at);
+    bytes.writeUInt32LE((offsetBytes + at) / 512, at + 4);
+  }
+  return bytes;
+}
+
+export async function readBytes(cache: Cache, offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+  const out = Buffer.alloc(lengthBytes);
+  await cache.read(out, offsetBytes);
+  return out;
+}
+
+/** A BlockDevice over memory whose reads wait until the test releases them. */
+export class GatedDevice implements BlockDevice {
+  readonly inner: MemoryDevice;
+  readonly sizeBytes: number;
+  readonly identity = undefined;
+  readonly blocking = undefined;
+  gated = false;
+  private held: (() => void)[] = [];
+
+  constructor(inner: MemoryDevice) {
+    this.inner = inner;
+    this.sizeBytes = inner.sizeBytes;
+  }
+
+  get heldReads(): number {
+    return this.held.length;
+  }
+
+  async read(target: Uint8Array, offsetBytes: number): Promise<void> {
+    if (this.gated) await new Promise<void>((resolve) => { this.held.push(resolve); });
+    this.inner.readSync(target, offsetBytes);
+  }
+
+  write(source: Uint8Array, offsetBytes: number): Promise<void> {
+    return this.inner.write(source, offsetBytes);
+  }
+
+  sync(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.inner.discard(offsetBytes, lengthBytes);
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  release(): void {
+    const held = this.held;
+    this.held = [];
+    for (const resolve of held) resolve();
+  }
+}
+
+/** Lets every queued promise callback run. */
+export async function settle(): Promise<void> {
+  for (let i = 0; i < 50; i++) await Promise.resolve();
+}

@@ -1,0 +1,156 @@
+// The range index: every overlap case of insert, checked explicitly and against a per-sector
+// model under random inserts.
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { KeyIndex, Subtree, newIndexKey, type IndexKey } from '../../src/cache/cache_tree.js';
+import { keyFlagEmpty, keyFlagZero } from '../../src/ondisk/kset.js';
+import { Prng } from '../../src/sim/prng.js';
+
+const S = 512;
+const subtreeBytes = 4 * 1024 * 1024;
+
+function key(startSectors: number, lengthSectors: number, segment: number, flags = 0): IndexKey {
+  const k = newIndexKey();
+  k.offsetBytes = startSectors * S;
+  k.lengthBytes = lengthSectors * S;
+  k.flags = flags;
+  k.segment = segment;
+  k.segmentOffsetBytes = segment * 100_000 + 0; // data of key `segment` starts here
+  k.gen = 1;
+  k.crcLengthBytes = k.lengthBytes;
+  return k;
+}
+
+/** [start, length, segment, segmentOffset, crcDelta] per key, in sectors / bytes. */
+function dump(subtree: Subtree): [number, number, number, number, number][] {
+  const out: [number, number, number, number, number][] = [];
+  const k = newIndexKey();
+  for (let i = 0; i < subtree.count; i++) {
+    subtree.read(i, k);
+    out.push([k.offsetBytes / S, k.lengthBytes / S, k.segment, k.segmentOffsetBytes, k.crcDeltaBytes]);
+  }
+  return out;
+}
+
+describe('index insert: overlap cases', () => {
+  it('T contains K: T is split around K', () => {
+    const t = new Subtree(0);
+    t.insert(key(10, 20, 1));
+    t.insert(key(15, 5, 2));
+    assert.deepEqual(dump(t), [
+      [10, 5, 1, 100_000, 0],
+      [15, 5, 2, 200_000, 0],
+      [20, 10, 1, 100_000 + 10 * S, 10 * S],
+    ]);
+  });
+  it('T overlaps the head of K: T is cut back', () => {
+    const t = new Subtree(0);
+    t.insert(key(10, 10, 1));
+    t.insert(key(15, 10, 2));
+    assert.deepEqual(dump(t), [[10, 5, 1, 100_000, 0], [15, 10, 2, 200_000, 0]]);
+  });
+  it('T inside K: T is deleted (several at once, exact edges too)', () => {
+    const t = new Subtree(0);
+    t.insert(key(10, 2, 1));
+    t.insert(key(12, 2, 2));
+    t.insert(key(20, 4, 3));
+    t.insert(key(30, 1, 4));
+    t.insert(key(10, 14, 5));
+    assert.deepEqual(dump(t), [[10, 14, 5, 500_000, 0], [30, 1, 4, 400_000, 0]]);
+  });
+  it('T overlaps the tail of K: T is cut at the front and its data pointer moves', () => {
+    const t = new Subtree(0);
+    t.insert(key(20, 10, 1));
+    t.insert(key(15, 10, 2));
+    assert.deepEqual(dump(t), [[15, 10, 2, 200_000, 0], [25, 5, 1, 100_000 + 5 * S, 5 * S]]);
+  });
+  it('T before and after K: untouched; K lands between them', () => {
+    const t = new Subtree(0);
+    t.insert(key(0, 10, 1));
+    t.insert(key(30, 10, 2));
+    t.insert(key(10, 20, 3));
+    assert.deepEqual(dump(t), [[0, 10, 1, 100_000, 0], [10, 20, 3, 300_000, 0], [30, 10, 2, 200_000, 0]]);
+  });
+  it('head cut, deletions and tail cut in one insert', () => {
+    const t = new Subtree(0);
+    for (let i = 0; i < 10; i++) t.insert(key(i * 4, 4, i + 1));
+    t.insert(key(6, 20, 99));
+    assert.deepEqual(dump(t).map((e) => e.slice(0, 3)), [
+      [0, 4, 1], [4, 2, 2], [6, 20, 99], [26, 2, 7], [28, 4, 8], [32, 4, 9], [36, 4, 10],
+    ]);
+  });
+  it('exact replacement of a key', () => {
+    const t = new Subtree(0);
+    t.insert(key(8, 8, 1));
+    t.insert(key(8, 8, 2));
+    assert.deepEqual(dump(t), [[8, 8, 2, 200_000, 0]]);
+  });
+  it('cutting ZERO and EMPTY keys never moves a data pointer (they have none)', () => {
+    const t = new Subtree(0);
+    t.insert(key(0, 16, 0, keyFlagZero));
+    t.insert(key(32, 16, 77, keyFlagEmpty));
+    t.insert(key(8, 32, 5));
+    const k = newIndexKey();
+    t.read(2, k);
+    assert.equal(k.offsetBytes, 40 * S);
+    assert.equal(k.segment, 77, 'the placeholder keeps its ticket');
+    assert.equal(k.segmentOffsetBytes, 77 * 100_000);
+  });
+  it('fills a placeholder in place, splitting off what the fill does not cover', () => {
+    const t = new Subtree(0);
+    t.insert(key(0, 16, 42, keyFlagEmpty));
+    t.fillPlaceholder(0, { lengthBytes: 4 * S, segment: 3, segmentOffsetBytes: 4096, gen: 9, crc: 5 });
+    const k = newIndexKey();
+    t.read(0, k);
+    assert.deepEqual([k.offsetBytes, k.lengthBytes, k.segment, k.segmentOffsetBytes, k.gen, k.flags & keyFlagEmpty], [0, 4 * S, 3, 4096, 9, 0]);
+    t.read(1, k);
+    assert.deepEqual([k.offsetBytes, k.lengthBytes, k.segment, k.flags], [4 * S, 12 * S, 42, keyFlagEmpty]);
+  });
+  it('KeyIndex routes keys to 4 MiB subtrees and frees empty ones', () => {
+    const index = new KeyIndex();
+    index.insert(key(0, 8, 1));
+    index.insert(key(subtreeBytes / S + 8, 8, 2));
+    assert.equal(index.subtreeCount, 2);
+    assert.equal(index.keyCount, 2);
+    assert.deepEqual(index.inOrder().map((s) => s.baseBytes), [0, subtreeBytes]);
+    const second = index.subtree(subtreeBytes, false);
+    assert.ok(second !== undefined);
+    second.removeAt(0);
+    index.release(second);
+    assert.equal(index.subtreeCount, 1);
+    assert.throws(() => { index.insert(key(subtreeBytes / S - 4, 8, 3)); }, /outside its subtree/);
+  });
+});
+
+describe('index insert: random inserts match a per-sector model', () => {
+  it('agrees with the model after every insert', () => {
+    const seed = Number(process.env.PCACHE_SEED ?? 1234);
+    const prng = new Prng(seed);
+    const sectors = 2048;
+    for (let round = 0; round < 20; round++) {
+      const t = new Subtree(0);
+      // model[s] = [key id, sector index inside that key]
+      const model: ([number, number] | undefined)[] = new Array<[number, number] | undefined>(sectors).fill(undefined);
+      for (let id = 1; id <= 300; id++) {
+        const start = prng.nextInt(sectors - 1);
+        const length = 1 + prng.nextInt(Math.min(64, sectors - start));
+        t.insert(key(start, length, id));
+        for (let s = start; s < start + length; s++) model[s] = [id, s - start];
+        const k = newIndexKey();
+        const seen: ([number, number] | undefined)[] = new Array<[number, number] | undefined>(sectors).fill(undefined);
+        let previousEnd = 0;
+        for (let i = 0; i < t.count; i++) {
+          t.read(i, k);
+          assert.ok(k.offsetBytes >= previousEnd, `seed ${seed}: keys overlap or are unsorted`);
+          previousEnd = k.offsetBytes + k.lengthBytes;
+          for (let s = 0; s < k.lengthBytes / S; s++) {
+            const inKey = (k.segmentOffsetBytes - k.segment * 100_000) / S + s;
+            assert.equal(k.crcDeltaBytes / S, (k.segmentOffsetBytes - k.segment * 100_000) / S, `seed ${seed}: crc delta follows front cuts`);
+            seen[k.offsetBytes / S + s] = [k.segment, inKey];
+          }
+        }
+        assert.deepEqual(seen, model, `seed ${seed}, round ${round}, insert ${id}`);
+      }
+    }
+  });
+});

@@ -1,0 +1,249 @@
+// On-disk records: round trip, CRC failure, torn copies, sequence wrap-around, and fields
+// that are rejected even though their CRC is valid (a forged or damaged image).
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { crc32c } from '../../src/lib/crc32c.js';
+import { writeU32LE } from '../../src/lib/units.js';
+import { decodeCacheInfo, encodeCacheInfo, type CacheInfo } from '../../src/ondisk/cache_info.js';
+import { decodeCachePos, encodeCachePos } from '../../src/ondisk/cache_pos.js';
+import {
+  decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, keyFlagZero, ksetBytes, ksetCrcSeed, ksetHeaderBytes,
+  ksetKeysMax, sealKset, validateKey, type KeyRecord, type KsetContext,
+} from '../../src/ondisk/kset.js';
+import { chooseLatest, DualCopyWriter, seqAfter, type Decoded } from '../../src/ondisk/meta_header.js';
+import { decodeSegmentGen, encodeSegmentGen } from '../../src/ondisk/segment_gen.js';
+import { decodeSegmentInfo, encodeSegmentInfo } from '../../src/ondisk/segment_info.js';
+import { decodeSuperblock, encodeSuperblock, type Superblock } from '../../src/ondisk/superblock.js';
+
+const MiB = 1 << 20;
+
+/** Re-seals a meta record after a field was changed, so only the bounds check can reject it. */
+function reseal(record: Uint8Array): Uint8Array {
+  writeU32LE(record, 0, crc32c(record.subarray(4)));
+  return record;
+}
+
+function flipByte(record: Uint8Array, at: number): Uint8Array {
+  const copy = record.slice();
+  copy[at] = (copy[at] ?? 0) ^ 0x40;
+  return copy;
+}
+
+function expectProblem<T>(decoded: Decoded<T>, pattern: RegExp): void {
+  assert.equal(decoded.ok, false);
+  assert.match(decoded.problem, pattern);
+}
+
+const sb: Superblock = {
+  segmentSizeBytes: 16 * MiB,
+  segmentCount: 31,
+  cacheUuid: Uint8Array.from({ length: 16 }, (_, i) => i * 7 + 1),
+  backingSizeBytes: 8 * 1024 * MiB,
+  backingIdentity: 'file:ino=1234',
+  formatTimeMs: 1_700_000_000_000,
+};
+const sbDeviceBytes = 20 * 1024 + 31 * 16 * MiB;
+
+describe('superblock', () => {
+  it('round-trips', () => {
+    const decoded = decodeSuperblock(encodeSuperblock(sb), sbDeviceBytes);
+    assert.ok(decoded.ok);
+    assert.deepEqual({ ...decoded.value, cacheUuid: [...decoded.value.cacheUuid] }, { ...sb, cacheUuid: [...sb.cacheUuid] });
+  });
+  it('rejects a CRC mismatch', () => {
+    expectProblem(decodeSuperblock(flipByte(encodeSuperblock(sb), 30), sbDeviceBytes), /CRC mismatch/);
+  });
+  it('rejects a record without the magic as foreign', () => {
+    expectProblem(decodeSuperblock(flipByte(encodeSuperblock(sb), 9), sbDeviceBytes), /no pcache magic/);
+  });
+  it('rejects out-of-bounds fields even with a valid CRC', () => {
+    const cases: [string, (r: Uint8Array) => void, RegExp][] = [
+      ['segments past the device end', (r) => { writeU32LE(r, 24, 32); }, /past the device end/],
+      ['segment size below 1 MiB', (r) => { writeU32LE(r, 20, 512 * 1024); }, /below the minimum/],
+      ['segment size not a multiple of 1 MiB', (r) => { writeU32LE(r, 20, 16 * MiB + 4096); }, /multiple of 1 MiB/],
+      ['too few segments', (r) => { writeU32LE(r, 24, 2); }, /below the minimum/],
+      ['identity longer than its field', (r) => { r[56] = 200; r[57] = 0; }, /identity length/],
+      ['unknown flags', (r) => { writeU32LE(r, 16, 1); }, /unknown flags/],
+      ['backing size not whole sectors', (r) => { writeU32LE(r, 48, 1000); writeU32LE(r, 52, 0); }, /multiple of 512/],
+      ['backing size beyond 2^53', (r) => { writeU32LE(r, 52, 0xffffffff); }, /backing size/],
+    ];
+    for (const [name, mutate, pattern] of cases) {
+      const record = encodeSuperblock(sb);
+      mutate(record);
+      const decoded = decodeSuperblock(reseal(record), sbDeviceBytes);
+      assert.equal(decoded.ok, false, name);
+      assert.match(decoded.problem, pattern, name);
+    }
+  });
+  it('rejects a newer format version', () => {
+    const record = encodeSuperblock(sb);
+    record[5] = 2;
+    expectProblem(decodeSuperblock(reseal(record), sbDeviceBytes), /format version 2/);
+  });
+});
+
+describe('dual-copy records', () => {
+  const info: CacheInfo = { dataCrc: true, initDone: true, gcPercent: 70, segmentCount: 31, firstSegment: 0 };
+
+  it('cache_info round-trips', () => {
+    const decoded = decodeCacheInfo(encodeCacheInfo(info, 9), 31);
+    assert.ok(decoded.ok);
+    assert.deepEqual(decoded.value, info);
+    assert.equal(decoded.seq, 9);
+  });
+  it('cache_info rejects out-of-bounds fields after a valid CRC', () => {
+    const cases: [(r: Uint8Array) => void, RegExp][] = [
+      [(r) => { writeU32LE(r, 12, 91); }, /gc_percent 91/],
+      [(r) => { writeU32LE(r, 16, 30); }, /differs from the superblock/],
+      [(r) => { writeU32LE(r, 8, 0x10); }, /unknown flags/],
+      [(r) => { writeU32LE(r, 20, 3); }, /first segment/],
+    ];
+    for (const [mutate, pattern] of cases) {
+      const record = encodeCacheInfo(info, 1);
+      mutate(record);
+      expectProblem(decodeCacheInfo(reseal(record), 31), pattern);
+    }
+  });
+  it('positions round-trip and reject out-of-range segments and offsets', () => {
+    const limits = { segmentCount: 31, dataSizeBytes: 16 * MiB - 12 * 1024 };
+    const decoded = decodeCachePos(encodeCachePos({ segment: 30, offsetBytes: 5144 }, 3), limits, 'key_tail');
+    assert.ok(decoded.ok);
+    assert.deepEqual(decoded.value, { segment: 30, offsetBytes: 5144 });
+    expectProblem(decodeCachePos(encodeCachePos({ segment: 31, offsetBytes: 0 }, 3), limits, 'key_tail'), /out of range/);
+    expectProblem(decodeCachePos(encodeCachePos({ segment: 1, offsetBytes: limits.dataSizeBytes }, 3), limits, 'key_tail'), /past the data area/);
+    expectProblem(decodeCachePos(encodeCachePos({ segment: 1, offsetBytes: 12 }, 3), limits, 'key_tail'), /multiple of 8/);
+  });
+  it('segment info and generation round-trip; generation rejects values beyond 2^53', () => {
+    const info0 = decodeSegmentInfo(encodeSegmentInfo({ next: 5 }, 1), 31, 'seg_info');
+    assert.ok(info0.ok);
+    assert.equal(info0.value.next, 5);
+    const last = decodeSegmentInfo(encodeSegmentInfo({ next: undefined }, 1), 31, 'seg_info');
+    assert.ok(last.ok);
+    assert.equal(last.value.next, undefined);
+    expectProblem(decodeSegmentInfo(encodeSegmentInfo({ next: 31 }, 1), 31, 'seg_info'), /out of range/);
+    const gen = decodeSegmentGen(encodeSegmentGen(2 ** 40 + 3, 200), 'gen');
+    assert.ok(gen.ok);
+    assert.equal(gen.value, 2 ** 40 + 3);
+    const huge = encodeSegmentGen(0, 1);
+    writeU32LE(huge, 12, 0xffffffff);
+    expectProblem(decodeSegmentGen(reseal(huge), 'gen'), /out of range/);
+  });
+  it('a torn copy is ignored and the other copy wins, whichever slot it is in', () => {
+    const older = decodeCacheInfo(encodeCacheInfo({ ...info, gcPercent: 10 }, 4), 31);
+    const newerTorn = decodeCacheInfo(flipByte(encodeCacheInfo({ ...info, gcPercent: 20 }, 5), 13), 31);
+    for (const pair of [[older, newerTorn], [newerTorn, older]] as const) {
+      const choice = chooseLatest(pair);
+      assert.equal(choice.value?.gcPercent, 10);
+      assert.equal(choice.problems.length, 1);
+      assert.match(choice.problems[0] ?? '', /CRC mismatch/);
+    }
+    const none = chooseLatest([newerTorn, newerTorn]);
+    assert.equal(none.value, undefined);
+  });
+  it('sequence numbers compare with 8-bit wrap-around', () => {
+    assert.ok(seqAfter(1, 0));
+    assert.ok(seqAfter(0, 255));
+    assert.ok(seqAfter(5, 250));
+    assert.ok(!seqAfter(250, 5));
+    assert.ok(!seqAfter(7, 7));
+    const a = decodeCacheInfo(encodeCacheInfo({ ...info, gcPercent: 30 }, 255), 31);
+    const b = decodeCacheInfo(encodeCacheInfo({ ...info, gcPercent: 40 }, 0), 31);
+    assert.equal(chooseLatest([a, b]).value?.gcPercent, 40);
+    assert.equal(chooseLatest([b, a]).value?.gcPercent, 40);
+  });
+  it('the writer always overwrites the older copy and only advances after a successful write', () => {
+    const writer = new DualCopyWriter({ latestIndex: 1, latestSeq: 255 });
+    const first = writer.target();
+    assert.deepEqual(first, { index: 0, seq: 0 });
+    assert.deepEqual(writer.target(), first, 'a failed write is retried into the same slot');
+    writer.written(first);
+    assert.deepEqual(writer.target(), { index: 1, seq: 1 });
+    const fresh = new DualCopyWriter({ latestIndex: undefined, latestSeq: 0 });
+    assert.deepEqual(fresh.target(), { index: 0, seq: 1 });
+  });
+});
+
+describe('keys and ksets', () => {
+  const uuid = Uint8Array.from({ length: 16 }, (_, i) => 255 - i);
+  const crcSeed = ksetCrcSeed(uuid);
+  const dataSizeBytes = MiB - 12 * 1024;
+  const context: KsetContext = { crcSeed, logGen: 7, roomBytes: dataSizeBytes, segmentCount: 8, dataSizeBytes, backingSizeBytes: 64 * MiB };
+  const key = (overrides: Partial<KeyRecord> = {}): KeyRecord => ({
+    offsetBytes: 4 * MiB + 8192, lengthBytes: 4096, flags: 0, segment: 3, segmentOffsetBytes: 65536, gen: 7, dataCrc: 0xdeadbeef, ...overrides,
+  });
+  const build = (keys: KeyRecord[], options: { epochEnd?: boolean; logGen?: number } = {}): Uint8Array => {
+    const buffer = new Uint8Array(ksetBytes(ksetKeysMax) + ksetHeaderBytes);
+    keys.forEach((k, i) => { encodeKey(buffer, ksetHeaderBytes + i * keyBytes, k); });
+    const size = sealKset(buffer, { keyCount: keys.length, epochEnd: options.epochEnd ?? false, logGen: options.logGen ?? 7, crcSeed });
+    return buffer.subarray(0, size);
+  };
+
+  it('round-trips a full kset of 128 keys', () => {
+    const keys = Array.from({ length: ksetKeysMax }, (_, i) => key({ offsetBytes: i * 4096, flags: i % 3 === 0 ? keyFlagClean : 0 }));
+    const decoded = decodeKset(build(keys, { epochEnd: true }), context);
+    assert.ok(decoded.ok && decoded.kind === 'keys');
+    assert.equal(decoded.sizeBytes, 24 + 128 * 40);
+    assert.equal(decoded.epochEnd, true);
+    assert.deepEqual(decoded.keys, keys);
+  });
+  it('round-trips a LAST kset', () => {
+    const decoded = decodeKset(encodeLastKset(5, 7, crcSeed), context);
+    assert.ok(decoded.ok && decoded.kind === 'last');
+    assert.equal(decoded.next, 5);
+  });
+  it('ends the log (not damage) at a torn kset, a zeroed header, and a kset from an earlier lap', () => {
+    const kset = build([key(), key({ offsetBytes: 0 })]);
+    for (let at = 0; at < kset.length; at += 11) {
+      if (at >= 8 && at < 16) continue; // the magic: covered by the next case
+      const torn = decodeKset(flipByte(kset, at), context);
+      assert.equal(torn.ok, false, `byte ${at}`);
+      assert.equal(torn.damage, false, `byte ${at}: ${torn.problem}`);
+    }
+    const zeroed = decodeKset(new Uint8Array(64), context);
+    assert.ok(!zeroed.ok && !zeroed.damage && /no kset magic/.test(zeroed.problem));
+    const earlierLap = decodeKset(build([key()], { logGen: 6 }), context);
+    assert.ok(!earlierLap.ok && !earlierLap.damage && /earlier use/.test(earlierLap.problem));
+    const otherFormat = decodeKset(build([key()]), { ...context, crcSeed: crcSeed ^ 1 });
+    assert.ok(!otherFormat.ok && /CRC mismatch/.test(otherFormat.problem));
+  });
+  it('refuses a key count above 128 and a kset that overruns its segment', () => {
+    const kset = build([key()]).slice();
+    writeU32LE(kset, 4, 129);
+    const decoded = decodeKset(kset, context);
+    assert.ok(!decoded.ok && /exceeds 128/.test(decoded.problem));
+    const near = decodeKset(build([key(), key()]), { ...context, roomBytes: ksetBytes(1) });
+    assert.ok(!near.ok && /overrun/.test(near.problem));
+  });
+  it('reports damage for out-of-bounds keys under a valid CRC', () => {
+    const cases: [Partial<KeyRecord>, RegExp][] = [
+      [{ offsetBytes: 100 }, /not sector-aligned/],
+      [{ lengthBytes: 0 }, /positive multiple/],
+      [{ lengthBytes: 1000 }, /positive multiple/],
+      [{ offsetBytes: 64 * MiB - 512, lengthBytes: 4096 }, /past the backing device/],
+      [{ offsetBytes: 4 * MiB - 512, lengthBytes: 1024 }, /subtree boundary/],
+      [{ flags: 1 }, /unknown key flags/],
+      [{ flags: keyFlagZero | keyFlagClean, segment: 0, segmentOffsetBytes: 0, gen: 0, dataCrc: 0 }, /both ZERO and CLEAN/],
+      [{ flags: keyFlagZero }, /must not point at data/],
+      [{ segment: 8 }, /segment 8 out of range/],
+      [{ segmentOffsetBytes: 100 }, /segment offset/],
+      [{ segmentOffsetBytes: dataSizeBytes - 2048 }, /runs past the segment/],
+    ];
+    for (const [overrides, pattern] of cases) {
+      const decoded = decodeKset(build([key(), key(overrides)]), context);
+      assert.equal(decoded.ok, false, JSON.stringify(overrides));
+      assert.equal(decoded.damage, true);
+      assert.match(decoded.problem, pattern);
+      assert.match(validateKey(key(overrides), context) ?? '', pattern);
+    }
+    const emptyNoEpoch = decodeKset(build([]), context);
+    assert.ok(!emptyNoEpoch.ok && emptyNoEpoch.damage);
+    const emptyMarker = decodeKset(build([], { epochEnd: true }), context);
+    assert.ok(emptyMarker.ok && emptyMarker.kind === 'keys' && emptyMarker.keys.length === 0);
+    const lastOutOfRange = decodeKset(encodeLastKset(8, 7, crcSeed), context);
+    assert.ok(!lastOutOfRange.ok && lastOutOfRange.damage);
+  });
+  it('accepts a ZERO key that points at no data', () => {
+    const zero = key({ flags: keyFlagZero, segment: 0, segmentOffsetBytes: 0, gen: 0, dataCrc: 0, lengthBytes: 4 * MiB, offsetBytes: 0 });
+    assert.equal(validateKey(zero, context), undefined);
+  });
+});
