@@ -403,7 +403,7 @@ export class Connection {
   private flushOutbox(): void {
     const count = this.outbox.length;
     if (count === 0) return;
-    if (this.socketClosed || this.writeEnded) {
+    if (this.socketClosed || this.writeEnded || this.socket.destroyed) {
       this.outbox.length = 0;
       this.outboxBytes = 0;
       return;

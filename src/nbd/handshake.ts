@@ -124,10 +124,12 @@ export class Handshake {
 
   /**
    * Consumes as much of the received stream as possible, appending every reply to `out`, and
-   * returns the verdict. While negotiating, an incomplete message simply waits for more bytes.
+   * returns the verdict. While negotiating, an incomplete message simply waits for more bytes;
+   * once in transmission, bytes are only queued in `input`; once closed, they are dropped.
    */
   push(chunk: Uint8Array, out: Uint8Array[]): HandshakeVerdict {
-    if (this.verdict.kind !== 'negotiating') return this.verdict;
+    // After GO the bytes belong to the transmission phase; after a close they are dropped.
+    if (this.verdict.kind === 'closed') return this.verdict;
     this.input.push(chunk);
     while (this.step(out)) {
       // Each step consumes one complete message.
@@ -362,6 +364,7 @@ export class Handshake {
 
   private close(reason: string): void {
     this.verdict = { kind: 'closed', reason };
+    this.input.clear();
   }
 }
 
