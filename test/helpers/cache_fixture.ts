@@ -4,6 +4,7 @@ import type { BlockDevice } from '../../src/device/block_device.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, type CacheOpenOptions, type FormatOptions } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
+import { PcacheError } from '../../src/lib/errors.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -117,4 +118,69 @@ export class GatedDevice implements BlockDevice {
 /** Lets every queued promise callback run. */
 export async function settle(): Promise<void> {
   for (let i = 0; i < 50; i++) await Promise.resolve();
+}
+
+export interface DeviceEvent {
+  readonly device: string;
+  readonly kind: 'write' | 'sync' | 'discard';
+  readonly offsetBytes: number;
+  readonly lengthBytes: number;
+}
+
+/**
+ * Wraps a MemoryDevice and appends every write, discard and sync to a shared event list, so a
+ * test can check the order of operations across two devices. Failures can be switched on.
+ */
+export class RecordingDevice implements BlockDevice {
+  readonly sizeBytes: number;
+  readonly identity: string | undefined;
+  readonly blocking: BlockDevice['blocking'];
+  failWrites: string | undefined;
+  failSyncs: string | undefined;
+
+  constructor(readonly inner: MemoryDevice, readonly name: string, readonly events: DeviceEvent[], options: { blocking?: boolean } = {}) {
+    this.sizeBytes = inner.sizeBytes;
+    this.identity = inner.identity;
+    this.blocking = options.blocking === false ? undefined : {
+      readSync: (target, offset) => { inner.readSync(target, offset); },
+      writeSync: (source, offset) => { this.record('write', offset, source.length); inner.writeSync(source, offset); },
+    };
+  }
+
+  read(target: Uint8Array, offsetBytes: number): Promise<void> {
+    return this.inner.read(target, offsetBytes);
+  }
+
+  async write(source: Uint8Array, offsetBytes: number): Promise<void> {
+    await Promise.resolve();
+    if (this.failWrites !== undefined) throw new PcacheError('EIO', this.failWrites);
+    this.record('write', offsetBytes, source.length);
+    await this.inner.write(source, offsetBytes);
+  }
+
+  async sync(): Promise<void> {
+    await Promise.resolve();
+    if (this.failSyncs !== undefined) throw new PcacheError('EIO', this.failSyncs);
+    this.record('sync', 0, 0);
+  }
+
+  async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    await Promise.resolve();
+    if (this.failWrites !== undefined) throw new PcacheError('EIO', this.failWrites);
+    this.record('discard', offsetBytes, lengthBytes);
+    await this.inner.discard(offsetBytes, lengthBytes);
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  private record(kind: DeviceEvent['kind'], offsetBytes: number, lengthBytes: number): void {
+    this.events.push({ device: this.name, kind, offsetBytes, lengthBytes });
+  }
+}
+
+/** XORs `mask` into byte `at` (damaging a device image on purpose). */
+export function flipBits(bytes: Uint8Array, at: number, mask = 1): void {
+  bytes[at] = (bytes[at] ?? 0) ^ mask;
 }

@@ -1,0 +1,192 @@
+// Writeback and garbage collection: log order, newest data per range, clean keys skipped,
+// the backing device synced before dirty_tail moves, errors that advance nothing and retry
+// with back-off, GC thresholds and generations, and a full cache that makes writes wait.
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { MemoryDevice } from '../../src/device/memory_device.js';
+import { Cache } from '../../src/cache/cache.js';
+import { dirtyTailOffsetsBytes, keyTailOffsetsBytes } from '../../src/ondisk/layout.js';
+import { ManualTimers } from '../../src/lib/timers.js';
+import { MiB, RecordingDevice, cacheBytesFor, openRig, pattern, readBytes, settle, type DeviceEvent } from '../helpers/cache_fixture.js';
+
+const S = 512;
+
+async function recordingRig(options: { segments?: number; gcPercent?: number; background?: boolean } = {}) {
+  const events: DeviceEvent[] = [];
+  const cacheDevice = new RecordingDevice(new MemoryDevice(cacheBytesFor(options.segments ?? 8)), 'cache', events);
+  const backingDevice = new RecordingDevice(new MemoryDevice(pattern(0xbb, 0, 32 * MiB)), 'backing', events, { blocking: false });
+  const timers = new ManualTimers();
+  const open = (): Promise<Cache> => Cache.open({
+    cacheDevice, backingDevice, timers, background: options.background ?? false,
+    formatIfBlank: { segmentSizeBytes: MiB, gcPercent: options.gcPercent ?? 70 },
+  });
+  const cache = await open();
+  events.length = 0;
+  return { events, cacheDevice, backingDevice, timers, cache, open };
+}
+
+const isTailWrite = (e: DeviceEvent, offsets: readonly number[]): boolean => e.device === 'cache' && e.kind === 'write' && offsets.includes(e.offsetBytes);
+
+describe('writeback', () => {
+  it('applies ksets in log order, newest data per range, skipping clean keys, and syncs the backing device before dirty_tail moves', async () => {
+    const rig = await recordingRig();
+    const { cache, events } = rig;
+    await readBytes(cache, 64 * S, 8 * S); // a miss fill: a CLEAN key
+    await cache.write(pattern(1, 0, 8 * S), 0);
+    await cache.write(pattern(2, 4 * S, 8 * S), 4 * S); // overwrites half of the first write in the same kset
+    await cache.flush(); // epoch 1 ends
+    await cache.write(pattern(3, 0, 2 * S), 0); // epoch 2 overwrites the start again
+    await cache.flush();
+    events.length = 0;
+
+    assert.equal(await cache.writebackStep(), true);
+    const round1 = events.filter((e) => e.device === 'backing' || isTailWrite(e, dirtyTailOffsetsBytes));
+    // Epoch 1 only: the merged extents in offset order, no write for the CLEAN fill, a sync, then dirty_tail.
+    assert.deepEqual(round1.map((e) => [e.device, e.kind, e.offsetBytes / S, e.lengthBytes / S]), [
+      ['backing', 'write', 0, 4],
+      ['backing', 'write', 4, 8],
+      ['backing', 'sync', 0, 0],
+      // Format wrote copy 0 of dirty_tail, so the first update overwrites the older copy 1.
+      ['cache', 'write', dirtyTailOffsetsBytes[1] / S, 16 / S],
+    ]);
+    const backing = rig.backingDevice.inner;
+    assert.deepEqual(Buffer.from(backing.bytes.subarray(0, 12 * S)), Buffer.concat([pattern(1, 0, 4 * S), pattern(2, 4 * S, 8 * S)]));
+
+    events.length = 0;
+    assert.equal(await cache.writebackStep(), true);
+    assert.deepEqual(events.filter((e) => e.device === 'backing').map((e) => [e.kind, e.offsetBytes / S, e.lengthBytes / S]), [['write', 0, 2], ['sync', 0, 0]]);
+    assert.equal(await cache.writebackStep(), false, 'nothing left');
+    assert.equal(cache.status().dirtyBytes, 0);
+    assert.equal(cache.status().counters.writebackBytes, 18 * S);
+  });
+
+  it('writes ZERO extents (trim, write-zeroes) to the backing device in log order', async () => {
+    const rig = await recordingRig();
+    await rig.cache.write(pattern(5, 0, 16 * S), 0);
+    await rig.cache.trim(4 * S, 4 * S);
+    await rig.cache.drain();
+    const backing = Buffer.from(rig.backingDevice.inner.bytes.subarray(0, 16 * S));
+    assert.ok(backing.subarray(4 * S, 8 * S).every((b) => b === 0));
+    assert.deepEqual(backing.subarray(0, 4 * S), pattern(5, 0, 4 * S));
+    assert.deepEqual(backing.subarray(8 * S, 16 * S), pattern(5, 8 * S, 8 * S));
+  });
+
+  it('advances nothing on a backing write or sync error, reports degraded, and retries with back-off until it succeeds', async () => {
+    const rig = await recordingRig({ background: true });
+    const { cache, backingDevice, timers } = rig;
+    backingDevice.failWrites = 'injected write error';
+    await cache.write(pattern(7, 0, 8 * S), 0);
+    await cache.flush();
+    await settle();
+    const dirtyTail = cache.status().dirtyTail;
+    let status = cache.status();
+    assert.equal(status.state, 'degraded');
+    assert.match(status.stateReason ?? '', /injected write error/);
+    assert.ok(status.counters.writebackErrors >= 1);
+    assert.equal(status.dirtyBytes, 8 * S, 'the data stays dirty');
+    assert.equal(status.writeback.backoffMs, 100);
+    // Each retry doubles the back-off; dirty_tail never moves while the device fails.
+    timers.advance(100);
+    await settle();
+    assert.equal(cache.status().writeback.backoffMs, 200);
+    backingDevice.failWrites = undefined;
+    backingDevice.failSyncs = 'injected sync error';
+    timers.advance(200);
+    await settle();
+    status = cache.status();
+    assert.equal(status.dirtyTail, dirtyTail, 'a failed sync advances nothing');
+    assert.equal(status.writeback.backoffMs, 400);
+    backingDevice.failSyncs = undefined;
+    timers.advance(400);
+    await settle();
+    status = cache.status();
+    assert.equal(status.state, 'running');
+    assert.equal(status.dirtyBytes, 0);
+    assert.notEqual(status.dirtyTail, dirtyTail);
+    assert.deepEqual(Buffer.from(backingDevice.inner.bytes.subarray(0, 8 * S)), pattern(7, 0, 8 * S));
+    // Client requests never saw the errors.
+    assert.deepEqual(await readBytes(cache, 0, 8 * S), pattern(7, 0, 8 * S));
+    await cache.close();
+  });
+});
+
+describe('garbage collection', () => {
+  it('runs only at gc_percent, never passes dirty_tail, persists key_tail before freeing, and bumps generations', async () => {
+    const rig = await recordingRig({ segments: 8, gcPercent: 50 });
+    const { cache, events } = rig;
+    const core = cache.internals;
+    // Fill three data segments (and the log segment): 4 of 8 in use, the threshold.
+    for (let i = 0; i < 3; i++) await cache.write(pattern(10 + i, i * MiB, MiB - 12 * 1024), i * MiB);
+    await cache.flush();
+    assert.equal(core.gcThresholdSegments, 4);
+    assert.ok(core.segments.usedCount >= 4);
+    assert.equal(await cache.gcStep(), false, 'nothing is written back yet: GC may not pass dirty_tail');
+    await cache.drain();
+    const gens = Array.from(core.segments.gen);
+    const usedBefore = core.segments.usedCount;
+    events.length = 0;
+    assert.equal(await cache.gcStep(), true);
+    const keyTailWrite = events.findIndex((e) => isTailWrite(e, keyTailOffsetsBytes));
+    const syncAfter = events.findIndex((e, i) => i > keyTailWrite && e.device === 'cache' && e.kind === 'sync');
+    assert.ok(keyTailWrite >= 0 && syncAfter > keyTailWrite, 'key_tail is written and synced');
+    assert.equal(cache.status().keyTail, cache.status().dirtyTail, 'GC stops at dirty_tail');
+    assert.ok(core.segments.usedCount < usedBefore, 'segments were freed');
+    const bumped = Array.from(core.segments.gen).filter((gen, segment) => gen > (gens[segment] ?? 0));
+    assert.ok(bumped.length >= 2, 'freed segments get a new generation');
+    // The written-back data is still readable (from the backing device now) and stale index entries are gone.
+    assert.deepEqual(await readBytes(cache, 0, 8 * S), pattern(10, 0, 8 * S));
+    assert.ok(cache.status().counters.staleKeysRemoved > 0);
+    assert.deepEqual(await cache.check(), []);
+  });
+
+  it('a full cache makes writes wait for space instead of failing them', async () => {
+    const rig = await recordingRig({ segments: 6, gcPercent: 0 });
+    const { cache, backingDevice } = rig;
+    backingDevice.failWrites = 'backing offline';
+    // Six segments: one log, one reserved for the log, four for data; fill them.
+    const writes: Promise<void>[] = [];
+    for (let i = 0; i < 6; i++) writes.push(cache.write(pattern(20 + i, i * MiB, MiB - 16 * 1024), i * MiB));
+    let finished = 0;
+    for (const write of writes) void write.then(() => { finished++; });
+    await settle();
+    await cache.writebackStep(); // fails: nothing can be reclaimed
+    await settle();
+    assert.ok(finished < 6, 'some writes wait for space');
+    assert.equal(cache.status().state, 'degraded');
+    backingDevice.failWrites = undefined;
+    // Writeback and GC (kicked by the waiting writers) make room.
+    for (let i = 0; i < 20 && finished < 6; i++) {
+      await cache.writebackStep();
+      await cache.gcStep();
+      await settle();
+    }
+    await Promise.all(writes);
+    for (let i = 0; i < 6; i++) assert.deepEqual(await readBytes(cache, i * MiB, 8 * S), pattern(20 + i, i * MiB, 8 * S));
+    assert.deepEqual(await cache.check(), []);
+  });
+
+  it('fails a write that waits longer than the configured space timeout with ETIMEDOUT', async () => {
+    const cacheDevice = new MemoryDevice(cacheBytesFor(4));
+    const backingDevice = new RecordingDevice(new MemoryDevice(32 * MiB), 'backing', [], { blocking: false });
+    backingDevice.failWrites = 'offline';
+    const timers = new ManualTimers();
+    const cache = await Cache.open({ cacheDevice, backingDevice, timers, background: false, spaceWaitTimeoutMs: 5000, formatIfBlank: { segmentSizeBytes: MiB } });
+    const pending = cache.write(pattern(1, 0, 4 * MiB), 0);
+    const outcome = pending.then(() => 'done', (error: unknown) => (error as { code?: string }).code);
+    await settle();
+    timers.advance(5001);
+    await settle();
+    timers.advance(1);
+    assert.equal(await outcome, 'ETIMEDOUT');
+  });
+
+  it('persists gc_percent and refuses values outside 0..90', async () => {
+    const rig = await openRig();
+    await rig.cache.setGcPercent(25);
+    await assert.rejects(() => rig.cache.setGcPercent(91), /0 to 90/);
+    await assert.rejects(() => rig.cache.setGcPercent(-1), /0 to 90/);
+    await rig.cache.close();
+    const reopened = await rig.reopen();
+    assert.equal(reopened.status().gcPercent, 25);
+  });
+});
