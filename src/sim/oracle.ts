@@ -1,0 +1,494 @@
+// Oracle: what each sector may hold after a crash, from the client's request history alone.
+//
+// It knows nothing about the cache (reliability.md §2.4). Writes carry self-describing
+// 512-byte sectors {magic, lba, payloadId, sectorIndex, filler, crc32c}, so any sector read
+// back maps to exactly one (write, sector), or to zeroes, or is garbage or misplaced. A
+// RequestHistory records when each request was issued and answered, both in its own logical
+// time (a counter that orders every issue and reply) and in device-event time (the crash
+// simulator's boundary index). Cutting the history at a crash boundary gives an OracleView:
+//
+// - a write (or WRITE_ZEROES) is *required* if it succeeded with FUA, or succeeded before a
+//   successful FLUSH was issued, both answered before the crash;
+// - allowed(s) = the values of every request to s issued before the crash that did not
+//   finish before some required request to s was issued, plus the initial value when s has
+//   no required request. A TRIM contributes "zero"; it never supersedes anything, so the
+//   value it trimmed ("unchanged") stays allowed;
+// - floor(s) = the newest required values (several if they overlapped in time).
+// With no concurrency this is the textbook rule: floor plus everything sent after it.
+//
+// Invariants: requests are 512-byte aligned (the NBD layer guarantees it); logical times
+// strictly increase; device-event times never decrease; a view never changes the history.
+
+import { assert } from '../lib/assert.js';
+import { crc32c } from '../lib/crc32c.js';
+import { readU64LE, sectorSizeBytes, writeU32LE, writeU64LE } from '../lib/units.js';
+import { isZero } from './page_image.js';
+
+/** Little-endian "PCOR" (pcache oracle record) at the start of every payload sector. */
+const payloadMagic = 0x524f4350;
+const magicOffset = 0;
+const lbaOffset = 4;
+const payloadIdOffset = 12;
+const sectorIndexOffset = 16;
+const fillerOffset = 20;
+const crcOffset = sectorSizeBytes - 4;
+
+/** Value keys: 0 is zeroes, positive keys are (payloadId, sectorIndex), negatives never match. */
+export const zeroValue = 0;
+export const garbageValue = -1;
+export const misplacedValue = -2;
+/** sectorIndex must fit below this (a request of up to 64 MiB), so keys stay exact. */
+const sectorIndexLimit = 2 ** 17;
+const payloadIdMax = 0xffff_ffff;
+const requestsMaxDefault = 1_000_000;
+const zeroChunkBytes = 4096;
+const zeroChunk = new Uint8Array(zeroChunkBytes);
+
+/** Writes one self-describing sector. */
+export function writePayloadSector(target: Uint8Array, lba: number, payloadId: number, sectorIndex: number): void {
+  assert(target.length === sectorSizeBytes, 'a payload sector is 512 bytes');
+  assert(Number.isInteger(payloadId) && payloadId >= 1 && payloadId <= payloadIdMax, `payload id out of range: ${payloadId}`);
+  assert(Number.isInteger(sectorIndex) && sectorIndex >= 0 && sectorIndex < sectorIndexLimit - 1, `sector index out of range: ${sectorIndex}`);
+  writeU32LE(target, magicOffset, payloadMagic);
+  writeU64LE(target, lbaOffset, lba);
+  writeU32LE(target, payloadIdOffset, payloadId);
+  writeU32LE(target, sectorIndexOffset, sectorIndex);
+  // Filler that differs per sector and per write, so no two payload sectors are alike and an
+  // engine cannot pass by accident (xorshift32 seeded from the sector's identity).
+  let state = (Math.imul(payloadId, 0x9e3779b1) ^ Math.imul(lba + 1, 0x85ebca6b) ^ sectorIndex) | 1;
+  for (let offset = fillerOffset; offset < crcOffset; offset += 4) {
+    state ^= state << 13;
+    state ^= state >>> 17;
+    state ^= state << 5;
+    writeU32LE(target, offset, state >>> 0);
+  }
+  writeU32LE(target, crcOffset, crc32c(target.subarray(0, crcOffset)));
+}
+
+/** Fills `target` (sector multiple) as the payload of write `payloadId` at `offsetBytes`. */
+export function fillPayload(target: Uint8Array, offsetBytes: number, payloadId: number): void {
+  assert(target.length % sectorSizeBytes === 0, 'payloads are whole sectors');
+  assert(offsetBytes % sectorSizeBytes === 0, 'payloads are sector aligned');
+  const firstLba = offsetBytes / sectorSizeBytes;
+  for (let index = 0; index * sectorSizeBytes < target.length; index += 1) {
+    writePayloadSector(target.subarray(index * sectorSizeBytes, (index + 1) * sectorSizeBytes), firstLba + index, payloadId, index);
+  }
+}
+
+export function payloadValue(payloadId: number, sectorIndex: number): number {
+  return payloadId * sectorIndexLimit + sectorIndex + 1;
+}
+
+export type SectorContent =
+  | { readonly kind: 'zero' }
+  | { readonly kind: 'payload'; readonly payloadId: number; readonly sectorIndex: number }
+  | { readonly kind: 'misplaced'; readonly lba: number; readonly payloadId: number; readonly sectorIndex: number }
+  | { readonly kind: 'garbage' };
+
+/** What one 512-byte sector read from logical block `lba` holds. */
+export function decodeSector(bytes: Uint8Array, lba: number): SectorContent {
+  assert(bytes.length === sectorSizeBytes, 'decode one sector at a time');
+  if (isZero(bytes)) return { kind: 'zero' };
+  if (u32(bytes, magicOffset) !== payloadMagic) return { kind: 'garbage' };
+  if (u32(bytes, crcOffset) !== crc32c(bytes.subarray(0, crcOffset))) return { kind: 'garbage' };
+  const foundLba = readU64LE(bytes, lbaOffset);
+  const payloadId = u32(bytes, payloadIdOffset);
+  const sectorIndex = u32(bytes, sectorIndexOffset);
+  if (payloadId === 0 || sectorIndex >= sectorIndexLimit - 1) return { kind: 'garbage' };
+  if (foundLba !== lba) return { kind: 'misplaced', lba: foundLba, payloadId, sectorIndex };
+  return { kind: 'payload', payloadId, sectorIndex };
+}
+
+/** decodeSector as a value key, without allocating (the oracle decodes every sector it checks). */
+export function sectorValue(bytes: Uint8Array, lba: number): number {
+  assert(bytes.length === sectorSizeBytes, 'decode one sector at a time');
+  if (isZero(bytes)) return zeroValue;
+  return nonZeroSectorValue(bytes, lba);
+}
+
+function nonZeroSectorValue(bytes: Uint8Array, lba: number): number {
+  if (u32(bytes, magicOffset) !== payloadMagic) return garbageValue;
+  if (u32(bytes, crcOffset) !== crc32c(bytes.subarray(0, crcOffset))) return garbageValue;
+  const payloadId = u32(bytes, payloadIdOffset);
+  const sectorIndex = u32(bytes, sectorIndexOffset);
+  if (payloadId === 0 || sectorIndex >= sectorIndexLimit - 1) return garbageValue;
+  const lbaMatches = u32(bytes, lbaOffset) === lba % 0x1_0000_0000 && u32(bytes, lbaOffset + 4) === Math.floor(lba / 0x1_0000_0000);
+  return lbaMatches ? payloadValue(payloadId, sectorIndex) : misplacedValue;
+}
+
+function u32(bytes: Uint8Array, offset: number): number {
+  return ((bytes[offset] ?? 0) | ((bytes[offset + 1] ?? 0) << 8) | ((bytes[offset + 2] ?? 0) << 16) | ((bytes[offset + 3] ?? 0) << 24)) >>> 0;
+}
+
+export function describeValue(value: number): string {
+  if (value === zeroValue) return 'zero';
+  if (value === garbageValue) return 'garbage';
+  if (value === misplacedValue) return 'misplaced';
+  assert(value > 0, `unknown value key ${value}`);
+  const payloadId = Math.floor((value - 1) / sectorIndexLimit);
+  return `write#${payloadId}[${(value - 1) % sectorIndexLimit}]`;
+}
+
+/** Decodes every sector of `bytes`, read from `offsetBytes`, into value keys. */
+export function sectorValues(bytes: Uint8Array, offsetBytes: number): Float64Array {
+  assert(bytes.length % sectorSizeBytes === 0 && offsetBytes % sectorSizeBytes === 0, 'whole, aligned sectors');
+  const firstLba = offsetBytes / sectorSizeBytes;
+  const values = new Float64Array(bytes.length / sectorSizeBytes);
+  // Most sectors of a checked range were never written: skip zero runs a chunk at a time with
+  // a native compare before decoding sector by sector.
+  for (let chunkStart = 0; chunkStart < bytes.length; chunkStart += zeroChunkBytes) {
+    const chunkEnd = Math.min(chunkStart + zeroChunkBytes, bytes.length);
+    const chunk = bytes.subarray(chunkStart, chunkEnd);
+    if (Buffer.compare(chunk, zeroChunk.subarray(0, chunk.length)) === 0) continue;
+    for (let offset = chunkStart; offset < chunkEnd; offset += sectorSizeBytes) {
+      const index = offset / sectorSizeBytes;
+      values[index] = sectorValue(bytes.subarray(offset, offset + sectorSizeBytes), firstLba + index);
+    }
+  }
+  return values;
+}
+
+export type RequestKind = 'read' | 'write' | 'flush' | 'trim' | 'writeZeroes';
+
+export interface HistoryRequest {
+  readonly serial: number;
+  readonly kind: RequestKind;
+  readonly offsetBytes: number;
+  readonly lengthBytes: number;
+  readonly fua: boolean;
+  /** For writes: the payload id the data was filled with. */
+  readonly payloadId: number;
+  /** Logical times: every issue and reply takes the next one. */
+  readonly issueTime: number;
+  replyTime: number | undefined;
+  /** Device-event times (crash boundaries) at issue and reply. */
+  readonly issueClock: number;
+  replyClock: number | undefined;
+  ok: boolean | undefined;
+}
+
+export type ViolationReason = 'garbage' | 'misplaced' | 'stale' | 'unexpected' | 'unstable' | 'not-a-prefix';
+
+export interface SectorViolation {
+  readonly sector: number;
+  readonly reason: ViolationReason;
+  readonly found: string;
+  readonly expected: readonly string[];
+}
+
+export function formatViolation(violation: SectorViolation): string {
+  return `sector ${violation.sector}: found ${violation.found}, expected one of {${violation.expected.join(', ')}} (${violation.reason})`;
+}
+
+export interface RequestHistoryOptions {
+  readonly sizeBytes: number;
+  /** Device-event time; default: always 0 (no crash simulator). */
+  readonly clock?: () => number;
+  /** Value key of each sector before the first request; default zeroes. */
+  readonly initial?: (sector: number) => number;
+  readonly requestsMax?: number;
+}
+
+export class RequestHistory {
+  readonly sizeBytes: number;
+  readonly requestsMax: number;
+  private readonly clock: () => number;
+  private readonly initial: (sector: number) => number;
+  private readonly requests: HistoryRequest[] = [];
+  /** Per sector: the write, trim and write-zeroes requests touching it, in issue order. */
+  private readonly bySector = new Map<number, HistoryRequest[]>();
+  private readonly flushes: HistoryRequest[] = [];
+  private time = 0;
+
+  constructor(options: RequestHistoryOptions) {
+    assert(options.sizeBytes % sectorSizeBytes === 0, 'the device is whole sectors');
+    this.sizeBytes = options.sizeBytes;
+    this.requestsMax = options.requestsMax ?? requestsMaxDefault;
+    this.clock = options.clock ?? (() => 0);
+    this.initial = options.initial ?? (() => zeroValue);
+  }
+
+  get length(): number {
+    return this.requests.length;
+  }
+
+  get all(): readonly HistoryRequest[] {
+    return this.requests;
+  }
+
+  issueWrite(offsetBytes: number, lengthBytes: number, payloadId: number, options: { fua: boolean }): HistoryRequest {
+    assert(payloadId >= 1, 'writes carry a payload id');
+    return this.issue('write', offsetBytes, lengthBytes, options.fua, payloadId);
+  }
+
+  issueFlush(): HistoryRequest {
+    return this.issue('flush', 0, 0, false, 0);
+  }
+
+  issueTrim(offsetBytes: number, lengthBytes: number, options: { fua: boolean }): HistoryRequest {
+    return this.issue('trim', offsetBytes, lengthBytes, options.fua, 0);
+  }
+
+  issueWriteZeroes(offsetBytes: number, lengthBytes: number, options: { fua: boolean }): HistoryRequest {
+    return this.issue('writeZeroes', offsetBytes, lengthBytes, options.fua, 0);
+  }
+
+  issueRead(offsetBytes: number, lengthBytes: number): HistoryRequest {
+    return this.issue('read', offsetBytes, lengthBytes, false, 0);
+  }
+
+  reply(request: HistoryRequest, ok: boolean): void {
+    assert(request.replyTime === undefined, `request ${request.serial} answered twice`);
+    this.time += 1;
+    request.replyTime = this.time;
+    request.replyClock = this.clock();
+    request.ok = ok;
+  }
+
+  /** The oracle for a crash at device-event boundary `clock` (the state after `clock` events). */
+  cut(clock: number): OracleView {
+    return new OracleView(this, clock);
+  }
+
+  /** The oracle with no crash: everything answered so far counts. */
+  now(): OracleView {
+    return new OracleView(this, Number.POSITIVE_INFINITY);
+  }
+
+  /**
+   * Checks a completed read during normal operation: each sector must hold a value no older
+   * than the last write that finished before the read was issued.
+   */
+  checkRead(read: HistoryRequest, bytes: Uint8Array): SectorViolation[] {
+    assert(read.kind === 'read' && read.replyTime !== undefined, 'check a read once it has been answered');
+    assert(bytes.length === read.lengthBytes, 'the bytes are the read');
+    const replyTime = read.replyTime;
+    const violations: SectorViolation[] = [];
+    const firstSector = read.offsetBytes / sectorSizeBytes;
+    for (let index = 0; index * sectorSizeBytes < bytes.length; index += 1) {
+      const sector = firstSector + index;
+      const candidates = this.requestsAt(sector).filter((request) => request.issueTime < replyTime);
+      const required = candidates.filter((request) => succeeded(request) && supersedes(request) && (request.replyTime ?? Infinity) < read.issueTime);
+      const allowed = this.allowedAmong(sector, candidates, required);
+      const found = sectorValue(bytes.subarray(index * sectorSizeBytes, (index + 1) * sectorSizeBytes), sector);
+      if (!allowed.has(found)) violations.push(this.violation(sector, found, allowed, candidates));
+    }
+    return violations;
+  }
+
+  /** @internal */
+  initialValue(sector: number): number {
+    return this.initial(sector);
+  }
+
+  /** @internal Requests touching `sector`, in issue order. */
+  requestsAt(sector: number): readonly HistoryRequest[] {
+    return this.bySector.get(sector) ?? [];
+  }
+
+  /** @internal Flushes in issue order. */
+  flushList(): readonly HistoryRequest[] {
+    return this.flushes;
+  }
+
+  /** @internal allowed = candidates not finished before a required one was issued, plus initial. */
+  allowedAmong(sector: number, candidates: readonly HistoryRequest[], required: readonly HistoryRequest[]): Set<number> {
+    let newestRequiredIssue = -1;
+    for (const request of required) newestRequiredIssue = Math.max(newestRequiredIssue, request.issueTime);
+    const allowed = new Set<number>();
+    if (required.length === 0) allowed.add(this.initial(sector));
+    for (const request of candidates) {
+      if (request.replyTime !== undefined && request.replyTime < newestRequiredIssue) continue;
+      allowed.add(valueAt(request, sector));
+    }
+    return allowed;
+  }
+
+  /** @internal */
+  violation(sector: number, found: number, allowed: ReadonlySet<number>, candidates: readonly HistoryRequest[]): SectorViolation {
+    let reason: ViolationReason;
+    if (found === garbageValue) reason = 'garbage';
+    else if (found === misplacedValue) reason = 'misplaced';
+    else if (found === this.initial(sector) || candidates.some((request) => valueAt(request, sector) === found)) reason = 'stale';
+    else reason = 'unexpected';
+    return { sector, reason, found: describeValue(found), expected: [...allowed].map(describeValue) };
+  }
+
+  private issue(kind: RequestKind, offsetBytes: number, lengthBytes: number, fua: boolean, payloadId: number): HistoryRequest {
+    assert(this.requests.length < this.requestsMax, `more than ${this.requestsMax} requests in one history`);
+    assert(offsetBytes % sectorSizeBytes === 0 && lengthBytes % sectorSizeBytes === 0, 'requests are sector aligned');
+    assert(offsetBytes >= 0 && offsetBytes + lengthBytes <= this.sizeBytes, `request ${offsetBytes}+${lengthBytes} is out of range`);
+    assert(lengthBytes / sectorSizeBytes < sectorIndexLimit - 1 || kind !== 'write', 'a write is at most 64 MiB');
+    this.time += 1;
+    const request: HistoryRequest = {
+      serial: this.requests.length + 1,
+      kind,
+      offsetBytes,
+      lengthBytes,
+      fua,
+      payloadId,
+      issueTime: this.time,
+      replyTime: undefined,
+      issueClock: this.clock(),
+      replyClock: undefined,
+      ok: undefined,
+    };
+    this.requests.push(request);
+    if (kind === 'flush') this.flushes.push(request);
+    if (kind === 'write' || kind === 'trim' || kind === 'writeZeroes') {
+      const first = offsetBytes / sectorSizeBytes;
+      for (let sector = first; sector < first + lengthBytes / sectorSizeBytes; sector += 1) {
+        let list = this.bySector.get(sector);
+        if (list === undefined) {
+          list = [];
+          this.bySector.set(sector, list);
+        }
+        list.push(request);
+      }
+    }
+    return request;
+  }
+}
+
+/** The oracle for one crash boundary. Cheap to build; computes per sector on demand. */
+export class OracleView {
+  private readonly flushIssueMax: number;
+  private readonly candidateCache = new Map<number, HistoryRequest[]>();
+
+  constructor(
+    private readonly history: RequestHistory,
+    readonly clock: number,
+  ) {
+    let flushIssueMax = -1;
+    for (const flush of history.flushList()) {
+      if (this.answeredOk(flush)) flushIssueMax = Math.max(flushIssueMax, flush.issueTime);
+    }
+    this.flushIssueMax = flushIssueMax;
+  }
+
+  /** Required values: the newest writes to `sector` that must have survived. */
+  floor(sector: number): number[] {
+    const required = this.required(sector);
+    if (required.length === 0) return [...this.history.allowedAmong(sector, [], [])];
+    let newestIssue = -1;
+    for (const request of required) newestIssue = Math.max(newestIssue, request.issueTime);
+    const newest = required.filter((request) => !((request.replyTime ?? Infinity) < newestIssue));
+    return [...new Set(newest.map((request) => valueAt(request, sector)))];
+  }
+
+  allowed(sector: number): Set<number> {
+    return this.history.allowedAmong(sector, this.candidates(sector), this.required(sector));
+  }
+
+  /** Checks sectors read after recovery (from `offsetBytes`) against allowed(s). */
+  checkSectors(bytes: Uint8Array, offsetBytes: number): SectorViolation[] {
+    return this.checkValues(sectorValues(bytes, offsetBytes), offsetBytes / sectorSizeBytes);
+  }
+
+  /** As checkSectors, for values already decoded with sectorValues. */
+  checkValues(values: Float64Array, firstSector: number): SectorViolation[] {
+    const violations: SectorViolation[] = [];
+    for (let index = 0; index < values.length; index += 1) {
+      const sector = firstSector + index;
+      const found = values[index] ?? garbageValue;
+      const candidates = this.candidates(sector);
+      // Fast path for sectors nobody wrote: they must read as the initial value.
+      if (candidates.length === 0 && found === this.history.initialValue(sector)) continue;
+      const allowed = this.history.allowedAmong(sector, candidates, this.required(sector));
+      if (!allowed.has(found)) violations.push(this.history.violation(sector, found, allowed, candidates));
+    }
+    return violations;
+  }
+
+  /**
+   * The backing device alone must hold a prefix of the flush epochs: for some k, every write
+   * finished before flush k was issued is there (or superseded), nothing issued after flush
+   * k+1 was answered is there, and anything in between may or may not be. Returns the largest
+   * such k, or the violations for the k that comes closest.
+   */
+  checkEpochPrefix(values: Float64Array, firstSector: number): { epoch: number | undefined; violations: SectorViolation[] } {
+    const flushes = this.history.flushList().filter((flush) => flush.issueClock <= this.clock);
+    let best: { epoch: number; violations: SectorViolation[] } | undefined;
+    for (let epoch = flushes.length; epoch >= 0; epoch -= 1) {
+      const closing = epoch >= 1 ? flushes[epoch - 1] : undefined;
+      const next = flushes[epoch];
+      const requiredBefore = closing === undefined ? -1 : closing.issueTime;
+      const nextReply = next !== undefined && this.answered(next) ? (next.replyTime ?? Infinity) : Infinity;
+      const violations: SectorViolation[] = [];
+      for (let index = 0; index < values.length; index += 1) {
+        const sector = firstSector + index;
+        const found = values[index] ?? garbageValue;
+        const sectorCandidates = this.candidates(sector);
+        // Sectors nobody wrote hold their initial value in every epoch.
+        if (sectorCandidates.length === 0 && found === this.history.initialValue(sector)) continue;
+        const candidates = sectorCandidates.filter((request) => request.issueTime < nextReply);
+        const required = candidates.filter((request) => succeeded(request) && supersedes(request) && this.answered(request) && (request.replyTime ?? Infinity) < requiredBefore);
+        const allowed = this.history.allowedAmong(sector, candidates, required);
+        if (allowed.has(found)) continue;
+        const violation = this.history.violation(sector, found, allowed, sectorCandidates);
+        violations.push({ ...violation, reason: violation.reason === 'garbage' || violation.reason === 'misplaced' ? violation.reason : 'not-a-prefix' });
+        if (best !== undefined && violations.length >= best.violations.length) break;
+      }
+      if (violations.length === 0) return { epoch, violations: [] };
+      if (best === undefined || violations.length < best.violations.length) best = { epoch, violations };
+    }
+    assert(best !== undefined, 'epoch 0 is always tried');
+    return { epoch: undefined, violations: best.violations.map((violation) => ({ ...violation, expected: [...violation.expected, `(closest: epoch ${best.epoch})`] })) };
+  }
+
+  private candidates(sector: number): readonly HistoryRequest[] {
+    const all = this.history.requestsAt(sector);
+    if (all.length === 0) return all;
+    // A view is checked against many crash states: filter each sector's requests once.
+    let cut = this.candidateCache.get(sector);
+    if (cut === undefined) {
+      cut = all.filter((request) => request.issueClock <= this.clock);
+      this.candidateCache.set(sector, cut);
+    }
+    return cut;
+  }
+
+  private required(sector: number): HistoryRequest[] {
+    return this.candidates(sector).filter(
+      (request) => supersedes(request) && this.answeredOk(request) && (request.fua || (request.replyTime ?? Infinity) < this.flushIssueMax),
+    );
+  }
+
+  private answered(request: HistoryRequest): boolean {
+    return request.replyClock !== undefined && request.replyClock <= this.clock;
+  }
+
+  private answeredOk(request: HistoryRequest): boolean {
+    return this.answered(request) && request.ok === true;
+  }
+}
+
+/** Compares two reads of the same range (after two recoveries, say); lists the differences. */
+export function compareReads(first: Uint8Array, second: Uint8Array, offsetBytes: number): SectorViolation[] {
+  assert(first.length === second.length, 'compare reads of one range');
+  const violations: SectorViolation[] = [];
+  if (Buffer.compare(first, second) === 0) return violations;
+  const firstLba = offsetBytes / sectorSizeBytes;
+  for (let index = 0; index * sectorSizeBytes < first.length; index += 1) {
+    const a = first.subarray(index * sectorSizeBytes, (index + 1) * sectorSizeBytes);
+    const b = second.subarray(index * sectorSizeBytes, (index + 1) * sectorSizeBytes);
+    if (Buffer.compare(a, b) === 0) continue;
+    const lba = firstLba + index;
+    violations.push({ sector: lba, reason: 'unstable', found: describeValue(sectorValue(b, lba)), expected: [describeValue(sectorValue(a, lba))] });
+  }
+  return violations;
+}
+
+function succeeded(request: HistoryRequest): boolean {
+  return request.ok === true;
+}
+
+/** Writes and WRITE_ZEROES replace what was there; a TRIM may leave it ("unchanged"). */
+function supersedes(request: HistoryRequest): boolean {
+  return request.kind === 'write' || request.kind === 'writeZeroes';
+}
+
+function valueAt(request: HistoryRequest, sector: number): number {
+  if (request.kind !== 'write') return zeroValue;
+  return payloadValue(request.payloadId, sector - request.offsetBytes / sectorSizeBytes);
+}
