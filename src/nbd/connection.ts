@@ -253,7 +253,7 @@ export class Connection {
       this.complete(request, undefined, error, readBuffer);
       return;
     }
-    if (result instanceof Promise) {
+    if (isThenable(result)) {
       void settle(this, request, result, readBuffer);
     } else {
       // Completed synchronously: reply without a promise round trip.
@@ -316,7 +316,17 @@ export class Connection {
     const limits = this.host.limits;
     return this.inFlightCount >= limits.inFlightRequestsMax ||
       this.inFlightBytes >= limits.inFlightBytesMax ||
-      this.outboxBytes + this.socket.writableLength >= limits.replyBacklogBytesMax;
+      this.replyBacklogFull();
+  }
+
+  /**
+   * Too many reply bytes wait for the client. Counted only where something is sure to call
+   * maybeResume later: the scheduled flush of the outbox, or the 'drain' the socket owes us.
+   */
+  private replyBacklogFull(): boolean {
+    const limit = this.host.limits.replyBacklogBytesMax;
+    if (this.outboxBytes >= limit) return true;
+    return this.socket.writableNeedDrain && this.socket.writableLength >= limit;
   }
 
   private pauseReading(): void {
@@ -419,8 +429,14 @@ export class Connection {
     }
     this.outbox.length = 0;
     this.outboxBytes = 0;
-    if (this.socket.writableLength >= this.host.limits.replyBacklogBytesMax) this.pauseReading();
+    // Reading may have paused on the outbox; the socket's own backlog takes over from here.
+    this.maybeResume();
   }
+}
+
+/** A promise, or anything else that settles later (an Export may return any PromiseLike). */
+function isThenable(value: unknown): value is PromiseLike<unknown> {
+  return typeof value === 'object' && value !== null && typeof (value as { then?: unknown }).then === 'function';
 }
 
 /** Bytes a request holds while in flight: its READ buffer or its WRITE payload. */
@@ -433,7 +449,7 @@ function costBytes(request: NbdRequest): number {
  * PcacheError is a programmer error: it is rethrown on the next tick, outside any promise
  * chain, so the process stops instead of turning a bug into an I/O error.
  */
-async function settle(connection: Connection, request: NbdRequest, pending: Promise<unknown>, readBuffer: Uint8Array | undefined): Promise<void> {
+async function settle(connection: Connection, request: NbdRequest, pending: PromiseLike<unknown>, readBuffer: Uint8Array | undefined): Promise<void> {
   let value: unknown;
   try {
     value = await pending;

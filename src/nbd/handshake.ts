@@ -209,8 +209,7 @@ export class Handshake {
         return this.metaContext(option, data, out);
       default:
         // STARTTLS (we run NOTLS), EXTENDED_HEADERS and every unknown option.
-        out.push(optionError(option, OptionReply.errUnsup, 'option not supported'));
-        return;
+        return this.refuse(out, option, OptionReply.errUnsup, 'option not supported');
     }
   }
 
@@ -228,7 +227,7 @@ export class Handshake {
   }
 
   private list(data: Uint8Array, out: Uint8Array[]): void {
-    if (data.length !== 0) return void out.push(optionError(Option.list, OptionReply.errInvalid, 'LIST takes no data'));
+    if (data.length !== 0) return this.refuse(out, Option.list, OptionReply.errInvalid, 'LIST takes no data');
     const description = this.descriptionBytes ?? new Uint8Array(0);
     const payload = new Uint8Array(4 + this.exportNameBytes.length + description.length);
     writeU32BE(payload, 0, this.exportNameBytes.length);
@@ -243,20 +242,20 @@ export class Handshake {
    */
   private infoOrGo(option: number, data: Uint8Array, out: Uint8Array[]): void {
     const fixedBytes = 4 + 2;
-    if (data.length < fixedBytes) return void out.push(optionError(option, OptionReply.errInvalid, 'option data too short'));
+    if (data.length < fixedBytes) return this.refuse(out, option, OptionReply.errInvalid, 'option data too short');
     const nameLength = readU32BE(data, 0);
     if (nameLength > data.length - fixedBytes) {
-      return void out.push(optionError(option, OptionReply.errInvalid, 'name length exceeds option length'));
+      return this.refuse(out, option, OptionReply.errInvalid, 'name length exceeds option length');
     }
-    if (nameLength > stringMaxBytes) return void out.push(optionError(option, OptionReply.errInvalid, 'export name too long'));
+    if (nameLength > stringMaxBytes) return this.refuse(out, option, OptionReply.errInvalid, 'export name too long');
     const name = data.subarray(4, 4 + nameLength);
     const requestCount = readU16BE(data, 4 + nameLength);
     if (data.length !== fixedBytes + nameLength + 2 * requestCount) {
-      return void out.push(optionError(option, OptionReply.errInvalid, 'information request count does not match the option length'));
+      return this.refuse(out, option, OptionReply.errInvalid, 'information request count does not match the option length');
     }
     const requested = new Set<number>();
     for (let i = 0; i < requestCount; i += 1) requested.add(readU16BE(data, fixedBytes + nameLength + 2 * i));
-    if (!this.matchesExport(name)) return void out.push(optionError(option, OptionReply.errUnknown, 'no such export'));
+    if (!this.matchesExport(name)) return this.refuse(out, option, OptionReply.errUnknown, 'no such export');
 
     const negotiated = this.negotiated();
     const exportInfo = new Uint8Array(infoExportBytes);
@@ -282,10 +281,10 @@ export class Handshake {
 
   private structuredReply(data: Uint8Array, out: Uint8Array[]): void {
     const option = Option.structuredReply;
-    if (data.length !== 0) return void out.push(optionError(option, OptionReply.errInvalid, 'STRUCTURED_REPLY takes no data'));
-    if (!this.config.offerStructuredReplies) return void out.push(optionError(option, OptionReply.errUnsup, 'structured replies are disabled'));
+    if (data.length !== 0) return this.refuse(out, option, OptionReply.errInvalid, 'STRUCTURED_REPLY takes no data');
+    if (!this.config.offerStructuredReplies) return this.refuse(out, option, OptionReply.errUnsup, 'structured replies are disabled');
     // Repeating a state-changing option is refused, deterministically (reliability.md row 10).
-    if (this.structuredReplies) return void out.push(optionError(option, OptionReply.errInvalid, 'structured replies already negotiated'));
+    if (this.structuredReplies) return this.refuse(out, option, OptionReply.errInvalid, 'structured replies already negotiated');
     this.structuredReplies = true;
     out.push(optionReply(option, OptionReply.ack));
   }
@@ -299,24 +298,21 @@ export class Handshake {
     // SET replaces the previous selection even when it fails (proto.md).
     if (isSet) this.baseAllocationSelected = false;
     if (!this.structuredReplies) {
-      return void out.push(optionError(option, OptionReply.errInvalid, 'negotiate structured replies first'));
+      return this.refuse(out, option, OptionReply.errInvalid, 'negotiate structured replies first');
     }
     const parsed = parseMetaContextData(data);
     if (typeof parsed === 'string') {
       const type = parsed === tooManyQueries ? OptionReply.errTooBig : OptionReply.errInvalid;
-      return void out.push(optionError(option, type, parsed));
+      return this.refuse(out, option, type, parsed);
     }
-    if (!this.matchesExport(parsed.name)) return void out.push(optionError(option, OptionReply.errUnknown, 'no such export'));
+    if (!this.matchesExport(parsed.name)) return this.refuse(out, option, OptionReply.errUnknown, 'no such export');
 
-    let matched = false;
-    if (isSet) {
-      // SET with no query selects nothing; "base:" alone is ignored during SET (proto.md).
-      matched = parsed.queries.some((query) => query === baseAllocationContextName);
-    } else {
-      // LIST with no query lists everything; "base:" is a wildcard for the base namespace.
-      matched = parsed.queries.length === 0 ||
+    // SET with no query selects nothing, and "base:" alone is ignored during SET; LIST with no
+    // query lists everything, and "base:" is a wildcard for the base namespace (proto.md).
+    const matched = isSet
+      ? parsed.queries.some((query) => query === baseAllocationContextName)
+      : parsed.queries.length === 0 ||
         parsed.queries.some((query) => query === baseAllocationContextName || query === baseNamespacePrefix);
-    }
     if (matched) {
       const nameBytes = textEncoder.encode(baseAllocationContextName);
       const payload = new Uint8Array(4 + nameBytes.length);
@@ -360,6 +356,11 @@ export class Handshake {
 
   private handshakeFlags(): number {
     return HandshakeFlag.fixedNewstyle | (this.config.offerNoZeroes ? HandshakeFlag.noZeroes : 0);
+  }
+
+  /** Answers an option with an error reply; haggling continues. */
+  private refuse(out: Uint8Array[], option: number, type: number, message: string): void {
+    out.push(optionError(option, type, message));
   }
 
   private close(reason: string): void {
