@@ -167,7 +167,7 @@ export class Connection {
       case 'closed':
         // ABORT, an unknown export for EXPORT_NAME, or a broken rule: send what was produced
         // (the ABORT ack, for one) and close.
-        if (verdict.reason !== 'client aborted') this.host.counters.protocolViolationsTotal += 1;
+        if (verdict.violation) this.host.counters.protocolViolationsTotal += 1;
         this.stopReading();
         return;
     }

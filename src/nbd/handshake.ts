@@ -77,7 +77,8 @@ export interface Negotiated {
 export type HandshakeVerdict =
   | { readonly kind: 'negotiating' }
   | { readonly kind: 'transmission'; readonly negotiated: Negotiated }
-  | { readonly kind: 'closed'; readonly reason: string };
+  /** `violation`: the client broke a rule (as opposed to aborting or naming an unknown export). */
+  | { readonly kind: 'closed'; readonly reason: string; readonly violation: boolean };
 
 type Stage = 'clientFlags' | 'optionHeader' | 'optionData';
 
@@ -196,7 +197,7 @@ export class Handshake {
       case Option.abort:
         // Reply ACK, then close; the client may well have gone already (proto.md NBD_OPT_ABORT).
         out.push(optionReply(option, OptionReply.ack));
-        return this.close('client aborted');
+        return this.close('client aborted', false);
       case Option.list:
         return this.list(data, out);
       case Option.info:
@@ -216,7 +217,7 @@ export class Handshake {
   private exportName(name: Uint8Array, out: Uint8Array[]): void {
     // This option has no error reply: the only refusal is to close (proto.md).
     if (name.length > stringMaxBytes) return this.close('export name too long');
-    if (!this.matchesExport(name)) return this.close('unknown export name');
+    if (!this.matchesExport(name)) return this.close('unknown export name', false);
     const padding = this.clientNoZeroes ? 0 : exportNamePaddingBytes;
     const reply = new Uint8Array(exportNameReplyBytes + padding);
     const negotiated = this.negotiated();
@@ -363,8 +364,8 @@ export class Handshake {
     out.push(optionError(option, type, message));
   }
 
-  private close(reason: string): void {
-    this.verdict = { kind: 'closed', reason };
+  private close(reason: string, violation = true): void {
+    this.verdict = { kind: 'closed', reason, violation };
     this.input.clear();
   }
 }

@@ -4,6 +4,7 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
+import fc from 'fast-check';
 import { ByteQueue } from '../../src/nbd/bytes.js';
 import { Handshake, type HandshakeConfig } from '../../src/nbd/handshake.js';
 import { maxPayloadBytes } from '../../src/nbd/protocol.js';
@@ -181,7 +182,7 @@ describe('handshake codec, any chunking', () => {
       REP.errInvalid, // trailing byte after the last query
       REP.errInvalid, // LIST with data
     ]);
-    assert.deepEqual(verdictOf(run), { kind: 'closed', reason: 'unknown export name' });
+    assert.deepEqual(verdictOf(run), { kind: 'closed', reason: 'unknown export name', violation: false });
   });
 
   for (const [name, bytes] of [
@@ -473,4 +474,60 @@ describe('error-number mapping', () => {
       assert.equal(nbdErrnoOf(code as PcacheErrorCode), errno);
     });
   }
+});
+
+describe('codec under arbitrary input (fast-check)', () => {
+  const transcript = Buffer.concat([
+    clientFlags(3),
+    option(OPT.structuredReply),
+    option(OPT.setMetaContext, metaContextData('pcache', ['base:allocation'])),
+    option(OPT.info, infoData('pcache', [INFO.name, INFO.blockSize])),
+    option(OPT.go, infoData('')),
+    readRequest,
+    writeRequest,
+  ]);
+
+  it('the handshake never throws, whatever the bytes, and only ever answers with well-formed replies', () => {
+    fc.assert(fc.property(
+      fc.uint8Array({ maxLength: 600 }),
+      fc.array(fc.tuple(fc.nat({ max: transcript.length - 1 }), fc.integer({ min: 0, max: 255 })), { maxLength: 8 }),
+      (noise, flips) => {
+        const mutated = Buffer.from(transcript);
+        for (const [at, value] of flips) mutated[at] = value;
+        for (const input of [Buffer.from(noise), mutated, Buffer.concat([clientFlags(3), noise])]) {
+          const handshake = new Handshake(config);
+          const out: Uint8Array[] = [];
+          const verdict = handshake.push(input, out);
+          const bytes = Buffer.concat(out);
+          // Option replies, possibly followed by the 10- or 134-byte EXPORT_NAME reply.
+          if (verdict.kind === 'transmission' && bytes.length > 0 && bytes.readBigUInt64BE(0) !== 0x0003e889045565a9n) continue;
+          let at = 0;
+          while (bytes.length - at >= 20 && bytes.readBigUInt64BE(at) === 0x0003e889045565a9n) at += 20 + bytes.readUInt32BE(at + 16);
+          assert.ok(bytes.length - at === 0 || bytes.length - at === 10 || bytes.length - at === 134, 'replies parse cleanly');
+        }
+      },
+    ), { numRuns: 500 });
+  });
+
+  it('the request decoder only lets valid requests through and fails only with a PcacheError', () => {
+    fc.assert(fc.property(fc.uint8Array({ maxLength: 2000 }), fc.boolean(), (noise, withValidPrefix) => {
+      const queue = new ByteQueue();
+      const context = { ...writableContext, structuredReplies: withValidPrefix };
+      const decoder = new RequestDecoder(queue, context);
+      // Headers with the right magic, so that the fields behind it are what varies.
+      const bytes = Buffer.from(noise);
+      for (let at = 0; at + 4 <= bytes.length && withValidPrefix; at += 28) bytes.writeUInt32BE(0x25609513, at);
+      queue.push(bytes);
+      try {
+        for (let request = decoder.next(); request !== undefined; request = decoder.next()) {
+          if (request.problem !== undefined || request.type === CMD.disc) continue;
+          assert.ok(request.offsetBytes % 512 === 0 && request.lengthBytes % 512 === 0, 'aligned');
+          assert.ok(request.offsetBytes + request.lengthBytes <= context.sizeBytes, 'in range');
+          if (request.type === CMD.write) assert.equal(request.payload?.length, request.lengthBytes);
+        }
+      } catch (error) {
+        assert.ok(error instanceof PcacheError, `unexpected ${String(error)}`);
+      }
+    }), { numRuns: 500 });
+  });
 });

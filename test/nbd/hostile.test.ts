@@ -118,6 +118,7 @@ describe('reliability.md §3.3, handshake rows', () => {
     bad.write('NOTOPTIN', 0);
     client.write(Buffer.concat([clientFlags(3), bad]));
     await expectClosedAfterGreeting(client);
+    assert.equal(s.srv.server.stats().protocolViolationsTotal, 1);
     await stillServes(s);
   });
 
@@ -278,6 +279,7 @@ describe('reliability.md §3.3, handshake rows', () => {
       rude.destroy();
     }
     await stillServes(s);
+    assert.equal(s.srv.server.stats().protocolViolationsTotal, 0, 'aborting is not a violation');
   });
 
   it('row 14: options pipelined without waiting for replies are processed in order', async (t) => {
@@ -336,6 +338,7 @@ describe('reliability.md §3.3, transmission rows', () => {
     const { client } = await connectAndGo(s.path);
     client.send({ type: CMD.read, length: 512, magic: 0xdeadbeef });
     assert.equal((await client.readUntilClosed()).length, 0);
+    assert.equal(s.srv.server.stats().protocolViolationsTotal, 1);
     bystander.client.send({ type: CMD.read, cookie: 5n, offset: 1024, length: 512 });
     const reply = await bystander.client.simpleReply(512);
     assert.equal(reply.error, 0);
