@@ -9,7 +9,7 @@
 // and the crash simulator) nothing runs on its own except what a waiting writer needs.
 
 import { assert } from '../lib/assert.js';
-import { segmentDataSizeBytes } from '../ondisk/layout.js';
+import { dataCrcKeyMaxBytes, segmentDataSizeBytes, subtreeSizeBytes } from '../ondisk/layout.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import type { Timers } from '../lib/timers.js';
 import type { BlockDevice } from '../device/block_device.js';
@@ -80,6 +80,8 @@ export class CacheCore {
   readonly timers: Timers;
   readonly stats: CacheStats = newStats();
   readonly dataCrc: boolean;
+  /** Longest key the write path creates (shorter with data CRC, see dataCrcKeyMaxBytes). */
+  readonly keyMaxBytes: number;
   readonly readOnly: boolean;
   readonly background: boolean;
   readonly spaceWaitTimeoutMs: number;
@@ -106,6 +108,7 @@ export class CacheCore {
     this.keyTail = parts.keyTail;
     this.dirtyTail = parts.dirtyTail;
     this.dataCrc = options.dataCrc;
+    this.keyMaxBytes = options.dataCrc ? dataCrcKeyMaxBytes : subtreeSizeBytes;
     this.gcPercent = options.gcPercent;
     this.readOnly = options.readOnly;
     this.background = options.background;

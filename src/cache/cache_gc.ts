@@ -9,6 +9,7 @@
 // Freed segments get a new generation, which makes every index entry into them stale; the
 // index drops stale entries lazily (readers) and in bounded sweeps (here).
 
+import { BackgroundTask } from '../lib/background_task.js';
 import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
 import type { CacheCore } from './cache_core.js';
@@ -20,7 +21,7 @@ export const gcBackoffMs = 1000;
 
 export class Gc {
   private readonly core: CacheCore;
-  private running: Promise<void> | undefined;
+  private readonly task = new BackgroundTask(() => this.loop());
   private readonly scratch = new Uint8Array(ksetBytesMax);
   private sweepNeeded = false;
   lastError: string | undefined;
@@ -36,18 +37,17 @@ export class Gc {
   }
 
   get active(): boolean {
-    return this.running !== undefined;
+    return this.task.running;
   }
 
   kick(urgent: boolean): void {
-    if (this.running !== undefined || (!this.core.background && !urgent)) return;
+    if (!this.core.background && !urgent) return;
     if (this.core.stopped() || this.core.readOnly) return;
-    if (!this.due && !this.sweepNeeded) return;
-    this.running = this.loop().finally(() => { this.running = undefined; });
+    this.task.kick();
   }
 
-  async idle(): Promise<void> {
-    while (this.running !== undefined) await this.running;
+  idle(): Promise<void> {
+    return this.task.idle();
   }
 
   /** One round, if one is due, and a sweep of stale index entries; for tests and the simulator. */

@@ -20,6 +20,7 @@
 
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
+import { BackgroundTask } from '../lib/background_task.js';
 import type { TimerHandle } from '../lib/timers.js';
 import {
   decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, ksetBytesMax, ksetHeaderBytes, ksetKeysMax, sealKset,
@@ -67,7 +68,7 @@ export class KsetLog {
   private durableSeq = 0;
   /** Keys were appended since the last EPOCH_END kset was sealed. */
   private epochOpen = false;
-  private committing = false;
+  private readonly committer = new BackgroundTask(() => this.run());
   private durableWaiters: DurableWaiter[] = [];
   private roomWaiters: (() => void)[] = [];
   /** Where the next kset goes. */
@@ -194,9 +195,7 @@ export class KsetLog {
   }
 
   private kick(): void {
-    if (this.committing) return;
-    this.committing = true;
-    void this.run().finally(() => { this.committing = false; });
+    this.committer.kick();
   }
 
   private async run(): Promise<void> {

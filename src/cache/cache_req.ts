@@ -114,7 +114,7 @@ export async function cacheWrite(core: CacheCore, source: Uint8Array, offsetByte
   let seq = 0;
   for (let done = 0; done < source.length;) {
     const position = offsetBytes + done;
-    const wanted = Math.min(source.length - done, subtreeEnd(position) - position);
+    const wanted = Math.min(source.length - done, subtreeEnd(position) - position, core.keyMaxBytes);
     let space = core.head.alloc(wanted);
     while (space === undefined) {
       await core.waitForSpace(startedMs);
@@ -397,7 +397,7 @@ async function fillMiss(core: CacheCore, miss: Miss, data: Uint8Array): Promise<
   for (const piece of pieces) {
     for (let done = 0; done < piece.lengthBytes;) {
       const canFill = core.state === 'running' && core.failure === undefined && !core.log.full;
-      const space = canFill ? core.head.alloc(piece.lengthBytes - done) : undefined;
+      const space = canFill ? core.head.alloc(Math.min(piece.lengthBytes - done, core.keyMaxBytes)) : undefined;
       if (space === undefined) {
         core.stats.fillsSkipped++;
         removePlaceholders(core, miss);

@@ -12,6 +12,7 @@
 // failed backing sync is treated like failed writes (fsyncgate): the whole round is redone.
 
 import { assert } from '../lib/assert.js';
+import { BackgroundTask } from '../lib/background_task.js';
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
@@ -34,7 +35,7 @@ interface DrainWaiter {
 
 export class Writeback {
   private readonly core: CacheCore;
-  private running: Promise<void> | undefined;
+  private readonly task = new BackgroundTask(() => this.loop());
   private readonly scratch = new Uint8Array(ksetBytesMax);
   private waiters: DrainWaiter[] = [];
   private zeroes: Uint8Array | undefined;
@@ -54,19 +55,19 @@ export class Writeback {
   }
 
   get active(): boolean {
-    return this.running !== undefined;
+    return this.task.running;
   }
 
-  /** Starts the writeback loop unless it runs already (or background work is off and this is not urgent). */
+  /** Starts (or extends) the writeback loop, unless background work is off and this is not urgent. */
   kick(urgent: boolean): void {
-    if (this.running !== undefined || (!this.core.background && !urgent)) return;
-    if (this.core.stopped() || this.core.readOnly || !this.due) return;
-    this.running = this.loop().finally(() => { this.running = undefined; });
+    if (!this.core.background && !urgent) return;
+    if (this.core.stopped() || this.core.readOnly) return;
+    this.task.kick();
   }
 
   /** Waits until the loop (if any) has stopped; used at close. */
-  async idle(): Promise<void> {
-    while (this.running !== undefined) await this.running;
+  idle(): Promise<void> {
+    return this.task.idle();
   }
 
   /** Resolves when dirty_tail reaches `lsn` (drain). */

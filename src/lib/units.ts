@@ -34,52 +34,62 @@ export function alignUp(value: number, alignment: number): number {
   return rest === 0 ? value : value + alignment - rest;
 }
 
+// The byte helpers below index the array directly: a DataView per call would allocate on the
+// hot path (every key encoded into a kset goes through them).
+
+export function readU32LE(bytes: Uint8Array, offset: number): number {
+  return ((bytes[offset] ?? 0) | ((bytes[offset + 1] ?? 0) << 8) | ((bytes[offset + 2] ?? 0) << 16)) + (bytes[offset + 3] ?? 0) * 0x100_0000;
+}
+
+export function writeU32LE(bytes: Uint8Array, offset: number, value: number): void {
+  bytes[offset] = value & 0xff;
+  bytes[offset + 1] = (value >>> 8) & 0xff;
+  bytes[offset + 2] = (value >>> 16) & 0xff;
+  bytes[offset + 3] = (value >>> 24) & 0xff;
+}
+
+export function readU16LE(bytes: Uint8Array, offset: number): number {
+  return (bytes[offset] ?? 0) | ((bytes[offset + 1] ?? 0) << 8);
+}
+
+export function writeU16LE(bytes: Uint8Array, offset: number, value: number): void {
+  bytes[offset] = value & 0xff;
+  bytes[offset + 1] = (value >>> 8) & 0xff;
+}
+
+function readU32BE(bytes: Uint8Array, offset: number): number {
+  return (bytes[offset] ?? 0) * 0x100_0000 + (((bytes[offset + 1] ?? 0) << 16) | ((bytes[offset + 2] ?? 0) << 8) | (bytes[offset + 3] ?? 0));
+}
+
+function writeU32BE(bytes: Uint8Array, offset: number, value: number): void {
+  bytes[offset] = (value >>> 24) & 0xff;
+  bytes[offset + 1] = (value >>> 16) & 0xff;
+  bytes[offset + 2] = (value >>> 8) & 0xff;
+  bytes[offset + 3] = value & 0xff;
+}
+
 export function readU64LE(bytes: Uint8Array, offset: number): number {
-  const view = viewOf(bytes);
-  const low = view.getUint32(offset, true);
-  const high = view.getUint32(offset + 4, true);
+  const low = readU32LE(bytes, offset);
+  const high = readU32LE(bytes, offset + 4);
   return high >= safeHighWordLimit ? Number.POSITIVE_INFINITY : high * twoPow32 + low;
 }
 
 export function readU64BE(bytes: Uint8Array, offset: number): number {
-  const view = viewOf(bytes);
-  const high = view.getUint32(offset, false);
-  const low = view.getUint32(offset + 4, false);
+  const high = readU32BE(bytes, offset);
+  const low = readU32BE(bytes, offset + 4);
   return high >= safeHighWordLimit ? Number.POSITIVE_INFINITY : high * twoPow32 + low;
 }
 
 export function writeU64LE(bytes: Uint8Array, offset: number, value: number): void {
   assert(Number.isSafeInteger(value) && value >= 0, `u64 out of range: ${value}`);
-  const view = viewOf(bytes);
-  view.setUint32(offset, value % twoPow32, true);
-  view.setUint32(offset + 4, Math.floor(value / twoPow32), true);
+  writeU32LE(bytes, offset, value % twoPow32);
+  writeU32LE(bytes, offset + 4, Math.floor(value / twoPow32));
 }
 
 export function writeU64BE(bytes: Uint8Array, offset: number, value: number): void {
   assert(Number.isSafeInteger(value) && value >= 0, `u64 out of range: ${value}`);
-  const view = viewOf(bytes);
-  view.setUint32(offset, Math.floor(value / twoPow32), false);
-  view.setUint32(offset + 4, value % twoPow32, false);
-}
-
-export function readU32LE(bytes: Uint8Array, offset: number): number {
-  return viewOf(bytes).getUint32(offset, true);
-}
-
-export function writeU32LE(bytes: Uint8Array, offset: number, value: number): void {
-  viewOf(bytes).setUint32(offset, value, true);
-}
-
-export function readU16LE(bytes: Uint8Array, offset: number): number {
-  return viewOf(bytes).getUint16(offset, true);
-}
-
-export function writeU16LE(bytes: Uint8Array, offset: number, value: number): void {
-  viewOf(bytes).setUint16(offset, value, true);
-}
-
-function viewOf(bytes: Uint8Array): DataView {
-  return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  writeU32BE(bytes, offset, Math.floor(value / twoPow32));
+  writeU32BE(bytes, offset + 4, value % twoPow32);
 }
 
 /**

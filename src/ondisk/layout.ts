@@ -47,6 +47,12 @@ export const segmentCountMax = 1 << 20;
 
 /** Keys never cross a subtree boundary: 4 MiB of the backing device's address space. */
 export const subtreeSizeBytes = 4 * MiB;
+/**
+ * With DATA_CRC, pcache writes keys of at most this length. A read hit verifies the CRC of its
+ * key's whole extent, so this bounds the bytes a small read reads and checksums (8x for a
+ * 4 KiB read) at a log cost of 40 bytes per 32 KiB. A writer policy, not a format limit.
+ */
+export const dataCrcKeyMaxBytes = 32 * KiB;
 /** Data extents and keys are whole sectors. */
 export const extentAlignBytes = sectorSizeBytes;
 

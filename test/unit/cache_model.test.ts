@@ -8,7 +8,7 @@
 // the structural checker must find nothing wrong.
 //
 // A failure prints its seed. Replay one seed with PCACHE_SEED=<seed>; PCACHE_STEPS sets the
-// number of steps.
+// number of steps; PCACHE_TRACE=1 prints every step (to find where a hang starts).
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
@@ -74,6 +74,7 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
   for (let step = 0; step < config.steps; step++) {
     const roll = prng.nextInt(1000);
     const where = `seed ${config.seed} step ${step}`;
+    if (process.env.PCACHE_TRACE === '1') console.error(`${where} roll ${roll} ${JSON.stringify(cache.status().counters).slice(0, 0)}segs used ${cache.status().segsUsed} dirty ${cache.status().dirtyBytes} kt ${cache.status().keyTail} dt ${cache.status().dirtyTail} kh ${cache.status().keyHead} gc% ${cache.status().gcPercent} wb ${String(cache.status().writeback.active)} ${cache.status().writeback.lastError ?? ""} gc ${String(cache.status().gc.active)} ${cache.status().gc.lastError ?? ""}`);
     if (roll < 900) {
       // A batch of requests in flight at once; they never overlap each other, so the model stays exact.
       const batch: { kind: string; offset: number; length: number; data?: Buffer; fua?: boolean }[] = [];
@@ -131,6 +132,7 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
       }
     } else if (roll < 980) {
       totals.gcSegments = cache.status().counters.gcSegmentsFreed;
+      await checkStructure(`${where} before close`); // the running cache agrees with its device
       await cache.close();
       cache = await open();
       totals.reopens++;

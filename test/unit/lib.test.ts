@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { crc32c } from '../../src/lib/crc32c.js';
 import { formatSize, parseSize, readU64BE, readU64LE, writeU64BE, writeU64LE } from '../../src/lib/units.js';
 import { PcacheError } from '../../src/lib/errors.js';
+import { BackgroundTask } from '../../src/lib/background_task.js';
 
 describe('crc32c', () => {
   it('matches the Castagnoli check value, not CRC-32/IEEE', () => {
@@ -56,5 +57,44 @@ describe('sizes', () => {
     assert.equal(formatSize(16 * 2 ** 20), '16 MiB');
     assert.equal(formatSize(1.5 * 2 ** 30), '1.5 GiB');
     assert.equal(formatSize(100), '100 B');
+  });
+});
+
+describe('BackgroundTask', () => {
+  it('never loses a kick that arrives as the body finishes', async () => {
+    let pending = 0;
+    let handled = 0;
+    const task = new BackgroundTask(async () => {
+      while (pending > 0) {
+        await Promise.resolve();
+        pending--;
+        handled++;
+      }
+    });
+    // Kick once per item, at every possible microtask offset relative to the body's exit.
+    for (let delay = 0; delay < 8; delay++) {
+      pending++;
+      task.kick();
+      for (let i = 0; i < delay; i++) await Promise.resolve();
+      pending++;
+      task.kick();
+      await task.idle();
+      assert.equal(pending, 0, `kick after ${delay} microtasks was lost`);
+    }
+    assert.equal(handled, 16);
+    assert.equal(task.running, false);
+  });
+  it('runs one body at a time', async () => {
+    let concurrent = 0;
+    let maxConcurrent = 0;
+    const task = new BackgroundTask(async () => {
+      concurrent++;
+      maxConcurrent = Math.max(maxConcurrent, concurrent);
+      await new Promise((resolve) => setImmediate(resolve));
+      concurrent--;
+    });
+    for (let i = 0; i < 10; i++) task.kick();
+    await task.idle();
+    assert.equal(maxConcurrent, 1);
   });
 });

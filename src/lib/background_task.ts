@@ -1,0 +1,45 @@
+// BackgroundTask: a single-flight asynchronous loop that can be kicked.
+//
+// At most one run of the body is active. A kick while idle starts a run; a kick during a run
+// makes the run go round once more, so no kick is ever lost — including one that arrives just
+// as the body decides it has nothing left to do (the bug this class exists to prevent: a flag
+// cleared in a .finally() callback leaves a window of one microtask in which kicks vanish).
+
+export class BackgroundTask {
+  private readonly body: () => Promise<void>;
+  private active: Promise<void> | undefined;
+  private kickedDuringRun = false;
+
+  constructor(body: () => Promise<void>) {
+    this.body = body;
+  }
+
+  get running(): boolean {
+    return this.active !== undefined;
+  }
+
+  kick(): void {
+    if (this.active !== undefined) {
+      this.kickedDuringRun = true;
+      return;
+    }
+    this.active = this.run();
+  }
+
+  /** Resolves once no run is active (a kick during the wait extends it). */
+  async idle(): Promise<void> {
+    while (this.active !== undefined) await this.active;
+  }
+
+  private async run(): Promise<void> {
+    try {
+      do {
+        this.kickedDuringRun = false;
+        await this.body();
+      } while (this.kickedDuringRun);
+    } finally {
+      // Runs in the same turn as the body's last step: no window for a lost kick.
+      this.active = undefined;
+    }
+  }
+}
