@@ -31,12 +31,17 @@ export class BackgroundTask {
     while (this.active !== undefined) await this.active;
   }
 
+  /** Read through a method: after an await the flag may have changed behind the compiler's back. */
+  private wasKicked(): boolean {
+    return this.kickedDuringRun;
+  }
+
   private async run(): Promise<void> {
     try {
       do {
         this.kickedDuringRun = false;
         await this.body();
-      } while (this.kickedDuringRun);
+      } while (this.wasKicked());
     } finally {
       // Runs in the same turn as the body's last step: no window for a lost kick.
       this.active = undefined;
