@@ -15,7 +15,7 @@ import type { BlockDevice } from '../device/block_device.js';
 import { cacheInfoFlags, type CacheInfo } from '../ondisk/cache_info.js';
 import { gcPercentMax } from '../ondisk/layout.js';
 import { uuidToString } from '../ondisk/superblock.js';
-import { buildCore, type CacheCore, type CacheStats } from './cache_core.js';
+import { buildCore, defaultTuning, type CacheCore, type CacheStats, type CacheTuning } from './cache_core.js';
 import { checkCacheDevice } from './cache_check.js';
 import { formatCacheDevice, probeDevice, readCacheMetadata, type CacheMetadata, type FormatOptions } from './cache_dev.js';
 import { Gc } from './cache_gc.js';
@@ -45,8 +45,8 @@ export interface CacheOpenOptions {
   /** Run writeback, GC and the kset timer on their own (default true). Tests turn it off. */
   readonly background?: boolean;
   readonly timers?: Timers;
-  /** A write waiting for free space fails with ETIMEDOUT after this long; 0 (default) waits forever. */
-  readonly spaceWaitTimeoutMs?: number;
+  /** Runtime knobs; see CacheTuning (defaults: hold writes forever, 75% dirty high-water, offline after 10 s of failures). */
+  readonly tuning?: Partial<CacheTuning>;
 }
 
 export interface WriteOptions {
@@ -77,9 +77,13 @@ export interface CacheStatus {
   readonly keyHead: string;
   readonly dirtyTail: string;
   readonly keyTail: string;
-  readonly state: 'running' | 'degraded' | 'failed' | 'stopping' | 'stopped';
-  /** Why the state is degraded or failed. */
+  readonly state: 'running' | 'degraded' | 'backing-offline' | 'failed' | 'stopping' | 'stopped';
+  /** Why the state is degraded, backing-offline or failed. */
   readonly stateReason: string | undefined;
+  /** When the backing device went offline (ISO 8601), while it is. */
+  readonly backingOfflineSince: string | undefined;
+  /** Dirty bytes at which writes are held while the backing device is offline. */
+  readonly dirtyHighWaterBytes: number;
   readonly readOnly: boolean;
   readonly dataCrc: boolean;
   readonly cacheUuid: string;
@@ -129,7 +133,7 @@ export class Cache {
       readOnly: options.readOnly === true,
       background: options.background ?? true,
       timers: options.timers ?? realTimers,
-      spaceWaitTimeoutMs: options.spaceWaitTimeoutMs ?? 0,
+      tuning: { ...defaultTuning, ...options.tuning },
     });
     const result = await replay(core, metadata.dirtyTail.value);
     core.dirtyTail = result.dirtyTail;
@@ -239,9 +243,13 @@ export class Cache {
     const failingSince = core.writeback.failingSinceMs;
     let state: CacheStatus['state'] = core.state === 'running' ? 'running' : core.state;
     let stateReason: string | undefined;
+    const offlineSince = core.backingOfflineSinceWallMs === undefined ? undefined : new Date(core.backingOfflineSinceWallMs).toISOString();
     if (core.failure !== undefined) {
       state = 'failed';
       stateReason = core.failure.message;
+    } else if (core.state === 'running' && offlineSince !== undefined) {
+      state = 'backing-offline';
+      stateReason = `backing offline since ${offlineSince}: ${core.backingOfflineReason ?? ''}`;
     } else if (core.state === 'running' && (failingSince !== undefined || core.gc.lastError !== undefined)) {
       state = 'degraded';
       stateReason = core.writeback.lastError ?? core.gc.lastError;
@@ -258,6 +266,8 @@ export class Cache {
       keyTail: pos(core.keyTail),
       state,
       stateReason,
+      backingOfflineSince: offlineSince,
+      dirtyHighWaterBytes: core.dirtyHighWaterBytes,
       readOnly: core.readOnly,
       dataCrc: core.dataCrc,
       cacheUuid: uuidToString(core.dev.sb.cacheUuid),

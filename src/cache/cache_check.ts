@@ -13,7 +13,7 @@ import { ManualTimers } from '../lib/timers.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { keyFlagZero } from '../ondisk/kset.js';
 import { uuidToString } from '../ondisk/superblock.js';
-import { buildCore, type CacheCore } from './cache_core.js';
+import { buildCore, defaultTuning, type CacheCore } from './cache_core.js';
 import { readCacheMetadata, segmentChainProblems, type CacheMetadata } from './cache_dev.js';
 import { replay, type ReplayResult } from './cache_replay.js';
 import { segmentKindData, segmentKindLog } from './cache_segment.js';
@@ -77,7 +77,7 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
     readOnly: true,
     background: false,
     timers: new ManualTimers(),
-    spaceWaitTimeoutMs: 0,
+    tuning: defaultTuning,
   });
   const liveExtents: { segment: number; start: number; end: number; offset: number }[] = [];
   let result: ReplayResult;

@@ -63,13 +63,24 @@ export function newStats(): CacheStats {
 
 export type CacheState = 'running' | 'stopping' | 'stopped';
 
+/** Runtime knobs of an open cache (not stored on disk). */
+export interface CacheTuning {
+  /** How long a write may be held (no free space, or the backing device offline at the dirty high-water mark) before it fails with ETIMEDOUT; 0 holds it until it can go on. */
+  readonly spaceWaitTimeoutMs: number;
+  /** While the backing device is offline, writes are held once dirty data reaches this percentage of the cache's data capacity. */
+  readonly dirtyHighWaterPercent: number;
+  /** Writeback failing without a break for this long marks the backing device offline (ENODEV marks it at once). */
+  readonly backingOfflineAfterMs: number;
+}
+
+export const defaultTuning: CacheTuning = { spaceWaitTimeoutMs: 0, dirtyHighWaterPercent: 75, backingOfflineAfterMs: 10_000 };
+
 export interface CoreOptions {
   readonly dataCrc: boolean;
   readonly gcPercent: number;
   readonly readOnly: boolean;
   readonly background: boolean;
-  /** How long a write may wait for free space before it fails with ETIMEDOUT; 0 waits forever. */
-  readonly spaceWaitTimeoutMs: number;
+  readonly tuning: CacheTuning;
 }
 
 export class CacheCore {
@@ -84,12 +95,17 @@ export class CacheCore {
   readonly keyMaxBytes: number;
   readonly readOnly: boolean;
   readonly background: boolean;
-  readonly spaceWaitTimeoutMs: number;
+  readonly tuning: CacheTuning;
   gcPercent: number;
   state: CacheState = 'running';
   /** Set once a metadata commit failed: every later flush, FUA and write fails with it. */
   failure: PcacheError | undefined;
   failureContext: string | undefined;
+  /** Monotonic and wall-clock time the backing device was found offline; undefined while online. */
+  backingOfflineSinceMs: number | undefined;
+  backingOfflineSinceWallMs: number | undefined;
+  backingOfflineReason: string | undefined;
+  private admissionWaiters: (() => void)[] = [];
   keyTail: LogPos;
   dirtyTail: LogPos;
   private ticket = 0;
@@ -112,7 +128,7 @@ export class CacheCore {
     this.gcPercent = options.gcPercent;
     this.readOnly = options.readOnly;
     this.background = options.background;
-    this.spaceWaitTimeoutMs = options.spaceWaitTimeoutMs;
+    this.tuning = options.tuning;
   }
 
   /** True once close or abandon began; re-read after every await (narrowing would hide a change). */
@@ -151,6 +167,7 @@ export class CacheCore {
     }
     this.log.abort(this.failure);
     this.segments.wakeAll();
+    this.wakeAdmission();
   }
 
   /** A writer (or the log) is short of free segments. */
@@ -172,19 +189,63 @@ export class CacheCore {
 
   /** Waits until a segment is freed, the cache stops, or the space wait times out. */
   async waitForSpace(startedMs: number): Promise<void> {
-    if (this.failure !== undefined) throw this.failure;
-    if (this.state !== 'running') throw new PcacheError('ESHUTDOWN', 'the cache is shutting down');
+    this.checkWritable();
     const freed = this.segments.nextFree();
     this.needSpace();
-    if (this.spaceWaitTimeoutMs === 0) {
-      await freed;
+    await this.waitOrTimeOut(freed, startedMs, 'no free cache space');
+  }
+
+  /** Bytes of dirty data at which writes are held while the backing device is offline. */
+  get dirtyHighWaterBytes(): number {
+    return Math.floor((this.segments.count * this.dev.dataSizeBytes * this.tuning.dirtyHighWaterPercent) / 100);
+  }
+
+  /**
+   * Holds a write while the backing device is offline and dirty data has reached the high-water
+   * mark: the cache keeps absorbing writes up to the mark, then applies back-pressure rather
+   * than fill up with data it cannot write back. Never drops anything.
+   */
+  async admitWrite(startedMs: number): Promise<void> {
+    while (this.backingOfflineSinceMs !== undefined && this.stats.dirtyBytes >= this.dirtyHighWaterBytes) {
+      this.checkWritable();
+      const changed = new Promise<void>((resolve) => { this.admissionWaiters.push(resolve); });
+      await this.waitOrTimeOut(changed, startedMs, `the backing device is offline and ${this.stats.dirtyBytes} bytes are dirty`);
+    }
+  }
+
+  /** Writeback or recovery changed something a held write waits for. */
+  wakeAdmission(): void {
+    const waiters = this.admissionWaiters;
+    this.admissionWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  backingOffline(reason: string): void {
+    if (this.backingOfflineSinceMs !== undefined) return;
+    this.backingOfflineSinceMs = this.timers.now();
+    this.backingOfflineSinceWallMs = this.timers.wallClockMs();
+    this.backingOfflineReason = reason;
+  }
+
+  backingOnline(): void {
+    if (this.backingOfflineSinceMs === undefined) return;
+    this.backingOfflineSinceMs = undefined;
+    this.backingOfflineSinceWallMs = undefined;
+    this.backingOfflineReason = undefined;
+    this.wakeAdmission();
+  }
+
+  private async waitOrTimeOut(event: Promise<void>, startedMs: number, what: string): Promise<void> {
+    const limitMs = this.tuning.spaceWaitTimeoutMs;
+    if (limitMs === 0) {
+      await event;
       return;
     }
-    const leftMs = this.spaceWaitTimeoutMs - (this.timers.now() - startedMs);
-    if (leftMs <= 0) throw new PcacheError('ETIMEDOUT', `no free cache space after ${this.spaceWaitTimeoutMs} ms`);
+    const leftMs = limitMs - (this.timers.now() - startedMs);
+    if (leftMs <= 0) throw new PcacheError('ETIMEDOUT', `${what}; gave up after ${limitMs} ms`);
     let timer: { cancel(): void } | undefined;
     const timedOut = new Promise<void>((resolve) => { timer = this.timers.after(leftMs, resolve); });
-    await Promise.race([freed, timedOut]);
+    await Promise.race([event, timedOut]);
     timer?.cancel();
   }
 
@@ -200,7 +261,7 @@ export class CacheCore {
 }
 
 /** Builds the engine's parts over validated metadata; the caller replays and wires. */
-export function buildCore(cacheDevice: BlockDevice, backingDevice: BlockDevice, metadata: CacheMetadata, options: { readOnly: boolean; background: boolean; timers: Timers; spaceWaitTimeoutMs: number }): CacheCore {
+export function buildCore(cacheDevice: BlockDevice, backingDevice: BlockDevice, metadata: CacheMetadata, options: { readOnly: boolean; background: boolean; timers: Timers; tuning: CacheTuning }): CacheCore {
   const dev = new CacheDev(cacheDevice, metadata);
   const segments = new SegmentTable(metadata.sb.segmentCount);
   metadata.gens.forEach((choice, segment) => { segments.gen[segment] = choice.value ?? 0; });
@@ -213,7 +274,7 @@ export function buildCore(cacheDevice: BlockDevice, backingDevice: BlockDevice, 
       gcPercent: metadata.cacheInfo.value.gcPercent,
       readOnly: options.readOnly,
       background: options.background,
-      spaceWaitTimeoutMs: options.spaceWaitTimeoutMs,
+      tuning: options.tuning,
     },
   );
 }

@@ -108,8 +108,9 @@ export async function cacheWrite(core: CacheCore, source: Uint8Array, offsetByte
   core.checkWritable();
   core.stats.writeRequests++;
   core.stats.writeBytes += source.length;
-  if (core.log.full) await core.log.roomAvailable();
   const startedMs = core.timers.now();
+  if (core.backingOfflineSinceMs !== undefined) await core.admitWrite(startedMs);
+  if (core.log.full) await core.log.roomAvailable();
   const key = newIndexKey();
   let seq = 0;
   for (let done = 0; done < source.length;) {
@@ -153,6 +154,7 @@ export async function cacheZero(core: CacheCore, offsetBytes: number, lengthByte
   core.checkWritable();
   core.stats.zeroRequests++;
   core.stats.zeroBytes += lengthBytes;
+  if (core.backingOfflineSinceMs !== undefined) await core.admitWrite(core.timers.now());
   const key = newIndexKey();
   let seq = 0;
   for (let position = offsetBytes; position < offsetBytes + lengthBytes;) {
@@ -342,7 +344,10 @@ async function finishRead(core: CacheCore, walk: ReadWalk, target: Uint8Array, r
     await Promise.all(walk.reads ?? []);
   } catch (error) {
     for (const miss of misses) if (miss.ticket !== 0) removePlaceholders(core, miss);
-    if (isPcacheError(error)) core.stats.backingReadErrors++;
+    if (isPcacheError(error)) {
+      core.stats.backingReadErrors++;
+      if (error.code === 'ENODEV') core.backingOffline(error.message);
+    }
     throw error;
   }
   // A hit read asynchronously may have raced with GC freeing its segment; then the data has

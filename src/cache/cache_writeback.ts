@@ -114,7 +114,10 @@ export class Writeback {
       core.assertTailOrder();
       this.backoffMs = 0;
       this.failingSinceMs = undefined;
+      this.lastError = undefined;
+      core.backingOnline();
       this.wakeWaiters();
+      core.wakeAdmission();
       core.dirtyTailAdvanced();
       return true;
     } catch (error) {
@@ -122,6 +125,9 @@ export class Writeback {
       core.stats.writebackErrors++;
       this.lastError = error.message;
       this.failingSinceMs ??= core.timers.now();
+      const failingForMs = core.timers.now() - this.failingSinceMs;
+      if (error.code === 'ENODEV') core.backingOffline(error.message);
+      else if (failingForMs >= core.tuning.backingOfflineAfterMs) core.backingOffline(`writeback has failed for ${Math.round(failingForMs / 1000)} s: ${error.message}`);
       this.backoffMs = Math.min(writebackBackoffMaxMs, Math.max(writebackBackoffMinMs, this.backoffMs * 2));
       return false;
     }

@@ -12,6 +12,8 @@ export interface TimerHandle {
 export interface Timers {
   /** Milliseconds on a monotonic clock. */
   now(): number;
+  /** Milliseconds since the Unix epoch, for showing people when something happened. */
+  wallClockMs(): number;
   /** Runs `callback` once after `delayMs`; timers never keep the process alive. */
   after(delayMs: number, callback: () => void): TimerHandle;
   /** Resolves after `delayMs`. */
@@ -22,6 +24,7 @@ export interface Timers {
 
 export const realTimers: Timers = {
   now: () => performance.now(),
+  wallClockMs: () => Date.now(),
   after(delayMs, callback) {
     const timer = setTimeout(callback, delayMs);
     timer.unref();
@@ -46,6 +49,11 @@ export class ManualTimers implements Timers {
 
   now(): number {
     return this.nowMs;
+  }
+
+  /** A fixed epoch (2026-01-01) plus the manual clock, so reports are reproducible. */
+  wallClockMs(): number {
+    return 1_767_225_600_000 + this.nowMs;
   }
 
   after(delayMs: number, callback: () => void): TimerHandle {

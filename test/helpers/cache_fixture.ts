@@ -4,7 +4,7 @@ import type { BlockDevice } from '../../src/device/block_device.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, type CacheOpenOptions, type FormatOptions } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
-import { PcacheError } from '../../src/lib/errors.js';
+import { PcacheError, type PcacheErrorCode } from '../../src/lib/errors.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -137,6 +137,9 @@ export class RecordingDevice implements BlockDevice {
   readonly blocking: BlockDevice['blocking'];
   failWrites: string | undefined;
   failSyncs: string | undefined;
+  /** Reads fail too (with the failWrites message) while set. */
+  failReads = false;
+  failCode: PcacheErrorCode = 'EIO';
 
   constructor(readonly inner: MemoryDevice, readonly name: string, readonly events: DeviceEvent[], options: { blocking?: boolean } = {}) {
     this.sizeBytes = inner.sizeBytes;
@@ -147,26 +150,28 @@ export class RecordingDevice implements BlockDevice {
     };
   }
 
-  read(target: Uint8Array, offsetBytes: number): Promise<void> {
-    return this.inner.read(target, offsetBytes);
+  async read(target: Uint8Array, offsetBytes: number): Promise<void> {
+    await Promise.resolve();
+    if (this.failReads) throw new PcacheError(this.failCode, this.failWrites ?? 'read failed');
+    await this.inner.read(target, offsetBytes);
   }
 
   async write(source: Uint8Array, offsetBytes: number): Promise<void> {
     await Promise.resolve();
-    if (this.failWrites !== undefined) throw new PcacheError('EIO', this.failWrites);
+    if (this.failWrites !== undefined) throw new PcacheError(this.failCode, this.failWrites);
     this.record('write', offsetBytes, source.length);
     await this.inner.write(source, offsetBytes);
   }
 
   async sync(): Promise<void> {
     await Promise.resolve();
-    if (this.failSyncs !== undefined) throw new PcacheError('EIO', this.failSyncs);
+    if (this.failSyncs !== undefined) throw new PcacheError(this.failCode, this.failSyncs);
     this.record('sync', 0, 0);
   }
 
   async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
     await Promise.resolve();
-    if (this.failWrites !== undefined) throw new PcacheError('EIO', this.failWrites);
+    if (this.failWrites !== undefined) throw new PcacheError(this.failCode, this.failWrites);
     this.record('discard', offsetBytes, lengthBytes);
     await this.inner.discard(offsetBytes, lengthBytes);
   }

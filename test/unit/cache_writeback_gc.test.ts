@@ -170,7 +170,7 @@ describe('garbage collection', () => {
     const backingDevice = new RecordingDevice(new MemoryDevice(32 * MiB), 'backing', [], { blocking: false });
     backingDevice.failWrites = 'offline';
     const timers = new ManualTimers();
-    const cache = await Cache.open({ cacheDevice, backingDevice, timers, background: false, spaceWaitTimeoutMs: 5000, formatIfBlank: { segmentSizeBytes: MiB } });
+    const cache = await Cache.open({ cacheDevice, backingDevice, timers, background: false, tuning: { spaceWaitTimeoutMs: 5000 }, formatIfBlank: { segmentSizeBytes: MiB } });
     const pending = cache.write(pattern(1, 0, 4 * MiB), 0);
     const outcome = pending.then(() => 'done', (error: unknown) => (error as { code?: string }).code);
     await settle();
@@ -188,5 +188,90 @@ describe('garbage collection', () => {
     await rig.cache.close();
     const reopened = await rig.reopen();
     assert.equal(reopened.status().gcPercent, 25);
+  });
+});
+
+describe('backing device offline', () => {
+  it('serves hits, absorbs writes up to the dirty high-water mark, then holds them; drops nothing; recovers', async () => {
+    const events: DeviceEvent[] = [];
+    const cacheDevice = new MemoryDevice(cacheBytesFor(12));
+    const backingDevice = new RecordingDevice(new MemoryDevice(64 * MiB), 'backing', events, { blocking: false });
+    const timers = new ManualTimers();
+    const cache = await Cache.open({
+      cacheDevice, backingDevice, timers, background: true,
+      formatIfBlank: { segmentSizeBytes: MiB },
+      tuning: { dirtyHighWaterPercent: 25 },
+    });
+    await cache.write(pattern(1, 0, 64 * 1024), 0);
+    await cache.flush();
+    await settle();
+    assert.equal(cache.status().dirtyBytes, 0, 'written back while online');
+    backingDevice.failWrites = 'device removed';
+    backingDevice.failCode = 'ENODEV';
+    backingDevice.failReads = true;
+    const highWater = cache.status().dirtyHighWaterBytes;
+    assert.equal(highWater, Math.floor((12 * (MiB - 12 * 1024) * 25) / 100));
+    // Writes are absorbed while dirty data stays below the mark.
+    let written = 0;
+    let offset = 1 * MiB;
+    while (cache.status().state !== 'backing-offline' || cache.status().dirtyBytes < highWater) {
+      await cache.write(pattern(100 + written, offset, 64 * 1024), offset);
+      await cache.flush();
+      await settle();
+      written++;
+      offset += 64 * 1024;
+      assert.ok(written < 200, 'the high-water mark is reached');
+    }
+    const status = cache.status();
+    assert.equal(status.state, 'backing-offline');
+    assert.match(status.stateReason ?? '', /backing offline since 2026-01-01T.*device removed/);
+    assert.ok(status.backingOfflineSince !== undefined);
+    // Hits are still served; misses fail.
+    assert.deepEqual(await readBytes(cache, 0, 4096), pattern(1, 0, 4096));
+    await assert.rejects(() => readBytes(cache, 40 * MiB, 4096), /device removed/);
+    // The next write is held, not failed.
+    let heldDone = false;
+    const held = cache.write(pattern(999, offset, 4096), offset).then(() => { heldDone = true; });
+    for (let i = 0; i < 5; i++) {
+      timers.advance(30_000);
+      await settle();
+    }
+    assert.equal(heldDone, false, 'the write is held while the backing device is offline');
+    assert.ok(cache.status().dirtyBytes >= highWater, 'nothing was dropped');
+    // The device comes back: writeback catches up and the held write goes through.
+    backingDevice.failWrites = undefined;
+    backingDevice.failReads = false;
+    timers.advance(30_000);
+    for (let i = 0; i < 20 && !heldDone; i++) {
+      await settle();
+      timers.advance(1000);
+    }
+    await held;
+    assert.equal(cache.status().state, 'running');
+    await cache.drain();
+    const backing = Buffer.from(backingDevice.inner.bytes);
+    for (let i = 0; i < written; i++) {
+      const at = 1 * MiB + i * 64 * 1024;
+      assert.ok(backing.subarray(at, at + 64 * 1024).equals(pattern(100 + i, at, 64 * 1024)), `write ${i} reached the backing device`);
+    }
+    assert.ok(backing.subarray(offset, offset + 4096).equals(pattern(999, offset, 4096)));
+    await cache.close();
+  });
+
+  it('marks the backing device offline after writeback has failed for backingOfflineAfterMs', async () => {
+    const rig = await recordingRig({ background: true });
+    rig.backingDevice.failWrites = 'timeouts';
+    const cache = await Cache.open({ cacheDevice: rig.cacheDevice, backingDevice: rig.backingDevice, timers: rig.timers, background: true, tuning: { backingOfflineAfterMs: 5000 } });
+    await rig.cache.close().catch(() => undefined);
+    await cache.write(pattern(3, 0, 4096), 0);
+    await cache.flush();
+    await settle();
+    assert.equal(cache.status().state, 'degraded');
+    for (let i = 0; i < 8; i++) {
+      rig.timers.advance(1000);
+      await settle();
+    }
+    assert.equal(cache.status().state, 'backing-offline');
+    assert.match(cache.status().stateReason ?? '', /failed for \d+ s: timeouts/);
   });
 });
