@@ -76,20 +76,22 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  read(target: Uint8Array, offsetBytes: number): Promise<void> {
+  // The promise-returning methods report every failure as a rejection, never a synchronous throw.
+
+  async read(target: Uint8Array, offsetBytes: number): Promise<void> {
     const fd = this.check(offsetBytes, target.length);
-    return transfer('read', fd, target, offsetBytes, this.path);
+    await transfer('read', fd, target, offsetBytes, this.path);
   }
 
-  write(source: Uint8Array, offsetBytes: number): Promise<void> {
+  async write(source: Uint8Array, offsetBytes: number): Promise<void> {
     const fd = this.checkWritable(offsetBytes, source.length);
-    return transfer('write', fd, source, offsetBytes, this.path);
+    await transfer('write', fd, source, offsetBytes, this.path);
   }
 
-  sync(): Promise<void> {
-    if (this.readOnly) return Promise.resolve();
+  async sync(): Promise<void> {
+    if (this.readOnly) return;
     const fd = this.check(0, 0);
-    return new Promise((resolve, reject) => {
+    await new Promise<void>((resolve, reject) => {
       fs.fdatasync(fd, (error) => {
         if (error === null) resolve();
         else reject(toPcacheError(error, `fdatasync ${this.path}`));

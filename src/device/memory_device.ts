@@ -33,22 +33,24 @@ export class MemoryDevice implements BlockDevice, BlockingIo {
     this.bytes.set(source, offsetBytes);
   }
 
-  read(target: Uint8Array, offsetBytes: number): Promise<void> {
+  // The promise-returning methods report every failure as a rejection, never a synchronous throw.
+
+  async read(target: Uint8Array, offsetBytes: number): Promise<void> {
     this.readSync(target, offsetBytes);
     return Promise.resolve();
   }
 
-  write(source: Uint8Array, offsetBytes: number): Promise<void> {
+  async write(source: Uint8Array, offsetBytes: number): Promise<void> {
     this.writeSync(source, offsetBytes);
     return Promise.resolve();
   }
 
-  sync(): Promise<void> {
-    if (this.closed) return Promise.reject(closedError());
+  async sync(): Promise<void> {
+    if (this.closed) throw closedError();
     return Promise.resolve();
   }
 
-  discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+  async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
     this.check(offsetBytes, lengthBytes);
     this.bytes.fill(0, offsetBytes, offsetBytes + lengthBytes);
     return Promise.resolve();

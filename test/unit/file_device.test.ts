@@ -1,0 +1,103 @@
+// FileDevice: synchronous and asynchronous positional I/O on real files, identity, creation,
+// read-only opening, error mapping, and the engine running on files across a reopen.
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { FileDevice } from '../../src/device/file_device.js';
+import { Cache } from '../../src/cache/cache.js';
+import { ManualTimers } from '../../src/lib/timers.js';
+import { MiB, pattern, readBytes } from '../helpers/cache_fixture.js';
+
+let dir = '';
+before(() => { dir = mkdtempSync(join(tmpdir(), 'pcache-file-')); });
+after(() => { rmSync(dir, { recursive: true, force: true }); });
+
+const code = (expected: string) => (error: unknown): boolean => (error as { code?: string }).code === expected;
+
+describe('FileDevice', () => {
+  it('creates a sparse file of the requested size and refuses to replace one', () => {
+    const path = join(dir, 'created.img');
+    FileDevice.create(path, 64 * MiB);
+    assert.equal(statSync(path).size, 64 * MiB);
+    assert.ok(statSync(path).blocks * 512 < MiB, 'the file is sparse');
+    assert.throws(() => { FileDevice.create(path, MiB); }, /cannot create/);
+  });
+
+  for (const blocking of [true, false]) {
+    it(`${blocking ? 'blocking' : 'asynchronous'} I/O reads what was written, at any offset`, async () => {
+      const path = join(dir, `io-${String(blocking)}.img`);
+      FileDevice.create(path, 8 * MiB);
+      const device = await FileDevice.open(path, { blocking });
+      assert.equal(device.blocking !== undefined, blocking);
+      assert.equal(device.sizeBytes, 8 * MiB);
+      assert.match(device.identity ?? '', /^file:ino=\d+$/);
+      const data = pattern(5, 4096, 64 * 1024);
+      if (blocking) device.blocking?.writeSync(data, 4096);
+      else await device.write(data, 4096);
+      await device.sync();
+      const back = Buffer.alloc(64 * 1024);
+      await device.read(back, 4096);
+      assert.deepEqual(back, data);
+      if (blocking) {
+        const again = Buffer.alloc(512);
+        device.blocking?.readSync(again, 4096 + 512);
+        assert.deepEqual(again, data.subarray(512, 1024));
+      }
+      await device.discard(4096, 4096);
+      const zeroed = Buffer.alloc(4096, 1);
+      await device.read(zeroed, 4096);
+      assert.ok(zeroed.every((b) => b === 0), 'a discarded range reads as zeroes');
+      await device.close();
+      await assert.rejects(() => device.read(Buffer.alloc(512), 0), code('ENODEV'));
+    });
+  }
+
+  it('keeps its identity across reopening and distinguishes files', async () => {
+    const a = join(dir, 'a.img');
+    const b = join(dir, 'b.img');
+    FileDevice.create(a, MiB);
+    FileDevice.create(b, MiB);
+    const [a1, a2, b1] = await Promise.all([FileDevice.open(a), FileDevice.open(a), FileDevice.open(b)]);
+    assert.equal(a1.identity, a2.identity);
+    assert.notEqual(a1.identity, b1.identity);
+    await Promise.all([a1.close(), a2.close(), b1.close()]);
+  });
+
+  it('maps system errors to operating errors', async () => {
+    await assert.rejects(() => FileDevice.open(join(dir, 'missing.img')), code('ENODEV'));
+    await assert.rejects(() => FileDevice.open(dir), code('EINVAL'));
+    const path = join(dir, 'ro.img');
+    writeFileSync(path, Buffer.alloc(MiB));
+    const device = await FileDevice.open(path, { readOnly: true });
+    await assert.rejects(() => device.write(Buffer.alloc(512), 0), code('EPERM'));
+    await device.close();
+  });
+});
+
+describe('the engine on files', () => {
+  it('keeps flushed data across close and reopen, with a blocking cache file and an asynchronous backing file', async () => {
+    const cachePath = join(dir, 'cache.img');
+    const backingPath = join(dir, 'backing.img');
+    FileDevice.create(cachePath, 20 * 1024 + 8 * MiB);
+    FileDevice.create(backingPath, 32 * MiB);
+    const open = async (): Promise<{ cache: Cache; devices: FileDevice[] }> => {
+      const devices = [await FileDevice.open(cachePath, { blocking: true }), await FileDevice.open(backingPath)];
+      const [cacheDevice, backingDevice] = devices as [FileDevice, FileDevice];
+      const cache = await Cache.open({ cacheDevice, backingDevice, formatIfBlank: { segmentSizeBytes: MiB }, background: false, timers: new ManualTimers() });
+      return { cache, devices };
+    };
+    let { cache, devices } = await open();
+    for (let i = 0; i < 20; i++) await cache.write(pattern(i, i * 64 * 1024, 64 * 1024), i * 64 * 1024);
+    await cache.flush();
+    await cache.close();
+    await Promise.all(devices.map((d) => d.close()));
+    ({ cache, devices } = await open());
+    for (let i = 0; i < 20; i++) assert.deepEqual(await readBytes(cache, i * 64 * 1024, 64 * 1024), pattern(i, i * 64 * 1024, 64 * 1024));
+    await cache.drain();
+    assert.deepEqual(await cache.check(), []);
+    await cache.close();
+    await Promise.all(devices.map((d) => d.close()));
+  });
+});
