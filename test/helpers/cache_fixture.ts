@@ -146,7 +146,11 @@ export class RecordingDevice implements BlockDevice {
     this.identity = inner.identity;
     this.blocking = options.blocking === false ? undefined : {
       readSync: (target, offset) => { inner.readSync(target, offset); },
-      writeSync: (source, offset) => { this.record('write', offset, source.length); inner.writeSync(source, offset); },
+      writeSync: (source, offset) => {
+        if (this.failWrites !== undefined) throw new PcacheError(this.failCode, this.failWrites);
+        this.record('write', offset, source.length);
+        inner.writeSync(source, offset);
+      },
     };
   }
 

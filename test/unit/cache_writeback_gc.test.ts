@@ -276,3 +276,44 @@ describe('backing device offline', () => {
     assert.match(cache.status().stateReason ?? '', /failed for \d+ s: timeouts/);
   });
 });
+
+describe('cache device faults', () => {
+  it('a failed data write fails that request with EIO and nothing else', async () => {
+    const rig = await recordingRig();
+    await rig.cache.write(pattern(1, 0, 4096), 0);
+    rig.cacheDevice.failWrites = 'media error';
+    await assert.rejects(() => rig.cache.write(pattern(2, 8192, 4096), 8192), (e: unknown) => (e as { code?: string }).code === 'EIO');
+    rig.cacheDevice.failWrites = undefined;
+    assert.equal(rig.cache.status().counters.cacheIoErrors, 1);
+    assert.equal(rig.cache.status().state, 'running');
+    await rig.cache.write(pattern(3, 8192, 4096), 8192);
+    await rig.cache.flush();
+    assert.deepEqual(await readBytes(rig.cache, 0, 4096), pattern(1, 0, 4096));
+    assert.deepEqual(await readBytes(rig.cache, 8192, 4096), pattern(3, 8192, 4096));
+    assert.deepEqual(await rig.cache.check(), []);
+  });
+
+  it('a failed commit makes every later flush, FUA and write fail until restart; reads go on; status says failed', async () => {
+    const rig = await recordingRig();
+    await rig.cache.write(pattern(1, 0, 4096), 0);
+    await rig.cache.flush();
+    await rig.cache.write(pattern(2, 4096, 4096), 4096);
+    rig.cacheDevice.failSyncs = 'sync failed';
+    await assert.rejects(() => rig.cache.flush(), /cache device failed while committing ksets.*sync failed/);
+    rig.cacheDevice.failSyncs = undefined; // the device "recovers", but durability is unknown: sticky
+    await assert.rejects(() => rig.cache.flush(), /restart pcache/);
+    await assert.rejects(() => rig.cache.write(pattern(3, 8192, 4096), 8192, { fua: true }), /restart pcache/);
+    await assert.rejects(() => rig.cache.write(pattern(3, 8192, 4096), 8192), /restart pcache/);
+    const status = rig.cache.status();
+    assert.equal(status.state, 'failed');
+    assert.match(status.stateReason ?? '', /sync failed/);
+    assert.deepEqual(await readBytes(rig.cache, 0, 4096), pattern(1, 0, 4096), 'reads go on');
+    rig.cache.abandon();
+    const restarted = await rig.open();
+    assert.equal(restarted.status().state, 'running');
+    assert.deepEqual(await readBytes(restarted, 0, 4096), pattern(1, 0, 4096), 'flushed data survived');
+    await restarted.write(pattern(4, 8192, 4096), 8192);
+    await restarted.flush();
+    assert.deepEqual(await restarted.check(), []);
+  });
+});
