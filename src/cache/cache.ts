@@ -99,6 +99,18 @@ export interface CacheStatus {
   readonly counters: Readonly<CacheStats>;
 }
 
+/**
+ * dm-pcache's status line (`dmsetup status`), fields 1-9 in its order and format:
+ * `sb_flags seg_total cache_segs segs_used gc_percent cache_flags key_head dirty_tail key_tail`
+ * with the two flag words in hex and the positions as segment:offset.
+ */
+export function dmStatusLine(status: CacheStatus): string {
+  return [
+    status.sbFlags.toString(16), status.segTotal, status.cacheSegs, status.segsUsed, status.gcPercent,
+    status.cacheFlags.toString(16), status.keyHead, status.dirtyTail, status.keyTail,
+  ].join(' ');
+}
+
 export class Cache {
   private readonly core: CacheCore;
   readonly replayResult: ReplayResult;
