@@ -150,7 +150,11 @@ export function randomTearMask(sectorCount: number, prng: Prng): Uint8Array {
 export interface StandardStateOptions {
   readonly prefixes?: boolean;
   readonly omitOne?: boolean;
-  /** For every prefix length k >= 1, write k-1 torn with each of its tear masks. */
+  /**
+   * Everything applied but the last write, which is torn with each of its tear masks. Every
+   * write is the last one at the crash boundary right after it, so across the crash points of
+   * a run each write is torn once with everything before it applied.
+   */
   readonly tornLast?: boolean;
   readonly tear?: TearOptions;
 }
@@ -161,12 +165,9 @@ export function standardStates(point: CrashPoint, prng: Prng, options: StandardS
   const count = point.volatile.length;
   if (options.prefixes ?? true) for (let length = 0; length <= count; length += 1) states.add(prefixState(point, length));
   if (options.omitOne ?? true) for (let index = 0; index < count; index += 1) states.add(omitOneState(point, index));
-  if (options.tornLast ?? true) {
-    for (let length = 1; length <= count; length += 1) {
-      const write = point.volatile[length - 1];
-      assert(write !== undefined, 'prefix length is inside the volatile list');
-      for (const mask of tearMasks(writeSectorCount(write), prng, options.tear)) states.add(tornPrefixState(point, length, mask));
-    }
+  const last = point.volatile[count - 1];
+  if ((options.tornLast ?? true) && last !== undefined) {
+    for (const mask of tearMasks(writeSectorCount(last), prng, options.tear)) states.add(tornPrefixState(point, count, mask));
   }
   return states.list;
 }

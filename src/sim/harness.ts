@@ -9,7 +9,8 @@
 //   and torn-last states of each device, paired;
 // - runRandomized: long seeded workloads with several requests in flight on devices that
 //   complete I/O in a seeded random order; random crash instants, up to N states each; the
-//   run continues from one recovered crash state, so recovery is tested on states with history.
+//   run continues from one crash state (recovered, drained, closed), so later segments run on
+//   devices with history.
 // For every distinct crash state the harness opens (recovers) the target, reads the checked
 // range and runs its structural check; crashes again at every prefix of recovery's own writes
 // and recovers once more, requiring the same bytes; optionally drains the cache and requires
@@ -531,12 +532,36 @@ class Session {
         explored.push(...pairs);
         if (this.full) return;
       }
-      // Continue from one recovered crash state, so later segments recover states with history.
-      const next = statePrng.pick(explored);
-      const values = results.get(next.key)?.values;
-      if (values === undefined) return;
-      images = { cache: materialize(next.cache).durableImage(), backing: materialize(next.backing).durableImage() };
-      initial = values;
+      // Continue from one crash state, recovered and drained, so later segments run on devices
+      // with history. Draining first makes the backing device agree with the exported contents,
+      // which the epoch-prefix checks of the next segment take as their starting point.
+      const next = await this.continueFrom(statePrng.pick(explored));
+      if (next === undefined) return;
+      images = next.images;
+      initial = next.values;
+    }
+  }
+
+  private async continueFrom(pair: SystemCrashState): Promise<{ images: SystemImages; values: Float64Array } | undefined> {
+    const cache = materialize(pair.cache);
+    const backing = materialize(pair.backing);
+    try {
+      const recovered = await this.recover(cache, backing);
+      if (recovered.opened === undefined || recovered.values === undefined || recovered.problems.length > 0) {
+        recovered.opened?.abandon();
+        return undefined;
+      }
+      await recovered.opened.drain();
+      await recovered.opened.close();
+      cache.settle();
+      backing.settle();
+      return { images: { cache: cache.durableImage(), backing: backing.durableImage() }, values: recovered.values };
+    } catch {
+      // The same state was explored and its failures reported already; the run just ends here.
+      return undefined;
+    } finally {
+      cache.powerOff();
+      backing.powerOff();
     }
   }
 
@@ -551,21 +576,23 @@ class Session {
         failure ??= result;
       });
     };
-    for (const op of ops) {
-      if (failure !== undefined) break;
-      const perform = this.perform(opened, op, history, {
+    const start = (op: WorkloadOp): Promise<string | undefined> =>
+      this.perform(opened, op, history, {
         blockSizeBytes: config.blockSizeBytes,
         payloadId: op.kind === 'write' ? op.value : 0,
         onLiveViolations: (violations) => this.addViolation(context, 'live-read', undefined, undefined, violations.map(formatViolation)),
       });
+    for (const op of ops) {
+      if (failure !== undefined) break;
       if (op.kind === 'writeback' || op.kind === 'gc') {
-        // Background steps overlap client requests but not each other, as in the engine.
+        // Background steps overlap client requests but never each other, as in the engine:
+        // the previous one finishes before the next one starts.
         if (background !== undefined) failure ??= await background;
-        background = perform;
+        background = start(op);
         continue;
       }
-      track(perform);
       while (inFlight.size >= config.inflightMax) failure ??= await Promise.race(inFlight);
+      track(start(op));
     }
     for (const result of await Promise.all(inFlight)) failure ??= result;
     if (background !== undefined) failure ??= await background;
@@ -665,20 +692,20 @@ class Session {
       }
       if (result.values !== undefined) {
         const violations = view.checkValues(result.values, 0);
-        if (violations.length > 0) this.addViolation(context, 'oracle', boundary, state, describeSectors(violations));
+        if (violations.length > 0) this.addViolation(context, 'oracle', boundary, state, explain(view, violations));
       }
       if (result.drained !== undefined) {
         const epoch = view.checkEpochPrefix(result.drained, 0);
-        if (epoch.violations.length > 0) this.addViolation(context, 'epoch-drain', boundary, state, describeSectors(epoch.violations));
+        if (epoch.violations.length > 0) this.addViolation(context, 'epoch-drain', boundary, state, explain(view, epoch.violations));
       }
       if (result.rawBacking !== undefined) {
         const epoch = view.checkEpochPrefix(result.rawBacking, 0);
-        if (epoch.violations.length > 0) this.addViolation(context, 'epoch-backing', boundary, state, describeSectors(epoch.violations));
+        if (epoch.violations.length > 0) this.addViolation(context, 'epoch-backing', boundary, state, explain(view, epoch.violations));
       }
       for (const drainState of result.drainBacking) {
         const epoch = view.checkEpochPrefix(drainState.values, 0);
         if (epoch.violations.length === 0) continue;
-        this.addViolation(context, 'epoch-backing', boundary, `${state}; ${drainState.label}`, describeSectors(epoch.violations));
+        this.addViolation(context, 'epoch-backing', boundary, `${state}; ${drainState.label}`, explain(view, epoch.violations));
         break;
       }
       if (this.full) return;
@@ -865,6 +892,12 @@ function describeSectors(violations: readonly SectorViolation[]): string[] {
   const lines = violations.slice(0, sectorsPerViolationShown).map(formatViolation);
   if (violations.length > sectorsPerViolationShown) lines.push(`... and ${violations.length - sectorsPerViolationShown} more sectors`);
   return lines;
+}
+
+/** The bad sectors, then the request history of the first one. */
+function explain(view: OracleView, violations: readonly SectorViolation[]): string[] {
+  const first = violations[0];
+  return first === undefined ? [] : [...describeSectors(violations), ...view.explainSector(first.sector)];
 }
 
 function describeError(error: unknown): string {

@@ -1,8 +1,12 @@
 // Oracle: what each sector may hold after a crash, from the client's request history alone.
 //
 // It knows nothing about the cache (reliability.md §2.4). Writes carry self-describing
-// 512-byte sectors {magic, lba, payloadId, sectorIndex, filler, crc32c}, so any sector read
-// back maps to exactly one (write, sector), or to zeroes, or is garbage or misplaced. A
+// 512-byte sectors {magic, crc32c, lba, payloadId, sectorIndex, filler}, so any sector read
+// back maps to exactly one (write, sector), or to zeroes, or is garbage or misplaced. The CRC
+// sits near the front and covers the bytes after it. It must not sit at the end: a CRC32C
+// followed by its own value leaves the CRC register in a fixed residue, so the CRC32C of any
+// run of such sectors would be one constant, and a system under test that checksums its data
+// with CRC32C (as pcache does) could not tell stale payload sectors from the real ones. A
 // RequestHistory records when each request was issued and answered, both in its own logical
 // time (a counter that orders every issue and reply) and in device-event time (the crash
 // simulator's boundary index). Cutting the history at a crash boundary gives an OracleView:
@@ -27,11 +31,13 @@ import { isZero } from './page_image.js';
 /** Little-endian "PCOR" (pcache oracle record) at the start of every payload sector. */
 const payloadMagic = 0x524f4350;
 const magicOffset = 0;
-const lbaOffset = 4;
-const payloadIdOffset = 12;
-const sectorIndexOffset = 16;
-const fillerOffset = 20;
-const crcOffset = sectorSizeBytes - 4;
+const crcOffset = 4;
+/** The CRC covers everything after its own field. */
+const crcCoveredOffset = 8;
+const lbaOffset = 8;
+const payloadIdOffset = 16;
+const sectorIndexOffset = 20;
+const fillerOffset = 24;
 
 /** Value keys: 0 is zeroes, positive keys are (payloadId, sectorIndex), negatives never match. */
 export const zeroValue = 0;
@@ -56,13 +62,13 @@ export function writePayloadSector(target: Uint8Array, lba: number, payloadId: n
   // Filler that differs per sector and per write, so no two payload sectors are alike and an
   // engine cannot pass by accident (xorshift32 seeded from the sector's identity).
   let state = (Math.imul(payloadId, 0x9e3779b1) ^ Math.imul(lba + 1, 0x85ebca6b) ^ sectorIndex) | 1;
-  for (let offset = fillerOffset; offset < crcOffset; offset += 4) {
+  for (let offset = fillerOffset; offset < sectorSizeBytes; offset += 4) {
     state ^= state << 13;
     state ^= state >>> 17;
     state ^= state << 5;
     writeU32LE(target, offset, state >>> 0);
   }
-  writeU32LE(target, crcOffset, crc32c(target.subarray(0, crcOffset)));
+  writeU32LE(target, crcOffset, crc32c(target.subarray(crcCoveredOffset)));
 }
 
 /** Fills `target` (sector multiple) as the payload of write `payloadId` at `offsetBytes`. */
@@ -90,7 +96,7 @@ export function decodeSector(bytes: Uint8Array, lba: number): SectorContent {
   assert(bytes.length === sectorSizeBytes, 'decode one sector at a time');
   if (isZero(bytes)) return { kind: 'zero' };
   if (u32(bytes, magicOffset) !== payloadMagic) return { kind: 'garbage' };
-  if (u32(bytes, crcOffset) !== crc32c(bytes.subarray(0, crcOffset))) return { kind: 'garbage' };
+  if (u32(bytes, crcOffset) !== crc32c(bytes.subarray(crcCoveredOffset))) return { kind: 'garbage' };
   const foundLba = readU64LE(bytes, lbaOffset);
   const payloadId = u32(bytes, payloadIdOffset);
   const sectorIndex = u32(bytes, sectorIndexOffset);
@@ -108,7 +114,7 @@ export function sectorValue(bytes: Uint8Array, lba: number): number {
 
 function nonZeroSectorValue(bytes: Uint8Array, lba: number): number {
   if (u32(bytes, magicOffset) !== payloadMagic) return garbageValue;
-  if (u32(bytes, crcOffset) !== crc32c(bytes.subarray(0, crcOffset))) return garbageValue;
+  if (u32(bytes, crcOffset) !== crc32c(bytes.subarray(crcCoveredOffset))) return garbageValue;
   const payloadId = u32(bytes, payloadIdOffset);
   const sectorIndex = u32(bytes, sectorIndexOffset);
   if (payloadId === 0 || sectorIndex >= sectorIndexLimit - 1) return garbageValue;
@@ -434,6 +440,23 @@ export class OracleView {
     }
     assert(best !== undefined, 'epoch 0 is always tried');
     return { epoch: undefined, violations: best.violations.map((violation) => ({ ...violation, expected: [...violation.expected, `(closest: epoch ${best.epoch})`] })) };
+  }
+
+  /**
+   * The history behind one sector, for violation reports: every request to it and every
+   * flush, in issue order, with logical issue/reply times and device-event clocks.
+   */
+  explainSector(sector: number, linesMax = 24): string[] {
+    const touching = new Set(this.candidates(sector));
+    const flushes = this.history.flushList().filter((flush) => flush.issueClock <= this.clock);
+    const relevant = [...touching, ...flushes].sort((a, b) => a.issueTime - b.issueTime);
+    const lines = relevant.map((request) => {
+      const reply = request.replyTime === undefined || !this.answered(request) ? 'no reply before the crash' : `replied ${request.ok === true ? 'ok' : 'with an error'} at t=${request.replyTime}`;
+      const what = request.kind === 'flush' ? 'flush' : `${request.kind}${request.fua ? '+fua' : ''} ${request.kind === 'write' ? `#${request.payloadId} ` : ''}[${request.offsetBytes / sectorSizeBytes}, +${request.lengthBytes / sectorSizeBytes})`;
+      return `  request ${request.serial}: ${what} issued at t=${request.issueTime} (event ${request.issueClock}), ${reply}`;
+    });
+    const shown = lines.length > linesMax ? [...lines.slice(0, 4), `  ... ${lines.length - linesMax} more ...`, ...lines.slice(-(linesMax - 4))] : lines;
+    return [`history of sector ${sector} (initial ${describeValue(this.history.initialValue(sector))}):`, ...shown];
   }
 
   private candidates(sector: number): readonly HistoryRequest[] {
