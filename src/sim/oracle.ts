@@ -356,6 +356,12 @@ export class RequestHistory {
   }
 }
 
+/** Epoch k's limits: writes answered before `requiredBefore` are in; those issued after `nextReply` are out. */
+interface EpochBounds {
+  readonly requiredBefore: number;
+  readonly nextReply: number;
+}
+
 /** The oracle for one crash boundary. Cheap to build; computes per sector on demand. */
 export class OracleView {
   private readonly flushIssueMax: number;
@@ -414,32 +420,65 @@ export class OracleView {
    */
   checkEpochPrefix(values: Float64Array, firstSector: number): { epoch: number | undefined; violations: SectorViolation[] } {
     const flushes = this.history.flushList().filter((flush) => flush.issueClock <= this.clock);
-    let best: { epoch: number; violations: SectorViolation[] } | undefined;
-    for (let epoch = flushes.length; epoch >= 0; epoch -= 1) {
+    const bounds = (epoch: number): EpochBounds => {
       const closing = epoch >= 1 ? flushes[epoch - 1] : undefined;
       const next = flushes[epoch];
-      const requiredBefore = closing === undefined ? -1 : closing.issueTime;
-      const nextReply = next !== undefined && this.answered(next) ? (next.replyTime ?? Infinity) : Infinity;
-      const violations: SectorViolation[] = [];
-      for (let index = 0; index < values.length; index += 1) {
-        const sector = firstSector + index;
-        const found = values[index] ?? garbageValue;
-        const sectorCandidates = this.candidates(sector);
-        // Sectors nobody wrote hold their initial value in every epoch.
-        if (sectorCandidates.length === 0 && found === this.history.initialValue(sector)) continue;
-        const candidates = sectorCandidates.filter((request) => request.issueTime < nextReply);
-        const required = candidates.filter((request) => succeeded(request) && supersedes(request) && this.answered(request) && (request.replyTime ?? Infinity) < requiredBefore);
-        const allowed = this.history.allowedAmong(sector, candidates, required);
-        if (allowed.has(found)) continue;
-        const violation = this.history.violation(sector, found, allowed, sectorCandidates);
-        violations.push({ ...violation, reason: violation.reason === 'garbage' || violation.reason === 'misplaced' ? violation.reason : 'not-a-prefix' });
-        if (best !== undefined && violations.length >= best.violations.length) break;
-      }
-      if (violations.length === 0) return { epoch, violations: [] };
-      if (best === undefined || violations.length < best.violations.length) best = { epoch, violations };
+      return {
+        requiredBefore: closing === undefined ? -1 : closing.issueTime,
+        nextReply: next !== undefined && this.answered(next) ? (next.replyTime ?? Infinity) : Infinity,
+      };
+    };
+    // The common case is a valid prefix: test each epoch without allocating, newest first.
+    for (let epoch = flushes.length; epoch >= 0; epoch -= 1) {
+      const epochBounds = bounds(epoch);
+      let fits = true;
+      for (let index = 0; index < values.length && fits; index += 1) fits = this.fitsEpoch(firstSector + index, values[index] ?? garbageValue, epochBounds);
+      if (fits) return { epoch, violations: [] };
     }
-    assert(best !== undefined, 'epoch 0 is always tried');
-    return { epoch: undefined, violations: best.violations.map((violation) => ({ ...violation, expected: [...violation.expected, `(closest: epoch ${best.epoch})`] })) };
+    // No epoch fits: describe the one with the fewest bad sectors.
+    let best = { epoch: 0, failures: Number.POSITIVE_INFINITY };
+    for (let epoch = flushes.length; epoch >= 0; epoch -= 1) {
+      const epochBounds = bounds(epoch);
+      let failures = 0;
+      for (let index = 0; index < values.length && failures < best.failures; index += 1) {
+        if (!this.fitsEpoch(firstSector + index, values[index] ?? garbageValue, epochBounds)) failures += 1;
+      }
+      if (failures < best.failures) best = { epoch, failures };
+    }
+    const epochBounds = bounds(best.epoch);
+    const violations: SectorViolation[] = [];
+    for (let index = 0; index < values.length; index += 1) {
+      const sector = firstSector + index;
+      const found = values[index] ?? garbageValue;
+      if (this.fitsEpoch(sector, found, epochBounds)) continue;
+      const all = this.candidates(sector);
+      const candidates = all.filter((request) => request.issueTime < epochBounds.nextReply);
+      const required = candidates.filter((request) => this.requiredForEpoch(request, epochBounds));
+      const violation = this.history.violation(sector, found, this.history.allowedAmong(sector, candidates, required), all);
+      const reason = violation.reason === 'garbage' || violation.reason === 'misplaced' ? violation.reason : 'not-a-prefix';
+      violations.push({ ...violation, reason, expected: [...violation.expected, `(closest: epoch ${best.epoch})`] });
+    }
+    return { epoch: undefined, violations };
+  }
+
+  /** Whether `found` may be at `sector` when the device holds epochs before k and part of k. */
+  private fitsEpoch(sector: number, found: number, bounds: EpochBounds): boolean {
+    const candidates = this.candidates(sector);
+    let newestRequiredIssue = -1;
+    for (const request of candidates) {
+      if (request.issueTime < bounds.nextReply && this.requiredForEpoch(request, bounds)) newestRequiredIssue = Math.max(newestRequiredIssue, request.issueTime);
+    }
+    if (newestRequiredIssue < 0 && found === this.history.initialValue(sector)) return true;
+    for (const request of candidates) {
+      if (request.issueTime >= bounds.nextReply) continue;
+      if (request.replyTime !== undefined && request.replyTime < newestRequiredIssue) continue;
+      if (valueAt(request, sector) === found) return true;
+    }
+    return false;
+  }
+
+  private requiredForEpoch(request: HistoryRequest, bounds: EpochBounds): boolean {
+    return succeeded(request) && supersedes(request) && this.answered(request) && (request.replyTime ?? Infinity) < bounds.requiredBefore;
   }
 
   /**

@@ -14,7 +14,7 @@ import { crc32c } from '../../src/lib/crc32c.js';
 import { PcacheError } from '../../src/lib/errors.js';
 import { readU32LE, readU64LE, sectorSizeBytes, writeU32LE, writeU64LE } from '../../src/lib/units.js';
 import type { BlockDevice } from '../../src/device/block_device.js';
-import type { CrashTarget, OpenTarget } from '../../src/sim/harness.js';
+import { runExhaustive, runRandomized, type CrashTarget, type HarnessReport, type OpenTarget } from '../../src/sim/harness.js';
 
 export type WriteThroughMutant = 'none' | 'flushWithoutSync' | 'fuaWithoutSync' | 'reorderedFlush';
 
@@ -398,4 +398,65 @@ function overlay(target: Uint8Array, targetOffset: number, data: Uint8Array, dat
   const end = Math.min(targetOffset + target.length, dataOffset + data.length);
   if (start >= end) return;
   target.set(data.subarray(start - dataOffset, end - dataOffset), start - targetOffset);
+}
+
+/** Every toy target and mutant by name, so a replay spec can find the one that failed. */
+export const toyTargets: Readonly<Record<string, () => CrashTarget>> = {
+  'write-through': () => new WriteThroughTarget(),
+  'write-through.flushWithoutSync': () => new WriteThroughTarget('flushWithoutSync'),
+  'write-through.fuaWithoutSync': () => new WriteThroughTarget('fuaWithoutSync'),
+  'write-through.reorderedFlush': () => new WriteThroughTarget('reorderedFlush'),
+  'log-cache': () => new LogCacheTarget(),
+  'log-cache.tailBeforeBackingSync': () => new LogCacheTarget('tailBeforeBackingSync'),
+  'log-cache.trustRecordData': () => new LogCacheTarget('trustRecordData'),
+  'log-cache.newestFirstWriteback': () => new LogCacheTarget('newestFirstWriteback'),
+  'log-cache.batchedWriteback': () => new LogCacheTarget('batchedWriteback'),
+  'log-cache.flushWithoutSync': () => new LogCacheTarget('flushWithoutSync'),
+  'log-cache.recoveryResetFirst': () => new LogCacheTarget('recoveryResetFirst'),
+};
+
+export function toyTarget(name: string): CrashTarget {
+  const make = toyTargets[name];
+  assert(make !== undefined, `no toy target named ${name}`);
+  return make();
+}
+
+/** The one command that replays a toy harness failure. */
+export function toyReplayCommand(spec: string): string {
+  return `npm run build && PCACHE_SIM_REPLAY='${spec}' node --test dist/test/sim/replay.test.js`;
+}
+
+/** Exhaustive-mode shape for the toys: 4 KiB blocks, 16 KiB checked, a 128 KiB cache device. */
+export const toyExhaustiveShape = {
+  cacheSizeBytes: 128 * 1024,
+  backingSizeBytes: 16 * 1024,
+  blockCount: 2,
+  valueCount: 2,
+  replayCommand: toyReplayCommand,
+} as const;
+
+/** Randomized-mode shape: a 4 MiB cache device (the toy log only resets once drained). */
+export const toyRandomizedShape = {
+  cacheSizeBytes: 4 * 1024 * 1024,
+  backingSizeBytes: 64 * 1024,
+  blockCount: 16,
+  opsPerSegment: 120,
+  segmentsPerRun: 3,
+  replayCommand: toyReplayCommand,
+} as const;
+
+/** The spec inside a printed replay command. */
+export function replaySpecOf(command: string): string {
+  const match = /PCACHE_SIM_REPLAY='([^']*)'/.exec(command);
+  assert(match?.[1] !== undefined, `no replay spec in: ${command}`);
+  return match[1];
+}
+
+/** Reruns exactly what a toy replay spec names, with the shape the original run used. */
+export function replayToy(spec: string, log: (line: string) => void): Promise<HarnessReport> {
+  const fields = new Map(spec.trim().split(/\s+/).map((part) => [part.slice(0, part.indexOf('=')), part.slice(part.indexOf('=') + 1)]));
+  const name = fields.get('target') ?? '';
+  const seed = Number(fields.get('seed'));
+  const common = { name, target: toyTarget(name), seed, replay: spec, log };
+  return fields.get('mode') === 'exhaustive' ? runExhaustive({ ...toyExhaustiveShape, ...common }) : runRandomized({ ...toyRandomizedShape, ...common });
 }
