@@ -728,7 +728,9 @@ class Session {
     if (recoveryCrashes) recoveryPoints.push(capture(system));
     const stopListening = events.listen((event) => {
       // With every write applied, only writes change a crash state: syncs need no snapshot.
-      if (recoveryCrashes && event.kind === 'write' && event.phase !== 'fail') recoveryPoints.push(capture(system));
+      if (!recoveryCrashes || event.kind !== 'write' || event.phase === 'fail') return;
+      assert(recoveryPoints.length < eventsPerWorkloadMax, `more than ${eventsPerWorkloadMax} writes in one recovery`);
+      recoveryPoints.push(capture(system));
     });
     let values: Float64Array | undefined;
     let reads: Uint8Array | undefined;
@@ -741,7 +743,13 @@ class Session {
       reads = first.reads;
       if (first.opened !== undefined) {
         if (this.options.drainCheck ?? true) {
-          const stopDrainCapture = rawBackingCheck ? events.listen((event) => { if (event.device === backing.name) drainPoints.push(backing.crashPoint()); }) : undefined;
+          const stopDrainCapture = rawBackingCheck
+            ? events.listen((event) => {
+                if (event.device !== backing.name) return;
+                assert(drainPoints.length < eventsPerWorkloadMax, `more than ${eventsPerWorkloadMax} backing events in one drain`);
+                drainPoints.push(backing.crashPoint());
+              })
+            : undefined;
           try {
             await first.opened.drain();
             await first.opened.close();
