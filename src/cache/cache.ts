@@ -10,7 +10,7 @@
 
 import { PcacheError } from '../lib/errors.js';
 import { realTimers, type Timers } from '../lib/timers.js';
-import { MiB, sectorSizeBytes } from '../lib/units.js';
+import { KiB, isAllZero, sectorSizeBytes } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { cacheInfoFlags, type CacheInfo } from '../ondisk/cache_info.js';
 import { gcPercentMax } from '../ondisk/layout.js';
@@ -432,15 +432,24 @@ function wireParts(core: CacheCore, keyHead: LogPos): void {
 /**
  * Zeroes key_head's segment from key_head to its end, then syncs. A kset written there before
  * the crash was never acknowledged; without this, a later replay could find it again behind
- * new ksets of the same length and take it for part of the log.
+ * new ksets of the same length and take it for part of the log. Chunks that already read as
+ * zero are not rewritten: the end state is the same, and the sync also covers an earlier
+ * zeroing write that was cut short (a sync covers every completed write to the device).
  */
 async function clearAfterHead(core: CacheCore, keyHead: LogPos): Promise<void> {
-  const chunkBytes = 1 * MiB;
-  const zeroes = new Uint8Array(Math.min(chunkBytes, core.dev.dataSizeBytes));
+  const chunkBytes = 64 * KiB;
+  const scratch = new Uint8Array(chunkBytes);
+  const zeroes = new Uint8Array(chunkBytes);
+  let wrote = false;
   for (let offset = keyHead.offsetBytes; offset < core.dev.dataSizeBytes; offset += chunkBytes) {
     const length = Math.min(chunkBytes, core.dev.dataSizeBytes - offset);
+    const current = scratch.subarray(0, length);
+    const read = core.dev.readData(current, keyHead.segment, offset);
+    if (read !== undefined) await read;
+    if (isAllZero(current)) continue;
     const io = core.dev.writeData(zeroes.subarray(0, length), keyHead.segment, offset);
     if (io !== undefined) await io;
+    wrote = true;
   }
-  await core.dev.sync();
+  if (wrote || keyHead.offsetBytes < core.dev.dataSizeBytes) await core.dev.sync();
 }

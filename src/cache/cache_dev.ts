@@ -11,6 +11,7 @@
 import { randomUUID } from 'node:crypto';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
+import { isAllZero } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { encodeCacheInfo, decodeCacheInfo, type CacheInfo } from '../ondisk/cache_info.js';
 import { decodeCachePos, encodeCachePos, type CachePos } from '../ondisk/cache_pos.js';
@@ -164,7 +165,7 @@ export async function probeDevice(device: BlockDevice): Promise<DeviceContents> 
   if (device.sizeBytes < blankProbeBytes) return 'other';
   const head = new Uint8Array(blankProbeBytes);
   await device.read(head, 0);
-  if (head.every((byte) => byte === 0)) return 'blank';
+  if (isAllZero(head)) return 'blank';
   return hasSuperblockMagic(head.subarray(superblockOffsetBytes)) ? 'pcache' : 'other';
 }
 

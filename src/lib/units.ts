@@ -120,3 +120,14 @@ export function formatSize(bytes: number): string {
   }
   return `${bytes} B`;
 }
+
+const zeroBlock = new Uint8Array(64 * 1024);
+
+/** True when every byte is zero (a memcmp against a zero block, not a callback per byte). */
+export function isAllZero(bytes: Uint8Array): boolean {
+  for (let at = 0; at < bytes.length; at += zeroBlock.length) {
+    const piece = bytes.subarray(at, Math.min(bytes.length, at + zeroBlock.length));
+    if (Buffer.compare(piece, zeroBlock.subarray(0, piece.length)) !== 0) return false;
+  }
+  return true;
+}

@@ -13,7 +13,7 @@
 // the previous value readable.
 
 import { crc32c } from '../lib/crc32c.js';
-import { readU32LE, writeU32LE } from '../lib/units.js';
+import { isAllZero, readU32LE, writeU32LE } from '../lib/units.js';
 import { formatVersion } from './layout.js';
 
 export const metaHeaderBytes = 8;
@@ -34,7 +34,7 @@ export function sealMetaRecord(record: Uint8Array, seq: number): Uint8Array {
 
 /** Checks CRC and version; returns the copy's seq, or why the copy is unusable. */
 export function checkMetaRecord(record: Uint8Array, name: string): { seq: number } | { problem: string } {
-  if (record.every((byte) => byte === 0)) return { problem: `${name}: never written (all zero)` };
+  if (isAllZero(record)) return { problem: `${name}: never written (all zero)` };
   const stored = readU32LE(record, 0);
   const computed = crc32c(record.subarray(4));
   if (stored !== computed) return { problem: `${name}: CRC mismatch (stored ${hex(stored)}, computed ${hex(computed)})` };
