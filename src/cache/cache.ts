@@ -149,6 +149,7 @@ export class Cache {
     });
     const result = await replay(core, metadata.dirtyTail.value);
     core.dirtyTail = result.dirtyTail;
+    core.durableDirtyTail = result.dirtyTail;
     wireParts(core, result.keyHead);
     if (!core.readOnly) await clearAfterHead(core, result.keyHead);
     const cache = new Cache(core, result);

@@ -108,6 +108,8 @@ export class CacheCore {
   private admissionWaiters: (() => void)[] = [];
   keyTail: LogPos;
   dirtyTail: LogPos;
+  /** The newest dirty_tail known durable on the cache device; GC never passes it. */
+  durableDirtyTail: LogPos;
   private ticket = 0;
   // Set right after construction (they need the core themselves).
   log!: KsetLog;
@@ -123,6 +125,7 @@ export class CacheCore {
     this.timers = parts.timers;
     this.keyTail = parts.keyTail;
     this.dirtyTail = parts.dirtyTail;
+    this.durableDirtyTail = parts.dirtyTail;
     this.dataCrc = options.dataCrc;
     this.keyMaxBytes = options.dataCrc ? dataCrcKeyMaxBytes : subtreeSizeBytes;
     this.gcPercent = options.gcPercent;

@@ -1,8 +1,11 @@
 // Garbage collection: reclaiming the log and the data behind it, oldest first (FIFO).
 //
 // GC runs when the segments in use reach gc_percent of the cache and key_tail is behind
-// dirty_tail (only written-back ksets may be reclaimed). A round walks ksets from key_tail,
-// never past dirty_tail, noting for every key that still holds a segment reference which
+// dirty_tail (only written-back ksets may be reclaimed). A round first makes sure the
+// dirty_tail it relies on is durable (writeback writes dirty_tail without a cache sync; were
+// GC's key_tail to reach the disk before it, recovery would find key_tail past dirty_tail).
+// It walks ksets from key_tail, never past that durable dirty_tail, noting for every key that
+// still holds a segment reference which
 // segment it is, and which log segments key_tail leaves behind. It persists the advanced
 // key_tail and syncs, and only then drops those references and frees those log segments:
 // a segment is never reused while a key that recovery could replay still points into it.
@@ -78,11 +81,17 @@ export class Gc {
   private async round(): Promise<boolean> {
     const core = this.core;
     try {
+      if (core.durableDirtyTail.lsn < core.dirtyTail.lsn) {
+        const dirtyTail = core.dirtyTail;
+        await core.dev.sync();
+        core.durableDirtyTail = dirtyTail;
+      }
+      const limit = core.durableDirtyTail;
       let pos = core.keyTail;
       const puts: number[] = [];
       const leftLogSegments: number[] = [];
       let ksets = 0;
-      while (ksets < gcKsetsPerRoundMax && pos.lsn < core.dirtyTail.lsn) {
+      while (ksets < gcKsetsPerRoundMax && pos.lsn < limit.lsn) {
         const kset = await readKsetAt(core, pos, this.scratch);
         if (!kset.ok) throw new PcacheError('CORRUPT', `gc: the kset at segment ${pos.segment} offset ${pos.offsetBytes} is invalid: ${kset.problem}`);
         if (kset.kind === 'last') {

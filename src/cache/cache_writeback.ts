@@ -4,9 +4,11 @@
 // (a kset with EPOCH_END), at most writebackKsetsPerRoundMax ksets, never past the durable
 // log head — merges their keys so only the newest data for each range survives, writes the
 // dirty and ZERO extents to the backing device in offset order (CLEAN extents are skipped),
-// syncs the backing device, and only then persists the advanced dirty_tail. Because a round
-// never spans an epoch boundary, the backing device alone always holds a prefix of the
-// client's flush epochs (the last one possibly partial), even if the cache device is lost.
+// syncs the backing device, and only then persists the advanced dirty_tail and syncs the
+// cache device. Because a round never spans an epoch boundary, and a round's dirty_tail is
+// durable before the next round writes anything, the backing device alone always holds a
+// prefix of the client's flush epochs (the last one possibly partial), even across a crash
+// and recovery, and even if the cache device is lost.
 // On any error nothing advances: the round is retried from the same dirty_tail with
 // exponential back-off, the error is counted, and status reports the cache as degraded. A
 // failed backing sync is treated like failed writes (fsyncgate): the whole round is redone.
@@ -107,6 +109,11 @@ export class Writeback {
       await core.backing.sync();
       if (core.stopped()) return false;
       await core.dev.writeDirtyTail({ segment: batch.end.segment, offsetBytes: batch.end.offsetBytes });
+      // The new dirty_tail must be durable before the next round puts newer data on the backing
+      // device: were it lost in a crash, recovery would write this round's (older) epoch back
+      // over the next one's, and the backing device would stop being a prefix of the epochs.
+      await core.dev.sync();
+      core.durableDirtyTail = batch.end;
       core.dirtyTail = batch.end;
       core.stats.dirtyBytes -= batch.dirtyBytes;
       core.stats.writebackBytes += batch.dirtyBytes;
