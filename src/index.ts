@@ -1,5 +1,10 @@
-// The pcache library's public surface: the cache engine, its devices and its errors.
+// The pcache library's public surface: the cache engine, its devices, the NBD server, and its errors.
 export { PcacheError, type PcacheErrorCode } from './lib/errors.js';
 export type { BlockDevice, BlockingIo } from './device/block_device.js';
 export { MemoryDevice } from './device/memory_device.js';
 export { FileDevice, type FileDeviceOptions } from './device/file_device.js';
+export { DeviceExport } from './device/device_export.js';
+export { Cache, dmStatusLine, type CacheOpenOptions, type CacheStatus, type FormatOptions } from './cache/cache.js';
+export { checkCacheDevice, type CheckReport, type CheckSummary } from './cache/cache_check.js';
+export { NbdServer, type NbdServerOptions, type NbdListenAddress, type NbdLimits } from './nbd/server.js';
+export type { Export, BlockStatusExtent } from './nbd/export.js';

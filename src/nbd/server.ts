@@ -140,7 +140,7 @@ export class NbdServer implements ConnectionHost {
    */
   async listen(address: NbdListenAddress): Promise<NbdListenAddress> {
     assert(this.boundAddress === undefined && !this.stopping, 'listen called twice or after close');
-    if ('path' in address) await replaceStaleSocket(address.path);
+    if ('path' in address) await prepareSocketPath(address.path);
     await new Promise<void>((resolve, reject) => {
       const onError = (error: Error): void => {
         reject(new PcacheError('EINVAL', `cannot listen on ${describe(address)}: ${error.message}`, { cause: error }));
@@ -234,8 +234,9 @@ function checkLimits(limits: NbdLimits): void {
 /**
  * Makes `path` free for listening: nothing there is fine; a socket nobody answers on is a
  * leftover of a killed server and is removed; a live socket or any other file is refused.
+ * Exported for other Unix-socket listeners of the same process (the CLI's control socket).
  */
-async function replaceStaleSocket(path: string): Promise<void> {
+export async function prepareSocketPath(path: string): Promise<void> {
   let stat: fs.Stats;
   try {
     stat = fs.lstatSync(path);

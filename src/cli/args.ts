@@ -1,0 +1,415 @@
+// The command-line grammar: every command, its flags and help text, and the parsing and
+// validation that turn argv into typed options.
+//
+// Invariants:
+// - argv is read only here (main.ts hands it over); every value is validated here, once, so a
+//   command module receives options that are already in range;
+// - every rejection is a UsageError whose message names the offending flag and fits on one
+//   line (main.ts prints it as `pcache: <message>` and exits with exitUsage);
+// - help text is generated from the same table the parser uses, so the two cannot disagree.
+
+import { parseArgs } from 'node:util';
+import { isPcacheError } from '../lib/errors.js';
+import { GiB, MiB, parseSize } from '../lib/units.js';
+import { gcPercentMax, segmentSizeAlignBytes, segmentSizeMaxBytes, segmentSizeMinBytes } from '../ondisk/layout.js';
+
+/** Exit status: success. */
+export const exitOk = 0;
+/** Exit status: an operating error (a refused or failed operation, or `check` found problems). */
+export const exitFailure = 1;
+/** Exit status: the command line itself is wrong (unknown flag, missing flag, bad value). */
+export const exitUsage = 2;
+/** Exit status: a bug in pcache (a broken invariant); the stack trace is printed. */
+export const exitInternal = 70;
+
+/** A mistake in the command line. */
+export class UsageError extends Error {
+  override readonly name = 'UsageError';
+}
+
+export type CommandName = 'format' | 'serve' | 'status' | 'check' | 'drain';
+
+interface FlagSpec {
+  readonly kind: 'string' | 'boolean';
+  /** The placeholder shown in help for a string flag (PATH, SIZE, N). */
+  readonly value?: string;
+  readonly help: string;
+}
+
+interface CommandSpec {
+  readonly summary: string;
+  readonly usage: readonly string[];
+  readonly flags: Readonly<Record<string, FlagSpec>>;
+  readonly notes: readonly string[];
+}
+
+const helpFlag: FlagSpec = { kind: 'boolean', help: 'show this help and exit' };
+
+const specs: Readonly<Record<CommandName, CommandSpec>> = {
+  format: {
+    summary: 'format a cache device for a backing device',
+    usage: ['pcache format --cache PATH --backing PATH [--segment-size SIZE] [--data-crc] [--gc-percent N] [--force [--discard-dirty]]'],
+    flags: {
+      cache: { kind: 'string', value: 'PATH', help: 'the cache device: a file or a block device (required)' },
+      backing: { kind: 'string', value: 'PATH', help: 'the backing device it will cache: a file or a block device (required)' },
+      'cache-size': { kind: 'string', value: 'SIZE', help: 'create the cache file with this size (sparse) if it does not exist' },
+      'segment-size': { kind: 'string', value: 'SIZE', help: 'bytes per segment, a multiple of 1M from 1M to 1G (default 16M)' },
+      'data-crc': { kind: 'boolean', help: 'protect every cached extent with a CRC32C (fixed at format)' },
+      'gc-percent': { kind: 'string', value: 'N', help: `start garbage collection when N% of segments are in use, 0..${gcPercentMax} (default 70)` },
+      force: { kind: 'boolean', help: 'overwrite a device that is not blank (never discards dirty data on its own)' },
+      'discard-dirty': { kind: 'boolean', help: 'with --force: also overwrite a cache that still holds dirty data, losing it' },
+      help: helpFlag,
+    },
+    notes: [
+      'A blank device (its first 8 KiB are zero) is formatted. Anything else is refused unless',
+      '--force is given; a pcache cache that still holds data not yet written back to its backing',
+      'device is refused even then (drain it first with `pcache serve` + `pcache drain`), unless',
+      '--discard-dirty is given too. A device that another process has open is always refused.',
+    ],
+  },
+  serve: {
+    summary: 'serve a backing device through its cache over NBD',
+    usage: [
+      'pcache serve --cache PATH --backing PATH [--cache-size SIZE] [--socket PATH | --port N [--bind ADDR]]',
+      '             [--control PATH] [--export-name NAME] [--read-only] [--gc-percent N]',
+      'pcache serve            (no arguments: a ready-made cache and disk in ./pcache-data/)',
+    ],
+    flags: {
+      cache: { kind: 'string', value: 'PATH', help: 'the cache device (opened with synchronous I/O: put it on fast storage)' },
+      backing: { kind: 'string', value: 'PATH', help: 'the backing device (opened with asynchronous I/O)' },
+      'cache-size': { kind: 'string', value: 'SIZE', help: 'create a missing cache file of this size (sparse)' },
+      'backing-size': { kind: 'string', value: 'SIZE', help: 'create a missing backing file of this size (sparse)' },
+      socket: { kind: 'string', value: 'PATH', help: 'listen on this Unix socket (default ./nbd.sock)' },
+      port: { kind: 'string', value: 'N', help: 'listen on TCP port N instead (0 picks a free port)' },
+      bind: { kind: 'string', value: 'ADDR', help: 'with --port: the address to bind (default 127.0.0.1)' },
+      control: { kind: 'string', value: 'PATH', help: 'also answer `pcache status` and `pcache drain` on this Unix socket' },
+      'export-name': { kind: 'string', value: 'NAME', help: 'the NBD export name (default "pcache"; the empty name works too)' },
+      'read-only': { kind: 'boolean', help: 'refuse writes; nothing is written to either device' },
+      'gc-percent': { kind: 'string', value: 'N', help: `set the GC threshold (0..${gcPercentMax}) and store it in the cache` },
+      'no-cache': { kind: 'boolean', help: 'serve the backing device directly, without a cache (for comparisons)' },
+      help: helpFlag,
+    },
+    notes: [
+      'A blank cache device is formatted with the defaults (and --gc-percent). A device holding',
+      'anything else that is not this backing device\'s cache is refused without writing a byte.',
+      'SIGINT or SIGTERM stop the server cleanly: requests in flight finish, the cache log is',
+      'made durable, and pcache exits with status 0. Dirty data stays in the cache for next time.',
+    ],
+  },
+  status: {
+    summary: "show a cache's state (dm-pcache's nine status fields and more)",
+    usage: ['pcache status --control PATH [--json]', 'pcache status --cache PATH [--json]'],
+    flags: {
+      control: { kind: 'string', value: 'PATH', help: 'ask a running server through its control socket' },
+      cache: { kind: 'string', value: 'PATH', help: 'read an idle cache device directly (read-only)' },
+      json: { kind: 'boolean', help: 'print JSON instead of a table' },
+      help: helpFlag,
+    },
+    notes: [
+      '--cache reads the device without writing to it and refuses a device that another process',
+      '(such as a running `pcache serve`) has open; ask that server with --control instead.',
+    ],
+  },
+  check: {
+    summary: 'check a cache device structurally, without writing to it',
+    usage: ['pcache check --cache PATH [--json]'],
+    flags: {
+      cache: { kind: 'string', value: 'PATH', help: 'the cache device to check (required; must be idle)' },
+      json: { kind: 'boolean', help: 'print JSON: problems, warnings and a summary' },
+      help: helpFlag,
+    },
+    notes: ['Exits with status 1 if any problem is found, 0 if there are none (warnings allowed).'],
+  },
+  drain: {
+    summary: 'write back all dirty data of a running server; returns once clean',
+    usage: ['pcache drain --control PATH [--timeout SECONDS]'],
+    flags: {
+      control: { kind: 'string', value: 'PATH', help: "the server's control socket (required)" },
+      timeout: { kind: 'string', value: 'SECONDS', help: 'give up after this long (exit 1); default: wait until clean' },
+      help: helpFlag,
+    },
+    notes: ['Everything written before the drain started is on the backing device, synced, when it returns.'],
+  },
+};
+
+const commandNames = Object.keys(specs) as CommandName[];
+
+export interface FormatArgs {
+  readonly cachePath: string;
+  readonly backingPath: string;
+  readonly cacheSizeBytes: number | undefined;
+  readonly segmentSizeBytes: number | undefined;
+  readonly dataCrc: boolean;
+  readonly gcPercent: number | undefined;
+  readonly force: boolean;
+  readonly discardDirty: boolean;
+}
+
+export type ListenArgs = { readonly path: string } | { readonly port: number; readonly host: string };
+
+export interface ServeArgs {
+  readonly cachePath: string;
+  readonly backingPath: string;
+  readonly cacheSizeBytes: number | undefined;
+  readonly backingSizeBytes: number | undefined;
+  readonly listen: ListenArgs;
+  readonly controlPath: string | undefined;
+  readonly exportName: string;
+  readonly readOnly: boolean;
+  readonly gcPercent: number | undefined;
+  readonly noCache: boolean;
+  /** `pcache serve` with no arguments: create ./pcache-data/ and print connection recipes. */
+  readonly defaultMode: boolean;
+}
+
+export type StatusArgs = { readonly controlPath: string; readonly json: boolean } | { readonly cachePath: string; readonly json: boolean };
+
+export interface CheckArgs {
+  readonly cachePath: string;
+  readonly json: boolean;
+}
+
+export interface DrainArgs {
+  readonly controlPath: string;
+  readonly timeoutMs: number | undefined;
+}
+
+export type Invocation =
+  | { readonly command: 'help'; readonly text: string }
+  | { readonly command: 'version' }
+  | { readonly command: 'format'; readonly args: FormatArgs }
+  | { readonly command: 'serve'; readonly args: ServeArgs }
+  | { readonly command: 'status'; readonly args: StatusArgs }
+  | { readonly command: 'check'; readonly args: CheckArgs }
+  | { readonly command: 'drain'; readonly args: DrainArgs };
+
+/** The directory, files and sizes of `pcache serve` with no arguments. */
+export const defaultServe = {
+  directory: 'pcache-data',
+  cacheFile: 'pcache-data/cache.img',
+  cacheSizeBytes: 1 * GiB,
+  backingFile: 'pcache-data/backing.img',
+  backingSizeBytes: 8 * GiB,
+  socket: 'pcache-data/nbd.sock',
+  control: 'pcache-data/control.sock',
+} as const;
+
+const defaultSocket = 'nbd.sock';
+const defaultExportName = 'pcache';
+const portMax = 65_535;
+
+export function parseCommandLine(argv: readonly string[]): Invocation {
+  const [first, ...rest] = argv;
+  if (first === undefined) throw new UsageError('no command given (see pcache --help)');
+  if (first === '--help' || first === '-h') return { command: 'help', text: overviewHelp() };
+  if (first === '--version' || first === '-V') return { command: 'version' };
+  if (first === 'help') {
+    const topic = rest[0];
+    if (topic === undefined) return { command: 'help', text: overviewHelp() };
+    return { command: 'help', text: commandHelp(commandNamed(topic)) };
+  }
+  const name = commandNamed(first);
+  const flags = parseFlags(name, rest);
+  if (flags.has('help')) return { command: 'help', text: commandHelp(name) };
+  switch (name) {
+    case 'format':
+      return { command: 'format', args: formatArgs(flags) };
+    case 'serve':
+      return { command: 'serve', args: serveArgs(flags, rest.length === 0) };
+    case 'status':
+      return { command: 'status', args: statusArgs(flags) };
+    case 'check':
+      return { command: 'check', args: { cachePath: required(flags, 'check', 'cache'), json: flags.has('json') } };
+    case 'drain':
+      return { command: 'drain', args: drainArgs(flags) };
+  }
+}
+
+function commandNamed(text: string): CommandName {
+  const name = commandNames.find((candidate) => candidate === text);
+  if (name === undefined) {
+    const what = text.startsWith('-') ? `unknown option ${text}` : `unknown command '${text}'`;
+    throw new UsageError(`${what} (commands: ${commandNames.join(', ')}; see pcache --help)`);
+  }
+  return name;
+}
+
+type Flags = Map<string, string | true>;
+
+/** Parses `args` against `name`'s flag table; anything unknown, repeated or malformed is a UsageError. */
+function parseFlags(name: CommandName, args: readonly string[]): Flags {
+  const spec = specs[name];
+  const options: Record<string, { type: 'string' | 'boolean'; short?: string }> = {};
+  for (const [flag, flagSpec] of Object.entries(spec.flags)) options[flag] = { type: flagSpec.kind };
+  options.help = { type: 'boolean', short: 'h' };
+  // strict: false, so that every mistake is reported here, in one line, in our words.
+  const { tokens } = parseArgs({ args: [...args], options, strict: false, allowPositionals: true, tokens: true });
+  const flags: Flags = new Map();
+  const hint = `see pcache ${name} --help`;
+  for (const token of tokens) {
+    if (token.kind === 'option-terminator') continue;
+    if (token.kind === 'positional') throw new UsageError(`${name}: unexpected argument '${token.value}' (${hint})`);
+    const flagSpec = token.name === 'help' ? helpFlag : spec.flags[token.name];
+    if (flagSpec === undefined) throw new UsageError(`${name}: unknown option ${token.rawName} (${hint})`);
+    if (flags.has(token.name)) throw new UsageError(`${name}: ${token.rawName} given more than once`);
+    if (flagSpec.kind === 'boolean') {
+      if (token.value !== undefined) throw new UsageError(`${name}: ${token.rawName} takes no value`);
+      flags.set(token.name, true);
+      continue;
+    }
+    const value = token.value;
+    // `--cache --backing x` would take "--backing" as the path: treat it as a missing value.
+    if (value === undefined || (!token.inlineValue && value.startsWith('-'))) {
+      throw new UsageError(`${name}: ${token.rawName} needs a value (${flagSpec.value ?? 'VALUE'})`);
+    }
+    if (value === '') throw new UsageError(`${name}: ${token.rawName} needs a non-empty value`);
+    flags.set(token.name, value);
+  }
+  return flags;
+}
+
+function optional(flags: Flags, flag: string): string | undefined {
+  const value = flags.get(flag);
+  return typeof value === 'string' ? value : undefined;
+}
+
+function required(flags: Flags, command: CommandName, flag: string): string {
+  const value = optional(flags, flag);
+  if (value === undefined) throw new UsageError(`${command}: --${flag} is required (see pcache ${command} --help)`);
+  return value;
+}
+
+function sizeFlag(flags: Flags, command: CommandName, flag: string): number | undefined {
+  const text = optional(flags, flag);
+  if (text === undefined) return undefined;
+  let bytes: number;
+  try {
+    bytes = parseSize(text);
+  } catch (error) {
+    if (isPcacheError(error)) throw new UsageError(`${command}: --${flag}: ${error.message}`);
+    throw error;
+  }
+  if (bytes <= 0) throw new UsageError(`${command}: --${flag} must be larger than zero`);
+  return bytes;
+}
+
+function integerFlag(flags: Flags, command: CommandName, flag: string, range: { min: number; max: number }): number | undefined {
+  const text = optional(flags, flag);
+  if (text === undefined) return undefined;
+  const value = /^\d+$/.test(text) ? Number(text) : Number.NaN;
+  if (!Number.isSafeInteger(value) || value < range.min || value > range.max) {
+    throw new UsageError(`${command}: --${flag} must be an integer from ${range.min} to ${range.max}, got '${text}'`);
+  }
+  return value;
+}
+
+function gcPercentFlag(flags: Flags, command: CommandName): number | undefined {
+  return integerFlag(flags, command, 'gc-percent', { min: 0, max: gcPercentMax });
+}
+
+function formatArgs(flags: Flags): FormatArgs {
+  const segmentSizeBytes = sizeFlag(flags, 'format', 'segment-size');
+  if (segmentSizeBytes !== undefined) {
+    const aligned = segmentSizeBytes % segmentSizeAlignBytes === 0;
+    if (!aligned || segmentSizeBytes < segmentSizeMinBytes || segmentSizeBytes > segmentSizeMaxBytes) {
+      throw new UsageError(`format: --segment-size must be a multiple of 1M from 1M to ${segmentSizeMaxBytes / GiB}G, got ${segmentSizeBytes} bytes`);
+    }
+  }
+  if (flags.has('discard-dirty') && !flags.has('force')) throw new UsageError('format: --discard-dirty only goes with --force');
+  return {
+    cachePath: required(flags, 'format', 'cache'),
+    backingPath: required(flags, 'format', 'backing'),
+    cacheSizeBytes: sizeFlag(flags, 'format', 'cache-size'),
+    segmentSizeBytes,
+    dataCrc: flags.has('data-crc'),
+    gcPercent: gcPercentFlag(flags, 'format'),
+    force: flags.has('force'),
+    discardDirty: flags.has('discard-dirty'),
+  };
+}
+
+function serveArgs(flags: Flags, noArguments: boolean): ServeArgs {
+  if (noArguments) {
+    return {
+      cachePath: defaultServe.cacheFile,
+      backingPath: defaultServe.backingFile,
+      cacheSizeBytes: defaultServe.cacheSizeBytes,
+      backingSizeBytes: defaultServe.backingSizeBytes,
+      listen: { path: defaultServe.socket },
+      controlPath: defaultServe.control,
+      exportName: defaultExportName,
+      readOnly: false,
+      gcPercent: undefined,
+      noCache: false,
+      defaultMode: true,
+    };
+  }
+  const socket = optional(flags, 'socket');
+  const port = integerFlag(flags, 'serve', 'port', { min: 0, max: portMax });
+  const bind = optional(flags, 'bind');
+  if (socket !== undefined && port !== undefined) throw new UsageError('serve: --socket and --port cannot be used together');
+  if (bind !== undefined && port === undefined) throw new UsageError('serve: --bind needs --port');
+  const noCache = flags.has('no-cache');
+  const readOnly = flags.has('read-only');
+  const gcPercent = gcPercentFlag(flags, 'serve');
+  if (gcPercent !== undefined && readOnly) throw new UsageError('serve: --gc-percent cannot be stored in a cache served --read-only');
+  if (noCache) {
+    for (const flag of ['cache', 'cache-size', 'gc-percent']) {
+      if (flags.has(flag)) throw new UsageError(`serve: --${flag} makes no sense with --no-cache`);
+    }
+  }
+  return {
+    cachePath: noCache ? '' : required(flags, 'serve', 'cache'),
+    backingPath: required(flags, 'serve', 'backing'),
+    cacheSizeBytes: sizeFlag(flags, 'serve', 'cache-size'),
+    backingSizeBytes: sizeFlag(flags, 'serve', 'backing-size'),
+    listen: port !== undefined ? { port, host: bind ?? '127.0.0.1' } : { path: socket ?? defaultSocket },
+    controlPath: optional(flags, 'control'),
+    exportName: optional(flags, 'export-name') ?? defaultExportName,
+    readOnly,
+    gcPercent,
+    noCache,
+    defaultMode: false,
+  };
+}
+
+function statusArgs(flags: Flags): StatusArgs {
+  const control = optional(flags, 'control');
+  const cache = optional(flags, 'cache');
+  const json = flags.has('json');
+  if (control !== undefined && cache !== undefined) throw new UsageError('status: give either --control or --cache, not both');
+  if (control !== undefined) return { controlPath: control, json };
+  if (cache !== undefined) return { cachePath: cache, json };
+  throw new UsageError('status: --control or --cache is required (see pcache status --help)');
+}
+
+function drainArgs(flags: Flags): DrainArgs {
+  const seconds = integerFlag(flags, 'drain', 'timeout', { min: 1, max: 365 * 24 * 3600 });
+  return { controlPath: required(flags, 'drain', 'control'), timeoutMs: seconds === undefined ? undefined : seconds * 1000 };
+}
+
+function overviewHelp(): string {
+  const lines = [
+    'pcache: a persistent, crash-safe write-back cache for block devices, served over NBD',
+    '',
+    'Usage: pcache <command> [options]',
+    '',
+    'Commands:',
+    ...commandNames.map((name) => `  ${name.padEnd(8)} ${specs[name].summary}`),
+    '',
+    'Run `pcache <command> --help` for a command\'s options; `pcache --version` for the version.',
+    `Exit status: ${exitOk} success, ${exitFailure} the operation failed or was refused (or check found problems),`,
+    `${exitUsage} a mistake in the command line, ${exitInternal} an internal error (a bug; please report it).`,
+    `Sizes take the suffixes K, M, G and T (binary: 1M = ${MiB} bytes).`,
+  ];
+  return lines.join('\n');
+}
+
+function commandHelp(name: CommandName): string {
+  const spec = specs[name];
+  const rows = Object.entries(spec.flags).map(([flag, flagSpec]) => {
+    const shown = flag === 'help' ? '-h, --help' : `--${flag}${flagSpec.value === undefined ? '' : ` ${flagSpec.value}`}`;
+    return `  ${shown.padEnd(24)} ${flagSpec.help}`;
+  });
+  return [`pcache ${name}: ${spec.summary}`, '', 'Usage:', ...spec.usage.map((line) => `  ${line}`), '', 'Options:', ...rows, '', ...spec.notes].join('\n');
+}

@@ -1,0 +1,116 @@
+#!/usr/bin/env node
+// The `pcache` program: reads argv, runs one command, and turns its outcome into an exit status.
+//
+// This file and the rest of src/cli are the only code that touches argv, standard output,
+// standard error and exit codes. Exit status (also in `pcache --help` and docs/cli.md):
+//   0  success
+//   1  an operating error: the operation failed or was refused (PcacheError), or `check`
+//      found problems; one line `pcache: <message>` on standard error
+//   2  a usage error: unknown or repeated flag, missing required flag, bad value
+//   70 an internal error (a broken invariant, i.e. a bug): the stack trace is printed
+//
+// `serve` runs in a child process: libuv sizes its thread pool from UV_THREADPOOL_SIZE once,
+// when the pool first starts, and loading an ES module already starts it, so this process is
+// too late to change it. When the variable is unset, `serve` re-runs itself with it set
+// (threadPoolSize) so the backing device gets that many asynchronous requests in flight. The
+// parent forwards SIGINT, SIGTERM and SIGHUP to the child as IPC messages; if the parent dies
+// (even by SIGKILL) the IPC channel closes and the child stops cleanly on its own.
+
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import { isPcacheError } from '../lib/errors.js';
+import { exitFailure, exitInternal, exitOk, exitUsage, parseCommandLine, UsageError, type Invocation } from './args.js';
+import { checkCommand } from './check_cmd.js';
+import { drainCommand } from './drain_cmd.js';
+import { formatCommand } from './format_cmd.js';
+import { serveCommand } from './serve_cmd.js';
+import { statusCommand } from './status_cmd.js';
+import { processTerminal, type Terminal } from './terminal.js';
+
+/** libuv thread-pool size for `serve`: asynchronous backing-device requests in flight at once. */
+const threadPoolSize = 16;
+const forwardedSignals = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+
+function packageVersion(): string {
+  // dist/src/cli/main.js -> the package root, both in this repository and when installed.
+  const text = fs.readFileSync(new URL('../../../package.json', import.meta.url), 'utf8');
+  const version = (JSON.parse(text) as { version?: unknown }).version;
+  return typeof version === 'string' ? version : 'unknown';
+}
+
+async function run(invocation: Invocation, terminal: Terminal): Promise<number> {
+  switch (invocation.command) {
+    case 'help':
+      terminal.out(invocation.text);
+      return exitOk;
+    case 'version':
+      terminal.out(`pcache ${packageVersion()}`);
+      return exitOk;
+    case 'format':
+      return formatCommand(invocation.args, terminal);
+    case 'serve':
+      if (process.env.UV_THREADPOOL_SIZE === undefined) return superviseServe(process.argv.slice(2));
+      return serveCommand(invocation.args, terminal);
+    case 'status':
+      return statusCommand(invocation.args, terminal);
+    case 'check':
+      return checkCommand(invocation.args, terminal);
+    case 'drain':
+      return drainCommand(invocation.args, terminal);
+  }
+}
+
+/** Runs `pcache serve` again in a child with UV_THREADPOOL_SIZE set; returns its exit status. */
+function superviseServe(argv: readonly string[]): Promise<number> {
+  const script = process.argv[1] ?? '';
+  const child = spawn(process.execPath, [...process.execArgv, script, ...argv], {
+    stdio: ['inherit', 'inherit', 'inherit', 'ipc'],
+    env: { ...process.env, UV_THREADPOOL_SIZE: String(threadPoolSize) },
+  });
+  for (const signal of forwardedSignals) {
+    process.on(signal, () => {
+      if (child.connected) child.send({ stop: signal });
+    });
+  }
+  return new Promise((resolve) => {
+    child.on('error', (error) => {
+      processTerminal.err(`pcache: cannot start the server process: ${error.message}`);
+      resolve(exitFailure);
+    });
+    child.on('exit', (code, signal) => {
+      resolve(code ?? 128 + (signal === null ? 0 : os.constants.signals[signal]));
+    });
+  });
+}
+
+function internalError(error: unknown): never {
+  const detail = error instanceof Error ? error.stack ?? error.message : String(error);
+  process.stderr.write(`pcache: internal error (a bug; please report it): ${detail}\n`);
+  process.exit(exitInternal);
+}
+
+async function main(): Promise<void> {
+  process.on('uncaughtException', internalError);
+  process.on('unhandledRejection', internalError);
+  let status: number;
+  try {
+    const invocation = parseCommandLine(process.argv.slice(2));
+    status = await run(invocation, processTerminal);
+  } catch (error) {
+    if (error instanceof UsageError) {
+      processTerminal.err(`pcache: ${error.message}`);
+      status = exitUsage;
+    } else if (isPcacheError(error)) {
+      processTerminal.err(`pcache: ${error.message}`);
+      status = exitFailure;
+    } else {
+      internalError(error);
+    }
+  }
+  // Exit explicitly: a server's sockets, timers and IPC channel must not keep it alive after
+  // it has stopped. Standard output and error are synchronous for files and pipes on Linux.
+  process.exit(status);
+}
+
+await main();

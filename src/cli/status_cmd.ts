@@ -1,0 +1,131 @@
+// `pcache status`: a cache's state, from a running server (--control) or from an idle cache
+// device (--cache, read-only, through the structural checker).
+//
+// Both sources produce the same shape, so scripts need one parser:
+//   { source: 'server' | 'device', dmStatusLine, cache: { <dm-pcache's nine fields>, state,
+//     dirtyBytes, ... }, ... }
+// The table starts with dm-pcache's nine fields in dm-pcache's order (sb_flags seg_total
+// cache_segs segs_used gc_percent cache_flags key_head dirty_tail key_tail), then the rest.
+// Offline, the device must be idle: a device another process has open is refused, because its
+// log could change while it is read (ask that server with --control instead).
+
+import { checkCacheDevice } from '../cache/cache_check.js';
+import { probeDevice } from '../cache/cache_dev.js';
+import { FileDevice } from '../device/file_device.js';
+import { PcacheError } from '../lib/errors.js';
+import { formatSize } from '../lib/units.js';
+import { cacheInfoFlagDataCrc, cacheInfoFlagInitDone } from '../ondisk/cache_info.js';
+import { exitOk, type StatusArgs } from './args.js';
+import { controlRequest } from './control.js';
+import { refuseIfInUse } from './in_use.js';
+import type { Terminal } from './terminal.js';
+
+/** dm-pcache's status fields, in its order, with the names its documentation uses. */
+const dmFields = [
+  ['sb_flags', 'sbFlags'], ['seg_total', 'segTotal'], ['cache_segs', 'cacheSegs'], ['segs_used', 'segsUsed'],
+  ['gc_percent', 'gcPercent'], ['cache_flags', 'cacheFlags'], ['key_head', 'keyHead'], ['dirty_tail', 'dirtyTail'],
+  ['key_tail', 'keyTail'],
+] as const;
+
+type Fields = Record<string, unknown>;
+
+export async function statusCommand(args: StatusArgs, terminal: Terminal): Promise<number> {
+  const report = 'controlPath' in args ? await serverStatus(args.controlPath) : await deviceStatus(args.cachePath);
+  terminal.out(args.json ? JSON.stringify(report, null, 2) : table(report));
+  return exitOk;
+}
+
+async function serverStatus(controlPath: string): Promise<Fields> {
+  const result = await controlRequest(controlPath, 'status');
+  if (typeof result !== 'object' || result === null) throw new PcacheError('EIO', `${controlPath} answered status with something that is not an object`);
+  return { source: 'server', ...result };
+}
+
+async function deviceStatus(cachePath: string): Promise<Fields> {
+  refuseIfInUse(cachePath, 'read the status of');
+  const device = await FileDevice.open(cachePath, { readOnly: true });
+  try {
+    const contents = await probeDevice(device);
+    if (contents !== 'pcache') throw new PcacheError('FOREIGN', `${cachePath} holds no pcache cache (it is ${contents === 'blank' ? 'blank' : 'something else'})`);
+    const report = await checkCacheDevice(device);
+    const summary = report.summary;
+    if (summary === undefined) throw new PcacheError('CORRUPT', `${cachePath}: cannot read the cache: ${report.problems.join('; ')}`);
+    const flags = (summary.dataCrc ? cacheInfoFlagDataCrc : 0) | cacheInfoFlagInitDone | (summary.gcPercent << 6);
+    const cache = {
+      sbFlags: 0,
+      segTotal: summary.segmentCount,
+      cacheSegs: summary.segmentCount,
+      segsUsed: summary.logSegments + summary.dataSegments,
+      gcPercent: summary.gcPercent,
+      cacheFlags: flags,
+      keyHead: summary.keyHead,
+      dirtyTail: summary.dirtyTail,
+      keyTail: summary.keyTail,
+      state: 'stopped',
+      dataCrc: summary.dataCrc,
+      cacheUuid: summary.cacheUuid,
+      segmentSizeBytes: summary.segmentSizeBytes,
+      backingSizeBytes: summary.backingSizeBytes,
+      backingIdentity: summary.backingIdentity,
+      dirtyBytes: summary.dirtyBytes,
+      indexKeys: summary.keys,
+      ksets: summary.ksets,
+      logSegments: summary.logSegments,
+      dataSegments: summary.dataSegments,
+      freeSegments: summary.freeSegments,
+      logEnd: summary.logEnd,
+    };
+    const line = dmFields.map(([, key]) => (key === 'sbFlags' || key === 'cacheFlags' ? cache[key].toString(16) : String(cache[key]))).join(' ');
+    return { source: 'device', cachePath, dmStatusLine: line, cache, problems: report.problems, warnings: report.warnings };
+  } finally {
+    await device.close();
+  }
+}
+
+function table(report: Fields): string {
+  const rows: [string, string][] = [];
+  const cache = report.cache as Fields | null | undefined;
+  if (report.source === 'server') {
+    rows.push(['server', `pid ${String(report.pid)}, up ${Math.round(Number(report.uptimeMs) / 1000)} s, ${String(report.uri)}`]);
+  } else {
+    rows.push(['device', String(report.cachePath)]);
+  }
+  if (cache === null || cache === undefined) {
+    rows.push(['cache', 'none (served with --no-cache)']);
+    return render(rows);
+  }
+  for (const [name, key] of dmFields) {
+    const value = cache[key];
+    rows.push([name, key === 'sbFlags' || key === 'cacheFlags' ? `0x${Number(value).toString(16)}` : String(value)]);
+  }
+  rows.push(['dm status line', String(report.dmStatusLine)]);
+  const reason = cache.stateReason;
+  rows.push(['state', `${String(cache.state)}${typeof reason === 'string' ? ` (${reason})` : ''}`]);
+  rows.push(['dirty', bytes(cache.dirtyBytes)]);
+  rows.push(['segment size', bytes(cache.segmentSizeBytes)]);
+  rows.push(['backing size', bytes(cache.backingSizeBytes)]);
+  rows.push(['data crc', String(cache.dataCrc)]);
+  rows.push(['cache uuid', String(cache.cacheUuid)]);
+  rows.push(['index keys', String(cache.indexKeys)]);
+  const counters = cache.counters as Fields | undefined;
+  if (counters !== undefined) {
+    for (const [name, value] of Object.entries(counters)) rows.push([name, String(value)]);
+  }
+  const nbd = report.nbd as Fields | undefined;
+  if (nbd !== undefined) {
+    for (const [name, value] of Object.entries(nbd)) rows.push([`nbd ${name}`, String(value)]);
+  }
+  const problems = report.problems as string[] | undefined;
+  for (const problem of problems ?? []) rows.push(['problem', problem]);
+  return render(rows);
+}
+
+function bytes(value: unknown): string {
+  const count = Number(value);
+  return `${formatSize(count)} (${count} bytes)`;
+}
+
+function render(rows: [string, string][]): string {
+  const width = Math.max(...rows.map(([name]) => name.length));
+  return rows.map(([name, value]) => `${name.padEnd(width)}  ${value}`).join('\n');
+}
