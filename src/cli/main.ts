@@ -21,11 +21,6 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { isPcacheError } from '../lib/errors.js';
 import { exitFailure, exitInternal, exitOk, exitUsage, parseCommandLine, UsageError, type Invocation } from './args.js';
-import { checkCommand } from './check_cmd.js';
-import { drainCommand } from './drain_cmd.js';
-import { formatCommand } from './format_cmd.js';
-import { serveCommand } from './serve_cmd.js';
-import { statusCommand } from './status_cmd.js';
 import { processTerminal, type Terminal } from './terminal.js';
 
 /** libuv thread-pool size for `serve`: asynchronous backing-device requests in flight at once. */
@@ -39,6 +34,8 @@ function packageVersion(): string {
   return typeof version === 'string' ? version : 'unknown';
 }
 
+// Command modules are imported when their command runs, so `--help`, `--version` and usage
+// errors answer without loading the engine.
 async function run(invocation: Invocation, terminal: Terminal): Promise<number> {
   switch (invocation.command) {
     case 'help':
@@ -48,16 +45,16 @@ async function run(invocation: Invocation, terminal: Terminal): Promise<number> 
       terminal.out(`pcache ${packageVersion()}`);
       return exitOk;
     case 'format':
-      return formatCommand(invocation.args, terminal);
+      return (await import('./format_cmd.js')).formatCommand(invocation.args, terminal);
     case 'serve':
       if (process.env.UV_THREADPOOL_SIZE === undefined) return superviseServe(process.argv.slice(2));
-      return serveCommand(invocation.args, terminal);
+      return (await import('./serve_cmd.js')).serveCommand(invocation.args, terminal);
     case 'status':
-      return statusCommand(invocation.args, terminal);
+      return (await import('./status_cmd.js')).statusCommand(invocation.args, terminal);
     case 'check':
-      return checkCommand(invocation.args, terminal);
+      return (await import('./check_cmd.js')).checkCommand(invocation.args, terminal);
     case 'drain':
-      return drainCommand(invocation.args, terminal);
+      return (await import('./drain_cmd.js')).drainCommand(invocation.args, terminal);
   }
 }
 

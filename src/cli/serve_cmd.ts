@@ -81,6 +81,7 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
       const control = new ControlServer({
         status: () => ({
           pid: process.pid,
+          uvThreadPoolSize: process.env.UV_THREADPOOL_SIZE ?? null,
           startedAt: startedAt.toISOString(),
           uptimeMs: Date.now() - startedAt.getTime(),
           uri,

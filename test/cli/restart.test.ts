@@ -1,0 +1,126 @@
+// Stopping and restarting `pcache serve`: flushed data survives a clean stop (SIGTERM, SIGINT)
+// and a crash (SIGKILL to the server and its supervisor at once); the sockets a killed server
+// leaves behind do not block the restart; and a server whose supervising parent is killed
+// stops by itself instead of living on unsupervised.
+
+import { describe, it, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { patternBytes, requireTool, runTool } from '../nbd/harness.js';
+import { MiB, runCli, startServe, tempDir, uriFor, waitUntil } from './cli_harness.js';
+
+interface Paths {
+  readonly dir: string;
+  readonly args: string[];
+  readonly socket: string;
+  readonly control: string;
+}
+
+function paths(t: TestContext): Paths {
+  const dir = tempDir(t);
+  const socket = path.join(dir, 'nbd.sock');
+  const control = path.join(dir, 'control.sock');
+  const args = ['--cache', path.join(dir, 'cache.img'), '--cache-size', '128M', '--backing', path.join(dir, 'backing.img'), '--backing-size', '64M', '--socket', socket, '--control', control];
+  return { dir, args, socket, control };
+}
+
+/** Writes `data` at 0 with nbdcopy and a final flush (acknowledged flush = durable). */
+async function writeFlushed(socket: string, dir: string, data: Buffer): Promise<void> {
+  const source = path.join(dir, `in-${data.length}.bin`);
+  fs.writeFileSync(source, data);
+  const copy = await runTool('nbdcopy', ['--flush', source, uriFor(socket)]);
+  assert.equal(copy.code, 0, copy.stderr);
+}
+
+async function readBack(socket: string, dir: string, length: number): Promise<Buffer> {
+  const out = path.join(dir, 'out.bin');
+  fs.rmSync(out, { force: true });
+  const copy = await runTool('nbdcopy', [uriFor(socket), out]);
+  assert.equal(copy.code, 0, copy.stderr);
+  return fs.readFileSync(out).subarray(0, length);
+}
+
+async function serverPid(control: string): Promise<number> {
+  const status = await runCli(['status', '--control', control, '--json']);
+  assert.equal(status.code, 0, status.stderr);
+  return (JSON.parse(status.stdout) as { pid: number }).pid;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('restart', () => {
+  it('keeps flushed data across SIGTERM and SIGINT, exiting 0 each time', async (t) => {
+    requireTool('nbdcopy', 'libnbd-bin');
+    const p = paths(t);
+    const data = patternBytes(6 * MiB, 61);
+    const first = await startServe(t, p.args, p.dir);
+    await writeFlushed(p.socket, p.dir, data);
+    assert.equal(await first.stop('SIGTERM'), 0);
+    assert.match(first.stdout, /stopped \(SIGTERM\)\n$/);
+    assert.equal(first.stderr, '');
+    assert.equal(fs.existsSync(p.socket), false, 'a clean stop removes its socket');
+
+    const second = await startServe(t, p.args, p.dir);
+    assert.ok((await readBack(p.socket, p.dir, data.length)).equals(data), 'the data is back after SIGTERM');
+    assert.equal(await second.stop('SIGINT'), 0);
+    assert.match(second.stdout, /stopped \(SIGINT\)\n$/);
+
+    const third = await startServe(t, p.args, p.dir);
+    assert.ok((await readBack(p.socket, p.dir, data.length)).equals(data), 'and after SIGINT');
+    assert.equal(await third.stop(), 0);
+  });
+
+  it('keeps flushed data across SIGKILL, and the stale sockets do not block the restart', async (t) => {
+    requireTool('nbdcopy', 'libnbd-bin');
+    const p = paths(t);
+    const data = patternBytes(6 * MiB, 62);
+    const first = await startServe(t, p.args, p.dir);
+    await writeFlushed(p.socket, p.dir, data);
+    await first.crash();
+    assert.ok(fs.statSync(p.socket).isSocket(), 'the killed server left its NBD socket behind');
+    assert.ok(fs.statSync(p.control).isSocket(), 'and its control socket');
+
+    const second = await startServe(t, p.args, p.dir);
+    assert.ok((await readBack(p.socket, p.dir, data.length)).equals(data), 'the flushed data survived the crash');
+    // A second crash right after more flushed writes, then a check of the cache offline.
+    const more = patternBytes(2 * MiB, 63);
+    await writeFlushed(p.socket, p.dir, more);
+    await second.crash();
+    const check = await runCli(['check', '--cache', path.join(p.dir, 'cache.img')]);
+    assert.equal(check.code, 0, check.stdout + check.stderr);
+    const third = await startServe(t, p.args, p.dir);
+    const expected = Buffer.concat([more, data.subarray(more.length)]);
+    assert.ok((await readBack(p.socket, p.dir, data.length)).equals(expected));
+    assert.equal(await third.stop(), 0);
+  });
+
+  it('a server whose supervisor is SIGKILLed stops cleanly by itself', async (t) => {
+    const p = paths(t);
+    const server = await startServe(t, p.args, p.dir);
+    const pid = await serverPid(p.control);
+    assert.notEqual(pid, server.pid, 'the server runs in a child of the supervisor');
+    process.kill(server.pid, 'SIGKILL');
+    await server.wait();
+    await waitUntil(() => !alive(pid), 'the orphaned server process has exited');
+    assert.equal(fs.existsSync(p.socket), false, 'it stopped cleanly (its socket is gone)');
+    const restarted = await startServe(t, p.args, p.dir);
+    assert.equal(await restarted.stop(), 0);
+  });
+
+  it('a second stop signal while stopping changes nothing', async (t) => {
+    const p = paths(t);
+    const server = await startServe(t, p.args, p.dir);
+    server.child.kill('SIGTERM');
+    server.child.kill('SIGINT');
+    assert.equal((await server.wait()).code, 0);
+    assert.equal((server.stdout.match(/^stopped /gm) ?? []).length, 1);
+  });
+});
