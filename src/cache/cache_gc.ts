@@ -12,7 +12,7 @@
 // Freed segments get a new generation, which makes every index entry into them stale; the
 // index drops stale entries lazily (readers) and in bounded sweeps (here).
 
-import { BackgroundTask } from '../lib/background_task.js';
+import { BackgroundTask, SerialSection } from '../lib/background_task.js';
 import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
 import type { CacheCore } from './cache_core.js';
@@ -25,6 +25,8 @@ export const gcBackoffMs = 1000;
 export class Gc {
   private readonly core: CacheCore;
   private readonly task = new BackgroundTask(() => this.loop());
+  /** Rounds from the loop and from step() never overlap. */
+  private readonly rounds = new SerialSection();
   private readonly scratch = new Uint8Array(ksetBytesMax);
   private sweepNeeded = false;
   lastError: string | undefined;
@@ -57,7 +59,7 @@ export class Gc {
   async step(): Promise<boolean> {
     await this.idle();
     if (this.core.stopped()) return false;
-    const advanced = this.due ? await this.round() : false;
+    const advanced = this.due ? await this.rounds.run(() => this.round()) : false;
     if (this.sweepNeeded) this.sweep();
     return advanced;
   }
@@ -66,7 +68,7 @@ export class Gc {
     const core = this.core;
     while (core.state === 'running' && core.failure === undefined) {
       if (this.due) {
-        const advanced = await this.round();
+        const advanced = await this.rounds.run(() => this.round());
         if (!advanced) {
           await core.timers.sleep(gcBackoffMs);
           continue;

@@ -14,7 +14,7 @@
 // failed backing sync is treated like failed writes (fsyncgate): the whole round is redone.
 
 import { assert } from '../lib/assert.js';
-import { BackgroundTask } from '../lib/background_task.js';
+import { BackgroundTask, SerialSection } from '../lib/background_task.js';
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
@@ -38,6 +38,8 @@ interface DrainWaiter {
 export class Writeback {
   private readonly core: CacheCore;
   private readonly task = new BackgroundTask(() => this.loop());
+  /** Rounds from the loop and from step() never overlap. */
+  private readonly rounds = new SerialSection();
   private readonly scratch = new Uint8Array(ksetBytesMax);
   private waiters: DrainWaiter[] = [];
   private zeroes: Uint8Array | undefined;
@@ -88,13 +90,13 @@ export class Writeback {
   async step(): Promise<boolean> {
     await this.idle();
     if (!this.due || this.core.stopped()) return false;
-    return this.round();
+    return this.rounds.run(() => this.round());
   }
 
   private async loop(): Promise<void> {
     const core = this.core;
     while (this.due && core.state === 'running' && core.failure === undefined) {
-      const advanced = await this.round();
+      const advanced = await this.rounds.run(() => this.round());
       if (advanced) await core.timers.yieldToOthers();
       else await core.timers.sleep(this.backoffMs);
     }
@@ -105,6 +107,7 @@ export class Writeback {
     core.stats.writebackRounds++;
     try {
       const batch = await this.readBatch();
+      if (batch.end.lsn === core.dirtyTail.lsn) return false; // another round got here first
       await this.apply(batch.keys);
       await core.backing.sync();
       if (core.stopped()) return false;

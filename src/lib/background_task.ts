@@ -48,3 +48,18 @@ export class BackgroundTask {
     }
   }
 }
+
+/**
+ * Runs async sections one at a time, in call order. Used where a background loop and an
+ * explicit step (tests, drain without background work) may both want to run a round: two
+ * rounds must never overlap.
+ */
+export class SerialSection {
+  private tail: Promise<unknown> = Promise.resolve();
+
+  run<T>(section: () => Promise<T>): Promise<T> {
+    const result = this.tail.then(section);
+    this.tail = result.catch(() => undefined);
+    return result;
+  }
+}

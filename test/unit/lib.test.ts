@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { crc32c } from '../../src/lib/crc32c.js';
 import { formatSize, parseSize, readU64BE, readU64LE, writeU64BE, writeU64LE } from '../../src/lib/units.js';
 import { PcacheError } from '../../src/lib/errors.js';
-import { BackgroundTask } from '../../src/lib/background_task.js';
+import { BackgroundTask, SerialSection } from '../../src/lib/background_task.js';
 
 describe('crc32c', () => {
   it('matches the Castagnoli check value, not CRC-32/IEEE', () => {
@@ -96,5 +96,25 @@ describe('BackgroundTask', () => {
     for (let i = 0; i < 10; i++) task.kick();
     await task.idle();
     assert.equal(maxConcurrent, 1);
+  });
+});
+
+describe('SerialSection', () => {
+  it('never runs two sections at once, runs them in call order, and survives a failing one', async () => {
+    const section = new SerialSection();
+    let running = 0;
+    const order: number[] = [];
+    const body = (id: number, fail = false) => async (): Promise<number> => {
+      running++;
+      assert.equal(running, 1, 'sections overlap');
+      await new Promise((resolve) => setImmediate(resolve));
+      order.push(id);
+      running--;
+      if (fail) throw new Error(`section ${id} failed`);
+      return id;
+    };
+    const results = await Promise.allSettled([section.run(body(1)), section.run(body(2, true)), section.run(body(3))]);
+    assert.deepEqual(order, [1, 2, 3]);
+    assert.deepEqual(results.map((r) => r.status), ['fulfilled', 'rejected', 'fulfilled']);
   });
 });
