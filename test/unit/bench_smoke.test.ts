@@ -1,0 +1,27 @@
+// Every engine benchmark runs here with tiny parameters (PCACHE_BENCH_SMOKE=1), so a change
+// that breaks one fails the tests instead of rotting until the next `npm run bench`. Nothing
+// here is timed: the test checks that each benchmark runs and reports every figure.
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+
+function runBench(name: string): string[] {
+  const file = fileURLToPath(new URL(`../../bench/${name}_bench.js`, import.meta.url));
+  const result = spawnSync(process.execPath, ['--expose-gc', file], { env: { ...process.env, PCACHE_BENCH_SMOKE: '1' }, encoding: 'utf8', timeout: 120_000 });
+  assert.equal(result.status, 0, `${name} benchmark failed:\n${result.stderr}`);
+  return result.stdout.trim().split('\n');
+}
+
+describe('benchmarks in smoke mode', () => {
+  it('index: memory per key, insert and lookup, each against the Map-of-objects peer', () => {
+    const lines = runBench('index');
+    for (const metric of ['heap per live key', 'insert', 'lookup']) {
+      assert.equal(lines.filter((line) => line.includes(metric) && /ratio \d/.test(line)).length, 2, `${metric}:\n${lines.join('\n')}`);
+    }
+  });
+  it('engine: every workload against the raw memory device', () => {
+    const lines = runBench('engine');
+    assert.equal(lines.filter((line) => line.startsWith('engine') && line.includes('raw memory device') && /ratio \d/.test(line)).length, 7, lines.join('\n'));
+  });
+});
