@@ -7,7 +7,7 @@
 // cache, without writing a byte); listen for NBD and, if asked, on the control socket; print
 // where it listens. Every step that succeeded is undone, in reverse, if a later one fails.
 //
-// Stop (SIGINT, SIGTERM, or the supervising parent asking or vanishing; see main.ts): the NBD
+// Stop (SIGINT, SIGTERM, SIGHUP, or the supervising parent asking or vanishing; see main.ts): the NBD
 // server stops taking requests and finishes the ones in flight; the control socket closes;
 // the cache closes (open ksets made durable, running writeback and GC rounds finish); the
 // devices close; exit status 0. Stopping is idempotent: a second signal changes nothing. A
@@ -38,12 +38,13 @@ export interface StopRequest {
   readonly reason: string;
 }
 
-/** Resolves on the first SIGINT/SIGTERM or parent request; installed before anything opens. */
+/** Resolves on the first SIGINT, SIGTERM, SIGHUP or parent request; installed before anything opens. */
 function stopRequested(): Promise<StopRequest> {
   return new Promise((resolve) => {
     const stop = (reason: string): void => { resolve({ reason }); };
     process.on('SIGINT', () => { stop('SIGINT'); });
     process.on('SIGTERM', () => { stop('SIGTERM'); });
+    process.on('SIGHUP', () => { stop('SIGHUP'); }); // the terminal went away
     if (process.send !== undefined) {
       // Run by main.ts's supervisor: it forwards signals as messages, and if it dies (even by
       // SIGKILL) the channel closes, so this process never outlives it unnoticed.

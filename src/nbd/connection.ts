@@ -11,6 +11,8 @@
 //   handled, so a client that vanishes mid-reply cannot crash the process.
 // - Requests are dispatched as soon as they are decoded; replies go out in completion order.
 //   Replies produced in one event-loop turn leave in one socket write (cork + uncork).
+// - READ reply buffers come from the server's ReadBufferPool and go back to it only after the
+//   socket has written them out, in write order (buffer_pool.ts says why that is safe).
 // - Memory per connection is bounded: reading pauses while in-flight requests, in-flight
 //   bytes (READ buffers, WRITE payloads) or unsent reply bytes exceed their limits, so at most
 //   inFlightBytesMax + maxPayloadBytes is held by requests, plus one partially received WRITE
@@ -21,6 +23,7 @@
 import type net from 'node:net';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
+import type { ReadBufferPool } from './buffer_pool.js';
 import type { ByteQueue } from './bytes.js';
 import type { BlockStatusExtent, Export } from './export.js';
 import { Handshake, type HandshakeConfig, type Negotiated } from './handshake.js';
@@ -68,6 +71,8 @@ export interface ConnectionHost {
   readonly limits: ConnectionLimits;
   readonly counters: NbdCounters;
   readonly shuttingDown: boolean;
+  /** Where READ reply buffers come from and go back to. */
+  readonly readBuffers: ReadBufferPool;
   /** Called once, when the socket has closed and no Export call is in flight. */
   connectionFinished(connection: Connection): void;
 }
@@ -98,7 +103,11 @@ export class Connection {
   private finishedReported = false;
 
   private readonly outbox: Uint8Array[] = [];
+  /** Parallel to outbox: whether the entry is a pooled READ buffer to give back once written. */
+  private readonly outboxPooled: boolean[] = [];
   private outboxBytes = 0;
+  /** Pooled buffers handed to the socket, oldest first; their write callbacks come in this order. */
+  private readonly written: Uint8Array[] = [];
   private flushScheduled = false;
   private handshakeTimer: NodeJS.Timeout | undefined;
   private graceTimer: NodeJS.Timeout | undefined;
@@ -106,6 +115,11 @@ export class Connection {
   private readonly flushBound = (): void => {
     this.flushScheduled = false;
     this.flushOutbox();
+  };
+  private readonly writtenBound = (error: Error | null | undefined): void => {
+    const buffer = this.written.shift();
+    // After an error the socket is gone; the buffer is simply left to the GC.
+    if (buffer !== undefined && (error === null || error === undefined)) this.host.readBuffers.give(buffer);
   };
 
   constructor(socket: net.Socket, host: ConnectionHost) {
@@ -239,8 +253,8 @@ export class Connection {
     let readBuffer: Uint8Array | undefined;
     if (request.type === Command.read) {
       // One buffer for the reply prefix and the data: the Export reads straight into it and the
-      // data is never copied again. Zero-filled, so a short read can never leak old memory.
-      readBuffer = new Uint8Array(readReplyPrefixBytes(this.structuredReplies) + request.lengthBytes);
+      // data is never copied again. Reused from the pool (not zeroed: see buffer_pool.ts).
+      readBuffer = this.host.readBuffers.take(readReplyPrefixBytes(this.structuredReplies) + request.lengthBytes);
     }
     this.inFlightCount += 1;
     this.inFlightBytes += costBytes(request);
@@ -301,7 +315,7 @@ export class Connection {
     } else if (request.type === Command.read) {
       assert(readBuffer !== undefined, 'READ completed without its buffer');
       writeReadReplyPrefix(readBuffer, request, this.structuredReplies);
-      this.queue(readBuffer);
+      this.queue(readBuffer, true);
     } else if (request.type === Command.blockStatus) {
       assert(Array.isArray(value), 'blockStatus must return an array of extents');
       this.queue(blockStatusChunk(request, this.contextId, value as BlockStatusExtent[]));
@@ -393,6 +407,7 @@ export class Connection {
     this.inputEnded = true;
     this.input.clear();
     this.outbox.length = 0;
+    this.outboxPooled.length = 0;
     this.outboxBytes = 0;
     clearTimeout(this.handshakeTimer);
     clearTimeout(this.graceTimer);
@@ -400,9 +415,10 @@ export class Connection {
   }
 
   /** Adds a reply to this turn's batch; the batch is written once, after the turn. */
-  private queue(bytes: Uint8Array): void {
+  private queue(bytes: Uint8Array, pooled = false): void {
     if (this.writeEnded) return;
     this.outbox.push(bytes);
+    this.outboxPooled.push(pooled);
     this.outboxBytes += bytes.length;
     if (!this.flushScheduled) {
       this.flushScheduled = true;
@@ -415,19 +431,25 @@ export class Connection {
     if (count === 0) return;
     if (this.socketClosed || this.writeEnded || this.socket.destroyed) {
       this.outbox.length = 0;
+      this.outboxPooled.length = 0;
       this.outboxBytes = 0;
       return;
     }
     this.host.counters.replyBatchesTotal += 1;
-    if (count === 1) {
-      this.socket.write(this.outbox[0] as Uint8Array);
-    } else {
-      // Corked writes are handed to the kernel together (one writev) on uncork.
-      this.socket.cork();
-      for (const bytes of this.outbox) this.socket.write(bytes);
-      this.socket.uncork();
+    // Corked writes are handed to the kernel together (one writev) on uncork.
+    if (count > 1) this.socket.cork();
+    for (let index = 0; index < count; index++) {
+      const bytes = this.outbox[index] as Uint8Array;
+      if (this.outboxPooled[index] === true) {
+        this.written.push(bytes);
+        this.socket.write(bytes, this.writtenBound);
+      } else {
+        this.socket.write(bytes);
+      }
     }
+    if (count > 1) this.socket.uncork();
     this.outbox.length = 0;
+    this.outboxPooled.length = 0;
     this.outboxBytes = 0;
     // Reading may have paused on the outbox; the socket's own backlog takes over from here.
     this.maybeResume();

@@ -20,6 +20,7 @@ import net from 'node:net';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
 import { KiB, MiB } from '../lib/units.js';
+import { ReadBufferPool } from './buffer_pool.js';
 import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
 import type { Export } from './export.js';
 import type { HandshakeConfig } from './handshake.js';
@@ -83,6 +84,8 @@ export class NbdServer implements ConnectionHost {
     readPausesTotal: 0,
     protocolViolationsTotal: 0,
   };
+  /** READ reply buffers, shared by all connections (one event loop, so no locking). */
+  readonly readBuffers = new ReadBufferPool();
   private readonly options: NbdServerOptions;
   private readonly listener: net.Server;
   private readonly connections = new Set<Connection>();

@@ -1,0 +1,210 @@
+// NBD end to end: fio's nbd engine against `pcache serve` and against nbdkit's file plugin,
+// both serving the same file on tmpfs (/dev/shm), in alternating runs within one invocation.
+// Second peer: `pcache serve --no-cache`, the same server exporting the file with no cache.
+//
+// Workloads (target ratio pcache/nbdkit): 4 KiB random read QD32 (>= 1.3), 4 KiB random write
+// QD32 (>= 1.0), 4 KiB random read QD1 (>= 0.8), 1 MiB sequential read QD4 (>= 0.8). Reads are
+// cache hits: the range is read through pcache once before measuring (and the hit rate during
+// the read runs is reported). One fio job (one connection, one thread) per run: this machine
+// class has 2 cores, and a second job would take the CPU the servers need.
+//
+// Method: every round runs each workload once against each server, rotating which server goes
+// first; medians over the rounds are compared. After a pcache write run the cache is drained
+// (through its control socket) before the next run, so writeback never steals CPU from a peer.
+// The cache file is written full of zeroes first: a real cache device (pmem, an NVMe
+// partition) has its blocks already, whereas a sparse tmpfs file would charge the first lap of
+// the log for page allocation. Servers are separate processes started by the real CLI.
+// PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
+
+import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { controlRequest } from '../src/cli/control.js';
+import { median, param, report, smoke } from './harness.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const backingBytes = param(64 * MiB, 1024 * MiB);
+const cacheBytes = param(256 * MiB, 2048 * MiB);
+/** The range every workload touches; it fits the cache, so reads are hits. */
+const rangeBytes = param(32 * MiB, 512 * MiB);
+const rounds = param(1, 5);
+const runtime = param('300ms', '5s');
+const rampTime = param('0', '1s');
+const cliPath = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+
+interface Workload {
+  readonly name: string;
+  readonly rw: 'randread' | 'randwrite' | 'read';
+  readonly blockSize: string;
+  readonly depth: number;
+  readonly unit: 'IOPS' | 'MiB/s';
+  readonly target: number;
+}
+
+// Reads first: the write runs fill the log, and GC would evict the warmed range.
+const workloads: readonly Workload[] = [
+  { name: '4K random read QD32', rw: 'randread', blockSize: '4k', depth: 32, unit: 'IOPS', target: 1.3 },
+  { name: '4K random read QD1', rw: 'randread', blockSize: '4k', depth: 1, unit: 'IOPS', target: 0.8 },
+  { name: '1M sequential read QD4', rw: 'read', blockSize: '1m', depth: 4, unit: 'MiB/s', target: 0.8 },
+  { name: '4K random write QD32', rw: 'randwrite', blockSize: '4k', depth: 32, unit: 'IOPS', target: 1.0 },
+];
+
+type ServerName = 'pcache' | 'nbdkit' | 'nocache';
+
+interface Server {
+  readonly name: ServerName;
+  readonly socket: string;
+  readonly child: ChildProcess;
+}
+
+function requireTool(command: string, debianPackage: string): void {
+  if (spawnSync('sh', ['-c', `command -v ${command}`]).status !== 0) {
+    throw new Error(`${command} is not installed: install the Debian package ${debianPackage}`);
+  }
+}
+
+function run(command: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(command, args, { maxBuffer: 64 * MiB, encoding: 'utf8', timeout: 600_000 }, (error, stdout, stderr) => {
+      if (error !== null) reject(new Error(`${command} failed: ${stderr || error.message}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+function version(command: string, args: string[]): string {
+  return spawnSync(command, args, { encoding: 'utf8' }).stdout.split('\n')[0]?.trim() ?? '?';
+}
+
+/** Writes `bytes` of pseudo-random data (a random MiB, varied per MiB) or of zeroes. */
+function fill(file: string, bytes: number, random: boolean): void {
+  const block = random ? randomBytes(MiB) : Buffer.alloc(MiB);
+  const fd = fs.openSync(file, 'w');
+  for (let offset = 0; offset < bytes; offset += MiB) {
+    if (random) block.writeUInt32LE(offset / MiB, 0);
+    fs.writeSync(fd, block, 0, Math.min(MiB, bytes - offset), offset);
+  }
+  fs.closeSync(fd);
+}
+
+/** Waits until `ready()` holds (the server printed its line, or wrote its pid file). */
+async function waitUntilReady(what: string, child: ChildProcess, ready: () => boolean): Promise<void> {
+  for (let attempt = 0; attempt < 1000; attempt++) {
+    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
+    if (ready()) return;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  throw new Error(`${what} did not start listening`);
+}
+
+/** Starts `pcache serve args` (or, for nbdkit, `nbdkit -U socket args`) and waits until it listens. */
+async function start(name: ServerName, dir: string, args: string[]): Promise<Server> {
+  const socket = path.join(dir, `${name}.sock`);
+  if (name === 'nbdkit') {
+    // nbdkit writes its pid file once it accepts connections.
+    const pidFile = path.join(dir, 'nbdkit.pid');
+    const child = spawn('nbdkit', ['-U', socket, '-P', pidFile, ...args], { stdio: ['ignore', 'ignore', 'inherit'], cwd: dir });
+    await waitUntilReady('nbdkit', child, () => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '');
+    return { name, socket, child };
+  }
+  const child = spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir });
+  let printed = '';
+  child.stdout.setEncoding('utf8').on('data', (chunk: string) => { printed += chunk; });
+  await waitUntilReady(`pcache serve (${name})`, child, () => printed.startsWith('serving '));
+  return { name, socket, child };
+}
+
+async function stop(server: Server): Promise<void> {
+  if (server.child.exitCode !== null) return;
+  const exited = new Promise((resolve) => server.child.once('exit', resolve));
+  server.child.kill('SIGTERM');
+  await exited;
+}
+
+interface FioJob {
+  read: { iops: number; bw: number };
+  write: { iops: number; bw: number };
+  error: number;
+}
+
+async function fio(server: Server, workload: Workload): Promise<number> {
+  const output = await run('fio', [
+    `--name=${workload.rw}`, '--ioengine=nbd', `--uri=nbd+unix:///?socket=${server.socket}`, `--rw=${workload.rw}`,
+    `--bs=${workload.blockSize}`, `--iodepth=${workload.depth}`, '--numjobs=1', '--thread', `--size=${rangeBytes}`,
+    '--time_based', `--runtime=${runtime}`, `--ramp_time=${rampTime}`, '--norandommap', '--randrepeat=0',
+    '--group_reporting', '--output-format=json',
+  ]);
+  // The nbd engine prints "fio: connected to NBD server" before the JSON.
+  const job = (JSON.parse(output.slice(output.indexOf('{'))) as { jobs: FioJob[] }).jobs[0];
+  if (job === undefined || job.error !== 0) throw new Error(`fio reported an error against ${server.name}`);
+  const iops = job.read.iops + job.write.iops;
+  return workload.unit === 'IOPS' ? iops : (job.read.bw + job.write.bw) / KiB;
+}
+
+interface CacheCounters {
+  readRequests: number;
+  readHitRequests: number;
+}
+
+async function counters(control: string): Promise<CacheCounters> {
+  const status = await controlRequest(control, 'status') as { cache: { counters: CacheCounters } };
+  return status.cache.counters;
+}
+
+async function main(): Promise<void> {
+  requireTool('fio', 'fio');
+  requireTool('nbdkit', 'nbdkit');
+  const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
+  const dir = fs.mkdtempSync(path.join(base, 'pcache-bench-'));
+  const servers: Server[] = [];
+  try {
+    const backing = path.join(dir, 'backing.img');
+    const cache = path.join(dir, 'cache.img');
+    fill(backing, backingBytes, true);
+    fill(cache, cacheBytes, false);
+    const control = path.join(dir, 'pcache.ctl');
+    const pcache = await start('pcache', dir, ['--cache', cache, '--backing', backing, '--control', control]);
+    servers.push(pcache);
+    servers.push(await start('nocache', dir, ['--no-cache', '--backing', backing]));
+    servers.push(await start('nbdkit', dir, ['-f', '--exit-with-parent', 'file', `file=${backing}`]));
+    const byName = (name: ServerName): Server => servers.find((server) => server.name === name) ?? pcache;
+
+    // Warm the range: one sequential pass through pcache fills it into the cache.
+    await fio(pcache, { name: 'warm', rw: 'read', blockSize: '1m', depth: 4, unit: 'MiB/s', target: 0 });
+    console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+    console.log(`files on ${base}: backing ${backingBytes / MiB} MiB, cache ${cacheBytes / MiB} MiB, range ${rangeBytes / MiB} MiB; ${rounds} round(s) of ${runtime} per run${smoke ? ' (smoke)' : ''}`);
+
+    const order: ServerName[] = ['pcache', 'nbdkit', 'nocache'];
+    for (const workload of workloads) {
+      const results: Record<ServerName, number[]> = { pcache: [], nbdkit: [], nocache: [] };
+      const before = await counters(control);
+      for (let round = 0; round < rounds; round++) {
+        for (let turn = 0; turn < order.length; turn++) {
+          const name = order[(round + turn) % order.length] ?? 'pcache';
+          results[name].push(await fio(byName(name), workload));
+          if (name === 'pcache' && workload.rw === 'randwrite') await controlRequest(control, 'drain');
+        }
+      }
+      const after = await counters(control);
+      const value = median(results.pcache);
+      const nbdkit = median(results.nbdkit);
+      const nocache = median(results.nocache);
+      report({ bench: 'nbd_fio', metric: `${workload.name} vs nbdkit`, value, unit: workload.unit, peer: 'nbdkit file', peerValue: nbdkit });
+      report({ bench: 'nbd_fio', metric: `${workload.name} vs no cache`, value, unit: workload.unit, peer: 'pcache --no-cache', peerValue: nocache });
+      const ratio = value / nbdkit;
+      const reads = after.readRequests - before.readRequests;
+      const hits = reads === 0 ? '' : `; pcache read hits ${(100 * (after.readHitRequests - before.readHitRequests) / reads).toFixed(1)}%`;
+      console.log(`  ${workload.name}: ratio ${ratio.toFixed(2)}, target >= ${workload.target.toFixed(1)}: ${ratio >= workload.target ? 'met' : 'MISSED'}${hits}; runs pcache ${results.pcache.map(Math.round).join(' ')} | nbdkit ${results.nbdkit.map(Math.round).join(' ')} | no cache ${results.nocache.map(Math.round).join(' ')}`);
+    }
+    console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  } finally {
+    for (const server of servers) await stop(server);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+await main();

@@ -1,0 +1,62 @@
+// ReadBufferPool: reuses READ reply buffers instead of allocating one per request.
+//
+// Why: a READ reply is one buffer (reply header, then the data the Export reads straight into
+// it). Allocating it per request costs, for large reads, an mmap, a page fault per 4 KiB on
+// first touch, a munmap, and garbage collections triggered by the external memory — a 1 MiB
+// read at queue depth 1 spent more time there than reading and sending the data (see
+// docs/performance.md, "NBD: pcache vs nbdkit"). Reused buffers are already mapped.
+//
+// Rules:
+// - Buffers are pooled by exact byte length (header + data), so a reply is always exactly one
+//   whole buffer and the Export's target is exactly the data part of it.
+// - A buffer goes back to the pool only once the socket has handed all of it to the kernel
+//   (its write callback, without error), and only for a successful reply: after a failed Export
+//   call an asynchronous read might still be writing into it, so it is left to the GC.
+// - Reused buffers are not zeroed. The Export contract is to fill the whole target on success;
+//   should an Export break it, stale bytes from an earlier READ of the same export (which any
+//   client may read anyway) would go out, never memory of anything else. One pool per server.
+// - The pool is bounded: at most poolBytesMax bytes and perSizeMax buffers of one length are
+//   kept; anything beyond is dropped for the GC.
+
+import { assert } from '../lib/assert.js';
+import { MiB } from '../lib/units.js';
+
+/** Free bytes the pool may keep (on top of the buffers in use, which backpressure bounds). */
+export const readBufferPoolBytesMax = 64 * MiB;
+/** Free buffers of one length the pool may keep. */
+export const readBufferPoolPerSizeMax = 256;
+
+export class ReadBufferPool {
+  private readonly free = new Map<number, Uint8Array[]>();
+  private freeBytes = 0;
+
+  /** A buffer of exactly `lengthBytes`, reused when one is free (its contents are stale). */
+  take(lengthBytes: number): Uint8Array {
+    assert(Number.isSafeInteger(lengthBytes) && lengthBytes > 0, 'read buffer length must be positive');
+    const list = this.free.get(lengthBytes);
+    const buffer = list?.pop();
+    if (list === undefined || buffer === undefined) return new Uint8Array(lengthBytes);
+    if (list.length === 0) this.free.delete(lengthBytes); // no empty lists: the map stays as small as the pool
+    this.freeBytes -= lengthBytes;
+    return buffer;
+  }
+
+  /** Returns a buffer nobody references any more (see the file comment for when that is). */
+  give(buffer: Uint8Array): void {
+    assert(buffer.byteOffset === 0 && buffer.byteLength === buffer.buffer.byteLength, 'only whole buffers from take() are pooled');
+    const length = buffer.byteLength;
+    if (this.freeBytes + length > readBufferPoolBytesMax) return;
+    let list = this.free.get(length);
+    if (list === undefined) {
+      list = [];
+      this.free.set(length, list);
+    }
+    if (list.length >= readBufferPoolPerSizeMax) return;
+    list.push(buffer);
+    this.freeBytes += length;
+  }
+
+  get freeBytesHeld(): number {
+    return this.freeBytes;
+  }
+}

@@ -1,0 +1,40 @@
+// The NBD benchmark (bench/nbd_fio_bench.ts) in smoke mode, so it cannot rot: it must start
+// all three servers through the real CLI and nbdkit, run every workload against each, and
+// report a figure and a ratio for both peers. Figures are not judged here (tests do not time
+// anything); `npm run bench` reports them.
+
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { requireTool } from '../nbd/harness.js';
+import { cliEnv } from './cli_harness.js';
+
+const benchPath = fileURLToPath(new URL('../../bench/nbd_fio_bench.js', import.meta.url));
+const workloads = ['4K random read QD32', '4K random read QD1', '1M sequential read QD4', '4K random write QD32'];
+
+describe('nbd_fio benchmark (smoke)', () => {
+  it('runs every workload against pcache, nbdkit and pcache --no-cache and reports both ratios', async () => {
+    requireTool('fio', 'fio');
+    requireTool('nbdkit', 'nbdkit');
+    const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
+      execFile(process.execPath, [benchPath], { env: cliEnv({ PCACHE_BENCH_SMOKE: '1' }), timeout: 120_000, encoding: 'utf8' }, (error, out, err) => {
+        resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : -1, stdout: out, stderr: err });
+      });
+    });
+    assert.equal(code, 0, stdout + stderr);
+    assert.match(stdout, /^machine: \d+ CPUs/m);
+    for (const workload of workloads) {
+      for (const peer of ['nbdkit file', 'pcache --no-cache']) {
+        const line = stdout.split('\n').find((candidate) => candidate.includes(workload) && candidate.includes(`${peer}:`));
+        assert.ok(line !== undefined, `a result for ${workload} against ${peer}:\n${stdout}`);
+        const match = /\s([\d,.]+) (IOPS|MiB\/s) .*: ([\d,.]+) (IOPS|MiB\/s)\s+ratio (\d+\.\d\d)/.exec(line);
+        assert.ok(match !== null, line);
+        assert.ok(Number((match[1] ?? '').replaceAll(',', '')) > 0, `pcache moved data: ${line}`);
+        assert.ok(Number((match[3] ?? '').replaceAll(',', '')) > 0, `the peer moved data: ${line}`);
+      }
+      assert.match(stdout, new RegExp(`  ${workload}: ratio \\d+\\.\\d\\d, target >= \\d\\.\\d: (met|MISSED)`));
+    }
+    assert.match(stdout, /4K random read QD32: .*pcache read hits 100\.0%/, 'the warmed range is served from the cache');
+  });
+});
