@@ -1,0 +1,99 @@
+// ReadBufferPool and its use by the server: READ reply buffers are reused only after the
+// socket wrote them out, never after a failed Export call, come back with exactly the length
+// asked for, stay within the pool's bounds, and reuse never mixes up the data of concurrent
+// reads.
+
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { PcacheError } from '../../src/lib/errors.js';
+import { ReadBufferPool, readBufferPoolBytesMax, readBufferPoolPerSizeMax } from '../../src/nbd/buffer_pool.js';
+import { ControlledExport, patternBytes, startServer, waitUntil } from './harness.js';
+import { connectAndGo } from './raw_client.js';
+import { CMD } from './wire.js';
+
+const MiB = 1024 * 1024;
+
+describe('ReadBufferPool', () => {
+  it('hands back a given buffer for the same length only, with exactly that length', () => {
+    const pool = new ReadBufferPool();
+    const first = pool.take(4124);
+    assert.equal(first.byteLength, 4124);
+    pool.give(first);
+    assert.equal(pool.freeBytesHeld, 4124);
+    const other = pool.take(4112);
+    assert.notEqual(other.buffer, first.buffer, 'another length gets another buffer');
+    assert.equal(pool.take(4124), first, 'the same length reuses it');
+    assert.equal(pool.freeBytesHeld, 0);
+    assert.notEqual(pool.take(4124), first, 'a buffer is handed out once');
+  });
+
+  it('keeps at most its per-length count and its byte budget', () => {
+    const pool = new ReadBufferPool();
+    const small = Array.from({ length: readBufferPoolPerSizeMax + 10 }, () => pool.take(512));
+    for (const buffer of small) pool.give(buffer);
+    assert.equal(pool.freeBytesHeld, readBufferPoolPerSizeMax * 512);
+    const big = 32 * MiB + 16;
+    const bigOnes = Array.from({ length: 3 }, () => pool.take(big));
+    for (const buffer of bigOnes) pool.give(buffer);
+    assert.ok(pool.freeBytesHeld <= readBufferPoolBytesMax, `${pool.freeBytesHeld} bytes held`);
+    assert.equal(pool.freeBytesHeld, readBufferPoolPerSizeMax * 512 + big, 'only one 32 MiB buffer fits the budget next to the small ones');
+  });
+
+  it('refuses pieces of buffers (only whole buffers from take())', () => {
+    const pool = new ReadBufferPool();
+    assert.throws(() => { pool.give(pool.take(1024).subarray(16)); }, /only whole buffers/);
+  });
+});
+
+describe('READ buffers in the server', () => {
+  it('reuses a reply buffer once it was written, and not after a failed read', async (t) => {
+    const exp = new ControlledExport(8 * MiB);
+    exp.device.bytes.set(patternBytes(8 * MiB, 5));
+    exp.mode = 'sync';
+    const srv = await startServer({ export: exp });
+    t.after(() => srv.stop());
+    const { client } = await connectAndGo(srv.path);
+    const read = async (offset: number): Promise<{ target: Uint8Array; error: number }> => {
+      client.send({ type: CMD.read, cookie: BigInt(offset + 1), offset, length: 4096 });
+      const reply = await client.simpleReply(4096);
+      const target = exp.lastReadTarget;
+      assert.ok(target !== undefined);
+      if (reply.error === 0) assert.deepEqual(reply.data, Buffer.from(exp.device.bytes.subarray(offset, offset + 4096)));
+      return { target, error: reply.error };
+    };
+    const first = await read(0);
+    await waitUntil(() => srv.server.readBuffers.freeBytesHeld > 0, 'the written reply buffer went back to the pool');
+    const second = await read(8192);
+    assert.equal(second.target.buffer, first.target.buffer, 'the second read reused the first one\'s buffer');
+
+    exp.fault = (method) => (method === 'read' ? new PcacheError('EIO', 'injected') : undefined);
+    const failed = await read(16384);
+    assert.notEqual(failed.error, 0);
+    exp.fault = undefined;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    const after = await read(16384);
+    assert.notEqual(after.target.buffer, failed.target.buffer, 'a buffer whose read failed is never reused');
+    client.disconnect();
+  });
+
+  it('returns the right bytes for hundreds of pipelined reads sharing pooled buffers', async (t) => {
+    const exp = new ControlledExport(8 * MiB);
+    exp.device.bytes.set(patternBytes(8 * MiB, 6));
+    exp.mode = 'async';
+    const srv = await startServer({ export: exp });
+    t.after(() => srv.stop());
+    const { client } = await connectAndGo(srv.path);
+    const count = 300;
+    const offsetOf = (i: number): number => ((i * 7919) % 2048) * 4096;
+    for (let round = 0; round < 2; round++) {
+      for (let i = 0; i < count; i++) client.send({ type: CMD.read, cookie: BigInt(i), offset: offsetOf(i), length: 4096 });
+      for (let i = 0; i < count; i++) {
+        const reply = await client.simpleReply(4096);
+        assert.equal(reply.error, 0);
+        const offset = offsetOf(Number(reply.cookie));
+        assert.deepEqual(reply.data, Buffer.from(exp.device.bytes.subarray(offset, offset + 4096)), `read ${reply.cookie} at ${offset}`);
+      }
+    }
+    client.disconnect();
+  });
+});
