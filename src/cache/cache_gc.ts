@@ -12,47 +12,24 @@
 // Freed segments get a new generation, which makes every index entry into them stale; the
 // index drops stale entries lazily (readers) and in bounded sweeps (here).
 
-import { BackgroundTask, SerialSection } from '../lib/background_task.js';
 import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
-import type { CacheCore } from './cache_core.js';
+import { CacheWorker } from './cache_worker.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
 import { isDataKey } from './cache_tree.js';
 
 export const gcKsetsPerRoundMax = 64;
 export const gcBackoffMs = 1000;
 
-export class Gc {
-  private readonly core: CacheCore;
-  private readonly task = new BackgroundTask(() => this.loop());
-  /** Rounds from the loop and from step() never overlap. */
-  private readonly rounds = new SerialSection();
+export class Gc extends CacheWorker {
   private readonly scratch = new Uint8Array(ksetBytesMax);
   private sweepNeeded = false;
   lastError: string | undefined;
-
-  constructor(core: CacheCore) {
-    this.core = core;
-  }
 
   /** GC has work: reclaimable ksets and enough segments in use. */
   get due(): boolean {
     const core = this.core;
     return core.keyTail.lsn < core.dirtyTail.lsn && core.segments.usedCount >= core.gcThresholdSegments;
-  }
-
-  get active(): boolean {
-    return this.task.running;
-  }
-
-  kick(urgent: boolean): void {
-    if (!this.core.background && !urgent) return;
-    if (this.core.stopped() || this.core.readOnly) return;
-    this.task.kick();
-  }
-
-  idle(): Promise<void> {
-    return this.task.idle();
   }
 
   /** One round, if one is due, and a sweep of stale index entries; for tests and the simulator. */
@@ -64,7 +41,7 @@ export class Gc {
     return advanced;
   }
 
-  private async loop(): Promise<void> {
+  protected async loop(): Promise<void> {
     const core = this.core;
     while (core.state === 'running' && core.failure === undefined) {
       if (this.due) {

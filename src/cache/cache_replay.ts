@@ -34,7 +34,7 @@ import { keyFlagClean, keyFlagZero, ksetBytesMax, type KeyRecord } from '../ondi
 import type { CacheCore } from './cache_core.js';
 import { positionAfter, readKsetAt, samePosition, type LogPos } from './cache_kset.js';
 import { segmentKindData, segmentKindFree, segmentKindLog } from './cache_segment.js';
-import { newIndexKey } from './cache_tree.js';
+import { keyFromRecord, newIndexKey } from './cache_tree.js';
 
 export interface ReplayResult {
   readonly keyHead: LogPos;
@@ -112,16 +112,7 @@ export async function replay(
         if (core.dataCrc) await verifyData(core, record, dataCrcErrors);
       }
       if (dirtyTail !== undefined && (record.flags & keyFlagClean) === 0) core.stats.dirtyBytes += record.lengthBytes;
-      key.offsetBytes = record.offsetBytes;
-      key.lengthBytes = record.lengthBytes;
-      key.flags = record.flags;
-      key.segment = record.segment;
-      key.segmentOffsetBytes = record.segmentOffsetBytes;
-      key.gen = record.gen;
-      key.crc = record.dataCrc;
-      key.crcDeltaBytes = 0;
-      key.crcLengthBytes = record.lengthBytes;
-      core.index.insert(key);
+      core.index.insert(keyFromRecord(key, record));
     }
     pos = positionAfter(pos, kset);
     ksets++;

@@ -19,7 +19,7 @@ import { keyFlagClean, keyFlagEmpty, keyFlagZero, type KeyRecord } from '../ondi
 import { subtreeSizeBytes } from '../ondisk/layout.js';
 import type { CacheCore } from './cache_core.js';
 import { segmentKindData } from './cache_segment.js';
-import { isDataKey, newIndexKey, type IndexKey, type Subtree } from './cache_tree.js';
+import { isDataKey, keyFromRecord, newIndexKey, type IndexKey, type Subtree } from './cache_tree.js';
 
 /** Space for one key's data, with a reference on its segment taken for the key. */
 interface Space {
@@ -133,17 +133,17 @@ export async function cacheWrite(core: CacheCore, source: Uint8Array, offsetByte
       throw error;
     }
     core.checkWritable();
-    key.offsetBytes = position;
-    key.lengthBytes = space.lengthBytes;
-    key.flags = 0;
-    key.segment = space.segment;
-    key.segmentOffsetBytes = space.offsetBytes;
-    key.gen = space.gen;
-    key.crc = core.dataCrc ? crc32c(data) : 0;
-    key.crcDeltaBytes = 0;
-    key.crcLengthBytes = space.lengthBytes;
-    core.index.insert(key);
-    seq = core.log.append(keyRecord(key));
+    const record: KeyRecord = {
+      offsetBytes: position,
+      lengthBytes: space.lengthBytes,
+      flags: 0,
+      segment: space.segment,
+      segmentOffsetBytes: space.offsetBytes,
+      gen: space.gen,
+      dataCrc: core.dataCrc ? crc32c(data) : 0,
+    };
+    core.index.insert(keyFromRecord(key, record));
+    seq = core.log.append(record);
     done += space.lengthBytes;
   }
   if (fua) await core.log.commit(seq);
@@ -161,17 +161,9 @@ export async function cacheZero(core: CacheCore, offsetBytes: number, lengthByte
     if (core.log.full) await core.log.roomAvailable();
     core.checkWritable();
     const end = Math.min(offsetBytes + lengthBytes, subtreeEnd(position));
-    key.offsetBytes = position;
-    key.lengthBytes = end - position;
-    key.flags = keyFlagZero;
-    key.segment = 0;
-    key.segmentOffsetBytes = 0;
-    key.gen = 0;
-    key.crc = 0;
-    key.crcDeltaBytes = 0;
-    key.crcLengthBytes = 0;
-    core.index.insert(key);
-    seq = core.log.append(keyRecord(key));
+    const record: KeyRecord = { offsetBytes: position, lengthBytes: end - position, flags: keyFlagZero, segment: 0, segmentOffsetBytes: 0, gen: 0, dataCrc: 0 };
+    core.index.insert(keyFromRecord(key, record));
+    seq = core.log.append(record);
     position = end;
   }
   if (fua) await core.log.commit(seq);
@@ -320,17 +312,8 @@ function addMiss(core: CacheCore, walk: ReadWalk, target: Uint8Array, request: n
   let ticket = 0;
   if (placeholder && core.state === 'running' && !core.readOnly && core.failure === undefined) {
     ticket = core.nextTicket();
-    const key = walk.scratchKey;
-    key.offsetBytes = start;
-    key.lengthBytes = end - start;
-    key.flags = keyFlagEmpty;
-    key.segment = ticket;
-    key.segmentOffsetBytes = 0;
-    key.gen = 0;
-    key.crc = 0;
-    key.crcDeltaBytes = 0;
-    key.crcLengthBytes = 0;
-    core.index.insert(key);
+    const empty: KeyRecord = { offsetBytes: start, lengthBytes: end - start, flags: keyFlagEmpty, segment: ticket, segmentOffsetBytes: 0, gen: 0, dataCrc: 0 };
+    core.index.insert(keyFromRecord(walk.scratchKey, empty));
   }
   (walk.misses ??= []).push({ offsetBytes: start, lengthBytes: end - start, ticket });
   core.stats.readMissBytes += end - start;

@@ -12,7 +12,7 @@
 // and by `sweepStale`.
 
 import { assert } from '../lib/assert.js';
-import { keyFlagClean, keyFlagEmpty, keyFlagZero } from '../ondisk/kset.js';
+import { keyFlagClean, keyFlagEmpty, keyFlagZero, type KeyRecord } from '../ondisk/kset.js';
 import { subtreeSizeBytes } from '../ondisk/layout.js';
 
 const colOffset = 0; // offset inside the subtree
@@ -45,6 +45,20 @@ export interface IndexKey {
 
 export function newIndexKey(): IndexKey {
   return { offsetBytes: 0, lengthBytes: 0, flags: 0, segment: 0, segmentOffsetBytes: 0, gen: 0, crc: 0, crcDeltaBytes: 0, crcLengthBytes: 0 };
+}
+
+/** Fills `out` from a key record, as a whole (uncut) extent; returns `out`. */
+export function keyFromRecord(out: IndexKey, record: KeyRecord): IndexKey {
+  out.offsetBytes = record.offsetBytes;
+  out.lengthBytes = record.lengthBytes;
+  out.flags = record.flags;
+  out.segment = record.segment;
+  out.segmentOffsetBytes = record.segmentOffsetBytes;
+  out.gen = record.gen;
+  out.crc = record.dataCrc;
+  out.crcDeltaBytes = 0;
+  out.crcLengthBytes = record.lengthBytes;
+  return out;
 }
 
 export function isDataKey(flags: number): boolean {

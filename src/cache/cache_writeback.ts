@@ -14,14 +14,13 @@
 // failed backing sync is treated like failed writes (fsyncgate): the whole round is redone.
 
 import { assert } from '../lib/assert.js';
-import { BackgroundTask, SerialSection } from '../lib/background_task.js';
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
 import { keyFlagClean, keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
-import type { CacheCore } from './cache_core.js';
+import { CacheWorker } from './cache_worker.js';
 import { positionAfter, readKsetAt, type LogPos } from './cache_kset.js';
-import { KeyIndex, newIndexKey } from './cache_tree.js';
+import { KeyIndex, keyFromRecord, newIndexKey } from './cache_tree.js';
 
 export const writebackKsetsPerRoundMax = 16;
 export const writebackInFlightBytesMax = 32 * MiB;
@@ -35,11 +34,7 @@ interface DrainWaiter {
   readonly reject: (error: unknown) => void;
 }
 
-export class Writeback {
-  private readonly core: CacheCore;
-  private readonly task = new BackgroundTask(() => this.loop());
-  /** Rounds from the loop and from step() never overlap. */
-  private readonly rounds = new SerialSection();
+export class Writeback extends CacheWorker {
   private readonly scratch = new Uint8Array(ksetBytesMax);
   private waiters: DrainWaiter[] = [];
   private zeroes: Uint8Array | undefined;
@@ -48,30 +43,10 @@ export class Writeback {
   failingSinceMs: number | undefined;
   lastError: string | undefined;
 
-  constructor(core: CacheCore) {
-    this.core = core;
-  }
-
   /** Writeback has work: durable ksets past dirty_tail. */
   get due(): boolean {
     const core = this.core;
     return core.dirtyTail.lsn < core.log.durableHead.lsn;
-  }
-
-  get active(): boolean {
-    return this.task.running;
-  }
-
-  /** Starts (or extends) the writeback loop, unless background work is off and this is not urgent. */
-  kick(urgent: boolean): void {
-    if (!this.core.background && !urgent) return;
-    if (this.core.stopped() || this.core.readOnly) return;
-    this.task.kick();
-  }
-
-  /** Waits until the loop (if any) has stopped; used at close. */
-  idle(): Promise<void> {
-    return this.task.idle();
   }
 
   /** Resolves when dirty_tail reaches `lsn` (drain). */
@@ -93,7 +68,7 @@ export class Writeback {
     return this.rounds.run(() => this.round());
   }
 
-  private async loop(): Promise<void> {
+  protected async loop(): Promise<void> {
     const core = this.core;
     while (this.due && core.state === 'running' && core.failure === undefined) {
       const advanced = await this.rounds.run(() => this.round());
@@ -164,16 +139,7 @@ export class Writeback {
           throw new PcacheError('CORRUPT', `writeback: a dirty key at ${record.offsetBytes} points at a reused segment ${record.segment}`);
         }
         if ((record.flags & keyFlagClean) === 0) dirtyBytes += record.lengthBytes;
-        key.offsetBytes = record.offsetBytes;
-        key.lengthBytes = record.lengthBytes;
-        key.flags = record.flags;
-        key.segment = record.segment;
-        key.segmentOffsetBytes = record.segmentOffsetBytes;
-        key.gen = record.gen;
-        key.crc = record.dataCrc;
-        key.crcDeltaBytes = 0;
-        key.crcLengthBytes = record.lengthBytes;
-        keys.insert(key);
+        keys.insert(keyFromRecord(key, record));
       }
       if (kset.epochEnd) break;
     }
