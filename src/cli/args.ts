@@ -148,6 +148,7 @@ export interface FormatArgs {
 export type ListenArgs = { readonly path: string } | { readonly port: number; readonly host: string };
 
 export interface ServeArgs {
+  /** The cache device; empty with --no-cache (nothing is cached then). */
   readonly cachePath: string;
   readonly backingPath: string;
   readonly cacheSizeBytes: number | undefined;
