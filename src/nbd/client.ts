@@ -1,0 +1,665 @@
+// NbdClient: one NBD client connection — connect, negotiate, then many requests in flight.
+//
+// Life of a connection: connecting (TCP or Unix socket, then the handshake in
+// client_handshake.ts, both under one time limit) -> open (requests are split, sent with
+// cookies, answered in any order) -> closing (disconnect(): no new requests; in-flight ones
+// finish; then NBD_CMD_DISC and our side ends) -> closed. The `closed` promise resolves once,
+// with the reason, whichever way the connection ended.
+//
+// Invariants:
+// - Every failure is a PcacheError. Server error replies map through pcacheCodeOfNbdErrno.
+//   A connection that drops, times out, or receives a malformed reply fails every request in
+//   flight or queued, and every later one, with 'ENODEV' at once: nothing waits on a dead
+//   socket, and the process never crashes on what a server sends.
+// - Requests are split to the server's maximum payload (at most 32 MiB) for READ/WRITE and to
+//   zeroRequestMaxBytes for TRIM/WRITE_ZEROES; a logical request settles only after all of its
+//   pieces have, so no late piece writes into a buffer its caller has been given back.
+// - In flight per connection: at most inFlightRequestsMax pieces and inFlightBytesMax bytes of
+//   READ/WRITE data (a single piece is always admitted when nothing else is in flight); the
+//   rest waits in a FIFO of at most queuedRequestsMax pieces, beyond which requests fail.
+// - Cookies are u32 values unique among the pieces in flight; a READ's data is copied from the
+//   socket straight into its caller's buffer, never into one sized by the wire.
+// - TCP sockets use TCP_NODELAY (small requests must not wait for Nagle) and keepalive.
+
+import net from 'node:net';
+import { assert } from '../lib/assert.js';
+import { isPcacheError, PcacheError } from '../lib/errors.js';
+import { GiB, MiB } from '../lib/units.js';
+import { ByteQueue } from './bytes.js';
+import { ClientHandshake, type ExportInfo } from './client_handshake.js';
+import {
+  nbdErrnoName, pcacheCodeOfNbdErrno, ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader,
+} from './client_transmission.js';
+import { Command, CommandFlag, maxPayloadBytes, NbdErrno, TransmissionFlag } from './protocol.js';
+import type { NbdAddress } from './uri.js';
+
+export interface NbdClientLimits {
+  /** Connecting and negotiating together must finish within this time. */
+  readonly connectTimeoutMs: number;
+  /** A request without a reply for this long means the server is gone (0: wait forever). */
+  readonly requestTimeoutMs: number;
+  /** Pieces on the wire at once on this connection. */
+  readonly inFlightRequestsMax: number;
+  /** READ/WRITE bytes on the wire at once on this connection (at least one maximal piece). */
+  readonly inFlightBytesMax: number;
+  /** Pieces waiting for room on the wire; beyond this requests fail with EIO. */
+  readonly queuedRequestsMax: number;
+  /** disconnect() waits this long for requests in flight before it cuts them off. */
+  readonly closeTimeoutMs: number;
+}
+
+export const defaultClientLimits: NbdClientLimits = {
+  connectTimeoutMs: 10_000,
+  requestTimeoutMs: 60_000,
+  inFlightRequestsMax: 64,
+  inFlightBytesMax: 64 * MiB,
+  queuedRequestsMax: 8192,
+  closeTimeoutMs: 5_000,
+};
+
+export interface NbdClientOptions {
+  readonly exportName: string;
+  /** Ask for structured replies (default true); the server may still refuse. */
+  readonly structuredReplies?: boolean;
+  readonly limits?: Partial<NbdClientLimits>;
+}
+
+export interface WriteFlags {
+  /** Force unit access: durable when acknowledged (emulated with a FLUSH if the server lacks FUA). */
+  readonly fua?: boolean;
+}
+
+export interface ZeroFlags extends WriteFlags {
+  /** Ask the server to allocate rather than punch a hole (NBD_CMD_FLAG_NO_HOLE). */
+  readonly noHole?: boolean;
+}
+
+/** The largest READ/WRITE piece sent, whatever the server allows: the spec's interoperable size. */
+const clientPayloadMaxBytes = maxPayloadBytes;
+/** TRIM and WRITE_ZEROES carry no payload and may exceed the payload limit; keep them in a u32. */
+export const zeroRequestMaxBytes = 1 * GiB;
+/** A READ answered in more fragments than this is treated as a broken server. */
+const readFragmentsMax = 4096;
+/** After our DISC, how long the server gets to close before the socket is destroyed. */
+const discGraceMs = 2_000;
+/** How often, at most, in-flight requests are checked against requestTimeoutMs. */
+const timeoutCheckMinMs = 50;
+
+type ClientState = 'open' | 'closing' | 'closed';
+
+/** One caller's request; settles when every piece has. */
+class Operation {
+  private remaining: number;
+  private error: PcacheError | undefined;
+  private readonly resolve: () => void;
+  private readonly reject: (error: PcacheError) => void;
+
+  constructor(pieces: number, resolve: () => void, reject: (error: PcacheError) => void) {
+    assert(pieces > 0, 'an operation has at least one piece');
+    this.remaining = pieces;
+    this.resolve = resolve;
+    this.reject = reject;
+  }
+
+  pieceSettled(error: PcacheError | undefined): void {
+    assert(this.remaining > 0, 'a piece settled twice');
+    this.remaining -= 1;
+    this.error ??= error;
+    if (this.remaining > 0) return;
+    if (this.error === undefined) this.resolve();
+    else this.reject(this.error);
+  }
+}
+
+/** One request on the wire (or waiting for room). */
+class Piece implements ReplyTarget {
+  cookie = 0;
+  sentAtMs = 0;
+  error: PcacheError | undefined;
+  /** READ with structured replies: bytes of the range filled so far, and by which chunks. */
+  coveredBytes = 0;
+  fragments: number[] | undefined;
+
+  constructor(
+    readonly operation: Operation,
+    readonly command: number,
+    readonly flags: number,
+    readonly offsetBytes: number,
+    readonly lengthBytes: number,
+    readonly readTarget: Uint8Array | undefined,
+    readonly payload: Uint8Array | undefined,
+  ) {}
+
+  /** Bytes of data this piece holds in flight (READ buffer or WRITE payload). */
+  get dataBytes(): number {
+    return this.command === Command.read || this.command === Command.write ? this.lengthBytes : 0;
+  }
+
+  get isWrite(): boolean {
+    return this.command === Command.write || this.command === Command.trim || this.command === Command.writeZeroes;
+  }
+}
+
+const commandNames: Record<number, string> = {
+  [Command.read]: 'READ', [Command.write]: 'WRITE', [Command.flush]: 'FLUSH', [Command.trim]: 'TRIM',
+  [Command.writeZeroes]: 'WRITE_ZEROES', [Command.disc]: 'DISC',
+};
+
+/** How an address reads in messages. */
+export function describeAddress(address: NbdAddress): string {
+  return address.kind === 'unix' ? address.socketPath : `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
+}
+
+export class NbdClient {
+  readonly info: ExportInfo;
+  readonly limits: NbdClientLimits;
+  /** Where this connection goes, for messages. */
+  readonly where: string;
+  /** Resolves once, with the reason, when the connection has ended for any reason. */
+  readonly closed: Promise<PcacheError>;
+  /** Largest READ/WRITE piece sent. */
+  readonly payloadMaxBytes: number;
+  /** Every offset and length must be a multiple of this (the server's minimum block size). */
+  readonly minimumBlockBytes: number;
+
+  private readonly socket: net.Socket;
+  private readonly input: ByteQueue;
+  private readonly decoder: ReplyDecoder;
+  private state: ClientState = 'open';
+  private closedError: PcacheError | undefined;
+  private resolveClosed: ((error: PcacheError) => void) | undefined;
+  private readonly inFlight = new Map<number, Piece>();
+  private inFlightBytes = 0;
+  private waiting: Piece[] = [];
+  private nextCookie = 0;
+  private corked = false;
+  private timeoutTimer: NodeJS.Timeout | undefined;
+  private idleWaiters: (() => void)[] = [];
+  private writesCompletedCount = 0;
+  private peakInFlight = 0;
+  /** The server answered ESHUTDOWN: finish what is in flight, then disconnect. */
+  private serverShuttingDown = false;
+
+  private readonly uncorkBound = (): void => {
+    this.corked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
+  private readonly lookupBound = (cookie: number): ReplyTarget | undefined => this.inFlight.get(cookie);
+
+  /** Connects and negotiates; rejects with a PcacheError saying why it could not. */
+  static connect(address: NbdAddress, options: NbdClientOptions): Promise<NbdClient> {
+    const limits = { ...defaultClientLimits, ...options.limits };
+    checkLimits(limits);
+    const where = describeAddress(address);
+    return new Promise((resolve, reject) => {
+      const socket = address.kind === 'unix'
+        ? net.connect({ path: address.socketPath })
+        : net.connect({ host: address.host, port: address.port, noDelay: true, keepAlive: true, keepAliveInitialDelay: 10_000 });
+      const handshake = new ClientHandshake({
+        exportName: options.exportName,
+        requestStructuredReplies: options.structuredReplies ?? true,
+      });
+      let settled = false;
+      const cleanup = (): void => {
+        settled = true;
+        clearTimeout(timer);
+        socket.off('data', onData);
+        socket.off('error', onError);
+        socket.off('close', onClose);
+      };
+      const fail = (error: PcacheError): void => {
+        if (settled) return;
+        cleanup();
+        // Later errors of a socket we gave up on must not become uncaught exceptions.
+        socket.on('error', () => undefined);
+        socket.destroy();
+        reject(error);
+      };
+      const timer = setTimeout(() => {
+        fail(new PcacheError('ENODEV', `${where}: no NBD session after ${limits.connectTimeoutMs} ms`));
+      }, limits.connectTimeoutMs);
+      const onError = (error: Error): void => {
+        fail(new PcacheError('ENODEV', `cannot connect to ${where}: ${error.message}`, { cause: error }));
+      };
+      const onClose = (): void => {
+        const hint = handshake.status.kind === 'negotiating' ? ' (unknown export name, or too many connections?)' : '';
+        fail(new PcacheError('ENODEV', `${where}: the server closed the connection during the handshake${hint}`));
+      };
+      const onData = (chunk: Buffer): void => {
+        const out: Uint8Array[] = [];
+        const verdict = handshake.push(chunk, out);
+        for (const bytes of out) socket.write(bytes);
+        if (verdict.kind === 'failed') {
+          fail(new PcacheError(verdict.code, `${where}: ${verdict.reason}`));
+        } else if (verdict.kind === 'ready') {
+          cleanup();
+          resolve(new NbdClient(socket, { info: verdict.info, input: handshake.input, limits, where }));
+        }
+      };
+      socket.on('data', onData);
+      socket.on('error', onError);
+      socket.on('close', onClose);
+    });
+  }
+
+  private constructor(socket: net.Socket, setup: { info: ExportInfo; input: ByteQueue; limits: NbdClientLimits; where: string }) {
+    this.socket = socket;
+    this.info = setup.info;
+    this.input = setup.input;
+    this.limits = setup.limits;
+    this.where = setup.where;
+    this.minimumBlockBytes = setup.info.blockSize?.minimumBytes ?? 1;
+    const serverMax = setup.info.blockSize?.maximumBytes ?? clientPayloadMaxBytes;
+    const payloadMax = Math.min(serverMax, clientPayloadMaxBytes);
+    this.payloadMaxBytes = Math.max(this.minimumBlockBytes, payloadMax - (payloadMax % this.minimumBlockBytes));
+    this.closed = new Promise((resolve) => { this.resolveClosed = resolve; });
+    this.decoder = new ReplyDecoder(this.input, this.lookupBound, setup.info.structuredReplies);
+    socket.on('data', (chunk: Buffer) => { this.receive(chunk); });
+    socket.on('error', (error: Error) => {
+      this.destroy(new PcacheError('ENODEV', `${this.where}: connection lost: ${error.message}`, { cause: error }));
+    });
+    socket.on('close', () => {
+      this.destroy(new PcacheError('ENODEV', `${this.where}: the server closed the connection`));
+    });
+    const timeoutMs = setup.limits.requestTimeoutMs;
+    if (timeoutMs > 0) {
+      this.timeoutTimer = setInterval(() => { this.checkTimeouts(); }, Math.max(timeoutCheckMinMs, timeoutMs / 4));
+      this.timeoutTimer.unref();
+    }
+    // Bytes that arrived right behind the handshake's last reply.
+    if (this.input.length > 0) this.receive(new Uint8Array(0));
+  }
+
+  // --- What the server offers ---
+
+  private hasFlag(flag: number): boolean {
+    const flags = this.info.transmissionFlags;
+    // proto.md: without HAS_FLAGS no other bit means anything.
+    return (flags & TransmissionFlag.hasFlags) !== 0 && (flags & flag) !== 0;
+  }
+
+  get sizeBytes(): number {
+    return this.info.sizeBytes;
+  }
+
+  get readOnly(): boolean {
+    return this.hasFlag(TransmissionFlag.readOnly);
+  }
+
+  get canFlush(): boolean {
+    return this.hasFlag(TransmissionFlag.sendFlush);
+  }
+
+  get canFua(): boolean {
+    return this.hasFlag(TransmissionFlag.sendFua);
+  }
+
+  get canTrim(): boolean {
+    return this.hasFlag(TransmissionFlag.sendTrim);
+  }
+
+  get canWriteZeroes(): boolean {
+    return this.hasFlag(TransmissionFlag.sendWriteZeroes);
+  }
+
+  get canMultiConn(): boolean {
+    return this.hasFlag(TransmissionFlag.canMultiConn);
+  }
+
+  // --- State ---
+
+  private currentState(): ClientState {
+    return this.state;
+  }
+
+  /** True while new requests are accepted. */
+  get isOpen(): boolean {
+    return this.state === 'open';
+  }
+
+  /** Pieces in flight plus pieces waiting: how busy this connection is. */
+  get load(): number {
+    return this.inFlight.size + this.waiting.length;
+  }
+
+  /** WRITE, TRIM and WRITE_ZEROES pieces the server has acknowledged, since connecting. */
+  get writesCompleted(): number {
+    return this.writesCompletedCount;
+  }
+
+  /** The most pieces that were on the wire at once (for tests and benchmarks). */
+  get peakInFlightRequests(): number {
+    return this.peakInFlight;
+  }
+
+  // --- Requests ---
+
+  read(target: Uint8Array, offsetBytes: number): Promise<void> {
+    const problem = this.rangeProblem(offsetBytes, target.length);
+    if (problem !== undefined) return Promise.reject(problem);
+    return this.perform(Command.read, 0, offsetBytes, target.length, { readTarget: target, pieceBytes: this.payloadMaxBytes });
+  }
+
+  async write(source: Uint8Array, offsetBytes: number, flags: WriteFlags = {}): Promise<void> {
+    const problem = this.writeProblem('WRITE') ?? this.rangeProblem(offsetBytes, source.length);
+    if (problem !== undefined) throw problem;
+    const fua = flags.fua === true;
+    const wireFlags = fua && this.canFua ? CommandFlag.fua : 0;
+    await this.perform(Command.write, wireFlags, offsetBytes, source.length, { payload: source, pieceBytes: this.payloadMaxBytes });
+    if (fua && !this.canFua) await this.flush();
+  }
+
+  /**
+   * Every write acknowledged on this connection before the FLUSH was sent is durable when it
+   * completes (and, with CAN_MULTI_CONN, every write acknowledged on any connection). A
+   * server that does not offer FLUSH has nothing volatile to flush: this resolves at once.
+   */
+  flush(): Promise<void> {
+    if (!this.canFlush) return this.state === 'open' ? Promise.resolve() : Promise.reject(this.unavailable());
+    return this.perform(Command.flush, 0, 0, 0, { pieceBytes: 1 });
+  }
+
+  /** TRIM: the range's contents become unspecified (the server may or may not zero them). */
+  async trim(offsetBytes: number, lengthBytes: number, flags: WriteFlags = {}): Promise<void> {
+    const problem = this.writeProblem('TRIM') ?? this.rangeProblem(offsetBytes, lengthBytes);
+    if (problem !== undefined) throw problem;
+    if (!this.canTrim) throw new PcacheError('ENOTSUP', `${this.where}: the server does not offer TRIM`);
+    await this.zeroLike(Command.trim, 0, offsetBytes, lengthBytes, flags.fua === true);
+  }
+
+  /** WRITE_ZEROES: the range reads as zeroes afterwards. */
+  async writeZeroes(offsetBytes: number, lengthBytes: number, flags: ZeroFlags = {}): Promise<void> {
+    const problem = this.writeProblem('WRITE_ZEROES') ?? this.rangeProblem(offsetBytes, lengthBytes);
+    if (problem !== undefined) throw problem;
+    if (!this.canWriteZeroes) throw new PcacheError('ENOTSUP', `${this.where}: the server does not offer WRITE_ZEROES`);
+    await this.zeroLike(Command.writeZeroes, flags.noHole === true ? CommandFlag.noHole : 0, offsetBytes, lengthBytes, flags.fua === true);
+  }
+
+  /**
+   * Clean disconnect: new requests fail at once, requests in flight get up to closeTimeoutMs
+   * to finish, then NBD_CMD_DISC is sent and our side of the socket ends. Idempotent.
+   */
+  async disconnect(): Promise<void> {
+    if (this.state === 'closed') return;
+    if (this.state === 'open') {
+      this.state = 'closing';
+      this.failWaiting(new PcacheError('ENODEV', `${this.where}: the connection is closing`));
+    }
+    await this.whenIdle(this.limits.closeTimeoutMs);
+    // Read through a call: the connection may have closed while we waited.
+    if (this.currentState() !== 'closing') return;
+    if (this.inFlight.size === 0 && !this.socket.destroyed) {
+      this.socket.write(requestHeader({ type: Command.disc, flags: 0, cookie: 0, offsetBytes: 0, lengthBytes: 0 }));
+      this.socket.end();
+      const timer = setTimeout(() => { this.socket.destroy(); }, discGraceMs);
+      timer.unref();
+      await new Promise<void>((resolve) => {
+        if (this.socket.closed) resolve();
+        else this.socket.once('close', () => { resolve(); });
+      });
+      clearTimeout(timer);
+    }
+    this.destroy(new PcacheError('ENODEV', `${this.where}: disconnected`));
+  }
+
+  /** Hard close: every request in flight or waiting fails with `error`. Idempotent. */
+  destroy(error: PcacheError): void {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    this.closedError = error;
+    clearInterval(this.timeoutTimer);
+    this.socket.destroy();
+    this.input.clear();
+    const pieces = [...this.inFlight.values()];
+    this.inFlight.clear();
+    this.inFlightBytes = 0;
+    for (const piece of pieces) piece.operation.pieceSettled(error);
+    this.failWaiting(error);
+    this.wakeIdle();
+    this.resolveClosed?.(error);
+  }
+
+  // --- Sending ---
+
+  private perform(
+    command: number,
+    flags: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    data: { readTarget?: Uint8Array; payload?: Uint8Array; pieceBytes: number },
+  ): Promise<void> {
+    if (this.state !== 'open') return Promise.reject(this.unavailable());
+    if (lengthBytes === 0 && command !== Command.flush) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const pieceBytes = data.pieceBytes;
+      const count = command === Command.flush ? 1 : Math.ceil(lengthBytes / pieceBytes);
+      const operation = new Operation(count, resolve, reject);
+      for (let i = 0; i < count; i += 1) {
+        const start = i * pieceBytes;
+        const length = Math.min(pieceBytes, lengthBytes - start);
+        this.submit(new Piece(
+          operation, command, flags, offsetBytes + start, length,
+          data.readTarget?.subarray(start, start + length),
+          data.payload?.subarray(start, start + length),
+        ));
+      }
+    });
+  }
+
+  private async zeroLike(command: number, flags: number, offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void> {
+    const wireFlags = flags | (fua && this.canFua ? CommandFlag.fua : 0);
+    const pieceBytes = zeroRequestMaxBytes - (zeroRequestMaxBytes % this.minimumBlockBytes);
+    await this.perform(command, wireFlags, offsetBytes, lengthBytes, { pieceBytes });
+    if (fua && !this.canFua) await this.flush();
+  }
+
+  private submit(piece: Piece): void {
+    if (this.state !== 'open') {
+      piece.operation.pieceSettled(this.unavailable());
+      return;
+    }
+    // FIFO: nothing overtakes a waiting piece, so a large request cannot starve.
+    if (this.waiting.length > 0 || !this.admits(piece)) {
+      if (this.waiting.length >= this.limits.queuedRequestsMax) {
+        piece.operation.pieceSettled(new PcacheError('EIO', `${this.where}: more than ${this.limits.queuedRequestsMax} requests queued`));
+        return;
+      }
+      this.waiting.push(piece);
+      return;
+    }
+    this.send(piece);
+  }
+
+  private admits(piece: Piece): boolean {
+    if (this.inFlight.size >= this.limits.inFlightRequestsMax) return false;
+    return this.inFlight.size === 0 || this.inFlightBytes + piece.dataBytes <= this.limits.inFlightBytesMax;
+  }
+
+  private send(piece: Piece): void {
+    let cookie = this.nextCookie;
+    do {
+      cookie = (cookie + 1) >>> 0;
+    } while (this.inFlight.has(cookie));
+    this.nextCookie = cookie;
+    piece.cookie = cookie;
+    piece.sentAtMs = performance.now();
+    this.inFlight.set(cookie, piece);
+    this.inFlightBytes += piece.dataBytes;
+    this.peakInFlight = Math.max(this.peakInFlight, this.inFlight.size);
+    // Requests issued in one event-loop turn leave in one write.
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncorkBound);
+    }
+    this.socket.write(requestHeader({
+      type: piece.command, flags: piece.flags, cookie, offsetBytes: piece.offsetBytes, lengthBytes: piece.lengthBytes,
+    }));
+    if (piece.payload !== undefined) this.socket.write(piece.payload);
+  }
+
+  private pump(): void {
+    while (this.state === 'open' && this.waiting.length > 0) {
+      const next = this.waiting[0];
+      assert(next !== undefined, 'waiting queue is not empty');
+      if (!this.admits(next)) return;
+      this.waiting.shift();
+      this.send(next);
+    }
+  }
+
+  // --- Receiving ---
+
+  private receive(chunk: Uint8Array): void {
+    if (this.state === 'closed') return;
+    this.input.push(chunk);
+    try {
+      for (;;) {
+        const event = this.decoder.next();
+        if (event === undefined) break;
+        this.handle(event);
+      }
+    } catch (error) {
+      if (!isPcacheError(error)) throw error;
+      // Framing is lost: nothing more on this socket can be trusted.
+      this.destroy(new PcacheError('ENODEV', `${this.where}: ${error.message}`, { cause: error }));
+      return;
+    }
+    if (this.serverShuttingDown && this.state === 'open') {
+      void this.disconnect();
+      return;
+    }
+    this.pump();
+  }
+
+  private handle(event: ReplyEvent): void {
+    const piece = this.inFlight.get(event.cookie);
+    assert(piece !== undefined, 'the decoder only reports cookies in flight');
+    switch (event.kind) {
+      case 'simple':
+        if (event.errno !== NbdErrno.ok) piece.error = this.serverError(piece, event.errno, '');
+        return this.finish(piece);
+      case 'none':
+        return this.finish(piece);
+      case 'data':
+        this.cover(piece, event.offsetBytes, event.lengthBytes);
+        if (event.done) this.finish(piece);
+        return;
+      case 'error':
+        piece.error ??= this.serverError(piece, event.errno, event.message);
+        if (event.done) this.finish(piece);
+        return;
+    }
+  }
+
+  /** Records that a structured READ chunk filled a range; overlapping chunks are a violation. */
+  private cover(piece: Piece, offsetBytes: number, lengthBytes: number): void {
+    const start = offsetBytes - piece.offsetBytes;
+    const end = start + lengthBytes;
+    if (start === 0 && lengthBytes === piece.lengthBytes && piece.coveredBytes === 0) {
+      piece.coveredBytes = lengthBytes;
+      piece.fragments = [0, lengthBytes];
+      return;
+    }
+    const fragments = (piece.fragments ??= []);
+    for (let i = 0; i < fragments.length; i += 2) {
+      if (start < (fragments[i + 1] ?? 0) && (fragments[i] ?? 0) < end) {
+        throw new PcacheError('EIO', `NBD protocol violation by the server: overlapping READ chunks at ${offsetBytes}`);
+      }
+    }
+    if (fragments.length >= 2 * readFragmentsMax) {
+      throw new PcacheError('EIO', `NBD protocol violation by the server: a READ in more than ${readFragmentsMax} chunks`);
+    }
+    fragments.push(start, end);
+    piece.coveredBytes += lengthBytes;
+  }
+
+  private finish(piece: Piece): void {
+    if (piece.error === undefined && piece.command === Command.read && this.info.structuredReplies && piece.coveredBytes !== piece.lengthBytes) {
+      throw new PcacheError('EIO', `NBD protocol violation by the server: a successful READ covered ${piece.coveredBytes} of ${piece.lengthBytes} bytes`);
+    }
+    this.inFlight.delete(piece.cookie);
+    this.inFlightBytes -= piece.dataBytes;
+    if (piece.error === undefined && piece.isWrite) this.writesCompletedCount += 1;
+    piece.fragments = undefined;
+    piece.operation.pieceSettled(piece.error);
+    if (this.inFlight.size === 0) this.wakeIdle();
+  }
+
+  private serverError(piece: Piece, errno: number, message: string): PcacheError {
+    // ESHUTDOWN: the server is stopping. proto.md: the client must soft-disconnect.
+    if (errno === NbdErrno.eshutdown) this.serverShuttingDown = true;
+    const command = commandNames[piece.command] ?? `command ${piece.command}`;
+    const range = piece.command === Command.flush ? '' : ` ${piece.offsetBytes}+${piece.lengthBytes}`;
+    const detail = message === '' ? '' : `: ${message.slice(0, 200)}`;
+    return new PcacheError(pcacheCodeOfNbdErrno(errno), `${this.where}: the server answered ${command}${range} with ${nbdErrnoName(errno)}${detail}`);
+  }
+
+  private checkTimeouts(): void {
+    const oldest = this.inFlight.values().next();
+    if (oldest.done === true) return;
+    const waitedMs = performance.now() - oldest.value.sentAtMs;
+    if (waitedMs >= this.limits.requestTimeoutMs) {
+      this.destroy(new PcacheError('ENODEV', `${this.where}: no reply for ${Math.round(waitedMs)} ms; the connection is presumed dead`));
+    }
+  }
+
+  // --- Helpers ---
+
+  private rangeProblem(offsetBytes: number, lengthBytes: number): PcacheError | undefined {
+    if (!Number.isSafeInteger(offsetBytes) || !Number.isSafeInteger(lengthBytes) || offsetBytes < 0 || lengthBytes < 0) {
+      return new PcacheError('EINVAL', `bad range ${offsetBytes}+${lengthBytes}`);
+    }
+    if (offsetBytes + lengthBytes > this.info.sizeBytes) {
+      return new PcacheError('EINVAL', `range ${offsetBytes}+${lengthBytes} ends past the export's end ${this.info.sizeBytes}`);
+    }
+    if (offsetBytes % this.minimumBlockBytes !== 0 || lengthBytes % this.minimumBlockBytes !== 0) {
+      return new PcacheError('EINVAL', `range ${offsetBytes}+${lengthBytes} is not aligned to the server's ${this.minimumBlockBytes}-byte blocks`);
+    }
+    return undefined;
+  }
+
+  private writeProblem(command: string): PcacheError | undefined {
+    if (this.state !== 'open') return this.unavailable();
+    if (this.readOnly) return new PcacheError('EPERM', `${this.where}: ${command} on a read-only export`);
+    return undefined;
+  }
+
+  private unavailable(): PcacheError {
+    return this.closedError ?? new PcacheError('ENODEV', `${this.where}: the connection is closing`);
+  }
+
+  private failWaiting(error: PcacheError): void {
+    const waiting = this.waiting;
+    this.waiting = [];
+    for (const piece of waiting) piece.operation.pieceSettled(error);
+  }
+
+  private whenIdle(timeoutMs: number): Promise<void> {
+    if (this.inFlight.size === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, timeoutMs);
+      timer.unref();
+      this.idleWaiters.push(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+  }
+
+  private wakeIdle(): void {
+    const waiters = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const wake of waiters) wake();
+  }
+}
+
+function checkLimits(limits: NbdClientLimits): void {
+  const positive: (keyof NbdClientLimits)[] = ['connectTimeoutMs', 'inFlightRequestsMax', 'inFlightBytesMax', 'queuedRequestsMax', 'closeTimeoutMs'];
+  for (const key of positive) {
+    if (!Number.isSafeInteger(limits[key]) || limits[key] <= 0) throw new PcacheError('EINVAL', `NBD client limit ${key} must be a positive integer`);
+  }
+  if (!Number.isSafeInteger(limits.requestTimeoutMs) || limits.requestTimeoutMs < 0) {
+    throw new PcacheError('EINVAL', 'NBD client limit requestTimeoutMs must be 0 (none) or a positive integer');
+  }
+}
