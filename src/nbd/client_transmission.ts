@@ -278,7 +278,7 @@ export class ReplyDecoder {
     const high = readU32BE(header, at);
     const low = readU32BE(header, at + 4);
     const target = high === 0 ? this.lookup(low) : undefined;
-    if (target === undefined) throw violation(`reply for unknown cookie 0x${high.toString(16)}${low.toString(16).padStart(8, '0')}`);
+    if (target === undefined) throw violation(`reply for unknown cookie 0x${((BigInt(high) << 32n) | BigInt(low)).toString(16)}`);
     this.cookie = low;
     this.target = target;
     return target;

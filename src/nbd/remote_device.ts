@@ -11,7 +11,7 @@
 //   with the reason in state().refused — a different size means a different disk.
 // - sync() covers every write that completed before it was called: one FLUSH when every
 //   connection advertises CAN_MULTI_CONN (a flush then covers all connections), otherwise a
-//   FLUSH on every connection. If a connection that held acknowledged but unflushed writes was
+//   FLUSH on every connection that has acknowledged writes since its last flush. If a connection that held acknowledged but unflushed writes was
 //   lost, the next sync() fails with ENODEV: those writes may not be durable, and the caller
 //   (pcache's writeback) must write them again — the fsyncgate rule, applied to a network.
 // - discard() is WRITE_ZEROES (the BlockDevice contract: the range reads as zeroes after),
@@ -215,7 +215,11 @@ export class NbdRemoteDevice {
         await leastLoaded(connected).flush();
         for (const { slot, client, writes } of covered) this.markFlushed(slot, client, writes);
       } else {
-        const results = await Promise.allSettled(connected.map(async ({ slot, client }) => {
+        // Each connection's FLUSH covers its own writes only: flush every connection that has
+        // acknowledged writes since its last flush (or one, so a sync always reaches the server).
+        const owing = connected.filter(({ slot, client }) => client.writesCompleted > slot.flushedWrites);
+        const targets = owing.length > 0 ? owing : connected.slice(0, 1);
+        const results = await Promise.allSettled(targets.map(async ({ slot, client }) => {
           const writes = client.writesCompleted;
           await client.flush();
           this.markFlushed(slot, client, writes);
