@@ -15,7 +15,7 @@ import type { BlockDevice } from '../device/block_device.js';
 import { cacheInfoFlags, type CacheInfo } from '../ondisk/cache_info.js';
 import { gcPercentMax } from '../ondisk/layout.js';
 import { uuidToString } from '../ondisk/superblock.js';
-import { buildCore, defaultTuning, type CacheCore, type CacheStats, type CacheTuning } from './cache_core.js';
+import { buildCore, defaultTuning, tuningProblem, type CacheCore, type CacheStats, type CacheTuning } from './cache_core.js';
 import { checkCacheDevice } from './cache_check.js';
 import { formatCacheDevice, probeDevice, readCacheMetadata, type CacheMetadata, type FormatOptions } from './cache_dev.js';
 import { Gc } from './cache_gc.js';
@@ -28,6 +28,7 @@ import { segmentKindFree } from './cache_segment.js';
 import { Writeback } from './cache_writeback.js';
 
 export type { FormatOptions } from './cache_dev.js';
+export { defaultTuning, eagerWriteback, type CacheTuning } from './cache_core.js';
 
 export interface CacheOpenOptions {
   readonly cacheDevice: BlockDevice;
@@ -94,7 +95,14 @@ export interface CacheStatus {
   readonly reclaimableLogBytes: number;
   readonly indexKeys: number;
   readonly indexBytes: number;
-  readonly writeback: { readonly active: boolean; readonly lastError: string | undefined; readonly failingForMs: number | undefined; readonly backoffMs: number };
+  readonly writeback: {
+    readonly active: boolean;
+    readonly lastError: string | undefined;
+    readonly failingForMs: number | undefined;
+    readonly backoffMs: number;
+    /** Age of the oldest dirty data in the log (undefined when none). */
+    readonly oldestDirtyAgeMs: number | undefined;
+  };
   readonly gc: { readonly active: boolean; readonly lastError: string | undefined; readonly thresholdSegments: number };
   readonly counters: Readonly<CacheStats>;
 }
@@ -139,13 +147,16 @@ export class Cache {
     } else if (contents === 'other') {
       throw new PcacheError('FOREIGN', 'the cache device holds data that is not a pcache cache; refusing to touch it');
     }
+    const tuning: CacheTuning = { ...defaultTuning, ...options.tuning };
+    const problem = tuningProblem(tuning);
+    if (problem !== undefined) throw new PcacheError('EINVAL', problem);
     const metadata = await readCacheMetadata(cacheDevice);
     checkBacking(metadata, backingDevice, options.acceptOtherBackingIdentity === true);
     const core = buildCore(cacheDevice, backingDevice, metadata, {
       readOnly: options.readOnly === true,
       background: options.background ?? true,
       timers: options.timers ?? realTimers,
-      tuning: { ...defaultTuning, ...options.tuning },
+      tuning,
     });
     const result = await replay(core, metadata.dirtyTail.value);
     core.dirtyTail = result.dirtyTail;
@@ -153,6 +164,8 @@ export class Cache {
     wireParts(core, result.keyHead);
     if (!core.readOnly) await clearAfterHead(core, result.keyHead);
     const cache = new Cache(core, result);
+    // Dirty data found by replay has waited for the whole downtime: it counts as old.
+    if (core.stats.dirtyBytes > 0) core.writeback.noteDurable(result.keyHead.lsn, core.timers.now() - tuning.writebackMaxAgeMs);
     core.writeback.kick(false);
     core.gc.kick(false);
     return cache;
@@ -237,6 +250,22 @@ export class Cache {
     return this.core.gc.step();
   }
 
+  /** Changes runtime knobs (not persisted; see CacheTuning). Returns the tuning now in force. */
+  setTuning(changes: Partial<CacheTuning>): CacheTuning {
+    const core = this.core;
+    const tuning: CacheTuning = { ...core.tuning, ...changes };
+    const problem = tuningProblem(tuning);
+    if (problem !== undefined) throw new PcacheError('EINVAL', problem);
+    core.tuning = tuning;
+    core.wakeAdmission();
+    core.writeback.kick(false);
+    return tuning;
+  }
+
+  get tuning(): CacheTuning {
+    return this.core.tuning;
+  }
+
   /** Changes the GC threshold and persists it in cache_info (dm-pcache's `gc_percent` message). */
   async setGcPercent(gcPercent: number): Promise<void> {
     const core = this.core;
@@ -295,6 +324,7 @@ export class Cache {
         lastError: core.writeback.lastError,
         failingForMs: failingSince === undefined ? undefined : core.timers.now() - failingSince,
         backoffMs: core.writeback.backoffMs,
+        oldestDirtyAgeMs: core.writeback.oldestDirtyAgeMs,
       },
       gc: { active: core.gc.active, lastError: core.gc.lastError, thresholdSegments: core.gcThresholdSegments },
       counters: { ...core.stats },
@@ -314,9 +344,11 @@ export class Cache {
       core.log.sealNow();
       await core.log.flush();
     }
+    core.writeback.stop();
     await core.writeback.idle();
     await core.gc.idle();
     core.log.stop();
+    core.writeback.stop();
     core.state = 'stopped';
     const shutdown = new PcacheError('ESHUTDOWN', 'the cache was closed');
     core.writeback.abort(shutdown);
@@ -329,6 +361,7 @@ export class Cache {
     const core = this.core;
     core.state = 'stopped';
     core.log.stop();
+    core.writeback.stop();
     const shutdown = new PcacheError('ESHUTDOWN', 'the cache was abandoned');
     core.writeback.abort(shutdown);
     core.log.abort(shutdown);

@@ -63,7 +63,7 @@ export function newStats(): CacheStats {
 
 export type CacheState = 'running' | 'stopping' | 'stopped';
 
-/** Runtime knobs of an open cache (not stored on disk). */
+/** Runtime knobs of an open cache (not stored on disk; `Cache.setTuning` changes them). */
 export interface CacheTuning {
   /** How long a write may be held (no free space, or the backing device offline at the dirty high-water mark) before it fails with ETIMEDOUT; 0 holds it until it can go on. */
   readonly spaceWaitTimeoutMs: number;
@@ -71,9 +71,43 @@ export interface CacheTuning {
   readonly dirtyHighWaterPercent: number;
   /** Writeback failing without a break for this long marks the backing device offline (ENODEV marks it at once). */
   readonly backingOfflineAfterMs: number;
+  /** Writeback starts when dirty data reaches this percentage of the cache's data capacity... */
+  readonly writebackStartPercent: number;
+  /** ...and once started goes on until dirty data is down to this percentage. 0 and 0: write back at once, always. */
+  readonly writebackStopPercent: number;
+  /** After this long without a client write, everything dirty is written back. */
+  readonly writebackIdleMs: number;
+  /** Data dirty for longer than this is written back even while clients keep writing. */
+  readonly writebackMaxAgeMs: number;
 }
 
-export const defaultTuning: CacheTuning = { spaceWaitTimeoutMs: 0, dirtyHighWaterPercent: 75, backingOfflineAfterMs: 10_000 };
+export const defaultTuning: CacheTuning = {
+  spaceWaitTimeoutMs: 0,
+  dirtyHighWaterPercent: 75,
+  backingOfflineAfterMs: 10_000,
+  writebackStartPercent: 50,
+  writebackStopPercent: 40,
+  writebackIdleMs: 1000,
+  writebackMaxAgeMs: 30_000,
+};
+
+/** Writeback as soon as anything is dirty (tests that watch writeback happen). */
+export const eagerWriteback: Partial<CacheTuning> = { writebackStartPercent: 0, writebackStopPercent: 0 };
+
+/** Why a tuning is unacceptable, or undefined. */
+export function tuningProblem(tuning: CacheTuning): string | undefined {
+  const percent = (name: keyof CacheTuning, max: number): string | undefined => {
+    const value = tuning[name];
+    return Number.isInteger(value) && value >= 0 && value <= max ? undefined : `${name} must be an integer from 0 to ${max}, got ${value}`;
+  };
+  const duration = (name: keyof CacheTuning): string | undefined => {
+    const value = tuning[name];
+    return Number.isSafeInteger(value) && value >= 0 ? undefined : `${name} must be a whole number of milliseconds, got ${value}`;
+  };
+  return percent('dirtyHighWaterPercent', 100) ?? percent('writebackStartPercent', 100) ?? percent('writebackStopPercent', 100) ??
+    (tuning.writebackStopPercent > tuning.writebackStartPercent ? 'writebackStopPercent must not exceed writebackStartPercent' : undefined) ??
+    duration('spaceWaitTimeoutMs') ?? duration('backingOfflineAfterMs') ?? duration('writebackIdleMs') ?? duration('writebackMaxAgeMs');
+}
 
 export interface CoreOptions {
   readonly dataCrc: boolean;
@@ -95,8 +129,10 @@ export class CacheCore {
   readonly keyMaxBytes: number;
   readonly readOnly: boolean;
   readonly background: boolean;
-  readonly tuning: CacheTuning;
+  tuning: CacheTuning;
   gcPercent: number;
+  /** Monotonic time of the last client write, write-zeroes or trim (idle writeback). */
+  lastWriteMs: number;
   state: CacheState = 'running';
   /** Set once a metadata commit failed: every later flush, FUA and write fails with it. */
   failure: PcacheError | undefined;
@@ -132,6 +168,7 @@ export class CacheCore {
     this.readOnly = options.readOnly;
     this.background = options.background;
     this.tuning = options.tuning;
+    this.lastWriteMs = parts.timers.now();
   }
 
   /** True once close or abandon began; re-read after every await (narrowing would hide a change). */
@@ -180,8 +217,9 @@ export class CacheCore {
     this.gc.kick(true);
   }
 
-  /** Called when more of the log became durable. */
-  logAdvanced(): void {
+  /** Called when the log up to `durableHead` became durable. */
+  logAdvanced(durableHead: LogPos): void {
+    this.writeback.noteDurable(durableHead.lsn, this.timers.now());
     this.writeback.kick(false);
   }
 
@@ -198,9 +236,14 @@ export class CacheCore {
     await this.waitOrTimeOut(freed, startedMs, 'no free cache space');
   }
 
+  /** Bytes of data the cache's segments can hold. */
+  get dataCapacityBytes(): number {
+    return this.segments.count * this.dev.dataSizeBytes;
+  }
+
   /** Bytes of dirty data at which writes are held while the backing device is offline. */
   get dirtyHighWaterBytes(): number {
-    return Math.floor((this.segments.count * this.dev.dataSizeBytes * this.tuning.dirtyHighWaterPercent) / 100);
+    return Math.floor((this.dataCapacityBytes * this.tuning.dirtyHighWaterPercent) / 100);
   }
 
   /**

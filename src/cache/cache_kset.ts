@@ -304,7 +304,7 @@ export class KsetLog {
       if (waiter.seq <= seq) waiter.resolve();
       else this.durableWaiters.push(waiter);
     }
-    this.core.logAdvanced();
+    this.core.logAdvanced(head);
   }
 
   private wakeRoomWaiters(): void {

@@ -108,6 +108,7 @@ export async function cacheWrite(core: CacheCore, source: Uint8Array, offsetByte
   core.checkWritable();
   core.stats.writeRequests++;
   core.stats.writeBytes += source.length;
+  core.lastWriteMs = core.timers.now();
   const startedMs = core.timers.now();
   if (core.backingOfflineSinceMs !== undefined) await core.admitWrite(startedMs);
   if (core.log.full) await core.log.roomAvailable();
@@ -154,6 +155,7 @@ export async function cacheZero(core: CacheCore, offsetBytes: number, lengthByte
   core.checkWritable();
   core.stats.zeroRequests++;
   core.stats.zeroBytes += lengthBytes;
+  core.lastWriteMs = core.timers.now();
   if (core.backingOfflineSinceMs !== undefined) await core.admitWrite(core.timers.now());
   const key = newIndexKey();
   let seq = 0;

@@ -12,18 +12,34 @@
 // On any error nothing advances: the round is retried from the same dirty_tail with
 // exponential back-off, the error is counted, and status reports the cache as degraded. A
 // failed backing sync is treated like failed writes (fsyncgate): the whole round is redone.
+//
+// When writeback runs (the policy, as dm-writecache's watermarks and bcache's writeback delay):
+// once dirty data reaches writebackStartPercent of the cache's data capacity, until it is down
+// to writebackStopPercent; after writebackIdleMs without a client write; for data dirty longer
+// than writebackMaxAgeMs; and whenever it is urgent (a writer short of space, a drain). Writing
+// back lazily keeps the backing device's I/O and the CPU for clients while the cache absorbs a
+// burst, and gives overwrites a chance to be written back once instead of many times.
+// Contiguous extents go to the backing device as one write (up to writebackRunMaxBytes), with
+// at most writebackWritesInFlightMax writes in flight.
 
 import { assert } from '../lib/assert.js';
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
 import { keyFlagClean, keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
+import type { TimerHandle } from '../lib/timers.js';
 import { CacheWorker } from './cache_worker.js';
 import { positionAfter, readKsetAt, type LogPos } from './cache_kset.js';
-import { KeyIndex, keyFromRecord, newIndexKey } from './cache_tree.js';
+import { KeyIndex, keyFromRecord, newIndexKey, type IndexKey } from './cache_tree.js';
 
 export const writebackKsetsPerRoundMax = 16;
 export const writebackInFlightBytesMax = 32 * MiB;
+export const writebackWritesInFlightMax = 16;
+/** Contiguous extents are gathered into backing writes of at most this size. */
+export const writebackRunMaxBytes = 1 * MiB;
+/** Commits closer together than this share one age entry (bounds the age queue). */
+const ageGranularityMs = 100;
+const ageEntriesMax = 1024;
 export const writebackBackoffMinMs = 100;
 export const writebackBackoffMaxMs = 30_000;
 const zeroChunkBytes = 1 * MiB;
@@ -43,10 +59,55 @@ export class Writeback extends CacheWorker {
   failingSinceMs: number | undefined;
   lastError: string | undefined;
 
+  /** When log positions became durable: ages of dirty data, oldest first, for writebackMaxAgeMs. */
+  private ages: { lsnEnd: number; timeMs: number }[] = [];
+  /** A writer is short of space or a drain waits: write back regardless of the policy. */
+  private urgent = false;
+  /** Dirty data passed writebackStartPercent and has not yet come down to writebackStopPercent. */
+  private aboveWatermark = false;
+  private wakeTimer: TimerHandle | undefined;
+
   /** Writeback has work: durable ksets past dirty_tail. */
   get due(): boolean {
     const core = this.core;
     return core.dirtyTail.lsn < core.log.durableHead.lsn;
+  }
+
+  /** Writeback has work and the policy says to do it now (see the file comment). */
+  get wanted(): boolean {
+    if (!this.due) {
+      this.aboveWatermark = false;
+      return false;
+    }
+    const core = this.core;
+    const tuning = core.tuning;
+    if (this.urgent || tuning.writebackStartPercent === 0) return true;
+    const dirtyPercent = (core.stats.dirtyBytes * 100) / core.dataCapacityBytes;
+    if (dirtyPercent >= tuning.writebackStartPercent) this.aboveWatermark = true;
+    else if (dirtyPercent <= tuning.writebackStopPercent) this.aboveWatermark = false;
+    if (this.aboveWatermark) return true;
+    return this.idleDeadlineMs() <= core.timers.now() || this.ageDeadlineMs() <= core.timers.now();
+  }
+
+  /** Records that the log up to `lsnEnd` became durable at `timeMs` (for the age rule). */
+  noteDurable(lsnEnd: number, timeMs: number): void {
+    const last = this.ages[this.ages.length - 1];
+    if (last !== undefined && timeMs - last.timeMs < ageGranularityMs) {
+      last.lsnEnd = lsnEnd;
+    } else {
+      this.ages.push({ lsnEnd, timeMs });
+      // Merging the two oldest keeps the older time: data only ever looks older, never younger.
+      if (this.ages.length > ageEntriesMax) this.ages.splice(1, 1);
+    }
+  }
+
+  override kick(urgent: boolean): void {
+    if (urgent) this.urgent = true;
+    if (this.wanted) {
+      super.kick(urgent);
+    } else {
+      this.armWake();
+    }
   }
 
   /** Resolves when dirty_tail reaches `lsn` (drain). */
@@ -68,13 +129,52 @@ export class Writeback extends CacheWorker {
     return this.rounds.run(() => this.round());
   }
 
+  /** When the idle rule will want writeback (Infinity when nothing is dirty). */
+  private idleDeadlineMs(): number {
+    return this.core.lastWriteMs + this.core.tuning.writebackIdleMs;
+  }
+
+  /** When the age rule will want writeback for the oldest dirty data still in the log. */
+  private ageDeadlineMs(): number {
+    const dirtyTailLsn = this.core.dirtyTail.lsn;
+    while (this.ages.length > 0 && (this.ages[0]?.lsnEnd ?? 0) <= dirtyTailLsn) this.ages.shift();
+    const oldest = this.ages[0];
+    return oldest === undefined ? Number.POSITIVE_INFINITY : oldest.timeMs + this.core.tuning.writebackMaxAgeMs;
+  }
+
+  /** Arms one timer for the moment the idle or age rule will want writeback. */
+  private armWake(): void {
+    const core = this.core;
+    if (this.wakeTimer !== undefined || !this.due || !core.background || core.stopped()) return;
+    const deadline = Math.min(this.idleDeadlineMs(), this.ageDeadlineMs());
+    if (!Number.isFinite(deadline)) return;
+    this.wakeTimer = core.timers.after(Math.max(1, deadline - core.timers.now()), () => {
+      this.wakeTimer = undefined;
+      this.kick(false);
+    });
+  }
+
+  /** Age of the oldest dirty data in the log, in milliseconds (undefined when none). */
+  get oldestDirtyAgeMs(): number | undefined {
+    const deadline = this.ageDeadlineMs();
+    return Number.isFinite(deadline) ? this.core.timers.now() - (deadline - this.core.tuning.writebackMaxAgeMs) : undefined;
+  }
+
+  /** Stops the wake-up timer (close). */
+  stop(): void {
+    this.wakeTimer?.cancel();
+    this.wakeTimer = undefined;
+  }
+
   protected async loop(): Promise<void> {
     const core = this.core;
-    while (this.due && core.state === 'running' && core.failure === undefined) {
+    while (this.wanted && core.state === 'running' && core.failure === undefined) {
       const advanced = await this.rounds.run(() => this.round());
       if (advanced) await core.timers.yieldToOthers();
       else await core.timers.sleep(this.backoffMs);
     }
+    if (!this.due) this.urgent = false;
+    else this.armWake();
   }
 
   private async round(): Promise<boolean> {
@@ -147,47 +247,100 @@ export class Writeback extends CacheWorker {
     return { keys, end: pos, dirtyBytes, ksets };
   }
 
-  /** Writes the merged extents to the backing device in offset order, a bounded amount in flight. */
+  /**
+   * Writes the merged extents to the backing device in offset order: contiguous runs of dirty
+   * extents (or of ZERO extents) become one write of up to writebackRunMaxBytes; CLEAN extents
+   * are skipped; at most writebackWritesInFlightMax writes and writebackInFlightBytesMax bytes
+   * are in flight.
+   */
   private async apply(keys: KeyIndex): Promise<void> {
-    const inFlight: Promise<void>[] = [];
+    // Writes never reject here: the first failure is kept, nothing more is issued, and it is
+    // thrown once every write already issued has finished (none may still be in flight when
+    // the round is retried).
+    const settled: Promise<void>[] = [];
+    let failure: { error: unknown } | undefined;
+    let inFlight = 0;
     let inFlightBytes = 0;
-    const key = newIndexKey();
-    try {
-      for (const subtree of keys.inOrder()) {
-        for (let index = 0; index < subtree.count; index++) {
-          subtree.read(index, key);
-          if ((key.flags & keyFlagClean) !== 0) continue;
-          if (inFlightBytes + key.lengthBytes > writebackInFlightBytesMax && inFlight.length > 0) {
-            await Promise.all(inFlight);
-            inFlight.length = 0;
-            inFlightBytes = 0;
-          }
-          inFlight.push((key.flags & keyFlagZero) !== 0 ? this.zero(key.offsetBytes, key.lengthBytes) : this.copy(key));
-          inFlightBytes += key.lengthBytes;
-        }
+    let wake: (() => void) | undefined;
+    const issue = async (start: () => Promise<void>, bytes: number): Promise<void> => {
+      while (inFlight >= writebackWritesInFlightMax || inFlightBytes >= writebackInFlightBytesMax) {
+        await new Promise<void>((resolve) => { wake = resolve; });
       }
-      await Promise.all(inFlight);
-    } catch (error) {
-      await Promise.allSettled(inFlight); // nothing of this round may still be in flight when it is retried
-      throw error;
+      if (failure !== undefined) return;
+      inFlight++;
+      inFlightBytes += bytes;
+      settled.push(start().then(
+        () => undefined,
+        (error: unknown) => { failure ??= { error }; },
+      ).finally(() => {
+        inFlight--;
+        inFlightBytes -= bytes;
+        const resume = wake;
+        wake = undefined;
+        resume?.();
+      }));
+    };
+    let run: IndexKey[] = [];
+    let runBytes = 0;
+    const flush = async (): Promise<void> => {
+      const first = run[0];
+      if (first === undefined) return;
+      const parts = run;
+      const bytes = runBytes;
+      run = [];
+      runBytes = 0;
+      await issue(() => ((first.flags & keyFlagZero) !== 0 ? this.zero(first.offsetBytes, bytes) : this.copy(parts, bytes)), bytes);
+    };
+    for (const subtree of keys.inOrder()) {
+      for (let index = 0; index < subtree.count && failure === undefined; index++) {
+        const key = subtree.read(index, newIndexKey());
+        if ((key.flags & keyFlagClean) !== 0) {
+          await flush();
+          continue;
+        }
+        const last = run[run.length - 1];
+        const joins = last !== undefined && last.offsetBytes + last.lengthBytes === key.offsetBytes &&
+          (last.flags & keyFlagZero) === (key.flags & keyFlagZero) && runBytes + key.lengthBytes <= writebackRunMaxBytes;
+        if (!joins) await flush();
+        run.push(key);
+        runBytes += key.lengthBytes;
+      }
     }
+    await flush();
+    await Promise.all(settled);
+    if (failure !== undefined) throw failure.error;
   }
 
-  private async copy(key: { offsetBytes: number; lengthBytes: number; segment: number; segmentOffsetBytes: number; crc: number; crcDeltaBytes: number; crcLengthBytes: number }): Promise<void> {
+  /** Gathers contiguous dirty extents from the cache device and writes them as one. */
+  private async copy(parts: readonly IndexKey[], bytes: number): Promise<void> {
     const core = this.core;
-    const originalOffset = key.segmentOffsetBytes - key.crcDeltaBytes;
-    const extent = new Uint8Array(core.dataCrc ? key.crcLengthBytes : key.lengthBytes);
-    const io = core.dev.readData(extent, key.segment, core.dataCrc ? originalOffset : key.segmentOffsetBytes);
-    if (io !== undefined) await io;
-    let data = extent;
-    if (core.dataCrc) {
-      if (crc32c(extent) !== key.crc) {
-        core.stats.dataCrcErrors++;
-        throw new PcacheError('EIO', `writeback: data CRC mismatch in extent ${key.offsetBytes}+${key.lengthBytes} (segment ${key.segment})`);
-      }
-      data = extent.subarray(key.crcDeltaBytes, key.crcDeltaBytes + key.lengthBytes);
+    const first = parts[0];
+    assert(first !== undefined, 'empty writeback run');
+    const data = new Uint8Array(bytes);
+    let at = 0;
+    for (const part of parts) {
+      await this.readPart(part, data.subarray(at, at + part.lengthBytes));
+      at += part.lengthBytes;
     }
-    await this.backingWrite(() => core.backing.write(data, key.offsetBytes));
+    await this.backingWrite(() => core.backing.write(data, first.offsetBytes));
+  }
+
+  /** Reads one extent's data from the cache device, checking its data CRC when the cache has one. */
+  private async readPart(key: IndexKey, target: Uint8Array): Promise<void> {
+    const core = this.core;
+    if (!core.dataCrc) {
+      const io = core.dev.readData(target, key.segment, key.segmentOffsetBytes);
+      if (io !== undefined) await io;
+      return;
+    }
+    const extent = new Uint8Array(key.crcLengthBytes);
+    const io = core.dev.readData(extent, key.segment, key.segmentOffsetBytes - key.crcDeltaBytes);
+    if (io !== undefined) await io;
+    if (crc32c(extent) !== key.crc) {
+      core.stats.dataCrcErrors++;
+      throw new PcacheError('EIO', `writeback: data CRC mismatch in extent ${key.offsetBytes}+${key.lengthBytes} (segment ${key.segment})`);
+    }
+    target.set(extent.subarray(key.crcDeltaBytes, key.crcDeltaBytes + key.lengthBytes));
   }
 
   private async zero(offsetBytes: number, lengthBytes: number): Promise<void> {

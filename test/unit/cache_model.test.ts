@@ -12,7 +12,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
-import { Cache } from '../../src/cache/cache.js';
+import { Cache, eagerWriteback } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { Prng } from '../../src/sim/prng.js';
 import { MiB, cacheBytesFor, pattern } from '../helpers/cache_fixture.js';
@@ -33,7 +33,10 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
   const cacheDevice = new MemoryDevice(cacheBytesFor(segments));
   const backingDevice = new MemoryDevice(backingBytes);
   const timers = new ManualTimers();
+  // Half the seeds write back as soon as anything is dirty, half use the default policy.
+  const tuning = prng.chance(0.5) ? eagerWriteback : {};
   const open = (): Promise<Cache> => Cache.open({
+    tuning,
     cacheDevice,
     backingDevice,
     formatIfBlank: { segmentSizeBytes: MiB, dataCrc: config.dataCrc, gcPercent: prng.pick([0, 50, 70, 90]), cacheUuid: new Uint8Array(16).fill(3), formatTimeMs: 0 },

@@ -4,7 +4,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
-import { Cache } from '../../src/cache/cache.js';
+import { Cache, eagerWriteback } from '../../src/cache/cache.js';
 import { dirtyTailOffsetsBytes, keyTailOffsetsBytes } from '../../src/ondisk/layout.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { MiB, RecordingDevice, cacheBytesFor, openRig, pattern, readBytes, settle, type DeviceEvent } from '../helpers/cache_fixture.js';
@@ -19,6 +19,7 @@ async function recordingRig(options: { segments?: number; gcPercent?: number; ba
   const open = (): Promise<Cache> => Cache.open({
     cacheDevice, backingDevice, timers, background: options.background ?? false,
     formatIfBlank: { segmentSizeBytes: MiB, gcPercent: options.gcPercent ?? 70 },
+    tuning: eagerWriteback, // these tests watch writeback happen right after a flush
   });
   const cache = await open();
   events.length = 0;
@@ -41,10 +42,11 @@ describe('writeback', () => {
 
     assert.equal(await cache.writebackStep(), true);
     const round1 = events.filter((e) => e.device === 'backing' || isTailWrite(e, dirtyTailOffsetsBytes));
-    // Epoch 1 only: the merged extents in offset order, no write for the CLEAN fill, a sync, then dirty_tail.
+    // Epoch 1 only: the merged extents (newest data per range: the first write's [0, 4) and the
+    // second write's [4, 12), contiguous, so one backing write), no write for the CLEAN fill,
+    // a sync, then dirty_tail.
     assert.deepEqual(round1.map((e) => [e.device, e.kind, e.offsetBytes / S, e.lengthBytes / S]), [
-      ['backing', 'write', 0, 4],
-      ['backing', 'write', 4, 8],
+      ['backing', 'write', 0, 12],
       ['backing', 'sync', 0, 0],
       // Format wrote copy 0 of dirty_tail, so the first update overwrites the older copy 1.
       ['cache', 'write', dirtyTailOffsetsBytes[1] / S, 16 / S],
@@ -200,7 +202,7 @@ describe('backing device offline', () => {
     const cache = await Cache.open({
       cacheDevice, backingDevice, timers, background: true,
       formatIfBlank: { segmentSizeBytes: MiB },
-      tuning: { dirtyHighWaterPercent: 25 },
+      tuning: { ...eagerWriteback, dirtyHighWaterPercent: 25 },
     });
     await cache.write(pattern(1, 0, 64 * 1024), 0);
     await cache.flush();
@@ -262,7 +264,7 @@ describe('backing device offline', () => {
   it('marks the backing device offline after writeback has failed for backingOfflineAfterMs', async () => {
     const rig = await recordingRig({ background: true });
     rig.backingDevice.failWrites = 'timeouts';
-    const cache = await Cache.open({ cacheDevice: rig.cacheDevice, backingDevice: rig.backingDevice, timers: rig.timers, background: true, tuning: { backingOfflineAfterMs: 5000 } });
+    const cache = await Cache.open({ cacheDevice: rig.cacheDevice, backingDevice: rig.backingDevice, timers: rig.timers, background: true, tuning: { ...eagerWriteback, backingOfflineAfterMs: 5000 } });
     await rig.cache.close().catch(() => undefined);
     await cache.write(pattern(3, 0, 4096), 0);
     await cache.flush();

@@ -1,0 +1,115 @@
+// When writeback runs: dirty data at the start watermark (until the stop watermark), an idle
+// spell without client writes, data older than the maximum age, right after a restart, and
+// whenever it is urgent. Background work on, manual timers.
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { MemoryDevice } from '../../src/device/memory_device.js';
+import { Cache, type CacheTuning } from '../../src/cache/cache.js';
+import { ManualTimers } from '../../src/lib/timers.js';
+import { MiB, cacheBytesFor, pattern, settle } from '../helpers/cache_fixture.js';
+
+const segments = 10;
+const capacityBytes = segments * (MiB - 12 * 1024);
+
+async function policyRig(tuning: Partial<CacheTuning> = {}) {
+  const cacheDevice = new MemoryDevice(cacheBytesFor(segments));
+  const backingDevice = new MemoryDevice(64 * MiB);
+  const timers = new ManualTimers();
+  const open = (): Promise<Cache> => Cache.open({
+    cacheDevice, backingDevice, timers, background: true,
+    formatIfBlank: { segmentSizeBytes: MiB, gcPercent: 90 },
+    tuning: { writebackStartPercent: 40, writebackStopPercent: 20, writebackIdleMs: 1000, writebackMaxAgeMs: 30_000, ...tuning },
+  });
+  return { cacheDevice, backingDevice, timers, open, cache: await open() };
+}
+
+/** Lets queued work run, then waits for a writeback loop (if one started) to finish. */
+async function quiesce(cache: Cache): Promise<void> {
+  await settle();
+  await cache.internals.writeback.idle();
+  await settle();
+}
+
+/** Writes `bytes` in 64 KiB pieces from `offset`, flushing each, without letting time pass. */
+async function writeFlushed(cache: Cache, offset: number, bytes: number, tag: number): Promise<void> {
+  for (let done = 0; done < bytes; done += 64 * 1024) {
+    await cache.write(pattern(tag, offset + done, 64 * 1024), offset + done);
+    await cache.flush();
+  }
+  await settle();
+}
+
+describe('writeback policy', () => {
+  it('waits while dirty data is below the start watermark and clients keep writing; an idle spell writes it all back', async () => {
+    const { cache, timers } = await policyRig();
+    await writeFlushed(cache, 0, MiB, 1);
+    timers.advance(900);
+    await writeFlushed(cache, MiB, MiB, 2);
+    assert.equal(cache.status().dirtyBytes, 2 * MiB, 'nothing was written back yet');
+    assert.equal(cache.status().counters.writebackRounds, 0);
+    timers.advance(999);
+    await settle();
+    assert.equal(cache.status().dirtyBytes, 2 * MiB, 'not idle long enough yet');
+    timers.advance(1);
+    await quiesce(cache);
+    assert.equal(cache.status().dirtyBytes, 0, 'one idle second later everything is written back');
+    await cache.close();
+  });
+
+  it('starts at the start watermark and stops at the stop watermark, even while clients keep writing', async () => {
+    const { cache } = await policyRig();
+    const start = Math.ceil(capacityBytes * 0.4);
+    let offset = 0;
+    while (cache.status().counters.writebackRounds === 0) {
+      await writeFlushed(cache, offset, 64 * 1024, 3);
+      offset += 64 * 1024;
+      assert.ok(offset < 40 * MiB, 'writeback started');
+    }
+    assert.ok(offset >= start - 64 * 1024, `writeback started at ${offset} bytes, at the watermark (${start})`);
+    await quiesce(cache);
+    const dirty = cache.status().dirtyBytes;
+    assert.ok(dirty <= capacityBytes * 0.2, `writeback went on down to the stop watermark: ${dirty} dirty`);
+    assert.ok(dirty > 0, 'and stopped there instead of writing everything back');
+    await cache.close();
+  });
+
+  it('writes back data older than the maximum age while clients keep writing', async () => {
+    const { cache, timers, backingDevice } = await policyRig({ writebackMaxAgeMs: 5000 });
+    await writeFlushed(cache, 0, 64 * 1024, 4); // the old data
+    for (let t = 0; t < 4500; t += 500) {
+      timers.advance(500);
+      await writeFlushed(cache, MiB + t * 128, 4096, 5); // never idle for a second
+    }
+    assert.ok(!Buffer.from(backingDevice.bytes.subarray(0, 64 * 1024)).equals(pattern(4, 0, 64 * 1024)), 'not yet');
+    timers.advance(600);
+    await quiesce(cache);
+    assert.ok(Buffer.from(backingDevice.bytes.subarray(0, 64 * 1024)).equals(pattern(4, 0, 64 * 1024)), 'the old data reached the backing device');
+    assert.ok((cache.status().writeback.oldestDirtyAgeMs ?? 0) < 5000);
+    await cache.close();
+  });
+
+  it('writes back dirty data found after a restart right away', async () => {
+    const rig = await policyRig();
+    await writeFlushed(rig.cache, 0, 256 * 1024, 6);
+    rig.cache.abandon();
+    const reopened = await rig.open();
+    await quiesce(reopened);
+    assert.equal(reopened.status().dirtyBytes, 0);
+    assert.ok(Buffer.from(rig.backingDevice.bytes.subarray(0, 256 * 1024)).equals(pattern(6, 0, 256 * 1024)));
+    await reopened.close();
+  });
+
+  it('drain writes back regardless of the policy; setTuning validates and applies knobs', async () => {
+    const { cache } = await policyRig();
+    await writeFlushed(cache, 0, 128 * 1024, 7);
+    await cache.drain();
+    assert.equal(cache.status().dirtyBytes, 0);
+    assert.throws(() => cache.setTuning({ writebackStopPercent: 60 }), /writebackStopPercent must not exceed writebackStartPercent/);
+    assert.throws(() => cache.setTuning({ writebackIdleMs: -1 }), /whole number of milliseconds/);
+    assert.throws(() => cache.setTuning({ dirtyHighWaterPercent: 101 }), /0 to 100/);
+    assert.equal(cache.setTuning({ writebackStartPercent: 0, writebackStopPercent: 0 }).writebackStartPercent, 0);
+    await writeFlushed(cache, 0, 64 * 1024, 8);
+    assert.equal(cache.status().dirtyBytes, 0, 'eager after the change');
+    await cache.close();
+  });
+});
