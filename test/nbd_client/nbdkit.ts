@@ -116,6 +116,12 @@ export class Nbdkit {
     this.child = undefined;
   }
 
+  /** Sends a signal without waiting (SIGSTOP freezes the server, SIGCONT thaws it). */
+  signal(signal: NodeJS.Signals): void {
+    assert.ok(this.child !== undefined, 'nbdkit is not running');
+    this.child.kill(signal);
+  }
+
   /** The log filter's request lines (calls, not returns), in order. */
   log(): LogEntry[] {
     const entries: LogEntry[] = [];
