@@ -17,7 +17,7 @@ import { MemoryDevice } from '../../src/device/memory_device.js';
 import { PcacheError, type PcacheErrorCode } from '../../src/lib/errors.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { NbdRemoteDevice } from '../../src/nbd/remote_device.js';
-import type { NbdServerOptions } from '../../src/nbd/server.js';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
 import { parseNbdUri } from '../../src/nbd/uri.js';
 import { ControlledExport, patternBytes, startServer, waitUntil, type TestServer } from '../nbd/harness.js';
 import { CMD, OPT, REP, TFLAG } from '../nbd/wire.js';
@@ -97,6 +97,22 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
     await device.close();
     await waitUntil(() => srv.server.stats().connectionsOpen === 0, 'every connection closed');
     await assert.rejects(() => device.read(Buffer.alloc(512), 0), isCode('ENODEV', /closed/));
+  });
+
+  it('works over TCP (nbd://127.0.0.1:PORT/EXPORT)', async (t) => {
+    const memory = new MemoryDevice(patternBytes(4 * MiB, 8));
+    const server = new NbdServer({ export: new DeviceExport(memory), exportName: 'tcp-export', readOnly: false });
+    t.after(() => server.close());
+    const address = await server.listen({ port: 0 });
+    assert.ok('port' in address);
+    const device = await openDevice(t, `nbd://127.0.0.1:${address.port}/tcp-export`, { connections: 2 });
+    assert.equal(device.identity, `nbd:127.0.0.1:${address.port}/tcp-export`);
+    await device.write(patternBytes(64 * 1024, 1), MiB);
+    await device.sync();
+    const back = Buffer.alloc(64 * 1024);
+    await device.read(back, MiB);
+    assert.deepEqual(back, patternBytes(64 * 1024, 1));
+    assert.equal(server.stats().connectionsOpen, 2);
   });
 
   it('splits requests larger than the server\'s 32 MiB maximum payload, and reassembles them', async (t) => {
