@@ -40,7 +40,7 @@ export interface NbdClientLimits {
   readonly requestTimeoutMs: number;
   /** Pieces on the wire at once on this connection. */
   readonly inFlightRequestsMax: number;
-  /** READ/WRITE bytes on the wire at once on this connection (at least one maximal piece). */
+  /** READ/WRITE bytes on the wire at once on this connection (one piece is always admitted when nothing else is in flight). */
   readonly inFlightBytesMax: number;
   /** Pieces waiting for room on the wire; beyond this requests fail with EIO. */
   readonly queuedRequestsMax: number;
@@ -179,6 +179,7 @@ export class NbdClient {
   private peakInFlight = 0;
   /** The server answered ESHUTDOWN: finish what is in flight, then disconnect. */
   private serverShuttingDown = false;
+  private disconnecting: Promise<void> | undefined;
 
   private readonly uncorkBound = (): void => {
     this.corked = false;
@@ -379,7 +380,12 @@ export class NbdClient {
    * Clean disconnect: new requests fail at once, requests in flight get up to closeTimeoutMs
    * to finish, then NBD_CMD_DISC is sent and our side of the socket ends. Idempotent.
    */
-  async disconnect(): Promise<void> {
+  disconnect(): Promise<void> {
+    this.disconnecting ??= this.disconnectCleanly();
+    return this.disconnecting;
+  }
+
+  private async disconnectCleanly(): Promise<void> {
     if (this.state === 'closed') return;
     if (this.state === 'open') {
       this.state = 'closing';

@@ -90,6 +90,7 @@ describe('remote device when the server goes away', () => {
     const server = await Nbdkit.start(t, fileSpec(16 * MiB));
     const device = await openDevice(t, server.uri, { connections: 2 });
     await server.kill();
+    await waitUntil(() => device.state().connectionsConnected === 0, 'the loss was noticed');
     await server.restart(fileSpec(32 * MiB)(server.dir));
     await waitUntil(() => device.state().refused !== undefined, 'the device refused the new export');
     const refused = device.state();
@@ -109,12 +110,14 @@ describe('remote device when the server goes away', () => {
     await device.write(patternBytes(4096, 1), 0);
     await device.sync();
     await server.kill();
+    await waitUntil(() => device.state().connectionsConnected === 0, 'the loss was noticed');
     await server.restart();
     await waitUntil(() => device.state().connectionsConnected === 2, 'reconnected');
     await device.sync();
     // Acknowledged but not flushed when the connection went: the next sync must say so.
     await device.write(patternBytes(4096, 2), 0);
     await server.kill();
+    await waitUntil(() => device.state().connectionsConnected === 0, 'the loss was noticed');
     await server.restart();
     await waitUntil(() => device.state().connectionsConnected === 2, 'reconnected again');
     await assert.rejects(() => device.sync(), isCode('ENODEV', /unflushed writes was lost; they may not be durable/));
@@ -125,7 +128,7 @@ describe('remote device when the server goes away', () => {
   it('declares a frozen server dead after requestTimeoutMs, and reconnects once it thaws', async (t) => {
     const server = await Nbdkit.start(t, fileSpec(16 * MiB));
     const device = await openDevice(t, server.uri, { connections: 2, limits: { requestTimeoutMs: 400, connectTimeoutMs: 400 } });
-    server.signal('SIGSTOP');
+    await server.freeze();
     // Two reads at once go over both connections (NBD has no ping: an idle connection to a
     // frozen server looks healthy until it is asked something).
     const outcomes = await Promise.allSettled([0, 1].map((i) => device.read(Buffer.alloc(4096), i * 4096)));
@@ -135,7 +138,7 @@ describe('remote device when the server goes away', () => {
     }
     assert.equal(device.state().connectionsConnected, 0, 'both connections given up');
     await waitUntil(() => /no NBD session after 400 ms/.test(device.state().lastError ?? ''), 'reconnection attempts time out');
-    server.signal('SIGCONT');
+    server.thaw();
     await waitUntil(() => device.state().connectionsConnected === 2, 'reconnected after the thaw');
     await device.read(Buffer.alloc(4096), 0);
   });

@@ -116,10 +116,24 @@ export class Nbdkit {
     this.child = undefined;
   }
 
-  /** Sends a signal without waiting (SIGSTOP freezes the server, SIGCONT thaws it). */
-  signal(signal: NodeJS.Signals): void {
-    assert.ok(this.child !== undefined, 'nbdkit is not running');
-    this.child.kill(signal);
+  /** Freezes nbdkit with SIGSTOP; resolves once every thread of it has stopped. */
+  async freeze(): Promise<void> {
+    const pid = this.child?.pid;
+    assert.ok(pid !== undefined, 'nbdkit is not running');
+    process.kill(pid, 'SIGSTOP');
+    // The signal takes effect asynchronously: wait until /proc shows each thread stopped ('T').
+    const stopped = (): boolean => fs.readdirSync(`/proc/${pid}/task`).every((task) => {
+      const stat = fs.readFileSync(`/proc/${pid}/task/${task}/stat`, 'utf8');
+      return /^\d+ \(.*\) T /.test(stat);
+    });
+    await waitUntil(stopped, 'nbdkit stopped');
+  }
+
+  /** Thaws a frozen nbdkit with SIGCONT. */
+  thaw(): void {
+    const pid = this.child?.pid;
+    assert.ok(pid !== undefined, 'nbdkit is not running');
+    process.kill(pid, 'SIGCONT');
   }
 
   /** The log filter's request lines (calls, not returns), in order. */
