@@ -147,7 +147,8 @@ const commandNames: Record<number, string> = {
 
 /** How an address reads in messages. */
 export function describeAddress(address: NbdAddress): string {
-  return address.kind === 'unix' ? address.socketPath : `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
+  if (address.kind === 'unix') return address.socketPath;
+  return `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
 }
 
 export class NbdClient {
@@ -581,8 +582,10 @@ export class NbdClient {
   }
 
   private finish(piece: Piece): void {
-    if (piece.error === undefined && piece.command === Command.read && this.info.structuredReplies && piece.coveredBytes !== piece.lengthBytes) {
-      throw new PcacheError('EIO', `NBD protocol violation by the server: a successful READ covered ${piece.coveredBytes} of ${piece.lengthBytes} bytes`);
+    const succeeded = piece.error === undefined;
+    if (succeeded && piece.command === Command.read && this.info.structuredReplies && piece.coveredBytes !== piece.lengthBytes) {
+      throw new PcacheError('EIO',
+        `NBD protocol violation by the server: a successful READ covered ${piece.coveredBytes} of ${piece.lengthBytes} bytes`);
     }
     this.inFlight.delete(piece.cookie);
     this.inFlightBytes -= piece.dataBytes;
@@ -598,7 +601,8 @@ export class NbdClient {
     const command = commandNames[piece.command] ?? `command ${piece.command}`;
     const range = piece.command === Command.flush ? '' : ` ${piece.offsetBytes}+${piece.lengthBytes}`;
     const detail = message === '' ? '' : `: ${message.slice(0, 200)}`;
-    return new PcacheError(pcacheCodeOfNbdErrno(errno), `${this.where}: the server answered ${command}${range} with ${nbdErrnoName(errno)}${detail}`);
+    const text = `${this.where}: the server answered ${command}${range} with ${nbdErrnoName(errno)}${detail}`;
+    return new PcacheError(pcacheCodeOfNbdErrno(errno), text);
   }
 
   private checkTimeouts(): void {
@@ -620,7 +624,8 @@ export class NbdClient {
       return new PcacheError('EINVAL', `range ${offsetBytes}+${lengthBytes} ends past the export's end ${this.info.sizeBytes}`);
     }
     if (offsetBytes % this.minimumBlockBytes !== 0 || lengthBytes % this.minimumBlockBytes !== 0) {
-      return new PcacheError('EINVAL', `range ${offsetBytes}+${lengthBytes} is not aligned to the server's ${this.minimumBlockBytes}-byte blocks`);
+      const blockBytes = this.minimumBlockBytes;
+      return new PcacheError('EINVAL', `range ${offsetBytes}+${lengthBytes} is not aligned to the server's ${blockBytes}-byte blocks`);
     }
     return undefined;
   }
@@ -661,9 +666,13 @@ export class NbdClient {
 }
 
 function checkLimits(limits: NbdClientLimits): void {
-  const positive: (keyof NbdClientLimits)[] = ['connectTimeoutMs', 'inFlightRequestsMax', 'inFlightBytesMax', 'queuedRequestsMax', 'closeTimeoutMs'];
+  const positive: (keyof NbdClientLimits)[] = [
+    'connectTimeoutMs', 'inFlightRequestsMax', 'inFlightBytesMax', 'queuedRequestsMax', 'closeTimeoutMs',
+  ];
   for (const key of positive) {
-    if (!Number.isSafeInteger(limits[key]) || limits[key] <= 0) throw new PcacheError('EINVAL', `NBD client limit ${key} must be a positive integer`);
+    if (!Number.isSafeInteger(limits[key]) || limits[key] <= 0) {
+      throw new PcacheError('EINVAL', `NBD client limit ${key} must be a positive integer`);
+    }
   }
   if (!Number.isSafeInteger(limits.requestTimeoutMs) || limits.requestTimeoutMs < 0) {
     throw new PcacheError('EINVAL', 'NBD client limit requestTimeoutMs must be 0 (none) or a positive integer');

@@ -251,7 +251,9 @@ export class ClientHandshake {
       this.exportSizeBytes = readU64BE(data, 2);
       this.exportFlags = readU16BE(data, 10);
     } else if (infoType === Info.blockSize) {
-      if (data.length !== infoBlockSizeBytes) return this.fail('EIO', `NBD_INFO_BLOCK_SIZE of ${data.length} bytes, not ${infoBlockSizeBytes}`);
+      if (data.length !== infoBlockSizeBytes) {
+        return this.fail('EIO', `NBD_INFO_BLOCK_SIZE of ${data.length} bytes, not ${infoBlockSizeBytes}`);
+      }
       const constraints = { minimumBytes: readU32BE(data, 2), preferredBytes: readU32BE(data, 6), maximumBytes: readU32BE(data, 10) };
       const problem = blockSizeProblem(constraints);
       if (problem !== undefined) return this.fail('EIO', `invalid block size constraints: ${problem}`);

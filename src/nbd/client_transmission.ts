@@ -218,7 +218,9 @@ export class ReplyDecoder {
       if (target.command !== Command.read) throw violation('OFFSET_HOLE chunk for a request that is not a READ');
       if (length !== offsetHolePayloadBytes) throw violation(`OFFSET_HOLE chunk of ${length} bytes, not ${offsetHolePayloadBytes}`);
     } else if ((type & errorTypeBit) !== 0) {
-      if (length < errorChunkPrefixBytes) throw violation(`error chunk of ${length} bytes, shorter than its ${errorChunkPrefixBytes}-byte prefix`);
+      if (length < errorChunkPrefixBytes) {
+        throw violation(`error chunk of ${length} bytes, shorter than its ${errorChunkPrefixBytes}-byte prefix`);
+      }
     } else {
       // BLOCK_STATUS (never asked for) and non-error types from later protocol versions.
       throw violation(`unexpected chunk type ${type}`);

@@ -11,14 +11,16 @@
 //   with the reason in state().refused — a different size means a different disk.
 // - sync() covers every write that completed before it was called: one FLUSH when every
 //   connection advertises CAN_MULTI_CONN (a flush then covers all connections), otherwise a
-//   FLUSH on every connection that has acknowledged writes since its last flush. If a connection that held acknowledged but unflushed writes was
-//   lost, the next sync() fails with ENODEV: those writes may not be durable, and the caller
-//   (pcache's writeback) must write them again — the fsyncgate rule, applied to a network.
+//   FLUSH on every connection that has acknowledged writes since its last flush. If a
+//   connection that held acknowledged but unflushed writes was lost, the next sync() fails
+//   with ENODEV: those writes may not be durable, and the caller (pcache's writeback) must
+//   write them again — the fsyncgate rule, applied to a network.
 // - discard() is WRITE_ZEROES (the BlockDevice contract: the range reads as zeroes after),
 //   or plain zero writes when the server lacks it; never TRIM, whose result is unspecified.
 // - While no connection is up, every request fails at once with PcacheError 'ENODEV' (never
 //   waits), and the device reconnects in the background with exponential back-off between
-//   reconnectDelayMinMs and reconnectDelayMaxMs, for at most reconnectAttemptsMax attempts.
+//   reconnect.delayMinMs and reconnect.delayMaxMs, for at most reconnect.attemptsMax attempts
+//   per outage.
 // - close() stops reconnecting and disconnects every connection cleanly (NBD_CMD_DISC).
 
 import { createHash } from 'node:crypto';
@@ -463,7 +465,9 @@ function identityOf(location: string): string {
 }
 
 function checkPolicy(policy: ReconnectPolicy): void {
-  if (!Number.isSafeInteger(policy.delayMinMs) || policy.delayMinMs <= 0) throw new PcacheError('EINVAL', 'reconnect delayMinMs must be a positive integer');
+  if (!Number.isSafeInteger(policy.delayMinMs) || policy.delayMinMs <= 0) {
+    throw new PcacheError('EINVAL', 'reconnect delayMinMs must be a positive integer');
+  }
   if (!Number.isSafeInteger(policy.delayMaxMs) || policy.delayMaxMs < policy.delayMinMs) {
     throw new PcacheError('EINVAL', 'reconnect delayMaxMs must be an integer at least delayMinMs');
   }
