@@ -179,7 +179,9 @@ async function main(): Promise<void> {
     console.log(`files on ${base}: backing ${backingBytes / MiB} MiB, cache ${cacheBytes / MiB} MiB, range ${rangeBytes / MiB} MiB; ${rounds} round(s) of ${runtime} per run${smoke ? ' (smoke)' : ''}`);
 
     const order: ServerName[] = ['pcache', 'nbdkit', 'nocache'];
-    for (const workload of workloads) {
+    // PCACHE_BENCH_ONLY=write (a substring of workload names) runs a subset.
+    const only = process.env.PCACHE_BENCH_ONLY;
+    for (const workload of workloads.filter((w) => only === undefined || w.name.includes(only))) {
       const results: Record<ServerName, number[]> = { pcache: [], nbdkit: [], nocache: [] };
       const before = await counters(control);
       for (let round = 0; round < rounds; round++) {

@@ -21,7 +21,7 @@ import { formatCacheDevice, probeDevice, readCacheMetadata, type CacheMetadata, 
 import { Gc } from './cache_gc.js';
 import { KsetLog, type LogPos } from './cache_kset.js';
 import {
-  DataHead, cacheBlockStatus, cachePrefetch, cacheRead, cacheWrite, cacheZero, type CacheExtentStatus,
+  DataHead, WriteGroup, cacheBlockStatus, cachePrefetch, cacheRead, cacheWrite, cacheZero, type CacheExtentStatus,
 } from './cache_req.js';
 import { replay, type ReplayResult } from './cache_replay.js';
 import { segmentKindFree } from './cache_segment.js';
@@ -458,6 +458,7 @@ function checkBacking(metadata: CacheMetadata, backing: BlockDevice, acceptOther
 function wireParts(core: CacheCore, keyHead: LogPos): void {
   core.log = new KsetLog(core, keyHead);
   core.head = new DataHead(core);
+  core.writes = new WriteGroup(core);
   core.writeback = new Writeback(core);
   core.gc = new Gc(core);
   core.assertTailOrder();

@@ -17,7 +17,7 @@ import { CacheDev, type CacheMetadata } from './cache_dev.js';
 import type { KsetLog, LogPos } from './cache_kset.js';
 import { SegmentTable } from './cache_segment.js';
 import { KeyIndex } from './cache_tree.js';
-import type { DataHead } from './cache_req.js';
+import type { DataHead, WriteGroup } from './cache_req.js';
 import type { Writeback } from './cache_writeback.js';
 import type { Gc } from './cache_gc.js';
 
@@ -142,6 +142,8 @@ export class CacheCore {
   backingOfflineSinceWallMs: number | undefined;
   backingOfflineReason: string | undefined;
   private admissionWaiters: (() => void)[] = [];
+  /** Writers waiting for free space: while any do, writeback and GC run whatever the policy. */
+  spaceWaiters = 0;
   keyTail: LogPos;
   dirtyTail: LogPos;
   /** The newest dirty_tail known durable on the cache device; GC never passes it. */
@@ -150,6 +152,7 @@ export class CacheCore {
   // Set right after construction (they need the core themselves).
   log!: KsetLog;
   head!: DataHead;
+  writes!: WriteGroup;
   writeback!: Writeback;
   gc!: Gc;
 
@@ -232,8 +235,13 @@ export class CacheCore {
   async waitForSpace(startedMs: number): Promise<void> {
     this.checkWritable();
     const freed = this.segments.nextFree();
-    this.needSpace();
-    await this.waitOrTimeOut(freed, startedMs, 'no free cache space');
+    this.spaceWaiters++;
+    try {
+      this.needSpace();
+      await this.waitOrTimeOut(freed, startedMs, 'no free cache space');
+    } finally {
+      this.spaceWaiters--;
+    }
   }
 
   /** Bytes of data the cache's segments can hold. */

@@ -90,6 +90,27 @@ export class CacheDev {
     return this.write(source, this.dataOffset(segment, offsetBytes));
   }
 
+  /** Writes `sources` back to back into a segment's data area, in one call where the device allows. */
+  writeDataRun(sources: readonly Uint8Array[], segment: number, offsetBytes: number): Io {
+    let total = 0;
+    for (const source of sources) total += source.length;
+    assert(offsetBytes + total <= this.dataSizeBytes, 'write runs past the segment');
+    const start = this.dataOffset(segment, offsetBytes);
+    const blocking = this.device.blocking;
+    if (blocking?.writevSync !== undefined && sources.length > 1) {
+      blocking.writevSync(sources, start);
+      return undefined;
+    }
+    let at = start;
+    const pending: Promise<void>[] = [];
+    for (const source of sources) {
+      const io = this.write(source, at);
+      if (io !== undefined) pending.push(io);
+      at += source.length;
+    }
+    return pending.length === 0 ? undefined : Promise.all(pending).then(() => undefined);
+  }
+
   read(target: Uint8Array, offsetBytes: number): Io {
     const blocking = this.device.blocking;
     if (blocking === undefined) return this.device.read(target, offsetBytes);

@@ -14,7 +14,7 @@
 
 import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
-import { CacheWorker } from './cache_worker.js';
+import { CacheWorker, type RoundOutcome } from './cache_worker.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
 import { isDataKey } from './cache_tree.js';
 
@@ -36,28 +36,31 @@ export class Gc extends CacheWorker {
   async step(): Promise<boolean> {
     await this.idle();
     if (this.core.stopped()) return false;
-    const advanced = this.due ? await this.rounds.run(() => this.round()) : false;
+    const outcome = this.due ? await this.rounds.run(() => this.round()) : 'nothing';
     if (this.sweepNeeded) this.sweep();
-    return advanced;
+    return outcome === 'advanced';
   }
 
   protected async loop(): Promise<void> {
     const core = this.core;
     while (core.state === 'running' && core.failure === undefined) {
       if (this.due) {
-        const advanced = await this.rounds.run(() => this.round());
-        if (!advanced) {
-          await core.timers.sleep(gcBackoffMs);
-          continue;
+        const outcome = await this.rounds.run(() => this.round());
+        if (outcome === 'failed') {
+          if (await this.backOff(gcBackoffMs)) continue;
+          return;
         }
       }
       if (this.sweepNeeded) this.sweep();
-      if (!this.due) break;
+      if (!this.due) {
+        this.urgent = false;
+        break;
+      }
       await core.timers.yieldToOthers();
     }
   }
 
-  private async round(): Promise<boolean> {
+  private async round(): Promise<RoundOutcome> {
     const core = this.core;
     try {
       if (core.durableDirtyTail.lsn < core.dirtyTail.lsn) {
@@ -84,10 +87,10 @@ export class Gc extends CacheWorker {
         pos = positionAfter(pos, kset);
         ksets++;
       }
-      if (ksets === 0 || core.stopped()) return false;
+      if (ksets === 0 || core.stopped()) return 'nothing';
       await core.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes });
       await core.dev.sync();
-      if (core.stopped()) return false;
+      if (core.stopped()) return 'nothing';
       core.keyTail = pos;
       let freed = 0;
       for (const segment of puts) if (core.segments.put(segment)) freed++;
@@ -100,12 +103,12 @@ export class Gc extends CacheWorker {
       if (freed > 0) this.sweepNeeded = true;
       core.assertTailOrder();
       this.lastError = undefined;
-      return true;
+      return 'advanced';
     } catch (error) {
       if (!isPcacheError(error)) throw error;
       core.stats.gcErrors++;
       this.lastError = error.message;
-      return false;
+      return 'failed';
     }
   }
 

@@ -14,6 +14,7 @@
 import { assert } from '../lib/assert.js';
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
+import { SerialSection } from '../lib/background_task.js';
 import { sectorSizeBytes } from '../lib/units.js';
 import { keyFlagClean, keyFlagEmpty, keyFlagZero, type KeyRecord } from '../ondisk/kset.js';
 import { subtreeSizeBytes } from '../ondisk/layout.js';
@@ -104,50 +105,166 @@ function keyRecord(key: IndexKey): KeyRecord {
   };
 }
 
+/** A piece of a write: space taken at the data head, its data, and the key to publish. */
+interface GroupedPiece {
+  readonly record: KeyRecord;
+  readonly data: Uint8Array;
+  readonly write: GroupedWrite;
+}
+
+/** A write request whose pieces wait in a write group. */
+interface GroupedWrite {
+  failure: unknown;
+  /** The kset seq carrying its last published key (for FUA). */
+  seq: number;
+  resolve(): void;
+  reject(error: unknown): void;
+}
+
+/**
+ * The write group: the writes of one event-loop turn reach the cache device together.
+ *
+ * A write takes its space at the data head at once (so the writes of a turn sit back to back in
+ * the segment) and queues its data here. One microtask later — after every request of the
+ * socket chunk being served has been dispatched — each contiguous run of queued data goes to the
+ * cache device in one call (pwritev), and then, in queue order, every key whose data was written
+ * enters the index and the open kset, and the writes complete. A key is never visible before its
+ * data is in the device, so reads need no knowledge of the group; a run that fails fails only
+ * its own writes, whose keys were never published. Groups publish in the order they formed.
+ */
+export class WriteGroup {
+  private readonly core: CacheCore;
+  private pieces: GroupedPiece[] = [];
+  private writes: GroupedWrite[] = [];
+  private scheduled = false;
+  private readonly publishing = new SerialSection();
+  private readonly scratchKey = newIndexKey();
+
+  constructor(core: CacheCore) {
+    this.core = core;
+  }
+
+  /** Resolves once every write queued so far has been published (or failed). */
+  published(): Promise<void> {
+    if (!this.scheduled) return this.publishing.run(() => Promise.resolve());
+    return new Promise<void>((resolve) => { queueMicrotask(() => { void this.publishing.run(() => Promise.resolve()).then(resolve); }); });
+  }
+
+  /** Queues a write's pieces; resolves with the seq of the kset holding its last key. */
+  add(pieces: readonly { record: KeyRecord; data: Uint8Array }[]): Promise<number> {
+    return new Promise<number>((resolve, reject) => {
+      const write: GroupedWrite = { failure: undefined, seq: 0, resolve: () => { resolve(write.seq); }, reject };
+      this.writes.push(write);
+      for (const piece of pieces) this.pieces.push({ ...piece, write });
+      if (!this.scheduled) {
+        this.scheduled = true;
+        queueMicrotask(() => { void this.publishing.run(() => this.flush()); });
+      }
+    });
+  }
+
+  private async flush(): Promise<void> {
+    const core = this.core;
+    const pieces = this.pieces;
+    const writes = this.writes;
+    this.pieces = [];
+    this.writes = [];
+    this.scheduled = false;
+    const failed = new Set<GroupedPiece>();
+    const fail = (from: number, to: number, error: unknown): void => {
+      if (!isPcacheError(error)) throw error;
+      core.stats.cacheIoErrors++;
+      for (let index = from; index < to; index++) {
+        const piece = pieces[index];
+        if (piece === undefined) continue;
+        failed.add(piece);
+        piece.write.failure ??= error;
+      }
+    };
+    for (let from = 0; from < pieces.length;) {
+      const first = pieces[from];
+      assert(first !== undefined, 'write group out of range');
+      let to = from + 1;
+      let end = first.record.segmentOffsetBytes + first.record.lengthBytes;
+      for (let next = pieces[to]; next !== undefined && next.record.segment === first.record.segment && next.record.segmentOffsetBytes === end; next = pieces[to]) {
+        end += next.record.lengthBytes;
+        to++;
+      }
+      try {
+        const io = core.dev.writeDataRun(pieces.slice(from, to).map((piece) => piece.data), first.record.segment, first.record.segmentOffsetBytes);
+        if (io !== undefined) await io;
+      } catch (error) {
+        fail(from, to, error);
+      }
+      from = to;
+    }
+    if (core.head.genWrite !== undefined) await core.head.genWrite;
+    for (const piece of pieces) {
+      const refused = failed.has(piece) ? undefined : core.failure ?? (core.stopped() ? new PcacheError('ESHUTDOWN', 'the cache stopped') : undefined);
+      if (failed.has(piece) || refused !== undefined) {
+        core.segments.put(piece.record.segment);
+        piece.write.failure ??= refused;
+        continue;
+      }
+      core.index.insert(keyFromRecord(this.scratchKey, piece.record));
+      piece.write.seq = core.log.append(piece.record);
+    }
+    for (const write of writes) {
+      if (write.failure === undefined) write.resolve();
+      else write.reject(write.failure);
+    }
+  }
+}
+
 export async function cacheWrite(core: CacheCore, source: Uint8Array, offsetBytes: number, fua: boolean): Promise<void> {
   core.checkWritable();
   core.stats.writeRequests++;
   core.stats.writeBytes += source.length;
   core.lastWriteMs = core.timers.now();
-  const startedMs = core.timers.now();
+  const startedMs = core.lastWriteMs;
   if (core.backingOfflineSinceMs !== undefined) await core.admitWrite(startedMs);
   if (core.log.full) await core.log.roomAvailable();
-  const key = newIndexKey();
-  let seq = 0;
+  let pieces: { record: KeyRecord; data: Uint8Array }[] = [];
+  const parts: Promise<number>[] = [];
   for (let done = 0; done < source.length;) {
     const position = offsetBytes + done;
     const wanted = Math.min(source.length - done, subtreeEnd(position) - position, core.keyMaxBytes);
     let space = core.head.alloc(wanted);
     while (space === undefined) {
+      // Never hold space while waiting for more: what this write has so far goes to the write
+      // group now (so it reaches the log and can be written back and reclaimed like any other
+      // key), and everything queued must be published before sealing can help.
+      if (pieces.length > 0) {
+        parts.push(core.writes.add(pieces));
+        pieces = [];
+      }
+      await core.writes.published();
+      // Space may have been freed during that await: try again before waiting for the next free
+      // (the check and the wait's registration must run without an await between them).
+      space = core.head.alloc(wanted);
+      if (space !== undefined) break;
       await core.waitForSpace(startedMs);
       core.checkWritable();
       space = core.head.alloc(wanted);
     }
     const data = source.subarray(done, done + space.lengthBytes);
-    try {
-      const io = core.dev.writeData(data, space.segment, space.offsetBytes);
-      if (io !== undefined) await io;
-      if (core.head.genWrite !== undefined) await core.head.genWrite;
-    } catch (error) {
-      core.segments.put(space.segment);
-      if (isPcacheError(error)) core.stats.cacheIoErrors++;
-      throw error;
-    }
-    core.checkWritable();
-    const record: KeyRecord = {
-      offsetBytes: position,
-      lengthBytes: space.lengthBytes,
-      flags: 0,
-      segment: space.segment,
-      segmentOffsetBytes: space.offsetBytes,
-      gen: space.gen,
-      dataCrc: core.dataCrc ? crc32c(data) : 0,
-    };
-    core.index.insert(keyFromRecord(key, record));
-    seq = core.log.append(record);
+    pieces.push({
+      data,
+      record: {
+        offsetBytes: position,
+        lengthBytes: space.lengthBytes,
+        flags: 0,
+        segment: space.segment,
+        segmentOffsetBytes: space.offsetBytes,
+        gen: space.gen,
+        dataCrc: core.dataCrc ? crc32c(data) : 0,
+      },
+    });
     done += space.lengthBytes;
   }
-  if (fua) await core.log.commit(seq);
+  parts.push(core.writes.add(pieces));
+  const seqs = await Promise.all(parts);
+  if (fua) await core.log.commit(Math.max(...seqs));
 }
 
 /** WRITE_ZEROES and TRIM: ZERO keys carry no data and are ordered with the log like writes. */

@@ -1,17 +1,24 @@
 // CacheWorker: what writeback and GC share — a background loop that is kicked, never polled,
 // and rounds that never overlap, whether the loop or an explicit step() runs them.
 //
-// With background work off (tests, the crash simulator), only urgent kicks start the loop: a
-// writer short of space needs writeback and GC to make room even then.
+// With background work off (tests, the crash simulator), only urgency starts the loop: a writer
+// short of space needs writeback and GC to make room even then. Urgency lasts until the worker
+// has nothing left to do, because what it needs (a commit, a writeback round) may arrive only
+// after the urgent kick; the ordinary kicks that announce it must then still start the loop.
 
 import { BackgroundTask, SerialSection } from '../lib/background_task.js';
 import type { CacheCore } from './cache_core.js';
+
+/** How a round went: it moved its tail, had nothing to do (another round got there), or failed. */
+export type RoundOutcome = 'advanced' | 'nothing' | 'failed';
 
 export abstract class CacheWorker {
   protected readonly core: CacheCore;
   private readonly task = new BackgroundTask(() => this.loop());
   /** Rounds from the loop and from step() run one at a time. */
   protected readonly rounds = new SerialSection();
+  /** A writer is short of space or a drain waits; cleared once there is nothing left to do. */
+  protected urgent = false;
 
   constructor(core: CacheCore) {
     this.core = core;
@@ -21,9 +28,10 @@ export abstract class CacheWorker {
     return this.task.running;
   }
 
-  /** Starts (or extends) the loop, unless background work is off and this is not urgent. */
+  /** Starts (or extends) the loop, unless background work is off and nothing is urgent. */
   kick(urgent: boolean): void {
-    if (!this.core.background && !urgent) return;
+    if (urgent) this.urgent = true;
+    if (!this.core.background && !this.urgent && this.core.spaceWaiters === 0) return;
     if (this.core.stopped() || this.core.readOnly) return;
     this.task.kick();
   }
@@ -34,4 +42,15 @@ export abstract class CacheWorker {
   }
 
   protected abstract loop(): Promise<void>;
+
+  /**
+   * After a failed round: back off before the next try. With background work off nothing may
+   * wait on a timer (a test's manual clock may never move): the loop ends instead, and the next
+   * kick or step tries again.
+   */
+  protected async backOff(delayMs: number): Promise<boolean> {
+    if (!this.core.background) return false;
+    await this.core.timers.sleep(delayMs);
+    return true;
+  }
 }

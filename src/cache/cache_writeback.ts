@@ -28,7 +28,7 @@ import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
 import { keyFlagClean, keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
 import type { TimerHandle } from '../lib/timers.js';
-import { CacheWorker } from './cache_worker.js';
+import { CacheWorker, type RoundOutcome } from './cache_worker.js';
 import { positionAfter, readKsetAt, type LogPos } from './cache_kset.js';
 import { KeyIndex, keyFromRecord, newIndexKey, type IndexKey } from './cache_tree.js';
 
@@ -61,8 +61,6 @@ export class Writeback extends CacheWorker {
 
   /** When log positions became durable: ages of dirty data, oldest first, for writebackMaxAgeMs. */
   private ages: { lsnEnd: number; timeMs: number }[] = [];
-  /** A writer is short of space or a drain waits: write back regardless of the policy. */
-  private urgent = false;
   /** Dirty data passed writebackStartPercent and has not yet come down to writebackStopPercent. */
   private aboveWatermark = false;
   private wakeTimer: TimerHandle | undefined;
@@ -81,7 +79,7 @@ export class Writeback extends CacheWorker {
     }
     const core = this.core;
     const tuning = core.tuning;
-    if (this.urgent || tuning.writebackStartPercent === 0) return true;
+    if (this.urgent || core.spaceWaiters > 0 || tuning.writebackStartPercent === 0) return true;
     const dirtyPercent = (core.stats.dirtyBytes * 100) / core.dataCapacityBytes;
     if (dirtyPercent >= tuning.writebackStartPercent) this.aboveWatermark = true;
     else if (dirtyPercent <= tuning.writebackStopPercent) this.aboveWatermark = false;
@@ -103,11 +101,8 @@ export class Writeback extends CacheWorker {
 
   override kick(urgent: boolean): void {
     if (urgent) this.urgent = true;
-    if (this.wanted) {
-      super.kick(urgent);
-    } else {
-      this.armWake();
-    }
+    if (this.wanted) super.kick(urgent);
+    else this.armWake();
   }
 
   /** Resolves when dirty_tail reaches `lsn` (drain). */
@@ -126,7 +121,7 @@ export class Writeback extends CacheWorker {
   async step(): Promise<boolean> {
     await this.idle();
     if (!this.due || this.core.stopped()) return false;
-    return this.rounds.run(() => this.round());
+    return (await this.rounds.run(() => this.round())) === 'advanced';
   }
 
   /** When the idle rule will want writeback (Infinity when nothing is dirty). */
@@ -169,23 +164,23 @@ export class Writeback extends CacheWorker {
   protected async loop(): Promise<void> {
     const core = this.core;
     while (this.wanted && core.state === 'running' && core.failure === undefined) {
-      const advanced = await this.rounds.run(() => this.round());
-      if (advanced) await core.timers.yieldToOthers();
-      else await core.timers.sleep(this.backoffMs);
+      const outcome = await this.rounds.run(() => this.round());
+      if (outcome === 'advanced') await core.timers.yieldToOthers();
+      else if (outcome === 'failed' && !(await this.backOff(this.backoffMs))) break;
     }
     if (!this.due) this.urgent = false;
     else this.armWake();
   }
 
-  private async round(): Promise<boolean> {
+  private async round(): Promise<RoundOutcome> {
     const core = this.core;
     core.stats.writebackRounds++;
     try {
       const batch = await this.readBatch();
-      if (batch.end.lsn === core.dirtyTail.lsn) return false; // another round got here first
+      if (batch.end.lsn === core.dirtyTail.lsn) return 'nothing'; // another round got here first
       await this.apply(batch.keys);
       await core.backing.sync();
-      if (core.stopped()) return false;
+      if (core.stopped()) return 'nothing';
       await core.dev.writeDirtyTail({ segment: batch.end.segment, offsetBytes: batch.end.offsetBytes });
       // The new dirty_tail must be durable before the next round puts newer data on the backing
       // device: were it lost in a crash, recovery would write this round's (older) epoch back
@@ -204,7 +199,7 @@ export class Writeback extends CacheWorker {
       this.wakeWaiters();
       core.wakeAdmission();
       core.dirtyTailAdvanced();
-      return true;
+      return 'advanced';
     } catch (error) {
       if (!isPcacheError(error)) throw error;
       core.stats.writebackErrors++;
@@ -214,7 +209,7 @@ export class Writeback extends CacheWorker {
       if (error.code === 'ENODEV') core.backingOffline(error.message);
       else if (failingForMs >= core.tuning.backingOfflineAfterMs) core.backingOffline(`writeback has failed for ${Math.round(failingForMs / 1000)} s: ${error.message}`);
       this.backoffMs = Math.min(writebackBackoffMaxMs, Math.max(writebackBackoffMinMs, this.backoffMs * 2));
-      return false;
+      return 'failed';
     }
   }
 

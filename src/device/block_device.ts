@@ -37,6 +37,8 @@ export interface BlockDevice {
 export interface BlockingIo {
   readSync(target: Uint8Array, offsetBytes: number): void;
   writeSync(source: Uint8Array, offsetBytes: number): void;
+  /** Writes `sources` back to back from `offsetBytes` in one call, where the device can. */
+  writevSync?(sources: readonly Uint8Array[], offsetBytes: number): void;
 }
 
 /** Asserts nothing; returns a message when a request does not fit the device. */

@@ -35,6 +35,14 @@ export class MemoryDevice implements BlockDevice, BlockingIo {
 
   // The promise-returning methods report every failure as a rejection, never a synchronous throw.
 
+  writevSync(sources: readonly Uint8Array[], offsetBytes: number): void {
+    let at = offsetBytes;
+    for (const source of sources) {
+      this.writeSync(source, at);
+      at += source.length;
+    }
+  }
+
   async read(target: Uint8Array, offsetBytes: number): Promise<void> {
     this.readSync(target, offsetBytes);
     return Promise.resolve();

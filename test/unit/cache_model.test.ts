@@ -27,6 +27,19 @@ interface Config {
   dataCrc: boolean;
 }
 
+/** What the engine is doing, for a step that does not finish (PCACHE_TRACE=1). */
+function stallReport(cache: Cache): unknown {
+  const core = cache.internals;
+  return {
+    segmentsUsed: core.segments.usedCount, segmentsFree: core.segments.freeCount, kinds: Array.from(core.segments.kind), refs: Array.from(core.segments.refs),
+    head: core.head.segment, keyTail: core.keyTail, dirtyTail: core.dirtyTail, durableHead: core.log.durableHead, keyHead: core.log.keyHead,
+    openKeys: core.log.openKeyCount, pendingKsets: core.log.pendingKsetCount, writebackActive: core.writeback.active, writebackWanted: core.writeback.wanted,
+    gcActive: core.gc.active, gcDue: core.gc.due, dirtyBytes: core.stats.dirtyBytes, failure: core.failure?.message,
+    log: (({ durableWaiters, nextSeq, writtenSeq, durableSeq, sealed }) => ({ durableWaiters, nextSeq, writtenSeq, durableSeq, sealed: sealed.length }))(core.log as unknown as { durableWaiters: unknown[]; nextSeq: number; writtenSeq: number; durableSeq: number; sealed: unknown[] }),
+    group: (({ pieces, writes, scheduled }) => ({ pieces: pieces.length, writes: writes.length, scheduled }))(core.writes as unknown as { pieces: unknown[]; writes: unknown[]; scheduled: boolean }),
+  };
+}
+
 async function runModel(config: Config): Promise<{ reads: number; writes: number; drains: number; reopens: number; gcSegments: number }> {
   const prng = new Prng(config.seed);
   const model = Buffer.alloc(backingBytes);
@@ -77,6 +90,7 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
   for (let step = 0; step < config.steps; step++) {
     const roll = prng.nextInt(1000);
     const where = `seed ${config.seed} step ${step}`;
+    const watchdog = process.env.PCACHE_TRACE === '1' ? setTimeout(() => { console.error(`${where} stalled:`, stallReport(cache)); }, 5000) : undefined;
     if (process.env.PCACHE_TRACE === '1') console.error(`${where} roll ${roll} ${JSON.stringify(cache.status().counters).slice(0, 0)}segs used ${cache.status().segsUsed} dirty ${cache.status().dirtyBytes} kt ${cache.status().keyTail} dt ${cache.status().dirtyTail} kh ${cache.status().keyHead} gc% ${cache.status().gcPercent} wb ${String(cache.status().writeback.active)} ${cache.status().writeback.lastError ?? ""} gc ${String(cache.status().gc.active)} ${cache.status().gc.lastError ?? ""}`);
     if (roll < 900) {
       // A batch of requests in flight at once; they never overlap each other, so the model stays exact.
@@ -153,6 +167,7 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
       await cache.internals.writeback.idle();
       await cache.internals.gc.idle();
     }
+    clearTimeout(watchdog);
   }
   totals.gcSegments = Math.max(totals.gcSegments, cache.status().counters.gcSegmentsFreed);
   await cache.drain();
