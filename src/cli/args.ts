@@ -87,6 +87,7 @@ const specs: Readonly<Record<CommandName, CommandSpec>> = {
       'read-only': { kind: 'boolean', help: 'refuse writes; nothing is written to either device' },
       'gc-percent': { kind: 'string', value: 'N', help: `set the GC threshold (0..${gcPercentMax}) and store it in the cache` },
       'no-cache': { kind: 'boolean', help: 'serve the backing device directly, without a cache (for comparisons)' },
+      'record-dir': { kind: 'string', value: 'DIR', help: 'record every write and sync of both devices to DIR/cache.log and DIR/backing.log (for crash testing; see docs/testing.md)' },
       help: helpFlag,
     },
     notes: [
@@ -159,6 +160,8 @@ export interface ServeArgs {
   readonly readOnly: boolean;
   readonly gcPercent: number | undefined;
   readonly noCache: boolean;
+  /** Record both devices' writes and syncs here (RecordingDevice), for offline power-loss states. */
+  readonly recordDir: string | undefined;
   /** `pcache serve` with no arguments: create ./pcache-data/ and print connection recipes. */
   readonly defaultMode: boolean;
 }
@@ -342,6 +345,7 @@ function serveArgs(flags: Flags, noArguments: boolean): ServeArgs {
       readOnly: false,
       gcPercent: undefined,
       noCache: false,
+      recordDir: undefined,
       defaultMode: true,
     };
   }
@@ -370,6 +374,7 @@ function serveArgs(flags: Flags, noArguments: boolean): ServeArgs {
     readOnly,
     gcPercent,
     noCache,
+    recordDir: optional(flags, 'record-dir'),
     defaultMode: false,
   };
 }

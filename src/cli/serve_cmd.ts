@@ -22,6 +22,7 @@ import { probeDevice } from '../cache/cache_dev.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { DeviceExport } from '../device/device_export.js';
 import { FileDevice } from '../device/file_device.js';
+import { RecordingDevice } from '../sim/recording_device.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { NbdServer, type NbdListenAddress } from '../nbd/server.js';
 import { defaultServe, exitFailure, exitOk, type ServeArgs } from './args.js';
@@ -59,6 +60,16 @@ function stopRequested(): Promise<StopRequest> {
 
 type Closer = () => Promise<void>;
 
+/**
+ * With --record-dir, a device whose every write and sync is also appended to DIR/<name>.log
+ * (src/sim/recording_device.ts). The log needs no fsync: it lives in the page cache, which a
+ * SIGKILL does not lose, and the crash tests rebuild power-loss states of the run from it.
+ */
+function recorded(args: ServeArgs, name: 'cache' | 'backing', device: BlockDevice): BlockDevice {
+  if (args.recordDir === undefined) return device;
+  return RecordingDevice.create(device, path.join(args.recordDir, `${name}.log`));
+}
+
 export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise<number> {
   const stop = stopRequested();
   const closers: Closer[] = [];
@@ -66,7 +77,7 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
   try {
     const created = prepareFiles(args);
     if (!args.noCache) refuseIfInUse(args.cachePath, 'serve');
-    const backing = await FileDevice.open(args.backingPath, { readOnly: args.readOnly });
+    const backing = recorded(args, 'backing', await FileDevice.open(args.backingPath, { readOnly: args.readOnly }));
     closers.push(() => backing.close());
     const served = args.noCache ? noCacheExport(backing) : await openCache(args, backing, closers);
     const server = new NbdServer({
@@ -131,7 +142,7 @@ function prepareFiles(args: ServeArgs): string[] {
 }
 
 async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[]): Promise<Served> {
-  const device = await FileDevice.open(args.cachePath, { blocking: true, readOnly: args.readOnly });
+  const device = recorded(args, 'cache', await FileDevice.open(args.cachePath, { blocking: true, readOnly: args.readOnly }));
   closers.push(() => device.close());
   const formatted = !args.readOnly && await probeDevice(device) === 'blank';
   let cache: Cache;
