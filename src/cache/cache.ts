@@ -78,7 +78,11 @@ export interface CacheStatus {
   readonly keyHead: string;
   readonly dirtyTail: string;
   readonly keyTail: string;
-  readonly state: 'running' | 'degraded' | 'backing-offline' | 'failed' | 'stopping' | 'stopped';
+  /**
+   * running, or draining while a drain() is in progress; degraded while writeback or GC keep
+   * failing; backing-offline (which outranks draining and degraded); failed; stopping; stopped.
+   */
+  readonly state: 'running' | 'draining' | 'degraded' | 'backing-offline' | 'failed' | 'stopping' | 'stopped';
   /** Why the state is degraded, backing-offline or failed. */
   readonly stateReason: string | undefined;
   /** When the backing device went offline (ISO 8601), while it is. */
@@ -123,6 +127,8 @@ export class Cache {
   private readonly core: CacheCore;
   readonly replayResult: ReplayResult;
   private inFlight = 0;
+  /** drain() calls not yet settled; status says 'draining' while there are any. */
+  private drainsInProgress = 0;
   private idleWaiters: (() => void)[] = [];
 
   private constructor(core: CacheCore, replayResult: ReplayResult) {
@@ -224,8 +230,17 @@ export class Cache {
 
   /** Writes back everything written before the call and resolves once the backing device holds it, synced. */
   async drain(): Promise<void> {
+    if (this.core.readOnly) return;
+    this.drainsInProgress += 1;
+    try {
+      await this.drainAll();
+    } finally {
+      this.drainsInProgress -= 1;
+    }
+  }
+
+  private async drainAll(): Promise<void> {
     const core = this.core;
-    if (core.readOnly) return;
     await this.flush();
     const target = core.log.durableHead.lsn;
     if (core.background) {
@@ -295,6 +310,8 @@ export class Cache {
     } else if (core.state === 'running' && (failingSince !== undefined || core.gc.lastError !== undefined)) {
       state = 'degraded';
       stateReason = core.writeback.lastError ?? core.gc.lastError;
+    } else if (core.state === 'running' && this.drainsInProgress > 0) {
+      state = 'draining';
     }
     return {
       sbFlags: 0,

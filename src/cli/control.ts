@@ -1,8 +1,9 @@
-// The control socket: a local Unix socket on which a running `pcache serve` answers `status`
-// and `drain`, and the client that `pcache status --control` and `pcache drain` use.
+// The control socket: a local Unix socket on which a running `pcache serve` answers `status`,
+// `drain` and `set`, and the client that `pcache status --control`, `drain` and `set` use.
 //
 // Protocol, version 1 (controlProtocolVersion): newline-delimited JSON, one object per line.
-//   request   {"v":1,"id":7,"op":"status"}          op: "hello" | "status" | "drain"
+//   request   {"v":1,"id":7,"op":"status"}          op: "hello" | "status" | "drain" | "set"
+//             {"v":1,"id":8,"op":"set","settings":{"gc_percent":50}}   (empty: list them)
 //   success   {"v":1,"id":7,"ok":true,"result":...}
 //   failure   {"v":1,"id":7,"ok":false,"error":{"code":"EINVAL","message":"..."}}
 // `id` (a number or a string) is echoed; replies may come out of order, because `status` is
@@ -34,13 +35,19 @@ export const controlIdleTimeoutMs = 60_000;
 /** How long the client waits for an answer to anything but drain. */
 const clientTimeoutMs = 10_000;
 
-export type ControlOp = 'hello' | 'status' | 'drain';
+export type ControlOp = 'hello' | 'status' | 'drain' | 'set';
+const controlOps: readonly ControlOp[] = ['hello', 'status', 'drain', 'set'];
 
 export interface ControlHandlers {
   /** The server's state, computed synchronously. */
   status(): unknown;
   /** Resolves once everything written before the call is on the backing device, synced. */
   drain(): Promise<void>;
+  /**
+   * Applies `{name: value}` changes all together or none (an empty object changes nothing) and
+   * resolves to every setting's value afterwards; refuses with a PcacheError.
+   */
+  set(changes: Readonly<Record<string, unknown>>): Promise<unknown>;
 }
 
 interface Reply {
@@ -102,16 +109,23 @@ export class ControlServer {
     this.connections.delete(connection);
   }
 
-  run(op: string): { now: unknown } | { later: Promise<unknown> } {
+  run(op: string, request: { readonly settings?: unknown }): { now: unknown } | { later: Promise<unknown> } {
     switch (op) {
       case 'hello':
-        return { now: { protocol: controlProtocolVersion, ops: ['hello', 'status', 'drain'] } };
+        return { now: { protocol: controlProtocolVersion, ops: controlOps } };
       case 'status':
         return { now: this.handlers.status() };
       case 'drain':
         return { later: this.handlers.drain().then(() => ({ drained: true })) };
+      case 'set': {
+        const settings = request.settings === undefined ? {} : request.settings;
+        if (typeof settings !== 'object' || settings === null || Array.isArray(settings)) {
+          throw new ControlError('EINVAL', 'set takes "settings": an object of name: value');
+        }
+        return { later: this.handlers.set(settings as Record<string, unknown>) };
+      }
       default:
-        throw new ControlError('EINVAL', `unknown op ${JSON.stringify(op)} (ops: hello, status, drain)`);
+        throw new ControlError('EINVAL', `unknown op ${JSON.stringify(op)} (ops: ${controlOps.join(', ')})`);
     }
   }
 
@@ -207,7 +221,7 @@ class ControlConnection {
       this.fail(null, new ControlError('EINVAL', 'a request must be a JSON object'));
       return;
     }
-    const fields = request as { v?: unknown; id?: unknown; op?: unknown };
+    const fields = request as { v?: unknown; id?: unknown; op?: unknown; settings?: unknown };
     const id = typeof fields.id === 'number' || typeof fields.id === 'string' ? fields.id : null;
     if (fields.v !== controlProtocolVersion) {
       this.fail(id, new ControlError('EPROTO', `unsupported protocol version ${JSON.stringify(fields.v)}; this server speaks ${controlProtocolVersion}`));
@@ -223,7 +237,7 @@ class ControlConnection {
     }
     let outcome: { now: unknown } | { later: Promise<unknown> };
     try {
-      outcome = this.server.run(typeof fields.op === 'string' ? fields.op : String(fields.op));
+      outcome = this.server.run(typeof fields.op === 'string' ? fields.op : String(fields.op), fields);
     } catch (error) {
       this.fail(id, error);
       return;
@@ -279,7 +293,12 @@ const knownCodes: readonly PcacheErrorCode[] = ['EIO', 'ENOSPC', 'ENODEV', 'EINV
  * PcacheErrors with a one-line message: no server there, the server refused, or no answer
  * within `timeoutMs` (default 10 s; undefined for drain means wait as long as it takes).
  */
-export function controlRequest(path: string, op: ControlOp, timeoutMs: number | undefined = op === 'drain' ? undefined : clientTimeoutMs): Promise<unknown> {
+export function controlRequest(
+  path: string,
+  op: ControlOp,
+  timeoutMs: number | undefined = op === 'drain' ? undefined : clientTimeoutMs,
+  params: Readonly<Record<string, unknown>> = {},
+): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const socket = net.connect(path);
     let buffered = '';
@@ -297,7 +316,7 @@ export function controlRequest(path: string, op: ControlOp, timeoutMs: number | 
       timer = setTimeout(() => { finish(new PcacheError('ETIMEDOUT', `no answer to ${op} from ${path} within ${timeoutMs / 1000} s`)); }, timeoutMs);
     }
     socket.setEncoding('utf8');
-    socket.on('connect', () => { socket.write(`${JSON.stringify({ v: controlProtocolVersion, id: 1, op })}\n`); });
+    socket.on('connect', () => { socket.write(`${JSON.stringify({ ...params, v: controlProtocolVersion, id: 1, op })}\n`); });
     socket.on('error', (error: NodeJS.ErrnoException) => { finish(connectError(path, error)); });
     socket.on('close', () => { finish(new PcacheError('EIO', `the server at ${path} closed the connection without answering ${op}`)); });
     socket.on('data', (chunk: string) => {

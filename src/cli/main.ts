@@ -55,6 +55,8 @@ async function run(invocation: Invocation, terminal: Terminal): Promise<number> 
       return (await import('./check_cmd.js')).checkCommand(invocation.args, terminal);
     case 'drain':
       return (await import('./drain_cmd.js')).drainCommand(invocation.args, terminal);
+    case 'set':
+      return (await import('./set_cmd.js')).setCommand(invocation.args, terminal);
   }
 }
 

@@ -1,48 +1,76 @@
 // `pcache serve`: the wiring that joins the cache engine, the devices and the NBD server.
 //
 // Start-up, in order: create the files asked for; refuse a cache device that another process
-// has open; open the backing device with asynchronous I/O (many requests in flight through
-// libuv's thread pool) and the cache device with synchronous I/O (fast storage); open the
-// cache (formatting a blank device, refusing anything that is not this backing device's
-// cache, without writing a byte); listen for NBD and, if asked, on the control socket; print
-// where it listens. Every step that succeeded is undone, in reverse, if a later one fails.
+// has open; open the backing device (a file or block device with asynchronous I/O, many
+// requests in flight through libuv's thread pool, or an NBD export over several connections)
+// and the cache device with synchronous I/O (fast storage); open the cache (formatting a blank
+// device, refusing anything that is not this backing device's cache, without writing a byte);
+// listen for NBD and, if asked, on the control socket and the metrics endpoint; print where it
+// listens. Every step that succeeded is undone, in reverse, if a later one fails.
 //
 // Stop (SIGINT, SIGTERM, SIGHUP, or the supervising parent asking or vanishing; see main.ts): the NBD
-// server stops taking requests and finishes the ones in flight; the control socket closes;
-// the cache closes (open ksets made durable, running writeback and GC rounds finish); the
-// devices close; exit status 0. Stopping is idempotent: a second signal changes nothing. A
-// stop that cannot finish within stopTimeoutMs (a backing device that never answers) gives up
-// with status 1 — acknowledged, flushed writes are in the cache log by then or were never
-// promised.
+// server stops taking requests and finishes the ones in flight; with --drain-on-exit the
+// cache is then written back (status still answers; a second stop request or the drain
+// timeout stops waiting, and the data stays dirty in the cache, safe); the control socket and
+// metrics close; the cache closes (open ksets made durable, running writeback and GC rounds
+// finish); the devices close; exit status 0. A stop that cannot finish within stopTimeoutMs
+// (a backing device that never answers) gives up with status 1 — acknowledged, flushed
+// writes are in the cache log by then or were never promised.
+//
+// Logs (log.ts) say what happened to the server, never what happened to one request.
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { Cache, dmStatusLine } from '../cache/cache.js';
+import { Cache, dmStatusLine, type CacheTuning } from '../cache/cache.js';
 import { probeDevice } from '../cache/cache_dev.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { DeviceExport } from '../device/device_export.js';
 import { FileDevice } from '../device/file_device.js';
 import { RecordingDevice } from '../sim/recording_device.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
+import { NbdRemoteDevice, type NbdRemoteState } from '../nbd/remote_device.js';
 import { NbdServer, type NbdListenAddress } from '../nbd/server.js';
 import { defaultServe, exitFailure, exitOk, type ServeArgs } from './args.js';
 import { ControlServer } from './control.js';
 import { describeDevice, ensureDeviceFile } from './devices.js';
 import { refuseIfInUse } from './in_use.js';
+import { createLogger, type Logger } from './log.js';
+import { createMetricsRegistry, MetricsServer, NbdRequestCounters } from './metrics.js';
+import { applySettings, currentSettings, knobNamed } from './settings.js';
 import type { Terminal } from './terminal.js';
 
 /** How long a stop may take before pcache gives up on it. */
 const stopTimeoutMs = 60_000;
+/**
+ * Stop requests this close together count as one: Ctrl-C in a terminal signals the whole
+ * process group, so this process gets SIGINT from the terminal and again from its supervisor.
+ */
+const stopRepeatWindowMs = 1000;
+/** How often the cache's state is looked at, to log its changes. */
+const stateWatchIntervalMs = 1000;
 
 /** A stop request: a signal, or a message from the supervising parent process. */
 export interface StopRequest {
   readonly reason: string;
 }
 
-/** Resolves on the first SIGINT, SIGTERM, SIGHUP or parent request; installed before anything opens. */
-function stopRequested(): Promise<StopRequest> {
-  return new Promise((resolve) => {
-    const stop = (reason: string): void => { resolve({ reason }); };
+/**
+ * Stop requests: SIGINT, SIGTERM, SIGHUP or the parent; installed before anything opens. The
+ * first one starts the stop; a later one cuts a --drain-on-exit drain short.
+ */
+class StopRequests {
+  private readonly received: (StopRequest & { readonly atMs: number })[] = [];
+  private waiters: ((request: StopRequest) => void)[] = [];
+
+  constructor() {
+    const stop = (reason: string): void => {
+      const nowMs = performance.now();
+      const last = this.received[this.received.length - 1];
+      if (last !== undefined && nowMs - last.atMs < stopRepeatWindowMs) return;
+      const request = { reason, atMs: nowMs };
+      this.received.push(request);
+      for (const waiter of this.waiters.splice(0)) waiter(request);
+    };
     process.on('SIGINT', () => { stop('SIGINT'); });
     process.on('SIGTERM', () => { stop('SIGTERM'); });
     process.on('SIGHUP', () => { stop('SIGHUP'); }); // the terminal went away
@@ -55,7 +83,21 @@ function stopRequested(): Promise<StopRequest> {
       });
       process.on('disconnect', () => { stop('the supervising process went away'); });
     }
-  });
+  }
+
+  /** Resolves with the request number `index` (0 = the first), at once if it already came. */
+  nth(index: number): Promise<StopRequest> {
+    const request = this.received[index];
+    if (request !== undefined) return Promise.resolve(request);
+    return new Promise((resolve) => {
+      const wait = (): void => {
+        const got = this.received[index];
+        if (got !== undefined) resolve(got);
+        else this.waiters.push(wait);
+      };
+      this.waiters.push(wait);
+    });
+  }
 }
 
 type Closer = () => Promise<void>;
@@ -71,77 +113,190 @@ function recorded(args: ServeArgs, name: 'cache' | 'backing', device: BlockDevic
 }
 
 export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise<number> {
-  const stop = stopRequested();
+  const stops = new StopRequests();
+  const log = createLogger(args.logLevel);
   const closers: Closer[] = [];
   const startedAt = new Date();
+  let served: Served;
+  let server: NbdServer;
   try {
     const created = prepareFiles(args);
     if (!args.noCache) refuseIfInUse(args.cachePath, 'serve');
-    const backing = recorded(args, 'backing', await FileDevice.open(args.backingPath, { readOnly: args.readOnly }));
+    const opened = await openBacking(args, log);
+    const backing = recorded(args, 'backing', opened.device);
     closers.push(() => backing.close());
-    const served = args.noCache ? noCacheExport(backing) : await openCache(args, backing, closers);
-    const server = new NbdServer({
+    served = args.noCache ? noCacheExport(backing) : await openCache(args, backing, closers, log);
+    const requestCounters = args.metrics === undefined ? undefined : new NbdRequestCounters();
+    const nbd = new NbdServer({
       export: served.export,
       exportName: args.exportName,
       description: args.noCache ? `pcache export of ${args.backingPath} (no cache)` : `pcache: ${args.backingPath} cached on ${args.cachePath}`,
       readOnly: args.readOnly,
+      ...(requestCounters === undefined ? {} : { observer: requestCounters }),
     });
+    server = nbd;
     const address = await server.listen(args.listen);
-    closers.push(() => server.close());
+    closers.push(() => nbd.close());
     const uri = uriOf(address, args.exportName);
+    const backingName = args.backingIsUri ? args.backingPath : path.resolve(args.backingPath);
+    const status = (): Record<string, unknown> => ({
+      pid: process.pid,
+      uvThreadPoolSize: process.env.UV_THREADPOOL_SIZE ?? null,
+      startedAt: startedAt.toISOString(),
+      uptimeMs: Date.now() - startedAt.getTime(),
+      uri,
+      exportName: args.exportName,
+      readOnly: args.readOnly,
+      cachePath: args.noCache ? null : path.resolve(args.cachePath),
+      backingPath: backingName,
+      backingRemote: opened.remote?.state() ?? null,
+      ...served.status(),
+      nbd: nbd.stats(),
+    });
     if (args.controlPath !== undefined) {
       const control = new ControlServer({
-        status: () => ({
-          pid: process.pid,
-          uvThreadPoolSize: process.env.UV_THREADPOOL_SIZE ?? null,
-          startedAt: startedAt.toISOString(),
-          uptimeMs: Date.now() - startedAt.getTime(),
-          uri,
-          exportName: args.exportName,
-          readOnly: args.readOnly,
-          cachePath: args.noCache ? null : path.resolve(args.cachePath),
-          backingPath: path.resolve(args.backingPath),
-          ...served.status(),
-          nbd: server.stats(),
-        }),
+        status,
         drain: () => served.drain(),
+        set: async (changes) => {
+          const settings = await served.set(changes);
+          if (Object.keys(changes).length > 0) log.info({ changes, settings }, 'settings changed');
+          return settings;
+        },
       });
       await control.listen(args.controlPath);
       closers.push(() => control.close());
     }
+    let metricsUrl: string | undefined;
+    if (args.metrics !== undefined && requestCounters !== undefined) {
+      const registry = createMetricsRegistry(requestCounters, { cacheStatus: () => served.cacheStatus(), nbdStats: () => nbd.stats() });
+      const metrics = await MetricsServer.listen(registry, args.metrics.host, args.metrics.port);
+      closers.push(() => metrics.server.close());
+      metricsUrl = metrics.url;
+    }
     const what = args.noCache
       ? `${describeDevice(args.backingPath, backing.sizeBytes)} without a cache`
       : `${describeDevice(args.backingPath, backing.sizeBytes)} through cache ${describeDevice(args.cachePath, served.cacheSizeBytes)}${served.formatted ? ' (formatted now)' : ''}`;
+    log.info({ uri, cache: args.noCache ? null : args.cachePath, backing: backingName, control: args.controlPath ?? null, metrics: metricsUrl ?? null, ...served.startFacts }, 'serving');
     if (args.defaultMode) {
       terminal.out(defaultModeGuide({ created, what, uri, address }));
     } else {
       terminal.out(`serving ${what} at ${uri} (connect with: nbdinfo '${uri}')`);
     }
+    if (metricsUrl !== undefined) terminal.out(`metrics at ${metricsUrl}`);
+    const watcher = watchState(served, log);
+    closers.push(() => {
+      clearInterval(watcher);
+      return Promise.resolve();
+    });
   } catch (error) {
     await closeAll(closers);
     throw error;
   }
-  const request = await stop;
-  return stopAll(closers, request, terminal);
+  const request = await stops.nth(0);
+  log.info({ reason: request.reason }, 'stopping');
+  if (args.drainOnExit) await drainBeforeExit(args, server, served, stops, log, terminal);
+  return stopAll(closers, request, terminal, log);
+}
+
+/**
+ * --drain-on-exit: no more client requests, then everything written back. A second stop
+ * request or the timeout stops waiting; the dirty data then stays in the cache, safe.
+ */
+async function drainBeforeExit(args: ServeArgs, server: NbdServer, served: Served, stops: StopRequests, log: Logger, terminal: Terminal): Promise<void> {
+  await server.close();
+  const dirtyBytes = served.cacheStatus()?.dirtyBytes ?? 0;
+  log.info({ dirtyBytes }, 'draining before exit');
+  terminal.out(`writing back ${dirtyBytes} dirty bytes before stopping (stop again to skip)`);
+  const startedMs = performance.now();
+  let timer: NodeJS.Timeout | undefined;
+  const outcome = await Promise.race([
+    served.drain().then(() => 'drained' as const, (error: unknown) => {
+      if (!isPcacheError(error)) throw error;
+      return error;
+    }),
+    stops.nth(1).then(() => 'interrupted' as const),
+    new Promise<'timeout'>((resolve) => { timer = setTimeout(() => { resolve('timeout'); }, args.drainTimeoutMs); }),
+  ]);
+  clearTimeout(timer);
+  const seconds = ((performance.now() - startedMs) / 1000).toFixed(1);
+  const left = served.cacheStatus()?.dirtyBytes ?? 0;
+  if (outcome === 'drained') {
+    log.info({ seconds }, 'drained before exit');
+    terminal.out(`drained in ${seconds} s`);
+    return;
+  }
+  const why = outcome === 'interrupted' ? 'a second stop request' : outcome === 'timeout' ? `the drain timeout (${args.drainTimeoutMs / 1000} s)` : outcome.message;
+  log.warn({ reason: why, dirtyBytes: left }, 'stopping without a complete drain');
+  terminal.err(`pcache: stopping before the drain finished (${why}); ${left} dirty bytes stay safe in the cache for the next start`);
+}
+
+/** Logs every change of the cache's state (running, draining, degraded, backing offline...). */
+function watchState(served: Served, log: Logger): NodeJS.Timeout {
+  let last = served.cacheStatus()?.state;
+  const timer = setInterval(() => {
+    const status = served.cacheStatus();
+    if (status === undefined || status.state === last) return;
+    const fields = { from: last, to: status.state, reason: status.stateReason ?? null, dirtyBytes: status.dirtyBytes };
+    if (status.state === 'backing-offline' || status.state === 'degraded' || status.state === 'failed') log.warn(fields, `cache ${status.state}`);
+    else log.info(fields, `cache ${status.state}`);
+    last = status.state;
+  }, stateWatchIntervalMs);
+  timer.unref();
+  return timer;
 }
 
 interface Served {
   readonly export: Cache | DeviceExport;
   readonly cacheSizeBytes: number;
   readonly formatted: boolean;
+  /** What the 'serving' log line says about the cache (logged once everything is up, so a failed start prints one error line only). */
+  readonly startFacts: Record<string, unknown>;
   status(): Record<string, unknown>;
+  /** The cache's own status; undefined without a cache. */
+  cacheStatus(): ReturnType<Cache['status']> | undefined;
   drain(): Promise<void>;
+  set(changes: Readonly<Record<string, unknown>>): Promise<Record<string, number>>;
+}
+
+interface OpenedBacking {
+  readonly device: BlockDevice;
+  /** Set for an NBD backing device (its connection state goes into status). */
+  readonly remote: NbdRemoteDevice | undefined;
+}
+
+async function openBacking(args: ServeArgs, log: Logger): Promise<OpenedBacking> {
+  if (!args.backingIsUri) return { device: await FileDevice.open(args.backingPath, { readOnly: args.readOnly }), remote: undefined };
+  let wasOffline = false;
+  const onStateChange = (state: NbdRemoteState): void => {
+    const offline = state.offlineSince !== undefined;
+    if (offline && !wasOffline) log.warn({ backing: state.location, since: state.offlineSince, reason: state.lastError ?? null }, 'backing device offline');
+    if (!offline && wasOffline) log.info({ backing: state.location, connections: state.connectionsConnected }, 'backing device back online');
+    if (state.refused !== undefined) log.error({ backing: state.location, reason: state.refused }, 'backing device refused');
+    wasOffline = offline;
+  };
+  const remote = await NbdRemoteDevice.open(args.backingPath, { connections: args.backingConnections, readOnly: args.readOnly, onStateChange });
+  return { device: remote, remote };
 }
 
 function prepareFiles(args: ServeArgs): string[] {
   const created: string[] = [];
   if (args.defaultMode) fs.mkdirSync(defaultServe.directory, { recursive: true });
-  if (ensureDeviceFile(args.backingPath, args.backingSizeBytes, '--backing-size')) created.push(args.backingPath);
+  if (!args.backingIsUri && ensureDeviceFile(args.backingPath, args.backingSizeBytes, '--backing-size')) created.push(args.backingPath);
   if (!args.noCache && ensureDeviceFile(args.cachePath, args.cacheSizeBytes, '--cache-size')) created.push(args.cachePath);
   return created;
 }
 
-async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[]): Promise<Served> {
+/** The CacheTuning fields of `serve --tuning` (names and values were checked by args.ts). */
+function tuningOf(args: ServeArgs): Partial<CacheTuning> {
+  const tuning: { -readonly [K in keyof CacheTuning]?: number } = {};
+  for (const [name, value] of Object.entries(args.tuning)) {
+    const field = knobNamed(name)?.field;
+    if (field !== undefined) tuning[field] = value;
+  }
+  return tuning;
+}
+
+async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[], log: Logger): Promise<Served> {
   const device = recorded(args, 'cache', await FileDevice.open(args.cachePath, { blocking: true, readOnly: args.readOnly }));
   closers.push(() => device.close());
   const formatted = !args.readOnly && await probeDevice(device) === 'blank';
@@ -152,6 +307,8 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
       backingDevice: backing,
       formatIfBlank: args.readOnly ? false : args.gcPercent === undefined ? true : { gcPercent: args.gcPercent },
       readOnly: args.readOnly,
+      acceptOtherBackingIdentity: args.forceBacking,
+      tuning: tuningOf(args),
     });
   } catch (error) {
     if (!isPcacheError(error)) throw error;
@@ -159,15 +316,30 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
   }
   closers.push(() => cache.close());
   if (args.gcPercent !== undefined && !formatted) await cache.setGcPercent(args.gcPercent);
+  const { ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors } = cache.replayResult;
+  const replay = { ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors: dataCrcErrors.length };
+  if (stopDamage || dataCrcErrors.length > 0) log.warn({ replay }, 'replay found damage');
   return {
     export: cache,
     cacheSizeBytes: device.sizeBytes,
     formatted,
+    startFacts: { cacheUuid: cache.status().cacheUuid, formatted, replay },
     status: () => {
       const status = cache.status();
       return { dmStatusLine: dmStatusLine(status), cache: status };
     },
-    drain: () => cache.drain(),
+    cacheStatus: () => cache.status(),
+    drain: async () => {
+      const startedMs = performance.now();
+      log.info({ dirtyBytes: cache.status().dirtyBytes }, 'drain started');
+      await cache.drain();
+      log.info({ seconds: ((performance.now() - startedMs) / 1000).toFixed(1) }, 'drain finished');
+    },
+    set: async (changes) => {
+      if (Object.keys(changes).length === 0) return currentSettings(cache);
+      if (args.readOnly) throw new PcacheError('EPERM', 'the cache is served --read-only: its settings cannot change');
+      return applySettings(cache, changes);
+    },
   };
 }
 
@@ -176,20 +348,25 @@ function noCacheExport(backing: BlockDevice): Served {
     export: new DeviceExport(backing),
     cacheSizeBytes: 0,
     formatted: false,
+    startFacts: {},
     status: () => ({ dmStatusLine: null, cache: null }),
+    cacheStatus: () => undefined,
     drain: () => backing.sync(),
+    set: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: there are no cache settings')),
   };
 }
 
-async function stopAll(closers: Closer[], request: StopRequest, terminal: Terminal): Promise<number> {
+async function stopAll(closers: Closer[], request: StopRequest, terminal: Terminal, log: Logger): Promise<number> {
   let timer: NodeJS.Timeout | undefined;
   const timedOut = new Promise<'timeout'>((resolve) => { timer = setTimeout(() => { resolve('timeout'); }, stopTimeoutMs); });
   const outcome = await Promise.race([closeAll(closers).then(() => 'done' as const), timedOut]);
   clearTimeout(timer);
   if (outcome === 'timeout') {
+    log.error({ reason: request.reason, timeoutMs: stopTimeoutMs }, 'stop did not finish');
     terminal.err(`pcache: stop (${request.reason}) did not finish within ${stopTimeoutMs / 1000} s (a device is not answering); exiting anyway`);
     return exitFailure;
   }
+  log.info({ reason: request.reason }, 'stopped');
   terminal.out(`stopped (${request.reason})`);
   return exitOk;
 }

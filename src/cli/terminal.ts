@@ -8,6 +8,13 @@ export interface Terminal {
   out(text: string): void;
   /** One line of diagnostics, to standard error. */
   err(text: string): void;
+  /**
+   * A progress line on standard error: redrawn in place on a terminal, printed as a line of
+   * its own otherwise (a log file then shows its history). `done` ends the line.
+   */
+  progress(text: string, done?: boolean): void;
+  /** Whether progress is redrawn in place (standard error is a terminal). */
+  readonly interactive: boolean;
 }
 
 export const processTerminal: Terminal = {
@@ -16,5 +23,13 @@ export const processTerminal: Terminal = {
   },
   err(text) {
     process.stderr.write(`${text}\n`);
+  },
+  progress(text, done = false) {
+    // \r returns to the line's start and ESC[K clears what a longer earlier line left behind.
+    if (process.stderr.isTTY) process.stderr.write(`\r${text}\u001b[K${done ? '\n' : ''}`);
+    else process.stderr.write(`${text}\n`);
+  },
+  get interactive() {
+    return process.stderr.isTTY;
   },
 };

@@ -19,6 +19,8 @@
 //   payload (<= maxPayloadBytes), plus replyBacklogBytesMax of replies, plus one input chunk.
 // - An Export failure that is a PcacheError becomes an NBD error reply (nbdErrnoOf); anything
 //   else is a programmer error and is rethrown outside every handler, crashing the process.
+// - With an observer (observer.ts) every answered request is reported once, with numbers only;
+//   without one, no clock is read and nothing is called per request.
 
 import type net from 'node:net';
 import { assert } from '../lib/assert.js';
@@ -27,6 +29,7 @@ import type { ReadBufferPool } from './buffer_pool.js';
 import type { ByteQueue } from './bytes.js';
 import type { BlockStatusExtent, Export } from './export.js';
 import { Handshake, type HandshakeConfig, type Negotiated } from './handshake.js';
+import type { NbdRequestObserver } from './observer.js';
 import { Command, CommandFlag, NbdErrno, TransmissionFlag } from './protocol.js';
 import {
   blockStatusChunk,
@@ -73,6 +76,8 @@ export interface ConnectionHost {
   readonly shuttingDown: boolean;
   /** Where READ reply buffers come from and go back to. */
   readonly readBuffers: ReadBufferPool;
+  /** Told about every answered request, when metrics are on (observer.ts); undefined costs nothing. */
+  readonly observer: NbdRequestObserver | undefined;
   /** Called once, when the socket has closed and no Export call is in flight. */
   connectionFinished(connection: Connection): void;
 }
@@ -83,6 +88,7 @@ export class Connection {
   private readonly socket: net.Socket;
   private readonly host: ConnectionHost;
   private readonly exp: Export;
+  private readonly observer: NbdRequestObserver | undefined;
   private phase: Phase = 'handshake';
   private handshake: Handshake | undefined;
   private readonly input: ByteQueue;
@@ -126,6 +132,7 @@ export class Connection {
     this.socket = socket;
     this.host = host;
     this.exp = host.export;
+    this.observer = host.observer;
     this.handshake = new Handshake(host.handshakeConfig);
     this.input = this.handshake.input;
     host.counters.connectionsTotal += 1;
@@ -238,15 +245,19 @@ export class Connection {
       return;
     }
     const problem = request.problem;
+    const observer = this.observer;
     if (problem !== undefined) {
       this.host.counters.requestErrorsTotal += 1;
       this.queue(errorReply(request, problem.errno, problem.message, this.structuredReplies));
+      observer?.requestAnswered(request.type, request.lengthBytes, 0, true);
       return;
     }
+    if (observer !== undefined) request.dispatchedMs = performance.now();
     if (request.lengthBytes === 0 && request.type !== Command.flush) {
       // Zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE: nothing to do, and no Export method is
       // asked to handle an empty range (BLOCK_STATUS of zero bytes was refused above).
       this.queue(request.type === Command.read && this.structuredReplies ? noneChunk(request) : simpleReply(NbdErrno.ok, request));
+      observer?.requestAnswered(request.type, 0, 0, false);
       return;
     }
 
@@ -322,6 +333,7 @@ export class Connection {
     } else {
       this.queue(simpleReply(NbdErrno.ok, request));
     }
+    this.observer?.requestAnswered(request.type, request.lengthBytes, performance.now() - request.dispatchedMs, error !== undefined);
     this.maybeResume();
     this.maybeFinish();
   }

@@ -24,6 +24,7 @@ import { ReadBufferPool } from './buffer_pool.js';
 import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
 import type { Export } from './export.js';
 import type { HandshakeConfig } from './handshake.js';
+import type { NbdRequestObserver } from './observer.js';
 import { blockSizeMinimumBytes, maxPayloadBytes, stringMaxBytes } from './protocol.js';
 
 export interface NbdLimits extends ConnectionLimits {
@@ -61,6 +62,8 @@ export interface NbdServerOptions {
   readonly offerNoZeroes?: boolean;
   /** Accept NBD_OPT_STRUCTURED_REPLY (default true). Turning it off exercises fallbacks. */
   readonly offerStructuredReplies?: boolean;
+  /** Told about every answered request (metrics); without one the server spends nothing on it. */
+  readonly observer?: NbdRequestObserver;
 }
 
 export type NbdListenAddress =
@@ -86,6 +89,7 @@ export class NbdServer implements ConnectionHost {
   };
   /** READ reply buffers, shared by all connections (one event loop, so no locking). */
   readonly readBuffers = new ReadBufferPool();
+  readonly observer: NbdRequestObserver | undefined;
   private readonly options: NbdServerOptions;
   private readonly listener: net.Server;
   private readonly connections = new Set<Connection>();
@@ -110,6 +114,7 @@ export class NbdServer implements ConnectionHost {
     this.options = options;
     this.export = options.export;
     this.limits = limits;
+    this.observer = options.observer;
     // allowHalfOpen: a client that shuts down its sending side still gets its replies.
     this.listener = net.createServer({ allowHalfOpen: true, noDelay: true, keepAlive: true }, (socket) => {
       this.accept(socket);

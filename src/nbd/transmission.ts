@@ -86,6 +86,8 @@ export class NbdRequest {
   payload: Uint8Array | undefined = undefined;
   /** Set when the request was refused at the boundary. */
   problem: RequestProblem | undefined = undefined;
+  /** Monotonic time of dispatch, in ms; set only when the server has an observer (observer.ts). */
+  dispatchedMs = 0;
 
   constructor(
     readonly type: number,

@@ -54,6 +54,29 @@ export function assertOneLineError(result: CliResult, code: number, pattern: Reg
   assert.match(text, pattern);
 }
 
+export interface LogLine {
+  readonly level: number;
+  readonly msg: string;
+  readonly [field: string]: unknown;
+}
+
+/** The server's stderr as log lines: every line must be one JSON object with a level and a message. */
+export function logLines(stderr: string): LogLine[] {
+  return stderr.split('\n').filter((line) => line !== '').map((line) => {
+    const parsed = JSON.parse(line) as LogLine;
+    assert.equal(typeof parsed.level, 'number', `a log line with a level: ${line}`);
+    assert.equal(typeof parsed.msg, 'string', `a log line with a message: ${line}`);
+    return parsed;
+  });
+}
+
+/** stderr of a server that ran without trouble: log lines at info (30) and below only. */
+export function assertQuietLogs(stderr: string): LogLine[] {
+  const lines = logLines(stderr);
+  for (const line of lines) assert.ok(line.level <= 30, `nothing above info: ${JSON.stringify(line)}`);
+  return lines;
+}
+
 /** A fresh temporary directory, removed after the test. */
 export function tempDir(t: TestContext, prefix = 'pcache-cli-'): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));

@@ -1,0 +1,101 @@
+// The knobs an operator can change on a running cache (`pcache set`, `serve --tuning`): their
+// snake_case names, units, ranges and help, and the one place that validates a set of changes
+// and applies it to a Cache.
+//
+// Invariants:
+// - The table is the single source of names: the command-line grammar, the control socket,
+//   `pcache set` with no knob and docs/operations.md all list the same knobs in this order.
+// - A set of changes is validated completely (names, integer values, ranges, and the one
+//   cross-field rule, writeback_stop_percent <= writeback_start_percent) before any of it is
+//   applied, so a refused `set` changes nothing.
+// - gc_percent is persisted in cache_info (as dm-pcache's `gc_percent` message); the other
+//   knobs are runtime tuning (CacheTuning), lost at restart unless given to `serve --tuning`.
+
+import type { Cache, CacheTuning } from '../cache/cache.js';
+import { PcacheError } from '../lib/errors.js';
+import { gcPercentMax } from '../ondisk/layout.js';
+
+/**
+ * The longest duration a knob accepts: Node's timers take at most 2^31-1 ms (about 24.8 days)
+ * and fire at once for anything longer, which would turn "never" into "now".
+ */
+export const knobDurationMaxMs = 2_147_483_647;
+
+export interface Knob {
+  readonly name: string;
+  /** The CacheTuning field it sets; undefined for gc_percent (persisted through setGcPercent). */
+  readonly field: keyof CacheTuning | undefined;
+  readonly unit: 'percent' | 'ms';
+  readonly min: number;
+  readonly max: number;
+  readonly persisted: boolean;
+  readonly help: string;
+}
+
+export const knobs: readonly Knob[] = [
+  { name: 'gc_percent', field: undefined, unit: 'percent', min: 0, max: gcPercentMax, persisted: true, help: 'GC starts when this % of segments are in use (stored in the cache)' },
+  { name: 'writeback_start_percent', field: 'writebackStartPercent', unit: 'percent', min: 0, max: 100, persisted: false, help: 'writeback starts when dirty data reaches this % of the cache' },
+  { name: 'writeback_stop_percent', field: 'writebackStopPercent', unit: 'percent', min: 0, max: 100, persisted: false, help: '...and goes on until dirty data is down to this % (<= start)' },
+  { name: 'writeback_idle_ms', field: 'writebackIdleMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, help: 'after this long without client writes, everything dirty is written back' },
+  { name: 'writeback_max_age_ms', field: 'writebackMaxAgeMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, help: 'data dirty longer than this is written back even under load' },
+  { name: 'dirty_high_water_percent', field: 'dirtyHighWaterPercent', unit: 'percent', min: 0, max: 100, persisted: false, help: 'backing offline: writes are held once dirty data reaches this % of the cache' },
+  { name: 'backing_offline_after_ms', field: 'backingOfflineAfterMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, help: 'writeback failing this long marks the backing device offline' },
+  { name: 'space_wait_timeout_ms', field: 'spaceWaitTimeoutMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, help: 'a held write fails with ETIMEDOUT after this long; 0 holds it forever' },
+];
+
+export const knobNames: readonly string[] = knobs.map((knob) => knob.name);
+
+export function knobNamed(name: string): Knob | undefined {
+  return knobs.find((knob) => knob.name === name);
+}
+
+/** Why `value` is not acceptable for `knob`, or undefined. */
+export function knobValueProblem(knob: Knob, value: unknown): string | undefined {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < knob.min || value > knob.max) {
+    const unit = knob.unit === 'percent' ? ' (percent)' : ' (milliseconds)';
+    return `${knob.name} must be an integer from ${knob.min} to ${knob.max}${unit}, got ${JSON.stringify(value)}`;
+  }
+  return undefined;
+}
+
+/** The value of every knob now in force, in table order. */
+export function currentSettings(cache: Cache): Record<string, number> {
+  const tuning = cache.tuning;
+  const settings: Record<string, number> = {};
+  for (const knob of knobs) settings[knob.name] = knob.field === undefined ? cache.status().gcPercent : tuning[knob.field];
+  return settings;
+}
+
+/**
+ * Checks a set of changes (`{name: value}`) completely and returns it as a runtime-tuning
+ * part and an optional gc_percent; throws PcacheError EINVAL naming the first problem.
+ */
+export function validateSettings(cache: Cache, changes: Readonly<Record<string, unknown>>): { tuning: Partial<CacheTuning>; gcPercent: number | undefined } {
+  const tuning: { -readonly [K in keyof CacheTuning]?: number } = {};
+  let gcPercent: number | undefined;
+  const names = Object.keys(changes);
+  if (names.length === 0) throw new PcacheError('EINVAL', `no setting given (settings: ${knobNames.join(', ')})`);
+  for (const name of names) {
+    const knob = knobNamed(name);
+    if (knob === undefined) throw new PcacheError('EINVAL', `unknown setting ${JSON.stringify(name)} (settings: ${knobNames.join(', ')})`);
+    const value = changes[name];
+    const problem = knobValueProblem(knob, value);
+    if (problem !== undefined) throw new PcacheError('EINVAL', problem);
+    if (knob.field === undefined) gcPercent = value as number;
+    else tuning[knob.field] = value as number;
+  }
+  const merged = { ...cache.tuning, ...tuning };
+  if (merged.writebackStopPercent > merged.writebackStartPercent) {
+    throw new PcacheError('EINVAL', `writeback_stop_percent (${merged.writebackStopPercent}) must not exceed writeback_start_percent (${merged.writebackStartPercent}); ` +
+      'set both in one command to move them past each other');
+  }
+  return { tuning, gcPercent };
+}
+
+/** Validates and applies a set of changes; returns every knob's value afterwards. */
+export async function applySettings(cache: Cache, changes: Readonly<Record<string, unknown>>): Promise<Record<string, number>> {
+  const { tuning, gcPercent } = validateSettings(cache, changes);
+  if (Object.keys(tuning).length > 0) cache.setTuning(tuning);
+  if (gcPercent !== undefined) await cache.setGcPercent(gcPercent);
+  return currentSettings(cache);
+}
