@@ -102,6 +102,7 @@ function table(report: Fields): string {
   const reason = cache.stateReason;
   rows.push(['state', `${String(cache.state)}${typeof reason === 'string' ? ` (${reason})` : ''}`]);
   rows.push(['dirty', bytes(cache.dirtyBytes)]);
+  if (report.source === 'server') rows.push(...serverRows(report, cache));
   rows.push(['segment size', bytes(cache.segmentSizeBytes)]);
   rows.push(['backing size', bytes(cache.backingSizeBytes)]);
   rows.push(['data crc', String(cache.dataCrc)]);
@@ -118,6 +119,33 @@ function table(report: Fields): string {
   const problems = report.problems as string[] | undefined;
   for (const problem of problems ?? []) rows.push(['problem', problem]);
   return render(rows);
+}
+
+/** Backing device, reads, writeback and errors of a running server, one line each. */
+function serverRows(report: Fields, cache: Fields): [string, string][] {
+  const rows: [string, string][] = [];
+  const remote = report.backingRemote as { connectionsConnected?: number; connectionsWanted?: number; offlineSince?: string; lastError?: string } | null | undefined;
+  let backing = String(report.backingPath);
+  if (remote !== null && remote !== undefined) {
+    backing += remote.offlineSince === undefined
+      ? `, ${String(remote.connectionsConnected)}/${String(remote.connectionsWanted)} connections`
+      : `, offline since ${remote.offlineSince}${remote.lastError === undefined ? '' : ` (${remote.lastError})`}`;
+  }
+  rows.push(['backing', backing]);
+  const counters = (cache.counters ?? {}) as Record<string, number | undefined>;
+  const reads = counters.readRequests ?? 0;
+  const hits = counters.readHitRequests ?? 0;
+  const ratio = reads === 0 ? '' : ` (${((100 * hits) / reads).toFixed(1)}%)`;
+  rows.push(['reads', `${reads} requests: ${hits} hits${ratio}, ${counters.readMissRequests ?? 0} misses; ` +
+    `${formatSize(counters.readHitBytes ?? 0)} from the cache, ${formatSize(counters.readMissBytes ?? 0)} from the backing device`]);
+  const writeback = (cache.writeback ?? {}) as { active?: boolean; lastError?: string; oldestDirtyAgeMs?: number; backoffMs?: number };
+  const age = writeback.oldestDirtyAgeMs === undefined ? 'nothing dirty' : `oldest dirty data ${(writeback.oldestDirtyAgeMs / 1000).toFixed(1)} s old`;
+  const failing = writeback.lastError === undefined ? '' : `; failing: ${writeback.lastError}`;
+  rows.push(['writeback', `${writeback.active === true ? 'running' : 'idle'}, ${age}, ${formatSize(counters.writebackBytes ?? 0)} written back${failing}`]);
+  const errorNames = ['cacheIoErrors', 'backingReadErrors', 'backingWriteErrors', 'dataCrcErrors', 'writebackErrors', 'gcErrors'];
+  const errors = errorNames.filter((name) => (counters[name] ?? 0) > 0).map((name) => `${name} ${String(counters[name])}`);
+  rows.push(['errors', errors.length === 0 ? 'none' : errors.join(', ')]);
+  return rows;
 }
 
 function bytes(value: unknown): string {
