@@ -110,6 +110,28 @@ describe('status through the control socket', () => {
     assert.ok(rig.server.running);
   });
 
+  it('set over the wire: lists, refuses bad settings with EINVAL and changes nothing, applies good ones', async (t) => {
+    const rig = await serveRig(t);
+    const { replies } = await controlExchange(rig.control, [
+      '{"v":1,"id":1,"op":"hello"}',
+      '{"v":1,"id":2,"op":"set","settings":[1]}',
+      '{"v":1,"id":3,"op":"set","settings":{"gc_percent":91}}',
+      '{"v":1,"id":4,"op":"set","settings":{"writeback_idle_ms":5,"no_such_knob":1}}',
+      '{"v":1,"id":5,"op":"set","settings":{"writeback_idle_ms":"5"}}',
+    ].join('\n') + '\n', 5);
+    const byId = new Map(replies.map((reply) => [reply.id, reply]));
+    assert.deepEqual((byId.get(1)?.result as Json).ops, ['hello', 'status', 'drain', 'set']);
+    for (const id of [2, 3, 4, 5]) assert.equal((byId.get(id)?.error as Json | undefined)?.code, 'EINVAL', `request ${id} refused`);
+    const listed = await controlExchange(rig.control, '{"v":1,"id":6,"op":"set"}\n', 1);
+    const before = listed.replies[0]?.result as Json;
+    assert.equal(before.writeback_idle_ms, 1000, 'the refused changes left the default in place');
+    assert.equal(before.gc_percent, 60);
+    const applied = await controlExchange(rig.control, '{"v":1,"id":7,"op":"set","settings":{"writeback_idle_ms":5,"gc_percent":40}}\n', 1);
+    const after = applied.replies[0]?.result as Json;
+    assert.deepEqual([after.writeback_idle_ms, after.gc_percent], [5, 40]);
+    assert.equal(((await statusJson(['--control', rig.control])).cache as Json).gcPercent, 40);
+  });
+
   it('fails with one line when no server answers', async (t) => {
     const dir = tempDir(t);
     assertOneLineError(await runCli(['status', '--control', path.join(dir, 'none.sock')]), 1, /no control socket at .*none\.sock \(is `pcache serve --control/);
