@@ -446,14 +446,28 @@ export class Cache {
 
   private trackAlways<T>(io: Promise<T>): Promise<T> {
     this.inFlight++;
-    return io.finally(() => {
-      this.inFlight--;
-      if (this.inFlight === 0) {
-        const waiters = this.idleWaiters;
-        this.idleWaiters = [];
-        for (const wake of waiters) wake();
-      }
-    });
+    // then() with two preallocated callbacks rather than finally(): one promise and no
+    // closures per request (finally() wraps its callback in two more of each).
+    return io.then(this.settledValue as (value: T) => T, this.settledError);
+  }
+
+  private readonly settledValue = (value: unknown): unknown => {
+    this.settled();
+    return value;
+  };
+
+  private readonly settledError = (error: unknown): never => {
+    this.settled();
+    throw error;
+  };
+
+  private settled(): void {
+    this.inFlight--;
+    if (this.inFlight === 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const wake of waiters) wake();
+    }
   }
 
   private idle(): Promise<void> {

@@ -150,18 +150,37 @@ export class WriteGroup {
     return new Promise<void>((resolve) => { queueMicrotask(() => { void this.publishing.run(() => Promise.resolve()).then(resolve); }); });
   }
 
+  /**
+   * Queues a write of one piece that needs no kset seq (not FUA): the common case, with one
+   * promise and two small objects, where add() needs a closure and a copy of each piece.
+   */
+  addOne(record: KeyRecord, data: Uint8Array): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const write: GroupedWrite = { failure: undefined, seq: 0, resolve, reject };
+      this.writes.push(write);
+      this.pieces.push({ record, data, write });
+      this.schedule();
+    });
+  }
+
   /** Queues a write's pieces; resolves with the seq of the kset holding its last key. */
   add(pieces: readonly { record: KeyRecord; data: Uint8Array }[]): Promise<number> {
     return new Promise<number>((resolve, reject) => {
       const write: GroupedWrite = { failure: undefined, seq: 0, resolve: () => { resolve(write.seq); }, reject };
       this.writes.push(write);
       for (const piece of pieces) this.pieces.push({ ...piece, write });
-      if (!this.scheduled) {
-        this.scheduled = true;
-        queueMicrotask(() => { void this.publishing.run(() => this.flush()); });
-      }
+      this.schedule();
     });
   }
+
+  private schedule(): void {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    queueMicrotask(this.runBound);
+  }
+
+  private readonly runBound = (): void => { void this.publishing.run(this.flushBound); };
+  private readonly flushBound = (): Promise<void> => this.flush();
 
   private async flush(): Promise<void> {
     const core = this.core;
@@ -216,20 +235,56 @@ export class WriteGroup {
   }
 }
 
-export async function cacheWrite(core: CacheCore, source: Uint8Array, offsetBytes: number, fua: boolean): Promise<void> {
-  core.checkWritable();
+/** The key record of `data` written at `position` into `space`. */
+function writeRecord(core: CacheCore, position: number, space: Space, data: Uint8Array): KeyRecord {
+  return {
+    offsetBytes: position,
+    lengthBytes: space.lengthBytes,
+    flags: 0,
+    segment: space.segment,
+    segmentOffsetBytes: space.offsetBytes,
+    gen: space.gen,
+    dataCrc: core.dataCrc ? crc32c(data) : 0,
+  };
+}
+
+/**
+ * A client write. The common case — not FUA, the backing device online, room in the log, and
+ * the whole write fitting one key and the current data segment — is served without an async
+ * function: one allocation at the head, one entry in the write group, one promise. Everything
+ * else (splits, waits for space, FUA) takes cacheWriteInParts, which handles the general case.
+ */
+export function cacheWrite(core: CacheCore, source: Uint8Array, offsetBytes: number, fua: boolean): Promise<void> {
+  try {
+    core.checkWritable();
+  } catch (error) {
+    return Promise.reject(error instanceof Error ? error : new Error(String(error)));
+  }
   core.stats.writeRequests++;
   core.stats.writeBytes += source.length;
-  core.lastWriteMs = core.timers.now();
-  const startedMs = core.lastWriteMs;
-  if (core.backingOfflineSinceMs !== undefined) await core.admitWrite(startedMs);
-  if (core.log.full) await core.log.roomAvailable();
+  const startedMs = core.timers.now();
+  core.lastWriteMs = startedMs;
+  if (fua || core.backingOfflineSinceMs !== undefined || core.log.full) return cacheWriteInParts(core, source, offsetBytes, fua, startedMs, undefined);
+  const wanted = Math.min(source.length, subtreeEnd(offsetBytes) - offsetBytes, core.keyMaxBytes);
+  const space = core.head.alloc(wanted);
+  if (space === undefined || space.lengthBytes !== source.length) return cacheWriteInParts(core, source, offsetBytes, fua, startedMs, space);
+  return core.writes.addOne(writeRecord(core, offsetBytes, space, source), source);
+}
+
+/** The general write: any number of pieces, waiting for room and space, FUA. `first` is space already allocated for the first piece. */
+async function cacheWriteInParts(core: CacheCore, source: Uint8Array, offsetBytes: number, fua: boolean, startedMs: number, first: Space | undefined): Promise<void> {
+  if (first === undefined) {
+    if (core.backingOfflineSinceMs !== undefined) await core.admitWrite(startedMs);
+    if (core.log.full) await core.log.roomAvailable();
+  }
   let pieces: { record: KeyRecord; data: Uint8Array }[] = [];
   const parts: Promise<number>[] = [];
+  let allocated = first;
   for (let done = 0; done < source.length;) {
     const position = offsetBytes + done;
     const wanted = Math.min(source.length - done, subtreeEnd(position) - position, core.keyMaxBytes);
-    let space = core.head.alloc(wanted);
+    let space = allocated ?? core.head.alloc(wanted);
+    allocated = undefined;
     while (space === undefined) {
       // Never hold space while waiting for more: what this write has so far goes to the write
       // group now (so it reaches the log and can be written back and reclaimed like any other
@@ -248,18 +303,7 @@ export async function cacheWrite(core: CacheCore, source: Uint8Array, offsetByte
       space = core.head.alloc(wanted);
     }
     const data = source.subarray(done, done + space.lengthBytes);
-    pieces.push({
-      data,
-      record: {
-        offsetBytes: position,
-        lengthBytes: space.lengthBytes,
-        flags: 0,
-        segment: space.segment,
-        segmentOffsetBytes: space.offsetBytes,
-        gen: space.gen,
-        dataCrc: core.dataCrc ? crc32c(data) : 0,
-      },
-    });
+    pieces.push({ data, record: writeRecord(core, position, space, data) });
     done += space.lengthBytes;
   }
   parts.push(core.writes.add(pieces));

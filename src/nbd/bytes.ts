@@ -4,7 +4,9 @@
 // Invariants:
 // - ByteQueue never copies a chunk on arrival; it keeps references and copies only when a
 //   caller asks for bytes that straddle chunks (a header split by the network) or asks for
-//   them to be placed in its own buffer (a WRITE payload).
+//   them to be placed in its own buffer (a WRITE payload that arrives in pieces). A payload
+//   that arrived whole is handed out as a view (takeView): chunks are fresh buffers from the
+//   socket, never reused, so a view stays valid for as long as its holder keeps it.
 // - Nothing here allocates a size taken from the wire: callers bounds-check a length before
 //   they ask `take` or `takeInto` for that many bytes. `take` asserts its bound.
 // - 64-bit wire fields become numbers only through readU64BE (src/lib/units.ts), never here.
@@ -88,6 +90,19 @@ export class ByteQueue {
     const copied = this.takeInto(copy, 0);
     assert(copied === count, 'take copied too few bytes');
     return copy;
+  }
+
+  /**
+   * Removes and returns the first `count` bytes as a view into the received chunk when they
+   * are all there, contiguous; otherwise returns undefined and removes nothing. No bound on
+   * `count` is needed: nothing is allocated (the caller bounds-checked it anyway).
+   */
+  takeView(count: number): Uint8Array | undefined {
+    const first = this.chunks[0];
+    if (count === 0 || first === undefined || first.length - this.headOffset < count) return undefined;
+    const view = first.subarray(this.headOffset, this.headOffset + count);
+    this.consume(count);
+    return view;
   }
 
   /**

@@ -191,7 +191,15 @@ export class RequestDecoder {
       this.pending = request;
       this.pendingFilledBytes = 0;
       if (request.problem === undefined) {
-        // Validated: length <= maxPayloadBytes. Every byte is overwritten before use.
+        // The common case: the whole payload came in the same socket read as its header, and
+        // the request takes a view of it (no allocation, no copy). Otherwise a buffer is
+        // allocated (validated: length <= maxPayloadBytes; every byte overwritten before use).
+        const view = this.input.takeView(request.lengthBytes);
+        if (view !== undefined) {
+          request.payload = view;
+          this.pending = undefined;
+          return request;
+        }
         request.payload = Buffer.allocUnsafe(request.lengthBytes);
         this.pendingSkipBytes = 0;
       } else {
