@@ -15,7 +15,8 @@
 //   socket has written them out, in write order (buffer_pool.ts says why that is safe).
 // - Memory per connection is bounded: reading pauses while in-flight requests, in-flight
 //   bytes (READ buffers, WRITE payloads) or unsent reply bytes exceed their limits, so at most
-//   inFlightBytesMax + maxPayloadBytes is held by requests, plus one partially received WRITE
+//   inFlightBytesMax + maxPayloadBytes is held by requests (a WRITE payload viewed in its socket
+//   chunk is charged the whole chunk: costBytes), plus one partially received WRITE
 //   payload (<= maxPayloadBytes), plus replyBacklogBytesMax of replies, plus one input chunk.
 // - An Export failure that is a PcacheError becomes an NBD error reply (nbdErrnoOf); anything
 //   else is a programmer error and is rethrown outside every handler, crashing the process.
@@ -511,9 +512,17 @@ function isThenable(value: unknown): value is PromiseLike<unknown> {
   return typeof value === 'object' && value !== null && typeof (value as { then?: unknown }).then === 'function';
 }
 
-/** Bytes a request holds while in flight: its READ buffer or its WRITE payload. */
+/**
+ * Bytes a request holds while in flight: its READ buffer, or the memory its WRITE payload keeps
+ * alive. A payload that is a view of the socket chunk it arrived in (transmission.ts) pins the
+ * whole chunk, so it is charged the chunk's size: a client sending small writes among large
+ * refused ones cannot pin more than inFlightBytesMax of chunks. (Over-counting a chunk shared by
+ * several writes only pauses reading a little earlier: 16 writes of 4 KiB in one 64 KiB chunk
+ * would be charged 1 MiB of the 64 MiB allowed.)
+ */
 function costBytes(request: NbdRequest): number {
-  return request.type === Command.read || request.type === Command.write ? request.lengthBytes : 0;
+  if (request.type === Command.write) return request.payload?.buffer.byteLength ?? request.lengthBytes;
+  return request.type === Command.read ? request.lengthBytes : 0;
 }
 
 /**

@@ -590,6 +590,35 @@ describe('reliability.md §3.3, transmission rows', () => {
     await stillServes(s);
   });
 
+  it('row 29 (pinned chunks): small WRITEs among large refused ones are charged the socket chunks they keep alive', async (t) => {
+    // A WRITE payload that arrives whole is a view of its socket chunk (no copy), which keeps
+    // the whole chunk alive. Each 512-byte write here shares its chunk with ~60 KiB of a
+    // refused WRITE's payload; charged only its 512 bytes, 1000 of them would pin ~60 MiB.
+    const s = await setup(t, { mode: 'async', limits: { inFlightRequestsMax: 1000, inFlightBytesMax: 32 * MiB } });
+    const { client } = await connectAndGo(s.path);
+    s.exp.hold();
+    const pairs = 1000;
+    const refusedBytes = 60 * 1024;
+    const stream = Buffer.concat(Array.from({ length: pairs }, (_, i) => Buffer.concat([
+      request({ type: CMD.write, cookie: BigInt(2 * i), offset: 512 * (i % 64) }, Buffer.alloc(512, i)),
+      request({ type: CMD.write, cookie: BigInt(2 * i + 1), offset: s.exp.sizeBytes }, Buffer.alloc(refusedBytes)),
+    ])));
+    client.write(stream);
+    let stable = 0;
+    let last = -1;
+    await waitUntil(() => {
+      stable = s.exp.parkedCount === last ? stable + 1 : 0;
+      last = s.exp.parkedCount;
+      return stable >= 20 && last > 0;
+    }, 'the server stops taking writes in');
+    // 32 MiB over chunks of at most 64 KiB: about 512 writes, never the 1000 the request limit allows.
+    assert.ok(s.exp.parkedCount < 700, `writes admitted while the export is busy: ${s.exp.parkedCount}`);
+    s.exp.release();
+    for (let i = 0; i < 2 * pairs; i += 1) await client.simpleReply();
+    client.disconnect();
+    await stillServes(s);
+  });
+
   it('row 29 (replies): a client that never reads its replies stops being read', async (t) => {
     const s = await setup(t, { limits: { replyBacklogBytesMax: 4 * MiB } });
     const { client } = await connectAndGo(s.path);
