@@ -117,7 +117,7 @@ async function start(name: ServerName, dir: string, args: string[]): Promise<Ser
     await waitUntilReady('nbdkit', child, () => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '');
     return { name, socket, child };
   }
-  const child = spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir });
+  const child = spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir });
   let printed = '';
   child.stdout.setEncoding('utf8').on('data', (chunk: string) => { printed += chunk; });
   await waitUntilReady(`pcache serve (${name})`, child, () => printed.startsWith('serving '));
