@@ -15,7 +15,7 @@ import { GiB, MiB, parseSize } from '../lib/units.js';
 import { connectionsMax, defaultConnections } from '../nbd/remote_device.js';
 import { looksLikeNbdUri, parseNbdUri } from '../nbd/uri.js';
 import { gcPercentMax, segmentSizeAlignBytes, segmentSizeMaxBytes, segmentSizeMinBytes } from '../ondisk/layout.js';
-import { knobNamed, knobNames, knobValueProblem } from './settings.js';
+import { knobNamed, knobNames, knobValueProblem, watermarkProblem } from './settings.js';
 
 /** Exit status: success. */
 export const exitOk = 0;
@@ -510,10 +510,24 @@ function tuningFlag(flags: Flags): Record<string, number> {
     if (equals <= 0) throw new UsageError(`serve: --tuning takes NAME=VALUE pairs separated by commas, got '${item}'`);
     const name = item.slice(0, equals);
     if (name === 'gc_percent') throw new UsageError('serve: --tuning: use --gc-percent for gc_percent (it is stored in the cache)');
-    if (name in tuning) throw new UsageError(`serve: --tuning: ${name} given more than once`);
+    if (Object.hasOwn(tuning, name)) throw new UsageError(`serve: --tuning: ${name} given more than once`);
     tuning[name] = knobValue('serve: --tuning', name, item.slice(equals + 1));
   }
+  // The cache would refuse this too, but only after creating (and formatting) its files.
+  const start = tuning.writeback_start_percent;
+  const stop = tuning.writeback_stop_percent;
+  const problem = watermarkProblem(start ?? knobDefault('writeback_start_percent'), stop ?? knobDefault('writeback_stop_percent'));
+  if (problem !== undefined) {
+    const defaulted = start === undefined ? 'writeback_start_percent' : stop === undefined ? 'writeback_stop_percent' : undefined;
+    throw new UsageError(`serve: --tuning: ${problem}${defaulted === undefined ? '' : ` (${defaulted} at its default; give both to move them past each other)`}`);
+  }
   return tuning;
+}
+
+function knobDefault(name: string): number {
+  const knob = knobNamed(name);
+  if (knob === undefined) throw new Error(`no knob named ${name}`);
+  return knob.defaultValue;
 }
 
 /** One knob's value from text; unknown names and bad values are usage errors. */
@@ -586,7 +600,7 @@ function setArgs(flags: Flags): SetArgs {
   const changes: Record<string, number> = {};
   for (let index = 0; index < words.length; index += 2) {
     const name = words[index] ?? '';
-    if (name in changes) throw new UsageError(`set: ${name} given more than once`);
+    if (Object.hasOwn(changes, name)) throw new UsageError(`set: ${name} given more than once`);
     changes[name] = knobValue('set', name, words[index + 1] ?? '');
   }
   return { controlPath, changes, json: flags.has('json') };
