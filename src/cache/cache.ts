@@ -143,6 +143,10 @@ export class Cache {
 
   static async open(options: CacheOpenOptions): Promise<Cache> {
     const { cacheDevice, backingDevice } = options;
+    // Checked before anything is written: a refused open formats nothing.
+    const tuning: CacheTuning = { ...defaultTuning, ...options.tuning };
+    const problem = tuningProblem(tuning);
+    if (problem !== undefined) throw new PcacheError('EINVAL', problem);
     const contents = await probeDevice(cacheDevice);
     if (contents === 'blank') {
       if (options.formatIfBlank === undefined || options.formatIfBlank === false) {
@@ -153,9 +157,6 @@ export class Cache {
     } else if (contents === 'other') {
       throw new PcacheError('FOREIGN', 'the cache device holds data that is not a pcache cache; refusing to touch it');
     }
-    const tuning: CacheTuning = { ...defaultTuning, ...options.tuning };
-    const problem = tuningProblem(tuning);
-    if (problem !== undefined) throw new PcacheError('EINVAL', problem);
     const metadata = await readCacheMetadata(cacheDevice);
     checkBacking(metadata, backingDevice, options.acceptOtherBackingIdentity === true);
     const core = buildCore(cacheDevice, backingDevice, metadata, {
@@ -476,13 +477,16 @@ export class Cache {
   }
 }
 
+/** Ends the refusal of a backing device with another identity (the CLI names its flag after it). */
+export const otherBackingIdentityHint = 'accept it only if it is a copy of that device';
+
 function checkBacking(metadata: CacheMetadata, backing: BlockDevice, acceptOtherIdentity: boolean): void {
   const sb = metadata.sb;
   if (sb.backingSizeBytes !== backing.sizeBytes) {
     throw new PcacheError('FOREIGN', `this cache belongs to a backing device of ${sb.backingSizeBytes} bytes, but the backing device has ${backing.sizeBytes}`);
   }
   if (sb.backingIdentity !== '' && backing.identity !== undefined && sb.backingIdentity !== backing.identity && !acceptOtherIdentity) {
-    throw new PcacheError('FOREIGN', `this cache belongs to backing device "${sb.backingIdentity}", not "${backing.identity}" (force only if this device is a copy of it)`);
+    throw new PcacheError('FOREIGN', `this cache belongs to backing device "${sb.backingIdentity}", not "${backing.identity}" (${otherBackingIdentityHint})`);
   }
 }
 

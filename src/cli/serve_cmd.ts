@@ -21,7 +21,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { Cache, dmStatusLine, type CacheTuning } from '../cache/cache.js';
+import { Cache, dmStatusLine, otherBackingIdentityHint, type CacheTuning } from '../cache/cache.js';
 import { probeDevice } from '../cache/cache_dev.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { DeviceExport } from '../device/device_export.js';
@@ -227,7 +227,7 @@ async function drainBeforeExit(args: ServeArgs, server: NbdServer, served: Serve
   }
   const why = outcome === 'interrupted' ? 'a second stop request' : outcome === 'timeout' ? `the drain timeout (${args.drainTimeoutMs / 1000} s)` : outcome.message;
   log.warn({ reason: why, dirtyBytes: left }, 'stopping without a complete drain');
-  terminal.err(`pcache: stopping before the drain finished (${why}); ${left} dirty bytes stay safe in the cache for the next start`);
+  terminal.out(`stopping before the drain finished (${why}); ${left} dirty bytes stay safe in the cache for the next start`);
 }
 
 /** Logs every change of the cache's state (running, draining, degraded, backing offline...). */
@@ -312,7 +312,8 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
     });
   } catch (error) {
     if (!isPcacheError(error)) throw error;
-    throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath}: ${error.message}`, { cause: error });
+    const hint = error.message.endsWith(`(${otherBackingIdentityHint})`) ? ': add --force-backing to accept it' : '';
+    throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath}: ${error.message}${hint}`, { cause: error });
   }
   closers.push(() => cache.close());
   if (args.gcPercent !== undefined && !formatted) await cache.setGcPercent(args.gcPercent);

@@ -99,6 +99,16 @@ describe('writeback policy', () => {
     await reopened.close();
   });
 
+  it('refuses bad tuning before formatting a blank device: nothing is written', async () => {
+    const cacheDevice = new MemoryDevice(cacheBytesFor(8));
+    const backingDevice = new MemoryDevice(4 * MiB);
+    await assert.rejects(
+      Cache.open({ cacheDevice, backingDevice, formatIfBlank: true, tuning: { writebackStartPercent: 30, writebackStopPercent: 60 } }),
+      (error: Error & { code?: string }) => error.code === 'EINVAL',
+    );
+    assert.ok(cacheDevice.bytes.every((byte) => byte === 0), 'the blank device is still blank');
+  });
+
   it('drain writes back regardless of the policy; setTuning validates and applies knobs', async () => {
     const { cache } = await policyRig();
     await writeFlushed(cache, 0, 128 * 1024, 7);
