@@ -256,6 +256,16 @@ export class Cache {
     }
   }
 
+  /**
+   * Tells the cache that its backing device is (probably) reachable again — for example, its
+   * network connection came back: writeback stops waiting out its back-off and tries at once.
+   * Harmless when wrong: a failed round just backs off again.
+   */
+  retryBackingNow(): void {
+    this.core.writeback.wakeFromBackOff();
+    this.core.writeback.kick(false);
+  }
+
   /** Runs one writeback round now (tests and the crash simulator, with background work off). */
   writebackStep(): Promise<boolean> {
     return this.core.writeback.step();
@@ -363,6 +373,9 @@ export class Cache {
       await core.log.flush();
     }
     core.writeback.stop();
+    // A failing backing device may have writeback or GC sleeping in a back-off of up to 30 s.
+    core.writeback.wakeFromBackOff();
+    core.gc.wakeFromBackOff();
     await core.writeback.idle();
     await core.gc.idle();
     core.log.stop();

@@ -19,6 +19,8 @@ export abstract class CacheWorker {
   protected readonly rounds = new SerialSection();
   /** A writer is short of space or a drain waits; cleared once there is nothing left to do. */
   protected urgent = false;
+  /** Ends the back-off sleep in progress, if any. */
+  private endBackOff: (() => void) | undefined;
 
   constructor(core: CacheCore) {
     this.core = core;
@@ -50,7 +52,23 @@ export abstract class CacheWorker {
    */
   protected async backOff(delayMs: number): Promise<boolean> {
     if (!this.core.background) return false;
-    await this.core.timers.sleep(delayMs);
+    await new Promise<void>((resolve) => {
+      const timer = this.core.timers.after(delayMs, () => { this.wakeFromBackOff(); });
+      this.endBackOff = () => {
+        timer.cancel();
+        resolve();
+      };
+    });
     return true;
+  }
+
+  /**
+   * Cuts a back-off short: the next round starts now. For close (which must not wait out a
+   * 30 s back-off) and for a backing device known to be back (its connection returned).
+   */
+  wakeFromBackOff(): void {
+    const end = this.endBackOff;
+    this.endBackOff = undefined;
+    end?.();
   }
 }

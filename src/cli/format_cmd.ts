@@ -18,6 +18,7 @@ import { checkCacheDevice } from '../cache/cache_check.js';
 import { probeDevice, type FormatOptions } from '../cache/cache_dev.js';
 import { FileDevice } from '../device/file_device.js';
 import { PcacheError } from '../lib/errors.js';
+import { NbdRemoteDevice } from '../nbd/remote_device.js';
 import { formatSize } from '../lib/units.js';
 import { exitOk, type FormatArgs } from './args.js';
 import { describeDevice, ensureDeviceFile } from './devices.js';
@@ -27,7 +28,10 @@ import type { Terminal } from './terminal.js';
 export async function formatCommand(args: FormatArgs, terminal: Terminal): Promise<number> {
   ensureDeviceFile(args.cachePath, args.cacheSizeBytes, '--cache-size');
   refuseIfInUse(args.cachePath, 'format');
-  const backing = await FileDevice.open(args.backingPath, { readOnly: true });
+  // Only the backing device's size and identity are read (an NBD export: one connection).
+  const backing = args.backingIsUri
+    ? await NbdRemoteDevice.open(args.backingPath, { connections: 1, readOnly: true, reconnect: { attemptsMax: 0 } })
+    : await FileDevice.open(args.backingPath, { readOnly: true });
   try {
     const device = await FileDevice.open(args.cachePath);
     try {

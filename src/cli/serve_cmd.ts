@@ -126,6 +126,8 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
     const backing = recorded(args, 'backing', opened.device);
     closers.push(() => backing.close());
     served = args.noCache ? noCacheExport(backing) : await openCache(args, backing, closers, log);
+    // Writeback may be in a back-off of up to 30 s: a returning connection ends it at once.
+    opened.whenBackOnline(() => { served.retryBacking(); });
     const requestCounters = args.metrics === undefined ? undefined : new NbdRequestCounters();
     const nbd = new NbdServer({
       export: served.export,
@@ -255,6 +257,8 @@ interface Served {
   /** The cache's own status; undefined without a cache. */
   cacheStatus(): ReturnType<Cache['status']> | undefined;
   drain(): Promise<void>;
+  /** The backing device is reachable again: retry writeback now. */
+  retryBacking(): void;
   set(changes: Readonly<Record<string, unknown>>): Promise<Record<string, number>>;
 }
 
@@ -262,20 +266,26 @@ interface OpenedBacking {
   readonly device: BlockDevice;
   /** Set for an NBD backing device (its connection state goes into status). */
   readonly remote: NbdRemoteDevice | undefined;
+  /** Sets what runs when an NBD backing device's connection comes back. */
+  whenBackOnline(callback: () => void): void;
 }
 
 async function openBacking(args: ServeArgs, log: Logger): Promise<OpenedBacking> {
-  if (!args.backingIsUri) return { device: await FileDevice.open(args.backingPath, { readOnly: args.readOnly }), remote: undefined };
+  if (!args.backingIsUri) return { device: await FileDevice.open(args.backingPath, { readOnly: args.readOnly }), remote: undefined, whenBackOnline: () => undefined };
   let wasOffline = false;
+  let backOnline = (): void => undefined;
   const onStateChange = (state: NbdRemoteState): void => {
     const offline = state.offlineSince !== undefined;
     if (offline && !wasOffline) log.warn({ backing: state.location, since: state.offlineSince, reason: state.lastError ?? null }, 'backing device offline');
-    if (!offline && wasOffline) log.info({ backing: state.location, connections: state.connectionsConnected }, 'backing device back online');
+    if (!offline && wasOffline) {
+      log.info({ backing: state.location, connections: state.connectionsConnected }, 'backing device back online');
+      backOnline();
+    }
     if (state.refused !== undefined) log.error({ backing: state.location, reason: state.refused }, 'backing device refused');
     wasOffline = offline;
   };
   const remote = await NbdRemoteDevice.open(args.backingPath, { connections: args.backingConnections, readOnly: args.readOnly, onStateChange });
-  return { device: remote, remote };
+  return { device: remote, remote, whenBackOnline: (callback) => { backOnline = callback; } };
 }
 
 function prepareFiles(args: ServeArgs): string[] {
@@ -330,6 +340,7 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
       return { dmStatusLine: dmStatusLine(status), cache: status };
     },
     cacheStatus: () => cache.status(),
+    retryBacking: () => { cache.retryBackingNow(); },
     drain: async () => {
       const startedMs = performance.now();
       log.info({ dirtyBytes: cache.status().dirtyBytes }, 'drain started');
@@ -352,6 +363,7 @@ function noCacheExport(backing: BlockDevice): Served {
     startFacts: {},
     status: () => ({ dmStatusLine: null, cache: null }),
     cacheStatus: () => undefined,
+    retryBacking: () => undefined,
     drain: () => backing.sync(),
     set: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: there are no cache settings')),
   };

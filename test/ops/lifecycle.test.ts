@@ -162,6 +162,32 @@ describe('stopping the server', () => {
   });
 });
 
+describe('format for an NBD backing device', () => {
+  it('formats a cache for an nbd+unix export, which serve then accepts; an export that is not there is one clear error', async (t) => {
+    requireTool('qemu-io', 'qemu-utils');
+    const nbdkit = await Nbdkit.start(t, (dir) => {
+      fs.writeFileSync(path.join(dir, 'backing.img'), Buffer.alloc(32 * MiB));
+      return { plugin: 'file', args: [`file=${path.join(dir, 'backing.img')}`] };
+    });
+    const dir = tempDir(t, 'pcache-lifecycle-');
+    const cache = path.join(dir, 'cache.img');
+    const formatted = await runCli(['format', '--cache', cache, '--cache-size', '128M', '--backing', nbdkit.uri, '--gc-percent', '55']);
+    assert.equal(formatted.code, 0, formatted.stderr);
+    assert.match(formatted.stdout, /for backing device nbd\+unix:\/\/\/\?socket=.*nbdkit\.sock \(32 MiB\)/);
+    const status = JSON.parse((await runCli(['status', '--cache', cache, '--json'])).stdout) as { cache: { gcPercent: number; backingSizeBytes: number } };
+    assert.deepEqual([status.cache.gcPercent, status.cache.backingSizeBytes], [55, 32 * MiB]);
+    const socket = path.join(dir, 'nbd.sock');
+    const server = await startServe(t, ['--cache', cache, '--backing', nbdkit.uri, '--socket', socket], dir);
+    assert.doesNotMatch(server.stdout, /formatted now/, 'serve opened the cache format made');
+    const io = await runTool('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 64k', '-c', 'read -P 0x5a 0 64k', uriFor(socket)]);
+    assert.equal(io.code, 0, io.stderr);
+    assert.doesNotMatch(io.stdout, /Pattern verification failed/);
+    assert.equal(await server.stop('SIGTERM'), 0);
+    const missing = await runCli(['format', '--cache', path.join(dir, 'other.img'), '--cache-size', '128M', '--backing', `nbd+unix:///?socket=${path.join(dir, 'none.sock')}`]);
+    assertOneLineError(missing, 1, /cannot open nbd\+unix:\/\/\/\?socket=.*none\.sock: /);
+  });
+});
+
 describe('serve --force-backing', () => {
   it('refuses a copy of the backing file without writing a byte, and serves it with --force-backing', async (t) => {
     requireTool('nbdcopy', 'libnbd-bin');

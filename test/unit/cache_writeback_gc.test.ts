@@ -112,6 +112,41 @@ describe('writeback', () => {
   });
 });
 
+describe('writeback back-off', () => {
+  it('retryBackingNow ends the back-off at once, and close never waits it out', async () => {
+    const rig = await recordingRig({ background: true });
+    const { cache, backingDevice, timers } = rig;
+    backingDevice.failWrites = 'unreachable';
+    await cache.write(pattern(5, 0, 8 * S), 0);
+    await cache.flush();
+    await settle();
+    for (let i = 0; i < 4; i++) { // 100 + 200 + 400 + 800 ms of back-off: now 1.6 s
+      timers.advance(cache.status().writeback.backoffMs);
+      await settle();
+    }
+    assert.equal(cache.status().writeback.backoffMs, 1600);
+    const errors = cache.status().counters.writebackErrors;
+    backingDevice.failWrites = undefined;
+    cache.retryBackingNow(); // the clock does not move: only the call can start the round
+    await settle();
+    let status = cache.status();
+    assert.equal(status.counters.writebackErrors, errors, 'the retry did not fail');
+    assert.equal(status.dirtyBytes, 0, 'written back without waiting out 1.6 s');
+    assert.equal(status.state, 'running');
+
+    backingDevice.failWrites = 'unreachable again';
+    await cache.write(pattern(6, 0, 8 * S), 0);
+    await cache.flush();
+    await settle();
+    status = cache.status();
+    assert.equal(status.state, 'degraded');
+    assert.ok(status.writeback.backoffMs > 0, 'writeback is sleeping in its back-off');
+    // The manual clock never moves again: close must end the back-off itself.
+    const closed = await Promise.race([cache.close().then(() => 'closed'), new Promise((resolve) => { setTimeout(() => { resolve('still waiting'); }, 500); })]);
+    assert.equal(closed, 'closed');
+  });
+});
+
 describe('garbage collection', () => {
   it('runs only at gc_percent, never passes dirty_tail, persists key_tail before freeing, and bumps generations', async () => {
     const rig = await recordingRig({ segments: 8, gcPercent: 50 });
