@@ -1,0 +1,287 @@
+// Remote backing device: pcache in front of a slow network store, against that store alone.
+// The store is nbdkit's `file` plugin behind its `delay` filter, which holds every read, write,
+// zero, trim, cache and block-status request for 1 ms (nbdkit 1.32 cannot delay FLUSH); the
+// file is on tmpfs (/dev/shm), so the delay is the store's whole cost. pcache serves it through
+// the real CLI: `pcache serve --backing nbd+unix:///?socket=...` (default 4 connections, default
+// tuning), with its cache file on tmpfs too.
+//
+// Workloads (target ratio pcache/direct >= 10): 4 KiB random write QD1, and 4 KiB random read
+// QD1 of data already in the cache (the range is read through pcache once before measuring;
+// the hit rate during the runs is printed). The peer is the same fio workload straight against
+// the delayed nbdkit, on a second range of the same file: pcache caches the first half of the
+// backing file and the direct runs touch only the second half, so direct writes never change
+// data behind the cache's back.
+//
+// Method: every round runs each workload once through pcache and once direct, alternating
+// which goes first; medians over the rounds are compared. After each pcache write run the
+// cache is drained through its control socket (so writeback never overlaps the next run); the
+// drain's duration and the bytes it wrote back are printed for information. The cache file is
+// written full of zeroes first (as in nbd_fio_bench.ts). Reads run before writes: the write runs
+// fill the log, and GC could evict the warmed range.
+// PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
+
+import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { controlRequest } from '../src/cli/control.js';
+import { median, param, report, smoke } from './harness.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+/** The range each side touches: pcache the first one of the backing file, direct runs the second. */
+const rangeBytes = param(8 * MiB, 256 * MiB);
+const backingBytes = 2 * rangeBytes;
+// A QD1 write run through pcache appends up to ~1 GiB to the log (overwrites included); the
+// cache is large enough that every run stays below the writeback start watermark (50%), and
+// the five write runs together below the GC threshold (70% of segments in use) as far as
+// possible (the last line printed says whether GC ran).
+const cacheBytes = param(128 * MiB, 6144 * MiB);
+const rounds = param(1, 5);
+const runtime = param('200ms', '5s');
+const rampTime = param('0', '1s');
+/** What every request to the backing store costs. */
+const delay = '1ms';
+const delayedOps = ['read', 'write', 'zero', 'trim', 'cache', 'extents'];
+const target = 10;
+const cliPath = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+
+interface Workload {
+  readonly name: string;
+  readonly rw: 'randread' | 'randwrite';
+}
+
+const workloads: readonly Workload[] = [
+  { name: '4K random read QD1 (cached)', rw: 'randread' },
+  { name: '4K random write QD1', rw: 'randwrite' },
+];
+
+type Side = 'pcache' | 'direct';
+
+/** Every child process started here, so that no exit path leaves one running. */
+const children = new Set<ChildProcess>();
+/** The scratch directory on tmpfs, removed on every exit path. */
+let scratch: string | undefined;
+
+function track(child: ChildProcess): ChildProcess {
+  children.add(child);
+  child.once('exit', () => { children.delete(child); });
+  return child;
+}
+
+function killAll(): void {
+  for (const child of children) child.kill('SIGKILL');
+}
+
+process.once('exit', killAll);
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    // pcache serve's supervisor stops its server child when its IPC channel closes.
+    killAll();
+    if (scratch !== undefined) fs.rmSync(scratch, { recursive: true, force: true });
+    process.exit(128 + os.constants.signals[signal]);
+  });
+}
+
+function requireTool(command: string, debianPackage: string): void {
+  if (spawnSync('sh', ['-c', `command -v ${command}`]).status !== 0) {
+    throw new Error(`${command} is not installed: install the Debian package ${debianPackage}`);
+  }
+}
+
+function run(command: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    track(execFile(command, args, { maxBuffer: 64 * MiB, encoding: 'utf8', timeout: 600_000 }, (error, stdout, stderr) => {
+      if (error !== null) reject(new Error(`${command} failed: ${stderr || error.message}`));
+      else resolve(stdout);
+    }));
+  });
+}
+
+function version(command: string, args: string[]): string {
+  return spawnSync(command, args, { encoding: 'utf8' }).stdout.split('\n')[0]?.trim() ?? '?';
+}
+
+/** Writes `bytes` of pseudo-random data (a random MiB, varied per MiB) or of zeroes. */
+function fill(file: string, bytes: number, random: boolean): void {
+  const block = random ? randomBytes(MiB) : Buffer.alloc(MiB);
+  const fd = fs.openSync(file, 'w');
+  for (let offset = 0; offset < bytes; offset += MiB) {
+    if (random) block.writeUInt32LE(offset / MiB, 0);
+    fs.writeSync(fd, block, 0, Math.min(MiB, bytes - offset), offset);
+  }
+  fs.closeSync(fd);
+}
+
+async function waitUntilReady(what: string, child: ChildProcess, ready: () => boolean): Promise<void> {
+  for (let attempt = 0; attempt < 1000; attempt++) {
+    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
+    if (ready()) return;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  throw new Error(`${what} did not start listening`);
+}
+
+/** The delayed store: `nbdkit --filter=delay file`, ready once it has written its pid file. */
+async function startNbdkit(dir: string, backing: string): Promise<{ socket: string; child: ChildProcess }> {
+  const socket = path.join(dir, 'nbdkit.sock');
+  const pidFile = path.join(dir, 'nbdkit.pid');
+  const child = track(spawn('nbdkit', [
+    '-U', socket, '-P', pidFile, '-f', '--exit-with-parent', '--filter=delay', 'file', `file=${backing}`,
+    ...delayedOps.map((op) => `delay-${op}=${delay}`),
+  ], { stdio: ['ignore', 'ignore', 'inherit'], cwd: dir }));
+  await waitUntilReady('nbdkit', child, () => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '');
+  return { socket, child };
+}
+
+/** `pcache serve` through the real CLI, ready once it printed "serving ...". */
+async function startPcache(dir: string, args: string[]): Promise<{ socket: string; child: ChildProcess }> {
+  const socket = path.join(dir, 'pcache.sock');
+  const child = track(spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir }));
+  let printed = '';
+  child.stdout?.setEncoding('utf8').on('data', (chunk: string) => { printed += chunk; });
+  await waitUntilReady('pcache serve', child, () => printed.startsWith('serving '));
+  return { socket, child };
+}
+
+/** SIGTERM, then SIGKILL if it has not exited within 30 s. */
+async function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+  await exited;
+  clearTimeout(timer);
+}
+
+interface FioJob {
+  read: { iops: number };
+  write: { iops: number };
+  error: number;
+}
+
+interface FioRun {
+  readonly rw: 'randread' | 'randwrite' | 'read';
+  readonly blockSize: string;
+  readonly depth: number;
+  readonly offsetBytes: number;
+  /** Run for `runtime` after `rampTime`; otherwise one pass over the range. */
+  readonly timed: boolean;
+}
+
+/** One fio job (one NBD connection) against `socket`; returns its IOPS. */
+async function fio(socket: string, job: FioRun): Promise<number> {
+  const output = await run('fio', [
+    `--name=${job.rw}`, '--ioengine=nbd', `--uri=nbd+unix:///?socket=${socket}`, `--rw=${job.rw}`,
+    `--bs=${job.blockSize}`, `--iodepth=${job.depth}`, '--numjobs=1', '--thread',
+    `--offset=${job.offsetBytes}`, `--size=${rangeBytes}`,
+    ...(job.timed ? ['--time_based', `--runtime=${runtime}`, `--ramp_time=${rampTime}`] : []),
+    '--norandommap', '--randrepeat=0', '--output-format=json',
+  ]);
+  // The nbd engine prints "fio: connected to NBD server" before the JSON.
+  const result = (JSON.parse(output.slice(output.indexOf('{'))) as { jobs: FioJob[] }).jobs[0];
+  if (result === undefined || result.error !== 0) throw new Error(`fio reported an error (${job.rw} on ${socket})`);
+  return result.read.iops + result.write.iops;
+}
+
+interface CacheCounters {
+  readRequests: number;
+  readHitRequests: number;
+  writebackBytes: number;
+  writebackRounds: number;
+  gcSegmentsFreed: number;
+}
+
+interface PcacheStatus {
+  backingRemote: { connectionsWanted: number; connectionsConnected: number } | null;
+  cache: { dirtyBytes: number; segsUsed: number; segTotal: number; counters: CacheCounters };
+}
+
+async function status(control: string): Promise<PcacheStatus> {
+  return await controlRequest(control, 'status') as PcacheStatus;
+}
+
+function mib(bytes: number): string {
+  return (bytes / MiB).toFixed(1);
+}
+
+async function main(): Promise<void> {
+  requireTool('fio', 'fio');
+  requireTool('nbdkit', 'nbdkit');
+  const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
+  const dir = fs.mkdtempSync(path.join(base, 'pcache-bench-remote-'));
+  scratch = dir;
+  const started: ChildProcess[] = [];
+  try {
+    const backing = path.join(dir, 'backing.img');
+    const cache = path.join(dir, 'cache.img');
+    fill(backing, backingBytes, true);
+    fill(cache, cacheBytes, false);
+    const control = path.join(dir, 'pcache.ctl');
+    const nbdkit = await startNbdkit(dir, backing);
+    started.push(nbdkit.child);
+    const pcache = await startPcache(dir, ['--cache', cache, '--backing', `nbd+unix:///?socket=${nbdkit.socket}`, '--control', control]);
+    started.push(pcache.child);
+    const sides: Record<Side, { socket: string; offsetBytes: number }> = {
+      pcache: { socket: pcache.socket, offsetBytes: 0 },
+      direct: { socket: nbdkit.socket, offsetBytes: rangeBytes },
+    };
+
+    // Warm the range: one sequential pass through pcache brings it into the cache.
+    await fio(pcache.socket, { rw: 'read', blockSize: '1m', depth: 4, offsetBytes: 0, timed: false });
+    const remote = (await status(control)).backingRemote;
+    console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+    console.log(`backing: nbdkit file on ${base}, delay filter ${delay} per ${delayedOps.join('/')} request, ${backingBytes / MiB} MiB; pcache cache ${cacheBytes / MiB} MiB on ${base}, ` +
+      `${remote?.connectionsConnected ?? '?'}/${remote?.connectionsWanted ?? '?'} backing connections; range ${rangeBytes / MiB} MiB per side; ${rounds} round(s) of ${runtime} per run${smoke ? ' (smoke)' : ''}`);
+
+    for (const workload of workloads) {
+      const results: Record<Side, number[]> = { pcache: [], direct: [] };
+      const drains: { ms: number; dirtyBytes: number; rounds: number }[] = [];
+      let writebackDuringRuns = 0;
+      let reads = 0;
+      let hits = 0;
+      for (let round = 0; round < rounds; round++) {
+        const order: Side[] = round % 2 === 0 ? ['pcache', 'direct'] : ['direct', 'pcache'];
+        for (const side of order) {
+          const before = side === 'pcache' ? await status(control) : undefined;
+          const iops = await fio(sides[side].socket, { rw: workload.rw, blockSize: '4k', depth: 1, offsetBytes: sides[side].offsetBytes, timed: true });
+          results[side].push(iops);
+          if (before === undefined) continue;
+          const after = await status(control);
+          writebackDuringRuns += after.cache.counters.writebackBytes - before.cache.counters.writebackBytes;
+          reads += after.cache.counters.readRequests - before.cache.counters.readRequests;
+          hits += after.cache.counters.readHitRequests - before.cache.counters.readHitRequests;
+          if (workload.rw !== 'randwrite') continue;
+          const drainStart = performance.now();
+          await controlRequest(control, 'drain');
+          const ms = performance.now() - drainStart;
+          const drained = await status(control);
+          drains.push({ ms, dirtyBytes: after.cache.dirtyBytes, rounds: drained.cache.counters.writebackRounds - after.cache.counters.writebackRounds });
+        }
+      }
+      const value = median(results.pcache);
+      const direct = median(results.direct);
+      report({ bench: 'remote_backing', metric: `${workload.name} vs direct`, value, unit: 'IOPS', peer: `nbdkit delay ${delay}`, peerValue: direct });
+      const ratio = value / direct;
+      const hitRate = reads === 0 ? '' : `; pcache read hits ${(100 * hits / reads).toFixed(1)}%`;
+      console.log(`  ${workload.name}: ratio ${ratio.toFixed(2)}, target >= ${target.toFixed(1)}: ${ratio >= target ? 'met' : 'MISSED'}${hitRate}; ` +
+        `writeback during pcache runs ${mib(writebackDuringRuns)} MiB; runs pcache ${results.pcache.map(Math.round).join(' ')} | direct ${results.direct.map(Math.round).join(' ')}`);
+      if (drains.length > 0) {
+        report({ bench: 'remote_backing', metric: 'drain after a write run', value: median(drains.map((d) => d.ms)), unit: 'ms' });
+        console.log(`  drains (dirty log bytes, time, writeback rounds): ${drains.map((d) => `${mib(d.dirtyBytes)} MiB in ${(d.ms / 1000).toFixed(2)} s (${d.rounds})`).join('; ')}`);
+      }
+    }
+    const end = (await status(control)).cache;
+    console.log(`cache at end: ${end.segsUsed} of ${end.segTotal} segments in use; GC freed ${end.counters.gcSegmentsFreed} segments; ` +
+      `${end.counters.writebackRounds} writeback rounds, ${mib(end.counters.writebackBytes)} MiB of log written back`);
+    console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  } finally {
+    // pcache first: it holds connections to nbdkit.
+    for (const child of started.reverse()) await stop(child);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
