@@ -617,7 +617,8 @@ function overviewHelp(): string {
     '',
     'Run `pcache <command> --help` for a command\'s options; `pcache --version` for the version.',
     `Exit status: ${exitOk} success, ${exitFailure} the operation failed or was refused (or check found problems),`,
-    `${exitUsage} a mistake in the command line, ${exitInternal} an internal error (a bug; please report it).`,
+    `${exitUsage} a mistake in the command line, ${exitInternal} an internal error (a bug; please report it),`,
+    `${exitInterrupted} drain stopped waiting on Ctrl-C (the server goes on with the drain).`,
     `Sizes take the suffixes K, M, G and T (binary: 1M = ${MiB} bytes).`,
   ];
   return lines.join('\n');

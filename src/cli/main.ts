@@ -8,6 +8,7 @@
 //      found problems; one line `pcache: <message>` on standard error
 //   2  a usage error: unknown or repeated flag, missing required flag, bad value
 //   70 an internal error (a broken invariant, i.e. a bug): the stack trace is printed
+//   130 `drain` stopped waiting on Ctrl-C (nothing was undone)
 //
 // `serve` runs in a child process: libuv sizes its thread pool from UV_THREADPOOL_SIZE once,
 // when the pool first starts, and loading an ES module already starts it, so this process is
