@@ -16,14 +16,13 @@
 // the log for page allocation. Servers are separate processes started by the real CLI.
 // PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
 
-import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { controlRequest } from '../src/cli/control.js';
 import { median, param, report, smoke } from './harness.js';
+import { fill, fioJob, makeScratch, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -36,7 +35,6 @@ const rangeBytes = param(32 * MiB, 512 * MiB);
 const rounds = param(1, 5);
 const runtime = param('300ms', '5s');
 const rampTime = param('0', '1s');
-const cliPath = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 
 interface Workload {
   readonly name: string;
@@ -67,74 +65,11 @@ interface Server {
   readonly child: ChildProcess;
 }
 
-function requireTool(command: string, debianPackage: string): void {
-  if (spawnSync('sh', ['-c', `command -v ${command}`]).status !== 0) {
-    throw new Error(`${command} is not installed: install the Debian package ${debianPackage}`);
-  }
-}
-
-function run(command: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(command, args, { maxBuffer: 64 * MiB, encoding: 'utf8', timeout: 600_000 }, (error, stdout, stderr) => {
-      if (error !== null) reject(new Error(`${command} failed: ${stderr || error.message}`));
-      else resolve(stdout);
-    });
-  });
-}
-
-function version(command: string, args: string[]): string {
-  return spawnSync(command, args, { encoding: 'utf8' }).stdout.split('\n')[0]?.trim() ?? '?';
-}
-
-/** Writes `bytes` of pseudo-random data (a random MiB, varied per MiB) or of zeroes. */
-function fill(file: string, bytes: number, random: boolean): void {
-  const block = random ? randomBytes(MiB) : Buffer.alloc(MiB);
-  const fd = fs.openSync(file, 'w');
-  for (let offset = 0; offset < bytes; offset += MiB) {
-    if (random) block.writeUInt32LE(offset / MiB, 0);
-    fs.writeSync(fd, block, 0, Math.min(MiB, bytes - offset), offset);
-  }
-  fs.closeSync(fd);
-}
-
-/** Waits until `ready()` holds (the server printed its line, or wrote its pid file). */
-async function waitUntilReady(what: string, child: ChildProcess, ready: () => boolean): Promise<void> {
-  for (let attempt = 0; attempt < 1000; attempt++) {
-    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
-    if (ready()) return;
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-  throw new Error(`${what} did not start listening`);
-}
-
 /** Starts `pcache serve args` (or, for nbdkit, `nbdkit -U socket args`) and waits until it listens. */
 async function start(name: ServerName, dir: string, args: string[]): Promise<Server> {
   const socket = path.join(dir, `${name}.sock`);
-  if (name === 'nbdkit') {
-    // nbdkit writes its pid file once it accepts connections.
-    const pidFile = path.join(dir, 'nbdkit.pid');
-    const child = spawn('nbdkit', ['-U', socket, '-P', pidFile, ...args], { stdio: ['ignore', 'ignore', 'inherit'], cwd: dir });
-    await waitUntilReady('nbdkit', child, () => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '');
-    return { name, socket, child };
-  }
-  const child = spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir });
-  let printed = '';
-  child.stdout.setEncoding('utf8').on('data', (chunk: string) => { printed += chunk; });
-  await waitUntilReady(`pcache serve (${name})`, child, () => printed.startsWith('serving '));
-  return { name, socket, child };
-}
-
-async function stop(server: Server): Promise<void> {
-  if (server.child.exitCode !== null) return;
-  const exited = new Promise((resolve) => server.child.once('exit', resolve));
-  server.child.kill('SIGTERM');
-  await exited;
-}
-
-interface FioJob {
-  read: { iops: number; bw: number };
-  write: { iops: number; bw: number };
-  error: number;
+  if (name === 'nbdkit') return { name, socket, child: await startNbdkitServer(dir, socket, args) };
+  return { name, socket, child: await startPcacheServe(`pcache serve (${name})`, dir, socket, args) };
 }
 
 async function fio(server: Server, workload: Workload): Promise<number> {
@@ -144,9 +79,7 @@ async function fio(server: Server, workload: Workload): Promise<number> {
     '--time_based', `--runtime=${runtime}`, `--ramp_time=${rampTime}`, '--norandommap', '--randrepeat=0',
     '--group_reporting', '--output-format=json',
   ]);
-  // The nbd engine prints "fio: connected to NBD server" before the JSON.
-  const job = (JSON.parse(output.slice(output.indexOf('{'))) as { jobs: FioJob[] }).jobs[0];
-  if (job === undefined || job.error !== 0) throw new Error(`fio reported an error against ${server.name}`);
+  const job = fioJob(output, `against ${server.name}`);
   const iops = job.read.iops + job.write.iops;
   return workload.unit === 'IOPS' ? iops : (job.read.bw + job.write.bw) / KiB;
 }
@@ -165,7 +98,7 @@ async function main(): Promise<void> {
   requireTool('fio', 'fio');
   requireTool('nbdkit', 'nbdkit');
   const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
-  const dir = fs.mkdtempSync(path.join(base, 'pcache-bench-'));
+  const dir = makeScratch(base, 'pcache-bench-');
   const servers: Server[] = [];
   try {
     const backing = path.join(dir, 'backing.img');
@@ -210,8 +143,8 @@ async function main(): Promise<void> {
     }
     console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
   } finally {
-    for (const server of servers) await stop(server);
-    fs.rmSync(dir, { recursive: true, force: true });
+    for (const server of servers) await stopChild(server.child);
+    removeScratch(dir);
   }
 }
 

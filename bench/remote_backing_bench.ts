@@ -20,14 +20,13 @@
 // fill the log, and GC could evict the warmed range.
 // PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
 
-import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { controlRequest } from '../src/cli/control.js';
 import { median, param, report, smoke } from './harness.js';
+import { fill, fioJob, makeScratch, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -46,7 +45,6 @@ const rampTime = param('0', '1s');
 const delay = '1ms';
 const delayedOps = ['read', 'write', 'zero', 'trim', 'cache', 'extents'];
 const target = 10;
-const cliPath = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 
 interface Workload {
   readonly name: string;
@@ -60,106 +58,17 @@ const workloads: readonly Workload[] = [
 
 type Side = 'pcache' | 'direct';
 
-/** Every child process started here, so that no exit path leaves one running. */
-const children = new Set<ChildProcess>();
-/** The scratch directory on tmpfs, removed on every exit path. */
-let scratch: string | undefined;
-
-function track(child: ChildProcess): ChildProcess {
-  children.add(child);
-  child.once('exit', () => { children.delete(child); });
-  return child;
-}
-
-function killAll(): void {
-  for (const child of children) child.kill('SIGKILL');
-}
-
-process.once('exit', killAll);
-for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-  process.once(signal, () => {
-    // pcache serve's supervisor stops its server child when its IPC channel closes.
-    killAll();
-    if (scratch !== undefined) fs.rmSync(scratch, { recursive: true, force: true });
-    process.exit(128 + os.constants.signals[signal]);
-  });
-}
-
-function requireTool(command: string, debianPackage: string): void {
-  if (spawnSync('sh', ['-c', `command -v ${command}`]).status !== 0) {
-    throw new Error(`${command} is not installed: install the Debian package ${debianPackage}`);
-  }
-}
-
-function run(command: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    track(execFile(command, args, { maxBuffer: 64 * MiB, encoding: 'utf8', timeout: 600_000 }, (error, stdout, stderr) => {
-      if (error !== null) reject(new Error(`${command} failed: ${stderr || error.message}`));
-      else resolve(stdout);
-    }));
-  });
-}
-
-function version(command: string, args: string[]): string {
-  return spawnSync(command, args, { encoding: 'utf8' }).stdout.split('\n')[0]?.trim() ?? '?';
-}
-
-/** Writes `bytes` of pseudo-random data (a random MiB, varied per MiB) or of zeroes. */
-function fill(file: string, bytes: number, random: boolean): void {
-  const block = random ? randomBytes(MiB) : Buffer.alloc(MiB);
-  const fd = fs.openSync(file, 'w');
-  for (let offset = 0; offset < bytes; offset += MiB) {
-    if (random) block.writeUInt32LE(offset / MiB, 0);
-    fs.writeSync(fd, block, 0, Math.min(MiB, bytes - offset), offset);
-  }
-  fs.closeSync(fd);
-}
-
-async function waitUntilReady(what: string, child: ChildProcess, ready: () => boolean): Promise<void> {
-  for (let attempt = 0; attempt < 1000; attempt++) {
-    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
-    if (ready()) return;
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-  throw new Error(`${what} did not start listening`);
-}
-
 /** The delayed store: `nbdkit --filter=delay file`, ready once it has written its pid file. */
 async function startNbdkit(dir: string, backing: string): Promise<{ socket: string; child: ChildProcess }> {
   const socket = path.join(dir, 'nbdkit.sock');
-  const pidFile = path.join(dir, 'nbdkit.pid');
-  const child = track(spawn('nbdkit', [
-    '-U', socket, '-P', pidFile, '-f', '--exit-with-parent', '--filter=delay', 'file', `file=${backing}`,
-    ...delayedOps.map((op) => `delay-${op}=${delay}`),
-  ], { stdio: ['ignore', 'ignore', 'inherit'], cwd: dir }));
-  await waitUntilReady('nbdkit', child, () => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '');
-  return { socket, child };
+  const args = ['-f', '--exit-with-parent', '--filter=delay', 'file', `file=${backing}`, ...delayedOps.map((op) => `delay-${op}=${delay}`)];
+  return { socket, child: await startNbdkitServer(dir, socket, args) };
 }
 
 /** `pcache serve` through the real CLI, ready once it printed "serving ...". */
 async function startPcache(dir: string, args: string[]): Promise<{ socket: string; child: ChildProcess }> {
   const socket = path.join(dir, 'pcache.sock');
-  const child = track(spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir }));
-  let printed = '';
-  child.stdout?.setEncoding('utf8').on('data', (chunk: string) => { printed += chunk; });
-  await waitUntilReady('pcache serve', child, () => printed.startsWith('serving '));
-  return { socket, child };
-}
-
-/** SIGTERM, then SIGKILL if it has not exited within 30 s. */
-async function stop(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise((resolve) => child.once('exit', resolve));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
-  await exited;
-  clearTimeout(timer);
-}
-
-interface FioJob {
-  read: { iops: number };
-  write: { iops: number };
-  error: number;
+  return { socket, child: await startPcacheServe('pcache serve', dir, socket, args) };
 }
 
 interface FioRun {
@@ -180,9 +89,7 @@ async function fio(socket: string, job: FioRun): Promise<number> {
     ...(job.timed ? ['--time_based', `--runtime=${runtime}`, `--ramp_time=${rampTime}`] : []),
     '--norandommap', '--randrepeat=0', '--output-format=json',
   ]);
-  // The nbd engine prints "fio: connected to NBD server" before the JSON.
-  const result = (JSON.parse(output.slice(output.indexOf('{'))) as { jobs: FioJob[] }).jobs[0];
-  if (result === undefined || result.error !== 0) throw new Error(`fio reported an error (${job.rw} on ${socket})`);
+  const result = fioJob(output, `${job.rw} on ${socket}`);
   return result.read.iops + result.write.iops;
 }
 
@@ -211,8 +118,7 @@ async function main(): Promise<void> {
   requireTool('fio', 'fio');
   requireTool('nbdkit', 'nbdkit');
   const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
-  const dir = fs.mkdtempSync(path.join(base, 'pcache-bench-remote-'));
-  scratch = dir;
+  const dir = makeScratch(base, 'pcache-bench-remote-');
   const started: ChildProcess[] = [];
   try {
     const backing = path.join(dir, 'backing.img');
@@ -279,8 +185,8 @@ async function main(): Promise<void> {
     console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
   } finally {
     // pcache first: it holds connections to nbdkit.
-    for (const child of started.reverse()) await stop(child);
-    fs.rmSync(dir, { recursive: true, force: true });
+    for (const child of started.reverse()) await stopChild(child);
+    removeScratch(dir);
   }
 }
 

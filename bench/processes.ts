@@ -1,0 +1,136 @@
+// What the NBD benchmarks share about other processes: checking a tool is installed, running a
+// command for its output, starting `pcache serve` and waiting until it listens, stopping a
+// child, filling a test file, and parsing fio's JSON. Every child started through here is
+// tracked and killed if the benchmark exits early (an error, Ctrl-C), so no run leaves a server
+// behind.
+
+import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const MiB = 1024 * 1024;
+const cliPath = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+
+/** Every child process started here that has not exited yet. */
+const children = new Set<ChildProcess>();
+/** Directories removed when the benchmark is interrupted. */
+const scratchDirs = new Set<string>();
+
+/** Keeps `child` in the set killed on an early exit; returns it. */
+export function track<T extends ChildProcess>(child: T): T {
+  children.add(child);
+  child.once('exit', () => { children.delete(child); });
+  return child;
+}
+
+function killAll(): void {
+  for (const child of children) child.kill('SIGKILL');
+}
+
+process.once('exit', killAll);
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    // pcache serve's supervisor stops its server child when its IPC channel closes.
+    killAll();
+    for (const dir of scratchDirs) fs.rmSync(dir, { recursive: true, force: true });
+    process.exit(128 + os.constants.signals[signal]);
+  });
+}
+
+/** A scratch directory under `parent`, removed by `removeScratch` or on Ctrl-C. */
+export function makeScratch(parent: string, prefix: string): string {
+  const dir = fs.mkdtempSync(path.join(parent, prefix));
+  scratchDirs.add(dir);
+  return dir;
+}
+
+export function removeScratch(dir: string): void {
+  fs.rmSync(dir, { recursive: true, force: true });
+  scratchDirs.delete(dir);
+}
+
+export function requireTool(command: string, debianPackage: string): void {
+  if (spawnSync('sh', ['-c', `command -v ${command}`]).status !== 0) {
+    throw new Error(`${command} is not installed: install the Debian package ${debianPackage}`);
+  }
+}
+
+/** Runs `command args` to completion and returns its standard output. */
+export function run(command: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    track(execFile(command, args, { maxBuffer: 64 * MiB, encoding: 'utf8', timeout: 600_000 }, (error, stdout, stderr) => {
+      if (error !== null) reject(new Error(`${command} failed: ${stderr || error.message}`));
+      else resolve(stdout);
+    }));
+  });
+}
+
+/** The first line `command args` prints (a version string). */
+export function version(command: string, args: string[]): string {
+  return spawnSync(command, args, { encoding: 'utf8' }).stdout.split('\n')[0]?.trim() ?? '?';
+}
+
+/** Writes `bytes` of pseudo-random data (a random MiB, varied per MiB) or of zeroes. */
+export function fill(file: string, bytes: number, random: boolean): void {
+  const block = random ? randomBytes(MiB) : Buffer.alloc(MiB);
+  const fd = fs.openSync(file, 'w');
+  for (let offset = 0; offset < bytes; offset += MiB) {
+    if (random) block.writeUInt32LE(offset / MiB, 0);
+    fs.writeSync(fd, block, 0, Math.min(MiB, bytes - offset), offset);
+  }
+  fs.closeSync(fd);
+}
+
+/** Waits until `ready()` holds (a server printed its line, or wrote its pid file). */
+export async function waitUntilReady(what: string, child: ChildProcess, ready: () => boolean): Promise<void> {
+  for (let attempt = 0; attempt < 1000; attempt++) {
+    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`);
+    if (ready()) return;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  throw new Error(`${what} did not start listening`);
+}
+
+/** Starts `pcache serve args --socket socket` (logging warnings only) and waits until it serves. */
+export async function startPcacheServe(what: string, dir: string, socket: string, args: readonly string[]): Promise<ChildProcess> {
+  const child = track(spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir }));
+  let printed = '';
+  child.stdout.setEncoding('utf8').on('data', (chunk: string) => { printed += chunk; });
+  await waitUntilReady(what, child, () => printed.startsWith('serving '));
+  return child;
+}
+
+/** Starts `nbdkit -U socket ...args` and waits until it accepts connections (it writes its pid file then). */
+export async function startNbdkitServer(dir: string, socket: string, args: readonly string[]): Promise<ChildProcess> {
+  const pidFile = path.join(dir, `${path.basename(socket)}.pid`);
+  const child = track(spawn('nbdkit', ['-U', socket, '-P', pidFile, ...args], { stdio: ['ignore', 'ignore', 'inherit'], cwd: dir }));
+  await waitUntilReady('nbdkit', child, () => fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== '');
+  return child;
+}
+
+/** SIGTERM, then SIGKILL if it has not exited within 30 s. */
+export async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+  await exited;
+  clearTimeout(timer);
+}
+
+export interface FioJob {
+  read: { iops: number; bw: number };
+  write: { iops: number; bw: number };
+  error: number;
+}
+
+/** The one job of fio's `--output-format=json` output; an error of fio's is thrown. */
+export function fioJob(output: string, what: string): FioJob {
+  // The nbd engine prints "fio: connected to NBD server" before the JSON.
+  const job = (JSON.parse(output.slice(output.indexOf('{'))) as { jobs: FioJob[] }).jobs[0];
+  if (job === undefined || job.error !== 0) throw new Error(`fio reported an error (${what})`);
+  return job;
+}
