@@ -15,7 +15,8 @@ import type { BlockDevice } from '../device/block_device.js';
 import { cacheInfoFlags, type CacheInfo } from '../ondisk/cache_info.js';
 import { gcPercentMax } from '../ondisk/layout.js';
 import { uuidToString } from '../ondisk/superblock.js';
-import { buildCore, defaultTuning, tuningProblem, type CacheCore, type CacheStats, type CacheTuning } from './cache_core.js';
+import { buildCore, type CacheCore, type CacheStats } from './cache_core.js';
+import { defaultTuning, tuningProblem, type CacheTuning } from './cache_tuning.js';
 import { checkCacheDevice } from './cache_check.js';
 import { formatCacheDevice, probeDevice, readCacheMetadata, type CacheMetadata, type FormatOptions } from './cache_dev.js';
 import { Gc } from './cache_gc.js';
@@ -28,7 +29,7 @@ import { segmentKindFree } from './cache_segment.js';
 import { Writeback } from './cache_writeback.js';
 
 export type { FormatOptions } from './cache_dev.js';
-export { defaultTuning, eagerWriteback, type CacheTuning } from './cache_core.js';
+export { defaultTuning, eagerWriteback, type CacheTuning } from './cache_tuning.js';
 
 export interface CacheOpenOptions {
   readonly cacheDevice: BlockDevice;

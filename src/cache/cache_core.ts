@@ -14,6 +14,7 @@ import { PcacheError, isPcacheError } from '../lib/errors.js';
 import type { Timers } from '../lib/timers.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { CacheDev, type CacheMetadata } from './cache_dev.js';
+import type { CacheTuning } from './cache_tuning.js';
 import type { KsetLog, LogPos } from './cache_kset.js';
 import { SegmentTable } from './cache_segment.js';
 import { KeyIndex } from './cache_tree.js';
@@ -62,52 +63,6 @@ export function newStats(): CacheStats {
 }
 
 export type CacheState = 'running' | 'stopping' | 'stopped';
-
-/** Runtime knobs of an open cache (not stored on disk; `Cache.setTuning` changes them). */
-export interface CacheTuning {
-  /** How long a write may be held (no free space, or the backing device offline at the dirty high-water mark) before it fails with ETIMEDOUT; 0 holds it until it can go on. */
-  readonly spaceWaitTimeoutMs: number;
-  /** While the backing device is offline, writes are held once dirty data reaches this percentage of the cache's data capacity. */
-  readonly dirtyHighWaterPercent: number;
-  /** Writeback failing without a break for this long marks the backing device offline (ENODEV marks it at once). */
-  readonly backingOfflineAfterMs: number;
-  /** Writeback starts when dirty data reaches this percentage of the cache's data capacity... */
-  readonly writebackStartPercent: number;
-  /** ...and once started goes on until dirty data is down to this percentage. 0 and 0: write back at once, always. */
-  readonly writebackStopPercent: number;
-  /** After this long without a client write, everything dirty is written back. */
-  readonly writebackIdleMs: number;
-  /** Data dirty for longer than this is written back even while clients keep writing. */
-  readonly writebackMaxAgeMs: number;
-}
-
-export const defaultTuning: CacheTuning = {
-  spaceWaitTimeoutMs: 0,
-  dirtyHighWaterPercent: 75,
-  backingOfflineAfterMs: 10_000,
-  writebackStartPercent: 50,
-  writebackStopPercent: 40,
-  writebackIdleMs: 1000,
-  writebackMaxAgeMs: 30_000,
-};
-
-/** Writeback as soon as anything is dirty (tests that watch writeback happen). */
-export const eagerWriteback: Partial<CacheTuning> = { writebackStartPercent: 0, writebackStopPercent: 0 };
-
-/** Why a tuning is unacceptable, or undefined. */
-export function tuningProblem(tuning: CacheTuning): string | undefined {
-  const percent = (name: keyof CacheTuning, max: number): string | undefined => {
-    const value = tuning[name];
-    return Number.isInteger(value) && value >= 0 && value <= max ? undefined : `${name} must be an integer from 0 to ${max}, got ${value}`;
-  };
-  const duration = (name: keyof CacheTuning): string | undefined => {
-    const value = tuning[name];
-    return Number.isSafeInteger(value) && value >= 0 ? undefined : `${name} must be a whole number of milliseconds, got ${value}`;
-  };
-  return percent('dirtyHighWaterPercent', 100) ?? percent('writebackStartPercent', 100) ?? percent('writebackStopPercent', 100) ??
-    (tuning.writebackStopPercent > tuning.writebackStartPercent ? 'writebackStopPercent must not exceed writebackStartPercent' : undefined) ??
-    duration('spaceWaitTimeoutMs') ?? duration('backingOfflineAfterMs') ?? duration('writebackIdleMs') ?? duration('writebackMaxAgeMs');
-}
 
 export interface CoreOptions {
   readonly dataCrc: boolean;

@@ -13,6 +13,7 @@
 
 import type { Cache, CacheTuning } from '../cache/cache.js';
 import { PcacheError } from '../lib/errors.js';
+import { defaultTuning } from '../cache/cache_tuning.js';
 import { gcPercentDefault, gcPercentMax } from '../ondisk/layout.js';
 
 /**
@@ -29,25 +30,20 @@ export interface Knob {
   readonly min: number;
   readonly max: number;
   readonly persisted: boolean;
-  /**
-   * The value a server starts with: gcPercentDefault for a fresh cache, defaultTuning
-   * (src/cache/cache_core.ts) for the others. Kept here, so that the command line can check
-   * `serve --tuning` without loading the engine; test/ops/settings.test.ts compares them with
-   * what a fresh server lists.
-   */
+  /** The value a server starts with: gcPercentDefault for a fresh cache, defaultTuning for the others. */
   readonly defaultValue: number;
   readonly help: string;
 }
 
 export const knobs: readonly Knob[] = [
   { name: 'gc_percent', field: undefined, unit: 'percent', min: 0, max: gcPercentMax, persisted: true, defaultValue: gcPercentDefault, help: 'GC starts when this % of segments are in use (stored in the cache)' },
-  { name: 'writeback_start_percent', field: 'writebackStartPercent', unit: 'percent', min: 0, max: 100, persisted: false, defaultValue: 50, help: 'writeback starts when dirty data reaches this % of the cache' },
-  { name: 'writeback_stop_percent', field: 'writebackStopPercent', unit: 'percent', min: 0, max: 100, persisted: false, defaultValue: 40, help: '...and goes on until dirty data is down to this % (<= start)' },
-  { name: 'writeback_idle_ms', field: 'writebackIdleMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: 1000, help: 'after this long without client writes, everything dirty is written back' },
-  { name: 'writeback_max_age_ms', field: 'writebackMaxAgeMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: 30_000, help: 'data dirty longer than this is written back even under load' },
-  { name: 'dirty_high_water_percent', field: 'dirtyHighWaterPercent', unit: 'percent', min: 0, max: 100, persisted: false, defaultValue: 75, help: 'backing offline: writes are held once dirty data reaches this % of the cache' },
-  { name: 'backing_offline_after_ms', field: 'backingOfflineAfterMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: 10_000, help: 'writeback failing this long marks the backing device offline' },
-  { name: 'space_wait_timeout_ms', field: 'spaceWaitTimeoutMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: 0, help: 'a held write fails with ETIMEDOUT after this long; 0 holds it forever' },
+  { name: 'writeback_start_percent', field: 'writebackStartPercent', unit: 'percent', min: 0, max: 100, persisted: false, defaultValue: defaultTuning.writebackStartPercent, help: 'writeback starts when dirty data reaches this % of the cache' },
+  { name: 'writeback_stop_percent', field: 'writebackStopPercent', unit: 'percent', min: 0, max: 100, persisted: false, defaultValue: defaultTuning.writebackStopPercent, help: '...and goes on until dirty data is down to this % (<= start)' },
+  { name: 'writeback_idle_ms', field: 'writebackIdleMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.writebackIdleMs, help: 'after this long without client writes, everything dirty is written back' },
+  { name: 'writeback_max_age_ms', field: 'writebackMaxAgeMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.writebackMaxAgeMs, help: 'data dirty longer than this is written back even under load' },
+  { name: 'dirty_high_water_percent', field: 'dirtyHighWaterPercent', unit: 'percent', min: 0, max: 100, persisted: false, defaultValue: defaultTuning.dirtyHighWaterPercent, help: 'backing offline: writes are held once dirty data reaches this % of the cache' },
+  { name: 'backing_offline_after_ms', field: 'backingOfflineAfterMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.backingOfflineAfterMs, help: 'writeback failing this long marks the backing device offline' },
+  { name: 'space_wait_timeout_ms', field: 'spaceWaitTimeoutMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.spaceWaitTimeoutMs, help: 'a held write fails with ETIMEDOUT after this long; 0 holds it forever' },
 ];
 
 export const knobNames: readonly string[] = knobs.map((knob) => knob.name);
