@@ -89,6 +89,15 @@ async function drainWhileAsking(t: TestContext, control: string): Promise<DrainR
   return { drain, samples, maxMs, facts };
 }
 
+/** A sparse backing file of `bytes` in `dir`, served by nbdkit through its rate filter at `rate` bits/s. */
+async function rateLimitedBacking(t: TestContext, dir: string, bytes: number, rate: string): Promise<{ backing: string; kit: Nbdkit }> {
+  const backing = path.join(dir, 'backing.img');
+  fs.writeFileSync(backing, '');
+  fs.truncateSync(backing, bytes);
+  const kit = await Nbdkit.start(t, { plugin: 'file', args: [`file=${backing}`, `rate=${rate}`], filters: ['rate'] });
+  return { backing, kit };
+}
+
 describe('drain of a large dirty set', () => {
   it('status answers in under 100 ms throughout the drain of 1 GiB; --progress shows bytes left, rate and time left', async (t) => {
     requireTool('nbdcopy', 'libnbd-bin');
@@ -96,12 +105,9 @@ describe('drain of a large dirty set', () => {
     const dataBytes = 1 * GiB;
     // The data, the backing file and the cache (written up to a little over the data).
     const dir = scratchDir(t, 3.5 * GiB, 'pcache-drain-');
-    const backing = path.join(dir, 'backing.img');
-    fs.writeFileSync(backing, '');
-    fs.truncateSync(backing, dataBytes);
     // The backing file behind a server at 200 MB/s (1600 Mbit/s, after the rate filter's 2 s
     // burst), as a real disk would be: a drain to a file in memory can take under a second.
-    const kit = await Nbdkit.start(t, { plugin: 'file', args: [`file=${backing}`, 'rate=1600M'], filters: ['rate'] });
+    const { backing, kit } = await rateLimitedBacking(t, dir, dataBytes, '1600M');
     const rig = await dirtyRig(t, dir, kit.uri, '2G', dataBytes);
 
     let run = await drainWhileAsking(t, rig.control);
@@ -147,12 +153,9 @@ describe('drain of a large dirty set', () => {
     requireTool('nbdkit', 'nbdkit');
     const dataBytes = 256 * MiB;
     const dir = scratchDir(t, 1 * GiB, 'pcache-drain-int-');
-    const backing = path.join(dir, 'backing.img');
-    fs.writeFileSync(backing, '');
-    fs.truncateSync(backing, dataBytes);
     // A backing server at 50 MB/s (400 Mbit/s; plus the rate filter's 2 s burst): the drain
     // takes a few seconds, whatever the speed of this machine.
-    const kit = await Nbdkit.start(t, { plugin: 'file', args: [`file=${backing}`, 'rate=400M'], filters: ['rate'] });
+    const { backing, kit } = await rateLimitedBacking(t, dir, dataBytes, '400M');
     const rig = await dirtyRig(t, dir, kit.uri, '512M', dataBytes);
 
     const drain = startCli(t, ['drain', '--control', rig.control, '--progress']);
