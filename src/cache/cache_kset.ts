@@ -4,6 +4,9 @@
 // order is the index's order and replay rebuilds exactly the index that was acknowledged.
 // A kset is sealed when it holds 128 keys, about a second after its first key, on FUA (the
 // key's kset) and on flush (with EPOCH_END). One committer writes sealed ksets at key_head.
+// Ksets sealed because they are full wait until ksetCommitBatch of them are sealed (or about a
+// second): each commit costs two device syncs, and nobody waits for these ksets to be durable.
+// Anything that waits (flush, FUA, a writer short of room or space) starts the committer at once.
 //
 // The ordering rule (DESIGN.md §2): a kset must never become durable before the data its keys
 // point at. pcache syncs the data first (two-phase commit): the committer loop is
@@ -37,6 +40,8 @@ export interface LogPos {
 }
 
 export const ksetCloseDelayMs = 1000;
+/** Full ksets are committed in batches of this many (or after ksetCloseDelayMs), unless someone waits. */
+export const ksetCommitBatch = 8;
 /** Sealed ksets waiting for the committer; writers wait when the queue is this long. */
 export const sealedKsetsMax = 32;
 /** A kset's bytes plus the zeroed header written after it. */
@@ -60,6 +65,8 @@ export class KsetLog {
   private open = new Uint8Array(ksetBufferBytes);
   private openCount = 0;
   private openTimer: TimerHandle | undefined;
+  /** Armed while full ksets wait for a batch (kickWhenBatched). */
+  private commitTimer: TimerHandle | undefined;
   private sealed: SealedKset[] = [];
   /** Seq the open kset will carry when sealed. */
   private nextSeq = 1;
@@ -119,7 +126,7 @@ export class KsetLog {
     }
     if (this.openCount === ksetKeysMax) {
       this.seal(false);
-      this.kick();
+      this.kickWhenBatched();
     }
     return seq;
   }
@@ -159,10 +166,12 @@ export class KsetLog {
     return this.waitDurable(seq);
   }
 
-  /** Stops the kset timer; what is sealed stays queued. */
+  /** Stops the kset timers; what is sealed stays queued. */
   stop(): void {
     this.openTimer?.cancel();
     this.openTimer = undefined;
+    this.commitTimer?.cancel();
+    this.commitTimer = undefined;
   }
 
   /** Rejects everyone waiting after the cache failed or shut down. */
@@ -198,15 +207,40 @@ export class KsetLog {
     this.committer.kick();
   }
 
+  /**
+   * Starts the committer once a batch of ksets is sealed; until then a timer makes sure that
+   * what is sealed is committed within about a second even if no more keys come.
+   */
+  private kickWhenBatched(): void {
+    if (this.sealed.length >= ksetCommitBatch || this.roomWaiters.length > 0) {
+      this.kick();
+      return;
+    }
+    this.commitTimer ??= this.core.timers.after(ksetCloseDelayMs, () => {
+      this.commitTimer = undefined;
+      this.kick();
+    });
+  }
+
+  /** Whether the committer, having written what it was started for, should write more now. */
+  private commitDue(): boolean {
+    return this.sealed.length >= ksetCommitBatch || this.durableWaiters.length > 0 || this.roomWaiters.length > 0;
+  }
+
   private async run(): Promise<void> {
     try {
-      for (;;) {
+      // A run writes what is sealed when it starts; ksets sealed meanwhile join only when
+      // another batch is due (commitDue), otherwise they wait for their batch or timer.
+      for (let first = true; ; first = false) {
         if (this.core.failure !== undefined) throw this.core.failure;
         let batch: SealedKset[] = [];
         let nextSegment: number | undefined;
-        if (this.sealed.length > 0) {
+        if (this.sealed.length > 0 && (first || this.commitDue())) {
+          this.commitTimer?.cancel();
+          this.commitTimer = undefined;
           ({ batch, nextSegment } = await this.planBatch());
         } else if (this.writtenSeq === this.durableSeq) {
+          if (this.sealed.length > 0) this.kickWhenBatched();
           break;
         }
         const coversSeq = this.writtenSeq;
