@@ -1,17 +1,22 @@
-// ReadBufferPool: reuses READ reply buffers instead of allocating one per request.
+// BufferPool: reuses READ reply buffers and WRITE payload buffers instead of allocating one per
+// request.
 //
 // Why: a READ reply is one buffer (reply header, then the data the Export reads straight into
 // it). Allocating it per request costs, for large reads, an mmap, a page fault per 4 KiB on
 // first touch, a munmap, and garbage collections triggered by the external memory — a 1 MiB
 // read at queue depth 1 spent more time there than reading and sending the data (see
-// docs/performance.md, "NBD: pcache vs nbdkit"). Reused buffers are already mapped.
+// docs/performance.md, "NBD: pcache vs nbdkit"). Reused buffers are already mapped. A WRITE
+// payload is copied out of the connection's read buffer into one of these (socket_input.ts).
 //
 // Rules:
-// - Buffers are pooled by exact byte length (header + data), so a reply is always exactly one
-//   whole buffer and the Export's target is exactly the data part of it.
-// - A buffer goes back to the pool only once the socket has handed all of it to the kernel
-//   (its write callback, without error), and only for a successful reply: after a failed Export
-//   call an asynchronous read might still be writing into it, so it is left to the GC.
+// - Buffers are pooled by exact byte length (a READ reply's header + data, a WRITE's data), so
+//   a reply is always exactly one whole buffer and the Export's target is exactly the data
+//   part of it.
+// - A READ buffer goes back to the pool only once the socket has handed all of it to the
+//   kernel (its write callback, without error), and only for a successful reply: after a
+//   failed Export call an asynchronous read might still be writing into it, so it is left to
+//   the GC. A WRITE payload goes back when the Export completed the write successfully (the
+//   Export keeps no reference after that: export.ts); after a failure it is left to the GC.
 // - Reused buffers are not zeroed. The Export contract is to fill the whole target on success;
 //   should an Export break it, stale bytes from an earlier READ of the same export (which any
 //   client may read anyway) would go out, never memory of anything else. One pool per server.
@@ -22,17 +27,17 @@ import { assert } from '../lib/assert.js';
 import { MiB } from '../lib/units.js';
 
 /** Free bytes the pool may keep (on top of the buffers in use, which backpressure bounds). */
-export const readBufferPoolBytesMax = 64 * MiB;
+export const bufferPoolBytesMax = 64 * MiB;
 /** Free buffers of one length the pool may keep. */
-export const readBufferPoolPerSizeMax = 256;
+export const bufferPoolPerSizeMax = 256;
 
-export class ReadBufferPool {
+export class BufferPool {
   private readonly free = new Map<number, Uint8Array[]>();
   private freeBytes = 0;
 
   /** A buffer of exactly `lengthBytes`, reused when one is free (its contents are stale). */
   take(lengthBytes: number): Uint8Array {
-    assert(Number.isSafeInteger(lengthBytes) && lengthBytes > 0, 'read buffer length must be positive');
+    assert(Number.isSafeInteger(lengthBytes) && lengthBytes > 0, 'pooled buffer length must be positive');
     const list = this.free.get(lengthBytes);
     const buffer = list?.pop();
     if (list === undefined || buffer === undefined) return new Uint8Array(lengthBytes);
@@ -45,13 +50,13 @@ export class ReadBufferPool {
   give(buffer: Uint8Array): void {
     assert(buffer.byteOffset === 0 && buffer.byteLength === buffer.buffer.byteLength, 'only whole buffers from take() are pooled');
     const length = buffer.byteLength;
-    if (this.freeBytes + length > readBufferPoolBytesMax) return;
+    if (this.freeBytes + length > bufferPoolBytesMax) return;
     let list = this.free.get(length);
     if (list === undefined) {
       list = [];
       this.free.set(length, list);
     }
-    if (list.length >= readBufferPoolPerSizeMax) return;
+    if (list.length >= bufferPoolPerSizeMax) return;
     list.push(buffer);
     this.freeBytes += length;
   }

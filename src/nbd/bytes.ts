@@ -3,10 +3,11 @@
 //
 // Invariants:
 // - ByteQueue never copies a chunk on arrival; it keeps references and copies only when a
-//   caller asks for bytes that straddle chunks (a header split by the network) or asks for
-//   them to be placed in its own buffer (a WRITE payload that arrives in pieces). A payload
-//   that arrived whole is handed out as a view (takeView): chunks are fresh buffers from the
-//   socket, never reused, so a view stays valid for as long as its holder keeps it.
+//   caller asks for bytes that straddle chunks (a header split by the network), asks for them
+//   to be placed in its own buffer (a WRITE payload), or calls `own()`. A chunk may be a view
+//   of a buffer its producer reuses (the server reads every socket into one buffer): views
+//   returned by `take` are then valid only until the producer's next read, and the producer
+//   calls `own()` before that read so that bytes still queued survive it.
 // - Nothing here allocates a size taken from the wire: callers bounds-check a length before
 //   they ask `take` or `takeInto` for that many bytes. `take` asserts its bound.
 // - 64-bit wire fields become numbers only through readU64BE (src/lib/units.ts), never here.
@@ -15,6 +16,8 @@ import { assert } from '../lib/assert.js';
 
 /** Largest single `take`: one option's data (the handshake caps it far below this). */
 const takeMaxBytes = 1024 * 1024;
+/** Copies up to this many bytes go byte by byte rather than through a subarray view. */
+const smallCopyBytesMax = 64;
 
 export function readU16BE(bytes: Uint8Array, offset: number): number {
   assert(offset + 2 <= bytes.length, 'readU16BE past the end');
@@ -93,16 +96,16 @@ export class ByteQueue {
   }
 
   /**
-   * Removes and returns the first `count` bytes as a view into the received chunk when they
-   * are all there, contiguous; otherwise returns undefined and removes nothing. No bound on
-   * `count` is needed: nothing is allocated (the caller bounds-checked it anyway).
+   * Copies the bytes still queued into one buffer the queue owns, so that the chunks they came
+   * in may be reused. Costs nothing when the queue is empty (the common case: a socket read
+   * that ended on a request boundary).
    */
-  takeView(count: number): Uint8Array | undefined {
-    const first = this.chunks[0];
-    if (count === 0 || first === undefined || first.length - this.headOffset < count) return undefined;
-    const view = first.subarray(this.headOffset, this.headOffset + count);
-    this.consume(count);
-    return view;
+  own(): void {
+    if (this.lengthBytes === 0) return;
+    const owned = new Uint8Array(this.lengthBytes);
+    this.takeInto(owned, 0);
+    this.chunks.push(owned);
+    this.lengthBytes = owned.length;
   }
 
   /**
@@ -116,7 +119,13 @@ export class ByteQueue {
       assert(first !== undefined, 'queue length and chunks disagree');
       const available = first.length - this.headOffset;
       const count = Math.min(available, target.length - from - copied);
-      target.set(first.subarray(this.headOffset, this.headOffset + count), from + copied);
+      if (count <= smallCopyBytesMax) {
+        // A request header: a byte loop beats allocating the view that set() needs.
+        const at = from + copied;
+        for (let index = 0; index < count; index++) target[at + index] = first[this.headOffset + index] ?? 0;
+      } else {
+        target.set(first.subarray(this.headOffset, this.headOffset + count), from + copied);
+      }
       this.consume(count);
       copied += count;
     }

@@ -11,13 +11,16 @@
 //   handled, so a client that vanishes mid-reply cannot crash the process.
 // - Requests are dispatched as soon as they are decoded; replies go out in completion order.
 //   Replies produced in one event-loop turn leave in one socket write (cork + uncork).
-// - READ reply buffers come from the server's ReadBufferPool and go back to it only after the
-//   socket has written them out, in write order (buffer_pool.ts says why that is safe).
+// - The socket is read into one buffer reused for every read (socket_input.ts); whatever a
+//   read leaves queued is copied out (ByteQueue.own) before the next one. WRITE payloads are
+//   copied into buffers from the server's pool, which go back to it when the WRITE succeeds.
+// - READ reply buffers come from the same pool and go back to it only after the socket has
+//   written them out, in write order (buffer_pool.ts says why that is safe).
 // - Memory per connection is bounded: reading pauses while in-flight requests, in-flight
 //   bytes (READ buffers, WRITE payloads) or unsent reply bytes exceed their limits, so at most
-//   inFlightBytesMax + maxPayloadBytes is held by requests (a WRITE payload viewed in its socket
-//   chunk is charged the whole chunk: costBytes), plus one partially received WRITE
-//   payload (<= maxPayloadBytes), plus replyBacklogBytesMax of replies, plus one input chunk.
+//   inFlightBytesMax + maxPayloadBytes is held by requests, plus one partially received WRITE
+//   payload (<= maxPayloadBytes), plus replyBacklogBytesMax of replies, plus the read buffer
+//   and what one read left queued.
 // - An Export failure that is a PcacheError becomes an NBD error reply (nbdErrnoOf); anything
 //   else is a programmer error and is rethrown outside every handler, crashing the process.
 // - With an observer (observer.ts) every answered request is reported once, with numbers only;
@@ -26,12 +29,13 @@
 import type net from 'node:net';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
-import type { ReadBufferPool } from './buffer_pool.js';
+import type { BufferPool } from './buffer_pool.js';
 import type { ByteQueue } from './bytes.js';
 import type { BlockStatusExtent, Export } from './export.js';
 import { Handshake, type HandshakeConfig, type Negotiated } from './handshake.js';
+import { startReading } from './socket_input.js';
 import type { NbdRequestObserver } from './observer.js';
-import { Command, CommandFlag, NbdErrno, TransmissionFlag } from './protocol.js';
+import { Command, CommandFlag, NbdErrno, simpleReplyBytes, TransmissionFlag } from './protocol.js';
 import {
   blockStatusChunk,
   errorReply,
@@ -39,7 +43,7 @@ import {
   noneChunk,
   readReplyPrefixBytes,
   RequestDecoder,
-  simpleReply,
+  writeSimpleReply,
   type TransmissionContext,
   writeReadReplyPrefix,
   nbdErrnoOf,
@@ -75,8 +79,8 @@ export interface ConnectionHost {
   readonly limits: ConnectionLimits;
   readonly counters: NbdCounters;
   readonly shuttingDown: boolean;
-  /** Where READ reply buffers come from and go back to. */
-  readonly readBuffers: ReadBufferPool;
+  /** Where READ reply buffers and WRITE payload buffers come from and go back to. */
+  readonly buffers: BufferPool;
   /** Told about every answered request, when metrics are on (observer.ts); undefined costs nothing. */
   readonly observer: NbdRequestObserver | undefined;
   /** Called once, when the socket has closed and no Export call is in flight. */
@@ -109,6 +113,10 @@ export class Connection {
   private socketClosed = false;
   private finishedReported = false;
 
+  /** Small replies of this turn, back to back (queue). */
+  private readonly staged = new Uint8Array(stagingBytes);
+  private stagedBytes = 0;
+  /** Replies of this turn in order: closed staged runs, large replies, pooled READ buffers. */
   private readonly outbox: Uint8Array[] = [];
   /** Parallel to outbox: whether the entry is a pooled READ buffer to give back once written. */
   private readonly outboxPooled: boolean[] = [];
@@ -123,14 +131,20 @@ export class Connection {
     this.flushScheduled = false;
     this.flushOutbox();
   };
+  private readonly takePayload = (lengthBytes: number): Uint8Array => this.host.buffers.take(lengthBytes);
   private readonly writtenBound = (error: Error | null | undefined): void => {
     const buffer = this.written.shift();
     // After an error the socket is gone; the buffer is simply left to the GC.
-    if (buffer !== undefined && (error === null || error === undefined)) this.host.readBuffers.give(buffer);
+    if (buffer !== undefined && (error === null || error === undefined)) this.host.buffers.give(buffer);
   };
 
-  constructor(socket: net.Socket, host: ConnectionHost) {
+  /** Bytes arrive in a buffer reused by the next read (socket_input.ts). */
+  private readonly inputReused: boolean;
+
+  constructor(accepted: net.Socket, host: ConnectionHost) {
+    const { socket, reused } = startReading(accepted, (bytes) => { this.onData(bytes); });
     this.socket = socket;
+    this.inputReused = reused;
     this.host = host;
     this.exp = host.export;
     this.observer = host.observer;
@@ -138,7 +152,6 @@ export class Connection {
     this.input = this.handshake.input;
     host.counters.connectionsTotal += 1;
 
-    socket.on('data', (chunk: Buffer) => { this.onData(chunk); });
     socket.on('end', () => { this.stopReading(); });
     socket.on('drain', () => { this.maybeResume(); });
     // Errors (ECONNRESET, EPIPE) are expected from hostile or vanished clients; 'close' follows.
@@ -167,17 +180,21 @@ export class Connection {
     this.socket.destroy();
   }
 
-  private onData(chunk: Buffer): void {
+  private onData(chunk: Uint8Array): void {
     if (this.inputEnded) return;
     if (this.phase === 'transmission') {
       this.input.push(chunk);
       this.pump();
+      // The next read reuses the buffer: keep what this one left (usually nothing, or part
+      // of a request header; everything queued while reading is paused).
+      if (this.inputReused) this.input.own();
       return;
     }
     const handshake = this.handshake;
     assert(handshake !== undefined, 'handshake phase without a handshake');
     const replies: Uint8Array[] = [];
-    const verdict = handshake.push(chunk, replies);
+    // Negotiation is a few small messages: a copy keeps the handshake codec free of the rule.
+    const verdict = handshake.push(this.inputReused ? chunk.slice() : chunk, replies);
     for (const reply of replies) this.queue(reply);
     switch (verdict.kind) {
       case 'negotiating':
@@ -209,7 +226,7 @@ export class Connection {
       baseAllocationContextId: negotiated.baseAllocationContextId,
       shuttingDown: this.host.shuttingDown,
     };
-    this.decoder = new RequestDecoder(this.input, this.context);
+    this.decoder = new RequestDecoder(this.input, this.context, this.takePayload);
   }
 
   /** Decodes and dispatches queued requests until the input runs dry or a limit is reached. */
@@ -257,7 +274,8 @@ export class Connection {
     if (request.lengthBytes === 0 && request.type !== Command.flush) {
       // Zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE: nothing to do, and no Export method is
       // asked to handle an empty range (BLOCK_STATUS of zero bytes was refused above).
-      this.queue(request.type === Command.read && this.structuredReplies ? noneChunk(request) : simpleReply(NbdErrno.ok, request));
+      if (request.type === Command.read && this.structuredReplies) this.queue(noneChunk(request));
+      else this.queueSimpleReply(NbdErrno.ok, request);
       observer?.requestAnswered(request.type, 0, 0, false);
       return;
     }
@@ -266,7 +284,7 @@ export class Connection {
     if (request.type === Command.read) {
       // One buffer for the reply prefix and the data: the Export reads straight into it and the
       // data is never copied again. Reused from the pool (not zeroed: see buffer_pool.ts).
-      readBuffer = this.host.readBuffers.take(readReplyPrefixBytes(this.structuredReplies) + request.lengthBytes);
+      readBuffer = this.host.buffers.take(readReplyPrefixBytes(this.structuredReplies) + request.lengthBytes);
     }
     this.inFlightCount += 1;
     this.inFlightBytes += costBytes(request);
@@ -332,7 +350,10 @@ export class Connection {
       assert(Array.isArray(value), 'blockStatus must return an array of extents');
       this.queue(blockStatusChunk(request, this.contextId, value as BlockStatusExtent[]));
     } else {
-      this.queue(simpleReply(NbdErrno.ok, request));
+      // The Export is done with a successful WRITE's payload (export.ts): reuse it. After a
+      // failure it is left to the GC, as an asynchronous device might still read from it.
+      if (request.payload !== undefined && request.payload.length > 0) this.host.buffers.give(request.payload);
+      this.queueSimpleReply(NbdErrno.ok, request);
     }
     this.observer?.requestAnswered(request.type, request.lengthBytes, performance.now() - request.dispatchedMs, error !== undefined);
     this.maybeResume();
@@ -419,73 +440,86 @@ export class Connection {
     this.writeEnded = true;
     this.inputEnded = true;
     this.input.clear();
-    this.outbox.length = 0;
-    this.outboxPooled.length = 0;
-    this.outboxBytes = 0;
+    this.dropOutbox();
     clearTimeout(this.handshakeTimer);
     clearTimeout(this.graceTimer);
     this.maybeFinish();
   }
 
-  /** Adds a reply to this turn's batch; the batch is written once, after the turn. */
+  /**
+   * Adds a reply to this turn's batch; the batch is written once, after the turn. Small
+   * replies (WRITE, FLUSH and TRIM acknowledgements, errors, handshake answers) are copied
+   * into the staging buffer, so a turn's acknowledgements leave as one buffer: each
+   * socket.write costs far more in the stream machinery than copying 16 bytes. Order is kept:
+   * a large or pooled entry first closes the staged run before it.
+   */
   private queue(bytes: Uint8Array, pooled = false): void {
     if (this.writeEnded) return;
-    this.outbox.push(bytes);
-    this.outboxPooled.push(pooled);
+    if (!pooled && bytes.length <= stageReplyBytesMax) {
+      this.stage(bytes.length).set(bytes, this.stagedBytes);
+      this.stagedBytes += bytes.length;
+    } else {
+      this.closeStaged();
+      this.outbox.push(bytes);
+      this.outboxPooled.push(pooled);
+    }
     this.outboxBytes += bytes.length;
+    this.scheduleFlush();
+  }
+
+  /** queue() for a simple reply, encoded straight into the staging buffer. */
+  private queueSimpleReply(errno: number, request: NbdRequest): void {
+    if (this.writeEnded) return;
+    writeSimpleReply(this.stage(simpleReplyBytes), this.stagedBytes, errno, request);
+    this.stagedBytes += simpleReplyBytes;
+    this.outboxBytes += simpleReplyBytes;
+    this.scheduleFlush();
+  }
+
+  /** The staging buffer, with room for `lengthBytes` more at stagedBytes. */
+  private stage(lengthBytes: number): Uint8Array {
+    if (this.stagedBytes + lengthBytes > this.staged.length) this.closeStaged();
+    return this.staged;
+  }
+
+  /** Moves the staged run into the outbox as a buffer of its own (the socket may keep it). */
+  private closeStaged(): void {
+    const length = this.stagedBytes;
+    if (length === 0) return;
+    const run = Buffer.allocUnsafe(length);
+    run.set(this.staged.subarray(0, length));
+    this.outbox.push(run);
+    this.outboxPooled.push(false);
+    this.stagedBytes = 0;
+  }
+
+  private scheduleFlush(): void {
     if (!this.flushScheduled) {
       this.flushScheduled = true;
       setImmediate(this.flushBound);
     }
   }
 
-  /** outbox[from..to) as one buffer (the entry itself when there is only one). */
-  private joined(from: number, to: number, lengthBytes: number): Uint8Array {
-    const only = this.outbox[from];
-    if (to - from === 1 && only !== undefined) return only;
-    const out = Buffer.allocUnsafe(lengthBytes);
-    let at = 0;
-    for (let index = from; index < to; index++) {
-      const bytes = this.outbox[index] as Uint8Array;
-      out.set(bytes, at);
-      at += bytes.length;
-    }
-    return out;
+  private dropOutbox(): void {
+    this.outbox.length = 0;
+    this.outboxPooled.length = 0;
+    this.outboxBytes = 0;
+    this.stagedBytes = 0;
   }
 
   private flushOutbox(): void {
+    this.closeStaged();
     const count = this.outbox.length;
     if (count === 0) return;
     if (this.socketClosed || this.writeEnded || this.socket.destroyed) {
-      this.outbox.length = 0;
-      this.outboxPooled.length = 0;
-      this.outboxBytes = 0;
+      this.dropOutbox();
       return;
     }
     this.host.counters.replyBatchesTotal += 1;
-    // Corked writes are handed to the kernel together (one writev) on uncork. Runs of small
-    // replies (WRITE, FLUSH and TRIM acknowledgements, READ reply headers) are first copied
-    // into one buffer: each socket.write costs far more in the stream machinery than copying
-    // 16 bytes, and 32 acknowledgements then leave as one write.
+    // Corked writes are handed to the kernel together (one writev) on uncork.
     if (count > 1) this.socket.cork();
-    let runFrom = 0;
-    let runBytes = 0;
-    for (let index = 0; index <= count; index++) {
-      const bytes = this.outbox[index];
-      const small = bytes !== undefined && this.outboxPooled[index] !== true && bytes.length <= coalesceReplyBytesMax;
-      if (small && runBytes + bytes.length <= coalesceRunBytesMax) {
-        runBytes += bytes.length;
-        continue;
-      }
-      if (index > runFrom) this.socket.write(this.joined(runFrom, index, runBytes));
-      runFrom = index;
-      runBytes = 0;
-      if (bytes === undefined) break;
-      if (small) {
-        runBytes = bytes.length; // starts the next run
-        continue;
-      }
-      runFrom = index + 1;
+    for (let index = 0; index < count; index++) {
+      const bytes = this.outbox[index] as Uint8Array;
       if (this.outboxPooled[index] === true) {
         this.written.push(bytes);
         this.socket.write(bytes, this.writtenBound);
@@ -494,35 +528,25 @@ export class Connection {
       }
     }
     if (count > 1) this.socket.uncork();
-    this.outbox.length = 0;
-    this.outboxPooled.length = 0;
-    this.outboxBytes = 0;
+    this.dropOutbox();
     // Reading may have paused on the outbox; the socket's own backlog takes over from here.
     this.maybeResume();
   }
 }
 
-/** Replies up to this size are copied into one buffer with their neighbours (see flushOutbox)... */
-const coalesceReplyBytesMax = 512;
-/** ...up to this many bytes per buffer. */
-const coalesceRunBytesMax = 64 * 1024;
+/** Replies up to this size are copied into the staging buffer (see queue)... */
+const stageReplyBytesMax = 512;
+/** ...which holds this many bytes; a fuller turn closes a run and starts another. */
+const stagingBytes = 64 * 1024;
 
 /** A promise, or anything else that settles later (an Export may return any PromiseLike). */
 function isThenable(value: unknown): value is PromiseLike<unknown> {
   return typeof value === 'object' && value !== null && typeof (value as { then?: unknown }).then === 'function';
 }
 
-/**
- * Bytes a request holds while in flight: its READ buffer, or the memory its WRITE payload keeps
- * alive. A payload that is a view of the socket chunk it arrived in (transmission.ts) pins the
- * whole chunk, so it is charged the chunk's size: a client sending small writes among large
- * refused ones cannot pin more than inFlightBytesMax of chunks. (Over-counting a chunk shared by
- * several writes only pauses reading a little earlier: 16 writes of 4 KiB in one 64 KiB chunk
- * would be charged 1 MiB of the 64 MiB allowed.)
- */
+/** Bytes a request holds while in flight: its READ buffer or its WRITE payload. */
 function costBytes(request: NbdRequest): number {
-  if (request.type === Command.write) return request.payload?.buffer.byteLength ?? request.lengthBytes;
-  return request.type === Command.read ? request.lengthBytes : 0;
+  return request.type === Command.read || request.type === Command.write ? request.lengthBytes : 0;
 }
 
 /**

@@ -31,6 +31,11 @@ type MaybePromise<T> = T | Promise<T>;
 export interface Export {
   readonly sizeBytes: number;
   read(target: Uint8Array, offsetBytes: number): MaybePromise<void>;
+  /**
+   * `source` is the server's until the call was made and again once it completes
+   * successfully: the server reuses it for a later request, so an Export must not keep a
+   * reference to it past a successful completion (copy what must outlive the call).
+   */
   write(source: Uint8Array, offsetBytes: number, options: WriteOptions): MaybePromise<void>;
   /** Every write completed before this call is durable when it completes. */
   flush(): MaybePromise<void>;

@@ -20,7 +20,7 @@ import net from 'node:net';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
 import { KiB, MiB } from '../lib/units.js';
-import { ReadBufferPool } from './buffer_pool.js';
+import { BufferPool } from './buffer_pool.js';
 import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
 import type { Export } from './export.js';
 import type { HandshakeConfig } from './handshake.js';
@@ -87,8 +87,8 @@ export class NbdServer implements ConnectionHost {
     readPausesTotal: 0,
     protocolViolationsTotal: 0,
   };
-  /** READ reply buffers, shared by all connections (one event loop, so no locking). */
-  readonly readBuffers = new ReadBufferPool();
+  /** READ reply and WRITE payload buffers, shared by all connections (one event loop, so no locking). */
+  readonly buffers = new BufferPool();
   readonly observer: NbdRequestObserver | undefined;
   private readonly options: NbdServerOptions;
   private readonly listener: net.Server;
@@ -116,10 +116,10 @@ export class NbdServer implements ConnectionHost {
     this.limits = limits;
     this.observer = options.observer;
     // allowHalfOpen: a client that shuts down its sending side still gets its replies.
-    this.listener = net.createServer({ allowHalfOpen: true, noDelay: true, keepAlive: true }, (socket) => {
+    // pauseOnConnect: the connection starts reading only once it has chosen how (socket_input.ts).
+    this.listener = net.createServer({ allowHalfOpen: true, noDelay: true, keepAlive: true, pauseOnConnect: true }, (socket) => {
       this.accept(socket);
     });
-    this.listener.maxConnections = limits.connectionsMax;
     // Accept failures (EMFILE and the like) affect one connection attempt, not the server.
     this.listener.on('error', () => undefined);
   }
@@ -191,7 +191,9 @@ export class NbdServer implements ConnectionHost {
   }
 
   private accept(socket: net.Socket): void {
-    if (this.stopping) {
+    // The limit is kept here: net.Server's own count (maxConnections) stops counting a socket
+    // once it has handed its handle over (socket_input.ts).
+    if (this.stopping || this.connections.size >= this.limits.connectionsMax) {
       socket.destroy();
       return;
     }

@@ -158,20 +158,36 @@ export function validateRequest(request: NbdRequest, context: TransmissionContex
 }
 
 /**
+ * Where WRITE payloads go: a buffer of exactly `lengthBytes` that the request owns until it
+ * completes (contents stale; every byte is overwritten before use). The server passes its
+ * buffer pool; the default allocates.
+ */
+export type PayloadAllocator = (lengthBytes: number) => Uint8Array;
+
+const allocatePayload: PayloadAllocator = (lengthBytes) => new Uint8Array(lengthBytes);
+const emptyPayload = new Uint8Array(0);
+
+/**
  * Decodes requests from a ByteQueue, one at a time, in any chunking. Call `next()` until it
  * returns undefined (more bytes needed); push more bytes into the queue and call again.
+ * Nothing a request holds refers to the queue's chunks: headers are decoded from a scratch
+ * copy and WRITE payloads are copied into their own buffers, so the chunks may be reused as
+ * soon as `next()` returns.
  */
 export class RequestDecoder {
   private readonly input: ByteQueue;
   private readonly context: TransmissionContext;
+  private readonly allocate: PayloadAllocator;
+  private readonly header = new Uint8Array(requestHeaderBytes);
   /** A WRITE whose header is decoded and whose payload is still arriving. */
   private pending: NbdRequest | undefined = undefined;
   private pendingFilledBytes = 0;
   private pendingSkipBytes = 0;
 
-  constructor(input: ByteQueue, context: TransmissionContext) {
+  constructor(input: ByteQueue, context: TransmissionContext, allocate: PayloadAllocator = allocatePayload) {
     this.input = input;
     this.context = context;
+    this.allocate = allocate;
   }
 
   /** Bytes of WRITE payload buffered for the request still being received. */
@@ -186,21 +202,14 @@ export class RequestDecoder {
   next(): NbdRequest | undefined {
     if (this.pending === undefined) {
       if (this.input.length < requestHeaderBytes) return undefined;
-      const request = this.decodeHeader(this.input.take(requestHeaderBytes));
+      this.input.takeInto(this.header, 0);
+      const request = this.decodeHeader(this.header);
       if (request.type !== Command.write) return request;
       this.pending = request;
       this.pendingFilledBytes = 0;
       if (request.problem === undefined) {
-        // The common case: the whole payload came in the same socket read as its header, and
-        // the request takes a view of it (no allocation, no copy). Otherwise a buffer is
-        // allocated (validated: length <= maxPayloadBytes; every byte overwritten before use).
-        const view = this.input.takeView(request.lengthBytes);
-        if (view !== undefined) {
-          request.payload = view;
-          this.pending = undefined;
-          return request;
-        }
-        request.payload = Buffer.allocUnsafe(request.lengthBytes);
+        // Validated: length <= maxPayloadBytes, so the buffer is bounded.
+        request.payload = request.lengthBytes === 0 ? emptyPayload : this.allocate(request.lengthBytes);
         this.pendingSkipBytes = 0;
       } else {
         this.pendingSkipBytes = request.lengthBytes;

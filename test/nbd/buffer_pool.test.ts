@@ -1,4 +1,4 @@
-// ReadBufferPool and its use by the server: READ reply buffers are reused only after the
+// BufferPool and its use by the server: READ reply buffers are reused only after the
 // socket wrote them out, never after a failed Export call, come back with exactly the length
 // asked for, stay within the pool's bounds, and reuse never mixes up the data of concurrent
 // reads.
@@ -6,16 +6,16 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { PcacheError } from '../../src/lib/errors.js';
-import { ReadBufferPool, readBufferPoolBytesMax, readBufferPoolPerSizeMax } from '../../src/nbd/buffer_pool.js';
+import { BufferPool, bufferPoolBytesMax, bufferPoolPerSizeMax } from '../../src/nbd/buffer_pool.js';
 import { ControlledExport, patternBytes, startServer, waitUntil } from './harness.js';
 import { connectAndGo } from './raw_client.js';
 import { CMD } from './wire.js';
 
 const MiB = 1024 * 1024;
 
-describe('ReadBufferPool', () => {
+describe('BufferPool', () => {
   it('hands back a given buffer for the same length only, with exactly that length', () => {
-    const pool = new ReadBufferPool();
+    const pool = new BufferPool();
     const first = pool.take(4124);
     assert.equal(first.byteLength, 4124);
     pool.give(first);
@@ -28,19 +28,19 @@ describe('ReadBufferPool', () => {
   });
 
   it('keeps at most its per-length count and its byte budget', () => {
-    const pool = new ReadBufferPool();
-    const small = Array.from({ length: readBufferPoolPerSizeMax + 10 }, () => pool.take(512));
+    const pool = new BufferPool();
+    const small = Array.from({ length: bufferPoolPerSizeMax + 10 }, () => pool.take(512));
     for (const buffer of small) pool.give(buffer);
-    assert.equal(pool.freeBytesHeld, readBufferPoolPerSizeMax * 512);
+    assert.equal(pool.freeBytesHeld, bufferPoolPerSizeMax * 512);
     const big = 32 * MiB + 16;
     const bigOnes = Array.from({ length: 3 }, () => pool.take(big));
     for (const buffer of bigOnes) pool.give(buffer);
-    assert.ok(pool.freeBytesHeld <= readBufferPoolBytesMax, `${pool.freeBytesHeld} bytes held`);
-    assert.equal(pool.freeBytesHeld, readBufferPoolPerSizeMax * 512 + big, 'only one 32 MiB buffer fits the budget next to the small ones');
+    assert.ok(pool.freeBytesHeld <= bufferPoolBytesMax, `${pool.freeBytesHeld} bytes held`);
+    assert.equal(pool.freeBytesHeld, bufferPoolPerSizeMax * 512 + big, 'only one 32 MiB buffer fits the budget next to the small ones');
   });
 
   it('refuses pieces of buffers (only whole buffers from take())', () => {
-    const pool = new ReadBufferPool();
+    const pool = new BufferPool();
     assert.throws(() => { pool.give(pool.take(1024).subarray(16)); }, /only whole buffers/);
   });
 });
@@ -62,7 +62,7 @@ describe('READ buffers in the server', () => {
       return { target, error: reply.error };
     };
     const first = await read(0);
-    await waitUntil(() => srv.server.readBuffers.freeBytesHeld > 0, 'the written reply buffer went back to the pool');
+    await waitUntil(() => srv.server.buffers.freeBytesHeld > 0, 'the written reply buffer went back to the pool');
     const second = await read(8192);
     assert.equal(second.target.buffer, first.target.buffer, 'the second read reused the first one\'s buffer');
 
@@ -94,6 +94,41 @@ describe('READ buffers in the server', () => {
         assert.deepEqual(reply.data, Buffer.from(exp.device.bytes.subarray(offset, offset + 4096)), `read ${reply.cookie} at ${offset}`);
       }
     }
+    client.disconnect();
+  });
+});
+
+describe('WRITE payload buffers in the server', () => {
+  it('reuses a payload buffer after a successful write, and not after a failed one', async (t) => {
+    const exp = new ControlledExport(8 * MiB);
+    exp.mode = 'sync';
+    const srv = await startServer({ export: exp });
+    t.after(() => srv.stop());
+    const { client } = await connectAndGo(srv.path);
+    const write = async (offset: number, fill: number): Promise<{ source: Uint8Array; error: number }> => {
+      client.send({ type: CMD.write, cookie: BigInt(offset + 1), offset }, Buffer.alloc(4096, fill));
+      const reply = await client.simpleReply();
+      const source = exp.lastWriteSource;
+      assert.ok(source !== undefined);
+      assert.equal(source.byteOffset, 0, 'the payload is a whole buffer, not a view of a socket read');
+      assert.equal(source.buffer.byteLength, 4096);
+      return { source, error: reply.error };
+    };
+    const first = await write(0, 1);
+    assert.equal(first.error, 0);
+    const second = await write(4096, 2);
+    assert.equal(second.source.buffer, first.source.buffer, 'the second write reused the first one\'s payload buffer');
+    assert.ok(exp.device.bytes.subarray(0, 4096).every((byte) => byte === 1), 'the first write landed intact');
+    assert.ok(exp.device.bytes.subarray(4096, 8192).every((byte) => byte === 2));
+
+    exp.fault = (method) => (method === 'write' ? new PcacheError('EIO', 'injected') : undefined);
+    const failed = await write(8192, 3);
+    assert.notEqual(failed.error, 0);
+    exp.fault = undefined;
+    const after = await write(8192, 4);
+    assert.equal(after.error, 0);
+    assert.notEqual(after.source.buffer, failed.source.buffer, 'a payload whose write failed is never reused');
+    assert.ok(exp.device.bytes.subarray(8192, 12288).every((byte) => byte === 4));
     client.disconnect();
   });
 });

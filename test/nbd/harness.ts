@@ -29,6 +29,9 @@ export class ControlledExport implements Export {
   extents: ((offsetBytes: number, lengthBytes: number) => BlockStatusExtent[]) | undefined;
   /** The last READ target the server handed over (to check the zero-copy layout). */
   lastReadTarget: Uint8Array | undefined;
+  /** The last WRITE source the server handed over, and the largest memory one kept alive. */
+  lastWriteSource: Uint8Array | undefined;
+  largestWriteBacking = 0;
   inFlight = 0;
   maxInFlight = 0;
   inFlightBytes = 0;
@@ -67,6 +70,8 @@ export class ControlledExport implements Export {
   }
 
   write(source: Uint8Array, offsetBytes: number, options: WriteOptions): Promise<void> | undefined {
+    this.lastWriteSource = source;
+    this.largestWriteBacking = Math.max(this.largestWriteBacking, source.buffer.byteLength);
     return this.run(options.fua ? 'write(fua)' : 'write', offsetBytes, source.length, source.length, () => { this.device.writeSync(source, offsetBytes); });
   }
 
