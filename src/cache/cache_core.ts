@@ -186,6 +186,16 @@ export class CacheCore {
     this.gc.kick(false);
   }
 
+  /**
+   * Called after a segment was taken from the free list. GC is started when the segments in
+   * use reach gc_percent, not only when dirty_tail moves: after a drain, dirty_tail stands
+   * still while new writes fill the cache, and without this kick GC would wait until a writer
+   * ran out of space (and then make that writer wait).
+   */
+  segmentTaken(): void {
+    if (this.segments.usedCount >= this.gcThresholdSegments) this.gc.kick(false);
+  }
+
   /** Waits until a segment is freed, the cache stops, or the space wait times out. */
   async waitForSpace(startedMs: number): Promise<void> {
     this.checkWritable();

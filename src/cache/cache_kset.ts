@@ -288,6 +288,7 @@ export class KsetLog {
       if (core.failure !== undefined) throw core.failure;
       const segment = core.segments.allocate(segmentKindLog);
       if (segment !== undefined) {
+        core.segmentTaken();
         await core.dev.writeGen(segment, core.segments.gen[segment] ?? 0);
         return segment;
       }

@@ -61,6 +61,7 @@ export class DataHead {
     if (this.segment < 0 || this.offsetBytes === core.dev.dataSizeBytes) {
       const segment = core.segments.allocate(segmentKindData);
       if (segment === undefined) return undefined;
+      core.segmentTaken();
       if (this.segment >= 0) core.segments.put(this.segment);
       this.segment = segment;
       this.offsetBytes = 0;

@@ -11,13 +11,13 @@ import { MiB, cacheBytesFor, pattern, settle } from '../helpers/cache_fixture.js
 const segments = 10;
 const capacityBytes = segments * (MiB - 12 * 1024);
 
-async function policyRig(tuning: Partial<CacheTuning> = {}) {
+async function policyRig(tuning: Partial<CacheTuning> = {}, gcPercent = 90) {
   const cacheDevice = new MemoryDevice(cacheBytesFor(segments));
   const backingDevice = new MemoryDevice(64 * MiB);
   const timers = new ManualTimers();
   const open = (): Promise<Cache> => Cache.open({
     cacheDevice, backingDevice, timers, background: true,
-    formatIfBlank: { segmentSizeBytes: MiB, gcPercent: 90 },
+    formatIfBlank: { segmentSizeBytes: MiB, gcPercent },
     tuning: { writebackStartPercent: 40, writebackStopPercent: 20, writebackIdleMs: 1000, writebackMaxAgeMs: 30_000, ...tuning },
   });
   return { cacheDevice, backingDevice, timers, open, cache: await open() };
@@ -120,6 +120,37 @@ describe('writeback policy', () => {
     assert.equal(cache.setTuning({ writebackStartPercent: 0, writebackStopPercent: 0 }).writebackStartPercent, 0);
     await writeFlushed(cache, 0, 64 * 1024, 8);
     assert.equal(cache.status().dirtyBytes, 0, 'eager after the change');
+    await cache.close();
+  });
+
+  it('GC starts when the segments in use reach gc_percent, though dirty_tail stands still after a drain', async () => {
+    // After a drain nothing moves dirty_tail; new writes fill the cache. GC must start at the
+    // threshold on its own, not wait until a writer runs out of space (which made writers wait
+    // and writeback run urgently).
+    const { cache } = await policyRig({ writebackStartPercent: 90, writebackStopPercent: 80 }, 50);
+    const core = cache.internals;
+    await writeFlushed(cache, 0, 2 * MiB, 9);
+    await cache.drain();
+    await quiesce(cache);
+    const usedAfterDrain = core.segments.usedCount;
+    assert.ok(usedAfterDrain < core.gcThresholdSegments, `below the threshold after the drain: ${usedAfterDrain} of ${core.gcThresholdSegments}`);
+    assert.equal(cache.status().counters.gcSegmentsFreed, 0);
+    let offset = 2 * MiB;
+    while (core.segments.usedCount < core.gcThresholdSegments) {
+      await writeFlushed(cache, offset, 64 * 1024, 10);
+      offset += 64 * 1024;
+    }
+    assert.equal(core.spaceWaiters, 0, 'no writer waited for space');
+    await settle();
+    await core.gc.idle();
+    await settle();
+    assert.ok(cache.status().counters.gcSegmentsFreed > 0, 'GC reclaimed the drained segments');
+    assert.equal(core.keyTail.lsn, core.dirtyTail.lsn, 'everything written back was reclaimed');
+    for (let at = 0; at < offset; at += 64 * 1024) {
+      const got = new Uint8Array(64 * 1024);
+      await cache.read(got, at);
+      assert.deepEqual(Buffer.from(got), Buffer.from(pattern(at < 2 * MiB ? 9 : 10, at, 64 * 1024)), `data at ${at}`);
+    }
     await cache.close();
   });
 });
