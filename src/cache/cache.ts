@@ -190,7 +190,7 @@ export class Cache {
 
   write(source: Uint8Array, offsetBytes: number, options: WriteOptions = noFua): Promise<void> {
     this.validate(offsetBytes, source.length);
-    return this.trackAlways(cacheWrite(this.core, source, offsetBytes, options.fua));
+    return cacheWrite(this.core, source, offsetBytes, options.fua, this.trackWrite);
   }
 
   /** Every write completed before this call is durable (in the cache log) when it resolves. */
@@ -369,6 +369,8 @@ export class Cache {
     if (core.state !== 'running') return;
     core.state = 'stopping';
     await this.idle();
+    // Writes of the common path are not in the in-flight count (cacheWrite): wait for the group.
+    await core.writes.published();
     if (!core.readOnly && core.failure === undefined) {
       core.log.sealNow();
       await core.log.flush();
@@ -465,6 +467,8 @@ export class Cache {
     // closures per request (finally() wraps its callback in two more of each).
     return io.then(this.settledValue as (value: T) => T, this.settledError);
   }
+
+  private readonly trackWrite = (io: Promise<void>): Promise<void> => this.trackAlways(io);
 
   private readonly settledValue = (value: unknown): unknown => {
     this.settled();

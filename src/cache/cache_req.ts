@@ -253,9 +253,10 @@ function writeRecord(core: CacheCore, position: number, space: Space, data: Uint
  * A client write. The common case — not FUA, the backing device online, room in the log, and
  * the whole write fitting one key and the current data segment — is served without an async
  * function: one allocation at the head, one entry in the write group, one promise. Everything
- * else (splits, waits for space, FUA) takes cacheWriteInParts, which handles the general case.
+ * else (splits, waits for space, FUA) takes cacheWriteInParts, which handles the general case
+ * and is counted by `track` (the Cache's in-flight count, which close() waits for).
  */
-export function cacheWrite(core: CacheCore, source: Uint8Array, offsetBytes: number, fua: boolean): Promise<void> {
+export function cacheWrite(core: CacheCore, source: Uint8Array, offsetBytes: number, fua: boolean, track: (io: Promise<void>) => Promise<void>): Promise<void> {
   try {
     core.checkWritable();
   } catch (error) {
@@ -265,10 +266,11 @@ export function cacheWrite(core: CacheCore, source: Uint8Array, offsetBytes: num
   core.stats.writeBytes += source.length;
   const startedMs = core.timers.now();
   core.lastWriteMs = startedMs;
-  if (fua || core.backingOfflineSinceMs !== undefined || core.log.full) return cacheWriteInParts(core, source, offsetBytes, fua, startedMs, undefined);
+  if (fua || core.backingOfflineSinceMs !== undefined || core.log.full) return track(cacheWriteInParts(core, source, offsetBytes, fua, startedMs, undefined));
   const wanted = Math.min(source.length, subtreeEnd(offsetBytes) - offsetBytes, core.keyMaxBytes);
   const space = core.head.alloc(wanted);
-  if (space === undefined || space.lengthBytes !== source.length) return cacheWriteInParts(core, source, offsetBytes, fua, startedMs, space);
+  if (space === undefined || space.lengthBytes !== source.length) return track(cacheWriteInParts(core, source, offsetBytes, fua, startedMs, space));
+  // Not tracked: close() waits for the write group itself (published), which saves a promise per write.
   return core.writes.addOne(writeRecord(core, offsetBytes, space, source), source);
 }
 
