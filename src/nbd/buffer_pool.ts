@@ -20,8 +20,10 @@
 // - Reused buffers are not zeroed. The Export contract is to fill the whole target on success;
 //   should an Export break it, stale bytes from an earlier READ of the same export (which any
 //   client may read anyway) would go out, never memory of anything else. One pool per server.
-// - The pool is bounded: at most poolBytesMax bytes and perSizeMax buffers of one length are
-//   kept; anything beyond is dropped for the GC.
+// - The pool is bounded: at most bufferPoolBytesMax bytes and bufferPoolPerSizeMax buffers of
+//   one length are kept. A buffer that would exceed the bytes first evicts free buffers of
+//   other lengths (the workload has moved on), then is dropped for the GC if it still does
+//   not fit.
 
 import { assert } from '../lib/assert.js';
 import { MiB } from '../lib/units.js';
@@ -50,8 +52,13 @@ export class BufferPool {
   give(buffer: Uint8Array): void {
     assert(buffer.byteOffset === 0 && buffer.byteLength === buffer.buffer.byteLength, 'only whole buffers from take() are pooled');
     const length = buffer.byteLength;
-    if (this.freeBytes + length > bufferPoolBytesMax) return;
     let list = this.free.get(length);
+    // Over budget: buffers of other lengths make room, when that can be enough. Without this,
+    // the buffers of one workload (64 of 1 MiB after sequential reads) would hold the budget
+    // for good, and every 4 KiB WRITE after them would allocate its payload afresh.
+    const overBytes = this.freeBytes + length - bufferPoolBytesMax;
+    if (overBytes > 0 && ((list?.length ?? 0) + 1) * length <= bufferPoolBytesMax) this.evictOtherThan(length, overBytes);
+    if (this.freeBytes + length > bufferPoolBytesMax) return;
     if (list === undefined) {
       list = [];
       this.free.set(length, list);
@@ -59,6 +66,20 @@ export class BufferPool {
     if (list.length >= bufferPoolPerSizeMax) return;
     list.push(buffer);
     this.freeBytes += length;
+  }
+
+  /** Drops free buffers of lengths other than `keep` until `bytes` are dropped or none are left. */
+  private evictOtherThan(keep: number, bytes: number): void {
+    let dropped = 0;
+    for (const [length, list] of this.free) {
+      if (length === keep) continue;
+      while (dropped < bytes && list.pop() !== undefined) {
+        dropped += length;
+        this.freeBytes -= length;
+      }
+      if (list.length === 0) this.free.delete(length);
+      if (dropped >= bytes) return;
+    }
   }
 
   get freeBytesHeld(): number {

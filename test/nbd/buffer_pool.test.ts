@@ -39,6 +39,20 @@ describe('BufferPool', () => {
     assert.equal(pool.freeBytesHeld, bufferPoolPerSizeMax * 512 + big, 'only one 32 MiB buffer fits the budget next to the small ones');
   });
 
+  it('makes room for the lengths in use now by dropping free buffers of other lengths', () => {
+    const pool = new BufferPool();
+    const big = MiB + 16;
+    const reads = Array.from({ length: 64 }, () => pool.take(big));
+    for (const buffer of reads) pool.give(buffer);
+    assert.equal(pool.freeBytesHeld, 63 * big, 'the budget is full of 1 MiB read buffers');
+    const payloads = Array.from({ length: 100 }, () => pool.take(4096));
+    for (const buffer of payloads) pool.give(buffer);
+    assert.ok(pool.freeBytesHeld <= bufferPoolBytesMax, `${pool.freeBytesHeld} bytes held`);
+    const again = pool.take(4096);
+    assert.ok(payloads.includes(again), 'a given-back payload buffer is reused, not dropped');
+    assert.ok(pool.freeBytesHeld >= 99 * 4096 + 59 * big, `only what the payloads needed was evicted: ${pool.freeBytesHeld}`);
+  });
+
   it('refuses pieces of buffers (only whole buffers from take())', () => {
     const pool = new BufferPool();
     assert.throws(() => { pool.give(pool.take(1024).subarray(16)); }, /only whole buffers/);
