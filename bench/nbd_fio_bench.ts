@@ -17,12 +17,11 @@
 // PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
 
 import type { ChildProcess } from 'node:child_process';
-import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { controlRequest } from '../src/cli/control.js';
 import { median, param, report, smoke } from './harness.js';
-import { fill, fioJob, makeScratch, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+import { fioJob, makeBenchFiles, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -98,15 +97,9 @@ async function counters(control: string): Promise<CacheCounters> {
 async function main(): Promise<void> {
   requireTool('fio', 'fio');
   requireTool('nbdkit', 'nbdkit');
-  const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
-  const dir = makeScratch(base, 'pcache-bench-');
+  const { base, dir, backing, cache, control } = makeBenchFiles('pcache-bench-', backingBytes, cacheBytes);
   const servers: Server[] = [];
   try {
-    const backing = path.join(dir, 'backing.img');
-    const cache = path.join(dir, 'cache.img');
-    fill(backing, backingBytes, true);
-    fill(cache, cacheBytes, false);
-    const control = path.join(dir, 'pcache.ctl');
     const pcache = await start('pcache', dir, ['--cache', cache, '--backing', backing, '--control', control]);
     servers.push(pcache);
     servers.push(await start('nocache', dir, ['--no-cache', '--backing', backing]));

@@ -1,6 +1,6 @@
 // What the NBD benchmarks share about other processes: checking a tool is installed, running a
 // command for its output, starting `pcache serve` and waiting until it listens, stopping a
-// child, filling a test file, and parsing fio's JSON. Every child started through here is
+// child, making and filling the test files, and parsing fio's JSON. Every child started through here is
 // tracked and killed if the benchmark exits early (an error, Ctrl-C), so no run leaves a server
 // behind.
 
@@ -82,6 +82,34 @@ export function fill(file: string, bytes: number, random: boolean): void {
     fs.writeSync(fd, block, 0, Math.min(MiB, bytes - offset), offset);
   }
   fs.closeSync(fd);
+}
+
+/** The files an NBD benchmark runs on, in a scratch directory under `base`. */
+export interface BenchFiles {
+  /** tmpfs (/dev/shm) when the machine has it, else the temporary directory. */
+  readonly base: string;
+  readonly dir: string;
+  /** Random data, so that no layer can shortcut zeroes. */
+  readonly backing: string;
+  /** Zeroes, written in full so that the cache device has its blocks before the runs. */
+  readonly cache: string;
+  /** Where pcache's control socket goes. */
+  readonly control: string;
+}
+
+/** Makes the scratch directory and fills its backing and cache files (removed again on failure). */
+export function makeBenchFiles(prefix: string, backingBytes: number, cacheBytes: number): BenchFiles {
+  const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
+  const dir = makeScratch(base, prefix);
+  const files = { base, dir, backing: path.join(dir, 'backing.img'), cache: path.join(dir, 'cache.img'), control: path.join(dir, 'pcache.ctl') };
+  try {
+    fill(files.backing, backingBytes, true);
+    fill(files.cache, cacheBytes, false);
+  } catch (error) {
+    removeScratch(dir);
+    throw error;
+  }
+  return files;
 }
 
 /** Waits until `ready()` holds (a server printed its line, or wrote its pid file). */

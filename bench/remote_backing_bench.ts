@@ -21,12 +21,11 @@
 // PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
 
 import type { ChildProcess } from 'node:child_process';
-import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { controlRequest } from '../src/cli/control.js';
 import { median, param, report, smoke } from './harness.js';
-import { fill, fioJob, makeScratch, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+import { fioJob, makeBenchFiles, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -117,15 +116,9 @@ function mib(bytes: number): string {
 async function main(): Promise<void> {
   requireTool('fio', 'fio');
   requireTool('nbdkit', 'nbdkit');
-  const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
-  const dir = makeScratch(base, 'pcache-bench-remote-');
+  const { base, dir, backing, cache, control } = makeBenchFiles('pcache-bench-remote-', backingBytes, cacheBytes);
   const started: ChildProcess[] = [];
   try {
-    const backing = path.join(dir, 'backing.img');
-    const cache = path.join(dir, 'cache.img');
-    fill(backing, backingBytes, true);
-    fill(cache, cacheBytes, false);
-    const control = path.join(dir, 'pcache.ctl');
     const nbdkit = await startNbdkit(dir, backing);
     started.push(nbdkit.child);
     const pcache = await startPcache(dir, ['--cache', cache, '--backing', `nbd+unix:///?socket=${nbdkit.socket}`, '--control', control]);

@@ -212,7 +212,7 @@ export class KsetLog {
    * what is sealed is committed within about a second even if no more keys come.
    */
   private kickWhenBatched(): void {
-    if (this.sealed.length >= ksetCommitBatch || this.roomWaiters.length > 0) {
+    if (this.commitDue()) {
       this.kick();
       return;
     }
