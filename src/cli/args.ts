@@ -14,6 +14,7 @@ import { isPcacheError } from '../lib/errors.js';
 import { GiB, MiB, parseSize } from '../lib/units.js';
 import { connectionsMax, defaultConnections } from '../nbd/remote_device.js';
 import { looksLikeNbdUri, parseNbdUri } from '../nbd/uri.js';
+import { busyPollWindowDefaultUs, busyPollWindowMaxUs } from '../nbd/busy_poll.js';
 import { gcPercentMax, segmentSizeAlignBytes, segmentSizeMaxBytes, segmentSizeMinBytes } from '../ondisk/layout.js';
 import { knobNamed, knobNames, knobValueProblem, watermarkProblem } from './settings.js';
 
@@ -86,7 +87,7 @@ const specs: Readonly<Record<CommandName, CommandSpec>> = {
       'pcache serve --cache PATH --backing PATH|URI [--cache-size SIZE] [--socket PATH | --port N [--bind ADDR]]',
       '             [--control PATH] [--export-name NAME] [--read-only] [--gc-percent N] [--tuning NAME=VALUE,...]',
       '             [--backing-connections N] [--metrics HOST:PORT [--metrics-allow-remote]] [--log-level LEVEL]',
-      '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing]',
+      '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--busy-poll-us N]',
       'pcache serve            (no arguments: a ready-made cache and disk in ./pcache-data/)',
     ],
     flags: {
@@ -110,6 +111,7 @@ const specs: Readonly<Record<CommandName, CommandSpec>> = {
       'drain-on-exit': { kind: 'boolean', help: 'on SIGINT/SIGTERM, write everything back before stopping' },
       'drain-timeout': { kind: 'string', value: 'SECONDS', help: `with --drain-on-exit: stop anyway after this long (default ${defaultDrainTimeoutSeconds})` },
       'no-cache': { kind: 'boolean', help: 'serve the backing device directly, without a cache (for comparisons)' },
+      'busy-poll-us': { kind: 'string', value: 'N', help: `after answering a client at low queue depth, poll for its next request for up to N microseconds instead of sleeping, 0..${busyPollWindowMaxUs} (default ${busyPollWindowDefaultUs}; 0 turns it off)` },
       'record-dir': { kind: 'string', value: 'DIR', help: 'record every write and sync of both devices to DIR/cache.log and DIR/backing.log (for crash testing; see docs/testing.md)' },
       help: helpFlag,
     },
@@ -223,6 +225,8 @@ export interface ServeArgs {
   readonly drainTimeoutMs: number;
   /** Accept a backing device whose identity differs from the recorded one (same size). */
   readonly forceBacking: boolean;
+  /** The NBD server's busy-polling window (src/nbd/busy_poll.ts). */
+  readonly busyPollUs: number;
 }
 
 export type StatusArgs = { readonly controlPath: string; readonly json: boolean } | { readonly cachePath: string; readonly json: boolean };
@@ -439,6 +443,7 @@ function serveArgs(flags: Flags, noArguments: boolean): ServeArgs {
       drainOnExit: false,
       drainTimeoutMs: defaultDrainTimeoutSeconds * 1000,
       forceBacking: false,
+      busyPollUs: busyPollWindowDefaultUs,
     };
   }
   const socket = optional(flags, 'socket');
@@ -485,6 +490,7 @@ function serveArgs(flags: Flags, noArguments: boolean): ServeArgs {
     drainOnExit: flags.has('drain-on-exit'),
     drainTimeoutMs: drainSeconds * 1000,
     forceBacking: flags.has('force-backing'),
+    busyPollUs: integerFlag(flags, 'serve', 'busy-poll-us', { min: 0, max: busyPollWindowMaxUs }) ?? busyPollWindowDefaultUs,
   };
 }
 

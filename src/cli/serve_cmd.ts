@@ -134,6 +134,7 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
       exportName: args.exportName,
       description: args.noCache ? `pcache export of ${args.backingPath} (no cache)` : `pcache: ${args.backingPath} cached on ${args.cachePath}`,
       readOnly: args.readOnly,
+      busyPollUs: args.busyPollUs,
       ...(requestCounters === undefined ? {} : { observer: requestCounters }),
     });
     server = nbd;

@@ -30,6 +30,7 @@ import type net from 'node:net';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
 import type { BufferPool } from './buffer_pool.js';
+import type { BusyPoll } from './busy_poll.js';
 import type { ByteQueue } from './bytes.js';
 import type { BlockStatusExtent, Export } from './export.js';
 import { Handshake, type HandshakeConfig, type Negotiated } from './handshake.js';
@@ -81,6 +82,8 @@ export interface ConnectionHost {
   readonly shuttingDown: boolean;
   /** Where READ reply buffers and WRITE payload buffers come from and go back to. */
   readonly buffers: BufferPool;
+  /** Told about input and about connections going idle (busy_poll.ts). */
+  readonly busyPoll: BusyPoll;
   /** Told about every answered request, when metrics are on (observer.ts); undefined costs nothing. */
   readonly observer: NbdRequestObserver | undefined;
   /** Called once, when the socket has closed and no Export call is in flight. */
@@ -103,6 +106,8 @@ export class Connection {
   private contextId = 0;
 
   private inFlightCount = 0;
+  /** Requests dispatched since in-flight work last dropped to nothing (busy_poll.ts). */
+  private busyRequests = 0;
   private inFlightBytes = 0;
   private readPaused = false;
   private pumping = false;
@@ -181,6 +186,7 @@ export class Connection {
   }
 
   private onData(chunk: Uint8Array): void {
+    this.host.busyPoll.noteInput();
     if (this.inputEnded) return;
     if (this.phase === 'transmission') {
       this.input.push(chunk);
@@ -287,6 +293,7 @@ export class Connection {
       readBuffer = this.host.buffers.take(readReplyPrefixBytes(this.structuredReplies) + request.lengthBytes);
     }
     this.inFlightCount += 1;
+    this.busyRequests += 1;
     this.inFlightBytes += costBytes(request);
 
     let result: unknown;
@@ -529,6 +536,11 @@ export class Connection {
     }
     if (count > 1) this.socket.uncork();
     this.dropOutbox();
+    // Everything asked has been answered: the client's next request may be close behind.
+    if (this.inFlightCount === 0 && this.phase === 'transmission') {
+      this.host.busyPoll.idle(this.busyRequests);
+      this.busyRequests = 0;
+    }
     // Reading may have paused on the outbox; the socket's own backlog takes over from here.
     this.maybeResume();
   }

@@ -21,6 +21,7 @@ import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
 import { KiB, MiB } from '../lib/units.js';
 import { BufferPool } from './buffer_pool.js';
+import { BusyPoll, busyPollWindowDefaultUs, busyPollWindowMaxUs, type BusyPollCounters } from './busy_poll.js';
 import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
 import type { Export } from './export.js';
 import type { HandshakeConfig } from './handshake.js';
@@ -64,13 +65,15 @@ export interface NbdServerOptions {
   readonly offerStructuredReplies?: boolean;
   /** Told about every answered request (metrics); without one the server spends nothing on it. */
   readonly observer?: NbdRequestObserver;
+  /** Busy-polling window after a connection's last reply, 0 for none (busy_poll.ts; default busyPollWindowDefaultUs). */
+  readonly busyPollUs?: number;
 }
 
 export type NbdListenAddress =
   | { readonly path: string }
   | { readonly port: number; readonly host?: string };
 
-export interface NbdServerStats extends NbdCounters {
+export interface NbdServerStats extends NbdCounters, BusyPollCounters {
   readonly connectionsOpen: number;
 }
 
@@ -89,6 +92,7 @@ export class NbdServer implements ConnectionHost {
   };
   /** READ reply and WRITE payload buffers, shared by all connections (one event loop, so no locking). */
   readonly buffers = new BufferPool();
+  readonly busyPoll: BusyPoll;
   readonly observer: NbdRequestObserver | undefined;
   private readonly options: NbdServerOptions;
   private readonly listener: net.Server;
@@ -111,6 +115,11 @@ export class NbdServer implements ConnectionHost {
     if (options.description !== undefined && textEncoder.encode(options.description).length > stringMaxBytes) {
       throw new PcacheError('EINVAL', `export description longer than ${stringMaxBytes} bytes`);
     }
+    const busyPollUs = options.busyPollUs ?? busyPollWindowDefaultUs;
+    if (!Number.isSafeInteger(busyPollUs) || busyPollUs < 0 || busyPollUs > busyPollWindowMaxUs) {
+      throw new PcacheError('EINVAL', `busy poll window must be an integer in [0, ${busyPollWindowMaxUs}] microseconds`);
+    }
+    this.busyPoll = new BusyPoll(busyPollUs);
     this.options = options;
     this.export = options.export;
     this.limits = limits;
@@ -173,7 +182,7 @@ export class NbdServer implements ConnectionHost {
   }
 
   stats(): NbdServerStats {
-    return { ...this.counters, connectionsOpen: this.connections.size };
+    return { ...this.counters, ...this.busyPoll.counters, connectionsOpen: this.connections.size };
   }
 
   /**
@@ -202,6 +211,7 @@ export class NbdServer implements ConnectionHost {
 
   private async shutdown(): Promise<void> {
     this.stopping = true;
+    this.busyPoll.stop();
     const listenerClosed = new Promise<void>((resolve) => {
       // Node also removes the Unix socket file when the listener closes.
       if (this.listener.listening) this.listener.close(() => { resolve(); });

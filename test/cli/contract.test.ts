@@ -78,6 +78,7 @@ describe('usage errors', () => {
       [['serve', '--cache', cache, '--backing', backing, '--socket', 's', '--port', '1'], /--socket and --port cannot be used together/],
       [['serve', '--cache', cache, '--backing', backing, '--bind', '0.0.0.0'], /--bind needs --port/],
       [['serve', '--cache', cache, '--backing', backing, '--port', '70000'], /--port must be an integer from 0 to 65535/],
+      [['serve', '--cache', cache, '--backing', backing, '--busy-poll-us', '20000'], /--busy-poll-us must be an integer from 0 to 10000, got '20000'/],
       [['serve', '--cache', cache, '--backing', backing, '--read-only', '--gc-percent', '50'], /--gc-percent cannot be stored in a cache served --read-only/],
       [['serve', '--cache', cache, '--backing', backing, '--cache-size', '12Q'], /--cache-size: not a size/],
       [['status'], /status: --control or --cache is required/],
