@@ -75,8 +75,8 @@ export class CacheDev {
 
   /** Absolute device offset of byte `offsetBytes` of segment `segment`'s data area. */
   dataOffset(segment: number, offsetBytes: number): number {
-    assert(segment >= 0 && segment < this.segmentCount, `segment ${segment} out of range`);
-    assert(offsetBytes >= 0 && offsetBytes <= this.dataSizeBytes, `data offset ${offsetBytes} out of range`);
+    assert(segment >= 0 && segment < this.segmentCount, 'segment out of range', segment);
+    assert(offsetBytes >= 0 && offsetBytes <= this.dataSizeBytes, 'data offset out of range', offsetBytes);
     return segmentOffsetBytes(segment, this.segmentSizeBytes) + segmentDataOffsetBytes + offsetBytes;
   }
 

@@ -75,23 +75,23 @@ export class SegmentTable {
     assert(segment !== undefined, 'free ring out of bounds');
     this.freeStart = (this.freeStart + 1) % this.count;
     this.freeCountValue--;
-    assert(this.kind[segment] === segmentKindFree, `segment ${segment} handed out twice`);
-    assert(this.refs[segment] === 0, `free segment ${segment} has references`);
+    assert(this.kind[segment] === segmentKindFree, 'segment handed out twice', segment);
+    assert(this.refs[segment] === 0, 'free segment has references', segment);
     this.kind[segment] = kind;
     this.gen[segment] = (this.gen[segment] ?? 0) + 1;
     return segment;
   }
 
   get(segment: number): void {
-    assert(this.kind[segment] === segmentKindData, `reference to segment ${segment}, which holds no data`);
+    assert(this.kind[segment] === segmentKindData, 'reference to a segment that holds no data', segment);
     this.refs[segment] = (this.refs[segment] ?? 0) + 1;
   }
 
   /** Drops one reference; frees the segment when none are left. Returns whether it was freed. */
   put(segment: number): boolean {
     const refs = this.refs[segment] ?? 0;
-    assert(refs > 0, `segment ${segment} reference count underflow`);
-    assert(this.kind[segment] === segmentKindData, `dropping a reference to segment ${segment}, which holds no data`);
+    assert(refs > 0, 'segment reference count underflow', segment);
+    assert(this.kind[segment] === segmentKindData, 'dropping a reference to a segment that holds no data', segment);
     this.refs[segment] = refs - 1;
     if (refs > 1) return false;
     this.free(segment);
@@ -100,8 +100,8 @@ export class SegmentTable {
 
   /** Returns a log segment the log has left behind, or a data segment with no references. */
   free(segment: number): void {
-    assert(this.kind[segment] !== segmentKindFree, `segment ${segment} freed twice`);
-    assert(this.refs[segment] === 0, `freeing segment ${segment} that still has references`);
+    assert(this.kind[segment] !== segmentKindFree, 'segment freed twice', segment);
+    assert(this.refs[segment] === 0, 'freeing a segment that still has references', segment);
     this.kind[segment] = segmentKindFree;
     this.gen[segment] = (this.gen[segment] ?? 0) + 1;
     this.pushFree(segment);

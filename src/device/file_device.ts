@@ -172,7 +172,7 @@ export class FileDevice implements BlockDevice {
   private check(offsetBytes: number, lengthBytes: number): number {
     if (this.fd === undefined) throw new PcacheError('ENODEV', `${this.path} is closed`);
     const problem = rangeProblem(this, offsetBytes, lengthBytes);
-    assert(problem === undefined, `${this.path}: ${problem ?? ''}`);
+    if (problem !== undefined) assert(false, this.path, problem);
     return this.fd;
   }
 

@@ -81,13 +81,13 @@ export function readU64BE(bytes: Uint8Array, offset: number): number {
 }
 
 export function writeU64LE(bytes: Uint8Array, offset: number, value: number): void {
-  assert(Number.isSafeInteger(value) && value >= 0, `u64 out of range: ${value}`);
+  assert(Number.isSafeInteger(value) && value >= 0, 'u64 out of range', value);
   writeU32LE(bytes, offset, value % twoPow32);
   writeU32LE(bytes, offset + 4, Math.floor(value / twoPow32));
 }
 
 export function writeU64BE(bytes: Uint8Array, offset: number, value: number): void {
-  assert(Number.isSafeInteger(value) && value >= 0, `u64 out of range: ${value}`);
+  assert(Number.isSafeInteger(value) && value >= 0, 'u64 out of range', value);
   writeU32BE(bytes, offset, Math.floor(value / twoPow32));
   writeU32BE(bytes, offset + 4, value % twoPow32);
 }

@@ -63,7 +63,7 @@ export class BusyPoll {
   private readonly stepBound = (): void => { this.step(); };
 
   constructor(windowUs: number, clock: BusyPollClock = realClock) {
-    assert(Number.isSafeInteger(windowUs) && windowUs >= 0 && windowUs <= busyPollWindowMaxUs, `busy poll window ${windowUs} us out of range`);
+    assert(Number.isSafeInteger(windowUs) && windowUs >= 0 && windowUs <= busyPollWindowMaxUs, 'busy poll window out of range (us)', windowUs);
     this.windowMs = windowUs / 1000;
     this.clock = clock;
   }

@@ -39,13 +39,13 @@ export function readU64BEBig(bytes: Uint8Array, offset: number): bigint {
 }
 
 export function writeU16BE(bytes: Uint8Array, offset: number, value: number): void {
-  assert(Number.isInteger(value) && value >= 0 && value <= 0xffff, `u16 out of range: ${value}`);
+  assert(Number.isInteger(value) && value >= 0 && value <= 0xffff, 'u16 out of range', value);
   bytes[offset] = value >>> 8;
   bytes[offset + 1] = value & 0xff;
 }
 
 export function writeU32BE(bytes: Uint8Array, offset: number, value: number): void {
-  assert(Number.isInteger(value) && value >= 0 && value <= 0xffff_ffff, `u32 out of range: ${value}`);
+  assert(Number.isInteger(value) && value >= 0 && value <= 0xffff_ffff, 'u32 out of range', value);
   bytes[offset] = value >>> 24;
   bytes[offset + 1] = (value >>> 16) & 0xff;
   bytes[offset + 2] = (value >>> 8) & 0xff;
@@ -80,7 +80,7 @@ export class ByteQueue {
    * `length >= count`.
    */
   take(count: number): Uint8Array {
-    assert(count >= 0 && count <= takeMaxBytes, `take of ${count} bytes exceeds the bound`);
+    assert(count >= 0 && count <= takeMaxBytes, 'take exceeds the bound (bytes)', count);
     assert(count <= this.lengthBytes, 'take past the end of the queue');
     const first = this.chunks[0];
     if (count === 0 || first === undefined) return new Uint8Array(0);

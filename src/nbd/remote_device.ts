@@ -431,9 +431,9 @@ export class NbdRemoteDevice {
 
   private checkRange(offsetBytes: number, lengthBytes: number): void {
     // The BlockDevice contract: callers never ask for anything outside the device.
-    assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0, `bad offset ${offsetBytes}`);
-    assert(Number.isSafeInteger(lengthBytes) && lengthBytes >= 0, `bad length ${lengthBytes}`);
-    assert(offsetBytes + lengthBytes <= this.sizeBytes, `range ${offsetBytes}+${lengthBytes} ends past the device end ${this.sizeBytes}`);
+    assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0, 'bad offset', offsetBytes);
+    assert(Number.isSafeInteger(lengthBytes) && lengthBytes >= 0, 'bad length', lengthBytes);
+    if (offsetBytes + lengthBytes > this.sizeBytes) assert(false, 'range ends past the device end', `${offsetBytes}+${lengthBytes} > ${this.sizeBytes}`);
   }
 
   private checkWritable(what: string): void {

@@ -341,8 +341,8 @@ export function blockStatusChunk(request: NbdRequest, contextId: number, extents
   let coveredBytes = 0;
   for (const extent of extents) {
     const length = extent.lengthBytes;
-    assert(Number.isSafeInteger(length) && length > 0, `extent length ${length} is not positive`);
-    assert(length % blockSizeMinimumBytes === 0, `extent length ${length} is not a multiple of ${blockSizeMinimumBytes}`);
+    assert(Number.isSafeInteger(length) && length > 0, 'extent length is not positive', length);
+    assert(length % blockSizeMinimumBytes === 0, 'extent length is not a multiple of 512', length);
     coveredBytes += length;
     assert(coveredBytes <= request.lengthBytes, 'extents cover more than the requested range');
     const state = (extent.hole ? StateFlag.hole : 0) | (extent.zero ? StateFlag.zero : 0);

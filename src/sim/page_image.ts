@@ -225,9 +225,9 @@ export class PageImage implements ReadonlyPageImage {
   }
 
   private checkRange(offsetBytes: number, lengthBytes: number): void {
-    assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0, `bad offset ${offsetBytes}`);
-    assert(Number.isSafeInteger(lengthBytes) && lengthBytes >= 0, `bad length ${lengthBytes}`);
-    assert(offsetBytes + lengthBytes <= this.sizeBytes, `range ${offsetBytes}+${lengthBytes} ends past ${this.sizeBytes}`);
+    assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0, 'bad offset', offsetBytes);
+    assert(Number.isSafeInteger(lengthBytes) && lengthBytes >= 0, 'bad length', lengthBytes);
+    if (offsetBytes + lengthBytes > this.sizeBytes) assert(false, 'range ends past the image end', `${offsetBytes}+${lengthBytes} > ${this.sizeBytes}`);
   }
 }
 

@@ -425,7 +425,7 @@ export class SimDevice implements BlockDevice {
 
   private checkRange(offsetBytes: number, lengthBytes: number): void {
     const problem = rangeProblem(this, offsetBytes, lengthBytes);
-    assert(problem === undefined, `${this.name}: ${problem ?? ''}`);
+    if (problem !== undefined) assert(false, this.name, problem);
   }
 
   private takeId(): number {

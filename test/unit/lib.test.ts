@@ -4,6 +4,7 @@ import { crc32c } from '../../src/lib/crc32c.js';
 import { formatSize, parseSize, readU64BE, readU64LE, writeU64BE, writeU64LE } from '../../src/lib/units.js';
 import { PcacheError } from '../../src/lib/errors.js';
 import { BackgroundTask, SerialSection } from '../../src/lib/background_task.js';
+import { assert as pcacheAssert, AssertionFailure } from '../../src/lib/assert.js';
 
 describe('crc32c', () => {
   it('matches the Castagnoli check value, not CRC-32/IEEE', () => {
@@ -116,5 +117,14 @@ describe('SerialSection', () => {
     const results = await Promise.allSettled([section.run(body(1)), section.run(body(2, true)), section.run(body(3))]);
     assert.deepEqual(order, [1, 2, 3]);
     assert.deepEqual(results.map((r) => r.status), ['fulfilled', 'rejected', 'fulfilled']);
+  });
+});
+
+describe('assert', () => {
+  it('names the broken fact and, only on failure, the detail that broke it', () => {
+    assert.doesNotThrow(() => { pcacheAssert(true, 'never shown', 7); });
+    assert.throws(() => { writeU64LE(new Uint8Array(8), 0, -1); }, (e: unknown) => e instanceof AssertionFailure && e.message === 'u64 out of range: -1');
+    assert.throws(() => { pcacheAssert(false, 'segment freed twice', 12); }, (e: unknown) => e instanceof AssertionFailure && e.message === 'segment freed twice: 12');
+    assert.throws(() => { pcacheAssert(false); }, (e: unknown) => e instanceof AssertionFailure && e.message === 'assertion failed');
   });
 });
