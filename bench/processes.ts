@@ -97,9 +97,32 @@ export interface BenchFiles {
   readonly control: string;
 }
 
-/** Makes the scratch directory and fills its backing and cache files (removed again on failure). */
+/** Memory left for the servers, fio and the kernel once the tmpfs files exist. */
+const benchHeadroomBytes = 2 * 1024 ** 3;
+
+/** MemAvailable from /proc/meminfo, or undefined where there is none. */
+function memoryAvailableBytes(): number | undefined {
+  try {
+    const match = /^MemAvailable:\s+(\d+) kB$/m.exec(fs.readFileSync('/proc/meminfo', 'utf8'));
+    return match === null ? undefined : Number(match[1]) * 1024;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Makes the scratch directory and fills its backing and cache files (removed again on failure).
+ * On /dev/shm the files are memory: a machine short of it (leftovers of earlier runs, say)
+ * measures the kernel's reclaim instead of the servers, so that is refused up front.
+ */
 export function makeBenchFiles(prefix: string, backingBytes: number, cacheBytes: number): BenchFiles {
   const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
+  const available = memoryAvailableBytes();
+  const needed = backingBytes + cacheBytes + benchHeadroomBytes;
+  if (base === '/dev/shm' && available !== undefined && available < needed) {
+    const gib = (bytes: number): string => (bytes / 1024 ** 3).toFixed(1);
+    throw new Error(`bench: the files on /dev/shm need ${gib(backingBytes + cacheBytes)} GiB plus ${gib(benchHeadroomBytes)} GiB of headroom, but only ${gib(available)} GiB of memory is available (leftover files in /dev/shm?)`);
+  }
   const dir = makeScratch(base, prefix);
   const files = { base, dir, backing: path.join(dir, 'backing.img'), cache: path.join(dir, 'cache.img'), control: path.join(dir, 'pcache.ctl') };
   try {
