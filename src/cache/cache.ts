@@ -246,8 +246,10 @@ export class Cache {
     await this.flush();
     const target = core.log.durableHead.lsn;
     if (core.background) {
+      // Waiting first: urgency lasts only while a waiter is there (cache_writeback.ts).
+      const done = core.writeback.waitFor(target);
       core.writeback.kick(true);
-      await core.writeback.waitFor(target);
+      await done;
       return;
     }
     while (core.dirtyTail.lsn < target) {

@@ -300,8 +300,14 @@ export class KsetLog {
         this.becameDurable(coversSeq, coversHead);
       }
       const freed = core.segments.nextFree();
-      core.needSpace();
-      await freed;
+      // Counted as a space waiter, so writeback stays urgent until the log has its segment.
+      core.spaceWaiters++;
+      try {
+        core.needSpace();
+        await freed;
+      } finally {
+        core.spaceWaiters--;
+      }
     }
   }
 

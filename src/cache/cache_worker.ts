@@ -5,6 +5,8 @@
 // short of space needs writeback and GC to make room even then. Urgency lasts until the worker
 // has nothing left to do, because what it needs (a commit, a writeback round) may arrive only
 // after the urgent kick; the ordinary kicks that announce it must then still start the loop.
+// With background work on, writeback ends urgency sooner: once nobody waits for it (see
+// Writeback.wanted), since its ordinary kicks start the loop anyway.
 
 import { BackgroundTask, SerialSection } from '../lib/background_task.js';
 import type { CacheCore } from './cache_core.js';
@@ -17,7 +19,7 @@ export abstract class CacheWorker {
   private readonly task = new BackgroundTask(() => this.loop());
   /** Rounds from the loop and from step() run one at a time. */
   protected readonly rounds = new SerialSection();
-  /** A writer is short of space or a drain waits; cleared once there is nothing left to do. */
+  /** A writer is short of space or a drain waits; cleared once there is nothing left to do (or, for writeback with background work on, once nobody waits). */
   protected urgent = false;
   /** Ends the back-off sleep in progress, if any. */
   private endBackOff: (() => void) | undefined;

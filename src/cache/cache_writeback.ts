@@ -79,6 +79,11 @@ export class Writeback extends CacheWorker {
     }
     const core = this.core;
     const tuning = core.tuning;
+    // With background work on, urgency lasts while someone waits for it: a writer (or the
+    // log) short of space, or a drain. Then the watermarks decide again, instead of one space
+    // wait writing back everything. Without background work it lasts until nothing is left
+    // (cache_worker.ts says why).
+    if (this.urgent && core.background && core.spaceWaiters === 0 && this.waiters.length === 0) this.urgent = false;
     if (this.urgent || core.spaceWaiters > 0 || tuning.writebackStartPercent === 0) return true;
     const dirtyPercent = (core.stats.dirtyBytes * 100) / core.dataCapacityBytes;
     if (dirtyPercent >= tuning.writebackStartPercent) this.aboveWatermark = true;

@@ -154,3 +154,39 @@ describe('writeback policy', () => {
     await cache.close();
   });
 });
+
+describe('writeback urgency', () => {
+  it('ends once no writer waits for space: writeback then stops instead of writing everything back', async () => {
+    // The start watermark (90%) is above what the data segments can hold, so only a writer
+    // short of space can start writeback here; once it has its space, the policy takes over
+    // again and the rest stays dirty (no idle spell: the manual clock never moves).
+    const { cache } = await policyRig({ writebackStartPercent: 90, writebackStopPercent: 80 }, 50);
+    const core = cache.internals;
+    let offset = 0;
+    let sawWaiter = false;
+    while (cache.status().counters.writebackRounds === 0) {
+      const write = writeFlushed(cache, offset % (32 * MiB), 64 * 1024, 11);
+      await settle();
+      if (core.spaceWaiters > 0) sawWaiter = true;
+      await write;
+      offset += 64 * 1024;
+      assert.ok(offset < 64 * MiB, 'writeback never started');
+    }
+    assert.ok(sawWaiter, 'a writer waited for space');
+    await quiesce(cache);
+    await core.gc.idle();
+    await quiesce(cache);
+    assert.equal(core.spaceWaiters, 0);
+    const dirty = cache.status().dirtyBytes;
+    assert.ok(dirty > 0, 'writeback stopped once the writer had its space, with data still dirty');
+    // More writes keep working: the writer that needs space gets it again.
+    await writeFlushed(cache, 0, 2 * MiB, 12);
+    await quiesce(cache);
+    const got = new Uint8Array(2 * MiB);
+    await cache.read(got, 0);
+    assert.deepEqual(Buffer.from(got), Buffer.from(pattern(12, 0, 2 * MiB)));
+    await cache.drain();
+    assert.equal(cache.status().dirtyBytes, 0, 'a drain still writes everything back');
+    await cache.close();
+  });
+});
