@@ -1,10 +1,14 @@
 // The in-memory range index: which cached extent holds each byte of the backing device.
 //
 // The backing device's address space is cut into 4 MiB subtrees. A subtree holds its keys
-// sorted by offset in columnar typed arrays (nine u32 per key, 36 bytes), which keeps the
-// index compact — caches of hundreds of GiB hold tens of millions of keys — and makes a
-// lookup a binary search. Invariants of every subtree:
+// sorted by offset in typed arrays: a row of nine u32 per key (36 bytes), which keeps the
+// index compact — caches of hundreds of GiB hold tens of millions of keys — plus a dense
+// column of key ends (4 bytes per key) that lookups binary-search. The search touches one
+// 4 KiB array instead of a 36 KiB one: over the rows, every step of it was a cache miss, and
+// it was the largest single cost of a 4 KiB write in user space (docs/performance.md).
+// Invariants of every subtree:
 // - keys are sorted by offset and never overlap; every key lies inside the subtree;
+// - ends[i] is always row i's offset + length (every row mutation goes through this file);
 // - inserting a key cuts, splits or deletes whatever it overlaps (newer data wins).
 // Keys are data keys (dirty or CLEAN), ZERO keys (no data), or EMPTY placeholders for an
 // in-flight read miss, whose `segment` column holds the miss's ticket instead of a segment.
@@ -27,6 +31,8 @@ const colCrcLength = 8; // length of the original extent
 const stride = 9;
 
 const capacityInitialKeys = 4;
+/** Up to this many ends are moved by a loop: copyWithin's call costs more than copying them. */
+const endsCopyLoopMax = 32;
 /** Keys are whole sectors, so a 4 MiB subtree never holds more than this many. */
 const capacityMaxKeys = subtreeSizeBytes / 512;
 
@@ -69,6 +75,8 @@ export class Subtree {
   readonly baseBytes: number;
   count = 0;
   private cols = new Uint32Array(stride * capacityInitialKeys);
+  /** Relative end (offset + length) of every key, dense: what seek() searches. */
+  private ends = new Uint32Array(capacityInitialKeys);
 
   constructor(baseBytes: number) {
     this.baseBytes = baseBytes;
@@ -79,7 +87,7 @@ export class Subtree {
   }
 
   end(index: number): number {
-    return this.baseBytes + this.at(index, colOffset) + this.at(index, colLength);
+    return this.baseBytes + (this.ends[index] ?? 0);
   }
 
   length(index: number): number {
@@ -119,16 +127,49 @@ export class Subtree {
     return out;
   }
 
-  /** Index of the first key that ends after `offsetBytes` (count if none). */
+  /**
+   * Index of the first key that ends after `offsetBytes` (count if none).
+   *
+   * Starts from where the key would be if the subtree's keys were spread evenly, and gallops
+   * from there to bracket the answer before bisecting. A subtree full of equal keys (random 4 KiB
+   * writes fill them so) answers in two probes; a plain bisection of 1,024 keys takes ten, each
+   * a likely branch miss.
+   */
   seek(offsetBytes: number): number {
     const relative = offsetBytes - this.baseBytes;
+    const count = this.count;
+    const ends = this.ends;
+    if (count === 0) return 0;
+    // The answer lies in [low, high].
     let low = 0;
-    let high = this.count;
-    const c = this.cols;
+    let high = count;
+    const guess = Math.min(count - 1, Math.floor((relative * count) / subtreeSizeBytes));
+    if ((ends[guess] ?? 0) > relative) {
+      high = guess;
+      for (let step = 1; ; step *= 2) {
+        const probe = high - step;
+        if (probe < 0) break;
+        if ((ends[probe] ?? 0) <= relative) {
+          low = probe + 1;
+          break;
+        }
+        high = probe;
+      }
+    } else {
+      low = guess + 1;
+      for (let step = 1; ; step *= 2) {
+        const probe = low + step - 1;
+        if (probe >= count) break;
+        if ((ends[probe] ?? 0) > relative) {
+          high = probe;
+          break;
+        }
+        low = probe + 1;
+      }
+    }
     while (low < high) {
       const mid = (low + high) >>> 1;
-      const at = mid * stride;
-      if ((c[at + colOffset] ?? 0) + (c[at + colLength] ?? 0) > relative) high = mid;
+      if ((ends[mid] ?? 0) > relative) high = mid;
       else low = mid + 1;
     }
     return low;
@@ -161,7 +202,7 @@ export class Subtree {
       if (this.at(first, colOffset) + this.at(first, colLength) > keyEnd) {
         // T contains K: split T around K.
         this.makeRoom(first + 1, 2);
-        this.cols.copyWithin((first + 2) * stride, first * stride, (first + 1) * stride);
+        this.copyRow(first, first + 2);
         this.cutFront(first + 2, keyEnd);
         this.store(first + 1, key);
         this.cutBack(first, keyStart);
@@ -172,7 +213,7 @@ export class Subtree {
       first++;
     }
     let last = first;
-    while (last < this.count && this.at(last, colOffset) + this.at(last, colLength) <= keyEnd) last++;
+    while (last < this.count && (this.ends[last] ?? 0) <= keyEnd) last++;
     // Keys first .. last-1 lie inside K. Key `last`, if it starts before K's end, overlaps K's tail.
     if (last < this.count && this.at(last, colOffset) < keyEnd) this.cutFront(last, keyEnd);
     this.replace(first, last - first, key);
@@ -181,7 +222,7 @@ export class Subtree {
   /** Removes key `index`. */
   removeAt(index: number): void {
     assert(index >= 0 && index < this.count, 'subtree index out of range');
-    this.cols.copyWithin(index * stride, (index + 1) * stride, this.count * stride);
+    this.moveRows(index + 1, index);
     this.count--;
     this.maybeShrink();
   }
@@ -194,10 +235,11 @@ export class Subtree {
     if (fill.lengthBytes < length) {
       // Split: the front becomes CLEAN, the rest stays a placeholder with the same ticket.
       this.makeRoom(index + 1, 1);
-      this.cols.copyWithin((index + 1) * stride, index * stride, (index + 1) * stride);
+      this.copyRow(index, index + 1);
       this.set(index + 1, colOffset, this.at(index, colOffset) + fill.lengthBytes);
       this.set(index + 1, colLength, length - fill.lengthBytes);
       this.set(index, colLength, fill.lengthBytes);
+      this.ends[index] = this.at(index, colOffset) + fill.lengthBytes;
     }
     this.set(index, colFlags, keyFlagClean);
     this.set(index, colSegment, fill.segment);
@@ -210,7 +252,7 @@ export class Subtree {
 
   /** Heap bytes this subtree's key storage occupies. */
   get storageBytes(): number {
-    return this.cols.byteLength;
+    return this.cols.byteLength + this.ends.byteLength;
   }
 
   private at(index: number, column: number): number {
@@ -233,6 +275,28 @@ export class Subtree {
     c[at + colCrc] = key.crc;
     c[at + colCrcDelta] = key.crcDeltaBytes;
     c[at + colCrcLength] = key.crcLengthBytes;
+    this.ends[index] = key.offsetBytes - this.baseBytes + key.lengthBytes;
+  }
+
+  /** Copies row `from` (and its end) over row `to`. */
+  private copyRow(from: number, to: number): void {
+    this.cols.copyWithin(to * stride, from * stride, (from + 1) * stride);
+    this.ends[to] = this.ends[from] ?? 0;
+  }
+
+  /** Moves rows `from` .. count-1 (and their ends) to start at `to`. */
+  private moveRows(from: number, to: number): void {
+    const moved = this.count - from;
+    if (moved <= 0) return;
+    this.cols.copyWithin(to * stride, from * stride, this.count * stride);
+    const ends = this.ends;
+    if (moved > endsCopyLoopMax) {
+      ends.copyWithin(to, from, this.count);
+    } else if (to > from) {
+      for (let i = moved - 1; i >= 0; i--) ends[to + i] = ends[from + i] ?? 0;
+    } else {
+      for (let i = 0; i < moved; i++) ends[to + i] = ends[from + i] ?? 0;
+    }
   }
 
   /** Cuts key `index` so that it starts at `newStart` (relative); data keys move their data pointer along. */
@@ -240,6 +304,7 @@ export class Subtree {
     const start = this.at(index, colOffset);
     const delta = newStart - start;
     assert(delta > 0 && delta < this.at(index, colLength), 'front cut out of range');
+    // The end stays where it was.
     this.set(index, colOffset, newStart);
     this.set(index, colLength, this.at(index, colLength) - delta);
     if (isDataKey(this.at(index, colFlags))) {
@@ -253,6 +318,7 @@ export class Subtree {
     const start = this.at(index, colOffset);
     assert(newEnd > start && newEnd < start + this.at(index, colLength), 'back cut out of range');
     this.set(index, colLength, newEnd - start);
+    this.ends[index] = newEnd;
   }
 
   /** Replaces `removeCount` keys at `index` with `key`. */
@@ -260,7 +326,7 @@ export class Subtree {
     if (removeCount === 0) {
       this.makeRoom(index, 1);
     } else if (removeCount > 1) {
-      this.cols.copyWithin((index + 1) * stride, (index + removeCount) * stride, this.count * stride);
+      this.moveRows(index + removeCount, index + 1);
       this.count -= removeCount - 1;
     }
     this.store(index, key);
@@ -273,11 +339,15 @@ export class Subtree {
     if (needed * stride > this.cols.length) {
       let capacity = this.cols.length / stride;
       while (capacity < needed) capacity *= 2;
-      const grown = new Uint32Array(Math.min(capacity, capacityMaxKeys) * stride);
+      capacity = Math.min(capacity, capacityMaxKeys);
+      const grown = new Uint32Array(capacity * stride);
       grown.set(this.cols.subarray(0, this.count * stride));
       this.cols = grown;
+      const grownEnds = new Uint32Array(capacity);
+      grownEnds.set(this.ends.subarray(0, this.count));
+      this.ends = grownEnds;
     }
-    this.cols.copyWithin((index + slots) * stride, index * stride, this.count * stride);
+    this.moveRows(index, index + slots);
     this.count = needed;
   }
 
@@ -287,6 +357,9 @@ export class Subtree {
       const shrunk = new Uint32Array((capacity / 2) * stride);
       shrunk.set(this.cols.subarray(0, this.count * stride));
       this.cols = shrunk;
+      const shrunkEnds = new Uint32Array(capacity / 2);
+      shrunkEnds.set(this.ends.subarray(0, this.count));
+      this.ends = shrunkEnds;
     }
   }
 }

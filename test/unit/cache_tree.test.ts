@@ -154,3 +154,59 @@ describe('index insert: random inserts match a per-sector model', () => {
     }
   });
 });
+
+describe('index seek: the column of key ends stays true under every kind of change', () => {
+  /** seek by definition: the first key that ends after `offset`, found by walking every key. */
+  function seekByScan(t: Subtree, offsetBytes: number): number {
+    for (let i = 0; i < t.count; i++) if (t.start(i) + t.length(i) > offsetBytes) return i;
+    return t.count;
+  }
+
+  function check(t: Subtree, prng: Prng, context: string): void {
+    for (let i = 0; i < t.count; i++) {
+      assert.equal(t.end(i), t.start(i) + t.length(i), `${context}: end of key ${i}`);
+      // Every key's own edges, and the sector before it.
+      for (const at of [t.start(i), t.end(i) - S, t.end(i), Math.max(0, t.start(i) - S)]) {
+        if (at < subtreeBytes) assert.equal(t.seek(at), seekByScan(t, at), `${context}: seek(${at / S})`);
+      }
+    }
+    for (let probe = 0; probe < 64; probe++) {
+      const at = prng.nextInt(subtreeBytes / S) * S;
+      assert.equal(t.seek(at), seekByScan(t, at), `${context}: seek(${at / S})`);
+    }
+  }
+
+  it('inserts of every size, placeholder fills, removals and shrinking, across a whole subtree', () => {
+    const seed = Number(process.env.PCACHE_SEED ?? 99);
+    const prng = new Prng(seed);
+    const sectors = subtreeBytes / S;
+    for (let round = 0; round < 6; round++) {
+      const t = new Subtree(round * subtreeBytes);
+      const base = round * subtreeBytes / S;
+      for (let step = 0; step < 1500; step++) {
+        const choice = prng.nextInt(10);
+        if (choice < 6 || t.count === 0) {
+          // Mostly 4 KiB keys on 4 KiB boundaries (the shape random writes give), some of any size.
+          const small = prng.nextInt(4) !== 0;
+          const length = small ? 8 : 1 + prng.nextInt(2048);
+          const start = small ? prng.nextInt(sectors / 8) * 8 : prng.nextInt(sectors - length);
+          t.insert(key(base + start, length, 1 + step, prng.nextInt(8) === 0 ? keyFlagEmpty : 0));
+        } else if (choice < 8) {
+          t.removeAt(prng.nextInt(t.count));
+        } else {
+          // Fill the front of a placeholder, if there is one.
+          for (let i = 0; i < t.count; i++) {
+            if ((t.flags(i) & keyFlagEmpty) === 0) continue;
+            const lengthSectors = 1 + prng.nextInt(t.length(i) / S);
+            t.fillPlaceholder(i, { lengthBytes: lengthSectors * S, segment: 7, segmentOffsetBytes: 0, gen: 1, crc: 0 });
+            break;
+          }
+        }
+        if (step % 25 === 0) check(t, prng, `seed ${seed}, round ${round}, step ${step}`);
+      }
+      // Removing most keys shrinks the storage: the ends must survive that too.
+      while (t.count > 3) t.removeAt(prng.nextInt(t.count));
+      check(t, prng, `seed ${seed}, round ${round}, after shrinking`);
+    }
+  });
+});

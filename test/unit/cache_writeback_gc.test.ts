@@ -176,6 +176,41 @@ describe('garbage collection', () => {
     assert.deepEqual(await cache.check(), []);
   });
 
+  it('sweeps stale index entries once a sixteenth of the segments has been freed, and reads stay right before that', async () => {
+    // 32 segments: a sweep every 2 freed segments. GC starts at 10%. One 4 KiB key per kset
+    // (a flush after every write), so that a GC round (64 ksets) frees at most one segment.
+    const rig = await recordingRig({ segments: 32, gcPercent: 10 });
+    const { cache } = rig;
+    const blockBytes = 4096;
+    const blocks = 6 * (MiB / blockBytes);
+    for (let i = 0; i < blocks; i++) {
+      await cache.write(pattern(i, i * blockBytes, blockBytes), i * blockBytes);
+      await cache.flush();
+    }
+    await cache.drain();
+    const freed = (): number => cache.status().counters.gcSegmentsFreed;
+    let sawUnswept = false;
+    let swept = false;
+    while (await cache.gcStep()) {
+      const keys = cache.status().indexKeys;
+      if (freed() < 2) {
+        // A segment of 256 keys may have been freed: its index entries are stale but still
+        // there (no sweep yet), and a read skips them.
+        assert.equal(keys, blocks, `no sweep before 2 segments are freed (${freed()} so far)`);
+        if (freed() > 0) {
+          sawUnswept = true;
+          assert.deepEqual(await readBytes(cache, 0, blockBytes), pattern(0, 0, blockBytes));
+        }
+      } else if (!swept) {
+        swept = true;
+        assert.ok(keys < blocks - 256, `the sweep ran once ${freed()} segments were freed (${keys} keys left)`);
+      }
+    }
+    assert.ok(sawUnswept && swept, 'GC freed one segment, then a second, in separate rounds');
+    for (let i = 0; i < blocks; i += 97) assert.deepEqual(await readBytes(cache, i * blockBytes, blockBytes), pattern(i, i * blockBytes, blockBytes));
+    assert.deepEqual(await cache.check(), []);
+  });
+
   it('a full cache makes writes wait for space instead of failing them', async () => {
     const rig = await recordingRig({ segments: 6, gcPercent: 0 });
     const { cache, backingDevice } = rig;
