@@ -190,6 +190,8 @@ export class WriteGroup {
     this.pieces = [];
     this.writes = [];
     this.scheduled = false;
+    // For writeback's idle rule: a group is the writes of one turn, so one clock read serves all.
+    core.lastWriteMs = core.timers.now();
     const failed = new Set<GroupedPiece>();
     const fail = (from: number, to: number, error: unknown): void => {
       if (!isPcacheError(error)) throw error;
@@ -264,12 +266,11 @@ export function cacheWrite(core: CacheCore, source: Uint8Array, offsetBytes: num
   }
   core.stats.writeRequests++;
   core.stats.writeBytes += source.length;
-  const startedMs = core.timers.now();
-  core.lastWriteMs = startedMs;
-  if (fua || core.backingOfflineSinceMs !== undefined || core.log.full) return track(cacheWriteInParts(core, source, offsetBytes, fua, startedMs, undefined));
+  // No clock read here: the write group notes the time of the last write once per group.
+  if (fua || core.backingOfflineSinceMs !== undefined || core.log.full) return track(cacheWriteInParts(core, source, offsetBytes, fua, core.timers.now(), undefined));
   const wanted = Math.min(source.length, subtreeEnd(offsetBytes) - offsetBytes, core.keyMaxBytes);
   const space = core.head.alloc(wanted);
-  if (space === undefined || space.lengthBytes !== source.length) return track(cacheWriteInParts(core, source, offsetBytes, fua, startedMs, space));
+  if (space === undefined || space.lengthBytes !== source.length) return track(cacheWriteInParts(core, source, offsetBytes, fua, core.timers.now(), space));
   // Not tracked: close() waits for the write group itself (published), which saves a promise per write.
   return core.writes.addOne(writeRecord(core, offsetBytes, space, source), source);
 }
