@@ -13,6 +13,7 @@
 // (*) The message gives the dirty byte count (or says it is unknown) and how to drain first:
 // forcing never silently discards data the backing device does not have yet.
 
+import fs from 'node:fs';
 import { Cache } from '../cache/cache.js';
 import { checkCacheDevice } from '../cache/cache_check.js';
 import { probeDevice, type FormatOptions } from '../cache/cache_dev.js';
@@ -26,13 +27,15 @@ import { refuseIfInUse } from './in_use.js';
 import type { Terminal } from './terminal.js';
 
 export async function formatCommand(args: FormatArgs, terminal: Terminal): Promise<number> {
-  ensureDeviceFile(args.cachePath, args.cacheSizeBytes, '--cache-size');
-  refuseIfInUse(args.cachePath, 'format');
-  // Only the backing device's size and identity are read (an NBD export: one connection).
+  // The backing device opens first: a wrong backing path must not leave a new cache file
+  // behind. Only its size and identity are read (an NBD export: one connection).
   const backing = args.backingIsUri
     ? await NbdRemoteDevice.open(args.backingPath, { connections: 1, readOnly: true, reconnect: { attemptsMax: 0 } })
     : await FileDevice.open(args.backingPath, { readOnly: true });
+  let created = false;
   try {
+    created = ensureDeviceFile(args.cachePath, args.cacheSizeBytes, '--cache-size');
+    refuseIfInUse(args.cachePath, 'format');
     const device = await FileDevice.open(args.cachePath);
     try {
       const refusal = await refusalFor(device, args);
@@ -51,6 +54,10 @@ export async function formatCommand(args: FormatArgs, terminal: Terminal): Promi
     } finally {
       await device.close();
     }
+  } catch (error) {
+    // A cache file this command created holds nothing of anyone's: a failed format removes it.
+    if (created) fs.rmSync(args.cachePath, { force: true });
+    throw error;
   } finally {
     await backing.close();
   }

@@ -119,8 +119,10 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
   const startedAt = new Date();
   let served: Served;
   let server: NbdServer;
+  let created: string[] = [];
+  let listening = false;
   try {
-    const created = prepareFiles(args);
+    created = prepareFiles(args);
     if (!args.noCache) refuseIfInUse(args.cachePath, 'serve');
     const opened = await openBacking(args, log);
     const backing = recorded(args, 'backing', opened.device);
@@ -139,6 +141,7 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
     });
     server = nbd;
     const address = await server.listen(args.listen);
+    listening = true;
     closers.push(() => nbd.close());
     const uri = uriOf(address, args.exportName);
     const backingName = args.backingIsUri ? args.backingPath : path.resolve(args.backingPath);
@@ -193,6 +196,9 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
     });
   } catch (error) {
     await closeAll(closers);
+    // Files this start created hold nothing of anyone's until a client could connect: a start
+    // that fails before listening removes them, so a mistyped flag leaves no litter behind.
+    if (!listening) for (const file of created) fs.rmSync(file, { force: true });
     throw error;
   }
   const request = await stops.nth(0);

@@ -68,9 +68,18 @@ describe('pcache format', () => {
     const missing = { ...f, cache: path.join(f.dir, 'new.img') };
     assertOneLineError(await format(missing), 1, /new\.img does not exist \(give --cache-size SIZE to create it\)/);
     assert.equal(fs.existsSync(missing.cache), false);
+    // A missing backing device is refused before the cache file is created.
+    const noBacking = { ...missing, backing: path.join(f.dir, 'no-such-backing.img') };
+    assertOneLineError(await format(noBacking, '--cache-size', '6M'), 1, /no-such-backing\.img/);
+    assert.equal(fs.existsSync(missing.cache), false, 'no cache file is left behind');
     const created = await format(missing, '--cache-size', '6M');
     assert.equal(created.code, 0, created.stderr);
     assert.equal(fs.statSync(missing.cache).size, 6 * MiB);
+    // A format that fails after creating the file (a segment size the device cannot hold) removes it again.
+    const tooSmall = { ...f, cache: path.join(f.dir, 'small.img') };
+    const refused = await runCli(['format', '--cache', tooSmall.cache, '--backing', f.backing, '--cache-size', '2M', '--segment-size', '4M']);
+    assertOneLineError(refused, 1, /holds 0 segments of 4194304 bytes; at least \d+ are needed/);
+    assert.equal(fs.existsSync(tooSmall.cache), false, 'the file this failed format created is gone');
   });
 
   it('refuses a non-blank device that is not a cache without --force, leaving it byte for byte unchanged', async (t) => {

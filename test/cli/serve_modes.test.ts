@@ -78,6 +78,7 @@ describe('serve refusals', () => {
     const refused = await runCli(['serve', '--cache', cache, '--backing', path.join(dir, 'b.img'), '--backing-size', '16M', '--socket', path.join(dir, 's.sock')]);
     assertOneLineError(refused, 1, /holds data that is not a pcache cache; refusing to touch it/);
     assert.ok(fs.readFileSync(cache).equals(foreign));
+    assert.equal(fs.existsSync(path.join(dir, 'b.img')), false, 'the backing file this failed start created is gone');
   });
 
   it('refuses a second server on a cache in use, and a socket another server listens on', async (t) => {
@@ -91,6 +92,8 @@ describe('serve refusals', () => {
     const other = path.join(dir, 'other-cache.img');
     const squatter = await runCli(['serve', '--cache', other, '--cache-size', '128M', '--backing', path.join(dir, 'c.img'), '--backing-size', '16M', '--socket', socket]);
     assertOneLineError(squatter, 1, /s\.sock is in use by another server/);
+    assert.equal(fs.existsSync(other), false, 'the cache file this failed start created is gone');
+    assert.equal(fs.existsSync(path.join(dir, 'c.img')), false, 'and so is its backing file');
     assert.equal(await first.stop(), 0);
   });
 });
