@@ -13,7 +13,12 @@
 // (through its control socket) before the next run, so writeback never steals CPU from a peer.
 // The cache file is written full of zeroes first: a real cache device (pmem, an NVMe
 // partition) has its blocks already, whereas a sparse tmpfs file would charge the first lap of
-// the log for page allocation. Servers are separate processes started by the real CLI.
+// the log for page allocation. For the same reason the cache and backing files are read through
+// before every write run, whichever server it is for: this VM's host takes back memory left idle
+// for a minute or two, and the first write into such a page costs 2-5x (processes.ts,
+// readThrough). Without it pcache's early write runs, whose log moves onto pages untouched since
+// the files were made, paid for that and nbdkit's, which rewrite the same 512 MiB, did not.
+// Servers are separate processes started by the real CLI.
 // PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
 
 import type { ChildProcess } from 'node:child_process';
@@ -21,7 +26,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { controlRequest } from '../src/cli/control.js';
 import { median, param, report, smoke } from './harness.js';
-import { fioJob, makeBenchFiles, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+import { fioJob, makeBenchFiles, readThrough, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -120,6 +125,10 @@ async function main(): Promise<void> {
       for (let round = 0; round < rounds; round++) {
         for (let turn = 0; turn < order.length; turn++) {
           const name = order[(round + turn) % order.length] ?? 'pcache';
+          if (workload.rw === 'randwrite') {
+            readThrough(cache);
+            readThrough(backing);
+          }
           results[name].push(await fio(byName(name), workload));
           if (name === 'pcache' && workload.rw === 'randwrite') await controlRequest(control, 'drain');
         }
