@@ -3,9 +3,9 @@
 // The backing device's address space is cut into 4 MiB subtrees. A subtree holds its keys
 // sorted by offset in typed arrays: a row of nine u32 per key (36 bytes), which keeps the
 // index compact — caches of hundreds of GiB hold tens of millions of keys — plus a dense
-// column of key ends (4 bytes per key) that lookups binary-search. The search touches one
-// 4 KiB array instead of a 36 KiB one: over the rows, every step of it was a cache miss, and
-// it was the largest single cost of a 4 KiB write in user space (docs/performance.md).
+// column of key ends (4 bytes per key) that lookups search. The search touches one 4 KiB
+// array instead of 36 KiB of rows: over the rows, every step of a bisection was a cache miss,
+// and it was the largest single cost of a 4 KiB write in user space (docs/performance.md).
 // Invariants of every subtree:
 // - keys are sorted by offset and never overlap; every key lies inside the subtree;
 // - ends[i] is always row i's offset + length (every row mutation goes through this file);
