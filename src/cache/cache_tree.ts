@@ -199,7 +199,7 @@ export class Subtree {
     assert(keyStart >= 0 && keyEnd <= subtreeSizeBytes && key.lengthBytes > 0, 'key outside its subtree');
     let first = this.seek(key.offsetBytes);
     if (first < this.count && this.at(first, colOffset) < keyStart) {
-      if (this.at(first, colOffset) + this.at(first, colLength) > keyEnd) {
+      if ((this.ends[first] ?? 0) > keyEnd) {
         // T contains K: split T around K.
         this.makeRoom(first + 1, 2);
         this.copyRow(first, first + 2);
