@@ -151,12 +151,12 @@ export class Cache {
     const contents = await probeDevice(cacheDevice);
     if (contents === 'blank') {
       if (options.formatIfBlank === undefined || options.formatIfBlank === false) {
-        throw new PcacheError('FOREIGN', 'the cache device is blank; format it first');
+        throw new PcacheError('FOREIGN', 'the cache device is blank; format it first', { reason: 'blank-device' });
       }
       if (options.readOnly === true) throw new PcacheError('EPERM', 'cannot format a cache device opened read-only');
       await formatCacheDevice(cacheDevice, backingDevice, options.formatIfBlank === true ? {} : options.formatIfBlank);
     } else if (contents === 'other') {
-      throw new PcacheError('FOREIGN', 'the cache device holds data that is not a pcache cache; refusing to touch it');
+      throw new PcacheError('FOREIGN', 'the cache device holds data that is not a pcache cache; refusing to touch it', { reason: 'not-pcache' });
     }
     const metadata = await readCacheMetadata(cacheDevice);
     checkBacking(metadata, backingDevice, options.acceptOtherBackingIdentity === true);
@@ -497,16 +497,13 @@ export class Cache {
   }
 }
 
-/** Ends the refusal of a backing device with another identity (the CLI names its flag after it). */
-export const otherBackingIdentityHint = 'accept it only if it is a copy of that device';
-
 function checkBacking(metadata: CacheMetadata, backing: BlockDevice, acceptOtherIdentity: boolean): void {
   const sb = metadata.sb;
   if (sb.backingSizeBytes !== backing.sizeBytes) {
-    throw new PcacheError('FOREIGN', `this cache belongs to a backing device of ${sb.backingSizeBytes} bytes, but the backing device has ${backing.sizeBytes}`);
+    throw new PcacheError('FOREIGN', `this cache belongs to a backing device of ${sb.backingSizeBytes} bytes, but the backing device has ${backing.sizeBytes}`, { reason: 'other-backing-size' });
   }
   if (sb.backingIdentity !== '' && backing.identity !== undefined && sb.backingIdentity !== backing.identity && !acceptOtherIdentity) {
-    throw new PcacheError('FOREIGN', `this cache belongs to backing device "${sb.backingIdentity}", not "${backing.identity}" (${otherBackingIdentityHint})`);
+    throw new PcacheError('FOREIGN', `this cache belongs to backing device "${sb.backingIdentity}", not "${backing.identity}" (accept it only if it is a copy of that device)`, { reason: 'other-backing-identity' });
   }
 }
 

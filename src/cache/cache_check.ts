@@ -70,7 +70,7 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
     return { problems: [error.message], warnings, summary: undefined, rebuilt: undefined, replay: undefined };
   }
   for (const choice of [metadata.cacheInfo, metadata.keyTail, metadata.dirtyTail, ...metadata.segmentInfos, ...metadata.gens]) {
-    for (const problem of choice.problems) if (!problem.endsWith('never written (all zero)')) warnings.push(`${problem} (the other copy is used)`);
+    for (const problem of choice.damage) warnings.push(`${problem} (the other copy is used)`);
   }
   problems.push(...segmentChainProblems(metadata));
 

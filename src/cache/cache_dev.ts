@@ -197,7 +197,7 @@ export async function probeDevice(device: BlockDevice): Promise<DeviceContents> 
 export async function readCacheMetadata(device: BlockDevice): Promise<CacheMetadata> {
   const sbBytes = new Uint8Array(superblockRecordBytes);
   await device.read(sbBytes, superblockOffsetBytes);
-  if (!hasSuperblockMagic(sbBytes)) throw new PcacheError('FOREIGN', 'the cache device holds no pcache superblock');
+  if (!hasSuperblockMagic(sbBytes)) throw new PcacheError('FOREIGN', 'the cache device holds no pcache superblock', { reason: 'not-pcache' });
   const decodedSb = decodeSuperblock(sbBytes, device.sizeBytes);
   if (!decodedSb.ok) throw new PcacheError('CORRUPT', decodedSb.problem);
   const sb = decodedSb.value;

@@ -21,7 +21,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { Cache, dmStatusLine, otherBackingIdentityHint, type CacheTuning } from '../cache/cache.js';
+import { Cache, dmStatusLine, type CacheTuning } from '../cache/cache.js';
 import { probeDevice } from '../cache/cache_dev.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { DeviceExport } from '../device/device_export.js';
@@ -329,8 +329,8 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
     });
   } catch (error) {
     if (!isPcacheError(error)) throw error;
-    const hint = error.message.endsWith(`(${otherBackingIdentityHint})`) ? ': add --force-backing to accept it' : '';
-    throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath}: ${error.message}${hint}`, { cause: error });
+    const hint = error.reason === 'other-backing-identity' ? ': add --force-backing to accept it' : '';
+    throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath}: ${error.message}${hint}`, { cause: error, reason: error.reason });
   }
   closers.push(() => cache.close());
   if (args.gcPercent !== undefined && !formatted) await cache.setGcPercent(args.gcPercent);

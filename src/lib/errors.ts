@@ -29,13 +29,29 @@ export type PcacheErrorCode =
   /** A device holds something that is not this backing device's pcache cache. */
   | 'FOREIGN';
 
+/**
+ * Why, more precisely than the code, where a caller decides what to do by it. A closed set:
+ * callers switch on it, never on the message text, which is for people and may change.
+ */
+export type PcacheErrorReason =
+  /** The cache device is blank and the caller did not ask for it to be formatted. */
+  | 'blank-device'
+  /** The device holds data that is not a pcache cache. */
+  | 'not-pcache'
+  /** The cache was formatted for a backing device of another size. */
+  | 'other-backing-size'
+  /** The cache was formatted for a backing device with another identity (a copy may be accepted). */
+  | 'other-backing-identity';
+
 export class PcacheError extends Error {
   override readonly name = 'PcacheError';
   readonly code: PcacheErrorCode;
+  readonly reason: PcacheErrorReason | undefined;
 
-  constructor(code: PcacheErrorCode, message: string, options?: { cause?: unknown }) {
-    super(message, options);
+  constructor(code: PcacheErrorCode, message: string, options?: { cause?: unknown; reason?: PcacheErrorReason | undefined }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.code = code;
+    this.reason = options?.reason;
   }
 }
 

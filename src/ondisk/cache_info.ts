@@ -43,7 +43,7 @@ export function cacheInfoFlags(info: CacheInfo): number {
 export function decodeCacheInfo(record: Uint8Array, segmentCount: number, name = 'cache_info'): Decoded<CacheInfo> {
   const bytes = record.subarray(0, cacheInfoRecordBytes);
   const checked = checkMetaRecord(bytes, name);
-  if ('problem' in checked) return { ok: false, problem: checked.problem };
+  if ('problem' in checked) return { ok: false, ...checked };
   const flags = readU32LE(bytes, 8);
   const info: CacheInfo = {
     dataCrc: (flags & cacheInfoFlagDataCrc) !== 0,

@@ -30,7 +30,7 @@ export function encodeCachePos(pos: CachePos, seq: number): Uint8Array {
 export function decodeCachePos(record: Uint8Array, limits: { segmentCount: number; dataSizeBytes: number }, name: string): Decoded<CachePos> {
   const bytes = record.subarray(0, cachePosRecordBytes);
   const checked = checkMetaRecord(bytes, name);
-  if ('problem' in checked) return { ok: false, problem: checked.problem };
+  if ('problem' in checked) return { ok: false, ...checked };
   const pos: CachePos = { segment: readU32LE(bytes, 8), offsetBytes: readU32LE(bytes, 12) };
   if (pos.segment >= limits.segmentCount) return { ok: false, problem: `${name}: segment ${pos.segment} out of range` };
   if (pos.offsetBytes + ksetHeaderBytes > limits.dataSizeBytes) return { ok: false, problem: `${name}: offset ${pos.offsetBytes} past the data area` };

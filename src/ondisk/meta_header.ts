@@ -20,7 +20,8 @@ export const metaHeaderBytes = 8;
 
 export type Decoded<T> =
   | { readonly ok: true; readonly value: T; readonly seq: number }
-  | { readonly ok: false; readonly problem: string };
+  /** `blank`: the copy was never written (all zero), which a fresh format leaves; not damage. */
+  | { readonly ok: false; readonly problem: string; readonly blank?: true };
 
 /** Stamps seq, version and CRC into a record whose fields after the header are filled in. */
 export function sealMetaRecord(record: Uint8Array, seq: number): Uint8Array {
@@ -33,8 +34,8 @@ export function sealMetaRecord(record: Uint8Array, seq: number): Uint8Array {
 }
 
 /** Checks CRC and version; returns the copy's seq, or why the copy is unusable. */
-export function checkMetaRecord(record: Uint8Array, name: string): { seq: number } | { problem: string } {
-  if (isAllZero(record)) return { problem: `${name}: never written (all zero)` };
+export function checkMetaRecord(record: Uint8Array, name: string): { seq: number } | { problem: string; blank?: true } {
+  if (isAllZero(record)) return { problem: `${name}: never written (all zero)`, blank: true };
   const stored = readU32LE(record, 0);
   const computed = crc32c(record.subarray(4));
   if (stored !== computed) return { problem: `${name}: CRC mismatch (stored ${hex(stored)}, computed ${hex(computed)})` };
@@ -57,19 +58,25 @@ export interface DualCopyChoice<T> {
   readonly latestSeq: number;
   /** Why each invalid copy was rejected. */
   readonly problems: string[];
+  /** The problems of copies that were written but fail their checks (blank copies left out). */
+  readonly damage: string[];
 }
 
 /** Picks the newest valid copy of a dual-copy record. */
 export function chooseLatest<T>(copies: readonly [Decoded<T>, Decoded<T>]): DualCopyChoice<T> {
   const [first, second] = copies;
   const problems: string[] = [];
-  if (!first.ok) problems.push(first.problem);
-  if (!second.ok) problems.push(second.problem);
-  if (first.ok && (!second.ok || !seqAfter(second.seq, first.seq))) {
-    return { value: first.value, latestIndex: 0, latestSeq: first.seq, problems };
+  const damage: string[] = [];
+  for (const copy of copies) {
+    if (copy.ok) continue;
+    problems.push(copy.problem);
+    if (copy.blank !== true) damage.push(copy.problem);
   }
-  if (second.ok) return { value: second.value, latestIndex: 1, latestSeq: second.seq, problems };
-  return { value: undefined, latestIndex: undefined, latestSeq: 0, problems };
+  if (first.ok && (!second.ok || !seqAfter(second.seq, first.seq))) {
+    return { value: first.value, latestIndex: 0, latestSeq: first.seq, problems, damage };
+  }
+  if (second.ok) return { value: second.value, latestIndex: 1, latestSeq: second.seq, problems, damage };
+  return { value: undefined, latestIndex: undefined, latestSeq: 0, problems, damage };
 }
 
 /**

@@ -25,7 +25,7 @@ export function encodeSegmentGen(gen: number, seq: number): Uint8Array {
 export function decodeSegmentGen(record: Uint8Array, name: string): Decoded<number> {
   const bytes = record.subarray(0, segmentGenRecordBytes);
   const checked = checkMetaRecord(bytes, name);
-  if ('problem' in checked) return { ok: false, problem: checked.problem };
+  if ('problem' in checked) return { ok: false, ...checked };
   const gen = readU64LE(bytes, 8);
   if (!Number.isSafeInteger(gen)) return { ok: false, problem: `${name}: generation out of range` };
   return { ok: true, value: gen, seq: checked.seq };

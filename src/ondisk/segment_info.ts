@@ -32,7 +32,7 @@ export function encodeSegmentInfo(info: SegmentInfo, seq: number): Uint8Array {
 export function decodeSegmentInfo(record: Uint8Array, segmentCount: number, name: string): Decoded<SegmentInfo> {
   const bytes = record.subarray(0, segmentInfoRecordBytes);
   const checked = checkMetaRecord(bytes, name);
-  if ('problem' in checked) return { ok: false, problem: checked.problem };
+  if ('problem' in checked) return { ok: false, ...checked };
   const flags = readU32LE(bytes, 8);
   if ((flags & ~(flagHasNext | typeMask)) !== 0) return { ok: false, problem: `${name}: unknown flags 0x${flags.toString(16)}` };
   if ((flags & typeMask) >> typeShift !== segmentTypeCache) return { ok: false, problem: `${name}: not a cache segment` };

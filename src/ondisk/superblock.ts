@@ -67,7 +67,7 @@ export function decodeSuperblock(record: Uint8Array, deviceSizeBytes: number): D
   const bytes = record.subarray(0, superblockRecordBytes);
   if (!hasSuperblockMagic(bytes)) return { ok: false, problem: 'superblock: no pcache magic' };
   const checked = checkMetaRecord(bytes, 'superblock');
-  if ('problem' in checked) return { ok: false, problem: checked.problem };
+  if ('problem' in checked) return { ok: false, ...checked };
   const identityLength = readU16LE(bytes, 56);
   if (identityLength > backingIdentityMaxBytes) {
     return { ok: false, problem: `superblock: backing identity length ${identityLength} exceeds ${backingIdentityMaxBytes}` };
