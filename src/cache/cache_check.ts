@@ -13,11 +13,13 @@ import { ManualTimers } from '../lib/timers.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { keyFlagZero } from '../ondisk/kset.js';
 import { uuidToString } from '../ondisk/superblock.js';
-import { buildCore, type CacheCore } from './cache_core.js';
-import { defaultTuning } from './cache_tuning.js';
+import { CacheContext } from './cache_context.js';
 import { readCacheMetadata, segmentChainProblems, type CacheMetadata } from './cache_dev.js';
+import type { CacheEngine } from './cache_engine.js';
 import { replay, type ReplayResult } from './cache_replay.js';
-import { segmentKindData, segmentKindLog } from './cache_segment.js';
+import { segmentKindData, segmentKindFree, segmentKindLog } from './cache_segment.js';
+import { defaultTuning } from './cache_tuning.js';
+import { formatPosition } from './cache_types.js';
 
 export interface CheckSummary {
   readonly cacheUuid: string;
@@ -44,8 +46,8 @@ export interface CheckReport {
   readonly problems: string[];
   readonly warnings: string[];
   readonly summary: CheckSummary | undefined;
-  /** The read-only engine rebuilt by the check (for comparing with a live cache). */
-  readonly rebuilt: CacheCore | undefined;
+  /** The read-only state rebuilt by the check (for comparing with a live cache). */
+  readonly rebuilt: CacheContext | undefined;
   readonly replay: ReplayResult | undefined;
 }
 
@@ -74,7 +76,7 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
   }
   problems.push(...segmentChainProblems(metadata));
 
-  const core = buildCore(device, { ...unusableBacking, sizeBytes: metadata.sb.backingSizeBytes }, metadata, {
+  const ctx = new CacheContext(device, { ...unusableBacking, sizeBytes: metadata.sb.backingSizeBytes }, metadata, {
     readOnly: true,
     background: false,
     timers: new ManualTimers(),
@@ -83,7 +85,7 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
   const liveExtents: { segment: number; start: number; end: number; offset: number }[] = [];
   let result: ReplayResult;
   try {
-    result = await replay(core, metadata.dirtyTail.value, (record, live) => {
+    result = await replay(ctx, metadata.dirtyTail.value, (record, live) => {
       if (live && (record.flags & keyFlagZero) === 0) {
         liveExtents.push({ segment: record.segment, start: record.segmentOffsetBytes, end: record.segmentOffsetBytes + record.lengthBytes, offset: record.offsetBytes });
       }
@@ -105,7 +107,7 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
     }
   }
 
-  const segments = core.segments;
+  const segments = ctx.segments;
   let logSegments = 0;
   let dataSegments = 0;
   let freeSegments = 0;
@@ -125,10 +127,9 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
   }
   if (segments.freeCount !== freeSegments) problems.push(`free pool holds ${segments.freeCount} segments, ${freeSegments} are free`);
   if (logSegments + dataSegments + freeSegments !== segments.count) problems.push('segment accounting does not add up');
-  if (!(core.keyTail.lsn <= result.dirtyTail.lsn && result.dirtyTail.lsn <= result.keyHead.lsn)) {
+  if (!(ctx.keyTail.lsn <= result.dirtyTail.lsn && result.dirtyTail.lsn <= result.keyHead.lsn)) {
     problems.push('key_tail, dirty_tail and key_head are out of order');
   }
-  const pos = (p: { segment: number; offsetBytes: number }): string => `${p.segment}:${p.offsetBytes}`;
   return {
     problems,
     warnings,
@@ -140,20 +141,47 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
       backingIdentity: metadata.sb.backingIdentity,
       dataCrc: metadata.cacheInfo.value.dataCrc,
       gcPercent: metadata.cacheInfo.value.gcPercent,
-      keyTail: pos(core.keyTail),
-      dirtyTail: pos(result.dirtyTail),
-      keyHead: pos(result.keyHead),
+      keyTail: formatPosition(ctx.keyTail),
+      dirtyTail: formatPosition(result.dirtyTail),
+      keyHead: formatPosition(result.keyHead),
       ksets: result.ksets,
       keys: result.keys,
       staleKeys: result.staleKeys,
       logSegments,
       dataSegments,
       freeSegments,
-      dirtyBytes: core.stats.dirtyBytes,
+      dirtyBytes: ctx.stats.dirtyBytes,
       logEnd: result.stopReason,
     },
-    rebuilt: core,
+    rebuilt: ctx,
     replay: result,
   };
 }
 
+/**
+ * Compares what the checker rebuilt from the device with a running engine's own state; returns
+ * the report's problems plus every difference. The engine must be quiesced (everything
+ * committed, writeback and GC idle), or the two differ legitimately.
+ */
+export function compareWithEngine(report: CheckReport, engine: CacheEngine): string[] {
+  const problems = [...report.problems];
+  const rebuilt = report.rebuilt;
+  if (rebuilt === undefined || report.replay === undefined) return problems;
+  const ctx = engine.ctx;
+  const same = (what: string, mine: string | number, theirs: string | number): void => {
+    if (mine !== theirs) problems.push(`${what}: the running cache has ${mine}, the device says ${theirs}`);
+  };
+  same('key_tail', formatPosition(ctx.keyTail), formatPosition(rebuilt.keyTail));
+  same('dirty_tail', formatPosition(ctx.dirtyTail), formatPosition(report.replay.dirtyTail));
+  same('key_head', formatPosition(engine.log.durableHead), formatPosition(report.replay.keyHead));
+  same('dirty bytes', ctx.stats.dirtyBytes, rebuilt.stats.dirtyBytes);
+  const headSegment = engine.head.segment;
+  for (let segment = 0; segment < ctx.segments.count; segment++) {
+    const refs = (ctx.segments.refs[segment] ?? 0) - (segment === headSegment ? 1 : 0);
+    // The data head's segment holds no key yet until its first write lands: free on disk.
+    const kind = segment === headSegment && refs === 0 ? segmentKindFree : ctx.segments.kind[segment] ?? -1;
+    same(`segment ${segment} kind`, kind, rebuilt.segments.kind[segment] ?? -1);
+    same(`segment ${segment} references`, refs, rebuilt.segments.refs[segment] ?? 0);
+  }
+  return problems;
+}

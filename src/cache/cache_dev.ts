@@ -25,6 +25,7 @@ import { chooseLatest, DualCopyWriter, type Decoded, type DualCopyChoice } from 
 import { decodeSegmentGen, encodeSegmentGen } from '../ondisk/segment_gen.js';
 import { decodeSegmentInfo, encodeSegmentInfo, type SegmentInfo } from '../ondisk/segment_info.js';
 import { decodeSuperblock, encodeSuperblock, hasSuperblockMagic, superblockRecordBytes, type Superblock } from '../ondisk/superblock.js';
+import type { Io } from './cache_types.js';
 
 export interface FormatOptions {
   /** Bytes per segment; default 16 MiB, smallest 1 MiB. */
@@ -38,8 +39,6 @@ export interface FormatOptions {
   /** Format time to record (tests); default now. */
   formatTimeMs?: number;
 }
-
-type Io = Promise<void> | undefined;
 
 export class CacheDev {
   readonly device: BlockDevice;

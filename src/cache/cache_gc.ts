@@ -19,6 +19,7 @@
 
 import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
+import type { CacheContext } from './cache_context.js';
 import { CacheWorker, type RoundOutcome } from './cache_worker.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
 import { isDataKey } from './cache_tree.js';
@@ -34,24 +35,31 @@ export class Gc extends CacheWorker {
   private freedSinceSweep = 0;
   lastError: string | undefined;
 
+  constructor(ctx: CacheContext) {
+    super(ctx);
+    ctx.spaceNeeded.add(() => { this.kick(true); });
+    ctx.gcThresholdReached.add(() => { this.kick(false); });
+    ctx.dirtyTailAdvanced.add(() => { this.kick(false); });
+  }
+
   /** GC has work: reclaimable ksets and enough segments in use. */
   get due(): boolean {
-    const core = this.core;
-    return core.keyTail.lsn < core.dirtyTail.lsn && core.segments.usedCount >= core.gcThresholdSegments;
+    const ctx = this.ctx;
+    return ctx.keyTail.lsn < ctx.dirtyTail.lsn && ctx.segments.usedCount >= ctx.gcThresholdSegments;
   }
 
   /** One round, if one is due, and a sweep of stale index entries; for tests and the simulator. */
   async step(): Promise<boolean> {
     await this.idle();
-    if (this.core.stopped()) return false;
+    if (this.ctx.stopped()) return false;
     const outcome = this.due ? await this.rounds.run(() => this.round()) : 'nothing';
     this.maybeSweep();
     return outcome === 'advanced';
   }
 
   protected async loop(): Promise<void> {
-    const core = this.core;
-    while (core.state === 'running' && core.failure === undefined) {
+    const ctx = this.ctx;
+    while (ctx.state === 'running' && ctx.failure === undefined) {
       if (this.due) {
         const outcome = await this.rounds.run(() => this.round());
         if (outcome === 'failed') {
@@ -64,57 +72,57 @@ export class Gc extends CacheWorker {
         this.urgent = false;
         break;
       }
-      await core.timers.yieldToOthers();
+      await ctx.timers.yieldToOthers();
     }
   }
 
   private async round(): Promise<RoundOutcome> {
-    const core = this.core;
+    const ctx = this.ctx;
     try {
-      if (core.durableDirtyTail.lsn < core.dirtyTail.lsn) {
-        const dirtyTail = core.dirtyTail;
-        await core.dev.sync();
-        core.durableDirtyTail = dirtyTail;
+      if (ctx.durableDirtyTail.lsn < ctx.dirtyTail.lsn) {
+        const dirtyTail = ctx.dirtyTail;
+        await ctx.dev.sync();
+        ctx.durableDirtyTail = dirtyTail;
       }
-      const limit = core.durableDirtyTail;
-      let pos = core.keyTail;
+      const limit = ctx.durableDirtyTail;
+      let pos = ctx.keyTail;
       const puts: number[] = [];
       const leftLogSegments: number[] = [];
       let ksets = 0;
       while (ksets < gcKsetsPerRoundMax && pos.lsn < limit.lsn) {
-        const kset = await readKsetAt(core, pos, this.scratch);
+        const kset = await readKsetAt(ctx, pos, this.scratch);
         if (!kset.ok) throw new PcacheError('CORRUPT', `gc: the kset at segment ${pos.segment} offset ${pos.offsetBytes} is invalid: ${kset.problem}`);
         if (kset.kind === 'last') {
           leftLogSegments.push(pos.segment);
         } else {
           for (const key of kset.keys) {
             // Only keys that took a reference give one back: replay skips stale keys.
-            if ((key.flags & keyFlagZero) === 0 && key.gen === core.segments.gen[key.segment]) puts.push(key.segment);
+            if ((key.flags & keyFlagZero) === 0 && key.gen === ctx.segments.gen[key.segment]) puts.push(key.segment);
           }
         }
         pos = positionAfter(pos, kset);
         ksets++;
       }
-      if (ksets === 0 || core.stopped()) return 'nothing';
-      await core.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes });
-      await core.dev.sync();
-      if (core.stopped()) return 'nothing';
-      core.keyTail = pos;
+      if (ksets === 0 || ctx.stopped()) return 'nothing';
+      await ctx.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes });
+      await ctx.dev.sync();
+      if (ctx.stopped()) return 'nothing';
+      ctx.keyTail = pos;
       let freed = 0;
-      for (const segment of puts) if (core.segments.put(segment)) freed++;
+      for (const segment of puts) if (ctx.segments.put(segment)) freed++;
       for (const segment of leftLogSegments) {
-        core.segments.free(segment);
+        ctx.segments.free(segment);
         freed++;
       }
-      core.stats.gcKsets += ksets;
-      core.stats.gcSegmentsFreed += freed;
+      ctx.stats.gcKsets += ksets;
+      ctx.stats.gcSegmentsFreed += freed;
       this.freedSinceSweep += freed;
-      core.assertTailOrder();
+      ctx.assertKeyTailBehindDirtyTail();
       this.lastError = undefined;
       return 'advanced';
     } catch (error) {
       if (!isPcacheError(error)) throw error;
-      core.stats.gcErrors++;
+      ctx.stats.gcErrors++;
       this.lastError = error.message;
       return 'failed';
     }
@@ -122,10 +130,10 @@ export class Gc extends CacheWorker {
 
   /** Drops index entries that point into segments freed since they were written, once enough were freed. */
   private maybeSweep(): void {
-    const core = this.core;
-    if (this.freedSinceSweep === 0 || this.freedSinceSweep < Math.floor(core.segments.count / gcSweepSegmentsDivisor)) return;
+    const ctx = this.ctx;
+    if (this.freedSinceSweep === 0 || this.freedSinceSweep < Math.floor(ctx.segments.count / gcSweepSegmentsDivisor)) return;
     this.freedSinceSweep = 0;
-    core.stats.staleKeysRemoved += core.index.sweep((subtree, index) =>
-      isDataKey(subtree.flags(index)) && core.segments.genLow32(subtree.segment(index)) !== subtree.genLow32(index));
+    ctx.stats.staleKeysRemoved += ctx.index.sweep((subtree, index) =>
+      isDataKey(subtree.flags(index)) && ctx.segments.genLow32(subtree.segment(index)) !== subtree.genLow32(index));
   }
 }

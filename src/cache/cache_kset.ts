@@ -24,20 +24,15 @@
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
 import { BackgroundTask } from '../lib/background_task.js';
+import { Listeners } from '../lib/listeners.js';
 import type { TimerHandle } from '../lib/timers.js';
 import {
   decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, ksetBytesMax, ksetHeaderBytes, ksetKeysMax, sealKset,
   type DecodedKset, type KeyRecord,
 } from '../ondisk/kset.js';
-import type { CacheCore } from './cache_core.js';
+import type { CacheContext } from './cache_context.js';
 import { segmentKindLog } from './cache_segment.js';
-
-/** A position in the log. `lsn` orders positions: bytes of log appended since replay began. */
-export interface LogPos {
-  readonly segment: number;
-  readonly offsetBytes: number;
-  readonly lsn: number;
-}
+import type { LogPos } from './cache_types.js';
 
 export const ksetCloseDelayMs = 1000;
 /** Full ksets are committed in batches of this many (or after ksetCloseDelayMs), unless someone waits. */
@@ -61,7 +56,7 @@ interface DurableWaiter {
 }
 
 export class KsetLog {
-  private readonly core: CacheCore;
+  private readonly ctx: CacheContext;
   private open = new Uint8Array(ksetBufferBytes);
   private openCount = 0;
   private openTimer: TimerHandle | undefined;
@@ -82,11 +77,15 @@ export class KsetLog {
   keyHead: LogPos;
   /** End of the last kset known durable; writeback never reads past it. */
   durableHead: LogPos;
+  /** The log became durable up to the position given (writeback has new work). */
+  readonly durable = new Listeners<[LogPos]>();
 
-  constructor(core: CacheCore, keyHead: LogPos) {
-    this.core = core;
+  constructor(ctx: CacheContext, keyHead: LogPos) {
+    this.ctx = ctx;
     this.keyHead = keyHead;
     this.durableHead = keyHead;
+    ctx.failed.add((failure) => { this.abort(failure); });
+    ctx.spaceNeeded.add(() => { this.sealNow(); });
   }
 
   /** True when writers should wait (roomAvailable) before appending more keys. */
@@ -113,10 +112,10 @@ export class KsetLog {
     encodeKey(this.open, ksetHeaderBytes + this.openCount * keyBytes, key);
     this.openCount++;
     this.epochOpen = true;
-    if ((key.flags & keyFlagClean) === 0) this.core.stats.dirtyBytes += key.lengthBytes;
+    if ((key.flags & keyFlagClean) === 0) this.ctx.stats.dirtyBytes += key.lengthBytes;
     const seq = this.nextSeq;
     if (this.openCount === 1) {
-      this.openTimer = this.core.timers.after(ksetCloseDelayMs, () => {
+      this.openTimer = this.ctx.timers.after(ksetCloseDelayMs, () => {
         this.openTimer = undefined;
         if (this.openCount > 0 && seq === this.nextSeq) {
           this.seal(false);
@@ -144,7 +143,7 @@ export class KsetLog {
    * resolves, and the log records that an epoch ends here.
    */
   flush(): Promise<void> {
-    if (this.core.failure !== undefined) return Promise.reject(this.core.failure);
+    if (this.ctx.failure !== undefined) return Promise.reject(this.ctx.failure);
     if (this.openCount > 0) {
       this.seal(true);
     } else if (this.epochOpen) {
@@ -161,7 +160,7 @@ export class KsetLog {
 
   /** Makes the kset `seq` (returned by append) durable: the FUA path. */
   commit(seq: number): Promise<void> {
-    if (this.core.failure !== undefined) return Promise.reject(this.core.failure);
+    if (this.ctx.failure !== undefined) return Promise.reject(this.ctx.failure);
     if (seq === this.nextSeq && this.openCount > 0) this.seal(false);
     return this.waitDurable(seq);
   }
@@ -216,7 +215,7 @@ export class KsetLog {
       this.kick();
       return;
     }
-    this.commitTimer ??= this.core.timers.after(ksetCloseDelayMs, () => {
+    this.commitTimer ??= this.ctx.timers.after(ksetCloseDelayMs, () => {
       this.commitTimer = undefined;
       this.kick();
     });
@@ -232,7 +231,7 @@ export class KsetLog {
       // A run writes what is sealed when it starts; ksets sealed meanwhile join only when
       // another batch is due (commitDue), otherwise they wait for their batch or timer.
       for (let first = true; ; first = false) {
-        if (this.core.failure !== undefined) throw this.core.failure;
+        if (this.ctx.failure !== undefined) throw this.ctx.failure;
         let batch: SealedKset[] = [];
         let nextSegment: number | undefined;
         if (this.sealed.length > 0 && (first || this.commitDue())) {
@@ -245,12 +244,12 @@ export class KsetLog {
         }
         const coversSeq = this.writtenSeq;
         const coversHead = this.keyHead;
-        await this.core.dev.sync();
+        await this.ctx.dev.sync();
         this.becameDurable(coversSeq, coversHead);
         if (batch.length > 0) await this.writeBatch(batch, nextSegment);
       }
     } catch (error) {
-      this.core.fail(error, 'committing ksets to the cache device');
+      this.ctx.fail(error, 'committing ksets to the cache device');
     }
   }
 
@@ -259,7 +258,7 @@ export class KsetLog {
    * log segment and the ksets that fit at its start. Waits for a free segment if needed.
    */
   private async planBatch(): Promise<{ batch: SealedKset[]; nextSegment: number | undefined }> {
-    const dataSizeBytes = this.core.dev.dataSizeBytes;
+    const dataSizeBytes = this.ctx.dev.dataSizeBytes;
     const fits = (offsetBytes: number, kset: SealedKset): boolean =>
       offsetBytes + ksetHeaderBytes + kset.keyCount * keyBytes + ksetHeaderBytes <= dataSizeBytes;
     let nextSegment: number | undefined;
@@ -283,39 +282,39 @@ export class KsetLog {
   }
 
   private async takeLogSegment(): Promise<number> {
-    const core = this.core;
+    const ctx = this.ctx;
     for (;;) {
-      if (core.failure !== undefined) throw core.failure;
-      const segment = core.segments.allocate(segmentKindLog);
+      if (ctx.failure !== undefined) throw ctx.failure;
+      const segment = ctx.segments.allocate(segmentKindLog);
       if (segment !== undefined) {
-        core.segmentTaken();
-        await core.dev.writeGen(segment, core.segments.gen[segment] ?? 0);
+        ctx.segmentTaken();
+        await ctx.dev.writeGen(segment, ctx.segments.gen[segment] ?? 0);
         return segment;
       }
       // Out of space: make what is written durable so writeback and GC can free segments.
       if (this.writtenSeq > this.durableSeq) {
         const coversSeq = this.writtenSeq;
         const coversHead = this.keyHead;
-        await core.dev.sync();
+        await ctx.dev.sync();
         this.becameDurable(coversSeq, coversHead);
       }
-      const freed = core.segments.nextFree();
+      const freed = ctx.segments.nextFree();
       // Counted as a space waiter, so writeback stays urgent until the log has its segment.
-      core.spaceWaiters++;
+      ctx.spaceWaiters++;
       try {
-        core.needSpace();
+        ctx.needSpace();
         await freed;
       } finally {
-        core.spaceWaiters--;
+        ctx.spaceWaiters--;
       }
     }
   }
 
   private async writeBatch(batch: SealedKset[], nextSegment: number | undefined): Promise<void> {
-    const core = this.core;
-    const dev = core.dev;
+    const ctx = this.ctx;
+    const dev = ctx.dev;
     if (nextSegment !== undefined) {
-      const last = encodeLastKset(nextSegment, core.segments.gen[this.keyHead.segment] ?? 0, dev.crcSeed);
+      const last = encodeLastKset(nextSegment, ctx.segments.gen[this.keyHead.segment] ?? 0, dev.crcSeed);
       await dev.writeData(last, this.keyHead.segment, this.keyHead.offsetBytes);
       this.keyHead = { segment: nextSegment, offsetBytes: 0, lsn: this.keyHead.lsn + ksetHeaderBytes };
     }
@@ -324,14 +323,14 @@ export class KsetLog {
       const size = sealKset(kset.bytes, {
         keyCount: kset.keyCount,
         epochEnd: kset.epochEnd,
-        logGen: core.segments.gen[head.segment] ?? 0,
+        logGen: ctx.segments.gen[head.segment] ?? 0,
         crcSeed: dev.crcSeed,
       });
       kset.bytes.fill(0, size, size + ksetHeaderBytes);
       await dev.writeData(kset.bytes.subarray(0, size + ksetHeaderBytes), head.segment, head.offsetBytes);
       this.keyHead = { segment: head.segment, offsetBytes: head.offsetBytes + size, lsn: head.lsn + size };
       this.writtenSeq = kset.seq;
-      core.stats.ksetsWritten++;
+      ctx.stats.ksetsWritten++;
     }
   }
 
@@ -345,7 +344,7 @@ export class KsetLog {
       if (waiter.seq <= seq) waiter.resolve();
       else this.durableWaiters.push(waiter);
     }
-    this.core.logAdvanced(head);
+    this.durable.call(head);
   }
 
   private wakeRoomWaiters(): void {
@@ -359,15 +358,15 @@ export class KsetLog {
  * Reads and decodes the kset at `pos` (replay, writeback, GC and the checker all read the log
  * through here). `scratch` must hold ksetBytesMax bytes.
  */
-export async function readKsetAt(core: Pick<CacheCore, 'dev' | 'segments'>, pos: LogPos, scratch: Uint8Array): Promise<DecodedKset> {
-  const dev = core.dev;
+export async function readKsetAt(ctx: Pick<CacheContext, 'dev' | 'segments'>, pos: LogPos, scratch: Uint8Array): Promise<DecodedKset> {
+  const dev = ctx.dev;
   const roomBytes = dev.dataSizeBytes - pos.offsetBytes;
   const bytes = scratch.subarray(0, Math.min(roomBytes, ksetBytesMax));
   const io = dev.readData(bytes, pos.segment, pos.offsetBytes);
   if (io !== undefined) await io;
   return decodeKset(bytes, {
     crcSeed: dev.crcSeed,
-    logGen: core.segments.gen[pos.segment] ?? 0,
+    logGen: ctx.segments.gen[pos.segment] ?? 0,
     roomBytes,
     segmentCount: dev.segmentCount,
     dataSizeBytes: dev.dataSizeBytes,
@@ -379,8 +378,4 @@ export async function readKsetAt(core: Pick<CacheCore, 'dev' | 'segments'>, pos:
 export function positionAfter(pos: LogPos, kset: DecodedKset & { ok: true }): LogPos {
   if (kset.kind === 'last') return { segment: kset.next, offsetBytes: 0, lsn: pos.lsn + kset.sizeBytes };
   return { segment: pos.segment, offsetBytes: pos.offsetBytes + kset.sizeBytes, lsn: pos.lsn + kset.sizeBytes };
-}
-
-export function samePosition(a: { segment: number; offsetBytes: number }, b: { segment: number; offsetBytes: number }): boolean {
-  return a.segment === b.segment && a.offsetBytes === b.offsetBytes;
 }

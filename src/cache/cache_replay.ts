@@ -31,10 +31,11 @@
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError } from '../lib/errors.js';
 import { keyFlagClean, keyFlagZero, ksetBytesMax, type KeyRecord } from '../ondisk/kset.js';
-import type { CacheCore } from './cache_core.js';
-import { positionAfter, readKsetAt, samePosition, type LogPos } from './cache_kset.js';
+import type { CacheContext } from './cache_context.js';
+import { positionAfter, readKsetAt } from './cache_kset.js';
 import { segmentKindData, segmentKindFree, segmentKindLog } from './cache_segment.js';
 import { keyFromRecord, newIndexKey } from './cache_tree.js';
+import { samePosition, type LogPos } from './cache_types.js';
 
 export interface ReplayResult {
   readonly keyHead: LogPos;
@@ -54,15 +55,15 @@ export interface ReplayResult {
 const replayYieldKsets = 512;
 
 export async function replay(
-  core: CacheCore,
+  ctx: CacheContext,
   persistedDirtyTail: { segment: number; offsetBytes: number },
   onKey?: (record: KeyRecord, live: boolean) => void,
 ): Promise<ReplayResult> {
-  const segments = core.segments;
+  const segments = ctx.segments;
   const scratch = new Uint8Array(ksetBytesMax);
   const inChain = new Uint8Array(segments.count);
   const key = newIndexKey();
-  let pos = core.keyTail;
+  let pos = ctx.keyTail;
   segments.kind[pos.segment] = segmentKindLog;
   inChain[pos.segment] = 1;
   let dirtyTail: LogPos | undefined;
@@ -74,7 +75,7 @@ export async function replay(
   const dataCrcErrors: string[] = [];
   for (;;) {
     if (dirtyTail === undefined && samePosition(pos, persistedDirtyTail)) dirtyTail = pos;
-    const kset = await readKsetAt(core, pos, scratch);
+    const kset = await readKsetAt(ctx, pos, scratch);
     if (!kset.ok) {
       stopReason = kset.problem;
       stopDamage = kset.damage;
@@ -91,7 +92,7 @@ export async function replay(
       pos = positionAfter(pos, kset);
       continue;
     }
-    const problem = keysProblem(core, kset.keys);
+    const problem = keysProblem(ctx, kset.keys);
     if (problem !== undefined) {
       stopReason = problem;
       stopDamage = true;
@@ -109,14 +110,14 @@ export async function replay(
       if (!zero) {
         segments.kind[record.segment] = segmentKindData;
         segments.get(record.segment);
-        if (core.dataCrc) await verifyData(core, record, dataCrcErrors);
+        if (ctx.dataCrc) await verifyData(ctx, record, dataCrcErrors);
       }
-      if (dirtyTail !== undefined && (record.flags & keyFlagClean) === 0) core.stats.dirtyBytes += record.lengthBytes;
-      core.index.insert(keyFromRecord(key, record));
+      if (dirtyTail !== undefined && (record.flags & keyFlagClean) === 0) ctx.stats.dirtyBytes += record.lengthBytes;
+      ctx.index.insert(keyFromRecord(key, record));
     }
     pos = positionAfter(pos, kset);
     ksets++;
-    if (ksets % replayYieldKsets === 0) await core.timers.yieldToOthers();
+    if (ksets % replayYieldKsets === 0) await ctx.timers.yieldToOthers();
   }
   if (dirtyTail === undefined) {
     throw new PcacheError('CORRUPT', `dirty_tail (segment ${persistedDirtyTail.segment} offset ${persistedDirtyTail.offsetBytes}) is not on the log between key_tail and the end of the log (replay stopped: ${stopReason})`);
@@ -126,24 +127,24 @@ export async function replay(
 }
 
 /** A key no valid log can contain: newer than its segment, or pointing into the log. */
-function keysProblem(core: CacheCore, records: readonly KeyRecord[]): string | undefined {
+function keysProblem(ctx: CacheContext, records: readonly KeyRecord[]): string | undefined {
   for (const record of records) {
     if ((record.flags & keyFlagZero) !== 0) continue;
-    const gen = core.segments.gen[record.segment] ?? 0;
+    const gen = ctx.segments.gen[record.segment] ?? 0;
     if (record.gen > gen) return `a key at ${record.offsetBytes} has generation ${record.gen}, newer than its segment ${record.segment}'s ${gen}`;
-    if (record.gen === gen && core.segments.kind[record.segment] === segmentKindLog) {
+    if (record.gen === gen && ctx.segments.kind[record.segment] === segmentKindLog) {
       return `a key at ${record.offsetBytes} points into log segment ${record.segment}`;
     }
   }
   return undefined;
 }
 
-async function verifyData(core: CacheCore, record: KeyRecord, errors: string[]): Promise<void> {
+async function verifyData(ctx: CacheContext, record: KeyRecord, errors: string[]): Promise<void> {
   const data = new Uint8Array(record.lengthBytes);
-  const io = core.dev.readData(data, record.segment, record.segmentOffsetBytes);
+  const io = ctx.dev.readData(data, record.segment, record.segmentOffsetBytes);
   if (io !== undefined) await io;
   if (crc32c(data) !== record.dataCrc) {
-    core.stats.dataCrcErrors++;
+    ctx.stats.dataCrcErrors++;
     errors.push(`extent ${record.offsetBytes}+${record.lengthBytes} in segment ${record.segment}`);
   }
 }

@@ -11,7 +11,7 @@
 //   still needed by a key that recovery could replay.
 // - gen[s] increases when s is freed (every index entry into s becomes stale at once) and
 //   again when s is handed out; the new value is written to disk before anything that records
-//   it can be durable (see cache_kset.ts and cache_req.ts for the two orders that ensure it).
+//   it can be durable (see cache_kset.ts and cache_data_head.ts for the two orders that ensure it).
 // - One free segment is held back for the log (logReserveSegments): data allocation never
 //   takes it, so the log can always move on to a new segment and let writeback and GC run.
 

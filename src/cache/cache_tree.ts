@@ -67,6 +67,11 @@ export function keyFromRecord(out: IndexKey, record: KeyRecord): IndexKey {
   return out;
 }
 
+/** The end of the 4 MiB subtree holding `offsetBytes`: no key crosses it. */
+export function subtreeEnd(offsetBytes: number): number {
+  return Math.floor(offsetBytes / subtreeSizeBytes) * subtreeSizeBytes + subtreeSizeBytes;
+}
+
 export function isDataKey(flags: number): boolean {
   return (flags & (keyFlagEmpty | keyFlagZero)) === 0;
 }

@@ -6,16 +6,16 @@
 // has nothing left to do, because what it needs (a commit, a writeback round) may arrive only
 // after the urgent kick; the ordinary kicks that announce it must then still start the loop.
 // With background work on, writeback ends urgency sooner: once nobody waits for it (see
-// Writeback.wanted), since its ordinary kicks start the loop anyway.
+// Writeback.updateWanted), since its ordinary kicks start the loop anyway.
 
 import { BackgroundTask, SerialSection } from '../lib/background_task.js';
-import type { CacheCore } from './cache_core.js';
+import type { CacheContext } from './cache_context.js';
 
 /** How a round went: it moved its tail, had nothing to do (another round got there), or failed. */
 export type RoundOutcome = 'advanced' | 'nothing' | 'failed';
 
 export abstract class CacheWorker {
-  protected readonly core: CacheCore;
+  protected readonly ctx: CacheContext;
   private readonly task = new BackgroundTask(() => this.loop());
   /** Rounds from the loop and from step() run one at a time. */
   protected readonly rounds = new SerialSection();
@@ -24,8 +24,8 @@ export abstract class CacheWorker {
   /** Ends the back-off sleep in progress, if any. */
   private endBackOff: (() => void) | undefined;
 
-  constructor(core: CacheCore) {
-    this.core = core;
+  constructor(ctx: CacheContext) {
+    this.ctx = ctx;
   }
 
   get active(): boolean {
@@ -35,8 +35,8 @@ export abstract class CacheWorker {
   /** Starts (or extends) the loop, unless background work is off and nothing is urgent. */
   kick(urgent: boolean): void {
     if (urgent) this.urgent = true;
-    if (!this.core.background && !this.urgent && this.core.spaceWaiters === 0) return;
-    if (this.core.stopped() || this.core.readOnly) return;
+    if (!this.ctx.background && !this.urgent && this.ctx.spaceWaiters === 0) return;
+    if (this.ctx.stopped() || this.ctx.readOnly) return;
     this.task.kick();
   }
 
@@ -53,9 +53,9 @@ export abstract class CacheWorker {
    * kick or step tries again.
    */
   protected async backOff(delayMs: number): Promise<boolean> {
-    if (!this.core.background) return false;
+    if (!this.ctx.background) return false;
     await new Promise<void>((resolve) => {
-      const timer = this.core.timers.after(delayMs, () => { this.wakeFromBackOff(); });
+      const timer = this.ctx.timers.after(delayMs, () => { this.wakeFromBackOff(); });
       this.endBackOff = () => {
         timer.cancel();
         resolve();

@@ -28,9 +28,11 @@ import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
 import { keyFlagClean, keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
 import type { TimerHandle } from '../lib/timers.js';
+import type { CacheContext } from './cache_context.js';
 import { CacheWorker, type RoundOutcome } from './cache_worker.js';
-import { positionAfter, readKsetAt, type LogPos } from './cache_kset.js';
+import { positionAfter, readKsetAt, type KsetLog } from './cache_kset.js';
 import { KeyIndex, keyFromRecord, newIndexKey, type IndexKey } from './cache_tree.js';
+import type { LogPos } from './cache_types.js';
 
 export const writebackKsetsPerRoundMax = 16;
 export const writebackInFlightBytesMax = 32 * MiB;
@@ -51,6 +53,7 @@ interface DrainWaiter {
 }
 
 export class Writeback extends CacheWorker {
+  private readonly log: KsetLog;
   private readonly scratch = new Uint8Array(ksetBytesMax);
   private waiters: DrainWaiter[] = [];
   private zeroes: Uint8Array | undefined;
@@ -65,31 +68,45 @@ export class Writeback extends CacheWorker {
   private aboveWatermark = false;
   private wakeTimer: TimerHandle | undefined;
 
-  /** Writeback has work: durable ksets past dirty_tail. */
-  get due(): boolean {
-    const core = this.core;
-    return core.dirtyTail.lsn < core.log.durableHead.lsn;
+  constructor(ctx: CacheContext, log: KsetLog) {
+    super(ctx);
+    this.log = log;
+    log.durable.add((durableHead) => {
+      this.noteDurable(durableHead.lsn, ctx.timers.now());
+      this.kick(false);
+    });
+    ctx.spaceNeeded.add(() => { this.kick(true); });
   }
 
-  /** Writeback has work and the policy says to do it now (see the file comment). */
-  get wanted(): boolean {
+  /** Writeback has work: durable ksets past dirty_tail. */
+  get due(): boolean {
+    return this.ctx.dirtyTail.lsn < this.log.durableHead.lsn;
+  }
+
+  /**
+   * Applies the policy (see the file comment) and says whether writeback should run now. It
+   * updates the policy's state as it goes: the watermark hysteresis (started above
+   * writebackStartPercent, running until writebackStopPercent) and urgency that nobody waits
+   * for any more.
+   */
+  updateWanted(): boolean {
     if (!this.due) {
       this.aboveWatermark = false;
       return false;
     }
-    const core = this.core;
-    const tuning = core.tuning;
+    const ctx = this.ctx;
+    const tuning = ctx.tuning;
     // With background work on, urgency lasts while someone waits for it: a writer (or the
     // log) short of space, or a drain. Then the watermarks decide again, instead of one space
     // wait writing back everything. Without background work it lasts until nothing is left
     // (cache_worker.ts says why).
-    if (this.urgent && core.background && core.spaceWaiters === 0 && this.waiters.length === 0) this.urgent = false;
-    if (this.urgent || core.spaceWaiters > 0 || tuning.writebackStartPercent === 0) return true;
-    const dirtyPercent = (core.stats.dirtyBytes * 100) / core.dataCapacityBytes;
+    if (this.urgent && ctx.background && ctx.spaceWaiters === 0 && this.waiters.length === 0) this.urgent = false;
+    if (this.urgent || ctx.spaceWaiters > 0 || tuning.writebackStartPercent === 0) return true;
+    const dirtyPercent = (ctx.stats.dirtyBytes * 100) / ctx.dataCapacityBytes;
     if (dirtyPercent >= tuning.writebackStartPercent) this.aboveWatermark = true;
     else if (dirtyPercent <= tuning.writebackStopPercent) this.aboveWatermark = false;
     if (this.aboveWatermark) return true;
-    return this.idleDeadlineMs() <= core.timers.now() || this.ageDeadlineMs() <= core.timers.now();
+    return this.idleDeadlineMs() <= ctx.timers.now() || this.ageDeadlineMs() <= ctx.timers.now();
   }
 
   /** Records that the log up to `lsnEnd` became durable at `timeMs` (for the age rule). */
@@ -106,13 +123,13 @@ export class Writeback extends CacheWorker {
 
   override kick(urgent: boolean): void {
     if (urgent) this.urgent = true;
-    if (this.wanted) super.kick(urgent);
+    if (this.updateWanted()) super.kick(urgent);
     else this.armWake();
   }
 
   /** Resolves when dirty_tail reaches `lsn` (drain). */
   waitFor(lsn: number): Promise<void> {
-    if (this.core.dirtyTail.lsn >= lsn) return Promise.resolve();
+    if (this.ctx.dirtyTail.lsn >= lsn) return Promise.resolve();
     return new Promise((resolve, reject) => { this.waiters.push({ lsn, resolve, reject }); });
   }
 
@@ -125,30 +142,30 @@ export class Writeback extends CacheWorker {
   /** One round, if one is due; returns whether dirty_tail advanced. For tests and the simulator. */
   async step(): Promise<boolean> {
     await this.idle();
-    if (!this.due || this.core.stopped()) return false;
+    if (!this.due || this.ctx.stopped()) return false;
     return (await this.rounds.run(() => this.round())) === 'advanced';
   }
 
   /** When the idle rule will want writeback (Infinity when nothing is dirty). */
   private idleDeadlineMs(): number {
-    return this.core.lastWriteMs + this.core.tuning.writebackIdleMs;
+    return this.ctx.lastWriteMs + this.ctx.tuning.writebackIdleMs;
   }
 
   /** When the age rule will want writeback for the oldest dirty data still in the log. */
   private ageDeadlineMs(): number {
-    const dirtyTailLsn = this.core.dirtyTail.lsn;
+    const dirtyTailLsn = this.ctx.dirtyTail.lsn;
     while (this.ages.length > 0 && (this.ages[0]?.lsnEnd ?? 0) <= dirtyTailLsn) this.ages.shift();
     const oldest = this.ages[0];
-    return oldest === undefined ? Number.POSITIVE_INFINITY : oldest.timeMs + this.core.tuning.writebackMaxAgeMs;
+    return oldest === undefined ? Number.POSITIVE_INFINITY : oldest.timeMs + this.ctx.tuning.writebackMaxAgeMs;
   }
 
   /** Arms one timer for the moment the idle or age rule will want writeback. */
   private armWake(): void {
-    const core = this.core;
-    if (this.wakeTimer !== undefined || !this.due || !core.background || core.stopped()) return;
+    const ctx = this.ctx;
+    if (this.wakeTimer !== undefined || !this.due || !ctx.background || ctx.stopped()) return;
     const deadline = Math.min(this.idleDeadlineMs(), this.ageDeadlineMs());
     if (!Number.isFinite(deadline)) return;
-    this.wakeTimer = core.timers.after(Math.max(1, deadline - core.timers.now()), () => {
+    this.wakeTimer = ctx.timers.after(Math.max(1, deadline - ctx.timers.now()), () => {
       this.wakeTimer = undefined;
       this.kick(false);
     });
@@ -157,7 +174,7 @@ export class Writeback extends CacheWorker {
   /** Age of the oldest dirty data in the log, in milliseconds (undefined when none). */
   get oldestDirtyAgeMs(): number | undefined {
     const deadline = this.ageDeadlineMs();
-    return Number.isFinite(deadline) ? this.core.timers.now() - (deadline - this.core.tuning.writebackMaxAgeMs) : undefined;
+    return Number.isFinite(deadline) ? this.ctx.timers.now() - (deadline - this.ctx.tuning.writebackMaxAgeMs) : undefined;
   }
 
   /** Stops the wake-up timer (close). */
@@ -167,10 +184,10 @@ export class Writeback extends CacheWorker {
   }
 
   protected async loop(): Promise<void> {
-    const core = this.core;
-    while (this.wanted && core.state === 'running' && core.failure === undefined) {
+    const ctx = this.ctx;
+    while (this.updateWanted() && ctx.state === 'running' && ctx.failure === undefined) {
       const outcome = await this.rounds.run(() => this.round());
-      if (outcome === 'advanced') await core.timers.yieldToOthers();
+      if (outcome === 'advanced') await ctx.timers.yieldToOthers();
       else if (outcome === 'failed' && !(await this.backOff(this.backoffMs))) break;
     }
     if (!this.due) this.urgent = false;
@@ -178,41 +195,42 @@ export class Writeback extends CacheWorker {
   }
 
   private async round(): Promise<RoundOutcome> {
-    const core = this.core;
-    core.stats.writebackRounds++;
+    const ctx = this.ctx;
+    ctx.stats.writebackRounds++;
     try {
       const batch = await this.readBatch();
-      if (batch.end.lsn === core.dirtyTail.lsn) return 'nothing'; // another round got here first
+      if (batch.end.lsn === ctx.dirtyTail.lsn) return 'nothing'; // another round got here first
       await this.apply(batch.keys);
-      await core.backing.sync();
-      if (core.stopped()) return 'nothing';
-      await core.dev.writeDirtyTail({ segment: batch.end.segment, offsetBytes: batch.end.offsetBytes });
+      await ctx.backing.sync();
+      if (ctx.stopped()) return 'nothing';
+      await ctx.dev.writeDirtyTail({ segment: batch.end.segment, offsetBytes: batch.end.offsetBytes });
       // The new dirty_tail must be durable before the next round puts newer data on the backing
       // device: were it lost in a crash, recovery would write this round's (older) epoch back
       // over the next one's, and the backing device would stop being a prefix of the epochs.
-      await core.dev.sync();
-      core.durableDirtyTail = batch.end;
-      core.dirtyTail = batch.end;
-      core.stats.dirtyBytes -= batch.dirtyBytes;
-      core.stats.writebackBytes += batch.dirtyBytes;
-      core.stats.writebackKsets += batch.ksets;
-      core.assertTailOrder();
+      await ctx.dev.sync();
+      ctx.durableDirtyTail = batch.end;
+      ctx.dirtyTail = batch.end;
+      ctx.stats.dirtyBytes -= batch.dirtyBytes;
+      ctx.stats.writebackBytes += batch.dirtyBytes;
+      ctx.stats.writebackKsets += batch.ksets;
+      ctx.assertKeyTailBehindDirtyTail();
+      assert(ctx.dirtyTail.lsn <= this.log.durableHead.lsn, 'dirty_tail passed the durable log head');
       this.backoffMs = 0;
       this.failingSinceMs = undefined;
       this.lastError = undefined;
-      core.backingOnline();
+      ctx.backingOnline();
       this.wakeWaiters();
-      core.wakeAdmission();
-      core.dirtyTailAdvanced();
+      ctx.wakeAdmission();
+      ctx.dirtyTailAdvanced.call();
       return 'advanced';
     } catch (error) {
       if (!isPcacheError(error)) throw error;
-      core.stats.writebackErrors++;
+      ctx.stats.writebackErrors++;
       this.lastError = error.message;
-      this.failingSinceMs ??= core.timers.now();
-      const failingForMs = core.timers.now() - this.failingSinceMs;
-      if (error.code === 'ENODEV') core.backingOffline(error.message);
-      else if (failingForMs >= core.tuning.backingOfflineAfterMs) core.backingOffline(`writeback has failed for ${Math.round(failingForMs / 1000)} s: ${error.message}`);
+      this.failingSinceMs ??= ctx.timers.now();
+      const failingForMs = ctx.timers.now() - this.failingSinceMs;
+      if (error.code === 'ENODEV') ctx.backingOffline(error.message);
+      else if (failingForMs >= ctx.tuning.backingOfflineAfterMs) ctx.backingOffline(`writeback has failed for ${Math.round(failingForMs / 1000)} s: ${error.message}`);
       this.backoffMs = Math.min(writebackBackoffMaxMs, Math.max(writebackBackoffMinMs, this.backoffMs * 2));
       return 'failed';
     }
@@ -220,14 +238,14 @@ export class Writeback extends CacheWorker {
 
   /** Reads ksets from dirty_tail up to an epoch end, the round limit or the durable head. */
   private async readBatch(): Promise<{ keys: KeyIndex; end: LogPos; dirtyBytes: number; ksets: number }> {
-    const core = this.core;
+    const ctx = this.ctx;
     const keys = new KeyIndex();
     const key = newIndexKey();
-    let pos = core.dirtyTail;
+    let pos = ctx.dirtyTail;
     let ksets = 0;
     let dirtyBytes = 0;
-    while (ksets < writebackKsetsPerRoundMax && pos.lsn < core.log.durableHead.lsn) {
-      const kset = await readKsetAt(core, pos, this.scratch);
+    while (ksets < writebackKsetsPerRoundMax && pos.lsn < this.log.durableHead.lsn) {
+      const kset = await readKsetAt(ctx, pos, this.scratch);
       if (!kset.ok) {
         throw new PcacheError('CORRUPT', `writeback: the kset at segment ${pos.segment} offset ${pos.offsetBytes} is invalid: ${kset.problem}`);
       }
@@ -235,7 +253,7 @@ export class Writeback extends CacheWorker {
       if (kset.kind === 'last') continue;
       ksets++;
       for (const record of kset.keys) {
-        if ((record.flags & keyFlagZero) === 0 && record.gen !== core.segments.gen[record.segment]) {
+        if ((record.flags & keyFlagZero) === 0 && record.gen !== ctx.segments.gen[record.segment]) {
           throw new PcacheError('CORRUPT', `writeback: a dirty key at ${record.offsetBytes} points at a reused segment ${record.segment}`);
         }
         if ((record.flags & keyFlagClean) === 0) dirtyBytes += record.lengthBytes;
@@ -243,7 +261,7 @@ export class Writeback extends CacheWorker {
       }
       if (kset.epochEnd) break;
     }
-    assert(pos.lsn <= core.log.durableHead.lsn, 'writeback read past the durable log head');
+    assert(pos.lsn <= this.log.durableHead.lsn, 'writeback read past the durable log head');
     return { keys, end: pos, dirtyBytes, ksets };
   }
 
@@ -313,7 +331,7 @@ export class Writeback extends CacheWorker {
 
   /** Gathers contiguous dirty extents from the cache device and writes them as one. */
   private async copy(parts: readonly IndexKey[], bytes: number): Promise<void> {
-    const core = this.core;
+    const ctx = this.ctx;
     const first = parts[0];
     assert(first !== undefined, 'empty writeback run');
     const data = new Uint8Array(bytes);
@@ -322,29 +340,29 @@ export class Writeback extends CacheWorker {
       await this.readPart(part, data.subarray(at, at + part.lengthBytes));
       at += part.lengthBytes;
     }
-    await this.backingWrite(() => core.backing.write(data, first.offsetBytes));
+    await this.backingWrite(() => ctx.backing.write(data, first.offsetBytes));
   }
 
   /** Reads one extent's data from the cache device, checking its data CRC when the cache has one. */
   private async readPart(key: IndexKey, target: Uint8Array): Promise<void> {
-    const core = this.core;
-    if (!core.dataCrc) {
-      const io = core.dev.readData(target, key.segment, key.segmentOffsetBytes);
+    const ctx = this.ctx;
+    if (!ctx.dataCrc) {
+      const io = ctx.dev.readData(target, key.segment, key.segmentOffsetBytes);
       if (io !== undefined) await io;
       return;
     }
     const extent = new Uint8Array(key.crcLengthBytes);
-    const io = core.dev.readData(extent, key.segment, key.segmentOffsetBytes - key.crcDeltaBytes);
+    const io = ctx.dev.readData(extent, key.segment, key.segmentOffsetBytes - key.crcDeltaBytes);
     if (io !== undefined) await io;
     if (crc32c(extent) !== key.crc) {
-      core.stats.dataCrcErrors++;
+      ctx.stats.dataCrcErrors++;
       throw new PcacheError('EIO', `writeback: data CRC mismatch in extent ${key.offsetBytes}+${key.lengthBytes} (segment ${key.segment})`);
     }
     target.set(extent.subarray(key.crcDeltaBytes, key.crcDeltaBytes + key.lengthBytes));
   }
 
   private async zero(offsetBytes: number, lengthBytes: number): Promise<void> {
-    const backing = this.core.backing;
+    const backing = this.ctx.backing;
     if (backing.discard !== undefined) {
       const discard = backing.discard.bind(backing);
       await this.backingWrite(() => discard(offsetBytes, lengthBytes));
@@ -361,13 +379,13 @@ export class Writeback extends CacheWorker {
     try {
       await write();
     } catch (error) {
-      if (isPcacheError(error)) this.core.stats.backingWriteErrors++;
+      if (isPcacheError(error)) this.ctx.stats.backingWriteErrors++;
       throw error;
     }
   }
 
   private wakeWaiters(): void {
-    const lsn = this.core.dirtyTail.lsn;
+    const lsn = this.ctx.dirtyTail.lsn;
     const waiting = this.waiters;
     this.waiters = [];
     for (const waiter of waiting) {

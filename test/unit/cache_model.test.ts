@@ -31,12 +31,12 @@ interface Config {
 function stallReport(cache: Cache): unknown {
   const core = cache.internals;
   return {
-    segmentsUsed: core.segments.usedCount, segmentsFree: core.segments.freeCount, kinds: Array.from(core.segments.kind), refs: Array.from(core.segments.refs),
-    head: core.head.segment, keyTail: core.keyTail, dirtyTail: core.dirtyTail, durableHead: core.log.durableHead, keyHead: core.log.keyHead,
-    openKeys: core.log.openKeyCount, pendingKsets: core.log.pendingKsetCount, writebackActive: core.writeback.active, writebackWanted: core.writeback.wanted,
-    gcActive: core.gc.active, gcDue: core.gc.due, dirtyBytes: core.stats.dirtyBytes, failure: core.failure?.message,
+    segmentsUsed: core.ctx.segments.usedCount, segmentsFree: core.ctx.segments.freeCount, kinds: Array.from(core.ctx.segments.kind), refs: Array.from(core.ctx.segments.refs),
+    head: core.head.segment, keyTail: core.ctx.keyTail, dirtyTail: core.ctx.dirtyTail, durableHead: core.log.durableHead, keyHead: core.log.keyHead,
+    openKeys: core.log.openKeyCount, pendingKsets: core.log.pendingKsetCount, writebackActive: core.writeback.active, writebackDue: core.writeback.due,
+    gcActive: core.gc.active, gcDue: core.gc.due, dirtyBytes: core.ctx.stats.dirtyBytes, failure: core.ctx.failure?.message,
     log: (({ durableWaiters, nextSeq, writtenSeq, durableSeq, sealed }) => ({ durableWaiters, nextSeq, writtenSeq, durableSeq, sealed: sealed.length }))(core.log as unknown as { durableWaiters: unknown[]; nextSeq: number; writtenSeq: number; durableSeq: number; sealed: unknown[] }),
-    group: (({ pieces, writes, scheduled }) => ({ pieces: pieces.length, writes: writes.length, scheduled }))(core.writes as unknown as { pieces: unknown[]; writes: unknown[]; scheduled: boolean }),
+    group: (({ pieces, writes, scheduled }) => ({ pieces: pieces.length, writes: writes.length, scheduled }))(core.writes.group as unknown as { pieces: unknown[]; writes: unknown[]; scheduled: boolean }),
   };
 }
 

@@ -30,7 +30,7 @@ function expectSectors(bytes: Buffer, startSector: number, cachedFrom: number, c
 }
 
 function keysOf(cache: Cache): [number, number, string][] {
-  const subtree = cache.internals.index.subtree(0, false);
+  const subtree = cache.internals.ctx.index.subtree(0, false);
   const out: [number, number, string][] = [];
   if (subtree === undefined) return out;
   for (let i = 0; i < subtree.count; i++) {
@@ -73,9 +73,9 @@ describe('read overlap cases (key T at sectors [8, 16))', () => {
     assert.equal(bytes.readUInt32LE(0), cachedTag);
     // Make the dirty key's segment generation move on, as GC would after writing it back.
     const core = rig.cache.internals;
-    const subtree = core.index.subtree(0, true);
+    const subtree = core.ctx.index.subtree(0, true);
     const segment = subtree.segment(0);
-    core.segments.gen[segment] = (core.segments.gen[segment] ?? 0) + 5;
+    core.ctx.segments.gen[segment] = (core.ctx.segments.gen[segment] ?? 0) + 5;
     const misses = rig.cache.status().counters.readMissBytes;
     const reread = await readBytes(rig.cache, 8 * S, 2 * S);
     assert.equal(reread.readUInt32LE(0), backingTag, 'the stale key was not used');

@@ -156,7 +156,7 @@ describe('data CRC', () => {
     await rig.cache.flush();
     assert.deepEqual(await readBytes(rig.cache, 0, 12288), Buffer.concat([pattern(1, 0, 2048), pattern(3, 2048, 1024), pattern(1, 3072, 5120), pattern(2, 8192, 4096)]));
     // Flip one byte of the first write's data, inside the part that is still live after the cut.
-    const segment = rig.cache.internals.index.subtree(0, true).segment(0);
+    const segment = rig.cache.internals.ctx.index.subtree(0, true).segment(0);
     flipBits(rig.cacheDevice.bytes, dataAt(segment, 6000));
     await assert.rejects(() => readBytes(rig.cache, 4096, 512), code('EIO'));
     // The cut front piece shares the CRC of the whole original extent, so it fails too.

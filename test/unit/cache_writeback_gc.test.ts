@@ -155,20 +155,20 @@ describe('garbage collection', () => {
     // Fill three data segments (and the log segment): 4 of 8 in use, the threshold.
     for (let i = 0; i < 3; i++) await cache.write(pattern(10 + i, i * MiB, MiB - 12 * 1024), i * MiB);
     await cache.flush();
-    assert.equal(core.gcThresholdSegments, 4);
-    assert.ok(core.segments.usedCount >= 4);
+    assert.equal(core.ctx.gcThresholdSegments, 4);
+    assert.ok(core.ctx.segments.usedCount >= 4);
     assert.equal(await cache.gcStep(), false, 'nothing is written back yet: GC may not pass dirty_tail');
     await cache.drain();
-    const gens = Array.from(core.segments.gen);
-    const usedBefore = core.segments.usedCount;
+    const gens = Array.from(core.ctx.segments.gen);
+    const usedBefore = core.ctx.segments.usedCount;
     events.length = 0;
     assert.equal(await cache.gcStep(), true);
     const keyTailWrite = events.findIndex((e) => isTailWrite(e, keyTailOffsetsBytes));
     const syncAfter = events.findIndex((e, i) => i > keyTailWrite && e.device === 'cache' && e.kind === 'sync');
     assert.ok(keyTailWrite >= 0 && syncAfter > keyTailWrite, 'key_tail is written and synced');
     assert.equal(cache.status().keyTail, cache.status().dirtyTail, 'GC stops at dirty_tail');
-    assert.ok(core.segments.usedCount < usedBefore, 'segments were freed');
-    const bumped = Array.from(core.segments.gen).filter((gen, segment) => gen > (gens[segment] ?? 0));
+    assert.ok(core.ctx.segments.usedCount < usedBefore, 'segments were freed');
+    const bumped = Array.from(core.ctx.segments.gen).filter((gen, segment) => gen > (gens[segment] ?? 0));
     assert.ok(bumped.length >= 2, 'freed segments get a new generation');
     // The written-back data is still readable (from the backing device now) and stale index entries are gone.
     assert.deepEqual(await readBytes(cache, 0, 8 * S), pattern(10, 0, 8 * S));

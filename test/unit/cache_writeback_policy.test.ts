@@ -132,20 +132,20 @@ describe('writeback policy', () => {
     await writeFlushed(cache, 0, 2 * MiB, 9);
     await cache.drain();
     await quiesce(cache);
-    const usedAfterDrain = core.segments.usedCount;
-    assert.ok(usedAfterDrain < core.gcThresholdSegments, `below the threshold after the drain: ${usedAfterDrain} of ${core.gcThresholdSegments}`);
+    const usedAfterDrain = core.ctx.segments.usedCount;
+    assert.ok(usedAfterDrain < core.ctx.gcThresholdSegments, `below the threshold after the drain: ${usedAfterDrain} of ${core.ctx.gcThresholdSegments}`);
     assert.equal(cache.status().counters.gcSegmentsFreed, 0);
     let offset = 2 * MiB;
-    while (core.segments.usedCount < core.gcThresholdSegments) {
+    while (core.ctx.segments.usedCount < core.ctx.gcThresholdSegments) {
       await writeFlushed(cache, offset, 64 * 1024, 10);
       offset += 64 * 1024;
     }
-    assert.equal(core.spaceWaiters, 0, 'no writer waited for space');
+    assert.equal(core.ctx.spaceWaiters, 0, 'no writer waited for space');
     await settle();
     await core.gc.idle();
     await settle();
     assert.ok(cache.status().counters.gcSegmentsFreed > 0, 'GC reclaimed the drained segments');
-    assert.equal(core.keyTail.lsn, core.dirtyTail.lsn, 'everything written back was reclaimed');
+    assert.equal(core.ctx.keyTail.lsn, core.ctx.dirtyTail.lsn, 'everything written back was reclaimed');
     for (let at = 0; at < offset; at += 64 * 1024) {
       const got = new Uint8Array(64 * 1024);
       await cache.read(got, at);
@@ -167,7 +167,7 @@ describe('writeback urgency', () => {
     while (cache.status().counters.writebackRounds === 0) {
       const write = writeFlushed(cache, offset % (32 * MiB), 64 * 1024, 11);
       await settle();
-      if (core.spaceWaiters > 0) sawWaiter = true;
+      if (core.ctx.spaceWaiters > 0) sawWaiter = true;
       await write;
       offset += 64 * 1024;
       assert.ok(offset < 64 * MiB, 'writeback never started');
@@ -176,7 +176,7 @@ describe('writeback urgency', () => {
     await quiesce(cache);
     await core.gc.idle();
     await quiesce(cache);
-    assert.equal(core.spaceWaiters, 0);
+    assert.equal(core.ctx.spaceWaiters, 0);
     const dirty = cache.status().dirtyBytes;
     assert.ok(dirty > 0, 'writeback stopped once the writer had its space, with data still dirty');
     // More writes keep working: the writer that needs space gets it again.

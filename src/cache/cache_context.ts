@@ -1,78 +1,40 @@
-// CacheCore: the parts of one open cache and the few rules that tie them together.
+// CacheContext: the state one open cache shares between its parts — no parts themselves.
 //
-// It owns the cache device, the backing device, the segment table, the index, the kset log,
-// the data head, writeback and GC, the persisted tails, the counters and the sticky failure.
-// Request paths (cache_req.ts), writeback (cache_writeback.ts), GC (cache_gc.ts) and replay
-// (cache_replay.ts) all work on a CacheCore; the public Cache (cache.ts) wraps it.
-// Background work is kicked, never polled: a durable kset kicks writeback, an advanced
-// dirty_tail kicks GC, a writer short of space kicks all three. With `background` off (tests
-// and the crash simulator) nothing runs on its own except what a waiting writer needs.
+// It owns the cache device, the backing device, the segment table, the index, the clock, the
+// counters, the knobs, the three log positions that writeback and GC move (key_tail,
+// dirty_tail and the durable dirty_tail), the lifecycle state with its sticky failure, the
+// backing device's offline state, and the writers waiting for space or admission.
+// The parts (data head, kset log, write group, request paths, writeback, GC) are built after
+// it, in that order, by CacheEngine (cache_engine.ts); each gets this context and the parts it
+// uses, so nothing here refers to a part. What a part must hear from parts built after it
+// arrives through Listeners: `failed` (abort what waits on the log), `spaceNeeded` (seal the
+// open kset, make writeback and GC run now), `gcThresholdReached` and `dirtyTailAdvanced`.
+// Invariants: key_tail <= dirty_tail (in log order); GC never passes durableDirtyTail; once
+// `failure` is set it stays set until the process restarts.
 
 import { assert } from '../lib/assert.js';
-import { dataCrcKeyMaxBytes, segmentDataSizeBytes, subtreeSizeBytes } from '../ondisk/layout.js';
+import { Listeners } from '../lib/listeners.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import type { Timers } from '../lib/timers.js';
 import type { BlockDevice } from '../device/block_device.js';
+import { dataCrcKeyMaxBytes, segmentDataSizeBytes, subtreeSizeBytes } from '../ondisk/layout.js';
 import { CacheDev, type CacheMetadata } from './cache_dev.js';
-import type { CacheTuning } from './cache_tuning.js';
-import type { KsetLog, LogPos } from './cache_kset.js';
 import { SegmentTable } from './cache_segment.js';
 import { KeyIndex } from './cache_tree.js';
-import type { DataHead, WriteGroup } from './cache_req.js';
-import type { Writeback } from './cache_writeback.js';
-import type { Gc } from './cache_gc.js';
+import type { CacheTuning } from './cache_tuning.js';
+import { newStats, type CacheStats, type LogPos } from './cache_types.js';
 
-export interface CacheStats {
-  readRequests: number;
-  readHitRequests: number;
-  readMissRequests: number;
-  readHitBytes: number;
-  readMissBytes: number;
-  writeRequests: number;
-  writeBytes: number;
-  zeroRequests: number;
-  zeroBytes: number;
-  flushRequests: number;
-  /** Bytes appended to the log that writeback has not yet applied to the backing device. */
-  dirtyBytes: number;
-  ksetsWritten: number;
-  writebackBytes: number;
-  writebackKsets: number;
-  writebackRounds: number;
-  gcKsets: number;
-  gcSegmentsFreed: number;
-  staleKeysRemoved: number;
-  fillsStored: number;
-  fillsSkipped: number;
-  cacheIoErrors: number;
-  backingReadErrors: number;
-  backingWriteErrors: number;
-  dataCrcErrors: number;
-  writebackErrors: number;
-  gcErrors: number;
-}
+export type CacheLifecycle = 'running' | 'stopping' | 'stopped';
 
-export function newStats(): CacheStats {
-  return {
-    readRequests: 0, readHitRequests: 0, readMissRequests: 0, readHitBytes: 0, readMissBytes: 0,
-    writeRequests: 0, writeBytes: 0, zeroRequests: 0, zeroBytes: 0, flushRequests: 0,
-    dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackKsets: 0, writebackRounds: 0,
-    gcKsets: 0, gcSegmentsFreed: 0, staleKeysRemoved: 0, fillsStored: 0, fillsSkipped: 0,
-    cacheIoErrors: 0, backingReadErrors: 0, backingWriteErrors: 0, dataCrcErrors: 0, writebackErrors: 0, gcErrors: 0,
-  };
-}
-
-export type CacheState = 'running' | 'stopping' | 'stopped';
-
-export interface CoreOptions {
-  readonly dataCrc: boolean;
-  readonly gcPercent: number;
+export interface ContextOptions {
   readonly readOnly: boolean;
+  /** Run writeback, GC and the kset timer on their own; tests and the crash simulator turn it off. */
   readonly background: boolean;
+  readonly timers: Timers;
   readonly tuning: CacheTuning;
 }
 
-export class CacheCore {
+export class CacheContext {
   readonly dev: CacheDev;
   readonly backing: BlockDevice;
   readonly segments: SegmentTable;
@@ -88,7 +50,7 @@ export class CacheCore {
   gcPercent: number;
   /** Monotonic time of the last client write, write-zeroes or trim (idle writeback). */
   lastWriteMs: number;
-  state: CacheState = 'running';
+  state: CacheLifecycle = 'running';
   /** Set once a metadata commit failed: every later flush, FUA and write fails with it. */
   failure: PcacheError | undefined;
   failureContext: string | undefined;
@@ -96,48 +58,47 @@ export class CacheCore {
   backingOfflineSinceMs: number | undefined;
   backingOfflineSinceWallMs: number | undefined;
   backingOfflineReason: string | undefined;
-  private admissionWaiters: (() => void)[] = [];
   /** Writers waiting for free space: while any do, writeback and GC run whatever the policy. */
   spaceWaiters = 0;
   keyTail: LogPos;
   dirtyTail: LogPos;
   /** The newest dirty_tail known durable on the cache device; GC never passes it. */
   durableDirtyTail: LogPos;
-  private ticket = 0;
-  // Set right after construction (they need the core themselves).
-  log!: KsetLog;
-  head!: DataHead;
-  writes!: WriteGroup;
-  writeback!: Writeback;
-  gc!: Gc;
+  /** The cache failed (see fail); called with the sticky failure. */
+  readonly failed = new Listeners<[PcacheError]>();
+  /** A writer or the log is short of free segments. */
+  readonly spaceNeeded = new Listeners();
+  /** A segment was taken while the segments in use are at gc_percent or above. */
+  readonly gcThresholdReached = new Listeners();
+  /** Writeback moved dirty_tail (GC may have ksets to reclaim). */
+  readonly dirtyTailAdvanced = new Listeners();
+  private admissionWaiters: (() => void)[] = [];
 
-  constructor(parts: { dev: CacheDev; backing: BlockDevice; segments: SegmentTable; index: KeyIndex; timers: Timers; keyTail: LogPos; dirtyTail: LogPos }, options: CoreOptions) {
-    this.dev = parts.dev;
-    this.backing = parts.backing;
-    this.segments = parts.segments;
-    this.index = parts.index;
-    this.timers = parts.timers;
-    this.keyTail = parts.keyTail;
-    this.dirtyTail = parts.dirtyTail;
-    this.durableDirtyTail = parts.dirtyTail;
-    this.dataCrc = options.dataCrc;
-    this.keyMaxBytes = options.dataCrc ? dataCrcKeyMaxBytes : subtreeSizeBytes;
-    this.gcPercent = options.gcPercent;
+  /** Builds the shared state over validated metadata; key_tail comes from it, and replay finds dirty_tail. */
+  constructor(cacheDevice: BlockDevice, backingDevice: BlockDevice, metadata: CacheMetadata, options: ContextOptions) {
+    this.dev = new CacheDev(cacheDevice, metadata);
+    assert(segmentDataSizeBytes(metadata.sb.segmentSizeBytes) === this.dev.dataSizeBytes, 'geometry mismatch');
+    this.backing = backingDevice;
+    this.segments = new SegmentTable(metadata.sb.segmentCount);
+    metadata.gens.forEach((choice, segment) => { this.segments.gen[segment] = choice.value ?? 0; });
+    this.index = new KeyIndex();
+    this.timers = options.timers;
+    const keyTail: LogPos = { segment: metadata.keyTail.value.segment, offsetBytes: metadata.keyTail.value.offsetBytes, lsn: 0 };
+    this.keyTail = keyTail;
+    this.dirtyTail = keyTail;
+    this.durableDirtyTail = keyTail;
+    this.dataCrc = metadata.cacheInfo.value.dataCrc;
+    this.keyMaxBytes = this.dataCrc ? dataCrcKeyMaxBytes : subtreeSizeBytes;
+    this.gcPercent = metadata.cacheInfo.value.gcPercent;
     this.readOnly = options.readOnly;
     this.background = options.background;
     this.tuning = options.tuning;
-    this.lastWriteMs = parts.timers.now();
+    this.lastWriteMs = options.timers.now();
   }
 
   /** True once close or abandon began; re-read after every await (narrowing would hide a change). */
   stopped(): boolean {
     return this.state === 'stopped';
-  }
-
-  /** A fresh ticket for an EMPTY placeholder (never 0, wraps at 2^32). */
-  nextTicket(): number {
-    this.ticket = (this.ticket % 0xffff_fffe) + 1;
-    return this.ticket;
   }
 
   /** Throws unless the cache accepts new requests that change data. */
@@ -163,37 +124,29 @@ export class CacheCore {
       this.failureContext = context;
       this.stats.cacheIoErrors++;
     }
-    this.log.abort(this.failure);
+    this.failed.call(this.failure);
     this.segments.wakeAll();
     this.wakeAdmission();
   }
 
   /** A writer (or the log) is short of free segments. */
   needSpace(): void {
-    this.log.sealNow();
-    this.writeback.kick(true);
-    this.gc.kick(true);
-  }
-
-  /** Called when the log up to `durableHead` became durable. */
-  logAdvanced(durableHead: LogPos): void {
-    this.writeback.noteDurable(durableHead.lsn, this.timers.now());
-    this.writeback.kick(false);
-  }
-
-  /** Called when dirty_tail moved forward. */
-  dirtyTailAdvanced(): void {
-    this.gc.kick(false);
+    this.spaceNeeded.call();
   }
 
   /**
    * Called after a segment was taken from the free list. GC is started when the segments in
    * use reach gc_percent, not only when dirty_tail moves: after a drain, dirty_tail stands
-   * still while new writes fill the cache, and without this kick GC would wait until a writer
-   * ran out of space (and then make that writer wait).
+   * still while new writes fill the cache, and without this GC would wait until a writer ran
+   * out of space (and then make that writer wait).
    */
   segmentTaken(): void {
-    if (this.segments.usedCount >= this.gcThresholdSegments) this.gc.kick(false);
+    if (this.segments.usedCount >= this.gcThresholdSegments) this.gcThresholdReached.call();
+  }
+
+  /** Segments in use at which GC starts (dm-pcache: seg_total * gc_percent / 100). */
+  get gcThresholdSegments(): number {
+    return Math.floor((this.segments.count * this.gcPercent) / 100);
   }
 
   /** Waits until a segment is freed, the cache stops, or the space wait times out. */
@@ -232,7 +185,7 @@ export class CacheCore {
     }
   }
 
-  /** Writeback or recovery changed something a held write waits for. */
+  /** Writeback, recovery or a knob changed something a held write waits for. */
   wakeAdmission(): void {
     const waiters = this.admissionWaiters;
     this.admissionWaiters = [];
@@ -268,33 +221,7 @@ export class CacheCore {
     timer?.cancel();
   }
 
-  /** Segments in use at which GC starts (dm-pcache: seg_total * gc_percent / 100). */
-  get gcThresholdSegments(): number {
-    return Math.floor((this.segments.count * this.gcPercent) / 100);
-  }
-
-  assertTailOrder(): void {
+  assertKeyTailBehindDirtyTail(): void {
     assert(this.keyTail.lsn <= this.dirtyTail.lsn, 'key_tail passed dirty_tail');
-    assert(this.dirtyTail.lsn <= this.log.durableHead.lsn, 'dirty_tail passed the durable log head');
   }
 }
-
-/** Builds the engine's parts over validated metadata; the caller replays and wires. */
-export function buildCore(cacheDevice: BlockDevice, backingDevice: BlockDevice, metadata: CacheMetadata, options: { readOnly: boolean; background: boolean; timers: Timers; tuning: CacheTuning }): CacheCore {
-  const dev = new CacheDev(cacheDevice, metadata);
-  const segments = new SegmentTable(metadata.sb.segmentCount);
-  metadata.gens.forEach((choice, segment) => { segments.gen[segment] = choice.value ?? 0; });
-  const keyTail: LogPos = { segment: metadata.keyTail.value.segment, offsetBytes: metadata.keyTail.value.offsetBytes, lsn: 0 };
-  assert(segmentDataSizeBytes(metadata.sb.segmentSizeBytes) === dev.dataSizeBytes, 'geometry mismatch');
-  return new CacheCore(
-    { dev, backing: backingDevice, segments, index: new KeyIndex(), timers: options.timers, keyTail, dirtyTail: keyTail },
-    {
-      dataCrc: metadata.cacheInfo.value.dataCrc,
-      gcPercent: metadata.cacheInfo.value.gcPercent,
-      readOnly: options.readOnly,
-      background: options.background,
-      tuning: options.tuning,
-    },
-  );
-}
-

@@ -1,0 +1,113 @@
+// Opening a cache: what happens between two devices and a running engine.
+//
+//   probe the cache device -> format it if blank and asked to -> read and validate the
+//   metadata -> refuse a cache of another backing device -> build the context -> replay the
+//   log -> build the engine -> zero the rest of key_head's segment and sync -> start
+//   writeback and GC.
+//
+// Everything that can refuse (bad knobs, a blank device not to be formatted, a foreign device,
+// another backing device) does so before anything is written. Replay writes nothing; the only
+// write before the engine serves is the zeroing after key_head (docs/design.md, "Barriers").
+
+import { PcacheError } from '../lib/errors.js';
+import { realTimers, type Timers } from '../lib/timers.js';
+import { KiB, isAllZero } from '../lib/units.js';
+import type { BlockDevice } from '../device/block_device.js';
+import { CacheContext } from './cache_context.js';
+import { formatCacheDevice, probeDevice, readCacheMetadata, type CacheMetadata, type FormatOptions } from './cache_dev.js';
+import { CacheEngine } from './cache_engine.js';
+import { replay, type ReplayResult } from './cache_replay.js';
+import { defaultTuning, tuningProblem, type CacheTuning } from './cache_tuning.js';
+import type { LogPos } from './cache_types.js';
+
+export interface CacheOpenOptions {
+  readonly cacheDevice: BlockDevice;
+  readonly backingDevice: BlockDevice;
+  /** Format the cache device when it is blank (its first 8 KiB are zero), with these options. */
+  readonly formatIfBlank?: FormatOptions | boolean;
+  /** Serve reads only; nothing is written to either device (no writeback, no GC). */
+  readonly readOnly?: boolean;
+  /**
+   * Open even though the backing device's identity differs from the one recorded at format
+   * (for example after copying the backing device). The size must still match: a smaller or
+   * larger device would make recorded extents meaningless.
+   */
+  readonly acceptOtherBackingIdentity?: boolean;
+  /** Run writeback, GC and the kset timer on their own (default true). Tests turn it off. */
+  readonly background?: boolean;
+  readonly timers?: Timers;
+  /** Runtime knobs; see CacheTuning (defaults: hold writes forever, 75% dirty high-water, offline after 10 s of failures). */
+  readonly tuning?: Partial<CacheTuning>;
+}
+
+/** Opens the devices as a running engine; see the file comment for the steps. */
+export async function openEngine(options: CacheOpenOptions): Promise<{ engine: CacheEngine; replayResult: ReplayResult }> {
+  const { cacheDevice, backingDevice } = options;
+  // Checked before anything is written: a refused open formats nothing.
+  const tuning: CacheTuning = { ...defaultTuning, ...options.tuning };
+  const problem = tuningProblem(tuning);
+  if (problem !== undefined) throw new PcacheError('EINVAL', problem);
+  const contents = await probeDevice(cacheDevice);
+  if (contents === 'blank') {
+    if (options.formatIfBlank === undefined || options.formatIfBlank === false) {
+      throw new PcacheError('FOREIGN', 'the cache device is blank; format it first', { reason: 'blank-device' });
+    }
+    if (options.readOnly === true) throw new PcacheError('EPERM', 'cannot format a cache device opened read-only');
+    await formatCacheDevice(cacheDevice, backingDevice, options.formatIfBlank === true ? {} : options.formatIfBlank);
+  } else if (contents === 'other') {
+    throw new PcacheError('FOREIGN', 'the cache device holds data that is not a pcache cache; refusing to touch it', { reason: 'not-pcache' });
+  }
+  const metadata = await readCacheMetadata(cacheDevice);
+  checkBacking(metadata, backingDevice, options.acceptOtherBackingIdentity === true);
+  const ctx = new CacheContext(cacheDevice, backingDevice, metadata, {
+    readOnly: options.readOnly === true,
+    background: options.background ?? true,
+    timers: options.timers ?? realTimers,
+    tuning,
+  });
+  const replayResult = await replay(ctx, metadata.dirtyTail.value);
+  ctx.dirtyTail = replayResult.dirtyTail;
+  ctx.durableDirtyTail = replayResult.dirtyTail;
+  const engine = new CacheEngine(ctx, replayResult.keyHead);
+  if (!ctx.readOnly) await clearAfterHead(ctx, replayResult.keyHead);
+  // Dirty data found by replay has waited for the whole downtime: it counts as old.
+  if (ctx.stats.dirtyBytes > 0) engine.writeback.noteDurable(replayResult.keyHead.lsn, ctx.timers.now() - tuning.writebackMaxAgeMs);
+  engine.writeback.kick(false);
+  engine.gc.kick(false);
+  return { engine, replayResult };
+}
+
+function checkBacking(metadata: CacheMetadata, backing: BlockDevice, acceptOtherIdentity: boolean): void {
+  const sb = metadata.sb;
+  if (sb.backingSizeBytes !== backing.sizeBytes) {
+    throw new PcacheError('FOREIGN', `this cache belongs to a backing device of ${sb.backingSizeBytes} bytes, but the backing device has ${backing.sizeBytes}`, { reason: 'other-backing-size' });
+  }
+  if (sb.backingIdentity !== '' && backing.identity !== undefined && sb.backingIdentity !== backing.identity && !acceptOtherIdentity) {
+    throw new PcacheError('FOREIGN', `this cache belongs to backing device "${sb.backingIdentity}", not "${backing.identity}" (accept it only if it is a copy of that device)`, { reason: 'other-backing-identity' });
+  }
+}
+
+/**
+ * Zeroes key_head's segment from key_head to its end, then syncs. A kset written there before
+ * the crash was never acknowledged; without this, a later replay could find it again behind
+ * new ksets of the same length and take it for part of the log. Chunks that already read as
+ * zero are not rewritten: the end state is the same, and the sync also covers an earlier
+ * zeroing write that was cut short (a sync covers every completed write to the device).
+ */
+async function clearAfterHead(ctx: CacheContext, keyHead: LogPos): Promise<void> {
+  const chunkBytes = 64 * KiB;
+  const scratch = new Uint8Array(chunkBytes);
+  const zeroes = new Uint8Array(chunkBytes);
+  let wrote = false;
+  for (let offset = keyHead.offsetBytes; offset < ctx.dev.dataSizeBytes; offset += chunkBytes) {
+    const length = Math.min(chunkBytes, ctx.dev.dataSizeBytes - offset);
+    const current = scratch.subarray(0, length);
+    const read = ctx.dev.readData(current, keyHead.segment, offset);
+    if (read !== undefined) await read;
+    if (isAllZero(current)) continue;
+    const io = ctx.dev.writeData(zeroes.subarray(0, length), keyHead.segment, offset);
+    if (io !== undefined) await io;
+    wrote = true;
+  }
+  if (wrote || keyHead.offsetBytes < ctx.dev.dataSizeBytes) await ctx.dev.sync();
+}

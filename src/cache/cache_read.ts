@@ -1,0 +1,388 @@
+// The read path: client reads, prefetch (NBD_CMD_CACHE) and block status (dm-pcache's
+// cache_read and its miss/fill).
+//
+// A read walks the index over the request; hits are copied from the cache device (generation
+// checked first, data CRC verified when enabled); misses are read from the backing device, and
+// the first miss of a range leaves an EMPTY placeholder in the index. When the miss completes
+// and its placeholder is still there, the data is stored in the cache as a CLEAN key; a write
+// that landed meanwhile has cut or replaced the placeholder and wins. Filling is optional:
+// with no free space or no room in the log, the placeholder is simply dropped.
+// Every await is a point where the index may change; code after one re-checks what it needs
+// (a fill looks its placeholder up again by ticket; an asynchronous hit re-checks its
+// segment's generation).
+
+import { crc32c } from '../lib/crc32c.js';
+import { PcacheError, isPcacheError } from '../lib/errors.js';
+import { keyFlagEmpty, keyFlagZero, type KeyRecord } from '../ondisk/kset.js';
+import { subtreeSizeBytes } from '../ondisk/layout.js';
+import type { CacheContext } from './cache_context.js';
+import type { DataHead } from './cache_data_head.js';
+import type { KsetLog } from './cache_kset.js';
+import { keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
+import type { Space } from './cache_types.js';
+
+function keyRecord(key: IndexKey): KeyRecord {
+  return {
+    offsetBytes: key.offsetBytes,
+    lengthBytes: key.lengthBytes,
+    flags: key.flags,
+    segment: key.segment,
+    segmentOffsetBytes: key.segmentOffsetBytes,
+    gen: key.gen,
+    dataCrc: key.crc,
+  };
+}
+
+/** A part of a read that goes to the backing device. */
+interface Miss {
+  readonly offsetBytes: number;
+  readonly lengthBytes: number;
+  /** The placeholder this miss inserted, or 0 when another read's placeholder covers it. */
+  readonly ticket: number;
+}
+
+/** A hit read asynchronously: re-checked once the read completed. */
+interface PendingHit {
+  readonly offsetBytes: number;
+  readonly lengthBytes: number;
+  readonly segment: number;
+  readonly genLow32: number;
+}
+
+class ReadWalk {
+  misses: Miss[] | undefined;
+  pendingHits: PendingHit[] | undefined;
+  reads: Promise<void>[] | undefined;
+  hitBytes = 0;
+  readonly scratchKey = newIndexKey();
+}
+
+/** One run of the block status answer. */
+export interface CacheExtentStatus {
+  readonly lengthBytes: number;
+  readonly zero: boolean;
+  readonly hole: boolean;
+}
+
+/** Maximum extents in one block status answer; the client asks again for the rest. */
+export const blockStatusExtentsMax = 1024;
+
+/** Client reads, prefetch and block status over one cache's index. */
+export class ReadPath {
+  private readonly ctx: CacheContext;
+  private readonly log: KsetLog;
+  private readonly head: DataHead;
+  /** The last ticket handed to an EMPTY placeholder. */
+  private ticket = 0;
+
+  constructor(ctx: CacheContext, log: KsetLog, head: DataHead) {
+    this.ctx = ctx;
+    this.log = log;
+    this.head = head;
+  }
+
+  /** A fresh ticket for an EMPTY placeholder (never 0, wraps at 2^32). */
+  private nextTicket(): number {
+    this.ticket = (this.ticket % 0xffff_fffe) + 1;
+    return this.ticket;
+  }
+
+  read(target: Uint8Array, offsetBytes: number): Promise<void> | undefined {
+    const ctx = this.ctx;
+    ctx.checkReadable();
+    ctx.stats.readRequests++;
+    const walk = new ReadWalk();
+    const endBytes = offsetBytes + target.length;
+    for (let position = offsetBytes; position < endBytes;) {
+      const end = Math.min(endBytes, subtreeEnd(position));
+      this.readSubtree(walk, target, offsetBytes, position, end);
+      position = end;
+    }
+    ctx.stats.readHitBytes += walk.hitBytes;
+    if (walk.misses === undefined && walk.reads === undefined) {
+      ctx.stats.readHitRequests++;
+      return undefined;
+    }
+    if (walk.misses === undefined) ctx.stats.readHitRequests++;
+    else ctx.stats.readMissRequests++;
+    return this.finishRead(walk, target, offsetBytes);
+  }
+
+  /**
+   * Serves [position, end) of one subtree. `request` is the request's first byte. The walk over
+   * existing keys T, with R the part of the request not yet served:
+   *
+   *   before:     R |=====|           T starts after R: all of R is a miss (placeholder).
+   *                          T |==|
+   *   overlap     R |=====|           the gap before T is a miss (placeholder); the part of
+   *   tail:          T |=====|        R that T covers is a hit.
+   *   contain:    R |=========|       the gap before T is a miss (placeholder); all of T is a
+   *                   T |==|          hit; the walk goes on after T.
+   *   contained:  R   |===|           all of R is a hit, at (R start - T start) inside T.
+   *               T |=======|
+   *   overlap     R    |=====|        [R start, T end) is a hit; the walk goes on.
+   *   head:       T |=====|
+   *
+   * A hit on an EMPTY placeholder is a backing read without a new placeholder; a hit on a ZERO
+   * key fills zeroes; a hit on a stale key deletes the key and serves that range as a gap. The
+   * tail left after the last key is a miss (placeholder).
+   */
+  private readSubtree(walk: ReadWalk, target: Uint8Array, request: number, position: number, end: number): void {
+    const ctx = this.ctx;
+    const subtree = ctx.index.subtree(position, false);
+    if (subtree === undefined) {
+      this.addMiss(walk, target, request, position, end, true);
+      return;
+    }
+    let index = subtree.seek(position);
+    while (position < end) {
+      if (index >= subtree.count || subtree.start(index) >= end) {
+        this.addMiss(walk, target, request, position, end, true);
+        return;
+      }
+      const keyStart = subtree.start(index);
+      if (keyStart > position) {
+        if (this.addMiss(walk, target, request, position, keyStart, true)) index++; // it went in at `index`
+        position = keyStart;
+        continue;
+      }
+      const pieceEnd = Math.min(subtree.end(index), end);
+      const flags = subtree.flags(index);
+      if ((flags & keyFlagEmpty) !== 0) {
+        this.addMiss(walk, target, request, position, pieceEnd, false);
+      } else if ((flags & keyFlagZero) !== 0) {
+        target.fill(0, position - request, pieceEnd - request);
+        walk.hitBytes += pieceEnd - position;
+      } else {
+        const segment = subtree.segment(index);
+        if (ctx.segments.genLow32(segment) !== subtree.genLow32(index)) {
+          subtree.removeAt(index);
+          ctx.stats.staleKeysRemoved++;
+          continue; // the range is a gap now
+        }
+        this.readHit(walk, subtree, index, target.subarray(position - request, pieceEnd - request), position);
+      }
+      position = pieceEnd;
+      index++;
+    }
+    ctx.index.release(subtree);
+  }
+
+  private readHit(walk: ReadWalk, subtree: Subtree, index: number, piece: Uint8Array, position: number): void {
+    const ctx = this.ctx;
+    const key = subtree.read(index, walk.scratchKey);
+    const segmentOffset = key.segmentOffsetBytes + (position - key.offsetBytes);
+    walk.hitBytes += piece.length;
+    const io = ctx.dataCrc ? this.verifiedRead(key, piece, segmentOffset) : ctx.dev.readData(piece, key.segment, segmentOffset);
+    if (io === undefined) return;
+    (walk.reads ??= []).push(io);
+    (walk.pendingHits ??= []).push({ offsetBytes: position, lengthBytes: piece.length, segment: key.segment, genLow32: subtree.genLow32(index) });
+  }
+
+  /**
+   * Reads a hit and checks its data CRC. The CRC covers the key's original extent, which may be
+   * larger than what is left of the key after later writes cut it; then the whole original
+   * extent is read and checked, and the wanted part copied out.
+   */
+  private verifiedRead(key: IndexKey, piece: Uint8Array, segmentOffset: number): Promise<void> | undefined {
+    const ctx = this.ctx;
+    const originalOffset = key.segmentOffsetBytes - key.crcDeltaBytes;
+    const whole = segmentOffset === originalOffset && piece.length === key.crcLengthBytes;
+    const extent = whole ? piece : new Uint8Array(key.crcLengthBytes);
+    const { crc, segment, offsetBytes, lengthBytes } = key;
+    const check = (): void => {
+      if (crc32c(extent) !== crc) {
+        ctx.stats.dataCrcErrors++;
+        throw new PcacheError('EIO', `data CRC mismatch in cached extent ${offsetBytes}+${lengthBytes} (segment ${segment})`);
+      }
+      if (!whole) piece.set(extent.subarray(segmentOffset - originalOffset, segmentOffset - originalOffset + piece.length));
+    };
+    const io = ctx.dev.readData(extent, segment, originalOffset);
+    if (io === undefined) {
+      check();
+      return undefined;
+    }
+    return io.then(check);
+  }
+
+  /** Queues a backing read for [start, end); returns whether a placeholder went into the index. */
+  private addMiss(walk: ReadWalk, target: Uint8Array, request: number, start: number, end: number, placeholder: boolean): boolean {
+    const ctx = this.ctx;
+    let ticket = 0;
+    if (placeholder && ctx.state === 'running' && !ctx.readOnly && ctx.failure === undefined) {
+      ticket = this.nextTicket();
+      const empty: KeyRecord = { offsetBytes: start, lengthBytes: end - start, flags: keyFlagEmpty, segment: ticket, segmentOffsetBytes: 0, gen: 0, dataCrc: 0 };
+      ctx.index.insert(keyFromRecord(walk.scratchKey, empty));
+    }
+    (walk.misses ??= []).push({ offsetBytes: start, lengthBytes: end - start, ticket });
+    ctx.stats.readMissBytes += end - start;
+    (walk.reads ??= []).push(ctx.backing.read(target.subarray(start - request, end - request), start));
+    return ticket !== 0;
+  }
+
+  private async finishRead(walk: ReadWalk, target: Uint8Array, request: number): Promise<void> {
+    const ctx = this.ctx;
+    const misses = walk.misses ?? [];
+    try {
+      await Promise.all(walk.reads ?? []);
+    } catch (error) {
+      for (const miss of misses) if (miss.ticket !== 0) this.removePlaceholders(miss);
+      if (isPcacheError(error)) {
+        ctx.stats.backingReadErrors++;
+        if (error.code === 'ENODEV') ctx.backingOffline(error.message);
+      }
+      throw error;
+    }
+    // A hit read asynchronously may have raced with GC freeing its segment; then the data has
+    // been written back, so the backing device holds it.
+    for (const hit of walk.pendingHits ?? []) {
+      if (ctx.segments.genLow32(hit.segment) !== hit.genLow32) {
+        await ctx.backing.read(target.subarray(hit.offsetBytes - request, hit.offsetBytes - request + hit.lengthBytes), hit.offsetBytes);
+      }
+    }
+    for (const miss of misses) {
+      if (miss.ticket !== 0) await this.fillMiss(miss, target.subarray(miss.offsetBytes - request, miss.offsetBytes - request + miss.lengthBytes));
+    }
+  }
+
+  /** Visits the EMPTY keys of `miss`'s ticket still inside its range, in order. */
+  private forEachPlaceholder(miss: Miss, visit: (subtree: Subtree, index: number) => 'keep' | 'removed' | 'stop'): void {
+    const ctx = this.ctx;
+    const end = miss.offsetBytes + miss.lengthBytes;
+    for (let position = miss.offsetBytes; position < end; position = subtreeEnd(position)) {
+      const subtree = ctx.index.subtree(position, false);
+      if (subtree === undefined) continue;
+      const stop = Math.min(end, subtreeEnd(position));
+      for (let index = subtree.seek(position); index < subtree.count && subtree.start(index) < stop;) {
+        if ((subtree.flags(index) & keyFlagEmpty) !== 0 && subtree.segment(index) === miss.ticket) {
+          const verdict = visit(subtree, index);
+          if (verdict === 'stop') return;
+          if (verdict === 'removed') continue;
+        }
+        index++;
+      }
+      ctx.index.release(subtree);
+    }
+  }
+
+  private removePlaceholders(miss: Miss): void {
+    this.forEachPlaceholder(miss, (subtree, index) => {
+      subtree.removeAt(index);
+      return 'removed';
+    });
+  }
+
+  /**
+   * Stores a completed miss in the cache as CLEAN keys, for the parts whose placeholder is still
+   * in the index. Filling is optional: with no free space, no room in the log, or a stopping
+   * cache, the placeholders are simply removed.
+   */
+  private async fillMiss(miss: Miss, data: Uint8Array): Promise<void> {
+    const ctx = this.ctx;
+    const pieces: { offsetBytes: number; lengthBytes: number }[] = [];
+    this.forEachPlaceholder(miss, (subtree, index) => {
+      pieces.push({ offsetBytes: subtree.start(index), lengthBytes: subtree.length(index) });
+      return 'keep';
+    });
+    for (const piece of pieces) {
+      for (let done = 0; done < piece.lengthBytes;) {
+        const canFill = ctx.state === 'running' && ctx.failure === undefined && !this.log.full;
+        const space = canFill ? this.head.alloc(Math.min(piece.lengthBytes - done, ctx.keyMaxBytes)) : undefined;
+        if (space === undefined) {
+          ctx.stats.fillsSkipped++;
+          this.removePlaceholders(miss);
+          return;
+        }
+        const start = piece.offsetBytes + done;
+        const bytes = data.subarray(start - miss.offsetBytes, start - miss.offsetBytes + space.lengthBytes);
+        try {
+          const io = ctx.dev.writeData(bytes, space.segment, space.offsetBytes);
+          if (io !== undefined) await io;
+          if (this.head.genWrite !== undefined) await this.head.genWrite;
+        } catch (error) {
+          ctx.segments.put(space.segment);
+          if (!isPcacheError(error)) throw error;
+          ctx.stats.cacheIoErrors++;
+          this.removePlaceholders(miss);
+          return;
+        }
+        this.storeFill(miss, { offsetBytes: start, lengthBytes: space.lengthBytes }, space, bytes);
+        done += space.lengthBytes;
+      }
+    }
+  }
+
+  /**
+   * Turns the placeholder pieces of `miss` inside `range` into CLEAN keys pointing at `space`,
+   * which holds `range`'s data. Writes may have cut the placeholder while the data was being
+   * stored; each surviving piece becomes its own key (with its own segment reference).
+   */
+  private storeFill(miss: Miss, range: { offsetBytes: number; lengthBytes: number }, space: Space, bytes: Uint8Array): void {
+    const ctx = this.ctx;
+    let references = 1; // alloc took one for us
+    const rangeEnd = range.offsetBytes + range.lengthBytes;
+    const key = newIndexKey();
+    this.forEachPlaceholder(miss, (subtree, index) => {
+      const start = subtree.start(index);
+      if (start >= rangeEnd) return 'stop';
+      if (start < range.offsetBytes) return 'keep';
+      const length = Math.min(subtree.length(index), rangeEnd - start);
+      const delta = start - range.offsetBytes;
+      const piece = bytes.subarray(delta, delta + length);
+      if (references === 0) ctx.segments.get(space.segment);
+      else references--;
+      const crc = ctx.dataCrc ? crc32c(piece) : 0;
+      subtree.fillPlaceholder(index, { lengthBytes: length, segment: space.segment, segmentOffsetBytes: space.offsetBytes + delta, gen: space.gen, crc });
+      subtree.read(index, key);
+      this.log.append(keyRecord(key));
+      ctx.stats.fillsStored++;
+      return 'keep';
+    });
+    if (references > 0) ctx.segments.put(space.segment);
+  }
+
+  /** NBD_CMD_CACHE: brings the range into the cache, a bounded piece at a time. */
+  async prefetch(offsetBytes: number, lengthBytes: number): Promise<void> {
+    const chunkBytes = subtreeSizeBytes;
+    const scratch = new Uint8Array(Math.min(chunkBytes, lengthBytes));
+    for (let done = 0; done < lengthBytes; done += chunkBytes) {
+      const piece = scratch.subarray(0, Math.min(chunkBytes, lengthBytes - done));
+      const io = this.read(piece, offsetBytes + done);
+      if (io !== undefined) await io;
+    }
+  }
+
+  /**
+   * Describes the range as the cache sees it: ZERO keys read as zeroes; everything else is
+   * reported as data (the cache does not know what the backing device holds, and claiming
+   * nothing is always safe).
+   */
+  blockStatus(offsetBytes: number, lengthBytes: number): CacheExtentStatus[] {
+    const ctx = this.ctx;
+    ctx.checkReadable();
+    const extents: { lengthBytes: number; zero: boolean; hole: boolean }[] = [];
+    const push = (length: number, zero: boolean): void => {
+      const last = extents[extents.length - 1];
+      if (last !== undefined && last.zero === zero) last.lengthBytes += length;
+      else extents.push({ lengthBytes: length, zero, hole: false });
+    };
+    const endBytes = offsetBytes + lengthBytes;
+    for (let position = offsetBytes; position < endBytes && extents.length < blockStatusExtentsMax;) {
+      const end = Math.min(endBytes, subtreeEnd(position));
+      const subtree = ctx.index.subtree(position, false);
+      let cursor = position;
+      if (subtree !== undefined) {
+        for (let index = subtree.seek(position); index < subtree.count && subtree.start(index) < end; index++) {
+          const start = Math.max(subtree.start(index), cursor);
+          if (start > cursor) push(start - cursor, false);
+          const pieceEnd = Math.min(subtree.end(index), end);
+          push(pieceEnd - start, (subtree.flags(index) & keyFlagZero) !== 0);
+          cursor = pieceEnd;
+        }
+      }
+      if (end > cursor) push(end - cursor, false);
+      position = end;
+    }
+    return extents;
+  }
+}

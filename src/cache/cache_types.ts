@@ -1,0 +1,74 @@
+// Small types every part of the engine shares: log positions, space taken for data, the
+// counters, and the result of a device call that may complete synchronously. This module
+// imports nothing from the rest of the engine, so any part may import it.
+
+/** A position in the log. `lsn` orders positions: bytes of log appended since replay began. */
+export interface LogPos {
+  readonly segment: number;
+  readonly offsetBytes: number;
+  readonly lsn: number;
+}
+
+export function samePosition(a: { segment: number; offsetBytes: number }, b: { segment: number; offsetBytes: number }): boolean {
+  return a.segment === b.segment && a.offsetBytes === b.offsetBytes;
+}
+
+/** "segment:offset", as dm-pcache's status shows positions. */
+export function formatPosition(pos: { segment: number; offsetBytes: number }): string {
+  return `${pos.segment}:${pos.offsetBytes}`;
+}
+
+/**
+ * The result of a cache-device call: undefined when the device completed it synchronously
+ * (it offers blocking I/O), a promise otherwise, so the request path pays for a promise only
+ * when the device really is asynchronous.
+ */
+export type Io = Promise<void> | undefined;
+
+/** Space for one key's data at the data head, with a reference on its segment taken for the key. */
+export interface Space {
+  readonly segment: number;
+  readonly offsetBytes: number;
+  readonly lengthBytes: number;
+  readonly gen: number;
+}
+
+export interface CacheStats {
+  readRequests: number;
+  readHitRequests: number;
+  readMissRequests: number;
+  readHitBytes: number;
+  readMissBytes: number;
+  writeRequests: number;
+  writeBytes: number;
+  zeroRequests: number;
+  zeroBytes: number;
+  flushRequests: number;
+  /** Bytes appended to the log that writeback has not yet applied to the backing device. */
+  dirtyBytes: number;
+  ksetsWritten: number;
+  writebackBytes: number;
+  writebackKsets: number;
+  writebackRounds: number;
+  gcKsets: number;
+  gcSegmentsFreed: number;
+  staleKeysRemoved: number;
+  fillsStored: number;
+  fillsSkipped: number;
+  cacheIoErrors: number;
+  backingReadErrors: number;
+  backingWriteErrors: number;
+  dataCrcErrors: number;
+  writebackErrors: number;
+  gcErrors: number;
+}
+
+export function newStats(): CacheStats {
+  return {
+    readRequests: 0, readHitRequests: 0, readMissRequests: 0, readHitBytes: 0, readMissBytes: 0,
+    writeRequests: 0, writeBytes: 0, zeroRequests: 0, zeroBytes: 0, flushRequests: 0,
+    dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackKsets: 0, writebackRounds: 0,
+    gcKsets: 0, gcSegmentsFreed: 0, staleKeysRemoved: 0, fillsStored: 0, fillsSkipped: 0,
+    cacheIoErrors: 0, backingReadErrors: 0, backingWriteErrors: 0, dataCrcErrors: 0, writebackErrors: 0, gcErrors: 0,
+  };
+}
