@@ -6,7 +6,7 @@
 // promise per request) is measured against. Background writeback and GC run as in production.
 import { Cache } from '../src/cache/cache.js';
 import { MemoryDevice } from '../src/device/memory_device.js';
-import { Prng } from '../src/sim/prng.js';
+import { Prng } from '../sim/prng.js';
 import { medianOf, param, report } from './harness.js';
 
 const KiB = 1024;

@@ -4,7 +4,7 @@
 // in the same process on the same keys. The Map can only answer exact-offset lookups (no
 // range queries), so it is a floor on what object-per-key storage costs, not a usable index.
 import { KeyIndex, newIndexKey } from '../src/cache/cache_tree.js';
-import { Prng } from '../src/sim/prng.js';
+import { Prng } from '../sim/prng.js';
 import { heapBytes, medianOf, param, report } from './harness.js';
 
 const keyCount = param(20_000, 1_000_000);

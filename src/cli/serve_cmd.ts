@@ -26,7 +26,7 @@ import { probeDevice } from '../cache/cache_dev.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { DeviceExport } from '../device/device_export.js';
 import { FileDevice } from '../device/file_device.js';
-import { RecordingDevice } from '../sim/recording_device.js';
+import { RecordingDevice } from '../device/recording_device.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { NbdRemoteDevice, type NbdRemoteState } from '../nbd/remote_device.js';
 import { NbdServer, type NbdListenAddress } from '../nbd/server.js';
@@ -104,7 +104,7 @@ type Closer = () => Promise<void>;
 
 /**
  * With --record-dir, a device whose every write and sync is also appended to DIR/<name>.log
- * (src/sim/recording_device.ts). The log needs no fsync: it lives in the page cache, which a
+ * (src/device/recording_device.ts). The log needs no fsync: it lives in the page cache, which a
  * SIGKILL does not lose, and the crash tests rebuild power-loss states of the run from it.
  */
 function recorded(args: ServeArgs, name: 'cache' | 'backing', device: BlockDevice): BlockDevice {

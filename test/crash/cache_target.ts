@@ -6,7 +6,7 @@
 import { Cache } from '../../src/cache/cache.js';
 import type { BlockDevice } from '../../src/device/block_device.js';
 import { ManualTimers } from '../../src/lib/timers.js';
-import type { CrashTarget, OpenTarget } from '../../src/sim/harness.js';
+import type { CrashTarget, OpenTarget } from '../../sim/harness.js';
 
 const MiB = 1024 * 1024;
 

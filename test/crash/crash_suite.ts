@@ -1,7 +1,7 @@
 // Shared settings of the crash-consistency suites: the shapes the engine is explored with, and
 // how a run reports. Every run prints its seed, a replay command per violation, and a summary
 // line with the number of crash states explored and the violations found.
-import { runExhaustive, runRandomized, type HarnessReport } from '../../src/sim/harness.js';
+import { runExhaustive, runRandomized, type HarnessReport } from '../../sim/harness.js';
 import { cacheTarget, crashCacheBytes, type CacheTargetOptions } from './cache_target.js';
 
 export const exhaustiveShape = {

@@ -20,11 +20,12 @@ import { Cache } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { PcacheError, isPcacheError } from '../../src/lib/errors.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import { combineStates, materialize, randomStates } from '../../src/sim/crash_states.js';
-import { fillPayload, formatViolation, RequestHistory, sectorValues, type HistoryRequest, type SectorViolation } from '../../src/sim/oracle.js';
-import { FilePageSource, readRecording, recordingCrashPoint } from '../../src/sim/recording_device.js';
-import { PageImage } from '../../src/sim/page_image.js';
-import { Prng } from '../../src/sim/prng.js';
+import { combineStates, materialize, randomStates } from '../../sim/crash_states.js';
+import { fillPayload, formatViolation, RequestHistory, sectorValues, type HistoryRequest, type SectorViolation } from '../../sim/oracle.js';
+import { readRecording } from '../../src/device/recording_device.js';
+import { FilePageSource, recordingCrashPoint } from '../../sim/recording_replay.js';
+import { PageImage } from '../../sim/page_image.js';
+import { Prng } from '../../sim/prng.js';
 import { MiB, runCli, sleep, startServe, tempDir, type ServeProcess } from '../cli/cli_harness.js';
 
 const S = 512;

@@ -19,10 +19,10 @@ import {
   tornPrefixState,
   maskText,
   type CrashState,
-} from '../../src/sim/crash_states.js';
-import type { CrashPoint } from '../../src/sim/device_model.js';
-import { Prng } from '../../src/sim/prng.js';
-import { IoScheduler, SimDevice } from '../../src/sim/sim_device.js';
+} from '../../sim/crash_states.js';
+import type { CrashPoint } from '../../sim/device_model.js';
+import { Prng } from '../../sim/prng.js';
+import { IoScheduler, SimDevice } from '../../sim/sim_device.js';
 
 const deviceBytes = 16 * 1024;
 

@@ -7,7 +7,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { PcacheError } from '../../src/lib/errors.js';
 import type { BlockDevice } from '../../src/device/block_device.js';
-import { runExhaustive, runRandomized, type CrashTarget, type HarnessReport, type OpenTarget, type ViolationKind } from '../../src/sim/harness.js';
+import { runExhaustive, runRandomized, type CrashTarget, type HarnessReport, type OpenTarget, type ViolationKind } from '../../sim/harness.js';
 import { replaySpecOf, replayToy, toyExhaustiveShape, toyRandomizedShape, toyTarget, WriteThroughTarget } from './toy_targets.js';
 
 /** Log lines go to a buffer and are shown only when a test fails. */

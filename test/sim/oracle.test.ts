@@ -17,7 +17,7 @@ import {
   writePayloadSector,
   zeroValue,
   type OracleView,
-} from '../../src/sim/oracle.js';
+} from '../../sim/oracle.js';
 
 const blockBytes = 4096;
 const deviceBytes = 8 * blockBytes;

@@ -4,8 +4,8 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { Prng } from '../../src/sim/prng.js';
-import { PageImage, pageSizeBytes, type PageSource } from '../../src/sim/page_image.js';
+import { Prng } from '../../sim/prng.js';
+import { PageImage, pageSizeBytes, type PageSource } from '../../sim/page_image.js';
 import { TiB } from '../../src/lib/units.js';
 
 describe('Prng', () => {

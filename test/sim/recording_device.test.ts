@@ -10,11 +10,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { FileDevice } from '../../src/device/file_device.js';
 import { PcacheError } from '../../src/lib/errors.js';
-import { materialize, prefixState, standardStates } from '../../src/sim/crash_states.js';
-import { Prng } from '../../src/sim/prng.js';
-import { FilePageSource, readRecording, recordingCrashPoint, RecordingDevice, saveImage } from '../../src/sim/recording_device.js';
-import { IoScheduler, SimDevice } from '../../src/sim/sim_device.js';
-import { PageImage } from '../../src/sim/page_image.js';
+import { materialize, prefixState, standardStates } from '../../sim/crash_states.js';
+import { Prng } from '../../sim/prng.js';
+import { readRecording, RecordingDevice } from '../../src/device/recording_device.js';
+import { FilePageSource, recordingCrashPoint, saveImage } from '../../sim/recording_replay.js';
+import { IoScheduler, SimDevice } from '../../sim/sim_device.js';
+import { PageImage } from '../../sim/page_image.js';
 
 const deviceBytes = 64 * 1024;
 let directory = '';

@@ -5,7 +5,7 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { runExhaustive } from '../../src/sim/harness.js';
+import { runExhaustive } from '../../sim/harness.js';
 import { replaySpecOf, replayToy, toyExhaustiveShape, toyTarget } from './toy_targets.js';
 
 const requested = process.env['PCACHE_SIM_REPLAY'];

@@ -5,7 +5,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { PcacheError } from '../../src/lib/errors.js';
-import { DeviceEventLog, IoScheduler, SimDevice } from '../../src/sim/sim_device.js';
+import { DeviceEventLog, IoScheduler, SimDevice } from '../../sim/sim_device.js';
 
 const deviceBytes = 64 * 1024;
 

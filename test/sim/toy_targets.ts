@@ -14,7 +14,7 @@ import { crc32c } from '../../src/lib/crc32c.js';
 import { PcacheError } from '../../src/lib/errors.js';
 import { readU32LE, readU64LE, sectorSizeBytes, writeU32LE, writeU64LE } from '../../src/lib/units.js';
 import type { BlockDevice } from '../../src/device/block_device.js';
-import { runExhaustive, runRandomized, type CrashTarget, type HarnessReport, type OpenTarget } from '../../src/sim/harness.js';
+import { runExhaustive, runRandomized, type CrashTarget, type HarnessReport, type OpenTarget } from '../../sim/harness.js';
 
 export type WriteThroughMutant = 'none' | 'flushWithoutSync' | 'fuaWithoutSync' | 'reorderedFlush';
 

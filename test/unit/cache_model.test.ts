@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, eagerWriteback } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
-import { Prng } from '../../src/sim/prng.js';
+import { Prng } from '../../sim/prng.js';
 import { MiB, cacheBytesFor, pattern } from '../helpers/cache_fixture.js';
 
 const S = 512;

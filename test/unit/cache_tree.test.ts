@@ -4,7 +4,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { KeyIndex, Subtree, newIndexKey, type IndexKey } from '../../src/cache/cache_tree.js';
 import { keyFlagEmpty, keyFlagZero } from '../../src/ondisk/kset.js';
-import { Prng } from '../../src/sim/prng.js';
+import { Prng } from '../../sim/prng.js';
 
 const S = 512;
 const subtreeBytes = 4 * 1024 * 1024;

@@ -6,7 +6,7 @@
 // 32-bit words that are never all zero; a seed is a non-negative safe integer, so it survives
 // being printed and pasted back into a command line.
 
-import { assert } from '../lib/assert.js';
+import { assert } from '../src/lib/assert.js';
 
 const twoPow32 = 0x1_0000_0000;
 /** splitmix32's increment: the 32-bit golden ratio. */

@@ -23,9 +23,9 @@
 // Invariants: requests are 512-byte aligned (the NBD layer guarantees it); logical times
 // strictly increase; device-event times never decrease; a view never changes the history.
 
-import { assert } from '../lib/assert.js';
-import { crc32c } from '../lib/crc32c.js';
-import { readU64LE, sectorSizeBytes, writeU32LE, writeU64LE } from '../lib/units.js';
+import { assert } from '../src/lib/assert.js';
+import { crc32c } from '../src/lib/crc32c.js';
+import { readU64LE, sectorSizeBytes, writeU32LE, writeU64LE } from '../src/lib/units.js';
 import { isZero } from './page_image.js';
 
 /** Little-endian "PCOR" (pcache oracle record) at the start of every payload sector. */

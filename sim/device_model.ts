@@ -16,8 +16,8 @@
 // every id is issued once; `durable` only ever changes through a completed sync, `settle`, or
 // the bounded-volatile-list rule below; a crash point is an immutable snapshot.
 
-import { assert } from '../lib/assert.js';
-import { sectorSizeBytes } from '../lib/units.js';
+import { assert } from '../src/lib/assert.js';
+import { sectorSizeBytes } from '../src/lib/units.js';
 import { PageImage, type ReadonlyPageImage } from './page_image.js';
 
 /** One write not yet durable. Immutable: completing a write replaces its record. */

@@ -15,7 +15,7 @@
 // function of (crash point, options, seed). Building a device from a state costs O(pages
 // touched by the applied writes): the durable image is forked, never copied.
 
-import { assert } from '../lib/assert.js';
+import { assert } from '../src/lib/assert.js';
 import { applyWrite, writeSectorCount, type CrashPoint } from './device_model.js';
 import type { Prng } from './prng.js';
 import { SimDevice, type SimDeviceOptions } from './sim_device.js';

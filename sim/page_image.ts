@@ -14,8 +14,8 @@
 //   or as zeroes when there is none;
 // - every access lies inside [0, sizeBytes) (asserted: the simulator's callers range-check).
 
-import { assert } from '../lib/assert.js';
-import { KiB } from '../lib/units.js';
+import { assert } from '../src/lib/assert.js';
+import { KiB } from '../src/lib/units.js';
 
 export const pageSizeBytes = 4 * KiB;
 const fanoutBits = 5;

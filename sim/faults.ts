@@ -8,8 +8,8 @@
 // the device's seeded Prng, so a run's faults replay from its seed; while offline every
 // operation fails with ENODEV and no rule is consulted (so none is consumed).
 
-import { assert } from '../lib/assert.js';
-import { PcacheError } from '../lib/errors.js';
+import { assert } from '../src/lib/assert.js';
+import { PcacheError } from '../src/lib/errors.js';
 import type { Prng } from './prng.js';
 
 export type FaultOp = 'read' | 'write' | 'sync';

@@ -22,10 +22,10 @@
 // that replays it. Invariants: the harness never awaits a powered-off device; it bounds the
 // requests it keeps in flight, the violations it keeps, and the events of one workload.
 
-import { AssertionFailure, assert } from '../lib/assert.js';
-import { isPcacheError, PcacheError } from '../lib/errors.js';
-import { sectorSizeBytes } from '../lib/units.js';
-import type { BlockDevice } from '../device/block_device.js';
+import { AssertionFailure, assert } from '../src/lib/assert.js';
+import { isPcacheError, PcacheError } from '../src/lib/errors.js';
+import { sectorSizeBytes } from '../src/lib/units.js';
+import type { BlockDevice } from '../src/device/block_device.js';
 import {
   combineStates,
   CrashStateSet,

@@ -16,9 +16,9 @@
 // complete). After powerOff nothing changes any more: pending operations never settle, like
 // calls in a process that died, and new ones fail with ENODEV.
 
-import { assert } from '../lib/assert.js';
-import { PcacheError } from '../lib/errors.js';
-import { rangeProblem, type BlockDevice, type BlockingIo } from '../device/block_device.js';
+import { assert } from '../src/lib/assert.js';
+import { PcacheError } from '../src/lib/errors.js';
+import { rangeProblem, type BlockDevice, type BlockingIo } from '../src/device/block_device.js';
 import { DeviceModel, type CrashPoint } from './device_model.js';
 import { FaultInjector, type FaultOp } from './faults.js';
 import { PageImage } from './page_image.js';

@@ -10,8 +10,8 @@
 // zeroes, ZF… with FUA, T<block>[x<blocks>] trim, TF… with FUA, R<block>[x<blocks>] read,
 // flush, wb (writeback step), gc (GC step).
 
-import { assert } from '../lib/assert.js';
-import { PcacheError } from '../lib/errors.js';
+import { assert } from '../src/lib/assert.js';
+import { PcacheError } from '../src/lib/errors.js';
 import type { Prng } from './prng.js';
 
 export type OpKind = 'write' | 'fuaWrite' | 'flush' | 'trim' | 'writeZeroes' | 'writeback' | 'gc' | 'read';
