@@ -1,7 +1,22 @@
-// Lint rules for the whole tree. Type-aware rules run on src/, test/ and bench/; the plain
-// JavaScript helper scripts get the recommended set only.
+// Lint rules for the whole tree. Type-aware rules run on src/, sim/, test/ and bench/; the plain
+// JavaScript helper scripts get the recommended set only. The layering of src/ (docs/design.md,
+// "Module map") is checked here: no import cycles, and each layer imports only the layers below.
 import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
+import importCycles from './scripts/eslint_import_cycles.mjs';
+
+/** Product code never imports the simulator, the tests or the benchmarks. */
+const outsideProduct = ['**/sim/**', '**/test/**', '**/bench/**'];
+
+/** A layer of src/: its files may not import what `forbidden` matches (import specifiers, gitignore style). */
+function layer(files, forbidden, why) {
+  return {
+    files,
+    rules: {
+      'no-restricted-imports': ['error', { patterns: [{ group: [...forbidden, ...outsideProduct], message: why }] }],
+    },
+  };
+}
 
 export default tseslint.config(
   { ignores: ['dist/**', 'node_modules/**', 'pcache-data/**'] },
@@ -24,6 +39,21 @@ export default tseslint.config(
       eqeqeq: 'error',
     },
   },
+  {
+    // No import cycles anywhere in the TypeScript tree, type-only imports included.
+    files: ['**/*.ts'],
+    plugins: { pcache: importCycles },
+    rules: { 'pcache/no-import-cycle': 'error' },
+  },
+  layer(['src/lib/**/*.ts'], ['../**'], 'src/lib is the bottom layer: it imports nothing else of pcache'),
+  layer(['src/ondisk/**/*.ts'], ['../cache/**', '../device/**', '../nbd/**', '../cli/**'], 'src/ondisk imports only src/lib'),
+  layer(['src/device/**/*.ts'], ['../cache/**', '../ondisk/**', '../nbd/**', '../cli/**'], 'src/device imports only src/lib'),
+  layer(['src/cache/**/*.ts'], ['../nbd/**', '../cli/**'], 'the cache never sees the NBD layer or the command line'),
+  layer(['src/nbd/**/*.ts'], ['**/cache/**', '**/device/**', '**/ondisk/**', '**/cli/**'], 'the NBD layer imports only src/lib: it never knows the cache'),
+  layer(['src/nbd/protocol/**/*.ts'], ['**/cache/**', '**/device/**', '**/ondisk/**', '**/cli/**', '../server/**', '../client/**'], 'the NBD protocol codec is shared by server and client and imports neither'),
+  layer(['src/nbd/server/**/*.ts'], ['**/cache/**', '**/device/**', '**/ondisk/**', '**/cli/**', '../client/**'], 'the NBD server never imports the NBD client'),
+  layer(['src/nbd/client/**/*.ts'], ['**/cache/**', '**/device/**', '**/ondisk/**', '**/cli/**', '../server/**'], 'the NBD client never imports the NBD server'),
+  layer(['src/cli/**/*.ts', 'src/index.ts'], [], 'product code never imports the simulator, the tests or the benchmarks'),
   {
     // Only the command line talks to the terminal; tests, benchmarks and scripts report too.
     files: ['src/cli/**', 'test/**', 'bench/**', 'scripts/**'],
