@@ -3,7 +3,7 @@
 // Given a CrashPoint (a device's durable image and its volatile writes at one instant), a
 // crash state chooses a subset of the volatile writes to apply on top of the durable image,
 // in volatile-list order, each one whole or torn (only some of its 512-byte sectors). The
-// generators follow reliability.md §2.3(c): prefix(k) (the dm-log-writes view), omit-one
+// generators (docs/testing.md, "The crash model"): prefix(k) (the dm-log-writes view), omit-one
 // (ALICE's reordering probe), torn-last, arbitrary subsets, and seeded random states for the
 // deep mode. Each device of a system is crashed independently; combineStates pairs the states
 // of a cache device and a backing device.

@@ -1,6 +1,6 @@
 // DeviceModel: what a device holds and what would survive a power loss, as a state machine.
 //
-// The model follows the dm-log-writes rule (reliability.md §2.3b). It keeps:
+// The model follows the dm-log-writes rule (docs/testing.md, "The crash model"). It keeps:
 // - `durable`: the contents that survive power loss;
 // - `visible`: what reads return (durable plus every completed write, in completion order);
 // - the volatile writes: every write not yet covered by a completed sync, completed ones in

@@ -1,6 +1,6 @@
 // Crash harness: drives a system under test on two simulated devices, crashes it at every
 // device-operation boundary (or at random instants), restarts it on every crash state, and
-// checks what it reads back against the oracle (reliability.md §2.3d, §2.4).
+// checks what it reads back against the oracle (docs/testing.md, "The crash simulator").
 //
 // The system is anything that implements CrashTarget; the harness knows nothing about caches.
 // Two drivers:

@@ -1,6 +1,6 @@
 // Oracle: what each sector may hold after a crash, from the client's request history alone.
 //
-// It knows nothing about the cache (reliability.md §2.4). Writes carry self-describing
+// It knows nothing about the cache (docs/testing.md, "The oracle"). Writes carry self-describing
 // 512-byte sectors {magic, crc32c, lba, payloadId, sectorIndex, filler}, so any sector read
 // back maps to exactly one (write, sector), or to zeroes, or is garbage or misplaced. The CRC
 // sits near the front and covers the bytes after it. It must not sit at the end: a CRC32C

@@ -2,7 +2,7 @@
 //
 // An operation addresses whole blocks of the exported device (block size chosen by the
 // harness) and writes one of a few payload values, so the exhaustive mode can enumerate every
-// short sequence (B3-style bounded search, reliability.md §1.6) and the deep mode can draw long
+// short sequence (a bounded search, as B3/CrashMonkey do) and the deep mode can draw long
 // random ones. Every workload prints as text ("W0.1,flush,TF1") and parses back, so a failure
 // replays from the printed line even if the enumeration order changes later.
 //
@@ -17,7 +17,7 @@ import type { Prng } from './prng.js';
 export type OpKind = 'write' | 'fuaWrite' | 'flush' | 'trim' | 'writeZeroes' | 'writeback' | 'gc' | 'read';
 
 export const allOpKinds: readonly OpKind[] = ['write', 'fuaWrite', 'flush', 'trim', 'writeZeroes', 'writeback', 'gc', 'read'];
-/** The exhaustive mode's default alphabet (reliability.md §2.3d): reads are the checks. */
+/** The exhaustive mode's default alphabet (docs/testing.md): reads are the checks. */
 export const exhaustiveOpKinds: readonly OpKind[] = ['write', 'fuaWrite', 'flush', 'trim', 'writeZeroes', 'writeback', 'gc'];
 
 export interface Extent {

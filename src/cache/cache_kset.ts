@@ -8,7 +8,7 @@
 // second): each commit costs two device syncs, and nobody waits for these ksets to be durable.
 // Anything that waits (flush, FUA, a writer short of room or space) starts the committer at once.
 //
-// The ordering rule (DESIGN.md §2): a kset must never become durable before the data its keys
+// The ordering rule (docs/design.md §3): a kset must never become durable before the data its keys
 // point at. pcache syncs the data first (two-phase commit): the committer loop is
 //
 //     sync            -- makes the data behind the next batch durable, and the previous batch

@@ -1,5 +1,5 @@
 // Oracle tests. Goal: payload sectors identify exactly one (write, sector) or are caught as
-// garbage or misplaced; floor and allowed follow reliability.md §2.4 for flush, FUA, TRIM,
+// garbage or misplaced; floor and allowed follow docs/testing.md ("The oracle") for flush, FUA, TRIM,
 // WRITE_ZEROES, failures and overlapping requests; the epoch-prefix check accepts prefixes
 // (last epoch partial) and rejects anything out of order.
 
