@@ -12,7 +12,7 @@
 // - Totals are counters (monotonic, named *_total); levels are gauges. Rates (writeback bytes
 //   per second, GC segments per second) are what Prometheus's rate() makes of the counters.
 // - The endpoint answers GET and HEAD of /metrics; anything else gets 404 or 405. It binds
-//   loopback unless the operator said otherwise (args.ts), because metrics are unauthenticated.
+//   loopback unless the operator said otherwise (args_serve.ts), because metrics are unauthenticated.
 
 import http from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';

@@ -303,7 +303,7 @@ function prepareFiles(args: ServeArgs): string[] {
   return created;
 }
 
-/** The CacheTuning fields of `serve --tuning` (names and values were checked by args.ts). */
+/** The CacheTuning fields of `serve --tuning` (names and values were checked by args_serve.ts). */
 function tuningOf(args: ServeArgs): Partial<CacheTuning> {
   const tuning: { -readonly [K in keyof CacheTuning]?: number } = {};
   for (const [name, value] of Object.entries(args.tuning)) {
