@@ -90,7 +90,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
       socket: valueFlag('PATH', 'listen on this Unix socket (default ./nbd.sock)'),
       port: valueFlag('N', 'listen on TCP port N instead (0 picks a free port)'),
       bind: valueFlag('ADDR', 'with --port: the address to bind (default 127.0.0.1)'),
-      control: valueFlag('PATH', 'also answer `pcache status`, `drain` and `set` on this Unix socket'),
+      control: valueFlag('PATH', 'also answer `pcache status`, `drain` and `set` on this Unix socket (HTTP/JSON; curl --unix-socket PATH http://localhost/status works too)'),
       'export-name': valueFlag('NAME', 'the NBD export name (default "pcache"; the empty name works too)'),
       'read-only': switchFlag('refuse writes; nothing is written to either device'),
       'force-backing': switchFlag('open the cache although the backing device is not the one it was formatted for (a copy or a moved file of the same size)'),

@@ -18,22 +18,15 @@
 // (even by SIGKILL) the IPC channel closes and the child stops cleanly on its own.
 
 import { spawn } from 'node:child_process';
-import fs from 'node:fs';
 import os from 'node:os';
 import { isPcacheError } from '../lib/errors.js';
 import { exitFailure, exitInternal, exitOk, exitUsage, parseCommandLine, UsageError, type Invocation } from './args.js';
 import { processTerminal, type Terminal } from './terminal.js';
+import { packageVersion } from './version.js';
 
 /** libuv thread-pool size for `serve`: asynchronous backing-device requests in flight at once. */
 const threadPoolSize = 16;
 const forwardedSignals = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
-
-function packageVersion(): string {
-  // dist/src/cli/main.js -> the package root, both in this repository and when installed.
-  const text = fs.readFileSync(new URL('../../../package.json', import.meta.url), 'utf8');
-  const version = (JSON.parse(text) as { version?: unknown }).version;
-  return typeof version === 'string' ? version : 'unknown';
-}
 
 // Command modules are imported when their command runs, so `--help`, `--version` and usage
 // errors answer without loading the engine.

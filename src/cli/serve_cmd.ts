@@ -38,6 +38,7 @@ import { createLogger, type Logger } from './log.js';
 import { createMetricsRegistry, MetricsServer, NbdRequestCounters } from './metrics.js';
 import { applySettings, currentSettings, knobNamed } from './settings.js';
 import type { Terminal } from './terminal.js';
+import { packageVersion } from './version.js';
 
 /** How long a stop may take before pcache gives up on it. */
 const stopTimeoutMs = 60_000;
@@ -168,7 +169,7 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
           if (Object.keys(changes).length > 0) log.info({ changes, settings }, 'settings changed');
           return settings;
         },
-      });
+      }, { version: packageVersion() });
       await control.listen(args.controlPath);
       closers.push(() => control.close());
     }

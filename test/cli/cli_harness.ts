@@ -9,6 +9,7 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -154,9 +155,9 @@ export function sleep(ms: number): Promise<void> {
 }
 
 /** Polls `condition` until it holds; fails naming `what` after the time limit. */
-export async function waitUntil(condition: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
+export async function waitUntil(condition: () => boolean | Promise<boolean>, what: string, timeoutMs = 15_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
+  while (!(await condition())) {
     if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}`);
     await sleep(20);
   }
@@ -166,34 +167,70 @@ export function uriFor(socketPath: string, exportName = ''): string {
   return `nbd+unix:///${exportName}?socket=${socketPath}`;
 }
 
+export interface HttpAnswer {
+  readonly status: number;
+  readonly headers: Readonly<Record<string, string>>;
+  /** The body parsed as JSON (undefined when empty). */
+  readonly json: unknown;
+}
+
+/** One HTTP request to a control socket, on its own connection. */
+export function httpRequest(socketPath: string, method: string, urlPath: string, body?: string): Promise<HttpAnswer> {
+  return new Promise((resolve, reject) => {
+    const request = http.request({ socketPath, method, path: urlPath, agent: false }, (response) => {
+      let text = '';
+      response.setEncoding('utf8');
+      response.on('data', (chunk: string) => { text += chunk; });
+      response.on('end', () => {
+        const headers = Object.fromEntries(Object.entries(response.headers).map(([name, value]) => [name, String(value)]));
+        resolve({ status: response.statusCode ?? 0, headers, json: text === '' ? undefined : JSON.parse(text) as unknown });
+      });
+    });
+    request.on('error', reject);
+    request.end(body);
+  });
+}
+
+/** The `error` of a failure answer, checked to have the documented shape. */
+export function errorOf(answer: HttpAnswer): { code: string; message: string } {
+  const error = (answer.json as { error?: { code?: unknown; message?: unknown } } | undefined)?.error;
+  assert.equal(typeof error?.code, 'string', `an error body: ${JSON.stringify(answer.json)}`);
+  assert.equal(typeof error?.message, 'string');
+  return error as { code: string; message: string };
+}
+
 /**
- * Sends raw bytes to a control socket and collects reply lines until `count` have arrived or
- * the server closes the connection.
+ * Sends raw bytes on one connection (pipelined requests, broken ones) and parses the HTTP
+ * answers that come back until `count` have arrived or the server closes the connection.
  */
-export function controlExchange(socketPath: string, payload: string, count: number): Promise<{ replies: Record<string, unknown>[]; closed: boolean }> {
+export function httpExchange(socketPath: string, payload: string | Buffer, count: number, timeoutMs = 30_000): Promise<{ answers: HttpAnswer[]; closed: boolean }> {
   return new Promise((resolve, reject) => {
     const socket = net.connect(socketPath);
-    let buffered = '';
-    const replies: Record<string, unknown>[] = [];
-    const timer = setTimeout(() => { socket.destroy(); reject(new Error(`no ${count} replies from ${socketPath}: ${buffered}`)); }, 30_000);
+    let buffered = Buffer.alloc(0);
+    const answers: HttpAnswer[] = [];
+    const timer = setTimeout(() => { socket.destroy(); reject(new Error(`no ${count} answers from ${socketPath}: ${buffered.toString()}`)); }, timeoutMs);
     const done = (closed: boolean): void => {
       clearTimeout(timer);
       socket.destroy();
-      resolve({ replies, closed });
+      resolve({ answers, closed });
     };
-    socket.setEncoding('utf8');
     socket.on('connect', () => { socket.write(payload); });
     socket.on('error', () => undefined);
     socket.on('close', () => { done(true); });
-    socket.on('data', (chunk: string) => {
-      buffered += chunk;
-      let newline = buffered.indexOf('\n');
-      while (newline >= 0) {
-        replies.push(JSON.parse(buffered.slice(0, newline)) as Record<string, unknown>);
-        buffered = buffered.slice(newline + 1);
-        newline = buffered.indexOf('\n');
+    socket.on('data', (chunk: Buffer) => {
+      buffered = Buffer.concat([buffered, chunk]);
+      for (;;) {
+        const end = buffered.indexOf('\r\n\r\n');
+        if (end < 0) break;
+        const [statusLine = '', ...lines] = buffered.subarray(0, end).toString('latin1').split('\r\n');
+        const headers = Object.fromEntries(lines.map((line) => [line.slice(0, line.indexOf(':')).toLowerCase(), line.slice(line.indexOf(':') + 1).trim()]));
+        const length = Number(headers['content-length'] ?? 0);
+        if (buffered.length < end + 4 + length) break;
+        const text = buffered.subarray(end + 4, end + 4 + length).toString('utf8');
+        buffered = buffered.subarray(end + 4 + length);
+        answers.push({ status: Number(statusLine.split(' ')[1]), headers, json: text === '' ? undefined : JSON.parse(text) as unknown });
       }
-      if (replies.length >= count) done(false);
+      if (answers.length >= count) done(false);
     });
   });
 }
