@@ -1,10 +1,12 @@
-// Test harness for the command line: runs the real dist/src/cli/main.js as a child process,
-// on temporary files, and drives `pcache serve` (start, wait until it listens, stop with a
-// signal, or kill its whole process group to simulate a crash).
+// Test harness for the command line: runs the real `pcache` (the package's bin,
+// dist/src/cli/pcache.cjs, through node) as a child process, on temporary files, and drives
+// `pcache serve` (start, wait until it listens, stop with a signal, or kill its whole process
+// group to simulate a crash). A server can also be started the other ways the README names:
+// `node dist/src/cli/main.js` and `npx pcache`.
 //
-// Children get an environment without UV_THREADPOOL_SIZE, so `serve` takes the production
-// path (a supervising parent re-running the server with the variable set). Every server is
-// started in its own process group and killed at the end of its test if still running.
+// Children get an environment without UV_THREADPOOL_SIZE unless a test sets it, so the bin
+// sizes the thread pool as it does for users. Every server is started in its own process
+// group and killed at the end of its test if still running.
 
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
@@ -20,8 +22,12 @@ export const KiB = 1024;
 export const MiB = 1024 * KiB;
 export const GiB = 1024 * MiB;
 
-/** The compiled command line, as `npm run build` leaves it (dist/test/cli -> dist/src/cli). */
-export const cliPath = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+/** The package's bin, as `npm run build` leaves it (dist/test/cli -> dist/src/cli). */
+export const cliPath = fileURLToPath(new URL('../../src/cli/pcache.cjs', import.meta.url));
+/** The command line's ES module, which also runs as a program (with libuv's default thread pool). */
+export const mainPath = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+/** The repository, where `npx pcache` finds the package. */
+export const packageRoot = fileURLToPath(new URL('../../../', import.meta.url));
 
 export function cliEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   const env = { ...process.env, ...extra };
@@ -39,7 +45,7 @@ export interface CliResult {
 /** Runs `pcache args...` to completion (asynchronously: a server under test may share this process's loop). */
 export function runCli(args: readonly string[], options: { cwd?: string; timeoutMs?: number } = {}): Promise<CliResult> {
   return new Promise((resolve) => {
-    execFile(cliPath, [...args], { cwd: options.cwd, env: cliEnv(), timeout: options.timeoutMs ?? 60_000, encoding: 'utf8' }, (error, stdout, stderr) => {
+    execFile(process.execPath, [cliPath, ...args], { cwd: options.cwd, env: cliEnv(), timeout: options.timeoutMs ?? 60_000, encoding: 'utf8' }, (error, stdout, stderr) => {
       const code = error === null ? 0 : typeof error.code === 'number' ? error.code : -1;
       resolve({ code, stdout, stderr });
     });
@@ -85,14 +91,31 @@ export function tempDir(t: TestContext, prefix = 'pcache-cli-'): string {
   return dir;
 }
 
+/** How a server is started: `node pcache.cjs` (the bin), `node main.js`, or `npx pcache` in the repository. */
+export type Launcher = 'bin' | 'main' | 'npx';
+
+export interface ServeOptions {
+  readonly launcher?: Launcher;
+  /** Extra environment (UV_THREADPOOL_SIZE). */
+  readonly env?: Record<string, string>;
+}
+
 export class ServeProcess {
   readonly child: ChildProcess;
   stdout = '';
   stderr = '';
   private readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 
-  constructor(args: readonly string[], cwd: string) {
-    this.child = spawn(cliPath, ['serve', ...args], { cwd, env: cliEnv(), detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+  /** With the npx launcher the process runs in the repository (`cwd` is not used): give it absolute paths. */
+  constructor(args: readonly string[], cwd: string, options: ServeOptions = {}) {
+    const launcher = options.launcher ?? 'bin';
+    const [command, prefix] = launcher === 'npx' ? ['npx', ['pcache']] : [process.execPath, [launcher === 'bin' ? cliPath : mainPath]];
+    this.child = spawn(command, [...prefix, 'serve', ...args], {
+      cwd: launcher === 'npx' ? packageRoot : cwd,
+      env: cliEnv(options.env),
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     this.child.stdout?.setEncoding('utf8').on('data', (chunk: string) => { this.stdout += chunk; });
     this.child.stderr?.setEncoding('utf8').on('data', (chunk: string) => { this.stderr += chunk; });
     this.exited = new Promise((resolve) => {
@@ -121,13 +144,19 @@ export class ServeProcess {
     }
   }
 
-  /** Sends `signal` to the supervising process and returns the exit status. */
+  /** Sends `signal` to the process started and returns its exit status. */
   async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
     this.child.kill(signal);
     return (await this.exited).code;
   }
 
-  /** SIGKILL to the whole process group: the supervisor and the server die at once, as in a crash. */
+  /** Sends `signal` to the process group, as Ctrl-C in a terminal does, and returns the exit status of the process started. */
+  async stopGroup(signal: NodeJS.Signals = 'SIGINT'): Promise<number | null> {
+    process.kill(-this.pid, signal);
+    return (await this.exited).code;
+  }
+
+  /** SIGKILL to the whole process group (with npx: npm, its shell and the server), as in a crash. */
   async crash(): Promise<void> {
     try {
       process.kill(-this.pid, 'SIGKILL');
@@ -143,8 +172,8 @@ export class ServeProcess {
 }
 
 /** Starts `pcache serve args...` in `cwd`, waits until it listens, and kills it after the test if it is still up. */
-export async function startServe(t: TestContext, args: readonly string[], cwd: string): Promise<ServeProcess> {
-  const server = new ServeProcess(args, cwd);
+export async function startServe(t: TestContext, args: readonly string[], cwd: string, options: ServeOptions = {}): Promise<ServeProcess> {
+  const server = new ServeProcess(args, cwd, options);
   t.after(() => server.crash());
   await server.ready();
   return server;

@@ -58,7 +58,7 @@ describe('status through the control socket', () => {
     const report = await statusJson(['--control', rig.control]);
     assert.equal(report.source, 'server');
     assert.equal(typeof report.pid, 'number');
-    assert.equal(report.uvThreadPoolSize, '16', 'the server runs with the larger thread pool');
+    assert.equal(report.uvThreadPoolSize, 16, 'the server runs with the larger thread pool');
     assert.equal(report.uri, uriFor(rig.socket, 'pcache'));
     assert.equal(report.cachePath, rig.cache);
     assert.equal(report.backingPath, rig.backing);
