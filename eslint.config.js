@@ -22,7 +22,7 @@ export default tseslint.config(
   { ignores: ['dist/**', 'node_modules/**', 'pcache-data/**'] },
   js.configs.recommended,
   {
-    files: ['**/*.ts'],
+    files: ['**/*.ts', '**/*.cts'],
     extends: [...tseslint.configs.strictTypeChecked],
     languageOptions: {
       parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname },

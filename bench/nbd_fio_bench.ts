@@ -24,7 +24,7 @@
 import type { ChildProcess } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
-import { controlRequest } from '../src/cli/control.js';
+import { controlRequest } from '../src/cli/control_client.js';
 import { median, param, report, smoke } from './harness.js';
 import { fioJob, makeBenchFiles, readThrough, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 

@@ -12,7 +12,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const MiB = 1024 * 1024;
-const cliPath = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+/** The package's bin, which gives `serve` its 16-thread pool (src/cli/pcache.cts). */
+const cliPath = fileURLToPath(new URL('../src/cli/pcache.cjs', import.meta.url));
 
 /** Every child process started here that has not exited yet. */
 const children = new Set<ChildProcess>();
@@ -33,7 +34,6 @@ function killAll(): void {
 process.once('exit', killAll);
 for (const signal of ['SIGINT', 'SIGTERM'] as const) {
   process.once(signal, () => {
-    // pcache serve's supervisor stops its server child when its IPC channel closes.
     killAll();
     for (const dir of scratchDirs) fs.rmSync(dir, { recursive: true, force: true });
     process.exit(128 + os.constants.signals[signal]);

@@ -1,42 +1,31 @@
-// The control socket: a local Unix socket on which a running `pcache serve` answers `status`,
-// `drain` and `set`, and the client that `pcache status --control`, `drain` and `set` use.
-//
-// Protocol, version 1 (controlProtocolVersion): newline-delimited JSON, one object per line.
-//   request   {"v":1,"id":7,"op":"status"}          op: "hello" | "status" | "drain" | "set"
-//             {"v":1,"id":8,"op":"set","settings":{"gc_percent":50}}   (empty: list them)
-//   success   {"v":1,"id":7,"ok":true,"result":...}
-//   failure   {"v":1,"id":7,"ok":false,"error":{"code":"EINVAL","message":"..."}}
-// `id` (a number or a string) is echoed; replies may come out of order, because `status` is
-// answered at once even while a `drain` on the same connection is still running. A request
-// with another `v` gets an EPROTO error naming the version spoken here.
+// The control socket's server: a local Unix socket (mode 0600) on which a running
+// `pcache serve` answers HTTP/1.1 requests with JSON (control_api.ts lists the routes and
+// the error statuses; control_client.ts is the client `pcache status`, `drain` and `set` use).
 //
 // Invariants (one bad client cannot hurt the server or the other clients):
-// - a request line longer than controlRequestBytesMax gets an error and the connection is
-//   closed (its framing can no longer be trusted); nothing longer is ever buffered;
-// - at most controlConnectionsMax connections, each with at most controlPendingMax
-//   unanswered requests; an idle connection (nothing pending) is closed after
-//   controlIdleTimeoutMs; socket errors end that connection only;
-// - `status` is computed synchronously from memory: it never waits for a drain, a device,
-//   or another client.
+// - a request body over limits.bodyBytesMax gets 413 and its connection is closed (nothing
+//   longer is ever buffered); a request head over limits.headerBytesMax gets 431;
+// - at most limits.connectionsMax connections (node drops the ones beyond); each has at most
+//   limits.pendingPerConnectionMax unanswered requests (pipelined ones beyond get 429);
+// - a connection idle between requests is closed after limits.idleTimeoutMs; a request whose
+//   head or body does not arrive in time gets 408 (limits.headersTimeoutMs,
+//   requestTimeoutMs). Answering is not timed: a drain may take hours, and its connection
+//   stays open until it is answered. A socket error or a malformed request ends that
+//   connection only;
+// - `GET /status` is computed synchronously from memory: it never waits for a drain, a
+//   device, or another client (HTTP answers one connection's requests in order, so a status
+//   asked while a drain runs comes on another connection, as any HTTP client does it);
+// - close() stops listening, answers every request still pending with 503 ESHUTDOWN, and
+//   closes every connection; a request arriving meanwhile gets 503 too.
 
 import fs from 'node:fs';
-import net from 'node:net';
+import http from 'node:http';
+import type net from 'node:net';
 import { assert } from '../lib/assert.js';
-import { PcacheError, isPcacheError, type PcacheErrorCode } from '../lib/errors.js';
+import { isPcacheError } from '../lib/errors.js';
 import { prepareSocketPath } from '../nbd/server.js';
-
-export const controlProtocolVersion = 1;
-/** Longest request line accepted; real requests are a few dozen bytes. */
-export const controlRequestBytesMax = 4096;
-export const controlConnectionsMax = 16;
-/** Unanswered requests per connection (drains in progress count). */
-export const controlPendingMax = 4;
-export const controlIdleTimeoutMs = 60_000;
-/** How long the client waits for an answer to anything but drain. */
-const clientTimeoutMs = 10_000;
-
-export type ControlOp = 'hello' | 'status' | 'drain' | 'set';
-const controlOps: readonly ControlOp[] = ['hello', 'status', 'drain', 'set'];
+import { controlLimits, controlRoutes, httpStatusOf, type ControlErrorBody, type ControlLimits, type ControlRoute } from './control_api.js';
+import { listenOn } from './listen.js';
 
 export interface ControlHandlers {
   /** The server's state, computed synchronously. */
@@ -50,41 +39,67 @@ export interface ControlHandlers {
   set(changes: Readonly<Record<string, unknown>>): Promise<unknown>;
 }
 
-interface Reply {
-  readonly v: number;
-  readonly id: number | string | null;
-  readonly ok: boolean;
-  readonly result?: unknown;
-  readonly error?: { readonly code: string; readonly message: string };
+/** A failure answered by the protocol itself (not an operating error of the cache). */
+class ControlError extends Error {
+  readonly code: string;
+  readonly headers: Readonly<Record<string, string>>;
+
+  constructor(code: string, message: string, headers: Readonly<Record<string, string>> = {}) {
+    super(message);
+    this.code = code;
+    this.headers = headers;
+  }
+}
+
+const shuttingDown = (): ControlError => new ControlError('ESHUTDOWN', 'the server is stopping');
+
+interface Served extends ControlRoute {
+  answer(body: string): unknown;
 }
 
 export class ControlServer {
   private readonly handlers: ControlHandlers;
-  private readonly listener: net.Server;
-  private readonly connections = new Set<ControlConnection>();
+  private readonly version: string;
+  private readonly limits: ControlLimits;
+  private readonly server: http.Server;
+  private readonly routes: readonly Served[];
+  /** The responses not yet sent, per connection: answered with ESHUTDOWN on close. */
+  private readonly pending = new Map<net.Socket, Set<http.ServerResponse>>();
   private path: string | undefined;
   private closing = false;
 
-  constructor(handlers: ControlHandlers) {
+  constructor(handlers: ControlHandlers, options: { readonly version: string; readonly limits?: Partial<ControlLimits> }) {
     this.handlers = handlers;
-    // allowHalfOpen: a client that shuts down its sending side still gets its pending answers.
-    this.listener = net.createServer({ allowHalfOpen: true }, (socket) => { this.accept(socket); });
-    this.listener.maxConnections = controlConnectionsMax;
-    this.listener.on('error', () => undefined); // accept failures concern one client only
+    this.version = options.version;
+    this.limits = { ...controlLimits, ...options.limits };
+    this.routes = [
+      { ...controlRoutes.routes, answer: () => this.describe() },
+      { ...controlRoutes.status, answer: () => this.handlers.status() },
+      { ...controlRoutes.drain, answer: () => this.handlers.drain().then(() => ({ drained: true })) },
+      { ...controlRoutes.settings, answer: () => this.handlers.set({}) },
+      { ...controlRoutes.set, answer: (body) => this.handlers.set(settingsOf(body)) },
+    ];
+    this.server = http.createServer({
+      maxHeaderSize: this.limits.headerBytesMax,
+      headersTimeout: this.limits.headersTimeoutMs,
+      requestTimeout: this.limits.requestTimeoutMs,
+      connectionsCheckingInterval: this.limits.timeoutCheckIntervalMs,
+    }, (request, response) => { this.accept(request, response); });
+    this.server.keepAliveTimeout = this.limits.idleTimeoutMs;
+    this.server.timeout = 0; // an answer (a drain) is never timed
+    this.server.maxConnections = this.limits.connectionsMax;
+    this.server.on('connection', (socket: net.Socket) => {
+      this.pending.set(socket, new Set());
+      socket.once('close', () => { this.pending.delete(socket); });
+    });
+    this.server.on('clientError', (error: NodeJS.ErrnoException, socket: net.Socket) => { refuseMalformed(error, socket); });
   }
 
   /** Listens on `path` (a stale socket left by a killed server is replaced); only this user may connect. */
   async listen(path: string): Promise<void> {
     assert(this.path === undefined, 'listen called twice');
     await prepareSocketPath(path);
-    await new Promise<void>((resolve, reject) => {
-      const onError = (error: Error): void => { reject(new PcacheError('EINVAL', `cannot listen on ${path}: ${error.message}`, { cause: error })); };
-      this.listener.once('error', onError);
-      this.listener.listen(path, () => {
-        this.listener.off('error', onError);
-        resolve();
-      });
-    });
+    await listenOn(this.server, path, (done) => this.server.listen(path, done));
     this.path = path;
     fs.chmodSync(path, 0o600);
   }
@@ -94,255 +109,138 @@ export class ControlServer {
     if (this.closing) return;
     this.closing = true;
     const closed = new Promise<void>((resolve) => {
-      if (this.listener.listening) this.listener.close(() => { resolve(); });
+      if (this.server.listening) this.server.close(() => { resolve(); }); // also closes idle connections
       else resolve();
     });
-    for (const connection of [...this.connections]) connection.shutdown();
+    for (const responses of this.pending.values()) for (const response of responses) refuse(response, shuttingDown(), true);
+    const cut = setTimeout(() => { this.server.closeAllConnections(); }, this.limits.closeGraceMs);
+    cut.unref();
     await closed;
+    clearTimeout(cut);
   }
 
-  get stopping(): boolean {
-    return this.closing;
-  }
-
-  forget(connection: ControlConnection): void {
-    this.connections.delete(connection);
-  }
-
-  run(op: string, request: { readonly settings?: unknown }): { now: unknown } | { later: Promise<unknown> } {
-    switch (op) {
-      case 'hello':
-        return { now: { protocol: controlProtocolVersion, ops: controlOps } };
-      case 'status':
-        return { now: this.handlers.status() };
-      case 'drain':
-        return { later: this.handlers.drain().then(() => ({ drained: true })) };
-      case 'set': {
-        const settings = request.settings === undefined ? {} : request.settings;
-        if (typeof settings !== 'object' || settings === null || Array.isArray(settings)) {
-          throw new ControlError('EINVAL', 'set takes "settings": an object of name: value');
-        }
-        return { later: this.handlers.set(settings as Record<string, unknown>) };
-      }
-      default:
-        throw new ControlError('EINVAL', `unknown op ${JSON.stringify(op)} (ops: ${controlOps.join(', ')})`);
-    }
-  }
-
-  private accept(socket: net.Socket): void {
+  private accept(request: http.IncomingMessage, response: http.ServerResponse): void {
+    const unsent = this.pending.get(request.socket) ?? new Set();
+    const earlier = unsent.size;
+    unsent.add(response);
+    response.once('close', () => { unsent.delete(response); });
     if (this.closing) {
-      socket.destroy();
+      refuse(response, shuttingDown(), true);
       return;
     }
-    this.connections.add(new ControlConnection(socket, this));
-  }
-}
-
-/** An error answered to the client (not an operating error of the cache). */
-class ControlError extends Error {
-  readonly code: string;
-
-  constructor(code: string, message: string) {
-    super(message);
-    this.code = code;
-  }
-}
-
-class ControlConnection {
-  private readonly socket: net.Socket;
-  private readonly server: ControlServer;
-  private buffered = '';
-  /** Unanswered requests: sequence number -> the client's id. */
-  private readonly pending = new Map<number, number | string | null>();
-  private sequence = 0;
-  private ended = false;
-  private idleTimer: NodeJS.Timeout | undefined;
-
-  constructor(socket: net.Socket, server: ControlServer) {
-    this.socket = socket;
-    this.server = server;
-    socket.setEncoding('utf8');
-    socket.on('data', (chunk: string) => { this.onData(chunk); });
-    socket.on('end', () => { this.endWhenIdle(); });
-    socket.on('error', () => undefined); // 'close' follows
-    socket.on('close', () => {
-      this.ended = true;
-      clearTimeout(this.idleTimer);
-      server.forget(this);
-    });
-    this.armIdleTimer();
-  }
-
-  /** The server is stopping: answer what is pending with ESHUTDOWN, then close. */
-  shutdown(): void {
-    for (const id of this.pending.values()) this.fail(id, new ControlError('ESHUTDOWN', 'the server is stopping'));
-    this.pending.clear();
-    this.ended = true;
-    this.socket.end();
-    setTimeout(() => { this.socket.destroy(); }, 1000).unref();
-  }
-
-  private onData(chunk: string): void {
-    if (this.ended) return;
-    this.buffered += chunk;
-    let newline = this.buffered.indexOf('\n');
-    while (newline >= 0 && this.open()) {
-      const line = this.buffered.slice(0, newline);
-      this.buffered = this.buffered.slice(newline + 1);
-      if (line.trim() !== '') this.handle(line);
-      newline = this.buffered.indexOf('\n');
-    }
-    if (this.buffered.length > controlRequestBytesMax) {
-      this.send({ v: controlProtocolVersion, id: null, ok: false, error: { code: 'E2BIG', message: `request longer than ${controlRequestBytesMax} bytes` } });
-      this.buffered = '';
-      this.ended = true;
-      this.socket.end();
-    }
-  }
-
-  /** Whether requests are still read (a method, so the check is redone after each request). */
-  private open(): boolean {
-    return !this.ended;
-  }
-
-  private handle(line: string): void {
-    if (line.length > controlRequestBytesMax) {
-      this.fail(null, new ControlError('E2BIG', `request longer than ${controlRequestBytesMax} bytes`));
+    if (earlier >= this.limits.pendingPerConnectionMax) {
+      refuse(response, new ControlError('EBUSY', `more than ${this.limits.pendingPerConnectionMax} requests pending on this connection`));
       return;
     }
-    let request: unknown;
+    let route: Served;
     try {
-      request = JSON.parse(line);
-    } catch {
-      this.fail(null, new ControlError('EINVAL', 'a request must be one JSON object per line'));
-      return;
-    }
-    if (typeof request !== 'object' || request === null || Array.isArray(request)) {
-      this.fail(null, new ControlError('EINVAL', 'a request must be a JSON object'));
-      return;
-    }
-    const fields = request as { v?: unknown; id?: unknown; op?: unknown; settings?: unknown };
-    const id = typeof fields.id === 'number' || typeof fields.id === 'string' ? fields.id : null;
-    if (fields.v !== controlProtocolVersion) {
-      this.fail(id, new ControlError('EPROTO', `unsupported protocol version ${JSON.stringify(fields.v)}; this server speaks ${controlProtocolVersion}`));
-      return;
-    }
-    if (this.pending.size >= controlPendingMax) {
-      this.fail(id, new ControlError('EBUSY', `more than ${controlPendingMax} requests pending on this connection`));
-      return;
-    }
-    if (this.server.stopping) {
-      this.fail(id, new ControlError('ESHUTDOWN', 'the server is stopping'));
-      return;
-    }
-    let outcome: { now: unknown } | { later: Promise<unknown> };
-    try {
-      outcome = this.server.run(typeof fields.op === 'string' ? fields.op : String(fields.op), fields);
+      route = this.route(request);
     } catch (error) {
-      this.fail(id, error);
+      refuse(response, error);
       return;
     }
-    if ('now' in outcome) {
-      this.send({ v: controlProtocolVersion, id, ok: true, result: outcome.now });
-      return;
-    }
-    const sequence = ++this.sequence;
-    this.pending.set(sequence, id);
-    clearTimeout(this.idleTimer);
-    outcome.later.then(
-      (result) => { if (this.settled(sequence)) this.send({ v: controlProtocolVersion, id, ok: true, result }); },
-      (error: unknown) => { if (this.settled(sequence)) this.fail(id, error); },
+    readBody(request, this.limits.bodyBytesMax).then(
+      (body) => {
+        if (this.closing) return; // answered with ESHUTDOWN already
+        new Promise((resolve) => { resolve(route.answer(body)); }).then(
+          (result) => { answer(response, 200, result); },
+          (error: unknown) => { refuse(response, error); },
+        );
+      },
+      (error: unknown) => { refuse(response, error, true); },
     );
   }
 
-  /** Forgets a pending request; false when it was already answered (by shutdown). */
-  private settled(sequence: number): boolean {
-    const known = this.pending.delete(sequence);
-    this.armIdleTimer();
-    if (this.ended && this.pending.size === 0) this.socket.end();
-    return known;
+  /** The route a request names; unknown paths are 404, other methods 405. */
+  private route(request: http.IncomingMessage): Served {
+    const path = new URL(request.url ?? '/', 'http://localhost').pathname;
+    const atPath = this.routes.filter((route) => route.path === path);
+    const route = atPath.find((candidate) => candidate.method === request.method);
+    if (route !== undefined) return route;
+    if (atPath.length === 0) {
+      throw new ControlError('ENOENT', `no route ${path} (routes: ${this.routes.map((known) => `${known.method} ${known.path}`).join(', ')})`);
+    }
+    const allowed = atPath.map((candidate) => candidate.method).join(', ');
+    throw new ControlError('EMETHOD', `${path} takes ${allowed}, not ${request.method ?? 'nothing'}`, { allow: allowed });
   }
 
-  private fail(id: number | string | null, error: unknown): void {
-    if (!(error instanceof ControlError) && !isPcacheError(error)) throw error;
-    this.send({ v: controlProtocolVersion, id, ok: false, error: { code: error.code, message: error.message } });
-  }
-
-  private send(reply: Reply): void {
-    if (this.socket.destroyed || !this.socket.writable) return;
-    this.socket.write(`${JSON.stringify(reply)}\n`);
-  }
-
-  private endWhenIdle(): void {
-    this.ended = true;
-    if (this.pending.size === 0) this.socket.end();
-  }
-
-  private armIdleTimer(): void {
-    clearTimeout(this.idleTimer);
-    if (this.pending.size > 0 || this.socket.destroyed) return;
-    this.idleTimer = setTimeout(() => { this.socket.destroy(); }, controlIdleTimeoutMs);
-    this.idleTimer.unref();
+  private describe(): unknown {
+    return {
+      service: 'pcache',
+      version: this.version,
+      routes: this.routes.map(({ method, path, summary }) => ({ method, path, summary })),
+    };
   }
 }
 
-const knownCodes: readonly PcacheErrorCode[] = ['EIO', 'ENOSPC', 'ENODEV', 'EINVAL', 'EPERM', 'ENOTSUP', 'ESHUTDOWN', 'ETIMEDOUT', 'CORRUPT', 'FOREIGN'];
+/** `PATCH /settings`'s body: a JSON object of name: value. */
+function settingsOf(body: string): Record<string, unknown> {
+  let value: unknown;
+  try {
+    value = JSON.parse(body);
+  } catch {
+    throw new ControlError('EINVAL', 'PATCH /settings takes a JSON object of name: value; the body is not JSON');
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw new ControlError('EINVAL', 'PATCH /settings takes a JSON object of name: value');
+  }
+  return value as Record<string, unknown>;
+}
 
-/**
- * Sends one request to the control socket at `path` and returns its result. Failures are
- * PcacheErrors with a one-line message: no server there, the server refused, or no answer
- * within `timeoutMs` (default 10 s; undefined for drain means wait as long as it takes).
- */
-export function controlRequest(
-  path: string,
-  op: ControlOp,
-  timeoutMs: number | undefined = op === 'drain' ? undefined : clientTimeoutMs,
-  params: Readonly<Record<string, unknown>> = {},
-): Promise<unknown> {
+/** The request's body as text, at most `limit` bytes (E2BIG beyond, without reading the rest). */
+function readBody(request: http.IncomingMessage, limit: number): Promise<string> {
+  const tooLong = (): ControlError => new ControlError('E2BIG', `request body longer than ${limit} bytes`);
+  if (Number(request.headers['content-length'] ?? 0) > limit) return Promise.reject(tooLong());
   return new Promise((resolve, reject) => {
-    const socket = net.connect(path);
-    let buffered = '';
-    let done = false;
-    let timer: NodeJS.Timeout | undefined;
-    const finish = (error: PcacheError | undefined, result?: unknown): void => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      socket.destroy();
-      if (error !== undefined) reject(error);
-      else resolve(result);
+    const chunks: Buffer[] = [];
+    let bytes = 0;
+    const onData = (chunk: Buffer): void => {
+      bytes += chunk.length;
+      if (bytes > limit) {
+        request.off('data', onData);
+        request.pause();
+        reject(tooLong());
+        return;
+      }
+      chunks.push(chunk);
     };
-    if (timeoutMs !== undefined) {
-      timer = setTimeout(() => { finish(new PcacheError('ETIMEDOUT', `no answer to ${op} from ${path} within ${timeoutMs / 1000} s`)); }, timeoutMs);
-    }
-    socket.setEncoding('utf8');
-    socket.on('connect', () => { socket.write(`${JSON.stringify({ ...params, v: controlProtocolVersion, id: 1, op })}\n`); });
-    socket.on('error', (error: NodeJS.ErrnoException) => { finish(connectError(path, error)); });
-    socket.on('close', () => { finish(new PcacheError('EIO', `the server at ${path} closed the connection without answering ${op}`)); });
-    socket.on('data', (chunk: string) => {
-      buffered += chunk;
-      const newline = buffered.indexOf('\n');
-      if (newline < 0) return;
-      let reply: Reply;
-      try {
-        reply = JSON.parse(buffered.slice(0, newline)) as Reply;
-      } catch {
-        finish(new PcacheError('EIO', `${path} answered something that is not JSON; is it a pcache control socket?`));
-        return;
-      }
-      if (reply.ok) {
-        finish(undefined, reply.result);
-        return;
-      }
-      const code = knownCodes.find((known) => known === reply.error?.code) ?? 'EIO';
-      finish(new PcacheError(code, `the server refused ${op}: ${reply.error?.message ?? 'no reason given'}`));
-    });
+    request.on('data', onData);
+    request.once('end', () => { resolve(Buffer.concat(chunks).toString('utf8')); });
+    request.once('error', reject);
   });
 }
 
-function connectError(path: string, error: NodeJS.ErrnoException): PcacheError {
-  if (error.code === 'ENOENT') return new PcacheError('ENODEV', `no control socket at ${path} (is \`pcache serve --control ${path}\` running?)`);
-  if (error.code === 'ECONNREFUSED') return new PcacheError('ENODEV', `nothing answers on ${path}: the server that made it is not running`);
-  if (error.code === 'EACCES') return new PcacheError('EPERM', `not allowed to connect to ${path} (it belongs to the user running the server)`);
-  return new PcacheError('EIO', `cannot talk to ${path}: ${error.message}`);
+/** Sends `body` as JSON with `status`, once: a response already sent (by close()) is left alone. */
+function answer(response: http.ServerResponse, status: number, body: unknown, headers: Readonly<Record<string, string>> = {}): void {
+  if (response.headersSent || response.writableEnded) return;
+  const text = `${JSON.stringify(body)}\n`;
+  response.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', ...headers, 'content-length': String(Buffer.byteLength(text)) }).end(text);
+}
+
+/**
+ * Answers a failure with its status and `{"error": {code, message, reason}}`; `close` ends the
+ * connection afterwards. A failure that is neither a PcacheError nor a ControlError is a bug
+ * and is thrown on.
+ */
+function refuse(response: http.ServerResponse, error: unknown, close = false): void {
+  if (!(error instanceof ControlError) && !isPcacheError(error)) throw error;
+  const reason = isPcacheError(error) ? error.reason : undefined;
+  const body: ControlErrorBody = { error: { code: error.code, message: error.message, ...(reason === undefined ? {} : { reason }) } };
+  const headers = { ...(error instanceof ControlError ? error.headers : {}), ...(close ? { connection: 'close' } : {}) };
+  answer(response, httpStatusOf(error.code), body, headers);
+}
+
+/** A request node could not parse, or one that did not arrive in time: answered in JSON where the socket still can be, then closed. */
+function refuseMalformed(error: NodeJS.ErrnoException, socket: net.Socket): void {
+  if (!socket.writable || error.code === 'ECONNRESET') {
+    socket.destroy();
+    return;
+  }
+  const [status, code, message] =
+    error.code === 'HPE_HEADER_OVERFLOW' ? [431, 'E2BIG', 'request head too long'] :
+      error.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? [408, 'ETIMEDOUT', 'the request did not arrive in time'] :
+        [400, 'EINVAL', `not an HTTP/1.1 request (${error.code ?? error.message})`];
+  const text = `${JSON.stringify({ error: { code, message } } satisfies ControlErrorBody)}\n`;
+  const head = `HTTP/1.1 ${status} ${http.STATUS_CODES[status] ?? ''}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n`;
+  socket.end(`${head}${text}`, () => { socket.destroy(); });
 }

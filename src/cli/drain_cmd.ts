@@ -18,7 +18,7 @@
 import { isPcacheError } from '../lib/errors.js';
 import { formatSize } from '../lib/units.js';
 import { exitInterrupted, exitOk, type DrainArgs } from './args.js';
-import { controlRequest } from './control.js';
+import { controlRequest } from './control_client.js';
 import type { Terminal } from './terminal.js';
 
 const progressIntervalMs = 500;
@@ -33,7 +33,7 @@ export async function drainCommand(args: DrainArgs, terminal: Terminal): Promise
   const progress = args.progress ? new DrainProgress(args.controlPath, terminal) : undefined;
   try {
     const outcome = await Promise.race([
-      controlRequest(args.controlPath, 'drain', args.timeoutMs).then(() => 'drained' as const),
+      controlRequest(args.controlPath, 'drain', { timeoutMs: args.timeoutMs }).then(() => 'drained' as const),
       new Promise<'interrupted'>((resolve) => { interrupted = () => { resolve('interrupted'); }; }),
     ]);
     progress?.stop(outcome === 'drained');

@@ -10,30 +10,15 @@
 //   70 an internal error (a broken invariant, i.e. a bug): the stack trace is printed
 //   130 `drain` stopped waiting on Ctrl-C (nothing was undone)
 //
-// `serve` runs in a child process: libuv sizes its thread pool from UV_THREADPOOL_SIZE once,
-// when the pool first starts, and loading an ES module already starts it, so this process is
-// too late to change it. When the variable is unset, `serve` re-runs itself with it set
-// (threadPoolSize) so the backing device gets that many asynchronous requests in flight. The
-// parent forwards SIGINT, SIGTERM and SIGHUP to the child as IPC messages; if the parent dies
-// (even by SIGKILL) the IPC channel closes and the child stops cleanly on its own.
+// The package's bin is pcache.cts (compiled to pcache.cjs), which sizes libuv's thread pool
+// and then loads this module; `node dist/src/cli/main.js` runs it too, but then the pool has
+// libuv's default size unless UV_THREADPOOL_SIZE is set (docs/cli.md). Either way everything,
+// `serve` included, runs in this one process: signals reach the server directly.
 
-import { spawn } from 'node:child_process';
-import fs from 'node:fs';
-import os from 'node:os';
 import { isPcacheError } from '../lib/errors.js';
 import { exitFailure, exitInternal, exitOk, exitUsage, parseCommandLine, UsageError, type Invocation } from './args.js';
 import { processTerminal, type Terminal } from './terminal.js';
-
-/** libuv thread-pool size for `serve`: asynchronous backing-device requests in flight at once. */
-const threadPoolSize = 16;
-const forwardedSignals = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
-
-function packageVersion(): string {
-  // dist/src/cli/main.js -> the package root, both in this repository and when installed.
-  const text = fs.readFileSync(new URL('../../../package.json', import.meta.url), 'utf8');
-  const version = (JSON.parse(text) as { version?: unknown }).version;
-  return typeof version === 'string' ? version : 'unknown';
-}
+import { packageVersion } from './version.js';
 
 // Command modules are imported when their command runs, so `--help`, `--version` and usage
 // errors answer without loading the engine.
@@ -48,7 +33,6 @@ async function run(invocation: Invocation, terminal: Terminal): Promise<number> 
     case 'format':
       return (await import('./format_cmd.js')).formatCommand(invocation.args, terminal);
     case 'serve':
-      if (process.env.UV_THREADPOOL_SIZE === undefined) return superviseServe(process.argv.slice(2));
       return (await import('./serve_cmd.js')).serveCommand(invocation.args, terminal);
     case 'status':
       return (await import('./status_cmd.js')).statusCommand(invocation.args, terminal);
@@ -59,29 +43,6 @@ async function run(invocation: Invocation, terminal: Terminal): Promise<number> 
     case 'set':
       return (await import('./set_cmd.js')).setCommand(invocation.args, terminal);
   }
-}
-
-/** Runs `pcache serve` again in a child with UV_THREADPOOL_SIZE set; returns its exit status. */
-function superviseServe(argv: readonly string[]): Promise<number> {
-  const script = process.argv[1] ?? '';
-  const child = spawn(process.execPath, [...process.execArgv, script, ...argv], {
-    stdio: ['inherit', 'inherit', 'inherit', 'ipc'],
-    env: { ...process.env, UV_THREADPOOL_SIZE: String(threadPoolSize) },
-  });
-  for (const signal of forwardedSignals) {
-    process.on(signal, () => {
-      if (child.connected) child.send({ stop: signal });
-    });
-  }
-  return new Promise((resolve) => {
-    child.on('error', (error) => {
-      processTerminal.err(`pcache: cannot start the server process: ${error.message}`);
-      resolve(exitFailure);
-    });
-    child.on('exit', (code, signal) => {
-      resolve(code ?? 128 + (signal === null ? 0 : os.constants.signals[signal]));
-    });
-  });
 }
 
 function internalError(error: unknown): never {
@@ -108,8 +69,8 @@ async function main(): Promise<void> {
       internalError(error);
     }
   }
-  // Exit explicitly: a server's sockets, timers and IPC channel must not keep it alive after
-  // it has stopped. Standard output and error are synchronous for files and pipes on Linux.
+  // Exit explicitly: a server's sockets and timers must not keep it alive after it has
+  // stopped. Standard output and error are synchronous for files and pipes on Linux.
   process.exit(status);
 }
 

@@ -12,14 +12,14 @@
 // - Totals are counters (monotonic, named *_total); levels are gauges. Rates (writeback bytes
 //   per second, GC segments per second) are what Prometheus's rate() makes of the counters.
 // - The endpoint answers GET and HEAD of /metrics; anything else gets 404 or 405. It binds
-//   loopback unless the operator said otherwise (args.ts), because metrics are unauthenticated.
+//   loopback unless the operator said otherwise (args_serve.ts), because metrics are unauthenticated.
 
 import http from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { CacheStatus } from '../cache/cache.js';
-import { PcacheError } from '../lib/errors.js';
 import { nbdCommandIndex, nbdCommandNames, type NbdRequestObserver } from '../nbd/observer.js';
 import type { NbdServerStats } from '../nbd/server.js';
+import { listenOn } from './listen.js';
 
 /** Durations buffered before they are folded into the histogram. */
 const durationRingCapacity = 4096;
@@ -216,10 +216,7 @@ export class MetricsServer {
     server.keepAliveTimeout = 5000;
     // A scrape that never finishes sending its request must not hold a socket forever.
     server.requestTimeout = 10_000;
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', (error) => { reject(new PcacheError('EINVAL', `cannot serve metrics on ${host}:${port}: ${error.message}`, { cause: error })); });
-      server.listen(port, host, () => { resolve(); });
-    });
+    await listenOn(server, `cannot serve metrics on ${host}:${port}`, (bound) => server.listen(port, host, bound));
     const address = server.address();
     const boundPort = typeof address === 'object' && address !== null ? address.port : port;
     return { server: new MetricsServer(server), url: `http://${host.includes(':') ? `[${host}]` : host}:${boundPort}/metrics` };

@@ -8,7 +8,7 @@
 // listen for NBD and, if asked, on the control socket and the metrics endpoint; print where it
 // listens. Every step that succeeded is undone, in reverse, if a later one fails.
 //
-// Stop (SIGINT, SIGTERM, SIGHUP, or the supervising parent asking or vanishing; see main.ts): the NBD
+// Stop (SIGINT, SIGTERM or SIGHUP, straight to this process: there is no supervisor): the NBD
 // server stops taking requests and finishes the ones in flight; with --drain-on-exit the
 // cache is then written back (status still answers; a second stop request or the drain
 // timeout stops waiting, and the data stays dirty in the cache, safe); the control socket and
@@ -38,25 +38,27 @@ import { createLogger, type Logger } from './log.js';
 import { createMetricsRegistry, MetricsServer, NbdRequestCounters } from './metrics.js';
 import { applySettings, currentSettings, knobNamed } from './settings.js';
 import type { Terminal } from './terminal.js';
+import { packageVersion } from './version.js';
 
 /** How long a stop may take before pcache gives up on it. */
 const stopTimeoutMs = 60_000;
 /**
- * Stop requests this close together count as one: Ctrl-C in a terminal signals the whole
- * process group, so this process gets SIGINT from the terminal and again from its supervisor.
+ * Stop requests this close together count as one: one event can bring several signals (Ctrl-C
+ * pressed twice, a closing terminal's SIGHUP after a SIGINT), and only a later, deliberate one
+ * should cut a --drain-on-exit drain short.
  */
 const stopRepeatWindowMs = 1000;
 /** How often the cache's state is looked at, to log its changes. */
 const stateWatchIntervalMs = 1000;
 
-/** A stop request: a signal, or a message from the supervising parent process. */
+/** A stop request: the signal that asked. */
 export interface StopRequest {
   readonly reason: string;
 }
 
 /**
- * Stop requests: SIGINT, SIGTERM, SIGHUP or the parent; installed before anything opens. The
- * first one starts the stop; a later one cuts a --drain-on-exit drain short.
+ * Stop requests: SIGINT, SIGTERM or SIGHUP; installed before anything opens. The first one
+ * starts the stop; a later one cuts a --drain-on-exit drain short.
  */
 class StopRequests {
   private readonly received: (StopRequest & { readonly atMs: number })[] = [];
@@ -74,15 +76,6 @@ class StopRequests {
     process.on('SIGINT', () => { stop('SIGINT'); });
     process.on('SIGTERM', () => { stop('SIGTERM'); });
     process.on('SIGHUP', () => { stop('SIGHUP'); }); // the terminal went away
-    if (process.send !== undefined) {
-      // Run by main.ts's supervisor: it forwards signals as messages, and if it dies (even by
-      // SIGKILL) the channel closes, so this process never outlives it unnoticed.
-      process.on('message', (message: unknown) => {
-        const signal = (message as { stop?: unknown } | null)?.stop;
-        if (typeof signal === 'string') stop(signal);
-      });
-      process.on('disconnect', () => { stop('the supervising process went away'); });
-    }
   }
 
   /** Resolves with the request number `index` (0 = the first), at once if it already came. */
@@ -144,10 +137,11 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
     listening = true;
     closers.push(() => nbd.close());
     const uri = uriOf(address, args.exportName);
+    const threadPoolSize = uvThreadPoolSize(process.env.UV_THREADPOOL_SIZE);
     const backingName = args.backingIsUri ? args.backingPath : path.resolve(args.backingPath);
     const status = (): Record<string, unknown> => ({
       pid: process.pid,
-      uvThreadPoolSize: process.env.UV_THREADPOOL_SIZE ?? null,
+      uvThreadPoolSize: threadPoolSize,
       startedAt: startedAt.toISOString(),
       uptimeMs: Date.now() - startedAt.getTime(),
       uri,
@@ -168,7 +162,7 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
           if (Object.keys(changes).length > 0) log.info({ changes, settings }, 'settings changed');
           return settings;
         },
-      });
+      }, { version: packageVersion() });
       await control.listen(args.controlPath);
       closers.push(() => control.close());
     }
@@ -182,7 +176,7 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
     const what = args.noCache
       ? `${describeDevice(args.backingPath, backing.sizeBytes)} without a cache`
       : `${describeDevice(args.backingPath, backing.sizeBytes)} through cache ${describeDevice(args.cachePath, served.cacheSizeBytes)}${served.formatted ? ' (formatted now)' : ''}`;
-    log.info({ uri, cache: args.noCache ? null : args.cachePath, backing: backingName, control: args.controlPath ?? null, metrics: metricsUrl ?? null, ...served.startFacts }, 'serving');
+    log.info({ uri, cache: args.noCache ? null : args.cachePath, backing: backingName, control: args.controlPath ?? null, metrics: metricsUrl ?? null, uvThreadPoolSize: threadPoolSize, ...served.startFacts }, 'serving');
     if (args.defaultMode) {
       terminal.out(defaultModeGuide({ created, what, uri, address }));
     } else {
@@ -303,7 +297,7 @@ function prepareFiles(args: ServeArgs): string[] {
   return created;
 }
 
-/** The CacheTuning fields of `serve --tuning` (names and values were checked by args.ts). */
+/** The CacheTuning fields of `serve --tuning` (names and values were checked by args_serve.ts). */
 function tuningOf(args: ServeArgs): Partial<CacheTuning> {
   const tuning: { -readonly [K in keyof CacheTuning]?: number } = {};
   for (const [name, value] of Object.entries(args.tuning)) {
@@ -404,6 +398,18 @@ async function closeAll(closers: Closer[]): Promise<void> {
   if (failure !== undefined) throw failure;
 }
 
+/**
+ * The size of libuv's thread pool, as libuv derives it from UV_THREADPOOL_SIZE when the pool
+ * starts (src/threadpool.c): 4 when unset, atoi of the value, 0 counted as 1, at most 1024.
+ * Nothing changes the variable once the pool has started (the bin sets it before that).
+ */
+export function uvThreadPoolSize(value: string | undefined): number {
+  if (value === undefined) return 4;
+  const parsed = Number(/^\s*[+-]?\d+/.exec(value)?.[0] ?? 0);
+  if (parsed === 0) return 1;
+  return parsed < 0 || parsed > 1024 ? 1024 : parsed;
+}
+
 export function uriOf(address: NbdListenAddress, exportName: string): string {
   const name = encodeURIComponent(exportName);
   if ('path' in address) return `nbd+unix:///${name}?socket=${path.resolve(address.path)}`;
@@ -429,7 +435,7 @@ function defaultModeGuide(facts: { created: string[]; what: string; uri: string;
     '',
     `Status: pcache status --control ${defaultServe.control}`,
     `Write everything back: pcache drain --control ${defaultServe.control}`,
-    'Stop: Ctrl-C or kill -TERM (data stays in ./pcache-data for the next start).',
+    `Stop: Ctrl-C or kill -TERM ${process.pid} (data stays in ./pcache-data for the next start).`,
   ];
   return lines.join('\n');
 }

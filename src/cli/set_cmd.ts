@@ -4,12 +4,13 @@
 
 import { PcacheError } from '../lib/errors.js';
 import { exitOk, type SetArgs } from './args.js';
-import { controlRequest } from './control.js';
+import { controlRequest } from './control_client.js';
 import { knobNamed } from './settings.js';
 import type { Terminal } from './terminal.js';
 
 export async function setCommand(args: SetArgs, terminal: Terminal): Promise<number> {
-  const result = await controlRequest(args.controlPath, 'set', undefined, { settings: args.changes });
+  const listing = Object.keys(args.changes).length === 0;
+  const result = await controlRequest(args.controlPath, listing ? 'settings' : 'set', listing ? {} : { body: args.changes });
   if (typeof result !== 'object' || result === null) throw new PcacheError('EIO', `${args.controlPath} answered set with something that is not an object`);
   const settings = result as Record<string, unknown>;
   if (args.json) {

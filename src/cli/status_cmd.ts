@@ -16,7 +16,7 @@ import { PcacheError } from '../lib/errors.js';
 import { formatSize } from '../lib/units.js';
 import { cacheInfoFlagDataCrc, cacheInfoFlagInitDone } from '../ondisk/cache_info.js';
 import { exitOk, type StatusArgs } from './args.js';
-import { controlRequest } from './control.js';
+import { controlRequest } from './control_client.js';
 import { refuseIfInUse } from './in_use.js';
 import type { Terminal } from './terminal.js';
 

@@ -1,14 +1,17 @@
-// Test harness for the command line: runs the real dist/src/cli/main.js as a child process,
-// on temporary files, and drives `pcache serve` (start, wait until it listens, stop with a
-// signal, or kill its whole process group to simulate a crash).
+// Test harness for the command line: runs the real `pcache` (the package's bin,
+// dist/src/cli/pcache.cjs, through node) as a child process, on temporary files, and drives
+// `pcache serve` (start, wait until it listens, stop with a signal, or kill its whole process
+// group to simulate a crash). A server can also be started the other ways the README names:
+// `node dist/src/cli/main.js` and `npx pcache`.
 //
-// Children get an environment without UV_THREADPOOL_SIZE, so `serve` takes the production
-// path (a supervising parent re-running the server with the variable set). Every server is
-// started in its own process group and killed at the end of its test if still running.
+// Children get an environment without UV_THREADPOOL_SIZE unless a test sets it, so the bin
+// sizes the thread pool as it does for users. Every server is started in its own process
+// group and killed at the end of its test if still running.
 
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -19,8 +22,12 @@ export const KiB = 1024;
 export const MiB = 1024 * KiB;
 export const GiB = 1024 * MiB;
 
-/** The compiled command line, as `npm run build` leaves it (dist/test/cli -> dist/src/cli). */
-export const cliPath = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+/** The package's bin, as `npm run build` leaves it (dist/test/cli -> dist/src/cli). */
+export const cliPath = fileURLToPath(new URL('../../src/cli/pcache.cjs', import.meta.url));
+/** The command line's ES module, which also runs as a program (with libuv's default thread pool). */
+export const mainPath = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+/** The repository, where `npx pcache` finds the package. */
+export const packageRoot = fileURLToPath(new URL('../../../', import.meta.url));
 
 export function cliEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   const env = { ...process.env, ...extra };
@@ -38,7 +45,7 @@ export interface CliResult {
 /** Runs `pcache args...` to completion (asynchronously: a server under test may share this process's loop). */
 export function runCli(args: readonly string[], options: { cwd?: string; timeoutMs?: number } = {}): Promise<CliResult> {
   return new Promise((resolve) => {
-    execFile(cliPath, [...args], { cwd: options.cwd, env: cliEnv(), timeout: options.timeoutMs ?? 60_000, encoding: 'utf8' }, (error, stdout, stderr) => {
+    execFile(process.execPath, [cliPath, ...args], { cwd: options.cwd, env: cliEnv(), timeout: options.timeoutMs ?? 60_000, encoding: 'utf8' }, (error, stdout, stderr) => {
       const code = error === null ? 0 : typeof error.code === 'number' ? error.code : -1;
       resolve({ code, stdout, stderr });
     });
@@ -84,14 +91,31 @@ export function tempDir(t: TestContext, prefix = 'pcache-cli-'): string {
   return dir;
 }
 
+/** How a server is started: `node pcache.cjs` (the bin), `node main.js`, or `npx pcache` in the repository. */
+export type Launcher = 'bin' | 'main' | 'npx';
+
+export interface ServeOptions {
+  readonly launcher?: Launcher;
+  /** Extra environment (UV_THREADPOOL_SIZE). */
+  readonly env?: Record<string, string>;
+}
+
 export class ServeProcess {
   readonly child: ChildProcess;
   stdout = '';
   stderr = '';
   private readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 
-  constructor(args: readonly string[], cwd: string) {
-    this.child = spawn(cliPath, ['serve', ...args], { cwd, env: cliEnv(), detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+  /** With the npx launcher the process runs in the repository (`cwd` is not used): give it absolute paths. */
+  constructor(args: readonly string[], cwd: string, options: ServeOptions = {}) {
+    const launcher = options.launcher ?? 'bin';
+    const [command, prefix] = launcher === 'npx' ? ['npx', ['pcache']] : [process.execPath, [launcher === 'bin' ? cliPath : mainPath]];
+    this.child = spawn(command, [...prefix, 'serve', ...args], {
+      cwd: launcher === 'npx' ? packageRoot : cwd,
+      env: cliEnv(options.env),
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     this.child.stdout?.setEncoding('utf8').on('data', (chunk: string) => { this.stdout += chunk; });
     this.child.stderr?.setEncoding('utf8').on('data', (chunk: string) => { this.stderr += chunk; });
     this.exited = new Promise((resolve) => {
@@ -120,13 +144,19 @@ export class ServeProcess {
     }
   }
 
-  /** Sends `signal` to the supervising process and returns the exit status. */
+  /** Sends `signal` to the process started and returns its exit status. */
   async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
     this.child.kill(signal);
     return (await this.exited).code;
   }
 
-  /** SIGKILL to the whole process group: the supervisor and the server die at once, as in a crash. */
+  /** Sends `signal` to the process group, as Ctrl-C in a terminal does, and returns the exit status of the process started. */
+  async stopGroup(signal: NodeJS.Signals = 'SIGINT'): Promise<number | null> {
+    process.kill(-this.pid, signal);
+    return (await this.exited).code;
+  }
+
+  /** SIGKILL to the whole process group (with npx: npm, its shell and the server), as in a crash. */
   async crash(): Promise<void> {
     try {
       process.kill(-this.pid, 'SIGKILL');
@@ -142,8 +172,8 @@ export class ServeProcess {
 }
 
 /** Starts `pcache serve args...` in `cwd`, waits until it listens, and kills it after the test if it is still up. */
-export async function startServe(t: TestContext, args: readonly string[], cwd: string): Promise<ServeProcess> {
-  const server = new ServeProcess(args, cwd);
+export async function startServe(t: TestContext, args: readonly string[], cwd: string, options: ServeOptions = {}): Promise<ServeProcess> {
+  const server = new ServeProcess(args, cwd, options);
   t.after(() => server.crash());
   await server.ready();
   return server;
@@ -154,9 +184,9 @@ export function sleep(ms: number): Promise<void> {
 }
 
 /** Polls `condition` until it holds; fails naming `what` after the time limit. */
-export async function waitUntil(condition: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
+export async function waitUntil(condition: () => boolean | Promise<boolean>, what: string, timeoutMs = 15_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
+  while (!(await condition())) {
     if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}`);
     await sleep(20);
   }
@@ -166,34 +196,70 @@ export function uriFor(socketPath: string, exportName = ''): string {
   return `nbd+unix:///${exportName}?socket=${socketPath}`;
 }
 
+export interface HttpAnswer {
+  readonly status: number;
+  readonly headers: Readonly<Record<string, string>>;
+  /** The body parsed as JSON (undefined when empty). */
+  readonly json: unknown;
+}
+
+/** One HTTP request to a control socket, on its own connection. */
+export function httpRequest(socketPath: string, method: string, urlPath: string, body?: string): Promise<HttpAnswer> {
+  return new Promise((resolve, reject) => {
+    const request = http.request({ socketPath, method, path: urlPath, agent: false }, (response) => {
+      let text = '';
+      response.setEncoding('utf8');
+      response.on('data', (chunk: string) => { text += chunk; });
+      response.on('end', () => {
+        const headers = Object.fromEntries(Object.entries(response.headers).map(([name, value]) => [name, String(value)]));
+        resolve({ status: response.statusCode ?? 0, headers, json: text === '' ? undefined : JSON.parse(text) as unknown });
+      });
+    });
+    request.on('error', reject);
+    request.end(body);
+  });
+}
+
+/** The `error` of a failure answer, checked to have the documented shape. */
+export function errorOf(answer: HttpAnswer): { code: string; message: string } {
+  const error = (answer.json as { error?: { code?: unknown; message?: unknown } } | undefined)?.error;
+  assert.equal(typeof error?.code, 'string', `an error body: ${JSON.stringify(answer.json)}`);
+  assert.equal(typeof error?.message, 'string');
+  return error as { code: string; message: string };
+}
+
 /**
- * Sends raw bytes to a control socket and collects reply lines until `count` have arrived or
- * the server closes the connection.
+ * Sends raw bytes on one connection (pipelined requests, broken ones) and parses the HTTP
+ * answers that come back until `count` have arrived or the server closes the connection.
  */
-export function controlExchange(socketPath: string, payload: string, count: number): Promise<{ replies: Record<string, unknown>[]; closed: boolean }> {
+export function httpExchange(socketPath: string, payload: string | Buffer, count: number, timeoutMs = 30_000): Promise<{ answers: HttpAnswer[]; closed: boolean }> {
   return new Promise((resolve, reject) => {
     const socket = net.connect(socketPath);
-    let buffered = '';
-    const replies: Record<string, unknown>[] = [];
-    const timer = setTimeout(() => { socket.destroy(); reject(new Error(`no ${count} replies from ${socketPath}: ${buffered}`)); }, 30_000);
+    let buffered = Buffer.alloc(0);
+    const answers: HttpAnswer[] = [];
+    const timer = setTimeout(() => { socket.destroy(); reject(new Error(`no ${count} answers from ${socketPath}: ${buffered.toString()}`)); }, timeoutMs);
     const done = (closed: boolean): void => {
       clearTimeout(timer);
       socket.destroy();
-      resolve({ replies, closed });
+      resolve({ answers, closed });
     };
-    socket.setEncoding('utf8');
     socket.on('connect', () => { socket.write(payload); });
     socket.on('error', () => undefined);
     socket.on('close', () => { done(true); });
-    socket.on('data', (chunk: string) => {
-      buffered += chunk;
-      let newline = buffered.indexOf('\n');
-      while (newline >= 0) {
-        replies.push(JSON.parse(buffered.slice(0, newline)) as Record<string, unknown>);
-        buffered = buffered.slice(newline + 1);
-        newline = buffered.indexOf('\n');
+    socket.on('data', (chunk: Buffer) => {
+      buffered = Buffer.concat([buffered, chunk]);
+      for (;;) {
+        const end = buffered.indexOf('\r\n\r\n');
+        if (end < 0) break;
+        const [statusLine = '', ...lines] = buffered.subarray(0, end).toString('latin1').split('\r\n');
+        const headers = Object.fromEntries(lines.map((line) => [line.slice(0, line.indexOf(':')).toLowerCase(), line.slice(line.indexOf(':') + 1).trim()]));
+        const length = Number(headers['content-length'] ?? 0);
+        if (buffered.length < end + 4 + length) break;
+        const text = buffered.subarray(end + 4, end + 4 + length).toString('utf8');
+        buffered = buffered.subarray(end + 4 + length);
+        answers.push({ status: Number(statusLine.split(' ')[1]), headers, json: text === '' ? undefined : JSON.parse(text) as unknown });
       }
-      if (replies.length >= count) done(false);
+      if (answers.length >= count) done(false);
     });
   });
 }

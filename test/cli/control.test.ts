@@ -1,14 +1,16 @@
-// `pcache status` and `pcache drain`: through a running server's control socket (JSON fields,
+// `pcache status`, `drain` and `set`: through a running server's control socket (JSON fields,
 // the readable table in dm-pcache's order, drain leaving the backing file equal to what was
-// written, status answered while a drain runs, bad clients that cannot hurt the server) and
-// offline on an idle cache device (the same fields; refused while a server has it open).
+// written, status answered while a drain runs, the HTTP routes as curl sees them, bad clients
+// that cannot hurt the server) and offline on an idle cache device (the same fields; refused
+// while a server has it open). control_server.test.ts tests the server's bounds in-process.
 
 import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { patternBytes, requireTool, runTool } from '../nbd/harness.js';
-import { assertOneLineError, controlExchange, MiB, runCli, startServe, tempDir, uriFor, type ServeProcess } from './cli_harness.js';
+import { assertOneLineError, errorOf, httpExchange, httpRequest, MiB, runCli, sleep, startServe, tempDir, uriFor, waitUntil, type ServeProcess } from './cli_harness.js';
 
 const nineFields = ['sbFlags', 'segTotal', 'cacheSegs', 'segsUsed', 'gcPercent', 'cacheFlags', 'keyHead', 'dirtyTail', 'keyTail'];
 const nineNames = ['sb_flags', 'seg_total', 'cache_segs', 'segs_used', 'gc_percent', 'cache_flags', 'key_head', 'dirty_tail', 'key_tail'];
@@ -56,7 +58,7 @@ describe('status through the control socket', () => {
     const report = await statusJson(['--control', rig.control]);
     assert.equal(report.source, 'server');
     assert.equal(typeof report.pid, 'number');
-    assert.equal(report.uvThreadPoolSize, '16', 'the server runs with the larger thread pool');
+    assert.equal(report.uvThreadPoolSize, 16, 'the server runs with the larger thread pool');
     assert.equal(report.uri, uriFor(rig.socket, 'pcache'));
     assert.equal(report.cachePath, rig.cache);
     assert.equal(report.backingPath, rig.backing);
@@ -82,53 +84,96 @@ describe('status through the control socket', () => {
     assert.match(result.stdout, /^cache_flags\s+0xf02$/m);
   });
 
-  it('answers status while a drain on the same connection is still running', async (t) => {
+  it('answers status on another connection while a drain is still running', async (t) => {
     requireTool('nbdcopy', 'libnbd-bin');
     const rig = await serveRig(t);
-    await copyIn(rig, patternBytes(8 * MiB, 2), false);
-    const { replies } = await controlExchange(rig.control, '{"v":1,"id":"d","op":"drain"}\n{"v":1,"id":"s","op":"status"}\n', 2);
-    assert.deepEqual(replies.map((reply) => [reply.id, reply.ok]), [['s', true], ['d', true]], 'status first, then the drain');
+    await copyIn(rig, patternBytes(32 * MiB, 2), false);
+    const order: string[] = [];
+    const drain = httpRequest(rig.control, 'POST', '/drain').then((answer) => { order.push('drain'); return answer; });
+    const status = await httpRequest(rig.control, 'GET', '/status');
+    order.push('status');
+    assert.equal(status.status, 200);
+    const cache = (status.json as Json).cache as Json;
+    assert.ok(Number(cache.dirtyBytes) > 0, 'the status was taken before the drain ended');
+    assert.deepEqual(await drain.then((answer) => [answer.status, answer.json]), [200, { drained: true }]);
+    assert.deepEqual(order, ['status', 'drain']);
   });
 
-  it('survives bad clients: oversized, malformed, wrong-version, unknown and too many requests', async (t) => {
+  it('speaks HTTP to curl: routes, status, settings, drain, and JSON errors', async (t) => {
+    requireTool('curl', 'curl');
     const rig = await serveRig(t);
-    const oversized = await controlExchange(rig.control, 'x'.repeat(8192), 1);
-    assert.deepEqual(oversized.replies.map((r) => (r.error as Json).code), ['E2BIG']);
-    const mixed = await controlExchange(rig.control, [
-      'not json', '[1,2]', '{"v":2,"id":1,"op":"status"}', '{"v":1,"id":2,"op":"explode"}', '{"v":1,"id":3}', '{"v":1,"id":4,"op":"hello"}',
-    ].join('\n') + '\n', 6);
-    assert.deepEqual(mixed.replies.map((r) => [r.id, r.ok, (r.error as Json | undefined)?.code ?? null]), [
-      [null, false, 'EINVAL'], [null, false, 'EINVAL'], [1, false, 'EPROTO'], [2, false, 'EINVAL'], [3, false, 'EINVAL'], [4, true, null],
-    ]);
-    assert.deepEqual((mixed.replies[5]?.result as Json).protocol, 1);
-    const flood = await controlExchange(rig.control, Array.from({ length: 6 }, (_, i) => `{"v":1,"id":${i},"op":"drain"}\n`).join(''), 6);
-    const codes = flood.replies.map((r) => (r.ok === true ? 'ok' : String((r.error as Json).code)));
-    assert.deepEqual(codes.filter((c) => c === 'EBUSY').length, 2, `four drains may be pending per connection: ${codes.join(' ')}`);
-    assert.deepEqual(codes.filter((c) => c === 'ok').length, 4);
-    const result = await runCli(['status', '--control', rig.control]);
-    assert.equal(result.code, 0, 'the server still answers');
+    const curl = async (...args: string[]): Promise<{ status: number; json: Json }> => {
+      const result = await runTool('curl', ['-sS', '--unix-socket', rig.control, '-w', '\n%{http_code}', ...args]);
+      assert.equal(result.code, 0, result.stderr);
+      const lines = result.stdout.trimEnd().split('\n');
+      const status = Number(lines.pop());
+      return { status, json: JSON.parse(lines.join('\n')) as Json };
+    };
+    const index = await curl('http://localhost/');
+    assert.equal(index.status, 200);
+    assert.equal(index.json.service, 'pcache');
+    assert.deepEqual((index.json.routes as Json[]).map((route) => `${String(route.method)} ${String(route.path)}`),
+      ['GET /', 'GET /status', 'POST /drain', 'GET /settings', 'PATCH /settings']);
+    const status = await curl('http://localhost/status');
+    assert.equal(status.status, 200);
+    assert.equal(status.json.pid, (await statusJson(['--control', rig.control])).pid);
+    assert.equal((status.json.cache as Json).gcPercent, 60);
+    const patched = await curl('-X', 'PATCH', '-H', 'content-type: application/json', '-d', '{"gc_percent":45,"writeback_idle_ms":250}', 'http://localhost/settings');
+    assert.deepEqual([patched.status, patched.json.gc_percent, patched.json.writeback_idle_ms], [200, 45, 250]);
+    assert.equal((await curl('http://localhost/settings')).json.writeback_idle_ms, 250);
+    const refused = await curl('-X', 'PATCH', '-d', '{"gc_percent":45,"writeback_idle_ms":-1}', 'http://localhost/settings');
+    assert.equal(refused.status, 400);
+    assert.deepEqual(Object.keys(refused.json), ['error']);
+    assert.equal((refused.json.error as Json).code, 'EINVAL');
+    assert.match(String((refused.json.error as Json).message), /writeback_idle_ms must be an integer/);
+    assert.deepEqual([(await curl('http://localhost/nowhere')).status, (await curl('-X', 'POST', 'http://localhost/status')).status], [404, 405]);
+    const drained = await curl('-X', 'POST', 'http://localhost/drain');
+    assert.deepEqual([drained.status, drained.json], [200, { drained: true }]);
+  });
+
+  it('survives bad clients: oversized, malformed, unknown, wrong-method, pipelined and too many connections', async (t) => {
+    const rig = await serveRig(t);
+    const oversized = await httpRequest(rig.control, 'PATCH', '/settings', `{"gc_percent":50,"pad":"${'x'.repeat(8192)}"}`);
+    assert.deepEqual([oversized.status, errorOf(oversized).code], [413, 'E2BIG']);
+    const notJson = await httpRequest(rig.control, 'PATCH', '/settings', 'gc_percent=50');
+    assert.deepEqual([notJson.status, errorOf(notJson).code], [400, 'EINVAL']);
+    const notObject = await httpRequest(rig.control, 'PATCH', '/settings', '[1,2]');
+    assert.deepEqual([notObject.status, errorOf(notObject).code], [400, 'EINVAL']);
+    const unknown = await httpRequest(rig.control, 'GET', '/explode');
+    assert.deepEqual([unknown.status, errorOf(unknown).code], [404, 'ENOENT']);
+    const wrongMethod = await httpRequest(rig.control, 'DELETE', '/settings');
+    assert.deepEqual([wrongMethod.status, wrongMethod.headers.allow], [405, 'GET, PATCH']);
+    const garbage = await httpExchange(rig.control, 'not http at all\r\n\r\n', 2); // one answer, then the connection closes
+    assert.deepEqual([garbage.answers.map((answer) => answer.status), errorOf(garbage.answers[0] ?? notJson).code, garbage.closed], [[400], 'EINVAL', true]);
+    const pipelined = await httpExchange(rig.control, Array.from({ length: 6 }, () => 'POST /drain HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n').join(''), 6);
+    const codes = pipelined.answers.map((answer) => answer.status);
+    assert.deepEqual(codes, [200, 200, 200, 200, 429, 429], 'four drains may be pending per connection');
+    // Sixteen connections at most: a seventeenth is dropped until one of them goes.
+    const hogs = await Promise.all(Array.from({ length: 16 }, () => new Promise<net.Socket>((resolve) => { const socket = net.connect(rig.control, () => { resolve(socket); }); })));
+    await sleep(200);
+    assertOneLineError(await runCli(['status', '--control', rig.control]), 1, /closed the connection without answering status/);
+    for (const hog of hogs) hog.destroy();
+    await waitUntil(async () => (await runCli(['status', '--control', rig.control])).code === 0, 'the server answers again');
     assert.ok(rig.server.running);
   });
 
-  it('set over the wire: lists, refuses bad settings with EINVAL and changes nothing, applies good ones', async (t) => {
+  it('set: lists, refuses bad settings with EINVAL and changes nothing, applies good ones', async (t) => {
     const rig = await serveRig(t);
-    const { replies } = await controlExchange(rig.control, [
-      '{"v":1,"id":1,"op":"hello"}',
-      '{"v":1,"id":2,"op":"set","settings":[1]}',
-      '{"v":1,"id":3,"op":"set","settings":{"gc_percent":91}}',
-      '{"v":1,"id":4,"op":"set","settings":{"writeback_idle_ms":5,"no_such_knob":1}}',
-      '{"v":1,"id":5,"op":"set","settings":{"writeback_idle_ms":"5"}}',
-    ].join('\n') + '\n', 5);
-    const byId = new Map(replies.map((reply) => [reply.id, reply]));
-    assert.deepEqual((byId.get(1)?.result as Json).ops, ['hello', 'status', 'drain', 'set']);
-    for (const id of [2, 3, 4, 5]) assert.equal((byId.get(id)?.error as Json | undefined)?.code, 'EINVAL', `request ${id} refused`);
-    const listed = await controlExchange(rig.control, '{"v":1,"id":6,"op":"set"}\n', 1);
-    const before = listed.replies[0]?.result as Json;
+    for (const body of ['{"gc_percent":91}', '{"writeback_idle_ms":5,"no_such_knob":1}', '{"writeback_idle_ms":"5"}', '{"writeback_stop_percent":60}']) {
+      const answer = await httpRequest(rig.control, 'PATCH', '/settings', body);
+      assert.deepEqual([answer.status, errorOf(answer).code], [400, 'EINVAL'], body);
+    }
+    const refused = await runCli(['set', '--control', rig.control, 'writeback_stop_percent', '60']);
+    assertOneLineError(refused, 1, /the server refused set: writeback_stop_percent \(60\) must not exceed writeback_start_percent \(50\)/);
+    const listed = await runCli(['set', '--control', rig.control, '--json']);
+    const before = JSON.parse(listed.stdout) as Json;
     assert.equal(before.writeback_idle_ms, 1000, 'the refused changes left the default in place');
     assert.equal(before.gc_percent, 60);
-    const applied = await controlExchange(rig.control, '{"v":1,"id":7,"op":"set","settings":{"writeback_idle_ms":5,"gc_percent":40}}\n', 1);
-    const after = applied.replies[0]?.result as Json;
-    assert.deepEqual([after.writeback_idle_ms, after.gc_percent], [5, 40]);
+    const applied = await runCli(['set', '--control', rig.control, 'writeback_idle_ms', '5', 'gc_percent', '40']);
+    assert.equal(applied.code, 0, applied.stderr);
+    assert.match(applied.stdout, /^gc_percent\s+40 %\s+\(changed, stored in the cache\)$/m);
+    assert.match(applied.stdout, /^writeback_idle_ms\s+5 ms\s+\(changed until the server stops\)$/m);
+    assert.match(applied.stdout, /^writeback_max_age_ms\s+30000 ms$/m);
     assert.equal(((await statusJson(['--control', rig.control])).cache as Json).gcPercent, 40);
   });
 

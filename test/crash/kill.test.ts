@@ -3,8 +3,8 @@
 // A real `pcache serve` on real files (1 MiB segments and a cache smaller than the workload,
 // so the log wraps, writeback and GC run) is driven by pcache's own NBD client with
 // self-describing payloads: writes, FUA writes, flushes, trims and write-zeroes, several in
-// flight, live reads checked as they complete. At a random moment the server (and its
-// supervisor) get SIGKILL. It is started again and everything is read back and checked with
+// flight, live reads checked as they complete. At a random moment the server's process group
+// gets SIGKILL. It is started again and everything is read back and checked with
 // the oracle: every sector holds its last durable value or a newer one, never garbage, never
 // older; a second read gives the same. Each run also records both devices' writes and syncs
 // (`serve --record-dir`); afterwards the power-loss states of the run at the kill instant —

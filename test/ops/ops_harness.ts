@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
-import { controlRequest } from '../../src/cli/control.js';
+import { controlRequest } from '../../src/cli/control_client.js';
 import { requireTool, runTool } from '../nbd/harness.js';
 import { cliEnv, cliPath, GiB, MiB } from '../cli/cli_harness.js';
 

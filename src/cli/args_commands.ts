@@ -1,0 +1,205 @@
+// The grammar of `format`, `status`, `check`, `drain` and `set`: each command's flag table and
+// help, its typed options, and the rules that check them (args_serve.ts has `serve`'s). The
+// value rules that several commands share live here too: an NBD URI for --backing,
+// --gc-percent, and a setting's NAME and VALUE (`set`, `serve --tuning`).
+
+import { looksLikeNbdUri, parseNbdUri } from '../nbd/uri.js';
+import { GiB } from '../lib/units.js';
+import { gcPercentMax, segmentSizeAlignBytes, segmentSizeMaxBytes, segmentSizeMinBytes } from '../ondisk/layout.js';
+import { knobNamed, knobNames, knobValueProblem } from './settings.js';
+import { decimalInteger, secondsRange, switchFlag, valueFlag, type CommandGrammar, type Flags } from './args_parse.js';
+
+export interface FormatArgs {
+  readonly cachePath: string;
+  /** A file or block device path, or an NBD URI when backingIsUri. */
+  readonly backingPath: string;
+  readonly backingIsUri: boolean;
+  readonly cacheSizeBytes: number | undefined;
+  readonly segmentSizeBytes: number | undefined;
+  readonly dataCrc: boolean;
+  readonly gcPercent: number | undefined;
+  readonly force: boolean;
+  readonly discardDirty: boolean;
+}
+
+export type StatusArgs = { readonly controlPath: string; readonly json: boolean } | { readonly cachePath: string; readonly json: boolean };
+
+export interface CheckArgs {
+  readonly cachePath: string;
+  readonly json: boolean;
+}
+
+export interface DrainArgs {
+  readonly controlPath: string;
+  readonly timeoutMs: number | undefined;
+  readonly progress: boolean;
+}
+
+export interface SetArgs {
+  readonly controlPath: string;
+  /** The changes, in the order given; empty to list the settings. */
+  readonly changes: Readonly<Record<string, number>>;
+  readonly json: boolean;
+}
+
+/** `--control PATH` of the commands that only talk to a running server. */
+const serverControlFlag = valueFlag('PATH', "the server's control socket (required)");
+
+export const formatGrammar: CommandGrammar<FormatArgs> = {
+  spec: {
+    summary: 'format a cache device for a backing device',
+    usage: ['pcache format --cache PATH --backing PATH|URI [--segment-size SIZE] [--data-crc] [--gc-percent N] [--force [--discard-dirty]]'],
+    flags: {
+      cache: valueFlag('PATH', 'the cache device: a file or a block device (required)'),
+      backing: valueFlag('PATH|URI', 'the backing device it will cache: a file, a block device or an NBD URI (required)'),
+      'cache-size': valueFlag('SIZE', 'create the cache file with this size (sparse) if it does not exist'),
+      'segment-size': valueFlag('SIZE', 'bytes per segment, a multiple of 1M from 1M to 1G (default 16M)'),
+      'data-crc': switchFlag('protect every cached extent with a CRC32C (fixed at format)'),
+      'gc-percent': valueFlag('N', `start garbage collection when N% of segments are in use, 0..${gcPercentMax} (default 70)`),
+      force: switchFlag('overwrite a device that is not blank (never discards dirty data on its own)'),
+      'discard-dirty': switchFlag('with --force: also overwrite a cache that still holds dirty data, losing it'),
+    },
+    notes: [
+      'A blank device (its first 8 KiB are zero) is formatted. Anything else is refused unless',
+      '--force is given; a pcache cache that still holds data not yet written back to its backing',
+      'device is refused even then (drain it first with `pcache serve` + `pcache drain`), unless',
+      '--discard-dirty is given too. A device that another process has open is always refused.',
+    ],
+  },
+  options(flags) {
+    const segmentSizeBytes = flags.size('segment-size');
+    if (segmentSizeBytes !== undefined) {
+      const aligned = segmentSizeBytes % segmentSizeAlignBytes === 0;
+      if (!aligned || segmentSizeBytes < segmentSizeMinBytes || segmentSizeBytes > segmentSizeMaxBytes) {
+        throw flags.usage(`--segment-size must be a multiple of 1M from 1M to ${segmentSizeMaxBytes / GiB}G, got ${segmentSizeBytes} bytes`);
+      }
+    }
+    if (flags.has('discard-dirty') && !flags.has('force')) throw flags.usage('--discard-dirty only goes with --force');
+    const backingPath = flags.required('backing');
+    return {
+      cachePath: flags.required('cache'),
+      backingPath,
+      backingIsUri: backingIsUri(flags, backingPath),
+      cacheSizeBytes: flags.size('cache-size'),
+      segmentSizeBytes,
+      dataCrc: flags.has('data-crc'),
+      gcPercent: gcPercentFlag(flags),
+      force: flags.has('force'),
+      discardDirty: flags.has('discard-dirty'),
+    };
+  },
+};
+
+export const statusGrammar: CommandGrammar<StatusArgs> = {
+  spec: {
+    summary: "show a cache's state (dm-pcache's nine status fields and more)",
+    usage: ['pcache status --control PATH [--json]', 'pcache status --cache PATH [--json]'],
+    flags: {
+      control: valueFlag('PATH', 'ask a running server through its control socket'),
+      cache: valueFlag('PATH', 'read an idle cache device directly (read-only)'),
+      json: switchFlag('print JSON instead of a table'),
+    },
+    notes: [
+      '--cache reads the device without writing to it and refuses a device that another process',
+      '(such as a running `pcache serve`) has open; ask that server with --control instead.',
+    ],
+  },
+  options(flags) {
+    const control = flags.optional('control');
+    const cache = flags.optional('cache');
+    const json = flags.has('json');
+    if (control !== undefined && cache !== undefined) throw flags.usage('give either --control or --cache, not both');
+    if (control !== undefined) return { controlPath: control, json };
+    if (cache !== undefined) return { cachePath: cache, json };
+    throw flags.usage('--control or --cache is required (see pcache status --help)');
+  },
+};
+
+export const checkGrammar: CommandGrammar<CheckArgs> = {
+  spec: {
+    summary: 'check a cache device structurally, without writing to it',
+    usage: ['pcache check --cache PATH [--json]'],
+    flags: {
+      cache: valueFlag('PATH', 'the cache device to check (required; must be idle)'),
+      json: switchFlag('print JSON: problems, warnings and a summary'),
+    },
+    notes: ['Exits with status 1 if any problem is found, 0 if there are none (warnings allowed).'],
+  },
+  options: (flags) => ({ cachePath: flags.required('cache'), json: flags.has('json') }),
+};
+
+export const drainGrammar: CommandGrammar<DrainArgs> = {
+  spec: {
+    summary: 'write back all dirty data of a running server; returns once clean',
+    usage: ['pcache drain --control PATH [--timeout SECONDS] [--progress]'],
+    flags: {
+      control: serverControlFlag,
+      timeout: valueFlag('SECONDS', 'give up after this long (exit 1); default: wait until clean'),
+      progress: switchFlag('show dirty bytes left, rate and time left on stderr while waiting'),
+    },
+    notes: [
+      'Everything written before the drain started is on the backing device, synced, when it returns.',
+      'Ctrl-C stops waiting (exit 130) and cancels nothing: the server finishes the drain it started.',
+    ],
+  },
+  options(flags) {
+    const seconds = flags.integer('timeout', secondsRange);
+    return { controlPath: flags.required('control'), timeoutMs: seconds === undefined ? undefined : seconds * 1000, progress: flags.has('progress') };
+  },
+};
+
+export const setGrammar: CommandGrammar<SetArgs> = {
+  spec: {
+    summary: "change a running cache's gc_percent and writeback knobs, or list them",
+    usage: ['pcache set --control PATH [NAME VALUE]...'],
+    flags: {
+      control: serverControlFlag,
+      json: switchFlag('print the settings as JSON'),
+    },
+    positionals: true,
+    notes: [
+      'With no NAME VALUE pairs, lists every setting and its value. Settings (integers):',
+      ...knobNames.map((name) => `  ${name}`),
+      'gc_percent is stored in the cache; the others last until the server stops (see serve --tuning).',
+      'All pairs of one command are checked first and applied together, or none is.',
+    ],
+  },
+  options(flags) {
+    const controlPath = flags.required('control');
+    const words = flags.positionals;
+    if (words.length % 2 !== 0) {
+      throw flags.usage(`'${words[words.length - 1] ?? ''}' needs a value: give NAME VALUE pairs (see pcache set --help)`);
+    }
+    const changes: Record<string, number> = {};
+    for (let index = 0; index < words.length; index += 2) {
+      const name = words[index] ?? '';
+      if (Object.hasOwn(changes, name)) throw flags.usage(`${name} given more than once`);
+      changes[name] = knobValue(flags, '', name, words[index + 1] ?? '');
+    }
+    return { controlPath, changes, json: flags.has('json') };
+  },
+};
+
+export function gcPercentFlag(flags: Flags): number | undefined {
+  return flags.integer('gc-percent', { min: 0, max: gcPercentMax });
+}
+
+/** Whether --backing names an NBD URI; a malformed one is a usage error saying what is wrong. */
+export function backingIsUri(flags: Flags, text: string): boolean {
+  if (!looksLikeNbdUri(text)) return false;
+  flags.converted('backing', () => parseNbdUri(text));
+  return true;
+}
+
+/**
+ * One setting's value from text; unknown names and bad values are usage errors, whose
+ * message starts with the command and then `where` (say `--tuning: `).
+ */
+export function knobValue(flags: Flags, where: string, name: string, text: string): number {
+  const knob = knobNamed(name);
+  if (knob === undefined) throw flags.usage(`${where}unknown setting '${name}' (settings: ${knobNames.join(', ')})`);
+  const value = decimalInteger(text);
+  const problem = knobValueProblem(knob, Number.isNaN(value) ? text : value);
+  if (problem !== undefined) throw flags.usage(`${where}${problem}`);
+  return value;
+}

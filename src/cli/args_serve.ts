@@ -1,0 +1,260 @@
+// The grammar of `pcache serve`: its flag table and help, its typed options, the no-argument
+// default (./pcache-data/), and the rules between its flags (--socket or --port, what makes no
+// sense with --no-cache or --read-only, --tuning's settings, --metrics' loopback rule).
+
+import net from 'node:net';
+import { GiB } from '../lib/units.js';
+import { connectionsMax, defaultConnections } from '../nbd/remote_device.js';
+import { busyPollWindowDefaultUs, busyPollWindowMaxUs } from '../nbd/busy_poll.js';
+import { gcPercentMax } from '../ondisk/layout.js';
+import { knobNamed, watermarkProblem } from './settings.js';
+import { secondsRange, switchFlag, valueFlag, type CommandGrammar, type Flags } from './args_parse.js';
+import { backingIsUri, gcPercentFlag, knobValue } from './args_commands.js';
+
+export const logLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+export type LogLevel = (typeof logLevels)[number];
+
+export type ListenArgs = { readonly path: string } | { readonly port: number; readonly host: string };
+
+/** Where `serve --metrics` listens. */
+export interface MetricsArgs {
+  readonly host: string;
+  readonly port: number;
+}
+
+export interface ServeArgs {
+  /** The cache device; empty with --no-cache (nothing is cached then). */
+  readonly cachePath: string;
+  /** A file or block device path, or an NBD URI when backingIsUri. */
+  readonly backingPath: string;
+  readonly backingIsUri: boolean;
+  /** Connections to an NBD backing device. */
+  readonly backingConnections: number;
+  readonly cacheSizeBytes: number | undefined;
+  readonly backingSizeBytes: number | undefined;
+  readonly listen: ListenArgs;
+  readonly controlPath: string | undefined;
+  readonly exportName: string;
+  readonly readOnly: boolean;
+  readonly gcPercent: number | undefined;
+  readonly noCache: boolean;
+  /** Record both devices' writes and syncs here (RecordingDevice), for offline power-loss states. */
+  readonly recordDir: string | undefined;
+  /** `pcache serve` with no arguments: create ./pcache-data/ and print connection recipes. */
+  readonly defaultMode: boolean;
+  /** Runtime knobs to apply at start (`--tuning`), by snake_case name. */
+  readonly tuning: Readonly<Record<string, number>>;
+  readonly metrics: MetricsArgs | undefined;
+  readonly logLevel: LogLevel;
+  readonly drainOnExit: boolean;
+  readonly drainTimeoutMs: number;
+  /** Accept a backing device whose identity differs from the recorded one (same size). */
+  readonly forceBacking: boolean;
+  /** The NBD server's busy-polling window (src/nbd/busy_poll.ts). */
+  readonly busyPollUs: number;
+}
+
+/** The directory, files and sizes of `pcache serve` with no arguments. */
+export const defaultServe = {
+  directory: 'pcache-data',
+  cacheFile: 'pcache-data/cache.img',
+  cacheSizeBytes: 1 * GiB,
+  backingFile: 'pcache-data/backing.img',
+  backingSizeBytes: 8 * GiB,
+  socket: 'pcache-data/nbd.sock',
+  control: 'pcache-data/control.sock',
+} as const;
+
+/** How long `serve --drain-on-exit` waits for the drain before stopping anyway. */
+const defaultDrainTimeoutSeconds = 300;
+const defaultSocket = 'nbd.sock';
+const defaultExportName = 'pcache';
+const portRange = { min: 0, max: 65_535 };
+
+export const serveGrammar: CommandGrammar<ServeArgs> = {
+  spec: {
+    summary: 'serve a backing device through its cache over NBD',
+    usage: [
+      'pcache serve --cache PATH --backing PATH|URI [--cache-size SIZE] [--socket PATH | --port N [--bind ADDR]]',
+      '             [--control PATH] [--export-name NAME] [--read-only] [--gc-percent N] [--tuning NAME=VALUE,...]',
+      '             [--backing-connections N] [--metrics HOST:PORT [--metrics-allow-remote]] [--log-level LEVEL]',
+      '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--busy-poll-us N]',
+      'pcache serve            (no arguments: a ready-made cache and disk in ./pcache-data/)',
+    ],
+    flags: {
+      cache: valueFlag('PATH', 'the cache device (opened with synchronous I/O: put it on fast storage)'),
+      backing: valueFlag('PATH|URI', 'the backing device: a file or block device (asynchronous I/O), or nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH'),
+      'backing-connections': valueFlag('N', `with an NBD backing device: connections to it, 1..${connectionsMax} (default ${defaultConnections})`),
+      'cache-size': valueFlag('SIZE', 'create a missing cache file of this size (sparse)'),
+      'backing-size': valueFlag('SIZE', 'create a missing backing file of this size (sparse)'),
+      socket: valueFlag('PATH', 'listen on this Unix socket (default ./nbd.sock)'),
+      port: valueFlag('N', 'listen on TCP port N instead (0 picks a free port)'),
+      bind: valueFlag('ADDR', 'with --port: the address to bind (default 127.0.0.1)'),
+      control: valueFlag('PATH', 'also answer `pcache status`, `drain` and `set` on this Unix socket (HTTP/JSON; curl --unix-socket PATH http://localhost/status works too)'),
+      'export-name': valueFlag('NAME', 'the NBD export name (default "pcache"; the empty name works too)'),
+      'read-only': switchFlag('refuse writes; nothing is written to either device'),
+      'force-backing': switchFlag('open the cache although the backing device is not the one it was formatted for (a copy or a moved file of the same size)'),
+      'gc-percent': valueFlag('N', `set the GC threshold (0..${gcPercentMax}) and store it in the cache`),
+      tuning: valueFlag('NAME=VALUE,...', 'runtime knobs to start with (names as in `pcache set`, e.g. writeback_idle_ms=5000)'),
+      metrics: valueFlag('HOST:PORT', 'serve Prometheus metrics at http://HOST:PORT/metrics (loopback only; port 0 picks one)'),
+      'metrics-allow-remote': switchFlag('let --metrics bind an address that is not loopback (metrics have no authentication)'),
+      'log-level': valueFlag('LEVEL', `JSON log lines on stderr at this level and above: ${logLevels.join(', ')} (default info)`),
+      'drain-on-exit': switchFlag('on SIGINT/SIGTERM, write everything back before stopping'),
+      'drain-timeout': valueFlag('SECONDS', `with --drain-on-exit: stop anyway after this long (default ${defaultDrainTimeoutSeconds})`),
+      'no-cache': switchFlag('serve the backing device directly, without a cache (for comparisons)'),
+      'busy-poll-us': valueFlag('N', `after answering a client at low queue depth, poll for its next request for up to N microseconds instead of sleeping, 0..${busyPollWindowMaxUs} (default ${busyPollWindowDefaultUs}; 0 turns it off)`),
+      'record-dir': valueFlag('DIR', 'record every write and sync of both devices to DIR/cache.log and DIR/backing.log (for crash testing; see docs/testing.md)'),
+    },
+    notes: [
+      'A blank cache device is formatted with the defaults (and --gc-percent). A device holding',
+      'anything else that is not this backing device\'s cache is refused without writing a byte.',
+      'SIGINT or SIGTERM stop the server cleanly: requests in flight finish, the cache log is',
+      'made durable, and pcache exits with status 0. Dirty data stays in the cache for next time,',
+      'unless --drain-on-exit writes it back first (a second signal stops waiting for that).',
+      'Logs are JSON lines on stderr; nothing is logged per request at info level.',
+    ],
+  },
+  options: (flags) => (flags.empty ? defaultModeArgs() : serveArgs(flags)),
+};
+
+/** `pcache serve` with no arguments. */
+function defaultModeArgs(): ServeArgs {
+  return {
+    cachePath: defaultServe.cacheFile,
+    backingPath: defaultServe.backingFile,
+    backingIsUri: false,
+    backingConnections: defaultConnections,
+    cacheSizeBytes: defaultServe.cacheSizeBytes,
+    backingSizeBytes: defaultServe.backingSizeBytes,
+    listen: { path: defaultServe.socket },
+    controlPath: defaultServe.control,
+    exportName: defaultExportName,
+    readOnly: false,
+    gcPercent: undefined,
+    noCache: false,
+    recordDir: undefined,
+    defaultMode: true,
+    tuning: {},
+    metrics: undefined,
+    logLevel: 'info',
+    drainOnExit: false,
+    drainTimeoutMs: defaultDrainTimeoutSeconds * 1000,
+    forceBacking: false,
+    busyPollUs: busyPollWindowDefaultUs,
+  };
+}
+
+function serveArgs(flags: Flags): ServeArgs {
+  const socket = flags.optional('socket');
+  const port = flags.integer('port', portRange);
+  const bind = flags.optional('bind');
+  if (socket !== undefined && port !== undefined) throw flags.usage('--socket and --port cannot be used together');
+  if (bind !== undefined && port === undefined) throw flags.usage('--bind needs --port');
+  const noCache = flags.has('no-cache');
+  const readOnly = flags.has('read-only');
+  const gcPercent = gcPercentFlag(flags);
+  if (gcPercent !== undefined && readOnly) throw flags.usage('--gc-percent cannot be stored in a cache served --read-only');
+  if (noCache) {
+    for (const flag of ['cache', 'cache-size', 'gc-percent', 'tuning', 'drain-on-exit', 'force-backing']) {
+      if (flags.has(flag)) throw flags.usage(`--${flag} makes no sense with --no-cache`);
+    }
+  }
+  const backingPath = flags.required('backing');
+  const isUri = backingIsUri(flags, backingPath);
+  if (isUri && flags.has('backing-size')) throw flags.usage('--backing-size makes no sense with an NBD backing device (its server decides its size)');
+  const connections = flags.integer('backing-connections', { min: 1, max: connectionsMax });
+  if (connections !== undefined && !isUri) throw flags.usage('--backing-connections needs an NBD URI for --backing');
+  if (flags.has('drain-timeout') && !flags.has('drain-on-exit')) throw flags.usage('--drain-timeout needs --drain-on-exit');
+  if (flags.has('drain-on-exit') && readOnly) throw flags.usage('--drain-on-exit makes no sense with --read-only (nothing can be dirty)');
+  if (flags.has('metrics-allow-remote') && !flags.has('metrics')) throw flags.usage('--metrics-allow-remote needs --metrics');
+  const drainSeconds = flags.integer('drain-timeout', secondsRange) ?? defaultDrainTimeoutSeconds;
+  return {
+    cachePath: noCache ? '' : flags.required('cache'),
+    backingPath,
+    backingIsUri: isUri,
+    backingConnections: connections ?? defaultConnections,
+    cacheSizeBytes: flags.size('cache-size'),
+    backingSizeBytes: flags.size('backing-size'),
+    listen: port !== undefined ? { port, host: bind ?? '127.0.0.1' } : { path: socket ?? defaultSocket },
+    controlPath: flags.optional('control'),
+    exportName: flags.optional('export-name') ?? defaultExportName,
+    readOnly,
+    gcPercent,
+    noCache,
+    recordDir: flags.optional('record-dir'),
+    defaultMode: false,
+    tuning: tuningFlag(flags),
+    metrics: metricsFlag(flags),
+    logLevel: logLevelFlag(flags),
+    drainOnExit: flags.has('drain-on-exit'),
+    drainTimeoutMs: drainSeconds * 1000,
+    forceBacking: flags.has('force-backing'),
+    busyPollUs: flags.integer('busy-poll-us', { min: 0, max: busyPollWindowMaxUs }) ?? busyPollWindowDefaultUs,
+  };
+}
+
+/** `--tuning name=value,name=value`: every name known, every value an integer in range. */
+function tuningFlag(flags: Flags): Record<string, number> {
+  const text = flags.optional('tuning');
+  const tuning: Record<string, number> = {};
+  if (text === undefined) return tuning;
+  for (const item of text.split(',')) {
+    const equals = item.indexOf('=');
+    if (equals <= 0) throw flags.usage(`--tuning takes NAME=VALUE pairs separated by commas, got '${item}'`);
+    const name = item.slice(0, equals);
+    if (name === 'gc_percent') throw flags.usage('--tuning: use --gc-percent for gc_percent (it is stored in the cache)');
+    if (Object.hasOwn(tuning, name)) throw flags.usage(`--tuning: ${name} given more than once`);
+    tuning[name] = knobValue(flags, '--tuning: ', name, item.slice(equals + 1));
+  }
+  // The cache would refuse this too, but only after creating (and formatting) its files.
+  const start = tuning.writeback_start_percent;
+  const stop = tuning.writeback_stop_percent;
+  const problem = watermarkProblem(start ?? knobDefault('writeback_start_percent'), stop ?? knobDefault('writeback_stop_percent'));
+  if (problem !== undefined) {
+    const defaulted = start === undefined ? 'writeback_start_percent' : stop === undefined ? 'writeback_stop_percent' : undefined;
+    throw flags.usage(`--tuning: ${problem}${defaulted === undefined ? '' : ` (${defaulted} at its default; give both to move them past each other)`}`);
+  }
+  return tuning;
+}
+
+function knobDefault(name: string): number {
+  const knob = knobNamed(name);
+  if (knob === undefined) throw new Error(`no knob named ${name}`);
+  return knob.defaultValue;
+}
+
+/** `--metrics HOST:PORT` (`[v6]:PORT` for IPv6); a host that is not loopback needs --metrics-allow-remote. */
+function metricsFlag(flags: Flags): MetricsArgs | undefined {
+  const text = flags.optional('metrics');
+  if (text === undefined) return undefined;
+  const match = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(text);
+  const host = match?.[1] ?? match?.[2];
+  const port = Number(match?.[3]);
+  if (match === null || host === undefined || !(port >= portRange.min && port <= portRange.max)) {
+    throw flags.usage(`--metrics takes HOST:PORT (e.g. 127.0.0.1:9187, [::1]:9187; port 0 picks one), got '${text}'`);
+  }
+  if (!isLoopback(host) && !flags.has('metrics-allow-remote')) {
+    throw flags.usage(`--metrics ${text}: ${host} is not a loopback address and metrics have no authentication; ` +
+      'add --metrics-allow-remote to serve them there anyway');
+  }
+  return { host, port };
+}
+
+/** Loopback: localhost, 127.0.0.0/8, ::1 (and ::ffff:127.x.y.z). Any other name might resolve anywhere. */
+export function isLoopback(host: string): boolean {
+  if (host === 'localhost') return true;
+  if (net.isIPv4(host)) return host.startsWith('127.');
+  if (!net.isIPv6(host)) return false;
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(host)?.[1];
+  if (mapped !== undefined) return mapped.startsWith('127.');
+  // The URL parser writes an IPv6 address in its shortest form, so every spelling of ::1 meets.
+  return new URL(`http://[${host}]/`).hostname === '[::1]';
+}
+
+function logLevelFlag(flags: Flags): LogLevel {
+  const text = flags.optional('log-level');
+  if (text === undefined) return 'info';
+  const level = logLevels.find((candidate) => candidate === text);
+  if (level === undefined) throw flags.usage(`--log-level must be one of ${logLevels.join(', ')}, got '${text}'`);
+  return level;
+}

@@ -1,0 +1,97 @@
+// The control socket's API, shared by the server (control.ts) and the client
+// (control_client.ts): HTTP/1.1 with JSON bodies on a Unix socket, so that any HTTP client
+// speaks it — `curl --unix-socket /run/pcache.ctl http://localhost/status`.
+//
+//   GET   /          the service, its version and these routes
+//   GET   /status    the server's status (computed from memory at once, never waits for a drain)
+//   POST  /drain     answers once everything written before the request is on the backing
+//                    device, synced: {"drained":true} (the connection stays open meanwhile)
+//   GET   /settings  every setting and its value
+//   PATCH /settings  a JSON object of name: value, applied all together or none; answers every
+//                    setting's value afterwards ({} changes nothing)
+//
+// Success is 200 with the JSON result. A failure is {"error":{"code":"EINVAL","message":"..."}}
+// (with "reason" when the engine gave one) and an HTTP status that fits: controlErrorStatus
+// for the engine's codes, and the protocol's own below (404, 405, 413, 429, 503...).
+
+import type { PcacheErrorCode } from '../lib/errors.js';
+
+export type ControlMethod = 'GET' | 'POST' | 'PATCH';
+
+/** What the client asks for; each is one route. */
+export type ControlOp = 'routes' | 'status' | 'drain' | 'settings' | 'set';
+
+export interface ControlRoute {
+  readonly method: ControlMethod;
+  readonly path: string;
+  readonly summary: string;
+  /** What a client's messages call the request: the pcache command that sends it. */
+  readonly command: string;
+}
+
+export const controlRoutes: Readonly<Record<ControlOp, ControlRoute>> = {
+  routes: { method: 'GET', path: '/', summary: 'the service, its version and its routes', command: 'GET /' },
+  status: { method: 'GET', path: '/status', summary: "the server's status (answered at once, even during a drain)", command: 'status' },
+  drain: { method: 'POST', path: '/drain', summary: 'write back everything written before the request; answers when the backing device holds it, synced', command: 'drain' },
+  settings: { method: 'GET', path: '/settings', summary: 'every setting and its value', command: 'set' },
+  set: { method: 'PATCH', path: '/settings', summary: 'change settings: a JSON object of name: value, applied all together or none', command: 'set' },
+};
+
+/** The body of every failure. */
+export interface ControlErrorBody {
+  readonly error: { readonly code: string; readonly message: string; readonly reason?: string };
+}
+
+/** The HTTP status of a failure, by its code: the engine's codes, then the protocol's own. */
+export const controlErrorStatus: Readonly<Record<string, number>> = {
+  EINVAL: 400, // not JSON, not an object, a setting refused
+  EPERM: 403, // the settings of a cache served --read-only
+  ENOENT: 404, // no such route
+  EMETHOD: 405, // the route takes another method (the Allow header lists it)
+  ENOTSUP: 409, // served --no-cache: there are no settings
+  E2BIG: 413, // a request body over controlLimits.bodyBytesMax (the connection is closed)
+  EBUSY: 429, // more than controlLimits.pendingPerConnectionMax unanswered requests on one connection
+  ESHUTDOWN: 503, // the server is stopping
+  // Everything else (EIO, ENOSPC, ENODEV, CORRUPT, FOREIGN...): 500, an operating error.
+};
+
+/** The HTTP status for a failure with `code`. */
+export function httpStatusOf(code: string): number {
+  return controlErrorStatus[code] ?? 500;
+}
+
+/** The engine's codes a client turns back into a PcacheError of the same code (the protocol's own become EIO). */
+export const engineCodes: readonly PcacheErrorCode[] = ['EIO', 'ENOSPC', 'ENODEV', 'EINVAL', 'EPERM', 'ENOTSUP', 'ESHUTDOWN', 'ETIMEDOUT', 'CORRUPT', 'FOREIGN'];
+
+/** The bounds that keep one client from hurting the server or the others. */
+export interface ControlLimits {
+  /** The longest request body; real ones are a few dozen bytes. */
+  readonly bodyBytesMax: number;
+  /** The longest request head (request line and headers). */
+  readonly headerBytesMax: number;
+  readonly connectionsMax: number;
+  /** Unanswered requests per connection (drains in progress count; pipelined requests beyond get 429). */
+  readonly pendingPerConnectionMax: number;
+  /** A connection idle between requests is closed after this long. */
+  readonly idleTimeoutMs: number;
+  /** The request head must have arrived this long after the connection or the previous request (408 otherwise). */
+  readonly headersTimeoutMs: number;
+  /** The whole request (head and body) must have arrived this long after it began; answering it may take longer (a drain). */
+  readonly requestTimeoutMs: number;
+  /** How often the two timeouts above are checked. */
+  readonly timeoutCheckIntervalMs: number;
+  /** On close: how long answered connections may take to go before they are cut. */
+  readonly closeGraceMs: number;
+}
+
+export const controlLimits: ControlLimits = {
+  bodyBytesMax: 4096,
+  headerBytesMax: 8192,
+  connectionsMax: 16,
+  pendingPerConnectionMax: 4,
+  idleTimeoutMs: 60_000,
+  headersTimeoutMs: 10_000,
+  requestTimeoutMs: 30_000,
+  timeoutCheckIntervalMs: 1000,
+  closeGraceMs: 1000,
+};
