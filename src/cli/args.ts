@@ -12,9 +12,9 @@ import net from 'node:net';
 import { parseArgs } from 'node:util';
 import { isPcacheError } from '../lib/errors.js';
 import { GiB, MiB, parseSize } from '../lib/units.js';
-import { connectionsMax, defaultConnections } from '../nbd/remote_device.js';
-import { looksLikeNbdUri, parseNbdUri } from '../nbd/uri.js';
-import { busyPollWindowDefaultUs, busyPollWindowMaxUs } from '../nbd/busy_poll.js';
+import { connectionsMax, defaultConnections } from '../nbd/client/remote_device.js';
+import { looksLikeNbdUri, parseNbdUri } from '../nbd/client/uri.js';
+import { busyPollWindowDefaultUs, busyPollWindowMaxUs } from '../nbd/server/busy_poll.js';
 import { gcPercentMax, segmentSizeAlignBytes, segmentSizeMaxBytes, segmentSizeMinBytes } from '../ondisk/layout.js';
 import { knobNamed, knobNames, knobValueProblem, watermarkProblem } from './settings.js';
 
@@ -225,7 +225,7 @@ export interface ServeArgs {
   readonly drainTimeoutMs: number;
   /** Accept a backing device whose identity differs from the recorded one (same size). */
   readonly forceBacking: boolean;
-  /** The NBD server's busy-polling window (src/nbd/busy_poll.ts). */
+  /** The NBD server's busy-polling window (src/nbd/server/busy_poll.ts). */
   readonly busyPollUs: number;
 }
 

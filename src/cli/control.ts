@@ -23,7 +23,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { assert } from '../lib/assert.js';
 import { PcacheError, isPcacheError, type PcacheErrorCode } from '../lib/errors.js';
-import { prepareSocketPath } from '../nbd/server.js';
+import { prepareSocketPath } from '../nbd/server/server.js';
 
 export const controlProtocolVersion = 1;
 /** Longest request line accepted; real requests are a few dozen bytes. */

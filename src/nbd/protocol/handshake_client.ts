@@ -1,5 +1,5 @@
 // The client side of the fixed-newstyle handshake as a pure state machine: the server's bytes
-// in, the client's bytes and a verdict out. The mirror image of handshake.ts.
+// in, the client's bytes and a verdict out. The mirror image of handshake_server.ts.
 //
 // The client walks: greeting (18 bytes) -> client flags -> STRUCTURED_REPLY (when asked for)
 // -> GO with an INFO_BLOCK_SIZE request -> transmission. A server that answers GO with
@@ -17,9 +17,9 @@
 //   violation: the verdict is 'failed' and nothing more is read or written.
 // - 64-bit sizes become numbers only through readU64BE; a size of 2^53 or more fails.
 
-import { assert } from '../lib/assert.js';
-import type { PcacheErrorCode } from '../lib/errors.js';
-import { KiB, readU64BE } from '../lib/units.js';
+import { assert } from '../../lib/assert.js';
+import type { PcacheErrorCode } from '../../lib/errors.js';
+import { KiB, readU64BE } from '../../lib/units.js';
 import { ByteQueue, readU16BE, readU32BE, readU64BEBig, writeU16BE, writeU32BE, writeU64BEBig } from './bytes.js';
 import {
   ClientFlag,
@@ -39,7 +39,7 @@ import {
   optionReplyHeaderBytes,
   optionReplyMagic,
   stringMaxBytes,
-} from './protocol.js';
+} from './constants.js';
 
 /** Longest option reply accepted: INFO replies are at most 2 + 4096 bytes; error texts are short. */
 export const optionReplyLengthMaxBytes = 64 * KiB;

@@ -27,16 +27,17 @@
 //   without one, no clock is read and nothing is called per request.
 
 import type net from 'node:net';
-import { assert } from '../lib/assert.js';
-import { PcacheError } from '../lib/errors.js';
+import { assert } from '../../lib/assert.js';
+import { PcacheError } from '../../lib/errors.js';
 import type { BufferPool } from './buffer_pool.js';
 import type { BusyPoll } from './busy_poll.js';
-import type { ByteQueue } from './bytes.js';
-import type { BlockStatusExtent, Export } from './export.js';
-import { Handshake, type HandshakeConfig, type Negotiated } from './handshake.js';
+import type { ByteQueue } from '../protocol/bytes.js';
+import type { BlockStatusExtent } from '../protocol/command_types.js';
+import type { Export } from './export.js';
+import { Handshake, type HandshakeConfig, type Negotiated } from '../protocol/handshake_server.js';
 import { startReading } from './socket_input.js';
 import type { NbdRequestObserver } from './observer.js';
-import { Command, CommandFlag, NbdErrno, simpleReplyBytes, TransmissionFlag } from './protocol.js';
+import { Command, CommandFlag, NbdErrno, simpleReplyBytes, TransmissionFlag } from '../protocol/constants.js';
 import {
   blockStatusChunk,
   errorReply,
@@ -48,7 +49,7 @@ import {
   type TransmissionContext,
   writeReadReplyPrefix,
   nbdErrnoOf,
-} from './transmission.js';
+} from '../protocol/transmission_server.js';
 
 export interface ConnectionLimits {
   /** A client that has not entered transmission within this time is disconnected. */

@@ -15,11 +15,11 @@
 //   and fail the range check.
 // - Reply encoders write exactly the layout of proto.md; cookies are echoed byte for byte.
 
-import { assert, unreachable } from '../lib/assert.js';
-import { PcacheError, type PcacheErrorCode } from '../lib/errors.js';
-import { readU64BE, writeU64BE } from '../lib/units.js';
+import { assert, unreachable } from '../../lib/assert.js';
+import { PcacheError, type PcacheErrorCode } from '../../lib/errors.js';
+import { readU64BE, writeU64BE } from '../../lib/units.js';
 import { type ByteQueue, readU16BE, readU32BE, writeU16BE, writeU32BE } from './bytes.js';
-import type { BlockStatusExtent } from './export.js';
+import type { BlockStatusExtent } from './command_types.js';
 import {
   blockDescriptorBytes,
   blockSizeMinimumBytes,
@@ -39,7 +39,7 @@ import {
   StateFlag,
   structuredReplyHeaderBytes,
   structuredReplyMagic,
-} from './protocol.js';
+} from './constants.js';
 
 /** Most descriptors sent in one BLOCK_STATUS reply; clients ask again for the rest. */
 export const blockStatusDescriptorsMax = 2048;
@@ -86,7 +86,7 @@ export class NbdRequest {
   payload: Uint8Array | undefined = undefined;
   /** Set when the request was refused at the boundary. */
   problem: RequestProblem | undefined = undefined;
-  /** Monotonic time of dispatch, in ms; set only when the server has an observer (observer.ts). */
+  /** Monotonic time of dispatch, in ms; set only when the server has an observer (server/observer.ts). */
   dispatchedMs = 0;
 
   constructor(

@@ -24,10 +24,10 @@
 // - close() stops reconnecting and disconnects every connection cleanly (NBD_CMD_DISC).
 
 import { createHash } from 'node:crypto';
-import { assert } from '../lib/assert.js';
-import { PcacheError } from '../lib/errors.js';
-import { realTimers, type TimerHandle, type Timers } from '../lib/timers.js';
-import { MiB, sectorSizeBytes } from '../lib/units.js';
+import { assert } from '../../lib/assert.js';
+import { PcacheError } from '../../lib/errors.js';
+import { realTimers, type TimerHandle, type Timers } from '../../lib/timers.js';
+import { MiB, sectorSizeBytes } from '../../lib/units.js';
 import { NbdClient, type NbdClientLimits } from './client.js';
 import { formatNbdUri, nbdLocation, parseNbdUri, type NbdUri } from './uri.js';
 

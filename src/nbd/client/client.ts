@@ -1,7 +1,7 @@
 // NbdClient: one NBD client connection — connect, negotiate, then many requests in flight.
 //
 // Life of a connection: connecting (TCP or Unix socket, then the handshake in
-// client_handshake.ts, both under one time limit) -> open (requests are split, sent with
+// protocol/handshake_client.ts, both under one time limit) -> open (requests are split, sent with
 // cookies, answered in any order) -> closing (disconnect(): no new requests; in-flight ones
 // finish; then NBD_CMD_DISC and our side ends) -> closed. The `closed` promise resolves once,
 // with the reason, whichever way the connection ended.
@@ -22,15 +22,15 @@
 // - TCP sockets use TCP_NODELAY (small requests must not wait for Nagle) and keepalive.
 
 import net from 'node:net';
-import { assert } from '../lib/assert.js';
-import { isPcacheError, PcacheError } from '../lib/errors.js';
-import { GiB, MiB } from '../lib/units.js';
-import { ByteQueue } from './bytes.js';
-import { ClientHandshake, type ExportInfo } from './client_handshake.js';
+import { assert } from '../../lib/assert.js';
+import { isPcacheError, PcacheError } from '../../lib/errors.js';
+import { GiB, MiB } from '../../lib/units.js';
+import { ByteQueue } from '../protocol/bytes.js';
+import { ClientHandshake, type ExportInfo } from '../protocol/handshake_client.js';
 import {
   nbdErrnoName, pcacheCodeOfNbdErrno, ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader,
-} from './client_transmission.js';
-import { Command, CommandFlag, maxPayloadBytes, NbdErrno, TransmissionFlag } from './protocol.js';
+} from '../protocol/transmission_client.js';
+import { Command, CommandFlag, maxPayloadBytes, NbdErrno, TransmissionFlag } from '../protocol/constants.js';
 import type { NbdAddress } from './uri.js';
 
 export interface NbdClientLimits {

@@ -16,8 +16,8 @@
 // - Once the verdict is "transmission" the machine stops reading: bytes after GO stay in
 //   `input` for the transmission decoder. After "closed" it never produces output again.
 
-import { assert } from '../lib/assert.js';
-import { writeU64BE } from '../lib/units.js';
+import { assert } from '../../lib/assert.js';
+import { writeU64BE } from '../../lib/units.js';
 import { ByteQueue, readU16BE, readU32BE, readU64BEBig, writeU16BE, writeU32BE, writeU64BEBig } from './bytes.js';
 import {
   baseAllocationContextName,
@@ -43,7 +43,7 @@ import {
   optionReplyMagic,
   stringMaxBytes,
   TransmissionFlag,
-} from './protocol.js';
+} from './constants.js';
 
 /** The id under which base:allocation is selected (any u32 works; 0 is avoided for clarity). */
 export const baseAllocationContextId = 1;
