@@ -10,8 +10,9 @@ import fc from 'fast-check';
 import { PcacheError, type PcacheErrorCode } from '../../src/lib/errors.js';
 import { ByteQueue } from '../../src/nbd/protocol/bytes.js';
 import { ClientHandshake, type ClientHandshakeConfig, type ClientHandshakeVerdict } from '../../src/nbd/protocol/handshake_client.js';
+import { nbdErrnoName, pcacheCodeOfNbdErrno } from '../../src/nbd/protocol/errno.js';
 import {
-  chunkPayloadMaxBytes, nbdErrnoName, pcacheCodeOfNbdErrno, ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader,
+  chunkPayloadMaxBytes, ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader,
 } from '../../src/nbd/protocol/transmission_client.js';
 import { Handshake, type HandshakeConfig } from '../../src/nbd/protocol/handshake_server.js';
 import { RequestDecoder } from '../../src/nbd/protocol/transmission_server.js';

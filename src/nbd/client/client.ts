@@ -27,9 +27,8 @@ import { isPcacheError, PcacheError } from '../../lib/errors.js';
 import { GiB, MiB } from '../../lib/units.js';
 import { ByteQueue } from '../protocol/bytes.js';
 import { ClientHandshake, type ExportInfo } from '../protocol/handshake_client.js';
-import {
-  nbdErrnoName, pcacheCodeOfNbdErrno, ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader,
-} from '../protocol/transmission_client.js';
+import { nbdErrnoName, pcacheCodeOfNbdErrno } from '../protocol/errno.js';
+import { ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader } from '../protocol/transmission_client.js';
 import { Command, CommandFlag, maxPayloadBytes, NbdErrno, TransmissionFlag } from '../protocol/constants.js';
 import type { NbdAddress } from './uri.js';
 

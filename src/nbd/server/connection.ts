@@ -48,8 +48,8 @@ import {
   writeSimpleReply,
   type TransmissionContext,
   writeReadReplyPrefix,
-  nbdErrnoOf,
 } from '../protocol/transmission_server.js';
+import { nbdErrnoOf } from '../protocol/errno.js';
 
 export interface ConnectionLimits {
   /** A client that has not entered transmission within this time is disconnected. */
