@@ -21,13 +21,13 @@ import net from 'node:net';
 import { assert } from '../../lib/assert.js';
 import { PcacheError } from '../../lib/errors.js';
 import { KiB, MiB } from '../../lib/units.js';
+import { blockSizeMinimumBytes, maxPayloadBytes, stringMaxBytes } from '../protocol/constants.js';
+import type { HandshakeConfig } from '../protocol/handshake_server.js';
 import { BufferPool } from './buffer_pool.js';
 import { BusyPoll, busyPollWindowDefaultUs, busyPollWindowMaxUs, type BusyPollCounters } from './busy_poll.js';
 import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
 import type { Export } from './export.js';
-import type { HandshakeConfig } from '../protocol/handshake_server.js';
 import type { NbdRequestObserver } from './observer.js';
-import { blockSizeMinimumBytes, maxPayloadBytes, stringMaxBytes } from '../protocol/constants.js';
 
 export interface NbdLimits extends ConnectionLimits {
   /** Largest option data accepted during the handshake; a longer option disconnects. */
