@@ -28,7 +28,8 @@ import { assert } from '../../lib/assert.js';
 import { PcacheError } from '../../lib/errors.js';
 import { realTimers, type TimerHandle, type Timers } from '../../lib/timers.js';
 import { MiB, sectorSizeBytes } from '../../lib/units.js';
-import { NbdClient, type NbdClientLimits } from './client.js';
+import { NbdClient } from './client.js';
+import type { NbdClientLimits } from './connect.js';
 import { formatNbdUri, nbdLocation, parseNbdUri, type NbdUri } from './uri.js';
 
 /** Connections per device when not told otherwise (as nbdcopy and nbdublk with multi-conn). */

@@ -106,6 +106,12 @@ export function nbdLocation(uri: NbdUri): string {
   return `nbd:${host}:${address.port}/${uri.exportName}`;
 }
 
+/** How an address reads in messages. */
+export function describeAddress(address: NbdAddress): string {
+  if (address.kind === 'unix') return address.socketPath;
+  return `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
+}
+
 function exportNameOf(pathPart: string, fail: (why: string) => never): string {
   if (pathPart === '') return '';
   // The regex guarantees a non-empty path starts with '/'.
