@@ -27,6 +27,7 @@ import { assert } from '../../lib/assert.js';
 import { isPcacheError, PcacheError } from '../../lib/errors.js';
 import { GiB } from '../../lib/units.js';
 import type { ByteQueue } from '../protocol/bytes.js';
+import type { WriteOptions, ZeroOptions } from '../protocol/command_types.js';
 import { Command, CommandFlag, maxPayloadBytes, NbdErrno, TransmissionFlag } from '../protocol/constants.js';
 import { nbdErrnoName, pcacheCodeOfNbdErrno } from '../protocol/errno.js';
 import type { ExportInfo } from '../protocol/handshake_client.js';
@@ -34,16 +35,6 @@ import { ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader } from '
 import { connectSession, type NbdClientLimits, type NbdClientOptions, type NbdSession } from './connect.js';
 import { Operation, Piece, RequestTable } from './request_table.js';
 import type { NbdAddress } from './uri.js';
-
-export interface WriteFlags {
-  /** Force unit access: durable when acknowledged (emulated with a FLUSH if the server lacks FUA). */
-  readonly fua?: boolean;
-}
-
-export interface ZeroFlags extends WriteFlags {
-  /** Ask the server to allocate rather than punch a hole (NBD_CMD_FLAG_NO_HOLE). */
-  readonly noHole?: boolean;
-}
 
 /** The largest READ/WRITE piece sent, whatever the server allows: the spec's interoperable size. */
 const clientPayloadMaxBytes = maxPayloadBytes;
@@ -199,7 +190,8 @@ export class NbdClient {
     return this.perform(Command.read, 0, offsetBytes, target.length, { readTarget: target, pieceBytes: this.payloadMaxBytes });
   }
 
-  async write(source: Uint8Array, offsetBytes: number, flags: WriteFlags = {}): Promise<void> {
+  /** WRITE. With `fua` it is durable when this resolves (emulated with a FLUSH if the server lacks FUA). */
+  async write(source: Uint8Array, offsetBytes: number, flags: Partial<WriteOptions> = {}): Promise<void> {
     const problem = this.writeProblem('WRITE') ?? this.rangeProblem(offsetBytes, source.length);
     if (problem !== undefined) throw problem;
     const fua = flags.fua === true;
@@ -219,15 +211,18 @@ export class NbdClient {
   }
 
   /** TRIM: the range's contents become unspecified (the server may or may not zero them). */
-  async trim(offsetBytes: number, lengthBytes: number, flags: WriteFlags = {}): Promise<void> {
+  async trim(offsetBytes: number, lengthBytes: number, flags: Partial<WriteOptions> = {}): Promise<void> {
     const problem = this.writeProblem('TRIM') ?? this.rangeProblem(offsetBytes, lengthBytes);
     if (problem !== undefined) throw problem;
     if (!this.canTrim) throw new PcacheError('ENOTSUP', `${this.where}: the server does not offer TRIM`);
     await this.zeroLike(Command.trim, 0, offsetBytes, lengthBytes, flags.fua === true);
   }
 
-  /** WRITE_ZEROES: the range reads as zeroes afterwards. */
-  async writeZeroes(offsetBytes: number, lengthBytes: number, flags: ZeroFlags = {}): Promise<void> {
+  /**
+   * WRITE_ZEROES: the range reads as zeroes afterwards. `noHole` asks the server to allocate
+   * rather than punch a hole; this client never sends FAST_ZERO.
+   */
+  async writeZeroes(offsetBytes: number, lengthBytes: number, flags: Partial<Omit<ZeroOptions, 'fastZero'>> = {}): Promise<void> {
     const problem = this.writeProblem('WRITE_ZEROES') ?? this.rangeProblem(offsetBytes, lengthBytes);
     if (problem !== undefined) throw problem;
     if (!this.canWriteZeroes) throw new PcacheError('ENOTSUP', `${this.where}: the server does not offer WRITE_ZEROES`);

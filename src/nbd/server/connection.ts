@@ -312,7 +312,9 @@ export class Connection {
       case Command.trim:
         return exp.trim(offset, length, { fua });
       case Command.writeZeroes:
-        return exp.writeZeroes(offset, length, { fua, fastZero: request.hasFlag(CommandFlag.fastZero) });
+        return exp.writeZeroes(offset, length, {
+          fua, fastZero: request.hasFlag(CommandFlag.fastZero), noHole: request.hasFlag(CommandFlag.noHole),
+        });
       case Command.cache:
         return exp.cache(offset, length);
       case Command.blockStatus:
