@@ -1,9 +1,10 @@
 // What the two sides of the fixed-newstyle handshake share: the machine that feeds a received
 // stream to one side's message handling, one complete message at a time; the export name as
-// bytes; and the framing of the handshake's messages, of which an option (client to server) and
-// an option reply (server to client) are two instances: a u64 magic, u32 fields, the u32 length
-// of the data, the data. Both the reader of framed messages (stepFrame) and their one encoder
-// (option, optionReply) live here.
+// bytes; what a finished negotiation established on both sides (TransmissionTerms); and the
+// framing of the handshake's messages, of which an option (client to server) and an option
+// reply (server to client) are two instances: a u64 magic, u32 fields, the u32 length of the
+// data, the data. Both the reader of framed messages (stepFrame) and their one encoder (option,
+// optionReply) live here.
 //
 // The sides themselves are handshake_server.ts (Handshake) and handshake_client.ts
 // (ClientHandshake); each is a HandshakeMachine with its own opening, stages and verdicts, and
@@ -28,6 +29,15 @@ const textEncoder = new TextEncoder();
 const frameMagicBytes = 8;
 /** Each field after the magic, and the data length that ends the header, is a u32. */
 const frameFieldBytes = 4;
+
+/** What both sides know once negotiation has succeeded, whichever side reports it. */
+export interface TransmissionTerms {
+  readonly sizeBytes: number;
+  /** The server's transmission flags (constants.ts TransmissionFlag). */
+  readonly transmissionFlags: number;
+  /** Structured replies were negotiated. */
+  readonly structuredReplies: boolean;
+}
 
 /**
  * A handshake side as a state machine over the bytes it receives. A subclass says how to

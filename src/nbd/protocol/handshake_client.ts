@@ -40,7 +40,7 @@ import {
   optionReplyMagic,
   stringMaxBytes,
 } from './constants.js';
-import { exportNameBytes, HandshakeMachine, option } from './handshake.js';
+import { exportNameBytes, HandshakeMachine, option, type TransmissionTerms } from './handshake.js';
 
 /** Longest option reply accepted: INFO replies are at most 2 + 4096 bytes; error texts are short. */
 export const optionReplyLengthMaxBytes = 64 * KiB;
@@ -68,10 +68,7 @@ export interface BlockSizeConstraints {
 }
 
 /** What the handshake established about the export and the connection. */
-export interface ExportInfo {
-  readonly sizeBytes: number;
-  readonly transmissionFlags: number;
-  readonly structuredReplies: boolean;
+export interface ExportInfo extends TransmissionTerms {
   /** Undefined when the server sent none (EXPORT_NAME, or a server without INFO_BLOCK_SIZE). */
   readonly blockSize: BlockSizeConstraints | undefined;
   readonly negotiatedWith: 'go' | 'export-name';

@@ -44,7 +44,7 @@ import {
   stringMaxBytes,
   TransmissionFlag,
 } from './constants.js';
-import { exportNameBytes, HandshakeMachine, optionReply } from './handshake.js';
+import { exportNameBytes, HandshakeMachine, optionReply, type TransmissionTerms } from './handshake.js';
 
 /** The id under which base:allocation is selected (any u32 works; 0 is avoided for clarity). */
 export const baseAllocationContextId = 1;
@@ -67,10 +67,7 @@ export interface HandshakeConfig {
 }
 
 /** What the client and server agreed on, handed to the transmission phase. */
-export interface Negotiated {
-  readonly sizeBytes: number;
-  readonly transmissionFlags: number;
-  readonly structuredReplies: boolean;
+export interface Negotiated extends TransmissionTerms {
   /** The context id for BLOCK_STATUS when the client selected base:allocation, else undefined. */
   readonly baseAllocationContextId: number | undefined;
 }
