@@ -25,10 +25,6 @@ import { ByteQueue, writeU32BE, writeU64BEBig } from './bytes.js';
 import { optionHeaderBytes, optionMagic, optionReplyHeaderBytes, optionReplyMagic, stringMaxBytes } from './constants.js';
 
 const textEncoder = new TextEncoder();
-/** The magic at the front of every framed message. */
-const frameMagicBytes = 8;
-/** Each field after the magic, and the data length that ends the header, is a u32. */
-const frameFieldBytes = 4;
 
 /** What both sides know once negotiation has succeeded, whichever side reports it. */
 export interface TransmissionTerms {
@@ -127,6 +123,11 @@ export function option(code: number, data: Uint8Array): Uint8Array {
 export function optionReply(option: number, type: number, payload: Uint8Array = new Uint8Array(0)): Uint8Array {
   return framedMessage(optionReplyMagic, [option, type], payload, optionReplyHeaderBytes);
 }
+
+/** The magic at the front of every framed message. */
+const frameMagicBytes = 8;
+/** Each field after the magic, and the data length that ends the header, is a u32. */
+const frameFieldBytes = 4;
 
 /** A u64 magic, u32 fields, the u32 length of the data, then the data. */
 function framedMessage(magic: bigint, fields: readonly number[], data: Uint8Array, headerBytes: number): Uint8Array {
