@@ -3,7 +3,7 @@
 // value rules that several commands share live here too: an NBD URI for --backing,
 // --gc-percent, and a setting's NAME and VALUE (`set`, `serve --tuning`).
 
-import { looksLikeNbdUri, parseNbdUri } from '../nbd/uri.js';
+import { looksLikeNbdUri, parseNbdUri } from '../nbd/client/uri.js';
 import { GiB } from '../lib/units.js';
 import { gcPercentMax, segmentSizeAlignBytes, segmentSizeMaxBytes, segmentSizeMinBytes } from '../ondisk/layout.js';
 import { knobNamed, knobNames, knobValueProblem } from './settings.js';

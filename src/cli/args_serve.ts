@@ -4,8 +4,8 @@
 
 import net from 'node:net';
 import { GiB } from '../lib/units.js';
-import { connectionsMax, defaultConnections } from '../nbd/remote_device.js';
-import { busyPollWindowDefaultUs, busyPollWindowMaxUs } from '../nbd/busy_poll.js';
+import { connectionsMax, defaultConnections } from '../nbd/client/remote_device.js';
+import { busyPollWindowDefaultUs, busyPollWindowMaxUs } from '../nbd/server/busy_poll.js';
 import { gcPercentMax } from '../ondisk/layout.js';
 import { knobNamed, watermarkProblem } from './settings.js';
 import { secondsRange, switchFlag, valueFlag, type CommandGrammar, type Flags } from './args_parse.js';

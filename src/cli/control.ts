@@ -23,7 +23,7 @@ import http from 'node:http';
 import type net from 'node:net';
 import { assert } from '../lib/assert.js';
 import { isPcacheError } from '../lib/errors.js';
-import { prepareSocketPath } from '../nbd/server.js';
+import { prepareSocketPath } from '../nbd/server/server.js';
 import { controlLimits, controlRoutes, httpStatusOf, type ControlErrorBody, type ControlLimits, type ControlRoute } from './control_api.js';
 import { listenOn } from './listen.js';
 

@@ -19,7 +19,7 @@ import { checkCacheDevice } from '../cache/cache_check.js';
 import { probeDevice, type FormatOptions } from '../cache/cache_dev.js';
 import { FileDevice } from '../device/file_device.js';
 import { PcacheError } from '../lib/errors.js';
-import { NbdRemoteDevice } from '../nbd/remote_device.js';
+import { NbdRemoteDevice } from '../nbd/client/remote_device.js';
 import { formatSize } from '../lib/units.js';
 import { exitOk, type FormatArgs } from './args.js';
 import { describeDevice, ensureDeviceFile } from './devices.js';

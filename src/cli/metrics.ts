@@ -17,8 +17,8 @@
 import http from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { CacheStatus } from '../cache/cache.js';
-import { nbdCommandIndex, nbdCommandNames, type NbdRequestObserver } from '../nbd/observer.js';
-import type { NbdServerStats } from '../nbd/server.js';
+import { nbdCommandIndex, nbdCommandNames, type NbdRequestObserver } from '../nbd/server/observer.js';
+import type { NbdServerStats } from '../nbd/server/server.js';
 import { listenOn } from './listen.js';
 
 /** Durations buffered before they are folded into the histogram. */

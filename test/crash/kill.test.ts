@@ -19,7 +19,7 @@ import path from 'node:path';
 import { Cache } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { PcacheError, isPcacheError } from '../../src/lib/errors.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { combineStates, materialize, randomStates } from '../../sim/crash_states.js';
 import { fillPayload, formatViolation, RequestHistory, sectorValues, type HistoryRequest, type SectorViolation } from '../../sim/oracle.js';
 import { readRecording } from '../../src/device/recording_device.js';

@@ -6,7 +6,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { PcacheError } from '../../src/lib/errors.js';
-import { BufferPool, bufferPoolBytesMax, bufferPoolPerSizeMax } from '../../src/nbd/buffer_pool.js';
+import { BufferPool, bufferPoolBytesMax, bufferPoolPerSizeMax } from '../../src/nbd/server/buffer_pool.js';
 import { ControlledExport, patternBytes, startServer, waitUntil } from './harness.js';
 import { connectAndGo } from './raw_client.js';
 import { CMD } from './wire.js';

@@ -4,9 +4,9 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { BusyPoll, type BusyPollClock, busyRequestsMax, missSkipMax } from '../../src/nbd/busy_poll.js';
+import { BusyPoll, type BusyPollClock, busyRequestsMax, missSkipMax } from '../../src/nbd/server/busy_poll.js';
 import { PcacheError } from '../../src/lib/errors.js';
-import { NbdServer } from '../../src/nbd/server.js';
+import { NbdServer } from '../../src/nbd/server/server.js';
 import { ControlledExport, startServer } from './harness.js';
 import { connectAndGo } from './raw_client.js';
 import { CMD, ERR } from './wire.js';

@@ -5,13 +5,14 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { ByteQueue } from '../../src/nbd/bytes.js';
-import { Handshake, type HandshakeConfig } from '../../src/nbd/handshake.js';
-import { maxPayloadBytes } from '../../src/nbd/protocol.js';
+import { ByteQueue } from '../../src/nbd/protocol/bytes.js';
+import { Handshake, type HandshakeConfig } from '../../src/nbd/protocol/handshake_server.js';
+import { maxPayloadBytes } from '../../src/nbd/protocol/constants.js';
+import { nbdErrnoOf } from '../../src/nbd/protocol/errno.js';
 import {
-  blockStatusChunk, blockStatusDescriptorsMax, errorChunk, nbdErrnoOf, NbdRequest, noneChunk, Problems,
+  blockStatusChunk, blockStatusDescriptorsMax, errorChunk, NbdRequest, noneChunk, Problems,
   RequestDecoder, simpleReply, type TransmissionContext, validateRequest, writeReadReplyPrefix,
-} from '../../src/nbd/transmission.js';
+} from '../../src/nbd/protocol/transmission_server.js';
 import type { PcacheErrorCode } from '../../src/lib/errors.js';
 import { PcacheError } from '../../src/lib/errors.js';
 import {

@@ -3,7 +3,7 @@
 // into an NBD error reply. Usage: node crash_server.js <socket path> <sync|async>.
 
 import { AssertionFailure } from '../../src/lib/assert.js';
-import { NbdServer } from '../../src/nbd/server.js';
+import { NbdServer } from '../../src/nbd/server/server.js';
 import { ControlledExport } from './harness.js';
 
 const [socketPath, mode] = process.argv.slice(2);

@@ -9,7 +9,7 @@ import type { BlockDevice, BlockingIo } from '../../src/device/block_device.js';
 import { DeviceExport } from '../../src/device/device_export.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { PcacheError } from '../../src/lib/errors.js';
-import type { Export } from '../../src/nbd/export.js';
+import type { Export } from '../../src/nbd/server/export.js';
 import { patternBytes } from './harness.js';
 
 const MiB = 1024 * 1024;

@@ -12,8 +12,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { MemoryDevice } from '../../src/device/memory_device.js';
-import type { BlockStatusExtent, Export, WriteOptions, ZeroOptions } from '../../src/nbd/export.js';
-import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
+import type { BlockStatusExtent, WriteOptions, ZeroOptions } from '../../src/nbd/protocol/command_types.js';
+import type { Export } from '../../src/nbd/server/export.js';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server/server.js';
 import { connectAndGo } from './raw_client.js';
 import { CMD } from './wire.js';
 

@@ -5,7 +5,7 @@
 import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { PcacheError } from '../../src/lib/errors.js';
-import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server/server.js';
 import { assertServerServes, ControlledExport, patternBytes, startServer, type TestServer, waitUntil } from './harness.js';
 import { connectAndGo, type Chunk, RawClient, replyError, type SimpleReply } from './raw_client.js';
 import {

@@ -15,7 +15,7 @@ import path from 'node:path';
 import { DeviceExport } from '../../src/device/device_export.js';
 import { FileDevice } from '../../src/device/file_device.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
-import type { NbdServerOptions } from '../../src/nbd/server.js';
+import type { NbdServerOptions } from '../../src/nbd/server/server.js';
 import { patternBytes, requireTool, runTool, startServer, type TestServer } from './harness.js';
 
 const MiB = 1024 * 1024;

@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { PcacheError } from '../../src/lib/errors.js';
-import { NbdServer } from '../../src/nbd/server.js';
+import { NbdServer } from '../../src/nbd/server/server.js';
 import { ControlledExport, patternBytes, startServer, waitUntil } from './harness.js';
 import { type Chunk, connectAndGo, RawClient } from './raw_client.js';
 import { CHUNK, CMD, ERR, FLAG, TFLAG } from './wire.js';

@@ -8,13 +8,14 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { PcacheError, type PcacheErrorCode } from '../../src/lib/errors.js';
-import { ByteQueue } from '../../src/nbd/bytes.js';
-import { ClientHandshake, type ClientHandshakeConfig, type ClientHandshakeVerdict } from '../../src/nbd/client_handshake.js';
+import { ByteQueue } from '../../src/nbd/protocol/bytes.js';
+import { ClientHandshake, type ClientHandshakeConfig, type ClientHandshakeVerdict } from '../../src/nbd/protocol/handshake_client.js';
+import { nbdErrnoName, pcacheCodeOfNbdErrno } from '../../src/nbd/protocol/errno.js';
 import {
-  chunkPayloadMaxBytes, nbdErrnoName, pcacheCodeOfNbdErrno, ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader,
-} from '../../src/nbd/client_transmission.js';
-import { Handshake, type HandshakeConfig } from '../../src/nbd/handshake.js';
-import { RequestDecoder } from '../../src/nbd/transmission.js';
+  chunkPayloadMaxBytes, ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader,
+} from '../../src/nbd/protocol/transmission_client.js';
+import { Handshake, type HandshakeConfig } from '../../src/nbd/protocol/handshake_server.js';
+import { RequestDecoder } from '../../src/nbd/protocol/transmission_server.js';
 import { clientFlags, CMD, FLAG, ihaveopt, INFO, infoData, nbdMagic, OPT, option, optionReplyMagic, REP, request, TFLAG } from '../nbd/wire.js';
 
 const MiB = 1024 * 1024;

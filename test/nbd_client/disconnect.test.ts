@@ -15,8 +15,8 @@ import { DeviceExport } from '../../src/device/device_export.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { PcacheError, type PcacheErrorCode } from '../../src/lib/errors.js';
 import { ManualTimers } from '../../src/lib/timers.js';
-import { NbdRemoteDevice, type NbdRemoteOptions } from '../../src/nbd/remote_device.js';
-import { NbdServer } from '../../src/nbd/server.js';
+import { NbdRemoteDevice, type NbdRemoteOptions } from '../../src/nbd/client/remote_device.js';
+import { NbdServer } from '../../src/nbd/server/server.js';
 import { patternBytes, waitUntil } from '../nbd/harness.js';
 import { Nbdkit, type NbdkitSpec } from './nbdkit.js';
 

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Cache } from '../../src/cache/cache.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
-import { NbdRemoteDevice } from '../../src/nbd/remote_device.js';
+import { NbdRemoteDevice } from '../../src/nbd/client/remote_device.js';
 import { cacheBytesFor, pattern, readBytes } from '../helpers/cache_fixture.js';
 import { waitUntil } from '../nbd/harness.js';
 import { Nbdkit } from './nbdkit.js';

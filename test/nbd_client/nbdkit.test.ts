@@ -9,9 +9,9 @@ import assert from 'node:assert/strict';
 import { rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { PcacheError, type PcacheErrorCode } from '../../src/lib/errors.js';
-import { NbdClient } from '../../src/nbd/client.js';
-import { NbdRemoteDevice, type NbdRemoteOptions } from '../../src/nbd/remote_device.js';
-import { parseNbdUri } from '../../src/nbd/uri.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
+import { NbdRemoteDevice, type NbdRemoteOptions } from '../../src/nbd/client/remote_device.js';
+import { parseNbdUri } from '../../src/nbd/client/uri.js';
 import { patternBytes, waitUntil } from '../nbd/harness.js';
 import { Nbdkit, type LogEntry } from './nbdkit.js';
 

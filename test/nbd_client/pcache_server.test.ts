@@ -15,10 +15,10 @@ import assert from 'node:assert/strict';
 import { DeviceExport } from '../../src/device/device_export.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { PcacheError, type PcacheErrorCode } from '../../src/lib/errors.js';
-import { NbdClient } from '../../src/nbd/client.js';
-import { NbdRemoteDevice } from '../../src/nbd/remote_device.js';
-import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
-import { parseNbdUri } from '../../src/nbd/uri.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
+import { NbdRemoteDevice } from '../../src/nbd/client/remote_device.js';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server/server.js';
+import { parseNbdUri } from '../../src/nbd/client/uri.js';
 import { ControlledExport, patternBytes, startServer, waitUntil, type TestServer } from '../nbd/harness.js';
 import { CMD, OPT, REP, TFLAG } from '../nbd/wire.js';
 import {

@@ -5,7 +5,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { PcacheError } from '../../src/lib/errors.js';
-import { formatNbdUri, looksLikeNbdUri, nbdLocation, parseNbdUri, type NbdUri } from '../../src/nbd/uri.js';
+import { formatNbdUri, looksLikeNbdUri, nbdLocation, parseNbdUri, type NbdUri } from '../../src/nbd/client/uri.js';
 
 const good: [string, NbdUri][] = [
   ['nbd://example.com', { address: { kind: 'tcp', host: 'example.com', port: 10809 }, exportName: '' }],

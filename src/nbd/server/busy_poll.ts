@@ -18,7 +18,7 @@
 //   between requests costs almost nothing; input during a window resets the count.
 // - One window at a time for the whole server, whatever the number of connections.
 
-import { assert } from '../lib/assert.js';
+import { assert } from '../../lib/assert.js';
 
 /** Default polling window; 0 turns busy polling off. */
 export const busyPollWindowDefaultUs = 100;

@@ -1,6 +1,6 @@
-// The client side of the transmission phase as a pure codec: the request encoder, the reply
-// decoder (simple replies and structured reply chunks), and the one mapping from NBD error
-// numbers back to PcacheError codes. The mirror image of transmission.ts.
+// The client side of the transmission phase as a pure codec: the request encoder and the reply
+// decoder (simple replies and structured reply chunks). The mirror image of
+// transmission_server.ts; the error numbers it reports map back to PcacheError codes in errno.ts.
 //
 // ReplyDecoder pulls replies from a ByteQueue fed in arbitrary chunks. It cannot frame a reply
 // alone — a simple reply to a READ is followed by data whose length only the request knows —
@@ -21,9 +21,9 @@
 //   names no request of ours.
 // - 64-bit offsets become numbers through readU64BE only.
 
-import { assert } from '../lib/assert.js';
-import { PcacheError, type PcacheErrorCode } from '../lib/errors.js';
-import { KiB, readU64BE, writeU64BE } from '../lib/units.js';
+import { assert } from '../../lib/assert.js';
+import { PcacheError } from '../../lib/errors.js';
+import { KiB, readU64BE, writeU64BE } from '../../lib/units.js';
 import { type ByteQueue, readU16BE, readU32BE, writeU16BE, writeU32BE } from './bytes.js';
 import {
   Command,
@@ -38,7 +38,7 @@ import {
   simpleReplyMagic,
   structuredReplyHeaderBytes,
   structuredReplyMagic,
-} from './protocol.js';
+} from './constants.js';
 
 /** Largest non-data chunk payload accepted (error chunks: 6 + a message of <= 4096 + 8). */
 export const chunkPayloadMaxBytes = 16 * KiB;
@@ -319,37 +319,4 @@ export class ReplyDecoder {
 
 function violation(what: string): PcacheError {
   return new PcacheError('EIO', `NBD protocol violation by the server: ${what}`);
-}
-
-/**
- * The one place where NBD error numbers from a server become PcacheError codes. ESHUTDOWN
- * means the server is going away, which to a device user is the device going away. Unknown
- * values are EINVAL, as proto.md "Error values" tells clients.
- */
-export function pcacheCodeOfNbdErrno(errno: number): PcacheErrorCode {
-  switch (errno) {
-    case NbdErrno.eperm:
-      return 'EPERM';
-    case NbdErrno.eio:
-    case NbdErrno.enomem:
-      return 'EIO';
-    case NbdErrno.enospc:
-      return 'ENOSPC';
-    case NbdErrno.enotsup:
-      return 'ENOTSUP';
-    case NbdErrno.eshutdown:
-      return 'ENODEV';
-    case NbdErrno.einval:
-    case NbdErrno.eoverflow:
-    default:
-      return 'EINVAL';
-  }
-}
-
-/** The name of an NBD error number, for messages. */
-export function nbdErrnoName(errno: number): string {
-  for (const [name, value] of Object.entries(NbdErrno)) {
-    if (value === errno) return name.toUpperCase();
-  }
-  return `error ${errno}`;
 }

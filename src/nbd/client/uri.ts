@@ -1,6 +1,9 @@
 // NBD URIs: the libnbd forms `nbd://HOST[:PORT]/EXPORT` and `nbd+unix:///EXPORT?socket=PATH`
 // (NetworkBlockDevice/nbd doc/uri.md), parsed into an address and an export name.
 //
+// It lives with the client: a URI names an export for a client to reach. The server never
+// parses or prints one (it is given a listen address), so nothing here is shared protocol.
+//
 // Invariants:
 // - Parsing is strict: anything that is not one of the two supported forms is a PcacheError
 //   'EINVAL' whose message says what was wrong. Schemes we know but do not speak (nbds://,
@@ -12,8 +15,8 @@
 // - formatNbdUri(parseNbdUri(x)) is a canonical form that parses back to the same value.
 
 import path from 'node:path';
-import { PcacheError } from '../lib/errors.js';
-import { stringMaxBytes } from './protocol.js';
+import { PcacheError } from '../../lib/errors.js';
+import { stringMaxBytes } from '../protocol/constants.js';
 
 /** The IANA-assigned NBD port. */
 export const nbdDefaultPort = 10809;
@@ -101,6 +104,12 @@ export function nbdLocation(uri: NbdUri): string {
   if (address.kind === 'unix') return `nbd:${path.resolve(address.socketPath)}/${uri.exportName}`;
   const host = address.host.includes(':') ? `[${address.host}]` : address.host;
   return `nbd:${host}:${address.port}/${uri.exportName}`;
+}
+
+/** How an address reads in messages. */
+export function describeAddress(address: NbdAddress): string {
+  if (address.kind === 'unix') return address.socketPath;
+  return `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
 }
 
 function exportNameOf(pathPart: string, fail: (why: string) => never): string {

@@ -1,5 +1,5 @@
 // One client connection: drives the handshake codec, then decodes requests, dispatches them to
-// the Export concurrently, and sends replies in batches.
+// the Export concurrently, and sends replies in batches (reply_batch.ts).
 //
 // Life of a connection: greeting -> handshake (bounded by a time limit) -> transmission ->
 // ending (no more requests are read; in-flight requests finish and get their replies; then our
@@ -10,7 +10,7 @@
 // - Nothing is written after the socket closed or after our side ended; 'error' is always
 //   handled, so a client that vanishes mid-reply cannot crash the process.
 // - Requests are dispatched as soon as they are decoded; replies go out in completion order.
-//   Replies produced in one event-loop turn leave in one socket write (cork + uncork).
+//   Replies produced in one event-loop turn leave in one socket write (ReplyBatch).
 // - The socket is read into one buffer reused for every read (socket_input.ts); whatever a
 //   read leaves queued is copied out (ByteQueue.own) before the next one. WRITE payloads are
 //   copied into buffers from the server's pool, which go back to it when the WRITE succeeds.
@@ -27,16 +27,13 @@
 //   without one, no clock is read and nothing is called per request.
 
 import type net from 'node:net';
-import { assert } from '../lib/assert.js';
-import { PcacheError } from '../lib/errors.js';
-import type { BufferPool } from './buffer_pool.js';
-import type { BusyPoll } from './busy_poll.js';
-import type { ByteQueue } from './bytes.js';
-import type { BlockStatusExtent, Export } from './export.js';
-import { Handshake, type HandshakeConfig, type Negotiated } from './handshake.js';
-import { startReading } from './socket_input.js';
-import type { NbdRequestObserver } from './observer.js';
-import { Command, CommandFlag, NbdErrno, simpleReplyBytes, TransmissionFlag } from './protocol.js';
+import { assert } from '../../lib/assert.js';
+import { PcacheError } from '../../lib/errors.js';
+import type { ByteQueue } from '../protocol/bytes.js';
+import type { BlockStatusExtent } from '../protocol/command_types.js';
+import { Command, CommandFlag, NbdErrno, TransmissionFlag } from '../protocol/constants.js';
+import { nbdErrnoOf } from '../protocol/errno.js';
+import { Handshake, type HandshakeConfig, type Negotiated } from '../protocol/handshake_server.js';
 import {
   blockStatusChunk,
   errorReply,
@@ -44,11 +41,15 @@ import {
   noneChunk,
   readReplyPrefixBytes,
   RequestDecoder,
-  writeSimpleReply,
   type TransmissionContext,
   writeReadReplyPrefix,
-  nbdErrnoOf,
-} from './transmission.js';
+} from '../protocol/transmission_server.js';
+import type { BufferPool } from './buffer_pool.js';
+import type { BusyPoll } from './busy_poll.js';
+import type { Export } from './export.js';
+import type { NbdRequestObserver } from './observer.js';
+import { ReplyBatch } from './reply_batch.js';
+import { startReading } from './socket_input.js';
 
 export interface ConnectionLimits {
   /** A client that has not entered transmission within this time is disconnected. */
@@ -113,35 +114,15 @@ export class Connection {
   private pumping = false;
   /** No further requests are read: DISC, client EOF, broken framing, or our side ended. */
   private inputEnded = false;
-  /** Our side of the socket has ended (or the socket is gone): nothing more may be written. */
-  private writeEnded = false;
   private socketClosed = false;
   private finishedReported = false;
 
-  /** Small replies of this turn, back to back (queue). */
-  private readonly staged = new Uint8Array(stagingBytes);
-  private stagedBytes = 0;
-  /** Replies of this turn in order: closed staged runs, large replies, pooled READ buffers. */
-  private readonly outbox: Uint8Array[] = [];
-  /** Parallel to outbox: whether the entry is a pooled READ buffer to give back once written. */
-  private readonly outboxPooled: boolean[] = [];
-  private outboxBytes = 0;
-  /** Pooled buffers handed to the socket, oldest first; their write callbacks come in this order. */
-  private readonly written: Uint8Array[] = [];
-  private flushScheduled = false;
+  /** This turn's replies; it also knows whether anything may still be written. */
+  private readonly replies: ReplyBatch;
   private handshakeTimer: NodeJS.Timeout | undefined;
   private graceTimer: NodeJS.Timeout | undefined;
-  // Bound once per connection so that batching needs no per-reply closure.
-  private readonly flushBound = (): void => {
-    this.flushScheduled = false;
-    this.flushOutbox();
-  };
+  // Bound once per connection so that decoding needs no per-request closure.
   private readonly takePayload = (lengthBytes: number): Uint8Array => this.host.buffers.take(lengthBytes);
-  private readonly writtenBound = (error: Error | null | undefined): void => {
-    const buffer = this.written.shift();
-    // After an error the socket is gone; the buffer is simply left to the GC.
-    if (buffer !== undefined && (error === null || error === undefined)) this.host.buffers.give(buffer);
-  };
 
   /** Bytes arrive in a buffer reused by the next read (socket_input.ts). */
   private readonly inputReused: boolean;
@@ -155,6 +136,7 @@ export class Connection {
     this.observer = host.observer;
     this.handshake = new Handshake(host.handshakeConfig);
     this.input = this.handshake.input;
+    this.replies = new ReplyBatch(socket, host.buffers, host.counters, () => { this.afterReplies(); });
     host.counters.connectionsTotal += 1;
 
     socket.on('end', () => { this.stopReading(); });
@@ -164,7 +146,7 @@ export class Connection {
     socket.on('close', () => { this.onClose(); });
 
     this.handshakeTimer = setTimeout(() => { this.onHandshakeTimeout(); }, host.limits.handshakeTimeoutMs);
-    this.queue(this.handshake.greeting());
+    this.replies.queue(this.handshake.greeting());
   }
 
   /** Server shutdown: refuse new work, finish in-flight work, then close. */
@@ -201,7 +183,7 @@ export class Connection {
     const replies: Uint8Array[] = [];
     // Negotiation is a few small messages: a copy keeps the handshake codec free of the rule.
     const verdict = handshake.push(this.inputReused ? chunk.slice() : chunk, replies);
-    for (const reply of replies) this.queue(reply);
+    for (const reply of replies) this.replies.queue(reply);
     switch (verdict.kind) {
       case 'negotiating':
         return;
@@ -272,7 +254,7 @@ export class Connection {
     const observer = this.observer;
     if (problem !== undefined) {
       this.host.counters.requestErrorsTotal += 1;
-      this.queue(errorReply(request, problem.errno, problem.message, this.structuredReplies));
+      this.replies.queue(errorReply(request, problem.errno, problem.message, this.structuredReplies));
       observer?.requestAnswered(request.type, request.lengthBytes, 0, true);
       return;
     }
@@ -280,8 +262,8 @@ export class Connection {
     if (request.lengthBytes === 0 && request.type !== Command.flush) {
       // Zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE: nothing to do, and no Export method is
       // asked to handle an empty range (BLOCK_STATUS of zero bytes was refused above).
-      if (request.type === Command.read && this.structuredReplies) this.queue(noneChunk(request));
-      else this.queueSimpleReply(NbdErrno.ok, request);
+      if (request.type === Command.read && this.structuredReplies) this.replies.queue(noneChunk(request));
+      else this.replies.queueSimpleReply(NbdErrno.ok, request);
       observer?.requestAnswered(request.type, 0, 0, false);
       return;
     }
@@ -330,7 +312,9 @@ export class Connection {
       case Command.trim:
         return exp.trim(offset, length, { fua });
       case Command.writeZeroes:
-        return exp.writeZeroes(offset, length, { fua, fastZero: request.hasFlag(CommandFlag.fastZero) });
+        return exp.writeZeroes(offset, length, {
+          fua, fastZero: request.hasFlag(CommandFlag.fastZero), noHole: request.hasFlag(CommandFlag.noHole),
+        });
       case Command.cache:
         return exp.cache(offset, length);
       case Command.blockStatus:
@@ -348,19 +332,19 @@ export class Connection {
     this.inFlightBytes -= costBytes(request);
     if (error !== undefined) {
       this.host.counters.requestErrorsTotal += 1;
-      this.queue(errorReply(request, nbdErrnoOf(error.code), error.message, this.structuredReplies));
+      this.replies.queue(errorReply(request, nbdErrnoOf(error.code), error.message, this.structuredReplies));
     } else if (request.type === Command.read) {
       assert(readBuffer !== undefined, 'READ completed without its buffer');
       writeReadReplyPrefix(readBuffer, request, this.structuredReplies);
-      this.queue(readBuffer, true);
+      this.replies.queue(readBuffer, true);
     } else if (request.type === Command.blockStatus) {
       assert(Array.isArray(value), 'blockStatus must return an array of extents');
-      this.queue(blockStatusChunk(request, this.contextId, value as BlockStatusExtent[]));
+      this.replies.queue(blockStatusChunk(request, this.contextId, value as BlockStatusExtent[]));
     } else {
       // The Export is done with a successful WRITE's payload (export.ts): reuse it. After a
       // failure it is left to the GC, as an asynchronous device might still read from it.
       if (request.payload !== undefined && request.payload.length > 0) this.host.buffers.give(request.payload);
-      this.queueSimpleReply(NbdErrno.ok, request);
+      this.replies.queueSimpleReply(NbdErrno.ok, request);
     }
     this.observer?.requestAnswered(request.type, request.lengthBytes, performance.now() - request.dispatchedMs, error !== undefined);
     this.maybeResume();
@@ -376,11 +360,12 @@ export class Connection {
 
   /**
    * Too many reply bytes wait for the client. Counted only where something is sure to call
-   * maybeResume later: the scheduled flush of the outbox, or the 'drain' the socket owes us.
+   * maybeResume later: the batch's scheduled flush (afterReplies), or the 'drain' the socket
+   * owes us.
    */
   private replyBacklogFull(): boolean {
     const limit = this.host.limits.replyBacklogBytesMax;
-    if (this.outboxBytes >= limit) return true;
+    if (this.replies.queuedBytes >= limit) return true;
     return this.socket.writableNeedDrain && this.socket.writableLength >= limit;
   }
 
@@ -426,12 +411,12 @@ export class Connection {
   }
 
   private endGracefully(): void {
-    if (this.writeEnded) return;
+    if (this.replies.ended) return;
     clearTimeout(this.handshakeTimer);
     this.inputEnded = true;
     this.input.clear();
-    this.flushOutbox();
-    this.writeEnded = true;
+    this.replies.flush();
+    this.replies.end();
     this.socket.end();
     this.graceTimer = setTimeout(() => { this.socket.destroy(); }, this.host.limits.closeGraceMs);
   }
@@ -444,112 +429,25 @@ export class Connection {
 
   private onClose(): void {
     this.socketClosed = true;
-    this.writeEnded = true;
     this.inputEnded = true;
     this.input.clear();
-    this.dropOutbox();
+    this.replies.end();
     clearTimeout(this.handshakeTimer);
     clearTimeout(this.graceTimer);
     this.maybeFinish();
   }
 
-  /**
-   * Adds a reply to this turn's batch; the batch is written once, after the turn. Small
-   * replies (WRITE, FLUSH and TRIM acknowledgements, errors, handshake answers) are copied
-   * into the staging buffer, so a turn's acknowledgements leave as one buffer: each
-   * socket.write costs far more in the stream machinery than copying 16 bytes. Order is kept:
-   * a large or pooled entry first closes the staged run before it.
-   */
-  private queue(bytes: Uint8Array, pooled = false): void {
-    if (this.writeEnded) return;
-    if (!pooled && bytes.length <= stageReplyBytesMax) {
-      this.stage(bytes.length).set(bytes, this.stagedBytes);
-      this.stagedBytes += bytes.length;
-    } else {
-      this.closeStaged();
-      this.outbox.push(bytes);
-      this.outboxPooled.push(pooled);
-    }
-    this.outboxBytes += bytes.length;
-    this.scheduleFlush();
-  }
-
-  /** queue() for a simple reply, encoded straight into the staging buffer. */
-  private queueSimpleReply(errno: number, request: NbdRequest): void {
-    if (this.writeEnded) return;
-    writeSimpleReply(this.stage(simpleReplyBytes), this.stagedBytes, errno, request);
-    this.stagedBytes += simpleReplyBytes;
-    this.outboxBytes += simpleReplyBytes;
-    this.scheduleFlush();
-  }
-
-  /** The staging buffer, with room for `lengthBytes` more at stagedBytes. */
-  private stage(lengthBytes: number): Uint8Array {
-    if (this.stagedBytes + lengthBytes > this.staged.length) this.closeStaged();
-    return this.staged;
-  }
-
-  /** Moves the staged run into the outbox as a buffer of its own (the socket may keep it). */
-  private closeStaged(): void {
-    const length = this.stagedBytes;
-    if (length === 0) return;
-    const run = Buffer.allocUnsafe(length);
-    run.set(this.staged.subarray(0, length));
-    this.outbox.push(run);
-    this.outboxPooled.push(false);
-    this.stagedBytes = 0;
-  }
-
-  private scheduleFlush(): void {
-    if (!this.flushScheduled) {
-      this.flushScheduled = true;
-      setImmediate(this.flushBound);
-    }
-  }
-
-  private dropOutbox(): void {
-    this.outbox.length = 0;
-    this.outboxPooled.length = 0;
-    this.outboxBytes = 0;
-    this.stagedBytes = 0;
-  }
-
-  private flushOutbox(): void {
-    this.closeStaged();
-    const count = this.outbox.length;
-    if (count === 0) return;
-    if (this.socketClosed || this.writeEnded || this.socket.destroyed) {
-      this.dropOutbox();
-      return;
-    }
-    this.host.counters.replyBatchesTotal += 1;
-    // Corked writes are handed to the kernel together (one writev) on uncork.
-    if (count > 1) this.socket.cork();
-    for (let index = 0; index < count; index++) {
-      const bytes = this.outbox[index] as Uint8Array;
-      if (this.outboxPooled[index] === true) {
-        this.written.push(bytes);
-        this.socket.write(bytes, this.writtenBound);
-      } else {
-        this.socket.write(bytes);
-      }
-    }
-    if (count > 1) this.socket.uncork();
-    this.dropOutbox();
+  /** After a batch of replies went to the socket (reply_batch.ts). */
+  private afterReplies(): void {
     // Everything asked has been answered: the client's next request may be close behind.
     if (this.inFlightCount === 0 && this.phase === 'transmission') {
       this.host.busyPoll.idle(this.busyRequests);
       this.busyRequests = 0;
     }
-    // Reading may have paused on the outbox; the socket's own backlog takes over from here.
+    // Reading may have paused on the batch; the socket's own backlog takes over from here.
     this.maybeResume();
   }
 }
-
-/** Replies up to this size are copied into the staging buffer (see queue)... */
-const stageReplyBytesMax = 512;
-/** ...which holds this many bytes; a fuller turn closes a run and starts another. */
-const stagingBytes = 64 * 1024;
 
 /** A promise, or anything else that settles later (an Export may return any PromiseLike). */
 function isThenable(value: unknown): value is PromiseLike<unknown> {

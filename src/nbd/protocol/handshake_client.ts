@@ -1,5 +1,6 @@
 // The client side of the fixed-newstyle handshake as a pure state machine: the server's bytes
-// in, the client's bytes and a verdict out. The mirror image of handshake.ts.
+// in, the client's bytes and a verdict out. The mirror image of handshake_server.ts, and like
+// it a HandshakeMachine (handshake.ts).
 //
 // The client walks: greeting (18 bytes) -> client flags -> STRUCTURED_REPLY (when asked for)
 // -> GO with an INFO_BLOCK_SIZE request -> transmission. A server that answers GO with
@@ -17,10 +18,10 @@
 //   violation: the verdict is 'failed' and nothing more is read or written.
 // - 64-bit sizes become numbers only through readU64BE; a size of 2^53 or more fails.
 
-import { assert } from '../lib/assert.js';
-import type { PcacheErrorCode } from '../lib/errors.js';
-import { KiB, readU64BE } from '../lib/units.js';
-import { ByteQueue, readU16BE, readU32BE, readU64BEBig, writeU16BE, writeU32BE, writeU64BEBig } from './bytes.js';
+import { assert } from '../../lib/assert.js';
+import type { PcacheErrorCode } from '../../lib/errors.js';
+import { KiB, readU64BE } from '../../lib/units.js';
+import { readU16BE, readU32BE, readU64BEBig, writeU16BE, writeU32BE } from './bytes.js';
 import {
   ClientFlag,
   clientFlagsBytes,
@@ -33,13 +34,13 @@ import {
   infoExportBytes,
   nbdMagic,
   Option,
-  optionHeaderBytes,
   optionMagic,
   OptionReply,
   optionReplyHeaderBytes,
   optionReplyMagic,
   stringMaxBytes,
-} from './protocol.js';
+} from './constants.js';
+import { exportNameBytes, HandshakeMachine, option, type TransmissionTerms } from './handshake.js';
 
 /** Longest option reply accepted: INFO replies are at most 2 + 4096 bytes; error texts are short. */
 export const optionReplyLengthMaxBytes = 64 * KiB;
@@ -67,10 +68,7 @@ export interface BlockSizeConstraints {
 }
 
 /** What the handshake established about the export and the connection. */
-export interface ExportInfo {
-  readonly sizeBytes: number;
-  readonly transmissionFlags: number;
-  readonly structuredReplies: boolean;
+export interface ExportInfo extends TransmissionTerms {
   /** Undefined when the server sent none (EXPORT_NAME, or a server without INFO_BLOCK_SIZE). */
   readonly blockSize: BlockSizeConstraints | undefined;
   readonly negotiatedWith: 'go' | 'export-name';
@@ -81,55 +79,33 @@ export type ClientHandshakeVerdict =
   | { readonly kind: 'ready'; readonly info: ExportInfo }
   | { readonly kind: 'failed'; readonly code: PcacheErrorCode; readonly reason: string };
 
-type Stage = 'greeting' | 'replyHeader' | 'replyData' | 'exportNameReply' | 'done';
+type Stage = 'greeting' | 'replies' | 'exportNameReply' | 'done';
 
 const negotiating: ClientHandshakeVerdict = { kind: 'negotiating' };
-const textEncoder = new TextEncoder();
 const textDecoder = new TextDecoder('utf-8', { fatal: false });
 
-export class ClientHandshake {
-  /** Received bytes not consumed yet; after 'ready' they belong to the transmission phase. */
-  readonly input = new ByteQueue();
+export class ClientHandshake extends HandshakeMachine<ClientHandshakeVerdict> {
   private readonly config: ClientHandshakeConfig;
   private readonly exportNameBytes: Uint8Array;
-  private verdict: ClientHandshakeVerdict = negotiating;
   private stage: Stage = 'greeting';
   private noZeroes = false;
   private structuredReplies = false;
   /** The option whose replies we are reading. */
   private currentOption = 0;
   private pendingType = 0;
-  private pendingLengthBytes = 0;
   private repliesRead = 0;
   private exportSizeBytes: number | undefined;
   private exportFlags = 0;
   private blockSize: BlockSizeConstraints | undefined;
 
   constructor(config: ClientHandshakeConfig) {
+    // After 'ready' the bytes belong to the transmission phase; after 'failed' they are dropped.
+    super(negotiating, 'failed');
     this.config = config;
-    this.exportNameBytes = textEncoder.encode(config.exportName);
-    assert(this.exportNameBytes.length <= stringMaxBytes, 'export name longer than the protocol allows');
+    this.exportNameBytes = exportNameBytes(config.exportName);
   }
 
-  get status(): ClientHandshakeVerdict {
-    return this.verdict;
-  }
-
-  /**
-   * Consumes as much of the server's stream as possible, appending what the client must send
-   * to `out`, and returns the verdict. After 'ready' bytes are only queued in `input`; after
-   * 'failed' they are dropped.
-   */
-  push(chunk: Uint8Array, out: Uint8Array[]): ClientHandshakeVerdict {
-    if (this.verdict.kind === 'failed') return this.verdict;
-    this.input.push(chunk);
-    while (this.step(out)) {
-      // Each step consumes one complete message.
-    }
-    return this.verdict;
-  }
-
-  private step(out: Uint8Array[]): boolean {
+  protected step(out: Uint8Array[]): boolean {
     if (this.verdict.kind !== 'negotiating') return false;
     switch (this.stage) {
       case 'greeting': {
@@ -137,18 +113,8 @@ export class ClientHandshake {
         this.receiveGreeting(this.input.take(greetingBytes), out);
         return true;
       }
-      case 'replyHeader': {
-        if (this.input.length < optionReplyHeaderBytes) return false;
-        this.receiveReplyHeader(this.input.take(optionReplyHeaderBytes));
-        return true;
-      }
-      case 'replyData': {
-        if (this.input.length < this.pendingLengthBytes) return false;
-        const data = this.input.take(this.pendingLengthBytes);
-        this.stage = 'replyHeader';
-        this.receiveReply(this.pendingType, data, out);
-        return true;
-      }
+      case 'replies':
+        return this.stepFrame(optionReplyHeaderBytes, out);
       case 'exportNameReply': {
         const paddingBytes = this.noZeroes ? 0 : exportNamePaddingBytes;
         if (this.input.length < exportNameReplyBytes + paddingBytes) return false;
@@ -181,7 +147,8 @@ export class ClientHandshake {
     else this.sendGo(out);
   }
 
-  private receiveReplyHeader(header: Uint8Array): void {
+  /** An option reply header: returns the length of the reply's data. */
+  protected receiveFrameHeader(header: Uint8Array): number | undefined {
     if (readU64BEBig(header, 0) !== optionReplyMagic) return this.fail('EIO', 'bad option reply magic');
     const option = readU32BE(header, 8);
     if (option !== this.currentOption) return this.fail('EIO', `reply to option ${option}, but option ${this.currentOption} was sent`);
@@ -192,8 +159,11 @@ export class ClientHandshake {
       return this.fail('EIO', `option reply of ${lengthBytes} bytes exceeds ${optionReplyLengthMaxBytes}`);
     }
     this.pendingType = readU32BE(header, 12);
-    this.pendingLengthBytes = lengthBytes;
-    this.stage = 'replyData';
+    return lengthBytes;
+  }
+
+  protected receiveFrame(data: Uint8Array, out: Uint8Array[]): void {
+    this.receiveReply(this.pendingType, data, out);
   }
 
   private receiveReply(type: number, data: Uint8Array, out: Uint8Array[]): void {
@@ -285,32 +255,24 @@ export class ClientHandshake {
 
   private sendOption(code: number, data: Uint8Array, out: Uint8Array[]): void {
     this.currentOption = code;
-    this.stage = 'replyHeader';
+    this.stage = 'replies';
     out.push(option(code, data));
   }
 
-  private fail(code: PcacheErrorCode, reason: string): void {
+  /** Ends negotiation with a failure; undefined so that receiveFrameHeader can return it. */
+  private fail(code: PcacheErrorCode, reason: string): undefined {
     this.verdict = { kind: 'failed', code, reason };
     this.stage = 'done';
     this.input.clear();
+    return undefined;
   }
 }
 
-// --- Encoders (pure; exported for tests and for the connection) ---
+// --- Encoders (pure; exported for tests and for the connection; option() is in handshake.ts) ---
 
 export function clientFlags(flags: number): Uint8Array {
   const bytes = new Uint8Array(clientFlagsBytes);
   writeU32BE(bytes, 0, flags);
-  return bytes;
-}
-
-/** One option: IHAVEOPT, option code, data length, data. */
-export function option(code: number, data: Uint8Array): Uint8Array {
-  const bytes = new Uint8Array(optionHeaderBytes + data.length);
-  writeU64BEBig(bytes, 0, optionMagic);
-  writeU32BE(bytes, 8, code);
-  writeU32BE(bytes, 12, data.length);
-  bytes.set(data, optionHeaderBytes);
   return bytes;
 }
 

@@ -1,10 +1,10 @@
 // NbdClient: one NBD client connection — connect, negotiate, then many requests in flight.
 //
-// Life of a connection: connecting (TCP or Unix socket, then the handshake in
-// client_handshake.ts, both under one time limit) -> open (requests are split, sent with
-// cookies, answered in any order) -> closing (disconnect(): no new requests; in-flight ones
-// finish; then NBD_CMD_DISC and our side ends) -> closed. The `closed` promise resolves once,
-// with the reason, whichever way the connection ended.
+// Life of a connection: connecting (TCP or Unix socket, then the handshake, both under one
+// time limit: connect.ts) -> open (requests are split, sent with cookies, answered in any
+// order; request_table.ts keeps the books) -> closing (disconnect(): no new requests; in-flight
+// ones finish; then NBD_CMD_DISC and our side ends) -> closed. The `closed` promise resolves
+// once, with the reason, whichever way the connection ended.
 //
 // Invariants:
 // - Every failure is a PcacheError. Server error replies map through pcacheCodeOfNbdErrno.
@@ -17,69 +17,29 @@
 // - In flight per connection: at most inFlightRequestsMax pieces and inFlightBytesMax bytes of
 //   READ/WRITE data (a single piece is always admitted when nothing else is in flight); the
 //   rest waits in a FIFO of at most queuedRequestsMax pieces, beyond which requests fail.
+//   RequestTable admits and queues; this class sends what it admits.
 // - Cookies are u32 values unique among the pieces in flight; a READ's data is copied from the
 //   socket straight into its caller's buffer, never into one sized by the wire.
-// - TCP sockets use TCP_NODELAY (small requests must not wait for Nagle) and keepalive.
+// - Requests issued in one event-loop turn leave in one socket write (cork, uncork next tick).
 
-import net from 'node:net';
-import { assert } from '../lib/assert.js';
-import { isPcacheError, PcacheError } from '../lib/errors.js';
-import { GiB, MiB } from '../lib/units.js';
-import { ByteQueue } from './bytes.js';
-import { ClientHandshake, type ExportInfo } from './client_handshake.js';
-import {
-  nbdErrnoName, pcacheCodeOfNbdErrno, ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader,
-} from './client_transmission.js';
-import { Command, CommandFlag, maxPayloadBytes, NbdErrno, TransmissionFlag } from './protocol.js';
+import type net from 'node:net';
+import { assert } from '../../lib/assert.js';
+import { isPcacheError, PcacheError } from '../../lib/errors.js';
+import { GiB } from '../../lib/units.js';
+import type { ByteQueue } from '../protocol/bytes.js';
+import type { WriteOptions, ZeroOptions } from '../protocol/command_types.js';
+import { Command, CommandFlag, maxPayloadBytes, NbdErrno, TransmissionFlag } from '../protocol/constants.js';
+import { nbdErrnoName, pcacheCodeOfNbdErrno } from '../protocol/errno.js';
+import type { ExportInfo } from '../protocol/handshake_client.js';
+import { ReplyDecoder, type ReplyEvent, type ReplyTarget, requestHeader } from '../protocol/transmission_client.js';
+import { connectSession, type NbdClientLimits, type NbdClientOptions, type NbdSession } from './connect.js';
+import { Operation, Piece, RequestTable } from './request_table.js';
 import type { NbdAddress } from './uri.js';
-
-export interface NbdClientLimits {
-  /** Connecting and negotiating together must finish within this time. */
-  readonly connectTimeoutMs: number;
-  /** A request without a reply for this long means the server is gone (0: wait forever). */
-  readonly requestTimeoutMs: number;
-  /** Pieces on the wire at once on this connection. */
-  readonly inFlightRequestsMax: number;
-  /** READ/WRITE bytes on the wire at once on this connection (one piece is always admitted when nothing else is in flight). */
-  readonly inFlightBytesMax: number;
-  /** Pieces waiting for room on the wire; beyond this requests fail with EIO. */
-  readonly queuedRequestsMax: number;
-  /** disconnect() waits this long for requests in flight before it cuts them off. */
-  readonly closeTimeoutMs: number;
-}
-
-export const defaultClientLimits: NbdClientLimits = {
-  connectTimeoutMs: 10_000,
-  requestTimeoutMs: 60_000,
-  inFlightRequestsMax: 64,
-  inFlightBytesMax: 64 * MiB,
-  queuedRequestsMax: 8192,
-  closeTimeoutMs: 5_000,
-};
-
-export interface NbdClientOptions {
-  readonly exportName: string;
-  /** Ask for structured replies (default true); the server may still refuse. */
-  readonly structuredReplies?: boolean;
-  readonly limits?: Partial<NbdClientLimits>;
-}
-
-export interface WriteFlags {
-  /** Force unit access: durable when acknowledged (emulated with a FLUSH if the server lacks FUA). */
-  readonly fua?: boolean;
-}
-
-export interface ZeroFlags extends WriteFlags {
-  /** Ask the server to allocate rather than punch a hole (NBD_CMD_FLAG_NO_HOLE). */
-  readonly noHole?: boolean;
-}
 
 /** The largest READ/WRITE piece sent, whatever the server allows: the spec's interoperable size. */
 const clientPayloadMaxBytes = maxPayloadBytes;
 /** TRIM and WRITE_ZEROES carry no payload and may exceed the payload limit; keep them in a u32. */
 export const zeroRequestMaxBytes = 1 * GiB;
-/** A READ answered in more fragments than this is treated as a broken server. */
-const readFragmentsMax = 4096;
 /** After our DISC, how long the server gets to close before the socket is destroyed. */
 const discGraceMs = 2_000;
 /** How often, at most, in-flight requests are checked against requestTimeoutMs. */
@@ -87,69 +47,10 @@ const timeoutCheckMinMs = 50;
 
 type ClientState = 'open' | 'closing' | 'closed';
 
-/** One caller's request; settles when every piece has. */
-class Operation {
-  private remaining: number;
-  private error: PcacheError | undefined;
-  private readonly resolve: () => void;
-  private readonly reject: (error: PcacheError) => void;
-
-  constructor(pieces: number, resolve: () => void, reject: (error: PcacheError) => void) {
-    assert(pieces > 0, 'an operation has at least one piece');
-    this.remaining = pieces;
-    this.resolve = resolve;
-    this.reject = reject;
-  }
-
-  pieceSettled(error: PcacheError | undefined): void {
-    assert(this.remaining > 0, 'a piece settled twice');
-    this.remaining -= 1;
-    this.error ??= error;
-    if (this.remaining > 0) return;
-    if (this.error === undefined) this.resolve();
-    else this.reject(this.error);
-  }
-}
-
-/** One request on the wire (or waiting for room). */
-class Piece implements ReplyTarget {
-  cookie = 0;
-  sentAtMs = 0;
-  error: PcacheError | undefined;
-  /** READ with structured replies: bytes of the range filled so far, and by which chunks. */
-  coveredBytes = 0;
-  fragments: number[] | undefined;
-
-  constructor(
-    readonly operation: Operation,
-    readonly command: number,
-    readonly flags: number,
-    readonly offsetBytes: number,
-    readonly lengthBytes: number,
-    readonly readTarget: Uint8Array | undefined,
-    readonly payload: Uint8Array | undefined,
-  ) {}
-
-  /** Bytes of data this piece holds in flight (READ buffer or WRITE payload). */
-  get dataBytes(): number {
-    return this.command === Command.read || this.command === Command.write ? this.lengthBytes : 0;
-  }
-
-  get isWrite(): boolean {
-    return this.command === Command.write || this.command === Command.trim || this.command === Command.writeZeroes;
-  }
-}
-
 const commandNames: Record<number, string> = {
   [Command.read]: 'READ', [Command.write]: 'WRITE', [Command.flush]: 'FLUSH', [Command.trim]: 'TRIM',
   [Command.writeZeroes]: 'WRITE_ZEROES', [Command.disc]: 'DISC',
 };
-
-/** How an address reads in messages. */
-export function describeAddress(address: NbdAddress): string {
-  if (address.kind === 'unix') return address.socketPath;
-  return `${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
-}
 
 export class NbdClient {
   readonly info: ExportInfo;
@@ -169,15 +70,11 @@ export class NbdClient {
   private state: ClientState = 'open';
   private closedError: PcacheError | undefined;
   private resolveClosed: ((error: PcacheError) => void) | undefined;
-  private readonly inFlight = new Map<number, Piece>();
-  private inFlightBytes = 0;
-  private waiting: Piece[] = [];
-  private nextCookie = 0;
+  private readonly requests: RequestTable;
   private corked = false;
   private timeoutTimer: NodeJS.Timeout | undefined;
   private idleWaiters: (() => void)[] = [];
   private writesCompletedCount = 0;
-  private peakInFlight = 0;
   /** The server answered ESHUTDOWN: finish what is in flight, then disconnect. */
   private serverShuttingDown = false;
   private disconnecting: Promise<void> | undefined;
@@ -186,76 +83,27 @@ export class NbdClient {
     this.corked = false;
     if (!this.socket.destroyed) this.socket.uncork();
   };
-  private readonly lookupBound = (cookie: number): ReplyTarget | undefined => this.inFlight.get(cookie);
+  private readonly lookupBound = (cookie: number): ReplyTarget | undefined => this.requests.get(cookie);
 
-  /** Connects and negotiates; rejects with a PcacheError saying why it could not. */
+  /** Connects and negotiates (connect.ts); rejects with a PcacheError saying why it could not. */
   static connect(address: NbdAddress, options: NbdClientOptions): Promise<NbdClient> {
-    const limits = { ...defaultClientLimits, ...options.limits };
-    checkLimits(limits);
-    const where = describeAddress(address);
-    return new Promise((resolve, reject) => {
-      const socket = address.kind === 'unix'
-        ? net.connect({ path: address.socketPath })
-        : net.connect({ host: address.host, port: address.port, noDelay: true, keepAlive: true, keepAliveInitialDelay: 10_000 });
-      const handshake = new ClientHandshake({
-        exportName: options.exportName,
-        requestStructuredReplies: options.structuredReplies ?? true,
-      });
-      let settled = false;
-      const cleanup = (): void => {
-        settled = true;
-        clearTimeout(timer);
-        socket.off('data', onData);
-        socket.off('error', onError);
-        socket.off('close', onClose);
-      };
-      const fail = (error: PcacheError): void => {
-        if (settled) return;
-        cleanup();
-        // Later errors of a socket we gave up on must not become uncaught exceptions.
-        socket.on('error', () => undefined);
-        socket.destroy();
-        reject(error);
-      };
-      const timer = setTimeout(() => {
-        fail(new PcacheError('ENODEV', `${where}: no NBD session after ${limits.connectTimeoutMs} ms`));
-      }, limits.connectTimeoutMs);
-      const onError = (error: Error): void => {
-        fail(new PcacheError('ENODEV', `cannot connect to ${where}: ${error.message}`, { cause: error }));
-      };
-      const onClose = (): void => {
-        const hint = handshake.status.kind === 'negotiating' ? ' (unknown export name, or too many connections?)' : '';
-        fail(new PcacheError('ENODEV', `${where}: the server closed the connection during the handshake${hint}`));
-      };
-      const onData = (chunk: Buffer): void => {
-        const out: Uint8Array[] = [];
-        const verdict = handshake.push(chunk, out);
-        for (const bytes of out) socket.write(bytes);
-        if (verdict.kind === 'failed') {
-          fail(new PcacheError(verdict.code, `${where}: ${verdict.reason}`));
-        } else if (verdict.kind === 'ready') {
-          cleanup();
-          resolve(new NbdClient(socket, { info: verdict.info, input: handshake.input, limits, where }));
-        }
-      };
-      socket.on('data', onData);
-      socket.on('error', onError);
-      socket.on('close', onClose);
-    });
+    return connectSession(address, options, (session) => new NbdClient(session));
   }
 
-  private constructor(socket: net.Socket, setup: { info: ExportInfo; input: ByteQueue; limits: NbdClientLimits; where: string }) {
-    this.socket = socket;
-    this.info = setup.info;
-    this.input = setup.input;
-    this.limits = setup.limits;
-    this.where = setup.where;
-    this.minimumBlockBytes = setup.info.blockSize?.minimumBytes ?? 1;
-    const serverMax = setup.info.blockSize?.maximumBytes ?? clientPayloadMaxBytes;
+  private constructor(session: NbdSession) {
+    this.socket = session.socket;
+    this.info = session.info;
+    this.input = session.input;
+    this.limits = session.limits;
+    this.where = session.where;
+    this.requests = new RequestTable(session.limits);
+    this.minimumBlockBytes = session.info.blockSize?.minimumBytes ?? 1;
+    const serverMax = session.info.blockSize?.maximumBytes ?? clientPayloadMaxBytes;
     const payloadMax = Math.min(serverMax, clientPayloadMaxBytes);
     this.payloadMaxBytes = Math.max(this.minimumBlockBytes, payloadMax - (payloadMax % this.minimumBlockBytes));
     this.closed = new Promise((resolve) => { this.resolveClosed = resolve; });
-    this.decoder = new ReplyDecoder(this.input, this.lookupBound, setup.info.structuredReplies);
+    this.decoder = new ReplyDecoder(this.input, this.lookupBound, session.info.structuredReplies);
+    const socket = this.socket;
     socket.on('data', (chunk: Buffer) => { this.receive(chunk); });
     socket.on('error', (error: Error) => {
       this.destroy(new PcacheError('ENODEV', `${this.where}: connection lost: ${error.message}`, { cause: error }));
@@ -263,7 +111,7 @@ export class NbdClient {
     socket.on('close', () => {
       this.destroy(new PcacheError('ENODEV', `${this.where}: the server closed the connection`));
     });
-    const timeoutMs = setup.limits.requestTimeoutMs;
+    const timeoutMs = session.limits.requestTimeoutMs;
     if (timeoutMs > 0) {
       this.timeoutTimer = setInterval(() => { this.checkTimeouts(); }, Math.max(timeoutCheckMinMs, timeoutMs / 4));
       this.timeoutTimer.unref();
@@ -321,7 +169,7 @@ export class NbdClient {
 
   /** Pieces in flight plus pieces waiting: how busy this connection is. */
   get load(): number {
-    return this.inFlight.size + this.waiting.length;
+    return this.requests.load;
   }
 
   /** WRITE, TRIM and WRITE_ZEROES pieces the server has acknowledged, since connecting. */
@@ -331,7 +179,7 @@ export class NbdClient {
 
   /** The most pieces that were on the wire at once (for tests and benchmarks). */
   get peakInFlightRequests(): number {
-    return this.peakInFlight;
+    return this.requests.peakInFlightRequests;
   }
 
   // --- Requests ---
@@ -342,7 +190,8 @@ export class NbdClient {
     return this.perform(Command.read, 0, offsetBytes, target.length, { readTarget: target, pieceBytes: this.payloadMaxBytes });
   }
 
-  async write(source: Uint8Array, offsetBytes: number, flags: WriteFlags = {}): Promise<void> {
+  /** WRITE. With `fua` it is durable when this resolves (emulated with a FLUSH if the server lacks FUA). */
+  async write(source: Uint8Array, offsetBytes: number, flags: Partial<WriteOptions> = {}): Promise<void> {
     const problem = this.writeProblem('WRITE') ?? this.rangeProblem(offsetBytes, source.length);
     if (problem !== undefined) throw problem;
     const fua = flags.fua === true;
@@ -362,15 +211,18 @@ export class NbdClient {
   }
 
   /** TRIM: the range's contents become unspecified (the server may or may not zero them). */
-  async trim(offsetBytes: number, lengthBytes: number, flags: WriteFlags = {}): Promise<void> {
+  async trim(offsetBytes: number, lengthBytes: number, flags: Partial<WriteOptions> = {}): Promise<void> {
     const problem = this.writeProblem('TRIM') ?? this.rangeProblem(offsetBytes, lengthBytes);
     if (problem !== undefined) throw problem;
     if (!this.canTrim) throw new PcacheError('ENOTSUP', `${this.where}: the server does not offer TRIM`);
     await this.zeroLike(Command.trim, 0, offsetBytes, lengthBytes, flags.fua === true);
   }
 
-  /** WRITE_ZEROES: the range reads as zeroes afterwards. */
-  async writeZeroes(offsetBytes: number, lengthBytes: number, flags: ZeroFlags = {}): Promise<void> {
+  /**
+   * WRITE_ZEROES: the range reads as zeroes afterwards. `noHole` asks the server to allocate
+   * rather than punch a hole; this client never sends FAST_ZERO.
+   */
+  async writeZeroes(offsetBytes: number, lengthBytes: number, flags: Partial<Omit<ZeroOptions, 'fastZero'>> = {}): Promise<void> {
     const problem = this.writeProblem('WRITE_ZEROES') ?? this.rangeProblem(offsetBytes, lengthBytes);
     if (problem !== undefined) throw problem;
     if (!this.canWriteZeroes) throw new PcacheError('ENOTSUP', `${this.where}: the server does not offer WRITE_ZEROES`);
@@ -395,7 +247,7 @@ export class NbdClient {
     await this.whenIdle(this.limits.closeTimeoutMs);
     // Read through a call: the connection may have closed while we waited.
     if (this.currentState() !== 'closing') return;
-    if (this.inFlight.size === 0 && !this.socket.destroyed) {
+    if (this.requests.inFlightCount === 0 && !this.socket.destroyed) {
       this.socket.write(requestHeader({ type: Command.disc, flags: 0, cookie: 0, offsetBytes: 0, lengthBytes: 0 }));
       this.socket.end();
       const timer = setTimeout(() => { this.socket.destroy(); }, discGraceMs);
@@ -417,9 +269,7 @@ export class NbdClient {
     clearInterval(this.timeoutTimer);
     this.socket.destroy();
     this.input.clear();
-    const pieces = [...this.inFlight.values()];
-    this.inFlight.clear();
-    this.inFlightBytes = 0;
+    const pieces = this.requests.takeInFlight();
     for (const piece of pieces) piece.operation.pieceSettled(error);
     this.failWaiting(error);
     this.wakeIdle();
@@ -465,34 +315,20 @@ export class NbdClient {
       piece.operation.pieceSettled(this.unavailable());
       return;
     }
-    // FIFO: nothing overtakes a waiting piece, so a large request cannot starve.
-    if (this.waiting.length > 0 || !this.admits(piece)) {
-      if (this.waiting.length >= this.limits.queuedRequestsMax) {
+    switch (this.requests.admit(piece)) {
+      case 'send':
+        this.send(piece);
+        return;
+      case 'queued':
+        return;
+      case 'full':
         piece.operation.pieceSettled(new PcacheError('EIO', `${this.where}: more than ${this.limits.queuedRequestsMax} requests queued`));
         return;
-      }
-      this.waiting.push(piece);
-      return;
     }
-    this.send(piece);
-  }
-
-  private admits(piece: Piece): boolean {
-    if (this.inFlight.size >= this.limits.inFlightRequestsMax) return false;
-    return this.inFlight.size === 0 || this.inFlightBytes + piece.dataBytes <= this.limits.inFlightBytesMax;
   }
 
   private send(piece: Piece): void {
-    let cookie = this.nextCookie;
-    do {
-      cookie = (cookie + 1) >>> 0;
-    } while (this.inFlight.has(cookie));
-    this.nextCookie = cookie;
-    piece.cookie = cookie;
-    piece.sentAtMs = performance.now();
-    this.inFlight.set(cookie, piece);
-    this.inFlightBytes += piece.dataBytes;
-    this.peakInFlight = Math.max(this.peakInFlight, this.inFlight.size);
+    this.requests.start(piece);
     // Requests issued in one event-loop turn leave in one write.
     if (!this.corked) {
       this.corked = true;
@@ -500,17 +336,15 @@ export class NbdClient {
       process.nextTick(this.uncorkBound);
     }
     this.socket.write(requestHeader({
-      type: piece.command, flags: piece.flags, cookie, offsetBytes: piece.offsetBytes, lengthBytes: piece.lengthBytes,
+      type: piece.command, flags: piece.flags, cookie: piece.cookie, offsetBytes: piece.offsetBytes, lengthBytes: piece.lengthBytes,
     }));
     if (piece.payload !== undefined) this.socket.write(piece.payload);
   }
 
   private pump(): void {
-    while (this.state === 'open' && this.waiting.length > 0) {
-      const next = this.waiting[0];
-      assert(next !== undefined, 'waiting queue is not empty');
-      if (!this.admits(next)) return;
-      this.waiting.shift();
+    while (this.state === 'open') {
+      const next = this.requests.nextAdmitted();
+      if (next === undefined) return;
       this.send(next);
     }
   }
@@ -540,7 +374,7 @@ export class NbdClient {
   }
 
   private handle(event: ReplyEvent): void {
-    const piece = this.inFlight.get(event.cookie);
+    const piece = this.requests.get(event.cookie);
     assert(piece !== undefined, 'the decoder only reports cookies in flight');
     switch (event.kind) {
       case 'simple':
@@ -549,7 +383,7 @@ export class NbdClient {
       case 'none':
         return this.finish(piece);
       case 'data':
-        this.cover(piece, event.offsetBytes, event.lengthBytes);
+        piece.cover(event.offsetBytes, event.lengthBytes);
         if (event.done) this.finish(piece);
         return;
       case 'error':
@@ -559,40 +393,17 @@ export class NbdClient {
     }
   }
 
-  /** Records that a structured READ chunk filled a range; overlapping chunks are a violation. */
-  private cover(piece: Piece, offsetBytes: number, lengthBytes: number): void {
-    const start = offsetBytes - piece.offsetBytes;
-    const end = start + lengthBytes;
-    if (start === 0 && lengthBytes === piece.lengthBytes && piece.coveredBytes === 0) {
-      piece.coveredBytes = lengthBytes;
-      piece.fragments = [0, lengthBytes];
-      return;
-    }
-    const fragments = (piece.fragments ??= []);
-    for (let i = 0; i < fragments.length; i += 2) {
-      if (start < (fragments[i + 1] ?? 0) && (fragments[i] ?? 0) < end) {
-        throw new PcacheError('EIO', `NBD protocol violation by the server: overlapping READ chunks at ${offsetBytes}`);
-      }
-    }
-    if (fragments.length >= 2 * readFragmentsMax) {
-      throw new PcacheError('EIO', `NBD protocol violation by the server: a READ in more than ${readFragmentsMax} chunks`);
-    }
-    fragments.push(start, end);
-    piece.coveredBytes += lengthBytes;
-  }
-
   private finish(piece: Piece): void {
     const succeeded = piece.error === undefined;
     if (succeeded && piece.command === Command.read && this.info.structuredReplies && piece.coveredBytes !== piece.lengthBytes) {
       throw new PcacheError('EIO',
         `NBD protocol violation by the server: a successful READ covered ${piece.coveredBytes} of ${piece.lengthBytes} bytes`);
     }
-    this.inFlight.delete(piece.cookie);
-    this.inFlightBytes -= piece.dataBytes;
+    this.requests.finish(piece);
     if (piece.error === undefined && piece.isWrite) this.writesCompletedCount += 1;
     piece.fragments = undefined;
     piece.operation.pieceSettled(piece.error);
-    if (this.inFlight.size === 0) this.wakeIdle();
+    if (this.requests.inFlightCount === 0) this.wakeIdle();
   }
 
   private serverError(piece: Piece, errno: number, message: string): PcacheError {
@@ -606,9 +417,9 @@ export class NbdClient {
   }
 
   private checkTimeouts(): void {
-    const oldest = this.inFlight.values().next();
-    if (oldest.done === true) return;
-    const waitedMs = performance.now() - oldest.value.sentAtMs;
+    const oldest = this.requests.oldest();
+    if (oldest === undefined) return;
+    const waitedMs = performance.now() - oldest.sentAtMs;
     if (waitedMs >= this.limits.requestTimeoutMs) {
       this.destroy(new PcacheError('ENODEV', `${this.where}: no reply for ${Math.round(waitedMs)} ms; the connection is presumed dead`));
     }
@@ -641,13 +452,11 @@ export class NbdClient {
   }
 
   private failWaiting(error: PcacheError): void {
-    const waiting = this.waiting;
-    this.waiting = [];
-    for (const piece of waiting) piece.operation.pieceSettled(error);
+    for (const piece of this.requests.takeWaiting()) piece.operation.pieceSettled(error);
   }
 
   private whenIdle(timeoutMs: number): Promise<void> {
-    if (this.inFlight.size === 0) return Promise.resolve();
+    if (this.requests.inFlightCount === 0) return Promise.resolve();
     return new Promise((resolve) => {
       const timer = setTimeout(resolve, timeoutMs);
       timer.unref();
@@ -662,19 +471,5 @@ export class NbdClient {
     const waiters = this.idleWaiters;
     this.idleWaiters = [];
     for (const wake of waiters) wake();
-  }
-}
-
-function checkLimits(limits: NbdClientLimits): void {
-  const positive: (keyof NbdClientLimits)[] = [
-    'connectTimeoutMs', 'inFlightRequestsMax', 'inFlightBytesMax', 'queuedRequestsMax', 'closeTimeoutMs',
-  ];
-  for (const key of positive) {
-    if (!Number.isSafeInteger(limits[key]) || limits[key] <= 0) {
-      throw new PcacheError('EINVAL', `NBD client limit ${key} must be a positive integer`);
-    }
-  }
-  if (!Number.isSafeInteger(limits.requestTimeoutMs) || limits.requestTimeoutMs < 0) {
-    throw new PcacheError('EINVAL', 'NBD client limit requestTimeoutMs must be 0 (none) or a positive integer');
   }
 }

@@ -24,11 +24,13 @@
 // - close() stops reconnecting and disconnects every connection cleanly (NBD_CMD_DISC).
 
 import { createHash } from 'node:crypto';
-import { assert } from '../lib/assert.js';
-import { PcacheError } from '../lib/errors.js';
-import { realTimers, type TimerHandle, type Timers } from '../lib/timers.js';
-import { MiB, sectorSizeBytes } from '../lib/units.js';
-import { NbdClient, type NbdClientLimits } from './client.js';
+import { assert } from '../../lib/assert.js';
+import { PcacheError } from '../../lib/errors.js';
+import { realTimers, type TimerHandle, type Timers } from '../../lib/timers.js';
+import { MiB, sectorSizeBytes } from '../../lib/units.js';
+import type { WriteOptions } from '../protocol/command_types.js';
+import { NbdClient } from './client.js';
+import type { NbdClientLimits } from './connect.js';
 import { formatNbdUri, nbdLocation, parseNbdUri, type NbdUri } from './uri.js';
 
 /** Connections per device when not told otherwise (as nbdcopy and nbdublk with multi-conn). */
@@ -197,7 +199,7 @@ export class NbdRemoteDevice {
   }
 
   /** Writes `source`; with `fua` it is durable when this resolves. */
-  async write(source: Uint8Array, offsetBytes: number, options: { fua?: boolean } = {}): Promise<void> {
+  async write(source: Uint8Array, offsetBytes: number, options: Partial<WriteOptions> = {}): Promise<void> {
     this.checkRange(offsetBytes, source.length);
     this.checkWritable('write');
     await this.pick().write(source, offsetBytes, { fua: options.fua === true });

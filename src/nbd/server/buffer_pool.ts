@@ -25,8 +25,8 @@
 //   other lengths (the workload has moved on), then is dropped for the GC if it still does
 //   not fit.
 
-import { assert } from '../lib/assert.js';
-import { MiB } from '../lib/units.js';
+import { assert } from '../../lib/assert.js';
+import { MiB } from '../../lib/units.js';
 
 /** Free bytes the pool may keep (on top of the buffers in use, which backpressure bounds). */
 export const bufferPoolBytesMax = 64 * MiB;

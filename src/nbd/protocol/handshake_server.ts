@@ -1,9 +1,11 @@
-// The fixed-newstyle handshake as a pure state machine: bytes in, reply bytes and a verdict out.
+// The server side of the fixed-newstyle handshake as a pure state machine: bytes in, reply
+// bytes and a verdict out. A HandshakeMachine (handshake.ts, shared with the client side).
 //
 // No sockets and no clocks live here (the server owns the handshake time limit), so the same
 // transcript fed in any chunking produces the same replies and the same verdict. The machine
 // walks: client flags (4 bytes) -> option header (16) -> option data (length) -> option header
-// ... until the client enters transmission (GO, EXPORT_NAME), aborts, or breaks a rule.
+// ... until the client enters transmission (GO, EXPORT_NAME), aborts, or breaks a rule. Options
+// are framed messages, read by HandshakeMachine.stepFrame; their replies come from optionReply.
 //
 // Invariants:
 // - An option's data is buffered only after its length passed the cap (optionLengthMaxBytes),
@@ -16,9 +18,9 @@
 // - Once the verdict is "transmission" the machine stops reading: bytes after GO stay in
 //   `input` for the transmission decoder. After "closed" it never produces output again.
 
-import { assert } from '../lib/assert.js';
-import { writeU64BE } from '../lib/units.js';
-import { ByteQueue, readU16BE, readU32BE, readU64BEBig, writeU16BE, writeU32BE, writeU64BEBig } from './bytes.js';
+import { assert } from '../../lib/assert.js';
+import { writeU64BE } from '../../lib/units.js';
+import { readU16BE, readU32BE, readU64BEBig, writeU16BE, writeU32BE, writeU64BEBig } from './bytes.js';
 import {
   baseAllocationContextName,
   baseNamespacePrefix,
@@ -39,11 +41,10 @@ import {
   optionHeaderBytes,
   optionMagic,
   OptionReply,
-  optionReplyHeaderBytes,
-  optionReplyMagic,
   stringMaxBytes,
   TransmissionFlag,
-} from './protocol.js';
+} from './constants.js';
+import { exportNameBytes, HandshakeMachine, optionReply, type TransmissionTerms } from './handshake.js';
 
 /** The id under which base:allocation is selected (any u32 works; 0 is avoided for clarity). */
 export const baseAllocationContextId = 1;
@@ -66,10 +67,7 @@ export interface HandshakeConfig {
 }
 
 /** What the client and server agreed on, handed to the transmission phase. */
-export interface Negotiated {
-  readonly sizeBytes: number;
-  readonly transmissionFlags: number;
-  readonly structuredReplies: boolean;
+export interface Negotiated extends TransmissionTerms {
   /** The context id for BLOCK_STATUS when the client selected base:allocation, else undefined. */
   readonly baseAllocationContextId: number | undefined;
 }
@@ -80,32 +78,29 @@ export type HandshakeVerdict =
   /** `violation`: the client broke a rule (as opposed to aborting or naming an unknown export). */
   | { readonly kind: 'closed'; readonly reason: string; readonly violation: boolean };
 
-type Stage = 'clientFlags' | 'optionHeader' | 'optionData';
+type Stage = 'clientFlags' | 'options';
 
 const negotiating: HandshakeVerdict = { kind: 'negotiating' };
 const textEncoder = new TextEncoder();
 
-export class Handshake {
-  /** Received bytes not consumed yet; after GO they belong to the transmission phase. */
-  readonly input = new ByteQueue();
+export class Handshake extends HandshakeMachine<HandshakeVerdict> {
   private readonly config: HandshakeConfig;
   private readonly exportNameBytes: Uint8Array;
   private readonly descriptionBytes: Uint8Array | undefined;
-  private verdict: HandshakeVerdict = negotiating;
   private stage: Stage = 'clientFlags';
   private clientNoZeroes = false;
   private structuredReplies = false;
   private baseAllocationSelected = false;
   private optionCount = 0;
   private pendingOption = 0;
-  private pendingLengthBytes = 0;
 
   constructor(config: HandshakeConfig) {
+    // After GO the bytes belong to the transmission phase; after a close they are dropped.
+    super(negotiating, 'closed');
     assert(config.optionLengthMaxBytes >= stringMaxBytes + 6, 'option cap must fit a maximal INFO/GO');
     assert(config.optionsMax >= 1, 'at least one option must be allowed');
     this.config = config;
-    this.exportNameBytes = textEncoder.encode(config.exportName);
-    assert(this.exportNameBytes.length <= stringMaxBytes, 'export name longer than the protocol allows');
+    this.exportNameBytes = exportNameBytes(config.exportName);
     this.descriptionBytes = config.description === undefined ? undefined : textEncoder.encode(config.description);
     assert((this.descriptionBytes?.length ?? 0) <= stringMaxBytes, 'description longer than the protocol allows');
   }
@@ -119,30 +114,7 @@ export class Handshake {
     return bytes;
   }
 
-  get status(): HandshakeVerdict {
-    return this.verdict;
-  }
-
-  /**
-   * Consumes as much of the received stream as possible, appending every reply to `out`, and
-   * returns the verdict. While negotiating, an incomplete message simply waits for more bytes;
-   * once in transmission, bytes are only queued in `input`; once closed, they are dropped.
-   */
-  push(chunk: Uint8Array, out: Uint8Array[]): HandshakeVerdict {
-    // After GO the bytes belong to the transmission phase; after a close they are dropped.
-    if (this.verdict.kind === 'closed') return this.verdict;
-    this.input.push(chunk);
-    while (this.step(out)) {
-      // Each step consumes one complete message.
-    }
-    return this.verdict;
-  }
-
-  /**
-   * Handles one complete message if enough bytes are queued. False when more are needed or
-   * when negotiation is over (the rest of the input then belongs to the transmission phase).
-   */
-  private step(out: Uint8Array[]): boolean {
+  protected step(out: Uint8Array[]): boolean {
     if (this.verdict.kind !== 'negotiating') return false;
     switch (this.stage) {
       case 'clientFlags': {
@@ -150,18 +122,8 @@ export class Handshake {
         this.receiveClientFlags(readU32BE(this.input.take(clientFlagsBytes), 0));
         return true;
       }
-      case 'optionHeader': {
-        if (this.input.length < optionHeaderBytes) return false;
-        this.receiveOptionHeader(this.input.take(optionHeaderBytes));
-        return true;
-      }
-      case 'optionData': {
-        if (this.input.length < this.pendingLengthBytes) return false;
-        const data = this.input.take(this.pendingLengthBytes);
-        this.stage = 'optionHeader';
-        this.receiveOption(this.pendingOption, data, out);
-        return true;
-      }
+      case 'options':
+        return this.stepFrame(optionHeaderBytes, out);
     }
   }
 
@@ -173,10 +135,11 @@ export class Handshake {
     const noZeroes = (flags & ClientFlag.noZeroes) !== 0;
     if (noZeroes && !this.config.offerNoZeroes) return this.close('client set NO_ZEROES, which was not advertised');
     this.clientNoZeroes = noZeroes;
-    this.stage = 'optionHeader';
+    this.stage = 'options';
   }
 
-  private receiveOptionHeader(header: Uint8Array): void {
+  /** An option header: returns the length of the option's data. */
+  protected receiveFrameHeader(header: Uint8Array): number | undefined {
     if (readU64BEBig(header, 0) !== optionMagic) return this.close('bad option magic');
     this.optionCount += 1;
     if (this.optionCount > this.config.optionsMax) return this.close(`more than ${this.config.optionsMax} options`);
@@ -186,8 +149,11 @@ export class Handshake {
       return this.close(`option length ${lengthBytes} exceeds ${this.config.optionLengthMaxBytes}`);
     }
     this.pendingOption = readU32BE(header, 8);
-    this.pendingLengthBytes = lengthBytes;
-    this.stage = 'optionData';
+    return lengthBytes;
+  }
+
+  protected receiveFrame(data: Uint8Array, out: Uint8Array[]): void {
+    this.receiveOption(this.pendingOption, data, out);
   }
 
   private receiveOption(option: number, data: Uint8Array, out: Uint8Array[]): void {
@@ -364,9 +330,11 @@ export class Handshake {
     out.push(optionError(option, type, message));
   }
 
-  private close(reason: string, violation = true): void {
+  /** Ends negotiation with a close; undefined so that receiveFrameHeader can return it. */
+  private close(reason: string, violation = true): undefined {
     this.verdict = { kind: 'closed', reason, violation };
     this.input.clear();
+    return undefined;
   }
 }
 
@@ -404,17 +372,6 @@ function infoString(type: number, text: Uint8Array): Uint8Array {
   writeU16BE(payload, 0, type);
   payload.set(text, 2);
   return payload;
-}
-
-/** One fixed-newstyle option reply: magic, option, type, length, data. */
-export function optionReply(option: number, type: number, payload: Uint8Array = new Uint8Array(0)): Uint8Array {
-  const bytes = new Uint8Array(optionReplyHeaderBytes + payload.length);
-  writeU64BEBig(bytes, 0, optionReplyMagic);
-  writeU32BE(bytes, 8, option);
-  writeU32BE(bytes, 12, type);
-  writeU32BE(bytes, 16, payload.length);
-  bytes.set(payload, optionReplyHeaderBytes);
-  return bytes;
 }
 
 /** An error reply carrying a message for humans (the spec allows one on every error type). */

@@ -12,7 +12,7 @@
 //   they ask `take` or `takeInto` for that many bytes. `take` asserts its bound.
 // - 64-bit wire fields become numbers only through readU64BE (src/lib/units.ts), never here.
 
-import { assert } from '../lib/assert.js';
+import { assert } from '../../lib/assert.js';
 
 /** Largest single `take`: one option's data (the handshake caps it far below this). */
 const takeMaxBytes = 1024 * 1024;

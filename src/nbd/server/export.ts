@@ -6,25 +6,11 @@
 // synchronously (return undefined) or return a promise; the server treats both alike and
 // avoids a promise round trip for synchronous completions. Failures are PcacheErrors; the
 // server maps their codes to NBD error numbers in one place. The pcache engine implements
-// this interface structurally; a plain BlockDevice can be served through DeviceExport.
+// this interface structurally; a plain BlockDevice can be served through DeviceExport. The
+// option and extent types its methods name live in protocol/command_types.ts, beside the codec
+// that encodes them.
 
-export interface WriteOptions {
-  /** Force unit access: the reply must wait until this write is durable. */
-  readonly fua: boolean;
-}
-
-export interface ZeroOptions extends WriteOptions {
-  /** NBD_CMD_FLAG_FAST_ZERO: fail with ENOTSUP unless zeroing is faster than writing. */
-  readonly fastZero: boolean;
-}
-
-export interface BlockStatusExtent {
-  readonly lengthBytes: number;
-  /** The range reads as zeroes (NBD_STATE_ZERO). */
-  readonly zero: boolean;
-  /** The range is not allocated (NBD_STATE_HOLE). */
-  readonly hole: boolean;
-}
+import type { BlockStatusExtent, WriteOptions, ZeroOptions } from '../protocol/command_types.js';
 
 type MaybePromise<T> = T | Promise<T>;
 

@@ -11,9 +11,9 @@
 //   of 0, requests the Export served with the time from dispatch to the reply being queued.
 //   NBD_CMD_DISC gets no reply and is not reported.
 // - The NBD layer knows nothing about what observes it; `command` is the wire value
-//   (protocol.ts Command), which nbdCommandIndex maps onto a small dense index.
+//   (protocol/constants.ts Command), which nbdCommandIndex maps onto a small dense index.
 
-import { Command } from './protocol.js';
+import { Command } from '../protocol/constants.js';
 
 export interface NbdRequestObserver {
   /**

@@ -1,5 +1,5 @@
-// The transmission phase as a pure codec: request decoding with boundary validation, reply
-// encoding, and the one mapping from PcacheError codes to NBD error numbers.
+// The server's side of the transmission phase as a pure codec: request decoding with boundary
+// validation, and reply encoding. The error numbers its replies carry come from errno.ts.
 //
 // RequestDecoder pulls 28-byte request headers from a ByteQueue fed in arbitrary chunks and
 // classifies each request (validateRequest) the moment its header is complete, before any
@@ -15,11 +15,11 @@
 //   and fail the range check.
 // - Reply encoders write exactly the layout of proto.md; cookies are echoed byte for byte.
 
-import { assert, unreachable } from '../lib/assert.js';
-import { PcacheError, type PcacheErrorCode } from '../lib/errors.js';
-import { readU64BE, writeU64BE } from '../lib/units.js';
+import { assert } from '../../lib/assert.js';
+import { PcacheError } from '../../lib/errors.js';
+import { readU64BE, writeU64BE } from '../../lib/units.js';
 import { type ByteQueue, readU16BE, readU32BE, writeU16BE, writeU32BE } from './bytes.js';
-import type { BlockStatusExtent } from './export.js';
+import type { BlockStatusExtent } from './command_types.js';
 import {
   blockDescriptorBytes,
   blockSizeMinimumBytes,
@@ -39,7 +39,7 @@ import {
   StateFlag,
   structuredReplyHeaderBytes,
   structuredReplyMagic,
-} from './protocol.js';
+} from './constants.js';
 
 /** Most descriptors sent in one BLOCK_STATUS reply; clients ask again for the rest. */
 export const blockStatusDescriptorsMax = 2048;
@@ -86,7 +86,7 @@ export class NbdRequest {
   payload: Uint8Array | undefined = undefined;
   /** Set when the request was refused at the boundary. */
   problem: RequestProblem | undefined = undefined;
-  /** Monotonic time of dispatch, in ms; set only when the server has an observer (observer.ts). */
+  /** Monotonic time of dispatch, in ms; set only when the server has an observer (server/observer.ts). */
   dispatchedMs = 0;
 
   constructor(
@@ -367,35 +367,6 @@ export function blockStatusChunk(request: NbdRequest, contextId: number, extents
     writeU32BE(bytes, at + 4, states[i] ?? 0);
   }
   return bytes;
-}
-
-/**
- * The one place where operating errors become NBD error numbers. Codes without an NBD
- * counterpart (a vanished device, a timeout, corrupt or foreign metadata) are I/O errors to
- * the client; the message stays in the ERROR chunk when structured replies are on.
- */
-export function nbdErrnoOf(code: PcacheErrorCode): number {
-  switch (code) {
-    case 'EIO':
-      return NbdErrno.eio;
-    case 'ENOSPC':
-      return NbdErrno.enospc;
-    case 'EINVAL':
-      return NbdErrno.einval;
-    case 'EPERM':
-      return NbdErrno.eperm;
-    case 'ENOTSUP':
-      return NbdErrno.enotsup;
-    case 'ESHUTDOWN':
-      return NbdErrno.eshutdown;
-    case 'ENODEV':
-    case 'ETIMEDOUT':
-    case 'CORRUPT':
-    case 'FOREIGN':
-      return NbdErrno.eio;
-    default:
-      return unreachable(code);
-  }
 }
 
 /** Encodes `text` as printable ASCII (other characters become '?'), cut to `maxBytes`. */

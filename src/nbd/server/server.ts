@@ -1,10 +1,11 @@
 // NbdServer: listens on a Unix socket or TCP and serves one Export to many connections.
 //
 // The server owns the listener, the set of live connections, the limits every connection
-// runs under, and shutdown. Everything protocol-shaped lives in handshake.ts (negotiation),
-// transmission.ts (requests, replies, validation, error mapping) and connection.ts (one
-// client). All connections share the one Export, which is why CAN_MULTI_CONN is advertised:
-// a FLUSH on any connection covers writes completed on every connection.
+// runs under, and shutdown. Everything protocol-shaped lives in ../protocol/:
+// handshake_server.ts (negotiation) and transmission_server.ts (requests, replies, validation,
+// error mapping); connection.ts serves one client. All connections share the one Export, which
+// is why CAN_MULTI_CONN is advertised: a FLUSH on any connection covers writes completed on
+// every connection.
 //
 // Invariants:
 // - Export name and description fit the protocol's 4096-byte string limit, and the export
@@ -17,16 +18,16 @@
 
 import fs from 'node:fs';
 import net from 'node:net';
-import { assert } from '../lib/assert.js';
-import { PcacheError } from '../lib/errors.js';
-import { KiB, MiB } from '../lib/units.js';
+import { assert } from '../../lib/assert.js';
+import { PcacheError } from '../../lib/errors.js';
+import { KiB, MiB } from '../../lib/units.js';
+import { blockSizeMinimumBytes, maxPayloadBytes, stringMaxBytes } from '../protocol/constants.js';
+import type { HandshakeConfig } from '../protocol/handshake_server.js';
 import { BufferPool } from './buffer_pool.js';
 import { BusyPoll, busyPollWindowDefaultUs, busyPollWindowMaxUs, type BusyPollCounters } from './busy_poll.js';
 import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
 import type { Export } from './export.js';
-import type { HandshakeConfig } from './handshake.js';
 import type { NbdRequestObserver } from './observer.js';
-import { blockSizeMinimumBytes, maxPayloadBytes, stringMaxBytes } from './protocol.js';
 
 export interface NbdLimits extends ConnectionLimits {
   /** Largest option data accepted during the handshake; a longer option disconnects. */
