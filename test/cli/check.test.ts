@@ -8,8 +8,8 @@ import path from 'node:path';
 import { Cache } from '../../src/cache/cache.js';
 import { FileDevice } from '../../src/device/file_device.js';
 import { segmentInfoOffsetsBytes, segmentOffsetBytes } from '../../src/ondisk/layout.js';
-import { patternBytes } from '../nbd/harness.js';
-import { MiB, runCli, tempDir } from './cli_harness.js';
+import { patternBytes } from '../helpers/nbd_server.js';
+import { MiB, runCli, tempDir } from '../helpers/pcache.js';
 
 interface CheckJson {
   ok: boolean;

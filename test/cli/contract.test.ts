@@ -6,7 +6,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { assertOneLineError, MiB, runCli, tempDir } from './cli_harness.js';
+import { assertOneLineError, MiB, runCli, tempDir } from '../helpers/pcache.js';
 
 const packageVersion = (JSON.parse(fs.readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 

@@ -9,8 +9,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { patternBytes, requireTool, runTool } from '../nbd/harness.js';
-import { assertOneLineError, errorOf, httpExchange, httpRequest, MiB, runCli, sleep, startServe, tempDir, uriFor, waitUntil, type ServeProcess } from './cli_harness.js';
+import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
+import { assertOneLineError, errorOf, httpExchange, httpRequest, MiB, runCli, sleep, startServe, tempDir, uriFor, waitUntil, type ServeProcess } from '../helpers/pcache.js';
 
 const nineFields = ['sbFlags', 'segTotal', 'cacheSegs', 'segsUsed', 'gcPercent', 'cacheFlags', 'keyHead', 'dirtyTail', 'keyTail'];
 const nineNames = ['sb_flags', 'seg_total', 'cache_segs', 'segs_used', 'gc_percent', 'cache_flags', 'key_head', 'dirty_tail', 'key_tail'];

@@ -8,8 +8,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Cache } from '../../src/cache/cache.js';
 import { FileDevice } from '../../src/device/file_device.js';
-import { patternBytes } from '../nbd/harness.js';
-import { assertOneLineError, MiB, runCli, tempDir } from './cli_harness.js';
+import { patternBytes } from '../helpers/nbd_server.js';
+import { assertOneLineError, MiB, runCli, tempDir } from '../helpers/pcache.js';
 
 interface Files {
   readonly dir: string;

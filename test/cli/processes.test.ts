@@ -13,7 +13,7 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { assertQuietLogs, cliEnv, runCli, startServe, tempDir, waitUntil, type Launcher } from './cli_harness.js';
+import { assertQuietLogs, cliEnv, runCli, startServe, tempDir, waitUntil, type Launcher } from '../helpers/pcache.js';
 
 interface Started {
   readonly args: string[];

@@ -7,8 +7,8 @@ import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { patternBytes, requireTool, runTool } from '../nbd/harness.js';
-import { assertQuietLogs, logLines, MiB, runCli, startServe, tempDir, uriFor } from './cli_harness.js';
+import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
+import { assertQuietLogs, logLines, MiB, runCli, startServe, tempDir, uriFor } from '../helpers/pcache.js';
 
 interface Paths {
   readonly dir: string;

@@ -11,8 +11,8 @@ import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { patternBytes, requireTool, runTool } from '../nbd/harness.js';
-import { MiB, runCli, startServe, tempDir, uriFor, type ServeProcess } from './cli_harness.js';
+import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
+import { MiB, runCli, startServe, tempDir, uriFor, type ServeProcess } from '../helpers/pcache.js';
 
 const backingBytes = 64 * MiB;
 

@@ -7,8 +7,8 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { patternBytes, requireTool, runTool } from '../nbd/harness.js';
-import { assertOneLineError, GiB, MiB, runCli, startServe, tempDir, uriFor } from './cli_harness.js';
+import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
+import { assertOneLineError, GiB, MiB, runCli, startServe, tempDir, uriFor } from '../helpers/pcache.js';
 
 describe('pcache serve with no arguments', () => {
   it('creates ./pcache-data with a 1 GiB cache and an 8 GiB disk, prints how to connect, and serves them', async (t) => {
