@@ -8,8 +8,8 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { requireTool } from '../helpers/nbd_server.js';
 import { cliEnv } from '../helpers/pcache.js';
+import { requireTool } from '../helpers/tools.js';
 
 const benchPath = fileURLToPath(new URL('../../bench/nbd_fio_bench.js', import.meta.url));
 const remoteBenchPath = fileURLToPath(new URL('../../bench/remote_backing_bench.js', import.meta.url));

@@ -14,8 +14,9 @@ import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, eagerWriteback } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
+import { MiB } from '../../src/lib/units.js';
 import { Prng } from '../../sim/prng.js';
-import { MiB, cacheBytesFor, pattern } from '../helpers/cache_fixture.js';
+import { cacheBytesFor, pattern } from '../helpers/cache_fixture.js';
 
 const S = 512;
 const segments = 12;

@@ -6,7 +6,8 @@ import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache } from '../../src/cache/cache.js';
 import { keyFlagClean, keyFlagEmpty } from '../../src/ondisk/kset.js';
 import { ManualTimers } from '../../src/lib/timers.js';
-import { GatedDevice, MiB, cacheBytesFor, openRig, pattern, readBytes, settle } from '../helpers/cache_fixture.js';
+import { MiB } from '../../src/lib/units.js';
+import { cacheBytesFor, GatedDevice, openRig, pattern, readBytes, settle } from '../helpers/cache_fixture.js';
 
 const S = 512;
 const backingTag = 0xb0;

@@ -9,10 +9,10 @@ import { Cache } from '../../src/cache/cache.js';
 import { checkCacheDevice } from '../../src/cache/cache_check.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { crc32c } from '../../src/lib/crc32c.js';
-import { writeU32LE } from '../../src/lib/units.js';
+import { MiB, writeU32LE } from '../../src/lib/units.js';
 import { encodeLastKset, ksetCrcSeed } from '../../src/ondisk/kset.js';
 import { segmentDataOffsetBytes, segmentsOffsetBytes, superblockOffsetBytes } from '../../src/ondisk/layout.js';
-import { MiB, cacheBytesFor, flipBits, openRig, pattern, readBytes } from '../helpers/cache_fixture.js';
+import { cacheBytesFor, flipBits, openRig, pattern, readBytes } from '../helpers/cache_fixture.js';
 import { goldenBackingBytes, goldenCacheBytes, goldenExpected, goldenImagePath } from '../fixtures/golden_image.js';
 
 const S = 512;

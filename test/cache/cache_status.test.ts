@@ -2,7 +2,8 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { dmStatusLine } from '../../src/cache/cache.js';
-import { MiB, openRig, pattern, readBytes } from '../helpers/cache_fixture.js';
+import { MiB } from '../../src/lib/units.js';
+import { openRig, pattern, readBytes } from '../helpers/cache_fixture.js';
 
 describe('status', () => {
   it("reports dm-pcache's nine fields in dm-pcache's order and format", async () => {

@@ -4,10 +4,11 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { KeyIndex, Subtree, newIndexKey, type IndexKey } from '../../src/cache/cache_tree.js';
 import { keyFlagEmpty, keyFlagZero } from '../../src/ondisk/kset.js';
+import { MiB } from '../../src/lib/units.js';
 import { Prng } from '../../sim/prng.js';
 
 const S = 512;
-const subtreeBytes = 4 * 1024 * 1024;
+const subtreeBytes = 4 * MiB;
 
 function key(startSectors: number, lengthSectors: number, segment: number, flags = 0): IndexKey {
   const k = newIndexKey();

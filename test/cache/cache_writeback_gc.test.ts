@@ -7,7 +7,8 @@ import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, eagerWriteback } from '../../src/cache/cache.js';
 import { dirtyTailOffsetsBytes, keyTailOffsetsBytes } from '../../src/ondisk/layout.js';
 import { ManualTimers } from '../../src/lib/timers.js';
-import { MiB, RecordingDevice, cacheBytesFor, openRig, pattern, readBytes, settle, type DeviceEvent } from '../helpers/cache_fixture.js';
+import { MiB } from '../../src/lib/units.js';
+import { cacheBytesFor, type DeviceEvent, openRig, pattern, readBytes, RecordingDevice, settle } from '../helpers/cache_fixture.js';
 
 const S = 512;
 

@@ -6,7 +6,8 @@ import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, type CacheTuning } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
-import { MiB, cacheBytesFor, pattern, settle } from '../helpers/cache_fixture.js';
+import { MiB } from '../../src/lib/units.js';
+import { cacheBytesFor, pattern, settle } from '../helpers/cache_fixture.js';
 
 const segments = 10;
 const capacityBytes = segments * (MiB - 12 * 1024);

@@ -8,31 +8,22 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import path from 'node:path';
 import { Cache } from '../../src/cache/cache.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
-import { NbdRemoteDevice } from '../../src/nbd/client/remote_device.js';
+import { KiB, MiB } from '../../src/lib/units.js';
 import { cacheBytesFor, pattern, readBytes } from '../helpers/cache_fixture.js';
-import { waitUntil } from '../helpers/nbd_server.js';
-import { Nbdkit } from '../helpers/nbdkit.js';
-
-const KiB = 1024;
-const MiB = 1024 * KiB;
+import { openRemoteDevice } from '../helpers/nbd_client.js';
+import { fileSpec, Nbdkit } from '../helpers/nbdkit.js';
+import { waitUntil } from '../helpers/wait.js';
 const backingBytes = 32 * MiB;
 
 describe('the engine over an NbdRemoteDevice', () => {
   it('writes back to nbdkit, rides out nbdkit being killed, and catches up when it returns', async (t) => {
-    const server = await Nbdkit.start(t, (dir) => {
-      const image = path.join(dir, 'disk.img');
-      fs.writeFileSync(image, Buffer.alloc(0));
-      fs.truncateSync(image, backingBytes);
-      return { plugin: 'file', args: [`file=${image}`] };
-    });
+    const server = await Nbdkit.start(t, fileSpec(backingBytes));
     const image = server.file('disk.img');
     const fileAt = (offsetBytes: number, lengthBytes: number): Buffer => fs.readFileSync(image).subarray(offsetBytes, offsetBytes + lengthBytes);
     const reconnect = { delayMinMs: 50, delayMaxMs: 200 };
-    const remote = await NbdRemoteDevice.open(server.uri, { reconnect });
-    t.after(() => remote.close());
+    const remote = await openRemoteDevice(t, server.uri, { reconnect });
     const cacheDevice = new MemoryDevice(cacheBytesFor(16));
     const cache = await Cache.open({ cacheDevice, backingDevice: remote, formatIfBlank: { segmentSizeBytes: MiB } });
 
@@ -77,8 +68,7 @@ describe('the engine over an NbdRemoteDevice', () => {
     await cache.close();
 
     // The identity recorded at format matches a new connection to the same export.
-    const again = await NbdRemoteDevice.open(server.uri, { connections: 2 });
-    t.after(() => again.close());
+    const again = await openRemoteDevice(t, server.uri, { connections: 2 });
     assert.equal(again.identity, remote.identity);
     const reopened = await Cache.open({ cacheDevice, backingDevice: again });
     assert.deepEqual(await readBytes(reopened, 4 * MiB, 128 * KiB), pattern(3, 4 * MiB, 128 * KiB));

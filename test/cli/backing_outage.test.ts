@@ -17,28 +17,20 @@ import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, it } from 'node:test';
-import { requireTool, runTool } from '../helpers/nbd_server.js';
+import { KiB, MiB } from '../../src/lib/units.js';
+import { assertFilesEqual, scratchDir } from '../helpers/files.js';
 import { Nbdkit } from '../helpers/nbdkit.js';
-import { logLines, MiB, runCli, sleep, startServe, uriFor, waitUntil } from '../helpers/pcache.js';
-import { assertFilesEqual, Child, requireFioNbd, scratchDir, serverStatus, type ServerStatus } from '../helpers/files.js';
+import { Child, controlStatus, logLines, runCli, type ServerStatus, startServe } from '../helpers/pcache.js';
+import { type FioJobReport, nbdcopy, qemuIo, requireFioNbd, requireTool, uriFor } from '../helpers/tools.js';
+import { sleep, waitUntil } from '../helpers/wait.js';
 
-const KiB4 = 4096;
 const warn = 40;
-
-/** qemu-io on the export: each `command` is one -c; fails the test if qemu-io reports a problem. */
-async function qemuIo(socket: string, commands: readonly string[]): Promise<string> {
-  const result = await runTool('qemu-io', ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), uriFor(socket)]);
-  const output = result.stdout + result.stderr;
-  assert.equal(result.code, 0, `qemu-io ${commands.join('; ')}: ${output}`);
-  assert.doesNotMatch(output, /fail|error|mismatch/i, `qemu-io ${commands.join('; ')}`);
-  return output;
-}
 
 /** Polls the server's status until `condition` holds; fails naming `what` (and the last status). */
 async function statusUntil(control: string, condition: (status: ServerStatus) => boolean, what: string, timeoutMs = 15_000): Promise<ServerStatus> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const status = await serverStatus(control);
+    const status = await controlStatus(control);
     if (condition(status)) return status;
     if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}; last status: ${JSON.stringify({ backingRemote: status.backingRemote, state: status.cache.state, dirtyBytes: status.cache.dirtyBytes })}`);
     await sleep(50);
@@ -50,7 +42,7 @@ function hasLogLine(stderr: string, msg: string, level?: number): boolean {
 }
 
 interface FioReport {
-  jobs: { jobname: string; error: number; write: { io_bytes: number }; read: { io_bytes: number } }[];
+  jobs: FioJobReport[];
 }
 
 describe('backing server outage', () => {
@@ -78,7 +70,7 @@ describe('backing server outage', () => {
 
     // A region written before the outage, read back (cache hits) while the backing is away.
     const hitRegion = { offset: 96 * MiB, length: 8 * MiB, byte: 0x5c };
-    await qemuIo(socket, [`write -P ${hitRegion.byte} ${hitRegion.offset} ${hitRegion.length}`, 'flush']);
+    await qemuIo(uriFor(socket), [`write -P ${hitRegion.byte} ${hitRegion.offset} ${hitRegion.length}`, 'flush']);
     const before = await statusUntil(control, (s) => s.cache.dirtyBytes === 0, 'the first region is written back');
 
     // Four verifying jobs on [0, 64 MiB), each writing its 16 MiB at 1 MiB/s (the outage falls
@@ -113,15 +105,15 @@ describe('backing server outage', () => {
 
     // Hits are served while the backing device is away: the region written before, verified.
     const hitsBefore = offline.cache.counters.readHitRequests;
-    const read = await qemuIo(socket, [`read -P ${hitRegion.byte} ${hitRegion.offset} ${hitRegion.length}`]);
-    assert.match(read, new RegExp(`read ${hitRegion.length}/${hitRegion.length} bytes`));
-    const afterRead = await serverStatus(control);
+    const read = await qemuIo(uriFor(socket), [`read -P ${hitRegion.byte} ${hitRegion.offset} ${hitRegion.length}`]);
+    assert.match(read.stdout + read.stderr, new RegExp(`read ${hitRegion.length}/${hitRegion.length} bytes`));
+    const afterRead = await controlStatus(control);
     assert.ok(afterRead.cache.counters.readHitRequests > hitsBefore, 'the reads were cache hits');
     assert.equal(afterRead.cache.counters.readMissRequests, offline.cache.counters.readMissRequests, 'none of them needed the backing device');
 
     // Stay away for a few seconds: writes go on being absorbed, no error reaches fio.
     await sleep(Math.max(0, killedMs + 4000 - Date.now()));
-    const during = await serverStatus(control);
+    const during = await controlStatus(control);
     const outageMs = Date.now() - killedMs;
     assert.equal(during.cache.state, 'backing-offline');
     assert.ok(during.cache.counters.writeRequests > offline.cache.counters.writeRequests, 'writes kept coming in and were absorbed while offline');
@@ -153,20 +145,19 @@ describe('backing server outage', () => {
     const drained = await runCli(['drain', '--control', control]);
     assert.equal(drained.code, 0, drained.stderr);
     assert.match(drained.stdout, /^drained in [\d.]+ s/);
-    const clean = await serverStatus(control);
+    const clean = await controlStatus(control);
     assert.equal(clean.cache.dirtyBytes, 0);
 
     // Every byte: the export (through pcache) equals the backing file, which holds each fio
     // block (all changed), the region written first, and the rest as it was.
     const exported = path.join(dir, 'export.img');
-    const copy = await runTool('nbdcopy', [uriFor(socket), exported]);
-    assert.equal(copy.code, 0, copy.stderr);
+    await nbdcopy([uriFor(socket), exported]);
     assertFilesEqual(exported, backing, 'the export read through pcache and the backing file');
     const stored = fs.readFileSync(backing);
     const fioEnd = jobs * jobBytes;
     let unchanged = 0;
-    for (let offset = 0; offset < fioEnd; offset += KiB4) {
-      if (stored.subarray(offset, offset + KiB4).equals(initial.subarray(offset, offset + KiB4))) unchanged++;
+    for (let offset = 0; offset < fioEnd; offset += 4 * KiB) {
+      if (stored.subarray(offset, offset + 4 * KiB).equals(initial.subarray(offset, offset + 4 * KiB))) unchanged++;
     }
     assert.equal(unchanged, 0, 'every 4 KiB block fio wrote reached the backing file');
     assert.ok(stored.subarray(hitRegion.offset, hitRegion.offset + hitRegion.length).equals(Buffer.alloc(hitRegion.length, hitRegion.byte)), 'the region written first is in the backing file');
@@ -192,12 +183,12 @@ describe('backing server outage', () => {
       '--cache', path.join(dir, 'cache.img'), '--cache-size', '128M', '--backing', kit.uri, '--socket', socket, '--control', control,
       '--tuning', 'writeback_start_percent=0,writeback_stop_percent=0,writeback_idle_ms=100,backing_offline_after_ms=500,dirty_high_water_percent=10,space_wait_timeout_ms=0',
     ], dir);
-    const highWater = (await serverStatus(control)).cache.dirtyHighWaterBytes;
+    const highWater = (await controlStatus(control)).cache.dirtyHighWaterBytes;
     assert.ok(highWater > 4 * MiB && highWater < 20 * MiB, `10% of a 128 MiB cache: ${highWater} bytes`);
 
     await kit.kill('SIGKILL');
     // A first write is absorbed; writeback then finds the backing device gone.
-    await qemuIo(socket, ['write -P 1 0 1M']);
+    await qemuIo(uriFor(socket), ['write -P 1 0 1M']);
     model.fill(1, 0, MiB);
     await statusUntil(control, (s) => s.cache.state === 'backing-offline', 'status says backing-offline');
 
@@ -220,11 +211,11 @@ describe('backing server outage', () => {
       }
       return s.cache.dirtyBytes >= highWater && Date.now() - stableSinceMs >= 1500;
     }, 'dirty data reaches the high-water mark and stays there');
-    const held = await serverStatus(control);
+    const held = await controlStatus(control);
     assert.ok(held.cache.dirtyBytes <= highWater + MiB, `writes are held at the mark: ${held.cache.dirtyBytes} dirty bytes, high-water ${highWater} (one 1 MiB write may straddle it)`);
     assert.ok(writer.running, `the writer is held, not finished: ${writer.stdout} ${writer.stderr}`);
     await sleep(2000);
-    const stillHeld = await serverStatus(control);
+    const stillHeld = await controlStatus(control);
     assert.equal(stillHeld.cache.dirtyBytes, held.cache.dirtyBytes, 'nothing more was absorbed, nothing was dropped');
     assert.equal(stillHeld.cache.state, 'backing-offline');
     assert.ok(writer.running, 'the writer is still held');
@@ -239,7 +230,7 @@ describe('backing server outage', () => {
 
     const drained = await runCli(['drain', '--control', control]);
     assert.equal(drained.code, 0, drained.stderr);
-    assert.equal((await serverStatus(control)).cache.dirtyBytes, 0);
+    assert.equal((await controlStatus(control)).cache.dirtyBytes, 0);
     assert.ok(fs.readFileSync(backing).equals(model), 'every held write reached the backing file, nothing else changed');
     assert.equal(await server.stop(), 0, 'the server stops cleanly');
   });

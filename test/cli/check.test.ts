@@ -8,8 +8,10 @@ import path from 'node:path';
 import { Cache } from '../../src/cache/cache.js';
 import { FileDevice } from '../../src/device/file_device.js';
 import { segmentInfoOffsetsBytes, segmentOffsetBytes } from '../../src/ondisk/layout.js';
-import { patternBytes } from '../helpers/nbd_server.js';
-import { MiB, runCli, tempDir } from '../helpers/pcache.js';
+import { MiB } from '../../src/lib/units.js';
+import { patternBytes } from '../helpers/bytes.js';
+import { tempDir } from '../helpers/files.js';
+import { runCli } from '../helpers/pcache.js';
 
 interface CheckJson {
   ok: boolean;

@@ -6,7 +6,9 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { assertOneLineError, MiB, runCli, tempDir } from '../helpers/pcache.js';
+import { MiB } from '../../src/lib/units.js';
+import { tempDir } from '../helpers/files.js';
+import { assertOneLineError, runCli } from '../helpers/pcache.js';
 
 const packageVersion = (JSON.parse(fs.readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 

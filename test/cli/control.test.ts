@@ -9,8 +9,13 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
-import { assertOneLineError, errorOf, httpExchange, httpRequest, MiB, runCli, sleep, startServe, tempDir, uriFor, waitUntil, type ServeProcess } from '../helpers/pcache.js';
+import { MiB } from '../../src/lib/units.js';
+import { patternBytes } from '../helpers/bytes.js';
+import { errorOf, httpExchange, httpRequest } from '../helpers/control_http.js';
+import { tempDir } from '../helpers/files.js';
+import { assertOneLineError, pcacheJson, runCli, type ServeProcess, startServe } from '../helpers/pcache.js';
+import { nbdcopy, requireTool, runTool, uriFor } from '../helpers/tools.js';
+import { sleep, waitUntil } from '../helpers/wait.js';
 
 const nineFields = ['sbFlags', 'segTotal', 'cacheSegs', 'segsUsed', 'gcPercent', 'cacheFlags', 'keyHead', 'dirtyTail', 'keyTail'];
 const nineNames = ['sb_flags', 'seg_total', 'cache_segs', 'segs_used', 'gc_percent', 'cache_flags', 'key_head', 'dirty_tail', 'key_tail'];
@@ -38,16 +43,13 @@ async function serveRig(t: TestContext): Promise<Rig> {
 type Json = Record<string, unknown>;
 
 async function statusJson(args: string[]): Promise<Json> {
-  const result = await runCli(['status', ...args, '--json']);
-  assert.equal(result.code, 0, result.stderr);
-  return JSON.parse(result.stdout) as Json;
+  return (await pcacheJson(['status', ...args, '--json'])) as Json;
 }
 
 async function copyIn(rig: Rig, data: Buffer, flush: boolean): Promise<void> {
   const source = path.join(rig.dir, 'source.bin');
   fs.writeFileSync(source, data);
-  const copy = await runTool('nbdcopy', [...(flush ? ['--flush'] : []), source, uriFor(rig.socket)]);
-  assert.equal(copy.code, 0, copy.stderr);
+  await nbdcopy([...(flush ? ['--flush'] : []), source, uriFor(rig.socket)]);
 }
 
 describe('status through the control socket', () => {

@@ -14,7 +14,9 @@ import { ControlServer, type ControlHandlers } from '../../src/cli/control.js';
 import type { ControlLimits } from '../../src/cli/control_api.js';
 import { controlRequest } from '../../src/cli/control_client.js';
 import { PcacheError, isPcacheError } from '../../src/lib/errors.js';
-import { errorOf, httpExchange, httpRequest, sleep, tempDir } from '../helpers/pcache.js';
+import { errorOf, httpExchange, httpRequest } from '../helpers/control_http.js';
+import { tempDir } from '../helpers/files.js';
+import { sleep } from '../helpers/wait.js';
 
 /** Handlers whose drains wait until release(); `status` counts its calls. */
 class Handlers implements ControlHandlers {

@@ -18,14 +18,22 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, it, type TestContext } from 'node:test';
-import { requireTool, runTool } from '../helpers/nbd_server.js';
+import { GiB, MiB } from '../../src/lib/units.js';
+import { assertFilesEqual, scratchDir, writeRandomFile } from '../helpers/files.js';
 import { Nbdkit } from '../helpers/nbdkit.js';
-import { GiB, logLines, MiB, sleep, startServe, uriFor, waitUntil, type ServeProcess } from '../helpers/pcache.js';
-import { assertFilesEqual, median, scratchDir, serverStatus, startCli, writeRandomFile, type Child } from '../helpers/files.js';
+import { type Child, controlStatus, logLines, type ServeProcess, startCli, startServe } from '../helpers/pcache.js';
+import { nbdcopy, requireTool, uriFor } from '../helpers/tools.js';
+import { sleep, waitUntil } from '../helpers/wait.js';
 
 /** Writeback only when asked: everything written stays dirty until the drain. */
 const keepDirty = 'writeback_start_percent=100,writeback_stop_percent=100,writeback_idle_ms=2147483647,writeback_max_age_ms=2147483647';
 const statusLatencyLimitMs = 100;
+
+/** The median of some numbers (the upper one of the middle two). */
+function median(values: readonly number[]): number {
+  const sorted = [...values].sort((x, y) => x - y);
+  return sorted[Math.floor(sorted.length / 2)] ?? Number.NaN;
+}
 
 interface Rig {
   readonly dir: string;
@@ -51,9 +59,8 @@ async function fill(rig: Rig, dataBytes: number): Promise<void> {
   writeRandomFile(rig.source, dataBytes);
   // 256 KiB requests: a kset (128 keys) covers 32 MiB, a writeback round (16 ksets) 512 MiB,
   // and dirty bytes go down round by round.
-  const copy = await runTool('nbdcopy', ['-C', '4', '--request-size=262144', rig.source, uriFor(rig.socket)], 180_000);
-  assert.equal(copy.code, 0, copy.stderr);
-  const status = await serverStatus(rig.control);
+  await nbdcopy(['-C', '4', '--request-size=262144', rig.source, uriFor(rig.socket)], 180_000);
+  const status = await controlStatus(rig.control);
   assert.equal(status.cache.state, 'running');
   assert.ok(status.cache.dirtyBytes >= dataBytes, `everything written is dirty: ${status.cache.dirtyBytes} of ${dataBytes} bytes`);
 }
@@ -73,7 +80,7 @@ async function drainWhileAsking(t: TestContext, control: string): Promise<DrainR
   const samples: { latencyMs: number; state: string; dirtyBytes: number }[] = [];
   while (drain.running) {
     const sentMs = performance.now();
-    const status = await serverStatus(control);
+    const status = await controlStatus(control);
     samples.push({ latencyMs: performance.now() - sentMs, state: status.cache.state, dirtyBytes: status.cache.dirtyBytes });
     await sleep(10);
   }
@@ -140,7 +147,7 @@ describe('drain of a large dirty set', () => {
     assert.doesNotMatch(drain.stderr, /waiting for the backing device/, 'the backing device never failed, so it was never waited for');
     assert.match(lines[lines.length - 1] ?? '', /^\[#{24}\] {2}100% {2}0 B left(?: {2}[\d.]+ \w+\/s {2}done)?$/, 'it ends at 100%');
 
-    const after = await serverStatus(rig.control);
+    const after = await controlStatus(rig.control);
     assert.equal(after.cache.dirtyBytes, 0, 'nothing dirty after the drain');
     assert.equal(after.cache.state, 'running');
     assertFilesEqual(backing, rig.source, 'the backing file after the drain and the data written');
@@ -170,13 +177,13 @@ describe('drain of a large dirty set', () => {
     assert.doesNotMatch(drain.stdout, /drained in/);
 
     // The server's drain goes on without its client...
-    const right = await serverStatus(rig.control);
+    const right = await controlStatus(rig.control);
     assert.equal(right.cache.state, 'draining', 'the server is still draining after the client stopped waiting');
     assert.ok(right.cache.dirtyBytes > 0, 'the drain had not finished when the client stopped waiting');
     // ...and finishes.
     const deadline = Date.now() + 60_000;
     for (;;) {
-      const status = await serverStatus(rig.control);
+      const status = await controlStatus(rig.control);
       if (status.cache.dirtyBytes === 0 && status.cache.state === 'running') break;
       assert.ok(Date.now() < deadline, `the server's drain finishes (state ${status.cache.state}, ${status.cache.dirtyBytes} bytes dirty)`);
       await sleep(100);

@@ -3,8 +3,8 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { drainProgressLine } from '../../src/cli/drain_cmd.js';
+import { MiB } from '../../src/lib/units.js';
 
-const MiB = 1024 * 1024;
 
 describe('drain progress line', () => {
   it('shows the share done, bytes left, the rate and the time left', () => {

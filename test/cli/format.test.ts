@@ -8,8 +8,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Cache } from '../../src/cache/cache.js';
 import { FileDevice } from '../../src/device/file_device.js';
-import { patternBytes } from '../helpers/nbd_server.js';
-import { assertOneLineError, MiB, runCli, tempDir } from '../helpers/pcache.js';
+import { MiB } from '../../src/lib/units.js';
+import { patternBytes } from '../helpers/bytes.js';
+import { tempDir } from '../helpers/files.js';
+import { assertOneLineError, runCli } from '../helpers/pcache.js';
 
 interface Files {
   readonly dir: string;

@@ -12,9 +12,12 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { logLevels } from '../../src/cli/args.js';
-import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
+import { MiB } from '../../src/lib/units.js';
+import { patternBytes } from '../helpers/bytes.js';
+import { tempDir } from '../helpers/files.js';
 import { Nbdkit } from '../helpers/nbdkit.js';
-import { assertOneLineError, assertQuietLogs, logLines, MiB, runCli, startServe, tempDir, uriFor, type LogLine, type ServeProcess } from '../helpers/pcache.js';
+import { assertOneLineError, assertQuietLogs, type LogLine, logLines, pcacheJson, runCli, type ServeProcess, startServe } from '../helpers/pcache.js';
+import { nbdcopy, qemuIo, requireFioNbd, requireTool, runTool, uriFor } from '../helpers/tools.js';
 
 /** Writeback held off: nothing reaches the backing device until a drain or a stop with --drain-on-exit. */
 const holdWriteback = 'writeback_start_percent=100,writeback_stop_percent=100,writeback_idle_ms=600000,writeback_max_age_ms=600000';
@@ -27,28 +30,15 @@ interface CacheReport {
 
 /** `pcache status --cache` of an idle cache device. */
 async function deviceStatus(cache: string): Promise<CacheReport> {
-  const result = await runCli(['status', '--cache', cache, '--json']);
-  assert.equal(result.code, 0, result.stderr);
-  return (JSON.parse(result.stdout) as { cache: CacheReport }).cache;
+  return ((await pcacheJson(['status', '--cache', cache, '--json'])) as { cache: CacheReport }).cache;
 }
 
 async function serverStatus(control: string): Promise<{ cache: CacheReport; nbd: { requestsTotal: number } }> {
-  const result = await runCli(['status', '--control', control, '--json']);
-  assert.equal(result.code, 0, result.stderr);
-  return JSON.parse(result.stdout) as { cache: CacheReport; nbd: { requestsTotal: number } };
-}
-
-async function qemuIo(uri: string, commands: readonly string[]): Promise<string> {
-  requireTool('qemu-io', 'qemu-utils');
-  const result = await runTool('qemu-io', ['-f', 'raw', uri, ...commands.flatMap((command) => ['-c', command])]);
-  assert.equal(result.code, 0, result.stdout + result.stderr);
-  assert.doesNotMatch(result.stdout + result.stderr, /fail|error|mismatch|pattern verification/i, result.stdout + result.stderr);
-  return result.stdout;
+  return (await pcacheJson(['status', '--control', control, '--json'])) as { cache: CacheReport; nbd: { requestsTotal: number } };
 }
 
 async function copyOut(uri: string, file: string): Promise<Buffer> {
-  const result = await runTool('nbdcopy', [uri, file]);
-  assert.equal(result.code, 0, result.stderr);
+  await nbdcopy([uri, file]);
   return fs.readFileSync(file);
 }
 
@@ -79,8 +69,7 @@ async function dirtyServer(t: TestContext, extra: readonly string[]): Promise<Di
   const data = patternBytes(4 * MiB, 202);
   const source = path.join(dir, 'data.bin');
   fs.writeFileSync(source, data);
-  const copyIn = await runTool('nbdcopy', ['--flush', source, uriFor(socket)]);
-  assert.equal(copyIn.code, 0, copyIn.stderr);
+  await nbdcopy(['--flush', source, uriFor(socket)]);
   assert.equal((await serverStatus(control)).cache.dirtyBytes, data.length, 'the data is dirty in the cache');
   assert.ok(fs.readFileSync(backing).equals(original), 'writeback is held off: the backing file is untouched');
   return { dir, cache, backing, original, data, server };
@@ -249,9 +238,7 @@ describe('serve logs', () => {
   });
 
   it('at info, logs a handful of JSON lines for a server that answered thousands of requests', async (t) => {
-    requireTool('fio', 'fio');
-    const engines = await runTool('fio', ['--enghelp']);
-    assert.match(engines.stdout, /\bnbd\b/, 'this fio lacks the nbd engine: install the Debian package fio (built with libnbd)');
+    await requireFioNbd();
     const dir = tempDir(t, 'pcache-lifecycle-');
     const socket = path.join(dir, 'nbd.sock');
     const control = path.join(dir, 'control.sock');

@@ -14,8 +14,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
-import { assertOneLineError, assertQuietLogs, KiB, MiB, runCli, startServe, tempDir, uriFor } from '../helpers/pcache.js';
+import { KiB, MiB } from '../../src/lib/units.js';
+import { patternBytes } from '../helpers/bytes.js';
+import { tempDir } from '../helpers/files.js';
+import { assertOneLineError, assertQuietLogs, pcacheJson, runCli, startServe } from '../helpers/pcache.js';
+import { nbdcopy, qemuIo, requireTool, uriFor } from '../helpers/tools.js';
 
 // --- a strict parser of the Prometheus text format -------------------------------------------
 
@@ -252,16 +255,7 @@ interface ServerStatus {
 }
 
 async function serverStatus(control: string): Promise<ServerStatus> {
-  const result = await runCli(['status', '--control', control, '--json']);
-  assert.equal(result.code, 0, result.stderr);
-  return JSON.parse(result.stdout) as ServerStatus;
-}
-
-/** Runs qemu-io commands against `uri`; every one must succeed. */
-async function qemuIo(uri: string, commands: readonly string[]): Promise<void> {
-  const result = await runTool('qemu-io', ['-f', 'raw', uri, ...commands.flatMap((command) => ['-c', command])]);
-  assert.equal(result.code, 0, result.stdout + result.stderr);
-  assert.doesNotMatch(result.stdout + result.stderr, /fail|error|mismatch|pattern verification/i, result.stdout + result.stderr);
+  return (await pcacheJson(['status', '--control', control, '--json'])) as ServerStatus;
 }
 
 const ops = ['read', 'write', 'flush', 'trim', 'write_zeroes', 'cache', 'block_status', 'other'] as const;
@@ -341,8 +335,7 @@ describe('pcache serve --metrics', () => {
     // Writes: 4 MiB by nbdcopy (then a flush), 64 KiB, write-zeroes 128 KiB, discard 192 KiB, flush by qemu-io.
     const source = path.join(dir, 'source.bin');
     fs.writeFileSync(source, patternBytes(4 * MiB, 71));
-    const copyIn = await runTool('nbdcopy', ['--flush', source, uri]);
-    assert.equal(copyIn.code, 0, copyIn.stderr);
+    await nbdcopy(['--flush', source, uri]);
     await qemuIo(uri, ['write -P 0x5a 8M 64k', 'write -z 9M 128k', 'discard 10M 192k', 'flush']);
     const writtenBytes = 4 * MiB + 64 * KiB;
     const first = await scrape(url);

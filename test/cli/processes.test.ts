@@ -13,7 +13,9 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { assertQuietLogs, cliEnv, runCli, startServe, tempDir, waitUntil, type Launcher } from '../helpers/pcache.js';
+import { tempDir } from '../helpers/files.js';
+import { assertQuietLogs, cliEnv, type Launcher, pcacheJson, startServe } from '../helpers/pcache.js';
+import { waitUntil } from '../helpers/wait.js';
 
 interface Started {
   readonly args: string[];
@@ -29,9 +31,7 @@ function files(t: TestContext): Started {
 }
 
 async function serverStatus(control: string): Promise<{ pid: number; uvThreadPoolSize: number }> {
-  const result = await runCli(['status', '--control', control, '--json']);
-  assert.equal(result.code, 0, result.stderr);
-  return JSON.parse(result.stdout) as { pid: number; uvThreadPoolSize: number };
+  return (await pcacheJson(['status', '--control', control, '--json'])) as { pid: number; uvThreadPoolSize: number };
 }
 
 function threads(pid: number): number {

@@ -7,8 +7,11 @@ import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
-import { assertQuietLogs, logLines, MiB, runCli, startServe, tempDir, uriFor } from '../helpers/pcache.js';
+import { MiB } from '../../src/lib/units.js';
+import { patternBytes } from '../helpers/bytes.js';
+import { tempDir } from '../helpers/files.js';
+import { assertQuietLogs, logLines, pcacheJson, runCli, startServe } from '../helpers/pcache.js';
+import { nbdcopy, requireTool, uriFor } from '../helpers/tools.js';
 
 interface Paths {
   readonly dir: string;
@@ -29,22 +32,18 @@ function paths(t: TestContext): Paths {
 async function writeFlushed(socket: string, dir: string, data: Buffer): Promise<void> {
   const source = path.join(dir, `in-${data.length}.bin`);
   fs.writeFileSync(source, data);
-  const copy = await runTool('nbdcopy', ['--flush', source, uriFor(socket)]);
-  assert.equal(copy.code, 0, copy.stderr);
+  await nbdcopy(['--flush', source, uriFor(socket)]);
 }
 
 async function readBack(socket: string, dir: string, length: number): Promise<Buffer> {
   const out = path.join(dir, 'out.bin');
   fs.rmSync(out, { force: true });
-  const copy = await runTool('nbdcopy', [uriFor(socket), out]);
-  assert.equal(copy.code, 0, copy.stderr);
+  await nbdcopy([uriFor(socket), out]);
   return fs.readFileSync(out).subarray(0, length);
 }
 
 async function serverPid(control: string): Promise<number> {
-  const status = await runCli(['status', '--control', control, '--json']);
-  assert.equal(status.code, 0, status.stderr);
-  return (JSON.parse(status.stdout) as { pid: number }).pid;
+  return ((await pcacheJson(['status', '--control', control, '--json'])) as { pid: number }).pid;
 }
 
 function alive(pid: number): boolean {

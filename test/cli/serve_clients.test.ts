@@ -11,8 +11,11 @@ import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
-import { MiB, runCli, startServe, tempDir, uriFor, type ServeProcess } from '../helpers/pcache.js';
+import { MiB } from '../../src/lib/units.js';
+import { patternBytes } from '../helpers/bytes.js';
+import { tempDir } from '../helpers/files.js';
+import { runCli, type ServeProcess, startServe } from '../helpers/pcache.js';
+import { fioVerifyJobs, nbdcopy, qemuIo, requireFioNbd, requireTool, runTool, uriFor } from '../helpers/tools.js';
 
 const backingBytes = 64 * MiB;
 
@@ -110,12 +113,10 @@ describe('nbdcopy against pcache serve', () => {
     const source = path.join(rig.dir, 'source.bin');
     const data = patternBytes(24 * MiB, 43);
     fs.writeFileSync(source, data);
-    const copyIn = await runTool('nbdcopy', ['-C', '4', '-T', '4', '--flush', source, uriFor(rig.socket)]);
-    assert.equal(copyIn.code, 0, copyIn.stderr);
+    await nbdcopy(['-C', '4', '-T', '4', '--flush', source, uriFor(rig.socket)]);
     data.copy(rig.model, 0);
     const out = path.join(rig.dir, 'out.bin');
-    const copyOut = await runTool('nbdcopy', ['-C', '4', '-T', '4', uriFor(rig.socket), out]);
-    assert.equal(copyOut.code, 0, copyOut.stderr);
+    await nbdcopy(['-C', '4', '-T', '4', uriFor(rig.socket), out]);
     assert.ok(fs.readFileSync(out).equals(rig.model), 'the copy out equals what was copied in, over the rest of the backing file');
     const status = await runCli(['status', '--control', rig.control, '--json']);
     const report = JSON.parse(status.stdout) as { nbd: { connectionsTotal: number } };
@@ -148,18 +149,11 @@ describe('qemu-io against pcache serve', () => {
       ['read -P 0x22 210000 512', () => undefined],
       ['flush', () => undefined],
     ];
-    const args = ['-f', 'raw', uriFor(rig.socket)];
-    for (const [command, apply] of commands) {
-      args.push('-c', command);
-      apply();
-    }
-    const result = await runTool('qemu-io', args);
-    assert.equal(result.code, 0, result.stdout + result.stderr);
-    assert.doesNotMatch(result.stdout + result.stderr, /fail|error|mismatch|pattern verification/i);
+    for (const [, apply] of commands) apply();
+    const result = await qemuIo(uriFor(rig.socket), commands.map(([command]) => command));
     assert.equal(result.stdout.match(/^read /gm)?.length, 6, result.stdout);
     const out = path.join(rig.dir, 'out.bin');
-    const copyOut = await runTool('nbdcopy', [uriFor(rig.socket), out]);
-    assert.equal(copyOut.code, 0, copyOut.stderr);
+    await nbdcopy([uriFor(rig.socket), out]);
     assert.ok(fs.readFileSync(out).equals(m), 'the export holds exactly what the model says, nothing else changed');
     await assertBackingMatches(rig);
   });
@@ -167,24 +161,9 @@ describe('qemu-io against pcache serve', () => {
 
 describe('fio (nbd engine) against pcache serve', () => {
   it('runs four verifying jobs at depth 16 without one verification error', async (t) => {
-    requireTool('fio', 'fio');
-    const engines = await runTool('fio', ['--enghelp']);
-    assert.match(engines.stdout, /\bnbd\b/, 'this fio lacks the nbd engine: install the Debian package fio (built with libnbd)');
+    await requireFioNbd();
     const rig = await serveRig(t);
-    const jobs = 4;
-    const result = await runTool('fio', [
-      '--name=pcache-verify', '--ioengine=nbd', `--uri=${uriFor(rig.socket)}`, '--rw=randwrite', '--bs=4k',
-      '--size=8m', '--offset_increment=8m', `--numjobs=${jobs}`, '--iodepth=16', '--verify=crc32c',
-      '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json',
-    ], 120_000);
-    assert.equal(result.code, 0, result.stderr);
-    const report = JSON.parse(result.stdout.slice(result.stdout.indexOf('{'))) as { jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[] };
-    assert.equal(report.jobs.length, jobs);
-    for (const job of report.jobs) {
-      assert.equal(job.error, 0);
-      assert.equal(job.write.io_bytes, 8 * MiB);
-      assert.equal(job.read.io_bytes, 8 * MiB, 'every written block was read back and verified');
-    }
+    await fioVerifyJobs(uriFor(rig.socket), 4, 'pcache-verify');
     // fio's verify header makes every 4 KiB block unique; the backing file must now hold them.
     const drained = await runCli(['drain', '--control', rig.control]);
     assert.equal(drained.code, 0, drained.stderr);
@@ -192,8 +171,7 @@ describe('fio (nbd engine) against pcache serve', () => {
     assert.ok(!backing.subarray(0, 32 * MiB).equals(rig.model.subarray(0, 32 * MiB)), 'the writes reached the backing file');
     assert.ok(backing.subarray(32 * MiB).equals(rig.model.subarray(32 * MiB)), 'nothing beyond the jobs\' ranges changed');
     const out = path.join(rig.dir, 'out.bin');
-    const copyOut = await runTool('nbdcopy', [uriFor(rig.socket), out]);
-    assert.equal(copyOut.code, 0, copyOut.stderr);
+    await nbdcopy([uriFor(rig.socket), out]);
     assert.ok(fs.readFileSync(out).equals(backing), 'the export and the drained backing file agree byte for byte');
   });
 });

@@ -7,8 +7,11 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { patternBytes, requireTool, runTool } from '../helpers/nbd_server.js';
-import { assertOneLineError, GiB, MiB, runCli, startServe, tempDir, uriFor } from '../helpers/pcache.js';
+import { GiB, MiB } from '../../src/lib/units.js';
+import { patternBytes } from '../helpers/bytes.js';
+import { tempDir } from '../helpers/files.js';
+import { assertOneLineError, runCli, startServe } from '../helpers/pcache.js';
+import { nbdcopy, requireTool, runTool, uriFor } from '../helpers/tools.js';
 
 describe('pcache serve with no arguments', () => {
   it('creates ./pcache-data with a 1 GiB cache and an 8 GiB disk, prints how to connect, and serves them', async (t) => {
@@ -136,8 +139,7 @@ describe('serve options', () => {
     const server = await startServe(t, ['--no-cache', '--backing', backing, '--socket', socket, '--control', control], dir);
     assert.match(await server.ready(), /serving .*b\.img \(4 MiB\) without a cache at /);
     const out = path.join(dir, 'out.bin');
-    const copy = await runTool('nbdcopy', [uriFor(socket), out]);
-    assert.equal(copy.code, 0, copy.stderr);
+    await nbdcopy([uriFor(socket), out]);
     assert.ok(fs.readFileSync(out).equals(data));
     const status = await runCli(['status', '--control', control, '--json']);
     assert.equal((JSON.parse(status.stdout) as { cache: unknown }).cache, null);

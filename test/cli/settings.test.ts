@@ -9,7 +9,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { knobNames, knobs } from '../../src/cli/settings.js';
-import { assertOneLineError, assertQuietLogs, runCli, startServe, tempDir, type CliResult } from '../helpers/pcache.js';
+import { tempDir } from '../helpers/files.js';
+import { assertOneLineError, assertQuietLogs, type CliResult, pcacheJson, runCli, startServe } from '../helpers/pcache.js';
 
 type Settings = Record<string, number>;
 
@@ -26,9 +27,7 @@ const defaults: Settings = {
 };
 
 async function settingsJson(control: string): Promise<Settings> {
-  const result = await runCli(['set', '--control', control, '--json']);
-  assert.equal(result.code, 0, result.stderr);
-  const settings = JSON.parse(result.stdout) as Settings;
+  const settings = (await pcacheJson(['set', '--control', control, '--json'])) as Settings;
   assert.deepEqual(Object.keys(settings), knobNames, 'set --json lists every knob, in the table\'s order');
   return settings;
 }
@@ -51,15 +50,11 @@ async function settingsTable(control: string): Promise<Settings> {
 }
 
 async function gcPercentOf(control: string): Promise<number> {
-  const result = await runCli(['status', '--control', control, '--json']);
-  assert.equal(result.code, 0, result.stderr);
-  return (JSON.parse(result.stdout) as { cache: { gcPercent: number } }).cache.gcPercent;
+  return ((await pcacheJson(['status', '--control', control, '--json'])) as { cache: { gcPercent: number } }).cache.gcPercent;
 }
 
 async function storedGcPercent(cache: string): Promise<number> {
-  const result = await runCli(['status', '--cache', cache, '--json']);
-  assert.equal(result.code, 0, result.stderr);
-  return (JSON.parse(result.stdout) as { cache: { gcPercent: number } }).cache.gcPercent;
+  return ((await pcacheJson(['status', '--cache', cache, '--json'])) as { cache: { gcPercent: number } }).cache.gcPercent;
 }
 
 function assertRefused(result: CliResult, code: number, pattern: RegExp, what: string): void {

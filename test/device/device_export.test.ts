@@ -10,9 +10,9 @@ import { DeviceExport } from '../../src/device/device_export.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { PcacheError } from '../../src/lib/errors.js';
 import type { Export } from '../../src/nbd/server/export.js';
-import { patternBytes } from '../helpers/nbd_server.js';
+import { MiB } from '../../src/lib/units.js';
+import { patternBytes } from '../helpers/bytes.js';
 
-const MiB = 1024 * 1024;
 
 /** A device over memory that logs every call, with or without synchronous I/O. */
 class LoggingDevice implements BlockDevice {

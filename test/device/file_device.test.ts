@@ -8,7 +8,8 @@ import { join } from 'node:path';
 import { FileDevice } from '../../src/device/file_device.js';
 import { Cache } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
-import { MiB, pattern, readBytes } from '../helpers/cache_fixture.js';
+import { MiB } from '../../src/lib/units.js';
+import { pattern, readBytes } from '../helpers/cache_fixture.js';
 
 let dir = '';
 before(() => { dir = mkdtempSync(join(tmpdir(), 'pcache-file-')); });

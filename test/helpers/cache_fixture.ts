@@ -5,9 +5,8 @@ import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, type CacheOpenOptions, type FormatOptions } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { PcacheError, type PcacheErrorCode } from '../../src/lib/errors.js';
+import { KiB, MiB } from '../../src/lib/units.js';
 
-export const KiB = 1024;
-export const MiB = 1024 * KiB;
 /** Cache device bytes for `segments` segments of 1 MiB (plus the 20 KiB of metadata). */
 export function cacheBytesFor(segments: number, segmentSizeBytes = MiB): number {
   return 20 * KiB + segments * segmentSizeBytes;

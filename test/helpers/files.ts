@@ -1,117 +1,20 @@
-// Helpers shared by the operations tests (backing outage, drain): the server's status through
-// its control socket, child processes watched while they run (fio, qemu-io, pcache drain) and
-// killed after the test if still running, a scratch directory with room for GiBs of data,
-// random data files and byte-for-byte file comparison, and the client tools they need.
-//
-// Tools come from Debian packages (nbdkit, libnbd-bin, qemu-utils, fio); a missing one fails
-// the test naming the package, it is never skipped.
+// Files for tests: temporary directories removed after the test (small ones under os.tmpdir(),
+// room for GiBs of data in /dev/shm when it has it), random data files, and byte-for-byte
+// comparison of files too large to read whole.
 
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
-import { controlRequest } from '../../src/cli/control_client.js';
-import { requireTool, runTool } from './nbd_server.js';
-import { cliEnv, cliPath, GiB, MiB } from './pcache.js';
+import { GiB, MiB } from '../../src/lib/units.js';
 
-/** The fields of `pcache status --json` (and the control socket's status) these tests read. */
-export interface ServerStatus {
-  readonly backingRemote: {
-    readonly connectionsWanted: number;
-    readonly connectionsConnected: number;
-    readonly offlineSince?: string;
-    readonly reconnectAttempts: number;
-    readonly lastError?: string;
-  } | null;
-  readonly cache: {
-    readonly state: string;
-    readonly stateReason?: string;
-    readonly backingOfflineSince?: string;
-    readonly dirtyBytes: number;
-    readonly dirtyHighWaterBytes: number;
-    readonly writeback: { readonly active: boolean; readonly lastError?: string };
-    readonly counters: {
-      readonly writebackBytes: number;
-      readonly readHitRequests: number;
-      readonly readMissRequests: number;
-      readonly writeRequests: number;
-    };
-  };
-}
-
-/** The server's status through its control socket (from memory; answered at once). */
-export async function serverStatus(control: string): Promise<ServerStatus> {
-  return (await controlRequest(control, 'status')) as ServerStatus;
-}
-
-/** Fails, naming the Debian package, unless fio is installed with its nbd engine. */
-export async function requireFioNbd(): Promise<void> {
-  requireTool('fio', 'fio');
-  const engines = await runTool('fio', ['--enghelp']);
-  assert.match(engines.stdout, /\bnbd\b/, 'this fio lacks the nbd engine: install the Debian package fio (built with libnbd)');
-}
-
-export interface Exit {
-  readonly code: number | null;
-  readonly signal: NodeJS.Signals | null;
-}
-
-/** A child process whose output is collected as it comes; killed (SIGKILL) after the test if still running. */
-export class Child {
-  readonly child: ChildProcess;
-  stdout = '';
-  stderr = '';
-  private readonly exited: Promise<Exit>;
-  private exit: Exit | undefined;
-
-  constructor(t: TestContext, command: string, args: readonly string[], env: NodeJS.ProcessEnv = process.env) {
-    this.child = spawn(command, [...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    this.child.stdout?.setEncoding('utf8').on('data', (chunk: string) => { this.stdout += chunk; });
-    this.child.stderr?.setEncoding('utf8').on('data', (chunk: string) => { this.stderr += chunk; });
-    this.exited = new Promise((resolve) => {
-      this.child.on('error', (error) => {
-        this.stderr += `spawn ${command}: ${error.message}\n`;
-        this.exit = { code: -1, signal: null };
-        resolve(this.exit);
-      });
-      // 'close', not 'exit': every byte of its output has been read by then.
-      this.child.on('close', (code, signal) => {
-        this.exit = { code, signal };
-        resolve(this.exit);
-      });
-    });
-    t.after(async () => {
-      if (this.exit !== undefined) return;
-      this.child.kill('SIGKILL');
-      await this.exited;
-    });
-  }
-
-  get running(): boolean {
-    return this.exit === undefined;
-  }
-
-  wait(): Promise<Exit> {
-    return this.exited;
-  }
-
-  /** Waits for the exit, failing if it takes longer than `timeoutMs`. */
-  async waitFor(timeoutMs: number, what: string): Promise<Exit> {
-    let timer: NodeJS.Timeout | undefined;
-    const timedOut = new Promise<'timeout'>((resolve) => { timer = setTimeout(() => { resolve('timeout'); }, timeoutMs); });
-    const outcome = await Promise.race([this.exited, timedOut]);
-    clearTimeout(timer);
-    if (outcome === 'timeout') assert.fail(`${what} did not finish within ${timeoutMs / 1000} s; stdout: ${this.stdout.slice(-2000)} stderr: ${this.stderr.slice(-2000)}`);
-    return outcome;
-  }
-}
-
-/** `pcache args...` as a child process watched while it runs. */
-export function startCli(t: TestContext, args: readonly string[]): Child {
-  return new Child(t, cliPath, args, cliEnv());
+/** A fresh temporary directory under os.tmpdir(), removed after the test. */
+export function tempDir(t: TestContext, prefix = 'pcache-test-'): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  t.after(() => { fs.rmSync(dir, { recursive: true, force: true }); });
+  return dir;
 }
 
 /**
@@ -180,10 +83,4 @@ export function assertFilesEqual(actual: string, expected: string, what: string)
     fs.closeSync(a);
     fs.closeSync(b);
   }
-}
-
-/** The median of some numbers (the upper one of the middle two). */
-export function median(values: readonly number[]): number {
-  const sorted = [...values].sort((x, y) => x - y);
-  return sorted[Math.floor(sorted.length / 2)] ?? Number.NaN;
 }

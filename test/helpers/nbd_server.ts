@@ -1,5 +1,5 @@
-// Test harness for the NBD tests: servers on temporary Unix sockets, an Export whose calls can
-// be held, counted and failed on demand, and helpers for running real client tools.
+// pcache's NBD server in tests: servers on temporary Unix sockets, an Export whose calls can be
+// held, counted and failed on demand, and a check that a server still serves a fresh client.
 //
 // ControlledExport serves a MemoryDevice. In 'sync' mode it completes calls synchronously
 // (returning undefined, as DeviceExport over memory does); in 'async' mode every call returns
@@ -7,7 +7,6 @@
 // does while requests are in flight: concurrency, backpressure, DISC, shutdown, disconnects.
 
 import assert from 'node:assert/strict';
-import { execFile, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -156,50 +155,4 @@ export async function assertServerServes(socketPath: string, device: MemoryDevic
   assert.deepEqual(reply.data, Buffer.from(device.bytes.subarray(0, 4096)), 'a fresh client read wrong bytes');
   client.disconnect();
   await client.readUntilClosed();
-}
-
-/** Polls `condition` until it holds; fails with `what` after the time limit. */
-export async function waitUntil(condition: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
-
-/** Fails (never skips) when a client tool is missing, naming the Debian package to install. */
-export function requireTool(command: string, debianPackage: string): void {
-  const found = spawnSync('sh', ['-c', `command -v ${command}`], { encoding: 'utf8' });
-  if (found.status !== 0) assert.fail(`${command} is not installed: install the Debian package ${debianPackage} (apt-get install ${debianPackage})`);
-}
-
-export interface ToolResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs a tool without blocking the event loop (the server under test lives in this process). */
-export function runTool(command: string, args: string[], timeoutMs = 60_000): Promise<ToolResult> {
-  return new Promise((resolve) => {
-    execFile(command, args, { timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8' }, (error, stdout, stderr) => {
-      const code = error === null ? 0 : typeof error.code === 'number' ? error.code : 1;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-/** Deterministic pseudo-random bytes (xorshift32), so failures reproduce. */
-export function patternBytes(length: number, seed: number): Buffer {
-  const bytes = Buffer.alloc(length);
-  let state = seed >>> 0 || 1;
-  for (let i = 0; i < length; i += 1) {
-    state ^= state << 13;
-    state >>>= 0;
-    state ^= state >>> 17;
-    state ^= state << 5;
-    state >>>= 0;
-    bytes[i] = state & 0xff;
-  }
-  return bytes;
 }

@@ -1,4 +1,6 @@
-// Client-side NBD message builders and reply parsers for the tests.
+// NBD messages for the tests, both directions: what a client sends (options, requests) with
+// parsers of the server's option replies, for the server tests; and what a server sends
+// (greeting, option replies, simple replies, structured chunks), for the client tests.
 //
 // Written straight from the protocol layouts with Buffer's own big-endian methods, and
 // deliberately independent of src/nbd, so a codec bug cannot hide behind a matching bug in
@@ -17,8 +19,8 @@ export const OPT = {
 } as const;
 export const REP = {
   ack: 1, server: 2, info: 3, metaContext: 4,
-  errUnsup: 0x8000_0001, errPolicy: 0x8000_0002, errInvalid: 0x8000_0003, errUnknown: 0x8000_0006,
-  errShutdown: 0x8000_0007, errTooBig: 0x8000_0009,
+  errUnsup: 0x8000_0001, errPolicy: 0x8000_0002, errInvalid: 0x8000_0003, errTlsReqd: 0x8000_0005, errUnknown: 0x8000_0006,
+  errShutdown: 0x8000_0007, errBlockSizeReqd: 0x8000_0008, errTooBig: 0x8000_0009,
 } as const;
 export const INFO = { export: 0, name: 1, description: 2, blockSize: 3 } as const;
 export const CMD = { read: 0, write: 1, disc: 2, flush: 3, trim: 4, cache: 5, writeZeroes: 6, blockStatus: 7 } as const;
@@ -28,7 +30,7 @@ export const TFLAG = {
   sendDf: 128, canMultiConn: 256, sendResize: 512, sendCache: 1024, sendFastZero: 2048,
 } as const;
 export const ERR = { ok: 0, eperm: 1, eio: 5, einval: 22, enospc: 28, enotsup: 95, eshutdown: 108 } as const;
-export const CHUNK = { none: 0, offsetData: 1, blockStatus: 5, error: 0x8001 } as const;
+export const CHUNK = { none: 0, offsetData: 1, offsetHole: 2, blockStatus: 5, error: 0x8001, errorOffset: 0x8002 } as const;
 
 export function clientFlags(flags: number): Buffer {
   const bytes = Buffer.alloc(4);
@@ -141,4 +143,79 @@ export function exportInfoOf(replies: OptionReplyMessage[]): ExportInfo {
     }
   }
   return info;
+}
+
+// --- What a server sends ---
+
+/** The 18-byte greeting: NBDMAGIC, `second` (IHAVEOPT unless a test breaks it), handshake flags. */
+export function serverGreeting(flags = 3, second: bigint = ihaveopt): Buffer {
+  const bytes = Buffer.alloc(18);
+  bytes.writeBigUInt64BE(nbdMagic, 0);
+  bytes.writeBigUInt64BE(second, 8);
+  bytes.writeUInt16BE(flags, 16);
+  return bytes;
+}
+
+/** One option reply: magic, option, type, length, data. `declaredLength` overrides the length field. */
+export function optionReply(optionCode: number, type: number, data: Buffer = Buffer.alloc(0), declaredLength?: number): Buffer {
+  const header = Buffer.alloc(20);
+  header.writeBigUInt64BE(optionReplyMagic, 0);
+  header.writeUInt32BE(optionCode, 8);
+  header.writeUInt32BE(type, 12);
+  header.writeUInt32BE(declaredLength ?? data.length, 16);
+  return Buffer.concat([header, data]);
+}
+
+/** NBD_INFO_EXPORT data: size and transmission flags. */
+export function infoExport(sizeBytes: bigint, flags: number): Buffer {
+  const bytes = Buffer.alloc(12);
+  bytes.writeUInt16BE(INFO.export, 0);
+  bytes.writeBigUInt64BE(sizeBytes, 2);
+  bytes.writeUInt16BE(flags, 10);
+  return bytes;
+}
+
+/** NBD_INFO_BLOCK_SIZE data. */
+export function infoBlockSize(minimum: number, preferred: number, maximum: number): Buffer {
+  const bytes = Buffer.alloc(14);
+  bytes.writeUInt16BE(INFO.blockSize, 0);
+  bytes.writeUInt32BE(minimum, 2);
+  bytes.writeUInt32BE(preferred, 6);
+  bytes.writeUInt32BE(maximum, 10);
+  return bytes;
+}
+
+/** The replies to a GO for an export of `sizeBytes` with `flags` and optional block sizes. */
+export function goReplies(sizeBytes: number, flags: number, blockSize?: [number, number, number]): Buffer {
+  const parts = [optionReply(OPT.go, REP.info, infoExport(BigInt(sizeBytes), flags))];
+  if (blockSize !== undefined) parts.push(optionReply(OPT.go, REP.info, infoBlockSize(...blockSize)));
+  parts.push(optionReply(OPT.go, REP.ack));
+  return Buffer.concat(parts);
+}
+
+/** A simple reply: magic, error, cookie, then `data` (a READ's payload). */
+export function simpleReply(errno: number, cookie: bigint, data: Buffer = Buffer.alloc(0)): Buffer {
+  const header = Buffer.alloc(16);
+  header.writeUInt32BE(simpleMagic, 0);
+  header.writeUInt32BE(errno, 4);
+  header.writeBigUInt64BE(cookie, 8);
+  return Buffer.concat([header, data]);
+}
+
+/** One structured reply chunk. `declaredLength` overrides the length field. */
+export function chunkReply(flags: number, type: number, cookie: bigint, payload: Buffer = Buffer.alloc(0), declaredLength?: number): Buffer {
+  const header = Buffer.alloc(20);
+  header.writeUInt32BE(structuredMagic, 0);
+  header.writeUInt16BE(flags, 4);
+  header.writeUInt16BE(type, 6);
+  header.writeBigUInt64BE(cookie, 8);
+  header.writeUInt32BE(declaredLength ?? payload.length, 16);
+  return Buffer.concat([header, payload]);
+}
+
+/** An OFFSET_DATA chunk's payload: the offset, then the data. */
+export function offsetDataPayload(offset: number, data: Buffer): Buffer {
+  const prefix = Buffer.alloc(8);
+  prefix.writeBigUInt64BE(BigInt(offset), 0);
+  return Buffer.concat([prefix, data]);
 }

@@ -13,7 +13,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
-import { requireTool, waitUntil } from './nbd_server.js';
+import { requireTool } from './tools.js';
+import { waitUntil } from './wait.js';
 
 export interface NbdkitSpec {
   readonly plugin: string;
@@ -167,4 +168,18 @@ export class Nbdkit {
     });
     return returned;
   }
+}
+
+/**
+ * A spec for nbdkit's file plugin on `disk.img` in the server's directory, created (sparse) with
+ * `sizeBytes`, so data outlives the process; `extra` adds filters, flags and parameters. Pass
+ * it to Nbdkit.start, or call it with the server's directory to restart with another size.
+ */
+export function fileSpec(sizeBytes: number, extra: Partial<NbdkitSpec> = {}): (dir: string) => NbdkitSpec {
+  return (dir) => {
+    const image = path.join(dir, 'disk.img');
+    if (!fs.existsSync(image)) fs.writeFileSync(image, Buffer.alloc(0));
+    fs.truncateSync(image, sizeBytes);
+    return { plugin: 'file', ...extra, args: [`file=${image}`, ...(extra.args ?? [])] };
+  };
 }

@@ -1,26 +1,21 @@
-// Test harness for the command line: runs the real `pcache` (the package's bin,
-// dist/src/cli/pcache.cjs, through node) as a child process, on temporary files, and drives
-// `pcache serve` (start, wait until it listens, stop with a signal, or kill its whole process
-// group to simulate a crash). A server can also be started the other ways the README names:
-// `node dist/src/cli/main.js` and `npx pcache`.
+// The real `pcache` command in tests: run to completion (the package's bin,
+// dist/src/cli/pcache.cjs, through node, as users run it), or `pcache serve` driven as a child
+// process on temporary files (start, wait until it listens, stop with a signal, or kill its
+// whole process group to simulate a crash). A server can also be started the other ways the
+// README names: `node dist/src/cli/main.js` and `npx pcache`. Also: the server's log lines,
+// its status as JSON, and any child process (a pcache client, fio) watched while it runs.
 //
 // Children get an environment without UV_THREADPOOL_SIZE unless a test sets it, so the bin
 // sizes the thread pool as it does for users. Every server is started in its own process
-// group and killed at the end of its test if still running.
+// group and killed at the end of its test if still running; every watched child is killed
+// after its test if still running.
 
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import fs from 'node:fs';
-import http from 'node:http';
-import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
 import type { TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
-
-export const KiB = 1024;
-export const MiB = 1024 * KiB;
-export const GiB = 1024 * MiB;
+import { controlRequest } from '../../src/cli/control_client.js';
+import { sleep } from './wait.js';
 
 /** The package's bin, as `npm run build` leaves it (dist/test/helpers -> dist/src/cli). */
 export const cliPath = fileURLToPath(new URL('../../src/cli/pcache.cjs', import.meta.url));
@@ -84,13 +79,6 @@ export function assertQuietLogs(stderr: string): LogLine[] {
   return lines;
 }
 
-/** A fresh temporary directory, removed after the test. */
-export function tempDir(t: TestContext, prefix = 'pcache-cli-'): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  t.after(() => { fs.rmSync(dir, { recursive: true, force: true }); });
-  return dir;
-}
-
 /** How a server is started: `node pcache.cjs` (the bin), `node main.js`, or `npx pcache` in the repository. */
 export type Launcher = 'bin' | 'main' | 'npx';
 
@@ -104,7 +92,7 @@ export class ServeProcess {
   readonly child: ChildProcess;
   stdout = '';
   stderr = '';
-  private readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  private readonly exited: Promise<Exit>;
 
   /** With the npx launcher the process runs in the repository (`cwd` is not used): give it absolute paths. */
   constructor(args: readonly string[], cwd: string, options: ServeOptions = {}) {
@@ -166,7 +154,7 @@ export class ServeProcess {
     await this.exited;
   }
 
-  wait(): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  wait(): Promise<Exit> {
     return this.exited;
   }
 }
@@ -179,87 +167,99 @@ export async function startServe(t: TestContext, args: readonly string[], cwd: s
   return server;
 }
 
-export function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
+/** `pcache args...` (a command that prints JSON, `--json` included in `args`): it must exit 0; returns its output parsed. */
+export async function pcacheJson(args: readonly string[]): Promise<unknown> {
+  const result = await runCli(args);
+  assert.equal(result.code, 0, result.stderr);
+  return JSON.parse(result.stdout) as unknown;
 }
 
-/** Polls `condition` until it holds; fails naming `what` after the time limit. */
-export async function waitUntil(condition: () => boolean | Promise<boolean>, what: string, timeoutMs = 15_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await condition())) {
-    if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}`);
-    await sleep(20);
+/** The fields of the control socket's status (what `pcache status --json` prints) that tests read through controlStatus. */
+export interface ServerStatus {
+  readonly backingRemote: {
+    readonly connectionsWanted: number;
+    readonly connectionsConnected: number;
+    readonly offlineSince?: string;
+    readonly reconnectAttempts: number;
+    readonly lastError?: string;
+  } | null;
+  readonly cache: {
+    readonly state: string;
+    readonly stateReason?: string;
+    readonly backingOfflineSince?: string;
+    readonly dirtyBytes: number;
+    readonly dirtyHighWaterBytes: number;
+    readonly writeback: { readonly active: boolean; readonly lastError?: string };
+    readonly counters: {
+      readonly writebackBytes: number;
+      readonly readHitRequests: number;
+      readonly readMissRequests: number;
+      readonly writeRequests: number;
+    };
+  };
+}
+
+/** The server's status through its control socket, asked in this process (no `pcache status` child: answered at once). */
+export async function controlStatus(control: string): Promise<ServerStatus> {
+  return (await controlRequest(control, 'status')) as ServerStatus;
+}
+
+export interface Exit {
+  readonly code: number | null;
+  readonly signal: NodeJS.Signals | null;
+}
+
+/** A child process whose output is collected as it comes; killed (SIGKILL) after the test if still running. */
+export class Child {
+  readonly child: ChildProcess;
+  stdout = '';
+  stderr = '';
+  private readonly exited: Promise<Exit>;
+  private exit: Exit | undefined;
+
+  constructor(t: TestContext, command: string, args: readonly string[], env: NodeJS.ProcessEnv = process.env) {
+    this.child = spawn(command, [...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.child.stdout?.setEncoding('utf8').on('data', (chunk: string) => { this.stdout += chunk; });
+    this.child.stderr?.setEncoding('utf8').on('data', (chunk: string) => { this.stderr += chunk; });
+    this.exited = new Promise((resolve) => {
+      this.child.on('error', (error) => {
+        this.stderr += `spawn ${command}: ${error.message}\n`;
+        this.exit = { code: -1, signal: null };
+        resolve(this.exit);
+      });
+      // 'close', not 'exit': every byte of its output has been read by then.
+      this.child.on('close', (code, signal) => {
+        this.exit = { code, signal };
+        resolve(this.exit);
+      });
+    });
+    t.after(async () => {
+      if (this.exit !== undefined) return;
+      this.child.kill('SIGKILL');
+      await this.exited;
+    });
+  }
+
+  get running(): boolean {
+    return this.exit === undefined;
+  }
+
+  wait(): Promise<Exit> {
+    return this.exited;
+  }
+
+  /** Waits for the exit, failing if it takes longer than `timeoutMs`. */
+  async waitFor(timeoutMs: number, what: string): Promise<Exit> {
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<'timeout'>((resolve) => { timer = setTimeout(() => { resolve('timeout'); }, timeoutMs); });
+    const outcome = await Promise.race([this.exited, timedOut]);
+    clearTimeout(timer);
+    if (outcome === 'timeout') assert.fail(`${what} did not finish within ${timeoutMs / 1000} s; stdout: ${this.stdout.slice(-2000)} stderr: ${this.stderr.slice(-2000)}`);
+    return outcome;
   }
 }
 
-export function uriFor(socketPath: string, exportName = ''): string {
-  return `nbd+unix:///${exportName}?socket=${socketPath}`;
-}
-
-export interface HttpAnswer {
-  readonly status: number;
-  readonly headers: Readonly<Record<string, string>>;
-  /** The body parsed as JSON (undefined when empty). */
-  readonly json: unknown;
-}
-
-/** One HTTP request to a control socket, on its own connection. */
-export function httpRequest(socketPath: string, method: string, urlPath: string, body?: string): Promise<HttpAnswer> {
-  return new Promise((resolve, reject) => {
-    const request = http.request({ socketPath, method, path: urlPath, agent: false }, (response) => {
-      let text = '';
-      response.setEncoding('utf8');
-      response.on('data', (chunk: string) => { text += chunk; });
-      response.on('end', () => {
-        const headers = Object.fromEntries(Object.entries(response.headers).map(([name, value]) => [name, String(value)]));
-        resolve({ status: response.statusCode ?? 0, headers, json: text === '' ? undefined : JSON.parse(text) as unknown });
-      });
-    });
-    request.on('error', reject);
-    request.end(body);
-  });
-}
-
-/** The `error` of a failure answer, checked to have the documented shape. */
-export function errorOf(answer: HttpAnswer): { code: string; message: string } {
-  const error = (answer.json as { error?: { code?: unknown; message?: unknown } } | undefined)?.error;
-  assert.equal(typeof error?.code, 'string', `an error body: ${JSON.stringify(answer.json)}`);
-  assert.equal(typeof error?.message, 'string');
-  return error as { code: string; message: string };
-}
-
-/**
- * Sends raw bytes on one connection (pipelined requests, broken ones) and parses the HTTP
- * answers that come back until `count` have arrived or the server closes the connection.
- */
-export function httpExchange(socketPath: string, payload: string | Buffer, count: number, timeoutMs = 30_000): Promise<{ answers: HttpAnswer[]; closed: boolean }> {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect(socketPath);
-    let buffered = Buffer.alloc(0);
-    const answers: HttpAnswer[] = [];
-    const timer = setTimeout(() => { socket.destroy(); reject(new Error(`no ${count} answers from ${socketPath}: ${buffered.toString()}`)); }, timeoutMs);
-    const done = (closed: boolean): void => {
-      clearTimeout(timer);
-      socket.destroy();
-      resolve({ answers, closed });
-    };
-    socket.on('connect', () => { socket.write(payload); });
-    socket.on('error', () => undefined);
-    socket.on('close', () => { done(true); });
-    socket.on('data', (chunk: Buffer) => {
-      buffered = Buffer.concat([buffered, chunk]);
-      for (;;) {
-        const end = buffered.indexOf('\r\n\r\n');
-        if (end < 0) break;
-        const [statusLine = '', ...lines] = buffered.subarray(0, end).toString('latin1').split('\r\n');
-        const headers = Object.fromEntries(lines.map((line) => [line.slice(0, line.indexOf(':')).toLowerCase(), line.slice(line.indexOf(':') + 1).trim()]));
-        const length = Number(headers['content-length'] ?? 0);
-        if (buffered.length < end + 4 + length) break;
-        const text = buffered.subarray(end + 4, end + 4 + length).toString('utf8');
-        buffered = buffered.subarray(end + 4 + length);
-        answers.push({ status: Number(statusLine.split(' ')[1]), headers, json: text === '' ? undefined : JSON.parse(text) as unknown });
-      }
-      if (answers.length >= count) done(false);
-    });
-  });
+/** `pcache args...` as a child process watched while it runs. */
+export function startCli(t: TestContext, args: readonly string[]): Child {
+  return new Child(t, cliPath, args, cliEnv());
 }

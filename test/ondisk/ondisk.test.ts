@@ -3,7 +3,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { crc32c } from '../../src/lib/crc32c.js';
-import { writeU32LE } from '../../src/lib/units.js';
+import { MiB, writeU32LE } from '../../src/lib/units.js';
 import { decodeCacheInfo, encodeCacheInfo, type CacheInfo } from '../../src/ondisk/cache_info.js';
 import { decodeCachePos, encodeCachePos } from '../../src/ondisk/cache_pos.js';
 import {
@@ -15,7 +15,6 @@ import { decodeSegmentGen, encodeSegmentGen } from '../../src/ondisk/segment_gen
 import { decodeSegmentInfo, encodeSegmentInfo } from '../../src/ondisk/segment_info.js';
 import { decodeSuperblock, encodeSuperblock, type Superblock } from '../../src/ondisk/superblock.js';
 
-const MiB = 1 << 20;
 
 /** Re-seals a meta record after a field was changed, so only the bounds check can reject it. */
 function reseal(record: Uint8Array): Uint8Array {

@@ -4,8 +4,8 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { PcacheError } from '../../src/lib/errors.js';
 import { DeviceEventLog, IoScheduler, SimDevice } from '../../sim/sim_device.js';
+import { isCode } from '../helpers/errors.js';
 
 const deviceBytes = 64 * 1024;
 
@@ -25,9 +25,6 @@ async function visibleByte(device: SimDevice, offset: number): Promise<number> {
   return byte[0] ?? -1;
 }
 
-function isCode(code: string): (error: unknown) => boolean {
-  return (error: unknown) => error instanceof PcacheError && error.code === code;
-}
 
 describe('SimDevice: the sync rule', () => {
   it('shows a completed write to reads at once but makes it durable only at a sync', async () => {

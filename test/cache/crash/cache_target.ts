@@ -6,9 +6,8 @@
 import { Cache } from '../../../src/cache/cache.js';
 import type { BlockDevice } from '../../../src/device/block_device.js';
 import { ManualTimers } from '../../../src/lib/timers.js';
+import { KiB, MiB } from '../../../src/lib/units.js';
 import type { CrashTarget, OpenTarget } from '../../../sim/harness.js';
-
-const MiB = 1024 * 1024;
 
 export interface CacheTargetOptions {
   readonly dataCrc?: boolean;
@@ -17,7 +16,7 @@ export interface CacheTargetOptions {
 
 /** Cache device bytes for `segments` segments of 1 MiB. */
 export function crashCacheBytes(segments: number): number {
-  return 20 * 1024 + segments * MiB;
+  return 20 * KiB + segments * MiB;
 }
 
 export function cacheTarget(options: CacheTargetOptions = {}): CrashTarget {

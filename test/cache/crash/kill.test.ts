@@ -20,16 +20,19 @@ import { Cache } from '../../../src/cache/cache.js';
 import { ManualTimers } from '../../../src/lib/timers.js';
 import { PcacheError, isPcacheError } from '../../../src/lib/errors.js';
 import { NbdClient } from '../../../src/nbd/client/client.js';
+import { readRecording } from '../../../src/device/recording_device.js';
+import { KiB, MiB } from '../../../src/lib/units.js';
 import { combineStates, materialize, randomStates } from '../../../sim/crash_states.js';
 import { fillPayload, formatViolation, RequestHistory, sectorValues, type HistoryRequest, type SectorViolation } from '../../../sim/oracle.js';
-import { readRecording } from '../../../src/device/recording_device.js';
 import { FilePageSource, recordingCrashPoint } from '../../../sim/recording_replay.js';
 import { PageImage } from '../../../sim/page_image.js';
 import { Prng } from '../../../sim/prng.js';
-import { MiB, runCli, sleep, startServe, tempDir, type ServeProcess } from '../../helpers/pcache.js';
+import { tempDir } from '../../helpers/files.js';
+import { runCli, type ServeProcess, startServe } from '../../helpers/pcache.js';
+import { sleep } from '../../helpers/wait.js';
 
 const S = 512;
-const cacheBytes = 20 * 1024 + 20 * MiB; // 20 segments of 1 MiB
+const cacheBytes = 20 * KiB + 20 * MiB; // 20 segments of 1 MiB
 const backingBytes = 16 * MiB;
 const regionBytes = 12 * MiB; // what the workload touches; the rest must stay zero
 const runs = 5;

@@ -9,43 +9,25 @@
 import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { DeviceExport } from '../../../src/device/device_export.js';
 import { MemoryDevice } from '../../../src/device/memory_device.js';
-import { PcacheError, type PcacheErrorCode } from '../../../src/lib/errors.js';
 import { ManualTimers } from '../../../src/lib/timers.js';
-import { NbdRemoteDevice, type NbdRemoteOptions } from '../../../src/nbd/client/remote_device.js';
+import type { NbdRemoteDevice, NbdRemoteOptions } from '../../../src/nbd/client/remote_device.js';
 import { NbdServer } from '../../../src/nbd/server/server.js';
-import { patternBytes, waitUntil } from '../../helpers/nbd_server.js';
-import { Nbdkit, type NbdkitSpec } from '../../helpers/nbdkit.js';
-
-const MiB = 1024 * 1024;
+import { MiB } from '../../../src/lib/units.js';
+import { patternBytes } from '../../helpers/bytes.js';
+import { isCode } from '../../helpers/errors.js';
+import { tempDir } from '../../helpers/files.js';
+import { openRemoteDevice } from '../../helpers/nbd_client.js';
+import { fileSpec, Nbdkit } from '../../helpers/nbdkit.js';
+import { uriFor } from '../../helpers/tools.js';
+import { sleep, waitUntil } from '../../helpers/wait.js';
 const fastReconnect = { delayMinMs: 50, delayMaxMs: 200 };
 
-function isCode(code: PcacheErrorCode, message?: RegExp): (error: unknown) => boolean {
-  return (error: unknown) => {
-    assert.ok(error instanceof PcacheError, `expected a PcacheError, got ${String(error)}`);
-    assert.equal(error.code, code, error.message);
-    if (message !== undefined) assert.match(error.message, message);
-    return true;
-  };
-}
-
-async function openDevice(t: TestContext, uri: string, options: NbdRemoteOptions = {}): Promise<NbdRemoteDevice> {
-  const device = await NbdRemoteDevice.open(uri, { reconnect: fastReconnect, ...options });
-  t.after(() => device.close());
-  return device;
-}
-
-/** nbdkit's file plugin on `disk.img` (created with `sizeBytes`) in the server's directory. */
-function fileSpec(sizeBytes: number, extra: Partial<NbdkitSpec> = {}): (dir: string) => NbdkitSpec {
-  return (dir) => {
-    const image = path.join(dir, 'disk.img');
-    if (!fs.existsSync(image)) fs.writeFileSync(image, Buffer.alloc(0));
-    fs.truncateSync(image, sizeBytes);
-    return { plugin: 'file', ...extra, args: [`file=${image}`, ...(extra.args ?? [])] };
-  };
+/** A remote device that reconnects within 50 to 200 ms, closed after the test. */
+function openDevice(t: TestContext, uri: string, options: NbdRemoteOptions = {}): Promise<NbdRemoteDevice> {
+  return openRemoteDevice(t, uri, { reconnect: fastReconnect, ...options });
 }
 
 describe('remote device when the server goes away', () => {
@@ -98,7 +80,7 @@ describe('remote device when the server goes away', () => {
     assert.equal(refused.connectionsConnected, 0);
     await assert.rejects(() => device.read(Buffer.alloc(512), 0), isCode('ENODEV', /size changed/));
     const attempts = refused.reconnectAttempts;
-    await new Promise((resolve) => setTimeout(resolve, 4 * fastReconnect.delayMaxMs));
+    await sleep(4 * fastReconnect.delayMaxMs);
     assert.equal(device.state().reconnectAttempts, attempts, 'no further attempts');
     assert.equal(device.state().connectionsConnected, 0);
   });
@@ -152,16 +134,14 @@ describe('reconnection policy (pcache\'s server, manual timers)', () => {
   }
 
   it('backs off exponentially to the maximum, resets after reconnecting, and stops at close()', async (t) => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pcache-reconnect-'));
-    t.after(() => { fs.rmSync(dir, { recursive: true, force: true }); });
+    const dir = tempDir(t, 'pcache-reconnect-');
     const socketPath = path.join(dir, 'nbd.sock');
     let server = await listen(socketPath);
     t.after(() => server.close());
     const timers = new ManualTimers();
-    const device = await NbdRemoteDevice.open(`nbd+unix:///?socket=${socketPath}`, {
+    const device = await openRemoteDevice(t, uriFor(socketPath), {
       connections: 2, timers, reconnect: { delayMinMs: 100, delayMaxMs: 400 },
     });
-    t.after(() => device.close());
     await server.close();
     await waitUntil(() => device.state().connectionsConnected === 0 && timers.armed === 1, 'both connections lost, a retry armed');
     assert.equal(device.state().offlineSince, '2026-01-01T00:00:00.000Z');
@@ -200,14 +180,12 @@ describe('reconnection policy (pcache\'s server, manual timers)', () => {
   });
 
   it('gives up after reconnect.attemptsMax attempts and says so', async (t) => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pcache-reconnect-'));
-    t.after(() => { fs.rmSync(dir, { recursive: true, force: true }); });
+    const dir = tempDir(t, 'pcache-reconnect-');
     const socketPath = path.join(dir, 'nbd.sock');
     const server = await listen(socketPath);
-    const device = await NbdRemoteDevice.open(`nbd+unix:///?socket=${socketPath}`, {
+    const device = await openRemoteDevice(t, uriFor(socketPath), {
       connections: 1, reconnect: { delayMinMs: 10, delayMaxMs: 20, attemptsMax: 3 },
     });
-    t.after(() => device.close());
     await server.close();
     await waitUntil(() => device.state().refused !== undefined, 'the device gave up');
     assert.match(device.state().refused ?? '', /gave up after 3 reconnection attempts; last error: .*ENOENT/);

@@ -3,7 +3,7 @@
 // READ chunks, never reply, never greet.
 //
 // It parses what the client sends with Buffer's own methods (independent of src/nbd) and
-// lets the test decide every byte it answers. Options and requests are handed to callbacks;
+// lets the test decide every byte it answers (helpers/nbd_wire.ts builds the messages). Options and requests are handed to callbacks;
 // whatever they return is written back.
 
 import fs from 'node:fs';
@@ -11,7 +11,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
-import { ihaveopt, INFO, nbdMagic, OPT, optionReplyMagic, REP } from '../../helpers/nbd_wire.js';
+import { goReplies, OPT, optionReply, REP, serverGreeting } from '../../helpers/nbd_wire.js';
 
 export const TRANSMISSION = Symbol('transmission');
 
@@ -39,64 +39,6 @@ export interface FakeServer {
   readonly requests: FakeRequest[];
   readonly sockets: Set<net.Socket>;
   close(): Promise<void>;
-}
-
-export function greetingBytes(flags = 3): Buffer {
-  const bytes = Buffer.alloc(18);
-  bytes.writeBigUInt64BE(nbdMagic, 0);
-  bytes.writeBigUInt64BE(ihaveopt, 8);
-  bytes.writeUInt16BE(flags, 16);
-  return bytes;
-}
-
-export function optionReply(option: number, type: number, data: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(20);
-  header.writeBigUInt64BE(optionReplyMagic, 0);
-  header.writeUInt32BE(option, 8);
-  header.writeUInt32BE(type, 12);
-  header.writeUInt32BE(data.length, 16);
-  return Buffer.concat([header, data]);
-}
-
-/** The replies to a GO for an export of `sizeBytes` with `flags` and optional block sizes. */
-export function goReplies(sizeBytes: number, flags: number, blockSize?: [number, number, number]): Buffer {
-  const exportInfo = Buffer.alloc(12);
-  exportInfo.writeUInt16BE(INFO.export, 0);
-  exportInfo.writeBigUInt64BE(BigInt(sizeBytes), 2);
-  exportInfo.writeUInt16BE(flags, 10);
-  const parts = [optionReply(OPT.go, REP.info, exportInfo)];
-  if (blockSize !== undefined) {
-    const info = Buffer.alloc(14);
-    info.writeUInt16BE(INFO.blockSize, 0);
-    blockSize.forEach((value, i) => info.writeUInt32BE(value, 2 + 4 * i));
-    parts.push(optionReply(OPT.go, REP.info, info));
-  }
-  parts.push(optionReply(OPT.go, REP.ack));
-  return Buffer.concat(parts);
-}
-
-export function simpleReply(errno: number, cookie: bigint, data: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(16);
-  header.writeUInt32BE(0x67446698, 0);
-  header.writeUInt32BE(errno, 4);
-  header.writeBigUInt64BE(cookie, 8);
-  return Buffer.concat([header, data]);
-}
-
-export function chunkReply(flags: number, type: number, cookie: bigint, payload: Buffer): Buffer {
-  const header = Buffer.alloc(20);
-  header.writeUInt32BE(0x668e33ef, 0);
-  header.writeUInt16BE(flags, 4);
-  header.writeUInt16BE(type, 6);
-  header.writeBigUInt64BE(cookie, 8);
-  header.writeUInt32BE(payload.length, 16);
-  return Buffer.concat([header, payload]);
-}
-
-export function offsetDataPayload(offset: number, data: Buffer): Buffer {
-  const prefix = Buffer.alloc(8);
-  prefix.writeBigUInt64BE(BigInt(offset), 0);
-  return Buffer.concat([prefix, data]);
 }
 
 /** Starts a scripted server; it is closed after the test. */
@@ -128,7 +70,7 @@ export async function startFakeServer(t: TestContext, script: FakeScript): Promi
 }
 
 function serve(socket: net.Socket, script: FakeScript, requests: FakeRequest[]): void {
-  const greeting = 'greeting' in script ? script.greeting : greetingBytes();
+  const greeting = 'greeting' in script ? script.greeting : serverGreeting();
   if (greeting !== undefined) socket.write(greeting);
   let buffered = Buffer.alloc(0);
   let phase: 'flags' | 'options' | 'transmission' = 'flags';

@@ -4,41 +4,16 @@
 // over connections, flush semantics with and without CAN_MULTI_CONN, and nbdkit's injected
 // errors mapped back to PcacheError codes. nbdkit's log filter shows what reached the server.
 
-import { describe, it, type TestContext } from 'node:test';
+import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { PcacheError, type PcacheErrorCode } from '../../../src/lib/errors.js';
-import { NbdClient } from '../../../src/nbd/client/client.js';
-import { NbdRemoteDevice, type NbdRemoteOptions } from '../../../src/nbd/client/remote_device.js';
-import { parseNbdUri } from '../../../src/nbd/client/uri.js';
-import { patternBytes, waitUntil } from '../../helpers/nbd_server.js';
-import { Nbdkit, type LogEntry } from '../../helpers/nbdkit.js';
-
-const MiB = 1024 * 1024;
-const GiB = 1024 * MiB;
-
-async function openDevice(t: TestContext, uri: string, options: NbdRemoteOptions = {}): Promise<NbdRemoteDevice> {
-  const device = await NbdRemoteDevice.open(uri, options);
-  t.after(() => device.close());
-  return device;
-}
-
-async function connect(t: TestContext, uri: string): Promise<NbdClient> {
-  const parsed = parseNbdUri(uri);
-  const client = await NbdClient.connect(parsed.address, { exportName: parsed.exportName });
-  t.after(() => client.disconnect());
-  return client;
-}
-
-function isCode(code: PcacheErrorCode, message?: RegExp): (error: unknown) => boolean {
-  return (error: unknown) => {
-    assert.ok(error instanceof PcacheError, `expected a PcacheError, got ${String(error)}`);
-    assert.equal(error.code, code, error.message);
-    if (message !== undefined) assert.match(error.message, message);
-    return true;
-  };
-}
+import { GiB, MiB } from '../../../src/lib/units.js';
+import { patternBytes } from '../../helpers/bytes.js';
+import { isCode } from '../../helpers/errors.js';
+import { connectClient, openRemoteDevice } from '../../helpers/nbd_client.js';
+import { type LogEntry, Nbdkit } from '../../helpers/nbdkit.js';
+import { waitUntil } from '../../helpers/wait.js';
 
 /** Log entries of one action, after the log has caught up with `count` of them. */
 async function logged(server: Nbdkit, action: string, count: number): Promise<LogEntry[]> {
@@ -51,7 +26,7 @@ describe('against nbdkit', () => {
     const mode = flags.length === 0 ? 'structured replies' : 'simple replies (--no-sr)';
     it(`round-trips read, write, discard and sync with ${mode}`, async (t) => {
       const server = await Nbdkit.start(t, { plugin: 'memory', args: ['64M'], flags });
-      const device = await openDevice(t, server.uri);
+      const device = await openRemoteDevice(t, server.uri);
       assert.equal(device.sizeBytes, 64 * MiB);
       assert.equal(device.state().structuredReplies, flags.length === 0);
       assert.equal(device.state().multiConn, true, 'the memory plugin advertises multi-conn');
@@ -60,7 +35,7 @@ describe('against nbdkit', () => {
       await device.discard(5 * MiB + 4096, 4096);
       await device.sync();
       // A separate connection sees what the device wrote.
-      const reader = await connect(t, server.uri);
+      const reader = await connectClient(t, server.uri);
       const back = Buffer.alloc(3 * MiB);
       await reader.read(back, 5 * MiB);
       const expected = Buffer.from(data);
@@ -75,7 +50,7 @@ describe('against nbdkit', () => {
     const server = await Nbdkit.start(t, {
       plugin: 'memory', args: ['64M', 'blocksize-maximum=1M', 'blocksize-error-policy=error'], filters: ['blocksize-policy'], log: true,
     });
-    const client = await connect(t, server.uri);
+    const client = await connectClient(t, server.uri);
     assert.equal(client.payloadMaxBytes, MiB);
     const data = patternBytes(5 * MiB + 4096, 4);
     await client.write(data, 4096);
@@ -89,7 +64,7 @@ describe('against nbdkit', () => {
 
   it('splits zeroing beyond 1 GiB into several WRITE_ZEROES requests', async (t) => {
     const server = await Nbdkit.start(t, { plugin: 'memory', args: ['3G'], log: true });
-    const device = await openDevice(t, server.uri, { connections: 1 });
+    const device = await openRemoteDevice(t, server.uri, { connections: 1 });
     await device.write(patternBytes(4096, 1), 2 * GiB + 512 * MiB - 4096);
     await device.discard(0, 2 * GiB + 512 * MiB);
     const zeroes = await logged(server, 'Zero', 3);
@@ -101,7 +76,7 @@ describe('against nbdkit', () => {
 
   it('keeps many requests in flight on one connection (the server runs them concurrently)', async (t) => {
     const server = await Nbdkit.start(t, { plugin: 'memory', args: ['64M', 'delay-read=300ms'], filters: ['delay'], log: true });
-    const client = await connect(t, server.uri);
+    const client = await connectClient(t, server.uri);
     await Promise.all(Array.from({ length: 32 }, (_, i) => client.read(Buffer.alloc(4096), i * 4096)));
     assert.equal(client.peakInFlightRequests, 32);
     const reads = await logged(server, 'Read', 32);
@@ -113,7 +88,7 @@ describe('against nbdkit', () => {
 
   it('spreads requests over its connections, sends FUA, and flushes once with multi-conn', async (t) => {
     const server = await Nbdkit.start(t, { plugin: 'memory', args: ['64M'], log: true });
-    const device = await openDevice(t, server.uri, { connections: 4 });
+    const device = await openRemoteDevice(t, server.uri, { connections: 4 });
     await Promise.all(Array.from({ length: 16 }, (_, i) => device.read(Buffer.alloc(4096), i * 4096)));
     const reads = await logged(server, 'Read', 16);
     assert.equal(new Set(reads.map((e) => e.connection)).size, 4, 'every connection served reads');
@@ -131,7 +106,7 @@ describe('against nbdkit', () => {
     const server = await Nbdkit.start(t, {
       plugin: 'memory', args: ['64M', 'multi-conn-mode=disable'], filters: ['multi-conn'], log: true,
     });
-    const device = await openDevice(t, server.uri, { connections: 4 });
+    const device = await openRemoteDevice(t, server.uri, { connections: 4 });
     assert.equal(device.state().multiConn, false);
     await Promise.all(Array.from({ length: 12 }, (_, i) => device.write(patternBytes(4096, i), i * 4096)));
     await device.sync();
@@ -159,7 +134,7 @@ describe('against nbdkit', () => {
         })],
       }));
       const inject = server.file('inject');
-      const client = await connect(t, server.uri);
+      const client = await connectClient(t, server.uri);
       writeFileSync(inject, '');
       await assert.rejects(() => client.read(Buffer.alloc(4096), 0), isCode('EIO', /READ 0\+4096 with EIO/));
       await assert.rejects(() => client.write(Buffer.alloc(4096), 0), isCode('ENOSPC'));
@@ -175,7 +150,7 @@ describe('against nbdkit', () => {
 
   it('under random read errors, every read either fails with EIO or returns the right data', async (t) => {
     const server = await Nbdkit.start(t, { plugin: 'memory', args: ['64M', 'error-pread-rate=30%'], filters: ['error'] });
-    const device = await openDevice(t, server.uri);
+    const device = await openRemoteDevice(t, server.uri);
     const data = patternBytes(MiB, 8);
     await device.write(data, 0);
     const results = await Promise.all(Array.from({ length: 64 }, async (_, i) => {

@@ -15,21 +15,18 @@ import assert from 'node:assert/strict';
 import { DeviceExport } from '../../../src/device/device_export.js';
 import { MemoryDevice } from '../../../src/device/memory_device.js';
 import { PcacheError, type PcacheErrorCode } from '../../../src/lib/errors.js';
-import { NbdClient } from '../../../src/nbd/client/client.js';
+import { MiB } from '../../../src/lib/units.js';
+import type { NbdClient } from '../../../src/nbd/client/client.js';
 import { NbdRemoteDevice } from '../../../src/nbd/client/remote_device.js';
 import { NbdServer, type NbdServerOptions } from '../../../src/nbd/server/server.js';
-import { parseNbdUri } from '../../../src/nbd/client/uri.js';
-import { ControlledExport, patternBytes, startServer, waitUntil, type TestServer } from '../../helpers/nbd_server.js';
-import { CMD, OPT, REP, TFLAG } from '../../helpers/nbd_wire.js';
-import {
-  chunkReply, type FakeRequest, offsetDataPayload, optionReply, simpleReply, standardOptions, startFakeServer, TRANSMISSION,
-} from './fake_server.js';
-
-const MiB = 1024 * 1024;
-
-function uriOf(srv: TestServer, exportName = ''): string {
-  return `nbd+unix:///${exportName}?socket=${srv.path}`;
-}
+import { patternBytes } from '../../helpers/bytes.js';
+import { isCode } from '../../helpers/errors.js';
+import { connectClient, openRemoteDevice } from '../../helpers/nbd_client.js';
+import { ControlledExport, startServer, type TestServer } from '../../helpers/nbd_server.js';
+import { chunkReply, CMD, offsetDataPayload, OPT, optionReply, REP, simpleReply, TFLAG } from '../../helpers/nbd_wire.js';
+import { uriFor } from '../../helpers/tools.js';
+import { sleep, waitUntil } from '../../helpers/wait.js';
+import { type FakeRequest, standardOptions, startFakeServer, TRANSMISSION } from './fake_server.js';
 
 async function memoryServer(t: TestContext, sizeBytes = 16 * MiB, options: Partial<NbdServerOptions> = {}): Promise<{ srv: TestServer; device: MemoryDevice }> {
   const device = new MemoryDevice(patternBytes(sizeBytes, 5));
@@ -46,32 +43,10 @@ async function controlledServer(t: TestContext, sizeBytes = 8 * MiB, options: Pa
   return { srv, exp };
 }
 
-async function openDevice(t: TestContext, uri: string, options: Parameters<typeof NbdRemoteDevice.open>[1] = {}): Promise<NbdRemoteDevice> {
-  const device = await NbdRemoteDevice.open(uri, options);
-  t.after(() => device.close());
-  return device;
-}
-
-async function connect(t: TestContext, uri: string, options: Partial<Parameters<typeof NbdClient.connect>[1]> = {}): Promise<NbdClient> {
-  const parsed = parseNbdUri(uri);
-  const client = await NbdClient.connect(parsed.address, { exportName: parsed.exportName, ...options });
-  t.after(() => client.disconnect());
-  return client;
-}
-
-function isCode(code: PcacheErrorCode, message?: RegExp): (error: unknown) => boolean {
-  return (error: unknown) => {
-    assert.ok(error instanceof PcacheError, `expected a PcacheError, got ${String(error)}`);
-    assert.equal(error.code, code, error.message);
-    if (message !== undefined) assert.match(error.message, message);
-    return true;
-  };
-}
-
 describe('NbdRemoteDevice against pcache\'s server', () => {
   it('opens four connections and round-trips read, write, FUA write, discard and sync', async (t) => {
     const { srv, device: memory } = await memoryServer(t);
-    const device = await openDevice(t, uriOf(srv, 'pcache'));
+    const device = await openRemoteDevice(t, uriFor(srv.path, 'pcache'));
     assert.equal(device.sizeBytes, 16 * MiB);
     assert.equal(device.blocking, undefined);
     assert.equal(device.identity, `nbd:${srv.path}/pcache`);
@@ -105,7 +80,7 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
     t.after(() => server.close());
     const address = await server.listen({ port: 0 });
     assert.ok('port' in address);
-    const device = await openDevice(t, `nbd://127.0.0.1:${address.port}/tcp-export`, { connections: 2 });
+    const device = await openRemoteDevice(t, `nbd://127.0.0.1:${address.port}/tcp-export`, { connections: 2 });
     assert.equal(device.identity, `nbd:127.0.0.1:${address.port}/tcp-export`);
     await device.write(patternBytes(64 * 1024, 1), MiB);
     await device.sync();
@@ -118,7 +93,7 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
   it('splits requests larger than the server\'s 32 MiB maximum payload, and reassembles them', async (t) => {
     const { srv, exp } = await controlledServer(t, 80 * MiB);
     exp.mode = 'sync';
-    const device = await openDevice(t, uriOf(srv), { connections: 1 });
+    const device = await openRemoteDevice(t, uriFor(srv.path), { connections: 1 });
     const data = patternBytes(72 * MiB, 12);
     await device.write(data, 4 * MiB);
     const writes = exp.calls.filter((c) => c.method === 'write');
@@ -131,7 +106,7 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
 
   it('keeps many requests in flight on one connection, answered out of order', async (t) => {
     const { srv, exp } = await controlledServer(t);
-    const client = await connect(t, uriOf(srv));
+    const client = await connectClient(t, uriFor(srv.path));
     exp.hold();
     const buffers = Array.from({ length: 40 }, () => Buffer.alloc(4096));
     const reads = buffers.map((buffer, i) => client.read(buffer, i * 8192));
@@ -146,11 +121,11 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
 
   it('bounds requests in flight per connection and queues the rest in order', async (t) => {
     const { srv, exp } = await controlledServer(t);
-    const client = await connect(t, uriOf(srv), { limits: { inFlightRequestsMax: 4 } });
+    const client = await connectClient(t, uriFor(srv.path), { limits: { inFlightRequestsMax: 4 } });
     exp.hold();
     const reads = Array.from({ length: 20 }, (_, i) => client.read(Buffer.alloc(4096), i * 4096));
     await waitUntil(() => exp.parkedCount === 4, 'four reads in flight');
-    await new Promise((resolve) => setTimeout(resolve, 50));
+    await sleep(50);
     assert.equal(exp.parkedCount, 4, 'no fifth request was sent');
     assert.equal(client.load, 20);
     exp.release();
@@ -161,11 +136,11 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
 
   it('bounds bytes in flight per connection, yet always admits one request larger than the bound', async (t) => {
     const { srv, exp } = await controlledServer(t);
-    const client = await connect(t, uriOf(srv), { limits: { inFlightBytesMax: MiB } });
+    const client = await connectClient(t, uriFor(srv.path), { limits: { inFlightBytesMax: MiB } });
     exp.hold();
     const reads = Array.from({ length: 8 }, (_, i) => client.read(Buffer.alloc(512 * 1024), i * 512 * 1024));
     await waitUntil(() => exp.parkedCount === 2, 'two 512 KiB reads in flight');
-    await new Promise((resolve) => setTimeout(resolve, 50));
+    await sleep(50);
     assert.equal(exp.parkedCount, 2, '1 MiB in flight at most');
     exp.release();
     await Promise.all(reads);
@@ -176,7 +151,7 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
 
   it('fails requests beyond the queue bound with EIO, without disturbing the others', async (t) => {
     const { srv, exp } = await controlledServer(t);
-    const client = await connect(t, uriOf(srv), { limits: { inFlightRequestsMax: 2, queuedRequestsMax: 3 } });
+    const client = await connectClient(t, uriFor(srv.path), { limits: { inFlightRequestsMax: 2, queuedRequestsMax: 3 } });
     exp.hold();
     const results = Array.from({ length: 6 }, (_, i) => client.read(Buffer.alloc(512), i * 512).then(() => 'ok', (e: unknown) => (e as PcacheError).code));
     await waitUntil(() => exp.parkedCount === 2, 'two in flight');
@@ -187,7 +162,7 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
   it('sends FUA on the wire, and one FLUSH per sync because the server advertises multi-conn', async (t) => {
     const { srv, exp } = await controlledServer(t);
     exp.mode = 'sync';
-    const device = await openDevice(t, uriOf(srv), { connections: 3 });
+    const device = await openRemoteDevice(t, uriFor(srv.path), { connections: 3 });
     await Promise.all(Array.from({ length: 9 }, (_, i) => device.write(patternBytes(4096, i), i * 4096)));
     await device.write(patternBytes(4096, 99), 64 * 4096, { fua: true });
     await device.sync();
@@ -197,7 +172,7 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
 
   it('uses simple replies when the server refuses structured replies', async (t) => {
     const { srv, device: memory } = await memoryServer(t, 16 * MiB, { offerStructuredReplies: false, offerNoZeroes: false });
-    const device = await openDevice(t, uriOf(srv), { connections: 2 });
+    const device = await openRemoteDevice(t, uriFor(srv.path), { connections: 2 });
     assert.equal(device.state().structuredReplies, false);
     const back = Buffer.alloc(3 * MiB);
     await device.read(back, 2 * MiB);
@@ -209,13 +184,13 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
 
   it('refuses writes and discards on a read-only export, or when opened read-only, with EPERM', async (t) => {
     const { srv } = await memoryServer(t, 4 * MiB, { readOnly: true });
-    const device = await openDevice(t, uriOf(srv), { connections: 1 });
+    const device = await openRemoteDevice(t, uriFor(srv.path), { connections: 1 });
     assert.equal(device.readOnly, true);
     await assert.rejects(() => device.write(Buffer.alloc(512), 0), isCode('EPERM'));
     await assert.rejects(() => device.discard(0, 512), isCode('EPERM'));
     await device.read(Buffer.alloc(512), 0);
     const { srv: writable, device: memory } = await memoryServer(t, 4 * MiB);
-    const readOnly = await openDevice(t, uriOf(writable), { connections: 1, readOnly: true });
+    const readOnly = await openRemoteDevice(t, uriFor(writable.path), { connections: 1, readOnly: true });
     await assert.rejects(() => readOnly.write(Buffer.alloc(512), 0), isCode('EPERM'));
     assert.ok(Buffer.from(memory.bytes.subarray(0, 512)).equals(patternBytes(4 * MiB, 5).subarray(0, 512)), 'nothing was written');
   });
@@ -223,7 +198,7 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
   for (const structured of [true, false]) {
     it(`maps server errors back to PcacheError codes (${structured ? 'structured' : 'simple'} replies)`, async (t) => {
       const { srv, exp } = await controlledServer(t, 8 * MiB, { offerStructuredReplies: structured });
-      const client = await connect(t, uriOf(srv));
+      const client = await connectClient(t, uriFor(srv.path));
       const codes: PcacheErrorCode[] = ['EIO', 'ENOSPC', 'EPERM', 'EINVAL', 'ENOTSUP'];
       for (const code of codes) {
         exp.fault = (method) => (method === 'read' || method === 'write' ? new PcacheError(code, `injected ${code}`) : undefined);
@@ -240,7 +215,7 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
 
   it('treats ESHUTDOWN as the server going away: ENODEV, requests in flight finish, then a clean disconnect', async (t) => {
     const { srv, exp } = await controlledServer(t);
-    const client = await connect(t, uriOf(srv));
+    const client = await connectClient(t, uriFor(srv.path));
     exp.hold();
     const inFlight = Buffer.alloc(4096);
     const held = client.read(inFlight, 8192);
@@ -261,8 +236,8 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
     await assert.rejects(() => NbdRemoteDevice.open('nbd+unix:///?socket=/nonexistent/pcache.sock'), isCode('ENODEV', /cannot open .*ENOENT/));
     await assert.rejects(() => NbdRemoteDevice.open('nbd://127.0.0.1:1/'), isCode('ENODEV', /ECONNREFUSED/));
     const { srv } = await memoryServer(t);
-    await assert.rejects(() => NbdRemoteDevice.open(uriOf(srv, 'other')), isCode('EINVAL', /no export named "other"/));
-    await assert.rejects(() => NbdRemoteDevice.open(uriOf(srv), { connections: 17 }), isCode('EINVAL', /connections must be/));
+    await assert.rejects(() => NbdRemoteDevice.open(uriFor(srv.path, 'other')), isCode('EINVAL', /no export named "other"/));
+    await assert.rejects(() => NbdRemoteDevice.open(uriFor(srv.path), { connections: 17 }), isCode('EINVAL', /connections must be/));
     const fake = await startFakeServer(t, {
       onOption: standardOptions({ sizeBytes: MiB, flags: TFLAG.hasFlags, structured: true, blockSize: [4096, 4096, MiB] }),
       onRequest: () => Buffer.alloc(0),
@@ -273,8 +248,8 @@ describe('NbdRemoteDevice against pcache\'s server', () => {
   it('keeps identities short and stable: a long export name is hashed', async (t) => {
     const longName = 'x'.repeat(200);
     const { srv } = await memoryServer(t, 4 * MiB, { exportName: longName });
-    const first = await openDevice(t, uriOf(srv, longName), { connections: 1 });
-    const second = await openDevice(t, uriOf(srv, longName), { connections: 1 });
+    const first = await openRemoteDevice(t, uriFor(srv.path, longName), { connections: 1 });
+    const second = await openRemoteDevice(t, uriFor(srv.path, longName), { connections: 1 });
     assert.match(first.identity, /^nbd:sha256:[0-9a-f]{64}$/);
     assert.equal(first.identity, second.identity);
   });
@@ -298,7 +273,7 @@ describe('NbdClient against scripted servers', () => {
       },
       onRequest: (request) => simpleReply(0, request.cookie, request.type === CMD.read ? data.subarray(0, request.length) : Buffer.alloc(0)),
     });
-    const client = await connect(t, fake.uri.replace(':///', ':///legacy'));
+    const client = await connectClient(t, fake.uri.replace(':///', ':///legacy'));
     assert.deepEqual([client.info.negotiatedWith, client.info.structuredReplies, client.sizeBytes], ['export-name', false, MiB]);
     const back = Buffer.alloc(4096);
     await client.read(back, 0);
@@ -312,12 +287,12 @@ describe('NbdClient against scripted servers', () => {
       onOption: standardOptions({ sizeBytes: 4 * MiB, flags: TFLAG.hasFlags | TFLAG.sendFlush, structured: false }),
       onRequest: (request) => simpleReply(0, request.cookie),
     });
-    const client = await connect(t, fake.uri);
+    const client = await connectClient(t, fake.uri);
     await client.write(Buffer.alloc(512), 0, { fua: true });
     assert.deepEqual(fake.requests.map((r) => [r.type, r.flags]), [[CMD.write, 0], [CMD.flush, 0]]);
     await assert.rejects(() => client.trim(0, 512), isCode('ENOTSUP', /TRIM/));
     await assert.rejects(() => client.writeZeroes(0, 512), isCode('ENOTSUP', /WRITE_ZEROES/));
-    const device = await openDevice(t, fake.uri, { connections: 1 });
+    const device = await openRemoteDevice(t, fake.uri, { connections: 1 });
     await device.discard(0, 3 * 512 * 1024);
     const zeroWrites = fake.requests.slice(2).filter((r) => r.type === CMD.write);
     assert.deepEqual(zeroWrites.map((r) => [r.offset, r.length]), [[0, MiB], [MiB, 512 * 1024]], 'discard writes zeroes without WRITE_ZEROES');
@@ -329,7 +304,7 @@ describe('NbdClient against scripted servers', () => {
       onOption: standardOptions({ sizeBytes: MiB, flags, structured }),
       onRequest: (request) => (request.offset === 0 ? reply(request) : Buffer.alloc(0)),
     });
-    return connect(t, fake.uri);
+    return connectClient(t, fake.uri);
   }
 
   const malformed: [string, (request: FakeRequest) => Buffer, RegExp][] = [
@@ -355,7 +330,7 @@ describe('NbdClient against scripted servers', () => {
 
   it('declares a server dead when a request gets no reply within requestTimeoutMs', async (t) => {
     const fake = await startFakeServer(t, { onOption: standardOptions({ sizeBytes: MiB, flags, structured: true }), onRequest: () => Buffer.alloc(0) });
-    const client = await connect(t, fake.uri, { limits: { requestTimeoutMs: 300 } });
+    const client = await connectClient(t, fake.uri, { limits: { requestTimeoutMs: 300 } });
     const started = Date.now();
     await assert.rejects(() => client.read(Buffer.alloc(512), 0), isCode('ENODEV', /no reply for \d+ ms/));
     assert.ok(Date.now() - started < 5000, 'failed within a few timeout periods, not never');
@@ -363,7 +338,7 @@ describe('NbdClient against scripted servers', () => {
 
   it('gives up on a server that never greets after connectTimeoutMs', async (t) => {
     const fake = await startFakeServer(t, { greeting: undefined, onOption: standardOptions({ sizeBytes: MiB, flags, structured: true }), onRequest: () => Buffer.alloc(0) });
-    await assert.rejects(() => connect(t, fake.uri, { limits: { connectTimeoutMs: 200 } }), isCode('ENODEV', /no NBD session after 200 ms/));
+    await assert.rejects(() => connectClient(t, fake.uri, { limits: { connectTimeoutMs: 200 } }), isCode('ENODEV', /no NBD session after 200 ms/));
   });
 
   it('reports a server that hangs up during the handshake', async (t) => {
@@ -374,7 +349,7 @@ describe('NbdClient against scripted servers', () => {
       },
       onRequest: () => Buffer.alloc(0),
     });
-    await assert.rejects(() => connect(t, fake.uri), isCode('ENODEV', /closed the connection during the handshake/));
+    await assert.rejects(() => connectClient(t, fake.uri), isCode('ENODEV', /closed the connection during the handshake/));
   });
 
   it('checks ranges and alignment before anything is sent', async (t) => {
@@ -382,7 +357,7 @@ describe('NbdClient against scripted servers', () => {
       onOption: standardOptions({ sizeBytes: MiB, flags, structured: true, blockSize: [512, 4096, MiB] }),
       onRequest: (request) => simpleReply(0, request.cookie),
     });
-    const client = await connect(t, fake.uri);
+    const client = await connectClient(t, fake.uri);
     await assert.rejects(() => client.read(Buffer.alloc(512), MiB), isCode('EINVAL', /ends past the export's end/));
     await assert.rejects(() => client.write(Buffer.alloc(100), 0), isCode('EINVAL', /not aligned to the server's 512-byte blocks/));
     await assert.rejects(() => client.trim(-512, 512), isCode('EINVAL', /bad range/));

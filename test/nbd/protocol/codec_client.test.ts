@@ -2,7 +2,8 @@
 // Every server transcript and reply stream is fed whole, split in two at every byte offset and
 // one byte at a time, and must give identical results — the results the protocol prescribes.
 // The client handshake is also run against pcache's own server handshake in memory. Fixtures
-// come from builders written with Buffer's big-endian methods, independent of src/nbd.
+// come from builders written with Buffer's big-endian methods, independent of src/nbd (most in
+// test/helpers/nbd_wire.ts, shared with the client's other tests).
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,80 +17,23 @@ import {
 } from '../../../src/nbd/protocol/transmission_client.js';
 import { Handshake, type HandshakeConfig } from '../../../src/nbd/protocol/handshake_server.js';
 import { RequestDecoder } from '../../../src/nbd/protocol/transmission_server.js';
-import { clientFlags, CMD, FLAG, ihaveopt, INFO, infoData, nbdMagic, OPT, option, optionReplyMagic, REP, request, TFLAG } from '../../helpers/nbd_wire.js';
+import { MiB } from '../../../src/lib/units.js';
+import { assertChunkingInvariant } from '../../helpers/bytes.js';
+import {
+  CHUNK, chunkReply, clientFlags, CMD, FLAG, INFO, infoBlockSize, infoData, infoExport, offsetDataPayload, OPT, option, optionReply, REP, request,
+  serverGreeting, simpleMagic, simpleReply, structuredMagic, TFLAG,
+} from '../../helpers/nbd_wire.js';
 
-const MiB = 1024 * 1024;
-const REP_ERR = { tlsReqd: 0x8000_0005, blockSizeReqd: 0x8000_0008 } as const;
-const CHUNK = { none: 0, offsetData: 1, offsetHole: 2, blockStatus: 5, error: 0x8001, errorOffset: 0x8002 } as const;
+/** NBD_REPLY_FLAG_DONE. */
 const DONE = 1;
-const SIMPLE_MAGIC = 0x67446698;
-const STRUCTURED_MAGIC = 0x668e33ef;
 
 // --- Builders for what a server sends ---
-
-function greeting(flags: number, second: bigint = ihaveopt): Buffer {
-  const bytes = Buffer.alloc(18);
-  bytes.writeBigUInt64BE(nbdMagic, 0);
-  bytes.writeBigUInt64BE(second, 8);
-  bytes.writeUInt16BE(flags, 16);
-  return bytes;
-}
-
-function optReply(opt: number, type: number, data: Buffer = Buffer.alloc(0), declaredLength?: number): Buffer {
-  const header = Buffer.alloc(20);
-  header.writeBigUInt64BE(optionReplyMagic, 0);
-  header.writeUInt32BE(opt, 8);
-  header.writeUInt32BE(type, 12);
-  header.writeUInt32BE(declaredLength ?? data.length, 16);
-  return Buffer.concat([header, data]);
-}
-
-function infoExport(sizeBytes: bigint, flags: number): Buffer {
-  const bytes = Buffer.alloc(12);
-  bytes.writeUInt16BE(INFO.export, 0);
-  bytes.writeBigUInt64BE(sizeBytes, 2);
-  bytes.writeUInt16BE(flags, 10);
-  return bytes;
-}
-
-function infoBlockSize(minimum: number, preferred: number, maximum: number): Buffer {
-  const bytes = Buffer.alloc(14);
-  bytes.writeUInt16BE(INFO.blockSize, 0);
-  bytes.writeUInt32BE(minimum, 2);
-  bytes.writeUInt32BE(preferred, 6);
-  bytes.writeUInt32BE(maximum, 10);
-  return bytes;
-}
 
 function exportNameReply(sizeBytes: bigint, flags: number, padded: boolean): Buffer {
   const bytes = Buffer.alloc(10 + (padded ? 124 : 0));
   bytes.writeBigUInt64BE(sizeBytes, 0);
   bytes.writeUInt16BE(flags, 8);
   return bytes;
-}
-
-function simple(errno: number, cookie: bigint, data: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(16);
-  header.writeUInt32BE(SIMPLE_MAGIC, 0);
-  header.writeUInt32BE(errno, 4);
-  header.writeBigUInt64BE(cookie, 8);
-  return Buffer.concat([header, data]);
-}
-
-function chunk(flags: number, type: number, cookie: bigint, payload: Buffer = Buffer.alloc(0), declaredLength?: number): Buffer {
-  const header = Buffer.alloc(20);
-  header.writeUInt32BE(STRUCTURED_MAGIC, 0);
-  header.writeUInt16BE(flags, 4);
-  header.writeUInt16BE(type, 6);
-  header.writeBigUInt64BE(cookie, 8);
-  header.writeUInt32BE(declaredLength ?? payload.length, 16);
-  return Buffer.concat([header, payload]);
-}
-
-function offsetData(offset: number, data: Buffer): Buffer {
-  const prefix = Buffer.alloc(8);
-  prefix.writeBigUInt64BE(BigInt(offset), 0);
-  return Buffer.concat([prefix, data]);
 }
 
 function offsetHole(offset: number | bigint, size: number): Buffer {
@@ -113,18 +57,6 @@ function bytesOf(length: number, seed: number): Buffer {
   const bytes = Buffer.alloc(length);
   for (let i = 0; i < length; i += 1) bytes[i] = (i * 31 + seed * 7) & 0xff;
   return bytes;
-}
-
-/** Feeds `bytes` whole, split in two at every offset, and one byte at a time. */
-function assertChunkingInvariant<T>(bytes: Buffer, run: (chunks: Uint8Array[]) => T): T {
-  const whole = run([bytes]);
-  for (let cut = 1; cut < bytes.length; cut += 1) {
-    assert.deepEqual(run([bytes.subarray(0, cut), bytes.subarray(cut)]), whole, `split at byte ${cut} differs`);
-  }
-  const singles: Uint8Array[] = [];
-  for (let i = 0; i < bytes.length; i += 1) singles.push(bytes.subarray(i, i + 1));
-  assert.deepEqual(run(singles), whole, 'byte-by-byte feed differs');
-  return whole;
 }
 
 // --- The client handshake ---
@@ -157,13 +89,13 @@ const writableFlags = TFLAG.hasFlags | TFLAG.sendFlush | TFLAG.sendFua | TFLAG.s
 describe('client handshake, any chunking', () => {
   it('GO with structured replies: flags, STRUCTURED_REPLY, GO asking for BLOCK_SIZE; INFOs collected; unknown INFO ignored', () => {
     const transcript = Buffer.concat([
-      greeting(3),
-      optReply(OPT.structuredReply, REP.ack),
-      optReply(OPT.go, REP.info, Buffer.from([0, INFO.name, 0x64, 0x69, 0x73, 0x6b])),
-      optReply(OPT.go, REP.info, infoExport(64n * BigInt(MiB), writableFlags)),
-      optReply(OPT.go, REP.info, Buffer.from([0x12, 0x34, 1, 2, 3])),
-      optReply(OPT.go, REP.info, infoBlockSize(512, 4096, 8 * MiB)),
-      optReply(OPT.go, REP.ack),
+      serverGreeting(3),
+      optionReply(OPT.structuredReply, REP.ack),
+      optionReply(OPT.go, REP.info, Buffer.from([0, INFO.name, 0x64, 0x69, 0x73, 0x6b])),
+      optionReply(OPT.go, REP.info, infoExport(64n * BigInt(MiB), writableFlags)),
+      optionReply(OPT.go, REP.info, Buffer.from([0x12, 0x34, 1, 2, 3])),
+      optionReply(OPT.go, REP.info, infoBlockSize(512, 4096, 8 * MiB)),
+      optionReply(OPT.go, REP.ack),
     ]);
     const run = assertChunkingInvariant(transcript, (c) => runClient(c));
     assert.equal(run.sent, Buffer.concat([clientFlags(3), option(OPT.structuredReply), goRequest]).toString('hex'));
@@ -178,10 +110,10 @@ describe('client handshake, any chunking', () => {
 
   it('structured replies refused: simple replies, GO still sent; bytes after the ACK stay for transmission', () => {
     const transcript = Buffer.concat([
-      greeting(3),
-      optReply(OPT.structuredReply, REP.errUnsup, Buffer.from('no thanks')),
-      optReply(OPT.go, REP.info, infoExport(1024n, TFLAG.hasFlags | TFLAG.readOnly)),
-      optReply(OPT.go, REP.ack),
+      serverGreeting(3),
+      optionReply(OPT.structuredReply, REP.errUnsup, Buffer.from('no thanks')),
+      optionReply(OPT.go, REP.info, infoExport(1024n, TFLAG.hasFlags | TFLAG.readOnly)),
+      optionReply(OPT.go, REP.ack),
       Buffer.from('after'),
     ]);
     const run = assertChunkingInvariant(transcript, (c) => runClient(c));
@@ -192,7 +124,7 @@ describe('client handshake, any chunking', () => {
   });
 
   it('not asking for structured replies sends GO straight after the flags', () => {
-    const transcript = Buffer.concat([greeting(3), optReply(OPT.go, REP.info, infoExport(4096n, 1)), optReply(OPT.go, REP.ack)]);
+    const transcript = Buffer.concat([serverGreeting(3), optionReply(OPT.go, REP.info, infoExport(4096n, 1)), optionReply(OPT.go, REP.ack)]);
     const run = assertChunkingInvariant(transcript, (c) => runClient(c, { exportName: 'disk', requestStructuredReplies: false }));
     assert.equal(run.sent, Buffer.concat([clientFlags(3), goRequest]).toString('hex'));
     assert.equal(run.verdict.kind, 'ready');
@@ -200,9 +132,9 @@ describe('client handshake, any chunking', () => {
 
   it('GO unsupported: falls back to EXPORT_NAME and skips the 124 padding bytes when NO_ZEROES is not offered', () => {
     const transcript = Buffer.concat([
-      greeting(1),
-      optReply(OPT.structuredReply, REP.errUnsup),
-      optReply(OPT.go, REP.errUnsup),
+      serverGreeting(1),
+      optionReply(OPT.structuredReply, REP.errUnsup),
+      optionReply(OPT.go, REP.errUnsup),
       exportNameReply(10n * BigInt(MiB), TFLAG.hasFlags | TFLAG.sendFlush, true),
       Buffer.from([0xab]),
     ]);
@@ -217,7 +149,7 @@ describe('client handshake, any chunking', () => {
 
   it('EXPORT_NAME fallback with NO_ZEROES: no padding, structured replies kept', () => {
     const transcript = Buffer.concat([
-      greeting(3), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.errUnsup), exportNameReply(4096n, 1, false), Buffer.from([1, 2]),
+      serverGreeting(3), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.errUnsup), exportNameReply(4096n, 1, false), Buffer.from([1, 2]),
     ]);
     const run = assertChunkingInvariant(transcript, (c) => runClient(c));
     assert.equal(run.verdict.kind, 'ready');
@@ -228,27 +160,27 @@ describe('client handshake, any chunking', () => {
 
   const failures: [string, Buffer, PcacheErrorCode, RegExp][] = [
     ['not an NBD server', Buffer.from('HTTP/1.1 400 Bad Request\r\n\r\n'), 'EIO', /did not greet with NBDMAGIC/],
-    ['an oldstyle server', greeting(0, 0x00420281861253n), 'ENOTSUP', /oldstyle/],
-    ['a greeting without IHAVEOPT', greeting(1, 0x1234n), 'EIO', /lacks IHAVEOPT/],
-    ['a server without fixed newstyle', greeting(0), 'ENOTSUP', /fixed newstyle/],
-    ['a bad option reply magic', Buffer.concat([greeting(1), Buffer.alloc(20)]), 'EIO', /bad option reply magic/],
-    ['a reply to an option not sent', Buffer.concat([greeting(1), optReply(OPT.list, REP.ack)]), 'EIO', /reply to option 3, but option 8 was sent/],
-    ['an option reply of 4 GiB (never allocated)', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack, Buffer.alloc(0), 0xffff_ffff)]), 'EIO', /exceeds 65536/],
-    ['an ACK to STRUCTURED_REPLY with data', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack, Buffer.from([1]))]), 'EIO', /carries data/],
-    ['a non-error, non-ACK reply to STRUCTURED_REPLY', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.info)]), 'EIO', /unexpected reply type 0x3/],
-    ['GO acknowledged without INFO_EXPORT', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.ack)]), 'EIO', /without NBD_INFO_EXPORT/],
-    ['a short INFO_EXPORT', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.info, infoExport(1n, 1).subarray(0, 11))]), 'EIO', /NBD_INFO_EXPORT of 11 bytes/],
-    ['an INFO without its type', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.info, Buffer.from([0]))]), 'EIO', /shorter than its type/],
-    ['a minimum block size that is not a power of two', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.info, infoBlockSize(768, 4096, MiB))]), 'EIO', /minimum 768/],
-    ['a preferred block size below the minimum', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.info, infoBlockSize(4096, 512, MiB))]), 'EIO', /preferred 512/],
-    ['a maximum that is not a multiple of the minimum', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.info, infoBlockSize(4096, 4096, 4096 + 512))]), 'EIO', /maximum 4608/],
-    ['an export of 2^53 bytes', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.info, infoExport(1n << 53n, 1)), optReply(OPT.go, REP.ack)]), 'EINVAL', /larger than 2\^53/],
-    ['an unknown export', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.errUnknown, Buffer.from('nope\n'))]), 'EINVAL', /no export named "disk": "nope\?"/],
-    ['a server requiring TLS', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP_ERR.tlsReqd)]), 'ENOTSUP', /requires TLS/],
-    ['a refusal by policy', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.errPolicy)]), 'EPERM', /by policy/],
-    ['a server shutting down', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP.errShutdown)]), 'ENODEV', /shutting down/],
-    ['BLOCK_SIZE required although it was asked for', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), optReply(OPT.go, REP_ERR.blockSizeReqd)]), 'EIO', /reply type 0x80000008/],
-    ['endless INFO replies', Buffer.concat([greeting(1), optReply(OPT.structuredReply, REP.ack), ...Array.from({ length: 64 }, () => optReply(OPT.go, REP.info, infoExport(1n, 1)))]), 'EIO', /more than 64 option replies/],
+    ['an oldstyle server', serverGreeting(0, 0x00420281861253n), 'ENOTSUP', /oldstyle/],
+    ['a greeting without IHAVEOPT', serverGreeting(1, 0x1234n), 'EIO', /lacks IHAVEOPT/],
+    ['a server without fixed newstyle', serverGreeting(0), 'ENOTSUP', /fixed newstyle/],
+    ['a bad option reply magic', Buffer.concat([serverGreeting(1), Buffer.alloc(20)]), 'EIO', /bad option reply magic/],
+    ['a reply to an option not sent', Buffer.concat([serverGreeting(1), optionReply(OPT.list, REP.ack)]), 'EIO', /reply to option 3, but option 8 was sent/],
+    ['an option reply of 4 GiB (never allocated)', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack, Buffer.alloc(0), 0xffff_ffff)]), 'EIO', /exceeds 65536/],
+    ['an ACK to STRUCTURED_REPLY with data', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack, Buffer.from([1]))]), 'EIO', /carries data/],
+    ['a non-error, non-ACK reply to STRUCTURED_REPLY', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.info)]), 'EIO', /unexpected reply type 0x3/],
+    ['GO acknowledged without INFO_EXPORT', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.ack)]), 'EIO', /without NBD_INFO_EXPORT/],
+    ['a short INFO_EXPORT', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.info, infoExport(1n, 1).subarray(0, 11))]), 'EIO', /NBD_INFO_EXPORT of 11 bytes/],
+    ['an INFO without its type', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.info, Buffer.from([0]))]), 'EIO', /shorter than its type/],
+    ['a minimum block size that is not a power of two', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.info, infoBlockSize(768, 4096, MiB))]), 'EIO', /minimum 768/],
+    ['a preferred block size below the minimum', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.info, infoBlockSize(4096, 512, MiB))]), 'EIO', /preferred 512/],
+    ['a maximum that is not a multiple of the minimum', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.info, infoBlockSize(4096, 4096, 4096 + 512))]), 'EIO', /maximum 4608/],
+    ['an export of 2^53 bytes', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.info, infoExport(1n << 53n, 1)), optionReply(OPT.go, REP.ack)]), 'EINVAL', /larger than 2\^53/],
+    ['an unknown export', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.errUnknown, Buffer.from('nope\n'))]), 'EINVAL', /no export named "disk": "nope\?"/],
+    ['a server requiring TLS', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.errTlsReqd)]), 'ENOTSUP', /requires TLS/],
+    ['a refusal by policy', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.errPolicy)]), 'EPERM', /by policy/],
+    ['a server shutting down', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.errShutdown)]), 'ENODEV', /shutting down/],
+    ['BLOCK_SIZE required although it was asked for', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), optionReply(OPT.go, REP.errBlockSizeReqd)]), 'EIO', /reply type 0x80000008/],
+    ['endless INFO replies', Buffer.concat([serverGreeting(1), optionReply(OPT.structuredReply, REP.ack), ...Array.from({ length: 64 }, () => optionReply(OPT.go, REP.info, infoExport(1n, 1)))]), 'EIO', /more than 64 option replies/],
   ];
   for (const [name, transcript, code, reason] of failures) {
     it(`fails on ${name}, and reads nothing more`, () => {
@@ -397,7 +329,7 @@ describe('reply decoder, any chunking', () => {
   it('simple replies: READ data lands in its buffer; errors carry no data; replies in any order', () => {
     const dataA = bytesOf(64, 1);
     const stream = Buffer.concat([
-      simple(0, 2n), simple(0, 1n, dataA), simple(5, 0xffff_fff0n), simple(28, 3n),
+      simpleReply(0, 2n), simpleReply(0, 1n, dataA), simpleReply(5, 0xffff_fff0n), simpleReply(28, 3n),
     ]);
     const run = assertChunkingInvariant(stream, (c) => runReplies(c, fixtures, false));
     assert.equal(run.error, undefined);
@@ -413,12 +345,12 @@ describe('reply decoder, any chunking', () => {
   it('structured replies: fragments out of order, a hole, interleaved requests, simple replies for non-READs', () => {
     const data = bytesOf(64, 2);
     const stream = Buffer.concat([
-      chunk(0, CHUNK.offsetData, 1n, offsetData(4096 + 32, data.subarray(32, 64))),
-      simple(0, 2n),
-      chunk(0, CHUNK.offsetHole, 1n, offsetHole(4096 + 16, 16)),
-      chunk(DONE, CHUNK.offsetData, 0xffff_fff0n, offsetData(0, bytesOf(16, 3))),
-      chunk(DONE, CHUNK.offsetData, 1n, offsetData(4096, data.subarray(0, 16))),
-      chunk(DONE, CHUNK.none, 3n),
+      chunkReply(0, CHUNK.offsetData, 1n, offsetDataPayload(4096 + 32, data.subarray(32, 64))),
+      simpleReply(0, 2n),
+      chunkReply(0, CHUNK.offsetHole, 1n, offsetHole(4096 + 16, 16)),
+      chunkReply(DONE, CHUNK.offsetData, 0xffff_fff0n, offsetDataPayload(0, bytesOf(16, 3))),
+      chunkReply(DONE, CHUNK.offsetData, 1n, offsetDataPayload(4096, data.subarray(0, 16))),
+      chunkReply(DONE, CHUNK.none, 3n),
     ]);
     const run = assertChunkingInvariant(stream, (c) => runReplies(c, fixtures, true));
     assert.equal(run.error, undefined);
@@ -439,11 +371,11 @@ describe('reply decoder, any chunking', () => {
 
   it('error chunks: ERROR with a message, ERROR_OFFSET, an unknown error type, a simple error under structured replies', () => {
     const stream = Buffer.concat([
-      chunk(0, CHUNK.errorOffset, 1n, errorPayload(5, 'bad sector', 4096 + 8)),
-      chunk(DONE, CHUNK.error, 1n, errorPayload(5, 'read failed')),
-      chunk(DONE, 0x8123, 2n, Buffer.concat([errorPayload(28, 'full'), Buffer.from('future fields')])),
-      simple(22, 3n),
-      chunk(DONE, CHUNK.error, 0xffff_fff0n, errorPayload(1, '')),
+      chunkReply(0, CHUNK.errorOffset, 1n, errorPayload(5, 'bad sector', 4096 + 8)),
+      chunkReply(DONE, CHUNK.error, 1n, errorPayload(5, 'read failed')),
+      chunkReply(DONE, 0x8123, 2n, Buffer.concat([errorPayload(28, 'full'), Buffer.from('future fields')])),
+      simpleReply(22, 3n),
+      chunkReply(DONE, CHUNK.error, 0xffff_fff0n, errorPayload(1, '')),
     ]);
     const run = assertChunkingInvariant(stream, (c) => runReplies(c, fixtures, true));
     assert.equal(run.error, undefined);
@@ -458,34 +390,34 @@ describe('reply decoder, any chunking', () => {
 
   const violations: [string, Buffer, boolean, RegExp][] = [
     ['a bad reply magic', Buffer.from('garbage!garbage!garbage!'), true, /bad reply magic 0x67617262/],
-    ['a reply for an unknown cookie', simple(0, 99n), false, /unknown cookie 0x63\b/],
-    ['a cookie with a nonzero high half', simple(0, (1n << 32n) | 1n), false, /unknown cookie 0x100000001/],
-    ['a structured chunk without structured replies', chunk(DONE, CHUNK.none, 3n), false, /structured replies were not negotiated/],
-    ['a simple success reply to READ under structured replies', simple(0, 1n, bytesOf(64, 1)), true, /simple success reply to READ/],
-    ['OFFSET_DATA for a WRITE', chunk(DONE, CHUNK.offsetData, 2n, offsetData(0, bytesOf(16, 1))), true, /not a READ/],
-    ['OFFSET_DATA without data', chunk(DONE, CHUNK.offsetData, 1n, offsetData(4096, Buffer.alloc(0))), true, /carries no data/],
-    ['OFFSET_DATA longer than its READ (never allocated)', chunk(DONE, CHUNK.offsetData, 1n, Buffer.alloc(0), 0xffff_ffff), true, /longer than its READ/],
-    ['OFFSET_DATA before its READ', chunk(DONE, CHUNK.offsetData, 1n, offsetData(4096 - 8, bytesOf(16, 1))), true, /range 4088\+16 lies outside its READ 4096\+64/],
-    ['OFFSET_DATA past its READ', chunk(DONE, CHUNK.offsetData, 1n, offsetData(4096 + 56, bytesOf(16, 1))), true, /range 4152\+16 lies outside/],
-    ['OFFSET_DATA at an offset beyond 2^53', chunk(DONE, CHUNK.offsetData, 1n, Buffer.concat([Buffer.alloc(8, 0xff), bytesOf(16, 1)])), true, /lies outside/],
-    ['OFFSET_HOLE of the wrong length', chunk(DONE, CHUNK.offsetHole, 1n, Buffer.alloc(16)), true, /OFFSET_HOLE chunk of 16 bytes, not 12/],
-    ['an OFFSET_HOLE of zero bytes', chunk(DONE, CHUNK.offsetHole, 1n, offsetHole(4096, 0)), true, /OFFSET_HOLE of zero bytes/],
-    ['an OFFSET_HOLE past its READ', chunk(DONE, CHUNK.offsetHole, 1n, offsetHole(4096, 65)), true, /range 4096\+65 lies outside/],
-    ['OFFSET_HOLE for a FLUSH', chunk(DONE, CHUNK.offsetHole, 3n, offsetHole(0, 512)), true, /not a READ/],
-    ['NONE without DONE', chunk(0, CHUNK.none, 3n), true, /NONE chunk without the DONE flag/],
-    ['NONE with a payload', chunk(DONE, CHUNK.none, 3n, Buffer.alloc(4)), true, /NONE chunk with 4 payload bytes/],
-    ['a BLOCK_STATUS chunk nobody asked for', chunk(DONE, CHUNK.blockStatus, 3n, Buffer.alloc(12)), true, /unexpected chunk type 5/],
-    ['an unknown non-error chunk type', chunk(DONE, 0x0042, 3n, Buffer.alloc(4)), true, /unexpected chunk type 66/],
-    ['an error chunk shorter than its prefix', chunk(DONE, CHUNK.error, 3n, Buffer.alloc(5)), true, /shorter than its 6-byte prefix/],
-    ['an error chunk of 4 GiB (never allocated)', chunk(DONE, CHUNK.error, 3n, Buffer.alloc(0), 0xffff_ffff), true, new RegExp(`exceeds ${chunkPayloadMaxBytes}`)],
-    ['an error chunk with error 0', chunk(DONE, CHUNK.error, 3n, errorPayload(0, 'fine?')), true, /error value 0/],
-    ['an error message longer than its chunk', chunk(DONE, CHUNK.error, 3n, errorPayload(5, 'abc', undefined, 9)), true, /message longer than its chunk/],
-    ['an ERROR with trailing bytes', chunk(DONE, CHUNK.error, 3n, Buffer.concat([errorPayload(5, 'abc'), Buffer.alloc(2)])), true, /error chunk of 11 bytes, expected 9/],
-    ['an ERROR_OFFSET outside its request', chunk(DONE, CHUNK.errorOffset, 1n, errorPayload(5, 'x', 4096 + 64)), true, /ERROR_OFFSET outside its request/],
+    ['a reply for an unknown cookie', simpleReply(0, 99n), false, /unknown cookie 0x63\b/],
+    ['a cookie with a nonzero high half', simpleReply(0, (1n << 32n) | 1n), false, /unknown cookie 0x100000001/],
+    ['a structured chunk without structured replies', chunkReply(DONE, CHUNK.none, 3n), false, /structured replies were not negotiated/],
+    ['a simple success reply to READ under structured replies', simpleReply(0, 1n, bytesOf(64, 1)), true, /simple success reply to READ/],
+    ['OFFSET_DATA for a WRITE', chunkReply(DONE, CHUNK.offsetData, 2n, offsetDataPayload(0, bytesOf(16, 1))), true, /not a READ/],
+    ['OFFSET_DATA without data', chunkReply(DONE, CHUNK.offsetData, 1n, offsetDataPayload(4096, Buffer.alloc(0))), true, /carries no data/],
+    ['OFFSET_DATA longer than its READ (never allocated)', chunkReply(DONE, CHUNK.offsetData, 1n, Buffer.alloc(0), 0xffff_ffff), true, /longer than its READ/],
+    ['OFFSET_DATA before its READ', chunkReply(DONE, CHUNK.offsetData, 1n, offsetDataPayload(4096 - 8, bytesOf(16, 1))), true, /range 4088\+16 lies outside its READ 4096\+64/],
+    ['OFFSET_DATA past its READ', chunkReply(DONE, CHUNK.offsetData, 1n, offsetDataPayload(4096 + 56, bytesOf(16, 1))), true, /range 4152\+16 lies outside/],
+    ['OFFSET_DATA at an offset beyond 2^53', chunkReply(DONE, CHUNK.offsetData, 1n, Buffer.concat([Buffer.alloc(8, 0xff), bytesOf(16, 1)])), true, /lies outside/],
+    ['OFFSET_HOLE of the wrong length', chunkReply(DONE, CHUNK.offsetHole, 1n, Buffer.alloc(16)), true, /OFFSET_HOLE chunk of 16 bytes, not 12/],
+    ['an OFFSET_HOLE of zero bytes', chunkReply(DONE, CHUNK.offsetHole, 1n, offsetHole(4096, 0)), true, /OFFSET_HOLE of zero bytes/],
+    ['an OFFSET_HOLE past its READ', chunkReply(DONE, CHUNK.offsetHole, 1n, offsetHole(4096, 65)), true, /range 4096\+65 lies outside/],
+    ['OFFSET_HOLE for a FLUSH', chunkReply(DONE, CHUNK.offsetHole, 3n, offsetHole(0, 512)), true, /not a READ/],
+    ['NONE without DONE', chunkReply(0, CHUNK.none, 3n), true, /NONE chunk without the DONE flag/],
+    ['NONE with a payload', chunkReply(DONE, CHUNK.none, 3n, Buffer.alloc(4)), true, /NONE chunk with 4 payload bytes/],
+    ['a BLOCK_STATUS chunk nobody asked for', chunkReply(DONE, CHUNK.blockStatus, 3n, Buffer.alloc(12)), true, /unexpected chunk type 5/],
+    ['an unknown non-error chunk type', chunkReply(DONE, 0x0042, 3n, Buffer.alloc(4)), true, /unexpected chunk type 66/],
+    ['an error chunk shorter than its prefix', chunkReply(DONE, CHUNK.error, 3n, Buffer.alloc(5)), true, /shorter than its 6-byte prefix/],
+    ['an error chunk of 4 GiB (never allocated)', chunkReply(DONE, CHUNK.error, 3n, Buffer.alloc(0), 0xffff_ffff), true, new RegExp(`exceeds ${chunkPayloadMaxBytes}`)],
+    ['an error chunk with error 0', chunkReply(DONE, CHUNK.error, 3n, errorPayload(0, 'fine?')), true, /error value 0/],
+    ['an error message longer than its chunk', chunkReply(DONE, CHUNK.error, 3n, errorPayload(5, 'abc', undefined, 9)), true, /message longer than its chunk/],
+    ['an ERROR with trailing bytes', chunkReply(DONE, CHUNK.error, 3n, Buffer.concat([errorPayload(5, 'abc'), Buffer.alloc(2)])), true, /error chunk of 11 bytes, expected 9/],
+    ['an ERROR_OFFSET outside its request', chunkReply(DONE, CHUNK.errorOffset, 1n, errorPayload(5, 'x', 4096 + 64)), true, /ERROR_OFFSET outside its request/],
   ];
   for (const [name, violating, structured, message] of violations) {
     it(`throws EIO on ${name}, after decoding what came before, at any split`, () => {
-      const stream = Buffer.concat([simple(0, 2n), violating, simple(0, 3n)]);
+      const stream = Buffer.concat([simpleReply(0, 2n), violating, simpleReply(0, 3n)]);
       const run = assertChunkingInvariant(stream, (c) => runReplies(c, fixtures, structured));
       assert.deepEqual(run.events, [{ kind: 'simple', cookie: 2, errno: 0 }]);
       assert.ok(run.error !== undefined, 'a violation');
@@ -515,9 +447,9 @@ describe('reply decoder properties', () => {
           const end = bounds[i + 1] ?? 0;
           if (holes[i] === true) {
             expected.fill(0, start, end);
-            chunks.push(chunk(0, CHUNK.offsetHole, 7n, offsetHole(base + start, end - start)));
+            chunks.push(chunkReply(0, CHUNK.offsetHole, 7n, offsetHole(base + start, end - start)));
           } else {
-            chunks.push(chunk(0, CHUNK.offsetData, 7n, offsetData(base + start, data.subarray(start, end))));
+            chunks.push(chunkReply(0, CHUNK.offsetData, 7n, offsetDataPayload(base + start, data.subarray(start, end))));
           }
         }
         // Shuffle with the stream, then end with NONE.
@@ -526,7 +458,7 @@ describe('reply decoder properties', () => {
           const j = (iterator.next().value ?? 0) % (i + 1);
           [chunks[i], chunks[j]] = [chunks[j] ?? Buffer.alloc(0), chunks[i] ?? Buffer.alloc(0)];
         }
-        const stream = Buffer.concat([...chunks, chunk(DONE, CHUNK.none, 7n)]);
+        const stream = Buffer.concat([...chunks, chunkReply(DONE, CHUNK.none, 7n)]);
         const pieces: Buffer[] = [];
         for (let at = 0; at < stream.length; at += chunkSize) pieces.push(stream.subarray(at, at + chunkSize));
         const run = runReplies(pieces, [{ cookie: 7, command: CMD.read, offsetBytes: base, lengthBytes }], true);
@@ -545,7 +477,7 @@ describe('reply decoder properties', () => {
       const bytes = Buffer.from(noise);
       // Plant magics and known cookies so the decoder gets past the first header.
       if (withMagic && bytes.length >= 20) {
-        bytes.writeUInt32BE(structured ? STRUCTURED_MAGIC : SIMPLE_MAGIC, 0);
+        bytes.writeUInt32BE(structured ? structuredMagic : simpleMagic, 0);
         // Simple reply and chunk header alike keep the cookie at bytes 8..16.
         bytes.writeUInt32BE(0, 8);
         bytes.writeUInt32BE(1 + (bytes[19] ?? 0) % 3, 12);

@@ -15,12 +15,14 @@ import {
 } from '../../../src/nbd/protocol/transmission_server.js';
 import type { PcacheErrorCode } from '../../../src/lib/errors.js';
 import { PcacheError } from '../../../src/lib/errors.js';
+import { MiB } from '../../../src/lib/units.js';
+import { assertChunkingInvariant } from '../../helpers/bytes.js';
 import {
   clientFlags, CMD, ERR, exportInfoOf, FLAG, INFO, infoData, metaContextData, OPT, option, parseOptionReplies, REP,
   request, TFLAG,
 } from '../../helpers/nbd_wire.js';
 
-const sizeBytes = 1024 * 1024;
+const sizeBytes = MiB;
 const config: HandshakeConfig = {
   exportName: 'pcache',
   description: 'codec test export',
@@ -46,18 +48,6 @@ function runHandshake(chunks: Uint8Array[], handshakeConfig: HandshakeConfig = c
   for (const chunk of chunks) verdict = handshake.push(chunk, out);
   const leftover = handshake.input.take(handshake.input.length);
   return { replies: Buffer.concat(out).toString('hex'), verdict: JSON.stringify(verdict), leftover: Buffer.from(leftover).toString('hex') };
-}
-
-/** Feeds `bytes` whole, split in two at every offset, and one byte at a time. */
-function assertChunkingInvariant<T>(bytes: Buffer, run: (chunks: Uint8Array[]) => T): T {
-  const whole = run([bytes]);
-  for (let cut = 1; cut < bytes.length; cut += 1) {
-    assert.deepEqual(run([bytes.subarray(0, cut), bytes.subarray(cut)]), whole, `split at byte ${cut} differs`);
-  }
-  const singles: Uint8Array[] = [];
-  for (let i = 0; i < bytes.length; i += 1) singles.push(bytes.subarray(i, i + 1));
-  assert.deepEqual(run(singles), whole, 'byte-by-byte feed differs');
-  return whole;
 }
 
 function verdictOf(run: HandshakeRun): { kind: string; reason?: string; negotiated?: { transmissionFlags: number; structuredReplies: boolean; baseAllocationContextId?: number; sizeBytes: number } } {

@@ -7,11 +7,13 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { PcacheError } from '../../../src/lib/errors.js';
 import { BufferPool, bufferPoolBytesMax, bufferPoolPerSizeMax } from '../../../src/nbd/server/buffer_pool.js';
-import { ControlledExport, patternBytes, startServer, waitUntil } from '../../helpers/nbd_server.js';
+import { MiB } from '../../../src/lib/units.js';
+import { patternBytes } from '../../helpers/bytes.js';
 import { connectAndGo } from '../../helpers/nbd_raw_client.js';
+import { ControlledExport, startServer } from '../../helpers/nbd_server.js';
 import { CMD } from '../../helpers/nbd_wire.js';
+import { sleep, waitUntil } from '../../helpers/wait.js';
 
-const MiB = 1024 * 1024;
 
 describe('BufferPool', () => {
   it('hands back a given buffer for the same length only, with exactly that length', () => {
@@ -84,7 +86,7 @@ describe('READ buffers in the server', () => {
     const failed = await read(16384);
     assert.notEqual(failed.error, 0);
     exp.fault = undefined;
-    await new Promise((resolve) => setTimeout(resolve, 20));
+    await sleep(20);
     const after = await read(16384);
     assert.notEqual(after.target.buffer, failed.target.buffer, 'a buffer whose read failed is never reused');
     client.disconnect();

@@ -7,9 +7,11 @@ import assert from 'node:assert/strict';
 import { BusyPoll, type BusyPollClock, busyRequestsMax, missSkipMax } from '../../../src/nbd/server/busy_poll.js';
 import { PcacheError } from '../../../src/lib/errors.js';
 import { NbdServer } from '../../../src/nbd/server/server.js';
-import { ControlledExport, startServer } from '../../helpers/nbd_server.js';
+import { MiB } from '../../../src/lib/units.js';
 import { connectAndGo } from '../../helpers/nbd_raw_client.js';
+import { ControlledExport, startServer } from '../../helpers/nbd_server.js';
 import { CMD, ERR } from '../../helpers/nbd_wire.js';
+import { sleep } from '../../helpers/wait.js';
 
 /** Time moves only when the test says so; scheduled steps run when the test says so. */
 class HandClock implements BusyPollClock {
@@ -124,7 +126,7 @@ describe('busy poll window', () => {
   });
 
   it('refuses a window outside [0, busyPollWindowMaxUs] when a server is built', () => {
-    const exp = new ControlledExport(1024 * 1024);
+    const exp = new ControlledExport(MiB);
     for (const busyPollUs of [-1, 10_001, 1.5]) {
       assert.throws(() => new NbdServer({ export: exp, exportName: 'x', readOnly: false, busyPollUs }),
         (error: unknown) => error instanceof PcacheError && error.code === 'EINVAL' && /busy poll window/.test(error.message));
@@ -134,7 +136,7 @@ describe('busy poll window', () => {
 
 describe('busy polling in the server', () => {
   async function sequentialReads(busyPollUs: number, count: number): Promise<{ hits: number; misses: number }> {
-    const exp = new ControlledExport(1024 * 1024);
+    const exp = new ControlledExport(MiB);
     const srv = await startServer({ export: exp, busyPollUs });
     try {
       const { client } = await connectAndGo(srv.path);
@@ -161,12 +163,12 @@ describe('busy polling in the server', () => {
   });
 
   it('does not poll after a deep batch', async () => {
-    const exp = new ControlledExport(1024 * 1024);
+    const exp = new ControlledExport(MiB);
     const srv = await startServer({ export: exp, busyPollUs: 10_000 });
     try {
       const { client } = await connectAndGo(srv.path);
       // The end of negotiation may open a window of its own (the first request is due).
-      await new Promise((resolve) => setTimeout(resolve, 20));
+      await sleep(20);
       const before = srv.server.stats();
       const count = 64;
       for (let index = 0; index < count; index += 1) client.send({ type: CMD.read, cookie: BigInt(index), offset: index * 512, length: 512 });

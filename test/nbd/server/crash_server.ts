@@ -4,12 +4,13 @@
 
 import { AssertionFailure } from '../../../src/lib/assert.js';
 import { NbdServer } from '../../../src/nbd/server/server.js';
+import { MiB } from '../../../src/lib/units.js';
 import { ControlledExport } from '../../helpers/nbd_server.js';
 
 const [socketPath, mode] = process.argv.slice(2);
 if (socketPath === undefined || (mode !== 'sync' && mode !== 'async')) throw new Error('usage: crash_server.js <socket path> <sync|async>');
 
-const exp = new ControlledExport(1024 * 1024);
+const exp = new ControlledExport(MiB);
 exp.mode = mode;
 exp.fault = (method) => (method === 'read' ? new AssertionFailure(`injected broken invariant (${mode})`) : undefined);
 const server = new NbdServer({ export: exp, exportName: 'crash', readOnly: false });

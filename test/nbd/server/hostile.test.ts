@@ -6,13 +6,15 @@ import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { PcacheError } from '../../../src/lib/errors.js';
 import { NbdServer, type NbdServerOptions } from '../../../src/nbd/server/server.js';
-import { assertServerServes, ControlledExport, patternBytes, startServer, type TestServer, waitUntil } from '../../helpers/nbd_server.js';
+import { MiB } from '../../../src/lib/units.js';
+import { patternBytes } from '../../helpers/bytes.js';
 import { connectAndGo, type Chunk, RawClient, replyError, type SimpleReply } from '../../helpers/nbd_raw_client.js';
+import { assertServerServes, ControlledExport, startServer, type TestServer } from '../../helpers/nbd_server.js';
 import {
   CHUNK, clientFlags, CMD, ERR, exportInfoOf, FLAG, INFO, infoData, metaContextData, OPT, option, REP, request, TFLAG,
 } from '../../helpers/nbd_wire.js';
+import { sleep, waitUntil } from '../../helpers/wait.js';
 
-const MiB = 1024 * 1024;
 const deviceBytes = 8 * MiB;
 
 interface Setup {
@@ -563,7 +565,7 @@ describe('reliability.md §3.3, transmission rows', () => {
     const count = 5000;
     client.write(Buffer.concat(Array.from({ length: count }, (_, i) => request({ type: CMD.read, cookie: BigInt(i), offset: (i % 2048) * 4096, length: 4096 }))));
     await waitUntil(() => s.exp.parkedCount === 32, '32 requests parked');
-    await new Promise((resolve) => setTimeout(resolve, 50));
+    await sleep(50);
     assert.equal(s.exp.calls.length, 32, 'no request beyond the limit was taken in while the export is busy');
     s.exp.release();
     const seen = new Set<bigint>();
@@ -581,7 +583,7 @@ describe('reliability.md §3.3, transmission rows', () => {
     const writes = 64;
     client.write(Buffer.concat(Array.from({ length: writes }, (_, i) => request({ type: CMD.write, cookie: BigInt(i), offset: (i % 8) * MiB }, Buffer.alloc(MiB, i)))));
     await waitUntil(() => s.exp.parkedCount === 32, 'the byte limit reached');
-    await new Promise((resolve) => setTimeout(resolve, 50));
+    await sleep(50);
     assert.equal(s.exp.parkedCount, 32);
     s.exp.release();
     for (let i = 0; i < writes; i += 1) assert.equal((await client.simpleReply()).error, 0);

@@ -10,20 +10,18 @@
 import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { DeviceExport } from '../../../src/device/device_export.js';
 import { FileDevice } from '../../../src/device/file_device.js';
 import { MemoryDevice } from '../../../src/device/memory_device.js';
 import type { NbdServerOptions } from '../../../src/nbd/server/server.js';
-import { patternBytes, requireTool, runTool, startServer, type TestServer } from '../../helpers/nbd_server.js';
+import { MiB } from '../../../src/lib/units.js';
+import { patternBytes } from '../../helpers/bytes.js';
+import { tempDir } from '../../helpers/files.js';
+import { startServer, type TestServer } from '../../helpers/nbd_server.js';
+import { fioVerifyJobs, nbdcopy, qemuIo, requireFioNbd, requireTool, runTool, uriFor } from '../../helpers/tools.js';
 
-const MiB = 1024 * 1024;
 const deviceBytes = 64 * MiB;
-
-function uriOf(srv: TestServer, exportName = ''): string {
-  return `nbd+unix:///${exportName}?socket=${srv.path}`;
-}
 
 async function memoryServer(t: TestContext, options: Partial<NbdServerOptions> = {}): Promise<{ srv: TestServer; device: MemoryDevice }> {
   const device = new MemoryDevice(patternBytes(deviceBytes, 11));
@@ -69,7 +67,7 @@ describe('nbdinfo', () => {
   it('reports the size, the block sizes and every flag of a writable export', async (t) => {
     requireTool('nbdinfo', 'libnbd-bin');
     const { srv } = await memoryServer(t);
-    const report = await nbdinfo(uriOf(srv, 'pcache'));
+    const report = await nbdinfo(uriFor(srv.path, 'pcache'));
     assert.equal(report.protocol, 'newstyle-fixed');
     assert.equal(report.TLS, false);
     assert.equal(report.structured, true);
@@ -95,7 +93,7 @@ describe('nbdinfo', () => {
   it('reports a read-only export without trim or zero', async (t) => {
     requireTool('nbdinfo', 'libnbd-bin');
     const { srv } = await memoryServer(t, { readOnly: true });
-    const info = (await nbdinfo(uriOf(srv))).exports[0];
+    const info = (await nbdinfo(uriFor(srv.path))).exports[0];
     assert.ok(info !== undefined);
     assert.deepEqual(
       [info.is_read_only, info.can_trim, info.can_zero, info.can_fast_zero, info.can_flush, info.can_multi_conn],
@@ -106,7 +104,7 @@ describe('nbdinfo', () => {
   it('falls back to simple replies when structured replies are switched off', async (t) => {
     requireTool('nbdinfo', 'libnbd-bin');
     const { srv } = await memoryServer(t, { offerStructuredReplies: false });
-    const report = await nbdinfo(uriOf(srv));
+    const report = await nbdinfo(uriFor(srv.path));
     assert.equal(report.structured, false);
     const info = report.exports[0];
     assert.ok(info !== undefined);
@@ -117,10 +115,10 @@ describe('nbdinfo', () => {
   it('maps the export through BLOCK_STATUS and lists it', async (t) => {
     requireTool('nbdinfo', 'libnbd-bin');
     const { srv } = await memoryServer(t);
-    const map = await runTool('nbdinfo', ['--map', '--json', uriOf(srv)]);
+    const map = await runTool('nbdinfo', ['--map', '--json', uriFor(srv.path)]);
     assert.equal(map.code, 0, map.stderr);
     assert.deepEqual(JSON.parse(map.stdout), [{ offset: 0, length: deviceBytes, type: 0, description: 'data' }]);
-    const list = await runTool('nbdinfo', ['--list', '--json', uriOf(srv)]);
+    const list = await runTool('nbdinfo', ['--list', '--json', uriFor(srv.path)]);
     assert.equal(list.code, 0, list.stderr);
     const listed = JSON.parse(list.stdout) as NbdinfoReport;
     assert.deepEqual(listed.exports.map((e) => [e['export-name'], e.description]), [['pcache', 'pcache interop test']]);
@@ -135,22 +133,19 @@ describe('nbdcopy', () => {
     const sourceBytes = patternBytes(24 * MiB, 21);
     fs.writeFileSync(source, sourceBytes);
     const connectionsBefore = backing.srv.server.stats().connectionsTotal;
-    const copyIn = await runTool('nbdcopy', ['-C', '4', '-T', '4', '--flush', source, uriOf(backing.srv)]);
-    assert.equal(copyIn.code, 0, copyIn.stderr);
+    await nbdcopy(['-C', '4', '-T', '4', '--flush', source, uriFor(backing.srv.path)]);
     assert.ok(backing.srv.server.stats().connectionsTotal - connectionsBefore >= 4, 'nbdcopy used multi-conn');
     const stored = fs.readFileSync(backing.file);
     assert.ok(stored.subarray(0, sourceBytes.length).equals(sourceBytes), 'copied data landed intact');
 
     const out = path.join(backing.srv.dir, 'out.bin');
-    const copyOut = await runTool('nbdcopy', ['-C', '4', '-T', '4', uriOf(backing.srv), out]);
-    assert.equal(copyOut.code, 0, copyOut.stderr);
+    await nbdcopy(['-C', '4', '-T', '4', uriFor(backing.srv.path), out]);
     assert.ok(fs.readFileSync(out).equals(stored), 'the copy out equals the export byte for byte');
   });
 });
 
 async function startFileServer(t: TestContext): Promise<{ srv: TestServer; file: string }> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pcache-nbd-file-'));
-  t.after(() => { fs.rmSync(dir, { recursive: true, force: true }); });
+  const dir = tempDir(t, 'pcache-nbd-file-');
   const file = path.join(dir, 'backing.img');
   fs.writeFileSync(file, patternBytes(deviceBytes, 31));
   const device = await FileDevice.open(file);
@@ -178,14 +173,8 @@ describe('qemu-io', () => {
       ['read -P 0 65536 8192', () => undefined],
       ['read -P 0x11 200000 40000', () => undefined],
     ];
-    const args = ['-f', 'raw', uriOf(srv)];
-    for (const [command, apply] of commands) {
-      args.push('-c', command);
-      apply(expected);
-    }
-    const result = await runTool('qemu-io', args);
-    assert.equal(result.code, 0, result.stdout + result.stderr);
-    assert.doesNotMatch(result.stdout + result.stderr, /fail|error|mismatch/i);
+    for (const [, apply] of commands) apply(expected);
+    const result = await qemuIo(uriFor(srv.path), commands.map(([command]) => command));
     assert.equal(result.stdout.match(/^read /gm)?.length, 4, result.stdout);
     assert.ok(Buffer.from(device.bytes).equals(expected), 'the device holds exactly what qemu-io wrote, nothing else');
   });
@@ -193,25 +182,11 @@ describe('qemu-io', () => {
 
 describe('fio (nbd engine)', () => {
   it('runs several verifying jobs at depth without a single verification error', async (t) => {
-    requireTool('fio', 'fio');
-    const engines = await runTool('fio', ['--enghelp']);
-    assert.match(engines.stdout, /\bnbd\b/, 'this fio lacks the nbd engine: install the Debian package fio (built with libnbd)');
+    await requireFioNbd();
     const { srv, device } = await memoryServer(t);
     const before = Buffer.from(device.bytes.subarray(0, 32 * MiB));
     const jobs = 4;
-    const result = await runTool('fio', [
-      '--name=pcache-nbd', '--ioengine=nbd', `--uri=${uriOf(srv)}`, '--rw=randwrite', '--bs=4k',
-      '--size=8m', '--offset_increment=8m', `--numjobs=${jobs}`, '--iodepth=16', '--verify=crc32c',
-      '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json',
-    ], 120_000);
-    assert.equal(result.code, 0, result.stderr);
-    const report = JSON.parse(result.stdout.slice(result.stdout.indexOf('{'))) as { jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[] };
-    assert.equal(report.jobs.length, jobs);
-    for (const job of report.jobs) {
-      assert.equal(job.error, 0);
-      assert.equal(job.write.io_bytes, 8 * MiB);
-      assert.equal(job.read.io_bytes, 8 * MiB, 'every written block was read back and verified');
-    }
+    await fioVerifyJobs(uriFor(srv.path), jobs, 'pcache-nbd');
     assert.ok(srv.server.stats().connectionsTotal >= jobs, 'one connection per job');
     assert.ok(!Buffer.from(device.bytes.subarray(0, 32 * MiB)).equals(before), 'fio wrote through the server');
   });

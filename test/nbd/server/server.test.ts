@@ -3,27 +3,23 @@
 // layout, flags passed through to the Export, block status, shutdown limits, configuration
 // checks, and programmer errors crashing the process instead of becoming NBD errors.
 
-import { describe, it, type TestContext } from 'node:test';
+import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { PcacheError } from '../../../src/lib/errors.js';
 import { NbdServer } from '../../../src/nbd/server/server.js';
-import { ControlledExport, patternBytes, startServer, waitUntil } from '../../helpers/nbd_server.js';
+import { MiB } from '../../../src/lib/units.js';
+import { patternBytes } from '../../helpers/bytes.js';
+import { tempDir } from '../../helpers/files.js';
 import { type Chunk, connectAndGo, RawClient } from '../../helpers/nbd_raw_client.js';
+import { ControlledExport, startServer } from '../../helpers/nbd_server.js';
 import { CHUNK, CMD, ERR, FLAG, TFLAG } from '../../helpers/nbd_wire.js';
+import { waitUntil } from '../../helpers/wait.js';
 
-const MiB = 1024 * 1024;
-
-function tempDir(t: TestContext): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pcache-nbd-'));
-  t.after(() => { fs.rmSync(dir, { recursive: true, force: true }); });
-  return dir;
-}
 
 function newExport(sizeBytes = 8 * MiB, mode: 'sync' | 'async' = 'sync'): ControlledExport {
   const exp = new ControlledExport(sizeBytes);
@@ -34,7 +30,7 @@ function newExport(sizeBytes = 8 * MiB, mode: 'sync' | 'async' = 'sync'): Contro
 
 describe('listening', () => {
   it('replaces a Unix socket file left behind by a killed server', async (t) => {
-    const dir = tempDir(t);
+    const dir = tempDir(t, 'pcache-nbd-');
     const socketPath = path.join(dir, 'stale.sock');
     const child = spawn(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(socketPath)}, () => console.log('up'))`]);
     await new Promise<void>((resolve) => { child.stdout.once('data', () => { resolve(); }); });
@@ -50,7 +46,7 @@ describe('listening', () => {
   });
 
   it('refuses a socket something is listening on, and leaves it alone', async (t) => {
-    const dir = tempDir(t);
+    const dir = tempDir(t, 'pcache-nbd-');
     const socketPath = path.join(dir, 'live.sock');
     const live = net.createServer((socket) => {
       socket.on('error', () => undefined);
@@ -65,7 +61,7 @@ describe('listening', () => {
   });
 
   it('refuses a path that is not a socket, and leaves the file alone', async (t) => {
-    const dir = tempDir(t);
+    const dir = tempDir(t, 'pcache-nbd-');
     const filePath = path.join(dir, 'precious');
     fs.writeFileSync(filePath, 'data');
     const server = new NbdServer({ export: newExport(), exportName: 'x', readOnly: false });
@@ -81,7 +77,7 @@ describe('listening', () => {
     assert.equal(await client.command({ type: CMD.flush }), ERR.ok);
     client.disconnect();
     await server.close();
-    const dir = tempDir(t);
+    const dir = tempDir(t, 'pcache-nbd-');
     const unix = new NbdServer({ export: newExport(), exportName: 'x', readOnly: false });
     await unix.listen({ path: path.join(dir, 's.sock') });
     await unix.close();
@@ -216,7 +212,7 @@ describe('transmission', () => {
 describe('programmer errors', () => {
   for (const mode of ['sync', 'async'] as const) {
     it(`an AssertionFailure from the export (${mode}) crashes the process instead of becoming an NBD error`, async (t) => {
-      const dir = tempDir(t);
+      const dir = tempDir(t, 'pcache-nbd-');
       const socketPath = path.join(dir, 'crash.sock');
       const script = path.join(path.dirname(fileURLToPath(import.meta.url)), 'crash_server.js');
       const child = spawn(process.execPath, [script, socketPath, mode], { stdio: ['ignore', 'pipe', 'pipe'] });
