@@ -8,11 +8,12 @@ import { Cache } from '../src/cache/cache.js';
 import { MemoryDevice } from '../src/device/memory_device.js';
 import { Prng } from '../sim/prng.js';
 import { medianOf, param, report } from './harness.js';
+import { cacheDeviceBytesFor } from '../src/ondisk/layout.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const segmentSizeBytes = 16 * MiB;
-const cacheBytes = 20 * KiB + param(8, 32) * segmentSizeBytes;
+const cacheBytes = cacheDeviceBytesFor(param(8, 32), segmentSizeBytes);
 const backingBytes = param(64, 1024) * MiB;
 const hotBytes = param(16, 256) * MiB; // random I/O stays in a range that fits the cache
 const opsPerRun = param(2000, 100_000);

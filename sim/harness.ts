@@ -256,6 +256,9 @@ interface Context {
 }
 
 /** The exhaustive driver. */
+/** A long run reports how far it has got at least this often (wall clock). */
+const progressIntervalMs = 20_000;
+
 export async function runExhaustive(options: ExhaustiveOptions): Promise<HarnessReport> {
   const seed = options.seed ?? 1;
   const session = new Session(options, 'exhaustive', seed);
@@ -282,6 +285,7 @@ export async function runExhaustive(options: ExhaustiveOptions): Promise<Harness
     if (done >= (options.workloadsMax ?? Number.POSITIVE_INFINITY)) break;
     done += 1;
     await session.exhaustiveWorkload(ops, base, { blockSizeBytes, pairsMax: options.pairsMax ?? 64, tear: options.tear ?? {}, finalRead: options.finalRead ?? true });
+    session.progress();
     if (session.full) break;
   }
   return session.finish();
@@ -311,6 +315,7 @@ export async function runRandomized(options: RandomizedOptions): Promise<Harness
   const base = await session.baseline();
   for (let run = 0; run < runs; run += 1) {
     await session.randomRun(seed + run, base, config);
+    session.progress();
     if (session.full) break;
   }
   return session.finish();
@@ -333,6 +338,8 @@ class Session {
   readonly report: HarnessReport;
   readonly checkBytes: number;
   private readonly log: (line: string) => void;
+  private readonly startedMs: number;
+  private lastProgressMs: number;
   private readonly violationsMax: number;
   private readonly replayCommand: (spec: string) => string;
 
@@ -344,6 +351,8 @@ class Session {
     assert(/^[\w.-]+$/.test(options.name), `target names are plain words: "${options.name}"`);
     this.checkBytes = options.checkSizeBytes ?? options.backingSizeBytes;
     assert(this.checkBytes % sectorSizeBytes === 0 && this.checkBytes <= options.backingSizeBytes, 'the checked range is whole sectors of the backing device');
+    this.startedMs = performance.now();
+    this.lastProgressMs = this.startedMs;
     this.log = options.log ?? ((line) => process.stderr.write(`${line}\n`));
     this.violationsMax = options.violationsMax ?? violationsMaxDefault;
     this.replayCommand = options.replayCommand ?? ((spec) => `PCACHE_SIM_REPLAY='${spec}' node scripts/run_tests.mjs sim`);
@@ -386,6 +395,18 @@ class Session {
     const spec = `target=${this.options.name} mode=${this.report.mode} seed=${this.seed}`;
     this.log(`pcache-sim ${this.report.mode}: target=${this.options.name} seed=${this.seed} ${shape}${this.options.replay === undefined ? '' : ' (replay)'}`);
     this.log(`pcache-sim rerun: ${this.replayCommand(spec)}`);
+  }
+
+  /**
+   * A line saying how far the run has got, at most every progressIntervalMs of wall-clock time:
+   * a long run (minutes) must show that it is alive. Real time, not the simulator's clock.
+   */
+  progress(): void {
+    const now = performance.now();
+    if (now - this.lastProgressMs < progressIntervalMs) return;
+    this.lastProgressMs = now;
+    const r = this.report;
+    this.log(`pcache-sim ${r.mode}: target=${r.target}: ${r.workloads} workloads, ${r.statesExplored} crash states, ${r.violationsTotal} violations so far (${Math.round((now - this.startedMs) / 1000)} s)`);
   }
 
   finish(): HarnessReport {

@@ -25,6 +25,7 @@ import { tuningProblem, type CacheTuning } from './cache_tuning.js';
 export type { FormatOptions } from './cache_dev.js';
 export type { CacheOpenOptions } from './cache_open.js';
 export type { CacheExtentStatus } from './cache_read.js';
+export { describeLogDamage, type LogDamage, type ReplayResult } from './cache_replay.js';
 export { dmStatusLine, type CacheStatus } from './cache_status.js';
 export { defaultTuning, eagerWriteback, type CacheTuning } from './cache_tuning.js';
 
@@ -220,6 +221,17 @@ export class Cache {
     engine.gc.wakeFromBackOff();
     await engine.writeback.idle();
     await engine.gc.idle();
+    if (!ctx.readOnly && ctx.failure === undefined) {
+      try {
+        // key_tail records how far the log is durable, so a next open that finds the log's last
+        // ksets damaged knows it (cache_replay.ts); then both copies of every record updated
+        // last hold its value at rest (cache_dev.ts, sync).
+        if (ctx.dev.layout.extendedKsets) await ctx.dev.writeKeyTail({ ...ctx.keyTail, durableSeq: ctx.logDurableSeq });
+        await ctx.dev.settleMirrors();
+      } catch (error) {
+        ctx.fail(error, 'recording the end of the log at close');
+      }
+    }
     engine.log.stop();
     engine.writeback.stop();
     ctx.state = 'stopped';

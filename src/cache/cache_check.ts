@@ -11,17 +11,19 @@
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { ManualTimers } from '../lib/timers.js';
 import type { BlockDevice } from '../device/block_device.js';
-import { keyFlagZero } from '../ondisk/kset.js';
+import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
 import { uuidToString } from '../ondisk/superblock.js';
 import { CacheContext } from './cache_context.js';
 import { readCacheMetadata, segmentChainProblems, type CacheMetadata } from './cache_dev.js';
 import type { CacheEngine } from './cache_engine.js';
-import { replay, type ReplayResult } from './cache_replay.js';
+import { positionAfter, readKsetAt } from './cache_kset.js';
+import { describeLogDamage, replay, replayStartOf, type LogDamage, type ReplayResult } from './cache_replay.js';
 import { segmentKindData, segmentKindFree, segmentKindLog } from './cache_segment.js';
 import { defaultTuning } from './cache_tuning.js';
 import { formatPosition } from './cache_types.js';
 
 export interface CheckSummary {
+  readonly formatVersion: number;
   readonly cacheUuid: string;
   readonly segmentCount: number;
   readonly segmentSizeBytes: number;
@@ -61,6 +63,44 @@ const unusableBacking: BlockDevice = {
   close: () => Promise.resolve(),
 };
 
+/** Ksets past a damage walked to describe what accepting the loss would drop (a bound on the walk). */
+const lossKsetsMax = 100_000;
+/** Ranges named one by one in the description; the rest are counted. */
+const lossRangesShown = 8;
+
+/**
+ * What accepting a damaged log would lose, as far as the device tells: the keys of the kset
+ * at the damage are unreadable, but the ksets found beyond it can be walked, and their keys
+ * name the backing ranges whose acknowledged writes would be dropped.
+ */
+async function describeLoss(ctx: CacheContext, damage: LogDamage): Promise<string> {
+  if (damage.beyond === undefined) {
+    return `accepting the loss drops ksets seq ${damage.at.seq} to ${damage.knownDurableSeq}, which are unreadable: the ranges they cover cannot be named`;
+  }
+  const scratch = new Uint8Array(ksetBytesMax);
+  const ranges: { start: number; end: number }[] = [];
+  let pos = { segment: damage.beyond.segment, offsetBytes: damage.beyond.offsetBytes, lsn: 0, seq: damage.beyond.seq };
+  let ksets = 0;
+  for (; ksets < lossKsetsMax; ksets++) {
+    const kset = await readKsetAt(ctx, pos, scratch);
+    if (!kset.ok || kset.seq !== pos.seq) break;
+    if (kset.kind === 'keys') for (const key of kset.keys) ranges.push({ start: key.offsetBytes, end: key.offsetBytes + key.lengthBytes });
+    pos = positionAfter(pos, kset);
+  }
+  ranges.sort((a, b) => a.start - b.start);
+  const merged: { start: number; end: number }[] = [];
+  for (const range of ranges) {
+    const last = merged[merged.length - 1];
+    if (last !== undefined && range.start <= last.end) last.end = Math.max(last.end, range.end);
+    else merged.push({ ...range });
+  }
+  const bytes = merged.reduce((sum, range) => sum + range.end - range.start, 0);
+  const shown = merged.slice(0, lossRangesShown).map((range) => `${range.start}+${range.end - range.start}`).join(', ');
+  const more = merged.length > lossRangesShown ? ` and ${merged.length - lossRangesShown} more` : '';
+  return `accepting the loss drops the damaged kset (seq ${damage.at.seq}, its ranges unreadable) and the ${ksets} kset(s) found after it, ` +
+    `which cover ${merged.length} backing range(s), ${bytes} bytes${merged.length > 0 ? `: ${shown}${more}` : ''}`;
+}
+
 export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport> {
   const problems: string[] = [];
   const warnings: string[] = [];
@@ -71,9 +111,11 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
     if (!isPcacheError(error)) throw error;
     return { problems: [error.message], warnings, summary: undefined, rebuilt: undefined, replay: undefined };
   }
+  for (const problem of metadata.superblockDamage) warnings.push(`${problem} (the other copy is used)`);
   for (const choice of [metadata.cacheInfo, metadata.keyTail, metadata.dirtyTail, ...metadata.segmentInfos, ...metadata.gens]) {
     for (const problem of choice.damage) warnings.push(`${problem} (the other copy is used)`);
   }
+  if (metadata.sb.formatVersion === 1) warnings.push('format version 1: the two copies of key_tail, of dirty_tail and of each segment generation share a 4 KiB block, and the superblock has one copy; drain the cache and format it again for version 2');
   problems.push(...segmentChainProblems(metadata));
 
   const ctx = new CacheContext(device, { ...unusableBacking, sizeBytes: metadata.sb.backingSizeBytes }, metadata, {
@@ -85,7 +127,7 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
   const liveExtents: { segment: number; start: number; end: number; offset: number }[] = [];
   let result: ReplayResult;
   try {
-    result = await replay(ctx, metadata.dirtyTail.value, (record, live) => {
+    result = await replay(ctx, replayStartOf(metadata), (record, live) => {
       if (live && (record.flags & keyFlagZero) === 0) {
         liveExtents.push({ segment: record.segment, start: record.segmentOffsetBytes, end: record.segmentOffsetBytes + record.lengthBytes, offset: record.offsetBytes });
       }
@@ -95,7 +137,12 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
     problems.push(error.message);
     return { problems, warnings, summary: undefined, rebuilt: undefined, replay: undefined };
   }
-  if (result.stopDamage) problems.push(`the log ends at damage: ${result.stopReason}`);
+  if (result.damage !== undefined) {
+    problems.push(describeLogDamage(result.damage));
+    problems.push(await describeLoss(ctx, result.damage));
+  } else if (result.stopDamage) {
+    problems.push(`the log ends at damage: ${result.stopReason}`);
+  }
   for (const extent of result.dataCrcErrors) problems.push(`data CRC mismatch: ${extent}`);
 
   liveExtents.sort((a, b) => a.segment - b.segment || a.start - b.start);
@@ -134,6 +181,7 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
     problems,
     warnings,
     summary: {
+      formatVersion: metadata.sb.formatVersion,
       cacheUuid: uuidToString(metadata.sb.cacheUuid),
       segmentCount: metadata.sb.segmentCount,
       segmentSizeBytes: metadata.sb.segmentSizeBytes,

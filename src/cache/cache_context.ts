@@ -64,6 +64,11 @@ export class CacheContext {
   dirtyTail: LogPos;
   /** The newest dirty_tail known durable on the cache device; GC never passes it. */
   durableDirtyTail: LogPos;
+  /**
+   * Every kset up to this seq is durable (the kset log keeps it). The tails carry it when they
+   * are written, so a replay that ends before it knows the log was damaged (cache_replay.ts).
+   */
+  logDurableSeq = 0;
   /** The cache failed (see fail); called with the sticky failure. */
   readonly failed = new Listeners<[PcacheError]>();
   /** A writer or the log is short of free segments. */
@@ -83,7 +88,8 @@ export class CacheContext {
     metadata.gens.forEach((choice, segment) => { this.segments.gen[segment] = choice.value ?? 0; });
     this.index = new KeyIndex();
     this.timers = options.timers;
-    const keyTail: LogPos = { segment: metadata.keyTail.value.segment, offsetBytes: metadata.keyTail.value.offsetBytes, lsn: 0 };
+    // Version 1 tails carry no kset seq: the log's seqs then just count from 1.
+    const keyTail: LogPos = { segment: metadata.keyTail.value.segment, offsetBytes: metadata.keyTail.value.offsetBytes, lsn: 0, seq: Math.max(1, metadata.keyTail.value.seq) };
     this.keyTail = keyTail;
     this.dirtyTail = keyTail;
     this.durableDirtyTail = keyTail;

@@ -9,19 +9,22 @@
 // contract (docs/design.md, "Barriers").
 
 import { randomUUID } from 'node:crypto';
+import { crc32c } from '../lib/crc32c.js';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
-import { isAllZero } from '../lib/units.js';
+import { isAllZero, readU32LE } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
-import { encodeCacheInfo, decodeCacheInfo, type CacheInfo } from '../ondisk/cache_info.js';
-import { decodeCachePos, encodeCachePos, type CachePos } from '../ondisk/cache_pos.js';
-import { ksetCrcSeed, ksetHeaderBytes } from '../ondisk/kset.js';
+import { cacheInfoRecordBytes, encodeCacheInfo, decodeCacheInfo, type CacheInfo } from '../ondisk/cache_info.js';
+import { cachePosRecordBytesMax, decodeCachePos, encodeCachePos, type CachePos } from '../ondisk/cache_pos.js';
+import { ksetCrcSeed, ksetHeaderBytesFor } from '../ondisk/kset.js';
 import {
-  blankProbeBytes, cacheInfoOffsetsBytes, dirtyTailOffsetsBytes, gcPercentDefault, gcPercentMax, keyTailOffsetsBytes,
-  segmentCountFor, segmentCountMax, segmentCountMin, segmentDataOffsetBytes, segmentDataSizeBytes, segmentGenOffsetsBytes,
-  segmentInfoOffsetsBytes, segmentOffsetBytes, segmentSizeDefaultBytes, segmentSizeProblem, superblockOffsetBytes,
+  blankProbeBytes, blockBytes, cacheInfoOffsetsBytes, formatVersionLatest, formatVersionsSupported, gcPercentDefault, gcPercentMax,
+  lastBlockOffsetBytes, layoutFor, segmentCountFor, segmentCountMax, segmentCountMin, segmentDataOffsetBytes, segmentDataSizeBytes,
+  segmentInfoOffsetsBytes, segmentOffsetBytes, segmentsOffsetBytes, segmentSizeDefaultBytes, segmentSizeMinBytes, segmentSizeProblem,
+  superblockOffsetBytes, type FormatVersion,
+  type Layout,
 } from '../ondisk/layout.js';
-import { chooseLatest, DualCopyWriter, type Decoded, type DualCopyChoice } from '../ondisk/meta_header.js';
+import { chooseLatest, DualCopyWriter, metaRecordVersion, type Decoded, type DualCopyChoice } from '../ondisk/meta_header.js';
 import { decodeSegmentGen, encodeSegmentGen } from '../ondisk/segment_gen.js';
 import { decodeSegmentInfo, encodeSegmentInfo, type SegmentInfo } from '../ondisk/segment_info.js';
 import { decodeSuperblock, encodeSuperblock, hasSuperblockMagic, superblockRecordBytes, type Superblock } from '../ondisk/superblock.js';
@@ -38,11 +41,16 @@ export interface FormatOptions {
   cacheUuid?: Uint8Array;
   /** Format time to record (tests); default now. */
   formatTimeMs?: number;
+  /** The format version to write; default the latest. Older ones only for tests of what old releases left behind. */
+  formatVersion?: FormatVersion;
 }
 
 export class CacheDev {
   readonly device: BlockDevice;
   readonly sb: Superblock;
+  readonly layout: Layout;
+  /** The kset header of this device's format (kset.ts). */
+  readonly ksetHeaderBytes: number;
   readonly segmentCount: number;
   readonly segmentSizeBytes: number;
   readonly dataSizeBytes: number;
@@ -53,10 +61,16 @@ export class CacheDev {
   /** Per segment: which generation copy is newest (0, 1, or 2 for neither) and its seq. */
   private readonly genLatestIndex: Uint8Array;
   private readonly genLatestSeq: Uint8Array;
+  /** Second copies waiting for a sync to make their first copy durable, by record (see sync). */
+  private readonly mirrors = new Map<string, Mirror>();
+  /** Second-copy writes in flight, by record: an update of the record waits for its mirror. */
+  private readonly mirrorWrites = new Map<string, Promise<void>>();
 
   constructor(device: BlockDevice, metadata: CacheMetadata) {
     this.device = device;
     this.sb = metadata.sb;
+    this.layout = layoutFor(metadata.sb.formatVersion);
+    this.ksetHeaderBytes = ksetHeaderBytesFor(this.layout.extendedKsets);
     this.segmentCount = metadata.sb.segmentCount;
     this.segmentSizeBytes = metadata.sb.segmentSizeBytes;
     this.dataSizeBytes = segmentDataSizeBytes(this.segmentSizeBytes);
@@ -124,53 +138,109 @@ export class CacheDev {
     return undefined;
   }
 
+  /**
+   * Makes every completed write durable. Then writes the second copies of the records updated
+   * before the sync began (the mirrors): their first copy is durable now, so a torn second copy
+   * can only leave the first one readable. The mirrors become durable at the next sync (close
+   * ends with settleMirrors).
+   */
   sync(): Promise<void> {
-    return this.device.sync();
+    if (this.mirrors.size === 0) return this.device.sync();
+    const due = [...this.mirrors];
+    return this.device.sync().then(() => this.writeMirrors(due));
+  }
+
+  /** Writes the pending second copies and makes them durable (clean shutdown). */
+  async settleMirrors(): Promise<void> {
+    if (this.mirrors.size === 0) return;
+    await this.sync();
+    await this.device.sync();
+  }
+
+  private writeMirrors(due: readonly [string, Mirror][]): Promise<void> | undefined {
+    const pending: Promise<void>[] = [];
+    for (const [record, mirror] of due) {
+      // Superseded or dropped by a newer update of the record since this sync began.
+      if (this.mirrors.get(record) !== mirror) continue;
+      this.mirrors.delete(record);
+      const io = this.write(mirror.bytes, mirror.offsetBytes);
+      if (io === undefined) continue;
+      const done = io.finally(() => { if (this.mirrorWrites.get(record) === done) this.mirrorWrites.delete(record); });
+      this.mirrorWrites.set(record, done);
+      pending.push(done);
+    }
+    return pending.length === 0 ? undefined : Promise.all(pending).then(() => undefined);
   }
 
   /**
-   * Writes segment `segment`'s generation into its older copy (no sync). Completes
-   * synchronously (returns undefined) on a blocking device.
+   * Writes one update of a dual-copy record: drops its pending mirror, waits for a mirror write
+   * of it still in flight (two writes to one copy must never race), writes the older copy, and
+   * once that succeeded lets the next sync mirror it into the other copy.
+   */
+  private writeRecord(record: string, writer: { target(): { index: 0 | 1; seq: number }; written(slot: { index: 0 | 1; seq: number }): void },
+    offsets: readonly [number, number], encode: (seq: number) => Uint8Array): Io {
+    this.mirrors.delete(record);
+    const inFlight = this.mirrorWrites.get(record);
+    const start = (): Io => {
+      const slot = writer.target();
+      const bytes = encode(slot.seq);
+      const done = (): void => {
+        writer.written(slot);
+        this.mirrors.set(record, { bytes, offsetBytes: offsets[slot.index === 0 ? 1 : 0] });
+      };
+      const io = this.write(bytes, offsets[slot.index]);
+      if (io === undefined) {
+        done();
+        return undefined;
+      }
+      return io.then(done);
+    };
+    return inFlight === undefined ? start() : inFlight.then(start);
+  }
+
+  /**
+   * Writes segment `segment`'s generation into its older copy (no sync; the next sync mirrors
+   * it into the other). Completes synchronously (returns undefined) on a blocking device.
    */
   writeGen(segment: number, gen: number): Io {
-    const latest = this.genLatestIndex[segment] ?? 2;
-    const index = latest === 0 ? 1 : 0;
-    const seq = ((this.genLatestSeq[segment] ?? 0) + 1) & 0xff;
-    const offset = segmentOffsetBytes(segment, this.segmentSizeBytes) + segmentGenOffsetsBytes[index];
-    const written = (): void => {
-      this.genLatestIndex[segment] = index;
-      this.genLatestSeq[segment] = seq;
+    const start = segmentOffsetBytes(segment, this.segmentSizeBytes);
+    const offsets = this.layout.segmentGenOffsetsBytes;
+    const writer = {
+      target: (): { index: 0 | 1; seq: number } => ({ index: this.genLatestIndex[segment] === 0 ? 1 : 0, seq: ((this.genLatestSeq[segment] ?? 0) + 1) & 0xff }),
+      written: (slot: { index: 0 | 1; seq: number }): void => {
+        this.genLatestIndex[segment] = slot.index;
+        this.genLatestSeq[segment] = slot.seq;
+      },
     };
-    const io = this.write(encodeSegmentGen(gen, seq), offset);
-    if (io === undefined) {
-      written();
-      return undefined;
-    }
-    return io.then(written);
+    return this.writeRecord(`gen ${segment}`, writer, [start + offsets[0], start + offsets[1]], (seq) => encodeSegmentGen(gen, seq, this.layout.version));
   }
 
   async writeKeyTail(pos: CachePos): Promise<void> {
-    await writeDualCopy(this, this.keyTailWriter, keyTailOffsetsBytes, (seq) => encodeCachePos(pos, seq));
+    await this.writeRecord('key_tail', this.keyTailWriter, this.layout.keyTailOffsetsBytes, (seq) => encodeCachePos(pos, seq, this.layout.version));
   }
 
   async writeDirtyTail(pos: CachePos): Promise<void> {
-    await writeDualCopy(this, this.dirtyTailWriter, dirtyTailOffsetsBytes, (seq) => encodeCachePos(pos, seq));
+    await this.writeRecord('dirty_tail', this.dirtyTailWriter, this.layout.dirtyTailOffsetsBytes, (seq) => encodeCachePos(pos, seq, this.layout.version));
   }
 
   async writeCacheInfo(info: CacheInfo): Promise<void> {
-    await writeDualCopy(this, this.cacheInfoWriter, cacheInfoOffsetsBytes, (seq) => encodeCacheInfo(info, seq));
+    await this.writeRecord('cache_info', this.cacheInfoWriter, cacheInfoOffsetsBytes, (seq) => encodeCacheInfo(info, seq, this.layout.version));
   }
 }
 
-async function writeDualCopy(dev: CacheDev, writer: DualCopyWriter, offsets: readonly [number, number], encode: (seq: number) => Uint8Array): Promise<void> {
-  const slot = writer.target();
-  await dev.write(encode(slot.seq), offsets[slot.index]);
-  writer.written(slot);
+/** A record's second copy: the bytes its first copy got, for the other place. */
+interface Mirror {
+  readonly bytes: Uint8Array;
+  readonly offsetBytes: number;
 }
 
 /** Everything read from the metadata areas of a cache device, validated. */
 export interface CacheMetadata {
   readonly sb: Superblock;
+  /** Why a superblock copy is unusable (the other one is used); empty when all are fine. */
+  readonly superblockDamage: string[];
+  /** The indices of the superblock copies that are unusable (version 2 has copies 0 and 1). */
+  readonly superblockBadCopies: number[];
   readonly cacheInfo: DualCopyChoice<CacheInfo> & { value: CacheInfo };
   readonly keyTail: DualCopyChoice<CachePos> & { value: CachePos };
   readonly dirtyTail: DualCopyChoice<CachePos> & { value: CachePos };
@@ -180,41 +250,81 @@ export interface CacheMetadata {
 
 export type DeviceContents = 'blank' | 'pcache' | 'other';
 
-/** What a device holds: blank (first 8 KiB zero), a pcache superblock, or something else. */
+/**
+ * What a device holds: blank (first 8 KiB zero), a pcache superblock (either copy), or
+ * something else (which may still be a pcache cache whose superblocks are both damaged:
+ * pcacheRecordsFound tells).
+ */
 export async function probeDevice(device: BlockDevice): Promise<DeviceContents> {
   if (device.sizeBytes < blankProbeBytes) return 'other';
   const head = new Uint8Array(blankProbeBytes);
   await device.read(head, 0);
-  if (isAllZero(head)) return 'blank';
-  return hasSuperblockMagic(head.subarray(superblockOffsetBytes)) ? 'pcache' : 'other';
+  if (hasSuperblockMagic(head.subarray(superblockOffsetBytes))) return 'pcache';
+  if (await readSecondSuperblock(device) !== undefined) return 'pcache';
+  return isAllZero(head) ? 'blank' : 'other';
+}
+
+/** The second superblock copy of a version 2 device, if the device's last block holds a valid one. */
+async function readSecondSuperblock(device: BlockDevice): Promise<Decoded<Superblock> | undefined> {
+  if (device.sizeBytes < 2 * blankProbeBytes) return undefined;
+  const bytes = new Uint8Array(superblockRecordBytes);
+  await device.read(bytes, lastBlockOffsetBytes(device.sizeBytes));
+  if (!hasSuperblockMagic(bytes)) return undefined;
+  const decoded = decodeSuperblock(bytes, device.sizeBytes);
+  return decoded.ok && decoded.value.formatVersion === 1 ? undefined : decoded;
 }
 
 /**
  * Reads and validates every metadata record. Errors: FOREIGN when the device is not a pcache
- * cache, CORRUPT when a record the cache cannot do without has no valid copy.
+ * cache, CORRUPT when a record the cache cannot do without has no valid copy (including a
+ * device whose superblocks are gone but whose other records show it was a pcache cache).
  */
 export async function readCacheMetadata(device: BlockDevice): Promise<CacheMetadata> {
   const sbBytes = new Uint8Array(superblockRecordBytes);
   await device.read(sbBytes, superblockOffsetBytes);
-  if (!hasSuperblockMagic(sbBytes)) throw new PcacheError('FOREIGN', 'the cache device holds no pcache superblock', { reason: 'not-pcache' });
-  const decodedSb = decodeSuperblock(sbBytes, device.sizeBytes);
-  if (!decodedSb.ok) throw new PcacheError('CORRUPT', decodedSb.problem);
-  const sb = decodedSb.value;
-  const limits = { segmentCount: sb.segmentCount, dataSizeBytes: segmentDataSizeBytes(sb.segmentSizeBytes) };
+  const first = hasSuperblockMagic(sbBytes) ? decodeSuperblock(sbBytes, device.sizeBytes) : undefined;
+  const second = first?.ok === true && first.value.formatVersion === 1 ? undefined : await readSecondSuperblock(device);
+  const superblockDamage: string[] = [];
+  const superblockBadCopies: number[] = [];
+  let sb: Superblock;
+  if (first?.ok === true) {
+    sb = first.value;
+    if (sb.formatVersion !== 1 && second?.ok !== true) {
+      superblockDamage.push(`superblock copy 1 (the device's last 4 KiB block): ${second?.ok === false ? second.problem : 'no pcache superblock there'}`);
+      superblockBadCopies.push(1);
+    }
+  } else if (second?.ok === true) {
+    sb = second.value;
+    superblockDamage.push(`superblock copy 0: ${first?.ok === false ? first.problem : 'no pcache superblock there'}`);
+    superblockBadCopies.push(0);
+  } else {
+    // A superblock copy 0 with the magic that fails its checks: the device is pcache's, damaged.
+    if (first !== undefined) throw new PcacheError('CORRUPT', first.problem);
+    const found = await pcacheRecordsFound(device);
+    if (found.length > 0) {
+      throw new PcacheError('CORRUPT', `the cache device has no valid pcache superblock, but it holds pcache records (${found.join(', ')}): it is a damaged pcache cache, which may hold data not yet written back`);
+    }
+    throw new PcacheError('FOREIGN', 'the cache device holds no pcache superblock', { reason: 'not-pcache' });
+  }
+  const version = sb.formatVersion;
+  const layout = layoutFor(version);
+  const limits = { segmentCount: sb.segmentCount, dataSizeBytes: segmentDataSizeBytes(sb.segmentSizeBytes), ksetHeaderBytes: ksetHeaderBytesFor(layout.extendedKsets) };
 
   const readPair = async <T>(offsets: readonly [number, number], bytes: number, decode: (record: Uint8Array, copy: number) => Decoded<T>): Promise<DualCopyChoice<T>> => {
-    const first = new Uint8Array(bytes);
-    const second = new Uint8Array(bytes);
-    await device.read(first, offsets[0]);
-    await device.read(second, offsets[1]);
-    return chooseLatest([decode(first, 0), decode(second, 1)]);
+    const copies: Decoded<T>[] = [];
+    for (const [copy, at] of offsets.entries()) {
+      const record = new Uint8Array(bytes);
+      await device.read(record, at);
+      copies.push(decode(record, copy));
+    }
+    return chooseLatest([copies[0] ?? missing(), copies[1] ?? missing()]);
   };
 
-  const cacheInfo = await readPair<CacheInfo>(cacheInfoOffsetsBytes, 64, (r, copy) => decodeCacheInfo(r, sb.segmentCount, `cache_info copy ${copy}`));
+  const cacheInfo = await readPair<CacheInfo>(cacheInfoOffsetsBytes, cacheInfoRecordBytes, (r, copy) => decodeCacheInfo(r, sb.segmentCount, `cache_info copy ${copy}`, version));
   if (cacheInfo.value === undefined) throw new PcacheError('CORRUPT', `no valid cache_info: ${cacheInfo.problems.join('; ')}`);
-  const keyTail = await readPair<CachePos>(keyTailOffsetsBytes, 16, (r, copy) => decodeCachePos(r, limits, `key_tail copy ${copy}`));
+  const keyTail = await readPair<CachePos>(layout.keyTailOffsetsBytes, cachePosRecordBytesMax, (r, copy) => decodeCachePos(r, limits, `key_tail copy ${copy}`, version));
   if (keyTail.value === undefined) throw new PcacheError('CORRUPT', `no valid key_tail: ${keyTail.problems.join('; ')}`);
-  const dirtyTail = await readPair<CachePos>(dirtyTailOffsetsBytes, 16, (r, copy) => decodeCachePos(r, limits, `dirty_tail copy ${copy}`));
+  const dirtyTail = await readPair<CachePos>(layout.dirtyTailOffsetsBytes, cachePosRecordBytesMax, (r, copy) => decodeCachePos(r, limits, `dirty_tail copy ${copy}`, version));
   if (dirtyTail.value === undefined) throw new PcacheError('CORRUPT', `no valid dirty_tail: ${dirtyTail.problems.join('; ')}`);
 
   // One read per segment covers both seg_info copies and both generation copies.
@@ -223,13 +333,15 @@ export async function readCacheMetadata(device: BlockDevice): Promise<CacheMetad
   const gens: DualCopyChoice<number>[] = [];
   for (let segment = 0; segment < sb.segmentCount; segment++) {
     await device.read(head, segmentOffsetBytes(segment, sb.segmentSizeBytes));
-    const copies = segmentInfoOffsetsBytes.map((at, copy) => decodeSegmentInfo(head.subarray(at), sb.segmentCount, `segment ${segment} seg_info copy ${copy}`));
-    segmentInfos.push(chooseLatest([copies[0] ?? failed(), copies[1] ?? failed()]));
-    const genCopies = segmentGenOffsetsBytes.map((at, copy) => decodeSegmentGen(head.subarray(at), `segment ${segment} gen copy ${copy}`));
-    gens.push(chooseLatest([genCopies[0] ?? failed(), genCopies[1] ?? failed()]));
+    const infos = segmentInfoOffsetsBytes.map((at, copy) => decodeSegmentInfo(head.subarray(at), sb.segmentCount, `segment ${segment} seg_info copy ${copy}`, version));
+    segmentInfos.push(chooseLatest([infos[0] ?? missing(), infos[1] ?? missing()]));
+    const genCopies = layout.segmentGenOffsetsBytes.map((at, copy) => decodeSegmentGen(head.subarray(at), `segment ${segment} gen copy ${copy}`, version));
+    gens.push(chooseLatest([genCopies[0] ?? missing(), genCopies[1] ?? missing()]));
   }
   return {
     sb,
+    superblockDamage,
+    superblockBadCopies,
     cacheInfo: { ...cacheInfo, value: cacheInfo.value },
     keyTail: { ...keyTail, value: keyTail.value },
     dirtyTail: { ...dirtyTail, value: dirtyTail.value },
@@ -238,8 +350,68 @@ export async function readCacheMetadata(device: BlockDevice): Promise<CacheMetad
   };
 }
 
-function failed(): { ok: false; problem: string } {
+function missing(): { ok: false; problem: string } {
   return { ok: false, problem: 'missing copy' };
+}
+
+/**
+ * The pcache records a device holds, whatever their state: a superblock magic at either
+ * place, or a copy of cache_info, key_tail or dirty_tail, or segment 0's seg_info, whose CRC
+ * passes, in either format version. Used when no superblock can be read: a device with any of
+ * these was a pcache cache and may still hold dirty data, so it is never taken for foreign.
+ */
+export async function pcacheRecordsFound(device: BlockDevice): Promise<string[]> {
+  const found: string[] = [];
+  const read = async (at: number, bytes: number): Promise<Uint8Array | undefined> => {
+    if (at + bytes > device.sizeBytes) return undefined;
+    const record = new Uint8Array(bytes);
+    await device.read(record, at);
+    return record;
+  };
+  for (const [copy, at] of [superblockOffsetBytes, lastBlockOffsetBytes(device.sizeBytes)].entries()) {
+    const record = await read(at, superblockRecordBytes);
+    if (record !== undefined && hasSuperblockMagic(record)) found.push(`superblock copy ${copy}`);
+  }
+  const places: [string, number, number][] = [
+    ...cacheInfoOffsetsBytes.map((at, copy): [string, number, number] => [`cache_info copy ${copy}`, at, cacheInfoRecordBytes]),
+    ...formatVersionsSupported.flatMap((version) => {
+      const layout = layoutFor(version);
+      return [
+        ...layout.keyTailOffsetsBytes.map((at, copy): [string, number, number] => [`key_tail copy ${copy}`, at, cachePosRecordBytesMax]),
+        ...layout.dirtyTailOffsetsBytes.map((at, copy): [string, number, number] => [`dirty_tail copy ${copy}`, at, cachePosRecordBytesMax]),
+      ];
+    }),
+    ...segmentInfoOffsetsBytes.map((at, copy): [string, number, number] => [`segment 0 seg_info copy ${copy}`, at + segmentOffsetBytes(0, 0), 16]),
+  ];
+  for (const [name, at, bytes] of places) {
+    const record = await read(at, bytes);
+    if (record === undefined || found.includes(name)) continue;
+    const version = metaRecordVersion(record);
+    if (!formatVersionsSupported.some((known) => known === version)) continue;
+    // The record's length differs by kind and version; the CRC covers bytes 4 .. its end.
+    if (recordCrcPasses(record, name.startsWith('cache_info') ? cacheInfoRecordBytes : name.includes('seg_info') ? 16 : version === 1 ? 16 : 24)) found.push(name);
+  }
+  return found;
+}
+
+function recordCrcPasses(record: Uint8Array, lengthBytes: number): boolean {
+  return record.length >= lengthBytes && !isAllZero(record.subarray(0, lengthBytes)) && readU32LE(record, 0) === crc32c(record.subarray(4, lengthBytes));
+}
+
+/**
+ * Writes a changed superblock (the backing device's size) into every copy: the second copy
+ * (version 2) first, synced, then the first, synced. Readers take the first valid copy, so a
+ * crash in between leaves either the old or the new superblock readable, never neither.
+ */
+export async function rewriteSuperblock(device: BlockDevice, sb: Superblock): Promise<void> {
+  const area = new Uint8Array(blockBytes);
+  area.set(encodeSuperblock(sb));
+  if (layoutFor(sb.formatVersion).superblockCopyAtEnd) {
+    await device.write(area, lastBlockOffsetBytes(device.sizeBytes));
+    await device.sync();
+  }
+  await device.write(area, superblockOffsetBytes);
+  await device.sync();
 }
 
 /** Checks the segment chain 0 -> 1 -> ... -> n-1; returns the problems found. */
@@ -255,22 +427,32 @@ export function segmentChainProblems(metadata: CacheMetadata): string[] {
 
 /**
  * Formats `device` as a fresh cache for `backing`. Overwrites whatever the device held: the
- * caller decides whether that is allowed. Order: every segment's metadata, the tails and
- * cache_info, a sync, then the superblock and a final sync — a format cut short leaves no
- * superblock, so the device still probes as blank.
+ * caller decides whether that is allowed. Order: clear the old superblocks, sync; every
+ * segment's metadata, the first copies of the tails and both copies of cache_info, sync; the
+ * superblock copies, sync; last (version 2) the tails' second copies in the device's first
+ * block, sync. A format cut short before the superblock leaves a device that probes as blank
+ * (its first 8 KiB still zero); one cut short after it leaves a valid cache whose tails have one
+ * copy each, as a crash during any tail update would.
  */
 export async function formatCacheDevice(device: BlockDevice, backing: BlockDevice, options: FormatOptions = {}): Promise<Superblock> {
+  const version = options.formatVersion ?? formatVersionLatest;
+  const layout = layoutFor(version);
   const segmentSizeBytes = options.segmentSizeBytes ?? segmentSizeDefaultBytes;
   const sizeProblem = segmentSizeProblem(segmentSizeBytes);
   if (sizeProblem !== undefined) throw new PcacheError('EINVAL', sizeProblem);
   const gcPercent = options.gcPercent ?? gcPercentDefault;
   if (!Number.isInteger(gcPercent) || gcPercent < 0 || gcPercent > gcPercentMax) throw new PcacheError('EINVAL', `gc_percent must be 0..${gcPercentMax}, got ${gcPercent}`);
-  const segmentCount = Math.min(segmentCountFor(device.sizeBytes, segmentSizeBytes), segmentCountMax);
+  const segmentCount = Math.min(segmentCountFor(device.sizeBytes, segmentSizeBytes, layout), segmentCountMax);
   if (segmentCount < segmentCountMin) {
-    throw new PcacheError('EINVAL', `a cache device of ${device.sizeBytes} bytes holds ${segmentCount} segments of ${segmentSizeBytes} bytes; at least ${segmentCountMin} are needed`);
+    const neededBytes = segmentsOffsetBytes + segmentCountMin * segmentSizeBytes + (layout.superblockCopyAtEnd ? blockBytes : 0);
+    const withSmallest = segmentCountFor(device.sizeBytes, segmentSizeMinBytes, layout);
+    const smaller = segmentSizeBytes > segmentSizeMinBytes && withSmallest >= segmentCountMin ? `, or smaller segments (--segment-size 1M gives ${withSmallest})` : '';
+    throw new PcacheError('EINVAL', `a cache device of ${device.sizeBytes} bytes holds ${segmentCount} segments of ${segmentSizeBytes} bytes; at least ${segmentCountMin} are needed: ` +
+      `use a cache device of at least ${neededBytes} bytes${smaller}`);
   }
   if (backing.sizeBytes % 512 !== 0 || backing.sizeBytes === 0) throw new PcacheError('EINVAL', `the backing device size ${backing.sizeBytes} is not a positive multiple of 512`);
   const sb: Superblock = {
+    formatVersion: version,
     segmentSizeBytes,
     segmentCount,
     cacheUuid: options.cacheUuid ?? Buffer.from(randomUUID().replaceAll('-', ''), 'hex'),
@@ -279,33 +461,53 @@ export async function formatCacheDevice(device: BlockDevice, backing: BlockDevic
     formatTimeMs: options.formatTimeMs ?? Date.now(),
   };
   const encodedSb = encodeSuperblock(sb);
-  // Clear a previous superblock first, so a crash in the middle never leaves it describing new contents.
-  await device.write(new Uint8Array(superblockRecordBytes), superblockOffsetBytes);
+  // Clear previous superblocks first, so a crash in the middle never leaves one describing new contents.
+  const sbPlaces = [superblockOffsetBytes, ...(device.sizeBytes >= 2 * blankProbeBytes ? [lastBlockOffsetBytes(device.sizeBytes)] : [])];
+  for (const at of sbPlaces) await device.write(new Uint8Array(superblockRecordBytes), at);
   await device.sync();
 
   const head = new Uint8Array(segmentDataOffsetBytes);
+  const headerBytes = ksetHeaderBytesFor(layout.extendedKsets);
   for (let segment = 0; segment < segmentCount; segment++) {
     head.fill(0);
-    const info = encodeSegmentInfo({ next: segment + 1 < segmentCount ? segment + 1 : undefined }, 1);
-    head.set(info, segmentInfoOffsetsBytes[0]);
+    const info = encodeSegmentInfo({ next: segment + 1 < segmentCount ? segment + 1 : undefined }, 1, version);
     // Segment 0 starts the log: it has been handed out once, so its generation is 1.
-    head.set(encodeSegmentGen(segment === 0 ? 1 : 0, 1), segmentGenOffsetsBytes[0]);
+    const gen = encodeSegmentGen(segment === 0 ? 1 : 0, 1, version);
+    head.set(info, segmentInfoOffsetsBytes[0]);
+    head.set(gen, layout.segmentGenOffsetsBytes[0]);
+    if (version !== 1) {
+      head.set(info, segmentInfoOffsetsBytes[1]);
+      head.set(gen, layout.segmentGenOffsetsBytes[1]);
+    }
     await device.write(head, segmentOffsetBytes(segment, segmentSizeBytes));
-    await device.write(new Uint8Array(ksetHeaderBytes), segmentOffsetBytes(segment, segmentSizeBytes) + segmentDataOffsetBytes);
+    await device.write(new Uint8Array(headerBytes), segmentOffsetBytes(segment, segmentSizeBytes) + segmentDataOffsetBytes);
   }
-  const ctrl = new Uint8Array(4096);
-  const start: CachePos = { segment: 0, offsetBytes: 0 };
-  ctrl.set(encodeCachePos(start, 1), keyTailOffsetsBytes[0] - keyTailOffsetsBytes[0]);
-  ctrl.set(encodeCachePos(start, 1), dirtyTailOffsetsBytes[0] - keyTailOffsetsBytes[0]);
-  await device.write(ctrl, keyTailOffsetsBytes[0]);
+  // The log starts at segment 0, offset 0, with kset seq 1.
+  const start: CachePos = { segment: 0, offsetBytes: 0, seq: 1, durableSeq: 0 };
+  const startRecord = encodeCachePos(start, 1, version);
+  const writeAtCopy = async (copy: 0 | 1): Promise<void> => {
+    const blockStart = Math.floor(layout.keyTailOffsetsBytes[copy] / blockBytes) * blockBytes;
+    const block = new Uint8Array(blockBytes);
+    block.set(startRecord, layout.keyTailOffsetsBytes[copy] - blockStart);
+    block.set(startRecord, layout.dirtyTailOffsetsBytes[copy] - blockStart);
+    await device.write(block, blockStart);
+  };
+  await writeAtCopy(0);
   const info: CacheInfo = { dataCrc: options.dataCrc ?? false, initDone: true, gcPercent, segmentCount, firstSegment: 0 };
-  const infos = new Uint8Array(8192);
-  infos.set(encodeCacheInfo(info, 1), 0);
+  const infos = new Uint8Array(2 * blockBytes);
+  const encodedInfo = encodeCacheInfo(info, 1, version);
+  infos.set(encodedInfo, 0);
+  if (version !== 1) infos.set(encodedInfo, cacheInfoOffsetsBytes[1] - cacheInfoOffsetsBytes[0]);
   await device.write(infos, cacheInfoOffsetsBytes[0]);
   await device.sync();
-  const sbArea = new Uint8Array(4096);
+  const sbArea = new Uint8Array(blockBytes);
   sbArea.set(encodedSb);
+  if (layout.superblockCopyAtEnd) await device.write(sbArea, lastBlockOffsetBytes(device.sizeBytes));
   await device.write(sbArea, superblockOffsetBytes);
   await device.sync();
+  if (version !== 1) {
+    await writeAtCopy(1);
+    await device.sync();
+  }
   return sb;
 }

@@ -104,7 +104,7 @@ export class Gc extends CacheWorker {
         ksets++;
       }
       if (ksets === 0 || ctx.stopped()) return 'nothing';
-      await ctx.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes });
+      await ctx.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes, seq: pos.seq, durableSeq: ctx.logDurableSeq });
       await ctx.dev.sync();
       if (ctx.stopped()) return 'nothing';
       ctx.keyTail = pos;

@@ -18,8 +18,13 @@
 // (group commit): a flush waits until the kset that ends its epoch is durable.
 // When the log moves to a new segment, that segment's freshly bumped generation is written
 // before the sync, so it is durable before the LAST kset that points at it can be.
-// Invariants: keyHead always has room for a LAST kset (ksetHeaderBytes) before the segment's
-// end; durableSeq <= writtenSeq < seq of every sealed kset; at most sealedKsetsMax ksets wait.
+// Seqs: every sealed kset takes the next seq, and is written in that order, so a kset's seq is
+// also its number in the log; on format version 2 devices it is written into the kset with the
+// seq up to which everything was durable then (durable_seq), which lets replay tell damage from
+// the end of the log (kset.ts). A LAST kset carries the seq of the kset after it.
+// Invariants: keyHead always has room for a LAST kset (a kset header) before the segment's
+// end; keyHead.seq = writtenSeq + 1; durableSeq <= writtenSeq < seq of every sealed kset; at
+// most sealedKsetsMax ksets wait.
 
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
@@ -27,7 +32,7 @@ import { BackgroundTask } from '../lib/background_task.js';
 import { Listeners } from '../lib/listeners.js';
 import type { TimerHandle } from '../lib/timers.js';
 import {
-  decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, ksetBytesMax, ksetHeaderBytes, ksetKeysMax, sealKset,
+  decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, ksetBytesMax, ksetExtendedHeaderBytes, ksetKeysMax, sealKset,
   type DecodedKset, type KeyRecord,
 } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
@@ -40,7 +45,7 @@ export const ksetCommitBatch = 8;
 /** Sealed ksets waiting for the committer; writers wait when the queue is this long. */
 export const sealedKsetsMax = 32;
 /** A kset's bytes plus the zeroed header written after it. */
-const ksetBufferBytes = ksetBytesMax + ksetHeaderBytes;
+const ksetBufferBytes = ksetBytesMax + ksetExtendedHeaderBytes;
 
 interface SealedKset {
   readonly bytes: Uint8Array;
@@ -63,11 +68,13 @@ export class KsetLog {
   /** Armed while full ksets wait for a batch (kickWhenBatched). */
   private commitTimer: TimerHandle | undefined;
   private sealed: SealedKset[] = [];
+  /** The kset header of this device's format. */
+  private readonly headerBytes: number;
   /** Seq the open kset will carry when sealed. */
-  private nextSeq = 1;
-  private lastSealedSeq = 0;
-  private writtenSeq = 0;
-  private durableSeq = 0;
+  private nextSeq: number;
+  private lastSealedSeq: number;
+  private writtenSeq: number;
+  private durableSeq: number;
   /** Keys were appended since the last EPOCH_END kset was sealed. */
   private epochOpen = false;
   private readonly committer = new BackgroundTask(() => this.run());
@@ -84,6 +91,13 @@ export class KsetLog {
     this.ctx = ctx;
     this.keyHead = keyHead;
     this.durableHead = keyHead;
+    this.headerBytes = ctx.dev.ksetHeaderBytes;
+    // Everything before key_head is durable: replay found it on the device.
+    this.nextSeq = keyHead.seq;
+    this.lastSealedSeq = keyHead.seq - 1;
+    this.writtenSeq = keyHead.seq - 1;
+    this.durableSeq = keyHead.seq - 1;
+    ctx.logDurableSeq = this.durableSeq;
     ctx.failed.add((failure) => { this.abort(failure); });
     ctx.spaceNeeded.add(() => { this.sealNow(); });
   }
@@ -109,7 +123,7 @@ export class KsetLog {
   /** Appends a key to the open kset; returns the seq of the kset that carries it. */
   append(key: KeyRecord): number {
     assert(this.openCount < ksetKeysMax, 'open kset overflow');
-    encodeKey(this.open, ksetHeaderBytes + this.openCount * keyBytes, key);
+    encodeKey(this.open, this.headerBytes + this.openCount * keyBytes, key);
     this.openCount++;
     this.epochOpen = true;
     if ((key.flags & keyFlagClean) === 0) this.ctx.stats.dirtyBytes += key.lengthBytes;
@@ -259,8 +273,9 @@ export class KsetLog {
    */
   private async planBatch(): Promise<{ batch: SealedKset[]; nextSegment: number | undefined }> {
     const dataSizeBytes = this.ctx.dev.dataSizeBytes;
+    const header = this.headerBytes;
     const fits = (offsetBytes: number, kset: SealedKset): boolean =>
-      offsetBytes + ksetHeaderBytes + kset.keyCount * keyBytes + ksetHeaderBytes <= dataSizeBytes;
+      offsetBytes + header + kset.keyCount * keyBytes + header <= dataSizeBytes;
     let nextSegment: number | undefined;
     let offsetBytes = this.keyHead.offsetBytes;
     const first = this.sealed[0];
@@ -272,7 +287,7 @@ export class KsetLog {
     let count = 0;
     for (const kset of this.sealed) {
       if (!fits(offsetBytes, kset)) break;
-      offsetBytes += ksetHeaderBytes + kset.keyCount * keyBytes;
+      offsetBytes += header + kset.keyCount * keyBytes;
       count++;
     }
     assert(count > 0, 'a kset does not fit in an empty segment');
@@ -313,22 +328,27 @@ export class KsetLog {
   private async writeBatch(batch: SealedKset[], nextSegment: number | undefined): Promise<void> {
     const ctx = this.ctx;
     const dev = ctx.dev;
+    const extended = dev.layout.extendedKsets;
     if (nextSegment !== undefined) {
-      const last = encodeLastKset(nextSegment, ctx.segments.gen[this.keyHead.segment] ?? 0, dev.crcSeed);
-      await dev.writeData(last, this.keyHead.segment, this.keyHead.offsetBytes);
-      this.keyHead = { segment: nextSegment, offsetBytes: 0, lsn: this.keyHead.lsn + ksetHeaderBytes };
+      const head = this.keyHead;
+      const seqs = extended ? { seq: head.seq, durableSeq: this.durableSeq } : undefined;
+      const last = encodeLastKset(nextSegment, ctx.segments.gen[head.segment] ?? 0, dev.crcSeed, seqs);
+      await dev.writeData(last, head.segment, head.offsetBytes);
+      this.keyHead = { segment: nextSegment, offsetBytes: 0, lsn: head.lsn + last.length, seq: head.seq };
     }
     for (const kset of batch) {
       const head = this.keyHead;
+      assert(kset.seq === head.seq, 'ksets are written in seq order');
       const size = sealKset(kset.bytes, {
         keyCount: kset.keyCount,
         epochEnd: kset.epochEnd,
         logGen: ctx.segments.gen[head.segment] ?? 0,
         crcSeed: dev.crcSeed,
+        seqs: extended ? { seq: kset.seq, durableSeq: this.durableSeq } : undefined,
       });
-      kset.bytes.fill(0, size, size + ksetHeaderBytes);
-      await dev.writeData(kset.bytes.subarray(0, size + ksetHeaderBytes), head.segment, head.offsetBytes);
-      this.keyHead = { segment: head.segment, offsetBytes: head.offsetBytes + size, lsn: head.lsn + size };
+      kset.bytes.fill(0, size, size + this.headerBytes);
+      await dev.writeData(kset.bytes.subarray(0, size + this.headerBytes), head.segment, head.offsetBytes);
+      this.keyHead = { segment: head.segment, offsetBytes: head.offsetBytes + size, lsn: head.lsn + size, seq: head.seq + 1 };
       this.writtenSeq = kset.seq;
       ctx.stats.ksetsWritten++;
     }
@@ -338,6 +358,7 @@ export class KsetLog {
     if (seq <= this.durableSeq && head.lsn <= this.durableHead.lsn) return;
     this.durableSeq = seq;
     this.durableHead = head;
+    this.ctx.logDurableSeq = seq;
     const waiting = this.durableWaiters;
     this.durableWaiters = [];
     for (const waiter of waiting) {
@@ -365,6 +386,7 @@ export async function readKsetAt(ctx: Pick<CacheContext, 'dev' | 'segments'>, po
   const io = dev.readData(bytes, pos.segment, pos.offsetBytes);
   if (io !== undefined) await io;
   return decodeKset(bytes, {
+    extended: dev.layout.extendedKsets,
     crcSeed: dev.crcSeed,
     logGen: ctx.segments.gen[pos.segment] ?? 0,
     roomBytes,
@@ -376,6 +398,6 @@ export async function readKsetAt(ctx: Pick<CacheContext, 'dev' | 'segments'>, po
 
 /** The position right after a kset that decoded successfully at `pos`. */
 export function positionAfter(pos: LogPos, kset: DecodedKset & { ok: true }): LogPos {
-  if (kset.kind === 'last') return { segment: kset.next, offsetBytes: 0, lsn: pos.lsn + kset.sizeBytes };
-  return { segment: pos.segment, offsetBytes: pos.offsetBytes + kset.sizeBytes, lsn: pos.lsn + kset.sizeBytes };
+  if (kset.kind === 'last') return { segment: kset.next, offsetBytes: 0, lsn: pos.lsn + kset.sizeBytes, seq: pos.seq };
+  return { segment: pos.segment, offsetBytes: pos.offsetBytes + kset.sizeBytes, lsn: pos.lsn + kset.sizeBytes, seq: pos.seq + 1 };
 }

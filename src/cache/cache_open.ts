@@ -1,8 +1,9 @@
 // Opening a cache: what happens between two devices and a running engine.
 //
 //   probe the cache device -> format it if blank and asked to -> read and validate the
-//   metadata -> refuse a cache of another backing device -> build the context -> replay the
-//   log -> build the engine -> zero the rest of key_head's segment and sync -> start
+//   metadata -> refuse a cache of another backing device -> take the backing device's new
+//   size if it grew (or shrank where the cache holds nothing) -> build the context -> replay
+//   the log -> build the engine -> zero the rest of key_head's segment and sync -> start
 //   writeback and GC.
 //
 // Everything that can refuse (bad knobs, a blank device not to be formatted, a foreign device,
@@ -10,13 +11,15 @@
 // write before the engine serves is the zeroing after key_head (docs/design.md, "Barriers").
 
 import { PcacheError } from '../lib/errors.js';
-import { realTimers, type Timers } from '../lib/timers.js';
+import { ManualTimers, realTimers, type Timers } from '../lib/timers.js';
 import { KiB, isAllZero } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { CacheContext } from './cache_context.js';
-import { formatCacheDevice, probeDevice, readCacheMetadata, type CacheMetadata, type FormatOptions } from './cache_dev.js';
+import {
+  formatCacheDevice, pcacheRecordsFound, probeDevice, readCacheMetadata, rewriteSuperblock, type CacheMetadata, type FormatOptions,
+} from './cache_dev.js';
 import { CacheEngine } from './cache_engine.js';
-import { replay, type ReplayResult } from './cache_replay.js';
+import { describeLogDamage, replay, replayStartOf, type ReplayResult } from './cache_replay.js';
 import { defaultTuning, tuningProblem, type CacheTuning } from './cache_tuning.js';
 import type { LogPos } from './cache_types.js';
 
@@ -33,6 +36,12 @@ export interface CacheOpenOptions {
    * larger device would make recorded extents meaningless.
    */
   readonly acceptOtherBackingIdentity?: boolean;
+  /**
+   * Serve a cache whose log is damaged (replay found the log going on durably past a kset that
+   * fails its checks), losing every write from the damaged kset on. Without it such a cache is
+   * refused (CORRUPT, reason log-damaged) and `pcache check` lists what would be lost.
+   */
+  readonly acceptLogLoss?: boolean;
   /** Run writeback, GC and the kset timer on their own (default true). Tests turn it off. */
   readonly background?: boolean;
   readonly timers?: Timers;
@@ -55,21 +64,38 @@ export async function openEngine(options: CacheOpenOptions): Promise<{ engine: C
     if (options.readOnly === true) throw new PcacheError('EPERM', 'cannot format a cache device opened read-only');
     await formatCacheDevice(cacheDevice, backingDevice, options.formatIfBlank === true ? {} : options.formatIfBlank);
   } else if (contents === 'other') {
+    // readCacheMetadata tells a damaged pcache cache (its other records remain) from foreign data.
+    const found = await pcacheRecordsFound(cacheDevice);
+    if (found.length > 0) await readCacheMetadata(cacheDevice);
     throw new PcacheError('FOREIGN', 'the cache device holds data that is not a pcache cache; refusing to touch it', { reason: 'not-pcache' });
   }
-  const metadata = await readCacheMetadata(cacheDevice);
+  let metadata = await readCacheMetadata(cacheDevice);
   checkBacking(metadata, backingDevice, options.acceptOtherBackingIdentity === true);
+  if (metadata.sb.backingSizeBytes !== backingDevice.sizeBytes) {
+    if (options.readOnly !== true) metadata = await adoptBackingSize(cacheDevice, backingDevice, metadata);
+    else if (backingDevice.sizeBytes < metadata.sb.backingSizeBytes) {
+      throw new PcacheError('FOREIGN', `this cache belongs to a backing device of ${metadata.sb.backingSizeBytes} bytes, but the backing device has ${backingDevice.sizeBytes} (opened read-only, so nothing is adjusted)`, { reason: 'other-backing-size' });
+    }
+  }
   const ctx = new CacheContext(cacheDevice, backingDevice, metadata, {
     readOnly: options.readOnly === true,
     background: options.background ?? true,
     timers: options.timers ?? realTimers,
     tuning,
   });
-  const replayResult = await replay(ctx, metadata.dirtyTail.value);
+  const replayResult = await replay(ctx, replayStartOf(metadata));
+  if (replayResult.damage !== undefined && options.acceptLogLoss !== true) {
+    throw new PcacheError('CORRUPT', `${describeLogDamage(replayResult.damage)}; serving would lose acknowledged writes without a word. ` +
+      '`pcache check` lists what is affected; accept the loss of everything from the damaged kset on to serve anyway', { reason: 'log-damaged' });
+  }
   ctx.dirtyTail = replayResult.dirtyTail;
   ctx.durableDirtyTail = replayResult.dirtyTail;
   const engine = new CacheEngine(ctx, replayResult.keyHead);
-  if (!ctx.readOnly) await clearAfterHead(ctx, replayResult.keyHead);
+  if (!ctx.readOnly) {
+    if (replayResult.damage !== undefined) await retireStranded(ctx, replayResult.strandedSegments);
+    await clearAfterHead(ctx, replayResult.keyHead);
+    if (replayResult.damage !== undefined) await recordTruncatedLog(ctx, replayResult.keyHead);
+  }
   // Dirty data found by replay has waited for the whole downtime: it counts as old.
   if (ctx.stats.dirtyBytes > 0) engine.writeback.noteDurable(replayResult.keyHead.lsn, ctx.timers.now() - tuning.writebackMaxAgeMs);
   engine.writeback.kick(false);
@@ -79,12 +105,62 @@ export async function openEngine(options: CacheOpenOptions): Promise<{ engine: C
 
 function checkBacking(metadata: CacheMetadata, backing: BlockDevice, acceptOtherIdentity: boolean): void {
   const sb = metadata.sb;
-  if (sb.backingSizeBytes !== backing.sizeBytes) {
-    throw new PcacheError('FOREIGN', `this cache belongs to a backing device of ${sb.backingSizeBytes} bytes, but the backing device has ${backing.sizeBytes}`, { reason: 'other-backing-size' });
-  }
   if (sb.backingIdentity !== '' && backing.identity !== undefined && sb.backingIdentity !== backing.identity && !acceptOtherIdentity) {
     throw new PcacheError('FOREIGN', `this cache belongs to backing device "${sb.backingIdentity}", not "${backing.identity}" (accept it only if it is a copy of that device)`, { reason: 'other-backing-identity' });
   }
+}
+
+/**
+ * The backing device's size changed since the cache recorded it. A device that grew is served
+ * at its new size: every cached extent still lies inside it. One that shrank is accepted only
+ * when no key in the log (live or superseded: replay validates them all against the recorded
+ * size) reaches past the new end; otherwise it is refused with the numbers. The new size goes
+ * into every superblock copy (the second copy first, each write synced), so a crash in between
+ * leaves one copy with either size and no key beyond either. Read-only opens never get here:
+ * they serve the recorded size of a grown device and refuse a shrunk one (readCacheMetadata's
+ * caller sees the size mismatch in Cache.sizeBytes).
+ */
+async function adoptBackingSize(cacheDevice: BlockDevice, backing: BlockDevice, metadata: CacheMetadata): Promise<CacheMetadata> {
+  const recorded = metadata.sb.backingSizeBytes;
+  const now = backing.sizeBytes;
+  if (now < recorded) {
+    const scratch = new CacheContext(cacheDevice, { ...backing, sizeBytes: recorded }, metadata, { readOnly: true, background: false, timers: new ManualTimers(), tuning: defaultTuning });
+    let reachBytes = 0;
+    await replay(scratch, replayStartOf(metadata), (record) => { reachBytes = Math.max(reachBytes, record.offsetBytes + record.lengthBytes); });
+    if (reachBytes > now) {
+      throw new PcacheError('FOREIGN', `the backing device shrank from ${recorded} to ${now} bytes, but the cache holds ranges up to byte ${reachBytes} ` +
+        `(${scratch.stats.dirtyBytes} bytes dirty): give the backing device its size back, or serve it at ${recorded} bytes, drain, and format the cache again`, { reason: 'other-backing-size' });
+    }
+  }
+  await rewriteSuperblock(cacheDevice, { ...metadata.sb, backingSizeBytes: now });
+  return readCacheMetadata(cacheDevice);
+}
+
+/**
+ * After accepting a damaged log: the ksets found beyond the damage in other (free) segments
+ * would be taken for damage again at the next open, until the log's seqs passed theirs. A new
+ * generation, written and synced, makes them stale for good (the rest of key_head's segment is
+ * zeroed by clearAfterHead).
+ */
+async function retireStranded(ctx: CacheContext, segments: readonly number[]): Promise<void> {
+  for (const segment of segments) {
+    ctx.segments.gen[segment] = (ctx.segments.gen[segment] ?? 0) + 1;
+    const io = ctx.dev.writeGen(segment, ctx.segments.gen[segment] ?? 0);
+    if (io !== undefined) await io;
+  }
+  if (segments.length > 0) await ctx.dev.sync();
+}
+
+/**
+ * After accepting a damaged log: the tails still say that ksets past the new end were durable,
+ * which the next open would take for damage again. Both are rewritten with the truncated log's
+ * end, and synced.
+ */
+async function recordTruncatedLog(ctx: CacheContext, keyHead: LogPos): Promise<void> {
+  const durableSeq = keyHead.seq - 1;
+  await ctx.dev.writeKeyTail({ ...ctx.keyTail, durableSeq });
+  await ctx.dev.writeDirtyTail({ ...ctx.dirtyTail, durableSeq });
+  await ctx.dev.sync();
 }
 
 /**

@@ -20,6 +20,16 @@
 //   |   its segment's, or at a log segment                  |                                |
 //   | valid                                                 | apply, go on                   |
 //
+// On format version 2 devices every kset carries its seq, and replay requires them in order
+// from key_tail's seq: a valid kset with another seq at the next position is not part of this
+// log (the end). Where replay stops, it then looks for the log going on beyond that point — a
+// valid kset further on in the same segment, or at the start of another segment, with a seq
+// at or past the one expected and a durable_seq showing that the expected kset had been made
+// durable before it was written. Finding one means the log was damaged, not cut short by a
+// crash: the result says so (`damage`), and the cache refuses to open unless told to accept
+// the loss (cache_open.ts). A crash only ever leaves ksets of the same unsynced batch behind a
+// torn one, and their durable_seq is below it.
+//
 // Applying a kset: ZERO keys go into the index; a key whose generation is older than its
 // segment's is stale (the segment was freed and reused since) and is skipped without taking a
 // reference; every other key takes a reference on its segment and goes into the index, in log
@@ -30,8 +40,10 @@
 
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError } from '../lib/errors.js';
-import { keyFlagClean, keyFlagZero, ksetBytesMax, type KeyRecord } from '../ondisk/kset.js';
+import { KiB } from '../lib/units.js';
+import { decodeKset, keyFlagClean, keyFlagZero, ksetBytesMax, ksetMagic, type KeyRecord } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
+import type { CacheMetadata } from './cache_dev.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
 import { segmentKindData, segmentKindFree, segmentKindLog } from './cache_segment.js';
 import { keyFromRecord, newIndexKey } from './cache_tree.js';
@@ -49,16 +61,48 @@ export interface ReplayResult {
   readonly stopDamage: boolean;
   /** Data CRC mismatches found while verifying replayed keys. */
   readonly dataCrcErrors: string[];
+  /** The log went on durably past where replay stopped: it is damaged (version 2 devices only). */
+  readonly damage: LogDamage | undefined;
+  /**
+   * Segments other than key_head's whose first kset belongs to this log's seqs at or past
+   * key_head (left by a crash, or after damage). Accepting a damaged log retires them.
+   */
+  readonly strandedSegments: number[];
+}
+
+/** Where the log was damaged, and what proves it. */
+export interface LogDamage {
+  /** Where replay stopped, the seq it expected there, and why the kset there was refused. */
+  readonly at: LogPos;
+  readonly reason: string;
+  /** A valid kset after the damage, written when the expected kset was already durable (if one was found). */
+  readonly beyond: { readonly segment: number; readonly offsetBytes: number; readonly seq: number; readonly durableSeq: number } | undefined;
+  /** The tails say every kset up to this seq was durable. */
+  readonly knownDurableSeq: number;
 }
 
 /** Yield to the event loop every this many ksets during a long replay. */
 const replayYieldKsets = 512;
 
+/** What replay needs from the metadata besides key_tail (which the context holds). */
+export interface ReplayStart {
+  /** The persisted dirty_tail: it must lie on the replayed log. */
+  readonly dirtyTail: { readonly segment: number; readonly offsetBytes: number };
+  /** Every kset up to this seq was durable when a tail was last written (0 when unknown). */
+  readonly knownDurableSeq: number;
+}
+
+/** The replay start of a cache's metadata. */
+export function replayStartOf(metadata: CacheMetadata): ReplayStart {
+  return { dirtyTail: metadata.dirtyTail.value, knownDurableSeq: Math.max(metadata.keyTail.value.durableSeq, metadata.dirtyTail.value.durableSeq) };
+}
+
 export async function replay(
   ctx: CacheContext,
-  persistedDirtyTail: { segment: number; offsetBytes: number },
+  start: ReplayStart,
   onKey?: (record: KeyRecord, live: boolean) => void,
 ): Promise<ReplayResult> {
+  const persistedDirtyTail = start.dirtyTail;
   const segments = ctx.segments;
   const scratch = new Uint8Array(ksetBytesMax);
   const inChain = new Uint8Array(segments.count);
@@ -73,12 +117,17 @@ export async function replay(
   let stopReason = '';
   let stopDamage = false;
   const dataCrcErrors: string[] = [];
+  const extended = ctx.dev.layout.extendedKsets;
   for (;;) {
     if (dirtyTail === undefined && samePosition(pos, persistedDirtyTail)) dirtyTail = pos;
     const kset = await readKsetAt(ctx, pos, scratch);
     if (!kset.ok) {
       stopReason = kset.problem;
       stopDamage = kset.damage;
+      break;
+    }
+    if (extended && kset.seq !== pos.seq) {
+      stopReason = `kset seq ${kset.seq} where ${pos.seq} was expected`;
       break;
     }
     if (kset.kind === 'last') {
@@ -119,11 +168,83 @@ export async function replay(
     ksets++;
     if (ksets % replayYieldKsets === 0) await ctx.timers.yieldToOthers();
   }
+  const beyond = extended ? await logBeyond(ctx, pos, inChain) : { durable: undefined, stranded: [] };
+  let damage: LogDamage | undefined;
+  if (beyond.durable !== undefined) damage = { at: pos, reason: stopReason, beyond: beyond.durable, knownDurableSeq: start.knownDurableSeq };
+  else if (extended && pos.seq <= start.knownDurableSeq) damage = { at: pos, reason: stopReason, beyond: undefined, knownDurableSeq: start.knownDurableSeq };
+  if (damage !== undefined) stopDamage = true;
   if (dirtyTail === undefined) {
-    throw new PcacheError('CORRUPT', `dirty_tail (segment ${persistedDirtyTail.segment} offset ${persistedDirtyTail.offsetBytes}) is not on the log between key_tail and the end of the log (replay stopped: ${stopReason})`);
+    const why = damage === undefined ? `replay stopped: ${stopReason}` : describeLogDamage(damage);
+    throw new PcacheError('CORRUPT', `dirty_tail (segment ${persistedDirtyTail.segment} offset ${persistedDirtyTail.offsetBytes}) is not on the log between key_tail and the end of the log (${why})`, damage === undefined ? undefined : { reason: 'log-damaged' });
   }
   segments.rebuildFreePool();
-  return { keyHead: pos, dirtyTail, ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors };
+  return { keyHead: pos, dirtyTail, ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors, damage, strandedSegments: beyond.stranded };
+}
+
+/** One line for people: where the log is damaged and what proves it. */
+export function describeLogDamage(damage: LogDamage): string {
+  const { at, beyond } = damage;
+  const proof = beyond !== undefined
+    ? `the kset at segment ${beyond.segment} offset ${beyond.offsetBytes} (seq ${beyond.seq}) was written after every kset up to seq ${beyond.durableSeq} was durable`
+    : `the tails record that every kset up to seq ${damage.knownDurableSeq} was durable`;
+  return `the log is damaged at segment ${at.segment} offset ${at.offsetBytes}, where kset seq ${at.seq} was expected (${damage.reason}), yet the log went on: ${proof}`;
+}
+
+/**
+ * How far past the end of the log replay looks, inside its segment, for the log going on: a
+ * damaged stretch of up to this much, less a kset at each edge, is told from the end. (A
+ * stretch running to the segment's end is found anyway, through the next segment's first
+ * kset.) Bounded because every open pays for it — the crash simulator opens a cache half a
+ * million times per run.
+ */
+export const damageScanWindowBytes = 256 * KiB;
+const ksetMagicBytes = Buffer.from(ksetMagic, 'ascii');
+
+/**
+ * Looks for this log's ksets past `end` (where replay stopped): in end's segment at every
+ * 8-byte boundary up to damageScanWindowBytes on, and at the start of every segment outside
+ * the replayed chain. A kset counts when it decodes as valid with its segment's generation and
+ * carries a seq at or past end's. Returns the first one whose durable_seq reaches end's seq
+ * (damage), and the segments other than end's whose first kset counts (stranded: a crash left
+ * them, or damage).
+ */
+async function logBeyond(ctx: CacheContext, end: LogPos, inChain: Uint8Array): Promise<{ durable: LogDamage['beyond'] | undefined; stranded: number[] }> {
+  const dev = ctx.dev;
+  const stranded: number[] = [];
+  let durable: LogDamage['beyond'] | undefined;
+  const consider = (bytes: Uint8Array, segment: number, offsetBytes: number): boolean => {
+    const kset = decodeKset(bytes, {
+      extended: true,
+      crcSeed: dev.crcSeed,
+      logGen: ctx.segments.gen[segment] ?? 0,
+      roomBytes: dev.dataSizeBytes - offsetBytes,
+      segmentCount: dev.segmentCount,
+      dataSizeBytes: dev.dataSizeBytes,
+      backingSizeBytes: dev.sb.backingSizeBytes,
+    });
+    if (!kset.ok || kset.seq < end.seq) return false;
+    if (kset.durableSeq >= end.seq) durable ??= { segment, offsetBytes, seq: kset.seq, durableSeq: kset.durableSeq };
+    return true;
+  };
+  const start = end.offsetBytes + 8;
+  const bytes = new Uint8Array(Math.max(0, Math.min(damageScanWindowBytes + ksetBytesMax, dev.dataSizeBytes - start)));
+  if (bytes.length > 0) {
+    const io = dev.readData(bytes, end.segment, start);
+    if (io !== undefined) await io;
+  }
+  const limit = Math.min(damageScanWindowBytes, bytes.length);
+  for (let at = 0; at < limit && durable === undefined; at += 8) {
+    if (bytes[at + 8] !== 0x70 || !ksetMagicBytes.equals(bytes.subarray(at + 8, at + 16))) continue; // 'p' of "pcacheKS"
+    consider(bytes.subarray(at), end.segment, start + at);
+  }
+  const first = new Uint8Array(Math.min(ksetBytesMax, dev.dataSizeBytes));
+  for (let segment = 0; segment < dev.segmentCount; segment++) {
+    if (inChain[segment] === 1) continue;
+    const io = dev.readData(first, segment, 0);
+    if (io !== undefined) await io;
+    if (ksetMagicBytes.equals(first.subarray(8, 16)) && consider(first, segment, 0)) stranded.push(segment);
+  }
+  return { durable, stranded };
 }
 
 /** A key no valid log can contain: newer than its segment, or pointing into the log. */

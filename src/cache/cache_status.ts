@@ -38,6 +38,8 @@ export interface CacheStatus {
   /** Dirty bytes at which writes are held while the backing device is offline. */
   readonly dirtyHighWaterBytes: number;
   readonly readOnly: boolean;
+  /** The on-disk format version (docs/format.md); 1 still serves, format writes 2. */
+  readonly formatVersion: number;
   readonly dataCrc: boolean;
   readonly cacheUuid: string;
   readonly segmentSizeBytes: number;
@@ -110,6 +112,7 @@ export function cacheStatus(engine: CacheEngine, drainsInProgress: number): Cach
     backingOfflineSince: offlineSince,
     dirtyHighWaterBytes: ctx.dirtyHighWaterBytes,
     readOnly: ctx.readOnly,
+    formatVersion: ctx.dev.sb.formatVersion,
     dataCrc: ctx.dataCrc,
     cacheUuid: uuidToString(ctx.dev.sb.cacheUuid),
     segmentSizeBytes: ctx.dev.segmentSizeBytes,

@@ -2,11 +2,16 @@
 // counters, and the result of a device call that may complete synchronously. This module
 // imports nothing from the rest of the engine, so any part may import it.
 
-/** A position in the log. `lsn` orders positions: bytes of log appended since replay began. */
+/**
+ * A position in the log. `lsn` orders positions: bytes of log appended since replay began.
+ * `seq` is the seq of the kset at the position (the next one to be written, at key_head): on
+ * format version 2 devices the ksets carry it (kset.ts); on version 1 it only counts.
+ */
 export interface LogPos {
   readonly segment: number;
   readonly offsetBytes: number;
   readonly lsn: number;
+  readonly seq: number;
 }
 
 export function samePosition(a: { segment: number; offsetBytes: number }, b: { segment: number; offsetBytes: number }): boolean {

@@ -203,7 +203,7 @@ export class Writeback extends CacheWorker {
       await this.apply(batch.keys);
       await ctx.backing.sync();
       if (ctx.stopped()) return 'nothing';
-      await ctx.dev.writeDirtyTail({ segment: batch.end.segment, offsetBytes: batch.end.offsetBytes });
+      await ctx.dev.writeDirtyTail({ segment: batch.end.segment, offsetBytes: batch.end.offsetBytes, seq: batch.end.seq, durableSeq: ctx.logDurableSeq });
       // The new dirty_tail must be durable before the next round puts newer data on the backing
       // device: were it lost in a crash, recovery would write this round's (older) epoch back
       // over the next one's, and the backing device would stop being a prefix of the epochs.

@@ -27,6 +27,8 @@ export type StatusArgs = { readonly controlPath: string; readonly json: boolean 
 export interface CheckArgs {
   readonly cachePath: string;
   readonly json: boolean;
+  /** Rewrite damaged metadata copies from their valid twins before checking. */
+  readonly repair: boolean;
 }
 
 export interface DrainArgs {
@@ -67,13 +69,7 @@ export const formatGrammar: CommandGrammar<FormatArgs> = {
     ],
   },
   options(flags) {
-    const segmentSizeBytes = flags.size('segment-size');
-    if (segmentSizeBytes !== undefined) {
-      const aligned = segmentSizeBytes % segmentSizeAlignBytes === 0;
-      if (!aligned || segmentSizeBytes < segmentSizeMinBytes || segmentSizeBytes > segmentSizeMaxBytes) {
-        throw flags.usage(`--segment-size must be a multiple of 1M from 1M to ${segmentSizeMaxBytes / GiB}G, got ${segmentSizeBytes} bytes`);
-      }
-    }
+    const segmentSizeBytes = segmentSizeFlag(flags);
     if (flags.has('discard-dirty') && !flags.has('force')) throw flags.usage('--discard-dirty only goes with --force');
     const backingPath = flags.required('backing');
     return {
@@ -89,6 +85,17 @@ export const formatGrammar: CommandGrammar<FormatArgs> = {
     };
   },
 };
+
+/** `--segment-size SIZE` of format and serve: a multiple of 1M from 1M to 1G. */
+export function segmentSizeFlag(flags: Flags): number | undefined {
+  const segmentSizeBytes = flags.size('segment-size');
+  if (segmentSizeBytes === undefined) return undefined;
+  const aligned = segmentSizeBytes % segmentSizeAlignBytes === 0;
+  if (!aligned || segmentSizeBytes < segmentSizeMinBytes || segmentSizeBytes > segmentSizeMaxBytes) {
+    throw flags.usage(`--segment-size must be a multiple of 1M from 1M to ${segmentSizeMaxBytes / GiB}G, got ${segmentSizeBytes} bytes`);
+  }
+  return segmentSizeBytes;
+}
 
 export const statusGrammar: CommandGrammar<StatusArgs> = {
   spec: {
@@ -117,15 +124,20 @@ export const statusGrammar: CommandGrammar<StatusArgs> = {
 
 export const checkGrammar: CommandGrammar<CheckArgs> = {
   spec: {
-    summary: 'check a cache device structurally, without writing to it',
-    usage: ['pcache check --cache PATH [--json]'],
+    summary: 'check a cache device structurally (without writing to it, unless --repair)',
+    usage: ['pcache check --cache PATH [--json] [--repair]'],
     flags: {
       cache: valueFlag('PATH', 'the cache device to check (required; must be idle)'),
       json: switchFlag('print JSON: problems, warnings and a summary'),
+      repair: switchFlag('first rewrite every damaged copy of a metadata record from its valid twin, then check'),
     },
-    notes: ['Exits with status 1 if any problem is found, 0 if there are none (warnings allowed).'],
+    notes: [
+      'Exits with status 1 if any problem is found, 0 if there are none (warnings allowed).',
+      '--repair rewrites only copies whose twin is valid (superblock, cache_info, key_tail, dirty_tail,',
+      'seg_info, segment generations); it never guesses and never touches the log or cached data.',
+    ],
   },
-  options: (flags) => ({ cachePath: flags.required('cache'), json: flags.has('json') }),
+  options: (flags) => ({ cachePath: flags.required('cache'), json: flags.has('json'), repair: flags.has('repair') }),
 };
 
 export const drainGrammar: CommandGrammar<DrainArgs> = {

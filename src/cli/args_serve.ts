@@ -9,7 +9,7 @@ import { busyPollWindowDefaultUs, busyPollWindowMaxUs } from '../nbd/server/busy
 import { gcPercentMax } from '../ondisk/layout.js';
 import { knobNamed, watermarkProblem } from './settings.js';
 import { secondsRange, switchFlag, valueFlag, type CommandGrammar, type Flags } from './args_parse.js';
-import { backingIsUri, gcPercentFlag, knobValue } from './args_commands.js';
+import { backingIsUri, gcPercentFlag, knobValue, segmentSizeFlag } from './args_commands.js';
 
 export const logLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof logLevels)[number];
@@ -31,6 +31,8 @@ export interface ServeArgs {
   /** Connections to an NBD backing device. */
   readonly backingConnections: number;
   readonly cacheSizeBytes: number | undefined;
+  /** Bytes per segment when `serve` formats a blank cache device. */
+  readonly segmentSizeBytes: number | undefined;
   readonly backingSizeBytes: number | undefined;
   readonly listen: ListenArgs;
   readonly controlPath: string | undefined;
@@ -50,6 +52,8 @@ export interface ServeArgs {
   readonly drainTimeoutMs: number;
   /** Accept a backing device whose identity differs from the recorded one (same size). */
   readonly forceBacking: boolean;
+  /** Serve a cache whose log is damaged, losing every write from the damage on. */
+  readonly acceptLogLoss: boolean;
   /** The NBD server's busy-polling window (src/nbd/busy_poll.ts). */
   readonly busyPollUs: number;
 }
@@ -75,10 +79,10 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
   spec: {
     summary: 'serve a backing device through its cache over NBD',
     usage: [
-      'pcache serve --cache PATH --backing PATH|URI [--cache-size SIZE] [--socket PATH | --port N [--bind ADDR]]',
+      'pcache serve --cache PATH --backing PATH|URI [--cache-size SIZE [--segment-size SIZE]] [--socket PATH | --port N [--bind ADDR]]',
       '             [--control PATH] [--export-name NAME] [--read-only] [--gc-percent N] [--tuning NAME=VALUE,...]',
       '             [--backing-connections N] [--metrics HOST:PORT [--metrics-allow-remote]] [--log-level LEVEL]',
-      '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--busy-poll-us N]',
+      '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--accept-log-loss] [--busy-poll-us N]',
       'pcache serve            (no arguments: a ready-made cache and disk in ./pcache-data/)',
     ],
     flags: {
@@ -86,6 +90,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
       backing: valueFlag('PATH|URI', 'the backing device: a file or block device (asynchronous I/O), or nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH'),
       'backing-connections': valueFlag('N', `with an NBD backing device: connections to it, 1..${connectionsMax} (default ${defaultConnections})`),
       'cache-size': valueFlag('SIZE', 'create a missing cache file of this size (sparse)'),
+      'segment-size': valueFlag('SIZE', 'bytes per segment when formatting a blank cache device, a multiple of 1M from 1M to 1G (default 16M)'),
       'backing-size': valueFlag('SIZE', 'create a missing backing file of this size (sparse)'),
       socket: valueFlag('PATH', 'listen on this Unix socket (default ./nbd.sock)'),
       port: valueFlag('N', 'listen on TCP port N instead (0 picks a free port)'),
@@ -94,6 +99,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
       'export-name': valueFlag('NAME', 'the NBD export name (default "pcache"; the empty name works too)'),
       'read-only': switchFlag('refuse writes; nothing is written to either device'),
       'force-backing': switchFlag('open the cache although the backing device is not the one it was formatted for (a copy or a moved file of the same size)'),
+      'accept-log-loss': switchFlag('serve a cache whose log is damaged, losing every write from the damaged kset on (see `pcache check`)'),
       'gc-percent': valueFlag('N', `set the GC threshold (0..${gcPercentMax}) and store it in the cache`),
       tuning: valueFlag('NAME=VALUE,...', 'runtime knobs to start with (names as in `pcache set`, e.g. writeback_idle_ms=5000)'),
       metrics: valueFlag('HOST:PORT', 'serve Prometheus metrics at http://HOST:PORT/metrics (loopback only; port 0 picks one)'),
@@ -125,6 +131,7 @@ function defaultModeArgs(): ServeArgs {
     backingIsUri: false,
     backingConnections: defaultConnections,
     cacheSizeBytes: defaultServe.cacheSizeBytes,
+    segmentSizeBytes: undefined,
     backingSizeBytes: defaultServe.backingSizeBytes,
     listen: { path: defaultServe.socket },
     controlPath: defaultServe.control,
@@ -140,6 +147,7 @@ function defaultModeArgs(): ServeArgs {
     drainOnExit: false,
     drainTimeoutMs: defaultDrainTimeoutSeconds * 1000,
     forceBacking: false,
+    acceptLogLoss: false,
     busyPollUs: busyPollWindowDefaultUs,
   };
 }
@@ -155,7 +163,7 @@ function serveArgs(flags: Flags): ServeArgs {
   const gcPercent = gcPercentFlag(flags);
   if (gcPercent !== undefined && readOnly) throw flags.usage('--gc-percent cannot be stored in a cache served --read-only');
   if (noCache) {
-    for (const flag of ['cache', 'cache-size', 'gc-percent', 'tuning', 'drain-on-exit', 'force-backing']) {
+    for (const flag of ['cache', 'cache-size', 'segment-size', 'gc-percent', 'tuning', 'drain-on-exit', 'force-backing', 'accept-log-loss']) {
       if (flags.has(flag)) throw flags.usage(`--${flag} makes no sense with --no-cache`);
     }
   }
@@ -174,6 +182,7 @@ function serveArgs(flags: Flags): ServeArgs {
     backingIsUri: isUri,
     backingConnections: connections ?? defaultConnections,
     cacheSizeBytes: flags.size('cache-size'),
+    segmentSizeBytes: segmentSizeFlag(flags),
     backingSizeBytes: flags.size('backing-size'),
     listen: port !== undefined ? { port, host: bind ?? '127.0.0.1' } : { path: socket ?? defaultSocket },
     controlPath: flags.optional('control'),
@@ -189,6 +198,7 @@ function serveArgs(flags: Flags): ServeArgs {
     drainOnExit: flags.has('drain-on-exit'),
     drainTimeoutMs: drainSeconds * 1000,
     forceBacking: flags.has('force-backing'),
+    acceptLogLoss: flags.has('accept-log-loss'),
     busyPollUs: flags.integer('busy-poll-us', { min: 0, max: busyPollWindowMaxUs }) ?? busyPollWindowDefaultUs,
   };
 }

@@ -18,6 +18,17 @@ export function ensureDeviceFile(path: string, createBytes: number | undefined, 
   return true;
 }
 
+/**
+ * When `path` exists and `requestedBytes` (a --cache-size or --backing-size) differs from its
+ * size: a line saying the flag was not applied (pcache never resizes an existing device).
+ */
+export function sizeFlagIgnored(path: string, requestedBytes: number | undefined, sizeFlag: string): string | undefined {
+  if (requestedBytes === undefined || !fs.existsSync(path)) return undefined;
+  const actual = fs.statSync(path).isFile() ? fs.statSync(path).size : undefined;
+  if (actual === undefined || actual === requestedBytes) return undefined;
+  return `${sizeFlag} ${formatSize(requestedBytes)} is not applied: ${path} already exists with ${formatSize(actual)}, and pcache never resizes an existing device`;
+}
+
 /** "path (8 GiB)" */
 export function describeDevice(path: string, sizeBytes: number): string {
   return `${path} (${formatSize(sizeBytes)})`;

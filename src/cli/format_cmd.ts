@@ -16,13 +16,13 @@
 import fs from 'node:fs';
 import { Cache } from '../cache/cache.js';
 import { checkCacheDevice } from '../cache/cache_check.js';
-import { probeDevice, type FormatOptions } from '../cache/cache_dev.js';
+import { pcacheRecordsFound, probeDevice, type FormatOptions } from '../cache/cache_dev.js';
 import { FileDevice } from '../device/file_device.js';
 import { PcacheError } from '../lib/errors.js';
 import { NbdRemoteDevice } from '../nbd/client/remote_device.js';
 import { formatSize } from '../lib/units.js';
 import { exitOk, type FormatArgs } from './args.js';
-import { describeDevice, ensureDeviceFile } from './devices.js';
+import { describeDevice, ensureDeviceFile, sizeFlagIgnored } from './devices.js';
 import { refuseIfInUse } from './in_use.js';
 import type { Terminal } from './terminal.js';
 
@@ -34,6 +34,8 @@ export async function formatCommand(args: FormatArgs, terminal: Terminal): Promi
     : await FileDevice.open(args.backingPath, { readOnly: true });
   let created = false;
   try {
+    const ignored = sizeFlagIgnored(args.cachePath, args.cacheSizeBytes, '--cache-size');
+    if (ignored !== undefined) terminal.err(`pcache: ${ignored}`);
     created = ensureDeviceFile(args.cachePath, args.cacheSizeBytes, '--cache-size');
     refuseIfInUse(args.cachePath, 'format');
     const device = await FileDevice.open(args.cachePath);
@@ -70,7 +72,16 @@ async function refusalFor(device: FileDevice, args: FormatArgs): Promise<string 
   const contents = await probeDevice(device);
   if (contents === 'blank') return undefined;
   if (contents === 'other') {
-    return args.force ? undefined : `${path} is not blank and is not a pcache cache; refusing to overwrite it (add --force if its contents may go)`;
+    // No superblock copy is readable, but other pcache records may be: then this is a damaged
+    // cache that may hold data not yet written back, never something foreign.
+    const found = await pcacheRecordsFound(device);
+    if (found.length === 0) {
+      return args.force ? undefined : `${path} is not blank and is not a pcache cache; refusing to overwrite it (add --force if its contents may go)`;
+    }
+    if (!args.force) return `${path} holds a damaged pcache cache (no readable superblock; found ${found.join(', ')}); refusing to overwrite it`;
+    if (args.discardDirty) return undefined;
+    return `${path} holds a damaged pcache cache (no readable superblock; found ${found.join(', ')}), so it may hold dirty data; ` +
+      '`pcache check` explains; add --discard-dirty to overwrite it anyway';
   }
   if (!args.force) return `${path} already holds a pcache cache; refusing to overwrite it (add --force to replace it)`;
   if (args.discardDirty) return undefined;

@@ -21,7 +21,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { Cache, dmStatusLine, type CacheTuning } from '../cache/cache.js';
+import { Cache, describeLogDamage, dmStatusLine, type CacheTuning } from '../cache/cache.js';
 import { probeDevice } from '../cache/cache_dev.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { DeviceExport } from '../device/device_export.js';
@@ -32,7 +32,7 @@ import { NbdRemoteDevice, type NbdRemoteState } from '../nbd/client/remote_devic
 import { NbdServer, type NbdListenAddress } from '../nbd/server/server.js';
 import { defaultServe, exitFailure, exitOk, type ServeArgs } from './args.js';
 import { ControlServer } from './control.js';
-import { describeDevice, ensureDeviceFile } from './devices.js';
+import { describeDevice, ensureDeviceFile, sizeFlagIgnored } from './devices.js';
 import { refuseIfInUse } from './in_use.js';
 import { createLogger, type Logger } from './log.js';
 import { createMetricsRegistry, MetricsServer, NbdRequestCounters } from './metrics.js';
@@ -115,6 +115,9 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
   let created: string[] = [];
   let listening = false;
   try {
+    for (const note of [sizeFlagIgnored(args.backingPath, args.backingSizeBytes, '--backing-size'), sizeFlagIgnored(args.cachePath, args.cacheSizeBytes, '--cache-size')]) {
+      if (note !== undefined && !args.defaultMode) log.warn({}, note);
+    }
     created = prepareFiles(args);
     if (!args.noCache) refuseIfInUse(args.cachePath, 'serve');
     const opened = await openBacking(args, log);
@@ -316,21 +319,34 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
     cache = await Cache.open({
       cacheDevice: device,
       backingDevice: backing,
-      formatIfBlank: args.readOnly ? false : args.gcPercent === undefined ? true : { gcPercent: args.gcPercent },
+      formatIfBlank: args.readOnly ? false : {
+        ...(args.gcPercent === undefined ? {} : { gcPercent: args.gcPercent }),
+        ...(args.segmentSizeBytes === undefined ? {} : { segmentSizeBytes: args.segmentSizeBytes }),
+      },
       readOnly: args.readOnly,
       acceptOtherBackingIdentity: args.forceBacking,
+      acceptLogLoss: args.acceptLogLoss,
       tuning: tuningOf(args),
     });
   } catch (error) {
     if (!isPcacheError(error)) throw error;
-    const hint = error.reason === 'other-backing-identity' ? ': add --force-backing to accept it' : '';
+    const hint = error.reason === 'other-backing-identity' ? ': add --force-backing to accept it'
+      : error.reason === 'log-damaged' ? ` (pcache check --cache ${args.cachePath}; then --accept-log-loss)` : '';
     throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath}: ${error.message}${hint}`, { cause: error, reason: error.reason });
   }
   closers.push(() => cache.close());
   if (args.gcPercent !== undefined && !formatted) await cache.setGcPercent(args.gcPercent);
+  const segmentSizeBytes = cache.status().segmentSizeBytes;
+  if (args.segmentSizeBytes !== undefined && !formatted && args.segmentSizeBytes !== segmentSizeBytes) {
+    log.warn({ segmentSizeBytes }, `--segment-size ${args.segmentSizeBytes} is not applied: the cache was formatted with segments of ${segmentSizeBytes} bytes (format it again to change them)`);
+  }
   const { ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors } = cache.replayResult;
   const replay = { ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors: dataCrcErrors.length };
   if (stopDamage || dataCrcErrors.length > 0) log.warn({ replay }, 'replay found damage');
+  if (cache.replayResult.damage !== undefined) log.error({ damage: describeLogDamage(cache.replayResult.damage) }, 'serving a damaged log: writes from the damaged kset on are lost (--accept-log-loss)');
+  if (cache.status().formatVersion === 1) {
+    log.warn({ formatVersion: 1 }, 'format version 1: losing one 4 KiB block of metadata can make this cache unreadable; drain it and format it again to get version 2');
+  }
   return {
     export: cache,
     cacheSizeBytes: device.sizeBytes,

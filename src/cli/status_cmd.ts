@@ -62,6 +62,7 @@ async function deviceStatus(cachePath: string): Promise<Fields> {
       dirtyTail: summary.dirtyTail,
       keyTail: summary.keyTail,
       state: 'stopped',
+      formatVersion: summary.formatVersion,
       dataCrc: summary.dataCrc,
       cacheUuid: summary.cacheUuid,
       segmentSizeBytes: summary.segmentSizeBytes,

@@ -41,7 +41,9 @@ export type PcacheErrorReason =
   /** The cache was formatted for a backing device of another size. */
   | 'other-backing-size'
   /** The cache was formatted for a backing device with another identity (a copy may be accepted). */
-  | 'other-backing-identity';
+  | 'other-backing-identity'
+  /** The cache's log is damaged inside, not merely cut short by a crash: serving would drop acknowledged writes. */
+  | 'log-damaged';
 
 export class PcacheError extends Error {
   override readonly name = 'PcacheError';

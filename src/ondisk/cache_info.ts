@@ -10,7 +10,7 @@
 //   24            end of record
 
 import { readU32LE, writeU32LE } from '../lib/units.js';
-import { gcPercentMax } from './layout.js';
+import { gcPercentMax, type FormatVersion } from './layout.js';
 import { checkMetaRecord, sealMetaRecord, type Decoded } from './meta_header.js';
 
 export const cacheInfoRecordBytes = 24;
@@ -26,23 +26,23 @@ export interface CacheInfo {
   readonly firstSegment: number;
 }
 
-export function encodeCacheInfo(info: CacheInfo, seq: number): Uint8Array {
+export function encodeCacheInfo(info: CacheInfo, seq: number, version: FormatVersion): Uint8Array {
   const record = new Uint8Array(cacheInfoRecordBytes);
   writeU32LE(record, 8, (info.dataCrc ? cacheInfoFlagDataCrc : 0) | (info.initDone ? cacheInfoFlagInitDone : 0));
   writeU32LE(record, 12, info.gcPercent);
   writeU32LE(record, 16, info.segmentCount);
   writeU32LE(record, 20, info.firstSegment);
-  return sealMetaRecord(record, seq);
+  return sealMetaRecord(record, seq, version);
 }
 
 export function cacheInfoFlags(info: CacheInfo): number {
   return (info.dataCrc ? cacheInfoFlagDataCrc : 0) | (info.initDone ? cacheInfoFlagInitDone : 0);
 }
 
-/** Decodes one copy; `segmentCount` is the superblock's. */
-export function decodeCacheInfo(record: Uint8Array, segmentCount: number, name = 'cache_info'): Decoded<CacheInfo> {
+/** Decodes one copy; `segmentCount` and `version` are the superblock's. */
+export function decodeCacheInfo(record: Uint8Array, segmentCount: number, name: string, version: FormatVersion): Decoded<CacheInfo> {
   const bytes = record.subarray(0, cacheInfoRecordBytes);
-  const checked = checkMetaRecord(bytes, name);
+  const checked = checkMetaRecord(bytes, name, version);
   if ('problem' in checked) return { ok: false, ...checked };
   const flags = readU32LE(bytes, 8);
   const info: CacheInfo = {

@@ -13,7 +13,7 @@
 //   32      4     data_crc      CRC32C of the extent's data when the cache has DATA_CRC, else 0
 //   36      4     reserved      zero
 //
-// Kset header (24 bytes), followed by key_count keys:
+// Kset header (24 bytes in format version 1, 40 in version 2), followed by key_count keys:
 //   offset  size  field
 //   0       4     crc           CRC32C, seeded with crc32c(cache_uuid), of bytes 4 .. end of
 //                               the kset (the header only, for a LAST kset)
@@ -21,7 +21,19 @@
 //   8       8     magic         ASCII "pcacheKS"
 //   16      4     flags         bit 0 LAST (the log continues at offset 0 of the next segment)
 //                               bit 1 EPOCH_END (sealed by a flush: a client flush epoch ends here)
+//                               bit 2 EXTENDED (the two fields below follow; every kset of a
+//                                     version 2 device has them, no kset of version 1 does)
 //   20      4     log_gen       low 32 bits of the generation of the segment the kset is in
+//   24      8     seq           the kset's number in the log: each kset with keys takes the next
+//                               one; a LAST kset carries the number of the kset after it
+//   32      8     durable_seq   when the kset was written, every kset up to this seq was durable
+//
+// Why seq and durable_seq: replay must tell the end of the log from damage inside it. Replay
+// takes ksets in seq order from key_tail's seq; when a kset fails its checks, a valid kset
+// found later on the device with a higher seq and a durable_seq at or past the failed one's seq
+// proves that the failed one had been durable (a sync covered it before that kset was written):
+// the log was damaged, not cut short by a crash. A crash can only leave ksets written in the
+// same unsynced batch behind a torn one, and their durable_seq is below it.
 //
 // Why log_gen and the seeded CRC: a log segment is reused after garbage collection, and a
 // device may be formatted again; neither zeroes old ksets. A kset left from an earlier use of
@@ -36,9 +48,12 @@ import { extentAlignBytes, subtreeSizeBytes } from './layout.js';
 import { hex } from './meta_header.js';
 
 export const keyBytes = 40;
+/** The kset header of format version 1. */
 export const ksetHeaderBytes = 24;
+/** The kset header of format version 2: with seq and durable_seq. */
+export const ksetExtendedHeaderBytes = 40;
 export const ksetKeysMax = 128;
-export const ksetBytesMax = ksetHeaderBytes + ksetKeysMax * keyBytes;
+export const ksetBytesMax = ksetExtendedHeaderBytes + ksetKeysMax * keyBytes;
 export const ksetMagic = 'pcacheKS';
 const ksetMagicBytes = Buffer.from(ksetMagic, 'ascii');
 
@@ -49,7 +64,18 @@ const keyFlagsOnDisk = keyFlagClean | keyFlagZero;
 
 export const ksetFlagLast = 1 << 0;
 export const ksetFlagEpochEnd = 1 << 1;
-const ksetFlagsKnown = ksetFlagLast | ksetFlagEpochEnd;
+export const ksetFlagExtended = 1 << 2;
+const ksetFlagsKnown = ksetFlagLast | ksetFlagEpochEnd | ksetFlagExtended;
+
+export function ksetHeaderBytesFor(extended: boolean): number {
+  return extended ? ksetExtendedHeaderBytes : ksetHeaderBytes;
+}
+
+/** The seq fields of an extended kset header. */
+export interface KsetSeqs {
+  readonly seq: number;
+  readonly durableSeq: number;
+}
 
 export interface KeyRecord {
   readonly offsetBytes: number;
@@ -67,8 +93,8 @@ export interface KeyLimits {
   readonly dataSizeBytes: number;
 }
 
-export function ksetBytes(keyCount: number): number {
-  return ksetHeaderBytes + keyCount * keyBytes;
+export function ksetBytes(keyCount: number, extended: boolean): number {
+  return ksetHeaderBytesFor(extended) + keyCount * keyBytes;
 }
 
 export function ksetCrcSeed(cacheUuid: Uint8Array): number {
@@ -125,36 +151,51 @@ export interface KsetSeal {
   readonly epochEnd: boolean;
   readonly logGen: number;
   readonly crcSeed: number;
+  /** The seq fields, on a device whose ksets carry them (format version 2). */
+  readonly seqs: KsetSeqs | undefined;
 }
 
 /**
- * Fills in the header of a kset whose keys are already encoded at bytes 24.. of `buffer`, and
- * returns the kset's size on disk.
+ * Fills in the header of a kset whose keys are already encoded after the header (at
+ * ksetHeaderBytesFor(seqs !== undefined)) in `buffer`, and returns the kset's size on disk.
  */
 export function sealKset(buffer: Uint8Array, seal: KsetSeal): number {
-  const size = ksetBytes(seal.keyCount);
+  const size = ksetBytes(seal.keyCount, seal.seqs !== undefined);
   writeU32LE(buffer, 4, seal.keyCount);
-  buffer.set(ksetMagicBytes, 8);
-  writeU32LE(buffer, 16, seal.epochEnd ? ksetFlagEpochEnd : 0);
-  writeU32LE(buffer, 20, seal.logGen >>> 0);
+  writeHeaderTail(buffer, seal.epochEnd ? ksetFlagEpochEnd : 0, seal.logGen, seal.seqs);
   writeU32LE(buffer, 0, crc32c(buffer.subarray(4, size), seal.crcSeed));
   return size;
 }
 
 /** A LAST kset pointing the log at offset 0 of segment `next`. */
-export function encodeLastKset(next: number, logGen: number, crcSeed: number): Uint8Array {
-  const buffer = new Uint8Array(ksetHeaderBytes);
+export function encodeLastKset(next: number, logGen: number, crcSeed: number, seqs: KsetSeqs | undefined): Uint8Array {
+  const size = ksetHeaderBytesFor(seqs !== undefined);
+  const buffer = new Uint8Array(size);
   writeU32LE(buffer, 4, next);
-  buffer.set(ksetMagicBytes, 8);
-  writeU32LE(buffer, 16, ksetFlagLast);
-  writeU32LE(buffer, 20, logGen >>> 0);
-  writeU32LE(buffer, 0, crc32c(buffer.subarray(4, ksetHeaderBytes), crcSeed));
+  writeHeaderTail(buffer, ksetFlagLast, logGen, seqs);
+  writeU32LE(buffer, 0, crc32c(buffer.subarray(4, size), crcSeed));
   return buffer;
 }
 
+/** Magic, flags, log_gen and (extended) the seq fields: the header after key_count. */
+function writeHeaderTail(buffer: Uint8Array, flags: number, logGen: number, seqs: KsetSeqs | undefined): void {
+  buffer.set(ksetMagicBytes, 8);
+  writeU32LE(buffer, 16, seqs === undefined ? flags : flags | ksetFlagExtended);
+  writeU32LE(buffer, 20, logGen >>> 0);
+  if (seqs === undefined) return;
+  writeU64LE(buffer, 24, seqs.seq);
+  writeU64LE(buffer, 32, seqs.durableSeq);
+}
+
+/** The seq fields of a decoded kset; both 0 for a version 1 kset, which has none. */
+interface DecodedSeqs {
+  readonly seq: number;
+  readonly durableSeq: number;
+}
+
 export type DecodedKset =
-  | { readonly ok: true; readonly kind: 'last'; readonly next: number; readonly sizeBytes: number }
-  | { readonly ok: true; readonly kind: 'keys'; readonly keys: KeyRecord[]; readonly epochEnd: boolean; readonly sizeBytes: number }
+  | ({ readonly ok: true; readonly kind: 'last'; readonly next: number; readonly sizeBytes: number } & DecodedSeqs)
+  | ({ readonly ok: true; readonly kind: 'keys'; readonly keys: KeyRecord[]; readonly epochEnd: boolean; readonly sizeBytes: number } & DecodedSeqs)
   /**
    * `damage` is false for the ways a log normally ends (never written, torn by a crash, left
    * from an earlier use of the segment) and true when a kset whose CRC is valid carries a
@@ -168,6 +209,8 @@ export interface KsetContext extends KeyLimits {
   readonly logGen: number;
   /** Bytes from the kset's position to the end of the segment's data area. */
   readonly roomBytes: number;
+  /** Whether the device's ksets carry the extended header (format version 2). */
+  readonly extended: boolean;
 }
 
 /**
@@ -178,14 +221,16 @@ export interface KsetContext extends KeyLimits {
 export function decodeKset(bytes: Uint8Array, context: KsetContext): DecodedKset {
   const end = (problem: string): DecodedKset => ({ ok: false, problem, damage: false });
   const damaged = (problem: string): DecodedKset => ({ ok: false, problem, damage: true });
-  if (context.roomBytes < ksetHeaderBytes || bytes.length < ksetHeaderBytes) return end('no room for a kset header');
+  const headerBytes = ksetHeaderBytesFor(context.extended);
+  if (context.roomBytes < headerBytes || bytes.length < headerBytes) return end('no room for a kset header');
   if (!ksetMagicBytes.equals(bytes.subarray(8, 16))) return end('no kset magic');
   // Until the CRC has passed, nothing here is trusted; only the size is needed to check it.
   const flags = readU32LE(bytes, 16);
   const isLast = (flags & ksetFlagLast) !== 0;
   const countOrNext = readU32LE(bytes, 4);
   if (!isLast && countOrNext > ksetKeysMax) return end(`kset key count ${countOrNext} exceeds ${ksetKeysMax} (unverifiable header)`);
-  const size = isLast ? ksetHeaderBytes : ksetBytes(countOrNext);
+  // The size follows the device's format, not the flag: the flag is checked once the CRC passed.
+  const size = isLast ? headerBytes : ksetBytes(countOrNext, context.extended);
   if (size > context.roomBytes || size > bytes.length) return end(`kset of ${size} bytes would overrun its segment (unverifiable header)`);
   const stored = readU32LE(bytes, 0);
   const computed = crc32c(bytes.subarray(4, size), context.crcSeed);
@@ -195,19 +240,26 @@ export function decodeKset(bytes: Uint8Array, context: KsetContext): DecodedKset
     return end(`kset from an earlier use of its segment (log_gen ${logGen}, segment gen ${context.logGen})`);
   }
   if ((flags & ~ksetFlagsKnown) !== 0) return damaged(`unknown kset flags 0x${flags.toString(16)}`);
+  if (((flags & ksetFlagExtended) !== 0) !== context.extended) {
+    return damaged(context.extended ? 'a kset without the extended header on a version 2 device' : 'a kset with the extended header on a version 1 device');
+  }
+  const seqs: DecodedSeqs = context.extended ? { seq: readU64LE(bytes, 24), durableSeq: readU64LE(bytes, 32) } : { seq: 0, durableSeq: 0 };
+  if (context.extended && (!Number.isSafeInteger(seqs.seq) || seqs.seq < 1 || !(seqs.durableSeq < seqs.seq))) {
+    return damaged(`kset seq ${seqs.seq} with durable seq ${seqs.durableSeq} is impossible`);
+  }
   if (isLast) {
     if ((flags & ksetFlagEpochEnd) !== 0) return damaged('a LAST kset cannot end an epoch');
     if (countOrNext >= context.segmentCount) return damaged(`LAST kset points at segment ${countOrNext}, out of range`);
-    return { ok: true, kind: 'last', next: countOrNext, sizeBytes: size };
+    return { ok: true, kind: 'last', next: countOrNext, sizeBytes: size, ...seqs };
   }
   const epochEnd = (flags & ksetFlagEpochEnd) !== 0;
   if (countOrNext === 0 && !epochEnd) return damaged('an empty kset must end an epoch');
   const keys: KeyRecord[] = [];
   for (let index = 0; index < countOrNext; index++) {
-    const key = decodeKey(bytes, ksetHeaderBytes + index * keyBytes);
+    const key = decodeKey(bytes, headerBytes + index * keyBytes);
     const problem = validateKey(key, context);
     if (problem !== undefined) return damaged(`key ${index}: ${problem}`);
     keys.push(key);
   }
-  return { ok: true, kind: 'keys', keys, epochEnd, sizeBytes: size };
+  return { ok: true, kind: 'keys', keys, epochEnd, sizeBytes: size, ...seqs };
 }

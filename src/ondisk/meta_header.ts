@@ -3,7 +3,7 @@
 //   offset  size  field
 //   0       4     crc      CRC32C of the record's bytes from offset 4 to its end
 //   4       1     seq      sequence number of this copy (8-bit, wraps around)
-//   5       1     version  format version of the record
+//   5       1     version  format version of the device the record belongs to
 //   6       2     reserved zero
 //
 // Small records are stored twice. A reader takes the valid copy (CRC matches, fields in
@@ -14,7 +14,7 @@
 
 import { crc32c } from '../lib/crc32c.js';
 import { isAllZero, readU32LE, writeU32LE } from '../lib/units.js';
-import { formatVersion } from './layout.js';
+import type { FormatVersion } from './layout.js';
 
 export const metaHeaderBytes = 8;
 
@@ -24,23 +24,28 @@ export type Decoded<T> =
   | { readonly ok: false; readonly problem: string; readonly blank?: true };
 
 /** Stamps seq, version and CRC into a record whose fields after the header are filled in. */
-export function sealMetaRecord(record: Uint8Array, seq: number): Uint8Array {
+export function sealMetaRecord(record: Uint8Array, seq: number, version: FormatVersion): Uint8Array {
   record[4] = seq & 0xff;
-  record[5] = formatVersion;
+  record[5] = version;
   record[6] = 0;
   record[7] = 0;
   writeU32LE(record, 0, crc32c(record.subarray(4)));
   return record;
 }
 
-/** Checks CRC and version; returns the copy's seq, or why the copy is unusable. */
-export function checkMetaRecord(record: Uint8Array, name: string): { seq: number } | { problem: string; blank?: true } {
+/** The version byte of a record, before anything is checked. */
+export function metaRecordVersion(record: Uint8Array): number {
+  return record[5] ?? 0;
+}
+
+/** Checks CRC and version (that of the device it was read from); returns the copy's seq, or why the copy is unusable. */
+export function checkMetaRecord(record: Uint8Array, name: string, version: FormatVersion): { seq: number } | { problem: string; blank?: true } {
   if (isAllZero(record)) return { problem: `${name}: never written (all zero)`, blank: true };
   const stored = readU32LE(record, 0);
   const computed = crc32c(record.subarray(4));
   if (stored !== computed) return { problem: `${name}: CRC mismatch (stored ${hex(stored)}, computed ${hex(computed)})` };
-  const version = record[5] ?? 0;
-  if (version !== formatVersion) return { problem: `${name}: format version ${version}, expected ${formatVersion}` };
+  const found = metaRecordVersion(record);
+  if (found !== version) return { problem: `${name}: format version ${found}, expected ${version}` };
   return { seq: record[4] ?? 0 };
 }
 
@@ -60,6 +65,8 @@ export interface DualCopyChoice<T> {
   readonly problems: string[];
   /** The problems of copies that were written but fail their checks (blank copies left out). */
   readonly damage: string[];
+  /** Which copies are valid. */
+  readonly copiesValid: readonly [boolean, boolean];
 }
 
 /** Picks the newest valid copy of a dual-copy record. */
@@ -72,11 +79,12 @@ export function chooseLatest<T>(copies: readonly [Decoded<T>, Decoded<T>]): Dual
     problems.push(copy.problem);
     if (copy.blank !== true) damage.push(copy.problem);
   }
+  const copiesValid: [boolean, boolean] = [first.ok, second.ok];
   if (first.ok && (!second.ok || !seqAfter(second.seq, first.seq))) {
-    return { value: first.value, latestIndex: 0, latestSeq: first.seq, problems, damage };
+    return { value: first.value, latestIndex: 0, latestSeq: first.seq, problems, damage, copiesValid };
   }
-  if (second.ok) return { value: second.value, latestIndex: 1, latestSeq: second.seq, problems, damage };
-  return { value: undefined, latestIndex: undefined, latestSeq: 0, problems, damage };
+  if (second.ok) return { value: second.value, latestIndex: 1, latestSeq: second.seq, problems, damage, copiesValid };
+  return { value: undefined, latestIndex: undefined, latestSeq: 0, problems, damage, copiesValid };
 }
 
 /**

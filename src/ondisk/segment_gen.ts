@@ -1,4 +1,4 @@
-// A segment's generation, stored twice (at +8 KiB and +8 KiB + 512 in the segment).
+// A segment's generation, stored twice in the segment (layout.ts says where, by version).
 //
 //   offset  size  field
 //   0       8     meta header (crc, seq, version, reserved); CRC covers bytes 4..16
@@ -12,19 +12,20 @@
 // reads as 0, which is what format writes.
 
 import { readU64LE, writeU64LE } from '../lib/units.js';
+import type { FormatVersion } from './layout.js';
 import { checkMetaRecord, sealMetaRecord, type Decoded } from './meta_header.js';
 
 export const segmentGenRecordBytes = 16;
 
-export function encodeSegmentGen(gen: number, seq: number): Uint8Array {
+export function encodeSegmentGen(gen: number, seq: number, version: FormatVersion): Uint8Array {
   const record = new Uint8Array(segmentGenRecordBytes);
   writeU64LE(record, 8, gen);
-  return sealMetaRecord(record, seq);
+  return sealMetaRecord(record, seq, version);
 }
 
-export function decodeSegmentGen(record: Uint8Array, name: string): Decoded<number> {
+export function decodeSegmentGen(record: Uint8Array, name: string, version: FormatVersion): Decoded<number> {
   const bytes = record.subarray(0, segmentGenRecordBytes);
-  const checked = checkMetaRecord(bytes, name);
+  const checked = checkMetaRecord(bytes, name, version);
   if ('problem' in checked) return { ok: false, ...checked };
   const gen = readU64LE(bytes, 8);
   if (!Number.isSafeInteger(gen)) return { ok: false, problem: `${name}: generation out of range` };

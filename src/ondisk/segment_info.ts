@@ -10,6 +10,7 @@
 // dm-pcache) so that the structural checker can prove every segment belongs to this cache.
 
 import { readU32LE, writeU32LE } from '../lib/units.js';
+import type { FormatVersion } from './layout.js';
 import { checkMetaRecord, sealMetaRecord, type Decoded } from './meta_header.js';
 
 export const segmentInfoRecordBytes = 16;
@@ -22,16 +23,16 @@ export interface SegmentInfo {
   readonly next: number | undefined;
 }
 
-export function encodeSegmentInfo(info: SegmentInfo, seq: number): Uint8Array {
+export function encodeSegmentInfo(info: SegmentInfo, seq: number, version: FormatVersion): Uint8Array {
   const record = new Uint8Array(segmentInfoRecordBytes);
   writeU32LE(record, 8, (info.next !== undefined ? flagHasNext : 0) | (segmentTypeCache << typeShift));
   writeU32LE(record, 12, info.next ?? 0);
-  return sealMetaRecord(record, seq);
+  return sealMetaRecord(record, seq, version);
 }
 
-export function decodeSegmentInfo(record: Uint8Array, segmentCount: number, name: string): Decoded<SegmentInfo> {
+export function decodeSegmentInfo(record: Uint8Array, segmentCount: number, name: string, version: FormatVersion): Decoded<SegmentInfo> {
   const bytes = record.subarray(0, segmentInfoRecordBytes);
-  const checked = checkMetaRecord(bytes, name);
+  const checked = checkMetaRecord(bytes, name, version);
   if ('problem' in checked) return { ok: false, ...checked };
   const flags = readU32LE(bytes, 8);
   if ((flags & ~(flagHasNext | typeMask)) !== 0) return { ok: false, problem: `${name}: unknown flags 0x${flags.toString(16)}` };

@@ -1,7 +1,8 @@
-// The superblock: what this device is, written once at format and never changed.
+// The superblock: what this device is, written at format and never changed.
 //
 //   offset  size  field
-//   0       8     meta header (crc, seq = 0, version, reserved); CRC covers bytes 4..200
+//   0       8     meta header (crc, seq = 0, version, reserved); CRC covers bytes 4..200;
+//                 its version is the device's format version (layout.ts)
 //   8       8     magic: ASCII "pcacheSB"
 //   16      4     flags (zero; reserved for future format features)
 //   20      4     segment_size       bytes per segment (multiple of 1 MiB, 1 MiB .. 1 GiB)
@@ -15,19 +16,26 @@
 //   192     8     format_time        milliseconds since the Unix epoch (informational)
 //   200           end of record
 //
-// There is one copy: it is written last at format (after everything it describes is durable)
-// and never rewritten, so a torn superblock write can only come from a format that never
-// finished, and a device whose first 8 KiB are zero is still blank.
+// It is written last at format (after everything it describes is durable), so a torn
+// superblock write can only come from a format that never finished, and a device whose first
+// 8 KiB are zero is still blank. Version 1 has one copy; version 2 a second, identical copy in
+// the device's last 4 KiB block, so the loss of either block loses nothing. A version this code
+// does not know is refused by name ("formatted by a newer pcache"), before any other field is
+// trusted.
 
 import { readU32LE, readU64LE, readU16LE, writeU32LE, writeU64LE, writeU16LE } from '../lib/units.js';
-import { backingIdentityMaxBytes, segmentCountMax, segmentCountMin, segmentsOffsetBytes, segmentSizeProblem } from './layout.js';
-import { checkMetaRecord, sealMetaRecord, type Decoded } from './meta_header.js';
+import {
+  backingIdentityMaxBytes, endReserveBytes, formatVersionsSupported, layoutFor, segmentCountMax, segmentCountMin, segmentsOffsetBytes,
+  segmentSizeProblem, type FormatVersion,
+} from './layout.js';
+import { checkMetaRecord, metaRecordVersion, sealMetaRecord, type Decoded } from './meta_header.js';
 
 export const superblockRecordBytes = 200;
 export const superblockMagic = 'pcacheSB';
 const uuidBytes = 16;
 
 export interface Superblock {
+  readonly formatVersion: FormatVersion;
   readonly segmentSizeBytes: number;
   readonly segmentCount: number;
   readonly cacheUuid: Uint8Array;
@@ -50,7 +58,7 @@ export function encodeSuperblock(sb: Superblock): Uint8Array {
   writeU64LE(record, 192, sb.formatTimeMs);
   const problem = validateSuperblock(sb, Number.POSITIVE_INFINITY);
   if (problem !== undefined) throw new RangeError(`refusing to encode an invalid superblock: ${problem}`);
-  return sealMetaRecord(record, 0);
+  return sealMetaRecord(record, 0, sb.formatVersion);
 }
 
 /** Whether the record carries the superblock magic at all (before any CRC check). */
@@ -66,7 +74,11 @@ export function decodeSuperblock(record: Uint8Array, deviceSizeBytes: number): D
   if (record.length < superblockRecordBytes) return { ok: false, problem: 'superblock: record too short' };
   const bytes = record.subarray(0, superblockRecordBytes);
   if (!hasSuperblockMagic(bytes)) return { ok: false, problem: 'superblock: no pcache magic' };
-  const checked = checkMetaRecord(bytes, 'superblock');
+  const version = formatVersionsSupported.find((known) => known === metaRecordVersion(bytes));
+  if (version === undefined) {
+    return { ok: false, problem: `superblock: format version ${metaRecordVersion(bytes)}, which this pcache does not know (it opens versions ${formatVersionsSupported.join(' and ')}): a newer pcache formatted this device` };
+  }
+  const checked = checkMetaRecord(bytes, 'superblock', version);
   if ('problem' in checked) return { ok: false, ...checked };
   const identityLength = readU16LE(bytes, 56);
   if (identityLength > backingIdentityMaxBytes) {
@@ -74,6 +86,7 @@ export function decodeSuperblock(record: Uint8Array, deviceSizeBytes: number): D
   }
   if (readU32LE(bytes, 16) !== 0) return { ok: false, problem: `superblock: unknown flags ${readU32LE(bytes, 16)}` };
   const sb: Superblock = {
+    formatVersion: version,
     segmentSizeBytes: readU32LE(bytes, 20),
     segmentCount: readU32LE(bytes, 24),
     cacheUuid: bytes.slice(32, 32 + uuidBytes),
@@ -92,7 +105,8 @@ export function validateSuperblock(sb: Superblock, deviceSizeBytes: number): str
   if (sb.segmentCount < segmentCountMin) return `segment count ${sb.segmentCount} is below the minimum of ${segmentCountMin}`;
   if (sb.segmentCount > segmentCountMax) return `segment count ${sb.segmentCount} exceeds the maximum of ${segmentCountMax}`;
   const endBytes = segmentsOffsetBytes + sb.segmentCount * sb.segmentSizeBytes;
-  if (endBytes > deviceSizeBytes) return `${sb.segmentCount} segments end at byte ${endBytes}, past the device end ${deviceSizeBytes}`;
+  const usableBytes = deviceSizeBytes - endReserveBytes(layoutFor(sb.formatVersion), deviceSizeBytes);
+  if (endBytes > usableBytes) return `${sb.segmentCount} segments end at byte ${endBytes}, past the device end ${deviceSizeBytes}`;
   if (sb.cacheUuid.length !== uuidBytes) return 'cache uuid must be 16 bytes';
   if (!Number.isSafeInteger(sb.backingSizeBytes) || sb.backingSizeBytes <= 0) return `backing size ${sb.backingSizeBytes} is invalid`;
   if (sb.backingSizeBytes % 512 !== 0) return `backing size ${sb.backingSizeBytes} is not a multiple of 512`;

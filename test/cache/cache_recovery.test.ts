@@ -1,5 +1,5 @@
 // Opening and recovering a cache: unclean stops, idempotent replay, refusing devices that are
-// not this backing device's cache, damaged logs, data CRC, and the golden image of format v1.
+// not this backing device's cache, damaged logs, data CRC, and the golden images of each format version.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -10,10 +10,10 @@ import { checkCacheDevice } from '../../src/cache/cache_check.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { crc32c } from '../../src/lib/crc32c.js';
 import { MiB, writeU32LE } from '../../src/lib/units.js';
-import { encodeLastKset, ksetCrcSeed } from '../../src/ondisk/kset.js';
-import { segmentDataOffsetBytes, segmentsOffsetBytes, superblockOffsetBytes } from '../../src/ondisk/layout.js';
+import { encodeLastKset, ksetCrcSeed, ksetExtendedHeaderBytes } from '../../src/ondisk/kset.js';
+import { lastBlockOffsetBytes, segmentDataOffsetBytes, segmentsOffsetBytes, superblockOffsetBytes } from '../../src/ondisk/layout.js';
 import { cacheBytesFor, flipBits, openRig, pattern, readBytes } from '../helpers/cache_fixture.js';
-import { goldenBackingBytes, goldenCacheBytes, goldenExpected, goldenImagePath } from '../fixtures/golden_image.js';
+import { goldenBackingBytes, goldenCacheBytes, goldenExpected, goldenImagePath, goldenVersions } from '../fixtures/golden_image.js';
 
 const S = 512;
 const code = (expected: string) => (error: unknown): boolean => (error as { code?: string }).code === expected;
@@ -74,26 +74,54 @@ describe('refusals', () => {
     assert.ok(before.equals(cacheDevice.bytes));
   });
 
-  it('a cache is refused against a backing device of another size or identity', async () => {
+  it('a cache is refused against a backing device of another identity, or one that shrank below its data', async () => {
     const backing = new MemoryDevice(8 * MiB, { identity: 'file:ino=42' });
     const rig = await openRig({ backing });
     await rig.cache.write(pattern(1, 0, 4096), 0);
+    await rig.cache.write(pattern(2, 6 * MiB, 4096), 6 * MiB);
     await rig.cache.close();
     const before = Buffer.from(rig.cacheDevice.bytes);
-    await assert.rejects(() => Cache.open({ cacheDevice: rig.cacheDevice, backingDevice: new MemoryDevice(16 * MiB), background: false }), /8388608 bytes/);
+    await assert.rejects(
+      () => Cache.open({ cacheDevice: rig.cacheDevice, backingDevice: new MemoryDevice(4 * MiB, { identity: 'file:ino=42' }), background: false }),
+      (e: unknown) => code('FOREIGN')(e) && /shrank from 8388608 to 4194304 bytes, but the cache holds ranges up to byte 6295552/.test(String(e)),
+    );
     const stranger = new MemoryDevice(8 * MiB, { identity: 'file:ino=43' });
     await assert.rejects(() => Cache.open({ cacheDevice: rig.cacheDevice, backingDevice: stranger, background: false }), /file:ino=42/);
     assert.ok(before.equals(rig.cacheDevice.bytes), 'refusals write nothing');
     // Forcing the identity keeps the dirty data.
     const forced = await Cache.open({ cacheDevice: rig.cacheDevice, backingDevice: stranger, background: false, acceptOtherBackingIdentity: true, timers: new ManualTimers() });
     assert.deepEqual(await readBytes(forced, 0, 4096), pattern(1, 0, 4096));
-    assert.equal(forced.status().dirtyBytes, 4096);
+    assert.equal(forced.status().dirtyBytes, 8192);
   });
 
-  it('a damaged superblock is reported as corrupt', async () => {
+  it('a backing device that grew is served at its new size, keeping the cached data', async () => {
+    const backing = new MemoryDevice(8 * MiB, { identity: 'file:ino=42' });
+    const rig = await openRig({ backing });
+    await rig.cache.write(pattern(1, 0, 4096), 0);
+    await rig.cache.close();
+    const grown = new MemoryDevice(16 * MiB, { identity: 'file:ino=42' });
+    grown.bytes.set(backing.bytes);
+    const cache = await Cache.open({ cacheDevice: rig.cacheDevice, backingDevice: grown, background: false, timers: new ManualTimers() });
+    assert.equal(cache.sizeBytes, 16 * MiB);
+    assert.deepEqual(await readBytes(cache, 0, 4096), pattern(1, 0, 4096));
+    await cache.write(pattern(3, 12 * MiB, 4096), 12 * MiB);
+    await cache.close();
+    const again = await Cache.open({ cacheDevice: rig.cacheDevice, backingDevice: grown, background: false, timers: new ManualTimers() });
+    assert.deepEqual(await readBytes(again, 12 * MiB, 4096), pattern(3, 12 * MiB, 4096));
+    assert.deepEqual(await again.check(), []);
+  });
+
+  it('a damaged superblock copy is replaced by the other; both damaged is corrupt', async () => {
     const rig = await openRig();
+    await rig.cache.write(pattern(1, 0, 4096), 0);
     await rig.cache.close();
     flipBits(rig.cacheDevice.bytes, superblockOffsetBytes + 40);
+    const cache = await rig.reopen();
+    assert.deepEqual(await readBytes(cache, 0, 4096), pattern(1, 0, 4096));
+    await cache.close();
+    const report = await checkCacheDevice(rig.cacheDevice);
+    assert.ok(report.warnings.some((w) => /superblock copy 0: .*CRC mismatch/.test(w)), report.warnings.join('; '));
+    flipBits(rig.cacheDevice.bytes, lastBlockOffsetBytes(rig.cacheDevice.sizeBytes) + 40);
     await assert.rejects(() => rig.reopen(), (e: unknown) => code('CORRUPT')(e) && /CRC mismatch/.test(String(e)));
   });
 });
@@ -123,7 +151,7 @@ describe('damaged logs', () => {
     const head = rig.cache.internals.log.keyHead;
     rig.cache.abandon();
     // Forge a LAST kset at key_head that points back at the log segment itself.
-    const last = encodeLastKset(head.segment, 1, ksetCrcSeed(new Uint8Array(16).fill(7)));
+    const last = encodeLastKset(head.segment, 1, ksetCrcSeed(new Uint8Array(16).fill(7)), { seq: head.seq, durableSeq: head.seq - 1 });
     rig.cacheDevice.bytes.set(last, dataAt(head.segment, head.offsetBytes));
     const cache = await rig.reopen({ readOnly: true });
     assert.match(cache.replayResult.stopReason, /cycle/);
@@ -139,8 +167,8 @@ describe('damaged logs', () => {
     await rig.cache.flush();
     rig.cache.abandon();
     const kset = dataAt(0, 0);
-    writeU32LE(rig.cacheDevice.bytes, kset + 24 + 8, 1000); // key 0 length: not whole sectors
-    const size = 24 + 40;
+    writeU32LE(rig.cacheDevice.bytes, kset + ksetExtendedHeaderBytes + 8, 1000); // key 0 length: not whole sectors
+    const size = ksetExtendedHeaderBytes + 40;
     writeU32LE(rig.cacheDevice.bytes, kset, crc32c(rig.cacheDevice.bytes.subarray(kset + 4, kset + size), ksetCrcSeed(new Uint8Array(16).fill(7))));
     const report = await checkCacheDevice(rig.cacheDevice);
     assert.ok(report.problems.some((p) => /damage.*multiple of 512/.test(p)), report.problems.join('; '));
@@ -173,11 +201,11 @@ describe('data CRC', () => {
   });
 });
 
-describe('golden image of format version 1', () => {
-  it('opens, checks clean and reads back exactly what was written', async () => {
-    const cacheDevice = new MemoryDevice(new Uint8Array(gunzipSync(readFileSync(goldenImagePath('cache')))));
-    const backingDevice = new MemoryDevice(new Uint8Array(gunzipSync(readFileSync(goldenImagePath('backing')))));
-    assert.equal(cacheDevice.sizeBytes, goldenCacheBytes);
+describe('golden images of every format version', () => {
+  for (const version of goldenVersions) it(`version ${version}: opens, checks clean and reads back exactly what was written`, async () => {
+    const cacheDevice = new MemoryDevice(new Uint8Array(gunzipSync(readFileSync(goldenImagePath(version, 'cache')))));
+    const backingDevice = new MemoryDevice(new Uint8Array(gunzipSync(readFileSync(goldenImagePath(version, 'backing')))));
+    assert.equal(cacheDevice.sizeBytes, goldenCacheBytes(version));
     assert.equal(backingDevice.sizeBytes, goldenBackingBytes);
     const report = await checkCacheDevice(cacheDevice);
     assert.deepEqual(report.problems, []);
@@ -186,6 +214,7 @@ describe('golden image of format version 1', () => {
     assert.equal(summary.dataCrc, true);
     assert.equal(summary.gcPercent, 60);
     assert.equal(summary.cacheUuid, '00112233-4455-6677-8899-aabbccddeeff');
+    assert.equal(summary.formatVersion, version);
     assert.ok(summary.dirtyBytes > 0, 'the image holds dirty data');
     const cache = await Cache.open({ cacheDevice, backingDevice, background: false, timers: new ManualTimers() });
     const expected = goldenExpected();

@@ -16,10 +16,10 @@ describe('status', () => {
     await rig.cache.flush();
     const written = rig.cache.status();
     assert.equal(written.segsUsed, 2, 'a data segment joined the log segment');
-    assert.equal(written.keyHead, '0:64', 'one kset of one key: 24 + 40 bytes');
+    assert.equal(written.keyHead, '0:80', 'one kset of one key: a 40-byte header + 40');
     assert.equal(written.dirtyTail, '0:0');
     await rig.cache.drain();
-    assert.equal(rig.cache.status().dirtyTail, '0:64');
+    assert.equal(rig.cache.status().dirtyTail, '0:80');
     assert.equal(rig.cache.status().keyTail, '0:0', 'GC has not run (below gc_percent)');
   });
 

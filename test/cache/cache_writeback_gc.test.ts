@@ -5,7 +5,10 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, eagerWriteback } from '../../src/cache/cache.js';
-import { dirtyTailOffsetsBytes, keyTailOffsetsBytes } from '../../src/ondisk/layout.js';
+import { cachePosRecordBytes } from '../../src/ondisk/cache_pos.js';
+import { layoutFor } from '../../src/ondisk/layout.js';
+
+const { dirtyTailOffsetsBytes, keyTailOffsetsBytes } = layoutFor(2);
 import { ManualTimers } from '../../src/lib/timers.js';
 import { MiB } from '../../src/lib/units.js';
 import { cacheBytesFor, type DeviceEvent, openRig, pattern, readBytes, RecordingDevice, settle } from '../helpers/cache_fixture.js';
@@ -49,8 +52,10 @@ describe('writeback', () => {
     assert.deepEqual(round1.map((e) => [e.device, e.kind, e.offsetBytes / S, e.lengthBytes / S]), [
       ['backing', 'write', 0, 12],
       ['backing', 'sync', 0, 0],
-      // Format wrote copy 0 of dirty_tail, so the first update overwrites the older copy 1.
-      ['cache', 'write', dirtyTailOffsetsBytes[1] / S, 16 / S],
+      // Format wrote both copies with the same seq, so the first update goes to copy 1; once the
+      // sync after it made it durable, the same record goes to copy 0 (its mirror).
+      ['cache', 'write', dirtyTailOffsetsBytes[1] / S, cachePosRecordBytes(2) / S],
+      ['cache', 'write', dirtyTailOffsetsBytes[0] / S, cachePosRecordBytes(2) / S],
     ]);
     const backing = rig.backingDevice.inner;
     assert.deepEqual(Buffer.from(backing.bytes.subarray(0, 12 * S)), Buffer.concat([pattern(1, 0, 4 * S), pattern(2, 4 * S, 8 * S)]));

@@ -131,8 +131,50 @@ describe('pcache format', () => {
     assert.ok(fs.readFileSync(f.cache).every((byte) => byte === 0), 'still blank');
   });
 
-  it('refuses a cache device too small for four segments', async (t) => {
+  it('refuses a cache device too small for four segments, naming the size it needs and what smaller segments give', async (t) => {
     const f = files(t, 3 * MiB);
-    assertOneLineError(await format(f), 1, /holds 2 segments of 1048576 bytes; at least 4 are needed/);
+    assertOneLineError(await format(f), 1, /holds 2 segments of 1048576 bytes; at least 4 are needed: use a cache device of at least 4218880 bytes/);
+    const g = files(t, 40 * MiB);
+    assertOneLineError(await runCli(['format', '--cache', g.cache, '--backing', g.backing]), 1, /holds 2 segments of 16777216 bytes.*or smaller segments \(--segment-size 1M gives 39\)/);
+  });
+
+  it('recognises a dirty cache whose superblocks are both garbage, refusing --force; check --repair mends one damaged copy', async (t) => {
+    const f = files(t);
+    assert.equal((await format(f)).code, 0);
+    await leaveDirty(f, patternBytes(8192, 5), 0);
+    // One superblock copy lost: everything still reads, check warns, --repair restores it.
+    const size = fs.statSync(f.cache).size;
+    const garbage = (tag: number, at: number): void => {
+      const fd = fs.openSync(f.cache, 'r+');
+      fs.writeSync(fd, patternBytes(4096, tag), 0, 4096, at);
+      fs.closeSync(fd);
+    };
+    garbage(77, 4096);
+    const checked = await runCli(['check', '--cache', f.cache]);
+    assert.equal(checked.code, 0, checked.stderr);
+    assert.match(checked.stdout, /warning: superblock copy 0: .*\(the other copy is used\)/);
+    const repaired = await runCli(['check', '--cache', f.cache, '--repair']);
+    assert.equal(repaired.code, 0, repaired.stderr);
+    assert.match(repaired.stdout, /repaired: superblock copy 0/);
+    assert.match(repaired.stdout, /ok: no problems \(0 warnings\)/);
+    // Both copies lost: not a superblock anywhere, but the other records say what this was.
+    garbage(78, 4096);
+    garbage(79, Math.floor(size / 4096) * 4096 - 4096);
+    const before = fs.readFileSync(f.cache);
+    assertOneLineError(await format(f), 1, /holds a damaged pcache cache \(no readable superblock; found .*cache_info copy 0/);
+    assertOneLineError(await format(f, '--force'), 1, /damaged pcache cache .* so it may hold dirty data; `pcache check` explains; add --discard-dirty/);
+    const served = await runCli(['serve', '--cache', f.cache, '--backing', f.backing, '--socket', path.join(f.dir, 's.sock')]);
+    assertOneLineError(served, 1, /no valid pcache superblock, but it holds pcache records .*a damaged pcache cache/);
+    assert.ok(fs.readFileSync(f.cache).equals(before), 'nothing was written');
+    const discarded = await format(f, '--force', '--discard-dirty');
+    assert.equal(discarded.code, 0, discarded.stderr);
+  });
+
+  it('says that --cache-size does not resize an existing cache file', async (t) => {
+    const f = files(t);
+    const result = await format(f, '--cache-size', '64M');
+    assert.equal(result.code, 0, result.stderr);
+    assert.match(result.stderr, /--cache-size 64 MiB is not applied: .*cache\.img already exists with 8 MiB, and pcache never resizes an existing device/);
+    assert.equal(fs.statSync(f.cache).size, 8 * MiB);
   });
 });

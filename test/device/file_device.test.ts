@@ -9,6 +9,7 @@ import { FileDevice } from '../../src/device/file_device.js';
 import { Cache } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { MiB } from '../../src/lib/units.js';
+import { cacheDeviceBytesFor } from '../../src/ondisk/layout.js';
 import { pattern, readBytes } from '../helpers/cache_fixture.js';
 
 let dir = '';
@@ -81,7 +82,7 @@ describe('the engine on files', () => {
   it('keeps flushed data across close and reopen, with a blocking cache file and an asynchronous backing file', async () => {
     const cachePath = join(dir, 'cache.img');
     const backingPath = join(dir, 'backing.img');
-    FileDevice.create(cachePath, 20 * 1024 + 8 * MiB);
+    FileDevice.create(cachePath, cacheDeviceBytesFor(8, MiB));
     FileDevice.create(backingPath, 32 * MiB);
     const open = async (): Promise<{ cache: Cache; devices: FileDevice[] }> => {
       const devices = [await FileDevice.open(cachePath, { blocking: true }), await FileDevice.open(backingPath)];

@@ -5,11 +5,12 @@ import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, type CacheOpenOptions, type FormatOptions } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { PcacheError, type PcacheErrorCode } from '../../src/lib/errors.js';
-import { KiB, MiB } from '../../src/lib/units.js';
+import { MiB } from '../../src/lib/units.js';
+import { cacheDeviceBytesFor } from '../../src/ondisk/layout.js';
 
-/** Cache device bytes for `segments` segments of 1 MiB (plus the 20 KiB of metadata). */
+/** Cache device bytes for `segments` segments of 1 MiB (plus the metadata ahead of them and the superblock copy after them). */
 export function cacheBytesFor(segments: number, segmentSizeBytes = MiB): number {
-  return 20 * KiB + segments * segmentSizeBytes;
+  return cacheDeviceBytesFor(segments, segmentSizeBytes);
 }
 
 export interface Rig {

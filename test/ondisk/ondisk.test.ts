@@ -7,8 +7,8 @@ import { MiB, writeU32LE } from '../../src/lib/units.js';
 import { decodeCacheInfo, encodeCacheInfo, type CacheInfo } from '../../src/ondisk/cache_info.js';
 import { decodeCachePos, encodeCachePos } from '../../src/ondisk/cache_pos.js';
 import {
-  decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, keyFlagZero, ksetBytes, ksetCrcSeed, ksetHeaderBytes,
-  ksetKeysMax, sealKset, validateKey, type KeyRecord, type KsetContext,
+  decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, keyFlagZero, ksetBytes, ksetBytesMax, ksetCrcSeed, ksetExtendedHeaderBytes,
+  ksetHeaderBytes, ksetKeysMax, sealKset, validateKey, type KeyRecord, type KsetContext,
 } from '../../src/ondisk/kset.js';
 import { chooseLatest, DualCopyWriter, seqAfter, type Decoded } from '../../src/ondisk/meta_header.js';
 import { decodeSegmentGen, encodeSegmentGen } from '../../src/ondisk/segment_gen.js';
@@ -34,6 +34,7 @@ function expectProblem<T>(decoded: Decoded<T>, pattern: RegExp): void {
 }
 
 const sb: Superblock = {
+  formatVersion: 1,
   segmentSizeBytes: 16 * MiB,
   segmentCount: 31,
   cacheUuid: Uint8Array.from({ length: 16 }, (_, i) => i * 7 + 1),
@@ -74,10 +75,17 @@ describe('superblock', () => {
       assert.match(decoded.problem, pattern, name);
     }
   });
-  it('rejects a newer format version', () => {
+  it('rejects a format version it does not know, naming it', () => {
     const record = encodeSuperblock(sb);
-    record[5] = 2;
-    expectProblem(decodeSuperblock(reseal(record), sbDeviceBytes), /format version 2/);
+    record[5] = 3;
+    expectProblem(decodeSuperblock(reseal(record), sbDeviceBytes), /format version 3, which this pcache does not know.*newer pcache/);
+  });
+  it('version 2 keeps the device\'s last 4 KiB block out of the segments', () => {
+    const v2: Superblock = { ...sb, formatVersion: 2 };
+    const decoded = decodeSuperblock(encodeSuperblock(v2), sbDeviceBytes + 4096);
+    assert.ok(decoded.ok);
+    assert.equal(decoded.value.formatVersion, 2);
+    expectProblem(decodeSuperblock(encodeSuperblock(v2), sbDeviceBytes), /past the device end/);
   });
 });
 
@@ -85,7 +93,7 @@ describe('dual-copy records', () => {
   const info: CacheInfo = { dataCrc: true, initDone: true, gcPercent: 70, segmentCount: 31, firstSegment: 0 };
 
   it('cache_info round-trips', () => {
-    const decoded = decodeCacheInfo(encodeCacheInfo(info, 9), 31);
+    const decoded = decodeCacheInfo(encodeCacheInfo(info, 9, 1), 31, 'cache_info', 1);
     assert.ok(decoded.ok);
     assert.deepEqual(decoded.value, info);
     assert.equal(decoded.seq, 9);
@@ -98,38 +106,46 @@ describe('dual-copy records', () => {
       [(r) => { writeU32LE(r, 20, 3); }, /first segment/],
     ];
     for (const [mutate, pattern] of cases) {
-      const record = encodeCacheInfo(info, 1);
+      const record = encodeCacheInfo(info, 1, 1);
       mutate(record);
-      expectProblem(decodeCacheInfo(reseal(record), 31), pattern);
+      expectProblem(decodeCacheInfo(reseal(record), 31, 'cache_info', 1), pattern);
     }
   });
   it('positions round-trip and reject out-of-range segments and offsets', () => {
-    const limits = { segmentCount: 31, dataSizeBytes: 16 * MiB - 12 * 1024 };
-    const decoded = decodeCachePos(encodeCachePos({ segment: 30, offsetBytes: 5144 }, 3), limits, 'key_tail');
+    const limits = { segmentCount: 31, dataSizeBytes: 16 * MiB - 12 * 1024, ksetHeaderBytes };
+    const decoded = decodeCachePos(encodeCachePos({ segment: 30, offsetBytes: 5144, seq: 0, durableSeq: 0 }, 3, 1), limits, 'key_tail', 1);
     assert.ok(decoded.ok);
-    assert.deepEqual(decoded.value, { segment: 30, offsetBytes: 5144 });
-    expectProblem(decodeCachePos(encodeCachePos({ segment: 31, offsetBytes: 0 }, 3), limits, 'key_tail'), /out of range/);
-    expectProblem(decodeCachePos(encodeCachePos({ segment: 1, offsetBytes: limits.dataSizeBytes }, 3), limits, 'key_tail'), /past the data area/);
-    expectProblem(decodeCachePos(encodeCachePos({ segment: 1, offsetBytes: 12 }, 3), limits, 'key_tail'), /multiple of 8/);
+    assert.deepEqual(decoded.value, { segment: 30, offsetBytes: 5144, seq: 0, durableSeq: 0 });
+    expectProblem(decodeCachePos(encodeCachePos({ segment: 31, offsetBytes: 0, seq: 0, durableSeq: 0 }, 3, 1), limits, 'key_tail', 1), /out of range/);
+    expectProblem(decodeCachePos(encodeCachePos({ segment: 1, offsetBytes: limits.dataSizeBytes, seq: 0, durableSeq: 0 }, 3, 1), limits, 'key_tail', 1), /past the data area/);
+    expectProblem(decodeCachePos(encodeCachePos({ segment: 1, offsetBytes: 12, seq: 0, durableSeq: 0 }, 3, 1), limits, 'key_tail', 1), /multiple of 8/);
+    // Version 2 carries the seq of the kset at the position; read as version 1 (a shorter record) it fails its CRC.
+    const v2 = decodeCachePos(encodeCachePos({ segment: 30, offsetBytes: 5160, seq: 2 ** 40, durableSeq: 2 ** 40 - 1 }, 3, 2), { ...limits, ksetHeaderBytes: 40 }, 'key_tail', 2);
+    assert.ok(v2.ok);
+    assert.deepEqual(v2.value, { segment: 30, offsetBytes: 5160, seq: 2 ** 40, durableSeq: 2 ** 40 - 1 });
+    expectProblem(decodeCachePos(encodeCachePos({ segment: 1, offsetBytes: 0, seq: 0, durableSeq: 0 }, 3, 2), { ...limits, ksetHeaderBytes: 40 }, 'key_tail', 2), /seq 0 out of range/);
+    expectProblem(decodeCachePos(encodeCachePos({ segment: 1, offsetBytes: 0, seq: 1, durableSeq: 0 }, 3, 2), limits, 'key_tail', 1), /CRC mismatch/);
+    const v1Read = encodeCachePos({ segment: 1, offsetBytes: 0, seq: 0, durableSeq: 0 }, 3, 1);
+    expectProblem(decodeCachePos(v1Read, { ...limits, ksetHeaderBytes: 40 }, 'key_tail', 2), /./);
   });
   it('segment info and generation round-trip; generation rejects values beyond 2^53', () => {
-    const info0 = decodeSegmentInfo(encodeSegmentInfo({ next: 5 }, 1), 31, 'seg_info');
+    const info0 = decodeSegmentInfo(encodeSegmentInfo({ next: 5 }, 1, 1), 31, 'seg_info', 1);
     assert.ok(info0.ok);
     assert.equal(info0.value.next, 5);
-    const last = decodeSegmentInfo(encodeSegmentInfo({ next: undefined }, 1), 31, 'seg_info');
+    const last = decodeSegmentInfo(encodeSegmentInfo({ next: undefined }, 1, 1), 31, 'seg_info', 1);
     assert.ok(last.ok);
     assert.equal(last.value.next, undefined);
-    expectProblem(decodeSegmentInfo(encodeSegmentInfo({ next: 31 }, 1), 31, 'seg_info'), /out of range/);
-    const gen = decodeSegmentGen(encodeSegmentGen(2 ** 40 + 3, 200), 'gen');
+    expectProblem(decodeSegmentInfo(encodeSegmentInfo({ next: 31 }, 1, 1), 31, 'seg_info', 1), /out of range/);
+    const gen = decodeSegmentGen(encodeSegmentGen(2 ** 40 + 3, 200, 1), 'gen', 1);
     assert.ok(gen.ok);
     assert.equal(gen.value, 2 ** 40 + 3);
-    const huge = encodeSegmentGen(0, 1);
+    const huge = encodeSegmentGen(0, 1, 1);
     writeU32LE(huge, 12, 0xffffffff);
-    expectProblem(decodeSegmentGen(reseal(huge), 'gen'), /out of range/);
+    expectProblem(decodeSegmentGen(reseal(huge), 'gen', 1), /out of range/);
   });
   it('a torn copy is ignored and the other copy wins, whichever slot it is in', () => {
-    const older = decodeCacheInfo(encodeCacheInfo({ ...info, gcPercent: 10 }, 4), 31);
-    const newerTorn = decodeCacheInfo(flipByte(encodeCacheInfo({ ...info, gcPercent: 20 }, 5), 13), 31);
+    const older = decodeCacheInfo(encodeCacheInfo({ ...info, gcPercent: 10 }, 4, 1), 31, 'cache_info', 1);
+    const newerTorn = decodeCacheInfo(flipByte(encodeCacheInfo({ ...info, gcPercent: 20 }, 5, 1), 13), 31, 'cache_info', 1);
     for (const pair of [[older, newerTorn], [newerTorn, older]] as const) {
       const choice = chooseLatest(pair);
       assert.equal(choice.value?.gcPercent, 10);
@@ -145,8 +161,8 @@ describe('dual-copy records', () => {
     assert.ok(seqAfter(5, 250));
     assert.ok(!seqAfter(250, 5));
     assert.ok(!seqAfter(7, 7));
-    const a = decodeCacheInfo(encodeCacheInfo({ ...info, gcPercent: 30 }, 255), 31);
-    const b = decodeCacheInfo(encodeCacheInfo({ ...info, gcPercent: 40 }, 0), 31);
+    const a = decodeCacheInfo(encodeCacheInfo({ ...info, gcPercent: 30 }, 255, 1), 31, 'cache_info', 1);
+    const b = decodeCacheInfo(encodeCacheInfo({ ...info, gcPercent: 40 }, 0, 1), 31, 'cache_info', 1);
     assert.equal(chooseLatest([a, b]).value?.gcPercent, 40);
     assert.equal(chooseLatest([b, a]).value?.gcPercent, 40);
   });
@@ -166,14 +182,14 @@ describe('keys and ksets', () => {
   const uuid = Uint8Array.from({ length: 16 }, (_, i) => 255 - i);
   const crcSeed = ksetCrcSeed(uuid);
   const dataSizeBytes = MiB - 12 * 1024;
-  const context: KsetContext = { crcSeed, logGen: 7, roomBytes: dataSizeBytes, segmentCount: 8, dataSizeBytes, backingSizeBytes: 64 * MiB };
+  const context: KsetContext = { crcSeed, logGen: 7, roomBytes: dataSizeBytes, segmentCount: 8, dataSizeBytes, backingSizeBytes: 64 * MiB, extended: false };
   const key = (overrides: Partial<KeyRecord> = {}): KeyRecord => ({
     offsetBytes: 4 * MiB + 8192, lengthBytes: 4096, flags: 0, segment: 3, segmentOffsetBytes: 65536, gen: 7, dataCrc: 0xdeadbeef, ...overrides,
   });
   const build = (keys: KeyRecord[], options: { epochEnd?: boolean; logGen?: number } = {}): Uint8Array => {
-    const buffer = new Uint8Array(ksetBytes(ksetKeysMax) + ksetHeaderBytes);
+    const buffer = new Uint8Array(ksetBytes(ksetKeysMax, false) + ksetHeaderBytes);
     keys.forEach((k, i) => { encodeKey(buffer, ksetHeaderBytes + i * keyBytes, k); });
-    const size = sealKset(buffer, { keyCount: keys.length, epochEnd: options.epochEnd ?? false, logGen: options.logGen ?? 7, crcSeed });
+    const size = sealKset(buffer, { keyCount: keys.length, epochEnd: options.epochEnd ?? false, logGen: options.logGen ?? 7, crcSeed, seqs: undefined });
     return buffer.subarray(0, size);
   };
 
@@ -186,7 +202,7 @@ describe('keys and ksets', () => {
     assert.deepEqual(decoded.keys, keys);
   });
   it('round-trips a LAST kset', () => {
-    const decoded = decodeKset(encodeLastKset(5, 7, crcSeed), context);
+    const decoded = decodeKset(encodeLastKset(5, 7, crcSeed, undefined), context);
     assert.ok(decoded.ok && decoded.kind === 'last');
     assert.equal(decoded.next, 5);
   });
@@ -210,7 +226,7 @@ describe('keys and ksets', () => {
     writeU32LE(kset, 4, 129);
     const decoded = decodeKset(kset, context);
     assert.ok(!decoded.ok && /exceeds 128/.test(decoded.problem));
-    const near = decodeKset(build([key(), key()]), { ...context, roomBytes: ksetBytes(1) });
+    const near = decodeKset(build([key(), key()]), { ...context, roomBytes: ksetBytes(1, false) });
     assert.ok(!near.ok && /overrun/.test(near.problem));
   });
   it('reports damage for out-of-bounds keys under a valid CRC', () => {
@@ -238,11 +254,54 @@ describe('keys and ksets', () => {
     assert.ok(!emptyNoEpoch.ok && emptyNoEpoch.damage);
     const emptyMarker = decodeKset(build([], { epochEnd: true }), context);
     assert.ok(emptyMarker.ok && emptyMarker.kind === 'keys' && emptyMarker.keys.length === 0);
-    const lastOutOfRange = decodeKset(encodeLastKset(8, 7, crcSeed), context);
+    const lastOutOfRange = decodeKset(encodeLastKset(8, 7, crcSeed, undefined), context);
     assert.ok(!lastOutOfRange.ok && lastOutOfRange.damage);
   });
   it('accepts a ZERO key that points at no data', () => {
     const zero = key({ flags: keyFlagZero, segment: 0, segmentOffsetBytes: 0, gen: 0, dataCrc: 0, lengthBytes: 4 * MiB, offsetBytes: 0 });
     assert.equal(validateKey(zero, context), undefined);
+  });
+});
+
+describe('extended ksets (format version 2)', () => {
+  const crcSeed = ksetCrcSeed(Uint8Array.from({ length: 16 }, (_, i) => i + 1));
+  const dataSizeBytes = MiB - 12 * 1024;
+  const context: KsetContext = { crcSeed, logGen: 3, roomBytes: dataSizeBytes, segmentCount: 8, dataSizeBytes, backingSizeBytes: 64 * MiB, extended: true };
+  const key: KeyRecord = { offsetBytes: 8192, lengthBytes: 4096, flags: 0, segment: 2, segmentOffsetBytes: 0, gen: 3, dataCrc: 0 };
+  const build = (seqs: { seq: number; durableSeq: number } | undefined, keyCount = 2, epochEnd = false): Uint8Array => {
+    const header = seqs === undefined ? ksetHeaderBytes : ksetExtendedHeaderBytes;
+    const buffer = new Uint8Array(ksetBytesMax + ksetExtendedHeaderBytes);
+    for (let i = 0; i < keyCount; i++) encodeKey(buffer, header + i * keyBytes, { ...key, offsetBytes: key.offsetBytes + i * 4096 });
+    return buffer.subarray(0, sealKset(buffer, { keyCount, epochEnd, logGen: 3, crcSeed, seqs }));
+  };
+
+  it('round-trips seq and durable_seq, in ksets with keys and in LAST ksets', () => {
+    const decoded = decodeKset(build({ seq: 2 ** 40, durableSeq: 2 ** 40 - 9 }), context);
+    assert.ok(decoded.ok && decoded.kind === 'keys');
+    assert.equal(decoded.sizeBytes, 40 + 2 * 40);
+    assert.equal(decoded.seq, 2 ** 40);
+    assert.equal(decoded.durableSeq, 2 ** 40 - 9);
+    assert.equal(decoded.keys[1]?.offsetBytes, 12288);
+    const last = decodeKset(encodeLastKset(6, 3, crcSeed, { seq: 17, durableSeq: 16 }), context);
+    assert.ok(last.ok && last.kind === 'last');
+    assert.deepEqual([last.next, last.seq, last.durableSeq, last.sizeBytes], [6, 17, 16, 40]);
+  });
+  it('never takes a kset of the other version for part of the log, and refuses impossible seqs as damage', () => {
+    assert.equal(decodeKset(build(undefined), context).ok, false);
+    assert.equal(decodeKset(build({ seq: 5, durableSeq: 4 }), { ...context, extended: false }).ok, false);
+    // Where the sizes happen to agree (a v1 LAST kset is 24 bytes, read in a 40-byte window), the flag decides.
+    const v1Last = new Uint8Array(40);
+    v1Last.set(encodeLastKset(6, 3, crcSeed, undefined));
+    const lastWithoutExtended = decodeKset(v1Last, context);
+    assert.equal(lastWithoutExtended.ok, false);
+    for (const seqs of [{ seq: 0, durableSeq: 0 }, { seq: 5, durableSeq: 5 }, { seq: 5, durableSeq: 9 }]) {
+      const decoded = decodeKset(build(seqs), context);
+      assert.ok(!decoded.ok && decoded.damage && /impossible/.test(decoded.problem), JSON.stringify(seqs));
+    }
+  });
+  it('a full extended kset fits ksetBytesMax', () => {
+    const decoded = decodeKset(build({ seq: 1, durableSeq: 0 }, ksetKeysMax, true), context);
+    assert.ok(decoded.ok && decoded.kind === 'keys');
+    assert.equal(decoded.sizeBytes, ksetBytesMax);
   });
 });

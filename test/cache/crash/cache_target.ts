@@ -6,7 +6,8 @@
 import { Cache } from '../../../src/cache/cache.js';
 import type { BlockDevice } from '../../../src/device/block_device.js';
 import { ManualTimers } from '../../../src/lib/timers.js';
-import { KiB, MiB } from '../../../src/lib/units.js';
+import { MiB } from '../../../src/lib/units.js';
+import { cacheDeviceBytesFor } from '../../../src/ondisk/layout.js';
 import type { CrashTarget, OpenTarget } from '../../../sim/harness.js';
 
 export interface CacheTargetOptions {
@@ -16,7 +17,7 @@ export interface CacheTargetOptions {
 
 /** Cache device bytes for `segments` segments of 1 MiB. */
 export function crashCacheBytes(segments: number): number {
-  return 20 * KiB + segments * MiB;
+  return cacheDeviceBytesFor(segments, MiB);
 }
 
 export function cacheTarget(options: CacheTargetOptions = {}): CrashTarget {

@@ -21,7 +21,8 @@ import { ManualTimers } from '../../../src/lib/timers.js';
 import { PcacheError, isPcacheError } from '../../../src/lib/errors.js';
 import { NbdClient } from '../../../src/nbd/client/client.js';
 import { readRecording } from '../../../src/device/recording_device.js';
-import { KiB, MiB } from '../../../src/lib/units.js';
+import { MiB } from '../../../src/lib/units.js';
+import { cacheDeviceBytesFor } from '../../../src/ondisk/layout.js';
 import { combineStates, materialize, randomStates } from '../../../sim/crash_states.js';
 import { fillPayload, formatViolation, RequestHistory, sectorValues, type HistoryRequest, type SectorViolation } from '../../../sim/oracle.js';
 import { FilePageSource, recordingCrashPoint } from '../../../sim/recording_replay.js';
@@ -32,7 +33,7 @@ import { runCli, type ServeProcess, startServe } from '../../helpers/pcache.js';
 import { sleep } from '../../helpers/wait.js';
 
 const S = 512;
-const cacheBytes = 20 * KiB + 20 * MiB; // 20 segments of 1 MiB
+const cacheBytes = cacheDeviceBytesFor(20, MiB); // 20 segments of 1 MiB
 const backingBytes = 16 * MiB;
 const regionBytes = 12 * MiB; // what the workload touches; the rest must stay zero
 const runs = 5;
