@@ -29,7 +29,7 @@ import { FileDevice } from '../device/file_device.js';
 import { RecordingDevice } from '../device/recording_device.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { NbdRemoteDevice, type NbdRemoteState } from '../nbd/client/remote_device.js';
-import { NbdServer, type NbdListenAddress } from '../nbd/server/server.js';
+import { NbdServer, type NbdBoundAddress } from '../nbd/server/server.js';
 import { defaultServe, exitFailure, exitOk, type ServeArgs } from './args.js';
 import { ControlServer } from './control.js';
 import { describeDevice, ensureDeviceFile } from './devices.js';
@@ -410,14 +410,14 @@ export function uvThreadPoolSize(value: string | undefined): number {
   return parsed < 0 || parsed > 1024 ? 1024 : parsed;
 }
 
-export function uriOf(address: NbdListenAddress, exportName: string): string {
+export function uriOf(address: NbdBoundAddress, exportName: string): string {
   const name = encodeURIComponent(exportName);
   if ('path' in address) return `nbd+unix:///${name}?socket=${path.resolve(address.path)}`;
   const host = address.host ?? '127.0.0.1';
   return `nbd://${host.includes(':') ? `[${host}]` : host}:${address.port}/${name}`;
 }
 
-function defaultModeGuide(facts: { created: string[]; what: string; uri: string; address: NbdListenAddress }): string {
+function defaultModeGuide(facts: { created: string[]; what: string; uri: string; address: NbdBoundAddress }): string {
   const socket = 'path' in facts.address ? path.resolve(facts.address.path) : '';
   const uri = `'${facts.uri}'`;
   const lines = [

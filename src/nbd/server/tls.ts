@@ -1,0 +1,156 @@
+// TLS for the NBD server: the credentials it serves with (X.509 certificates or pre-shared
+// keys, in nbdkit's layouts: src/lib/tls_credentials.ts reads them), and the upgrade of one
+// accepted connection once its STARTTLS has been acknowledged (connection.ts drives it; the
+// handshake codec decides when, protocol/handshake_server.ts).
+//
+// How a connection is upgraded: node's tls.Server applies a server's TLS policy (client
+// certificates requested and checked against the CA and the CRL, the handshake time limit,
+// PSK lookup) to sockets it is handed through its 'connection' event, the documented way to
+// give a server a socket that is already connected. A TLSSocket built by hand skips that
+// check: node verifies a server's peer only in tls.Server's own 'secure' handler. So each
+// upgrade hands the plaintext socket to a tls.Server of its own, which is never listening and
+// serves exactly that one socket, so that its 'secureConnection' or 'tlsClientError' can only
+// be about it. Building one costs about 1.5 ms of CPU (an SSL_CTX, the key parsed), less than
+// the handshake's own public-key operations, once per connection.
+//
+// Invariants:
+// - The credentials are checked when ServerTls is built (a PcacheError 'EINVAL' then), so an
+//   upgrade can fail only because of the client or the network, never because of our files.
+// - upgrade() calls `done` exactly once: with the TLS socket once the handshake succeeded and
+//   the client passed the checks (certificate with verifyPeer, key with PSK), or with the
+//   reason it did not. A failed upgrade leaves the plaintext socket destroyed.
+// - Nothing here writes to the plaintext socket: the STARTTLS acknowledgement has been handed to
+//   it before, and node orders the TLS bytes after it.
+
+import type net from 'node:net';
+import tls from 'node:tls';
+import { PcacheError } from '../../lib/errors.js';
+import type { CertificateFiles } from '../../lib/tls_credentials.js';
+import { tlsErrorReason } from '../../lib/tls_errors.js';
+
+/**
+ * Pre-TLS 1.3 PSK cipher suites, with forward secrecy and AEAD, for clients that cannot do TLS
+ * 1.3 (OpenSSL leaves PSK suites out by default). TLS 1.3 clients use its own suites.
+ */
+const tls12PskCiphers = 'ECDHE-PSK-CHACHA20-POLY1305:DHE-PSK-AES256-GCM-SHA384:DHE-PSK-AES128-GCM-SHA256:DHE-PSK-CHACHA20-POLY1305';
+
+export type NbdServerTlsCredentials =
+  /** Certificates; with verifyPeer a client must present one signed by the CA (and not revoked). */
+  | { readonly kind: 'x509'; readonly files: CertificateFiles; readonly verifyPeer: boolean }
+  /** Pre-shared keys by username: a client must prove it holds one of them. */
+  | { readonly kind: 'psk'; readonly keys: ReadonlyMap<string, Uint8Array> };
+
+export interface NbdServerTls {
+  /** 'on': a client may upgrade; 'require': it must, before anything else (handshake_server.ts). */
+  readonly mode: 'on' | 'require';
+  readonly credentials: NbdServerTlsCredentials;
+}
+
+/** A TLS handshake that failed, for the server's owner to log. */
+export interface NbdTlsFailure {
+  /** Who: `HOST:PORT`, or `unix socket` (a Unix socket has no peer address). */
+  readonly peer: string;
+  /** Why, in words: a rejected certificate, an unknown PSK username, what the TLS library said. */
+  readonly reason: string;
+}
+
+export type TlsUpgradeResult =
+  | { readonly ok: true; readonly socket: tls.TLSSocket }
+  | { readonly ok: false; readonly reason: string };
+
+export class ServerTls {
+  readonly mode: 'on' | 'require';
+  private readonly credentials: NbdServerTlsCredentials;
+  private readonly options: tls.TlsOptions;
+
+  constructor(config: NbdServerTls, handshakeTimeoutMs: number) {
+    this.mode = config.mode;
+    this.credentials = config.credentials;
+    const credentials = config.credentials;
+    const common: tls.TlsOptions = { handshakeTimeout: handshakeTimeoutMs, minVersion: 'TLSv1.2' };
+    if (credentials.kind === 'x509') {
+      const files = credentials.files;
+      if (files.cert === undefined || files.key === undefined) throw new PcacheError('EINVAL', `${files.dir}: a TLS server needs its certificate and key`);
+      this.options = {
+        ...common,
+        cert: files.cert,
+        key: files.key,
+        ca: files.ca,
+        ...(files.crl === undefined ? {} : { crl: files.crl }),
+        requestCert: credentials.verifyPeer,
+        rejectUnauthorized: credentials.verifyPeer,
+      };
+    } else {
+      if (credentials.keys.size === 0) throw new PcacheError('EINVAL', 'a TLS-PSK server needs at least one key');
+      this.options = { ...common, ciphers: `${tls.DEFAULT_CIPHERS}:${tls12PskCiphers}`, dhparam: 'auto' };
+    }
+    try {
+      tls.createSecureContext(this.options);
+    } catch (error) {
+      const where = credentials.kind === 'x509' ? credentials.files.dir : 'the PSK keys';
+      throw new PcacheError('EINVAL', `${where}: the TLS credentials cannot be used: ${tlsErrorReason(error)}`, { cause: error });
+    }
+  }
+
+  /**
+   * Runs the server side of a TLS handshake on `plain`, an accepted socket whose STARTTLS was
+   * just acknowledged, and reports the outcome once to `done`.
+   */
+  upgrade(plain: net.Socket, done: (result: TlsUpgradeResult) => void): void {
+    const credentials = this.credentials;
+    let pskUsername: string | undefined;
+    const options: tls.TlsOptions = credentials.kind === 'psk'
+      ? {
+        ...this.options,
+        pskCallback: (_socket, identity) => {
+          pskUsername = identity;
+          const key = credentials.keys.get(identity);
+          // null: OpenSSL refuses the identity (unknown_psk_identity, or a failed TLS 1.3 handshake).
+          return key === undefined ? null : key;
+        },
+      }
+      : this.options;
+    const server = new tls.Server(options);
+    let settled = false;
+    const finish = (result: TlsUpgradeResult): void => {
+      if (settled) return;
+      settled = true;
+      done(result);
+    };
+    server.on('secureConnection', (socket: tls.TLSSocket) => {
+      finish({ ok: true, socket });
+    });
+    server.on('tlsClientError', (error: Error, socket: tls.TLSSocket) => {
+      finish({ ok: false, reason: failureReason(error, socket, credentials, pskUsername) });
+      socket.destroy();
+      plain.destroy();
+    });
+    server.emit('connection', plain);
+  }
+}
+
+/** Why a handshake failed, for a log line that lets an operator act on it. */
+function failureReason(error: Error, socket: tls.TLSSocket, credentials: NbdServerTlsCredentials, pskUsername: string | undefined): string {
+  // A client certificate that fails verification: node's tls.Server destroys the socket without
+  // an error and says why in authorizationError (an OpenSSL code such as CERT_HAS_EXPIRED).
+  const authorization = socket.authorizationError as Error | string | null | undefined;
+  if (authorization !== null && authorization !== undefined) {
+    const code = typeof authorization === 'string' ? authorization : authorization.message;
+    return `client certificate rejected (${code})${certificateSubject(socket)}`;
+  }
+  if (credentials.kind === 'psk') {
+    if (pskUsername === undefined) return `the client offered no pre-shared key (this server authenticates clients by PSK): ${tlsErrorReason(error)}`;
+    if (!credentials.keys.has(pskUsername)) return `unknown PSK username '${pskUsername}'`;
+    return `TLS handshake with PSK username '${pskUsername}' failed (wrong key?): ${tlsErrorReason(error)}`;
+  }
+  if ((error as NodeJS.ErrnoException).code === 'ECONNRESET') return 'the client closed the connection during the TLS handshake';
+  return `TLS handshake failed: ${tlsErrorReason(error)}`;
+}
+
+function certificateSubject(socket: tls.TLSSocket): string {
+  // null once the socket has lost its handle.
+  const certificate = socket.getPeerCertificate() as tls.PeerCertificate | null;
+  const subject = certificate?.subject as Record<string, unknown> | undefined;
+  const cn = subject?.CN;
+  return typeof cn === 'string' ? ` for CN=${cn}` : '';
+}
