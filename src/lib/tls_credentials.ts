@@ -98,7 +98,7 @@ export function readCertificateDirectory(dir: string, role: CertificateRole): Ce
  * trailing CR is allowed). Returns the keys by username.
  */
 export function readPskFile(file: string): ReadonlyMap<string, Buffer> {
-  const text = readCredentialFile(file, 'a PSK file holds username:hexkey lines, as psktool writes them').toString('utf8');
+  const text = readCredentialFile(file, 'a TLS PSK file holds username:hexkey lines, as psktool writes them').toString('utf8');
   return parsePskFile(text, file);
 }
 
