@@ -194,7 +194,9 @@ export class NbdServer implements ConnectionHost {
     });
     const bound = this.listener.address();
     if (bound !== null && typeof bound === 'object') this.boundAddress = { host: bound.address, port: bound.port };
-    else this.boundAddress = { path: 'path' in address ? address.path : String(bound) };
+    else if ('path' in address) this.boundAddress = { path: address.path };
+    else if (typeof bound === 'string' && bound !== '') this.boundAddress = { path: bound };
+    else this.boundAddress = { path: 'fd' in address ? inheritedSocketPath(address.fd) ?? `(inherited file descriptor ${address.fd})` : '' };
     return this.boundAddress;
   }
 
@@ -315,6 +317,25 @@ function somethingListens(path: string): Promise<boolean> {
       resolve(error.code !== 'ECONNREFUSED' && error.code !== 'ENOENT');
     });
   });
+}
+
+/**
+ * The path of an inherited Unix socket, which node does not report for a socket it did not
+ * bind: /proc/self/fd names the socket's inode, and /proc/net/unix lists the path bound to it
+ * (columns: Num RefCount Protocol Flags Type St Inode Path). Undefined if it cannot tell.
+ */
+function inheritedSocketPath(fd: number): string | undefined {
+  try {
+    const inode = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/self/fd/${fd}`))?.[1];
+    if (inode === undefined) return undefined;
+    for (const line of fs.readFileSync('/proc/net/unix', 'utf8').split('\n')) {
+      const fields = line.trim().split(/\s+/);
+      if (fields[6] === inode && fields[7] !== undefined) return fields[7];
+    }
+  } catch {
+    // No /proc: the address is only reported, never used to listen.
+  }
+  return undefined;
 }
 
 function describe(address: NbdListenAddress): string {

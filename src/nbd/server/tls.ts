@@ -66,30 +66,7 @@ export class ServerTls {
   constructor(config: NbdServerTls, handshakeTimeoutMs: number) {
     this.mode = config.mode;
     this.credentials = config.credentials;
-    const credentials = config.credentials;
-    const common: tls.TlsOptions = { handshakeTimeout: handshakeTimeoutMs, minVersion: 'TLSv1.2' };
-    if (credentials.kind === 'x509') {
-      const files = credentials.files;
-      if (files.cert === undefined || files.key === undefined) throw new PcacheError('EINVAL', `${files.dir}: a TLS server needs its certificate and key`);
-      this.options = {
-        ...common,
-        cert: files.cert,
-        key: files.key,
-        ca: files.ca,
-        ...(files.crl === undefined ? {} : { crl: files.crl }),
-        requestCert: credentials.verifyPeer,
-        rejectUnauthorized: credentials.verifyPeer,
-      };
-    } else {
-      if (credentials.keys.size === 0) throw new PcacheError('EINVAL', 'a TLS-PSK server needs at least one key');
-      this.options = { ...common, ciphers: `${tls.DEFAULT_CIPHERS}:${tls12PskCiphers}`, dhparam: 'auto' };
-    }
-    try {
-      tls.createSecureContext(this.options);
-    } catch (error) {
-      const where = credentials.kind === 'x509' ? credentials.files.dir : 'the PSK keys';
-      throw new PcacheError('EINVAL', `${where}: the TLS credentials cannot be used: ${tlsErrorReason(error)}`, { cause: error });
-    }
+    this.options = serverOptions(config.credentials, handshakeTimeoutMs);
   }
 
   /**
@@ -127,6 +104,43 @@ export class ServerTls {
     });
     server.emit('connection', plain);
   }
+}
+
+/**
+ * Checks that `config`'s credentials make a TLS server (a PcacheError 'EINVAL' when not), so a
+ * caller can refuse them before it opens anything else.
+ */
+export function checkServerTls(config: NbdServerTls): void {
+  serverOptions(config.credentials, 1);
+}
+
+/** node's TLS server options for the credentials, checked by building a context from them. */
+function serverOptions(credentials: NbdServerTlsCredentials, handshakeTimeoutMs: number): tls.TlsOptions {
+  const common: tls.TlsOptions = { handshakeTimeout: handshakeTimeoutMs, minVersion: 'TLSv1.2' };
+  let options: tls.TlsOptions;
+  if (credentials.kind === 'x509') {
+    const files = credentials.files;
+    if (files.cert === undefined || files.key === undefined) throw new PcacheError('EINVAL', `${files.dir}: a TLS server needs its certificate and key`);
+    options = {
+      ...common,
+      cert: files.cert,
+      key: files.key,
+      ca: files.ca,
+      ...(files.crl === undefined ? {} : { crl: files.crl }),
+      requestCert: credentials.verifyPeer,
+      rejectUnauthorized: credentials.verifyPeer,
+    };
+  } else {
+    if (credentials.keys.size === 0) throw new PcacheError('EINVAL', 'a TLS-PSK server needs at least one key');
+    options = { ...common, ciphers: `${tls.DEFAULT_CIPHERS}:${tls12PskCiphers}`, dhparam: 'auto' };
+  }
+  try {
+    tls.createSecureContext(options);
+  } catch (error) {
+    const where = credentials.kind === 'x509' ? credentials.files.dir : 'the PSK keys';
+    throw new PcacheError('EINVAL', `${where}: the TLS credentials cannot be used: ${tlsErrorReason(error)}`, { cause: error });
+  }
+  return options;
 }
 
 /** Why a handshake failed, for a log line that lets an operator act on it. */
