@@ -174,8 +174,10 @@ export class Connection {
   private listen(socket: net.Socket): void {
     socket.on('end', this.onEnd);
     socket.on('drain', this.onDrain);
-    // Errors (ECONNRESET, EPIPE) are expected from hostile or vanished clients; 'close' follows.
-    socket.on('error', () => undefined);
+    // Errors (ECONNRESET, EPIPE, a TLS record that fails) are expected from hostile or vanished
+    // clients. node destroys a plain socket that failed, but not a TLS socket whose session
+    // failed after its handshake: destroying it here makes 'close' follow every error.
+    socket.on('error', () => { socket.destroy(); });
     socket.on('close', this.onCloseBound);
   }
 

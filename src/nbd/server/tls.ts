@@ -132,7 +132,7 @@ function serverOptions(credentials: NbdServerTlsCredentials, handshakeTimeoutMs:
     };
   } else {
     if (credentials.keys.size === 0) throw new PcacheError('EINVAL', 'a TLS-PSK server needs at least one key');
-    options = { ...common, ciphers: `${tls.DEFAULT_CIPHERS}:${tls12PskCiphers}`, dhparam: 'auto' };
+    options = { ...common, ciphers: pskCiphers(), dhparam: 'auto' };
   }
   try {
     tls.createSecureContext(options);
@@ -150,7 +150,7 @@ function failureReason(error: Error, socket: tls.TLSSocket, credentials: NbdServ
   const authorization = socket.authorizationError as Error | string | null | undefined;
   if (authorization !== null && authorization !== undefined) {
     const code = typeof authorization === 'string' ? authorization : authorization.message;
-    return `client certificate rejected (${code})${certificateSubject(socket)}`;
+    return `client certificate rejected (${code})`;
   }
   if (credentials.kind === 'psk') {
     if (pskUsername === undefined) return `the client offered no pre-shared key (this server authenticates clients by PSK): ${tlsErrorReason(error)}`;
@@ -161,10 +161,11 @@ function failureReason(error: Error, socket: tls.TLSSocket, credentials: NbdServ
   return `TLS handshake failed: ${tlsErrorReason(error)}`;
 }
 
-function certificateSubject(socket: tls.TLSSocket): string {
-  // null once the socket has lost its handle.
-  const certificate = socket.getPeerCertificate() as tls.PeerCertificate | null;
-  const subject = certificate?.subject as Record<string, unknown> | undefined;
-  const cn = subject?.CN;
-  return typeof cn === 'string' ? ` for CN=${cn}` : '';
+/**
+ * The cipher list of a PSK session: TLS 1.3's suites as node orders them, then the pre-1.3
+ * PSK suites. node's default list ends in !PSK, which no later entry can undo.
+ */
+function pskCiphers(): string {
+  const tls13 = tls.DEFAULT_CIPHERS.split(':').filter((suite) => suite.startsWith('TLS_'));
+  return [...tls13, tls12PskCiphers].join(':');
 }
