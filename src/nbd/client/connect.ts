@@ -25,7 +25,7 @@ import { PcacheError } from '../../lib/errors.js';
 import { MiB } from '../../lib/units.js';
 import type { ByteQueue } from '../protocol/bytes.js';
 import { ClientHandshake, type ExportInfo } from '../protocol/handshake_client.js';
-import { tlsFailure, tlsFailureCode, type ClientTls } from './tls.js';
+import { tlsFailure, tlsFailureCode, tlsHangup, type ClientTls } from './tls.js';
 import { describeAddress, type NbdAddress } from './uri.js';
 
 export interface NbdClientLimits {
@@ -88,6 +88,8 @@ export function connectSession<T>(address: NbdAddress, options: NbdClientOptions
     /** The socket negotiation goes on: the plaintext one, then the TLS one. */
     let socket: net.Socket = plain;
     let upgrading = false;
+    /** The server has said something inside TLS (so it accepted our credentials). */
+    let repliedInsideTls = false;
     const handshake = new ClientHandshake({
       exportName: options.exportName,
       requestStructuredReplies: options.structuredReplies ?? true,
@@ -116,9 +118,12 @@ export function connectSession<T>(address: NbdAddress, options: NbdClientOptions
       fail(new PcacheError('ENODEV', `${where}: no NBD session after ${limits.connectTimeoutMs} ms`));
     }, limits.connectTimeoutMs);
     const onError = (error: NodeJS.ErrnoException): void => {
-      // Over TLS, an alert from the server (our certificate or key refused) may come only after
-      // our side of the handshake finished: it is a TLS refusal all the same.
-      if (socket !== plain && options.tls !== undefined && tlsFailureCode(error) === 'EPERM') return fail(tlsFailure(where, error, options.tls));
+      // Over TLS, the server may refuse our certificate or key only after our side of the
+      // handshake finished (TLS 1.3): with an alert, or by hanging up before any reply.
+      if (socket !== plain && options.tls !== undefined) {
+        if (tlsFailureCode(error) === 'EPERM') return fail(tlsFailure(where, error, options.tls));
+        if (!repliedInsideTls) return fail(tlsHangup(where, options.tls, error.message));
+      }
       fail(new PcacheError('ENODEV', `cannot connect to ${where}: ${error.message}`, { cause: error }));
     };
     const onTlsError = (error: NodeJS.ErrnoException): void => {
@@ -126,10 +131,12 @@ export function connectSession<T>(address: NbdAddress, options: NbdClientOptions
       else onError(error);
     };
     const onClose = (): void => {
+      if (socket !== plain && options.tls !== undefined && !upgrading && !repliedInsideTls) return fail(tlsHangup(where, options.tls, 'no reply'));
       const hint = handshake.status.kind === 'negotiating' ? ' (unknown export name, or too many connections?)' : '';
       fail(new PcacheError('ENODEV', `${where}: the server closed the connection during the ${upgrading ? 'TLS ' : ''}handshake${hint}`));
     };
     const onData = (chunk: Buffer): void => {
+      if (socket !== plain) repliedInsideTls = true;
       const out: Uint8Array[] = [];
       const verdict = handshake.push(chunk, out);
       for (const bytes of out) socket.write(bytes);

@@ -107,6 +107,15 @@ export function tlsFailure(where: string, error: unknown, credentials: ClientTls
   return new PcacheError(code, `${where}: ${why}`, { cause: error });
 }
 
+/**
+ * The server hung up right after the TLS handshake, before answering anything inside it. With
+ * TLS 1.3 a server judges the client's certificate after the client's side of the handshake is
+ * done, and GnuTLS servers (nbdkit, qemu-nbd) then just close: most likely our credentials.
+ */
+export function tlsHangup(where: string, credentials: ClientTls, detail: string): PcacheError {
+  return new PcacheError('ENODEV', `${where}: the server closed the connection right after the TLS handshake (does it accept ${credentials.description}? a server that checks client certificates needs client-cert.pem and client-key.pem in tls-certificates=): ${detail}`);
+}
+
 function isIpAddress(host: string): boolean {
   return net.isIP(host) !== 0;
 }
