@@ -45,7 +45,7 @@ describe('pcache serve --tls require', () => {
     assert.equal(await server.stop(), 0);
     const serving = logLines(server.stderr).find((entry) => entry.msg === 'serving');
     assert.equal(serving?.tls, 'require');
-    assert.equal(serving?.tlsCredentials, 'x509');
+    assert.equal(serving.tlsCredentials, 'x509');
   });
 
   it('pre-shared keys on TCP bound to every address: served with --tls require alone; a wrong key is refused and logged, the server goes on', async (t) => {
@@ -67,8 +67,8 @@ describe('pcache serve --tls require', () => {
     assert.equal(await server.stop(), 0);
     const failure = logLines(server.stderr).find((entry) => entry.msg === 'TLS handshake failed');
     assert.equal(failure?.level, 40, 'a warning');
-    assert.match(String(failure?.peer), /^127\.0\.0\.1:\d+$/);
-    assert.match(String(failure?.reason), /PSK username 'alice' failed \(wrong key\?\)/);
+    assert.match(String(failure.peer), /^127\.0\.0\.1:\d+$/);
+    assert.match(String(failure.reason), /PSK username 'alice' failed \(wrong key\?\)/);
   });
 });
 
