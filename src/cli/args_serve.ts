@@ -105,7 +105,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
     ],
     flags: {
       cache: valueFlag('PATH', 'the cache device (opened with synchronous I/O: put it on fast storage)'),
-      backing: valueFlag('PATH|URI', 'the backing device: a file or block device (asynchronous I/O), or nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH'),
+      backing: valueFlag('PATH|URI', 'the backing device: a file or block device (asynchronous I/O), or nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds://, nbds+unix:// over TLS, with tls-certificates= or tls-psk-file=)'),
       'backing-connections': valueFlag('N', `with an NBD backing device: connections to it, 1..${connectionsMax} (default ${defaultConnections})`),
       'cache-size': valueFlag('SIZE', 'create a missing cache file of this size (sparse)'),
       'backing-size': valueFlag('SIZE', 'create a missing backing file of this size (sparse)'),
