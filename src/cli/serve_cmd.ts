@@ -196,6 +196,8 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
     const what = args.noCache
       ? `${describeDevice(args.backingPath, backing.sizeBytes)} without a cache`
       : `${describeDevice(args.backingPath, backing.sizeBytes)} through cache ${describeDevice(args.cachePath, served.cacheSizeBytes)}${served.formatted ? ' (formatted now)' : ''}`;
+    // Before the line that says "serving": whoever waits for that line finds the PID file too.
+    if (args.pidFile !== undefined) removePidFile = writePidFile(args.pidFile);
     const socketFacts = inherited === undefined ? {} : { socketActivated: true, socketName: inherited.name ?? null };
     log.info({ uri, cache: args.noCache ? null : args.cachePath, backing: backingName, control: args.controlPath ?? null, metrics: metricsUrl ?? null, uvThreadPoolSize: threadPoolSize, ...socketFacts, ...tls?.facts, ...served.startFacts }, 'serving');
     if (args.defaultMode) {
@@ -203,7 +205,6 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
     } else {
       terminal.out(`serving ${what} at ${uri} (connect with: nbdinfo '${uriOf(address, args.exportName, tls, true)}')`);
     }
-    if (args.pidFile !== undefined) removePidFile = writePidFile(args.pidFile);
     if (metricsUrl !== undefined) terminal.out(`metrics at ${metricsUrl}`);
     const watcher = watchState(served, log);
     closers.push(() => {
