@@ -94,7 +94,14 @@ export class ServerTls {
       settled = true;
       done(result);
     };
+    // A client that shuts its side during the handshake can never finish it: without half-open
+    // the TLS socket ends at once and the failure is reported now, not at the time limit. The
+    // TLS socket takes the setting from the plaintext one; it gets the server's back after the
+    // handshake (a client may half-close after its last request and still read the replies).
+    const halfOpen = plain.allowHalfOpen;
+    plain.allowHalfOpen = false;
     server.on('secureConnection', (socket: tls.TLSSocket) => {
+      socket.allowHalfOpen = halfOpen;
       finish({ ok: true, socket });
     });
     server.on('tlsClientError', (error: Error, socket: tls.TLSSocket) => {
@@ -157,7 +164,9 @@ function failureReason(error: Error, socket: tls.TLSSocket, credentials: NbdServ
     if (!credentials.keys.has(pskUsername)) return `unknown PSK username '${pskUsername}'`;
     return `TLS handshake with PSK username '${pskUsername}' failed (wrong key?): ${tlsErrorReason(error)}`;
   }
-  if ((error as NodeJS.ErrnoException).code === 'ECONNRESET') return 'the client closed the connection during the TLS handshake';
+  if ((error as NodeJS.ErrnoException).code === 'ECONNRESET') {
+    return `the client closed the connection during the TLS handshake${credentials.kind === 'x509' ? ' (did it reject the server\'s certificate?)' : ''}`;
+  }
   return `TLS handshake failed: ${tlsErrorReason(error)}`;
 }
 
