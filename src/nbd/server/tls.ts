@@ -165,7 +165,8 @@ function failureReason(error: Error, socket: tls.TLSSocket, credentials: NbdServ
     return `TLS handshake with PSK username '${pskUsername}' failed (wrong key?): ${tlsErrorReason(error)}`;
   }
   if ((error as NodeJS.ErrnoException).code === 'ECONNRESET') {
-    return `the client closed the connection during the TLS handshake${credentials.kind === 'x509' ? ' (did it reject the server\'s certificate?)' : ''}`;
+    // Only certificates get here: every PSK failure was told apart above.
+    return 'the client closed the connection during the TLS handshake (did it reject the server\'s certificate?)';
   }
   return `TLS handshake failed: ${tlsErrorReason(error)}`;
 }
