@@ -159,15 +159,17 @@ function failureReason(error: Error, socket: tls.TLSSocket, credentials: NbdServ
     const code = typeof authorization === 'string' ? authorization : authorization.message;
     return `client certificate rejected (${code})`;
   }
+  const hungUp = (error as NodeJS.ErrnoException).code === 'ECONNRESET';
   if (credentials.kind === 'psk') {
-    if (pskUsername === undefined) return `the client offered no pre-shared key (this server authenticates clients by PSK): ${tlsErrorReason(error)}`;
+    if (pskUsername === undefined) {
+      return hungUp
+        ? 'the client closed the connection during the TLS handshake'
+        : `the client offered no pre-shared key (this server authenticates clients by PSK): ${tlsErrorReason(error)}`;
+    }
     if (!credentials.keys.has(pskUsername)) return `unknown PSK username '${pskUsername}'`;
     return `TLS handshake with PSK username '${pskUsername}' failed (wrong key?): ${tlsErrorReason(error)}`;
   }
-  if ((error as NodeJS.ErrnoException).code === 'ECONNRESET') {
-    // Only certificates get here: every PSK failure was told apart above.
-    return 'the client closed the connection during the TLS handshake (did it reject the server\'s certificate?)';
-  }
+  if (hungUp) return 'the client closed the connection during the TLS handshake (did it reject the server\'s certificate?)';
   return `TLS handshake failed: ${tlsErrorReason(error)}`;
 }
 
