@@ -17,7 +17,7 @@ import { serveGrammar, type ServeArgs } from './args_serve.js';
 
 export { UsageError, type CommandName } from './args_parse.js';
 export type { CheckArgs, DrainArgs, FormatArgs, SetArgs, StatusArgs } from './args_commands.js';
-export { defaultServe, isLoopback, logLevels, type ListenArgs, type LogLevel, type MetricsArgs, type ServeArgs } from './args_serve.js';
+export { defaultServe, insecureBindProblem, isLoopback, logLevels, type ListenArgs, type LogLevel, type MetricsArgs, type ServeArgs, type TlsArgs } from './args_serve.js';
 
 /** Exit status: success. */
 export const exitOk = 0;

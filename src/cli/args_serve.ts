@@ -1,6 +1,7 @@
 // The grammar of `pcache serve`: its flag table and help, its typed options, the no-argument
 // default (./pcache-data/), and the rules between its flags (--socket or --port, what makes no
-// sense with --no-cache or --read-only, --tuning's settings, --metrics' loopback rule).
+// sense with --no-cache or --read-only, --tuning's settings, --metrics' loopback rule, TLS's
+// flags and the rule that a non-loopback --bind needs --tls require or --allow-insecure).
 
 import net from 'node:net';
 import { GiB } from '../lib/units.js';
@@ -15,6 +16,18 @@ export const logLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 's
 export type LogLevel = (typeof logLevels)[number];
 
 export type ListenArgs = { readonly path: string } | { readonly port: number; readonly host: string };
+
+/** TLS as `serve --tls`, `--tls-certificates`, `--tls-psk` and `--tls-verify-peer` ask for it (nbdkit's meanings). */
+export interface TlsArgs {
+  /** 'on': clients may upgrade to TLS; 'require': they must, before anything else. */
+  readonly mode: 'on' | 'require';
+  /** --tls-certificates DIR: ca-cert.pem, server-cert.pem, server-key.pem (ca-crl.pem optional). */
+  readonly certificatesDir: string | undefined;
+  /** --tls-psk FILE: psktool's username:hexkey lines. */
+  readonly pskFile: string | undefined;
+  /** --tls-verify-peer: clients must present a certificate signed by the CA. */
+  readonly verifyPeer: boolean;
+}
 
 /** Where `serve --metrics` listens. */
 export interface MetricsArgs {
@@ -35,6 +48,8 @@ export interface ServeArgs {
   readonly segmentSizeBytes: number | undefined;
   readonly backingSizeBytes: number | undefined;
   readonly listen: ListenArgs;
+  /** --socket or --port was given (the default socket is not used under systemd socket activation). */
+  readonly listenGiven: boolean;
   readonly controlPath: string | undefined;
   readonly exportName: string;
   readonly readOnly: boolean;
@@ -56,6 +71,12 @@ export interface ServeArgs {
   readonly acceptLogLoss: boolean;
   /** The NBD server's busy-polling window (src/nbd/busy_poll.ts). */
   readonly busyPollUs: number;
+  /** TLS for NBD clients; undefined: none (NOTLS). */
+  readonly tls: TlsArgs | undefined;
+  /** Serve a network address without required TLS anyway (--allow-insecure). */
+  readonly allowInsecure: boolean;
+  /** Write the server's PID here once it listens; removed when it stops. */
+  readonly pidFile: string | undefined;
 }
 
 /** The directory, files and sizes of `pcache serve` with no arguments. */
@@ -80,21 +101,28 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
     summary: 'serve a backing device through its cache over NBD',
     usage: [
       'pcache serve --cache PATH --backing PATH|URI [--cache-size SIZE [--segment-size SIZE]] [--socket PATH | --port N [--bind ADDR]]',
+      '             [--tls off|on|require] [--tls-certificates DIR [--tls-verify-peer] | --tls-psk FILE] [--allow-insecure]',
       '             [--control PATH] [--export-name NAME] [--read-only] [--gc-percent N] [--tuning NAME=VALUE,...]',
       '             [--backing-connections N] [--metrics HOST:PORT [--metrics-allow-remote]] [--log-level LEVEL]',
-      '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--accept-log-loss] [--busy-poll-us N]',
+      '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--accept-log-loss] [--busy-poll-us N] [--pid-file PATH]',
       'pcache serve            (no arguments: a ready-made cache and disk in ./pcache-data/)',
     ],
     flags: {
       cache: valueFlag('PATH', 'the cache device (opened with synchronous I/O: put it on fast storage)'),
-      backing: valueFlag('PATH|URI', 'the backing device: a file or block device (asynchronous I/O), or nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH'),
+      backing: valueFlag('PATH|URI', 'the backing device: a file or block device (asynchronous I/O), or nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds://, nbds+unix:// over TLS, with tls-certificates= or tls-psk-file=)'),
       'backing-connections': valueFlag('N', `with an NBD backing device: connections to it, 1..${connectionsMax} (default ${defaultConnections})`),
       'cache-size': valueFlag('SIZE', 'create a missing cache file of this size (sparse)'),
       'segment-size': valueFlag('SIZE', 'bytes per segment when formatting a blank cache device, a multiple of 1M from 1M to 1G (default 16M)'),
       'backing-size': valueFlag('SIZE', 'create a missing backing file of this size (sparse)'),
       socket: valueFlag('PATH', 'listen on this Unix socket (default ./nbd.sock)'),
       port: valueFlag('N', 'listen on TCP port N instead (0 picks a free port)'),
-      bind: valueFlag('ADDR', 'with --port: the address to bind (default 127.0.0.1)'),
+      bind: valueFlag('ADDR', 'with --port: the address to bind (default 127.0.0.1; an address that is not loopback needs --tls require, or --allow-insecure)'),
+      tls: valueFlag('off|on|require', 'NBD over TLS: off (default without credentials), on (clients may upgrade; default with credentials), require (clients must, before anything else)'),
+      'tls-certificates': valueFlag('DIR', 'X.509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem and optionally ca-crl.pem (as nbdkit and qemu-nbd)'),
+      'tls-psk': valueFlag('FILE', 'pre-shared keys instead: FILE holds username:hexkey lines (psktool -u NAME -p FILE writes one)'),
+      'tls-verify-peer': switchFlag('with --tls-certificates: clients must present a certificate signed by the CA (and not in ca-crl.pem)'),
+      'allow-insecure': switchFlag('serve a --bind address that is not loopback without --tls require (anyone who reaches it can read and write the disk)'),
+      'pid-file': valueFlag('PATH', 'write the server\'s PID to PATH once it listens (removed when it stops)'),
       control: valueFlag('PATH', 'also answer `pcache status`, `drain` and `set` on this Unix socket (HTTP/JSON; curl --unix-socket PATH http://localhost/status works too)'),
       'export-name': valueFlag('NAME', 'the NBD export name (default "pcache"; the empty name works too)'),
       'read-only': switchFlag('refuse writes; nothing is written to either device'),
@@ -149,6 +177,10 @@ function defaultModeArgs(): ServeArgs {
     forceBacking: false,
     acceptLogLoss: false,
     busyPollUs: busyPollWindowDefaultUs,
+    listenGiven: false,
+    tls: undefined,
+    allowInsecure: false,
+    pidFile: undefined,
   };
 }
 
@@ -176,6 +208,9 @@ function serveArgs(flags: Flags): ServeArgs {
   if (flags.has('drain-on-exit') && readOnly) throw flags.usage('--drain-on-exit makes no sense with --read-only (nothing can be dirty)');
   if (flags.has('metrics-allow-remote') && !flags.has('metrics')) throw flags.usage('--metrics-allow-remote needs --metrics');
   const drainSeconds = flags.integer('drain-timeout', secondsRange) ?? defaultDrainTimeoutSeconds;
+  const tls = tlsFlags(flags);
+  const allowInsecure = flags.has('allow-insecure');
+  if (port !== undefined) refuseInsecureBind(flags, bind ?? '127.0.0.1', port, tls, allowInsecure);
   return {
     cachePath: noCache ? '' : flags.required('cache'),
     backingPath,
@@ -200,7 +235,57 @@ function serveArgs(flags: Flags): ServeArgs {
     forceBacking: flags.has('force-backing'),
     acceptLogLoss: flags.has('accept-log-loss'),
     busyPollUs: flags.integer('busy-poll-us', { min: 0, max: busyPollWindowMaxUs }) ?? busyPollWindowDefaultUs,
+    listenGiven: socket !== undefined || port !== undefined,
+    tls,
+    allowInsecure,
+    pidFile: flags.optional('pid-file'),
   };
+}
+
+const tlsModes = ['off', 'on', 'require'] as const;
+
+/** --tls and its credentials, with nbdkit's defaults: credentials alone mean --tls on. */
+function tlsFlags(flags: Flags): TlsArgs | undefined {
+  const text = flags.optional('tls');
+  const mode = text === undefined ? undefined : tlsModes.find((candidate) => candidate === text);
+  if (text !== undefined && mode === undefined) throw flags.usage(`--tls must be off, on or require, got '${text}'`);
+  const certificatesDir = flags.optional('tls-certificates');
+  const pskFile = flags.optional('tls-psk');
+  const verifyPeer = flags.has('tls-verify-peer');
+  if (certificatesDir !== undefined && pskFile !== undefined) {
+    throw flags.usage('--tls-certificates and --tls-psk cannot be used together: serve with certificates or with pre-shared keys');
+  }
+  if (verifyPeer && certificatesDir === undefined) {
+    throw flags.usage('--tls-verify-peer needs --tls-certificates (it checks client certificates against ca-cert.pem; with --tls-psk the key already proves who the client is)');
+  }
+  const credentials = certificatesDir !== undefined || pskFile !== undefined;
+  if (mode === 'off') {
+    if (credentials || verifyPeer) throw flags.usage(`--${certificatesDir !== undefined ? 'tls-certificates' : pskFile !== undefined ? 'tls-psk' : 'tls-verify-peer'} makes no sense with --tls off`);
+    return undefined;
+  }
+  if (!credentials) {
+    if (mode === undefined) return undefined;
+    throw flags.usage(`--tls ${mode} needs credentials: --tls-certificates DIR (with ca-cert.pem, server-cert.pem and server-key.pem) or --tls-psk FILE (psktool's username:hexkey lines)`);
+  }
+  return { mode: mode ?? 'on', certificatesDir, pskFile, verifyPeer };
+}
+
+/**
+ * An NBD export on a network address is a disk anyone who reaches it can read and write: that
+ * takes --tls require (--tls on still lets a client in without TLS), or --allow-insecure.
+ * Loopback is this machine's users only, like a Unix socket. The --metrics rule, for NBD.
+ */
+function refuseInsecureBind(flags: Flags, host: string, port: number, tls: TlsArgs | undefined, allowInsecure: boolean): void {
+  const problem = insecureBindProblem(host, port, tls?.mode, allowInsecure);
+  if (problem !== undefined) throw flags.usage(problem);
+}
+
+/** Why serving NBD at host:port is refused, or undefined when it is not (also used for an inherited socket). */
+export function insecureBindProblem(host: string, port: number, mode: TlsArgs['mode'] | undefined, allowInsecure: boolean): string | undefined {
+  if (isLoopback(host) || mode === 'require' || allowInsecure) return undefined;
+  const how = mode === 'on' ? 'with TLS optional (--tls on lets a client in without TLS)' : 'without TLS';
+  return `${host}:${port} is not a loopback address, and serving it ${how} lets anyone who can reach it read and write the disk: ` +
+    'add --tls require with --tls-certificates DIR or --tls-psk FILE, or --allow-insecure to serve it anyway';
 }
 
 /** `--tuning name=value,name=value`: every name known, every value an integer in range. */

@@ -51,6 +51,11 @@ class ControlError extends Error {
   }
 }
 
+/** The control socket's mode: the user running the server, and nobody else, may connect. */
+const socketMode = 0o600;
+/** The umask that makes bind() create a socket file of socketMode. */
+const ownerOnlyUmask = 0o177;
+
 const shuttingDown = (): ControlError => new ControlError('ESHUTDOWN', 'the server is stopping');
 
 interface Served extends ControlRoute {
@@ -99,9 +104,19 @@ export class ControlServer {
   async listen(path: string): Promise<void> {
     assert(this.path === undefined, 'listen called twice');
     await prepareSocketPath(path);
-    await listenOn(this.server, path, (done) => this.server.listen(path, done));
+    await listenOn(this.server, path, (done) => {
+      // The socket file is created by bind(), inside listen(), with the process umask: a
+      // umask of 0177 for that one synchronous call creates it 0600, so there is no moment
+      // in which another user may connect (a chmod after listening leaves one).
+      const umask = process.umask(ownerOnlyUmask);
+      try {
+        this.server.listen(path, done);
+      } finally {
+        process.umask(umask);
+      }
+    });
     this.path = path;
-    fs.chmodSync(path, 0o600);
+    fs.chmodSync(path, socketMode);
   }
 
   /** Stops listening; requests still pending are answered with ESHUTDOWN; every connection closes. */

@@ -129,6 +129,8 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   gauge('pcache_nbd_connections', 'NBD client connections open now', () => sources.nbdStats().connectionsOpen);
   total('pcache_nbd_connections_total', 'NBD client connections accepted', () => sources.nbdStats().connectionsTotal);
   total('pcache_nbd_protocol_violations_total', 'NBD connections cut off for broken framing', () => sources.nbdStats().protocolViolationsTotal);
+  total('pcache_nbd_tls_sessions_total', 'NBD connections upgraded to TLS', () => sources.nbdStats().tlsSessionsTotal);
+  total('pcache_nbd_tls_failures_total', 'NBD TLS handshakes that failed (credentials refused, garbage, hang-ups)', () => sources.nbdStats().tlsFailuresTotal);
 
   // --- the cache, read from one status() per scrape ---
   let snapshot: CacheStatus | undefined;

@@ -1,12 +1,14 @@
 // `pcache serve`: the wiring that joins the cache engine, the devices and the NBD server.
 //
-// Start-up, in order: create the files asked for; refuse a cache device that another process
-// has open; open the backing device (a file or block device with asynchronous I/O, many
+// Start-up, in order: take the listening socket systemd passed (socket activation) and read
+// the TLS credentials, before anything is created or opened; create the files asked for;
+// refuse a cache device that another process has open; open the backing device (a file or block device with asynchronous I/O, many
 // requests in flight through libuv's thread pool, or an NBD export over several connections)
 // and the cache device with synchronous I/O (fast storage); open the cache (formatting a blank
 // device, refusing anything that is not this backing device's cache, without writing a byte);
 // listen for NBD and, if asked, on the control socket and the metrics endpoint; print where it
-// listens. Every step that succeeded is undone, in reverse, if a later one fails.
+// listens, write the PID file and tell systemd it is ready (Type=notify; systemd.ts). Every
+// step that succeeded is undone, in reverse, if a later one fails.
 //
 // Stop (SIGINT, SIGTERM or SIGHUP, straight to this process: there is no supervisor): the NBD
 // server stops taking requests and finishes the ones in flight; with --drain-on-exit the
@@ -17,7 +19,9 @@
 // (a backing device that never answers) gives up with status 1 — acknowledged, flushed
 // writes are in the cache log by then or were never promised.
 //
-// Logs (log.ts) say what happened to the server, never what happened to one request.
+// Logs (log.ts) say what happened to the server, never what happened to one request. A failed
+// TLS handshake is logged (warn, with the peer and the reason): it is a client refused, and
+// how an operator finds a wrong key or an expired certificate.
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -29,14 +33,17 @@ import { FileDevice } from '../device/file_device.js';
 import { RecordingDevice } from '../device/recording_device.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { NbdRemoteDevice, type NbdRemoteState } from '../nbd/client/remote_device.js';
-import { NbdServer, type NbdListenAddress } from '../nbd/server/server.js';
-import { defaultServe, exitFailure, exitOk, type ServeArgs } from './args.js';
+import { NbdServer, type NbdBoundAddress } from '../nbd/server/server.js';
+import { defaultServe, exitFailure, exitOk, insecureBindProblem, isLoopback, UsageError, type ServeArgs } from './args.js';
 import { ControlServer } from './control.js';
 import { describeDevice, ensureDeviceFile, sizeFlagIgnored } from './devices.js';
 import { refuseIfInUse } from './in_use.js';
 import { createLogger, type Logger } from './log.js';
 import { createMetricsRegistry, MetricsServer, NbdRequestCounters } from './metrics.js';
+import { writePidFile } from './pid_file.js';
+import { loadServeTls, type ServeTls } from './serve_tls.js';
 import { applySettings, currentSettings, knobNamed } from './settings.js';
+import { notificationsWanted, notifySystemd, takeInheritedSocket } from './systemd.js';
 import type { Terminal } from './terminal.js';
 import { packageVersion } from './version.js';
 
@@ -110,10 +117,20 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
   const log = createLogger(args.logLevel);
   const closers: Closer[] = [];
   const startedAt = new Date();
+  // Before anything is created or opened: where to listen, and with what credentials.
+  const inherited = takeInheritedSocket();
+  if (inherited !== undefined && args.listenGiven) {
+    throw new UsageError('serve: --socket and --port cannot be used under systemd socket activation (LISTEN_FDS is set): the listening socket comes from the .socket unit');
+  }
+  const tls = args.tls === undefined ? undefined : loadServeTls(args.tls);
+  if (tls?.certNotAfter !== undefined && tls.certNotAfter.getTime() < Date.now()) {
+    log.warn({ notAfter: tls.certNotAfter.toISOString() }, 'the TLS server certificate has expired: clients that verify it will refuse to connect');
+  }
   let served: Served;
   let server: NbdServer;
   let created: string[] = [];
   let listening = false;
+  let removePidFile: (() => void) | undefined;
   try {
     for (const note of [sizeFlagIgnored(args.backingPath, args.backingSizeBytes, '--backing-size'), sizeFlagIgnored(args.cachePath, args.cacheSizeBytes, '--cache-size')]) {
       if (note !== undefined && !args.defaultMode) log.warn({}, note);
@@ -134,12 +151,15 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
       readOnly: args.readOnly,
       busyPollUs: args.busyPollUs,
       ...(requestCounters === undefined ? {} : { observer: requestCounters }),
+      ...(tls === undefined ? {} : { tls: tls.config }),
+      onTlsFailure: (failure) => { log.warn({ peer: failure.peer, reason: failure.reason }, 'TLS handshake failed'); },
     });
     server = nbd;
-    const address = await server.listen(args.listen);
+    const address = await server.listen(inherited === undefined ? args.listen : { fd: inherited.fd });
     listening = true;
     closers.push(() => nbd.close());
-    const uri = uriOf(address, args.exportName);
+    if ('port' in address) checkNetworkExposure(args, address.host ?? '127.0.0.1', address.port, inherited !== undefined, log);
+    const uri = uriOf(address, args.exportName, tls);
     const threadPoolSize = uvThreadPoolSize(process.env.UV_THREADPOOL_SIZE);
     const backingName = args.backingIsUri ? args.backingPath : path.resolve(args.backingPath);
     const status = (): Record<string, unknown> => ({
@@ -179,11 +199,14 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
     const what = args.noCache
       ? `${describeDevice(args.backingPath, backing.sizeBytes)} without a cache`
       : `${describeDevice(args.backingPath, backing.sizeBytes)} through cache ${describeDevice(args.cachePath, served.cacheSizeBytes)}${served.formatted ? ' (formatted now)' : ''}`;
-    log.info({ uri, cache: args.noCache ? null : args.cachePath, backing: backingName, control: args.controlPath ?? null, metrics: metricsUrl ?? null, uvThreadPoolSize: threadPoolSize, ...served.startFacts }, 'serving');
+    // Before the line that says "serving": whoever waits for that line finds the PID file too.
+    if (args.pidFile !== undefined) removePidFile = writePidFile(args.pidFile);
+    const socketFacts = inherited === undefined ? {} : { socketActivated: true, socketName: inherited.name ?? null };
+    log.info({ uri, cache: args.noCache ? null : args.cachePath, backing: backingName, control: args.controlPath ?? null, metrics: metricsUrl ?? null, uvThreadPoolSize: threadPoolSize, ...socketFacts, ...tls?.facts, ...served.startFacts }, 'serving');
     if (args.defaultMode) {
       terminal.out(defaultModeGuide({ created, what, uri, address }));
     } else {
-      terminal.out(`serving ${what} at ${uri} (connect with: nbdinfo '${uri}')`);
+      terminal.out(`serving ${what} at ${uri} (connect with: nbdinfo '${uriOf(address, args.exportName, tls, true)}')`);
     }
     if (metricsUrl !== undefined) terminal.out(`metrics at ${metricsUrl}`);
     const watcher = watchState(served, log);
@@ -191,8 +214,13 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
       clearInterval(watcher);
       return Promise.resolve();
     });
+    if (notificationsWanted()) {
+      const failure = await notifySystemd({ READY: '1', STATUS: `serving ${uri}` });
+      if (failure !== undefined) log.error({ reason: failure }, 'cannot tell systemd that the service is ready (Type=notify needs NotifyAccess=all)');
+    }
   } catch (error) {
     await closeAll(closers);
+    removePidFile?.();
     // Files this start created hold nothing of anyone's until a client could connect: a start
     // that fails before listening removes them, so a mistyped flag leaves no litter behind.
     if (!listening) for (const file of created) fs.rmSync(file, { force: true });
@@ -200,8 +228,27 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
   }
   const request = await stops.nth(0);
   log.info({ reason: request.reason }, 'stopping');
+  // Not awaited: the stop must not wait for the service manager.
+  if (notificationsWanted()) void notifySystemd({ STOPPING: '1', STATUS: `stopping (${request.reason})` });
   if (args.drainOnExit) await drainBeforeExit(args, server, served, stops, log, terminal);
-  return stopAll(closers, request, terminal, log);
+  const status = await stopAll(closers, request, terminal, log);
+  removePidFile?.();
+  return status;
+}
+
+/**
+ * An NBD export on a network address: refused without --tls require or --allow-insecure when
+ * systemd handed us the socket (the command line was checked already, args_serve.ts); with
+ * --allow-insecure it is served, and the log says so.
+ */
+function checkNetworkExposure(args: ServeArgs, host: string, port: number, inherited: boolean, log: Logger): void {
+  if (inherited) {
+    const problem = insecureBindProblem(host, port, args.tls?.mode, args.allowInsecure);
+    if (problem !== undefined) throw new PcacheError('EINVAL', `the socket systemd passed: ${problem}`);
+  }
+  if (!isLoopback(host) && args.tls?.mode !== 'require') {
+    log.warn({ address: `${host}:${port}`, tls: args.tls?.mode ?? 'off' }, 'serving NBD on a network address without required TLS (--allow-insecure): anyone who reaches it can read and write the disk');
+  }
 }
 
 /**
@@ -426,14 +473,22 @@ export function uvThreadPoolSize(value: string | undefined): number {
   return parsed < 0 || parsed > 1024 ? 1024 : parsed;
 }
 
-export function uriOf(address: NbdListenAddress, exportName: string): string {
+/**
+ * The NBD URI of the server: nbds:// forms when it offers TLS. `withCredentials` adds what a
+ * libnbd client needs to use them (tls-certificates=, or a PSK user and tls-psk-file=).
+ */
+export function uriOf(address: NbdBoundAddress, exportName: string, tls?: ServeTls, withCredentials = false): string {
   const name = encodeURIComponent(exportName);
-  if ('path' in address) return `nbd+unix:///${name}?socket=${path.resolve(address.path)}`;
+  const scheme = tls === undefined ? 'nbd' : 'nbds';
+  const credentials = tls !== undefined && withCredentials ? tls.clientParameters : undefined;
+  const user = credentials?.user === undefined ? '' : `${encodeURIComponent(credentials.user)}@`;
+  const extra = credentials === undefined ? [] : [credentials.query];
+  if ('path' in address) return `${scheme}+unix://${user}/${name}?${[`socket=${path.resolve(address.path)}`, ...extra].join('&')}`;
   const host = address.host ?? '127.0.0.1';
-  return `nbd://${host.includes(':') ? `[${host}]` : host}:${address.port}/${name}`;
+  return `${scheme}://${user}${host.includes(':') ? `[${host}]` : host}:${address.port}/${name}${extra.length === 0 ? '' : `?${extra.join('&')}`}`;
 }
 
-function defaultModeGuide(facts: { created: string[]; what: string; uri: string; address: NbdListenAddress }): string {
+function defaultModeGuide(facts: { created: string[]; what: string; uri: string; address: NbdBoundAddress }): string {
   const socket = 'path' in facts.address ? path.resolve(facts.address.path) : '';
   const uri = `'${facts.uri}'`;
   const lines = [

@@ -23,6 +23,8 @@ export interface FileDeviceOptions {
 }
 
 const zeroChunkBytes = 1 * MiB;
+/** Files created here (serve and format with --cache-size, --backing-size) are the owner's alone: they hold a disk. */
+const createdFileMode = 0o600;
 let zeroChunk: Uint8Array | undefined;
 
 export class FileDevice implements BlockDevice {
@@ -60,12 +62,15 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  /** Creates a sparse regular file of `sizeBytes`; refuses to replace an existing one. */
+  /**
+   * Creates a sparse regular file of `sizeBytes`, readable and writable by its owner only (it
+   * holds a disk's data); refuses to replace an existing one.
+   */
   static create(path: string, sizeBytes: number): void {
     assert(Number.isSafeInteger(sizeBytes) && sizeBytes > 0, 'file size must be positive');
     let fd: number;
     try {
-      fd = fs.openSync(path, 'wx');
+      fd = fs.openSync(path, 'wx', createdFileMode);
     } catch (error) {
       throw toPcacheError(error, `cannot create ${path}`);
     }

@@ -71,6 +71,11 @@ export class RawClient {
     });
   }
 
+  /** A client on a socket that is already connected (a TLS socket after STARTTLS). */
+  static over(socket: net.Socket): RawClient {
+    return new RawClient(socket);
+  }
+
   get buffered(): number {
     return this.bufferedBytes;
   }

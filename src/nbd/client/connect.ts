@@ -1,11 +1,17 @@
 // Opening an NBD client connection: the socket (TCP or Unix), then the handshake in
-// protocol/handshake_client.ts, both under one time limit; and the limits the open connection
+// protocol/handshake_client.ts, with a TLS upgrade in the middle when the URI asked for TLS
+// (STARTTLS first, then the TLS handshake with the credentials of client/tls.ts, then the rest
+// of the negotiation inside TLS), all under one time limit; and the limits the open connection
 // will run under. What comes out is a negotiated session, which NbdClient (client.ts) takes over.
 //
 // Invariants:
 // - Every failure is a PcacheError: 'ENODEV' when nothing answers, the time limit passes or
-//   the server hangs up, the handshake's own code when negotiation fails. A socket we gave up
-//   on is destroyed and its later errors are swallowed: no server can crash the process.
+//   the server hangs up, the handshake's own code when negotiation fails, 'EPERM' when TLS
+//   refuses (a certificate, a key: client/tls.ts). A socket we gave up on is destroyed and its
+//   later errors are swallowed: no server can crash the process.
+// - With TLS, nothing but the client flags and STARTTLS is sent in plaintext, and nothing the
+//   server sends in plaintext after its ACK is read (the codec fails on it); the session's
+//   socket is then the TLS socket.
 // - The session is handed over synchronously, in the 'data' callback that completed the
 //   handshake, after our listeners are gone and before anything more is read: bytes that came
 //   right behind the handshake's last reply wait in the session's input.
@@ -13,10 +19,13 @@
 // - Limits are checked before anything is opened; a bad one throws at once.
 
 import net from 'node:net';
+import tls from 'node:tls';
+import { assert } from '../../lib/assert.js';
 import { PcacheError } from '../../lib/errors.js';
 import { MiB } from '../../lib/units.js';
 import type { ByteQueue } from '../protocol/bytes.js';
 import { ClientHandshake, type ExportInfo } from '../protocol/handshake_client.js';
+import { tlsFailure, tlsFailureCode, tlsHangup, type ClientTls } from './tls.js';
 import { describeAddress, type NbdAddress } from './uri.js';
 
 export interface NbdClientLimits {
@@ -48,10 +57,13 @@ export interface NbdClientOptions {
   /** Ask for structured replies (default true); the server may still refuse. */
   readonly structuredReplies?: boolean;
   readonly limits?: Partial<NbdClientLimits>;
+  /** Upgrade to TLS with these credentials (STARTTLS first); without it the connection stays plaintext. */
+  readonly tls?: ClientTls;
 }
 
 /** A connection whose handshake has succeeded, ready for transmission. */
 export interface NbdSession {
+  /** The TLS socket when the connection was upgraded. */
   readonly socket: net.Socket;
   readonly info: ExportInfo;
   /** The handshake's input queue: bytes received after its last reply are already in it. */
@@ -70,12 +82,18 @@ export function connectSession<T>(address: NbdAddress, options: NbdClientOptions
   checkLimits(limits);
   const where = describeAddress(address);
   return new Promise((resolve, reject) => {
-    const socket = address.kind === 'unix'
+    const plain = address.kind === 'unix'
       ? net.connect({ path: address.socketPath })
       : net.connect({ host: address.host, port: address.port, noDelay: true, keepAlive: true, keepAliveInitialDelay: 10_000 });
+    /** The socket negotiation goes on: the plaintext one, then the TLS one. */
+    let socket: net.Socket = plain;
+    let upgrading = false;
+    /** The server has said something inside TLS (so it accepted our credentials). */
+    let repliedInsideTls = false;
     const handshake = new ClientHandshake({
       exportName: options.exportName,
       requestStructuredReplies: options.structuredReplies ?? true,
+      startTls: options.tls !== undefined,
     });
     let settled = false;
     const cleanup = (): void => {
@@ -83,6 +101,7 @@ export function connectSession<T>(address: NbdAddress, options: NbdClientOptions
       clearTimeout(timer);
       socket.off('data', onData);
       socket.off('error', onError);
+      socket.off('error', onTlsError);
       socket.off('close', onClose);
     };
     const fail = (error: PcacheError): void => {
@@ -90,29 +109,67 @@ export function connectSession<T>(address: NbdAddress, options: NbdClientOptions
       cleanup();
       // Later errors of a socket we gave up on must not become uncaught exceptions.
       socket.on('error', () => undefined);
+      plain.on('error', () => undefined);
       socket.destroy();
+      plain.destroy();
       reject(error);
     };
     const timer = setTimeout(() => {
       fail(new PcacheError('ENODEV', `${where}: no NBD session after ${limits.connectTimeoutMs} ms`));
     }, limits.connectTimeoutMs);
-    const onError = (error: Error): void => {
+    const onError = (error: NodeJS.ErrnoException): void => {
+      // Over TLS, the server may refuse our certificate or key only after our side of the
+      // handshake finished (TLS 1.3): with an alert, or by hanging up before any reply.
+      if (socket !== plain && options.tls !== undefined) {
+        if (tlsFailureCode(error) === 'EPERM') return fail(tlsFailure(where, error, options.tls));
+        if (!repliedInsideTls) return fail(tlsHangup(where, options.tls, error.message));
+      }
       fail(new PcacheError('ENODEV', `cannot connect to ${where}: ${error.message}`, { cause: error }));
     };
+    const onTlsError = (error: NodeJS.ErrnoException): void => {
+      if (upgrading && options.tls !== undefined) fail(tlsFailure(where, error, options.tls));
+      else onError(error);
+    };
     const onClose = (): void => {
+      if (socket !== plain && options.tls !== undefined && !upgrading && !repliedInsideTls) return fail(tlsHangup(where, options.tls, 'no reply'));
       const hint = handshake.status.kind === 'negotiating' ? ' (unknown export name, or too many connections?)' : '';
-      fail(new PcacheError('ENODEV', `${where}: the server closed the connection during the handshake${hint}`));
+      fail(new PcacheError('ENODEV', `${where}: the server closed the connection during the ${upgrading ? 'TLS ' : ''}handshake${hint}`));
     };
     const onData = (chunk: Buffer): void => {
+      if (socket !== plain) repliedInsideTls = true;
       const out: Uint8Array[] = [];
       const verdict = handshake.push(chunk, out);
       for (const bytes of out) socket.write(bytes);
       if (verdict.kind === 'failed') {
         fail(new PcacheError(verdict.code, `${where}: ${verdict.reason}`));
+      } else if (verdict.kind === 'starttls') {
+        startTls();
       } else if (verdict.kind === 'ready') {
         cleanup();
         resolve(open({ socket, info: verdict.info, input: handshake.input, limits, where }));
       }
+    };
+    /** The server acknowledged STARTTLS: the TLS handshake, then negotiation inside TLS. */
+    const startTls = (): void => {
+      const credentials = options.tls;
+      assert(credentials !== undefined, 'STARTTLS acknowledged without TLS credentials');
+      upgrading = true;
+      plain.off('data', onData);
+      plain.off('close', onClose);
+      plain.off('error', onError);
+      // node reports the plaintext socket's failures through the TLS socket from now on.
+      plain.on('error', () => undefined);
+      const secure = tls.connect({ ...credentials.connectOptions(address.kind === 'tcp' ? address.host : undefined), socket: plain });
+      socket = secure;
+      secure.on('error', onTlsError);
+      secure.on('close', onClose);
+      secure.once('secureConnect', () => {
+        upgrading = false;
+        secure.on('data', onData);
+        const out: Uint8Array[] = [];
+        handshake.tlsStarted(out);
+        for (const bytes of out) secure.write(bytes);
+      });
     };
     socket.on('data', onData);
     socket.on('error', onError);

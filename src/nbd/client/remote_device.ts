@@ -22,6 +22,9 @@
 //   reconnect.delayMinMs and reconnect.delayMaxMs, for at most reconnect.attemptsMax attempts
 //   per outage.
 // - close() stops reconnecting and disconnects every connection cleanly (NBD_CMD_DISC).
+// - With an nbds:// URI every connection, reconnections included, is upgraded to TLS with the
+//   credentials read once by open() (client/tls.ts). A refused TLS handshake on a reconnection
+//   is a failed attempt like any other: the server's credentials may be fixed meanwhile.
 
 import { createHash } from 'node:crypto';
 import { assert } from '../../lib/assert.js';
@@ -31,6 +34,7 @@ import { MiB, sectorSizeBytes } from '../../lib/units.js';
 import type { WriteOptions } from '../protocol/command_types.js';
 import { NbdClient } from './client.js';
 import type { NbdClientLimits } from './connect.js';
+import { loadClientTls, type ClientTls } from './tls.js';
 import { formatNbdUri, nbdLocation, parseNbdUri, type NbdUri } from './uri.js';
 
 /** Connections per device when not told otherwise (as nbdcopy and nbdublk with multi-conn). */
@@ -112,7 +116,7 @@ export class NbdRemoteDevice {
   readonly readOnly: boolean;
 
   private readonly location: string;
-  private readonly clientOptions: { exportName: string; structuredReplies: boolean; limits: Partial<NbdClientLimits> };
+  private readonly clientOptions: { exportName: string; structuredReplies: boolean; limits: Partial<NbdClientLimits>; tls?: ClientTls };
   private readonly policy: ReconnectPolicy;
   private readonly timers: Timers;
   private readonly onStateChange: ((state: NbdRemoteState) => void) | undefined;
@@ -142,10 +146,19 @@ export class NbdRemoteDevice {
     }
     const policy = { ...defaultReconnectPolicy, ...options.reconnect };
     checkPolicy(policy);
+    // TLS credentials are read once, now: a missing file fails the open, not every reconnect.
+    let tls: ClientTls | undefined;
+    try {
+      tls = parsed.tls === undefined ? undefined : loadClientTls(parsed.tls);
+    } catch (error) {
+      if (!(error instanceof PcacheError)) throw error;
+      throw new PcacheError(error.code, `cannot open ${formatNbdUri(parsed)}: ${error.message}`, { cause: error });
+    }
     const clientOptions = {
       exportName: parsed.exportName,
       structuredReplies: options.structuredReplies ?? true,
       limits: options.limits ?? {},
+      ...(tls === undefined ? {} : { tls }),
     };
     let first: NbdClient;
     try {

@@ -2,8 +2,12 @@
 // in, the client's bytes and a verdict out. The mirror image of handshake_server.ts, and like
 // it a HandshakeMachine (handshake.ts).
 //
-// The client walks: greeting (18 bytes) -> client flags -> STRUCTURED_REPLY (when asked for)
-// -> GO with an INFO_BLOCK_SIZE request -> transmission. A server that answers GO with
+// The client walks: greeting (18 bytes) -> client flags -> [STARTTLS -> "starttls" verdict,
+// the owner starts TLS and calls tlsStarted()] -> STRUCTURED_REPLY (when asked for) -> GO with
+// an INFO_BLOCK_SIZE request -> transmission. With TLS asked for, STARTTLS is the first option
+// (proto.md: a client that wants TLS SHOULD send it first, so that nothing is negotiated in
+// plaintext), and any answer but ACK fails the connection: an nbds:// URI never falls back to
+// plaintext. A server that answers GO with
 // ERR_UNSUP predates GO: the client falls back to EXPORT_NAME, whose reply is the size, the
 // transmission flags and (unless NO_ZEROES was agreed) 124 zero bytes. Each option is sent
 // only after the final reply to the previous one (proto.md: the client waits).
@@ -14,8 +18,9 @@
 // - An option reply's data is buffered only after its length passed optionReplyLengthMaxBytes;
 //   every field inside it is checked against the bytes present before it is read.
 // - A reply to an option we did not send, a reply type that makes no sense for the option, a
-//   bad magic, an oldstyle server, or a GO that ends without NBD_INFO_EXPORT is a protocol
-//   violation: the verdict is 'failed' and nothing more is read or written.
+//   bad magic, an oldstyle server, a GO that ends without NBD_INFO_EXPORT, or bytes behind the
+//   STARTTLS acknowledgement (they would be plaintext read as if TLS protected them) is a
+//   protocol violation: the verdict is 'failed' and nothing more is read or written.
 // - 64-bit sizes become numbers only through readU64BE; a size of 2^53 or more fails.
 
 import { assert } from '../../lib/assert.js';
@@ -57,6 +62,8 @@ export interface ClientHandshakeConfig {
   readonly exportName: string;
   /** Ask for structured replies (the client still copes when the server says no). */
   readonly requestStructuredReplies: boolean;
+  /** Send STARTTLS first and require the server to accept it (default false). */
+  readonly startTls?: boolean;
 }
 
 /** The server's block-size constraints from NBD_INFO_BLOCK_SIZE. */
@@ -77,9 +84,11 @@ export interface ExportInfo extends TransmissionTerms {
 export type ClientHandshakeVerdict =
   | { readonly kind: 'negotiating' }
   | { readonly kind: 'ready'; readonly info: ExportInfo }
+  /** The server acknowledged STARTTLS: start TLS on the transport, then call tlsStarted(). */
+  | { readonly kind: 'starttls' }
   | { readonly kind: 'failed'; readonly code: PcacheErrorCode; readonly reason: string };
 
-type Stage = 'greeting' | 'replies' | 'exportNameReply' | 'done';
+type Stage = 'greeting' | 'replies' | 'tls' | 'exportNameReply' | 'done';
 
 const negotiating: ClientHandshakeVerdict = { kind: 'negotiating' };
 const textDecoder = new TextDecoder('utf-8', { fatal: false });
@@ -115,6 +124,9 @@ export class ClientHandshake extends HandshakeMachine<ClientHandshakeVerdict> {
       }
       case 'replies':
         return this.stepFrame(optionReplyHeaderBytes, out);
+      case 'tls':
+        // Nothing is read until the owner has started TLS (tlsStarted).
+        return false;
       case 'exportNameReply': {
         const paddingBytes = this.noZeroes ? 0 : exportNamePaddingBytes;
         if (this.input.length < exportNameReplyBytes + paddingBytes) return false;
@@ -143,6 +155,22 @@ export class ClientHandshake extends HandshakeMachine<ClientHandshakeVerdict> {
     this.noZeroes = (flags & HandshakeFlag.noZeroes) !== 0;
     // Only flags the server offered are set; setting anything else obliges it to hang up.
     out.push(clientFlags(ClientFlag.fixedNewstyle | (this.noZeroes ? ClientFlag.noZeroes : 0)));
+    if (this.config.startTls === true) this.sendOption(Option.startTls, new Uint8Array(0), out);
+    else this.sendFirstOption(out);
+  }
+
+  /**
+   * The owner has started TLS after a "starttls" verdict: negotiation goes on inside TLS,
+   * from its first option; what this side sends next is appended to `out`.
+   */
+  tlsStarted(out: Uint8Array[]): void {
+    assert(this.verdict.kind === 'starttls' && this.stage === 'tls', 'tlsStarted without an acknowledged STARTTLS');
+    this.verdict = negotiating;
+    this.sendFirstOption(out);
+  }
+
+  /** The first option of the negotiation proper (inside TLS when TLS was asked for). */
+  private sendFirstOption(out: Uint8Array[]): void {
     if (this.config.requestStructuredReplies) this.sendOption(Option.structuredReply, new Uint8Array(0), out);
     else this.sendGo(out);
   }
@@ -167,9 +195,27 @@ export class ClientHandshake extends HandshakeMachine<ClientHandshakeVerdict> {
   }
 
   private receiveReply(type: number, data: Uint8Array, out: Uint8Array[]): void {
+    if (this.currentOption === Option.startTls) return this.startTlsReply(type, data);
     if (this.currentOption === Option.structuredReply) return this.structuredReplyReply(type, data, out);
-    assert(this.currentOption === Option.go, 'replies are only awaited for STRUCTURED_REPLY and GO');
+    assert(this.currentOption === Option.go, 'replies are only awaited for STARTTLS, STRUCTURED_REPLY and GO');
     return this.goReply(type, data, out);
+  }
+
+  private startTlsReply(type: number, data: Uint8Array): void {
+    if (type === OptionReply.ack) {
+      if (data.length !== 0) return this.fail('EIO', 'ACK to STARTTLS carries data');
+      // The server must say nothing more in plaintext: TLS starts right after the ACK.
+      if (this.input.length > 0) return this.fail('EIO', 'the server sent bytes behind its STARTTLS acknowledgement');
+      this.stage = 'tls';
+      this.verdict = { kind: 'starttls' };
+      return;
+    }
+    if (!isErrorReply(type)) return this.fail('EIO', `unexpected reply type 0x${type.toString(16)} to STARTTLS`);
+    const message = quote(data);
+    if (type === OptionReply.errUnsup || type === OptionReply.errPolicy) {
+      return this.fail('ENOTSUP', `the server does not offer TLS (it refused STARTTLS), and an nbds:// URI requires it${message}`);
+    }
+    return this.fail('EIO', `the server refused STARTTLS with reply type 0x${type.toString(16)}${message}`);
   }
 
   private structuredReplyReply(type: number, data: Uint8Array, out: Uint8Array[]): void {
@@ -203,7 +249,7 @@ export class ClientHandshake extends HandshakeMachine<ClientHandshakeVerdict> {
       case OptionReply.errUnknown:
         return this.fail('EINVAL', `the server has no export named "${this.config.exportName}"${message}`);
       case OptionReply.errTlsReqd:
-        return this.fail('ENOTSUP', `the server requires TLS, which is not supported${message}`);
+        return this.fail('ENOTSUP', `the server requires TLS: connect with nbds:// or nbds+unix:// and its credentials${message}`);
       case OptionReply.errPolicy:
         return this.fail('EPERM', `the server refused the export by policy${message}`);
       case OptionReply.errShutdown:

@@ -13,10 +13,25 @@
 // - Every length inside option data (names, info counts, query lengths) is checked against the
 //   bytes actually present before it is used; a mismatch is NBD_REP_ERR_INVALID and haggling
 //   continues, because the option's framing (its outer length) is intact.
-// - Options we do not serve (STARTTLS, EXTENDED_HEADERS, anything unknown) are answered with
-//   NBD_REP_ERR_UNSUP after their data was consumed, so the next option parses cleanly.
+// - Options we do not serve (EXTENDED_HEADERS, anything unknown, and STARTTLS when TLS is
+//   off) are answered with NBD_REP_ERR_UNSUP after their data was consumed, so the next option
+//   parses cleanly.
 // - Once the verdict is "transmission" the machine stops reading: bytes after GO stay in
 //   `input` for the transmission decoder. After "closed" it never produces output again.
+//
+// TLS (proto.md "TLS support"): the machine decides, its owner moves the bytes. With TLS 'off'
+// the server is in NOTLS mode. With 'on' a client may send STARTTLS and is otherwise served in
+// plaintext (SELECTIVETLS with no TLS-only export, nbdkit's --tls=on). With 'require'
+// (FORCEDTLS, nbdkit's --tls=require) every option but STARTTLS and ABORT is answered
+// NBD_REP_ERR_TLS_REQD until TLS is up, INFO and GO included, and EXPORT_NAME, which has no
+// error reply, closes the connection: no export data and no export facts leave in plaintext.
+// A STARTTLS that is accepted is answered ACK and the verdict becomes "starttls": the owner
+// sends the ACK, starts TLS on the transport and calls tlsStarted(), and option haggling
+// starts again inside TLS. Every negotiated state (structured replies, the meta context) is
+// discarded then (CVE-2021-3716: a man in the middle must not be able to inject a plaintext
+// option whose effect outlives the upgrade), and plaintext bytes that arrived behind the
+// STARTTLS are never read as options: they close the connection instead (the injection of
+// CVE-2011-0411, in NBD's terms). ERR_TLS_REQD is never sent once TLS is up, nor in 'on' mode.
 
 import { assert } from '../../lib/assert.js';
 import { writeU64BE } from '../../lib/units.js';
@@ -51,6 +66,9 @@ export const baseAllocationContextId = 1;
 /** Most queries accepted in one LIST/SET_META_CONTEXT; more gets NBD_REP_ERR_TOO_BIG. */
 export const metaContextQueriesMax = 64;
 
+/** TLS on a connection: never, at the client's choice, or before anything else (see above). */
+export type TlsMode = 'off' | 'on' | 'require';
+
 export interface HandshakeConfig {
   readonly exportName: string;
   readonly description: string | undefined;
@@ -64,6 +82,8 @@ export interface HandshakeConfig {
   readonly optionLengthMaxBytes: number;
   /** Most options accepted on one connection; one more is a hard disconnect. */
   readonly optionsMax: number;
+  /** Whether STARTTLS is accepted, and whether it is required before anything else (default 'off'). */
+  readonly tls?: TlsMode;
 }
 
 /** What the client and server agreed on, handed to the transmission phase. */
@@ -75,6 +95,8 @@ export interface Negotiated extends TransmissionTerms {
 export type HandshakeVerdict =
   | { readonly kind: 'negotiating' }
   | { readonly kind: 'transmission'; readonly negotiated: Negotiated }
+  /** STARTTLS was acknowledged (the ACK is in the output): start TLS, then call tlsStarted(). */
+  | { readonly kind: 'starttls' }
   /** `violation`: the client broke a rule (as opposed to aborting or naming an unknown export). */
   | { readonly kind: 'closed'; readonly reason: string; readonly violation: boolean };
 
@@ -93,6 +115,8 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
   private baseAllocationSelected = false;
   private optionCount = 0;
   private pendingOption = 0;
+  private readonly tlsMode: TlsMode;
+  private tlsUp = false;
 
   constructor(config: HandshakeConfig) {
     // After GO the bytes belong to the transmission phase; after a close they are dropped.
@@ -100,9 +124,40 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
     assert(config.optionLengthMaxBytes >= stringMaxBytes + 6, 'option cap must fit a maximal INFO/GO');
     assert(config.optionsMax >= 1, 'at least one option must be allowed');
     this.config = config;
+    this.tlsMode = config.tls ?? 'off';
     this.exportNameBytes = exportNameBytes(config.exportName);
     this.descriptionBytes = config.description === undefined ? undefined : textEncoder.encode(config.description);
     assert((this.descriptionBytes?.length ?? 0) <= stringMaxBytes, 'description longer than the protocol allows');
+  }
+
+  /** TLS has been started on this connection (tlsStarted was called). */
+  get tlsActive(): boolean {
+    return this.tlsUp;
+  }
+
+  /**
+   * Plaintext bytes after an acknowledged STARTTLS are never options: the client had to wait
+   * for the ACK and then start TLS, so whatever came is injected or broken, and closes.
+   */
+  override push(chunk: Uint8Array, out: Uint8Array[]): HandshakeVerdict {
+    if (this.verdict.kind === 'starttls') {
+      this.close('plaintext bytes after STARTTLS was acknowledged');
+      return this.verdict;
+    }
+    return super.push(chunk, out);
+  }
+
+  /**
+   * The owner has started TLS after a "starttls" verdict: option haggling begins again, inside
+   * TLS, with nothing kept of what was negotiated before (proto.md NBD_OPT_STARTTLS).
+   */
+  tlsStarted(): void {
+    assert(this.verdict.kind === 'starttls', 'tlsStarted without an acknowledged STARTTLS');
+    assert(this.input.length === 0, 'plaintext bytes queued across the TLS upgrade');
+    this.tlsUp = true;
+    this.structuredReplies = false;
+    this.baseAllocationSelected = false;
+    this.verdict = negotiating;
   }
 
   /** The 18 bytes the server sends as soon as a client connects. */
@@ -157,6 +212,11 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
   }
 
   private receiveOption(option: number, data: Uint8Array, out: Uint8Array[]): void {
+    if (this.tlsMode === 'require' && !this.tlsUp && option !== Option.startTls && option !== Option.abort) {
+      // FORCEDTLS: EXPORT_NAME cannot be refused with an error reply, so it ends the session.
+      if (option === Option.exportName) return this.close('EXPORT_NAME without TLS, which this server requires', false);
+      return this.refuse(out, option, OptionReply.errTlsReqd, 'TLS is required: send NBD_OPT_STARTTLS first');
+    }
     switch (option) {
       case Option.exportName:
         return this.exportName(data, out);
@@ -174,10 +234,25 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
       case Option.listMetaContext:
       case Option.setMetaContext:
         return this.metaContext(option, data, out);
+      case Option.startTls:
+        return this.startTls(data, out);
       default:
-        // STARTTLS (we run NOTLS), EXTENDED_HEADERS and every unknown option.
+        // EXTENDED_HEADERS and every unknown option.
         return this.refuse(out, option, OptionReply.errUnsup, 'option not supported');
     }
+  }
+
+  private startTls(data: Uint8Array, out: Uint8Array[]): void {
+    const option = Option.startTls;
+    // NOTLS: the option is not supported at all, whatever its data.
+    if (this.tlsMode === 'off') return this.refuse(out, option, OptionReply.errUnsup, 'TLS is not enabled on this server');
+    if (data.length !== 0) return this.refuse(out, option, OptionReply.errInvalid, 'STARTTLS takes no data');
+    if (this.tlsUp) return this.refuse(out, option, OptionReply.errInvalid, 'TLS is already active');
+    // The client must wait for the ACK before it starts TLS: anything behind the option was
+    // sent in plaintext and must not be read as TLS, nor as options.
+    if (this.input.length > 0) return this.close('bytes sent behind STARTTLS before its reply');
+    out.push(optionReply(option, OptionReply.ack));
+    this.verdict = { kind: 'starttls' };
   }
 
   private exportName(name: Uint8Array, out: Uint8Array[]): void {

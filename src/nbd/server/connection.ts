@@ -1,7 +1,8 @@
 // One client connection: drives the handshake codec, then decodes requests, dispatches them to
 // the Export concurrently, and sends replies in batches (reply_batch.ts).
 //
-// Life of a connection: greeting -> handshake (bounded by a time limit) -> transmission ->
+// Life of a connection: greeting -> handshake (bounded by a time limit; it may include a TLS
+// upgrade, after which it starts again inside TLS) -> transmission ->
 // ending (no more requests are read; in-flight requests finish and get their replies; then our
 // side is closed) -> closed (socket gone; in-flight Export calls still settle, their replies
 // are dropped) -> finished (closed and nothing in flight; the server forgets it).
@@ -14,6 +15,14 @@
 // - The socket is read into one buffer reused for every read (socket_input.ts); whatever a
 //   read leaves queued is copied out (ByteQueue.own) before the next one. WRITE payloads are
 //   copied into buffers from the server's pool, which go back to it when the WRITE succeeds.
+//   After a TLS upgrade the TLS socket is read the documented way ('data', a fresh buffer per
+//   read): node offers no reused buffer for a TLS socket wrapped around a connected one, and
+//   decryption costs more than that allocation anyway. A plaintext connection is unchanged.
+// - STARTTLS (the codec's "starttls" verdict): reading stops at once, the ACK is handed to the
+//   plaintext socket before anything else, and only then does the TLS handshake start
+//   (tls.ts); not a byte more is read in plaintext. The handshake time limit runs through the
+//   upgrade. A failed upgrade is reported to the host (which logs it) and closes this
+//   connection only.
 // - READ reply buffers come from the same pool and go back to it only after the socket has
 //   written them out, in write order (buffer_pool.ts says why that is safe).
 // - Memory per connection is bounded: reading pauses while in-flight requests, in-flight
@@ -27,6 +36,7 @@
 //   without one, no clock is read and nothing is called per request.
 
 import type net from 'node:net';
+import type tls from 'node:tls';
 import { assert } from '../../lib/assert.js';
 import { PcacheError } from '../../lib/errors.js';
 import type { ByteQueue } from '../protocol/bytes.js';
@@ -50,6 +60,7 @@ import type { Export } from './export.js';
 import type { NbdRequestObserver } from './observer.js';
 import { ReplyBatch } from './reply_batch.js';
 import { startReading } from './socket_input.js';
+import type { NbdTlsFailure, ServerTls, TlsUpgradeResult } from './tls.js';
 
 export interface ConnectionLimits {
   /** A client that has not entered transmission within this time is disconnected. */
@@ -72,6 +83,10 @@ export interface NbdCounters {
   replyBatchesTotal: number;
   readPausesTotal: number;
   protocolViolationsTotal: number;
+  /** TLS sessions started (STARTTLS and a successful TLS handshake). */
+  tlsSessionsTotal: number;
+  /** TLS handshakes that failed: bad credentials, garbage, a client that hung up. */
+  tlsFailuresTotal: number;
 }
 
 /** What a connection needs from its server. */
@@ -87,14 +102,19 @@ export interface ConnectionHost {
   readonly busyPoll: BusyPoll;
   /** Told about every answered request, when metrics are on (observer.ts); undefined costs nothing. */
   readonly observer: NbdRequestObserver | undefined;
+  /** The TLS credentials and mode, when the server offers TLS (the handshake config says the mode too). */
+  readonly tls: ServerTls | undefined;
   /** Called once, when the socket has closed and no Export call is in flight. */
   connectionFinished(connection: Connection): void;
+  /** A TLS handshake failed (the connection is closing). */
+  tlsFailed(failure: NbdTlsFailure): void;
 }
 
 type Phase = 'handshake' | 'transmission';
 
 export class Connection {
-  private readonly socket: net.Socket;
+  /** The plaintext socket, then the TLS socket once STARTTLS has succeeded. */
+  private socket: net.Socket;
   private readonly host: ConnectionHost;
   private readonly exp: Export;
   private readonly observer: NbdRequestObserver | undefined;
@@ -117,15 +137,21 @@ export class Connection {
   private socketClosed = false;
   private finishedReported = false;
 
-  /** This turn's replies; it also knows whether anything may still be written. */
-  private readonly replies: ReplyBatch;
+  /** This turn's replies; it also knows whether anything may still be written. Replaced at a TLS upgrade. */
+  private replies: ReplyBatch;
   private handshakeTimer: NodeJS.Timeout | undefined;
+  private handshakeTimedOut = false;
   private graceTimer: NodeJS.Timeout | undefined;
   // Bound once per connection so that decoding needs no per-request closure.
   private readonly takePayload = (lengthBytes: number): Uint8Array => this.host.buffers.take(lengthBytes);
 
-  /** Bytes arrive in a buffer reused by the next read (socket_input.ts). */
-  private readonly inputReused: boolean;
+  /** Bytes arrive in a buffer reused by the next read (socket_input.ts); never after a TLS upgrade. */
+  private inputReused: boolean;
+  /** Who the client is, for TLS failure reports. */
+  private readonly peer: string;
+  private readonly onEnd = (): void => { this.stopReading(); };
+  private readonly onDrain = (): void => { this.maybeResume(); };
+  private readonly onCloseBound = (): void => { this.onClose(); };
 
   constructor(accepted: net.Socket, host: ConnectionHost) {
     const { socket, reused } = startReading(accepted, (bytes) => { this.onData(bytes); });
@@ -137,16 +163,22 @@ export class Connection {
     this.handshake = new Handshake(host.handshakeConfig);
     this.input = this.handshake.input;
     this.replies = new ReplyBatch(socket, host.buffers, host.counters, () => { this.afterReplies(); });
+    this.peer = socket.remoteAddress === undefined ? 'unix socket' : `${socket.remoteAddress}:${socket.remotePort ?? 0}`;
     host.counters.connectionsTotal += 1;
 
-    socket.on('end', () => { this.stopReading(); });
-    socket.on('drain', () => { this.maybeResume(); });
-    // Errors (ECONNRESET, EPIPE) are expected from hostile or vanished clients; 'close' follows.
-    socket.on('error', () => undefined);
-    socket.on('close', () => { this.onClose(); });
-
+    this.listen(socket);
     this.handshakeTimer = setTimeout(() => { this.onHandshakeTimeout(); }, host.limits.handshakeTimeoutMs);
     this.replies.queue(this.handshake.greeting());
+  }
+
+  private listen(socket: net.Socket): void {
+    socket.on('end', this.onEnd);
+    socket.on('drain', this.onDrain);
+    // Errors (ECONNRESET, EPIPE, a TLS record that fails) are expected from hostile or vanished
+    // clients. node destroys a plain socket that failed, but not a TLS socket whose session
+    // failed after its handshake: destroying it here makes 'close' follow every error.
+    socket.on('error', () => { socket.destroy(); });
+    socket.on('close', this.onCloseBound);
   }
 
   /** Server shutdown: refuse new work, finish in-flight work, then close. */
@@ -191,6 +223,9 @@ export class Connection {
         this.enterTransmission(verdict.negotiated);
         this.pump();
         return;
+      case 'starttls':
+        this.startTls();
+        return;
       case 'closed':
         // ABORT, an unknown export for EXPORT_NAME, or a broken rule: send what was produced
         // (the ABORT ack, for one) and close.
@@ -198,6 +233,50 @@ export class Connection {
         this.stopReading();
         return;
     }
+  }
+
+  /** STARTTLS was acknowledged: send the ACK in plaintext, then run the TLS handshake (tls.ts). */
+  private startTls(): void {
+    const serverTls = this.host.tls;
+    assert(serverTls !== undefined, 'STARTTLS acknowledged by a server without TLS');
+    // Not a byte more in plaintext: the client's next bytes are its TLS ClientHello, and they
+    // belong to the TLS layer, which reads the socket's handle from now on.
+    this.socket.pause();
+    this.replies.flush();
+    assert(this.replies.queuedBytes === 0, 'replies left behind the STARTTLS acknowledgement');
+    serverTls.upgrade(this.socket, (result) => { this.tlsUpgraded(result); });
+  }
+
+  private tlsUpgraded(result: TlsUpgradeResult): void {
+    if (!result.ok) {
+      this.host.counters.tlsFailuresTotal += 1;
+      // A handshake cut short by our own shutdown is not the client's failure.
+      if (!this.host.shuttingDown) {
+        this.host.tlsFailed({ peer: this.peer, reason: this.handshakeTimedOut ? 'the TLS handshake did not finish within the handshake time limit' : result.reason });
+      }
+      // tls.ts destroyed the plaintext socket; its 'close' finishes this connection.
+      return;
+    }
+    const secure: tls.TLSSocket = result.socket;
+    if (this.socketClosed || this.handshake === undefined) {
+      // Shut down or timed out while the handshake ran.
+      secure.destroy();
+      return;
+    }
+    this.host.counters.tlsSessionsTotal += 1;
+    const plain = this.socket;
+    plain.off('end', this.onEnd);
+    plain.off('drain', this.onDrain);
+    plain.off('close', this.onCloseBound);
+    // node closes the TLS socket when the plaintext one closes, and the reverse: from now on
+    // the TLS socket is the connection.
+    this.socket = secure;
+    this.inputReused = false;
+    this.replies.end();
+    this.replies = new ReplyBatch(secure, this.host.buffers, this.host.counters, () => { this.afterReplies(); });
+    this.listen(secure);
+    this.handshake.tlsStarted();
+    secure.on('data', (chunk: Buffer) => { this.onData(chunk); });
   }
 
   private enterTransmission(negotiated: Negotiated): void {
@@ -423,11 +502,13 @@ export class Connection {
 
   private onHandshakeTimeout(): void {
     this.handshakeTimer = undefined;
+    this.handshakeTimedOut = true;
     this.host.counters.protocolViolationsTotal += 1;
     this.socket.destroy();
   }
 
   private onClose(): void {
+    if (this.socketClosed) return;
     this.socketClosed = true;
     this.inputEnded = true;
     this.input.clear();

@@ -15,6 +15,9 @@
 // - close() stops accepting at once, answers new requests with ESHUTDOWN, lets in-flight
 //   requests finish and reply, then closes every socket; after shutdownTimeoutMs remaining
 //   sockets are destroyed (an Export call that never settles cannot hold shutdown forever).
+// - With `tls`, the credentials are checked at construction (tls.ts); the mode goes into every
+//   connection's handshake (protocol/handshake_server.ts says what 'on' and 'require' mean),
+//   and a failed TLS handshake is counted and reported to onTlsFailure, never thrown.
 
 import fs from 'node:fs';
 import net from 'node:net';
@@ -28,6 +31,7 @@ import { BusyPoll, busyPollWindowDefaultUs, busyPollWindowMaxUs, type BusyPollCo
 import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
 import type { Export } from './export.js';
 import type { NbdRequestObserver } from './observer.js';
+import { ServerTls, type NbdServerTls, type NbdTlsFailure } from './tls.js';
 
 export interface NbdLimits extends ConnectionLimits {
   /** Largest option data accepted during the handshake; a longer option disconnects. */
@@ -68,11 +72,20 @@ export interface NbdServerOptions {
   readonly observer?: NbdRequestObserver;
   /** Busy-polling window after a connection's last reply, 0 for none (busy_poll.ts; default busyPollWindowDefaultUs). */
   readonly busyPollUs?: number;
+  /** Offer TLS ('on') or require it ('require'); without it the server runs in NOTLS mode. */
+  readonly tls?: NbdServerTls;
+  /** Told about every failed TLS handshake (to log it); the connection is closed. */
+  readonly onTlsFailure?: (failure: NbdTlsFailure) => void;
 }
 
 export type NbdListenAddress =
   | { readonly path: string }
-  | { readonly port: number; readonly host?: string };
+  | { readonly port: number; readonly host?: string }
+  /** A socket that is already bound and listening, inherited as this file descriptor (systemd socket activation). */
+  | { readonly fd: number };
+
+/** Where a server listens once it does: a Unix socket's path, or TCP's host and port. */
+export type NbdBoundAddress = Exclude<NbdListenAddress, { readonly fd: number }>;
 
 export interface NbdServerStats extends NbdCounters, BusyPollCounters {
   readonly connectionsOpen: number;
@@ -90,15 +103,18 @@ export class NbdServer implements ConnectionHost {
     replyBatchesTotal: 0,
     readPausesTotal: 0,
     protocolViolationsTotal: 0,
+    tlsSessionsTotal: 0,
+    tlsFailuresTotal: 0,
   };
   /** READ reply and WRITE payload buffers, shared by all connections (one event loop, so no locking). */
   readonly buffers = new BufferPool();
   readonly busyPoll: BusyPoll;
   readonly observer: NbdRequestObserver | undefined;
+  readonly tls: ServerTls | undefined;
   private readonly options: NbdServerOptions;
   private readonly listener: net.Server;
   private readonly connections = new Set<Connection>();
-  private boundAddress: NbdListenAddress | undefined;
+  private boundAddress: NbdBoundAddress | undefined;
   private stopping = false;
   private closed: Promise<void> | undefined;
   private resolveAllFinished: (() => void) | undefined;
@@ -121,6 +137,7 @@ export class NbdServer implements ConnectionHost {
       throw new PcacheError('EINVAL', `busy poll window must be an integer in [0, ${busyPollWindowMaxUs}] microseconds`);
     }
     this.busyPoll = new BusyPoll(busyPollUs);
+    this.tls = options.tls === undefined ? undefined : new ServerTls(options.tls, limits.handshakeTimeoutMs);
     this.options = options;
     this.export = options.export;
     this.limits = limits;
@@ -149,14 +166,17 @@ export class NbdServer implements ConnectionHost {
       offerStructuredReplies: this.options.offerStructuredReplies ?? true,
       optionLengthMaxBytes: this.limits.optionLengthMaxBytes,
       optionsMax: this.limits.optionsMax,
+      tls: this.tls?.mode ?? 'off',
     };
   }
 
   /**
    * Starts listening on a Unix socket path or on TCP (host defaults to 127.0.0.1; port 0 picks
-   * a free port). Resolves with the address actually bound.
+   * a free port), or accepts on an inherited listening socket (`fd`). Resolves with the address
+   * actually bound: TCP's host and port, or a Unix socket's path (which an inherited Unix
+   * socket reports too).
    */
-  async listen(address: NbdListenAddress): Promise<NbdListenAddress> {
+  async listen(address: NbdListenAddress): Promise<NbdBoundAddress> {
     assert(this.boundAddress === undefined && !this.stopping, 'listen called twice or after close');
     if ('path' in address) await prepareSocketPath(address.path);
     await new Promise<void>((resolve, reject) => {
@@ -169,16 +189,19 @@ export class NbdServer implements ConnectionHost {
         resolve();
       };
       if ('path' in address) this.listener.listen(address.path, done);
+      else if ('fd' in address) this.listener.listen({ fd: address.fd }, done);
       else this.listener.listen({ port: address.port, host: address.host ?? '127.0.0.1' }, done);
     });
     const bound = this.listener.address();
     if (bound !== null && typeof bound === 'object') this.boundAddress = { host: bound.address, port: bound.port };
-    else this.boundAddress = { path: 'path' in address ? address.path : String(bound) };
+    else if ('path' in address) this.boundAddress = { path: address.path };
+    else if (typeof bound === 'string' && bound !== '') this.boundAddress = { path: bound };
+    else this.boundAddress = { path: 'fd' in address ? inheritedSocketPath(address.fd) ?? `(inherited file descriptor ${address.fd})` : '' };
     return this.boundAddress;
   }
 
   /** The bound address, once listening. */
-  address(): NbdListenAddress | undefined {
+  address(): NbdBoundAddress | undefined {
     return this.boundAddress;
   }
 
@@ -198,6 +221,10 @@ export class NbdServer implements ConnectionHost {
   connectionFinished(connection: Connection): void {
     this.connections.delete(connection);
     if (this.connections.size === 0) this.resolveAllFinished?.();
+  }
+
+  tlsFailed(failure: NbdTlsFailure): void {
+    this.options.onTlsFailure?.(failure);
   }
 
   private accept(socket: net.Socket): void {
@@ -292,6 +319,27 @@ function somethingListens(path: string): Promise<boolean> {
   });
 }
 
+/**
+ * The path of an inherited Unix socket, which node does not report for a socket it did not
+ * bind: /proc/self/fd names the socket's inode, and /proc/net/unix lists the path bound to it
+ * (columns: Num RefCount Protocol Flags Type St Inode Path). Undefined if it cannot tell.
+ */
+function inheritedSocketPath(fd: number): string | undefined {
+  try {
+    const inode = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/self/fd/${fd}`))?.[1];
+    if (inode === undefined) return undefined;
+    for (const line of fs.readFileSync('/proc/net/unix', 'utf8').split('\n')) {
+      const fields = line.trim().split(/\s+/);
+      if (fields[6] === inode && fields[7] !== undefined) return fields[7];
+    }
+  } catch {
+    // No /proc: the address is only reported, never used to listen.
+  }
+  return undefined;
+}
+
 function describe(address: NbdListenAddress): string {
-  return 'path' in address ? address.path : `${address.host ?? '127.0.0.1'}:${address.port}`;
+  if ('path' in address) return address.path;
+  if ('fd' in address) return `inherited file descriptor ${address.fd}`;
+  return `${address.host ?? '127.0.0.1'}:${address.port}`;
 }
