@@ -9,21 +9,22 @@
 // (tests: drop everything without writing, as a crash would). It counts the requests in
 // flight, so close() can wait for them, and the drains in progress, for status.
 
-import { PcacheError } from '../lib/errors.js';
+import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { sectorSizeBytes } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { gcPercentMax } from '../ondisk/layout.js';
 import { checkCacheDevice, compareWithEngine } from './cache_check.js';
 import { formatCacheDevice, type FormatOptions } from './cache_dev.js';
 import type { CacheEngine } from './cache_engine.js';
-import { openEngine, type CacheOpenOptions } from './cache_open.js';
+import { backingFingerprint } from './cache_backing.js';
+import { openEngine, type BackingCheck, type CacheOpenOptions } from './cache_open.js';
 import type { CacheExtentStatus } from './cache_read.js';
-import type { ReplayResult } from './cache_replay.js';
+import { dropCleanKeys, type ReplayResult } from './cache_replay.js';
 import { cacheInfoOf, cacheStatus, type CacheStatus } from './cache_status.js';
 import { tuningProblem, type CacheTuning } from './cache_tuning.js';
 
 export type { FormatOptions } from './cache_dev.js';
-export type { CacheOpenOptions } from './cache_open.js';
+export type { BackingCheck, CacheOpenOptions } from './cache_open.js';
 export type { CacheExtentStatus } from './cache_read.js';
 export { describeLogDamage, type LogDamage, type ReplayResult } from './cache_replay.js';
 export { dmStatusLine, type CacheStatus } from './cache_status.js';
@@ -42,14 +43,17 @@ const noFua: WriteOptions = { fua: false };
 export class Cache {
   private readonly engine: CacheEngine;
   readonly replayResult: ReplayResult;
+  /** What the start found about the backing device against the last clean stop (cache_open.ts). */
+  readonly backingCheck: BackingCheck;
   private inFlight = 0;
   /** drain() calls not yet settled; status says 'draining' while there are any. */
   private drainsInProgress = 0;
   private idleWaiters: (() => void)[] = [];
 
-  private constructor(engine: CacheEngine, replayResult: ReplayResult) {
+  private constructor(engine: CacheEngine, replayResult: ReplayResult, backingCheck: BackingCheck) {
     this.engine = engine;
     this.replayResult = replayResult;
+    this.backingCheck = backingCheck;
   }
 
   /** Formats `cacheDevice` for `backingDevice`, overwriting whatever it held (the caller decides whether that is allowed). */
@@ -58,8 +62,8 @@ export class Cache {
   }
 
   static async open(options: CacheOpenOptions): Promise<Cache> {
-    const { engine, replayResult } = await openEngine(options);
-    return new Cache(engine, replayResult);
+    const { engine, replayResult, backingCheck } = await openEngine(options);
+    return new Cache(engine, replayResult, backingCheck);
   }
 
   get sizeBytes(): number {
@@ -223,13 +227,16 @@ export class Cache {
     await engine.gc.idle();
     if (!ctx.readOnly && ctx.failure === undefined) {
       try {
-        // key_tail records how far the log is durable, so a next open that finds the log's last
-        // ksets damaged knows it (cache_replay.ts); then both copies of every record updated
-        // last hold its value at rest (cache_dev.ts, sync).
-        if (ctx.dev.layout.extendedKsets) await ctx.dev.writeKeyTail({ ...ctx.keyTail, durableSeq: ctx.logDurableSeq });
+        if (ctx.dev.layout.extendedKsets) {
+          // key_tail records how far the log is durable, so a next open that finds the log's
+          // last ksets damaged knows it (cache_replay.ts).
+          await ctx.dev.writeKeyTail({ ...ctx.keyTail, durableSeq: ctx.logDurableSeq });
+          await this.recordBackingAtStop();
+        }
+        // Both copies of every record updated last hold its value at rest (cache_dev.ts, sync).
         await ctx.dev.settleMirrors();
       } catch (error) {
-        ctx.fail(error, 'recording the end of the log at close');
+        ctx.fail(error, 'recording the state of the log and the backing device at close');
       }
     }
     engine.log.stop();
@@ -239,6 +246,62 @@ export class Cache {
     engine.writeback.abort(shutdown);
     engine.log.abort(shutdown);
     ctx.segments.wakeAll();
+  }
+
+  /**
+   * Drops every clean cached copy, durably; dirty data stays. For a backing device that
+   * something else wrote to while pcache served it (at a stop, pcache notices by itself): the
+   * next reads of those ranges go to the backing device. Returns the bytes dropped. Copies
+   * being filled while it runs may still land, so run it when no client reads the changed
+   * ranges. Needs format version 2 (the drop is a marker in the log).
+   */
+  invalidate(): Promise<number> {
+    return this.trackAlways(this.invalidateClean());
+  }
+
+  private async invalidateClean(): Promise<number> {
+    const { ctx, log, writes } = this.engine;
+    ctx.checkWritable();
+    if (!ctx.dev.layout.extendedKsets) throw new PcacheError('ENOTSUP', 'invalidate needs a cache of format version 2 (drain it and format it again)');
+    // The writes of this turn reach the index first, so the marker comes after their keys.
+    await writes.group.published();
+    const seq = log.appendInvalidate();
+    const bytes = dropCleanKeys(ctx);
+    await log.commit(seq);
+    return bytes;
+  }
+
+  /**
+   * Detaches the cache from its backing device and closes it: writes everything back, drops
+   * every clean copy, and records the cache as detached, so the backing device can be used (and
+   * changed) without pcache; a later start on this cache begins with nothing cached.
+   */
+  async detach(): Promise<void> {
+    const ctx = this.engine.ctx;
+    if (!ctx.dev.layout.extendedKsets) throw new PcacheError('ENOTSUP', 'detach needs a cache of format version 2 (drain it and format it again)');
+    await this.drain();
+    await this.invalidate();
+    ctx.backingState = 'detached';
+    await this.close();
+  }
+
+  /**
+   * At a clean stop: the backing device's fingerprint goes into cache_info, for the next start to
+   * compare (cache_backing.ts). A detached cache stays detached. A backing device that cannot be
+   * read now (offline) leaves the state unknown, which only skips the comparison.
+   */
+  private async recordBackingAtStop(): Promise<void> {
+    const ctx = this.engine.ctx;
+    if (ctx.backingState === 'unknown') {
+      try {
+        ctx.backingFingerprint = await backingFingerprint(ctx.backing, ctx.dev.sb.cacheUuid);
+        ctx.backingState = 'clean';
+      } catch (error) {
+        if (!isPcacheError(error)) throw error;
+        return;
+      }
+    }
+    await ctx.dev.writeCacheInfo(cacheInfoOf(ctx, ctx.gcPercent));
   }
 
   /** Drops all in-memory state at once and writes nothing more, as a crash would (tests). */

@@ -21,6 +21,7 @@ import { dataCrcKeyMaxBytes, segmentDataSizeBytes, subtreeSizeBytes } from '../o
 import { CacheDev, type CacheMetadata } from './cache_dev.js';
 import { SegmentTable } from './cache_segment.js';
 import { KeyIndex } from './cache_tree.js';
+import type { BackingState } from '../ondisk/cache_info.js';
 import type { CacheTuning } from './cache_tuning.js';
 import { newStats, type CacheStats, type LogPos } from './cache_types.js';
 
@@ -69,6 +70,9 @@ export class CacheContext {
    * are written, so a replay that ends before it knows the log was damaged (cache_replay.ts).
    */
   logDurableSeq = 0;
+  /** What cache_info records about the backing device (cache_backing.ts): 'unknown' while open. */
+  backingState: BackingState;
+  backingFingerprint: Uint8Array;
   /** The cache failed (see fail); called with the sticky failure. */
   readonly failed = new Listeners<[PcacheError]>();
   /** A writer or the log is short of free segments. */
@@ -96,6 +100,8 @@ export class CacheContext {
     this.dataCrc = metadata.cacheInfo.value.dataCrc;
     this.keyMaxBytes = this.dataCrc ? dataCrcKeyMaxBytes : subtreeSizeBytes;
     this.gcPercent = metadata.cacheInfo.value.gcPercent;
+    this.backingState = metadata.cacheInfo.value.backingState;
+    this.backingFingerprint = metadata.cacheInfo.value.backingFingerprint;
     this.readOnly = options.readOnly;
     this.background = options.background;
     this.tuning = options.tuning;

@@ -14,8 +14,8 @@ import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
 import { isAllZero, readU32LE } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
-import { cacheInfoRecordBytes, encodeCacheInfo, decodeCacheInfo, type CacheInfo } from '../ondisk/cache_info.js';
-import { cachePosRecordBytesMax, decodeCachePos, encodeCachePos, type CachePos } from '../ondisk/cache_pos.js';
+import { cacheInfoRecordBytes, cacheInfoRecordBytesMax, encodeCacheInfo, decodeCacheInfo, noFingerprint, type CacheInfo } from '../ondisk/cache_info.js';
+import { cachePosRecordBytes, cachePosRecordBytesMax, decodeCachePos, encodeCachePos, type CachePos } from '../ondisk/cache_pos.js';
 import { ksetCrcSeed, ksetHeaderBytesFor } from '../ondisk/kset.js';
 import {
   blankProbeBytes, blockBytes, cacheInfoOffsetsBytes, formatVersionLatest, formatVersionsSupported, gcPercentDefault, gcPercentMax,
@@ -26,7 +26,7 @@ import {
 } from '../ondisk/layout.js';
 import { chooseLatest, DualCopyWriter, metaRecordVersion, type Decoded, type DualCopyChoice } from '../ondisk/meta_header.js';
 import { decodeSegmentGen, encodeSegmentGen } from '../ondisk/segment_gen.js';
-import { decodeSegmentInfo, encodeSegmentInfo, type SegmentInfo } from '../ondisk/segment_info.js';
+import { decodeSegmentInfo, encodeSegmentInfo, segmentInfoRecordBytes, type SegmentInfo } from '../ondisk/segment_info.js';
 import { decodeSuperblock, encodeSuperblock, hasSuperblockMagic, superblockRecordBytes, type Superblock } from '../ondisk/superblock.js';
 import type { Io } from './cache_types.js';
 
@@ -320,7 +320,7 @@ export async function readCacheMetadata(device: BlockDevice): Promise<CacheMetad
     return chooseLatest([copies[0] ?? missing(), copies[1] ?? missing()]);
   };
 
-  const cacheInfo = await readPair<CacheInfo>(cacheInfoOffsetsBytes, cacheInfoRecordBytes, (r, copy) => decodeCacheInfo(r, sb.segmentCount, `cache_info copy ${copy}`, version));
+  const cacheInfo = await readPair<CacheInfo>(cacheInfoOffsetsBytes, cacheInfoRecordBytesMax, (r, copy) => decodeCacheInfo(r, sb.segmentCount, `cache_info copy ${copy}`, version));
   if (cacheInfo.value === undefined) throw new PcacheError('CORRUPT', `no valid cache_info: ${cacheInfo.problems.join('; ')}`);
   const keyTail = await readPair<CachePos>(layout.keyTailOffsetsBytes, cachePosRecordBytesMax, (r, copy) => decodeCachePos(r, limits, `key_tail copy ${copy}`, version));
   if (keyTail.value === undefined) throw new PcacheError('CORRUPT', `no valid key_tail: ${keyTail.problems.join('; ')}`);
@@ -362,6 +362,7 @@ function missing(): { ok: false; problem: string } {
  */
 export async function pcacheRecordsFound(device: BlockDevice): Promise<string[]> {
   const found: string[] = [];
+  const recordBytesMax = Math.max(cacheInfoRecordBytesMax, cachePosRecordBytesMax, segmentInfoRecordBytes);
   const read = async (at: number, bytes: number): Promise<Uint8Array | undefined> => {
     if (at + bytes > device.sizeBytes) return undefined;
     const record = new Uint8Array(bytes);
@@ -372,24 +373,23 @@ export async function pcacheRecordsFound(device: BlockDevice): Promise<string[]>
     const record = await read(at, superblockRecordBytes);
     if (record !== undefined && hasSuperblockMagic(record)) found.push(`superblock copy ${copy}`);
   }
-  const places: [string, number, number][] = [
-    ...cacheInfoOffsetsBytes.map((at, copy): [string, number, number] => [`cache_info copy ${copy}`, at, cacheInfoRecordBytes]),
+  /** Where each record may be, and its length by version (the CRC covers bytes 4 .. its end). */
+  const places: { name: string; at: number; bytes: (version: FormatVersion) => number }[] = [
+    ...cacheInfoOffsetsBytes.map((at, copy) => ({ name: `cache_info copy ${copy}`, at, bytes: cacheInfoRecordBytes })),
     ...formatVersionsSupported.flatMap((version) => {
       const layout = layoutFor(version);
       return [
-        ...layout.keyTailOffsetsBytes.map((at, copy): [string, number, number] => [`key_tail copy ${copy}`, at, cachePosRecordBytesMax]),
-        ...layout.dirtyTailOffsetsBytes.map((at, copy): [string, number, number] => [`dirty_tail copy ${copy}`, at, cachePosRecordBytesMax]),
+        ...layout.keyTailOffsetsBytes.map((at, copy) => ({ name: `key_tail copy ${copy}`, at, bytes: cachePosRecordBytes })),
+        ...layout.dirtyTailOffsetsBytes.map((at, copy) => ({ name: `dirty_tail copy ${copy}`, at, bytes: cachePosRecordBytes })),
       ];
     }),
-    ...segmentInfoOffsetsBytes.map((at, copy): [string, number, number] => [`segment 0 seg_info copy ${copy}`, at + segmentOffsetBytes(0, 0), 16]),
+    ...segmentInfoOffsetsBytes.map((at, copy) => ({ name: `segment 0 seg_info copy ${copy}`, at: at + segmentOffsetBytes(0, 0), bytes: () => segmentInfoRecordBytes })),
   ];
-  for (const [name, at, bytes] of places) {
-    const record = await read(at, bytes);
-    if (record === undefined || found.includes(name)) continue;
-    const version = metaRecordVersion(record);
-    if (!formatVersionsSupported.some((known) => known === version)) continue;
-    // The record's length differs by kind and version; the CRC covers bytes 4 .. its end.
-    if (recordCrcPasses(record, name.startsWith('cache_info') ? cacheInfoRecordBytes : name.includes('seg_info') ? 16 : version === 1 ? 16 : 24)) found.push(name);
+  for (const place of places) {
+    const record = await read(place.at, recordBytesMax);
+    if (record === undefined || found.includes(place.name)) continue;
+    const version = formatVersionsSupported.find((known) => known === metaRecordVersion(record));
+    if (version !== undefined && recordCrcPasses(record, place.bytes(version))) found.push(place.name);
   }
   return found;
 }
@@ -493,7 +493,7 @@ export async function formatCacheDevice(device: BlockDevice, backing: BlockDevic
     await device.write(block, blockStart);
   };
   await writeAtCopy(0);
-  const info: CacheInfo = { dataCrc: options.dataCrc ?? false, initDone: true, gcPercent, segmentCount, firstSegment: 0 };
+  const info: CacheInfo = { dataCrc: options.dataCrc ?? false, initDone: true, gcPercent, segmentCount, firstSegment: 0, backingState: 'unknown', backingFingerprint: noFingerprint };
   const infos = new Uint8Array(2 * blockBytes);
   const encodedInfo = encodeCacheInfo(info, 1, version);
   infos.set(encodedInfo, 0);

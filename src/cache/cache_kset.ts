@@ -51,6 +51,8 @@ interface SealedKset {
   readonly bytes: Uint8Array;
   readonly keyCount: number;
   epochEnd: boolean;
+  /** An INVALIDATE marker: replay drops every CLEAN key before it. */
+  readonly invalidate: boolean;
   readonly seq: number;
 }
 
@@ -173,6 +175,19 @@ export class KsetLog {
   }
 
   /** Makes the kset `seq` (returned by append) durable: the FUA path. */
+  /**
+   * Puts an INVALIDATE marker in the log after every key appended so far and returns its seq
+   * (commit(seq) makes it durable). Replay drops every CLEAN key before the marker, so clean
+   * copies dropped from the index now stay dropped after a restart. Format version 2 only.
+   */
+  appendInvalidate(): number {
+    assert(this.ctx.dev.layout.extendedKsets, 'INVALIDATE ksets need format version 2');
+    if (this.openCount > 0) this.seal(false);
+    this.seal(false, true);
+    this.kick();
+    return this.lastSealedSeq;
+  }
+
   commit(seq: number): Promise<void> {
     if (this.ctx.failure !== undefined) return Promise.reject(this.ctx.failure);
     if (seq === this.nextSeq && this.openCount > 0) this.seal(false);
@@ -204,9 +219,10 @@ export class KsetLog {
     });
   }
 
-  private seal(epochEnd: boolean): void {
-    assert(this.openCount > 0 || epochEnd, 'sealing an empty kset that ends no epoch');
-    this.sealed.push({ bytes: this.open, keyCount: this.openCount, epochEnd, seq: this.nextSeq });
+  private seal(epochEnd: boolean, invalidate = false): void {
+    assert(this.openCount > 0 || epochEnd || invalidate, 'sealing an empty kset that ends no epoch');
+    assert(!invalidate || this.openCount === 0, 'an INVALIDATE kset holds no keys');
+    this.sealed.push({ bytes: this.open, keyCount: this.openCount, epochEnd, invalidate, seq: this.nextSeq });
     this.lastSealedSeq = this.nextSeq;
     this.nextSeq++;
     this.open = new Uint8Array(ksetBufferBytes);
@@ -342,6 +358,7 @@ export class KsetLog {
       const size = sealKset(kset.bytes, {
         keyCount: kset.keyCount,
         epochEnd: kset.epochEnd,
+        invalidate: kset.invalidate,
         logGen: ctx.segments.gen[head.segment] ?? 0,
         crcSeed: dev.crcSeed,
         seqs: extended ? { seq: kset.seq, durableSeq: this.durableSeq } : undefined,

@@ -3,8 +3,10 @@
 //   probe the cache device -> format it if blank and asked to -> read and validate the
 //   metadata -> refuse a cache of another backing device -> take the backing device's new
 //   size if it grew (or shrank where the cache holds nothing) -> build the context -> replay
-//   the log -> build the engine -> zero the rest of key_head's segment and sync -> start
-//   writeback and GC.
+//   the log -> compare the backing device with its fingerprint from the last clean stop
+//   (refuse a changed one while dirty data waits for it) -> build the engine -> zero the rest
+//   of key_head's segment and sync -> drop the clean copies of a changed backing device ->
+//   record the backing state as unknown (open) and sync -> start writeback and GC.
 //
 // Everything that can refuse (bad knobs, a blank device not to be formatted, a foreign device,
 // another backing device) does so before anything is written. Replay writes nothing; the only
@@ -14,12 +16,15 @@ import { PcacheError } from '../lib/errors.js';
 import { ManualTimers, realTimers, type Timers } from '../lib/timers.js';
 import { KiB, isAllZero } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
+import { noFingerprint } from '../ondisk/cache_info.js';
 import { CacheContext } from './cache_context.js';
 import {
   formatCacheDevice, pcacheRecordsFound, probeDevice, readCacheMetadata, rewriteSuperblock, type CacheMetadata, type FormatOptions,
 } from './cache_dev.js';
 import { CacheEngine } from './cache_engine.js';
-import { describeLogDamage, replay, replayStartOf, type ReplayResult } from './cache_replay.js';
+import { backingFingerprint, sameFingerprint } from './cache_backing.js';
+import { describeLogDamage, dropCleanKeys, replay, replayStartOf, type ReplayResult } from './cache_replay.js';
+import { cacheInfoOf } from './cache_status.js';
 import { defaultTuning, tuningProblem, type CacheTuning } from './cache_tuning.js';
 import type { LogPos } from './cache_types.js';
 
@@ -42,6 +47,12 @@ export interface CacheOpenOptions {
    * refused (CORRUPT, reason log-damaged) and `pcache check` lists what would be lost.
    */
   readonly acceptLogLoss?: boolean;
+  /**
+   * Serve although the backing device changed since the last clean stop while the cache holds
+   * dirty data for it: the clean copies are dropped and the dirty data is written back over the
+   * changed device. Without it such a cache is refused (FOREIGN, reason backing-changed).
+   */
+  readonly acceptBackingChange?: boolean;
   /** Run writeback, GC and the kset timer on their own (default true). Tests turn it off. */
   readonly background?: boolean;
   readonly timers?: Timers;
@@ -49,8 +60,20 @@ export interface CacheOpenOptions {
   readonly tuning?: Partial<CacheTuning>;
 }
 
+/** What the start found about the backing device, against its fingerprint from the last clean stop. */
+export interface BackingCheck {
+  /**
+   * same: as at the clean stop; changed: written to by something else since (or the cache was
+   * detached), so the clean copies were dropped; resized: its size changed (adopted above; the
+   * clean copies are kept); unknown: the last stop was not clean (or the format is version 1),
+   * nothing to compare.
+   */
+  readonly found: 'same' | 'changed' | 'resized' | 'unknown';
+  readonly droppedCleanBytes: number;
+}
+
 /** Opens the devices as a running engine; see the file comment for the steps. */
-export async function openEngine(options: CacheOpenOptions): Promise<{ engine: CacheEngine; replayResult: ReplayResult }> {
+export async function openEngine(options: CacheOpenOptions): Promise<{ engine: CacheEngine; replayResult: ReplayResult; backingCheck: BackingCheck }> {
   const { cacheDevice, backingDevice } = options;
   // Checked before anything is written: a refused open formats nothing.
   const tuning: CacheTuning = { ...defaultTuning, ...options.tuning };
@@ -71,6 +94,7 @@ export async function openEngine(options: CacheOpenOptions): Promise<{ engine: C
   }
   let metadata = await readCacheMetadata(cacheDevice);
   checkBacking(metadata, backingDevice, options.acceptOtherBackingIdentity === true);
+  const resized = backingDevice.sizeBytes !== metadata.sb.backingSizeBytes;
   if (metadata.sb.backingSizeBytes !== backingDevice.sizeBytes) {
     if (options.readOnly !== true) metadata = await adoptBackingSize(cacheDevice, backingDevice, metadata);
     else if (backingDevice.sizeBytes < metadata.sb.backingSizeBytes) {
@@ -88,19 +112,61 @@ export async function openEngine(options: CacheOpenOptions): Promise<{ engine: C
     throw new PcacheError('CORRUPT', `${describeLogDamage(replayResult.damage)}; serving would lose acknowledged writes without a word. ` +
       '`pcache check` lists what is affected; accept the loss of everything from the damaged kset on to serve anyway', { reason: 'log-damaged' });
   }
+  const found = await compareBacking(ctx, resized);
+  if (found === 'changed' && ctx.stats.dirtyBytes > 0 && options.acceptBackingChange !== true) {
+    throw new PcacheError('FOREIGN', `the backing device changed since pcache last stopped cleanly${ctx.backingState === 'detached' ? ' (the cache was detached from it)' : ''}, ` +
+      `and the cache holds ${ctx.stats.dirtyBytes} bytes of dirty data never written back to it: give the backing device back its contents, ` +
+      'or accept the change (the dirty data is then written back over it), or discard the cache (pcache format --force --discard-dirty)', { reason: 'backing-changed' });
+  }
   ctx.dirtyTail = replayResult.dirtyTail;
   ctx.durableDirtyTail = replayResult.dirtyTail;
   const engine = new CacheEngine(ctx, replayResult.keyHead);
+  let droppedCleanBytes = 0;
   if (!ctx.readOnly) {
     if (replayResult.damage !== undefined) await retireStranded(ctx, replayResult.strandedSegments);
     await clearAfterHead(ctx, replayResult.keyHead);
     if (replayResult.damage !== undefined) await recordTruncatedLog(ctx, replayResult.keyHead);
+    if (found === 'changed') {
+      const seq = engine.log.appendInvalidate();
+      droppedCleanBytes = dropCleanKeys(ctx);
+      await engine.log.commit(seq);
+    }
+    await markBackingInUse(ctx);
+  } else if (found === 'changed') {
+    // Read-only: nothing may be written, so the marker waits for a read-write start; until
+    // then the stale copies are only left out of the index.
+    droppedCleanBytes = dropCleanKeys(ctx);
   }
   // Dirty data found by replay has waited for the whole downtime: it counts as old.
   if (ctx.stats.dirtyBytes > 0) engine.writeback.noteDurable(replayResult.keyHead.lsn, ctx.timers.now() - tuning.writebackMaxAgeMs);
   engine.writeback.kick(false);
   engine.gc.kick(false);
-  return { engine, replayResult };
+  return { engine, replayResult, backingCheck: { found, droppedCleanBytes } };
+}
+
+/** The backing device against cache_info's record of it at the last clean stop (cache_backing.ts). */
+async function compareBacking(ctx: CacheContext, resized: boolean): Promise<BackingCheck['found']> {
+  if (ctx.backingState === 'unknown') return 'unknown';
+  if (ctx.backingState === 'detached') return 'changed';
+  // Resizing a device moves a file's times and a sample's blocks; the cached copies of what
+  // was there before are kept (a grown device is served at its new size with its data, a
+  // shrunk one only when the cache holds nothing past its end).
+  if (resized) return 'resized';
+  const now = await backingFingerprint(ctx.backing, ctx.dev.sb.cacheUuid);
+  return sameFingerprint(now, ctx.backingFingerprint) ? 'same' : 'changed';
+}
+
+/**
+ * While the cache is open, cache_info says the backing device's state is unknown: pcache's own
+ * writeback changes the device, so a fingerprint from before would not match after a crash.
+ * Written and synced before writeback can write anything.
+ */
+async function markBackingInUse(ctx: CacheContext): Promise<void> {
+  if (ctx.backingState === 'unknown') return;
+  ctx.backingState = 'unknown';
+  ctx.backingFingerprint = noFingerprint;
+  await ctx.dev.writeCacheInfo(cacheInfoOf(ctx, ctx.gcPercent));
+  await ctx.dev.sync();
 }
 
 function checkBacking(metadata: CacheMetadata, backing: BlockDevice, acceptOtherIdentity: boolean): void {

@@ -141,6 +141,9 @@ export async function replay(
       pos = positionAfter(pos, kset);
       continue;
     }
+    // An INVALIDATE marker: the clean copies before it were dropped (their segment references
+    // stay until GC passes their keys, as for any key the index no longer holds).
+    if (kset.invalidate) dropCleanKeys(ctx);
     const problem = keysProblem(ctx, kset.keys);
     if (problem !== undefined) {
       stopReason = problem;
@@ -245,6 +248,17 @@ async function logBeyond(ctx: CacheContext, end: LogPos, inChain: Uint8Array): P
     if (ksetMagicBytes.equals(first.subarray(8, 16)) && consider(first, segment, 0)) stranded.push(segment);
   }
   return { durable, stranded };
+}
+
+/** Removes every CLEAN key from the index; returns the bytes they covered. */
+export function dropCleanKeys(ctx: CacheContext): number {
+  let bytes = 0;
+  ctx.index.sweep((subtree, index) => {
+    if ((subtree.flags(index) & keyFlagClean) === 0) return false;
+    bytes += subtree.length(index);
+    return true;
+  });
+  return bytes;
 }
 
 /** A key no valid log can contain: newer than its segment, or pointing into the log. */

@@ -75,7 +75,15 @@ export function dmStatusLine(status: CacheStatus): string {
 
 /** The cache_info record that describes this cache with `gcPercent`. */
 export function cacheInfoOf(ctx: CacheContext, gcPercent: number): CacheInfo {
-  return { dataCrc: ctx.dataCrc, initDone: true, gcPercent, segmentCount: ctx.segments.count, firstSegment: 0 };
+  return {
+    dataCrc: ctx.dataCrc,
+    initDone: true,
+    gcPercent,
+    segmentCount: ctx.segments.count,
+    firstSegment: 0,
+    backingState: ctx.backingState,
+    backingFingerprint: ctx.backingFingerprint,
+  };
 }
 
 /** The status of `engine`; `drainsInProgress` makes a running cache report 'draining'. */

@@ -11,12 +11,15 @@
 // - help text is generated from the same table the parser uses, so the two cannot disagree.
 
 import { MiB } from '../lib/units.js';
-import { checkGrammar, drainGrammar, formatGrammar, setGrammar, statusGrammar, type CheckArgs, type DrainArgs, type FormatArgs, type SetArgs, type StatusArgs } from './args_commands.js';
+import {
+  checkGrammar, detachGrammar, drainGrammar, formatGrammar, invalidateGrammar, setGrammar, statusGrammar, type CheckArgs, type ControlArgs,
+  type DrainArgs, type FormatArgs, type SetArgs, type StatusArgs,
+} from './args_commands.js';
 import { commandHelp, parseFlags, UsageError, type CommandGrammar, type CommandName } from './args_parse.js';
 import { serveGrammar, type ServeArgs } from './args_serve.js';
 
 export { UsageError, type CommandName } from './args_parse.js';
-export type { CheckArgs, DrainArgs, FormatArgs, SetArgs, StatusArgs } from './args_commands.js';
+export type { CheckArgs, ControlArgs, DrainArgs, FormatArgs, SetArgs, StatusArgs } from './args_commands.js';
 export { defaultServe, insecureBindProblem, isLoopback, logLevels, type ListenArgs, type LogLevel, type MetricsArgs, type ServeArgs, type TlsArgs } from './args_serve.js';
 
 /** Exit status: success. */
@@ -38,7 +41,9 @@ export type Invocation =
   | { readonly command: 'status'; readonly args: StatusArgs }
   | { readonly command: 'check'; readonly args: CheckArgs }
   | { readonly command: 'drain'; readonly args: DrainArgs }
-  | { readonly command: 'set'; readonly args: SetArgs };
+  | { readonly command: 'set'; readonly args: SetArgs }
+  | { readonly command: 'invalidate'; readonly args: ControlArgs }
+  | { readonly command: 'detach'; readonly args: ControlArgs };
 
 /** Every command's grammar, in the order the overview lists them. */
 const grammars: { readonly [Name in CommandName]: CommandGrammar<Extract<Invocation, { command: Name }>['args']> } = {
@@ -48,6 +53,8 @@ const grammars: { readonly [Name in CommandName]: CommandGrammar<Extract<Invocat
   check: checkGrammar,
   drain: drainGrammar,
   set: setGrammar,
+  invalidate: invalidateGrammar,
+  detach: detachGrammar,
 };
 
 const commandNames = Object.keys(grammars) as CommandName[];

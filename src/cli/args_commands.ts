@@ -37,6 +37,12 @@ export interface DrainArgs {
   readonly progress: boolean;
 }
 
+/** `invalidate` and `detach`: a running server's control socket. */
+export interface ControlArgs {
+  readonly controlPath: string;
+  readonly json: boolean;
+}
+
 export interface SetArgs {
   readonly controlPath: string;
   /** The changes, in the order given; empty to list the settings. */
@@ -158,6 +164,40 @@ export const drainGrammar: CommandGrammar<DrainArgs> = {
     const seconds = flags.integer('timeout', secondsRange);
     return { controlPath: flags.required('control'), timeoutMs: seconds === undefined ? undefined : seconds * 1000, progress: flags.has('progress') };
   },
+};
+
+export const invalidateGrammar: CommandGrammar<ControlArgs> = {
+  spec: {
+    summary: "drop every clean cached copy of a running server's cache (dirty data stays)",
+    usage: ['pcache invalidate --control PATH [--json]'],
+    flags: {
+      control: serverControlFlag,
+      json: switchFlag('print the result as JSON'),
+    },
+    notes: [
+      'For a backing device that something else wrote to while pcache served it: the next reads of',
+      'those ranges go to the backing device. (After a clean stop, pcache notices such writes itself.)',
+      'The drop is recorded in the cache\'s log, so it holds across restarts. Needs format version 2.',
+    ],
+  },
+  options: (flags) => ({ controlPath: flags.required('control'), json: flags.has('json') }),
+};
+
+export const detachGrammar: CommandGrammar<ControlArgs> = {
+  spec: {
+    summary: 'write everything back, drop the clean copies, mark the cache detached, stop the server',
+    usage: ['pcache detach --control PATH [--json]'],
+    flags: {
+      control: serverControlFlag,
+      json: switchFlag('print the result as JSON'),
+    },
+    notes: [
+      'The server stops taking client requests, writes every dirty byte back, drops every clean copy',
+      'and records the cache as detached, then exits: the backing device can be used (and changed)',
+      'without pcache. A later serve on the cache starts with nothing cached. Needs format version 2.',
+    ],
+  },
+  options: (flags) => ({ controlPath: flags.required('control'), json: flags.has('json') }),
 };
 
 export const setGrammar: CommandGrammar<SetArgs> = {

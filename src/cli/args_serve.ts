@@ -69,6 +69,8 @@ export interface ServeArgs {
   readonly forceBacking: boolean;
   /** Serve a cache whose log is damaged, losing every write from the damage on. */
   readonly acceptLogLoss: boolean;
+  /** Serve although the backing device changed while dirty data waited for it. */
+  readonly acceptBackingChange: boolean;
   /** The NBD server's busy-polling window (src/nbd/busy_poll.ts). */
   readonly busyPollUs: number;
   /** TLS for NBD clients; undefined: none (NOTLS). */
@@ -104,7 +106,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
       '             [--tls off|on|require] [--tls-certificates DIR [--tls-verify-peer] | --tls-psk FILE] [--allow-insecure]',
       '             [--control PATH] [--export-name NAME] [--read-only] [--gc-percent N] [--tuning NAME=VALUE,...]',
       '             [--backing-connections N] [--metrics HOST:PORT [--metrics-allow-remote]] [--log-level LEVEL]',
-      '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--accept-log-loss] [--busy-poll-us N] [--pid-file PATH]',
+      '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--accept-log-loss] [--accept-backing-change] [--busy-poll-us N] [--pid-file PATH]',
       'pcache serve            (no arguments: a ready-made cache and disk in ./pcache-data/)',
     ],
     flags: {
@@ -128,6 +130,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
       'read-only': switchFlag('refuse writes; nothing is written to either device'),
       'force-backing': switchFlag('open the cache although the backing device is not the one it was formatted for (a copy or a moved file of the same size)'),
       'accept-log-loss': switchFlag('serve a cache whose log is damaged, losing every write from the damaged kset on (see `pcache check`)'),
+      'accept-backing-change': switchFlag('serve although the backing device changed since the last clean stop while the cache held dirty data for it: the dirty data is written back over it'),
       'gc-percent': valueFlag('N', `set the GC threshold (0..${gcPercentMax}) and store it in the cache`),
       tuning: valueFlag('NAME=VALUE,...', 'runtime knobs to start with (names as in `pcache set`, e.g. writeback_idle_ms=5000)'),
       metrics: valueFlag('HOST:PORT', 'serve Prometheus metrics at http://HOST:PORT/metrics (loopback only; port 0 picks one)'),
@@ -176,6 +179,7 @@ function defaultModeArgs(): ServeArgs {
     drainTimeoutMs: defaultDrainTimeoutSeconds * 1000,
     forceBacking: false,
     acceptLogLoss: false,
+    acceptBackingChange: false,
     busyPollUs: busyPollWindowDefaultUs,
     listenGiven: false,
     tls: undefined,
@@ -195,7 +199,7 @@ function serveArgs(flags: Flags): ServeArgs {
   const gcPercent = gcPercentFlag(flags);
   if (gcPercent !== undefined && readOnly) throw flags.usage('--gc-percent cannot be stored in a cache served --read-only');
   if (noCache) {
-    for (const flag of ['cache', 'cache-size', 'segment-size', 'gc-percent', 'tuning', 'drain-on-exit', 'force-backing', 'accept-log-loss']) {
+    for (const flag of ['cache', 'cache-size', 'segment-size', 'gc-percent', 'tuning', 'drain-on-exit', 'force-backing', 'accept-log-loss', 'accept-backing-change']) {
       if (flags.has(flag)) throw flags.usage(`--${flag} makes no sense with --no-cache`);
     }
   }
@@ -234,6 +238,7 @@ function serveArgs(flags: Flags): ServeArgs {
     drainTimeoutMs: drainSeconds * 1000,
     forceBacking: flags.has('force-backing'),
     acceptLogLoss: flags.has('accept-log-loss'),
+    acceptBackingChange: flags.has('accept-backing-change'),
     busyPollUs: flags.integer('busy-poll-us', { min: 0, max: busyPollWindowMaxUs }) ?? busyPollWindowDefaultUs,
     listenGiven: socket !== undefined || port !== undefined,
     tls,

@@ -37,6 +37,10 @@ export interface ControlHandlers {
    * resolves to every setting's value afterwards; refuses with a PcacheError.
    */
   set(changes: Readonly<Record<string, unknown>>): Promise<unknown>;
+  /** Drops every clean cached copy; resolves to the bytes dropped. */
+  invalidate(): Promise<number>;
+  /** Drains, drops every clean copy, marks the cache detached; the server then stops. */
+  detach(): Promise<void>;
 }
 
 /** A failure answered by the protocol itself (not an operating error of the cache). */
@@ -83,6 +87,8 @@ export class ControlServer {
       { ...controlRoutes.drain, answer: () => this.handlers.drain().then(() => ({ drained: true })) },
       { ...controlRoutes.settings, answer: () => this.handlers.set({}) },
       { ...controlRoutes.set, answer: (body) => this.handlers.set(settingsOf(body)) },
+      { ...controlRoutes.invalidate, answer: () => this.handlers.invalidate().then((droppedBytes) => ({ droppedBytes })) },
+      { ...controlRoutes.detach, answer: () => this.handlers.detach().then(() => ({ detached: true })) },
     ];
     this.server = http.createServer({
       maxHeaderSize: this.limits.headerBytesMax,

@@ -9,6 +9,9 @@
 //   GET   /settings  every setting and its value
 //   PATCH /settings  a JSON object of name: value, applied all together or none; answers every
 //                    setting's value afterwards ({} changes nothing)
+//   POST  /invalidate  drops every clean cached copy (dirty data stays): {"droppedBytes":N}
+//   POST  /detach    writes everything back, drops every clean copy, marks the cache detached
+//                    and stops the server: {"detached":true}
 //
 // Success is 200 with the JSON result. A failure is {"error":{"code":"EINVAL","message":"..."}}
 // (with "reason" when the engine gave one) and an HTTP status that fits: controlErrorStatus
@@ -19,7 +22,7 @@ import type { PcacheErrorCode } from '../lib/errors.js';
 export type ControlMethod = 'GET' | 'POST' | 'PATCH';
 
 /** What the client asks for; each is one route. */
-export type ControlOp = 'routes' | 'status' | 'drain' | 'settings' | 'set';
+export type ControlOp = 'routes' | 'status' | 'drain' | 'settings' | 'set' | 'invalidate' | 'detach';
 
 export interface ControlRoute {
   readonly method: ControlMethod;
@@ -35,6 +38,8 @@ export const controlRoutes: Readonly<Record<ControlOp, ControlRoute>> = {
   drain: { method: 'POST', path: '/drain', summary: 'write back everything written before the request; answers when the backing device holds it, synced', command: 'drain' },
   settings: { method: 'GET', path: '/settings', summary: 'every setting and its value', command: 'set' },
   set: { method: 'PATCH', path: '/settings', summary: 'change settings: a JSON object of name: value, applied all together or none', command: 'set' },
+  invalidate: { method: 'POST', path: '/invalidate', summary: 'drop every clean cached copy (dirty data stays); answers the bytes dropped', command: 'invalidate' },
+  detach: { method: 'POST', path: '/detach', summary: 'write everything back, drop every clean copy, mark the cache detached and stop the server', command: 'detach' },
 };
 
 /** The body of every failure. */

@@ -26,7 +26,7 @@ export interface ControlRequestOptions {
 export function controlRequest(path: string, op: ControlOp, options: ControlRequestOptions = {}): Promise<unknown> {
   const route = controlRoutes[op];
   const what = route.command;
-  const timeoutMs = 'timeoutMs' in options ? options.timeoutMs : op === 'drain' ? undefined : defaultTimeoutMs;
+  const timeoutMs = 'timeoutMs' in options ? options.timeoutMs : op === 'drain' || op === 'detach' ? undefined : defaultTimeoutMs;
   const payload = options.body === undefined ? undefined : JSON.stringify(options.body);
   return new Promise((resolve, reject) => {
     let done = false;

@@ -42,6 +42,10 @@ async function run(invocation: Invocation, terminal: Terminal): Promise<number> 
       return (await import('./drain_cmd.js')).drainCommand(invocation.args, terminal);
     case 'set':
       return (await import('./set_cmd.js')).setCommand(invocation.args, terminal);
+    case 'invalidate':
+      return (await import('./invalidate_cmd.js')).invalidateCommand(invocation.args, terminal);
+    case 'detach':
+      return (await import('./invalidate_cmd.js')).detachCommand(invocation.args, terminal);
   }
 }
 

@@ -80,10 +80,14 @@ class StopRequests {
       this.received.push(request);
       for (const waiter of this.waiters.splice(0)) waiter(request);
     };
+    this.stop = stop;
     process.on('SIGINT', () => { stop('SIGINT'); });
     process.on('SIGTERM', () => { stop('SIGTERM'); });
     process.on('SIGHUP', () => { stop('SIGHUP'); }); // the terminal went away
   }
+
+  /** Asks for a stop from inside (`pcache detach`), as a signal would. */
+  readonly stop: (reason: string) => void;
 
   /** Resolves with the request number `index` (0 = the first), at once if it already came. */
   nth(index: number): Promise<StopRequest> {
@@ -184,6 +188,24 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
           const settings = await served.set(changes);
           if (Object.keys(changes).length > 0) log.info({ changes, settings }, 'settings changed');
           return settings;
+        },
+        invalidate: async () => {
+          const droppedBytes = await served.invalidate();
+          log.info({ droppedBytes }, 'clean cached copies dropped');
+          return droppedBytes;
+        },
+        detach: async () => {
+          // No client request may land between the drain and the mark: clients go first.
+          log.info({ dirtyBytes: served.cacheStatus()?.dirtyBytes ?? 0 }, 'detaching: closing the NBD server, then writing everything back');
+          await nbd.close();
+          try {
+            await served.detach();
+            log.info({}, 'detached: the backing device holds everything and may be used without pcache');
+          } finally {
+            // The stop closes the control socket too: it comes once this answer has been sent
+            // (the answer goes out in the promise callbacks, before the next immediate).
+            setImmediate(() => { stops.stop('detach'); });
+          }
         },
       }, { version: packageVersion() });
       await control.listen(args.controlPath);
@@ -308,6 +330,9 @@ interface Served {
   /** The cache's own status; undefined without a cache. */
   cacheStatus(): ReturnType<Cache['status']> | undefined;
   drain(): Promise<void>;
+  invalidate(): Promise<number>;
+  /** Writes everything back, drops the clean copies, marks the cache detached and closes it. */
+  detach(): Promise<void>;
   /** The backing device is reachable again: retry writeback now. */
   retryBacking(): void;
   set(changes: Readonly<Record<string, unknown>>): Promise<Record<string, number>>;
@@ -373,12 +398,14 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
       readOnly: args.readOnly,
       acceptOtherBackingIdentity: args.forceBacking,
       acceptLogLoss: args.acceptLogLoss,
+      acceptBackingChange: args.acceptBackingChange,
       tuning: tuningOf(args),
     });
   } catch (error) {
     if (!isPcacheError(error)) throw error;
     const hint = error.reason === 'other-backing-identity' ? ': add --force-backing to accept it'
-      : error.reason === 'log-damaged' ? ` (pcache check --cache ${args.cachePath}; then --accept-log-loss)` : '';
+      : error.reason === 'log-damaged' ? ` (pcache check --cache ${args.cachePath}; then --accept-log-loss)`
+        : error.reason === 'backing-changed' ? ' (--accept-backing-change writes the dirty data over the changed device)' : '';
     throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath}: ${error.message}${hint}`, { cause: error, reason: error.reason });
   }
   closers.push(() => cache.close());
@@ -391,6 +418,8 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
   const replay = { ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors: dataCrcErrors.length };
   if (stopDamage || dataCrcErrors.length > 0) log.warn({ replay }, 'replay found damage');
   if (cache.replayResult.damage !== undefined) log.error({ damage: describeLogDamage(cache.replayResult.damage) }, 'serving a damaged log: writes from the damaged kset on are lost (--accept-log-loss)');
+  const { found, droppedCleanBytes } = cache.backingCheck;
+  if (found === 'changed') log.warn({ droppedCleanBytes }, 'the backing device changed since the last clean stop (or the cache was detached): its clean cached copies were dropped');
   if (cache.status().formatVersion === 1) {
     log.warn({ formatVersion: 1 }, 'format version 1: losing one 4 KiB block of metadata can make this cache unreadable; drain it and format it again to get version 2');
   }
@@ -398,7 +427,7 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
     export: cache,
     cacheSizeBytes: device.sizeBytes,
     formatted,
-    startFacts: { cacheUuid: cache.status().cacheUuid, formatted, replay },
+    startFacts: { cacheUuid: cache.status().cacheUuid, formatted, replay, backing: cache.backingCheck },
     status: () => {
       const status = cache.status();
       return { dmStatusLine: dmStatusLine(status), cache: status };
@@ -416,6 +445,8 @@ async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[
       if (args.readOnly) throw new PcacheError('EPERM', 'the cache is served --read-only: its settings cannot change');
       return applySettings(cache, changes);
     },
+    invalidate: () => cache.invalidate(),
+    detach: () => cache.detach(),
   };
 }
 
@@ -430,6 +461,8 @@ function noCacheExport(backing: BlockDevice): Served {
     retryBacking: () => undefined,
     drain: () => backing.sync(),
     set: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: there are no cache settings')),
+    invalidate: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: nothing is cached')),
+    detach: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: there is no cache to detach')),
   };
 }
 

@@ -31,6 +31,13 @@ export interface BlockDevice {
   sync(): Promise<void>;
   /** Drops the range's contents; afterwards it reads as zeroes. */
   discard?(offsetBytes: number, lengthBytes: number): Promise<void>;
+  /**
+   * A cheap description of the device's present state that any write changes (a file: its
+   * size, device, inode and change times), where the device can give one; pcache compares
+   * it across a stop to notice writes made by others. Absent, or undefined, when the device
+   * cannot: pcache then samples blocks (src/cache/cache_backing.ts).
+   */
+  fingerprint?(): Promise<string | undefined>;
   close(): Promise<void>;
 }
 

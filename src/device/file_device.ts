@@ -106,6 +106,16 @@ export class FileDevice implements BlockDevice {
     });
   }
 
+  /**
+   * A regular file describes itself: any write moves its modification and change times, which
+   * the kernel keeps in nanoseconds. A block device has no such times (undefined: sampled).
+   */
+  fingerprint(): Promise<string | undefined> {
+    const stat = fs.fstatSync(this.check(0, 0), { bigint: true });
+    if (!stat.isFile()) return Promise.resolve(undefined);
+    return Promise.resolve(`file:dev=${stat.dev},ino=${stat.ino},size=${stat.size},mtime=${stat.mtimeNs},ctime=${stat.ctimeNs}`);
+  }
+
   async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
     // Node offers no fallocate(PUNCH_HOLE); writing zeroes meets the discard contract.
     this.checkWritable(offsetBytes, lengthBytes);

@@ -43,7 +43,9 @@ export type PcacheErrorReason =
   /** The cache was formatted for a backing device with another identity (a copy may be accepted). */
   | 'other-backing-identity'
   /** The cache's log is damaged inside, not merely cut short by a crash: serving would drop acknowledged writes. */
-  | 'log-damaged';
+  | 'log-damaged'
+  /** The backing device changed since the last clean stop while the cache holds dirty data for it. */
+  | 'backing-changed';
 
 export class PcacheError extends Error {
   override readonly name = 'PcacheError';

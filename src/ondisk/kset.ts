@@ -23,6 +23,9 @@
 //                               bit 1 EPOCH_END (sealed by a flush: a client flush epoch ends here)
 //                               bit 2 EXTENDED (the two fields below follow; every kset of a
 //                                     version 2 device has them, no kset of version 1 does)
+//                               bit 3 INVALIDATE (version 2; no keys): every CLEAN key before
+//                                     it in the log is dropped (`pcache invalidate`, or a
+//                                     backing device found changed at start)
 //   20      4     log_gen       low 32 bits of the generation of the segment the kset is in
 //   24      8     seq           the kset's number in the log: each kset with keys takes the next
 //                               one; a LAST kset carries the number of the kset after it
@@ -65,7 +68,8 @@ const keyFlagsOnDisk = keyFlagClean | keyFlagZero;
 export const ksetFlagLast = 1 << 0;
 export const ksetFlagEpochEnd = 1 << 1;
 export const ksetFlagExtended = 1 << 2;
-const ksetFlagsKnown = ksetFlagLast | ksetFlagEpochEnd | ksetFlagExtended;
+export const ksetFlagInvalidate = 1 << 3;
+const ksetFlagsKnown = ksetFlagLast | ksetFlagEpochEnd | ksetFlagExtended | ksetFlagInvalidate;
 
 export function ksetHeaderBytesFor(extended: boolean): number {
   return extended ? ksetExtendedHeaderBytes : ksetHeaderBytes;
@@ -149,6 +153,8 @@ export function validateKey(key: KeyRecord, limits: KeyLimits): string | undefin
 export interface KsetSeal {
   readonly keyCount: number;
   readonly epochEnd: boolean;
+  /** An INVALIDATE marker (no keys; extended ksets only). */
+  readonly invalidate?: boolean;
   readonly logGen: number;
   readonly crcSeed: number;
   /** The seq fields, on a device whose ksets carry them (format version 2). */
@@ -162,7 +168,7 @@ export interface KsetSeal {
 export function sealKset(buffer: Uint8Array, seal: KsetSeal): number {
   const size = ksetBytes(seal.keyCount, seal.seqs !== undefined);
   writeU32LE(buffer, 4, seal.keyCount);
-  writeHeaderTail(buffer, seal.epochEnd ? ksetFlagEpochEnd : 0, seal.logGen, seal.seqs);
+  writeHeaderTail(buffer, (seal.epochEnd ? ksetFlagEpochEnd : 0) | (seal.invalidate === true ? ksetFlagInvalidate : 0), seal.logGen, seal.seqs);
   writeU32LE(buffer, 0, crc32c(buffer.subarray(4, size), seal.crcSeed));
   return size;
 }
@@ -195,7 +201,7 @@ interface DecodedSeqs {
 
 export type DecodedKset =
   | ({ readonly ok: true; readonly kind: 'last'; readonly next: number; readonly sizeBytes: number } & DecodedSeqs)
-  | ({ readonly ok: true; readonly kind: 'keys'; readonly keys: KeyRecord[]; readonly epochEnd: boolean; readonly sizeBytes: number } & DecodedSeqs)
+  | ({ readonly ok: true; readonly kind: 'keys'; readonly keys: KeyRecord[]; readonly epochEnd: boolean; readonly invalidate: boolean; readonly sizeBytes: number } & DecodedSeqs)
   /**
    * `damage` is false for the ways a log normally ends (never written, torn by a crash, left
    * from an earlier use of the segment) and true when a kset whose CRC is valid carries a
@@ -247,13 +253,15 @@ export function decodeKset(bytes: Uint8Array, context: KsetContext): DecodedKset
   if (context.extended && (!Number.isSafeInteger(seqs.seq) || seqs.seq < 1 || !(seqs.durableSeq < seqs.seq))) {
     return damaged(`kset seq ${seqs.seq} with durable seq ${seqs.durableSeq} is impossible`);
   }
+  const invalidate = (flags & ksetFlagInvalidate) !== 0;
+  if (invalidate && (!context.extended || isLast || countOrNext !== 0)) return damaged('an INVALIDATE kset must be an extended kset without keys');
   if (isLast) {
     if ((flags & ksetFlagEpochEnd) !== 0) return damaged('a LAST kset cannot end an epoch');
     if (countOrNext >= context.segmentCount) return damaged(`LAST kset points at segment ${countOrNext}, out of range`);
     return { ok: true, kind: 'last', next: countOrNext, sizeBytes: size, ...seqs };
   }
   const epochEnd = (flags & ksetFlagEpochEnd) !== 0;
-  if (countOrNext === 0 && !epochEnd) return damaged('an empty kset must end an epoch');
+  if (countOrNext === 0 && !epochEnd && !invalidate) return damaged('an empty kset must end an epoch or invalidate');
   const keys: KeyRecord[] = [];
   for (let index = 0; index < countOrNext; index++) {
     const key = decodeKey(bytes, headerBytes + index * keyBytes);
@@ -261,5 +269,5 @@ export function decodeKset(bytes: Uint8Array, context: KsetContext): DecodedKset
     if (problem !== undefined) return damaged(`key ${index}: ${problem}`);
     keys.push(key);
   }
-  return { ok: true, kind: 'keys', keys, epochEnd, sizeBytes: size, ...seqs };
+  return { ok: true, kind: 'keys', keys, epochEnd, invalidate, sizeBytes: size, ...seqs };
 }

@@ -42,6 +42,14 @@ class Handlers implements ControlHandlers {
     return Promise.resolve(this.settings);
   }
 
+  invalidate(): Promise<number> {
+    return Promise.resolve(4096);
+  }
+
+  detach(): Promise<void> {
+    return Promise.resolve();
+  }
+
   release(): void {
     for (const resolve of this.waiting.splice(0)) resolve();
   }

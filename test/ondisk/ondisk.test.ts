@@ -4,7 +4,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { crc32c } from '../../src/lib/crc32c.js';
 import { MiB, writeU32LE } from '../../src/lib/units.js';
-import { decodeCacheInfo, encodeCacheInfo, type CacheInfo } from '../../src/ondisk/cache_info.js';
+import { decodeCacheInfo, encodeCacheInfo, noFingerprint, type CacheInfo } from '../../src/ondisk/cache_info.js';
 import { decodeCachePos, encodeCachePos } from '../../src/ondisk/cache_pos.js';
 import {
   decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, keyFlagZero, ksetBytes, ksetBytesMax, ksetCrcSeed, ksetExtendedHeaderBytes,
@@ -90,7 +90,7 @@ describe('superblock', () => {
 });
 
 describe('dual-copy records', () => {
-  const info: CacheInfo = { dataCrc: true, initDone: true, gcPercent: 70, segmentCount: 31, firstSegment: 0 };
+  const info: CacheInfo = { dataCrc: true, initDone: true, gcPercent: 70, segmentCount: 31, firstSegment: 0, backingState: 'unknown', backingFingerprint: noFingerprint };
 
   it('cache_info round-trips', () => {
     const decoded = decodeCacheInfo(encodeCacheInfo(info, 9, 1), 31, 'cache_info', 1);
