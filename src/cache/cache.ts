@@ -14,7 +14,7 @@ import { sectorSizeBytes } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { gcPercentMax } from '../ondisk/layout.js';
 import { checkCacheDevice, compareWithEngine } from './cache_check.js';
-import { formatCacheDevice, type FormatOptions } from './cache_dev.js';
+import { formatCacheDevice, type FormatOptions } from './cache_metadata.js';
 import type { CacheEngine } from './cache_engine.js';
 import { backingFingerprint } from './cache_backing.js';
 import { openEngine, type BackingCheck, type CacheOpenOptions } from './cache_open.js';
@@ -23,7 +23,7 @@ import { dropCleanKeys, type ReplayResult } from './cache_replay.js';
 import { cacheInfoOf, cacheStatus, type CacheStatus } from './cache_status.js';
 import { tuningProblem, type CacheTuning } from './cache_tuning.js';
 
-export type { FormatOptions } from './cache_dev.js';
+export type { FormatOptions } from './cache_metadata.js';
 export type { BackingCheck, CacheOpenOptions } from './cache_open.js';
 export type { CacheExtentStatus } from './cache_read.js';
 export { describeLogDamage, type LogDamage, type ReplayResult } from './cache_replay.js';

@@ -8,8 +8,13 @@
 // moves its times. Devices that cannot (block devices, NBD exports, memory) are sampled: their
 // size and the CRCs of a fixed set of 4 KiB blocks spread over them, chosen from the cache's
 // uuid. A sample misses changes outside its blocks; it catches a device replaced by another
-// and the usual wholesale rewrites. The fingerprint is a 16-byte digest, so any length of
-// description fits the record.
+// and the usual wholesale rewrites.
+//
+// The 16-byte record holds two 8-byte digests: the device's own description (or its sample,
+// when it has none), compared at every start; and always the sample of its contents, compared
+// instead when the operator declared the device a copy of the recorded one (serve
+// --force-backing): a copied file has another inode and other change times, but a faithful
+// copy has the same contents.
 
 import { createHash } from 'node:crypto';
 import { crc32c } from '../lib/crc32c.js';
@@ -21,14 +26,30 @@ import { backingFingerprintBytes } from '../ondisk/cache_info.js';
 export const fingerprintSampleBlocks = 16;
 const sampleBlockBytes = 4 * KiB;
 
-/** The backing device's fingerprint now (reads a few blocks of a device that has no description of its own). */
+const halfBytes = backingFingerprintBytes / 2;
+
+/** The backing device's fingerprint now: description digest, then sample digest (reads 16 blocks). */
 export async function backingFingerprint(backing: BlockDevice, cacheUuid: Uint8Array): Promise<Uint8Array> {
-  const description = (await backing.fingerprint?.()) ?? `sampled:${await sampledBlocks(backing, cacheUuid)}`;
-  return createHash('sha256').update(`size=${backing.sizeBytes};${description}`).digest().subarray(0, backingFingerprintBytes);
+  const sample = `sampled:${await sampledBlocks(backing, cacheUuid)}`;
+  const description = (await backing.fingerprint?.()) ?? sample;
+  const fingerprint = new Uint8Array(backingFingerprintBytes);
+  fingerprint.set(digest(backing.sizeBytes, description), 0);
+  fingerprint.set(digest(backing.sizeBytes, sample), halfBytes);
+  return fingerprint;
 }
 
-export function sameFingerprint(a: Uint8Array, b: Uint8Array): boolean {
-  return Buffer.from(a).equals(Buffer.from(b));
+/**
+ * Whether two fingerprints describe the same device state. `asCopy`: the device is declared a
+ * copy of the recorded one, so only the contents' sample can match.
+ */
+export function sameFingerprint(recorded: Uint8Array, now: Uint8Array, asCopy: boolean): boolean {
+  const from = asCopy ? halfBytes : 0;
+  const to = asCopy ? backingFingerprintBytes : halfBytes;
+  return Buffer.from(recorded.subarray(from, to)).equals(now.subarray(from, to));
+}
+
+function digest(sizeBytes: number, description: string): Uint8Array {
+  return createHash('sha256').update(`size=${sizeBytes};${description}`).digest().subarray(0, halfBytes);
 }
 
 /** CRCs of the first and last blocks and of blocks picked from the uuid in between. */

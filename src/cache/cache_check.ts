@@ -14,7 +14,7 @@ import type { BlockDevice } from '../device/block_device.js';
 import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
 import { uuidToString } from '../ondisk/superblock.js';
 import { CacheContext } from './cache_context.js';
-import { readCacheMetadata, segmentChainProblems, type CacheMetadata } from './cache_dev.js';
+import { readCacheMetadata, segmentChainProblems, type CacheMetadata } from './cache_metadata.js';
 import type { CacheEngine } from './cache_engine.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
 import { describeLogDamage, replay, replayStartOf, type LogDamage, type ReplayResult } from './cache_replay.js';

@@ -18,9 +18,7 @@ import { KiB, isAllZero } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { noFingerprint } from '../ondisk/cache_info.js';
 import { CacheContext } from './cache_context.js';
-import {
-  formatCacheDevice, pcacheRecordsFound, probeDevice, readCacheMetadata, rewriteSuperblock, type CacheMetadata, type FormatOptions,
-} from './cache_dev.js';
+import { formatCacheDevice, pcacheRecordsFound, probeDevice, readCacheMetadata, rewriteSuperblock, type CacheMetadata, type FormatOptions } from './cache_metadata.js';
 import { CacheEngine } from './cache_engine.js';
 import { backingFingerprint, sameFingerprint } from './cache_backing.js';
 import { describeLogDamage, dropCleanKeys, replay, replayStartOf, type ReplayResult } from './cache_replay.js';
@@ -93,7 +91,7 @@ export async function openEngine(options: CacheOpenOptions): Promise<{ engine: C
     throw new PcacheError('FOREIGN', 'the cache device holds data that is not a pcache cache; refusing to touch it', { reason: 'not-pcache' });
   }
   let metadata = await readCacheMetadata(cacheDevice);
-  checkBacking(metadata, backingDevice, options.acceptOtherBackingIdentity === true);
+  const declaredCopy = checkBacking(metadata, backingDevice, options.acceptOtherBackingIdentity === true);
   const resized = backingDevice.sizeBytes !== metadata.sb.backingSizeBytes;
   if (metadata.sb.backingSizeBytes !== backingDevice.sizeBytes) {
     if (options.readOnly !== true) metadata = await adoptBackingSize(cacheDevice, backingDevice, metadata);
@@ -112,7 +110,7 @@ export async function openEngine(options: CacheOpenOptions): Promise<{ engine: C
     throw new PcacheError('CORRUPT', `${describeLogDamage(replayResult.damage)}; serving would lose acknowledged writes without a word. ` +
       '`pcache check` lists what is affected; accept the loss of everything from the damaged kset on to serve anyway', { reason: 'log-damaged' });
   }
-  const found = await compareBacking(ctx, resized);
+  const found = await compareBacking(ctx, resized, declaredCopy);
   if (found === 'changed' && ctx.stats.dirtyBytes > 0 && options.acceptBackingChange !== true) {
     throw new PcacheError('FOREIGN', `the backing device changed since pcache last stopped cleanly${ctx.backingState === 'detached' ? ' (the cache was detached from it)' : ''}, ` +
       `and the cache holds ${ctx.stats.dirtyBytes} bytes of dirty data never written back to it: give the backing device back its contents, ` +
@@ -145,7 +143,7 @@ export async function openEngine(options: CacheOpenOptions): Promise<{ engine: C
 }
 
 /** The backing device against cache_info's record of it at the last clean stop (cache_backing.ts). */
-async function compareBacking(ctx: CacheContext, resized: boolean): Promise<BackingCheck['found']> {
+async function compareBacking(ctx: CacheContext, resized: boolean, declaredCopy: boolean): Promise<BackingCheck['found']> {
   if (ctx.backingState === 'unknown') return 'unknown';
   if (ctx.backingState === 'detached') return 'changed';
   // Resizing a device moves a file's times and a sample's blocks; the cached copies of what
@@ -153,7 +151,7 @@ async function compareBacking(ctx: CacheContext, resized: boolean): Promise<Back
   // shrunk one only when the cache holds nothing past its end).
   if (resized) return 'resized';
   const now = await backingFingerprint(ctx.backing, ctx.dev.sb.cacheUuid);
-  return sameFingerprint(now, ctx.backingFingerprint) ? 'same' : 'changed';
+  return sameFingerprint(ctx.backingFingerprint, now, declaredCopy) ? 'same' : 'changed';
 }
 
 /**
@@ -169,11 +167,14 @@ async function markBackingInUse(ctx: CacheContext): Promise<void> {
   await ctx.dev.sync();
 }
 
-function checkBacking(metadata: CacheMetadata, backing: BlockDevice, acceptOtherIdentity: boolean): void {
+/** Refuses another backing device than the recorded one unless accepted; returns whether it is a declared copy. */
+function checkBacking(metadata: CacheMetadata, backing: BlockDevice, acceptOtherIdentity: boolean): boolean {
   const sb = metadata.sb;
-  if (sb.backingIdentity !== '' && backing.identity !== undefined && sb.backingIdentity !== backing.identity && !acceptOtherIdentity) {
+  const other = sb.backingIdentity !== '' && backing.identity !== undefined && sb.backingIdentity !== backing.identity;
+  if (other && !acceptOtherIdentity) {
     throw new PcacheError('FOREIGN', `this cache belongs to backing device "${sb.backingIdentity}", not "${backing.identity}" (accept it only if it is a copy of that device)`, { reason: 'other-backing-identity' });
   }
+  return other;
 }
 
 /**

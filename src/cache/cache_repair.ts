@@ -19,7 +19,7 @@ import type { DualCopyChoice } from '../ondisk/meta_header.js';
 import { encodeSegmentGen } from '../ondisk/segment_gen.js';
 import { encodeSegmentInfo } from '../ondisk/segment_info.js';
 import { encodeSuperblock } from '../ondisk/superblock.js';
-import { readCacheMetadata, type CacheMetadata } from './cache_dev.js';
+import { readCacheMetadata, type CacheMetadata } from './cache_metadata.js';
 
 /**
  * Rewrites every damaged copy that has a valid twin; returns what was rewritten (empty: nothing

@@ -43,7 +43,7 @@ import { PcacheError } from '../lib/errors.js';
 import { KiB } from '../lib/units.js';
 import { decodeKset, keyFlagClean, keyFlagZero, ksetBytesMax, ksetMagic, type KeyRecord } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
-import type { CacheMetadata } from './cache_dev.js';
+import type { CacheMetadata } from './cache_metadata.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
 import { segmentKindData, segmentKindFree, segmentKindLog } from './cache_segment.js';
 import { keyFromRecord, newIndexKey } from './cache_tree.js';

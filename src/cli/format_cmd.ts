@@ -16,7 +16,7 @@
 import fs from 'node:fs';
 import { Cache } from '../cache/cache.js';
 import { checkCacheDevice } from '../cache/cache_check.js';
-import { pcacheRecordsFound, probeDevice, type FormatOptions } from '../cache/cache_dev.js';
+import { pcacheRecordsFound, probeDevice, type FormatOptions } from '../cache/cache_metadata.js';
 import { FileDevice } from '../device/file_device.js';
 import { PcacheError } from '../lib/errors.js';
 import { NbdRemoteDevice } from '../nbd/client/remote_device.js';

@@ -25,24 +25,17 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { Cache, describeLogDamage, dmStatusLine, type CacheTuning } from '../cache/cache.js';
-import { probeDevice } from '../cache/cache_dev.js';
-import type { BlockDevice } from '../device/block_device.js';
-import { DeviceExport } from '../device/device_export.js';
-import { FileDevice } from '../device/file_device.js';
-import { RecordingDevice } from '../device/recording_device.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
-import { NbdRemoteDevice, type NbdRemoteState } from '../nbd/client/remote_device.js';
 import { NbdServer, type NbdBoundAddress } from '../nbd/server/server.js';
 import { defaultServe, exitFailure, exitOk, insecureBindProblem, isLoopback, UsageError, type ServeArgs } from './args.js';
 import { ControlServer } from './control.js';
-import { describeDevice, ensureDeviceFile, sizeFlagIgnored } from './devices.js';
+import { describeDevice, sizeFlagIgnored } from './devices.js';
 import { refuseIfInUse } from './in_use.js';
 import { createLogger, type Logger } from './log.js';
 import { createMetricsRegistry, MetricsServer, NbdRequestCounters } from './metrics.js';
 import { writePidFile } from './pid_file.js';
+import { noCacheExport, openBacking, openCache, prepareFiles, recorded, type Closer, type Served } from './serve_open.js';
 import { loadServeTls, type ServeTls } from './serve_tls.js';
-import { applySettings, currentSettings, knobNamed } from './settings.js';
 import { notificationsWanted, notifySystemd, takeInheritedSocket } from './systemd.js';
 import type { Terminal } from './terminal.js';
 import { packageVersion } from './version.js';
@@ -102,18 +95,6 @@ class StopRequests {
       this.waiters.push(wait);
     });
   }
-}
-
-type Closer = () => Promise<void>;
-
-/**
- * With --record-dir, a device whose every write and sync is also appended to DIR/<name>.log
- * (src/device/recording_device.ts). The log needs no fsync: it lives in the page cache, which a
- * SIGKILL does not lose, and the crash tests rebuild power-loss states of the run from it.
- */
-function recorded(args: ServeArgs, name: 'cache' | 'backing', device: BlockDevice): BlockDevice {
-  if (args.recordDir === undefined) return device;
-  return RecordingDevice.create(device, path.join(args.recordDir, `${name}.log`));
 }
 
 export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise<number> {
@@ -318,152 +299,6 @@ function watchState(served: Served, log: Logger): NodeJS.Timeout {
   }, stateWatchIntervalMs);
   timer.unref();
   return timer;
-}
-
-interface Served {
-  readonly export: Cache | DeviceExport;
-  readonly cacheSizeBytes: number;
-  readonly formatted: boolean;
-  /** What the 'serving' log line says about the cache (logged once everything is up, so a failed start prints one error line only). */
-  readonly startFacts: Record<string, unknown>;
-  status(): Record<string, unknown>;
-  /** The cache's own status; undefined without a cache. */
-  cacheStatus(): ReturnType<Cache['status']> | undefined;
-  drain(): Promise<void>;
-  invalidate(): Promise<number>;
-  /** Writes everything back, drops the clean copies, marks the cache detached and closes it. */
-  detach(): Promise<void>;
-  /** The backing device is reachable again: retry writeback now. */
-  retryBacking(): void;
-  set(changes: Readonly<Record<string, unknown>>): Promise<Record<string, number>>;
-}
-
-interface OpenedBacking {
-  readonly device: BlockDevice;
-  /** Set for an NBD backing device (its connection state goes into status). */
-  readonly remote: NbdRemoteDevice | undefined;
-  /** Sets what runs when an NBD backing device's connection comes back. */
-  whenBackOnline(callback: () => void): void;
-}
-
-async function openBacking(args: ServeArgs, log: Logger): Promise<OpenedBacking> {
-  if (!args.backingIsUri) return { device: await FileDevice.open(args.backingPath, { readOnly: args.readOnly }), remote: undefined, whenBackOnline: () => undefined };
-  let wasOffline = false;
-  let backOnline = (): void => undefined;
-  const onStateChange = (state: NbdRemoteState): void => {
-    const offline = state.offlineSince !== undefined;
-    if (offline && !wasOffline) log.warn({ backing: state.location, since: state.offlineSince, reason: state.lastError ?? null }, 'backing device offline');
-    if (!offline && wasOffline) {
-      log.info({ backing: state.location, connections: state.connectionsConnected }, 'backing device back online');
-      backOnline();
-    }
-    if (state.refused !== undefined) log.error({ backing: state.location, reason: state.refused }, 'backing device refused');
-    wasOffline = offline;
-  };
-  const remote = await NbdRemoteDevice.open(args.backingPath, { connections: args.backingConnections, readOnly: args.readOnly, onStateChange });
-  return { device: remote, remote, whenBackOnline: (callback) => { backOnline = callback; } };
-}
-
-function prepareFiles(args: ServeArgs): string[] {
-  const created: string[] = [];
-  if (args.defaultMode) fs.mkdirSync(defaultServe.directory, { recursive: true });
-  if (!args.backingIsUri && ensureDeviceFile(args.backingPath, args.backingSizeBytes, '--backing-size')) created.push(args.backingPath);
-  if (!args.noCache && ensureDeviceFile(args.cachePath, args.cacheSizeBytes, '--cache-size')) created.push(args.cachePath);
-  return created;
-}
-
-/** The CacheTuning fields of `serve --tuning` (names and values were checked by args_serve.ts). */
-function tuningOf(args: ServeArgs): Partial<CacheTuning> {
-  const tuning: { -readonly [K in keyof CacheTuning]?: number } = {};
-  for (const [name, value] of Object.entries(args.tuning)) {
-    const field = knobNamed(name)?.field;
-    if (field !== undefined) tuning[field] = value;
-  }
-  return tuning;
-}
-
-async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[], log: Logger): Promise<Served> {
-  const device = recorded(args, 'cache', await FileDevice.open(args.cachePath, { blocking: true, readOnly: args.readOnly }));
-  closers.push(() => device.close());
-  const formatted = !args.readOnly && await probeDevice(device) === 'blank';
-  let cache: Cache;
-  try {
-    cache = await Cache.open({
-      cacheDevice: device,
-      backingDevice: backing,
-      formatIfBlank: args.readOnly ? false : {
-        ...(args.gcPercent === undefined ? {} : { gcPercent: args.gcPercent }),
-        ...(args.segmentSizeBytes === undefined ? {} : { segmentSizeBytes: args.segmentSizeBytes }),
-      },
-      readOnly: args.readOnly,
-      acceptOtherBackingIdentity: args.forceBacking,
-      acceptLogLoss: args.acceptLogLoss,
-      acceptBackingChange: args.acceptBackingChange,
-      tuning: tuningOf(args),
-    });
-  } catch (error) {
-    if (!isPcacheError(error)) throw error;
-    const hint = error.reason === 'other-backing-identity' ? ': add --force-backing to accept it'
-      : error.reason === 'log-damaged' ? ` (pcache check --cache ${args.cachePath}; then --accept-log-loss)`
-        : error.reason === 'backing-changed' ? ' (--accept-backing-change writes the dirty data over the changed device)' : '';
-    throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath}: ${error.message}${hint}`, { cause: error, reason: error.reason });
-  }
-  closers.push(() => cache.close());
-  if (args.gcPercent !== undefined && !formatted) await cache.setGcPercent(args.gcPercent);
-  const segmentSizeBytes = cache.status().segmentSizeBytes;
-  if (args.segmentSizeBytes !== undefined && !formatted && args.segmentSizeBytes !== segmentSizeBytes) {
-    log.warn({ segmentSizeBytes }, `--segment-size ${args.segmentSizeBytes} is not applied: the cache was formatted with segments of ${segmentSizeBytes} bytes (format it again to change them)`);
-  }
-  const { ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors } = cache.replayResult;
-  const replay = { ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors: dataCrcErrors.length };
-  if (stopDamage || dataCrcErrors.length > 0) log.warn({ replay }, 'replay found damage');
-  if (cache.replayResult.damage !== undefined) log.error({ damage: describeLogDamage(cache.replayResult.damage) }, 'serving a damaged log: writes from the damaged kset on are lost (--accept-log-loss)');
-  const { found, droppedCleanBytes } = cache.backingCheck;
-  if (found === 'changed') log.warn({ droppedCleanBytes }, 'the backing device changed since the last clean stop (or the cache was detached): its clean cached copies were dropped');
-  if (cache.status().formatVersion === 1) {
-    log.warn({ formatVersion: 1 }, 'format version 1: losing one 4 KiB block of metadata can make this cache unreadable; drain it and format it again to get version 2');
-  }
-  return {
-    export: cache,
-    cacheSizeBytes: device.sizeBytes,
-    formatted,
-    startFacts: { cacheUuid: cache.status().cacheUuid, formatted, replay, backing: cache.backingCheck },
-    status: () => {
-      const status = cache.status();
-      return { dmStatusLine: dmStatusLine(status), cache: status };
-    },
-    cacheStatus: () => cache.status(),
-    retryBacking: () => { cache.retryBackingNow(); },
-    drain: async () => {
-      const startedMs = performance.now();
-      log.info({ dirtyBytes: cache.status().dirtyBytes }, 'drain started');
-      await cache.drain();
-      log.info({ seconds: ((performance.now() - startedMs) / 1000).toFixed(1) }, 'drain finished');
-    },
-    set: async (changes) => {
-      if (Object.keys(changes).length === 0) return currentSettings(cache);
-      if (args.readOnly) throw new PcacheError('EPERM', 'the cache is served --read-only: its settings cannot change');
-      return applySettings(cache, changes);
-    },
-    invalidate: () => cache.invalidate(),
-    detach: () => cache.detach(),
-  };
-}
-
-function noCacheExport(backing: BlockDevice): Served {
-  return {
-    export: new DeviceExport(backing),
-    cacheSizeBytes: 0,
-    formatted: false,
-    startFacts: {},
-    status: () => ({ dmStatusLine: null, cache: null }),
-    cacheStatus: () => undefined,
-    retryBacking: () => undefined,
-    drain: () => backing.sync(),
-    set: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: there are no cache settings')),
-    invalidate: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: nothing is cached')),
-    detach: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: there is no cache to detach')),
-  };
 }
 
 async function stopAll(closers: Closer[], request: StopRequest, terminal: Terminal, log: Logger): Promise<number> {

@@ -10,7 +10,7 @@
 // log could change while it is read (ask that server with --control instead).
 
 import { checkCacheDevice } from '../cache/cache_check.js';
-import { probeDevice } from '../cache/cache_dev.js';
+import { probeDevice } from '../cache/cache_metadata.js';
 import { FileDevice } from '../device/file_device.js';
 import { PcacheError } from '../lib/errors.js';
 import { formatSize } from '../lib/units.js';

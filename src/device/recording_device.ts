@@ -108,6 +108,11 @@ export class RecordingDevice implements BlockDevice {
     return this.inner.read(target, offsetBytes);
   }
 
+  /** The inner device's: recording a run must not make its device look like another one. */
+  fingerprint(): Promise<string | undefined> {
+    return this.inner.fingerprint?.() ?? Promise.resolve(undefined);
+  }
+
   async write(source: Uint8Array, offsetBytes: number): Promise<void> {
     const id = this.takeId();
     this.append('writeIssue', id, offsetBytes, source.length, source);

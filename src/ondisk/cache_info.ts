@@ -13,8 +13,10 @@
 //                                 describes the backing device then); 2 detached (drained
 //                                 and released: the backing device may change freely)
 //   28      4     reserved        zero
-//   32      16    backing_fingerprint  (version 2) digest of the backing device's state at
-//                                 the clean stop (size, and a file's times or sampled blocks)
+//   32      16    backing_fingerprint  (version 2) the backing device's state at the clean
+//                                 stop: 8 bytes digest of its size and description (a file's
+//                                 times, or sampled blocks), 8 bytes digest of its size and
+//                                 sampled blocks (cache/cache_backing.ts)
 //   24 / 48       end of record (version 1 / version 2)
 //
 // Why the backing state: clean cached copies are only right while nothing else writes to the

@@ -90,6 +90,35 @@ describe('a backing device changed while pcache was stopped', () => {
     await cache.close();
   });
 
+  it('a declared copy (another identity, accepted) is compared by its contents: a faithful copy keeps the clean copies, a different one loses them', async () => {
+    // A device that describes itself, as a file does: a copy always has another description.
+    class Described extends MemoryDevice {
+      constructor(contents: Uint8Array, readonly name: string) {
+        super(contents, { identity: name });
+      }
+      fingerprint(): Promise<string | undefined> {
+        return Promise.resolve(`described:${this.name}`);
+      }
+    }
+    const cacheDevice = new MemoryDevice(cacheBytesFor(8));
+    const original = new Described(pattern(1, 0, backingBytes), 'a');
+    await warmed({ cacheDevice, backingDevice: original }, true);
+    const openCopy = (copy: Described): Promise<Cache> =>
+      Cache.open({ cacheDevice, backingDevice: copy, acceptOtherBackingIdentity: true, background: false, timers: new ManualTimers() });
+
+    const faithful = new Described(Buffer.from(original.bytes), 'b');
+    const cache = await openCopy(faithful);
+    assert.equal(cache.backingCheck.found, 'same');
+    const before = cache.status().counters.readHitBytes;
+    assert.deepEqual(await readBytes(cache, 0, 65536), pattern(1, 0, 65536));
+    assert.equal(cache.status().counters.readHitBytes - before, 65536, 'the clean copies are still hits');
+    await cache.close();
+
+    const different = new Described(Buffer.from(faithful.bytes), 'c');
+    different.bytes.set(pattern(9, 0, 65536), 0);
+    await assert.rejects(() => openCopy(different), refusedAsChanged, 'a copy of other contents with dirty data is refused');
+  });
+
   it('read-only: a changed device is served without its stale copies, and nothing is written', async () => {
     const d = devices();
     await warmed(d, false);

@@ -15,7 +15,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { Cache } from '../../src/cache/cache.js';
 import { checkCacheDevice } from '../../src/cache/cache_check.js';
-import { pcacheRecordsFound, probeDevice } from '../../src/cache/cache_dev.js';
+import { pcacheRecordsFound, probeDevice } from '../../src/cache/cache_metadata.js';
 import { repairCacheDevice } from '../../src/cache/cache_repair.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { isPcacheError } from '../../src/lib/errors.js';

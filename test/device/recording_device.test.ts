@@ -143,6 +143,17 @@ describe('RecordingDevice', () => {
     assert.throws(() => readRecording(paths.log), (error: unknown) => error instanceof PcacheError && error.code === 'CORRUPT');
   });
 
+  it("describes its device by the inner device's fingerprint, so a recorded run does not look like another device", async () => {
+    const paths = freshPaths('fingerprint');
+    FileDevice.create(paths.device, deviceBytes);
+    const file = await FileDevice.open(paths.device);
+    const device = RecordingDevice.create(file, paths.log);
+    const inner = await file.fingerprint();
+    assert.match(inner ?? '', /^file:/);
+    assert.equal(await device.fingerprint(), inner);
+    await device.close();
+  });
+
   it('refuses to overwrite an existing log', () => {
     const paths = freshPaths('exists');
     fs.writeFileSync(paths.log, 'x');

@@ -325,7 +325,7 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
     const option = Option.structuredReply;
     if (data.length !== 0) return this.refuse(out, option, OptionReply.errInvalid, 'STRUCTURED_REPLY takes no data');
     if (!this.config.offerStructuredReplies) return this.refuse(out, option, OptionReply.errUnsup, 'structured replies are disabled');
-    // Repeating a state-changing option is refused, deterministically (reliability.md row 10).
+    // Repeating a state-changing option is refused, deterministically (docs/nbd.md, hostile inputs, row 10).
     if (this.structuredReplies) return this.refuse(out, option, OptionReply.errInvalid, 'structured replies already negotiated');
     this.structuredReplies = true;
     out.push(optionReply(option, OptionReply.ack));

@@ -41,7 +41,7 @@ import { assert } from '../../lib/assert.js';
 import { PcacheError } from '../../lib/errors.js';
 import type { ByteQueue } from '../protocol/bytes.js';
 import type { BlockStatusExtent } from '../protocol/command_types.js';
-import { Command, CommandFlag, NbdErrno, TransmissionFlag } from '../protocol/constants.js';
+import { Command, NbdErrno, TransmissionFlag } from '../protocol/constants.js';
 import { nbdErrnoOf } from '../protocol/errno.js';
 import { Handshake, type HandshakeConfig, type Negotiated } from '../protocol/handshake_server.js';
 import {
@@ -59,6 +59,7 @@ import type { BusyPoll } from './busy_poll.js';
 import type { Export } from './export.js';
 import type { NbdRequestObserver } from './observer.js';
 import { ReplyBatch } from './reply_batch.js';
+import { costBytes, invokeExport, isThenable, settle } from './export_call.js';
 import { startReading } from './socket_input.js';
 import type { NbdTlsFailure, ServerTls, TlsUpgradeResult } from './tls.js';
 
@@ -144,7 +145,6 @@ export class Connection {
   private graceTimer: NodeJS.Timeout | undefined;
   // Bound once per connection so that decoding needs no per-request closure.
   private readonly takePayload = (lengthBytes: number): Uint8Array => this.host.buffers.take(lengthBytes);
-
   /** Bytes arrive in a buffer reused by the next read (socket_input.ts); never after a TLS upgrade. */
   private inputReused: boolean;
   /** Who the client is, for TLS failure reports. */
@@ -359,7 +359,7 @@ export class Connection {
 
     let result: unknown;
     try {
-      result = this.invoke(request, readBuffer);
+      result = invokeExport(this.exp, request, readBuffer);
     } catch (error) {
       if (!(error instanceof PcacheError)) throw error;
       this.complete(request, undefined, error, readBuffer);
@@ -370,37 +370,6 @@ export class Connection {
     } else {
       // Completed synchronously: reply without a promise round trip.
       this.complete(request, result, undefined, readBuffer);
-    }
-  }
-
-  /** Calls the Export method for a validated request. */
-  private invoke(request: NbdRequest, readBuffer: Uint8Array | undefined): unknown {
-    const exp = this.exp;
-    const offset = request.offsetBytes;
-    const length = request.lengthBytes;
-    const fua = request.hasFlag(CommandFlag.fua);
-    switch (request.type) {
-      case Command.read:
-        assert(readBuffer !== undefined, 'READ without a buffer');
-        return exp.read(readBuffer.subarray(readBuffer.length - length), offset);
-      case Command.write:
-        assert(request.payload !== undefined && request.payload.length === length, 'WRITE without its payload');
-        return exp.write(request.payload, offset, { fua });
-      case Command.flush:
-        return exp.flush();
-      case Command.trim:
-        return exp.trim(offset, length, { fua });
-      case Command.writeZeroes:
-        return exp.writeZeroes(offset, length, {
-          fua, fastZero: request.hasFlag(CommandFlag.fastZero), noHole: request.hasFlag(CommandFlag.noHole),
-        });
-      case Command.cache:
-        return exp.cache(offset, length);
-      case Command.blockStatus:
-        return exp.blockStatus(offset, length);
-      default:
-        // validateRequest refuses every other type, so none reaches here.
-        assert(false, `unexpected command ${request.type}`);
     }
   }
 
@@ -528,38 +497,4 @@ export class Connection {
     // Reading may have paused on the batch; the socket's own backlog takes over from here.
     this.maybeResume();
   }
-}
-
-/** A promise, or anything else that settles later (an Export may return any PromiseLike). */
-function isThenable(value: unknown): value is PromiseLike<unknown> {
-  return typeof value === 'object' && value !== null && typeof (value as { then?: unknown }).then === 'function';
-}
-
-/** Bytes a request holds while in flight: its READ buffer or its WRITE payload. */
-function costBytes(request: NbdRequest): number {
-  return request.type === Command.read || request.type === Command.write ? request.lengthBytes : 0;
-}
-
-/**
- * Waits for an asynchronous Export call and completes its request. A rejection that is not a
- * PcacheError is a programmer error: it is rethrown on the next tick, outside any promise
- * chain, so the process stops instead of turning a bug into an I/O error.
- */
-async function settle(connection: Connection, request: NbdRequest, pending: PromiseLike<unknown>, readBuffer: Uint8Array | undefined): Promise<void> {
-  let value: unknown;
-  try {
-    value = await pending;
-  } catch (error) {
-    if (error instanceof PcacheError) {
-      connection.complete(request, undefined, error, readBuffer);
-    } else {
-      process.nextTick(rethrow, error);
-    }
-    return;
-  }
-  connection.complete(request, value, undefined, readBuffer);
-}
-
-function rethrow(error: unknown): never {
-  throw error;
 }

@@ -1,4 +1,4 @@
-// reliability.md §3.3: the 33 hostile inputs an NBD server must survive, one test per row,
+// docs/nbd.md, "Hostile inputs": the 33 hostile inputs an NBD server must survive, one test per row,
 // over raw sockets. Each test checks the exact outcome the row prescribes and then that the
 // server still serves a brand-new client correctly.
 
@@ -47,7 +47,7 @@ async function expectClosedAfterGreeting(client: RawClient): Promise<void> {
   assert.equal(rest.length, 0, 'no reply before the disconnect');
 }
 
-describe('reliability.md §3.3, handshake rows', () => {
+describe('hostile inputs (docs/nbd.md), handshake rows', () => {
   it('row 1: a connection closing at every byte offset of the handshake, and mid-reply, harms nothing', async (t) => {
     const s = await setup(t);
     const transcript = Buffer.concat([
@@ -333,7 +333,7 @@ describe('reliability.md §3.3, handshake rows', () => {
   });
 });
 
-describe('reliability.md §3.3, transmission rows', () => {
+describe('hostile inputs (docs/nbd.md), transmission rows', () => {
   it('row 16: a wrong request magic disconnects that client alone', async (t) => {
     const s = await setup(t);
     const bystander = await connectAndGo(s.path);
