@@ -148,12 +148,13 @@ export class CacheContext {
   }
 
   /**
-   * Called after a segment was taken from the free list. GC is started when the segments in
-   * use reach gc_percent, not only when dirty_tail moves: after a drain, dirty_tail stands
-   * still while new writes fill the cache, and without this GC would wait until a writer ran
-   * out of space (and then make that writer wait).
+   * Called after a segment was taken from the free list, and when a fill found none. GC (and
+   * writeback, when GC is starved) is started when the segments in use reach gc_percent, not
+   * only when dirty_tail moves: after a drain, dirty_tail stands still while new writes fill
+   * the cache, and without this GC would wait until a writer ran out of space (and then make
+   * that writer wait); with reads alone, fills would be turned away until a write-idle second.
    */
-  segmentTaken(): void {
+  checkGcThreshold(): void {
     if (this.segments.usedCount >= this.gcThresholdSegments) this.gcThresholdReached.call();
   }
 

@@ -40,7 +40,7 @@ export class DataHead {
     if (this.segment < 0 || this.offsetBytes === ctx.dev.dataSizeBytes) {
       const segment = ctx.segments.allocate(segmentKindData);
       if (segment === undefined) return undefined;
-      ctx.segmentTaken();
+      ctx.checkGcThreshold();
       if (this.segment >= 0) ctx.segments.put(this.segment);
       this.segment = segment;
       this.offsetBytes = 0;

@@ -318,7 +318,7 @@ export class KsetLog {
       if (ctx.failure !== undefined) throw ctx.failure;
       const segment = ctx.segments.allocate(segmentKindLog);
       if (segment !== undefined) {
-        ctx.segmentTaken();
+        ctx.checkGcThreshold();
         await ctx.dev.writeGen(segment, ctx.segments.gen[segment] ?? 0);
         return segment;
       }

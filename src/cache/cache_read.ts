@@ -290,6 +290,8 @@ export class ReadPath {
         const space = canFill ? this.head.alloc(Math.min(piece.lengthBytes - done, ctx.keyMaxBytes)) : undefined;
         if (space === undefined) {
           ctx.stats.fillsSkipped++;
+          // A full cache: GC (through writeback, if dirty_tail holds it back) frees segments.
+          ctx.checkGcThreshold();
           this.removePlaceholders(miss);
           return;
         }

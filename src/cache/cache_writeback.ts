@@ -16,9 +16,12 @@
 // When writeback runs (the policy, as dm-writecache's watermarks and bcache's writeback delay):
 // once dirty data reaches writebackStartPercent of the cache's data capacity, until it is down
 // to writebackStopPercent; after writebackIdleMs without a client write; for data dirty longer
-// than writebackMaxAgeMs; and whenever it is urgent (a writer short of space, a drain). Writing
-// back lazily keeps the backing device's I/O and the CPU for clients while the cache absorbs a
-// burst, and gives overwrites a chance to be written back once instead of many times.
+// than writebackMaxAgeMs; when GC is starved (the segments in use have reached gc_percent, GC
+// has reclaimed everything behind dirty_tail, and at most gcStarvedDirtyPercentMax is dirty:
+// mostly clean data waits for dirty_tail to pass it, and a full cache would turn every read
+// miss away); and whenever it is urgent (a writer short of space, a drain). Writing back lazily
+// keeps the backing device's I/O and the CPU for clients while the cache absorbs a burst, and
+// gives overwrites a chance to be written back once instead of many times.
 // Contiguous extents go to the backing device as one write (up to writebackRunMaxBytes), with
 // at most writebackWritesInFlightMax writes in flight.
 
@@ -45,6 +48,13 @@ const ageEntriesMax = 1024;
 export const writebackBackoffMinMs = 100;
 export const writebackBackoffMaxMs = 30_000;
 const zeroChunkBytes = 1 * MiB;
+/**
+ * GC starved of reclaimable ksets makes writeback run only while at most this percentage of
+ * the cache's data capacity is dirty: then the log is mostly clean copies (a read-mostly
+ * cache), and writing back the little dirty data to let GC free them costs little. With more
+ * dirty data, the watermarks decide, so that overwrites keep being absorbed.
+ */
+const gcStarvedDirtyPercentMax = 5;
 
 interface DrainWaiter {
   readonly lsn: number;
@@ -76,6 +86,7 @@ export class Writeback extends CacheWorker {
       this.kick(false);
     });
     ctx.spaceNeeded.add(() => { this.kick(true); });
+    ctx.gcThresholdReached.add(() => { this.kick(false); });
   }
 
   /** Writeback has work: durable ksets past dirty_tail. */
@@ -103,10 +114,21 @@ export class Writeback extends CacheWorker {
     if (this.urgent && ctx.background && ctx.spaceWaiters === 0 && this.waiters.length === 0) this.urgent = false;
     if (this.urgent || ctx.spaceWaiters > 0 || tuning.writebackStartPercent === 0) return true;
     const dirtyPercent = (ctx.stats.dirtyBytes * 100) / ctx.dataCapacityBytes;
+    if (dirtyPercent <= gcStarvedDirtyPercentMax && this.gcStarved()) return true;
     if (dirtyPercent >= tuning.writebackStartPercent) this.aboveWatermark = true;
     else if (dirtyPercent <= tuning.writebackStopPercent) this.aboveWatermark = false;
     if (this.aboveWatermark) return true;
     return this.idleDeadlineMs() <= ctx.timers.now() || this.ageDeadlineMs() <= ctx.timers.now();
+  }
+
+  /**
+   * GC wants segments back but has nothing behind dirty_tail to reclaim. Passing clean ksets
+   * costs writeback only their reads, and without it clean data stays until a write-idle
+   * second, while fills are turned away (the policy benchmark found this).
+   */
+  private gcStarved(): boolean {
+    const ctx = this.ctx;
+    return ctx.segments.usedCount >= ctx.gcThresholdSegments && ctx.keyTail.lsn >= ctx.dirtyTail.lsn;
   }
 
   /** Records that the log up to `lsnEnd` became durable at `timeMs` (for the age rule). */

@@ -8,6 +8,7 @@ import { Cache, type CacheTuning } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { MiB } from '../../src/lib/units.js';
 import { cacheBytesFor, pattern, settle } from '../helpers/cache_fixture.js';
+import { ksetCloseDelayMs } from '../../src/cache/cache_kset.js';
 
 const segments = 10;
 const capacityBytes = segments * (MiB - 12 * 1024);
@@ -188,6 +189,32 @@ describe('writeback urgency', () => {
     assert.deepEqual(Buffer.from(got), Buffer.from(pattern(12, 0, 2 * MiB)));
     await cache.drain();
     assert.equal(cache.status().dirtyBytes, 0, 'a drain still writes everything back');
+    await cache.close();
+  });
+
+  it('keeps a read-only cache admitting: GC starved of clean ksets has writeback pass them, with no idle spell', async () => {
+    // The idle and age rules are an hour away, so neither can start writeback: only GC's need
+    // can. The clock moves by the kset close delay after each read, so that the fills' ksets
+    // are committed as they would be. Reads of three times the cache, in 64 KiB pieces.
+    const { cache, timers } = await policyRig({ writebackIdleMs: 3_600_000, writebackMaxAgeMs: 3_600_000 }, 70);
+    const piece = new Uint8Array(64 * 1024);
+    const readBytes = 3 * capacityBytes;
+    for (let offset = 0; offset + piece.length <= readBytes; offset += piece.length) {
+      await cache.read(piece, offset);
+      await settle();
+      timers.advance(ksetCloseDelayMs);
+      await quiesce(cache);
+      await cache.internals.gc.idle();
+    }
+    const before = cache.status().counters;
+    assert.equal(cache.status().dirtyBytes, 0);
+    assert.ok(before.gcSegmentsFreed > 0, 'GC freed segments of clean copies');
+    // The most recent reads are cached: the cache kept taking fills to the end.
+    const lastBytes = 2 * MiB;
+    const end = Math.floor(readBytes / piece.length) * piece.length;
+    for (let offset = end - lastBytes; offset < end; offset += piece.length) await cache.read(piece, offset);
+    const after = cache.status().counters;
+    assert.equal(after.readHitBytes - before.readHitBytes, lastBytes, `the last ${lastBytes} bytes read hit (fills skipped: ${after.fillsSkipped})`);
     await cache.close();
   });
 });
