@@ -1,0 +1,163 @@
+// pcache in front of a real Ceph RBD image: one monitor and one OSD (bluestore over a sparse
+// file, so the OSD can be stopped and started without losing its objects) started by
+// scripts/ceph_cluster.sh, each image served by qemu-nbd --cache=none on a Unix socket, and
+// `pcache serve --backing nbd+unix:///?socket=...` in front of it. Real clients throughout.
+//
+// - fio verifying crc32c through a cache a quarter the size of the data; after `drain`, the
+//   image read straight through qemu-nbd equals what the clients read through pcache;
+// - pcache SIGKILLed while a client writes generations separated by flushes: after a restart
+//   every sector holds what the oracle allows (every flushed write, or something newer), and
+//   after a drain so does the image itself;
+// - the OSD stopped while a verifying fio writes: writes keep being acknowledged into the cache,
+//   cached reads keep working, status says backing-offline; the OSD started again, writeback
+//   resumes, fio verifies everything and the image holds every byte;
+// - qemu-nbd restarted under dirty data, and the image resized underneath (the export's size
+//   changes: refused, data kept) — nothing acknowledged is lost.
+//
+// Debian packages: ceph-mon ceph-osd ceph-common qemu-utils qemu-block-extra fio libnbd-bin.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { MiB } from '../../src/lib/units.js';
+import { CephCluster } from '../helpers/ceph.js';
+import { assertFilesEqual, tempDir } from '../helpers/files.js';
+import { GenerationWriter, oracleProblems, readRegion } from '../helpers/generations.js';
+import { Child, controlStatus, runCli, startServe, type ServerStatus } from '../helpers/pcache.js';
+import { fioVerifyJobs, nbdcopy, qemuIo, requireFioNbd, requireTool, uriFor } from '../helpers/tools.js';
+import { sleep } from '../helpers/wait.js';
+
+const imageBytes = 64 * MiB;
+
+/** `pcache serve` arguments for a cache (16 MiB unless given; 1 MiB segments) in `dir` in front of `backingUri`. */
+function serveArgs(dir: string, backingUri: string, tuning?: string, cacheSize = '16M'): string[] {
+  return [
+    '--cache', path.join(dir, 'cache.img'), '--cache-size', cacheSize, '--segment-size', '1M', '--backing', backingUri,
+    '--socket', path.join(dir, 'nbd.sock'), '--control', path.join(dir, 'control.sock'),
+    ...(tuning === undefined ? [] : ['--tuning', tuning]),
+  ];
+}
+
+async function statusUntil(control: string, condition: (status: ServerStatus) => boolean, what: string, timeoutMs = 60_000): Promise<ServerStatus> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const status = await controlStatus(control);
+    if (condition(status)) return status;
+    if (Date.now() > deadline) assert.fail(`timed out waiting until ${what}; last status: ${JSON.stringify(status.cache)}`);
+    await sleep(100);
+  }
+}
+
+async function drain(control: string): Promise<void> {
+  const drained = await runCli(['drain', '--control', control], { timeoutMs: 120_000 });
+  assert.equal(drained.code, 0, drained.stderr);
+}
+
+describe('pcache in front of Ceph RBD', () => {
+  let ceph: CephCluster | undefined;
+  const cluster = (): CephCluster => {
+    assert.ok(ceph !== undefined, 'the cluster started');
+    return ceph;
+  };
+
+  before(async () => {
+    requireTool('qemu-io', 'qemu-utils');
+    requireTool('nbdcopy', 'libnbd-bin');
+    ceph = await CephCluster.start({ fio: '64M', kill: '64M', outage: '64M', swap: '64M' }, 'bluestore');
+  });
+  after(async () => { await ceph?.stop(); });
+
+  it('fio verifies through a cache a quarter the size of its data; after drain the image equals what clients read', async (t) => {
+    await requireFioNbd();
+    const dir = tempDir(t, 'pcache-ceph-fio-');
+    const server = await startServe(t, serveArgs(dir, cluster().uri('fio')), dir);
+    const socket = path.join(dir, 'nbd.sock');
+    const control = path.join(dir, 'control.sock');
+    // 8 jobs x 8 MiB of random 4 KiB writes: 64 MiB through a 16 MiB cache, every block verified.
+    await fioVerifyJobs(uriFor(socket), 8, 'ceph');
+    const status = await controlStatus(control);
+    assert.ok(status.cache.counters.writebackBytes >= 48 * MiB, `most of the data went to Ceph while fio ran: ${status.cache.counters.writebackBytes} bytes`);
+    await drain(control);
+    assert.equal((await controlStatus(control)).cache.dirtyBytes, 0);
+    const throughCache = path.join(dir, 'through-cache.img');
+    const direct = path.join(dir, 'direct.img');
+    await nbdcopy([uriFor(socket), throughCache]);
+    assert.equal(await server.stop(), 0);
+    await nbdcopy([cluster().uri('fio'), direct]);
+    assert.equal(fs.statSync(direct).size, imageBytes);
+    assertFilesEqual(direct, throughCache, 'the image read through qemu-nbd and the export read through pcache');
+  });
+
+  it('keeps every flushed byte across a SIGKILL of pcache, and the image holds them after a drain', async (t) => {
+    const dir = tempDir(t, 'pcache-ceph-kill-');
+    const args = serveArgs(dir, cluster().uri('kill'), 'writeback_start_percent=0,writeback_stop_percent=0,writeback_idle_ms=50');
+    const server = await startServe(t, args, dir);
+    const socket = path.join(dir, 'nbd.sock');
+    const regionBytes = 24 * MiB;
+    const writer = await GenerationWriter.start(socket, { regionBytes, blockBytes: 64 * 1024, inFlight: 8, sizeBytes: imageBytes, seed: 17 });
+    await writer.untilGenerations(3);
+    await sleep(150); // into the fourth generation: writes acknowledged but not yet flushed
+    await server.crash();
+    await writer.stop();
+    assert.ok(writer.failure !== undefined, 'the writer saw the server go');
+    assert.ok(writer.flushedGenerations >= 3);
+
+    const restarted = await startServe(t, args, dir);
+    const view = writer.history.now();
+    const first = await readRegion(socket, regionBytes);
+    assert.deepEqual(oracleProblems(view, first), [], 'after the restart every sector holds its last flushed write or a newer one');
+    const second = await readRegion(socket, regionBytes);
+    assert.ok(Buffer.from(second).equals(first), 'a second read returns the same');
+    await drain(path.join(dir, 'control.sock'));
+    assert.equal(await restarted.stop(), 0);
+    const direct = await readRegion(cluster().socket('kill'), regionBytes);
+    assert.ok(Buffer.from(direct).equals(first), 'after the drain the image holds exactly what pcache served');
+  });
+
+  it('absorbs writes and serves cached reads while the OSD is down, then writes everything back when it returns', async (t) => {
+    await requireFioNbd();
+    const dir = tempDir(t, 'pcache-ceph-outage-');
+    const socket = path.join(dir, 'nbd.sock');
+    const control = path.join(dir, 'control.sock');
+    await startServe(t, [
+      ...serveArgs(dir, cluster().uri('outage'), 'writeback_start_percent=0,writeback_stop_percent=0,writeback_idle_ms=50,backing_offline_after_ms=500', '64M'),
+    ], dir);
+    // A region written and written back before the outage; read back (hits) while the OSD is
+    // down. The cache (64 MiB) holds it and everything fio writes.
+    const hit = { offset: 56 * MiB, length: 4 * MiB, byte: 0x5c };
+    await qemuIo(uriFor(socket), [`write -P ${hit.byte} ${hit.offset} ${hit.length}`, 'flush']);
+    await drain(control);
+
+    // Two verifying jobs on [0, 8 MiB), each writing its 4 MiB at 192 KiB/s (about 21 s: the
+    // outage falls inside), then reading it back.
+    const fio = new Child(t, 'fio', [
+      '--name=outage', '--ioengine=nbd', `--uri=${uriFor(socket)}`, '--rw=randwrite', '--bs=4k', '--size=4m', '--offset_increment=4m',
+      '--numjobs=2', '--iodepth=4', '--rate=,192k', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0',
+    ]);
+    await sleep(1000);
+    await cluster().osdStop();
+    const offline = await statusUntil(control, (s) => s.cache.state === 'backing-offline', 'status says backing-offline');
+    assert.match(offline.cache.stateReason ?? '', /^backing offline since /);
+    const absorbedBefore = offline.cache.counters.writeRequests;
+    await qemuIo(uriFor(socket), [`read -P ${hit.byte} ${hit.offset} ${hit.length}`]);
+    await sleep(1000);
+    const during = await controlStatus(control);
+    assert.equal(during.cache.state, 'backing-offline');
+    assert.ok(during.cache.counters.writeRequests > absorbedBefore, 'writes kept being acknowledged while the OSD was down');
+    assert.ok(during.cache.counters.readHitRequests > offline.cache.counters.readHitRequests, 'the reads were cache hits');
+    assert.ok(during.cache.dirtyBytes > 0, 'the absorbed writes wait in the cache');
+    assert.ok(fio.running, `fio got no error while the OSD was down: ${fio.stderr}`);
+
+    await cluster().osdStart();
+    const exit = await fio.waitFor(120_000, 'fio once the OSD is back');
+    assert.equal(exit.code, 0, `fio: ${fio.stderr}`);
+    await statusUntil(control, (s) => s.cache.state === 'running', 'writeback resumes');
+    await drain(control);
+    const throughCache = path.join(dir, 'through-cache.img');
+    const direct = path.join(dir, 'direct.img');
+    await nbdcopy([uriFor(socket), throughCache]);
+    await nbdcopy([cluster().uri('outage'), direct]);
+    assertFilesEqual(direct, throughCache, 'the image and the export after the outage');
+  });
+});
