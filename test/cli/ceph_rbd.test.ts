@@ -23,7 +23,8 @@ import { after, before, describe, it } from 'node:test';
 import { MiB } from '../../src/lib/units.js';
 import { CephCluster } from '../helpers/ceph.js';
 import { assertFilesEqual, tempDir } from '../helpers/files.js';
-import { GenerationWriter, oracleProblems, readRegion } from '../helpers/generations.js';
+import { formatViolation, sectorValues } from '../../sim/oracle.js';
+import { boundedProblems, GenerationWriter, oracleProblems, readRegion } from '../helpers/generations.js';
 import { Child, controlStatus, runCli, startServe, type ServerStatus } from '../helpers/pcache.js';
 import { fioVerifyJobs, nbdcopy, qemuIo, requireFioNbd, requireTool, uriFor } from '../helpers/tools.js';
 import { sleep } from '../helpers/wait.js';
@@ -64,7 +65,7 @@ describe('pcache in front of Ceph RBD', () => {
   before(async () => {
     requireTool('qemu-io', 'qemu-utils');
     requireTool('nbdcopy', 'libnbd-bin');
-    ceph = await CephCluster.start({ fio: '64M', kill: '64M', outage: '64M', swap: '64M' }, 'bluestore');
+    ceph = await CephCluster.start({ fio: '64M', kill: '64M', outage: '64M', snap: '64M', swap: '64M' }, 'bluestore');
   });
   after(async () => { await ceph?.stop(); });
 
@@ -159,5 +160,51 @@ describe('pcache in front of Ceph RBD', () => {
     await nbdcopy([uriFor(socket), throughCache]);
     await nbdcopy([cluster().uri('outage'), direct]);
     assertFilesEqual(direct, throughCache, 'the image and the export after the outage');
+  });
+
+  it('checkpoints: every RBD snapshot taken under `pcache checkpoint` holds every write flushed before it began and is a crash state of the client', async (t) => {
+    const dir = tempDir(t, 'pcache-ceph-snap-');
+    const control = path.join(dir, 'control.sock');
+    // Writeback runs all the time, so every checkpoint has some to wait for and a round to stop.
+    await startServe(t, serveArgs(dir, cluster().uri('snap'), 'writeback_start_percent=0,writeback_stop_percent=0,writeback_idle_ms=50', '64M'), dir);
+    const regionBytes = 8 * MiB;
+    const writer = await GenerationWriter.start(path.join(dir, 'nbd.sock'), { regionBytes, blockBytes: 64 * 1024, inFlight: 4, sizeBytes: imageBytes, seed: 5 });
+    // The checkpoint begins (the server takes the log's durable head) somewhere between the
+    // phase `before` ends and the phase `after` ends: the snapshot must hold everything flushed
+    // before `before`, and nothing issued after `after`.
+    const checkpoints: { name: string; before: number; after: number; flushedBefore: number; writebackMs: number; heldMs: number }[] = [];
+    for (let index = 1; index <= 3; index++) {
+      await writer.untilGenerations(checkpoints.length * 2 + 1);
+      await sleep(30 * index); // somewhere inside a generation
+      const flushedBefore = writer.flushedGenerations;
+      const before = writer.nextPhase();
+      const result = await runCli(['checkpoint', '--control', control, '--name', `ck${index}`, '--json',
+        '--exec', `rbd -c ${cluster().conf} snap create rbd/snap@{name} && test "$PCACHE_CHECKPOINT_NAME" = {name}`], { timeoutMs: 120_000 });
+      const after = writer.nextPhase();
+      assert.equal(result.code, 0, result.stderr);
+      const outcome = JSON.parse(result.stdout) as { name: string; writebackMs: number; heldMs: number; exitCode: number };
+      assert.equal(outcome.name, `ck${index}`);
+      assert.equal(outcome.exitCode, 0);
+      checkpoints.push({ name: outcome.name, before, after, flushedBefore, writebackMs: outcome.writebackMs, heldMs: outcome.heldMs });
+    }
+    await writer.untilGenerations(checkpoints.length * 2 + 1);
+    await writer.stop();
+    assert.equal(writer.failure, undefined, 'the client saw no error while checkpoints ran');
+
+    for (const checkpoint of checkpoints) {
+      const file = path.join(dir, `${checkpoint.name}.img`);
+      await cluster().rbd(['export', '--no-progress', `rbd/snap@${checkpoint.name}`, file]);
+      const bytes = new Uint8Array(fs.readFileSync(file).subarray(0, regionBytes));
+      assert.deepEqual(boundedProblems(writer.history, checkpoint.before, checkpoint.after, bytes), [], `snapshot ${checkpoint.name} holds every write flushed before its checkpoint and nothing that could not be there`);
+      const prefix = writer.history.cut(checkpoint.after).checkEpochPrefix(sectorValues(bytes, 0), 0);
+      assert.deepEqual(prefix.violations.slice(0, 3).map(formatViolation), [], `snapshot ${checkpoint.name} is a prefix of the flush epochs`);
+      assert.ok((prefix.epoch ?? 0) >= checkpoint.flushedBefore, `snapshot ${checkpoint.name} holds epoch ${String(prefix.epoch)}, at least the ${checkpoint.flushedBefore} flushed before it`);
+    }
+    const during = writer.latencies.filter((sample) => checkpoints.some((checkpoint) => sample.phase === checkpoint.after)).map((sample) => sample.ms).sort((a, b) => a - b);
+    const quantile = (sorted: number[], q: number): string => (sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))] ?? Number.NaN).toFixed(2);
+    t.diagnostic(`checkpoints: ${checkpoints.map((checkpoint) => `${checkpoint.name} writeback ${checkpoint.writebackMs} ms, held ${checkpoint.heldMs} ms`).join('; ')}`);
+    const outside = writer.latencies.filter((sample) => !checkpoints.some((checkpoint) => sample.phase === checkpoint.after)).map((sample) => sample.ms).sort((a, b) => a - b);
+    const line = (sorted: number[]): string => `${sorted.length} requests: median ${quantile(sorted, 0.5)} ms, p99 ${quantile(sorted, 0.99)} ms, max ${quantile(sorted, 1)} ms`;
+    t.diagnostic(`client write and flush latency while a checkpoint ran (${line(during)}); outside checkpoints (${line(outside)})`);
   });
 });

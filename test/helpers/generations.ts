@@ -9,7 +9,7 @@
 
 import { PcacheError } from '../../src/lib/errors.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
-import { fillPayload, formatViolation, RequestHistory, type OracleView } from '../../sim/oracle.js';
+import { describeValue, fillPayload, formatViolation, payloadValue, RequestHistory, sectorValues, type OracleView } from '../../sim/oracle.js';
 import { Prng } from '../../sim/prng.js';
 
 export interface GenerationOptions {
@@ -151,4 +151,34 @@ export async function readRegion(socketPath: string, regionBytes: number): Promi
 export function oracleProblems(view: OracleView, bytes: Uint8Array, linesMax = 5): string[] {
   const violations = view.checkSectors(bytes, 0);
   return violations.slice(0, linesMax).map((violation) => `${formatViolation(violation)}\n${view.explainSector(violation.sector, 8).join('\n')}`);
+}
+
+/**
+ * The problems of `bytes` (read from offset 0) as a crash state at an instant known only to lie
+ * between phases `a` and `b` (a checkpoint taken by another process in between): each sector
+ * must hold a write that is no older than its floor at `a` (what was flushed before a) and was
+ * issued by the end of `b`. For histories of writes only (the GenerationWriter's).
+ */
+export function boundedProblems(history: RequestHistory, a: number, b: number, bytes: Uint8Array, linesMax = 5): string[] {
+  const floorView = history.cut(a);
+  const values = sectorValues(bytes, 0);
+  const problems: string[] = [];
+  for (let sector = 0; sector < values.length && problems.length < linesMax; sector++) {
+    const found = values[sector] ?? 0;
+    const touching = history.requestsAt(sector);
+    const valueOf = (request: (typeof touching)[number]): number => payloadValue(request.payloadId, sector - request.offsetBytes / 512);
+    const floor = new Set(floorView.floor(sector));
+    const floorRequests = touching.filter((request) => floor.has(valueOf(request)));
+    const newestFloorIssue = Math.max(-1, ...floorRequests.map((request) => request.issueTime));
+    const allowed = new Set<number>(floorRequests.length === 0 ? [0] : []);
+    for (const request of touching) {
+      if (request.issueClock > b) continue;
+      if (request.replyTime !== undefined && request.replyTime < newestFloorIssue) continue;
+      allowed.add(valueOf(request));
+    }
+    if (!allowed.has(found)) {
+      problems.push(`sector ${sector}: found ${describeValue(found)}, expected one of {${[...allowed].map(describeValue).join(', ')}}\n${floorView.explainSector(sector, 8).join('\n')}`);
+    }
+  }
+  return problems;
 }
