@@ -12,7 +12,8 @@
 //   cached reads keep working, status says backing-offline; the OSD started again, writeback
 //   resumes, fio verifies everything and the image holds every byte;
 // - qemu-nbd restarted under dirty data, and the image resized underneath (the export's size
-//   changes: refused, data kept) — nothing acknowledged is lost.
+//   changes: a running pcache refuses the export and keeps the dirty data; a restart adopts the
+//   new size) — nothing acknowledged is lost.
 //
 // Debian packages: ceph-mon ceph-osd ceph-common qemu-utils qemu-block-extra fio libnbd-bin.
 
@@ -25,7 +26,7 @@ import { CephCluster } from '../helpers/ceph.js';
 import { assertFilesEqual, tempDir } from '../helpers/files.js';
 import { formatViolation, sectorValues } from '../../sim/oracle.js';
 import { boundedProblems, GenerationWriter, oracleProblems, readRegion } from '../helpers/generations.js';
-import { Child, controlStatus, runCli, startServe, type ServerStatus } from '../helpers/pcache.js';
+import { assertOneLineError, Child, controlStatus, runCli, startServe, type ServerStatus } from '../helpers/pcache.js';
 import { fioVerifyJobs, nbdcopy, qemuIo, requireFioNbd, requireTool, uriFor } from '../helpers/tools.js';
 import { sleep } from '../helpers/wait.js';
 
@@ -206,5 +207,49 @@ describe('pcache in front of Ceph RBD', () => {
     const outside = writer.latencies.filter((sample) => !checkpoints.some((checkpoint) => sample.phase === checkpoint.after)).map((sample) => sample.ms).sort((a, b) => a - b);
     const line = (sorted: number[]): string => `${sorted.length} requests: median ${quantile(sorted, 0.5)} ms, p99 ${quantile(sorted, 0.99)} ms, max ${quantile(sorted, 1)} ms`;
     t.diagnostic(`client write and flush latency while a checkpoint ran (${line(during)}); outside checkpoints (${line(outside)})`);
+  });
+
+  it('survives qemu-nbd restarting, refuses to start without it, and keeps dirty data when the image grows underneath', async (t) => {
+    const dir = tempDir(t, 'pcache-ceph-swap-');
+    const socket = path.join(dir, 'nbd.sock');
+    const control = path.join(dir, 'control.sock');
+    // Lazy writeback: what is written stays dirty until a drain.
+    const args = serveArgs(dir, cluster().uri('swap'), 'writeback_start_percent=100,writeback_stop_percent=0,writeback_idle_ms=3600000,writeback_max_age_ms=3600000,backing_offline_after_ms=500');
+    let server = await startServe(t, args, dir);
+    await qemuIo(uriFor(socket), ['write -P 1 0 1M', 'flush']);
+
+    // qemu-nbd goes away and comes back: writes and hits meanwhile, then everything written back.
+    await cluster().nbdStop('swap');
+    await qemuIo(uriFor(socket), ['write -P 2 1M 1M', 'flush', 'read -P 1 0 1M']);
+    await statusUntil(control, (s) => s.backingRemote?.connectionsConnected === 0, 'pcache sees qemu-nbd gone');
+    await cluster().nbdStart('swap');
+    await drain(control);
+    await qemuIo(cluster().uri('swap'), ['read -P 1 0 1M', 'read -P 2 1M 1M']);
+
+    // Unreachable at start: one clear error, nothing lost.
+    await qemuIo(uriFor(socket), ['write -P 3 2M 1M', 'flush']);
+    assert.equal(await server.stop(), 0);
+    await cluster().nbdStop('swap');
+    assert.equal(fs.existsSync(cluster().socket('swap')), false, 'qemu-nbd is gone');
+    const refused = await runCli(['serve', ...args], { timeoutMs: 20_000 });
+    assertOneLineError(refused, 1, new RegExp(cluster().socket('swap').replaceAll('.', '\\.')));
+    await cluster().nbdStart('swap');
+    server = await startServe(t, args, dir);
+    await qemuIo(uriFor(socket), ['read -P 3 2M 1M']);
+
+    // The image grows underneath and qemu-nbd restarts with the new size: refused, data kept.
+    await qemuIo(uriFor(socket), ['write -P 4 3M 1M', 'flush']);
+    await cluster().rbd(['resize', '--size', '128M', 'rbd/swap']);
+    await cluster().nbdStop('swap');
+    await cluster().nbdStart('swap');
+    await statusUntil(control, (s) => s.backingRemote !== null && s.backingRemote.connectionsConnected === 0 && /size changed/.test(s.backingRemote.lastError ?? ''), 'the resized export is refused');
+    await qemuIo(uriFor(socket), ['read -P 4 3M 1M', 'write -P 5 4M 1M', 'flush']);
+    assert.ok((await controlStatus(control)).cache.dirtyBytes >= 2 * MiB, 'the dirty data stays in the cache');
+    // A restart adopts the new size (every cached range lies inside it) and writes everything back.
+    assert.equal(await server.stop(), 0);
+    server = await startServe(t, args, dir);
+    await drain(control);
+    assert.equal(await server.stop(), 0);
+    await qemuIo(cluster().uri('swap'), ['read -P 1 0 1M', 'read -P 2 1M 1M', 'read -P 3 2M 1M', 'read -P 4 3M 1M', 'read -P 5 4M 1M', 'read -P 0 64M 1M']);
   });
 });
