@@ -9,6 +9,7 @@
 // (tests: drop everything without writing, as a crash would). It counts the requests in
 // flight, so close() can wait for them, and the drains in progress, for status.
 
+import { SerialSection } from '../lib/background_task.js';
 import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { sectorSizeBytes } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
@@ -57,6 +58,7 @@ export class Cache {
   /** drain() calls not yet settled; status says 'draining' while there are any. */
   private drainsInProgress = 0;
   private idleWaiters: (() => void)[] = [];
+  private readonly checkpoints = new SerialSection();
 
   private constructor(engine: CacheEngine, replayResult: ReplayResult, backingCheck: BackingCheck) {
     this.engine = engine;
@@ -151,8 +153,15 @@ export class Cache {
    * paused: their writes keep landing in the cache meanwhile. A round of writeback already
    * running when the call comes may have gone further; the point reports where the backing
    * device stands. `signal` gives up the wait for writeback (ETIMEDOUT); `held` then never runs.
+   * Checkpoints run one at a time, in the order asked.
    */
-  async checkpoint<T>(held: (point: CheckpointPoint) => Promise<T>, signal?: AbortSignal): Promise<T> {
+  checkpoint<T>(held: (point: CheckpointPoint) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    // One at a time: a second checkpoint starts (and takes its position) once the first is released.
+    return this.checkpoints.run(() => this.checkpointNow(held, signal));
+  }
+
+  private async checkpointNow<T>(held: (point: CheckpointPoint) => Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+    if (signal?.aborted === true) throw new PcacheError('ETIMEDOUT', 'the checkpoint was given up before it began');
     const { ctx, log, writeback } = this.engine;
     if (ctx.readOnly) return held({ seq: ctx.dirtyTail.seq, lsn: ctx.dirtyTail.lsn });
     ctx.checkWritable();

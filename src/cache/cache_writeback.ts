@@ -274,8 +274,7 @@ export class Writeback extends CacheWorker {
     let pos = ctx.dirtyTail;
     let ksets = 0;
     let dirtyBytes = 0;
-    const limit = this.limitLsn();
-    while (ksets < writebackKsetsPerRoundMax && pos.lsn < limit) {
+    while (ksets < writebackKsetsPerRoundMax && pos.lsn < this.limitLsn()) {
       const kset = await readKsetAt(ctx, pos, this.scratch);
       if (!kset.ok) {
         throw new PcacheError('CORRUPT', `writeback: the kset at segment ${pos.segment} offset ${pos.offsetBytes} is invalid: ${kset.problem}`);

@@ -79,4 +79,29 @@ describe('checkpoint', () => {
     assert.ok((await backingBytes(backingDevice, MiB, 64 * S)).equals(pattern(2, MiB, 64 * S)));
     await cache.close();
   });
+
+  it('runs checkpoints one at a time: a second one starts once the first is released', async () => {
+    const rig = await openRig({ background: false });
+    const { cache } = rig;
+    await cache.write(pattern(1, 0, 64 * S), 0);
+    await cache.flush();
+    const order: string[] = [];
+    let releaseFirst: () => void = () => undefined;
+    const first = cache.checkpoint(async () => {
+      order.push('first held');
+      await new Promise<void>((resolve) => { releaseFirst = resolve; });
+      order.push('first released');
+    });
+    const second = cache.checkpoint(() => {
+      order.push('second held');
+      return Promise.resolve();
+    });
+    while (order.length === 0) await new Promise((resolve) => setImmediate(resolve));
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.deepEqual(order, ['first held']);
+    releaseFirst();
+    await Promise.all([first, second]);
+    assert.deepEqual(order, ['first held', 'first released', 'second held']);
+    await cache.close();
+  });
 });
