@@ -9,6 +9,7 @@
 // (tests: drop everything without writing, as a crash would). It counts the requests in
 // flight, so close() can wait for them, and the drains in progress, for status.
 
+import { SerialSection } from '../lib/background_task.js';
 import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { sectorSizeBytes } from '../lib/units.js';
 import type { BlockDevice } from '../device/block_device.js';
@@ -30,6 +31,14 @@ export { describeLogDamage, type LogDamage, type ReplayResult } from './cache_re
 export { dmStatusLine, type CacheStatus } from './cache_status.js';
 export { defaultTuning, eagerWriteback, type CacheTuning } from './cache_tuning.js';
 
+/** Where the backing device stands during a checkpoint: every kset before this log position is on it. */
+export interface CheckpointPoint {
+  /** The seq of the first kset not on the backing device: grows with every checkpoint of a cache, across restarts. */
+  readonly seq: number;
+  /** The same position in bytes of log appended since this start. */
+  readonly lsn: number;
+}
+
 export interface WriteOptions {
   readonly fua: boolean;
 }
@@ -49,6 +58,7 @@ export class Cache {
   /** drain() calls not yet settled; status says 'draining' while there are any. */
   private drainsInProgress = 0;
   private idleWaiters: (() => void)[] = [];
+  private readonly checkpoints = new SerialSection();
 
   private constructor(engine: CacheEngine, replayResult: ReplayResult, backingCheck: BackingCheck) {
     this.engine = engine;
@@ -130,19 +140,66 @@ export class Cache {
   }
 
   private async drainAll(): Promise<void> {
+    await this.flush();
+    await this.writeBackTo(this.engine.log.durableHead.lsn);
+  }
+
+  /**
+   * A checkpoint (pcache checkpoint): brings the backing device to what the cache log held
+   * durably at the call — every write whose FLUSH (or FUA) had completed, and perhaps writes
+   * made durable since the last flush, which a crash at that instant would keep too: a prefix
+   * of the log, so a crash-consistent state — holds writeback there while `held` runs (a
+   * snapshot of the backing device, say), and resumes it when `held` settles. Clients are not
+   * paused: their writes keep landing in the cache meanwhile. A round of writeback already
+   * running when the call comes may have gone further; the point reports where the backing
+   * device stands. `signal` gives up the wait for writeback (ETIMEDOUT); `held` then never runs.
+   * Checkpoints run one at a time, in the order asked.
+   */
+  checkpoint<T>(held: (point: CheckpointPoint) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    // One at a time: a second checkpoint starts (and takes its position) once the first is released.
+    return this.checkpoints.run(() => this.checkpointNow(held, signal));
+  }
+
+  private async checkpointNow<T>(held: (point: CheckpointPoint) => Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+    if (signal?.aborted === true) throw new PcacheError('ETIMEDOUT', 'the checkpoint was given up before it began');
+    const { ctx, log, writeback } = this.engine;
+    if (ctx.readOnly) return held({ seq: ctx.dirtyTail.seq, lsn: ctx.dirtyTail.lsn });
+    ctx.checkWritable();
+    const target = log.durableHead.lsn;
+    await writeback.holdAt(target);
+    try {
+      await this.writeBackTo(target, signal);
+      return await held({ seq: ctx.dirtyTail.seq, lsn: ctx.dirtyTail.lsn });
+    } finally {
+      writeback.release();
+    }
+  }
+
+  /** Runs writeback until dirty_tail reaches `target` (urgently: someone waits); `signal` gives up (ETIMEDOUT). */
+  private async writeBackTo(target: number, signal?: AbortSignal): Promise<void> {
     const engine = this.engine;
     const ctx = engine.ctx;
-    await this.flush();
-    const target = engine.log.durableHead.lsn;
+    const givenUp = (): PcacheError => new PcacheError('ETIMEDOUT', 'given up before the backing device got there');
     if (ctx.background) {
       // Waiting first: urgency lasts only while a waiter is there (cache_writeback.ts).
       const done = engine.writeback.waitFor(target);
       engine.writeback.kick(true);
-      await done;
+      if (signal === undefined) {
+        await done;
+        return;
+      }
+      done.catch(() => undefined); // a waiter given up on may still be rejected at close
+      await new Promise<void>((resolve, reject) => {
+        const abort = (): void => { reject(givenUp()); };
+        if (signal.aborted) abort();
+        signal.addEventListener('abort', abort, { once: true });
+        done.then(resolve, reject).finally(() => { signal.removeEventListener('abort', abort); });
+      });
       return;
     }
     while (ctx.dirtyTail.lsn < target) {
       if (ctx.state !== 'running') throw new PcacheError('ESHUTDOWN', 'the cache is shutting down');
+      if (signal?.aborted === true) throw givenUp();
       const advanced = await engine.writeback.step();
       if (!advanced) throw new PcacheError('EIO', `drain: writeback failed: ${engine.writeback.lastError ?? 'no progress'}`);
     }

@@ -24,6 +24,9 @@
 // gives overwrites a chance to be written back once instead of many times.
 // Contiguous extents go to the backing device as one write (up to writebackRunMaxBytes), with
 // at most writebackWritesInFlightMax writes in flight.
+// A hold (holdAt, for checkpoints) stops rounds at a log position: writeback applies nothing at
+// or past it until release(), so the backing device keeps one prefix of the log while, say, a
+// snapshot of it is taken; clients go on writing into the cache meanwhile.
 
 import { assert } from '../lib/assert.js';
 import { crc32c } from '../lib/crc32c.js';
@@ -77,6 +80,8 @@ export class Writeback extends CacheWorker {
   /** Dirty data passed writebackStartPercent and has not yet come down to writebackStopPercent. */
   private aboveWatermark = false;
   private wakeTimer: TimerHandle | undefined;
+  /** A checkpoint's hold: rounds apply no kset at or past this lsn (undefined: no hold). */
+  private holdLsn: number | undefined;
 
   constructor(ctx: CacheContext, log: KsetLog) {
     super(ctx);
@@ -89,9 +94,34 @@ export class Writeback extends CacheWorker {
     ctx.gcThresholdReached.add(() => { this.kick(false); });
   }
 
-  /** Writeback has work: durable ksets past dirty_tail. */
+  /** Writeback has work: durable ksets past dirty_tail (and before the hold, if any). */
   get due(): boolean {
-    return this.ctx.dirtyTail.lsn < this.log.durableHead.lsn;
+    return this.ctx.dirtyTail.lsn < this.limitLsn();
+  }
+
+  /** Where rounds must stop: the durable log head, or the hold before it. */
+  private limitLsn(): number {
+    const durable = this.log.durableHead.lsn;
+    return this.holdLsn === undefined ? durable : Math.min(durable, this.holdLsn);
+  }
+
+  /**
+   * Holds writeback at `lsn`, a kset boundary no later than the durable log head (the durable
+   * head itself, at the moment of the call): no round applies anything at or past it until
+   * release(). A round already running finishes first and may have gone further; holdAt
+   * resolves once it has, and then the backing device changes no more. One hold at a time.
+   */
+  async holdAt(lsn: number): Promise<void> {
+    assert(this.holdLsn === undefined, 'writeback is already held');
+    assert(lsn <= this.log.durableHead.lsn, 'a writeback hold past the durable log head');
+    this.holdLsn = lsn;
+    await this.rounds.run(() => Promise.resolve('nothing'));
+  }
+
+  /** Ends the hold: writeback goes on by its policy. */
+  release(): void {
+    this.holdLsn = undefined;
+    this.kick(false);
   }
 
   /**
@@ -266,7 +296,7 @@ export class Writeback extends CacheWorker {
     let pos = ctx.dirtyTail;
     let ksets = 0;
     let dirtyBytes = 0;
-    while (ksets < writebackKsetsPerRoundMax && pos.lsn < this.log.durableHead.lsn) {
+    while (ksets < writebackKsetsPerRoundMax && pos.lsn < this.limitLsn()) {
       const kset = await readKsetAt(ctx, pos, this.scratch);
       if (!kset.ok) {
         throw new PcacheError('CORRUPT', `writeback: the kset at segment ${pos.segment} offset ${pos.offsetBytes} is invalid: ${kset.problem}`);

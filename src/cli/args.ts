@@ -12,14 +12,14 @@
 
 import { MiB } from '../lib/units.js';
 import {
-  checkGrammar, detachGrammar, drainGrammar, formatGrammar, invalidateGrammar, setGrammar, statusGrammar, type CheckArgs, type ControlArgs,
+  checkGrammar, checkpointGrammar, detachGrammar, drainGrammar, formatGrammar, invalidateGrammar, setGrammar, statusGrammar, type CheckArgs, type CheckpointArgs, type ControlArgs,
   type DrainArgs, type FormatArgs, type SetArgs, type StatusArgs,
 } from './args_commands.js';
 import { commandHelp, parseFlags, UsageError, type CommandGrammar, type CommandName } from './args_parse.js';
 import { serveGrammar, type ServeArgs } from './args_serve.js';
 
 export { UsageError, type CommandName } from './args_parse.js';
-export type { CheckArgs, ControlArgs, DrainArgs, FormatArgs, SetArgs, StatusArgs } from './args_commands.js';
+export type { CheckArgs, CheckpointArgs, ControlArgs, DrainArgs, FormatArgs, SetArgs, StatusArgs } from './args_commands.js';
 export { defaultServe, insecureBindProblem, isLoopback, logLevels, type ListenArgs, type LogLevel, type MetricsArgs, type ServeArgs, type TlsArgs } from './args_serve.js';
 
 /** Exit status: success. */
@@ -43,7 +43,8 @@ export type Invocation =
   | { readonly command: 'drain'; readonly args: DrainArgs }
   | { readonly command: 'set'; readonly args: SetArgs }
   | { readonly command: 'invalidate'; readonly args: ControlArgs }
-  | { readonly command: 'detach'; readonly args: ControlArgs };
+  | { readonly command: 'detach'; readonly args: ControlArgs }
+  | { readonly command: 'checkpoint'; readonly args: CheckpointArgs };
 
 /** Every command's grammar, in the order the overview lists them. */
 const grammars: { readonly [Name in CommandName]: CommandGrammar<Extract<Invocation, { command: Name }>['args']> } = {
@@ -55,6 +56,7 @@ const grammars: { readonly [Name in CommandName]: CommandGrammar<Extract<Invocat
   set: setGrammar,
   invalidate: invalidateGrammar,
   detach: detachGrammar,
+  checkpoint: checkpointGrammar,
 };
 
 const commandNames = Object.keys(grammars) as CommandName[];

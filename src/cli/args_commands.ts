@@ -43,6 +43,16 @@ export interface ControlArgs {
   readonly json: boolean;
 }
 
+export interface CheckpointArgs {
+  readonly controlPath: string;
+  /** A shell command run while the backing device is held ({name}, {time}, {epoch} substituted). */
+  readonly exec: string | undefined;
+  /** The checkpoint's name; undefined: pcache-<UTC time>. */
+  readonly name: string | undefined;
+  readonly timeoutMs: number | undefined;
+  readonly json: boolean;
+}
+
 export interface SetArgs {
   readonly controlPath: string;
   /** The changes, in the order given; empty to list the settings. */
@@ -163,6 +173,39 @@ export const drainGrammar: CommandGrammar<DrainArgs> = {
   options(flags) {
     const seconds = flags.integer('timeout', secondsRange);
     return { controlPath: flags.required('control'), timeoutMs: seconds === undefined ? undefined : seconds * 1000, progress: flags.has('progress') };
+  },
+};
+
+/** Checkpoint names go into shell commands and snapshot names: a safe alphabet only. */
+const checkpointNamePattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+export const checkpointGrammar: CommandGrammar<CheckpointArgs> = {
+  spec: {
+    summary: 'bring the backing device to the last flushed state, hold it there while a command runs (a snapshot)',
+    usage: ['pcache checkpoint --control PATH [--exec CMD] [--name NAME] [--timeout SECONDS] [--json]'],
+    flags: {
+      control: serverControlFlag,
+      exec: valueFlag('CMD', 'run CMD (with sh -c) while the backing device is held, e.g. "rbd snap create rbd/img@{name}"'),
+      name: valueFlag('NAME', 'the checkpoint\'s name (letters, digits, . _ -; default pcache-<UTC time>)'),
+      timeout: valueFlag('SECONDS', 'give up after this long, the command included (exit 1); default: no limit'),
+      json: switchFlag('print the result as JSON'),
+    },
+    notes: [
+      'The server writes back everything its log held durably when the checkpoint began — every write',
+      'whose flush (or FUA) had completed — and holds writeback there: the backing device then holds a',
+      'crash-consistent state of the client\'s disk. CMD runs meanwhile, with {name}, {time} and {epoch}',
+      'replaced, and PCACHE_CHECKPOINT_NAME, _TIME, _EPOCH in its environment; writeback resumes when',
+      'it exits. Clients are not paused: their writes land in the cache while the backing device is held.',
+      'Exits 1 if CMD fails (its status is printed) or the backing device cannot be reached in time.',
+    ],
+  },
+  options(flags) {
+    const seconds = flags.integer('timeout', secondsRange);
+    const name = flags.optional('name');
+    if (name !== undefined && !checkpointNamePattern.test(name)) {
+      throw flags.usage(`--name must be 1 to 64 letters, digits, '.', '_' or '-' (starting with a letter or digit), got ${JSON.stringify(name)}`);
+    }
+    return { controlPath: flags.required('control'), exec: flags.optional('exec'), name, timeoutMs: seconds === undefined ? undefined : seconds * 1000, json: flags.has('json') };
   },
 };
 

@@ -41,6 +41,17 @@ export interface ControlHandlers {
   invalidate(): Promise<number>;
   /** Drains, drops every clean copy, marks the cache detached; the server then stops. */
   detach(): Promise<void>;
+  /**
+   * Brings the backing device to the log's durable state and holds it there while `held` runs;
+   * `signal` (the client gone) gives up the wait.
+   */
+  checkpoint(held: (point: CheckpointPoint) => Promise<void>, signal: AbortSignal): Promise<void>;
+}
+
+/** Where a checkpoint holds the backing device (Cache.checkpoint's point). */
+export interface CheckpointPoint {
+  readonly seq: number;
+  readonly lsn: number;
 }
 
 /** A failure answered by the protocol itself (not an operating error of the cache). */
@@ -63,7 +74,8 @@ const ownerOnlyUmask = 0o177;
 const shuttingDown = (): ControlError => new ControlError('ESHUTDOWN', 'the server is stopping');
 
 interface Served extends ControlRoute {
-  answer(body: string): unknown;
+  /** The answer's JSON; a route that answers by itself (checkpoint) sends it on `response` and resolves once done. */
+  answer(body: string, response: http.ServerResponse): unknown;
 }
 
 export class ControlServer {
@@ -89,6 +101,7 @@ export class ControlServer {
       { ...controlRoutes.set, answer: (body) => this.handlers.set(settingsOf(body)) },
       { ...controlRoutes.invalidate, answer: () => this.handlers.invalidate().then((droppedBytes) => ({ droppedBytes })) },
       { ...controlRoutes.detach, answer: () => this.handlers.detach().then(() => ({ detached: true })) },
+      { ...controlRoutes.checkpoint, answer: (_body, response) => this.checkpoint(response) },
     ];
     this.server = http.createServer({
       maxHeaderSize: this.limits.headerBytesMax,
@@ -163,7 +176,7 @@ export class ControlServer {
     readBody(request, this.limits.bodyBytesMax).then(
       (body) => {
         if (this.closing) return; // answered with ESHUTDOWN already
-        new Promise((resolve) => { resolve(route.answer(body)); }).then(
+        new Promise((resolve) => { resolve(route.answer(body, response)); }).then(
           (result) => { answer(response, 200, result); },
           (error: unknown) => { refuse(response, error); },
         );
@@ -183,6 +196,23 @@ export class ControlServer {
     }
     const allowed = atPath.map((candidate) => candidate.method).join(', ');
     throw new ControlError('EMETHOD', `${path} takes ${allowed}, not ${request.method ?? 'nothing'}`, { allow: allowed });
+  }
+
+  /**
+   * POST /checkpoint: the hold lasts while the connection does. Once held, the head and the
+   * `held` line go out and the answer stays open; the connection's close (the client done, or
+   * gone) ends the hold. A failure before that is answered as any other.
+   */
+  private async checkpoint(response: http.ServerResponse): Promise<unknown> {
+    const gone = new AbortController();
+    response.once('close', () => { gone.abort(); });
+    await this.handlers.checkpoint(async (point) => {
+      response.writeHead(200, { 'content-type': 'application/x-ndjson', 'cache-control': 'no-store' });
+      response.write(`${JSON.stringify({ held: { seq: point.seq, lsn: point.lsn, time: new Date().toISOString() } })}\n`);
+      if (gone.signal.aborted) return;
+      await new Promise<void>((resolve) => { gone.signal.addEventListener('abort', () => { resolve(); }, { once: true }); });
+    }, gone.signal);
+    return undefined; // answered already (answer() leaves a sent response alone)
   }
 
   private describe(): unknown {

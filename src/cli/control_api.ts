@@ -12,6 +12,11 @@
 //   POST  /invalidate  drops every clean cached copy (dirty data stays): {"droppedBytes":N}
 //   POST  /detach    writes everything back, drops every clean copy, marks the cache detached
 //                    and stops the server: {"detached":true}
+//   POST  /checkpoint  writes back everything the log held durably at the request and holds
+//                    writeback there for as long as the connection stays open: once held, the
+//                    answer's head and a first line {"held":{"seq":N,"lsn":N,"time":"..."}} are
+//                    sent (application/x-ndjson) and the answer stays open; closing the
+//                    connection releases the hold (a client that dies releases it too)
 //
 // Success is 200 with the JSON result. A failure is {"error":{"code":"EINVAL","message":"..."}}
 // (with "reason" when the engine gave one) and an HTTP status that fits: controlErrorStatus
@@ -22,7 +27,7 @@ import type { PcacheErrorCode } from '../lib/errors.js';
 export type ControlMethod = 'GET' | 'POST' | 'PATCH';
 
 /** What the client asks for; each is one route. */
-export type ControlOp = 'routes' | 'status' | 'drain' | 'settings' | 'set' | 'invalidate' | 'detach';
+export type ControlOp = 'routes' | 'status' | 'drain' | 'settings' | 'set' | 'invalidate' | 'detach' | 'checkpoint';
 
 export interface ControlRoute {
   readonly method: ControlMethod;
@@ -39,6 +44,7 @@ export const controlRoutes: Readonly<Record<ControlOp, ControlRoute>> = {
   settings: { method: 'GET', path: '/settings', summary: 'every setting and its value', command: 'set' },
   set: { method: 'PATCH', path: '/settings', summary: 'change settings: a JSON object of name: value, applied all together or none', command: 'set' },
   invalidate: { method: 'POST', path: '/invalidate', summary: 'drop every clean cached copy (dirty data stays); answers the bytes dropped', command: 'invalidate' },
+  checkpoint: { method: 'POST', path: '/checkpoint', summary: 'write back what the log held durably and hold the backing device there while the connection stays open (a snapshot)', command: 'checkpoint' },
   detach: { method: 'POST', path: '/detach', summary: 'write everything back, drop every clean copy, mark the cache detached and stop the server', command: 'detach' },
 };
 

@@ -87,3 +87,98 @@ function connectError(path: string, what: string, error: NodeJS.ErrnoException):
   if (code.startsWith('HPE_')) return new PcacheError('EIO', `${path} answered ${what} with something that is not HTTP; is it a pcache control socket?`);
   return new PcacheError('EIO', `cannot talk to ${path}: ${error.message}`);
 }
+
+/** Where the server holds the backing device (POST /checkpoint's first line). */
+export interface HeldPoint {
+  readonly seq: number;
+  readonly lsn: number;
+  readonly time: string;
+}
+
+/**
+ * POST /checkpoint: waits until the server holds the backing device, runs `whileHeld`, then
+ * closes the connection, which releases the hold. Resolves to whileHeld's result. Fails with
+ * ETIMEDOUT after `timeoutMs` (undefined: no limit) if the hold has not come by then, and with
+ * EIO if the server let go of the connection before whileHeld was done (the hold may have
+ * ended early).
+ */
+export function controlCheckpoint<T>(path: string, whileHeld: (point: HeldPoint) => Promise<T>, timeoutMs: number | undefined): Promise<T> {
+  const route = controlRoutes.checkpoint;
+  const what = route.command;
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    let held = false;
+    let lost = false;
+    let timer: NodeJS.Timeout | undefined;
+    const finish = (error: PcacheError | undefined, result?: T): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      request.destroy();
+      if (error !== undefined) reject(error);
+      else resolve(result as T);
+    };
+    const request = http.request({ socketPath: path, method: route.method, path: route.path, headers: { host: 'localhost', accept: 'application/x-ndjson', 'content-length': '0' }, agent: false }, (response) => {
+      const chunks: Buffer[] = [];
+      let bytes = 0;
+      response.on('data', (chunk: Buffer) => {
+        if (held) return;
+        bytes += chunk.length;
+        if (bytes > answerBytesMax) {
+          finish(new PcacheError('EIO', `${path} answered ${what} with more than ${answerBytesMax} bytes; is it a pcache control socket?`));
+          return;
+        }
+        chunks.push(chunk);
+        const text = Buffer.concat(chunks).toString('utf8');
+        const newline = text.indexOf('\n');
+        if (response.statusCode !== 200 || newline < 0) return;
+        const point = (JSON.parse(text.slice(0, newline)) as { held?: HeldPoint } | null)?.held;
+        if (typeof point?.seq !== 'number' || typeof point.lsn !== 'number' || typeof point.time !== 'string') {
+          finish(new PcacheError('EIO', `${path} answered ${what} with something unexpected`));
+          return;
+        }
+        held = true;
+        clearTimeout(timer);
+        whileHeld(point).then(
+          (result) => {
+            if (lost) finish(new PcacheError('EIO', `the server at ${path} let go of the checkpoint before the command was done: the hold may have ended early`));
+            else finish(undefined, result);
+          },
+          (error: unknown) => {
+            if (error instanceof PcacheError) finish(error);
+            else {
+              // Not an operating error: a bug of the caller, passed on as it is.
+              settled = true;
+              request.destroy();
+              reject(error instanceof Error ? error : new Error(String(error)));
+            }
+          },
+        );
+      });
+      response.on('error', () => undefined); // the request's 'error' (or close) reports it
+      response.on('end', () => {
+        if (held) {
+          lost = true;
+          return;
+        }
+        let answer: unknown;
+        try {
+          answer = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+        } catch {
+          finish(new PcacheError('EIO', `${path} answered ${what} with something that is not JSON; is it a pcache control socket?`));
+          return;
+        }
+        finish(refusal(what, response.statusCode, answer));
+      });
+    });
+    if (timeoutMs !== undefined) {
+      timer = setTimeout(() => { finish(new PcacheError('ETIMEDOUT', `the backing device did not reach the checkpoint within ${timeoutMs / 1000} s (is it offline? see pcache status)`)); }, timeoutMs);
+    }
+    request.on('close', () => { if (held) lost = true; });
+    request.on('error', (error: NodeJS.ErrnoException) => {
+      if (held) lost = true;
+      else finish(connectError(path, what, error));
+    });
+    request.end();
+  });
+}

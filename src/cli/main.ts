@@ -46,6 +46,8 @@ async function run(invocation: Invocation, terminal: Terminal): Promise<number> 
       return (await import('./invalidate_cmd.js')).invalidateCommand(invocation.args, terminal);
     case 'detach':
       return (await import('./invalidate_cmd.js')).detachCommand(invocation.args, terminal);
+    case 'checkpoint':
+      return (await import('./checkpoint_cmd.js')).checkpointCommand(invocation.args, terminal);
   }
 }
 

@@ -175,6 +175,18 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
           log.info({ droppedBytes }, 'clean cached copies dropped');
           return droppedBytes;
         },
+        checkpoint: async (held, signal) => {
+          const startedMs = performance.now();
+          await served.checkpoint(async (point) => {
+            const heldMs = performance.now();
+            log.info({ seq: point.seq, writebackMs: Math.round(heldMs - startedMs) }, 'checkpoint: backing device held');
+            try {
+              await held(point);
+            } finally {
+              log.info({ seq: point.seq, heldMs: Math.round(performance.now() - heldMs) }, 'checkpoint: released');
+            }
+          }, signal);
+        },
         detach: async () => {
           // No client request may land between the drain and the mark: clients go first.
           log.info({ dirtyBytes: served.cacheStatus()?.dirtyBytes ?? 0 }, 'detaching: closing the NBD server, then writing everything back');

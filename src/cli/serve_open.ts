@@ -4,7 +4,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { Cache, describeLogDamage, dmStatusLine, type CacheTuning } from '../cache/cache.js';
+import { Cache, describeLogDamage, type CheckpointPoint, dmStatusLine, type CacheTuning } from '../cache/cache.js';
 import { probeDevice } from '../cache/cache_metadata.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { DeviceExport } from '../device/device_export.js';
@@ -44,6 +44,8 @@ export interface Served {
   detach(): Promise<void>;
   /** The backing device is reachable again: retry writeback now. */
   retryBacking(): void;
+  /** Holds the backing device at the log's durable state while `held` runs (Cache.checkpoint). */
+  checkpoint(held: (point: CheckpointPoint) => Promise<void>, signal: AbortSignal): Promise<void>;
   set(changes: Readonly<Record<string, unknown>>): Promise<Record<string, number>>;
 }
 
@@ -156,6 +158,7 @@ export async function openCache(args: ServeArgs, backing: BlockDevice, closers: 
     },
     invalidate: () => cache.invalidate(),
     detach: () => cache.detach(),
+    checkpoint: (held, signal) => cache.checkpoint(held, signal),
   };
 }
 
@@ -172,5 +175,7 @@ export function noCacheExport(backing: BlockDevice): Served {
     set: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: there are no cache settings')),
     invalidate: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: nothing is cached')),
     detach: () => Promise.reject(new PcacheError('ENOTSUP', 'served with --no-cache: there is no cache to detach')),
+    // Without a cache, every write is on the backing device when it is answered: there is nothing to hold.
+    checkpoint: (held) => backing.sync().then(() => held({ seq: 0, lsn: 0 })),
   };
 }

@@ -12,11 +12,11 @@ import net from 'node:net';
 import path from 'node:path';
 import { ControlServer, type ControlHandlers } from '../../src/cli/control.js';
 import type { ControlLimits } from '../../src/cli/control_api.js';
-import { controlRequest } from '../../src/cli/control_client.js';
+import { controlCheckpoint, controlRequest } from '../../src/cli/control_client.js';
 import { PcacheError, isPcacheError } from '../../src/lib/errors.js';
 import { errorOf, httpExchange, httpRequest } from '../helpers/control_http.js';
 import { tempDir } from '../helpers/files.js';
-import { sleep } from '../helpers/wait.js';
+import { sleep, waitUntil } from '../helpers/wait.js';
 
 /** Handlers whose drains wait until release(); `status` counts its calls. */
 class Handlers implements ControlHandlers {
@@ -48,6 +48,20 @@ class Handlers implements ControlHandlers {
 
   detach(): Promise<void> {
     return Promise.resolve();
+  }
+
+  /** Checkpoints held now; each hold ends when the server's signal says the connection went. */
+  holds = 0;
+  checkpointsReleased = 0;
+
+  async checkpoint(held: (point: { seq: number; lsn: number }) => Promise<void>): Promise<void> {
+    this.holds += 1;
+    try {
+      await held({ seq: 41, lsn: 4096 });
+    } finally {
+      this.holds -= 1;
+      this.checkpointsReleased += 1;
+    }
   }
 
   release(): void {
@@ -206,5 +220,30 @@ describe('control server bounds', () => {
     await assert.rejects(controlRequest(socket, 'set', { body: { other: 1 } }), (error: unknown) => isPcacheError(error) && error.code === 'EINVAL' && error.message === 'the server refused set: unknown setting');
     assert.deepEqual(await controlRequest(socket, 'set', { body: { gc_percent: 12 } }), { gc_percent: 12 });
     assert.deepEqual(await controlRequest(socket, 'settings'), { gc_percent: 12 });
+  });
+
+  it('holds a checkpoint while its connection stays open, and releases it when the client closes it or dies', async (t) => {
+    const { handlers, socket } = await started(t);
+    const result = await controlCheckpoint(socket, async (point) => {
+      assert.deepEqual([point.seq, point.lsn, Number.isNaN(Date.parse(point.time))], [41, 4096, false]);
+      await sleep(100);
+      assert.equal(handlers.holds, 1, 'held while the client works');
+      const status = await controlRequest(socket, 'status'); // other requests are answered meanwhile
+      assert.equal((status as { state: string }).state, 'running');
+      return 'snapshot taken';
+    }, undefined);
+    assert.equal(result, 'snapshot taken');
+    for (let waited = 0; handlers.holds > 0 && waited < 100; waited++) await sleep(20);
+    assert.deepEqual([handlers.holds, handlers.checkpointsReleased], [0, 1], 'closing the connection released the hold');
+
+    // A client that dies mid-hold (its socket simply goes) releases it too.
+    const connection = await connect(socket);
+    const sent = new Promise<string>((resolve) => { connection.once('data', (chunk: Buffer) => { resolve(chunk.toString('latin1')); }); });
+    connection.write('POST /checkpoint HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n');
+    assert.match(await sent, /^HTTP\/1\.1 200 [^]*\{"held":\{"seq":41,"lsn":4096,"time":"/);
+    assert.equal(handlers.holds, 1);
+    connection.destroy();
+    await waitUntil(() => handlers.checkpointsReleased === 2, 'the hold of the client that died is released');
+    assert.equal(handlers.holds, 0);
   });
 });
