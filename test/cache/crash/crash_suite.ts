@@ -19,18 +19,29 @@ export const randomizedShape = {
 } as const;
 
 export function targetName(options: CacheTargetOptions): string {
-  return `pcache${options.dataCrc === true ? '-crc' : ''}-gc${options.gcPercent ?? 0}`;
+  return `pcache${options.dataCrc === true ? '-crc' : ''}-gc${options.gcPercent ?? 0}${options.ordering === 'relaxed' ? '-relaxed' : ''}`;
 }
 
 function replayCommand(kind: 'exhaustive' | 'randomized', options: CacheTargetOptions) {
   return (spec: string): string =>
-    `npm run test:crash -- --mode ${kind} --gc-percent ${options.gcPercent ?? 0}${options.dataCrc === true ? ' --data-crc' : ''} --replay '${spec}'`;
+    `npm run test:crash -- --mode ${kind} --gc-percent ${options.gcPercent ?? 0}${options.dataCrc === true ? ' --data-crc' : ''}${options.ordering === 'relaxed' ? ' --ordering relaxed' : ''} --replay '${spec}'`;
 }
 
-export function exhaustive(options: CacheTargetOptions, run: { opsMax: number; shard?: { index: number; count: number }; replay?: string; seed?: number; log?: (line: string) => void }): Promise<HarnessReport> {
+/**
+ * What the backing device alone must hold at every crash state: a prefix of the flush epochs
+ * under strict writeback ordering; nothing promised under relaxed (the cache and backing device
+ * together are still checked, and so is the backing device after a drain). `backingAloneCheck`
+ * forces the check on, to show that relaxed ordering does break it.
+ */
+function backingCheck(options: CacheTargetOptions & { backingAloneCheck?: boolean }): boolean {
+  return options.backingAloneCheck ?? options.ordering !== 'relaxed';
+}
+
+export function exhaustive(options: CacheTargetOptions & { backingAloneCheck?: boolean }, run: { opsMax: number; shard?: { index: number; count: number }; replay?: string; seed?: number; log?: (line: string) => void }): Promise<HarnessReport> {
   return runExhaustive({
     name: targetName(options),
     target: cacheTarget(options),
+    rawBackingCheck: backingCheck(options),
     ...exhaustiveShape,
     opsMax: run.opsMax,
     ...(run.shard !== undefined ? { shard: run.shard } : {}),
@@ -41,10 +52,11 @@ export function exhaustive(options: CacheTargetOptions, run: { opsMax: number; s
   });
 }
 
-export function randomized(options: CacheTargetOptions, run: { seed: number; runs: number; segmentsPerRun?: number; opsPerSegment?: number; statesPerCrashPoint?: number; replay?: string; log?: (line: string) => void }): Promise<HarnessReport> {
+export function randomized(options: CacheTargetOptions & { backingAloneCheck?: boolean }, run: { seed: number; runs: number; segmentsPerRun?: number; opsPerSegment?: number; statesPerCrashPoint?: number; replay?: string; log?: (line: string) => void }): Promise<HarnessReport> {
   return runRandomized({
     name: targetName(options),
     target: cacheTarget(options),
+    rawBackingCheck: backingCheck(options),
     ...randomizedShape,
     seed: run.seed,
     runs: run.runs,
