@@ -1,6 +1,7 @@
 // `npm run test:crash -- [--states N] [--seed S] [--mode randomized|exhaustive] [--ops N]
 //                        [--gc-percent P] [--data-crc] [--ordering strict|relaxed]
-//                        [--backing-alone-check] [--replay SPEC]`
+//                        [--backing-alone-check] [--absorb] [--replay SPEC]`
+// --absorb runs workloads made to make writeback skip superseded data (crash_suite.ts).
 // --ordering sets writeback_ordering; under relaxed the raw backing device is not required to
 // hold a prefix of the flush epochs unless --backing-alone-check asks for it anyway.
 //
@@ -21,6 +22,7 @@ const { values } = parseArgs({
     'data-crc': { type: 'boolean', default: false },
     ordering: { type: 'string', default: 'strict' },
     'backing-alone-check': { type: 'boolean', default: false },
+    absorb: { type: 'boolean', default: false },
     replay: { type: 'string' },
   },
 });
@@ -31,6 +33,7 @@ const target = {
   dataCrc: values['data-crc'],
   ordering,
   ...(values['backing-alone-check'] ? { backingAloneCheck: true } : {}),
+  ...(values.absorb ? { absorb: true } : {}),
 };
 const log = (line: string): void => { console.log(line); };
 let explored = 0;
