@@ -1,14 +1,16 @@
 // Writeback: applying the log to the backing device, in log order, and advancing dirty_tail.
 //
-// A round takes the ksets from dirty_tail onwards — up to the end of a client flush epoch
-// (a kset with EPOCH_END), at most writebackKsetsPerRoundMax ksets, never past the durable
-// log head — merges their keys so only the newest data for each range survives, writes the
-// dirty and ZERO extents to the backing device in offset order (CLEAN extents are skipped),
-// syncs the backing device, and only then persists the advanced dirty_tail and syncs the
-// cache device. Because a round never spans an epoch boundary, and a round's dirty_tail is
-// durable before the next round writes anything, the backing device alone always holds a
-// prefix of the client's flush epochs (the last one possibly partial), even across a crash
-// and recovery, and even if the cache device is lost.
+// A round takes a window of ksets from dirty_tail onwards (cache_writeback_plan.ts: bounded in
+// ksets and dirty bytes, never past the durable log head, and under strict ordering never past
+// the end of a client flush epoch), merges its keys so only the newest data for each range
+// survives, leaves out CLEAN extents and whatever newer keys supersede, writes the rest to the
+// backing device in offset order, syncs the backing device, waits for the commit of the newer
+// keys it relied on (if it skipped anything), and only then persists the advanced dirty_tail
+// and syncs the cache device. Under strict ordering a round never spans an epoch boundary and
+// skips only within the open epoch, and a round's dirty_tail is durable before the next round
+// writes anything, so the backing device alone always holds a prefix of the client's flush
+// epochs (the last one possibly partial), even across a crash and recovery, and even if the
+// cache device is lost. Relaxed ordering gives that up for larger merges (docs/design.md §6).
 // On any error nothing advances: the round is retried from the same dirty_tail with
 // exponential back-off, the error is counted, and status reports the cache as degraded. A
 // failed backing sync is treated like failed writes (fsyncgate): the whole round is redone.
