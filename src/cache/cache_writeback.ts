@@ -48,6 +48,12 @@ export const writebackInFlightBytesMax = 64 * MiB;
 export const writebackWritesInFlightMax = 64;
 /** Contiguous extents are gathered into backing writes of at most this size. */
 export const writebackRunMaxBytes = 1 * MiB;
+/**
+ * A write's data is read from a synchronous cache device before it is issued, so issuing many
+ * writes runs long without a break: after this many bytes, other work (client requests, the
+ * control socket) gets a turn of the event loop.
+ */
+const writebackYieldBytes = 4 * MiB;
 /** Commits closer together than this share one age entry (bounds the age queue). */
 const ageGranularityMs = 100;
 const ageEntriesMax = 1024;
@@ -306,6 +312,7 @@ export class Writeback extends CacheWorker {
     };
     let run: IndexKey[] = [];
     let runBytes = 0;
+    let issuedSinceYield = 0;
     const flush = async (): Promise<void> => {
       const first = run[0];
       if (first === undefined) return;
@@ -313,6 +320,11 @@ export class Writeback extends CacheWorker {
       const bytes = runBytes;
       run = [];
       runBytes = 0;
+      issuedSinceYield += bytes;
+      if (issuedSinceYield >= writebackYieldBytes) {
+        issuedSinceYield = 0;
+        await this.ctx.timers.yieldToOthers();
+      }
       await issue(() => ((first.flags & keyFlagZero) !== 0 ? this.zero(first.offsetBytes, bytes) : this.copy(pieces, bytes)), bytes);
     };
     for (const key of parts) {
