@@ -24,7 +24,8 @@
 // (comma list of writeback_ordering values, default strict,relaxed), PCACHE_BENCH_FLUSH_EVERY (fio
 // fsync=N: a FLUSH every N writes; default none, as in the issue), PCACHE_BENCH_SVG (draw the
 // per-second series of the first ordering into this SVG file), PCACHE_BENCH_CACHE_MIB (default
-// 256), PCACHE_BENCH_TUNING (more pcache --tuning pairs), PCACHE_BENCH_PREWRITTEN=1 (the cache file written full of zeroes first instead of
+// 256), PCACHE_BENCH_SEGMENT_MIB (serve --segment-size), PCACHE_BENCH_TUNING (more pcache --tuning
+// pairs), PCACHE_BENCH_PREWRITTEN=1 (the cache file written full of zeroes first instead of
 // sparse). PCACHE_BENCH_SMOKE=1: tiny sizes, a few seconds (the test suite runs that).
 
 import type { ChildProcess } from 'node:child_process';
@@ -49,6 +50,8 @@ const orderings = (process.env.PCACHE_BENCH_ORDERING ?? 'strict,relaxed').split(
 const flushEvery = process.env.PCACHE_BENCH_FLUSH_EVERY === undefined ? undefined : Number(process.env.PCACHE_BENCH_FLUSH_EVERY);
 const svgPath = process.env.PCACHE_BENCH_SVG;
 const prewritten = process.env.PCACHE_BENCH_PREWRITTEN === '1';
+/** serve --segment-size for the new cache (PCACHE_BENCH_SEGMENT_MIB; default: serve's own choice). */
+const segmentMiB = process.env.PCACHE_BENCH_SEGMENT_MIB;
 /** More `--tuning` pairs for pcache (PCACHE_BENCH_TUNING=name=value,...), to try settings. */
 const extraTuning = (process.env.PCACHE_BENCH_TUNING ?? '').split(',').filter((text) => text !== '');
 const delay = '1ms';
@@ -136,7 +139,7 @@ async function runPcache(dir: string, store: string, ordering: string, storeIops
   const control = path.join(dir, `pcache-${ordering}.ctl`);
   if (prewritten) fill(cachePath, cacheMiB * MiB, false);
   const child = await startPcacheServe('pcache serve', dir, path.join(dir, `pcache-${ordering}.sock`), [
-    '--cache', cachePath, ...(prewritten ? [] : ['--cache-size', `${cacheMiB}M`]), '--backing', `nbd+unix:///?socket=${store}`,
+    '--cache', cachePath, ...(prewritten ? [] : ['--cache-size', `${cacheMiB}M`]), ...(segmentMiB === undefined ? [] : ['--segment-size', `${segmentMiB}M`]), '--backing', `nbd+unix:///?socket=${store}`,
     '--control', control, ...(ordering === 'default' ? [] : ['--tuning', [`writeback_ordering=${ordering}`, ...extraTuning].join(',')]),
   ]);
   const pid = child.pid ?? 0;
