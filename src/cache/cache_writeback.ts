@@ -215,7 +215,7 @@ export class Writeback extends CacheWorker {
     try {
       const window = await readWindow(ctx, this.log, ctx.dirtyTail, this.windowLimits(), this.scratch);
       if (window.end.lsn === ctx.dirtyTail.lsn) return 'nothing'; // another round got here first
-      const plan = planWrites(window, ctx.index, this.maySkipSuperseded(window.start));
+      const plan = await planWrites(window, ctx.index, () => this.maySkipSuperseded(window.start), () => ctx.timers.yieldToOthers());
       // Newer keys that made parts of the window unnecessary must be durable before dirty_tail
       // passes those parts (cache_writeback_plan.ts); the commit runs alongside the writes.
       const committed = plan.skippedBytes > 0 ? this.log.commitAppended() : undefined;

@@ -35,6 +35,13 @@ import { positionAfter, readKsetAt, type KsetLog } from './cache_kset.js';
 import { KeyIndex, keyFromRecord, newIndexKey, type IndexKey, type Subtree } from './cache_tree.js';
 import type { LogPos } from './cache_types.js';
 
+/**
+ * Reading and planning run on the event loop between client requests: after this many ksets
+ * read, or keys planned, other work gets a turn (a window can hold tens of thousands of keys).
+ */
+const windowKsetsPerTurn = 64;
+const planKeysPerTurn = 2048;
+
 export interface WindowLimits {
   readonly ksetsMax: number;
   readonly dirtyBytesMax: number;
@@ -66,6 +73,7 @@ export async function readWindow(ctx: CacheContext, log: KsetLog, start: LogPos,
     pos = positionAfter(pos, kset);
     if (kset.kind === 'last') continue;
     ksets++;
+    if (ksets % windowKsetsPerTurn === 0) await ctx.timers.yieldToOthers();
     for (const record of kset.keys) {
       if ((record.flags & keyFlagZero) === 0 && record.gen !== ctx.segments.gen[record.segment]) {
         throw new PcacheError('CORRUPT', `writeback: a dirty key at ${record.offsetBytes} points at a reused segment ${record.segment}`);
@@ -87,10 +95,14 @@ export interface WritePlan {
 }
 
 /**
- * The window's newest dirty and ZERO extents, in offset order, less (when `skipSuperseded`)
- * every part the live index maps to newer data.
+ * The window's newest dirty and ZERO extents, in offset order, less (while `skipAllowed()`)
+ * every part the live index maps to newer data. Other work runs between turns, so the live
+ * index may move on meanwhile: `skipAllowed` is asked again after every break (under strict
+ * ordering an EPOCH_END sealed meanwhile ends skipping), and a key appended during planning
+ * only means that less is skipped than could be. Every key a skip relies on was appended
+ * before planning ended, which is what the caller's commit (KsetLog.commitAppended) covers.
  */
-export function planWrites(window: Window, live: KeyIndex, skipSuperseded: boolean): WritePlan {
+export async function planWrites(window: Window, live: KeyIndex, skipAllowed: () => boolean, yieldToOthers: () => Promise<void>): Promise<WritePlan> {
   const parts: IndexKey[] = [];
   let bytes = 0;
   let skippedBytes = 0;
@@ -105,11 +117,17 @@ export function planWrites(window: Window, live: KeyIndex, skipSuperseded: boole
     });
     bytes += lengthBytes;
   };
+  let keysThisTurn = 0;
   for (const subtree of window.keys.inOrder()) {
-    const liveSubtree = skipSuperseded ? live.subtree(subtree.baseBytes, false) : undefined;
     for (let index = 0; index < subtree.count; index++) {
+      if (++keysThisTurn >= planKeysPerTurn) {
+        keysThisTurn = 0;
+        await yieldToOthers();
+      }
       const key = subtree.read(index, newIndexKey());
       if ((key.flags & keyFlagClean) !== 0) continue;
+      // Looked up per key: the live subtree may be dropped or replaced during a break.
+      const liveSubtree = skipAllowed() ? live.subtree(subtree.baseBytes, false) : undefined;
       if (liveSubtree === undefined) {
         emit(key, key.offsetBytes, key.lengthBytes);
         continue;
