@@ -33,7 +33,7 @@ const MiB = 1024 * KiB;
 const rangeBytes = param(8 * MiB, 256 * MiB);
 const backingBytes = 2 * rangeBytes;
 // A QD1 write run through pcache appends up to ~1 GiB to the log (overwrites included); the
-// cache is large enough that every run stays below the writeback start watermark (50%), and
+// cache is large enough that every run stays below the writeback start watermark (80%; 50% when it was written), and
 // the five write runs together below the GC threshold (70% of segments in use) as far as
 // possible (the last line printed says whether GC ran).
 const cacheBytes = param(128 * MiB, 6144 * MiB);

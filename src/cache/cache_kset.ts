@@ -79,6 +79,13 @@ export class KsetLog {
   private durableSeq: number;
   /** Keys were appended since the last EPOCH_END kset was sealed. */
   private epochOpen = false;
+  /**
+   * Seq of the last kset sealed (or marked) as ending a flush epoch. Unknown for the log
+   * replayed at open, so it starts as if the last replayed kset ended one (the safe side for
+   * writeback, which may skip superseded data under strict ordering only within the epoch
+   * still open: cache_writeback_plan.ts).
+   */
+  lastEpochEndSeq: number;
   private readonly committer = new BackgroundTask(() => this.run());
   private durableWaiters: DurableWaiter[] = [];
   private roomWaiters: (() => void)[] = [];
@@ -99,6 +106,7 @@ export class KsetLog {
     this.lastSealedSeq = keyHead.seq - 1;
     this.writtenSeq = keyHead.seq - 1;
     this.durableSeq = keyHead.seq - 1;
+    this.lastEpochEndSeq = keyHead.seq - 1;
     ctx.logDurableSeq = this.durableSeq;
     ctx.failed.add((failure) => { this.abort(failure); });
     ctx.spaceNeeded.add(() => { this.sealNow(); });
@@ -166,6 +174,7 @@ export class KsetLog {
       const last = this.sealed[this.sealed.length - 1];
       if (last !== undefined) {
         last.epochEnd = true;
+        this.lastEpochEndSeq = last.seq;
         this.epochOpen = false;
       } else {
         this.seal(true); // An empty kset marks the end of an epoch whose keys are all written.
@@ -174,7 +183,19 @@ export class KsetLog {
     return this.waitDurable(this.lastSealedSeq);
   }
 
-  /** Makes the kset `seq` (returned by append) durable: the FUA path. */
+  /**
+   * Makes every key appended so far durable, without ending an epoch (writeback, before it
+   * persists a dirty_tail that passed data superseded by newer keys).
+   */
+  commitAppended(): Promise<void> {
+    if (this.ctx.failure !== undefined) return Promise.reject(this.ctx.failure);
+    if (this.openCount > 0) {
+      this.seal(false);
+      this.kick();
+    }
+    return this.waitDurable(this.lastSealedSeq);
+  }
+
   /**
    * Puts an INVALIDATE marker in the log after every key appended so far and returns its seq
    * (commit(seq) makes it durable). Replay drops every CLEAN key before the marker, so clean
@@ -188,6 +209,7 @@ export class KsetLog {
     return this.lastSealedSeq;
   }
 
+  /** Makes the kset `seq` (returned by append) durable: the FUA path. */
   commit(seq: number): Promise<void> {
     if (this.ctx.failure !== undefined) return Promise.reject(this.ctx.failure);
     if (seq === this.nextSeq && this.openCount > 0) this.seal(false);
@@ -227,7 +249,10 @@ export class KsetLog {
     this.nextSeq++;
     this.open = new Uint8Array(ksetBufferBytes);
     this.openCount = 0;
-    if (epochEnd) this.epochOpen = false;
+    if (epochEnd) {
+      this.epochOpen = false;
+      this.lastEpochEndSeq = this.lastSealedSeq;
+    }
     this.openTimer?.cancel();
     this.openTimer = undefined;
   }

@@ -21,16 +21,28 @@ export interface CacheTuning {
   readonly writebackIdleMs: number;
   /** Data dirty for longer than this is written back even while clients keep writing. */
   readonly writebackMaxAgeMs: number;
+  /**
+   * strict: the backing device alone always holds a prefix of the client's flush epochs (the
+   * last one possibly in part); a writeback round never crosses an epoch boundary, and skips
+   * superseded data only within the epoch still open. relaxed: rounds cross epoch boundaries
+   * and skip any superseded data; the backing device alone is consistent only once writeback
+   * has caught up with a flush (cache and backing device together always are).
+   */
+  readonly writebackOrdering: WritebackOrdering;
 }
+
+export type WritebackOrdering = 'strict' | 'relaxed';
+export const writebackOrderings: readonly WritebackOrdering[] = ['strict', 'relaxed'];
 
 export const defaultTuning: CacheTuning = {
   spaceWaitTimeoutMs: 0,
   dirtyHighWaterPercent: 75,
   backingOfflineAfterMs: 10_000,
-  writebackStartPercent: 50,
-  writebackStopPercent: 40,
+  writebackStartPercent: 80,
+  writebackStopPercent: 70,
   writebackIdleMs: 1000,
   writebackMaxAgeMs: 30_000,
+  writebackOrdering: 'strict',
 };
 
 /** Writeback as soon as anything is dirty (tests that watch writeback happen). */
@@ -38,14 +50,16 @@ export const eagerWriteback: Partial<CacheTuning> = { writebackStartPercent: 0, 
 
 /** Why a tuning is unacceptable, or undefined. */
 export function tuningProblem(tuning: CacheTuning): string | undefined {
-  const percent = (name: keyof CacheTuning, max: number): string | undefined => {
+  type NumericKnob = Exclude<keyof CacheTuning, 'writebackOrdering'>;
+  const percent = (name: NumericKnob, max: number): string | undefined => {
     const value = tuning[name];
     return Number.isInteger(value) && value >= 0 && value <= max ? undefined : `${name} must be an integer from 0 to ${max}, got ${value}`;
   };
-  const duration = (name: keyof CacheTuning): string | undefined => {
+  const duration = (name: NumericKnob): string | undefined => {
     const value = tuning[name];
     return Number.isSafeInteger(value) && value >= 0 ? undefined : `${name} must be a whole number of milliseconds, got ${value}`;
   };
+  if (!writebackOrderings.includes(tuning.writebackOrdering)) return `writebackOrdering must be ${writebackOrderings.join(' or ')}, got ${JSON.stringify(tuning.writebackOrdering)}`;
   return percent('dirtyHighWaterPercent', 100) ?? percent('writebackStartPercent', 100) ?? percent('writebackStopPercent', 100) ??
     (tuning.writebackStopPercent > tuning.writebackStartPercent ? 'writebackStopPercent must not exceed writebackStartPercent' : undefined) ??
     duration('spaceWaitTimeoutMs') ?? duration('backingOfflineAfterMs') ?? duration('writebackIdleMs') ?? duration('writebackMaxAgeMs');

@@ -52,7 +52,13 @@ export interface CacheStats {
   /** Bytes appended to the log that writeback has not yet applied to the backing device. */
   dirtyBytes: number;
   ksetsWritten: number;
+  /** Log bytes of dirty keys writeback has passed (written back, or superseded and skipped). */
   writebackBytes: number;
+  /** Bytes writeback wrote to the backing device, and in how many writes. */
+  writebackBackingBytes: number;
+  writebackBackingWrites: number;
+  /** Bytes writeback left out because newer keys superseded them. */
+  writebackSkippedBytes: number;
   writebackKsets: number;
   writebackRounds: number;
   gcKsets: number;
@@ -72,7 +78,7 @@ export function newStats(): CacheStats {
   return {
     readRequests: 0, readHitRequests: 0, readMissRequests: 0, readHitBytes: 0, readMissBytes: 0,
     writeRequests: 0, writeBytes: 0, zeroRequests: 0, zeroBytes: 0, flushRequests: 0,
-    dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackKsets: 0, writebackRounds: 0,
+    dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackBackingBytes: 0, writebackBackingWrites: 0, writebackSkippedBytes: 0, writebackKsets: 0, writebackRounds: 0,
     gcKsets: 0, gcSegmentsFreed: 0, staleKeysRemoved: 0, fillsStored: 0, fillsSkipped: 0,
     cacheIoErrors: 0, backingReadErrors: 0, backingWriteErrors: 0, dataCrcErrors: 0, writebackErrors: 0, gcErrors: 0,
   };

@@ -1,14 +1,16 @@
 // Writeback: applying the log to the backing device, in log order, and advancing dirty_tail.
 //
-// A round takes the ksets from dirty_tail onwards — up to the end of a client flush epoch
-// (a kset with EPOCH_END), at most writebackKsetsPerRoundMax ksets, never past the durable
-// log head — merges their keys so only the newest data for each range survives, writes the
-// dirty and ZERO extents to the backing device in offset order (CLEAN extents are skipped),
-// syncs the backing device, and only then persists the advanced dirty_tail and syncs the
-// cache device. Because a round never spans an epoch boundary, and a round's dirty_tail is
-// durable before the next round writes anything, the backing device alone always holds a
-// prefix of the client's flush epochs (the last one possibly partial), even across a crash
-// and recovery, and even if the cache device is lost.
+// A round takes a window of ksets from dirty_tail onwards (cache_writeback_plan.ts: bounded in
+// ksets and dirty bytes, never past the durable log head, and under strict ordering never past
+// the end of a client flush epoch), merges its keys so only the newest data for each range
+// survives, leaves out CLEAN extents and whatever newer keys supersede, writes the rest to the
+// backing device in offset order, syncs the backing device, waits for the commit of the newer
+// keys it relied on (if it skipped anything), and only then persists the advanced dirty_tail
+// and syncs the cache device. Under strict ordering a round never spans an epoch boundary and
+// skips only within the open epoch, and a round's dirty_tail is durable before the next round
+// writes anything, so the backing device alone always holds a prefix of the client's flush
+// epochs (the last one possibly partial), even across a crash and recovery, and even if the
+// cache device is lost. Relaxed ordering gives that up for larger merges (docs/design.md §6).
 // On any error nothing advances: the round is retried from the same dirty_tail with
 // exponential back-off, the error is counted, and status reports the cache as degraded. A
 // failed backing sync is treated like failed writes (fsyncgate): the whole round is redone.
@@ -32,19 +34,32 @@ import { assert } from '../lib/assert.js';
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
-import { keyFlagClean, keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
+import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
 import type { TimerHandle } from '../lib/timers.js';
 import type { CacheContext } from './cache_context.js';
 import { CacheWorker, type RoundOutcome } from './cache_worker.js';
-import { positionAfter, readKsetAt, type KsetLog } from './cache_kset.js';
-import { KeyIndex, keyFromRecord, newIndexKey, type IndexKey } from './cache_tree.js';
+import type { KsetLog } from './cache_kset.js';
+import type { IndexKey } from './cache_tree.js';
 import type { LogPos } from './cache_types.js';
+import { planWrites, readWindow, type WindowLimits } from './cache_writeback_plan.js';
 
-export const writebackKsetsPerRoundMax = 16;
-export const writebackInFlightBytesMax = 32 * MiB;
-export const writebackWritesInFlightMax = 16;
+/** A round covers at most this many ksets... */
+export const writebackWindowKsetsMax = 1024;
+/** ...and dirty bytes: a sixteenth of the cache's data capacity, within these bounds. */
+export const writebackWindowBytesMin = 4 * MiB;
+export const writebackWindowBytesMax = 64 * MiB;
+const writebackWindowCacheDivisor = 16;
+export const writebackInFlightBytesMax = 64 * MiB;
+/** Backing writes in flight: a slow (network) store needs many to reach its throughput. */
+export const writebackWritesInFlightMax = 64;
 /** Contiguous extents are gathered into backing writes of at most this size. */
 export const writebackRunMaxBytes = 1 * MiB;
+/**
+ * A write's data is read from a synchronous cache device before it is issued, so issuing many
+ * writes runs long without a break: after this many bytes, other work (client requests, the
+ * control socket) gets a turn of the event loop.
+ */
+const writebackYieldBytes = 4 * MiB;
 /** Commits closer together than this share one age entry (bounds the age queue). */
 const ageGranularityMs = 100;
 const ageEntriesMax = 1024;
@@ -250,21 +265,29 @@ export class Writeback extends CacheWorker {
     const ctx = this.ctx;
     ctx.stats.writebackRounds++;
     try {
-      const batch = await this.readBatch();
-      if (batch.end.lsn === ctx.dirtyTail.lsn) return 'nothing'; // another round got here first
-      await this.apply(batch.keys);
+      const window = await readWindow(ctx, this.log, ctx.dirtyTail, this.windowLimits(), this.scratch);
+      if (window.end.lsn === ctx.dirtyTail.lsn) return 'nothing'; // another round got here first
+      const plan = await planWrites(window, ctx.index, () => this.maySkipSuperseded(window.start), () => ctx.timers.yieldToOthers());
+      // Newer keys that made parts of the window unnecessary must be durable before dirty_tail
+      // passes those parts (cache_writeback_plan.ts); the commit runs alongside the writes.
+      const committed = plan.skippedBytes > 0 ? this.log.commitAppended() : undefined;
+      committed?.catch(() => undefined); // awaited below; a failure is the cache's failure
+      await this.apply(plan.parts);
       await ctx.backing.sync();
+      if (committed !== undefined) await committed;
       if (ctx.stopped()) return 'nothing';
-      await ctx.dev.writeDirtyTail({ segment: batch.end.segment, offsetBytes: batch.end.offsetBytes, seq: batch.end.seq, durableSeq: ctx.logDurableSeq });
+      const end = window.end;
+      await ctx.dev.writeDirtyTail({ segment: end.segment, offsetBytes: end.offsetBytes, seq: end.seq, durableSeq: ctx.logDurableSeq });
       // The new dirty_tail must be durable before the next round puts newer data on the backing
       // device: were it lost in a crash, recovery would write this round's (older) epoch back
       // over the next one's, and the backing device would stop being a prefix of the epochs.
       await ctx.dev.sync();
-      ctx.durableDirtyTail = batch.end;
-      ctx.dirtyTail = batch.end;
-      ctx.stats.dirtyBytes -= batch.dirtyBytes;
-      ctx.stats.writebackBytes += batch.dirtyBytes;
-      ctx.stats.writebackKsets += batch.ksets;
+      ctx.durableDirtyTail = end;
+      ctx.dirtyTail = end;
+      ctx.stats.dirtyBytes -= window.dirtyBytes;
+      ctx.stats.writebackBytes += window.dirtyBytes;
+      ctx.stats.writebackSkippedBytes += plan.skippedBytes;
+      ctx.stats.writebackKsets += window.ksets;
       ctx.assertKeyTailBehindDirtyTail();
       assert(ctx.dirtyTail.lsn <= this.log.durableHead.lsn, 'dirty_tail passed the durable log head');
       this.backoffMs = 0;
@@ -288,42 +311,28 @@ export class Writeback extends CacheWorker {
     }
   }
 
-  /** Reads ksets from dirty_tail up to an epoch end, the round limit or the durable head. */
-  private async readBatch(): Promise<{ keys: KeyIndex; end: LogPos; dirtyBytes: number; ksets: number }> {
+  /** The window this round covers: bounded by ksets and dirty bytes; under strict ordering, one epoch at most. */
+  private windowLimits(): WindowLimits {
     const ctx = this.ctx;
-    const keys = new KeyIndex();
-    const key = newIndexKey();
-    let pos = ctx.dirtyTail;
-    let ksets = 0;
-    let dirtyBytes = 0;
-    while (ksets < writebackKsetsPerRoundMax && pos.lsn < this.limitLsn()) {
-      const kset = await readKsetAt(ctx, pos, this.scratch);
-      if (!kset.ok) {
-        throw new PcacheError('CORRUPT', `writeback: the kset at segment ${pos.segment} offset ${pos.offsetBytes} is invalid: ${kset.problem}`);
-      }
-      pos = positionAfter(pos, kset);
-      if (kset.kind === 'last') continue;
-      ksets++;
-      for (const record of kset.keys) {
-        if ((record.flags & keyFlagZero) === 0 && record.gen !== ctx.segments.gen[record.segment]) {
-          throw new PcacheError('CORRUPT', `writeback: a dirty key at ${record.offsetBytes} points at a reused segment ${record.segment}`);
-        }
-        if ((record.flags & keyFlagClean) === 0) dirtyBytes += record.lengthBytes;
-        keys.insert(keyFromRecord(key, record));
-      }
-      if (kset.epochEnd) break;
-    }
-    assert(pos.lsn <= this.log.durableHead.lsn, 'writeback read past the durable log head');
-    return { keys, end: pos, dirtyBytes, ksets };
+    const dirtyBytesMax = Math.min(writebackWindowBytesMax, Math.max(writebackWindowBytesMin, Math.floor(ctx.dataCapacityBytes / writebackWindowCacheDivisor)));
+    return { ksetsMax: writebackWindowKsetsMax, dirtyBytesMax, stopAtEpochEnd: ctx.tuning.writebackOrdering === 'strict', endLsn: () => this.limitLsn() };
   }
 
   /**
-   * Writes the merged extents to the backing device in offset order: contiguous runs of dirty
-   * extents (or of ZERO extents) become one write of up to writebackRunMaxBytes; CLEAN extents
-   * are skipped; at most writebackWritesInFlightMax writes and writebackInFlightBytesMax bytes
-   * are in flight.
+   * Whether this round may leave out data that newer keys after the window supersede: always
+   * under relaxed ordering; under strict ordering only while the window lies in the flush epoch
+   * still open (no EPOCH_END sealed at or after its start; cache_writeback_plan.ts says why).
    */
-  private async apply(keys: KeyIndex): Promise<void> {
+  private maySkipSuperseded(start: LogPos): boolean {
+    return this.ctx.tuning.writebackOrdering === 'relaxed' || this.log.lastEpochEndSeq < start.seq;
+  }
+
+  /**
+   * Writes the planned extents to the backing device in offset order: contiguous runs of dirty
+   * extents (or of ZERO extents) become one write of up to writebackRunMaxBytes; at most
+   * writebackWritesInFlightMax writes and writebackInFlightBytesMax bytes are in flight.
+   */
+  private async apply(parts: readonly IndexKey[]): Promise<void> {
     // Writes never reject here: the first failure is kept, nothing more is issued, and it is
     // thrown once every write already issued has finished (none may still be in flight when
     // the round is retried).
@@ -332,6 +341,7 @@ export class Writeback extends CacheWorker {
     let inFlight = 0;
     let inFlightBytes = 0;
     let wake: (() => void) | undefined;
+    const stats = this.ctx.stats;
     const issue = async (start: () => Promise<void>, bytes: number): Promise<void> => {
       while (inFlight >= writebackWritesInFlightMax || inFlightBytes >= writebackInFlightBytesMax) {
         await new Promise<void>((resolve) => { wake = resolve; });
@@ -339,6 +349,8 @@ export class Writeback extends CacheWorker {
       if (failure !== undefined) return;
       inFlight++;
       inFlightBytes += bytes;
+      stats.writebackBackingWrites++;
+      stats.writebackBackingBytes += bytes;
       settled.push(start().then(
         () => undefined,
         (error: unknown) => { failure ??= { error }; },
@@ -352,29 +364,29 @@ export class Writeback extends CacheWorker {
     };
     let run: IndexKey[] = [];
     let runBytes = 0;
+    let issuedSinceYield = 0;
     const flush = async (): Promise<void> => {
       const first = run[0];
       if (first === undefined) return;
-      const parts = run;
+      const pieces = run;
       const bytes = runBytes;
       run = [];
       runBytes = 0;
-      await issue(() => ((first.flags & keyFlagZero) !== 0 ? this.zero(first.offsetBytes, bytes) : this.copy(parts, bytes)), bytes);
-    };
-    for (const subtree of keys.inOrder()) {
-      for (let index = 0; index < subtree.count && failure === undefined; index++) {
-        const key = subtree.read(index, newIndexKey());
-        if ((key.flags & keyFlagClean) !== 0) {
-          await flush();
-          continue;
-        }
-        const last = run[run.length - 1];
-        const joins = last !== undefined && last.offsetBytes + last.lengthBytes === key.offsetBytes &&
-          (last.flags & keyFlagZero) === (key.flags & keyFlagZero) && runBytes + key.lengthBytes <= writebackRunMaxBytes;
-        if (!joins) await flush();
-        run.push(key);
-        runBytes += key.lengthBytes;
+      issuedSinceYield += bytes;
+      if (issuedSinceYield >= writebackYieldBytes) {
+        issuedSinceYield = 0;
+        await this.ctx.timers.yieldToOthers();
       }
+      await issue(() => ((first.flags & keyFlagZero) !== 0 ? this.zero(first.offsetBytes, bytes) : this.copy(pieces, bytes)), bytes);
+    };
+    for (const key of parts) {
+      if (failure !== undefined) break;
+      const last = run[run.length - 1];
+      const joins = last !== undefined && last.offsetBytes + last.lengthBytes === key.offsetBytes &&
+        (last.flags & keyFlagZero) === (key.flags & keyFlagZero) && runBytes + key.lengthBytes <= writebackRunMaxBytes;
+      if (!joins) await flush();
+      run.push(key);
+      runBytes += key.lengthBytes;
     }
     await flush();
     await Promise.all(settled);

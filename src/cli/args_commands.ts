@@ -6,7 +6,7 @@
 import { looksLikeNbdUri, parseNbdUri } from '../nbd/client/uri.js';
 import { GiB } from '../lib/units.js';
 import { gcPercentMax, segmentSizeAlignBytes, segmentSizeMaxBytes, segmentSizeMinBytes } from '../ondisk/layout.js';
-import { knobNamed, knobNames, knobValueProblem } from './settings.js';
+import { knobNamed, knobNames, knobValueProblem, type KnobValue } from './settings.js';
 import { decimalInteger, secondsRange, switchFlag, valueFlag, type CommandGrammar, type Flags } from './args_parse.js';
 
 export interface FormatArgs {
@@ -56,7 +56,7 @@ export interface CheckpointArgs {
 export interface SetArgs {
   readonly controlPath: string;
   /** The changes, in the order given; empty to list the settings. */
-  readonly changes: Readonly<Record<string, number>>;
+  readonly changes: Readonly<Record<string, KnobValue>>;
   readonly json: boolean;
 }
 
@@ -265,7 +265,7 @@ export const setGrammar: CommandGrammar<SetArgs> = {
     if (words.length % 2 !== 0) {
       throw flags.usage(`'${words[words.length - 1] ?? ''}' needs a value: give NAME VALUE pairs (see pcache set --help)`);
     }
-    const changes: Record<string, number> = {};
+    const changes: Record<string, KnobValue> = {};
     for (let index = 0; index < words.length; index += 2) {
       const name = words[index] ?? '';
       if (Object.hasOwn(changes, name)) throw flags.usage(`${name} given more than once`);
@@ -290,9 +290,14 @@ export function backingIsUri(flags: Flags, text: string): boolean {
  * One setting's value from text; unknown names and bad values are usage errors, whose
  * message starts with the command and then `where` (say `--tuning: `).
  */
-export function knobValue(flags: Flags, where: string, name: string, text: string): number {
+export function knobValue(flags: Flags, where: string, name: string, text: string): KnobValue {
   const knob = knobNamed(name);
   if (knob === undefined) throw flags.usage(`${where}unknown setting '${name}' (settings: ${knobNames.join(', ')})`);
+  if (knob.choices !== undefined) {
+    const problem = knobValueProblem(knob, text);
+    if (problem !== undefined) throw flags.usage(`${where}${problem}`);
+    return text;
+  }
   const value = decimalInteger(text);
   const problem = knobValueProblem(knob, Number.isNaN(value) ? text : value);
   if (problem !== undefined) throw flags.usage(`${where}${problem}`);

@@ -8,7 +8,7 @@ import { GiB } from '../lib/units.js';
 import { connectionsMax, defaultConnections } from '../nbd/client/remote_device.js';
 import { busyPollWindowDefaultUs, busyPollWindowMaxUs } from '../nbd/server/busy_poll.js';
 import { gcPercentMax } from '../ondisk/layout.js';
-import { knobNamed, watermarkProblem } from './settings.js';
+import { knobNamed, watermarkProblem, type KnobValue } from './settings.js';
 import { secondsRange, switchFlag, valueFlag, type CommandGrammar, type Flags } from './args_parse.js';
 import { backingIsUri, gcPercentFlag, knobValue, segmentSizeFlag } from './args_commands.js';
 
@@ -60,7 +60,7 @@ export interface ServeArgs {
   /** `pcache serve` with no arguments: create ./pcache-data/ and print connection recipes. */
   readonly defaultMode: boolean;
   /** Runtime knobs to apply at start (`--tuning`), by snake_case name. */
-  readonly tuning: Readonly<Record<string, number>>;
+  readonly tuning: Readonly<Record<string, KnobValue>>;
   readonly metrics: MetricsArgs | undefined;
   readonly logLevel: LogLevel;
   readonly drainOnExit: boolean;
@@ -294,9 +294,9 @@ export function insecureBindProblem(host: string, port: number, mode: TlsArgs['m
 }
 
 /** `--tuning name=value,name=value`: every name known, every value an integer in range. */
-function tuningFlag(flags: Flags): Record<string, number> {
+function tuningFlag(flags: Flags): Record<string, KnobValue> {
   const text = flags.optional('tuning');
-  const tuning: Record<string, number> = {};
+  const tuning: Record<string, KnobValue> = {};
   if (text === undefined) return tuning;
   for (const item of text.split(',')) {
     const equals = item.indexOf('=');
@@ -307,8 +307,8 @@ function tuningFlag(flags: Flags): Record<string, number> {
     tuning[name] = knobValue(flags, '--tuning: ', name, item.slice(equals + 1));
   }
   // The cache would refuse this too, but only after creating (and formatting) its files.
-  const start = tuning.writeback_start_percent;
-  const stop = tuning.writeback_stop_percent;
+  const start = tuning.writeback_start_percent as number | undefined;
+  const stop = tuning.writeback_stop_percent as number | undefined;
   const problem = watermarkProblem(start ?? knobDefault('writeback_start_percent'), stop ?? knobDefault('writeback_stop_percent'));
   if (problem !== undefined) {
     const defaulted = start === undefined ? 'writeback_start_percent' : stop === undefined ? 'writeback_stop_percent' : undefined;
@@ -319,7 +319,7 @@ function tuningFlag(flags: Flags): Record<string, number> {
 
 function knobDefault(name: string): number {
   const knob = knobNamed(name);
-  if (knob === undefined) throw new Error(`no knob named ${name}`);
+  if (knob === undefined || typeof knob.defaultValue !== 'number') throw new Error(`no numeric knob named ${name}`);
   return knob.defaultValue;
 }
 

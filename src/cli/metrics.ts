@@ -166,7 +166,10 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   total('pcache_read_hit_bytes_total', 'Bytes read from the cache', stats((c) => c.readHitBytes));
   total('pcache_read_miss_bytes_total', 'Bytes read from the backing device for clients', stats((c) => c.readMissBytes));
   total('pcache_write_bytes_total', 'Bytes written by clients into the cache', stats((c) => c.writeBytes));
-  total('pcache_writeback_bytes_total', 'Bytes written back to the backing device (rate() gives the writeback rate)', stats((c) => c.writebackBytes));
+  total('pcache_writeback_bytes_total', 'Dirty log bytes writeback has retired, written back or superseded (rate() gives the writeback rate)', stats((c) => c.writebackBytes));
+  total('pcache_writeback_backing_bytes_total', 'Bytes writeback wrote to the backing device', stats((c) => c.writebackBackingBytes));
+  total('pcache_writeback_backing_writes_total', 'Writes writeback sent to the backing device', stats((c) => c.writebackBackingWrites));
+  total('pcache_writeback_skipped_bytes_total', 'Dirty bytes writeback left out because newer writes superseded them', stats((c) => c.writebackSkippedBytes));
   total('pcache_writeback_rounds_total', 'Writeback rounds completed', stats((c) => c.writebackRounds));
   total('pcache_gc_segments_freed_total', 'Segments freed by garbage collection (rate() gives the GC rate)', stats((c) => c.gcSegmentsFreed));
   total('pcache_gc_ksets_total', 'Ksets garbage collection walked past', stats((c) => c.gcKsets));

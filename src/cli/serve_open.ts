@@ -15,7 +15,7 @@ import { NbdRemoteDevice, type NbdRemoteState } from '../nbd/client/remote_devic
 import { defaultServe, type ServeArgs } from './args.js';
 import { ensureDeviceFile } from './devices.js';
 import type { Logger } from './log.js';
-import { applySettings, currentSettings, knobNamed } from './settings.js';
+import { applySettings, currentSettings, knobNamed, type KnobValue } from './settings.js';
 
 export type Closer = () => Promise<void>;
 
@@ -46,7 +46,7 @@ export interface Served {
   retryBacking(): void;
   /** Holds the backing device at the log's durable state while `held` runs (Cache.checkpoint). */
   checkpoint(held: (point: CheckpointPoint) => Promise<void>, signal: AbortSignal): Promise<void>;
-  set(changes: Readonly<Record<string, unknown>>): Promise<Record<string, number>>;
+  set(changes: Readonly<Record<string, unknown>>): Promise<Record<string, KnobValue>>;
 }
 
 export interface OpenedBacking {
@@ -85,11 +85,12 @@ export function prepareFiles(args: ServeArgs): string[] {
 
 /** The CacheTuning fields of `serve --tuning` (names and values were checked by args_serve.ts). */
 function tuningOf(args: ServeArgs): Partial<CacheTuning> {
-  const tuning: { -readonly [K in keyof CacheTuning]?: number } = {};
+  const tuning: Record<string, KnobValue> = {};
   for (const [name, value] of Object.entries(args.tuning)) {
     const field = knobNamed(name)?.field;
     if (field !== undefined) tuning[field] = value;
   }
+  // args_serve.ts checked every value against its knob, whose field it names.
   return tuning;
 }
 

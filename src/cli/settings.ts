@@ -13,7 +13,7 @@
 
 import type { Cache, CacheTuning } from '../cache/cache.js';
 import { PcacheError } from '../lib/errors.js';
-import { defaultTuning } from '../cache/cache_tuning.js';
+import { defaultTuning, writebackOrderings } from '../cache/cache_tuning.js';
 import { gcPercentDefault, gcPercentMax } from '../ondisk/layout.js';
 
 /**
@@ -22,16 +22,22 @@ import { gcPercentDefault, gcPercentMax } from '../ondisk/layout.js';
  */
 export const knobDurationMaxMs = 2_147_483_647;
 
+/** A knob's value: an integer (percent, ms) or one of a choice knob's words. */
+export type KnobValue = number | string;
+
 export interface Knob {
   readonly name: string;
   /** The CacheTuning field it sets; undefined for gc_percent (persisted through setGcPercent). */
   readonly field: keyof CacheTuning | undefined;
-  readonly unit: 'percent' | 'ms';
+  readonly unit: 'percent' | 'ms' | 'choice';
+  /** For a numeric knob, its range. */
   readonly min: number;
   readonly max: number;
+  /** For a choice knob, the words it takes. */
+  readonly choices?: readonly string[];
   readonly persisted: boolean;
   /** The value a server starts with: gcPercentDefault for a fresh cache, defaultTuning for the others. */
-  readonly defaultValue: number;
+  readonly defaultValue: KnobValue;
   readonly help: string;
 }
 
@@ -43,6 +49,7 @@ export const knobs: readonly Knob[] = [
   { name: 'writeback_max_age_ms', field: 'writebackMaxAgeMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.writebackMaxAgeMs, help: 'data dirty longer than this is written back even under load' },
   { name: 'dirty_high_water_percent', field: 'dirtyHighWaterPercent', unit: 'percent', min: 0, max: 100, persisted: false, defaultValue: defaultTuning.dirtyHighWaterPercent, help: 'backing offline: writes are held once dirty data reaches this % of the cache' },
   { name: 'backing_offline_after_ms', field: 'backingOfflineAfterMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.backingOfflineAfterMs, help: 'writeback failing this long marks the backing device offline' },
+  { name: 'writeback_ordering', field: 'writebackOrdering', unit: 'choice', min: 0, max: 0, choices: writebackOrderings, persisted: false, defaultValue: defaultTuning.writebackOrdering, help: 'strict: the backing device alone always holds a prefix of the flush epochs; relaxed: larger merges across epochs' },
   { name: 'space_wait_timeout_ms', field: 'spaceWaitTimeoutMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.spaceWaitTimeoutMs, help: 'a held write fails with ETIMEDOUT after this long; 0 holds it forever' },
 ];
 
@@ -54,6 +61,9 @@ export function knobNamed(name: string): Knob | undefined {
 
 /** Why `value` is not acceptable for `knob`, or undefined. */
 export function knobValueProblem(knob: Knob, value: unknown): string | undefined {
+  if (knob.choices !== undefined) {
+    return typeof value === 'string' && knob.choices.includes(value) ? undefined : `${knob.name} must be ${knob.choices.join(' or ')}, got ${JSON.stringify(value)}`;
+  }
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < knob.min || value > knob.max) {
     const unit = knob.unit === 'percent' ? ' (percent)' : ' (milliseconds)';
     return `${knob.name} must be an integer from ${knob.min} to ${knob.max}${unit}, got ${JSON.stringify(value)}`;
@@ -62,9 +72,9 @@ export function knobValueProblem(knob: Knob, value: unknown): string | undefined
 }
 
 /** The value of every knob now in force, in table order. */
-export function currentSettings(cache: Cache): Record<string, number> {
+export function currentSettings(cache: Cache): Record<string, KnobValue> {
   const tuning = cache.tuning;
-  const settings: Record<string, number> = {};
+  const settings: Record<string, KnobValue> = {};
   for (const knob of knobs) settings[knob.name] = knob.field === undefined ? cache.status().gcPercent : tuning[knob.field];
   return settings;
 }
@@ -74,7 +84,7 @@ export function currentSettings(cache: Cache): Record<string, number> {
  * part and an optional gc_percent; throws PcacheError EINVAL naming the first problem.
  */
 export function validateSettings(cache: Cache, changes: Readonly<Record<string, unknown>>): { tuning: Partial<CacheTuning>; gcPercent: number | undefined } {
-  const tuning: { -readonly [K in keyof CacheTuning]?: number } = {};
+  const tuning: Record<string, KnobValue> = {};
   let gcPercent: number | undefined;
   const names = Object.keys(changes);
   if (names.length === 0) throw new PcacheError('EINVAL', `no setting given (settings: ${knobNames.join(', ')})`);
@@ -85,11 +95,12 @@ export function validateSettings(cache: Cache, changes: Readonly<Record<string, 
     const problem = knobValueProblem(knob, value);
     if (problem !== undefined) throw new PcacheError('EINVAL', problem);
     if (knob.field === undefined) gcPercent = value as number;
-    else tuning[knob.field] = value as number;
+    else tuning[knob.field] = value as KnobValue;
   }
-  const merged = { ...cache.tuning, ...tuning };
+  const merged: CacheTuning = { ...cache.tuning, ...tuning };
   const problem = watermarkProblem(merged.writebackStartPercent, merged.writebackStopPercent);
   if (problem !== undefined) throw new PcacheError('EINVAL', `${problem}; set both in one command to move them past each other`);
+  // Every value was checked against its knob, whose field it names: the shape is CacheTuning's.
   return { tuning, gcPercent };
 }
 
@@ -100,7 +111,7 @@ export function watermarkProblem(startPercent: number, stopPercent: number): str
 }
 
 /** Validates and applies a set of changes; returns every knob's value afterwards. */
-export async function applySettings(cache: Cache, changes: Readonly<Record<string, unknown>>): Promise<Record<string, number>> {
+export async function applySettings(cache: Cache, changes: Readonly<Record<string, unknown>>): Promise<Record<string, KnobValue>> {
   const { tuning, gcPercent } = validateSettings(cache, changes);
   if (Object.keys(tuning).length > 0) cache.setTuning(tuning);
   if (gcPercent !== undefined) await cache.setGcPercent(gcPercent);

@@ -161,12 +161,12 @@ describe('status through the control socket', () => {
 
   it('set: lists, refuses bad settings with EINVAL and changes nothing, applies good ones', async (t) => {
     const rig = await serveRig(t);
-    for (const body of ['{"gc_percent":91}', '{"writeback_idle_ms":5,"no_such_knob":1}', '{"writeback_idle_ms":"5"}', '{"writeback_stop_percent":60}']) {
+    for (const body of ['{"gc_percent":91}', '{"writeback_idle_ms":5,"no_such_knob":1}', '{"writeback_idle_ms":"5"}', '{"writeback_stop_percent":90}', '{"writeback_ordering":"loose"}', '{"writeback_ordering":1}']) {
       const answer = await httpRequest(rig.control, 'PATCH', '/settings', body);
       assert.deepEqual([answer.status, errorOf(answer).code], [400, 'EINVAL'], body);
     }
-    const refused = await runCli(['set', '--control', rig.control, 'writeback_stop_percent', '60']);
-    assertOneLineError(refused, 1, /the server refused set: writeback_stop_percent \(60\) must not exceed writeback_start_percent \(50\)/);
+    const refused = await runCli(['set', '--control', rig.control, 'writeback_stop_percent', '90']);
+    assertOneLineError(refused, 1, /the server refused set: writeback_stop_percent \(90\) must not exceed writeback_start_percent \(80\)/);
     const listed = await runCli(['set', '--control', rig.control, '--json']);
     const before = JSON.parse(listed.stdout) as Json;
     assert.equal(before.writeback_idle_ms, 1000, 'the refused changes left the default in place');

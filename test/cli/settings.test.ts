@@ -12,17 +12,18 @@ import { knobNames, knobs } from '../../src/cli/settings.js';
 import { tempDir } from '../helpers/files.js';
 import { assertOneLineError, assertQuietLogs, type CliResult, pcacheJson, runCli, startServe } from '../helpers/pcache.js';
 
-type Settings = Record<string, number>;
+type Settings = Record<string, number | string>;
 
 /** The defaults every server starts with (docs/operations.md; src/cache/cache_core.ts defaultTuning). */
 const defaults: Settings = {
   gc_percent: 70,
-  writeback_start_percent: 50,
-  writeback_stop_percent: 40,
+  writeback_start_percent: 80,
+  writeback_stop_percent: 70,
   writeback_idle_ms: 1000,
   writeback_max_age_ms: 30_000,
   dirty_high_water_percent: 75,
   backing_offline_after_ms: 10_000,
+  writeback_ordering: 'strict',
   space_wait_timeout_ms: 0,
 };
 
@@ -32,13 +33,18 @@ async function settingsJson(control: string): Promise<Settings> {
   return settings;
 }
 
-/** `pcache set --control C` (no pairs) parsed: every line "name  value unit". */
+/** `pcache set --control C` (no pairs) parsed: every line "name  value unit" ("name  word" for a choice). */
 async function settingsTable(control: string): Promise<Settings> {
   const result = await runCli(['set', '--control', control]);
   assert.equal(result.code, 0, result.stderr);
   assert.equal(result.stderr, '');
   const settings: Settings = {};
   for (const line of result.stdout.trimEnd().split('\n')) {
+    const choice = /^(writeback_ordering) +([a-z]+)$/.exec(line);
+    if (choice !== null) {
+      settings[choice[1] ?? ''] = choice[2] ?? '';
+      continue;
+    }
     const match = /^([a-z_]+) +(\d+) (%|ms)$/.exec(line);
     assert.ok(match !== null, `a line "name value unit": ${JSON.stringify(line)}`);
     const [, name = '', number = '', unit = ''] = match;
@@ -91,6 +97,7 @@ describe('pcache set', () => {
       [['constructor', '1'], 2, /unknown setting 'constructor'/],
       [['gc_percent', '91'], 2, /^pcache: set: gc_percent must be an integer from 0 to 90 \(percent\), got 91$/],
       [['writeback_start_percent', '101'], 2, /writeback_start_percent must be an integer from 0 to 100 \(percent\), got 101/],
+      [['writeback_ordering', 'loose'], 2, /^pcache: set: writeback_ordering must be strict or relaxed, got "loose"$/],
       [['writeback_idle_ms', '2147483648'], 2, /writeback_idle_ms must be an integer from 0 to 2147483647 \(milliseconds\)/],
       [['writeback_idle_ms', '1.5'], 2, /writeback_idle_ms must be an integer .*got "1\.5"/],
       [['writeback_idle_ms', 'soon'], 2, /writeback_idle_ms must be an integer .*got "soon"/],
@@ -98,7 +105,7 @@ describe('pcache set', () => {
       [['gc_percent'], 2, /^pcache: set: 'gc_percent' needs a value: give NAME VALUE pairs/],
       [['gc_percent', '40', 'writeback_idle_ms'], 2, /'writeback_idle_ms' needs a value/],
       [['gc_percent', '40', 'gc_percent', '30'], 2, /gc_percent given more than once/],
-      [['writeback_stop_percent', '60'], 1, /^pcache: the server refused set: writeback_stop_percent \(60\) must not exceed writeback_start_percent \(50\)/],
+      [['writeback_stop_percent', '90'], 1, /^pcache: the server refused set: writeback_stop_percent \(90\) must not exceed writeback_start_percent \(80\)/],
       // All or nothing: the valid gc_percent and writeback_idle_ms of the same command are not applied either.
       [['gc_percent', '40', 'writeback_idle_ms', '7000', 'writeback_start_percent', '30', 'writeback_stop_percent', '35'], 1,
         /the server refused set: writeback_stop_percent \(35\) must not exceed writeback_start_percent \(30\)/],
@@ -117,10 +124,15 @@ describe('pcache set', () => {
     const moved = await runCli(['set', '--control', control, 'writeback_start_percent', '30', 'writeback_stop_percent', '20']);
     assert.equal(moved.code, 0, moved.stderr);
     assert.deepEqual(await settingsJson(control), { ...expected, writeback_start_percent: 30, writeback_stop_percent: 20 });
+    // A choice knob takes its words.
+    const relaxed = await runCli(['set', '--control', control, 'writeback_ordering', 'relaxed']);
+    assert.equal(relaxed.code, 0, relaxed.stderr);
+    assert.match(relaxed.stdout, /^writeback_ordering +relaxed {3}\(changed until the server stops\)$/m);
+    assert.deepEqual(await settingsJson(control), { ...expected, writeback_start_percent: 30, writeback_stop_percent: 20, writeback_ordering: 'relaxed' });
 
     assert.equal(await server.stop(), 0);
     const logs = assertQuietLogs(server.stderr);
-    assert.equal(logs.filter((line) => line.msg === 'settings changed').length, 2, 'exactly the two accepted changes were logged');
+    assert.equal(logs.filter((line) => line.msg === 'settings changed').length, 3, 'exactly the three accepted changes were logged');
 
     // gc_percent is in the cache; the runtime knobs are gone after a restart.
     assert.equal(await storedGcPercent(cache), 50);
@@ -134,8 +146,8 @@ describe('pcache set', () => {
     const cache = path.join(dir, 'cache.img');
     const control = path.join(dir, 'control.sock');
     const serveArgs = ['--cache', cache, '--cache-size', '128M', '--backing', path.join(dir, 'backing.img'), '--backing-size', '16M', '--socket', path.join(dir, 'nbd.sock'), '--control', control];
-    const tuned = await startServe(t, [...serveArgs, '--tuning', 'writeback_idle_ms=1234,writeback_start_percent=20,writeback_stop_percent=10'], dir);
-    assert.deepEqual(await settingsTable(control), { ...defaults, writeback_idle_ms: 1234, writeback_start_percent: 20, writeback_stop_percent: 10 });
+    const tuned = await startServe(t, [...serveArgs, '--tuning', 'writeback_idle_ms=1234,writeback_start_percent=20,writeback_stop_percent=10,writeback_ordering=relaxed'], dir);
+    assert.deepEqual(await settingsTable(control), { ...defaults, writeback_idle_ms: 1234, writeback_start_percent: 20, writeback_stop_percent: 10, writeback_ordering: 'relaxed' });
     assert.equal(await tuned.stop(), 0);
     assert.equal(await storedGcPercent(cache), 70, '--tuning stored nothing in the cache');
 
@@ -147,9 +159,10 @@ describe('pcache set', () => {
       ['writeback_idle_ms=-1', /writeback_idle_ms must be an integer from 0 to 2147483647/],
       ['writeback_idle_ms=1,writeback_idle_ms=2', /writeback_idle_ms given more than once/],
       ['writeback_start_percent=20,writeback_stop_percent=30', /writeback_stop_percent \(30\) must not exceed writeback_start_percent \(20\)/],
-      // Only one watermark given: checked against the other's default (start 50).
-      ['writeback_stop_percent=60', /writeback_stop_percent \(60\) must not exceed writeback_start_percent \(50\) \(writeback_start_percent at its default/],
-      ['writeback_start_percent=30', /writeback_stop_percent \(40\) must not exceed writeback_start_percent \(30\) \(writeback_stop_percent at its default/],
+      ['writeback_ordering=loose', /serve: --tuning: writeback_ordering must be strict or relaxed, got "loose"/],
+      // Only one watermark given: checked against the other's default (start 80).
+      ['writeback_stop_percent=90', /writeback_stop_percent \(90\) must not exceed writeback_start_percent \(80\) \(writeback_start_percent at its default/],
+      ['writeback_start_percent=30', /writeback_stop_percent \(70\) must not exceed writeback_start_percent \(30\) \(writeback_stop_percent at its default/],
     ];
     const before = fs.readFileSync(cache);
     const results = await Promise.all(refusals.map(([tuning]) => runCli(['serve', ...serveArgs, '--tuning', tuning])));
@@ -159,8 +172,8 @@ describe('pcache set', () => {
     });
     assert.ok(fs.readFileSync(cache).equals(before), 'no refused --tuning touched the cache');
     const fresh = path.join(dir, 'fresh.img');
-    const onBlank = await runCli(['serve', '--cache', fresh, '--cache-size', '128M', '--backing', path.join(dir, 'backing.img'), '--socket', path.join(dir, 'x.sock'), '--tuning', 'writeback_stop_percent=60']);
-    assertRefused(onBlank, 2, /writeback_stop_percent \(60\) must not exceed writeback_start_percent \(50\)/, '--tuning on a blank cache');
+    const onBlank = await runCli(['serve', '--cache', fresh, '--cache-size', '128M', '--backing', path.join(dir, 'backing.img'), '--socket', path.join(dir, 'x.sock'), '--tuning', 'writeback_stop_percent=90']);
+    assertRefused(onBlank, 2, /writeback_stop_percent \(90\) must not exceed writeback_start_percent \(80\)/, '--tuning on a blank cache');
     assert.equal(fs.existsSync(fresh), false, 'a usage error creates no cache file (and formats none)');
   });
 

@@ -4,6 +4,7 @@
 // background work off and manual timers, so the harness alone decides when writeback and GC
 // run and every replay is exact. abandon() drops the engine as a crash would.
 import { Cache } from '../../../src/cache/cache.js';
+import type { WritebackOrdering } from '../../../src/cache/cache_tuning.js';
 import type { BlockDevice } from '../../../src/device/block_device.js';
 import { ManualTimers } from '../../../src/lib/timers.js';
 import { MiB } from '../../../src/lib/units.js';
@@ -13,6 +14,8 @@ import type { CrashTarget, OpenTarget } from '../../../sim/harness.js';
 export interface CacheTargetOptions {
   readonly dataCrc?: boolean;
   readonly gcPercent?: number;
+  /** writeback_ordering (default strict). */
+  readonly ordering?: WritebackOrdering;
 }
 
 /** Cache device bytes for `segments` segments of 1 MiB. */
@@ -35,6 +38,7 @@ export function cacheTarget(options: CacheTargetOptions = {}): CrashTarget {
         },
         background: false,
         timers: new ManualTimers(),
+        tuning: { writebackOrdering: options.ordering ?? 'strict' },
       });
       return {
         read: (target, offset) => cache.read(target, offset),

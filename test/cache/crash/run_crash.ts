@@ -1,5 +1,9 @@
 // `npm run test:crash -- [--states N] [--seed S] [--mode randomized|exhaustive] [--ops N]
-//                        [--gc-percent P] [--data-crc] [--replay SPEC]`
+//                        [--gc-percent P] [--data-crc] [--ordering strict|relaxed]
+//                        [--backing-alone-check] [--absorb] [--replay SPEC]`
+// --absorb runs workloads made to make writeback skip superseded data (crash_suite.ts).
+// --ordering sets writeback_ordering; under relaxed the raw backing device is not required to
+// hold a prefix of the flush epochs unless --backing-alone-check asks for it anyway.
 //
 // Deeper crash-consistency runs than the test tier. Randomized mode runs seeded runs (seed S,
 // S+1, ...) until at least N crash states have been explored; exhaustive mode enumerates every
@@ -16,10 +20,21 @@ const { values } = parseArgs({
     ops: { type: 'string', default: '3' },
     'gc-percent': { type: 'string', default: '0' },
     'data-crc': { type: 'boolean', default: false },
+    ordering: { type: 'string', default: 'strict' },
+    'backing-alone-check': { type: 'boolean', default: false },
+    absorb: { type: 'boolean', default: false },
     replay: { type: 'string' },
   },
 });
-const target = { gcPercent: Number(values['gc-percent']), dataCrc: values['data-crc'] };
+if (values.ordering !== 'strict' && values.ordering !== 'relaxed') throw new Error(`--ordering takes strict or relaxed, got ${values.ordering}`);
+const ordering: 'strict' | 'relaxed' = values.ordering === 'relaxed' ? 'relaxed' : 'strict';
+const target = {
+  gcPercent: Number(values['gc-percent']),
+  dataCrc: values['data-crc'],
+  ordering,
+  ...(values['backing-alone-check'] ? { backingAloneCheck: true } : {}),
+  ...(values.absorb ? { absorb: true } : {}),
+};
 const log = (line: string): void => { console.log(line); };
 let explored = 0;
 let violations = 0;

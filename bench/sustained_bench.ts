@@ -1,0 +1,281 @@
+// Sustained writes through a small cache in front of a slow store: does the cache absorb
+// overwrites, and do clients see a steady rate once it is full?
+//
+// The store is nbdkit's `file` plugin behind its `delay` filter (1 ms per read, write, zero and
+// trim request; nbdkit 1.32 cannot delay FLUSH), the file on tmpfs, so the delay is the store's
+// whole cost. The peer is fio straight against that store: 4 KiB random writes, QD16, over a
+// 128 MiB range. pcache serves the same store through the real CLI (`pcache serve --cache-size
+// 256M`, a cache file that does not exist yet, so it is created sparse and formatted as a new
+// user's would be; default settings but for writeback_ordering), and fio runs the same workload
+// through it for the run's length: 4 KiB random writes, QD16, a 128 MiB hot range, every block
+// overwritten many times over. pcache's range is the first half of the backing file and the
+// store's the second, so the direct run never changes data behind the cache.
+//
+// What is measured, per second of the pcache run: client IOPS and the p50/p99/max latency of
+// the writes completed in that second (from fio's per-I/O latency log), dirty bytes, and the
+// writeback and GC rates (pcache's control socket, sampled every second): bytes written to the
+// backing device, log bytes retired by writeback, segments freed by GC. At the end: IOPS against
+// the store's (ratio), the share of client bytes written back, the slowest second against the
+// median, the slowest write, and pcache's CPU time (user + system, writeback included) per
+// client write. Goals (issue 16): ratio >= 3, written back <= 1/4, no second below half the
+// median, no write slower than 1 s.
+//
+// Environment: PCACHE_BENCH_SECONDS (pcache run length, default 60), PCACHE_BENCH_ORDERING
+// (comma list of writeback_ordering values, default strict,relaxed), PCACHE_BENCH_FLUSH_EVERY (fio
+// fsync=N: a FLUSH every N writes; default none, as in the issue), PCACHE_BENCH_SVG (draw the
+// per-second series of the first ordering into this SVG file), PCACHE_BENCH_CACHE_MIB (default
+// 256), PCACHE_BENCH_SEGMENT_MIB (serve --segment-size), PCACHE_BENCH_TUNING (more pcache --tuning
+// pairs), PCACHE_BENCH_PREWRITTEN=1 (the cache file written full of zeroes first instead of
+// sparse). PCACHE_BENCH_SMOKE=1: tiny sizes, a few seconds (the test suite runs that).
+
+import type { ChildProcess } from 'node:child_process';
+import { createReadStream, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { controlRequest } from '../src/cli/control_client.js';
+import { median, param, report, smoke } from './harness.js';
+import { fill, fioJob, makeBenchFiles, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+import { renderChart } from './svg_chart.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const rangeBytes = param(16 * MiB, 128 * MiB);
+const backingBytes = 2 * rangeBytes;
+const cacheMiB = Number(process.env.PCACHE_BENCH_CACHE_MIB ?? param(128, 256));
+const seconds = Number(process.env.PCACHE_BENCH_SECONDS ?? param(3, 60));
+const storeSeconds = param(2, 20);
+const depth = 16;
+const orderings = (process.env.PCACHE_BENCH_ORDERING ?? 'strict,relaxed').split(',').filter((text) => text !== '');
+const flushEvery = process.env.PCACHE_BENCH_FLUSH_EVERY === undefined ? undefined : Number(process.env.PCACHE_BENCH_FLUSH_EVERY);
+const svgPath = process.env.PCACHE_BENCH_SVG;
+const prewritten = process.env.PCACHE_BENCH_PREWRITTEN === '1';
+/** serve --segment-size for the new cache (PCACHE_BENCH_SEGMENT_MIB; default: serve's own choice). */
+const segmentMiB = process.env.PCACHE_BENCH_SEGMENT_MIB;
+/** More `--tuning` pairs for pcache (PCACHE_BENCH_TUNING=name=value,...), to try settings. */
+const extraTuning = (process.env.PCACHE_BENCH_TUNING ?? '').split(',').filter((text) => text !== '');
+const delay = '1ms';
+const delayedOps = ['read', 'write', 'zero', 'trim'];
+/** Clock ticks per second of /proc/PID/stat's CPU times (USER_HZ, 100 on Linux). */
+const userHz = 100;
+
+interface Counters {
+  writeRequests: number;
+  writeBytes: number;
+  writebackBytes: number;
+  writebackBackingBytes?: number;
+  writebackBackingWrites?: number;
+  writebackRounds: number;
+  gcSegmentsFreed: number;
+}
+
+interface Status {
+  cache: { dirtyBytes: number; segsUsed: number; segTotal: number; segmentSizeBytes: number; counters: Counters };
+}
+
+interface Sample {
+  readonly atMs: number;
+  readonly status: Status;
+  readonly cpuTicks: number;
+}
+
+/** The CPU time (user + system, clock ticks) `pid` has used. */
+function cpuTicks(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return Number(fields[11]) + Number(fields[12]);
+}
+
+async function fio(socket: string, offsetBytes: number, runSeconds: number, latLog?: string): Promise<{ iops: number; maxLatencyMs: number }> {
+  const output = await run('fio', [
+    '--name=randwrite', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${socket}`, '--rw=randwrite',
+    '--bs=4k', `--iodepth=${depth}`, '--numjobs=1', '--thread', `--offset=${offsetBytes}`, `--size=${rangeBytes}`,
+    '--time_based', `--runtime=${runSeconds}`, '--norandommap', '--randrepeat=0', '--output-format=json',
+    ...(flushEvery === undefined ? [] : [`--fsync=${flushEvery}`]),
+    ...(latLog === undefined ? [] : [`--write_lat_log=${latLog}`, '--log_avg_msec=0']),
+  ]);
+  const job = fioJob(output, `randwrite on ${socket}`) as unknown as { write: { iops: number; lat_ns: { max: number } } };
+  return { iops: job.write.iops, maxLatencyMs: job.write.lat_ns.max / 1e6 };
+}
+
+interface Second {
+  count: number;
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+}
+
+/** Per-second write counts and latency percentiles from fio's per-I/O latency log. */
+async function latencySeconds(file: string, runSeconds: number): Promise<Second[]> {
+  const buckets: number[][] = Array.from({ length: runSeconds }, () => []);
+  const lines = createInterface({ input: createReadStream(file), crlfDelay: Infinity });
+  for await (const line of lines) {
+    const comma = line.indexOf(',');
+    if (comma < 0) continue;
+    const second = Math.floor(Number(line.slice(0, comma)) / 1000);
+    const latencyNs = Number(line.slice(comma + 1, line.indexOf(',', comma + 1)));
+    if (second < runSeconds) buckets[second]?.push(latencyNs / 1e6);
+  }
+  return buckets.map((values) => {
+    const sorted = Float64Array.from(values).sort();
+    const at = (q: number): number => sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))] ?? 0;
+    return { count: values.length, p50Ms: at(0.5), p99Ms: at(0.99), maxMs: sorted[sorted.length - 1] ?? 0 };
+  });
+}
+
+function mib(bytes: number): string {
+  return (bytes / MiB).toFixed(1);
+}
+
+interface RunResult {
+  readonly ordering: string;
+  readonly iops: number;
+  readonly seconds: Second[];
+  readonly samples: Sample[];
+}
+
+async function runPcache(dir: string, store: string, ordering: string, storeIops: number): Promise<RunResult> {
+  const cachePath = path.join(dir, `cache-${ordering}.img`);
+  const control = path.join(dir, `pcache-${ordering}.ctl`);
+  if (prewritten) fill(cachePath, cacheMiB * MiB, false);
+  const child = await startPcacheServe('pcache serve', dir, path.join(dir, `pcache-${ordering}.sock`), [
+    '--cache', cachePath, ...(prewritten ? [] : ['--cache-size', `${cacheMiB}M`]), ...(segmentMiB === undefined ? [] : ['--segment-size', `${segmentMiB}M`]), '--backing', `nbd+unix:///?socket=${store}`,
+    '--control', control, ...(ordering === 'default' ? [] : ['--tuning', [`writeback_ordering=${ordering}`, ...extraTuning].join(',')]),
+  ]);
+  const pid = child.pid ?? 0;
+  try {
+    const samples: Sample[] = [];
+    const sample = async (): Promise<void> => {
+      samples.push({ atMs: performance.now(), status: await controlRequest(control, 'status') as Status, cpuTicks: cpuTicks(pid) });
+    };
+    await sample();
+    const sampling = { on: true };
+    const sampler = (async () => {
+      while (sampling.on) {
+        await new Promise((resolve) => setTimeout(resolve, 1000 - ((performance.now() - (samples[0]?.atMs ?? 0)) % 1000)));
+        await sample();
+      }
+    })();
+    const latLog = path.join(dir, `lat-${ordering}`);
+    const result = await fio(path.join(dir, `pcache-${ordering}.sock`), 0, seconds, latLog);
+    sampling.on = false;
+    await sampler;
+    await sample();
+    const perSecond = await latencySeconds(`${latLog}_lat.1.log`, seconds);
+    for (const suffix of ['lat', 'clat', 'slat']) rmSync(`${latLog}_${suffix}.1.log`, { force: true });
+    summarize(ordering, result.iops, storeIops, perSecond, samples);
+    return { ordering, iops: result.iops, seconds: perSecond, samples };
+  } finally {
+    await stopChild(child);
+    rmSync(cachePath, { force: true });
+  }
+}
+
+/** Per-second rates from the status samples: the sample at or after each second's end. */
+function sampleSeries(samples: readonly Sample[], count: number): { dirtyMiB: number[]; writebackMiBs: number[]; retiredMiBs: number[]; gcMiBs: number[]; cpuPercent: number[] } {
+  const first = samples[0];
+  const out = { dirtyMiB: [] as number[], writebackMiBs: [] as number[], retiredMiBs: [] as number[], gcMiBs: [] as number[], cpuPercent: [] as number[] };
+  if (first === undefined) return out;
+  const at = (second: number): Sample => samples.find((s) => s.atMs - first.atMs >= second * 1000 - 100) ?? samples[samples.length - 1] ?? first;
+  for (let second = 1; second <= count; second++) {
+    const a = at(second - 1);
+    const b = at(second);
+    const dt = Math.max(0.001, (b.atMs - a.atMs) / 1000);
+    const ca = a.status.cache;
+    const cb = b.status.cache;
+    out.dirtyMiB.push(cb.dirtyBytes / MiB);
+    out.writebackMiBs.push(((cb.counters.writebackBackingBytes ?? cb.counters.writebackBytes) - (ca.counters.writebackBackingBytes ?? ca.counters.writebackBytes)) / MiB / dt);
+    out.retiredMiBs.push((cb.counters.writebackBytes - ca.counters.writebackBytes) / MiB / dt);
+    out.gcMiBs.push(((cb.counters.gcSegmentsFreed - ca.counters.gcSegmentsFreed) * cb.segmentSizeBytes) / MiB / dt);
+    out.cpuPercent.push((100 * (b.cpuTicks - a.cpuTicks)) / userHz / dt);
+  }
+  return out;
+}
+
+function summarize(ordering: string, iops: number, storeIops: number, perSecond: readonly Second[], samples: readonly Sample[]): void {
+  const series = sampleSeries(samples, perSecond.length);
+  console.log(`  pcache, writeback_ordering=${ordering}, per second:`);
+  console.log('    s    IOPS   p50 ms  p99 ms  max ms  dirty MiB  wb MiB/s  retired MiB/s  GC MiB/s  CPU %');
+  perSecond.forEach((second, index) => {
+    console.log(`  ${String(index + 1).padStart(3)} ${String(second.count).padStart(7)} ${second.p50Ms.toFixed(2).padStart(8)} ${second.p99Ms.toFixed(2).padStart(7)} ${second.maxMs.toFixed(1).padStart(7)} ` +
+      `${(series.dirtyMiB[index] ?? 0).toFixed(1).padStart(10)} ${(series.writebackMiBs[index] ?? 0).toFixed(1).padStart(9)} ${(series.retiredMiBs[index] ?? 0).toFixed(1).padStart(14)} ` +
+      `${(series.gcMiBs[index] ?? 0).toFixed(1).padStart(9)} ${(series.cpuPercent[index] ?? 0).toFixed(0).padStart(6)}`);
+  });
+  const first = samples[0]?.status.cache.counters;
+  const last = samples[samples.length - 1]?.status.cache.counters;
+  const firstTicks = samples[0]?.cpuTicks ?? 0;
+  const lastTicks = samples[samples.length - 1]?.cpuTicks ?? 0;
+  const clientBytes = (last?.writeBytes ?? 0) - (first?.writeBytes ?? 0);
+  const writes = (last?.writeRequests ?? 0) - (first?.writeRequests ?? 0);
+  const backingBytes = (last?.writebackBackingBytes ?? last?.writebackBytes ?? 0) - (first?.writebackBackingBytes ?? first?.writebackBytes ?? 0);
+  const backingWrites = (last?.writebackBackingWrites ?? 0) - (first?.writebackBackingWrites ?? 0);
+  const counts = perSecond.map((second) => second.count);
+  const medianSecond = median(counts);
+  const slowestSecond = Math.min(...counts);
+  const slowestWriteMs = Math.max(...perSecond.map((second) => second.maxMs));
+  const cpuUsPerWrite = writes === 0 ? 0 : ((lastTicks - firstTicks) / userHz) * 1e6 / writes;
+  const share = clientBytes === 0 ? 0 : backingBytes / clientBytes;
+  report({ bench: 'sustained', metric: `4K rand write QD${depth} ${ordering}`, value: iops, unit: 'IOPS', peer: `store QD${depth}`, peerValue: storeIops });
+  report({ bench: 'sustained', metric: `written back / client bytes ${ordering}`, value: share, unit: 'ratio' });
+  report({ bench: 'sustained', metric: `server CPU per 4K write ${ordering}`, value: cpuUsPerWrite, unit: 'us' });
+  const verdict = (ok: boolean): string => (ok ? 'met' : 'MISSED');
+  console.log(`  ${ordering}: ${Math.round(iops)} IOPS = ${(iops / storeIops).toFixed(2)}x the store (goal >= 3: ${verdict(iops >= 3 * storeIops)}); ` +
+    `client ${mib(clientBytes)} MiB, written back ${mib(backingBytes)} MiB in ${backingWrites} writes = ${(100 * share).toFixed(1)}% (goal <= 25%: ${verdict(share <= 0.25)}); ` +
+    `slowest second ${slowestSecond} against a median of ${medianSecond} (goal >= half: ${verdict(slowestSecond >= medianSecond / 2)}); ` +
+    `slowest write ${slowestWriteMs.toFixed(1)} ms (goal < 1000: ${verdict(slowestWriteMs < 1000)}); server CPU ${cpuUsPerWrite.toFixed(1)} us per write, writeback included`);
+}
+
+function drawChart(result: RunResult, storeIops: number): void {
+  if (svgPath === undefined) return;
+  const series = sampleSeries(result.samples, result.seconds.length);
+  const x = result.seconds.map((_, index) => index + 1);
+  const svg = renderChart({
+    title: `pcache: 4 KiB random writes QD${depth} over ${rangeBytes / MiB} MiB, ${cacheMiB} MiB cache, store = file behind a ${delay} delay`,
+    subtitle: `writeback_ordering=${result.ordering}; ${Math.round(result.iops)} IOPS = ${(result.iops / storeIops).toFixed(2)}x the store alone (${Math.round(storeIops)} IOPS at QD${depth}); ${os.cpus().length} CPUs shared by fio, pcache and nbdkit`,
+    x,
+    xLabel: 'seconds',
+    panels: [
+      { title: 'client writes', unit: 'IOPS', lines: [{ name: 'pcache', color: '#1f77b4', values: result.seconds.map((s) => s.count) }, { name: 'store alone', color: '#999999', values: x.map(() => storeIops) }] },
+      { title: 'write latency', unit: 'ms', log: true, lines: [
+        { name: 'p50', color: '#2ca02c', values: result.seconds.map((s) => s.p50Ms) },
+        { name: 'p99', color: '#ff7f0e', values: result.seconds.map((s) => s.p99Ms) },
+        { name: 'max', color: '#d62728', values: result.seconds.map((s) => s.maxMs) },
+      ] },
+      { title: 'dirty data', unit: 'MiB', lines: [{ name: 'dirty', color: '#9467bd', values: series.dirtyMiB }] },
+      { title: 'writeback and GC', unit: 'MiB/s', lines: [
+        { name: 'written to store', color: '#8c564b', values: series.writebackMiBs },
+        { name: 'log retired', color: '#e377c2', values: series.retiredMiBs },
+        { name: 'GC freed', color: '#7f7f7f', values: series.gcMiBs },
+      ] },
+    ],
+  });
+  writeFileSync(svgPath, svg);
+  console.log(`chart written to ${svgPath}`);
+}
+
+async function main(): Promise<void> {
+  requireTool('fio', 'fio');
+  requireTool('nbdkit', 'nbdkit');
+  // makeBenchFiles fills a cache file too; this benchmark makes its own (sparse) per run.
+  const { base, dir, backing } = makeBenchFiles('pcache-bench-sustained-', backingBytes, MiB);
+  const started: ChildProcess[] = [];
+  try {
+    const socket = path.join(dir, 'nbdkit.sock');
+    started.push(await startNbdkitServer(dir, socket, ['-f', '--exit-with-parent', '--filter=delay', 'file', `file=${backing}`, ...delayedOps.map((op) => `delay-${op}=${delay}`)]));
+    console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+    console.log(`store: nbdkit file on ${base} behind the delay filter (${delay} per ${delayedOps.join('/')} request); 4 KiB random writes QD${depth} over ${rangeBytes / MiB} MiB; ` +
+      `pcache: ${prewritten ? 'a pre-written' : 'a new sparse'} ${cacheMiB} MiB cache, ${seconds} s per run${flushEvery === undefined ? '' : `, a FLUSH every ${flushEvery} writes`}${smoke ? ' (smoke)' : ''}`);
+    const store = await fio(socket, rangeBytes, storeSeconds);
+    console.log(`  store alone: ${Math.round(store.iops)} IOPS at QD${depth} (${storeSeconds} s), slowest write ${store.maxLatencyMs.toFixed(1)} ms`);
+    const results: RunResult[] = [];
+    for (const ordering of orderings) results.push(await runPcache(dir, socket, ordering, store.iops));
+    const firstResult = results[0];
+    if (firstResult !== undefined) drawChart(firstResult, store.iops);
+    console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  } finally {
+    for (const child of started.reverse()) await stopChild(child);
+    removeScratch(dir);
+  }
+}
+
+await main();
