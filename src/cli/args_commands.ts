@@ -6,7 +6,8 @@
 import { looksLikeNbdUri, parseNbdUri } from '../nbd/client/uri.js';
 import { GiB } from '../lib/units.js';
 import { gcPercentMax, segmentSizeAlignBytes, segmentSizeMaxBytes, segmentSizeMinBytes } from '../ondisk/layout.js';
-import { knobNamed, knobNames, knobValueProblem } from './settings.js';
+import { knobNamed, knobNames, knobValueProblem, modeSettingName, modeValue } from './settings.js';
+import { cacheModes, type CacheMode } from '../ondisk/cache_info.js';
 import { decimalInteger, secondsRange, switchFlag, valueFlag, type CommandGrammar, type Flags } from './args_parse.js';
 
 export interface FormatArgs {
@@ -46,7 +47,7 @@ export interface ControlArgs {
 export interface SetArgs {
   readonly controlPath: string;
   /** The changes, in the order given; empty to list the settings. */
-  readonly changes: Readonly<Record<string, number>>;
+  readonly changes: Readonly<Record<string, number | string>>;
   readonly json: boolean;
 }
 
@@ -202,7 +203,7 @@ export const detachGrammar: CommandGrammar<ControlArgs> = {
 
 export const setGrammar: CommandGrammar<SetArgs> = {
   spec: {
-    summary: "change a running cache's gc_percent and writeback knobs, or list them",
+    summary: "change a running cache's write mode, gc_percent and other knobs, or list them",
     usage: ['pcache set --control PATH [NAME VALUE]...'],
     flags: {
       control: serverControlFlag,
@@ -210,9 +211,10 @@ export const setGrammar: CommandGrammar<SetArgs> = {
     },
     positionals: true,
     notes: [
-      'With no NAME VALUE pairs, lists every setting and its value. Settings (integers):',
-      ...knobNames.map((name) => `  ${name}`),
-      'gc_percent is stored in the cache; the others last until the server stops (see serve --tuning).',
+      'With no NAME VALUE pairs, lists every setting and its value. Settings:',
+      `  mode  the write mode: ${cacheModes.join(', ')} (stored in the cache)`,
+      ...knobNames.filter((name) => name !== modeSettingName).map((name) => `  ${name}  (an integer)`),
+      'mode and gc_percent are stored in the cache; the others last until the server stops (see serve --tuning).',
       'All pairs of one command are checked first and applied together, or none is.',
     ],
   },
@@ -222,11 +224,11 @@ export const setGrammar: CommandGrammar<SetArgs> = {
     if (words.length % 2 !== 0) {
       throw flags.usage(`'${words[words.length - 1] ?? ''}' needs a value: give NAME VALUE pairs (see pcache set --help)`);
     }
-    const changes: Record<string, number> = {};
+    const changes: Record<string, number | string> = {};
     for (let index = 0; index < words.length; index += 2) {
       const name = words[index] ?? '';
       if (Object.hasOwn(changes, name)) throw flags.usage(`${name} given more than once`);
-      changes[name] = knobValue(flags, '', name, words[index + 1] ?? '');
+      changes[name] = name === modeSettingName ? modeFlagValue(flags, words[index + 1] ?? '') : knobValue(flags, '', name, words[index + 1] ?? '');
     }
     return { controlPath, changes, json: flags.has('json') };
   },
@@ -241,6 +243,13 @@ export function backingIsUri(flags: Flags, text: string): boolean {
   if (!looksLikeNbdUri(text)) return false;
   flags.converted('backing', () => parseNbdUri(text));
   return true;
+}
+
+/** A write mode from text (`set mode MODE`, `serve --mode MODE`); anything else is a usage error naming the modes. */
+export function modeFlagValue(flags: Flags, text: string): CacheMode {
+  const chosen = modeValue(text);
+  if ('problem' in chosen) throw flags.usage(chosen.problem);
+  return chosen.mode;
 }
 
 /**

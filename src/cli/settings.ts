@@ -10,10 +10,13 @@
 //   applied, so a refused `set` changes nothing.
 // - gc_percent is persisted in cache_info (as dm-pcache's `gc_percent` message); the other
 //   knobs are runtime tuning (CacheTuning), lost at restart unless given to `serve --tuning`.
+// - `mode` (the write mode, a word rather than an integer) is a setting too, listed first and
+//   persisted in cache_info; `serve --mode` chooses it at start.
 
 import type { Cache, CacheTuning } from '../cache/cache.js';
 import { PcacheError } from '../lib/errors.js';
-import { defaultTuning } from '../cache/cache_tuning.js';
+import { defaultTuning, sequentialCutoffBytesMax } from '../cache/cache_tuning.js';
+import { cacheModeNamed, cacheModes, type CacheMode } from '../ondisk/cache_info.js';
 import { gcPercentDefault, gcPercentMax } from '../ondisk/layout.js';
 
 /**
@@ -26,7 +29,7 @@ export interface Knob {
   readonly name: string;
   /** The CacheTuning field it sets; undefined for gc_percent (persisted through setGcPercent). */
   readonly field: keyof CacheTuning | undefined;
-  readonly unit: 'percent' | 'ms';
+  readonly unit: 'percent' | 'ms' | 'bytes';
   readonly min: number;
   readonly max: number;
   readonly persisted: boolean;
@@ -43,10 +46,22 @@ export const knobs: readonly Knob[] = [
   { name: 'writeback_max_age_ms', field: 'writebackMaxAgeMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.writebackMaxAgeMs, help: 'data dirty longer than this is written back even under load' },
   { name: 'dirty_high_water_percent', field: 'dirtyHighWaterPercent', unit: 'percent', min: 0, max: 100, persisted: false, defaultValue: defaultTuning.dirtyHighWaterPercent, help: 'backing offline: writes are held once dirty data reaches this % of the cache' },
   { name: 'backing_offline_after_ms', field: 'backingOfflineAfterMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.backingOfflineAfterMs, help: 'writeback failing this long marks the backing device offline' },
+  { name: 'sequential_cutoff_bytes', field: 'sequentialCutoffBytes', unit: 'bytes', min: 0, max: sequentialCutoffBytesMax, persisted: false, defaultValue: defaultTuning.sequentialCutoffBytes, help: 'a sequential stream longer than this bypasses the cache; 0 turns it off' },
   { name: 'space_wait_timeout_ms', field: 'spaceWaitTimeoutMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.spaceWaitTimeoutMs, help: 'a held write fails with ETIMEDOUT after this long; 0 holds it forever' },
 ];
 
-export const knobNames: readonly string[] = knobs.map((knob) => knob.name);
+/** The write mode's setting: a word from cacheModes, stored in the cache. */
+export const modeSettingName = 'mode';
+
+/** Every setting's name: the mode, then the knobs. */
+export const knobNames: readonly string[] = [modeSettingName, ...knobs.map((knob) => knob.name)];
+
+/** The mode named `value`, or the message saying why it is not one. */
+export function modeValue(value: unknown): { mode: CacheMode } | { problem: string } {
+  const mode = typeof value === 'string' ? cacheModeNamed(value) : undefined;
+  if (mode === undefined) return { problem: `mode must be one of ${cacheModes.join(', ')}, got ${JSON.stringify(value)}` };
+  return { mode };
+}
 
 export function knobNamed(name: string): Knob | undefined {
   return knobs.find((knob) => knob.name === name);
@@ -55,16 +70,16 @@ export function knobNamed(name: string): Knob | undefined {
 /** Why `value` is not acceptable for `knob`, or undefined. */
 export function knobValueProblem(knob: Knob, value: unknown): string | undefined {
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < knob.min || value > knob.max) {
-    const unit = knob.unit === 'percent' ? ' (percent)' : ' (milliseconds)';
+    const unit = knob.unit === 'percent' ? ' (percent)' : knob.unit === 'bytes' ? ' (bytes)' : ' (milliseconds)';
     return `${knob.name} must be an integer from ${knob.min} to ${knob.max}${unit}, got ${JSON.stringify(value)}`;
   }
   return undefined;
 }
 
 /** The value of every knob now in force, in table order. */
-export function currentSettings(cache: Cache): Record<string, number> {
+export function currentSettings(cache: Cache): Record<string, number | string> {
   const tuning = cache.tuning;
-  const settings: Record<string, number> = {};
+  const settings: Record<string, number | string> = { [modeSettingName]: cache.mode };
   for (const knob of knobs) settings[knob.name] = knob.field === undefined ? cache.status().gcPercent : tuning[knob.field];
   return settings;
 }
@@ -73,12 +88,19 @@ export function currentSettings(cache: Cache): Record<string, number> {
  * Checks a set of changes (`{name: value}`) completely and returns it as a runtime-tuning
  * part and an optional gc_percent; throws PcacheError EINVAL naming the first problem.
  */
-export function validateSettings(cache: Cache, changes: Readonly<Record<string, unknown>>): { tuning: Partial<CacheTuning>; gcPercent: number | undefined } {
+export function validateSettings(cache: Cache, changes: Readonly<Record<string, unknown>>): { tuning: Partial<CacheTuning>; gcPercent: number | undefined; mode: CacheMode | undefined } {
   const tuning: { -readonly [K in keyof CacheTuning]?: number } = {};
   let gcPercent: number | undefined;
+  let mode: CacheMode | undefined;
   const names = Object.keys(changes);
   if (names.length === 0) throw new PcacheError('EINVAL', `no setting given (settings: ${knobNames.join(', ')})`);
   for (const name of names) {
+    if (name === modeSettingName) {
+      const chosen = modeValue(changes[name]);
+      if ('problem' in chosen) throw new PcacheError('EINVAL', chosen.problem);
+      mode = chosen.mode;
+      continue;
+    }
     const knob = knobNamed(name);
     if (knob === undefined) throw new PcacheError('EINVAL', `unknown setting ${JSON.stringify(name)} (settings: ${knobNames.join(', ')})`);
     const value = changes[name];
@@ -90,7 +112,7 @@ export function validateSettings(cache: Cache, changes: Readonly<Record<string, 
   const merged = { ...cache.tuning, ...tuning };
   const problem = watermarkProblem(merged.writebackStartPercent, merged.writebackStopPercent);
   if (problem !== undefined) throw new PcacheError('EINVAL', `${problem}; set both in one command to move them past each other`);
-  return { tuning, gcPercent };
+  return { tuning, gcPercent, mode };
 }
 
 /** The one rule between knobs: writeback stops at or below where it starts. */
@@ -100,8 +122,10 @@ export function watermarkProblem(startPercent: number, stopPercent: number): str
 }
 
 /** Validates and applies a set of changes; returns every knob's value afterwards. */
-export async function applySettings(cache: Cache, changes: Readonly<Record<string, unknown>>): Promise<Record<string, number>> {
-  const { tuning, gcPercent } = validateSettings(cache, changes);
+export async function applySettings(cache: Cache, changes: Readonly<Record<string, unknown>>): Promise<Record<string, number | string>> {
+  const { tuning, gcPercent, mode } = validateSettings(cache, changes);
+  // The mode first: the one change a cache may still refuse (format version 1), before any other is made.
+  if (mode !== undefined) await cache.setMode(mode);
   if (Object.keys(tuning).length > 0) cache.setTuning(tuning);
   if (gcPercent !== undefined) await cache.setGcPercent(gcPercent);
   return currentSettings(cache);

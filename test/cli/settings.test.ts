@@ -12,10 +12,11 @@ import { knobNames, knobs } from '../../src/cli/settings.js';
 import { tempDir } from '../helpers/files.js';
 import { assertOneLineError, assertQuietLogs, type CliResult, pcacheJson, runCli, startServe } from '../helpers/pcache.js';
 
-type Settings = Record<string, number>;
+type Settings = Record<string, number | string>;
 
 /** The defaults every server starts with (docs/operations.md; src/cache/cache_core.ts defaultTuning). */
 const defaults: Settings = {
+  mode: 'writeback',
   gc_percent: 70,
   writeback_start_percent: 50,
   writeback_stop_percent: 40,
@@ -23,6 +24,7 @@ const defaults: Settings = {
   writeback_max_age_ms: 30_000,
   dirty_high_water_percent: 75,
   backing_offline_after_ms: 10_000,
+  sequential_cutoff_bytes: 4 * 1024 * 1024,
   space_wait_timeout_ms: 0,
 };
 
@@ -39,11 +41,15 @@ async function settingsTable(control: string): Promise<Settings> {
   assert.equal(result.stderr, '');
   const settings: Settings = {};
   for (const line of result.stdout.trimEnd().split('\n')) {
-    const match = /^([a-z_]+) +(\d+) (%|ms)$/.exec(line);
+    const match = /^([a-z_]+) +(\d+|[a-z]+)(?: (%|ms|bytes))?$/.exec(line);
     assert.ok(match !== null, `a line "name value unit": ${JSON.stringify(line)}`);
-    const [, name = '', number = '', unit = ''] = match;
-    assert.equal(unit, name.endsWith('_ms') ? 'ms' : '%', `${name} is shown with its unit`);
-    settings[name] = Number(number);
+    const [, name = '', value = '', unit = ''] = match;
+    if (name === 'mode') {
+      settings[name] = value;
+      continue;
+    }
+    assert.equal(unit, name.endsWith('_ms') ? 'ms' : name.endsWith('_bytes') ? 'bytes' : '%', `${name} is shown with its unit`);
+    settings[name] = Number(value);
   }
   assert.deepEqual(Object.keys(settings), knobNames, 'set lists every knob, in the table\'s order');
   return settings;
@@ -72,7 +78,7 @@ describe('pcache set', () => {
 
     assert.deepEqual(await settingsTable(control), defaults);
     assert.deepEqual(await settingsJson(control), defaults);
-    assert.deepEqual(Object.fromEntries(knobs.map((knob) => [knob.name, knob.defaultValue])), defaults, 'the knob table knows the defaults a server starts with');
+    assert.deepEqual({ mode: 'writeback', ...Object.fromEntries(knobs.map((knob) => [knob.name, knob.defaultValue])) }, defaults, 'the knob table knows the defaults a server starts with');
 
     const changed = await runCli(['set', '--control', control, 'gc_percent', '50', 'writeback_idle_ms', '5000']);
     assert.equal(changed.code, 0, changed.stderr);
@@ -86,7 +92,9 @@ describe('pcache set', () => {
 
     // Refusals: one clear line each, and nothing changes.
     const refusals: [string[], number, RegExp][] = [
-      [['bogus', '1'], 2, /^pcache: set: unknown setting 'bogus' \(settings: gc_percent, writeback_start_percent, .*space_wait_timeout_ms\)$/],
+      [['bogus', '1'], 2, /^pcache: set: unknown setting 'bogus' \(settings: mode, gc_percent, writeback_start_percent, .*space_wait_timeout_ms\)$/],
+      [['mode', 'writeforward'], 2, /^pcache: set: mode must be one of writeback, writethrough, writearound, passthrough, got "writeforward"$/],
+      [['mode', 'writethrough', 'bogus', '1'], 2, /unknown setting 'bogus'/],
       [['gc_percent', '40', 'bogus', '1'], 2, /unknown setting 'bogus'/],
       [['constructor', '1'], 2, /unknown setting 'constructor'/],
       [['gc_percent', '91'], 2, /^pcache: set: gc_percent must be an integer from 0 to 90 \(percent\), got 91$/],
