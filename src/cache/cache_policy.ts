@@ -57,7 +57,8 @@ export class CachePolicy {
         return cutoff ? 'cutoff' : 'cache';
       case 'writethrough':
         return cutoff ? 'cutoff' : 'mode';
-      default:
+      case 'writearound':
+      case 'passthrough':
         return 'mode';
     }
   }
