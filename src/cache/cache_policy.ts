@@ -17,6 +17,8 @@
 // A mode is stored in cache_info (format version 2), so a restart keeps it. Leaving writeback
 // with dirty data drains it in the background (background work on); so does a start in another
 // mode with dirty data left.
+// In writeback, the cutoff never fails a write the cache could absorb: it is off while the
+// backing device is offline, and a direct write the backing device refuses is cached instead.
 // Invariant: a cached write never overtakes a direct write of an overlapping range in flight
 // (it waits), so the backing device receives writes of one range in the order they were made.
 
@@ -94,7 +96,17 @@ export class CachePolicy {
     ctx.stats.writeBytes += source.length;
     ctx.lastWriteMs = ctx.timers.now();
     const keepCopy = route === 'mode' && ctx.mode === 'writethrough';
-    const outcome = await this.direct.write(source, offsetBytes, source.length, fua, keepCopy);
+    let outcome;
+    try {
+      outcome = await this.direct.write(source, offsetBytes, source.length, fua, keepCopy);
+    } catch (error) {
+      // In writeback the cutoff is an optimisation: a write the backing device refused is
+      // absorbed by the cache as any other (writeback retries it), never failed.
+      if (!isPcacheError(error) || route !== 'cutoff' || ctx.mode !== 'writeback') throw error;
+      ctx.stats.bypassFallbacks++;
+      await engine.writes.write(source, offsetBytes, fua, untracked);
+      return;
+    }
     if (outcome === 'direct') this.countBypass(route, source.length);
   }
 
@@ -139,10 +151,12 @@ export class CachePolicy {
     if (mode !== 'writeback') this.drainInBackground();
   }
 
+  /** Whether the request continues a stream past the cutoff; never while the backing device is offline (writes are absorbed then). */
   private pastCutoff(offsetBytes: number, lengthBytes: number, client: number): boolean {
-    const cutoffBytes = this.engine.ctx.tuning.sequentialCutoffBytes;
+    const ctx = this.engine.ctx;
+    const cutoffBytes = ctx.tuning.sequentialCutoffBytes;
     if (cutoffBytes === 0) return false;
-    return this.streams.note(client, offsetBytes, lengthBytes) > cutoffBytes;
+    return this.streams.note(client, offsetBytes, lengthBytes) > cutoffBytes && ctx.backingOfflineSinceMs === undefined;
   }
 
   private countBypass(route: WriteRoute, bytes: number): void {

@@ -9,7 +9,7 @@ import { MemoryDevice } from '../../src/device/memory_device.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { KiB, MiB } from '../../src/lib/units.js';
 import { StreamTable, streamClientsMax } from '../../src/cache/cache_streams.js';
-import { cacheBytesFor, GatedDevice, openRig, pattern, readBytes, settle } from '../helpers/cache_fixture.js';
+import { cacheBytesFor, GatedDevice, openRig, pattern, readBytes, RecordingDevice, settle, type DeviceEvent } from '../helpers/cache_fixture.js';
 import { isCode } from '../helpers/errors.js';
 
 const block = 4 * KiB;
@@ -334,6 +334,28 @@ describe('sequential cutoff', () => {
     assert.deepEqual(await readBytes(cache, 0, 32 * KiB), pattern(25, 0, 32 * KiB));
     await writebackAll(cache);
     assert.ok(backingHolds(rig.backingDevice, 0, pattern(25, 0, 32 * KiB)));
+  });
+
+  it('in writeback, a stream past the cutoff that the backing device refuses is absorbed by the cache, never failed', async () => {
+    const events: DeviceEvent[] = [];
+    const backing = new RecordingDevice(new MemoryDevice(64 * MiB), 'backing', events, { blocking: false });
+    const cache = await openOn(new MemoryDevice(cacheBytesFor(8)), backing);
+    cache.setTuning({ sequentialCutoffBytes: 8 * KiB });
+    backing.failWrites = 'the backing device refuses writes';
+    for (let at = 0; at < 64 * KiB; at += block) await cache.write(pattern(26, at, block), at);
+    assert.equal(cache.status().counters.bypassFallbacks, 14);
+    assert.equal(cache.status().dirtyBytes, 64 * KiB);
+    assert.deepEqual(await readBytes(cache, 0, 64 * KiB), pattern(26, 0, 64 * KiB));
+    // The backing device offline: the cutoff is off, writes are absorbed without trying it.
+    cache.internals.ctx.backingOffline('gone');
+    const cutoffBefore = cache.status().counters.bypassCutoffRequests;
+    for (let at = 64 * KiB; at < 128 * KiB; at += block) await cache.write(pattern(27, at, block), at);
+    assert.equal(cache.status().counters.bypassFallbacks, 14);
+    assert.equal(cache.status().counters.bypassCutoffRequests, cutoffBefore);
+    backing.failWrites = undefined;
+    await cache.drain();
+    assert.ok(backingHolds(backing.inner, 0, pattern(26, 0, 64 * KiB)));
+    assert.ok(backingHolds(backing.inner, 64 * KiB, pattern(27, 64 * KiB, 64 * KiB)));
   });
 
   it('the stream table stays bounded', () => {
