@@ -208,6 +208,26 @@ describe('write modes', () => {
     assert.deepEqual(await readBytes(await rig.reopen(), 0, 4 * block), expected);
   });
 
+  it('leaving writeback drains the dirty data in the background, at once', async () => {
+    // Background work on, default watermarks: nothing would be written back for a while.
+    const rig = await openRig({ background: true });
+    const cache = rig.cache;
+    const data = pattern(19, 0, 64 * KiB);
+    await cache.write(data, 0);
+    await cache.flush();
+    await settle();
+    await cache.internals.writeback.idle();
+    assert.equal(cache.status().dirtyBytes, 64 * KiB, 'writeback waits below its start watermark');
+    await cache.setMode('writethrough');
+    for (let round = 0; round < 100 && cache.status().dirtyBytes > 0; round++) {
+      await settle();
+      await cache.internals.writeback.idle();
+    }
+    assert.equal(cache.status().dirtyBytes, 0);
+    assert.ok(backingHolds(rig.backingDevice, 0, data));
+    await cache.close();
+  });
+
   it('a switch back to writeback while a direct write is in flight: an overlapping cached write waits for it', async () => {
     const cacheDevice = new MemoryDevice(cacheBytesFor(8));
     const backing = new WriteGatedDevice(new MemoryDevice(64 * MiB));

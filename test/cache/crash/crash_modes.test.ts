@@ -53,7 +53,7 @@ describe('crash consistency of the write modes', () => {
       assertClean(await exhaustiveModes({ mode }, true, { index, count: 4 }), 1000);
     });
     it(`${mode}, cache device lost at the crash: the backing device alone holds every flushed write`, async () => {
-      assertClean(await exhaustiveModes({ mode, loseCacheDevice: true }, true, { index: 3 - index, count: 4 }), 500);
+      assertClean(await exhaustiveModes({ mode, loseCacheDevice: true }, true, { index: 7 - index, count: 8 }), 500);
     });
   });
 
