@@ -133,7 +133,15 @@ async function runModel(config: Config): Promise<Totals> {
         const client = config.modes === true ? prng.nextInt(3) : 0;
         batch.push({ kind, ...extent, client, fua: prng.chance(0.1), ...(kind === 'write' ? { data: pattern(tag++, extent.offset, extent.length) } : {}) });
       }
-      const results = batch.map((request) => {
+      // With modes: now and then a switch in the middle of the batch, its requests in flight around it.
+      const switchTo = config.modes === true && prng.chance(0.08) ? prng.pick(cacheModes) : undefined;
+      let switching: Promise<void> | undefined;
+      const results = batch.map((request, index) => {
+        if (switchTo !== undefined && index === Math.floor(batch.length / 2)) {
+          switching = cache.setMode(switchTo);
+          mode = switchTo;
+          totals.switches++;
+        }
         switch (request.kind) {
           case 'read': {
             const out = Buffer.alloc(request.length);
@@ -148,6 +156,7 @@ async function runModel(config: Config): Promise<Totals> {
         }
       });
       const outcomes = await Promise.all(results);
+      if (switching !== undefined) await switching;
       batch.forEach((request, i) => {
         const expected = model.subarray(request.offset, request.offset + request.length);
         if (request.kind === 'read') {
