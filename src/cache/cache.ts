@@ -383,7 +383,8 @@ export class Cache {
     return io.then(this.settledValue as (value: T) => T, this.settledError);
   }
 
-  private readonly trackWrite = (io: Promise<void>): Promise<void> => this.trackAlways(io);
+  /** A write that left the common path (cache_write.ts): counted for close(), and noted for direct writes (cache_direct.ts). */
+  private readonly trackWrite = (io: Promise<void>): Promise<void> => this.trackAlways(this.policy.direct.noteCachedWrite(io));
 
   private readonly settledValue = (value: unknown): unknown => {
     this.settled();

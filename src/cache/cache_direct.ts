@@ -6,7 +6,8 @@
 //   1. waits for every direct write overlapping R in flight (overlapping direct writes never
 //      race on the backing device), and registers itself: cached writes overlapping R wait
 //      for it too (cache_policy.ts), so nothing newer than W reaches the backing device first;
-//   2. lets the cached writes queued before it reach the index, then looks at what the index
+//   2. lets the cached writes begun before it reach the index (those queued in the write group,
+//      and those still waiting for space or log room: DirectWrites.noteCachedWrite), then looks at what the index
 //      holds over R. Data not yet written back there (a key that is not CLEAN while the cache
 //      holds dirty data) cannot be passed: writeback would later copy the older data over W.
 //      Then W is a cached write after all (counted as a fallback);
@@ -43,7 +44,6 @@ interface InFlight {
 }
 
 const noop = (): void => undefined;
-const untracked = (io: Promise<void>): Promise<void> => io;
 
 /**
  * Backing device syncs, one at a time: a caller joins the sync that starts after the one in
@@ -104,6 +104,12 @@ export class DirectWrites {
   private readonly reads: ReadPath;
   private readonly inFlight: InFlight[] = [];
   private readonly syncs: BackingSyncs;
+  /**
+   * Cached writes that did not reach the write group at once (waiting for space or log room, in
+   * several pieces, FUA, zeroing): a direct write begun after them waits for them, so none can
+   * publish over its range, and be written back, while its backing write is in flight.
+   */
+  private readonly cachedWrites = new Set<Promise<void>>();
 
   constructor(ctx: CacheContext, log: KsetLog, writes: WritePath, reads: ReadPath) {
     this.ctx = ctx;
@@ -117,6 +123,14 @@ export class DirectWrites {
   get busy(): boolean {
     return this.inFlight.length > 0;
   }
+
+  /** Notes a cached write that may publish later than the write group's next turn (see cachedWrites). */
+  readonly noteCachedWrite = (io: Promise<void>): Promise<void> => {
+    const settled = io.then(noop, noop);
+    this.cachedWrites.add(settled);
+    void settled.then(() => { this.cachedWrites.delete(settled); });
+    return io;
+  };
 
   /** Resolves once no direct write overlapping [start, end) is in flight. */
   async waitClear(start: number, end: number): Promise<void> {
@@ -150,13 +164,14 @@ export class DirectWrites {
 
   private async writeRegistered(source: Uint8Array | undefined, offsetBytes: number, lengthBytes: number, fua: boolean, keepCopy: boolean): Promise<DirectOutcome> {
     const ctx = this.ctx;
+    if (this.cachedWrites.size > 0) await Promise.all([...this.cachedWrites]);
     await this.writes.group.published();
     ctx.checkWritable();
     const found = this.lookAt(offsetBytes, offsetBytes + lengthBytes);
     if ((found.unwritten && ctx.stats.dirtyBytes > 0) || (found.logged && !ctx.dev.layout.extendedKsets)) {
       ctx.stats.bypassFallbacks++;
       if (source === undefined) await this.writes.zero(offsetBytes, lengthBytes, fua);
-      else await this.writes.write(source, offsetBytes, fua, untracked);
+      else await this.writes.write(source, offsetBytes, fua, this.noteCachedWrite);
       return 'cached';
     }
     const ticket = this.reads.placeBarrier(offsetBytes, lengthBytes);

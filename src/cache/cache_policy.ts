@@ -32,7 +32,6 @@ import { StreamTable } from './cache_streams.js';
 /** Where a write goes: the cache, or past it because of the sequential cutoff or the mode. */
 export type WriteRoute = 'cache' | 'cutoff' | 'mode';
 
-const untracked = (io: Promise<void>): Promise<void> => io;
 
 export class CachePolicy {
   private readonly engine: CacheEngine;
@@ -88,7 +87,7 @@ export class CachePolicy {
     const ctx = engine.ctx;
     if (route === 'cache') {
       await this.direct.waitClear(offsetBytes, offsetBytes + source.length);
-      await engine.writes.write(source, offsetBytes, fua, untracked);
+      await engine.writes.write(source, offsetBytes, fua, this.direct.noteCachedWrite);
       return;
     }
     ctx.checkWritable();
@@ -104,7 +103,7 @@ export class CachePolicy {
       // absorbed by the cache as any other (writeback retries it), never failed.
       if (!isPcacheError(error) || route !== 'cutoff' || ctx.mode !== 'writeback') throw error;
       ctx.stats.bypassFallbacks++;
-      await engine.writes.write(source, offsetBytes, fua, untracked);
+      await engine.writes.write(source, offsetBytes, fua, this.direct.noteCachedWrite);
       return;
     }
     if (outcome === 'direct') this.countBypass(route, source.length);
@@ -116,7 +115,7 @@ export class CachePolicy {
     const ctx = engine.ctx;
     if (ctx.mode === 'writeback') {
       if (this.direct.busy) await this.direct.waitClear(offsetBytes, offsetBytes + lengthBytes);
-      await engine.writes.zero(offsetBytes, lengthBytes, fua);
+      await this.direct.noteCachedWrite(engine.writes.zero(offsetBytes, lengthBytes, fua));
       return;
     }
     ctx.checkWritable();
