@@ -252,6 +252,48 @@ describe('write modes', () => {
     assert.ok(backingHolds(backing.inner, 0, second));
   });
 
+  it('a direct write waits for a cached write begun before it that still waits for space', async () => {
+    const backing = new RecordingDevice(new MemoryDevice(64 * MiB), 'backing', [], { blocking: false });
+    const cache = await openOn(new MemoryDevice(cacheBytesFor(6)), backing);
+    cache.setTuning({ sequentialCutoffBytes: 0 });
+    backing.failWrites = 'the backing device refuses writes, so nothing can be written back';
+    // Fill the data segments with dirty data, until a write has to wait for space.
+    const pending: Promise<void>[] = [];
+    for (let at = 0; at < 8 * MiB; at += 64 * KiB) {
+      const state = { finished: false };
+      const write = cache.write(pattern(30, at, 64 * KiB), at).then(() => { state.finished = true; });
+      await settle();
+      if (!state.finished) {
+        pending.push(write);
+        break;
+      }
+    }
+    assert.equal(pending.length, 1, 'a write waits for space');
+    const target = 32 * MiB;
+    const done = { cached: false, direct: false };
+    const cached = cache.write(pattern(31, target, 64 * KiB), target).then(() => { done.cached = true; });
+    await settle();
+    await cache.setMode('writearound');
+    const newer = pattern(32, target, 64 * KiB);
+    let directError: unknown;
+    const direct = cache.write(newer, target).then(() => { done.direct = true; }, (error: unknown) => { directError = error; });
+    await settle();
+    assert.equal(directError, undefined, 'the direct write did not go to the refusing backing device');
+    assert.deepEqual(done, { cached: false, direct: false }, 'the direct write waits for the cached one');
+    backing.failWrites = undefined;
+    cache.retryBackingNow();
+    for (let round = 0; round < 1000 && (!done.cached || !done.direct); round++) {
+      await cache.writebackStep();
+      await cache.gcStep();
+      await settle();
+    }
+    await Promise.all([cached, direct, ...pending]);
+    assert.equal(cache.status().counters.bypassFallbacks, 1, 'it met the cached write\'s data not yet written back');
+    assert.deepEqual(await readBytes(cache, target, 64 * KiB), newer);
+    await cache.drain();
+    assert.ok(backingHolds(backing.inner, target, newer));
+  });
+
   it('a read that missed before a direct write landed never stores what it read', async () => {
     const cacheDevice = new MemoryDevice(cacheBytesFor(8));
     const backing = new GatedDevice(new MemoryDevice(64 * MiB));
