@@ -20,7 +20,9 @@ import type { CacheEngine } from './cache_engine.js';
 import { backingFingerprint } from './cache_backing.js';
 import { openEngine, type BackingCheck, type CacheOpenOptions } from './cache_open.js';
 import type { CacheExtentStatus } from './cache_read.js';
+import type { CacheMode } from '../ondisk/cache_info.js';
 import { dropCleanKeys, type ReplayResult } from './cache_replay.js';
+import { CachePolicy } from './cache_policy.js';
 import { cacheInfoOf, cacheStatus, type CacheStatus } from './cache_status.js';
 import { tuningProblem, type CacheTuning } from './cache_tuning.js';
 
@@ -30,6 +32,7 @@ export type { CacheExtentStatus } from './cache_read.js';
 export { describeLogDamage, type LogDamage, type ReplayResult } from './cache_replay.js';
 export { dmStatusLine, type CacheStatus } from './cache_status.js';
 export { defaultTuning, eagerWriteback, type CacheTuning } from './cache_tuning.js';
+export { cacheModes, type CacheMode } from '../ondisk/cache_info.js';
 
 /** Where the backing device stands during a checkpoint: every kset before this log position is on it. */
 export interface CheckpointPoint {
@@ -51,6 +54,8 @@ const noFua: WriteOptions = { fua: false };
 
 export class Cache {
   private readonly engine: CacheEngine;
+  /** The write mode and the sequential cutoff (cache_policy.ts). */
+  private readonly policy: CachePolicy;
   readonly replayResult: ReplayResult;
   /** What the start found about the backing device against the last clean stop (cache_open.ts). */
   readonly backingCheck: BackingCheck;
@@ -62,6 +67,7 @@ export class Cache {
 
   private constructor(engine: CacheEngine, replayResult: ReplayResult, backingCheck: BackingCheck) {
     this.engine = engine;
+    this.policy = new CachePolicy(engine);
     this.replayResult = replayResult;
     this.backingCheck = backingCheck;
   }
@@ -80,14 +86,19 @@ export class Cache {
     return this.engine.ctx.dev.sb.backingSizeBytes;
   }
 
-  read(target: Uint8Array, offsetBytes: number): Promise<void> | undefined {
+  /** A read; `client` identifies the sender for the sequential cutoff (the NBD server's connection number). */
+  read(target: Uint8Array, offsetBytes: number, client = 0): Promise<void> | undefined {
     this.validate(offsetBytes, target.length);
-    return this.track(this.engine.reads.read(target, offsetBytes));
+    return this.track(this.engine.reads.read(target, offsetBytes, this.policy.admitRead(offsetBytes, target.length, client)));
   }
 
-  write(source: Uint8Array, offsetBytes: number, options: WriteOptions = noFua): Promise<void> {
+  /** A write; `client` identifies the sender for the sequential cutoff, as for read. */
+  write(source: Uint8Array, offsetBytes: number, options: WriteOptions = noFua, client = 0): Promise<void> {
     this.validate(offsetBytes, source.length);
-    return this.engine.writes.write(source, offsetBytes, options.fua, this.trackWrite);
+    const policy = this.policy;
+    const route = policy.writeRoute(offsetBytes, source.length, client);
+    if (route === 'cache' && !policy.direct.busy) return this.engine.writes.write(source, offsetBytes, options.fua, this.trackWrite);
+    return this.trackAlways(policy.write(route, source, offsetBytes, options.fua));
   }
 
   /** Every write completed before this call is durable (in the cache log) when it resolves. */
@@ -97,13 +108,13 @@ export class Cache {
     if (ctx.state !== 'running') return Promise.reject(new PcacheError('ESHUTDOWN', 'the cache is shutting down'));
     ctx.stats.flushRequests++;
     if (ctx.readOnly) return Promise.resolve();
-    return this.trackAlways(engine.log.flush());
+    return this.trackAlways(this.policy.flush());
   }
 
   /** TRIM: the range reads as zeroes afterwards (a defined answer for "unspecified"). */
   trim(offsetBytes: number, lengthBytes: number, options: WriteOptions = noFua): Promise<void> {
     this.validate(offsetBytes, lengthBytes);
-    return this.trackAlways(this.engine.writes.zero(offsetBytes, lengthBytes, options.fua));
+    return this.trackAlways(this.policy.zero(offsetBytes, lengthBytes, options.fua));
   }
 
   /** Same as trim; the name block-layer users expect. */
@@ -114,13 +125,13 @@ export class Cache {
   /** WRITE_ZEROES: recorded as a ZERO key, so it is always fast (FAST_ZERO never fails). */
   writeZeroes(offsetBytes: number, lengthBytes: number, options: ZeroOptions = noFua): Promise<void> {
     this.validate(offsetBytes, lengthBytes);
-    return this.trackAlways(this.engine.writes.zero(offsetBytes, lengthBytes, options.fua));
+    return this.trackAlways(this.policy.zero(offsetBytes, lengthBytes, options.fua));
   }
 
   /** Prefetches the range into the cache (NBD_CMD_CACHE). */
   cache(offsetBytes: number, lengthBytes: number): Promise<void> {
     this.validate(offsetBytes, lengthBytes);
-    return this.trackAlways(this.engine.reads.prefetch(offsetBytes, lengthBytes));
+    return this.trackAlways(this.engine.reads.prefetch(offsetBytes, lengthBytes, this.policy.mode !== 'passthrough'));
   }
 
   blockStatus(offsetBytes: number, lengthBytes: number): CacheExtentStatus[] {
@@ -254,6 +265,20 @@ export class Cache {
     await ctx.dev.sync();
     ctx.gcPercent = gcPercent;
     engine.gc.kick(false);
+  }
+
+  /** The write mode now in force. */
+  get mode(): CacheMode {
+    return this.policy.mode;
+  }
+
+  /**
+   * Changes the write mode (a name from cacheModes; anything else is EINVAL and changes
+   * nothing) and stores it in cache_info, so a restart keeps it. Leaving writeback with dirty
+   * data drains it in the background; reads stay right throughout (cache_policy.ts).
+   */
+  setMode(mode: string): Promise<void> {
+    return this.trackAlways(this.policy.setMode(mode));
   }
 
   status(): CacheStatus {
@@ -415,7 +440,8 @@ export class Cache {
     return io.then(this.settledValue as (value: T) => T, this.settledError);
   }
 
-  private readonly trackWrite = (io: Promise<void>): Promise<void> => this.trackAlways(io);
+  /** A write that left the common path (cache_write.ts): counted for close(), and noted for direct writes (cache_direct.ts). */
+  private readonly trackWrite = (io: Promise<void>): Promise<void> => this.trackAlways(this.policy.direct.noteCachedWrite(io));
 
   private readonly settledValue = (value: unknown): unknown => {
     this.settled();

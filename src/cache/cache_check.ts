@@ -12,6 +12,7 @@ import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { ManualTimers } from '../lib/timers.js';
 import type { BlockDevice } from '../device/block_device.js';
 import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
+import type { CacheMode } from '../ondisk/cache_info.js';
 import { uuidToString } from '../ondisk/superblock.js';
 import { CacheContext } from './cache_context.js';
 import { readCacheMetadata, segmentChainProblems, type CacheMetadata } from './cache_metadata.js';
@@ -31,6 +32,8 @@ export interface CheckSummary {
   readonly backingIdentity: string;
   readonly dataCrc: boolean;
   readonly gcPercent: number;
+  /** The write mode stored in cache_info. */
+  readonly mode: CacheMode;
   readonly keyTail: string;
   readonly dirtyTail: string;
   readonly keyHead: string;
@@ -189,6 +192,7 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
       backingIdentity: metadata.sb.backingIdentity,
       dataCrc: metadata.cacheInfo.value.dataCrc,
       gcPercent: metadata.cacheInfo.value.gcPercent,
+      mode: metadata.cacheInfo.value.mode,
       keyTail: formatPosition(ctx.keyTail),
       dirtyTail: formatPosition(result.dirtyTail),
       keyHead: formatPosition(result.keyHead),

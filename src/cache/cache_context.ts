@@ -22,7 +22,7 @@ import { CacheDev } from './cache_dev.js';
 import { type CacheMetadata } from './cache_metadata.js';
 import { SegmentTable } from './cache_segment.js';
 import { KeyIndex } from './cache_tree.js';
-import type { BackingState } from '../ondisk/cache_info.js';
+import type { BackingState, CacheMode } from '../ondisk/cache_info.js';
 import type { CacheTuning } from './cache_tuning.js';
 import { newStats, type CacheStats, type LogPos } from './cache_types.js';
 
@@ -74,6 +74,8 @@ export class CacheContext {
   /** What cache_info records about the backing device (cache_backing.ts): 'unknown' while open. */
   backingState: BackingState;
   backingFingerprint: Uint8Array;
+  /** The write mode (stored in cache_info; Cache.setMode changes it; cache_direct.ts says what each does). */
+  mode: CacheMode;
   /** The cache failed (see fail); called with the sticky failure. */
   readonly failed = new Listeners<[PcacheError]>();
   /** A writer or the log is short of free segments. */
@@ -103,6 +105,7 @@ export class CacheContext {
     this.gcPercent = metadata.cacheInfo.value.gcPercent;
     this.backingState = metadata.cacheInfo.value.backingState;
     this.backingFingerprint = metadata.cacheInfo.value.backingFingerprint;
+    this.mode = metadata.cacheInfo.value.mode;
     this.readOnly = options.readOnly;
     this.background = options.background;
     this.tuning = options.tuning;

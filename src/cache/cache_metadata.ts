@@ -296,7 +296,7 @@ export async function formatCacheDevice(device: BlockDevice, backing: BlockDevic
     await device.write(block, blockStart);
   };
   await writeAtCopy(0);
-  const info: CacheInfo = { dataCrc: options.dataCrc ?? false, initDone: true, gcPercent, segmentCount, firstSegment: 0, backingState: 'unknown', backingFingerprint: noFingerprint };
+  const info: CacheInfo = { dataCrc: options.dataCrc ?? false, initDone: true, gcPercent, segmentCount, firstSegment: 0, backingState: 'unknown', backingFingerprint: noFingerprint, mode: 'writeback' };
   const infos = new Uint8Array(2 * blockBytes);
   const encodedInfo = encodeCacheInfo(info, 1, version);
   infos.set(encodedInfo, 0);

@@ -54,6 +54,8 @@ class ReadWalk {
   pendingHits: PendingHit[] | undefined;
   reads: Promise<void>[] | undefined;
   hitBytes = 0;
+  /** Whether misses may be stored in the cache (the write mode and the sequential cutoff decide). */
+  admit = true;
   readonly scratchKey = newIndexKey();
 }
 
@@ -87,11 +89,13 @@ export class ReadPath {
     return this.ticket;
   }
 
-  read(target: Uint8Array, offsetBytes: number): Promise<void> | undefined {
+  /** A client read; with `admit` false its misses are read from the backing device and not cached. */
+  read(target: Uint8Array, offsetBytes: number, admit = true): Promise<void> | undefined {
     const ctx = this.ctx;
     ctx.checkReadable();
     ctx.stats.readRequests++;
     const walk = new ReadWalk();
+    walk.admit = admit;
     const endBytes = offsetBytes + target.length;
     for (let position = offsetBytes; position < endBytes;) {
       const end = Math.min(endBytes, subtreeEnd(position));
@@ -104,7 +108,10 @@ export class ReadPath {
       return undefined;
     }
     if (walk.misses === undefined) ctx.stats.readHitRequests++;
-    else ctx.stats.readMissRequests++;
+    else {
+      ctx.stats.readMissRequests++;
+      if (!admit) ctx.stats.fillsNotAdmitted++;
+    }
     return this.finishRead(walk, target, offsetBytes);
   }
 
@@ -209,7 +216,7 @@ export class ReadPath {
   private addMiss(walk: ReadWalk, target: Uint8Array, request: number, start: number, end: number, placeholder: boolean): boolean {
     const ctx = this.ctx;
     let ticket = 0;
-    if (placeholder && ctx.state === 'running' && !ctx.readOnly && ctx.failure === undefined) {
+    if (placeholder && walk.admit && ctx.state === 'running' && !ctx.readOnly && ctx.failure === undefined) {
       ticket = this.nextTicket();
       const empty: KeyRecord = { offsetBytes: start, lengthBytes: end - start, flags: keyFlagEmpty, segment: ticket, segmentOffsetBytes: 0, gen: 0, dataCrc: 0 };
       ctx.index.insert(keyFromRecord(walk.scratchKey, empty));
@@ -263,6 +270,38 @@ export class ReadPath {
       }
       ctx.index.release(subtree);
     }
+  }
+
+  /**
+   * Barriers for a write that goes to the backing device directly (cache_direct.ts): EMPTY
+   * keys of a fresh ticket over [offsetBytes, offsetBytes + lengthBytes) replace whatever the
+   * index held there, read placeholders included, so no read can store what it read from the
+   * backing device before the write landed; reads meeting a barrier read the backing device.
+   * Returns the ticket, for dropBarrier or fillBarrier.
+   */
+  placeBarrier(offsetBytes: number, lengthBytes: number): number {
+    const ticket = this.nextTicket();
+    const key = newIndexKey();
+    const end = offsetBytes + lengthBytes;
+    for (let position = offsetBytes; position < end;) {
+      const pieceEnd = Math.min(end, subtreeEnd(position));
+      this.ctx.index.insert(keyFromRecord(key, { offsetBytes: position, lengthBytes: pieceEnd - position, flags: keyFlagEmpty, segment: ticket, segmentOffsetBytes: 0, gen: 0, dataCrc: 0 }));
+      position = pieceEnd;
+    }
+    return ticket;
+  }
+
+  /** Removes what is left of a barrier (writes that landed over it since stay). */
+  dropBarrier(ticket: number, offsetBytes: number, lengthBytes: number): void {
+    this.removePlaceholders({ offsetBytes, lengthBytes, ticket });
+  }
+
+  /**
+   * Stores `data` (what the barrier's write put on the backing device, now synced there) as
+   * CLEAN keys over what is left of the barrier, as a read miss is filled; the writethrough copy.
+   */
+  async fillBarrier(ticket: number, offsetBytes: number, data: Uint8Array): Promise<void> {
+    await this.fillMiss({ offsetBytes, lengthBytes: data.length, ticket }, data);
   }
 
   private removePlaceholders(miss: Miss): void {
@@ -344,7 +383,8 @@ export class ReadPath {
   }
 
   /** NBD_CMD_CACHE: brings the range into the cache, a bounded piece at a time. */
-  async prefetch(offsetBytes: number, lengthBytes: number): Promise<void> {
+  async prefetch(offsetBytes: number, lengthBytes: number, admit = true): Promise<void> {
+    if (!admit) return;
     const chunkBytes = subtreeSizeBytes;
     const scratch = new Uint8Array(Math.min(chunkBytes, lengthBytes));
     for (let done = 0; done < lengthBytes; done += chunkBytes) {

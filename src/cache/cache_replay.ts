@@ -41,7 +41,7 @@
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError } from '../lib/errors.js';
 import { KiB } from '../lib/units.js';
-import { decodeKset, keyFlagClean, keyFlagZero, ksetBytesMax, ksetMagic, type KeyRecord } from '../ondisk/kset.js';
+import { decodeKset, isDropKey, keyFlagClean, keyFlagZero, ksetBytesMax, ksetMagic, type KeyRecord } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
 import type { CacheMetadata } from './cache_metadata.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
@@ -165,7 +165,9 @@ export async function replay(
         if (ctx.dataCrc) await verifyData(ctx, record, dataCrcErrors);
       }
       if (dirtyTail !== undefined && (record.flags & keyFlagClean) === 0) ctx.stats.dirtyBytes += record.lengthBytes;
-      ctx.index.insert(keyFromRecord(key, record));
+      // A DROP key: the extent went to the backing device directly; what the cache held of it is gone.
+      if (isDropKey(record.flags)) ctx.index.removeRange(keyFromRecord(key, record));
+      else ctx.index.insert(keyFromRecord(key, record));
     }
     pos = positionAfter(pos, kset);
     ksets++;

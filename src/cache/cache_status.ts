@@ -2,7 +2,7 @@
 // what dm-pcache lacks (state with its reason, dirty bytes, index size, writeback and GC
 // progress, counters). Computed synchronously from memory: it never waits for a device.
 
-import { cacheInfoFlags, type CacheInfo } from '../ondisk/cache_info.js';
+import { cacheInfoFlags, cacheModes, type CacheInfo, type CacheMode } from '../ondisk/cache_info.js';
 import { uuidToString } from '../ondisk/superblock.js';
 import type { CacheContext } from './cache_context.js';
 import type { CacheEngine } from './cache_engine.js';
@@ -20,7 +20,7 @@ export interface CacheStatus {
   readonly segsUsed: number;
   /** dm-pcache field 5. */
   readonly gcPercent: number;
-  /** dm-pcache field 6: bit 0 DATA_CRC, bit 1 INIT_DONE, bits 2-5 cache mode (0 = writeback), bits 6-12 gc_percent. */
+  /** dm-pcache field 6: bit 0 DATA_CRC, bit 1 INIT_DONE, bits 2-5 cache mode (0 writeback, 1 writethrough, 2 writearound, 3 passthrough), bits 6-12 gc_percent. */
   readonly cacheFlags: number;
   /** dm-pcache fields 7-9, each "segment:offset". */
   readonly keyHead: string;
@@ -31,6 +31,8 @@ export interface CacheStatus {
    * failing; backing-offline (which outranks draining and degraded); failed; stopping; stopped.
    */
   readonly state: 'running' | 'draining' | 'degraded' | 'backing-offline' | 'failed' | 'stopping' | 'stopped';
+  /** The write mode (docs/operations.md, "Write modes"). */
+  readonly mode: CacheMode;
   /** Why the state is degraded, backing-offline or failed. */
   readonly stateReason: string | undefined;
   /** When the backing device went offline (ISO 8601), while it is. */
@@ -83,6 +85,7 @@ export function cacheInfoOf(ctx: CacheContext, gcPercent: number): CacheInfo {
     firstSegment: 0,
     backingState: ctx.backingState,
     backingFingerprint: ctx.backingFingerprint,
+    mode: ctx.mode,
   };
 }
 
@@ -111,11 +114,12 @@ export function cacheStatus(engine: CacheEngine, drainsInProgress: number): Cach
     cacheSegs: ctx.segments.count,
     segsUsed: ctx.segments.usedCount,
     gcPercent: ctx.gcPercent,
-    cacheFlags: cacheInfoFlags(cacheInfoOf(ctx, ctx.gcPercent)) | (ctx.gcPercent << 6),
+    cacheFlags: cacheInfoFlags(cacheInfoOf(ctx, ctx.gcPercent)) | (cacheModes.indexOf(ctx.mode) << 2) | (ctx.gcPercent << 6),
     keyHead: formatPosition(engine.log.keyHead),
     dirtyTail: formatPosition(ctx.dirtyTail),
     keyTail: formatPosition(ctx.keyTail),
     state,
+    mode: ctx.mode,
     stateReason,
     backingOfflineSince: offlineSince,
     dirtyHighWaterBytes: ctx.dirtyHighWaterBytes,

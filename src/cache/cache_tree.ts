@@ -393,6 +393,19 @@ export class KeyIndex {
     this.subtree(key.offsetBytes, true).insert(key);
   }
 
+  /**
+   * Removes whatever the index holds over `key`'s range (inside one subtree): `key` goes in,
+   * cutting what it overlaps, and then comes out again (a DROP key, cache_replay.ts).
+   */
+  removeRange(key: IndexKey): void {
+    const subtree = this.subtree(key.offsetBytes, true);
+    subtree.insert(key);
+    const index = subtree.seek(key.offsetBytes);
+    assert(subtree.start(index) === key.offsetBytes && subtree.length(index) === key.lengthBytes, 'removeRange lost its key');
+    subtree.removeAt(index);
+    this.release(subtree);
+  }
+
   /** Drops a subtree that has become empty, so idle address space costs nothing. */
   release(subtree: Subtree): void {
     if (subtree.count === 0) this.subtrees.delete(subtree.baseBytes / subtreeSizeBytes);

@@ -1,6 +1,6 @@
 // CacheTuning: the runtime knobs of an open cache — writeback watermarks, idle and age limits,
 // the dirty high-water mark, when the backing device counts as offline, how long a held write
-// may wait — with their defaults and the one check of a complete set.
+// may wait, the sequential cutoff — with their defaults and the one check of a complete set.
 //
 // This module imports nothing, so the command line can know the defaults (`serve --tuning`,
 // `pcache set`) without loading the engine.
@@ -29,10 +29,19 @@ export interface CacheTuning {
    * has caught up with a flush (cache and backing device together always are).
    */
   readonly writebackOrdering: WritebackOrdering;
+  /**
+   * A sequential stream (one client's requests each starting where its previous one ended)
+   * longer than this bypasses the cache: its writes go to the backing device, its reads are not
+   * cached (bcache's sequential_cutoff). 0 turns it off.
+   */
+  readonly sequentialCutoffBytes: number;
 }
 
 export type WritebackOrdering = 'strict' | 'relaxed';
 export const writebackOrderings: readonly WritebackOrdering[] = ['strict', 'relaxed'];
+
+/** The largest sequential cutoff accepted: 1 TiB (a stream is counted in a double, exact far past it). */
+export const sequentialCutoffBytesMax = 2 ** 40;
 
 export const defaultTuning: CacheTuning = {
   spaceWaitTimeoutMs: 0,
@@ -43,6 +52,7 @@ export const defaultTuning: CacheTuning = {
   writebackIdleMs: 1000,
   writebackMaxAgeMs: 30_000,
   writebackOrdering: 'strict',
+  sequentialCutoffBytes: 4 * 1024 * 1024,
 };
 
 /** Writeback as soon as anything is dirty (tests that watch writeback happen). */
@@ -62,6 +72,9 @@ export function tuningProblem(tuning: CacheTuning): string | undefined {
   if (!writebackOrderings.includes(tuning.writebackOrdering)) return `writebackOrdering must be ${writebackOrderings.join(' or ')}, got ${JSON.stringify(tuning.writebackOrdering)}`;
   return percent('dirtyHighWaterPercent', 100) ?? percent('writebackStartPercent', 100) ?? percent('writebackStopPercent', 100) ??
     (tuning.writebackStopPercent > tuning.writebackStartPercent ? 'writebackStopPercent must not exceed writebackStartPercent' : undefined) ??
-    duration('spaceWaitTimeoutMs') ?? duration('backingOfflineAfterMs') ?? duration('writebackIdleMs') ?? duration('writebackMaxAgeMs');
+    duration('spaceWaitTimeoutMs') ?? duration('backingOfflineAfterMs') ?? duration('writebackIdleMs') ?? duration('writebackMaxAgeMs') ??
+    (Number.isSafeInteger(tuning.sequentialCutoffBytes) && tuning.sequentialCutoffBytes >= 0 && tuning.sequentialCutoffBytes <= sequentialCutoffBytesMax
+      ? undefined
+      : `sequentialCutoffBytes must be an integer from 0 to ${sequentialCutoffBytesMax}, got ${tuning.sequentialCutoffBytes}`);
 }
 

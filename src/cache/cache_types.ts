@@ -66,6 +66,16 @@ export interface CacheStats {
   staleKeysRemoved: number;
   fillsStored: number;
   fillsSkipped: number;
+  /** Read requests whose misses were not stored: the write mode (passthrough) or the sequential cutoff said so. */
+  fillsNotAdmitted: number;
+  /** Requests that bypassed the cache because of the sequential cutoff (reads not admitted, writes sent to the backing device), and their bytes. */
+  bypassCutoffRequests: number;
+  bypassCutoffBytes: number;
+  /** Requests that bypassed the cache because of the write mode, and their bytes. */
+  bypassModeRequests: number;
+  bypassModeBytes: number;
+  /** Writes meant for the backing device that were cached instead: they overlapped dirty data. */
+  bypassFallbacks: number;
   cacheIoErrors: number;
   backingReadErrors: number;
   backingWriteErrors: number;
@@ -80,6 +90,7 @@ export function newStats(): CacheStats {
     writeRequests: 0, writeBytes: 0, zeroRequests: 0, zeroBytes: 0, flushRequests: 0,
     dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackBackingBytes: 0, writebackBackingWrites: 0, writebackSkippedBytes: 0, writebackKsets: 0, writebackRounds: 0,
     gcKsets: 0, gcSegmentsFreed: 0, staleKeysRemoved: 0, fillsStored: 0, fillsSkipped: 0,
+    fillsNotAdmitted: 0, bypassCutoffRequests: 0, bypassCutoffBytes: 0, bypassModeRequests: 0, bypassModeBytes: 0, bypassFallbacks: 0,
     cacheIoErrors: 0, backingReadErrors: 0, backingWriteErrors: 0, dataCrcErrors: 0, writebackErrors: 0, gcErrors: 0,
   };
 }

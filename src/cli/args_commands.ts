@@ -6,7 +6,8 @@
 import { looksLikeNbdUri, parseNbdUri } from '../nbd/client/uri.js';
 import { GiB } from '../lib/units.js';
 import { gcPercentMax, segmentSizeAlignBytes, segmentSizeMaxBytes, segmentSizeMinBytes } from '../ondisk/layout.js';
-import { knobNamed, knobNames, knobValueProblem, type KnobValue } from './settings.js';
+import { knobNamed, knobNames, knobValueProblem, modeSettingName, modeValue, type KnobValue } from './settings.js';
+import { cacheModes, type CacheMode } from '../ondisk/cache_info.js';
 import { decimalInteger, secondsRange, switchFlag, valueFlag, type CommandGrammar, type Flags } from './args_parse.js';
 
 export interface FormatArgs {
@@ -245,7 +246,7 @@ export const detachGrammar: CommandGrammar<ControlArgs> = {
 
 export const setGrammar: CommandGrammar<SetArgs> = {
   spec: {
-    summary: "change a running cache's gc_percent and writeback knobs, or list them",
+    summary: "change a running cache's write mode, gc_percent and other knobs, or list them",
     usage: ['pcache set --control PATH [NAME VALUE]...'],
     flags: {
       control: serverControlFlag,
@@ -253,9 +254,10 @@ export const setGrammar: CommandGrammar<SetArgs> = {
     },
     positionals: true,
     notes: [
-      'With no NAME VALUE pairs, lists every setting and its value. Settings (integers):',
-      ...knobNames.map((name) => `  ${name}`),
-      'gc_percent is stored in the cache; the others last until the server stops (see serve --tuning).',
+      'With no NAME VALUE pairs, lists every setting and its value. Settings:',
+      `  mode  the write mode: ${cacheModes.join(', ')} (stored in the cache)`,
+      ...knobNames.filter((name) => name !== modeSettingName).map((name) => `  ${name}  (an integer)`),
+      'mode and gc_percent are stored in the cache; the others last until the server stops (see serve --tuning).',
       'All pairs of one command are checked first and applied together, or none is.',
     ],
   },
@@ -269,7 +271,7 @@ export const setGrammar: CommandGrammar<SetArgs> = {
     for (let index = 0; index < words.length; index += 2) {
       const name = words[index] ?? '';
       if (Object.hasOwn(changes, name)) throw flags.usage(`${name} given more than once`);
-      changes[name] = knobValue(flags, '', name, words[index + 1] ?? '');
+      changes[name] = name === modeSettingName ? modeFlagValue(flags, words[index + 1] ?? '') : knobValue(flags, '', name, words[index + 1] ?? '');
     }
     return { controlPath, changes, json: flags.has('json') };
   },
@@ -284,6 +286,13 @@ export function backingIsUri(flags: Flags, text: string): boolean {
   if (!looksLikeNbdUri(text)) return false;
   flags.converted('backing', () => parseNbdUri(text));
   return true;
+}
+
+/** A write mode from text (`set mode MODE`, `serve --mode MODE`); anything else is a usage error naming the modes. */
+export function modeFlagValue(flags: Flags, text: string): CacheMode {
+  const chosen = modeValue(text);
+  if ('problem' in chosen) throw flags.usage(chosen.problem);
+  return chosen.mode;
 }
 
 /**

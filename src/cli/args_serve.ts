@@ -10,7 +10,8 @@ import { busyPollWindowDefaultUs, busyPollWindowMaxUs } from '../nbd/server/busy
 import { gcPercentMax } from '../ondisk/layout.js';
 import { knobNamed, watermarkProblem, type KnobValue } from './settings.js';
 import { secondsRange, switchFlag, valueFlag, type CommandGrammar, type Flags } from './args_parse.js';
-import { backingIsUri, gcPercentFlag, knobValue, segmentSizeFlag } from './args_commands.js';
+import { backingIsUri, gcPercentFlag, knobValue, modeFlagValue, segmentSizeFlag } from './args_commands.js';
+import { cacheModes, type CacheMode } from '../ondisk/cache_info.js';
 
 export const logLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof logLevels)[number];
@@ -54,6 +55,8 @@ export interface ServeArgs {
   readonly exportName: string;
   readonly readOnly: boolean;
   readonly gcPercent: number | undefined;
+  /** `--mode`: the write mode to serve in (stored in the cache); undefined keeps the stored one. */
+  readonly mode: CacheMode | undefined;
   readonly noCache: boolean;
   /** Record both devices' writes and syncs here (RecordingDevice), for offline power-loss states. */
   readonly recordDir: string | undefined;
@@ -104,7 +107,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
     usage: [
       'pcache serve --cache PATH --backing PATH|URI [--cache-size SIZE [--segment-size SIZE]] [--socket PATH | --port N [--bind ADDR]]',
       '             [--tls off|on|require] [--tls-certificates DIR [--tls-verify-peer] | --tls-psk FILE] [--allow-insecure]',
-      '             [--control PATH] [--export-name NAME] [--read-only] [--gc-percent N] [--tuning NAME=VALUE,...]',
+      '             [--control PATH] [--export-name NAME] [--read-only] [--gc-percent N] [--mode MODE] [--tuning NAME=VALUE,...]',
       '             [--backing-connections N] [--metrics HOST:PORT [--metrics-allow-remote]] [--log-level LEVEL]',
       '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--accept-log-loss] [--accept-backing-change] [--busy-poll-us N] [--pid-file PATH]',
       'pcache serve            (no arguments: a ready-made cache and disk in ./pcache-data/)',
@@ -132,6 +135,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
       'accept-log-loss': switchFlag('serve a cache whose log is damaged, losing every write from the damaged kset on (see `pcache check`)'),
       'accept-backing-change': switchFlag('serve although the backing device changed since the last clean stop while the cache held dirty data for it: the dirty data is written back over it'),
       'gc-percent': valueFlag('N', `set the GC threshold (0..${gcPercentMax}) and store it in the cache`),
+      mode: valueFlag('MODE', `the write mode: ${cacheModes.join(', ')} (default: the one stored in the cache; writeback for a new one); stored in the cache`),
       tuning: valueFlag('NAME=VALUE,...', 'runtime knobs to start with (names as in `pcache set`, e.g. writeback_idle_ms=5000)'),
       metrics: valueFlag('HOST:PORT', 'serve Prometheus metrics at http://HOST:PORT/metrics (loopback only; port 0 picks one)'),
       'metrics-allow-remote': switchFlag('let --metrics bind an address that is not loopback (metrics have no authentication)'),
@@ -169,6 +173,7 @@ function defaultModeArgs(): ServeArgs {
     exportName: defaultExportName,
     readOnly: false,
     gcPercent: undefined,
+    mode: undefined,
     noCache: false,
     recordDir: undefined,
     defaultMode: true,
@@ -198,8 +203,11 @@ function serveArgs(flags: Flags): ServeArgs {
   const readOnly = flags.has('read-only');
   const gcPercent = gcPercentFlag(flags);
   if (gcPercent !== undefined && readOnly) throw flags.usage('--gc-percent cannot be stored in a cache served --read-only');
+  const modeText = flags.optional('mode');
+  const mode = modeText === undefined ? undefined : modeFlagValue(flags, modeText);
+  if (mode !== undefined && readOnly) throw flags.usage('--mode cannot be stored in a cache served --read-only');
   if (noCache) {
-    for (const flag of ['cache', 'cache-size', 'segment-size', 'gc-percent', 'tuning', 'drain-on-exit', 'force-backing', 'accept-log-loss', 'accept-backing-change']) {
+    for (const flag of ['cache', 'cache-size', 'segment-size', 'gc-percent', 'mode', 'tuning', 'drain-on-exit', 'force-backing', 'accept-log-loss', 'accept-backing-change']) {
       if (flags.has(flag)) throw flags.usage(`--${flag} makes no sense with --no-cache`);
     }
   }
@@ -228,6 +236,7 @@ function serveArgs(flags: Flags): ServeArgs {
     exportName: flags.optional('export-name') ?? defaultExportName,
     readOnly,
     gcPercent,
+    mode,
     noCache,
     recordDir: flags.optional('record-dir'),
     defaultMode: false,
@@ -303,6 +312,7 @@ function tuningFlag(flags: Flags): Record<string, KnobValue> {
     if (equals <= 0) throw flags.usage(`--tuning takes NAME=VALUE pairs separated by commas, got '${item}'`);
     const name = item.slice(0, equals);
     if (name === 'gc_percent') throw flags.usage('--tuning: use --gc-percent for gc_percent (it is stored in the cache)');
+    if (name === 'mode') throw flags.usage('--tuning: use --mode for the write mode (it is stored in the cache)');
     if (Object.hasOwn(tuning, name)) throw flags.usage(`--tuning: ${name} given more than once`);
     tuning[name] = knobValue(flags, '--tuning: ', name, item.slice(equals + 1));
   }

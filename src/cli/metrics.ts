@@ -17,6 +17,7 @@
 import http from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { CacheStatus } from '../cache/cache.js';
+import { cacheModes } from '../ondisk/cache_info.js';
 import { nbdCommandIndex, nbdCommandNames, type NbdRequestObserver } from '../nbd/server/observer.js';
 import type { NbdServerStats } from '../nbd/server/server.js';
 import { listenOn } from './listen.js';
@@ -174,23 +175,45 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   total('pcache_gc_segments_freed_total', 'Segments freed by garbage collection (rate() gives the GC rate)', stats((c) => c.gcSegmentsFreed));
   total('pcache_gc_ksets_total', 'Ksets garbage collection walked past', stats((c) => c.gcKsets));
   total('pcache_ksets_written_total', 'Key sets appended to the log', stats((c) => c.ksetsWritten));
-  const errorKinds: readonly [string, (c: CacheStatus['counters']) => number][] = [
+  /** A counter with one label, each value of it read from the snapshot's counters. */
+  const labelled = (name: string, help: string, label: string, kinds: readonly [string, (c: CacheStatus['counters']) => number][]): void => {
+    const seenByKind = new Map<string, number>();
+    new Counter({
+      name, help, labelNames: [label], registers,
+      collect() {
+        if (snapshot === undefined) return;
+        for (const [kind, read] of kinds) {
+          const value = read(snapshot.counters);
+          const seen = seenByKind.get(kind) ?? 0;
+          this.inc({ [label]: kind }, Math.max(0, value - seen));
+          seenByKind.set(kind, Math.max(seen, value));
+        }
+      },
+    });
+  };
+  labelled('pcache_errors_total', 'Errors, by kind', 'kind', [
     ['cache_io', (c) => c.cacheIoErrors], ['backing_read', (c) => c.backingReadErrors], ['backing_write', (c) => c.backingWriteErrors],
     ['data_crc', (c) => c.dataCrcErrors], ['writeback', (c) => c.writebackErrors], ['gc', (c) => c.gcErrors],
-  ];
-  const errorsSeen = new Map<string, number>();
-  new Counter({
-    name: 'pcache_errors_total', help: 'Errors, by kind', labelNames: ['kind'], registers,
+  ]);
+  // --- the policy: write mode, sequential cutoff, fills ---
+  new Gauge({
+    name: 'pcache_mode', help: 'The write mode: 1 for the current one, 0 for the others', labelNames: ['mode'], registers,
     collect() {
       if (snapshot === undefined) return;
-      for (const [kind, read] of errorKinds) {
-        const value = read(snapshot.counters);
-        const seen = errorsSeen.get(kind) ?? 0;
-        this.inc({ kind }, Math.max(0, value - seen));
-        errorsSeen.set(kind, Math.max(seen, value));
-      }
+      for (const mode of cacheModes) this.set({ mode }, mode === snapshot.mode ? 1 : 0);
     },
   });
+  labelled('pcache_bypassed_requests_total', 'Requests that bypassed the cache, by reason (the sequential cutoff, or the write mode)', 'reason', [
+    ['cutoff', (c) => c.bypassCutoffRequests], ['mode', (c) => c.bypassModeRequests],
+  ]);
+  labelled('pcache_bypassed_bytes_total', 'Bytes of the requests that bypassed the cache, by reason', 'reason', [
+    ['cutoff', (c) => c.bypassCutoffBytes], ['mode', (c) => c.bypassModeBytes],
+  ]);
+  total('pcache_bypass_fallbacks_total', 'Writes meant for the backing device that were cached: they overlapped dirty data', stats((c) => c.bypassFallbacks));
+  total('pcache_fills_admitted_total', 'Read misses (and writethrough copies) stored in the cache', stats((c) => c.fillsStored));
+  labelled('pcache_fills_rejected_total', 'Read misses not stored in the cache, by reason (no free space or log room; the mode or cutoff)', 'reason', [
+    ['space', (c) => c.fillsSkipped], ['policy', (c) => c.fillsNotAdmitted],
+  ]);
   return registry;
 }
 

@@ -122,6 +122,14 @@ export async function openCache(args: ServeArgs, backing: BlockDevice, closers: 
   }
   closers.push(() => cache.close());
   if (args.gcPercent !== undefined && !formatted) await cache.setGcPercent(args.gcPercent);
+  if (args.mode !== undefined) {
+    try {
+      await cache.setMode(args.mode);
+    } catch (error) {
+      if (!isPcacheError(error)) throw error;
+      throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath} in mode ${args.mode}: ${error.message}`, { cause: error });
+    }
+  }
   const segmentSizeBytes = cache.status().segmentSizeBytes;
   if (args.segmentSizeBytes !== undefined && !formatted && args.segmentSizeBytes !== segmentSizeBytes) {
     log.warn({ segmentSizeBytes }, `--segment-size ${args.segmentSizeBytes} is not applied: the cache was formatted with segments of ${segmentSizeBytes} bytes (format it again to change them)`);

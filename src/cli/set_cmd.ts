@@ -5,7 +5,7 @@
 import { PcacheError } from '../lib/errors.js';
 import { exitOk, type SetArgs } from './args.js';
 import { controlRequest } from './control_client.js';
-import { knobNamed } from './settings.js';
+import { knobNamed, modeSettingName } from './settings.js';
 import type { Terminal } from './terminal.js';
 
 export async function setCommand(args: SetArgs, terminal: Terminal): Promise<number> {
@@ -21,8 +21,9 @@ export async function setCommand(args: SetArgs, terminal: Terminal): Promise<num
   const width = Math.max(...Object.keys(settings).map((name) => name.length));
   const lines = Object.entries(settings).map(([name, value]) => {
     const knob = knobNamed(name);
-    const unit = knob === undefined || knob.unit === 'choice' ? '' : knob.unit === 'percent' ? ' %' : ' ms';
-    const note = changed.has(name) ? (knob?.persisted === true ? '   (changed, stored in the cache)' : '   (changed until the server stops)') : '';
+    const unit = knob === undefined || knob.unit === 'choice' ? '' : knob.unit === 'percent' ? ' %' : knob.unit === 'bytes' ? ' bytes' : ' ms';
+    const persisted = name === modeSettingName || knob?.persisted === true;
+    const note = changed.has(name) ? (persisted ? '   (changed, stored in the cache)' : '   (changed until the server stops)') : '';
     return `${name.padEnd(width)}  ${String(value)}${unit}${note}`;
   });
   terminal.out(lines.join('\n'));

@@ -10,10 +10,13 @@
 //   applied, so a refused `set` changes nothing.
 // - gc_percent is persisted in cache_info (as dm-pcache's `gc_percent` message); the other
 //   knobs are runtime tuning (CacheTuning), lost at restart unless given to `serve --tuning`.
+// - `mode` (the write mode, a word rather than an integer) is a setting too, listed first and
+//   persisted in cache_info; `serve --mode` chooses it at start.
 
 import type { Cache, CacheTuning } from '../cache/cache.js';
 import { PcacheError } from '../lib/errors.js';
-import { defaultTuning, writebackOrderings } from '../cache/cache_tuning.js';
+import { defaultTuning, sequentialCutoffBytesMax, writebackOrderings } from '../cache/cache_tuning.js';
+import { cacheModeNamed, cacheModes, type CacheMode } from '../ondisk/cache_info.js';
 import { gcPercentDefault, gcPercentMax } from '../ondisk/layout.js';
 
 /**
@@ -29,7 +32,7 @@ export interface Knob {
   readonly name: string;
   /** The CacheTuning field it sets; undefined for gc_percent (persisted through setGcPercent). */
   readonly field: keyof CacheTuning | undefined;
-  readonly unit: 'percent' | 'ms' | 'choice';
+  readonly unit: 'percent' | 'ms' | 'bytes' | 'choice';
   /** For a numeric knob, its range. */
   readonly min: number;
   readonly max: number;
@@ -50,10 +53,22 @@ export const knobs: readonly Knob[] = [
   { name: 'dirty_high_water_percent', field: 'dirtyHighWaterPercent', unit: 'percent', min: 0, max: 100, persisted: false, defaultValue: defaultTuning.dirtyHighWaterPercent, help: 'backing offline: writes are held once dirty data reaches this % of the cache' },
   { name: 'backing_offline_after_ms', field: 'backingOfflineAfterMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.backingOfflineAfterMs, help: 'writeback failing this long marks the backing device offline' },
   { name: 'writeback_ordering', field: 'writebackOrdering', unit: 'choice', min: 0, max: 0, choices: writebackOrderings, persisted: false, defaultValue: defaultTuning.writebackOrdering, help: 'strict: the backing device alone always holds a prefix of the flush epochs; relaxed: larger merges across epochs' },
+  { name: 'sequential_cutoff_bytes', field: 'sequentialCutoffBytes', unit: 'bytes', min: 0, max: sequentialCutoffBytesMax, persisted: false, defaultValue: defaultTuning.sequentialCutoffBytes, help: 'a sequential stream longer than this bypasses the cache; 0 turns it off' },
   { name: 'space_wait_timeout_ms', field: 'spaceWaitTimeoutMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.spaceWaitTimeoutMs, help: 'a held write fails with ETIMEDOUT after this long; 0 holds it forever' },
 ];
 
-export const knobNames: readonly string[] = knobs.map((knob) => knob.name);
+/** The write mode's setting: a word from cacheModes, stored in the cache. */
+export const modeSettingName = 'mode';
+
+/** Every setting's name: the mode, then the knobs. */
+export const knobNames: readonly string[] = [modeSettingName, ...knobs.map((knob) => knob.name)];
+
+/** The mode named `value`, or the message saying why it is not one. */
+export function modeValue(value: unknown): { mode: CacheMode } | { problem: string } {
+  const mode = typeof value === 'string' ? cacheModeNamed(value) : undefined;
+  if (mode === undefined) return { problem: `mode must be one of ${cacheModes.join(', ')}, got ${JSON.stringify(value)}` };
+  return { mode };
+}
 
 export function knobNamed(name: string): Knob | undefined {
   return knobs.find((knob) => knob.name === name);
@@ -65,7 +80,7 @@ export function knobValueProblem(knob: Knob, value: unknown): string | undefined
     return typeof value === 'string' && knob.choices.includes(value) ? undefined : `${knob.name} must be ${knob.choices.join(' or ')}, got ${JSON.stringify(value)}`;
   }
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < knob.min || value > knob.max) {
-    const unit = knob.unit === 'percent' ? ' (percent)' : ' (milliseconds)';
+    const unit = knob.unit === 'percent' ? ' (percent)' : knob.unit === 'bytes' ? ' (bytes)' : ' (milliseconds)';
     return `${knob.name} must be an integer from ${knob.min} to ${knob.max}${unit}, got ${JSON.stringify(value)}`;
   }
   return undefined;
@@ -74,7 +89,7 @@ export function knobValueProblem(knob: Knob, value: unknown): string | undefined
 /** The value of every knob now in force, in table order. */
 export function currentSettings(cache: Cache): Record<string, KnobValue> {
   const tuning = cache.tuning;
-  const settings: Record<string, KnobValue> = {};
+  const settings: Record<string, KnobValue> = { [modeSettingName]: cache.mode };
   for (const knob of knobs) settings[knob.name] = knob.field === undefined ? cache.status().gcPercent : tuning[knob.field];
   return settings;
 }
@@ -83,12 +98,19 @@ export function currentSettings(cache: Cache): Record<string, KnobValue> {
  * Checks a set of changes (`{name: value}`) completely and returns it as a runtime-tuning
  * part and an optional gc_percent; throws PcacheError EINVAL naming the first problem.
  */
-export function validateSettings(cache: Cache, changes: Readonly<Record<string, unknown>>): { tuning: Partial<CacheTuning>; gcPercent: number | undefined } {
+export function validateSettings(cache: Cache, changes: Readonly<Record<string, unknown>>): { tuning: Partial<CacheTuning>; gcPercent: number | undefined; mode: CacheMode | undefined } {
   const tuning: Record<string, KnobValue> = {};
   let gcPercent: number | undefined;
+  let mode: CacheMode | undefined;
   const names = Object.keys(changes);
   if (names.length === 0) throw new PcacheError('EINVAL', `no setting given (settings: ${knobNames.join(', ')})`);
   for (const name of names) {
+    if (name === modeSettingName) {
+      const chosen = modeValue(changes[name]);
+      if ('problem' in chosen) throw new PcacheError('EINVAL', chosen.problem);
+      mode = chosen.mode;
+      continue;
+    }
     const knob = knobNamed(name);
     if (knob === undefined) throw new PcacheError('EINVAL', `unknown setting ${JSON.stringify(name)} (settings: ${knobNames.join(', ')})`);
     const value = changes[name];
@@ -101,7 +123,7 @@ export function validateSettings(cache: Cache, changes: Readonly<Record<string, 
   const problem = watermarkProblem(merged.writebackStartPercent, merged.writebackStopPercent);
   if (problem !== undefined) throw new PcacheError('EINVAL', `${problem}; set both in one command to move them past each other`);
   // Every value was checked against its knob, whose field it names: the shape is CacheTuning's.
-  return { tuning, gcPercent };
+  return { tuning, gcPercent, mode };
 }
 
 /** The one rule between knobs: writeback stops at or below where it starts. */
@@ -112,7 +134,9 @@ export function watermarkProblem(startPercent: number, stopPercent: number): str
 
 /** Validates and applies a set of changes; returns every knob's value afterwards. */
 export async function applySettings(cache: Cache, changes: Readonly<Record<string, unknown>>): Promise<Record<string, KnobValue>> {
-  const { tuning, gcPercent } = validateSettings(cache, changes);
+  const { tuning, gcPercent, mode } = validateSettings(cache, changes);
+  // The mode first: the one change a cache may still refuse (format version 1), before any other is made.
+  if (mode !== undefined) await cache.setMode(mode);
   if (Object.keys(tuning).length > 0) cache.setTuning(tuning);
   if (gcPercent !== undefined) await cache.setGcPercent(gcPercent);
   return currentSettings(cache);

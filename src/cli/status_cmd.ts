@@ -14,7 +14,7 @@ import { probeDevice } from '../cache/cache_metadata.js';
 import { FileDevice } from '../device/file_device.js';
 import { PcacheError } from '../lib/errors.js';
 import { formatSize } from '../lib/units.js';
-import { cacheInfoFlagDataCrc, cacheInfoFlagInitDone } from '../ondisk/cache_info.js';
+import { cacheInfoFlagDataCrc, cacheInfoFlagInitDone, cacheModes } from '../ondisk/cache_info.js';
 import { exitOk, type StatusArgs } from './args.js';
 import { controlRequest } from './control_client.js';
 import { refuseIfInUse } from './in_use.js';
@@ -50,7 +50,7 @@ async function deviceStatus(cachePath: string): Promise<Fields> {
     const report = await checkCacheDevice(device);
     const summary = report.summary;
     if (summary === undefined) throw new PcacheError('CORRUPT', `${cachePath}: cannot read the cache: ${report.problems.join('; ')}`);
-    const flags = (summary.dataCrc ? cacheInfoFlagDataCrc : 0) | cacheInfoFlagInitDone | (summary.gcPercent << 6);
+    const flags = (summary.dataCrc ? cacheInfoFlagDataCrc : 0) | cacheInfoFlagInitDone | (cacheModes.indexOf(summary.mode) << 2) | (summary.gcPercent << 6);
     const cache = {
       sbFlags: 0,
       segTotal: summary.segmentCount,
@@ -62,6 +62,7 @@ async function deviceStatus(cachePath: string): Promise<Fields> {
       dirtyTail: summary.dirtyTail,
       keyTail: summary.keyTail,
       state: 'stopped',
+      mode: summary.mode,
       formatVersion: summary.formatVersion,
       dataCrc: summary.dataCrc,
       cacheUuid: summary.cacheUuid,
@@ -102,6 +103,7 @@ function table(report: Fields): string {
   rows.push(['dm status line', String(report.dmStatusLine)]);
   const reason = cache.stateReason;
   rows.push(['state', `${String(cache.state)}${typeof reason === 'string' ? ` (${reason})` : ''}`]);
+  rows.push(['mode', String(cache.mode)]);
   rows.push(['dirty', bytes(cache.dirtyBytes)]);
   if (report.source === 'server') rows.push(...serverRows(report, cache));
   rows.push(['segment size', bytes(cache.segmentSizeBytes)]);
@@ -139,6 +141,9 @@ function serverRows(report: Fields, cache: Fields): [string, string][] {
   const ratio = reads === 0 ? '' : ` (${((100 * hits) / reads).toFixed(1)}%)`;
   rows.push(['reads', `${reads} requests: ${hits} hits${ratio}, ${counters.readMissRequests ?? 0} misses; ` +
     `${formatSize(counters.readHitBytes ?? 0)} from the cache, ${formatSize(counters.readMissBytes ?? 0)} from the backing device`]);
+  rows.push(['policy', `${counters.bypassCutoffRequests ?? 0} requests past the sequential cutoff (${formatSize(counters.bypassCutoffBytes ?? 0)}), ` +
+    `${counters.bypassModeRequests ?? 0} past the cache by the mode (${formatSize(counters.bypassModeBytes ?? 0)}), ${counters.bypassFallbacks ?? 0} cached over dirty data; ` +
+    `fills ${counters.fillsStored ?? 0} admitted, ${(counters.fillsSkipped ?? 0) + (counters.fillsNotAdmitted ?? 0)} rejected`]);
   const writeback = (cache.writeback ?? {}) as { active?: boolean; lastError?: string; oldestDirtyAgeMs?: number; backoffMs?: number };
   const age = writeback.oldestDirtyAgeMs === undefined ? 'nothing dirty' : `oldest dirty data ${(writeback.oldestDirtyAgeMs / 1000).toFixed(1)} s old`;
   const failing = writeback.lastError === undefined ? '' : `; failing: ${writeback.lastError}`;

@@ -12,7 +12,9 @@
 //                                 a clean close); 1 clean (stopped cleanly; the fingerprint
 //                                 describes the backing device then); 2 detached (drained
 //                                 and released: the backing device may change freely)
-//   28      4     reserved        zero
+//   28      4     cache_mode      (version 2) the write mode last chosen, kept across restarts:
+//                                 0 writeback, 1 writethrough, 2 writearound, 3 passthrough
+//                                 (docs/operations.md, "Write modes")
 //   32      16    backing_fingerprint  (version 2) the backing device's state at the clean
 //                                 stop: 8 bytes digest of its size and description (a file's
 //                                 times, or sampled blocks), 8 bytes digest of its size and
@@ -52,6 +54,17 @@ export interface CacheInfo {
   readonly backingState: BackingState;
   /** The backing device's fingerprint at the clean stop (zeroes unless the state is clean). */
   readonly backingFingerprint: Uint8Array;
+  /** Version 2; always 'writeback' in version 1, which records none. */
+  readonly mode: CacheMode;
+}
+
+/** The write modes, in the order of their on-disk numbers (cache_mode). */
+export const cacheModes = ['writeback', 'writethrough', 'writearound', 'passthrough'] as const;
+export type CacheMode = (typeof cacheModes)[number];
+
+/** The mode named `name`, or undefined when no mode has that name. */
+export function cacheModeNamed(name: string): CacheMode | undefined {
+  return cacheModes.find((mode) => mode === name);
 }
 
 export const noFingerprint = new Uint8Array(backingFingerprintBytes);
@@ -64,6 +77,7 @@ export function encodeCacheInfo(info: CacheInfo, seq: number, version: FormatVer
   writeU32LE(record, 20, info.firstSegment);
   if (version !== 1) {
     writeU32LE(record, 24, backingStates.indexOf(info.backingState));
+    writeU32LE(record, 28, cacheModes.indexOf(info.mode));
     record.set(info.backingFingerprint.subarray(0, backingFingerprintBytes), 32);
   }
   return sealMetaRecord(record, seq, version);
@@ -81,6 +95,8 @@ export function decodeCacheInfo(record: Uint8Array, segmentCount: number, name: 
   const flags = readU32LE(bytes, 8);
   const state = version === 1 ? 'unknown' : backingStates[readU32LE(bytes, 24)];
   if (state === undefined) return { ok: false, problem: `${name}: unknown backing state ${readU32LE(bytes, 24)}` };
+  const mode = version === 1 ? 'writeback' : cacheModes[readU32LE(bytes, 28)];
+  if (mode === undefined) return { ok: false, problem: `${name}: unknown cache mode ${readU32LE(bytes, 28)}` };
   const info: CacheInfo = {
     dataCrc: (flags & cacheInfoFlagDataCrc) !== 0,
     initDone: (flags & cacheInfoFlagInitDone) !== 0,
@@ -89,6 +105,7 @@ export function decodeCacheInfo(record: Uint8Array, segmentCount: number, name: 
     firstSegment: readU32LE(bytes, 20),
     backingState: state,
     backingFingerprint: version === 1 ? noFingerprint : bytes.slice(32, 32 + backingFingerprintBytes),
+    mode,
   };
   if ((flags & ~cacheInfoFlagsKnown) !== 0) return { ok: false, problem: `${name}: unknown flags 0x${flags.toString(16)}` };
   if (info.gcPercent > gcPercentMax) return { ok: false, problem: `${name}: gc_percent ${info.gcPercent} exceeds ${gcPercentMax}` };

@@ -7,6 +7,11 @@
 //   12      4     flags         bit 1 CLEAN (filled from the backing device: nothing to write back)
 //                               bit 2 ZERO  (the extent reads as zeroes; no data is stored)
 //                               (bit 0, EMPTY, marks in-memory placeholders and never reaches disk)
+//                               CLEAN and ZERO together (version 2 only): a DROP key — the
+//                               cache holds no copy of the extent any more (it was written to
+//                               the backing device directly, by a write mode or the sequential
+//                               cutoff); reads go to the backing device; no data, nothing to
+//                               write back
 //   16      4     segment       cache segment holding the data (0 for ZERO keys)
 //   20      4     segment_offset byte offset of the data in that segment's data area
 //   24      8     segment_gen   generation of the segment when the space was allocated
@@ -64,6 +69,12 @@ export const keyFlagEmpty = 1 << 0;
 export const keyFlagClean = 1 << 1;
 export const keyFlagZero = 1 << 2;
 const keyFlagsOnDisk = keyFlagClean | keyFlagZero;
+/** The flags of a DROP key (format version 2): the extent is no longer cached. */
+export const keyFlagsDrop = keyFlagClean | keyFlagZero;
+
+export function isDropKey(flags: number): boolean {
+  return (flags & keyFlagsDrop) === keyFlagsDrop;
+}
 
 export const ksetFlagLast = 1 << 0;
 export const ksetFlagEpochEnd = 1 << 1;
@@ -95,6 +106,8 @@ export interface KeyLimits {
   readonly backingSizeBytes: number;
   readonly segmentCount: number;
   readonly dataSizeBytes: number;
+  /** Format version 2 (extended ksets), where DROP keys exist. */
+  readonly extended?: boolean;
 }
 
 export function ksetBytes(keyCount: number, extended: boolean): number {
@@ -139,8 +152,8 @@ export function validateKey(key: KeyRecord, limits: KeyLimits): string | undefin
   }
   if ((flags & ~keyFlagsOnDisk) !== 0) return `unknown key flags 0x${flags.toString(16)}`;
   if ((flags & keyFlagZero) !== 0) {
-    if ((flags & keyFlagClean) !== 0) return 'a key cannot be both ZERO and CLEAN';
-    if (key.segment !== 0 || key.segmentOffsetBytes !== 0 || key.gen !== 0 || key.dataCrc !== 0) return 'a ZERO key must not point at data';
+    if ((flags & keyFlagClean) !== 0 && limits.extended !== true) return 'a key cannot be both ZERO and CLEAN (a DROP key) before format version 2';
+    if (key.segment !== 0 || key.segmentOffsetBytes !== 0 || key.gen !== 0 || key.dataCrc !== 0) return 'a ZERO or DROP key must not point at data';
     return undefined;
   }
   if (key.segment >= limits.segmentCount) return `segment ${key.segment} out of range`;

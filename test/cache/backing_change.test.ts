@@ -171,7 +171,7 @@ describe('invalidate and detach', () => {
 describe('cache_info of format version 2', () => {
   it('round-trips the backing state and fingerprint, and refuses an unknown state', () => {
     const fingerprint = Uint8Array.from({ length: 16 }, (_, i) => i * 11);
-    const info = { dataCrc: false, initDone: true, gcPercent: 70, segmentCount: 8, firstSegment: 0, backingState: 'clean' as const, backingFingerprint: fingerprint };
+    const info = { dataCrc: false, initDone: true, gcPercent: 70, segmentCount: 8, firstSegment: 0, backingState: 'clean' as const, backingFingerprint: fingerprint, mode: 'writeback' as const };
     const decoded = decodeCacheInfo(encodeCacheInfo(info, 4, 2), 8, 'cache_info', 2);
     assert.ok(decoded.ok);
     assert.equal(decoded.value.backingState, 'clean');

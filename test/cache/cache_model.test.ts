@@ -12,7 +12,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
-import { Cache, eagerWriteback } from '../../src/cache/cache.js';
+import { Cache, cacheModes, eagerWriteback, type CacheMode } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { MiB } from '../../src/lib/units.js';
 import { Prng } from '../../sim/prng.js';
@@ -26,6 +26,8 @@ interface Config {
   seed: number;
   steps: number;
   dataCrc: boolean;
+  /** Also switch write modes at random, with a small sequential cutoff, sequential runs and several clients. */
+  modes?: boolean;
 }
 
 /** What the engine is doing, for a step that does not finish (PCACHE_TRACE=1). */
@@ -41,7 +43,19 @@ function stallReport(cache: Cache): unknown {
   };
 }
 
-async function runModel(config: Config): Promise<{ reads: number; writes: number; drains: number; reopens: number; gcSegments: number }> {
+interface Totals {
+  reads: number;
+  writes: number;
+  drains: number;
+  reopens: number;
+  gcSegments: number;
+  switches: number;
+  bypassMode: number;
+  bypassCutoff: number;
+  fallbacks: number;
+}
+
+async function runModel(config: Config): Promise<Totals> {
   const prng = new Prng(config.seed);
   const model = Buffer.alloc(backingBytes);
   const cacheDevice = new MemoryDevice(cacheBytesFor(segments));
@@ -58,8 +72,18 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
     timers,
   });
   let cache = await open();
+  let mode: CacheMode = 'writeback';
+  const cutoffs = [0, 16 * 1024, 256 * 1024];
+  if (config.modes === true) cache.setTuning({ sequentialCutoffBytes: prng.pick(cutoffs) });
   let tag = 1;
-  const totals = { reads: 0, writes: 0, drains: 0, reopens: 0, gcSegments: 0 };
+  const totals = { reads: 0, writes: 0, drains: 0, reopens: 0, gcSegments: 0, switches: 0, bypassMode: 0, bypassCutoff: 0, fallbacks: 0 };
+  // The engine's counters start again at every open: add them up before each stop.
+  const noteCounters = (): void => {
+    const counters = cache.status().counters;
+    totals.bypassMode += counters.bypassModeRequests;
+    totals.bypassCutoff += counters.bypassCutoffRequests;
+    totals.fallbacks += counters.bypassFallbacks;
+  };
 
   const randomExtent = (maxSectors: number): { offset: number; length: number } => {
     const big = prng.chance(0.05);
@@ -95,23 +119,36 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
     if (process.env.PCACHE_TRACE === '1') console.error(`${where} roll ${roll} ${JSON.stringify(cache.status().counters).slice(0, 0)}segs used ${cache.status().segsUsed} dirty ${cache.status().dirtyBytes} kt ${cache.status().keyTail} dt ${cache.status().dirtyTail} kh ${cache.status().keyHead} gc% ${cache.status().gcPercent} wb ${String(cache.status().writeback.active)} ${cache.status().writeback.lastError ?? ""} gc ${String(cache.status().gc.active)} ${cache.status().gc.lastError ?? ""}`);
     if (roll < 900) {
       // A batch of requests in flight at once; they never overlap each other, so the model stays exact.
-      const batch: { kind: string; offset: number; length: number; data?: Buffer; fua?: boolean }[] = [];
+      const batch: { kind: string; offset: number; length: number; client: number; data?: Buffer; fua?: boolean }[] = [];
       const count = 1 + prng.nextInt(6);
+      // With modes: now and then a sequential run (each request starts where the last ended), for the cutoff.
+      const sequential = config.modes === true && prng.chance(0.15);
       for (let i = 0; i < count; i++) {
-        const extent = randomExtent(prng.chance(0.5) ? 8 : 256);
+        const previous = batch[batch.length - 1];
+        let extent = randomExtent(prng.chance(0.5) ? 8 : 256);
+        if (sequential && previous !== undefined && previous.offset + previous.length + extent.length <= backingBytes) extent = { offset: previous.offset + previous.length, length: extent.length };
         if (batch.some((other) => overlaps(other, extent))) continue;
         const kindRoll = prng.nextInt(100);
         const kind = kindRoll < 45 ? 'read' : kindRoll < 85 ? 'write' : kindRoll < 93 ? 'zero' : 'trim';
-        batch.push({ kind, ...extent, fua: prng.chance(0.1), ...(kind === 'write' ? { data: pattern(tag++, extent.offset, extent.length) } : {}) });
+        const client = config.modes === true ? prng.nextInt(3) : 0;
+        batch.push({ kind, ...extent, client, fua: prng.chance(0.1), ...(kind === 'write' ? { data: pattern(tag++, extent.offset, extent.length) } : {}) });
       }
-      const results = batch.map((request) => {
+      // With modes: now and then a switch in the middle of the batch, its requests in flight around it.
+      const switchTo = config.modes === true && prng.chance(0.08) ? prng.pick(cacheModes) : undefined;
+      let switching: Promise<void> | undefined;
+      const results = batch.map((request, index) => {
+        if (switchTo !== undefined && index === Math.floor(batch.length / 2)) {
+          switching = cache.setMode(switchTo);
+          mode = switchTo;
+          totals.switches++;
+        }
         switch (request.kind) {
           case 'read': {
             const out = Buffer.alloc(request.length);
-            return Promise.resolve(cache.read(out, request.offset)).then(() => out);
+            return Promise.resolve(cache.read(out, request.offset, request.client)).then(() => out);
           }
           case 'write':
-            return cache.write(request.data ?? Buffer.alloc(0), request.offset, { fua: request.fua === true }).then(() => undefined);
+            return cache.write(request.data ?? Buffer.alloc(0), request.offset, { fua: request.fua === true }, request.client).then(() => undefined);
           case 'zero':
             return cache.writeZeroes(request.offset, request.length, { fua: request.fua === true }).then(() => undefined);
           default:
@@ -119,6 +156,7 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
         }
       });
       const outcomes = await Promise.all(results);
+      if (switching !== undefined) await switching;
       batch.forEach((request, i) => {
         const expected = model.subarray(request.offset, request.offset + request.length);
         if (request.kind === 'read') {
@@ -151,19 +189,30 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
     } else if (roll < 980) {
       totals.gcSegments = cache.status().counters.gcSegmentsFreed;
       await checkStructure(`${where} before close`); // the running cache agrees with its device
+      noteCounters();
       await cache.close();
       cache = await open();
       totals.reopens++;
+      assert.equal(cache.mode, mode, `${where}: the mode survives a restart`);
+      if (config.modes === true) cache.setTuning({ sequentialCutoffBytes: prng.pick(cutoffs) });
       await checkStructure(`${where} after clean reopen`);
       await verifyAll(`${where} after clean reopen`);
     } else if (roll < 990) {
       // Unclean stop: everything flushed must be there after recovery.
       await cache.flush();
+      noteCounters();
       cache.abandon();
       cache = await open();
       totals.reopens++;
+      assert.equal(cache.mode, mode, `${where}: the mode survives a crash`);
+      if (config.modes === true) cache.setTuning({ sequentialCutoffBytes: prng.pick(cutoffs) });
       await checkStructure(`${where} after unclean stop`);
       await verifyAll(`${where} after unclean stop`);
+    } else if (config.modes === true && roll < 996) {
+      // A switch, with requests of the last batch possibly still being written back or drained.
+      mode = prng.pick(cacheModes);
+      await cache.setMode(mode);
+      totals.switches++;
     } else {
       await cache.internals.writeback.idle();
       await cache.internals.gc.idle();
@@ -174,6 +223,7 @@ async function runModel(config: Config): Promise<{ reads: number; writes: number
   await cache.drain();
   await checkStructure(`seed ${config.seed} at the end`);
   assert.ok(Buffer.from(backingDevice.bytes.buffer).equals(model), `seed ${config.seed}: backing device differs after the final drain`);
+  noteCounters();
   await cache.close();
   return totals;
 }
@@ -191,6 +241,25 @@ describe('engine model test', () => {
           assert.ok(totals.reads > steps / 2, 'the workload reads');
           assert.ok(totals.writes > steps / 2, 'the workload writes');
           assert.ok(totals.gcSegments > 0, 'the working set is large enough to make GC free segments');
+        } catch (error) {
+          console.error(`model test failed: replay with PCACHE_SEED=${seed} node --test dist/test/cache/cache_model.test.js`);
+          throw error;
+        }
+      });
+    }
+  }
+  // Write modes switched at random (every mode and every switch, with dirty data and requests
+  // in flight), the sequential cutoff, sequential runs and several clients.
+  const modeSeeds = fixedSeed !== undefined ? [Number(fixedSeed)] : [11, 12];
+  for (const seed of modeSeeds) {
+    for (const dataCrc of [false, true]) {
+      if (dataCrc && seed !== modeSeeds[0]) continue;
+      it(`seed ${seed}${dataCrc ? ' with data CRC' : ''}, switching write modes: ${steps} random steps match the model`, async () => {
+        try {
+          const totals = await runModel({ seed, steps, dataCrc, modes: true });
+          assert.ok(totals.switches > 5, 'the workload switches modes');
+          assert.ok(totals.bypassMode > 50 && totals.bypassCutoff > 5 && totals.fallbacks > 0, `direct writes, the cutoff and fallbacks all happen: ${JSON.stringify(totals)}`);
+          assert.ok(totals.reads > steps / 2 && totals.writes > steps / 2);
         } catch (error) {
           console.error(`model test failed: replay with PCACHE_SEED=${seed} node --test dist/test/cache/cache_model.test.js`);
           throw error;

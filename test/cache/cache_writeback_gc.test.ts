@@ -187,6 +187,7 @@ describe('garbage collection', () => {
     // (a flush after every write), so that a GC round (64 ksets) frees at most one segment.
     const rig = await recordingRig({ segments: 32, gcPercent: 10 });
     const { cache } = rig;
+    cache.setTuning({ sequentialCutoffBytes: 0 }); // sequential on purpose: every write must be cached
     const blockBytes = 4096;
     const blocks = 6 * (MiB / blockBytes);
     for (let i = 0; i < blocks; i++) {

@@ -20,7 +20,7 @@ async function policyRig(tuning: Partial<CacheTuning> = {}, gcPercent = 90) {
   const open = (): Promise<Cache> => Cache.open({
     cacheDevice, backingDevice, timers, background: true,
     formatIfBlank: { segmentSizeBytes: MiB, gcPercent },
-    tuning: { writebackStartPercent: 40, writebackStopPercent: 20, writebackIdleMs: 1000, writebackMaxAgeMs: 30_000, ...tuning },
+    tuning: { writebackStartPercent: 40, writebackStopPercent: 20, writebackIdleMs: 1000, writebackMaxAgeMs: 30_000, sequentialCutoffBytes: 0, ...tuning },
   });
   return { cacheDevice, backingDevice, timers, open, cache: await open() };
 }

@@ -65,7 +65,7 @@ describe('backing server outage', () => {
       '--socket', socket, '--control', control,
       // Write back at once, always (so writeback runs throughout), and call the backing device
       // offline soon after writeback starts failing.
-      '--tuning', 'writeback_start_percent=0,writeback_stop_percent=0,writeback_idle_ms=100,backing_offline_after_ms=500',
+      '--tuning', 'writeback_start_percent=0,writeback_stop_percent=0,writeback_idle_ms=100,backing_offline_after_ms=500,sequential_cutoff_bytes=0',
     ], dir);
 
     // A region written before the outage, read back (cache hits) while the backing is away.
@@ -181,7 +181,7 @@ describe('backing server outage', () => {
     const control = path.join(dir, 'control.sock');
     const server = await startServe(t, [
       '--cache', path.join(dir, 'cache.img'), '--cache-size', '128M', '--backing', kit.uri, '--socket', socket, '--control', control,
-      '--tuning', 'writeback_start_percent=0,writeback_stop_percent=0,writeback_idle_ms=100,backing_offline_after_ms=500,dirty_high_water_percent=10,space_wait_timeout_ms=0',
+      '--tuning', 'writeback_start_percent=0,writeback_stop_percent=0,writeback_idle_ms=100,backing_offline_after_ms=500,dirty_high_water_percent=10,space_wait_timeout_ms=0,sequential_cutoff_bytes=0',
     ], dir);
     const highWater = (await controlStatus(control)).cache.dirtyHighWaterBytes;
     assert.ok(highWater > 4 * MiB && highWater < 20 * MiB, `10% of a 128 MiB cache: ${highWater} bytes`);

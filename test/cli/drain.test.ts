@@ -26,7 +26,7 @@ import { nbdcopy, requireTool, uriFor } from '../helpers/tools.js';
 import { sleep, waitUntil } from '../helpers/wait.js';
 
 /** Writeback only when asked: everything written stays dirty until the drain. */
-const keepDirty = 'writeback_start_percent=100,writeback_stop_percent=100,writeback_idle_ms=2147483647,writeback_max_age_ms=2147483647';
+const keepDirty = 'writeback_start_percent=100,writeback_stop_percent=100,writeback_idle_ms=2147483647,writeback_max_age_ms=2147483647,sequential_cutoff_bytes=0';
 const statusLatencyLimitMs = 100;
 
 /** The median of some numbers (the upper one of the middle two). */

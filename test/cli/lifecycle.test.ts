@@ -20,7 +20,7 @@ import { assertOneLineError, assertQuietLogs, type LogLine, logLines, pcacheJson
 import { nbdcopy, qemuIo, requireFioNbd, requireTool, runTool, uriFor } from '../helpers/tools.js';
 
 /** Writeback held off: nothing reaches the backing device until a drain or a stop with --drain-on-exit. */
-const holdWriteback = 'writeback_start_percent=100,writeback_stop_percent=100,writeback_idle_ms=600000,writeback_max_age_ms=600000';
+const holdWriteback = 'writeback_start_percent=100,writeback_stop_percent=100,writeback_idle_ms=600000,writeback_max_age_ms=600000,sequential_cutoff_bytes=0';
 const backingBytes = 16 * MiB;
 const levelWarn = 40;
 

@@ -260,7 +260,7 @@ async function serverStatus(control: string): Promise<ServerStatus> {
 
 const ops = ['read', 'write', 'flush', 'trim', 'write_zeroes', 'cache', 'block_status', 'other'] as const;
 /** Writeback held off, so dirty bytes stay put while the test compares them. */
-const holdWriteback = 'writeback_start_percent=100,writeback_stop_percent=100,writeback_idle_ms=600000,writeback_max_age_ms=600000';
+const holdWriteback = 'writeback_start_percent=100,writeback_stop_percent=100,writeback_idle_ms=600000,writeback_max_age_ms=600000,sequential_cutoff_bytes=0';
 
 // --- the tests ------------------------------------------------------------------------------
 

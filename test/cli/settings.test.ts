@@ -16,6 +16,7 @@ type Settings = Record<string, number | string>;
 
 /** The defaults every server starts with (docs/operations.md; src/cache/cache_core.ts defaultTuning). */
 const defaults: Settings = {
+  mode: 'writeback',
   gc_percent: 70,
   writeback_start_percent: 80,
   writeback_stop_percent: 70,
@@ -24,6 +25,7 @@ const defaults: Settings = {
   dirty_high_water_percent: 75,
   backing_offline_after_ms: 10_000,
   writeback_ordering: 'strict',
+  sequential_cutoff_bytes: 4 * 1024 * 1024,
   space_wait_timeout_ms: 0,
 };
 
@@ -40,16 +42,16 @@ async function settingsTable(control: string): Promise<Settings> {
   assert.equal(result.stderr, '');
   const settings: Settings = {};
   for (const line of result.stdout.trimEnd().split('\n')) {
-    const choice = /^(writeback_ordering) +([a-z]+)$/.exec(line);
-    if (choice !== null) {
-      settings[choice[1] ?? ''] = choice[2] ?? '';
+    const match = /^([a-z_]+) +(\d+|[a-z]+)(?: (%|ms|bytes))?$/.exec(line);
+    assert.ok(match !== null, `a line "name value unit": ${JSON.stringify(line)}`);
+    const [, name = '', value = '', unit = ''] = match;
+    if (name === 'mode' || name === 'writeback_ordering') {
+      assert.equal(unit, '', `${name} is a word, shown without a unit`);
+      settings[name] = value;
       continue;
     }
-    const match = /^([a-z_]+) +(\d+) (%|ms)$/.exec(line);
-    assert.ok(match !== null, `a line "name value unit": ${JSON.stringify(line)}`);
-    const [, name = '', number = '', unit = ''] = match;
-    assert.equal(unit, name.endsWith('_ms') ? 'ms' : '%', `${name} is shown with its unit`);
-    settings[name] = Number(number);
+    assert.equal(unit, name.endsWith('_ms') ? 'ms' : name.endsWith('_bytes') ? 'bytes' : '%', `${name} is shown with its unit`);
+    settings[name] = Number(value);
   }
   assert.deepEqual(Object.keys(settings), knobNames, 'set lists every knob, in the table\'s order');
   return settings;
@@ -78,7 +80,7 @@ describe('pcache set', () => {
 
     assert.deepEqual(await settingsTable(control), defaults);
     assert.deepEqual(await settingsJson(control), defaults);
-    assert.deepEqual(Object.fromEntries(knobs.map((knob) => [knob.name, knob.defaultValue])), defaults, 'the knob table knows the defaults a server starts with');
+    assert.deepEqual({ mode: 'writeback', ...Object.fromEntries(knobs.map((knob) => [knob.name, knob.defaultValue])) }, defaults, 'the knob table knows the defaults a server starts with');
 
     const changed = await runCli(['set', '--control', control, 'gc_percent', '50', 'writeback_idle_ms', '5000']);
     assert.equal(changed.code, 0, changed.stderr);
@@ -92,7 +94,9 @@ describe('pcache set', () => {
 
     // Refusals: one clear line each, and nothing changes.
     const refusals: [string[], number, RegExp][] = [
-      [['bogus', '1'], 2, /^pcache: set: unknown setting 'bogus' \(settings: gc_percent, writeback_start_percent, .*space_wait_timeout_ms\)$/],
+      [['bogus', '1'], 2, /^pcache: set: unknown setting 'bogus' \(settings: mode, gc_percent, writeback_start_percent, .*space_wait_timeout_ms\)$/],
+      [['mode', 'writeforward'], 2, /^pcache: set: mode must be one of writeback, writethrough, writearound, passthrough, got "writeforward"$/],
+      [['mode', 'writethrough', 'bogus', '1'], 2, /unknown setting 'bogus'/],
       [['gc_percent', '40', 'bogus', '1'], 2, /unknown setting 'bogus'/],
       [['constructor', '1'], 2, /unknown setting 'constructor'/],
       [['gc_percent', '91'], 2, /^pcache: set: gc_percent must be an integer from 0 to 90 \(percent\), got 91$/],

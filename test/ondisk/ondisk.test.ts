@@ -4,10 +4,10 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { crc32c } from '../../src/lib/crc32c.js';
 import { MiB, writeU32LE } from '../../src/lib/units.js';
-import { decodeCacheInfo, encodeCacheInfo, noFingerprint, type CacheInfo } from '../../src/ondisk/cache_info.js';
+import { cacheModes, decodeCacheInfo, encodeCacheInfo, noFingerprint, type CacheInfo } from '../../src/ondisk/cache_info.js';
 import { decodeCachePos, encodeCachePos } from '../../src/ondisk/cache_pos.js';
 import {
-  decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, keyFlagZero, ksetBytes, ksetBytesMax, ksetCrcSeed, ksetExtendedHeaderBytes,
+  decodeKset, encodeKey, encodeLastKset, isDropKey, keyBytes, keyFlagClean, keyFlagsDrop, keyFlagZero, ksetBytes, ksetBytesMax, ksetCrcSeed, ksetExtendedHeaderBytes,
   ksetHeaderBytes, ksetKeysMax, sealKset, validateKey, type KeyRecord, type KsetContext,
 } from '../../src/ondisk/kset.js';
 import { chooseLatest, DualCopyWriter, seqAfter, type Decoded } from '../../src/ondisk/meta_header.js';
@@ -90,13 +90,27 @@ describe('superblock', () => {
 });
 
 describe('dual-copy records', () => {
-  const info: CacheInfo = { dataCrc: true, initDone: true, gcPercent: 70, segmentCount: 31, firstSegment: 0, backingState: 'unknown', backingFingerprint: noFingerprint };
+  const info: CacheInfo = { dataCrc: true, initDone: true, gcPercent: 70, segmentCount: 31, firstSegment: 0, backingState: 'unknown', backingFingerprint: noFingerprint, mode: 'writeback' };
 
   it('cache_info round-trips', () => {
     const decoded = decodeCacheInfo(encodeCacheInfo(info, 9, 1), 31, 'cache_info', 1);
     assert.ok(decoded.ok);
     assert.deepEqual(decoded.value, info);
     assert.equal(decoded.seq, 9);
+  });
+  it('cache_info of version 2 keeps the write mode and refuses an unknown one', () => {
+    for (const mode of cacheModes) {
+      const decoded = decodeCacheInfo(encodeCacheInfo({ ...info, mode }, 3, 2), 31, 'cache_info', 2);
+      assert.ok(decoded.ok);
+      assert.equal(decoded.value.mode, mode);
+    }
+    const record = encodeCacheInfo({ ...info, mode: 'passthrough' }, 3, 2);
+    assert.equal(record[28], 3);
+    writeU32LE(record, 28, 4);
+    expectProblem(decodeCacheInfo(reseal(record), 31, 'cache_info', 2), /unknown cache mode 4/);
+    // Version 1 records no mode: always writeback.
+    const v1 = decodeCacheInfo(encodeCacheInfo({ ...info, mode: 'writearound' }, 3, 1), 31, 'cache_info', 1);
+    assert.ok(v1.ok && v1.value.mode === 'writeback');
   });
   it('cache_info rejects out-of-bounds fields after a valid CRC', () => {
     const cases: [(r: Uint8Array) => void, RegExp][] = [
@@ -298,6 +312,13 @@ describe('extended ksets (format version 2)', () => {
       const decoded = decodeKset(build(seqs), context);
       assert.ok(!decoded.ok && decoded.damage && /impossible/.test(decoded.problem), JSON.stringify(seqs));
     }
+  });
+  it('accepts a DROP key (CLEAN and ZERO, no data) and nothing else of that shape', () => {
+    const drop: KeyRecord = { offsetBytes: 8192, lengthBytes: 4 * MiB - 8192, flags: keyFlagsDrop, segment: 0, segmentOffsetBytes: 0, gen: 0, dataCrc: 0 };
+    assert.equal(validateKey(drop, context), undefined);
+    assert.ok(isDropKey(drop.flags) && !isDropKey(keyFlagZero) && !isDropKey(keyFlagClean));
+    assert.match(validateKey({ ...drop, segment: 2 }, context) ?? '', /must not point at data/);
+    assert.match(validateKey(drop, { ...context, extended: false }) ?? '', /before format version 2/);
   });
   it('a full extended kset fits ksetBytesMax', () => {
     const decoded = decodeKset(build({ seq: 1, durableSeq: 0 }, ksetKeysMax, true), context);

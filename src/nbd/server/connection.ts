@@ -113,6 +113,14 @@ export interface ConnectionHost {
 
 type Phase = 'handshake' | 'transmission';
 
+let clientsNumbered = 0;
+
+/** Numbers connections 1, 2, ... (past 2^53 it would repeat; no process lives that long). */
+function nextClientId(): number {
+  clientsNumbered += 1;
+  return clientsNumbered;
+}
+
 export class Connection {
   /** The plaintext socket, then the TLS socket once STARTTLS has succeeded. */
   private socket: net.Socket;
@@ -152,6 +160,8 @@ export class Connection {
   private readonly onEnd = (): void => { this.stopReading(); };
   private readonly onDrain = (): void => { this.maybeResume(); };
   private readonly onCloseBound = (): void => { this.onClose(); };
+  /** This connection's number, unique while the process runs: the Export's `client`. */
+  private readonly clientId = nextClientId();
 
   constructor(accepted: net.Socket, host: ConnectionHost) {
     const { socket, reused } = startReading(accepted, (bytes) => { this.onData(bytes); });
@@ -359,7 +369,7 @@ export class Connection {
 
     let result: unknown;
     try {
-      result = invokeExport(this.exp, request, readBuffer);
+      result = invokeExport(this.exp, request, readBuffer, this.clientId);
     } catch (error) {
       if (!(error instanceof PcacheError)) throw error;
       this.complete(request, undefined, error, readBuffer);

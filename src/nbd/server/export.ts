@@ -16,13 +16,17 @@ type MaybePromise<T> = T | Promise<T>;
 
 export interface Export {
   readonly sizeBytes: number;
-  read(target: Uint8Array, offsetBytes: number): MaybePromise<void>;
+  /**
+   * `client` numbers the connection the request came on (unique while the process runs), for an
+   * Export that treats clients' request streams apart (pcache's sequential cutoff).
+   */
+  read(target: Uint8Array, offsetBytes: number, client: number): MaybePromise<void>;
   /**
    * `source` is the server's until the call was made and again once it completes
    * successfully: the server reuses it for a later request, so an Export must not keep a
    * reference to it past a successful completion (copy what must outlive the call).
    */
-  write(source: Uint8Array, offsetBytes: number, options: WriteOptions): MaybePromise<void>;
+  write(source: Uint8Array, offsetBytes: number, options: WriteOptions, client: number): MaybePromise<void>;
   /** Every write completed before this call is durable when it completes. */
   flush(): MaybePromise<void>;
   /** The range's contents become unspecified (pcache: zeroes). */

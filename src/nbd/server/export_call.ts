@@ -12,18 +12,18 @@ import { Command, CommandFlag } from '../protocol/constants.js';
 import type { NbdRequest } from '../protocol/transmission_server.js';
 import type { Export } from './export.js';
 
-/** Calls the Export method for a validated request; READ data goes into the end of `readBuffer`. */
-export function invokeExport(exp: Export, request: NbdRequest, readBuffer: Uint8Array | undefined): unknown {
+/** Calls the Export method for a validated request from connection `client`; READ data goes into the end of `readBuffer`. */
+export function invokeExport(exp: Export, request: NbdRequest, readBuffer: Uint8Array | undefined, client: number): unknown {
   const offset = request.offsetBytes;
   const length = request.lengthBytes;
   const fua = request.hasFlag(CommandFlag.fua);
   switch (request.type) {
     case Command.read:
       assert(readBuffer !== undefined, 'READ without a buffer');
-      return exp.read(readBuffer.subarray(readBuffer.length - length), offset);
+      return exp.read(readBuffer.subarray(readBuffer.length - length), offset, client);
     case Command.write:
       assert(request.payload !== undefined && request.payload.length === length, 'WRITE without its payload');
-      return exp.write(request.payload, offset, { fua });
+      return exp.write(request.payload, offset, { fua }, client);
     case Command.flush:
       return exp.flush();
     case Command.trim:
