@@ -19,7 +19,7 @@ function layer(files, forbidden, why) {
 }
 
 export default tseslint.config(
-  { ignores: ['dist/**', 'node_modules/**', 'pcache-data/**'] },
+  { ignores: ['dist/**', 'node_modules/**', 'pcache-data/**', 'reports/**', '.stryker-tmp/**'] },
   js.configs.recommended,
   {
     files: ['**/*.ts', '**/*.cts'],

@@ -34,10 +34,11 @@ import {
   randomStates,
   standardStates,
   type CrashState,
+  type GarbagePredicate,
   type SystemCrashState,
   type TearOptions,
 } from './crash_states.js';
-import type { CrashPoint } from './device_model.js';
+import type { CrashPoint, VolatileWrite } from './device_model.js';
 import {
   compareReads,
   fillPayload,
@@ -165,6 +166,32 @@ export interface HarnessOptions {
   readonly replayCommand?: (spec: string) => string;
   /** A spec printed by an earlier run: replays only that workload or run. */
   readonly replay?: string;
+  /**
+   * Writes a crash may leave as garbage (whole 512-byte sectors holding neither the old nor
+   * the new bytes), by device: the crash states then include garbage-prefix and
+   * garbage-with-omit states (exhaustive) and random garbage (randomized). Default: none.
+   */
+  readonly garbage?: (device: string, write: VolatileWrite) => boolean;
+  /**
+   * Devices with history to start from instead of freshly formatted ones (say, a log about to
+   * wrap, or the state a crash left). The harness recovers the target on them, reads what it
+   * serves (the oracle's initial values), drains, closes and settles; every workload (every
+   * randomized run) starts from the result. Sectors must hold self-describing payloads or
+   * zeroes, with payload ids the workloads do not use (above 100,000, say).
+   */
+  readonly base?: BaseSpec;
+}
+
+/** The two devices' contents. */
+export interface SystemImages {
+  readonly cache: PageImage;
+  readonly backing: PageImage;
+}
+
+export interface BaseSpec {
+  /** Names the base in reports and replay specs. */
+  readonly name: string;
+  readonly build: () => Promise<SystemImages>;
 }
 
 export interface ExhaustiveOptions extends HarnessOptions {
@@ -189,6 +216,11 @@ export interface ExhaustiveOptions extends HarnessOptions {
   readonly workloadsMax?: number;
   /** Read the whole checked range at the end of each workload and check it. Default true. */
   readonly finalRead?: boolean;
+  /**
+   * Chosen workloads (their text forms, "W0.1,flush,wb") to run instead of the enumeration:
+   * scenarios longer than any enumeration reaches, each still crashed at every boundary.
+   */
+  readonly workloads?: readonly string[];
 }
 
 export interface RandomizedOptions extends HarnessOptions {
@@ -202,6 +234,13 @@ export interface RandomizedOptions extends HarnessOptions {
   readonly inflightMax?: number;
   /** Random crash instants per segment (the end of the segment is always one more). Default 4. */
   readonly crashPointsPerSegment?: number;
+  /**
+   * More crash instants per segment, drawn among the instants just before a sync of a device
+   * completes: where the most writes are volatile at once, so a state can drop or keep each
+   * of them (an update and the mirror of the one before it, a key_tail and the data written
+   * into a segment freed behind it). Default 0.
+   */
+  readonly preSyncCrashPointsPerSegment?: number;
   /** States per crash instant (per device and paired). Default 16. */
   readonly statesPerCrashPoint?: number;
   /** Default 4096. */
@@ -220,9 +259,9 @@ const eventsPerWorkloadMax = 1_000_000;
 const inflightLimit = 1024;
 const sectorsPerViolationShown = 8;
 
-interface SystemImages {
-  readonly cache: PageImage;
-  readonly backing: PageImage;
+/** Where workloads start: the devices, and what the target served from them (undefined: zeroes). */
+interface Baseline extends SystemImages {
+  readonly values: Float64Array | undefined;
 }
 
 interface SystemPoint {
@@ -274,9 +313,13 @@ export async function runExhaustive(options: ExhaustiveOptions): Promise<Harness
   assert(alphabet.blockCount * blockSizeBytes <= session.checkBytes, 'the workload blocks lie inside the checked range');
   const shard = options.shard ?? { index: 0, count: 1 };
   assert(shard.index >= 0 && shard.index < shard.count, 'shard index is below the shard count');
-  session.start(`blocks=${alphabet.blockCount}x${blockSizeBytes} values=${alphabet.valueCount} ops<=${options.opsMax ?? 3}`);
+  const chosen = options.workloads;
+  session.start(`blocks=${alphabet.blockCount}x${blockSizeBytes} values=${alphabet.valueCount} ${chosen === undefined ? `ops<=${options.opsMax ?? 3}` : `${chosen.length} chosen workloads`}`);
   const base = await session.baseline();
-  const workloads = replay?.workload !== undefined ? [parseWorkload(replay.workload)] : enumerateWorkloads(enumerateOps(alphabet), options.opsMax ?? 3);
+  const workloads =
+    replay?.workload !== undefined ? [parseWorkload(replay.workload)]
+    : chosen !== undefined ? chosen.map(parseWorkload)
+    : enumerateWorkloads(enumerateOps(alphabet), options.opsMax ?? 3);
   let index = -1;
   let done = 0;
   for (const ops of workloads) {
@@ -302,6 +345,7 @@ export async function runRandomized(options: RandomizedOptions): Promise<Harness
     ops: options.opsPerSegment ?? 200,
     inflightMax: options.inflightMax ?? 8,
     crashPoints: options.crashPointsPerSegment ?? 4,
+    preSyncCrashPoints: options.preSyncCrashPointsPerSegment ?? 0,
     states: options.statesPerCrashPoint ?? 16,
     blockSizeBytes: options.blockSizeBytes ?? 4096,
     blockCount: options.blockCount ?? 16,
@@ -326,6 +370,7 @@ interface RandomConfig {
   readonly ops: number;
   readonly inflightMax: number;
   readonly crashPoints: number;
+  readonly preSyncCrashPoints: number;
   readonly states: number;
   readonly blockSizeBytes: number;
   readonly blockCount: number;
@@ -388,12 +433,14 @@ class Session {
     if (fields.get('target') !== this.options.name) throw new PcacheError('EINVAL', `replay spec is for target ${fields.get('target') ?? '?'}, not ${this.options.name}`);
     if (fields.get('mode') !== mode) throw new PcacheError('EINVAL', `replay spec is for mode ${fields.get('mode') ?? '?'}, not ${mode}`);
     if (Number(fields.get('seed')) !== this.seed) throw new PcacheError('EINVAL', `replay spec seed ${fields.get('seed') ?? '?'} differs from the run's seed ${this.seed}`);
+    if (fields.get('base') !== this.options.base?.name) throw new PcacheError('EINVAL', `replay spec is for base ${fields.get('base') ?? '(none)'}, not ${this.options.base?.name ?? '(none)'}`);
     return { workload: fields.get('workload') };
   }
 
   start(shape: string): void {
-    const spec = `target=${this.options.name} mode=${this.report.mode} seed=${this.seed}`;
-    this.log(`pcache-sim ${this.report.mode}: target=${this.options.name} seed=${this.seed} ${shape}${this.options.replay === undefined ? '' : ' (replay)'}`);
+    const spec = this.specPrefix(this.report.mode, this.seed);
+    const base = this.options.base === undefined ? '' : ` base=${this.options.base.name}`;
+    this.log(`pcache-sim ${this.report.mode}: target=${this.options.name} seed=${this.seed}${base} ${shape}${this.options.replay === undefined ? '' : ' (replay)'}`);
     this.log(`pcache-sim rerun: ${this.replayCommand(spec)}`);
   }
 
@@ -419,19 +466,52 @@ class Session {
     return r;
   }
 
-  /** The formatted, cleanly closed and settled devices every workload starts from. */
-  async baseline(): Promise<SystemImages> {
-    const system = this.newSystem(undefined, undefined);
+  /**
+   * The devices every workload starts from: freshly formatted, or the base recovered, drained
+   * (so the backing device holds what is served), cleanly closed and settled. What the base
+   * serves is read from a copy, abandoned afterwards: a read changes a cache (misses fill it),
+   * and the base is meant to be left as built.
+   */
+  async baseline(): Promise<Baseline> {
+    const base = this.options.base;
+    const system = this.newSystem(base === undefined ? undefined : await base.build(), undefined);
     const opened = await this.options.target.open(system.cache, system.backing);
+    if (base !== undefined) await opened.drain();
     await opened.close();
     system.cache.settle();
     system.backing.settle();
-    return { cache: system.cache.durableImage(), backing: system.backing.durableImage() };
+    const images = { cache: system.cache.durableImage(), backing: system.backing.durableImage() };
+    if (base === undefined) return { ...images, values: undefined };
+    const copy = this.newSystem(images, undefined);
+    const reader = await this.options.target.open(copy.cache, copy.backing);
+    const reads = new Uint8Array(this.checkBytes);
+    await reader.read(reads, 0);
+    reader.abandon();
+    copy.cache.powerOff();
+    copy.backing.powerOff();
+    return { ...images, values: sectorValues(reads, 0) };
   }
 
-  async exhaustiveWorkload(ops: readonly WorkloadOp[], base: SystemImages, config: { blockSizeBytes: number; pairsMax: number; tear: TearOptions; finalRead: boolean }): Promise<void> {
+  /** The oracle's initial value of each sector: what the baseline served. */
+  private initialOf(values: Float64Array | undefined): { initial?: (sector: number) => number } {
+    return values === undefined ? {} : { initial: (sector: number) => values[sector] ?? 0 };
+  }
+
+  /** The crash-state options of `device`: the garbage it may be left with. */
+  private garbageFor(device: string): { garbage?: GarbagePredicate } {
+    const garbage = this.options.garbage;
+    return garbage === undefined ? {} : { garbage: (write) => garbage(device, write) };
+  }
+
+  /** The replay-spec fields every spec of this run carries: target, mode, seed and base. */
+  private specPrefix(mode: 'exhaustive' | 'randomized', seed: number): string {
+    const base = this.options.base === undefined ? '' : ` base=${this.options.base.name}`;
+    return `target=${this.options.name} mode=${mode} seed=${seed}${base}`;
+  }
+
+  async exhaustiveWorkload(ops: readonly WorkloadOp[], base: Baseline, config: { blockSizeBytes: number; pairsMax: number; tear: TearOptions; finalRead: boolean }): Promise<void> {
     const text = workloadText(ops);
-    const context: Context = { workload: text, replaySpec: `target=${this.options.name} mode=exhaustive seed=${this.seed} workload=${text}` };
+    const context: Context = { workload: text, replaySpec: `${this.specPrefix('exhaustive', this.seed)} workload=${text}` };
     const prng = new Prng(this.seed);
     const system = this.newSystem(base, undefined);
     const snapshots: SystemPoint[] = [capture(system)];
@@ -439,7 +519,7 @@ class Session {
       assert(snapshots.length < eventsPerWorkloadMax, `more than ${eventsPerWorkloadMax} device events in one workload`);
       snapshots.push(capture(system));
     });
-    const history = new RequestHistory({ sizeBytes: this.checkBytes, clock: () => system.events.now });
+    const history = new RequestHistory({ sizeBytes: this.checkBytes, clock: () => system.events.now, ...this.initialOf(base.values) });
     this.report.workloads += 1;
     try {
       let opened: OpenTarget;
@@ -475,44 +555,41 @@ class Session {
     for (let boundary = 0; boundary < snapshots.length; boundary += 1) {
       const point = snapshots[boundary];
       assert(point !== undefined, 'boundary is inside the snapshot list');
-      const pairs = combineStates(standardStates(point.cache, prng, { tear: config.tear }), standardStates(point.backing, prng, { tear: config.tear }), prng, config.pairsMax);
-      await this.checkCrashPoint(context, history.cut(boundary), boundary, pairs, results);
+      const cacheStates = standardStates(point.cache, prng, { tear: config.tear, ...this.garbageFor(point.cache.device) });
+      const backingStates = standardStates(point.backing, prng, { tear: config.tear, ...this.garbageFor(point.backing.device) });
+      await this.checkCrashPoint(context, history.cut(boundary), boundary, combineStates(cacheStates, backingStates, prng, config.pairsMax), results);
       if (this.full) return;
+      this.progress();
     }
   }
 
-  async randomRun(runSeed: number, base: SystemImages, config: RandomConfig): Promise<void> {
+  async randomRun(runSeed: number, base: Baseline, config: RandomConfig): Promise<void> {
     const prng = new Prng(runSeed);
-    let images = base;
-    let initial: Float64Array | undefined;
+    let images: SystemImages = base;
+    let initial = base.values;
     let nextValue = 1;
     for (let segment = 0; segment < config.segments; segment += 1) {
       const context: Context = {
         workload: `run seed=${runSeed} segment=${segment}`,
-        replaySpec: `target=${this.options.name} mode=randomized seed=${runSeed}`,
+        replaySpec: this.specPrefix('randomized', runSeed),
       };
       // Separate streams, so the operations drawn do not depend on how events interleave.
       const opsPrng = prng.fork();
       const crashPrng = prng.fork();
       const statePrng = prng.fork();
       const system = this.newSystem(images, new IoScheduler({ order: config.order, seed: prng.nextSeed() }));
-      const startValues = initial;
-      const history = new RequestHistory({
-        sizeBytes: this.checkBytes,
-        clock: () => system.events.now,
-        ...(startValues === undefined ? {} : { initial: (sector: number) => startValues[sector] ?? 0 }),
-      });
-      // Reservoir sampling: a uniform choice of crash instants among events not yet known.
-      const sampled: { boundary: number; point: SystemPoint }[] = [];
-      let seen = 0;
+      const history = new RequestHistory({ sizeBytes: this.checkBytes, clock: () => system.events.now, ...this.initialOf(initial) });
+      // Reservoir sampling: a uniform choice of crash instants among events not yet known, and
+      // another among the instants right before a sync completes (the previous boundary).
+      const uniform = new Reservoir<{ boundary: number; point: SystemPoint }>(config.crashPoints, crashPrng);
+      const preSync = new Reservoir<{ boundary: number; point: SystemPoint }>(config.preSyncCrashPoints, crashPrng);
+      // Only the pre-sync sample needs every instant captured (a crash point copies the volatile list).
+      let previous: { boundary: number; point: SystemPoint } | undefined;
       const stopListening = system.events.listen((event) => {
-        seen += 1;
-        if (sampled.length < config.crashPoints) {
-          sampled.push({ boundary: event.seq, point: capture(system) });
-        } else {
-          const slot = crashPrng.nextInt(seen);
-          if (slot < config.crashPoints) sampled[slot] = { boundary: event.seq, point: capture(system) };
-        }
+        if (event.kind === 'sync' && event.phase === 'complete' && previous !== undefined) preSync.offer(() => previous as { boundary: number; point: SystemPoint });
+        const now = config.preSyncCrashPoints > 0 ? { boundary: event.seq, point: capture(system) } : undefined;
+        uniform.offer(() => now ?? { boundary: event.seq, point: capture(system) });
+        previous = now;
       });
       this.report.workloads += 1;
       try {
@@ -537,21 +614,26 @@ class Session {
         }
         const failure = await this.runConcurrently(opened, ops, history, config, context);
         if (failure !== undefined) this.addViolation(context, 'error', undefined, undefined, [failure]);
-        sampled.push({ boundary: system.events.now, point: capture(system) });
+        uniform.add({ boundary: system.events.now, point: capture(system) });
         opened.abandon();
       } finally {
         stopListening();
         system.cache.powerOff();
         system.backing.powerOff();
       }
-      sampled.sort((a, b) => a.boundary - b.boundary);
+      const byBoundary = new Map<number, { boundary: number; point: SystemPoint }>();
+      for (const sample of [...uniform.items, ...preSync.items]) byBoundary.set(sample.boundary, sample);
+      const sampled = [...byBoundary.values()].sort((a, b) => a.boundary - b.boundary);
       const results = new Map<string, StateResult>();
       const explored: SystemCrashState[] = [];
       for (const { boundary, point } of sampled) {
-        const pairs = combineStates(randomStates(point.cache, statePrng, config.states), randomStates(point.backing, statePrng, config.states), statePrng, config.states);
+        const cacheStates = randomStates(point.cache, statePrng, config.states, this.garbageFor(point.cache.device));
+        const backingStates = randomStates(point.backing, statePrng, config.states, this.garbageFor(point.backing.device));
+        const pairs = combineStates(cacheStates, backingStates, statePrng, config.states);
         await this.checkCrashPoint(context, history.cut(boundary), boundary, pairs, results);
         explored.push(...pairs);
         if (this.full) return;
+        this.progress();
       }
       // Continue from one crash state, recovered and drained, so later segments run on devices
       // with history. Draining first makes the backing device agree with the exported contents,
@@ -757,7 +839,7 @@ class Session {
     let reads: Uint8Array | undefined;
     let drained: Float64Array | undefined;
     try {
-      const first = await this.recover(cache, backing);
+      const first = await this.recover(cache, backing, true);
       problems.push(...first.problems);
       stopListening();
       values = first.values;
@@ -837,7 +919,12 @@ class Session {
     }
   }
 
-  private async recover(cache: SimDevice, backing: SimDevice): Promise<{ opened: OpenTarget | undefined; reads: Uint8Array | undefined; values: Float64Array | undefined; problems: { kind: ViolationKind; details: string[] }[] }> {
+  /**
+   * Opens the target, checks it right after recovery (before reads fill the cache over what
+   * recovery left), reads the checked range and, when `checkAfterReads` (the first recovery of
+   * a state: once per state is enough to cover the read path), checks it again.
+   */
+  private async recover(cache: SimDevice, backing: SimDevice, checkAfterReads = false): Promise<{ opened: OpenTarget | undefined; reads: Uint8Array | undefined; values: Float64Array | undefined; problems: { kind: ViolationKind; details: string[] }[] }> {
     const problems: { kind: ViolationKind; details: string[] }[] = [];
     this.report.recoveries += 1;
     let opened: OpenTarget;
@@ -847,6 +934,7 @@ class Session {
       problems.push({ kind: isPcacheError(error) ? 'open' : 'error', details: [`recovery failed: ${describeError(error)}`] });
       return { opened: undefined, reads: undefined, values: undefined, problems };
     }
+    await this.structuralCheck(opened, 'right after recovery', problems);
     const reads = new Uint8Array(this.checkBytes);
     try {
       await opened.read(reads, 0);
@@ -854,13 +942,17 @@ class Session {
       problems.push({ kind: isPcacheError(error) ? 'open' : 'error', details: [`reading after recovery failed: ${describeError(error)}`] });
       return { opened, reads: undefined, values: undefined, problems };
     }
+    if (checkAfterReads && problems.length === 0) await this.structuralCheck(opened, 'after reading everything', problems);
+    return { opened, reads, values: sectorValues(reads, 0), problems };
+  }
+
+  private async structuralCheck(opened: OpenTarget, when: string, problems: { kind: ViolationKind; details: string[] }[]): Promise<void> {
     try {
       const found = await opened.check();
-      if (found.length > 0) problems.push({ kind: 'check', details: found });
+      if (found.length > 0) problems.push({ kind: 'check', details: [`${when}:`, ...found] });
     } catch (error) {
-      problems.push({ kind: 'error', details: [`the structural check threw: ${describeError(error)}`] });
+      problems.push({ kind: 'error', details: [`the structural check ${when} threw: ${describeError(error)}`] });
     }
-    return { opened, reads, values: sectorValues(reads, 0), problems };
   }
 
   private imageBytes(image: PageImage): Uint8Array {
@@ -902,6 +994,33 @@ class Session {
     for (const line of details) this.log(`  ${line}`);
     this.log(`  replay: ${violation.replay}`);
     if (this.full) this.report.stoppedEarly = true;
+  }
+}
+
+/** A uniform sample of up to `size` of the items offered (reservoir sampling), plus any added outright. */
+class Reservoir<T> {
+  readonly items: T[] = [];
+  private seen = 0;
+
+  constructor(
+    private readonly size: number,
+    private readonly prng: Prng,
+  ) {}
+
+  /** Offers one more item, made only if it is taken. */
+  offer(make: () => T): void {
+    if (this.size === 0) return;
+    this.seen += 1;
+    if (this.items.length < this.size) {
+      this.items.push(make());
+      return;
+    }
+    const slot = this.prng.nextInt(this.seen);
+    if (slot < this.size) this.items[slot] = make();
+  }
+
+  add(item: T): void {
+    this.items.push(item);
   }
 }
 

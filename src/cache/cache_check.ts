@@ -4,7 +4,8 @@
 // read-only engine), and then checks what replay cannot: the segment chain, that replay
 // stopped at a normal end of log rather than at damage, that dirty_tail lies on the log, that
 // no two live extents share cache space, that segment kinds, references and generations agree,
-// and (with DATA_CRC) every live extent's CRC. `pcache check`, Cache.check() and the crash
+// that no segment's generation went back behind a kset it holds, and (with DATA_CRC) every live
+// extent's CRC. `pcache check`, Cache.check() and the crash
 // simulator all use it. Problems are inconsistencies; warnings are states a crash leaves
 // behind normally (for example one torn copy of a dual-copy record).
 
@@ -175,6 +176,7 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
     }
     if (kind !== segmentKindData && refs !== 0) problems.push(`segment ${segment} is not a data segment but has ${refs} references`);
   }
+  problems.push(...(await generationsGoneBack(ctx)));
   if (segments.freeCount !== freeSegments) problems.push(`free pool holds ${segments.freeCount} segments, ${freeSegments} are free`);
   if (logSegments + dataSegments + freeSegments !== segments.count) problems.push('segment accounting does not add up');
   if (!(ctx.keyTail.lsn <= result.dirtyTail.lsn && result.dirtyTail.lsn <= result.keyHead.lsn)) {
@@ -208,6 +210,27 @@ export async function checkCacheDevice(device: BlockDevice): Promise<CheckReport
     rebuilt: ctx,
     replay: result,
   };
+}
+
+/**
+ * Segments whose first kset carries a newer log_gen than the segment's generation. A segment's
+ * generation only grows, and it is durable before any kset of that generation is written into
+ * the segment, so a valid kset (left from any earlier use) never carries a newer one. If one
+ * does, a generation record went back (both copies lost their newest value: a write over the
+ * newest copy caught by the crash), and once the generation climbs back to that kset's, replay
+ * could take the stale kset for part of the log. Only offset 0 is read: every log segment's
+ * first kset is there. Generations are compared in their low 32 bits, as ksets store them.
+ */
+async function generationsGoneBack(ctx: CacheContext): Promise<string[]> {
+  const problems: string[] = [];
+  const scratch = new Uint8Array(ksetBytesMax);
+  for (let segment = 0; segment < ctx.segments.count; segment++) {
+    const kset = await readKsetAt(ctx, { segment, offsetBytes: 0, lsn: 0, seq: 0 }, scratch);
+    if (kset.ok || kset.otherLogGen === undefined) continue;
+    const gen = ctx.segments.genLow32(segment);
+    if (kset.otherLogGen > gen) problems.push(`segment ${segment} holds a kset of generation ${kset.otherLogGen}, newer than its own generation ${gen}: a generation record went back`);
+  }
+  return problems;
 }
 
 /**

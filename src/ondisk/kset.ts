@@ -220,7 +220,13 @@ export type DecodedKset =
    * from an earlier use of the segment) and true when a kset whose CRC is valid carries a
    * field that no pcache writes: corruption or a forged image.
    */
-  | { readonly ok: false; readonly problem: string; readonly damage: boolean };
+  | {
+      readonly ok: false;
+      readonly problem: string;
+      readonly damage: boolean;
+      /** Set when the CRC passed but the kset carries another log_gen than its segment's: that log_gen. */
+      readonly otherLogGen?: number;
+    };
 
 export interface KsetContext extends KeyLimits {
   readonly crcSeed: number;
@@ -256,7 +262,7 @@ export function decodeKset(bytes: Uint8Array, context: KsetContext): DecodedKset
   if (stored !== computed) return end(`kset CRC mismatch (stored ${hex(stored)}, computed ${hex(computed)})`);
   const logGen = readU32LE(bytes, 20);
   if (logGen !== context.logGen >>> 0) {
-    return end(`kset from an earlier use of its segment (log_gen ${logGen}, segment gen ${context.logGen})`);
+    return { ok: false, problem: `kset from an earlier use of its segment (log_gen ${logGen}, segment gen ${context.logGen})`, damage: false, otherLogGen: logGen };
   }
   if ((flags & ~ksetFlagsKnown) !== 0) return damaged(`unknown kset flags 0x${flags.toString(16)}`);
   if (((flags & ksetFlagExtended) !== 0) !== context.extended) {

@@ -173,6 +173,22 @@ describe('damaged logs', () => {
     const report = await checkCacheDevice(rig.cacheDevice);
     assert.ok(report.problems.some((p) => /damage.*multiple of 512/.test(p)), report.problems.join('; '));
   });
+
+  it('reports a segment whose generation went back behind a kset it holds', async () => {
+    const rig = await openRig();
+    await rig.cache.write(pattern(1, 0, 4096), 0);
+    await rig.cache.flush();
+    await rig.cache.close();
+    const free = 7; // never handed out: generation 0
+    const seed = ksetCrcSeed(new Uint8Array(16).fill(7));
+    // A kset of the segment's own generation, left from an earlier use: normal.
+    rig.cacheDevice.bytes.set(encodeLastKset(0, 0, seed, { seq: 1, durableSeq: 0 }), dataAt(free, 0));
+    assert.deepEqual((await checkCacheDevice(rig.cacheDevice)).problems, []);
+    // One of a newer generation than the segment's: its generation record went back.
+    rig.cacheDevice.bytes.set(encodeLastKset(0, 3, seed, { seq: 1, durableSeq: 0 }), dataAt(free, 0));
+    const report = await checkCacheDevice(rig.cacheDevice);
+    assert.deepEqual(report.problems, [`segment ${free} holds a kset of generation 3, newer than its own generation 0: a generation record went back`]);
+  });
 });
 
 describe('data CRC', () => {

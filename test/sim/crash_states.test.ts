@@ -9,7 +9,12 @@ import {
   combineStates,
   crashState,
   CrashStateSet,
+  garbageMasks,
+  garbageOmitState,
+  garbagePrefixState,
+  garbageSector,
   materialize,
+  randomState,
   omitOneState,
   prefixState,
   randomStates,
@@ -43,6 +48,13 @@ function sectors(state: CrashState): number[] {
   const bytes = new Uint8Array(4096);
   device.readDurable(bytes, 0);
   return Array.from({ length: 8 }, (_, index) => bytes[index * 512] ?? -1);
+}
+
+/** Sector `sector` (of [0, 8)) of the state's device. */
+function sectorBytes(state: CrashState, sector: number): Uint8Array {
+  const bytes = new Uint8Array(512);
+  materialize(state).readDurable(bytes, sector * 512);
+  return bytes;
 }
 
 function mask(bits: string): Uint8Array {
@@ -178,6 +190,77 @@ describe('crash states', () => {
     for (const state of states) {
       assert.ok(bounded.some((pair) => pair.cache.key === state.key && pair.backing.key === none), `${state.label} with nothing`);
       assert.ok(bounded.some((pair) => pair.backing.key === state.key && pair.cache.key === everything), `everything with ${state.label}`);
+    }
+  });
+
+  it('leaves the sectors of a write caught mid-write as garbage: neither old nor new, the same every time', async () => {
+    const point = await threeWritePoint();
+    const c = point.volatile[2];
+    assert.ok(c !== undefined);
+    // C covers sectors 6 and 7: the second one garbage, the first one written.
+    const state = garbagePrefixState(point, 3, mask('01'));
+    assert.deepEqual(sectors(state).slice(0, 7), [1, 2, 2, 9, 9, 9, 3]);
+    const garbage = sectorBytes(state, 7);
+    assert.deepEqual(garbage, garbageSector('dev', c.id, 1));
+    for (const fill of [0, 3, 9]) assert.notDeepEqual(garbage, new Uint8Array(512).fill(fill));
+    assert.deepEqual(sectorBytes(garbagePrefixState(point, 3, mask('01')), 7), garbage, 'a function of the state');
+    // Both sectors garbage, each its own.
+    const whole = garbagePrefixState(point, 3, mask('11'));
+    assert.deepEqual(sectorBytes(whole, 6), garbageSector('dev', c.id, 0));
+    assert.deepEqual(sectorBytes(whole, 7), garbage);
+    assert.notDeepEqual(garbageSector('dev', c.id, 0), garbage);
+    assert.notDeepEqual(garbageSector('other', c.id, 1), garbage, 'devices get different garbage');
+    const keys = [state.key, whole.key, prefixState(point, 3).key, tornPrefixState(point, 3, mask('10')).key];
+    assert.equal(new Set(keys).size, keys.length, 'garbage is part of the key');
+  });
+
+  it('combines garbage with a tear and with an earlier write omitted', async () => {
+    const point = await threeWritePoint();
+    // Torn to its first sector, and that sector garbage: nothing new, sector 7 old.
+    const tornGarbage = crashState(point, [{ index: 2, sectorMask: mask('10'), garbageMask: mask('10') }], 'torn garbage');
+    assert.deepEqual(sectors(tornGarbage).slice(7), [9]);
+    assert.deepEqual(sectorBytes(tornGarbage, 6), garbageSector('dev', point.volatile[2]?.id ?? -1, 0));
+    // Torn to its first sector, the second garbage: both sectors differ from the old contents.
+    const both = crashState(point, [{ index: 2, sectorMask: mask('10'), garbageMask: mask('01') }], 'torn and garbage');
+    assert.deepEqual(sectors(both).slice(6, 7), [3]);
+    assert.deepEqual(sectorBytes(both, 7), garbageSector('dev', point.volatile[2]?.id ?? -1, 1));
+    // A lost, B written, C garbage.
+    const omitted = garbageOmitState(point, 0, mask('11'));
+    assert.deepEqual(sectors(omitted).slice(0, 6), [9, 2, 2, 9, 9, 9]);
+    assert.deepEqual(sectorBytes(omitted, 7), garbageSector('dev', point.volatile[2]?.id ?? -1, 1));
+  });
+
+  it('offers garbage masks: all sectors, then each one alone (small writes) or the first and last (large)', () => {
+    assert.deepEqual(garbageMasks(1).map((m) => maskText(m, 1)), ['1']);
+    assert.deepEqual(garbageMasks(3).map((m) => maskText(m, 3)), ['111', '100', '010', '001']);
+    assert.deepEqual(garbageMasks(9).map((m) => maskText(m, 9)), ['111111111', '100000000', '000000001']);
+  });
+
+  it('adds garbage states only for the writes the predicate names', async () => {
+    const point = await threeWritePoint();
+    const onlyC = (write: { offsetBytes: number }): boolean => write.offsetBytes === 3072;
+    const states = standardStates(point, new Prng(1), { garbage: onlyC });
+    const keys = new Set(states.map((state) => state.key));
+    assert.equal(keys.size, states.length);
+    for (const garbage of ['11', '10', '01']) {
+      assert.ok(keys.has(garbagePrefixState(point, 3, mask(garbage)).key), `prefix 3, C garbage at ${garbage}`);
+      for (const omitted of [0, 1]) assert.ok(keys.has(garbageOmitState(point, omitted, mask(garbage)).key), `omit ${omitted}, C garbage at ${garbage}`);
+    }
+    assert.equal(states.length, 8 + 3 + 2 * 3);
+    for (const state of states) {
+      for (const choice of state.applied) if (choice.garbageMask !== undefined) assert.equal(choice.index, 2, state.label);
+    }
+    assert.equal(standardStates(point, new Prng(1)).length, 8, 'no predicate, no garbage');
+    // Random states: garbage only where allowed, and a function of the seed.
+    const draw = (seed: number): string[] => {
+      const prng = new Prng(seed);
+      return Array.from({ length: 40 }, () => randomState(point, prng, { garbage: onlyC, garbageProbability: 0.5 }).key);
+    };
+    assert.deepEqual(draw(3), draw(3));
+    assert.ok(draw(3).some((key) => key.includes('/g')), 'some random state has garbage');
+    for (let index = 0; index < 40; index += 1) {
+      const state = randomState(point, new Prng(index), { garbage: onlyC, garbageProbability: 1 });
+      for (const choice of state.applied) assert.equal(choice.garbageMask !== undefined, choice.index === 2, state.key);
     }
   });
 

@@ -95,7 +95,7 @@ describe('exhaustive harness, mutants', () => {
 class QuirkyTarget implements CrashTarget {
   private opens = 0;
 
-  constructor(private readonly quirk: 'checkComplains' | 'writeThrowsTypeError' | 'refusesToReopen') {}
+  constructor(private readonly quirk: 'checkComplains' | 'checkComplainsBeforeReads' | 'writeThrowsTypeError' | 'refusesToReopen') {}
 
   async open(cache: BlockDevice, backing: BlockDevice): Promise<OpenTarget> {
     this.opens += 1;
@@ -103,13 +103,22 @@ class QuirkyTarget implements CrashTarget {
     if (this.quirk === 'refusesToReopen' && this.opens > 2) throw new PcacheError('CORRUPT', 'refusing to recover');
     const inner = await new WriteThroughTarget().open(cache, backing);
     const quirk = this.quirk;
+    // What recovery left that a read would cover up (a read that fills the cache, say).
+    let readSinceOpen = false;
     return {
       ...bind(inner),
+      read(target, offsetBytes) {
+        readSinceOpen = true;
+        return inner.read(target, offsetBytes);
+      },
       write(source, offsetBytes, options) {
         if (quirk === 'writeThrowsTypeError') throw new TypeError('engine bug');
         return inner.write(source, offsetBytes, options);
       },
-      check: () => Promise.resolve(quirk === 'checkComplains' ? ['key 3 overlaps key 4'] : []),
+      check: () => {
+        if (quirk === 'checkComplains') return Promise.resolve(['key 3 overlaps key 4']);
+        return Promise.resolve(quirk === 'checkComplainsBeforeReads' && !readSinceOpen ? ['left behind by recovery'] : []);
+      },
     };
   }
 }
@@ -133,6 +142,7 @@ function bind(target: OpenTarget): OpenTarget {
 describe('exhaustive harness, reporting', () => {
   const quirks: [ConstructorParameters<typeof QuirkyTarget>[0], ViolationKind, string][] = [
     ['checkComplains', 'check', 'key 3 overlaps key 4'],
+    ['checkComplainsBeforeReads', 'check', 'right after recovery:'],
     ['writeThrowsTypeError', 'error', 'TypeError: engine bug'],
     ['refusesToReopen', 'open', 'CORRUPT: refusing to recover'],
   ];

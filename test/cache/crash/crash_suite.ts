@@ -1,9 +1,13 @@
 // Shared settings of the crash-consistency suites: the shapes the engine is explored with, and
 // how a run reports. Every run prints its seed, a replay command per violation, and a summary
-// line with the number of crash states explored and the violations found.
+// line with the number of crash states explored and the violations found. Runs let a crash
+// leave the cache device's metadata sectors as garbage (cache_target.ts) unless told not to; a
+// run may start from a cache with history (aged_bases.ts).
 import { runExhaustive, runRandomized, type HarnessReport } from '../../../sim/harness.js';
+import { MiB } from '../../../src/lib/units.js';
 import type { OpKind, OpWeights } from '../../../sim/workload.js';
-import { cacheTarget, crashCacheBytes, type CacheTargetOptions } from './cache_target.js';
+import { agedBase, type BaseName } from './aged_bases.js';
+import { cacheMetadataGarbage, cacheTarget, crashCacheBytes, type CacheTargetOptions } from './cache_target.js';
 
 export const exhaustiveShape = {
   cacheSizeBytes: crashCacheBytes(4),
@@ -19,17 +23,37 @@ export const randomizedShape = {
   extentBlocksMax: 16,
 } as const;
 
+/**
+ * The randomized runs' profiles. `default`: GC as often as writeback, so it runs under
+ * crashes. `pressure`: a working set larger than the cache and GC only when writers wait for
+ * space (its weight 0: a writer out of space kicks it), so every GC round frees segments that
+ * waiting writers take at once, and the keys GC passed are still the newest of their ranges
+ * (a segment reused too early shows as wrong data).
+ */
+export const randomizedProfiles = {
+  default: { shape: randomizedShape, weights: { gc: 10 } as Partial<OpWeights> },
+  pressure: {
+    // Megabytes read after every recovery: no crashes during recovery here (the other runs have them).
+    shape: { cacheSizeBytes: crashCacheBytes(4), backingSizeBytes: 4 * MiB, blockCount: 1024, extentBlocksMax: 16, recoveryCrashes: false },
+    weights: { write: 60, fuaWrite: 3, flush: 4, trim: 1, writeZeroes: 1, writeback: 3, gc: 0, read: 5 } as Partial<OpWeights>,
+  },
+} as const;
+export type RandomizedProfile = keyof typeof randomizedProfiles;
+export const randomizedProfileNames = Object.keys(randomizedProfiles) as RandomizedProfile[];
+
 export function targetName(options: SuiteOptions): string {
   return `pcache${options.dataCrc === true ? '-crc' : ''}-gc${options.gcPercent ?? 0}${options.ordering === 'relaxed' ? '-relaxed' : ''}${options.absorb === true ? '-absorb' : ''}`;
 }
 
-function replayCommand(kind: 'exhaustive' | 'randomized', options: SuiteOptions) {
+function replayCommand(kind: 'exhaustive' | 'randomized', options: SuiteOptions, base: BaseName | undefined, profile: RandomizedProfile = 'default') {
   const flags = [
     `--gc-percent ${options.gcPercent ?? 0}`,
     ...(options.dataCrc === true ? ['--data-crc'] : []),
     ...(options.ordering === 'relaxed' ? ['--ordering relaxed'] : []),
     ...(options.backingAloneCheck === true ? ['--backing-alone-check'] : []),
     ...(options.absorb === true ? ['--absorb'] : []),
+    ...(base === undefined ? [] : [`--base ${base}`]),
+    ...(profile === 'default' ? [] : [`--profile ${profile}`]),
   ];
   return (spec: string): string => `npm run test:crash -- --mode ${kind} ${flags.join(' ')} --replay '${spec}'`;
 }
@@ -55,36 +79,80 @@ export const absorbKinds: readonly OpKind[] = ['write', 'fuaWrite', 'flush', 'tr
 /** How a suite runs the target: its options, the raw backing check, and the absorption workloads. */
 export type SuiteOptions = CacheTargetOptions & { readonly backingAloneCheck?: boolean; readonly absorb?: boolean };
 
-export function exhaustive(options: SuiteOptions, run: { opsMax: number; shard?: { index: number; count: number }; replay?: string; seed?: number; log?: (line: string) => void }): Promise<HarnessReport> {
+export interface ExhaustiveRun {
+  readonly opsMax: number;
+  readonly shard?: { index: number; count: number };
+  readonly replay?: string;
+  readonly seed?: number;
+  readonly log?: (line: string) => void;
+  readonly base?: BaseName;
+  /** Chosen workloads instead of every one of up to opsMax operations. */
+  readonly workloads?: readonly string[];
+  /** Blocks the workloads address (default: the exhaustive shape's 2). */
+  readonly blockCount?: number;
+  /** Metadata writes may be left as garbage (default true; the largest tier leaves them out to fit the time budget). */
+  readonly garbage?: boolean;
+  readonly violationsMax?: number;
+}
+
+export function exhaustive(options: SuiteOptions, run: ExhaustiveRun): Promise<HarnessReport> {
+  const shape = { ...exhaustiveShape, ...(run.blockCount !== undefined ? { blockCount: run.blockCount } : {}) };
   return runExhaustive({
     name: targetName(options),
     target: cacheTarget(options),
     rawBackingCheck: backingCheck(options),
-    ...exhaustiveShape,
+    ...shape,
+    ...(run.garbage === false ? {} : { garbage: cacheMetadataGarbage(shape.cacheSizeBytes) }),
     opsMax: run.opsMax,
     ...(options.absorb === true ? { kinds: absorbKinds } : {}),
     ...(run.shard !== undefined ? { shard: run.shard } : {}),
     ...(run.replay !== undefined ? { replay: run.replay } : {}),
     ...(run.log !== undefined ? { log: run.log } : {}),
+    ...(run.workloads !== undefined ? { workloads: run.workloads } : {}),
+    ...(run.violationsMax !== undefined ? { violationsMax: run.violationsMax } : {}),
+    ...(run.base !== undefined ? { base: agedBase(run.base, { ...shape, workloadSectors: (shape.blockCount * 4096) / 512 }, options) } : {}),
     seed: run.seed ?? 1,
-    replayCommand: replayCommand('exhaustive', options),
+    replayCommand: replayCommand('exhaustive', options, run.base),
   });
 }
 
-export function randomized(options: SuiteOptions, run: { seed: number; runs: number; segmentsPerRun?: number; opsPerSegment?: number; statesPerCrashPoint?: number; replay?: string; log?: (line: string) => void }): Promise<HarnessReport> {
+export interface RandomizedRun {
+  readonly seed: number;
+  readonly runs: number;
+  readonly segmentsPerRun?: number;
+  readonly opsPerSegment?: number;
+  readonly statesPerCrashPoint?: number;
+  readonly crashPointsPerSegment?: number;
+  readonly preSyncCrashPointsPerSegment?: number;
+  readonly replay?: string;
+  readonly log?: (line: string) => void;
+  readonly base?: BaseName;
+  readonly violationsMax?: number;
+  /** Default: 'default'. */
+  readonly profile?: RandomizedProfile;
+}
+
+export function randomized(options: SuiteOptions, run: RandomizedRun): Promise<HarnessReport> {
+  const profile = run.profile ?? 'default';
+  const { shape, weights } = randomizedProfiles[profile];
   return runRandomized({
     name: targetName(options),
     target: cacheTarget(options),
     rawBackingCheck: backingCheck(options),
-    ...randomizedShape,
+    ...shape,
+    garbage: cacheMetadataGarbage(shape.cacheSizeBytes),
+    weights: options.absorb === true ? absorbWeights : weights,
     seed: run.seed,
     runs: run.runs,
-    ...(options.absorb === true ? { weights: absorbWeights } : {}),
     segmentsPerRun: run.segmentsPerRun ?? 3,
     opsPerSegment: run.opsPerSegment ?? 300,
     statesPerCrashPoint: run.statesPerCrashPoint ?? 16,
+    crashPointsPerSegment: run.crashPointsPerSegment ?? 4,
+    preSyncCrashPointsPerSegment: run.preSyncCrashPointsPerSegment ?? 4,
     ...(run.replay !== undefined ? { replay: run.replay } : {}),
     ...(run.log !== undefined ? { log: run.log } : {}),
-    replayCommand: replayCommand('randomized', options),
+    ...(run.violationsMax !== undefined ? { violationsMax: run.violationsMax } : {}),
+    ...(run.base !== undefined ? { base: agedBase(run.base, { ...shape, workloadSectors: (shape.blockCount * 4096) / 512 }, options) } : {}),
+    replayCommand: replayCommand('randomized', options, run.base, profile),
   });
 }

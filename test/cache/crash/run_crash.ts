@@ -1,16 +1,21 @@
 // `npm run test:crash -- [--states N] [--seed S] [--mode randomized|exhaustive] [--ops N]
 //                        [--gc-percent P] [--data-crc] [--ordering strict|relaxed]
-//                        [--backing-alone-check] [--absorb] [--replay SPEC]`
+//                        [--backing-alone-check] [--absorb] [--base NAME] [--workloads W;W;...]
+//                        [--blocks N] [--profile default|pressure] [--replay SPEC]`
 // --absorb runs workloads made to make writeback skip superseded data (crash_suite.ts).
 // --ordering sets writeback_ordering; under relaxed the raw backing device is not required to
 // hold a prefix of the flush epochs unless --backing-alone-check asks for it anyway.
 //
 // Deeper crash-consistency runs than the test tier. Randomized mode runs seeded runs (seed S,
 // S+1, ...) until at least N crash states have been explored; exhaustive mode enumerates every
-// workload of up to --ops operations. Prints the states explored and the violations found,
-// and exits 1 if there was any violation. --replay reruns exactly one printed spec.
+// workload of up to --ops operations (or runs the chosen --workloads, separated by ';').
+// --base starts from a cache with history (aged_bases.ts: log-end, stranded,
+// divergent-tails); --profile pressure runs randomized workloads on a cache that fills up
+// (crash_suite.ts). Prints the states explored and the violations found, and exits 1 if there
+// was any violation. --replay reruns exactly one printed spec.
 import { parseArgs } from 'node:util';
-import { exhaustive, randomized } from './crash_suite.js';
+import { baseNames, type BaseName } from './aged_bases.js';
+import { exhaustive, randomized, randomizedProfileNames, type RandomizedProfile } from './crash_suite.js';
 
 const { values } = parseArgs({
   options: {
@@ -23,11 +28,25 @@ const { values } = parseArgs({
     ordering: { type: 'string', default: 'strict' },
     'backing-alone-check': { type: 'boolean', default: false },
     absorb: { type: 'boolean', default: false },
+    base: { type: 'string' },
+    workloads: { type: 'string' },
+    blocks: { type: 'string' },
+    profile: { type: 'string', default: 'default' },
     replay: { type: 'string' },
   },
 });
 if (values.ordering !== 'strict' && values.ordering !== 'relaxed') throw new Error(`--ordering takes strict or relaxed, got ${values.ordering}`);
 const ordering: 'strict' | 'relaxed' = values.ordering === 'relaxed' ? 'relaxed' : 'strict';
+const base = values.base as BaseName | undefined;
+if (base !== undefined && !baseNames.includes(base)) {
+  console.error(`--base must be one of ${baseNames.join(', ')}`);
+  process.exit(2);
+}
+const profile = values.profile as RandomizedProfile;
+if (!randomizedProfileNames.includes(profile)) {
+  console.error(`--profile must be one of ${randomizedProfileNames.join(', ')}`);
+  process.exit(2);
+}
 const target = {
   gcPercent: Number(values['gc-percent']),
   dataCrc: values['data-crc'],
@@ -40,7 +59,15 @@ let explored = 0;
 let violations = 0;
 const started = performance.now();
 if (values.mode === 'exhaustive') {
-  const report = await exhaustive(target, { opsMax: Number(values.ops), seed: Number(values.seed), log, ...(values.replay !== undefined ? { replay: values.replay } : {}) });
+  const report = await exhaustive(target, {
+    opsMax: Number(values.ops),
+    seed: Number(values.seed),
+    log,
+    ...(values.replay !== undefined ? { replay: values.replay } : {}),
+    ...(base !== undefined ? { base } : {}),
+    ...(values.workloads !== undefined ? { workloads: values.workloads.split(';') } : {}),
+    ...(values.blocks !== undefined ? { blockCount: Number(values.blocks) } : {}),
+  });
   explored = report.statesExplored;
   violations = report.violationsTotal;
 } else {
@@ -48,7 +75,7 @@ if (values.mode === 'exhaustive') {
   const replaySeed = values.replay !== undefined ? /seed=(\d+)/.exec(values.replay)?.[1] : undefined;
   let seed = Number(replaySeed ?? values.seed);
   do {
-    const report = await randomized(target, { seed, runs: 1, log, ...(values.replay !== undefined ? { replay: values.replay } : {}) });
+    const report = await randomized(target, { seed, runs: 1, log, ...(values.replay !== undefined ? { replay: values.replay } : {}), ...(base !== undefined ? { base } : {}), profile });
     explored += report.statesExplored;
     violations += report.violationsTotal;
     seed++;

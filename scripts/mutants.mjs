@@ -1,0 +1,182 @@
+// Is the crash simulator a net? Puts five small, plausible bugs into crash-critical code, one
+// at a time, each in its own copy of the tree, builds the copy, runs the crash simulator's test
+// files there (the ones `npm test` runs) and reports each bug as caught (a crash test failed)
+// or survived (every one passed). Not part of `npm test`: each survivor costs a whole crash
+// tier (about ten minutes); a caught bug usually fails within seconds.
+//
+// Usage: node scripts/mutants.mjs [--only a,b,...] [--tests file,file,...] [--keep] [--control]
+//   --only     the mutants to run (ids below; default all)
+//   --tests    test files under test/ to run in each copy (default: the crash tier, kill test excluded)
+//   --control  also run the unmutated copy first (it must pass, or the verdicts mean nothing)
+//   --keep     keep the copies (under $TMPDIR/pcache-mutants-*) to look at afterwards
+// Prints one line per mutant and a summary; exits 1 if any mutant survived.
+//
+// Each mutant is a text substitution that must match exactly once in its file, so a change to
+// the code it patches fails loudly here instead of silently testing nothing.
+import { spawnSync } from 'node:child_process';
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+
+const root = resolve(import.meta.dirname, '..');
+
+/** The five bugs of issue 19 that the crash simulator used to miss. */
+const mutants = [
+  {
+    id: 'a',
+    name: 'CacheDev.writeGen writes the generation record over its newest copy',
+    file: 'src/cache/cache_dev.ts',
+    find: 'target: (): { index: 0 | 1; seq: number } => ({ index: this.genLatestIndex[segment] === 0 ? 1 : 0,',
+    replace: 'target: (): { index: 0 | 1; seq: number } => ({ index: this.genLatestIndex[segment] === 1 ? 1 : 0,',
+  },
+  {
+    id: 'b',
+    name: 'SegmentTable.allocate hands out a free segment without bumping its generation',
+    file: 'src/cache/cache_segment.ts',
+    find: '    this.kind[segment] = kind;\n    this.gen[segment] = (this.gen[segment] ?? 0) + 1;\n    return segment;',
+    replace: '    this.kind[segment] = kind;\n    return segment;',
+  },
+  {
+    id: 'c',
+    name: 'a kset with a wrong CRC is accepted',
+    file: 'src/ondisk/kset.ts',
+    find: '  if (stored !== computed) return end(',
+    replace: '  if (stored !== computed && stored === 0) return end(',
+  },
+  {
+    id: 'd',
+    name: 'GC frees segments before key_tail is durable',
+    file: 'src/cache/cache_gc.ts',
+    find: [
+      '      await ctx.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes, seq: pos.seq, durableSeq: ctx.logDurableSeq });',
+      '      await ctx.dev.sync();',
+      '      if (ctx.stopped()) return \'nothing\';',
+      '      ctx.keyTail = pos;',
+      '      let freed = 0;',
+      '      for (const segment of puts) if (ctx.segments.put(segment)) freed++;',
+      '      for (const segment of leftLogSegments) {',
+      '        ctx.segments.free(segment);',
+      '        freed++;',
+      '      }',
+    ].join('\n'),
+    replace: [
+      '      let freed = 0;',
+      '      for (const segment of puts) if (ctx.segments.put(segment)) freed++;',
+      '      for (const segment of leftLogSegments) {',
+      '        ctx.segments.free(segment);',
+      '        freed++;',
+      '      }',
+      '      await ctx.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes, seq: pos.seq, durableSeq: ctx.logDurableSeq });',
+      '      await ctx.dev.sync();',
+      '      if (ctx.stopped()) return \'nothing\';',
+      '      ctx.keyTail = pos;',
+    ].join('\n'),
+  },
+  {
+    id: 'e',
+    name: 'an EMPTY placeholder is served as a hit (its range read from the cache device)',
+    file: 'src/cache/cache_read.ts',
+    find: '      if ((flags & keyFlagEmpty) !== 0) {\n        this.addMiss(walk, target, request, position, pieceEnd, false);\n      } else if ((flags & keyFlagZero) !== 0) {',
+    replace: '      if ((flags & keyFlagZero) !== 0) {',
+  },
+];
+
+/** The crash tier, the quickest files first (a caught mutant stops at the first failing file). */
+const defaultTests = ['cache/crash/crash_aged.test.ts', 'cache/crash/crash_more.test.ts', 'cache/crash/crash_exhaustive.test.ts'];
+
+const { values } = parseArgs({
+  options: {
+    only: { type: 'string' },
+    tests: { type: 'string' },
+    keep: { type: 'boolean', default: false },
+    control: { type: 'boolean', default: false },
+  },
+});
+const chosen = values.only === undefined ? mutants : values.only.split(',').map((id) => {
+  const mutant = mutants.find((m) => m.id === id);
+  if (mutant === undefined) {
+    console.error(`no mutant "${id}" (known: ${mutants.map((m) => m.id).join(', ')})`);
+    process.exit(2);
+  }
+  return mutant;
+});
+const tests = values.tests === undefined ? defaultTests : values.tests.split(',');
+for (const test of tests) {
+  if (!existsSync(join(root, 'test', test))) {
+    console.error(`no test file test/${test}`);
+    process.exit(2);
+  }
+}
+
+/** A copy of the tree's sources with node_modules linked, `mutant` applied (if any). */
+function makeCopy(mutant) {
+  const dir = mkdtempSync(join(tmpdir(), `pcache-mutants-${mutant?.id ?? 'control'}-`));
+  for (const entry of ['src', 'sim', 'test', 'bench', 'scripts', 'tsconfig.json', 'package.json']) cpSync(join(root, entry), join(dir, entry), { recursive: true });
+  symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'));
+  if (mutant !== undefined) {
+    const path = join(dir, mutant.file);
+    const text = readFileSync(path, 'utf8');
+    const count = text.split(mutant.find).length - 1;
+    if (count !== 1) throw new Error(`mutant ${mutant.id}: the text to replace occurs ${count} times in ${mutant.file} (must be once); update scripts/mutants.mjs`);
+    writeFileSync(path, text.replace(mutant.find, mutant.replace));
+  }
+  return dir;
+}
+
+function build(dir) {
+  const result = spawnSync(process.execPath, [join(root, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.json'], { cwd: dir, encoding: 'utf8' });
+  if (result.status !== 0) throw new Error(`build failed in ${dir}:\n${result.stdout}${result.stderr}`);
+}
+
+/** Runs the test files one after another; stops at the first that fails. */
+function runTests(dir, label) {
+  for (const test of tests) {
+    const started = performance.now();
+    const file = join('dist/test', test.replace(/\.ts$/, '.js'));
+    // TAP: the suites' log lines (VIOLATION ...) come through as comments.
+    const result = spawnSync(process.execPath, ['--test', '--test-reporter=tap', file], { cwd: dir, encoding: 'utf8', maxBuffer: 256 * 1024 * 1024 });
+    const seconds = Math.round((performance.now() - started) / 1000);
+    const output = `${result.stdout}${result.stderr}`;
+    if (result.status !== 0) {
+      const first = output.split('\n').find((line) => line.includes('VIOLATION')) ?? output.split('\n').find((line) => /not ok|Error/.test(line)) ?? '(no violation line)';
+      return { caught: true, by: test, seconds, first: first.replace(/^#\s*/, '').trim() };
+    }
+    console.log(`  ${label}: ${test} passed (${seconds} s)`);
+  }
+  return { caught: false };
+}
+
+const results = [];
+if (values.control) {
+  const dir = makeCopy(undefined);
+  try {
+    build(dir);
+    const outcome = runTests(dir, 'control');
+    if (outcome.caught) {
+      console.log(`control: FAILED in ${outcome.by}: ${outcome.first}`);
+      process.exit(1);
+    }
+    console.log('control: passed');
+  } finally {
+    if (!values.keep) rmSync(dir, { recursive: true, force: true });
+  }
+}
+for (const mutant of chosen) {
+  const started = performance.now();
+  const dir = makeCopy(mutant);
+  try {
+    build(dir);
+    const outcome = runTests(dir, mutant.id);
+    const seconds = Math.round((performance.now() - started) / 1000);
+    const verdict = outcome.caught ? `caught by ${outcome.by} in ${seconds} s: ${outcome.first}` : `SURVIVED (${seconds} s)`;
+    console.log(`mutant ${mutant.id} (${mutant.name}): ${verdict}`);
+    results.push({ ...mutant, ...outcome });
+  } finally {
+    if (!values.keep) rmSync(dir, { recursive: true, force: true });
+  }
+}
+const survived = results.filter((r) => !r.caught);
+console.log(`${results.length - survived.length} of ${results.length} mutants caught${survived.length > 0 ? `; survived: ${survived.map((r) => r.id).join(', ')}` : ''}`);
+process.exit(survived.length > 0 ? 1 : 0);
