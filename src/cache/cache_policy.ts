@@ -19,6 +19,10 @@
 // mode with dirty data left.
 // In writeback, the cutoff never fails a write the cache could absorb: it is off while the
 // backing device is offline, and a direct write the backing device refuses is cached instead.
+// Under strict writeback ordering (the default) it also keeps the backing device alone a prefix
+// of the client's flush epochs: a write bypasses only while nothing is dirty, since a direct
+// write landing while older dirty data waits in the cache would put a later epoch's data on
+// the backing device before an earlier one's. Under relaxed ordering it bypasses regardless.
 // Invariant: a cached write never overtakes a direct write of an overlapping range in flight
 // (it waits), so the backing device receives writes of one range in the order they were made.
 
@@ -55,13 +59,19 @@ export class CachePolicy {
     const cutoff = this.pastCutoff(offsetBytes, lengthBytes, client);
     switch (ctx.mode) {
       case 'writeback':
-        return cutoff ? 'cutoff' : 'cache';
+        return cutoff && this.mayBypassWriteback() ? 'cutoff' : 'cache';
       case 'writethrough':
         return cutoff ? 'cutoff' : 'mode';
       case 'writearound':
       case 'passthrough':
         return 'mode';
     }
+  }
+
+  /** Whether a writeback-mode write past the cutoff may go to the backing device (see the file comment). */
+  private mayBypassWriteback(): boolean {
+    const ctx = this.engine.ctx;
+    return ctx.tuning.writebackOrdering === 'relaxed' || ctx.stats.dirtyBytes === 0;
   }
 
   /** Whether a read's misses may be cached (notes it in the client's streams). */

@@ -355,7 +355,9 @@ describe('sequential cutoff', () => {
     const rig = await openRig({ segments: 16 });
     const cache = rig.cache;
     assert.equal(cache.tuning.sequentialCutoffBytes, 4 * MiB);
-    cache.setTuning({ sequentialCutoffBytes: 256 * KiB });
+    // Relaxed ordering: writes past the cutoff go to the backing device even with dirty data
+    // in the cache (under strict they wait for a clean cache: the next test).
+    cache.setTuning({ sequentialCutoffBytes: 256 * KiB, writebackOrdering: 'relaxed' });
     const chunk = 64 * KiB;
     for (let at = 0; at < MiB; at += chunk) await cache.write(pattern(20, at, chunk), at);
     const status = cache.status();
@@ -374,6 +376,25 @@ describe('sequential cutoff', () => {
     rig.backingDevice.writeSync(pattern(22, 32 * MiB, chunk), 32 * MiB);
     await readBytes(cache, 32 * MiB, block);
     assert.equal(cache.status().counters.fillsStored, 1);
+  });
+
+  it('under strict ordering (the default), writes past the cutoff go to the backing device only while nothing is dirty', async () => {
+    const rig = await openRig({ segments: 16 });
+    const cache = rig.cache;
+    assert.equal(cache.tuning.writebackOrdering, 'strict');
+    cache.setTuning({ sequentialCutoffBytes: 256 * KiB });
+    const chunk = 64 * KiB;
+    for (let at = 0; at < MiB; at += chunk) await cache.write(pattern(28, at, chunk), at);
+    assert.equal(cache.status().counters.bypassCutoffRequests, 0, "the stream's first 256 KiB are dirty: the rest is cached too");
+    assert.equal(cache.status().dirtyBytes, MiB);
+    assert.ok(!backingHolds(rig.backingDevice, 512 * KiB, pattern(28, 512 * KiB, chunk)), 'nothing reached the backing device ahead of older dirty data');
+    await writebackAll(cache);
+    assert.equal(cache.status().dirtyBytes, 0);
+    // A clean cache: the stream, continuing past its cutoff, goes to the backing device.
+    for (let at = MiB; at < 2 * MiB; at += chunk) await cache.write(pattern(29, at, chunk), at);
+    assert.equal(cache.status().counters.bypassCutoffRequests, 16);
+    assert.ok(backingHolds(rig.backingDevice, MiB, pattern(29, MiB, MiB)));
+    assert.equal(cache.status().dirtyBytes, 0);
   });
 
   it('0 turns it off, and a bad value changes nothing', async () => {
@@ -402,7 +423,7 @@ describe('sequential cutoff', () => {
     const events: DeviceEvent[] = [];
     const backing = new RecordingDevice(new MemoryDevice(64 * MiB), 'backing', events, { blocking: false });
     const cache = await openOn(new MemoryDevice(cacheBytesFor(8)), backing);
-    cache.setTuning({ sequentialCutoffBytes: 8 * KiB });
+    cache.setTuning({ sequentialCutoffBytes: 8 * KiB, writebackOrdering: 'relaxed' });
     backing.failWrites = 'the backing device refuses writes';
     for (let at = 0; at < 64 * KiB; at += block) await cache.write(pattern(26, at, block), at);
     assert.equal(cache.status().counters.bypassFallbacks, 14);
