@@ -29,9 +29,19 @@ describe('crash consistency of absorbing writeback', () => {
   });
 
   it('relaxed ordering does not keep the backing device alone a prefix of the epochs', async () => {
+    // Whether one seeded run reaches such a state depends on the workload the seed draws; the
+    // seeds after it are tried in turn (a bounded, reproducible search), and every violation
+    // found must be of that one kind.
     const quiet = (): void => undefined;
-    const report = await randomized({ gcPercent: 0, absorb: true, ordering: 'relaxed', backingAloneCheck: true }, { ...run, log: quiet });
-    assert.ok(report.violationsTotal > 0, 'relaxed ordering was expected to leave the backing device alone out of epoch order');
-    assert.ok(report.violations.every((violation) => violation.kind === 'epoch-backing'), report.violations.map((violation) => violation.kind).join(', '));
+    const seedsMax = 8;
+    const kinds: string[] = [];
+    let found = 0;
+    for (let tried = 0; tried < seedsMax && found === 0; tried++) {
+      const report = await randomized({ gcPercent: 0, absorb: true, ordering: 'relaxed', backingAloneCheck: true }, { ...run, seed: seed + tried, log: quiet });
+      found = report.violationsTotal;
+      kinds.push(...report.violations.map((violation) => violation.kind));
+    }
+    assert.ok(found > 0, `relaxed ordering was expected to leave the backing device alone out of epoch order within ${seedsMax} seeds from ${seed}`);
+    assert.ok(kinds.every((kind) => kind === 'epoch-backing'), kinds.join(', '));
   });
 });
