@@ -1,5 +1,6 @@
 // One client connection: drives the handshake codec, then decodes requests, dispatches them to
-// the Export concurrently, and sends replies in batches (reply_batch.ts).
+// the Export it negotiated concurrently, and sends replies in batches (reply_batch.ts). The
+// Export is resolved once, when the handshake ends (export_catalog.ts); requests never look it up.
 //
 // Life of a connection: greeting -> handshake (bounded by a time limit; it may include a TLS
 // upgrade, after which it starts again inside TLS) -> transmission ->
@@ -57,6 +58,7 @@ import {
 import type { BufferPool } from './buffer_pool.js';
 import type { BusyPoll } from './busy_poll.js';
 import type { Export } from './export.js';
+import type { ServedExport } from './export_catalog.js';
 import type { NbdRequestObserver } from './observer.js';
 import { ReplyBatch } from './reply_batch.js';
 import { costBytes, invokeExport, isThenable, settle } from './export_call.js';
@@ -92,8 +94,7 @@ export interface NbdCounters {
 
 /** What a connection needs from its server. */
 export interface ConnectionHost {
-  readonly export: Export;
-  readonly handshakeConfig: HandshakeConfig;
+  readonly handshakeConfig: HandshakeConfig<ServedExport>;
   readonly limits: ConnectionLimits;
   readonly counters: NbdCounters;
   readonly shuttingDown: boolean;
@@ -125,10 +126,12 @@ export class Connection {
   /** The plaintext socket, then the TLS socket once STARTTLS has succeeded. */
   private socket: net.Socket;
   private readonly host: ConnectionHost;
-  private readonly exp: Export;
+  /** The negotiated export and its catalog name; undefined until transmission. */
+  private exp: Export | undefined;
+  private servedName: string | undefined;
   private readonly observer: NbdRequestObserver | undefined;
   private phase: Phase = 'handshake';
-  private handshake: Handshake | undefined;
+  private handshake: Handshake<ServedExport> | undefined;
   private readonly input: ByteQueue;
   private decoder: RequestDecoder | undefined;
   private context: TransmissionContext | undefined;
@@ -162,13 +165,16 @@ export class Connection {
   private readonly onCloseBound = (): void => { this.onClose(); };
   /** This connection's number, unique while the process runs: the Export's `client`. */
   private readonly clientId = nextClientId();
+  /** Settles when the socket has closed and no Export call is in flight (the host is told then too). */
+  readonly finished: Promise<void>;
+  private resolveFinished: (() => void) | undefined;
 
   constructor(accepted: net.Socket, host: ConnectionHost) {
     const { socket, reused } = startReading(accepted, (bytes) => { this.onData(bytes); });
     this.socket = socket;
     this.inputReused = reused;
     this.host = host;
-    this.exp = host.export;
+    this.finished = new Promise((resolve) => { this.resolveFinished = resolve; });
     this.observer = host.observer;
     this.handshake = new Handshake(host.handshakeConfig);
     this.input = this.handshake.input;
@@ -189,6 +195,11 @@ export class Connection {
     // failed after its handshake: destroying it here makes 'close' follow every error.
     socket.on('error', () => { socket.destroy(); });
     socket.on('close', this.onCloseBound);
+  }
+
+  /** The catalog name of the export being served; undefined while negotiating. */
+  get exportName(): string | undefined {
+    return this.servedName;
   }
 
   /** Server shutdown: refuse new work, finish in-flight work, then close. */
@@ -289,7 +300,9 @@ export class Connection {
     secure.on('data', (chunk: Buffer) => { this.onData(chunk); });
   }
 
-  private enterTransmission(negotiated: Negotiated): void {
+  private enterTransmission(negotiated: Negotiated<ServedExport>): void {
+    this.exp = negotiated.export.target;
+    this.servedName = negotiated.export.name;
     clearTimeout(this.handshakeTimer);
     this.handshakeTimer = undefined;
     this.phase = 'transmission';
@@ -369,6 +382,8 @@ export class Connection {
 
     let result: unknown;
     try {
+      // Set in the same step as the decoder that produced this request.
+      assert(this.exp !== undefined, 'request before an export was negotiated');
       result = invokeExport(this.exp, request, readBuffer, this.clientId);
     } catch (error) {
       if (!(error instanceof PcacheError)) throw error;
@@ -462,6 +477,7 @@ export class Connection {
       if (!this.finishedReported) {
         this.finishedReported = true;
         this.host.connectionFinished(this);
+        this.resolveFinished?.();
       }
       return;
     }
