@@ -105,7 +105,7 @@ export interface HeldPoint {
  * EIO if the server let go of the connection before whileHeld was done (the hold may have
  * ended early).
  */
-export function controlCheckpoint<T>(path: string, whileHeld: (point: HeldPoint) => Promise<T>, timeoutMs: number | undefined): Promise<T> {
+export function controlCheckpoint<T>(path: string, whileHeld: (point: HeldPoint) => Promise<T>, timeoutMs: number | undefined, volume?: string): Promise<T> {
   const route = controlRoutes.checkpoint;
   const what = route.command;
   return new Promise((resolve, reject) => {
@@ -121,7 +121,8 @@ export function controlCheckpoint<T>(path: string, whileHeld: (point: HeldPoint)
       if (error !== undefined) reject(error);
       else resolve(result as T);
     };
-    const request = http.request({ socketPath: path, method: route.method, path: route.path, headers: { host: 'localhost', accept: 'application/x-ndjson', 'content-length': '0' }, agent: false }, (response) => {
+    const target = volume === undefined ? route.path : `${route.path}?volume=${encodeURIComponent(volume)}`;
+    const request = http.request({ socketPath: path, method: route.method, path: target, headers: { host: 'localhost', accept: 'application/x-ndjson', 'content-length': '0' }, agent: false }, (response) => {
       const chunks: Buffer[] = [];
       let bytes = 0;
       response.on('data', (chunk: Buffer) => {

@@ -25,7 +25,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { isPcacheError } from '../lib/errors.js';
+import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { NbdServer, type NbdBoundAddress } from '../nbd/server/server.js';
 import { defaultServe, UsageError, type ServeArgs } from './args.js';
 import { ControlServer } from './control.js';
@@ -107,21 +107,31 @@ export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise
       ...served.status(),
       nbd: nbd.stats(),
     });
+    // A server of one backing device knows one volume: its export.
+    const onlyVolume = (volume: string | undefined): void => {
+      if (volume !== undefined && volume !== args.exportName) throw new PcacheError('EINVAL', `this server serves one backing device, as export "${args.exportName}": there is no volume "${volume}"`);
+    };
     if (args.controlPath !== undefined) {
       const control = new ControlServer({
         status,
-        drain: () => served.drain(),
-        set: async (changes) => {
+        drain: (volume) => {
+          onlyVolume(volume);
+          return served.drain();
+        },
+        set: async (changes, volume) => {
+          onlyVolume(volume);
           const settings = await served.set(changes);
           if (Object.keys(changes).length > 0) log.info({ changes, settings }, 'settings changed');
           return settings;
         },
-        invalidate: async () => {
+        invalidate: async (volume) => {
+          onlyVolume(volume);
           const droppedBytes = await served.invalidate();
           log.info({ droppedBytes }, 'clean cached copies dropped');
           return droppedBytes;
         },
-        checkpoint: async (held, signal) => {
+        checkpoint: async (held, signal, volume) => {
+          onlyVolume(volume);
           const startedMs = performance.now();
           await served.checkpoint(async (point) => {
             const heldMs = performance.now();

@@ -156,7 +156,7 @@ async function openPool(device: FileDevice, args: ServeArgs, log: Logger): Promi
   }
   if (contents === 'pcache') {
     throw new PcacheError('FOREIGN', `${args.cachePath} holds a cache of one backing device (formatted by serve --backing or an earlier pcache), not volumes: serve it with --backing PATH as before. ` +
-      'To use it for volumes, drain it, then format it again (pcache format --cache PATH --volumes): nothing was written', { reason: 'single-volume' });
+      'To serve volumes, give serve a new cache file (or drain this one and clear it): nothing was written', { reason: 'single-volume' });
   }
   throw new PcacheError('FOREIGN', `${args.cachePath} holds data that is not a pcache cache; refusing to touch it`, { reason: 'not-pcache' });
 }
