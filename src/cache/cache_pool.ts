@@ -19,7 +19,7 @@ import { VolumeDevice } from '../device/volume_device.js';
 import { PcacheError } from '../lib/errors.js';
 import { formatSize } from '../lib/units.js';
 import { blankProbeBytes, blockBytes, lastBlockOffsetBytes, segmentCountMin, segmentSizeDefaultBytes, segmentSizeProblem, segmentsOffsetBytes } from '../ondisk/layout.js';
-import { chooseLatest, DualCopyWriter, type DualCopyChoice } from '../ondisk/meta_header.js';
+import { chooseLatest, DualCopyWriter, type Decoded, type DualCopyChoice } from '../ondisk/meta_header.js';
 import { poolUnitCountFor, unitOffsetBytes, volumeSlotOffsetBytes, volumesMax, volumeTableBytes, volumeTableOffsetsBytes, poolSuperblockOffsetBytes } from '../ondisk/pool_layout.js';
 import { decodePoolSuperblock, encodePoolSuperblock, isPoolSuperblock, poolSuperblockRecordBytes, type PoolSuperblock } from '../ondisk/pool_superblock.js';
 import {
@@ -111,12 +111,12 @@ export class CachePool {
       else damage.push(`pool superblock copy ${index}: ${decoded.problem}`);
     }
     if (sb === undefined) throw new PcacheError('CORRUPT', `the pool superblock has no valid copy (${damage.join('; ')})`);
-    const copies = await Promise.all(volumeTableOffsetsBytes.map(async (at, index) => {
+    const readCopy = async (index: 0 | 1): Promise<Decoded<VolumeTable>> => {
       const bytes = new Uint8Array(volumeTableBytes);
-      await device.read(bytes, at);
+      await device.read(bytes, volumeTableOffsetsBytes[index]);
       return decodeVolumeTable(bytes, sb.unitCount, `volume table copy ${index}`);
-    }));
-    const choice = chooseLatest([copies[0]!, copies[1]!]);
+    };
+    const choice = chooseLatest([await readCopy(0), await readCopy(1)]);
     damage.push(...choice.damage);
     if (choice.value === undefined) throw new PcacheError('CORRUPT', `the volume table has no valid copy (${choice.problems.join('; ')})`);
     return new CachePool(device, sb, choice, damage);

@@ -19,7 +19,7 @@ export async function volumeCommand(args: VolumeArgs, terminal: Terminal): Promi
     const body = { name: args.name, backing: args.backing, cacheSizeBytes: args.cacheSizeBytes, dataCrc: args.dataCrc, ...(args.gcPercent === undefined ? {} : { gcPercent: args.gcPercent }) };
     // Formatting a share writes its segment headers: seconds for a large one.
     const added = await controlRequest(args.controlPath, 'volumeAdd', { body, timeoutMs: undefined }) as Record<string, unknown>;
-    terminal.out(args.json ? JSON.stringify(added) : `added volume ${args.name}: ${args.backing} with ${formatSize(Number(added.shareBytes ?? 0))} of cache, exported at ${String(added.uri ?? '?')}`);
+    terminal.out(args.json ? JSON.stringify(added) : `added volume ${args.name}: ${args.backing} with ${formatSize(Number(added.shareBytes ?? 0))} of cache, exported at ${typeof added.uri === 'string' ? added.uri : '?'}`);
     return exitOk;
   }
   const removed = await controlRequest(args.controlPath, 'volumeRemove', { body: { name: args.name, drain: args.drain, disconnect: args.disconnect }, timeoutMs: undefined }) as Record<string, unknown>;
@@ -29,7 +29,7 @@ export async function volumeCommand(args: VolumeArgs, terminal: Terminal): Promi
 
 function table(volumes: readonly Record<string, unknown>[]): string {
   if (volumes.length === 0) return 'no volumes (add one with: pcache volume add --control PATH --name NAME --backing PATH --cache-size SIZE)';
-  const text = (value: unknown): string => (value === null || value === undefined ? '-' : typeof value === 'number' ? String(value) : String(value));
+  const text = (value: unknown): string => (typeof value === 'string' || typeof value === 'number' ? String(value) : '-');
   const rows = [['NAME', 'STATE', 'SHARE', 'USED', 'DIRTY', 'HITS', 'MISSES', 'CLIENTS', 'BACKING', 'URI']];
   for (const volume of volumes) {
     rows.push([
@@ -37,7 +37,7 @@ function table(volumes: readonly Record<string, unknown>[]): string {
       volume.dirtyBytes === null ? '-' : formatSize(Number(volume.dirtyBytes)), text(volume.readHits), text(volume.readMisses), text(volume.connections), text(volume.backing), text(volume.uri),
     ]);
   }
-  const widths = rows[0]!.map((_, column) => Math.max(...rows.map((row) => (row[column] ?? '').length)));
+  const widths = (rows[0] ?? []).map((_, column) => Math.max(...rows.map((row) => (row[column] ?? '').length)));
   const lines = rows.map((row) => row.map((cell, column) => cell.padEnd(widths[column] ?? 0)).join('  ').trimEnd());
   const failed = volumes.filter((volume) => volume.failure !== null && volume.failure !== undefined);
   return [...lines, ...failed.map((volume) => `${text(volume.name)} failed: ${text(volume.failure)}`)].join('\n');

@@ -210,7 +210,7 @@ export class VolumeSet {
           ...(dataCrc === undefined ? {} : { dataCrc }),
         });
       });
-      const volume = await this.open(entry, { device: opened.device, identity, whenBackOnline: opened.whenBackOnline, closers });
+      const volume = await this.open(entry, { device: opened.device, identity, whenBackOnline: (callback) => { opened.whenBackOnline(callback); }, closers });
       this.volumes.set(name, volume);
       this.log.info({ volume: name, backing, shareBytes: volumeUnits(entry) * this.pool.segmentSizeBytes, failure: volume.failure ?? null }, 'volume added');
       return this.list().find((summary) => summary.name === name) ?? {};
@@ -269,7 +269,7 @@ export class VolumeSet {
         closers.push(() => opened.device.close());
         device = opened.device;
         identity = opened.device.identity;
-        whenBackOnline = opened.whenBackOnline;
+        whenBackOnline = (callback: () => void): void => { opened.whenBackOnline(callback); };
       }
       const share = this.pool.volumeDevice(entry);
       closers.push(() => share.close());
