@@ -18,13 +18,14 @@ import type { BlockDevice } from '../device/block_device.js';
 import { VolumeDevice } from '../device/volume_device.js';
 import { PcacheError } from '../lib/errors.js';
 import { formatSize } from '../lib/units.js';
-import { blankProbeBytes, blockBytes, lastBlockOffsetBytes, segmentCountMin, segmentSizeDefaultBytes, segmentSizeProblem, segmentsOffsetBytes } from '../ondisk/layout.js';
+import { blankProbeBytes, blockBytes, gcPercentDefault, gcPercentMax, lastBlockOffsetBytes, segmentCountMin, segmentSizeDefaultBytes, segmentSizeProblem, segmentsOffsetBytes } from '../ondisk/layout.js';
 import { chooseLatest, DualCopyWriter, type Decoded, type DualCopyChoice } from '../ondisk/meta_header.js';
-import { poolUnitCountFor, unitOffsetBytes, volumeSlotOffsetBytes, volumesMax, volumeTableBytes, volumeTableOffsetsBytes, poolSuperblockOffsetBytes } from '../ondisk/pool_layout.js';
+import { poolUnitCountFor, unitOffsetBytes, volumeExtentsMax, volumeSlotOffsetBytes, volumesMax, volumeTableBytes, volumeTableOffsetsBytes, poolSuperblockOffsetBytes } from '../ondisk/pool_layout.js';
 import { decodePoolSuperblock, encodePoolSuperblock, isPoolSuperblock, poolSuperblockRecordBytes, type PoolSuperblock } from '../ondisk/pool_superblock.js';
 import {
-  carveExtents, decodeVolumeTable, emptyVolumeTable, encodeVolumeTable, freeUnits, volumeNameProblem, volumeUnits, type VolumeEntry, type VolumeTable,
+  carveExtents, decodeVolumeTable, emptyVolumeTable, encodeVolumeTable, freeUnits, volumeNameProblem, volumeUnits, type VolumeEntry, type VolumeExtent, type VolumeTable,
 } from '../ondisk/volume_table.js';
+import { probeDevice } from './cache_metadata.js';
 
 export interface PoolFormatOptions {
   readonly segmentSizeBytes?: number;
@@ -32,12 +33,17 @@ export interface PoolFormatOptions {
   readonly formatTimeMs?: number;
 }
 
-/** A volume to add: its name, its backing device as recorded, and its share in bytes. */
+/** A volume to add: its name, its backing device as recorded, its share in bytes, and how its share is formatted. */
 export interface VolumeRequest {
   readonly name: string;
   readonly backing: string;
   readonly shareBytes: number;
+  readonly dataCrc?: boolean;
+  readonly gcPercent?: number;
 }
+
+/** Formats a volume's share as a cache, as its entry says (data CRCs, gc_percent). */
+export type ShareFormatter = (device: VolumeDevice, entry: VolumeEntry) => Promise<void>;
 
 /** Whether the device holds a pool (either superblock copy says so). Reads two blocks. */
 export async function holdsPool(device: BlockDevice): Promise<boolean> {
@@ -163,22 +169,37 @@ export class CachePool {
     if (this.volume(request.name) !== undefined) throw new PcacheError('EINVAL', `a volume named "${request.name}" exists already`);
     const user = this.current.volumes.find((volume) => volume.backing === request.backing);
     if (user !== undefined) throw new PcacheError('EINVAL', `backing device ${request.backing} is used by volume "${user.name}" already`);
+    const units = this.shareUnits(request.shareBytes);
+    const extents = this.carve(units);
+    const slots = new Set(this.current.volumes.map((volume) => volume.slot));
+    let slot = 0;
+    while (slots.has(slot)) slot++;
+    if (slot >= volumesMax) throw new PcacheError('ENOSPC', `the cache device holds ${volumesMax} volumes already, its maximum`);
+    const gcPercent = request.gcPercent ?? gcPercentDefault;
+    if (!Number.isInteger(gcPercent) || gcPercent < 0 || gcPercent > gcPercentMax) throw new PcacheError('EINVAL', `gc_percent must be 0..${gcPercentMax}, got ${gcPercent}`);
+    return { volumeId: this.current.nextVolumeId, slot, name: request.name, backing: request.backing, dataCrc: request.dataCrc ?? false, gcPercent, extents };
+  }
+
+  /** Whole segments in a share of `shareBytes`; EINVAL below a cache's minimum. */
+  private shareUnits(shareBytes: number): number {
     const seg = this.sb.segmentSizeBytes;
-    const units = Math.floor(request.shareBytes / seg);
-    if (!Number.isSafeInteger(request.shareBytes) || units < segmentCountMin) {
-      throw new PcacheError('EINVAL', `a cache share of ${formatSize(request.shareBytes)} holds ${units} segments of ${formatSize(seg)}; a volume needs at least ${segmentCountMin} (--cache-size ${formatSize(segmentCountMin * seg)} or more)`);
+    const units = Math.floor(shareBytes / seg);
+    if (!Number.isSafeInteger(shareBytes) || units < segmentCountMin) {
+      throw new PcacheError('EINVAL', `a cache share of ${formatSize(shareBytes)} holds ${units} segments of ${formatSize(seg)}; a volume needs at least ${segmentCountMin} (--cache-size ${formatSize(segmentCountMin * seg)} or more)`);
     }
+    return units;
+  }
+
+  /** `units` free units as extents; ENOSPC when there are too few, or they are too scattered. */
+  private carve(units: number, extentsMax = volumeExtentsMax): VolumeExtent[] {
+    const seg = this.sb.segmentSizeBytes;
     const free = freeUnits(this.current, this.sb.unitCount);
     if (free.length < units) {
       throw new PcacheError('ENOSPC', `a cache share of ${formatSize(units * seg)} does not fit: the cache device has ${formatSize(free.length * seg)} free (${free.length} segments of ${formatSize(seg)})`);
     }
     const extents = carveExtents(free, units);
-    if (extents === undefined) throw new PcacheError('ENOSPC', `the free space is too scattered for a share of ${units} segments; remove a volume or ask for less`);
-    const slots = new Set(this.current.volumes.map((volume) => volume.slot));
-    let slot = 0;
-    while (slots.has(slot)) slot++;
-    if (slot >= volumesMax) throw new PcacheError('ENOSPC', `the cache device holds ${volumesMax} volumes already, its maximum`);
-    return { volumeId: this.current.nextVolumeId, slot, name: request.name, backing: request.backing, extents };
+    if (extents === undefined || extents.length > extentsMax) throw new PcacheError('ENOSPC', `the free space is too scattered for a share of ${units} more segments; remove a volume or ask for less`);
+    return extents;
   }
 
   /**
@@ -188,7 +209,7 @@ export class CachePool {
    * committed. The entry is checked again
    * against the table as it is when its turn comes.
    */
-  addVolume(request: VolumeRequest, formatShare: (device: VolumeDevice, entry: VolumeEntry) => Promise<void>): Promise<VolumeEntry> {
+  addVolume(request: VolumeRequest, formatShare: ShareFormatter): Promise<VolumeEntry> {
     return this.serialised(async () => {
       const entry = this.planVolume(request);
       const share = this.volumeDevice(entry);
@@ -196,6 +217,41 @@ export class CachePool {
       await this.commit({ generation: this.current.generation + 1, nextVolumeId: entry.volumeId + 1, volumes: [...this.current.volumes, entry] });
       return entry;
     });
+  }
+
+  /**
+   * Gives a volume a share of `shareBytes`, formatted afresh (its caller has written everything
+   * back and closed its engine: the share's cached copies go, the backing device holds the
+   * data). Growing commits the table with the added units first and then formats the share over
+   * all of them; shrinking formats the share over its first units first and then commits the
+   * table without the rest. A crash in between leaves the old or the new table and a share that
+   * is a valid cache of at most the table's units, or blank mid-format (which
+   * formatBlankShares formats again at the next open): never a unit owned twice.
+   */
+  resizeVolume(name: string, shareBytes: number, formatShare: ShareFormatter): Promise<VolumeEntry> {
+    return this.serialised(async () => {
+      const resized = this.planResize(name, shareBytes);
+      const have = volumeUnits(this.volume(name) ?? resized);
+      const units = volumeUnits(resized);
+      const table = { ...this.current, generation: this.current.generation + 1, volumes: this.current.volumes.map((volume) => (volume.name === name ? resized : volume)) };
+      if (units > have) await this.commit(table);
+      await blankShare(this.volumeDevice(resized));
+      await formatShare(this.volumeDevice(resized), resized);
+      if (units < have) await this.commit(table);
+      return resized;
+    });
+  }
+
+  /** The entry a volume would have with a share of `shareBytes` (EINVAL, ENOSPC as planVolume). Changes nothing. */
+  planResize(name: string, shareBytes: number): VolumeEntry {
+    const entry = this.volume(name);
+    if (entry === undefined) throw new PcacheError('EINVAL', `no volume named "${name}"`);
+    const units = this.shareUnits(shareBytes);
+    const have = volumeUnits(entry);
+    if (units === have) return entry;
+    const extents = units > have ? mergeExtents([...entry.extents, ...this.carve(units - have, volumeExtentsMax - entry.extents.length + 1)]) : firstUnits(entry.extents, units);
+    if (extents.length > volumeExtentsMax) throw new PcacheError('ENOSPC', 'the free space is too scattered to grow this volume; remove a volume or ask for less');
+    return { ...entry, extents };
   }
 
   /** Removes a volume from the table; its units are free once this resolves. The caller stopped its engine. */
@@ -214,6 +270,13 @@ export class CachePool {
     return { unitsOwned: this.sb.unitCount - unitsFree, unitsFree, byVolume };
   }
 
+  /** The volumes whose shares are blank (a format cut short by a crash: an add never commits an unformatted share). */
+  async blankShares(): Promise<VolumeEntry[]> {
+    const blank: VolumeEntry[] = [];
+    for (const entry of this.current.volumes) if (await probeDevice(this.volumeDevice(entry)) === 'blank') blank.push(entry);
+    return blank;
+  }
+
   private serialised<T>(change: () => Promise<T>): Promise<T> {
     const next = this.changing.then(change, change);
     this.changing = next.catch(() => undefined);
@@ -230,4 +293,40 @@ export class CachePool {
       this.current = table;
     }
   }
+}
+
+/**
+ * Makes a share read as blank before it is formatted again: its first 8 KiB (the probe's) and
+ * its last block zeroed and synced. The format writes them last, so a format cut short leaves
+ * a blank share — which the server formats again — and never the remains of the old cache,
+ * which would pass for a damaged one.
+ */
+async function blankShare(share: VolumeDevice): Promise<void> {
+  await share.write(new Uint8Array(blankProbeBytes), 0);
+  await share.write(new Uint8Array(blockBytes), lastBlockOffsetBytes(share.sizeBytes));
+  await share.sync();
+}
+
+/** Adjacent extents joined (a grown share's new units may continue its last extent). */
+function mergeExtents(extents: readonly VolumeExtent[]): VolumeExtent[] {
+  const merged: { firstUnit: number; unitCount: number }[] = [];
+  for (const extent of extents) {
+    const last = merged[merged.length - 1];
+    if (last !== undefined && last.firstUnit + last.unitCount === extent.firstUnit) last.unitCount += extent.unitCount;
+    else merged.push({ ...extent });
+  }
+  return merged;
+}
+
+/** The first `units` units of `extents`, in order. */
+function firstUnits(extents: readonly VolumeExtent[], units: number): VolumeExtent[] {
+  const kept: VolumeExtent[] = [];
+  let left = units;
+  for (const extent of extents) {
+    if (left === 0) break;
+    const take = Math.min(left, extent.unitCount);
+    kept.push({ firstUnit: extent.firstUnit, unitCount: take });
+    left -= take;
+  }
+  return kept;
 }

@@ -16,9 +16,10 @@ export type VolumeArgs =
     readonly gcPercent: number | undefined;
     readonly dataCrc: boolean;
   }
-  | { readonly action: 'remove'; readonly controlPath: string; readonly json: boolean; readonly name: string; readonly drain: boolean; readonly disconnect: boolean };
+  | { readonly action: 'remove'; readonly controlPath: string; readonly json: boolean; readonly name: string; readonly drain: boolean; readonly disconnect: boolean }
+  | { readonly action: 'resize'; readonly controlPath: string; readonly json: boolean; readonly name: string; readonly cacheSizeBytes: number };
 
-const actions = ['add', 'list', 'remove'] as const;
+const actions = ['add', 'list', 'remove', 'resize'] as const;
 
 export const volumeGrammar: CommandGrammar<VolumeArgs> = {
   spec: {
@@ -27,12 +28,13 @@ export const volumeGrammar: CommandGrammar<VolumeArgs> = {
       'pcache volume add --control PATH --name NAME --backing PATH|URI --cache-size SIZE [--gc-percent N] [--data-crc] [--json]',
       'pcache volume list --control PATH [--json]',
       'pcache volume remove --control PATH NAME [--drain] [--disconnect] [--json]',
+      'pcache volume resize --control PATH NAME --cache-size SIZE [--json]',
     ],
     flags: {
       control: valueFlag('PATH', "the server's control socket (required)"),
       name: valueFlag('NAME', 'add: the volume\'s name, which is its NBD export name (letters, digits, . _ -)'),
       backing: valueFlag('PATH|URI', 'add: its backing device, a file or block device or an nbd:// URI (no other volume may use it)'),
-      'cache-size': valueFlag('SIZE', 'add: its share of the cache device, taken from the free segments (at least 4 segments)'),
+      'cache-size': valueFlag('SIZE', 'add, resize: its share of the cache device, taken from the free segments (at least 4 segments)'),
       'gc-percent': valueFlag('N', 'add: its GC threshold (default 70)'),
       'data-crc': switchFlag('add: store a CRC32C of every cached extent and check it on every read hit'),
       drain: switchFlag('remove: write its dirty data back first (without it, a volume holding dirty data is refused)'),
@@ -45,6 +47,8 @@ export const volumeGrammar: CommandGrammar<VolumeArgs> = {
       'recorded on the cache device, each as the NBD export of its name (nbdinfo --list shows them).',
       'A volume\'s share is its own: another volume\'s writes never evict its data. add records the',
       'volume durably before it answers; remove frees its share for later volumes. Each survives a crash.',
+      'resize writes the volume back, then formats its share at the new size while its clients stay',
+      'connected (their requests wait for a moment): it keeps every byte and starts with nothing cached.',
     ],
   },
   options(flags) {
@@ -69,6 +73,14 @@ export const volumeGrammar: CommandGrammar<VolumeArgs> = {
       const cacheSizeBytes = flags.size('cache-size');
       if (cacheSizeBytes === undefined) throw flags.usage('volume add needs --cache-size SIZE: the volume\'s share of the cache device');
       return { action: 'add', controlPath, json, name: flags.required('name'), backing: flags.required('backing'), cacheSizeBytes, gcPercent: gcPercentFlag(flags), dataCrc: flags.has('data-crc') };
+    }
+    if (chosen === 'resize') {
+      only(['cache-size']);
+      const [name, ...extra] = rest;
+      if (name === undefined || extra.length > 0) throw flags.usage('volume resize takes one volume name: pcache volume resize --control PATH NAME --cache-size SIZE');
+      const cacheSizeBytes = flags.size('cache-size');
+      if (cacheSizeBytes === undefined) throw flags.usage('volume resize needs --cache-size SIZE: the volume\'s new share');
+      return { action: 'resize', controlPath, json, name, cacheSizeBytes };
     }
     only(['drain', 'disconnect']);
     const [name, ...extra] = rest;

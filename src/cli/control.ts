@@ -60,6 +60,7 @@ export interface VolumeHandlers {
   /** Adds a volume from the request's JSON object; resolves to its entry. */
   add(request: Readonly<Record<string, unknown>>): Promise<unknown>;
   remove(request: Readonly<Record<string, unknown>>): Promise<unknown>;
+  resize(request: Readonly<Record<string, unknown>>): Promise<unknown>;
 }
 
 /** Where a checkpoint holds the backing device (Cache.checkpoint's point). */
@@ -124,6 +125,7 @@ export class ControlServer {
       { ...controlRoutes.volumes, answer: () => this.volumeHandlers().list() },
       { ...controlRoutes.volumeAdd, answer: (body) => this.volumeHandlers().add(objectOf(body, 'POST /volumes', 'the volume\'s fields')) },
       { ...controlRoutes.volumeRemove, answer: (body) => this.volumeHandlers().remove(objectOf(body, 'POST /volumes/remove', 'the volume\'s fields')) },
+      { ...controlRoutes.volumeResize, answer: (body) => this.volumeHandlers().resize(objectOf(body, 'POST /volumes/resize', 'the volume\'s fields')) },
     ];
     this.server = http.createServer({
       maxHeaderSize: this.limits.headerBytesMax,

@@ -22,6 +22,8 @@
 //                    answers its entry once it is recorded durably and exported
 //   POST  /volumes/remove  removes one: {"name"[,"drain","disconnect"]}; answers once its
 //                    share is free
+//   POST  /volumes/resize  gives one a new share: {"name","cacheSizeBytes"}; writes it back,
+//                    formats the share at its new size (clients wait meanwhile, connected)
 //
 // With volumes, drain, settings, invalidate and checkpoint take `?volume=NAME` (drain without
 // it drains every volume; the others need it when there are several).
@@ -35,7 +37,7 @@ import type { PcacheErrorCode } from '../lib/errors.js';
 export type ControlMethod = 'GET' | 'POST' | 'PATCH';
 
 /** What the client asks for; each is one route. */
-export type ControlOp = 'routes' | 'status' | 'drain' | 'settings' | 'set' | 'invalidate' | 'detach' | 'checkpoint' | 'volumes' | 'volumeAdd' | 'volumeRemove';
+export type ControlOp = 'routes' | 'status' | 'drain' | 'settings' | 'set' | 'invalidate' | 'detach' | 'checkpoint' | 'volumes' | 'volumeAdd' | 'volumeRemove' | 'volumeResize';
 
 export interface ControlRoute {
   readonly method: ControlMethod;
@@ -57,6 +59,7 @@ export const controlRoutes: Readonly<Record<ControlOp, ControlRoute>> = {
   volumes: { method: 'GET', path: '/volumes', summary: 'the volumes served from the cache device', command: 'volume list' },
   volumeAdd: { method: 'POST', path: '/volumes', summary: 'add a volume: {"name","backing","cacheSizeBytes"[,"gcPercent","dataCrc"]}; answers once it is recorded and exported', command: 'volume add' },
   volumeRemove: { method: 'POST', path: '/volumes/remove', summary: 'remove a volume: {"name"[,"drain","disconnect"]}; answers once its share is free', command: 'volume remove' },
+  volumeResize: { method: 'POST', path: '/volumes/resize', summary: 'resize a volume\'s share: {"name","cacheSizeBytes"}; writes it back and formats the share at its new size while its clients wait', command: 'volume resize' },
 };
 
 /** The body of every failure. */

@@ -108,6 +108,7 @@ export async function servePool(args: ServeArgs, terminal: Terminal): Promise<nu
         list: () => set.list(),
         add: (request) => set.add(request),
         remove: (request) => set.remove(request),
+        resize: (request) => set.resize(request),
       },
     }, { version: packageVersion() });
     // serveArgs requires --control without --backing.

@@ -22,6 +22,11 @@ export async function volumeCommand(args: VolumeArgs, terminal: Terminal): Promi
     terminal.out(args.json ? JSON.stringify(added) : `added volume ${args.name}: ${args.backing} with ${formatSize(Number(added.shareBytes ?? 0))} of cache, exported at ${typeof added.uri === 'string' ? added.uri : '?'}`);
     return exitOk;
   }
+  if (args.action === 'resize') {
+    const resized = await controlRequest(args.controlPath, 'volumeResize', { body: { name: args.name, cacheSizeBytes: args.cacheSizeBytes }, timeoutMs: undefined }) as Record<string, unknown>;
+    terminal.out(args.json ? JSON.stringify(resized) : `resized volume ${args.name}: its share is ${formatSize(Number(resized.shareBytes ?? 0))} (everything was written back; it starts with nothing cached)`);
+    return exitOk;
+  }
   const removed = await controlRequest(args.controlPath, 'volumeRemove', { body: { name: args.name, drain: args.drain, disconnect: args.disconnect }, timeoutMs: undefined }) as Record<string, unknown>;
   terminal.out(args.json ? JSON.stringify(removed) : `removed volume ${args.name}: ${formatSize(Number(removed.freedBytes ?? 0))} of the cache device are free again`);
   return exitOk;

@@ -17,8 +17,10 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { CacheStatus, CacheTuning } from '../cache/cache.js';
-import { formatCacheDevice } from '../cache/cache_metadata.js';
-import type { CachePool } from '../cache/cache_pool.js';
+import { formatCacheDevice, probeDevice } from '../cache/cache_metadata.js';
+import type { CachePool, ShareFormatter } from '../cache/cache_pool.js';
+import type { CacheMode } from '../ondisk/cache_info.js';
+import { SwitchableExport } from './volume_export.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { formatSize } from '../lib/units.js';
 import { looksLikeNbdUri, parseNbdUri } from '../nbd/client/uri.js';
@@ -43,12 +45,26 @@ export interface VolumeSetOptions {
 }
 
 interface ServedVolume {
-  readonly entry: VolumeEntry;
+  entry: VolumeEntry;
   /** Undefined when the volume could not be opened (`failure` says why). */
-  readonly served: Served | undefined;
-  readonly failure: string | undefined;
+  served: Served | undefined;
+  failure: string | undefined;
   /** The backing device's identity (a file's device and inode), to refuse a second volume on it. */
   readonly identity: string | undefined;
+  /** The backing device, open while the volume is (a resize opens the new cache on it). */
+  readonly backing: BlockDevice | undefined;
+  /** What clients are served: the cache behind it is replaced by a resize. */
+  export: SwitchableExport | undefined;
+  /** Close the cache (and its share); then `backingClosers` close the backing device. */
+  cacheClosers: Closer[];
+  readonly backingClosers: Closer[];
+}
+
+/** A volume's backing device, opened. */
+interface OpenedVolumeBacking {
+  readonly device: BlockDevice;
+  readonly identity: string | undefined;
+  readonly whenBackOnline: (callback: () => void) => void;
   readonly closers: Closer[];
 }
 
@@ -160,10 +176,14 @@ export class VolumeSet {
     return this.serialised(() => this.removeNow(fields));
   }
 
+  resize(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
+    return this.serialised(() => this.resizeNow(fields));
+  }
+
   /** Closes every volume (the server is stopping). */
   async closeAll(): Promise<void> {
     const closers: Closer[] = [];
-    for (const volume of this.volumes.values()) closers.push(() => closeAll(volume.closers));
+    for (const volume of this.volumes.values()) closers.push(() => closeVolume(volume));
     this.volumes.clear();
     await closeAll(closers);
   }
@@ -195,7 +215,7 @@ export class VolumeSet {
     const backingIsUri = looksLikeNbdUri(backingText);
     const backing = backingIsUri ? checkedUri(backingText) : checkedFile(backingText);
     // Everything the table can tell, before the backing device is opened.
-    this.pool.planVolume({ name, backing, shareBytes });
+    this.pool.planVolume({ name, backing, shareBytes, ...(gcPercent === undefined ? {} : { gcPercent }) });
     const closers: Closer[] = [];
     try {
       const opened = await openBacking({ backingPath: backing, backingIsUri, backingConnections: this.options.backingConnections, readOnly: false }, this.log);
@@ -203,14 +223,9 @@ export class VolumeSet {
       const identity = opened.device.identity;
       const twin = identity === undefined ? undefined : [...this.volumes.values()].find((volume) => volume.identity === identity);
       if (twin !== undefined) throw new PcacheError('EINVAL', `backing device ${backing} is the one volume "${twin.entry.name}" uses (${twin.entry.backing})`);
-      const entry = await this.pool.addVolume({ name, backing, shareBytes }, async (share) => {
-        await formatCacheDevice(share, opened.device, {
-          segmentSizeBytes: this.pool.segmentSizeBytes,
-          ...(gcPercent === undefined ? {} : { gcPercent }),
-          ...(dataCrc === undefined ? {} : { dataCrc }),
-        });
-      });
+      const entry = await this.pool.addVolume({ name, backing, shareBytes, ...(gcPercent === undefined ? {} : { gcPercent }), ...(dataCrc === undefined ? {} : { dataCrc }) }, this.formatter(opened.device));
       const volume = await this.open(entry, { device: opened.device, identity, whenBackOnline: (callback) => { opened.whenBackOnline(callback); }, closers });
+      closers.length = 0; // the volume owns them now
       this.volumes.set(name, volume);
       this.log.info({ volume: name, backing, shareBytes: volumeUnits(entry) * this.pool.segmentSizeBytes, failure: volume.failure ?? null }, 'volume added');
       return this.list().find((summary) => summary.name === name) ?? {};
@@ -247,7 +262,7 @@ export class VolumeSet {
       throw error;
     }
     this.volumes.delete(name);
-    await closeAll(volume.closers);
+    await closeVolume(volume);
     await this.pool.removeVolume(name);
     const freedBytes = volumeUnits(volume.entry) * this.pool.segmentSizeBytes;
     this.log.info({ volume: name, freedBytes, drained: drain, disconnected: disconnect }, 'volume removed');
@@ -255,25 +270,112 @@ export class VolumeSet {
   }
 
   /**
-   * Opens a volume's cache on its share and exports it. `backing`: the device `add` opened
-   * already; otherwise the recorded one is opened here. Failures become a failed volume.
+   * Gives a volume a share of `shareBytes` while its clients stay connected: everything is
+   * written back (clients keep writing meanwhile), then their requests wait while the rest is
+   * written back, the cache closes, the pool formats the share at its new size
+   * (CachePool.resizeVolume), and a new cache opens on it. The volume keeps its data (on its
+   * backing device) and starts with nothing cached. If anything fails after the cache closed,
+   * the volume is opened again as the table and its share then say.
    */
-  private async open(entry: VolumeEntry, backing: { device: BlockDevice; identity: string | undefined; whenBackOnline: (callback: () => void) => void; closers: Closer[] } | undefined): Promise<ServedVolume> {
-    const closers: Closer[] = backing?.closers ?? [];
-    let identity = backing?.identity;
+  private async resizeNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
+    const name = stringField(fields, 'name');
+    const shareBytes = fields.cacheSizeBytes;
+    if (typeof shareBytes !== 'number' || !Number.isSafeInteger(shareBytes) || shareBytes <= 0) throw new PcacheError('EINVAL', 'cacheSizeBytes must be a positive integer (the volume\'s new share, in bytes)');
+    const volume = this.volumes.get(name);
+    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
+    const served = this.servedOf(volume);
+    const backing = volume.backing;
+    if (backing === undefined) throw new PcacheError('ENODEV', `volume "${name}" has no backing device open`);
+    const before = volumeUnits(volume.entry);
+    if (volumeUnits(this.pool.planResize(name, shareBytes)) === before) return this.list().find((summary) => summary.name === name) ?? {};
+    const mode = served.cacheStatus()?.mode;
+    const startedMs = performance.now();
+    await served.drain();
+    volume.export?.pause();
+    const pausedMs = performance.now();
     try {
-      let device = backing?.device;
-      let whenBackOnline = backing?.whenBackOnline;
-      if (device === undefined) {
-        const opened = await openBacking({ backingPath: entry.backing, backingIsUri: looksLikeNbdUri(entry.backing), backingConnections: this.options.backingConnections, readOnly: false }, this.log);
-        closers.push(() => opened.device.close());
-        device = opened.device;
-        identity = opened.device.identity;
-        whenBackOnline = (callback: () => void): void => { opened.whenBackOnline(callback); };
+      await served.drain();
+      await closeAll(volume.cacheClosers.splice(0));
+      volume.served = undefined;
+      let failure: Error | undefined;
+      try {
+        volume.entry = await this.pool.resizeVolume(name, shareBytes, this.formatter(backing));
+      } catch (error) {
+        failure = error instanceof Error ? error : new Error(String(error));
+        volume.entry = this.pool.volume(name) ?? volume.entry;
+        await this.formatIfBlank(volume.entry, backing);
       }
-      const share = this.pool.volumeDevice(entry);
-      closers.push(() => share.close());
-      const served = await serveCache(share, device, {
+      await this.openCache(volume, backing, mode);
+      if (failure !== undefined) throw failure;
+    } finally {
+      if (volume.served !== undefined) volume.export?.resume(volume.served.export);
+    }
+    const units = volumeUnits(volume.entry);
+    this.log.info({ volume: name, fromBytes: before * this.pool.segmentSizeBytes, toBytes: units * this.pool.segmentSizeBytes, pausedMs: Math.round(performance.now() - pausedMs), totalMs: Math.round(performance.now() - startedMs) }, 'volume resized');
+    return this.list().find((summary) => summary.name === name) ?? {};
+  }
+
+  /**
+   * A share left blank by a format cut short (a resize: an add never commits an unformatted
+   * share) is formatted again. Its volume was written back before the format began: nothing
+   * is lost, nothing is cached.
+   */
+  private async formatIfBlank(entry: VolumeEntry, backing: BlockDevice): Promise<void> {
+    const share = this.pool.volumeDevice(entry);
+    if (await probeDevice(share) !== 'blank') return;
+    this.log.warn({ volume: entry.name }, 'the volume\'s share is blank (a resize was cut short after everything was written back): formatting it again; nothing is lost, nothing is cached');
+    await this.formatter(backing)(share, entry);
+  }
+
+  /** Formats a share for `backing`, as its entry says. */
+  private formatter(backing: BlockDevice): ShareFormatter {
+    return async (share, entry) => {
+      await formatCacheDevice(share, backing, { segmentSizeBytes: this.pool.segmentSizeBytes, gcPercent: entry.gcPercent, dataCrc: entry.dataCrc });
+    };
+  }
+
+  /**
+   * Opens a volume: its backing device (`backing`: the one `add` opened already; otherwise the
+   * recorded one is opened here), its cache on its share, and its export. A share left blank by
+   * a format that a crash cut short (a resize) is formatted again. Failures become a failed
+   * volume: logged, not exported, the others serve on.
+   */
+  private async open(entry: VolumeEntry, backing: OpenedVolumeBacking | undefined): Promise<ServedVolume> {
+    const backingClosers: Closer[] = backing?.closers ?? [];
+    let opened = backing;
+    try {
+      if (opened === undefined) {
+        const device = await openBacking({ backingPath: entry.backing, backingIsUri: looksLikeNbdUri(entry.backing), backingConnections: this.options.backingConnections, readOnly: false }, this.log);
+        backingClosers.push(() => device.device.close());
+        opened = { device: device.device, identity: device.device.identity, whenBackOnline: (callback) => { device.whenBackOnline(callback); }, closers: backingClosers };
+      }
+      const volume: ServedVolume = { entry, served: undefined, failure: undefined, identity: opened.identity, backing: opened.device, export: undefined, cacheClosers: [], backingClosers };
+      await this.formatIfBlank(entry, opened.device);
+      const served = await this.openCache(volume, opened.device, undefined);
+      const exported = new SwitchableExport(served.export);
+      opened.whenBackOnline(() => { volume.served?.retryBacking(); });
+      this.exports.add({ name: entry.name, description: `pcache volume ${entry.name}: ${entry.backing} cached on ${this.options.cachePath}`, export: exported });
+      backingClosers.push(() => {
+        this.exports.remove(entry.name);
+        return Promise.resolve();
+      });
+      volume.export = exported;
+      return volume;
+    } catch (error) {
+      if (!isPcacheError(error)) throw error;
+      await closeAll(backingClosers).catch(() => undefined);
+      this.log.error({ volume: entry.name, backing: entry.backing, reason: error.message }, 'volume not served: it cannot be opened (the other volumes serve on)');
+      return { entry, served: undefined, failure: error.message, identity: opened?.identity, backing: undefined, export: undefined, cacheClosers: [], backingClosers: [] };
+    }
+  }
+
+  /** Opens the volume's cache on its share (as its entry says now) and sets `volume.served`; `mode` is set again after a resize. */
+  private async openCache(volume: ServedVolume, backing: BlockDevice, mode: CacheMode | undefined): Promise<Served> {
+    const entry = volume.entry;
+    const share = this.pool.volumeDevice(entry);
+    const closers: Closer[] = [() => share.close()];
+    try {
+      const served = await serveCache(share, backing, {
         cacheName: `${this.options.cachePath} (volume ${entry.name})`,
         backingName: entry.backing,
         formatIfBlank: false,
@@ -284,22 +386,23 @@ export class VolumeSet {
         acceptLogLoss: false,
         acceptBackingChange: false,
         tuning: this.options.tuning,
-        mode: undefined,
+        mode,
       }, closers, this.log);
-      whenBackOnline?.(() => { served.retryBacking(); });
-      this.exports.add({ name: entry.name, description: `pcache volume ${entry.name}: ${entry.backing} cached on ${this.options.cachePath}`, export: served.export });
-      closers.push(() => {
-        this.exports.remove(entry.name);
-        return Promise.resolve();
-      });
-      return { entry, served, failure: undefined, identity, closers };
+      volume.served = served;
+      volume.failure = undefined;
+      volume.cacheClosers = closers;
+      return served;
     } catch (error) {
-      if (!isPcacheError(error)) throw error;
       await closeAll(closers).catch(() => undefined);
-      this.log.error({ volume: entry.name, backing: entry.backing, reason: error.message }, 'volume not served: it cannot be opened (the other volumes serve on)');
-      return { entry, served: undefined, failure: error.message, identity, closers: [] };
+      if (isPcacheError(error)) volume.failure = error.message;
+      throw error;
     }
   }
+}
+
+/** Closes a volume: its cache first (the open kset is made durable), then its backing device. */
+async function closeVolume(volume: ServedVolume): Promise<void> {
+  await closeAll([() => closeAll(volume.backingClosers.splice(0)), () => closeAll(volume.cacheClosers.splice(0))]);
 }
 
 function stringField(fields: Readonly<Record<string, unknown>>, name: string): string {

@@ -12,23 +12,25 @@
 //   64 + v * 768  one entry per volume:
 //     0     4     volume_id        1 .. next_volume_id-1
 //     4     4     slot             0 .. 15: where its front metadata lives
-//     8     4     flags (zero)
+//     8     4     flags            bit 0 DATA_CRC: its share is formatted with data CRCs
 //     12    4     extent_count     1 .. 32
 //     16    2     name_length      1 .. 64
 //     18    2     backing_length   1 .. 384
-//     20    4     reserved (zero)
+//     20    1     gc_percent       0 .. 90: its share's GC threshold when formatted
+//     21    3     reserved (zero)
 //     24    64    name             UTF-8, zero-padded: the NBD export name
 //     88    384   backing          UTF-8, zero-padded: an absolute path or an nbd:// URI
 //     472   256   extents          extent_count x (first_unit u32, unit_count u32), in the
 //                                  order the volume's segments use them; the rest zero
 //     728   40    reserved (zero)
 //
+// The flags and gc_percent say how to format the share again (a resize; a format cut short).
 // Validation keeps the pool's invariants: names, slots, ids and backings unique, every extent
 // inside the device, no unit in two extents (of one volume or two), every share big enough
 // for a cache.
 
 import { isAllZero, readU16LE, readU32LE, readU64LE, writeU16LE, writeU32LE, writeU64LE } from '../lib/units.js';
-import { segmentCountMin } from './layout.js';
+import { gcPercentMax, segmentCountMin } from './layout.js';
 import { checkMetaRecord, sealMetaRecord, type Decoded } from './meta_header.js';
 import { poolFormatVersion, volumeExtentsMax, volumesMax, volumeTableBytes } from './pool_layout.js';
 
@@ -50,8 +52,12 @@ export interface VolumeEntry {
   readonly slot: number;
   readonly name: string;
   readonly backing: string;
+  readonly dataCrc: boolean;
+  readonly gcPercent: number;
   readonly extents: readonly VolumeExtent[];
 }
+
+const flagDataCrc = 1 << 0;
 
 export interface VolumeTable {
   readonly generation: number;
@@ -88,7 +94,9 @@ export function encodeVolumeTable(table: VolumeTable, seq: number, unitCount: nu
     const backing = Buffer.from(volume.backing, 'utf8');
     writeU32LE(record, at, volume.volumeId);
     writeU32LE(record, at + 4, volume.slot);
+    writeU32LE(record, at + 8, volume.dataCrc ? flagDataCrc : 0);
     writeU32LE(record, at + 12, volume.extents.length);
+    record[at + 20] = volume.gcPercent;
     writeU16LE(record, at + 16, name.length);
     writeU16LE(record, at + 18, backing.length);
     record.set(name, at + 24);
@@ -118,7 +126,9 @@ export function decodeVolumeTable(record: Uint8Array, unitCount: number, name: s
     const nameLength = readU16LE(bytes, at + 16);
     const backingLength = readU16LE(bytes, at + 18);
     const where = `${name}: volume entry ${index}`;
-    if (readU32LE(bytes, at + 8) !== 0) return { ok: false, problem: `${where}: unknown flags` };
+    const flags = readU32LE(bytes, at + 8);
+    if ((flags & ~flagDataCrc) !== 0) return { ok: false, problem: `${where}: unknown flags ${flags}` };
+    if (!isAllZero(bytes.subarray(at + 21, at + 24)) || !isAllZero(bytes.subarray(at + 472 + extentCount * 8, at + entryBytes))) return { ok: false, problem: `${where}: reserved bytes are not zero` };
     if (extentCount < 1 || extentCount > volumeExtentsMax) return { ok: false, problem: `${where}: ${extentCount} extents (1 .. ${volumeExtentsMax})` };
     if (nameLength > volumeNameMaxBytes || backingLength > volumeBackingMaxBytes) return { ok: false, problem: `${where}: name or backing too long` };
     const extents: VolumeExtent[] = [];
@@ -128,6 +138,8 @@ export function decodeVolumeTable(record: Uint8Array, unitCount: number, name: s
       slot: readU32LE(bytes, at + 4),
       name: Buffer.from(bytes.subarray(at + 24, at + 24 + nameLength)).toString('utf8'),
       backing: Buffer.from(bytes.subarray(at + 88, at + 88 + backingLength)).toString('utf8'),
+      dataCrc: (flags & flagDataCrc) !== 0,
+      gcPercent: bytes[at + 20] ?? 0,
       extents,
     });
   }
@@ -154,6 +166,7 @@ export function validateVolumeTable(table: VolumeTable, unitCount: number): stri
     if (seen.slots.has(volume.slot)) return `${label}: slot ${volume.slot} is used twice`;
     if (volume.backing.length === 0 || Buffer.byteLength(volume.backing, 'utf8') > volumeBackingMaxBytes) return `${label}: backing must be 1 .. ${volumeBackingMaxBytes} bytes`;
     if (seen.backings.has(volume.backing)) return `${label}: backing ${volume.backing} is used by another volume`;
+    if (!Number.isInteger(volume.gcPercent) || volume.gcPercent < 0 || volume.gcPercent > gcPercentMax) return `${label}: gc_percent ${volume.gcPercent} is out of range`;
     if (volume.extents.length < 1 || volume.extents.length > volumeExtentsMax) return `${label}: ${volume.extents.length} extents (1 .. ${volumeExtentsMax})`;
     for (const extent of volume.extents) {
       if (!Number.isInteger(extent.firstUnit) || !Number.isInteger(extent.unitCount) || extent.unitCount < 1 || extent.firstUnit < 0 || extent.firstUnit + extent.unitCount > unitCount) {

@@ -10,6 +10,8 @@ import path from 'node:path';
 import { MiB } from '../../src/lib/units.js';
 import { assertFilesEqual, tempDir, writeRandomFile } from '../helpers/files.js';
 import { runCli, startServe, type ServeProcess } from '../helpers/pcache.js';
+import { connectClient } from '../helpers/nbd_client.js';
+import { randomBytes } from 'node:crypto';
 import { fioVerifyJobs, nbdcopy, requireFioNbd, requireTool, runTool, uriFor } from '../helpers/tools.js';
 
 const names = ['alpha', 'beta', 'gamma'];
@@ -152,4 +154,57 @@ describe('volumes through the command line', () => {
     assert.equal(single.code, 1);
     assert.match(single.stderr, /holds volumes/);
   });
+
+  it('resizes a volume while a client stays connected: the client keeps its data and its connection', async (t) => {
+    const pool = poolIn(t);
+    await startServe(t, pool.args, pool.dir);
+    const backing = path.join(pool.dir, 'grow.img');
+    fs.writeFileSync(backing, '');
+    fs.truncateSync(backing, 64 * MiB);
+    assert.equal((await volume(pool, 'add', '--name', 'grow', '--backing', backing, '--cache-size', '64M')).code, 0);
+    const client = await connectClient(t, uriFor(pool.socket, 'grow'));
+    const data = randomBytes(4 * MiB);
+    await client.write(data, 8 * MiB);
+    await client.flush();
+    const shareOf = async (): Promise<number> => Number((await listed(pool)).find((entry) => entry.name === 'grow')?.shareBytes);
+
+    // Requests sent as the resize starts finish before it, or wait for it and complete on the new share.
+    const resizing = volume(pool, 'resize', 'grow', '--cache-size', '160M', '--json');
+    const during = randomBytes(64 * 1024);
+    const racing = Promise.all([client.write(during, 20 * MiB).then(() => client.flush()), (async () => {
+      const back = new Uint8Array(4 * MiB);
+      await client.read(back, 8 * MiB);
+      return back;
+    })()]);
+    const grown = await resizing;
+    assert.equal(grown.code, 0, grown.stderr);
+    assert.equal((JSON.parse(grown.stdout) as { shareBytes: number }).shareBytes, 160 * MiB);
+    const [, readDuring] = await racing;
+    assert.deepEqual(Buffer.from(readDuring), data, 'a read racing the resize sees the data');
+    assert.equal(await shareOf(), 160 * MiB);
+    const after = new Uint8Array(4 * MiB);
+    await client.read(after, 8 * MiB);
+    assert.deepEqual(Buffer.from(after), data, 'the data is kept across a grow, on the same connection');
+    const afterDuring = new Uint8Array(during.length);
+    await client.read(afterDuring, 20 * MiB);
+    assert.deepEqual(Buffer.from(afterDuring), during, 'a write racing the resize landed');
+
+    assert.equal((await volume(pool, 'resize', 'grow', '--cache-size', '64M')).code, 0);
+    assert.equal(await shareOf(), 64 * MiB);
+    await client.read(after, 8 * MiB);
+    assert.deepEqual(Buffer.from(after), data, 'the data is kept across a shrink');
+
+    const tooBig = await volume(pool, 'resize', 'grow', '--cache-size', '1G');
+    assert.equal(tooBig.code, 1);
+    assert.match(tooBig.stderr, /does not fit/);
+    const tooSmall = await volume(pool, 'resize', 'grow', '--cache-size', '8M');
+    assert.equal(tooSmall.code, 1);
+    assert.match(tooSmall.stderr, /at least 4/);
+    assert.equal(await shareOf(), 64 * MiB, 'a refused resize changes nothing');
+    await client.read(after, 8 * MiB);
+    assert.deepEqual(Buffer.from(after), data);
+    const check = await runCli(['volume', 'resize', '--control', pool.control, 'grow']);
+    assert.equal(check.code, 2, 'resize without --cache-size is a usage error');
+  });
 });
+

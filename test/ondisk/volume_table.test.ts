@@ -12,8 +12,8 @@ import {
 } from '../../src/ondisk/volume_table.js';
 
 const units = 64;
-const one: VolumeEntry = { volumeId: 1, slot: 0, name: 'one', backing: '/srv/one.img', extents: [{ firstUnit: 0, unitCount: 8 }] };
-const two: VolumeEntry = { volumeId: 2, slot: 3, name: 'two.b_c-d', backing: 'nbd+unix:///disk?socket=/run/nbd.sock', extents: [{ firstUnit: 8, unitCount: 4 }, { firstUnit: 20, unitCount: 6 }] };
+const one: VolumeEntry = { volumeId: 1, slot: 0, name: 'one', backing: '/srv/one.img', dataCrc: false, gcPercent: 70, extents: [{ firstUnit: 0, unitCount: 8 }] };
+const two: VolumeEntry = { volumeId: 2, slot: 3, name: 'two.b_c-d', backing: 'nbd+unix:///disk?socket=/run/nbd.sock', dataCrc: true, gcPercent: 0, extents: [{ firstUnit: 8, unitCount: 4 }, { firstUnit: 20, unitCount: 6 }] };
 const table: VolumeTable = { generation: 7, nextVolumeId: 3, volumes: [one, two] };
 
 describe('volume table', () => {
@@ -45,6 +45,7 @@ describe('volume table', () => {
       ['an id not below next_volume_id', { ...table, nextVolumeId: 2 }, /id 2 is not below next_volume_id 2/],
       ['a share below 4 segments', { ...table, volumes: [{ ...one, extents: [{ firstUnit: 0, unitCount: 3 }] }] }, /3 units, fewer than/],
       ['a bad name', { ...table, volumes: [{ ...one, name: 'a/b' }] }, /not a valid export name/],
+      ['a gc_percent out of range', { ...table, volumes: [{ ...one, gcPercent: 91 }] }, /gc_percent 91/],
     ];
     for (const [what, broken, expected] of cases) {
       const problem = validateVolumeTable(broken, units);

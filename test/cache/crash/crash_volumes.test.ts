@@ -10,7 +10,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { Cache } from '../../../src/cache/cache.js';
-import { formatCacheDevice } from '../../../src/cache/cache_metadata.js';
+import { formatCacheDevice, probeDevice } from '../../../src/cache/cache_metadata.js';
 import { CachePool } from '../../../src/cache/cache_pool.js';
 import { checkPoolDevice } from '../../../src/cache/cache_pool_check.js';
 import { MemoryDevice } from '../../../src/device/memory_device.js';
@@ -137,4 +137,69 @@ describe('volumes: add and remove are crash-atomic, with I/O on another volume',
     assert.equal(two.status().dirtyBytes, 0);
     await two.close();
   });
+
+  it('a resize cut short anywhere leaves the old or the new share, a cache within the volume\'s units or a blank share, and the data on the backing device', async () => {
+    const device = SimDevice.blank(poolDeviceBytesFor(poolUnits, segmentSizeBytes), { name: 'cache' });
+    const backingA = new MemoryDevice(backingBytes, { identity: 'backing-a' });
+    const backingC = new MemoryDevice(backingBytes, { identity: 'backing-c' });
+    const pool = await CachePool.format(device, { segmentSizeBytes });
+    const formatter = (backing: MemoryDevice) => async (share: Parameters<Parameters<CachePool['addVolume']>[1]>[0]) => { await formatCacheDevice(share, backing, { segmentSizeBytes }); };
+    await pool.addVolume({ name: 'a', backing: '/a', shareBytes: 4 * segmentSizeBytes }, formatter(backingA));
+    await pool.addVolume({ name: 'c', backing: '/c', shareBytes: 4 * segmentSizeBytes }, formatter(backingC));
+    // The volume is written back and closed before a resize (VolumeSet does that).
+    const a = await openVolume(pool, 'a', backingA);
+    const data = pattern(5, 128 * KiB);
+    await a.write(data, 2 * MiB);
+    await a.flush();
+    await a.drain();
+    await a.close();
+    const c = await openVolume(pool, 'c', backingC);
+    const dataC = pattern(6, 32 * KiB);
+    await c.write(dataC, 0);
+    await c.flush();
+    const unitsOfC = pool.volume('c')?.extents;
+
+    const points: CrashPoint[] = [];
+    const stop = device.events.listen((event) => {
+      if (event.device === 'cache' && event.phase === 'complete') points.push(device.crashPoint());
+    });
+    await pool.resizeVolume('a', 9 * segmentSizeBytes, formatter(backingA)); // grows past c: two extents
+    await pool.resizeVolume('a', 5 * segmentSizeBytes, formatter(backingA)); // shrinks
+    stop();
+    assert.deepEqual(pool.volume('a')?.extents.map((extent) => extent.unitCount).reduce((x, y) => x + y), 5);
+
+    const prng = new Prng(15);
+    const shares = new Set<number>();
+    let blank = 0;
+    for (const point of points) {
+      for (const state of standardStates(point, prng, { garbage: inTable })) {
+        const crashed = materialize(state);
+        const reopened = await CachePool.open(crashed);
+        const entry = reopened.volume('a');
+        assert.ok(entry !== undefined, state.label);
+        const units = volumeUnits(entry);
+        shares.add(units);
+        assert.ok([4, 9, 5].includes(units), `${state.label}: a has ${units} units`);
+        assert.deepEqual(reopened.volume('c')?.extents, unitsOfC, `${state.label}: c keeps its units`);
+        const report = await checkPoolDevice(crashed);
+        assert.deepEqual(report.problems, [], `${state.label}: the pool checks clean`);
+        const share = reopened.volumeDevice(entry);
+        if (await probeDevice(share) === 'blank') {
+          blank += 1;
+          await formatCacheDevice(share, backingA, { segmentSizeBytes });
+        }
+        const cacheA = await openVolume(reopened, 'a', backingA);
+        assert.ok(cacheA.status().cacheSegs <= units, `${state.label}: a's cache stays within its units`);
+        assert.deepEqual(await readAt(cacheA, 2 * MiB, data.length), data, `${state.label}: a's data (on its backing device)`);
+        await cacheA.close();
+        const cacheC = await openVolume(reopened, 'c', backingC);
+        assert.deepEqual(await readAt(cacheC, 0, dataC.length), dataC, `${state.label}: c's flushed data`);
+        await cacheC.close();
+      }
+    }
+    assert.deepEqual([...shares].sort((x, y) => x - y), [4, 5, 9], 'crash states straddle both resizes\' commits');
+    assert.ok(blank > 0, 'some crash states catch a share mid-format');
+    await c.close();
+  });
 });
+
