@@ -111,6 +111,23 @@ describe('volumes through the command line', () => {
     assert.ok(fs.readFileSync(fresh).every((byte) => byte === 0), 'the new volume does not see the removed one\'s data');
 
     assert.equal(await server.stop(), 0);
+    // A volume whose backing device is gone fails alone: the others serve on.
+    fs.renameSync(delta, `${delta}.away`);
+    server = await startServe(t, pool.args, pool.dir);
+    assert.match(server.stdout, /serving 3 volumes/);
+    const states = Object.fromEntries((await listed(pool)).map((entry): [string, unknown] => [String(entry.name), entry.state]));
+    assert.deepEqual(states, { alpha: 'running', delta: 'failed', gamma: 'running' });
+    assert.match(String((await listed(pool)).find((entry) => entry.name === 'delta')?.failure), /delta\.img/);
+    const alphaBack = path.join(pool.dir, 'alpha.again');
+    assert.equal((await nbdcopy([uriFor(pool.socket, 'alpha'), alphaBack])).code, 0);
+    fs.truncateSync(alphaBack, 16 * MiB);
+    assertFilesEqual(alphaBack, path.join(pool.dir, 'alpha.data'), 'alpha serves while delta has failed');
+    assert.notEqual((await runTool('nbdinfo', [uriFor(pool.socket, 'delta')])).code, 0, 'a failed volume is not exported');
+    const removeFailed = await volume(pool, 'remove', 'delta', '--drain');
+    assert.equal(removeFailed.code, 1);
+    assert.match(removeFailed.stderr, /not serving/);
+    assert.equal(await server.stop(), 0);
+    fs.renameSync(`${delta}.away`, delta);
     const check = await runCli(['check', '--cache', pool.cache, '--json']);
     assert.equal(check.code, 0, check.stdout);
     const report = JSON.parse(check.stdout) as { ok: boolean; volumes: { name: string }[]; pool: { segmentsFree: number } };
@@ -120,7 +137,7 @@ describe('volumes through the command line', () => {
 
   it('refuses bad requests with a clear error, and each changes nothing', async (t) => {
     const pool = poolIn(t);
-    const server = await startServe(t, pool.args, pool.dir);
+    const server = await startServe(t, [...pool.args, '--metrics', '127.0.0.1:0'], pool.dir);
     const first = path.join(pool.dir, 'first.img');
     fs.writeFileSync(first, '');
     fs.truncateSync(first, 16 * MiB);
@@ -143,6 +160,13 @@ describe('volumes through the command line', () => {
       assert.equal(result.stderr.trim().split('\n').length, 1, 'one line');
     }
     assert.deepEqual((await listed(pool)).map((entry) => entry.name), ['first']);
+    // Every cache metric carries the volume's name.
+    const metricsUrl = /metrics at (\S+)/.exec(server.stdout)?.[1];
+    assert.ok(metricsUrl !== undefined, server.stdout);
+    const scrape = await (await fetch(metricsUrl)).text();
+    assert.match(scrape, /^pcache_dirty_bytes\{volume="first"\} 0$/m);
+    assert.match(scrape, /^pcache_state\{volume="first",state="running"\} 1$/m);
+    assert.match(scrape, /^pcache_up 1$/m);
     const unknown = await volume(pool, 'remove', 'nope');
     assert.equal(unknown.code, 1);
     assert.match(unknown.stderr, /no volume named "nope"/);
@@ -203,8 +227,17 @@ describe('volumes through the command line', () => {
     assert.equal(await shareOf(), 64 * MiB, 'a refused resize changes nothing');
     await client.read(after, 8 * MiB);
     assert.deepEqual(Buffer.from(after), data);
-    const check = await runCli(['volume', 'resize', '--control', pool.control, 'grow']);
-    assert.equal(check.code, 2, 'resize without --cache-size is a usage error');
+    const usage = await runCli(['volume', 'resize', '--control', pool.control, 'grow']);
+    assert.equal(usage.code, 2, 'resize without --cache-size is a usage error');
+
+    // Clients connected: remove is refused unless told to disconnect them.
+    const busy = await volume(pool, 'remove', 'grow');
+    assert.equal(busy.code, 1);
+    assert.match(busy.stderr, /1 client connection: .*--disconnect/);
+    const removed = await volume(pool, 'remove', 'grow', '--disconnect', '--drain');
+    assert.equal(removed.code, 0, removed.stderr);
+    await assert.rejects(client.read(after, 8 * MiB), 'the disconnected client\'s requests fail');
+    assert.deepEqual(fs.readFileSync(backing).subarray(8 * MiB, 12 * MiB), data, 'written back before the remove');
   });
 });
 
