@@ -224,7 +224,7 @@ function serveArgs(flags: Flags): ServeArgs {
     for (const flag of ['backing-size', 'backing-connections', 'export-name', 'gc-percent', 'mode', 'read-only', 'force-backing', 'accept-backing-change', 'accept-log-loss', 'record-dir']) {
       if (flags.has(flag)) throw flags.usage(`--${flag} needs --backing (without it, serve serves the cache device's volumes; set such things per volume: pcache volume add, pcache set --volume)`);
     }
-    if (!flags.has('control')) throw flags.usage('serving volumes (no --backing) needs --control PATH: volumes are added and removed through it (pcache volume add --control PATH ...)');
+    if (!flags.has('control')) throw flags.usage('--backing is required (or, to serve the cache device\'s volumes, --control PATH without --backing: volumes are added through it with pcache volume add)');
   }
   const backingPath = volumes ? '' : flags.required('backing');
   const isUri = !volumes && backingIsUri(flags, backingPath);
