@@ -57,6 +57,7 @@ import {
 } from '../protocol/transmission_server.js';
 import type { BufferPool } from './buffer_pool.js';
 import type { BusyPoll } from './busy_poll.js';
+import type { ConnectionLimits, NbdCounters } from './connection_limits.js';
 import type { Export } from './export.js';
 import type { ServedExport } from './export_catalog.js';
 import type { NbdRequestObserver } from './observer.js';
@@ -64,33 +65,6 @@ import { ReplyBatch } from './reply_batch.js';
 import { costBytes, invokeExport, isThenable, settle } from './export_call.js';
 import { startReading } from './socket_input.js';
 import type { NbdTlsFailure, ServerTls, TlsUpgradeResult } from './tls.js';
-
-export interface ConnectionLimits {
-  /** A client that has not entered transmission within this time is disconnected. */
-  readonly handshakeTimeoutMs: number;
-  /** Requests being served by the Export at once, per connection. */
-  readonly inFlightRequestsMax: number;
-  /** READ buffers and WRITE payloads held for in-flight requests, per connection. */
-  readonly inFlightBytesMax: number;
-  /** Reply bytes waiting for the client to read them before reading pauses. */
-  readonly replyBacklogBytesMax: number;
-  /** After our side ends, how long the client gets to close before the socket is destroyed. */
-  readonly closeGraceMs: number;
-}
-
-/** Counters shared by all connections of one server. */
-export interface NbdCounters {
-  connectionsTotal: number;
-  requestsTotal: number;
-  requestErrorsTotal: number;
-  replyBatchesTotal: number;
-  readPausesTotal: number;
-  protocolViolationsTotal: number;
-  /** TLS sessions started (STARTTLS and a successful TLS handshake). */
-  tlsSessionsTotal: number;
-  /** TLS handshakes that failed: bad credentials, garbage, a client that hung up. */
-  tlsFailuresTotal: number;
-}
 
 /** What a connection needs from its server. */
 export interface ConnectionHost {

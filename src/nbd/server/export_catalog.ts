@@ -19,7 +19,7 @@
 
 import { PcacheError } from '../../lib/errors.js';
 import { blockSizeMinimumBytes, stringMaxBytes } from '../protocol/constants.js';
-import type { ExportDirectory, OfferedExport } from '../protocol/handshake_server.js';
+import type { ExportDirectory, OfferedExport } from '../protocol/handshake_exports.js';
 import type { Export } from './export.js';
 
 export interface ExportEntry {
