@@ -166,7 +166,6 @@ export class NbdServer implements ConnectionHost {
     return this.stopping;
   }
 
-
   /**
    * Starts listening on a Unix socket path or on TCP (host defaults to 127.0.0.1; port 0 picks
    * a free port), or accepts on an inherited listening socket (`fd`). Resolves with the address
