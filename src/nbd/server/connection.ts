@@ -33,8 +33,8 @@
 //   and what one read left queued.
 // - An Export failure that is a PcacheError becomes an NBD error reply (nbdErrnoOf); anything
 //   else is a programmer error and is rethrown outside every handler, crashing the process.
-// - With an observer (observer.ts) every answered request is reported once, with numbers only;
-//   without one, no clock is read and nothing is called per request.
+// - With an observer (observer.ts: the export's own, else the server's) every answered request
+//   is reported once, with numbers only; without one, no clock is read and nothing is called.
 
 import type net from 'node:net';
 import type tls from 'node:tls';
@@ -103,7 +103,8 @@ export class Connection {
   /** The negotiated export and its catalog name; undefined until transmission. */
   private exp: Export | undefined;
   private servedName: string | undefined;
-  private readonly observer: NbdRequestObserver | undefined;
+  /** Chosen with the export: its own observer, else the server's. */
+  private observer: NbdRequestObserver | undefined;
   private phase: Phase = 'handshake';
   private handshake: Handshake<ServedExport> | undefined;
   private readonly input: ByteQueue;
@@ -149,7 +150,6 @@ export class Connection {
     this.inputReused = reused;
     this.host = host;
     this.finished = new Promise((resolve) => { this.resolveFinished = resolve; });
-    this.observer = host.observer;
     this.handshake = new Handshake(host.handshakeConfig);
     this.input = this.handshake.input;
     this.replies = new ReplyBatch(socket, host.buffers, host.counters, () => { this.afterReplies(); });
@@ -277,6 +277,7 @@ export class Connection {
   private enterTransmission(negotiated: Negotiated<ServedExport>): void {
     this.exp = negotiated.export.target;
     this.servedName = negotiated.export.name;
+    this.observer = negotiated.export.observer ?? this.host.observer;
     clearTimeout(this.handshakeTimer);
     this.handshakeTimer = undefined;
     this.phase = 'transmission';
@@ -356,7 +357,6 @@ export class Connection {
 
     let result: unknown;
     try {
-      // Set in the same step as the decoder that produced this request.
       assert(this.exp !== undefined, 'request before an export was negotiated');
       result = invokeExport(this.exp, request, readBuffer, this.clientId);
     } catch (error) {

@@ -2,8 +2,8 @@
 // client that puts exact options on the wire: LIST content, each name reaching its own Export
 // (and nothing else), ERR_UNKNOWN on INFO and GO with haggling going on, EXPORT_NAME of an
 // unknown name closing only that connection, per-export read-only, exports added and removed
-// while the server runs, connectionCount(name) and disconnect(name). Also ExportMap's checks
-// and the server's refusal of contradictory options.
+// while the server runs, connectionCount(name) and disconnect(name), per-export observers.
+// Also ExportMap's checks and the server's refusal of contradictory options.
 
 import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
@@ -314,6 +314,25 @@ describe('a server with several exports', () => {
     assert.deepEqual(await rawRead(onGreen.client, 4n, 0, 512), Buffer.from(green.device.bytes.subarray(0, 512)));
     negotiating.destroy();
     onGreen.client.destroy();
+  });
+
+  it('an export with its own observer reports its requests there; the others report to the server\'s', async (t) => {
+    const catalog = new ExportMap();
+    const seen = { server: [] as number[], own: [] as number[] };
+    catalog.add({ name: 'plain', export: patterned(1) });
+    catalog.add({ name: 'watched', export: patterned(2), observer: { requestAnswered: (command) => { seen.own.push(command); } } });
+    const server = new NbdServer({ catalog, observer: { requestAnswered: (command) => { seen.server.push(command); } } });
+    const socketPath = path.join(tempDir(t, 'pcache-nbd-catalog-'), 'nbd.sock');
+    await server.listen({ path: socketPath });
+    t.after(() => server.close());
+    const plain = await connectAndGo(socketPath, { name: 'plain' });
+    const watched = await connectAndGo(socketPath, { name: 'watched' });
+    await rawRead(plain.client, 1n, 0, 512);
+    assert.equal(await watched.client.command({ type: CMD.write, cookie: 2n, offset: 0, length: 512 }, Buffer.alloc(512)), ERR.ok);
+    await rawRead(watched.client, 3n, 0, 512);
+    assert.deepEqual(seen, { server: [CMD.read], own: [CMD.write, CMD.read] });
+    plain.client.destroy();
+    watched.client.destroy();
   });
 
   it('close() still ends every connection of every export', async (t) => {
