@@ -1,11 +1,11 @@
 // Real NBD clients against one NbdServer serving three exports from an ExportMap, each a
 // DeviceExport over its own MemoryDevice: nbdinfo --list shows all three with their
 // descriptions and sizes; nbdinfo, nbdcopy and qemu-io reach each export by name, and what is
-// written to one lands in that one only; an unknown name fails the way libnbd and qemu report
+// written to one lands in that one only; fio verifies on all three at once; an unknown name fails the way libnbd and qemu report
 // an unknown export, and the server keeps serving; an export added while the server runs is
 // listed and served, and a removed one is neither.
 //
-// The tools come from Debian packages (libnbd-bin, qemu-utils); a missing tool fails its test
+// The tools come from Debian packages (libnbd-bin, qemu-utils, fio); a missing tool fails its test
 // with the package name, it is never skipped. They run asynchronously (runTool): the server
 // lives in this process.
 
@@ -20,7 +20,7 @@ import { ExportMap } from '../../../src/nbd/server/export_catalog.js';
 import { NbdServer } from '../../../src/nbd/server/server.js';
 import { patternBytes } from '../../helpers/bytes.js';
 import { tempDir } from '../../helpers/files.js';
-import { nbdcopy, qemuIo, requireTool, runTool, uriFor } from '../../helpers/tools.js';
+import { fioVerifyJobs, nbdcopy, qemuIo, requireFioNbd, requireTool, runTool, uriFor } from '../../helpers/tools.js';
 
 /** Name, description and size of each export; the sizes differ so that a mix-up shows. */
 const volumes = [
@@ -142,6 +142,17 @@ describe('several exports through real clients', () => {
     assert.notEqual(unknown.code, 0);
     assert.match(unknown.stdout + unknown.stderr, /Requested export not available[\s\S]*no export named "delta"/);
     await qemuIo(uriFor(s.socketPath, 'gamma'), ['read -P 0x3c 3145828 70000']);
+  });
+
+  it('fio verifies on all three exports at once, each connection on its own export', async (t) => {
+    await requireFioNbd();
+    const s = await serveThree(t);
+    const before = volumes.map((volume) => Buffer.from(deviceOf(s, volume.name).bytes.subarray(0, 8 * MiB)));
+    // Were two names served by one device, the jobs' writes would overwrite each other and fail verification.
+    await Promise.all(volumes.map((volume) => fioVerifyJobs(uriFor(s.socketPath, volume.name), 1, `pcache-${volume.name}`)));
+    volumes.forEach((volume, index) => {
+      assert.ok(!Buffer.from(deviceOf(s, volume.name).bytes.subarray(0, 8 * MiB)).equals(before[index] ?? Buffer.alloc(0)), `fio wrote into ${volume.name}`);
+    });
   });
 
   it('an export added while the server runs is listed and served; a removed one is neither', async (t) => {
