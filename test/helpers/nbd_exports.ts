@@ -1,7 +1,7 @@
 // Export directories for handshake-codec tests: the codec asks a directory for the exports it
 // offers (protocol/handshake_server.ts); these build one from plain facts, with no server.
 
-import type { ExportDirectory, OfferedExport } from '../../src/nbd/protocol/handshake_server.js';
+import type { ExportDirectory, OfferedExport } from '../../src/nbd/protocol/handshake_exports.js';
 
 /** A directory of `offered`, in that order; the empty name picks `defaultName` (none when omitted). */
 export function exportsOf(offered: readonly OfferedExport[], defaultName?: string): ExportDirectory<OfferedExport> {

@@ -71,6 +71,7 @@ import {
   TransmissionFlag,
 } from './constants.js';
 import { exportNameBytes, HandshakeMachine, optionReply, type TransmissionTerms } from './handshake.js';
+import { descriptionBytes, type ExportDirectory, findExport, type OfferedExport, serverReplyData, unknownExportMessage } from './handshake_exports.js';
 
 /** The id under which base:allocation is selected (any u32 works; 0 is avoided for clarity). */
 export const baseAllocationContextId = 1;
@@ -79,24 +80,6 @@ export const metaContextQueriesMax = 64;
 
 /** TLS on a connection: never, at the client's choice, or before anything else (see above). */
 export type TlsMode = 'off' | 'on' | 'require';
-
-/** What negotiation tells a client about one export. */
-export interface OfferedExport {
-  /** UTF-8, at most stringMaxBytes, no NUL: the owner checks this before offering it. */
-  readonly name: string;
-  readonly description: string | undefined;
-  /** A safe integer multiple of blockSizeMinimumBytes, read when a client asks. */
-  readonly sizeBytes: number;
-  readonly readOnly: boolean;
-}
-
-/** The exports a handshake picks from, asked at every option that needs them (never cached). */
-export interface ExportDirectory<E extends OfferedExport> {
-  /** Every export, in the order LIST shows them. */
-  list(): readonly E[];
-  /** The export named `name`; the empty name is the default export, if there is one. */
-  find(name: string): E | undefined;
-}
 
 export interface HandshakeConfig<E extends OfferedExport = OfferedExport> {
   readonly exports: ExportDirectory<E>;
@@ -132,10 +115,6 @@ type Stage = 'clientFlags' | 'options';
 
 const negotiating = { kind: 'negotiating' } as const;
 const textEncoder = new TextEncoder();
-// fatal: bytes that are not UTF-8 name no export; ignoreBOM: a leading U+FEFF is part of the name.
-const nameDecoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
-/** Names up to this long are quoted back in ERR_UNKNOWN messages; longer ones are not. */
-const quotedNameMaxBytes = 256;
 
 export class Handshake<E extends OfferedExport = OfferedExport> extends HandshakeMachine<HandshakeVerdict<E>> {
   private readonly config: HandshakeConfig<E>;
@@ -302,15 +281,7 @@ export class Handshake<E extends OfferedExport = OfferedExport> extends Handshak
   private list(data: Uint8Array, out: Uint8Array[]): void {
     if (data.length !== 0) return this.refuse(out, Option.list, OptionReply.errInvalid, 'LIST takes no data');
     // One SERVER reply per export: the name, then the description as the human-readable rest.
-    for (const offered of this.config.exports.list()) {
-      const name = exportNameBytes(offered.name);
-      const description = descriptionBytes(offered);
-      const payload = new Uint8Array(4 + name.length + description.length);
-      writeU32BE(payload, 0, name.length);
-      payload.set(name, 4);
-      payload.set(description, 4 + name.length);
-      out.push(optionReply(Option.list, OptionReply.server, payload));
-    }
+    for (const offered of this.config.exports.list()) out.push(optionReply(Option.list, OptionReply.server, serverReplyData(offered)));
     out.push(optionReply(Option.list, OptionReply.ack));
   }
 
@@ -435,8 +406,7 @@ export class Handshake<E extends OfferedExport = OfferedExport> extends Handshak
 
   /** The export a client named, or undefined when the directory has none by that name. */
   private lookup(name: Uint8Array): E | undefined {
-    const text = decodeName(name);
-    return text === undefined ? undefined : this.config.exports.find(text);
+    return findExport(this.config.exports, name);
   }
 
   private handshakeFlags(): number {
@@ -483,28 +453,6 @@ function parseMetaContextData(data: Uint8Array): { name: Uint8Array; queries: st
   }
   if (position !== data.length) return 'trailing bytes after the last query';
   return { name, queries };
-}
-
-/** A name from the wire as a string, or undefined when its bytes are not UTF-8. */
-function decodeName(name: Uint8Array): string | undefined {
-  try {
-    return nameDecoder.decode(name);
-  } catch {
-    return undefined;
-  }
-}
-
-function unknownExportMessage(name: Uint8Array): string {
-  if (name.length === 0) return 'this server has no default export: name one';
-  const text = name.length <= quotedNameMaxBytes ? decodeName(name) : undefined;
-  return text === undefined ? 'no such export' : `no export named "${text}"`;
-}
-
-function descriptionBytes(offered: OfferedExport): Uint8Array {
-  if (offered.description === undefined) return new Uint8Array(0);
-  const bytes = textEncoder.encode(offered.description);
-  assert(bytes.length <= stringMaxBytes, 'description longer than the protocol allows');
-  return bytes;
 }
 
 function infoString(type: number, text: Uint8Array): Uint8Array {

@@ -33,8 +33,8 @@
 //   and what one read left queued.
 // - An Export failure that is a PcacheError becomes an NBD error reply (nbdErrnoOf); anything
 //   else is a programmer error and is rethrown outside every handler, crashing the process.
-// - With an observer (observer.ts) every answered request is reported once, with numbers only;
-//   without one, no clock is read and nothing is called per request.
+// - With an observer (observer.ts: the export's own, else the server's) every answered request
+//   is reported once, with numbers only; without one, no clock is read and nothing is called.
 
 import type net from 'node:net';
 import type tls from 'node:tls';
@@ -57,6 +57,7 @@ import {
 } from '../protocol/transmission_server.js';
 import type { BufferPool } from './buffer_pool.js';
 import type { BusyPoll } from './busy_poll.js';
+import type { ConnectionLimits, NbdCounters } from './connection_limits.js';
 import type { Export } from './export.js';
 import type { ServedExport } from './export_catalog.js';
 import type { NbdRequestObserver } from './observer.js';
@@ -64,33 +65,6 @@ import { ReplyBatch } from './reply_batch.js';
 import { costBytes, invokeExport, isThenable, settle } from './export_call.js';
 import { startReading } from './socket_input.js';
 import type { NbdTlsFailure, ServerTls, TlsUpgradeResult } from './tls.js';
-
-export interface ConnectionLimits {
-  /** A client that has not entered transmission within this time is disconnected. */
-  readonly handshakeTimeoutMs: number;
-  /** Requests being served by the Export at once, per connection. */
-  readonly inFlightRequestsMax: number;
-  /** READ buffers and WRITE payloads held for in-flight requests, per connection. */
-  readonly inFlightBytesMax: number;
-  /** Reply bytes waiting for the client to read them before reading pauses. */
-  readonly replyBacklogBytesMax: number;
-  /** After our side ends, how long the client gets to close before the socket is destroyed. */
-  readonly closeGraceMs: number;
-}
-
-/** Counters shared by all connections of one server. */
-export interface NbdCounters {
-  connectionsTotal: number;
-  requestsTotal: number;
-  requestErrorsTotal: number;
-  replyBatchesTotal: number;
-  readPausesTotal: number;
-  protocolViolationsTotal: number;
-  /** TLS sessions started (STARTTLS and a successful TLS handshake). */
-  tlsSessionsTotal: number;
-  /** TLS handshakes that failed: bad credentials, garbage, a client that hung up. */
-  tlsFailuresTotal: number;
-}
 
 /** What a connection needs from its server. */
 export interface ConnectionHost {
@@ -129,7 +103,8 @@ export class Connection {
   /** The negotiated export and its catalog name; undefined until transmission. */
   private exp: Export | undefined;
   private servedName: string | undefined;
-  private readonly observer: NbdRequestObserver | undefined;
+  /** Chosen with the export: its own observer, else the server's. */
+  private observer: NbdRequestObserver | undefined;
   private phase: Phase = 'handshake';
   private handshake: Handshake<ServedExport> | undefined;
   private readonly input: ByteQueue;
@@ -175,7 +150,6 @@ export class Connection {
     this.inputReused = reused;
     this.host = host;
     this.finished = new Promise((resolve) => { this.resolveFinished = resolve; });
-    this.observer = host.observer;
     this.handshake = new Handshake(host.handshakeConfig);
     this.input = this.handshake.input;
     this.replies = new ReplyBatch(socket, host.buffers, host.counters, () => { this.afterReplies(); });
@@ -303,6 +277,7 @@ export class Connection {
   private enterTransmission(negotiated: Negotiated<ServedExport>): void {
     this.exp = negotiated.export.target;
     this.servedName = negotiated.export.name;
+    this.observer = negotiated.export.observer ?? this.host.observer;
     clearTimeout(this.handshakeTimer);
     this.handshakeTimer = undefined;
     this.phase = 'transmission';
@@ -382,7 +357,6 @@ export class Connection {
 
     let result: unknown;
     try {
-      // Set in the same step as the decoder that produced this request.
       assert(this.exp !== undefined, 'request before an export was negotiated');
       result = invokeExport(this.exp, request, readBuffer, this.clientId);
     } catch (error) {

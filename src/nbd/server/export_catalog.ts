@@ -19,8 +19,9 @@
 
 import { PcacheError } from '../../lib/errors.js';
 import { blockSizeMinimumBytes, stringMaxBytes } from '../protocol/constants.js';
-import type { ExportDirectory, OfferedExport } from '../protocol/handshake_server.js';
+import type { ExportDirectory, OfferedExport } from '../protocol/handshake_exports.js';
 import type { Export } from './export.js';
+import type { NbdRequestObserver } from './observer.js';
 
 export interface ExportEntry {
   readonly name: string;
@@ -28,6 +29,11 @@ export interface ExportEntry {
   readonly export: Export;
   /** Advertise READ_ONLY and refuse WRITE, TRIM and WRITE_ZEROES with EPERM (default false). */
   readonly readOnly?: boolean;
+  /**
+   * Told about every request answered on this export's connections instead of the server's
+   * observer (per-export metrics); chosen once per connection, so it costs nothing per request.
+   */
+  readonly observer?: NbdRequestObserver;
 }
 
 export interface ExportCatalog {
@@ -107,6 +113,7 @@ export function singleExportCatalog(entry: ExportEntry): ExportCatalog {
 /** What a server's handshake sees of a catalog entry: the facts it sends, and the Export to serve. */
 export interface ServedExport extends OfferedExport {
   readonly target: Export;
+  readonly observer: NbdRequestObserver | undefined;
 }
 
 /**
@@ -130,6 +137,7 @@ function served(entry: ExportEntry): ServedExport {
     sizeBytes: entry.export.sizeBytes,
     readOnly: entry.readOnly ?? false,
     target: entry.export,
+    observer: entry.observer,
   };
 }
 

@@ -34,7 +34,8 @@ import { maxPayloadBytes, stringMaxBytes } from '../protocol/constants.js';
 import type { HandshakeConfig } from '../protocol/handshake_server.js';
 import { BufferPool } from './buffer_pool.js';
 import { BusyPoll, busyPollWindowDefaultUs, busyPollWindowMaxUs, type BusyPollCounters } from './busy_poll.js';
-import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
+import { Connection, type ConnectionHost } from './connection.js';
+import type { ConnectionLimits, NbdCounters } from './connection_limits.js';
 import type { Export } from './export.js';
 import { catalogDirectory, singleExportCatalog, type ExportCatalog, type ServedExport } from './export_catalog.js';
 import type { NbdRequestObserver } from './observer.js';
@@ -164,7 +165,6 @@ export class NbdServer implements ConnectionHost {
   get shuttingDown(): boolean {
     return this.stopping;
   }
-
 
   /**
    * Starts listening on a Unix socket path or on TCP (host defaults to 127.0.0.1; port 0 picks

@@ -6,7 +6,8 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { Handshake, type HandshakeConfig, type OfferedExport } from '../../../src/nbd/protocol/handshake_server.js';
+import type { OfferedExport } from '../../../src/nbd/protocol/handshake_exports.js';
+import { Handshake, type HandshakeConfig } from '../../../src/nbd/protocol/handshake_server.js';
 import { MiB } from '../../../src/lib/units.js';
 import { assertChunkingInvariant } from '../../helpers/bytes.js';
 import { exportsOf } from '../../helpers/nbd_exports.js';
