@@ -27,36 +27,25 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { NbdServer, type NbdBoundAddress } from '../nbd/server/server.js';
-import { defaultServe, UsageError, type ServeArgs } from './args.js';
+import { defaultServe, type ServeArgs } from './args.js';
 import { ControlServer } from './control.js';
 import { describeDevice, sizeFlagIgnored } from './devices.js';
 import { refuseIfInUse } from './in_use.js';
-import { createLogger, type Logger } from './log.js';
+import type { Logger } from './log.js';
 import { createMetricsRegistry, MetricsServer, NbdRequestCounters } from './metrics.js';
 import { writePidFile } from './pid_file.js';
 import { noCacheExport, openBacking, openCache, prepareFiles, recorded, type Served } from './serve_open.js';
-import { checkNetworkExposure, closeAll, stopAll, StopRequests, uriOf, uvThreadPoolSize, watchState, type Closer } from './serve_lifecycle.js';
+import { beginServe, checkNetworkExposure, closeAll, stopAll, uriOf, uvThreadPoolSize, watchState, type Closer, type StopRequests } from './serve_lifecycle.js';
 import { servePool } from './serve_pool.js';
-import { loadServeTls } from './serve_tls.js';
-import { notificationsWanted, notifySystemd, takeInheritedSocket } from './systemd.js';
+import { notificationsWanted, notifySystemd } from './systemd.js';
 import type { Terminal } from './terminal.js';
 import { packageVersion } from './version.js';
 
 export async function serveCommand(args: ServeArgs, terminal: Terminal): Promise<number> {
   if (args.volumes) return servePool(args, terminal);
-  const stops = new StopRequests();
-  const log = createLogger(args.logLevel);
-  const closers: Closer[] = [];
-  const startedAt = new Date();
   // Before anything is created or opened: where to listen, and with what credentials.
-  const inherited = takeInheritedSocket();
-  if (inherited !== undefined && args.listenGiven) {
-    throw new UsageError('serve: --socket and --port cannot be used under systemd socket activation (LISTEN_FDS is set): the listening socket comes from the .socket unit');
-  }
-  const tls = args.tls === undefined ? undefined : loadServeTls(args.tls);
-  if (tls?.certNotAfter !== undefined && tls.certNotAfter.getTime() < Date.now()) {
-    log.warn({ notAfter: tls.certNotAfter.toISOString() }, 'the TLS server certificate has expired: clients that verify it will refuse to connect');
-  }
+  const { stops, log, startedAt, inherited, tls } = beginServe(args);
+  const closers: Closer[] = [];
   let served: Served;
   let server: NbdServer;
   let created: string[] = [];

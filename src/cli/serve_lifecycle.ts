@@ -5,12 +5,36 @@
 import path from 'node:path';
 import { PcacheError } from '../lib/errors.js';
 import type { NbdBoundAddress } from '../nbd/server/server.js';
-import { exitFailure, exitOk, insecureBindProblem, isLoopback, type ServeArgs } from './args.js';
-import type { Logger } from './log.js';
-import type { ServeTls } from './serve_tls.js';
+import { exitFailure, exitOk, insecureBindProblem, isLoopback, UsageError, type ServeArgs } from './args.js';
+import { createLogger, type Logger } from './log.js';
+import { loadServeTls, type ServeTls } from './serve_tls.js';
+import { takeInheritedSocket } from './systemd.js';
 import type { Terminal } from './terminal.js';
 
 export type Closer = () => Promise<void>;
+
+/** What every serve sets up before it creates or opens anything: stop requests, the log, the socket systemd passed, the TLS credentials. */
+export interface ServeStart {
+  readonly stops: StopRequests;
+  readonly log: Logger;
+  readonly startedAt: Date;
+  readonly inherited: ReturnType<typeof takeInheritedSocket>;
+  readonly tls: ServeTls | undefined;
+}
+
+export function beginServe(args: ServeArgs): ServeStart {
+  const stops = new StopRequests();
+  const log = createLogger(args.logLevel);
+  const inherited = takeInheritedSocket();
+  if (inherited !== undefined && args.listenGiven) {
+    throw new UsageError('serve: --socket and --port cannot be used under systemd socket activation (LISTEN_FDS is set): the listening socket comes from the .socket unit');
+  }
+  const tls = args.tls === undefined ? undefined : loadServeTls(args.tls);
+  if (tls?.certNotAfter !== undefined && tls.certNotAfter.getTime() < Date.now()) {
+    log.warn({ notAfter: tls.certNotAfter.toISOString() }, 'the TLS server certificate has expired: clients that verify it will refuse to connect');
+  }
+  return { stops, log, startedAt: new Date(), inherited, tls };
+}
 
 /** How long a stop may take before pcache gives up on it. */
 const stopTimeoutMs = 60_000;

@@ -17,31 +17,23 @@ import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { formatSize } from '../lib/units.js';
 import { ExportMap } from '../nbd/server/export_catalog.js';
 import { NbdServer } from '../nbd/server/server.js';
-import { UsageError, type ServeArgs } from './args.js';
+import type { ServeArgs } from './args.js';
 import { ControlServer } from './control.js';
 import { ensureDeviceFile, sizeFlagIgnored } from './devices.js';
 import { refuseIfInUse } from './in_use.js';
-import { createLogger, type Logger } from './log.js';
+import type { Logger } from './log.js';
 import { createMetricsRegistry, MetricsServer, NbdRequestCounters } from './metrics.js';
 import { writePidFile } from './pid_file.js';
-import { checkNetworkExposure, closeAll, stopAll, StopRequests, uriOf, uvThreadPoolSize, type Closer } from './serve_lifecycle.js';
+import { beginServe, checkNetworkExposure, closeAll, stopAll, uriOf, uvThreadPoolSize, type Closer, type StopRequests } from './serve_lifecycle.js';
 import { tuningOf } from './serve_open.js';
-import { loadServeTls } from './serve_tls.js';
-import { notificationsWanted, notifySystemd, takeInheritedSocket } from './systemd.js';
+import { notificationsWanted, notifySystemd } from './systemd.js';
 import type { Terminal } from './terminal.js';
 import { packageVersion } from './version.js';
 import { VolumeSet } from './volume_set.js';
 
 export async function servePool(args: ServeArgs, terminal: Terminal): Promise<number> {
-  const stops = new StopRequests();
-  const log = createLogger(args.logLevel);
+  const { stops, log, startedAt, inherited, tls } = beginServe(args);
   const closers: Closer[] = [];
-  const startedAt = new Date();
-  const inherited = takeInheritedSocket();
-  if (inherited !== undefined && args.listenGiven) {
-    throw new UsageError('serve: --socket and --port cannot be used under systemd socket activation (LISTEN_FDS is set): the listening socket comes from the .socket unit');
-  }
-  const tls = args.tls === undefined ? undefined : loadServeTls(args.tls);
   let created = false;
   let listening = false;
   let removePidFile: (() => void) | undefined;
