@@ -48,7 +48,7 @@ export async function servePool(args: ServeArgs, terminal: Terminal): Promise<nu
     closers.push(() => device.close());
     const pool = await openPool(device, args, log);
     const exports = new ExportMap();
-    volumes = new VolumeSet(pool, exports, log, { cachePath: args.cachePath, tuning: tuningOf(args), backingConnections: 4 });
+    volumes = new VolumeSet(pool, exports, log, { cachePath: args.cachePath, tuning: tuningOf(args), backingConnections: args.backingConnections });
     const set = volumes;
     closers.push(() => set.closeAll());
     await volumes.openAll();
