@@ -8,6 +8,7 @@ export { Cache, dmStatusLine, defaultTuning, eagerWriteback, type CacheOpenOptio
 export { checkCacheDevice, type CheckReport, type CheckSummary } from './cache/cache_check.js';
 export { NbdServer, type NbdServerOptions, type NbdListenAddress, type NbdLimits } from './nbd/server/server.js';
 export type { Export } from './nbd/server/export.js';
+export { ExportMap, type ExportCatalog, type ExportEntry } from './nbd/server/export_catalog.js';
 export type { BlockStatusExtent } from './nbd/protocol/command_types.js';
 export { NbdClient } from './nbd/client/client.js';
 export { NbdRemoteDevice } from './nbd/client/remote_device.js';

@@ -17,6 +17,7 @@ import {
 } from './args_commands.js';
 import { commandHelp, parseFlags, UsageError, type CommandGrammar, type CommandName } from './args_parse.js';
 import { serveGrammar, type ServeArgs } from './args_serve.js';
+import { volumeGrammar, type VolumeArgs } from './args_volume.js';
 
 export { UsageError, type CommandName } from './args_parse.js';
 export type { CheckArgs, CheckpointArgs, ControlArgs, DrainArgs, FormatArgs, SetArgs, StatusArgs } from './args_commands.js';
@@ -44,7 +45,8 @@ export type Invocation =
   | { readonly command: 'set'; readonly args: SetArgs }
   | { readonly command: 'invalidate'; readonly args: ControlArgs }
   | { readonly command: 'detach'; readonly args: ControlArgs }
-  | { readonly command: 'checkpoint'; readonly args: CheckpointArgs };
+  | { readonly command: 'checkpoint'; readonly args: CheckpointArgs }
+  | { readonly command: 'volume'; readonly args: VolumeArgs };
 
 /** Every command's grammar, in the order the overview lists them. */
 const grammars: { readonly [Name in CommandName]: CommandGrammar<Extract<Invocation, { command: Name }>['args']> } = {
@@ -57,6 +59,7 @@ const grammars: { readonly [Name in CommandName]: CommandGrammar<Extract<Invocat
   invalidate: invalidateGrammar,
   detach: detachGrammar,
   checkpoint: checkpointGrammar,
+  volume: volumeGrammar,
 };
 
 const commandNames = Object.keys(grammars) as CommandName[];

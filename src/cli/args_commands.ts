@@ -32,19 +32,24 @@ export interface CheckArgs {
   readonly repair: boolean;
 }
 
-export interface DrainArgs {
+/** `--volume NAME`: the volume a command is for, on a server of volumes. */
+interface VolumeChoice {
+  readonly volume: string | undefined;
+}
+
+export interface DrainArgs extends VolumeChoice {
   readonly controlPath: string;
   readonly timeoutMs: number | undefined;
   readonly progress: boolean;
 }
 
 /** `invalidate` and `detach`: a running server's control socket. */
-export interface ControlArgs {
+export interface ControlArgs extends VolumeChoice {
   readonly controlPath: string;
   readonly json: boolean;
 }
 
-export interface CheckpointArgs {
+export interface CheckpointArgs extends VolumeChoice {
   readonly controlPath: string;
   /** A shell command run while the backing device is held ({name}, {time}, {epoch} substituted). */
   readonly exec: string | undefined;
@@ -54,7 +59,7 @@ export interface CheckpointArgs {
   readonly json: boolean;
 }
 
-export interface SetArgs {
+export interface SetArgs extends VolumeChoice {
   readonly controlPath: string;
   /** The changes, in the order given; empty to list the settings. */
   readonly changes: Readonly<Record<string, KnobValue>>;
@@ -63,6 +68,8 @@ export interface SetArgs {
 
 /** `--control PATH` of the commands that only talk to a running server. */
 const serverControlFlag = valueFlag('PATH', "the server's control socket (required)");
+/** `--volume NAME` of the commands that act on one cache. */
+const volumeFlag = valueFlag('NAME', 'on a server of volumes (serve without --backing): the volume (required when it has several)');
 
 export const formatGrammar: CommandGrammar<FormatArgs> = {
   spec: {
@@ -160,9 +167,10 @@ export const checkGrammar: CommandGrammar<CheckArgs> = {
 export const drainGrammar: CommandGrammar<DrainArgs> = {
   spec: {
     summary: 'write back all dirty data of a running server; returns once clean',
-    usage: ['pcache drain --control PATH [--timeout SECONDS] [--progress]'],
+    usage: ['pcache drain --control PATH [--volume NAME] [--timeout SECONDS] [--progress]'],
     flags: {
       control: serverControlFlag,
+      volume: valueFlag('NAME', 'on a server of volumes: drain this volume only (default: every volume)'),
       timeout: valueFlag('SECONDS', 'give up after this long (exit 1); default: wait until clean'),
       progress: switchFlag('show dirty bytes left, rate and time left on stderr while waiting'),
     },
@@ -173,7 +181,7 @@ export const drainGrammar: CommandGrammar<DrainArgs> = {
   },
   options(flags) {
     const seconds = flags.integer('timeout', secondsRange);
-    return { controlPath: flags.required('control'), timeoutMs: seconds === undefined ? undefined : seconds * 1000, progress: flags.has('progress') };
+    return { controlPath: flags.required('control'), volume: flags.optional('volume'), timeoutMs: seconds === undefined ? undefined : seconds * 1000, progress: flags.has('progress') };
   },
 };
 
@@ -183,9 +191,10 @@ const checkpointNamePattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 export const checkpointGrammar: CommandGrammar<CheckpointArgs> = {
   spec: {
     summary: 'bring the backing device to the last flushed state, hold it there while a command runs (a snapshot)',
-    usage: ['pcache checkpoint --control PATH [--exec CMD] [--name NAME] [--timeout SECONDS] [--json]'],
+    usage: ['pcache checkpoint --control PATH [--volume NAME] [--exec CMD] [--name NAME] [--timeout SECONDS] [--json]'],
     flags: {
       control: serverControlFlag,
+      volume: volumeFlag,
       exec: valueFlag('CMD', 'run CMD (with sh -c) while the backing device is held, e.g. "rbd snap create rbd/img@{name}"'),
       name: valueFlag('NAME', 'the checkpoint\'s name (letters, digits, . _ -; default pcache-<UTC time>)'),
       timeout: valueFlag('SECONDS', 'give up after this long, the command included (exit 1); default: no limit'),
@@ -206,16 +215,17 @@ export const checkpointGrammar: CommandGrammar<CheckpointArgs> = {
     if (name !== undefined && !checkpointNamePattern.test(name)) {
       throw flags.usage(`--name must be 1 to 64 letters, digits, '.', '_' or '-' (starting with a letter or digit), got ${JSON.stringify(name)}`);
     }
-    return { controlPath: flags.required('control'), exec: flags.optional('exec'), name, timeoutMs: seconds === undefined ? undefined : seconds * 1000, json: flags.has('json') };
+    return { controlPath: flags.required('control'), volume: flags.optional('volume'), exec: flags.optional('exec'), name, timeoutMs: seconds === undefined ? undefined : seconds * 1000, json: flags.has('json') };
   },
 };
 
 export const invalidateGrammar: CommandGrammar<ControlArgs> = {
   spec: {
     summary: "drop every clean cached copy of a running server's cache (dirty data stays)",
-    usage: ['pcache invalidate --control PATH [--json]'],
+    usage: ['pcache invalidate --control PATH [--volume NAME] [--json]'],
     flags: {
       control: serverControlFlag,
+      volume: volumeFlag,
       json: switchFlag('print the result as JSON'),
     },
     notes: [
@@ -224,7 +234,7 @@ export const invalidateGrammar: CommandGrammar<ControlArgs> = {
       'The drop is recorded in the cache\'s log, so it holds across restarts. Needs format version 2.',
     ],
   },
-  options: (flags) => ({ controlPath: flags.required('control'), json: flags.has('json') }),
+  options: (flags) => ({ controlPath: flags.required('control'), volume: flags.optional('volume'), json: flags.has('json') }),
 };
 
 export const detachGrammar: CommandGrammar<ControlArgs> = {
@@ -241,15 +251,16 @@ export const detachGrammar: CommandGrammar<ControlArgs> = {
       'without pcache. A later serve on the cache starts with nothing cached. Needs format version 2.',
     ],
   },
-  options: (flags) => ({ controlPath: flags.required('control'), json: flags.has('json') }),
+  options: (flags) => ({ controlPath: flags.required('control'), volume: undefined, json: flags.has('json') }),
 };
 
 export const setGrammar: CommandGrammar<SetArgs> = {
   spec: {
     summary: "change a running cache's write mode, gc_percent and other knobs, or list them",
-    usage: ['pcache set --control PATH [NAME VALUE]...'],
+    usage: ['pcache set --control PATH [--volume NAME] [NAME VALUE]...'],
     flags: {
       control: serverControlFlag,
+      volume: volumeFlag,
       json: switchFlag('print the settings as JSON'),
     },
     positionals: true,
@@ -273,7 +284,7 @@ export const setGrammar: CommandGrammar<SetArgs> = {
       if (Object.hasOwn(changes, name)) throw flags.usage(`${name} given more than once`);
       changes[name] = name === modeSettingName ? modeFlagValue(flags, words[index + 1] ?? '') : knobValue(flags, '', name, words[index + 1] ?? '');
     }
-    return { controlPath, changes, json: flags.has('json') };
+    return { controlPath, volume: flags.optional('volume'), changes, json: flags.has('json') };
   },
 };
 

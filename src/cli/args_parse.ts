@@ -17,7 +17,7 @@ export class UsageError extends Error {
   override readonly name = 'UsageError';
 }
 
-export type CommandName = 'format' | 'serve' | 'status' | 'check' | 'drain' | 'set' | 'invalidate' | 'detach' | 'checkpoint';
+export type CommandName = 'format' | 'serve' | 'status' | 'check' | 'drain' | 'set' | 'invalidate' | 'detach' | 'checkpoint' | 'volume';
 
 export interface FlagSpec {
   readonly kind: 'string' | 'boolean';

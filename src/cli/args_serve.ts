@@ -58,6 +58,11 @@ export interface ServeArgs {
   /** `--mode`: the write mode to serve in (stored in the cache); undefined keeps the stored one. */
   readonly mode: CacheMode | undefined;
   readonly noCache: boolean;
+  /**
+   * No --backing: serve every volume recorded on the cache device (a blank one is formatted
+   * for volumes, with none); `pcache volume add` adds more. backingPath is empty then.
+   */
+  readonly volumes: boolean;
   /** Record both devices' writes and syncs here (RecordingDevice), for offline power-loss states. */
   readonly recordDir: string | undefined;
   /** `pcache serve` with no arguments: create ./pcache-data/ and print connection recipes. */
@@ -110,6 +115,8 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
       '             [--control PATH] [--export-name NAME] [--read-only] [--gc-percent N] [--mode MODE] [--tuning NAME=VALUE,...]',
       '             [--backing-connections N] [--metrics HOST:PORT [--metrics-allow-remote]] [--log-level LEVEL]',
       '             [--drain-on-exit [--drain-timeout SECONDS]] [--force-backing] [--accept-log-loss] [--accept-backing-change] [--busy-poll-us N] [--pid-file PATH]',
+      'pcache serve --cache PATH [--cache-size SIZE [--segment-size SIZE]] (--socket PATH | --port N) --control PATH [...]',
+      '                        (no --backing: serve the cache device\'s volumes; see `pcache volume`)',
       'pcache serve            (no arguments: a ready-made cache and disk in ./pcache-data/)',
     ],
     flags: {
@@ -175,6 +182,7 @@ function defaultModeArgs(): ServeArgs {
     gcPercent: undefined,
     mode: undefined,
     noCache: false,
+    volumes: false,
     recordDir: undefined,
     defaultMode: true,
     tuning: {},
@@ -211,8 +219,15 @@ function serveArgs(flags: Flags): ServeArgs {
       if (flags.has(flag)) throw flags.usage(`--${flag} makes no sense with --no-cache`);
     }
   }
-  const backingPath = flags.required('backing');
-  const isUri = backingIsUri(flags, backingPath);
+  const volumes = !flags.has('backing') && !noCache;
+  if (volumes) {
+    for (const flag of ['backing-size', 'backing-connections', 'export-name', 'gc-percent', 'mode', 'read-only', 'force-backing', 'accept-backing-change', 'accept-log-loss', 'record-dir']) {
+      if (flags.has(flag)) throw flags.usage(`--${flag} needs --backing (without it, serve serves the cache device's volumes; set such things per volume: pcache volume add, pcache set --volume)`);
+    }
+    if (!flags.has('control')) throw flags.usage('--backing is required (or, to serve the cache device\'s volumes, --control PATH without --backing: volumes are added through it with pcache volume add)');
+  }
+  const backingPath = volumes ? '' : flags.required('backing');
+  const isUri = !volumes && backingIsUri(flags, backingPath);
   if (isUri && flags.has('backing-size')) throw flags.usage('--backing-size makes no sense with an NBD backing device (its server decides its size)');
   const connections = flags.integer('backing-connections', { min: 1, max: connectionsMax });
   if (connections !== undefined && !isUri) throw flags.usage('--backing-connections needs an NBD URI for --backing');
@@ -238,6 +253,7 @@ function serveArgs(flags: Flags): ServeArgs {
     gcPercent,
     mode,
     noCache,
+    volumes,
     recordDir: flags.optional('record-dir'),
     defaultMode: false,
     tuning: tuningFlag(flags),

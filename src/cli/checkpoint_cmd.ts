@@ -39,7 +39,7 @@ export async function checkpointCommand(args: CheckpointArgs, terminal: Terminal
     if (args.exec === undefined) return { name, point, writebackMs, heldMs: 0, exitCode: undefined, signal: null };
     const exit = await runHeld(args.exec, name, point, deadlineMs === undefined ? undefined : deadlineMs - heldMs);
     return { name, point, writebackMs, heldMs: performance.now() - heldMs, ...exit };
-  }, args.timeoutMs);
+  }, args.timeoutMs, args.volume);
   const failed = outcome.exitCode !== undefined && outcome.exitCode !== 0;
   if (args.json) {
     terminal.out(JSON.stringify({

@@ -27,25 +27,40 @@ import { prepareSocketPath } from '../nbd/server/server.js';
 import { controlLimits, controlRoutes, httpStatusOf, type ControlErrorBody, type ControlLimits, type ControlRoute } from './control_api.js';
 import { listenOn } from './listen.js';
 
+/**
+ * The handlers answer for the whole server, or — `volume`, from the request's `?volume=NAME` —
+ * for one volume of a server that serves a cache device's volumes (a single-volume server
+ * refuses a volume it does not know).
+ */
 export interface ControlHandlers {
   /** The server's state, computed synchronously. */
   status(): unknown;
   /** Resolves once everything written before the call is on the backing device, synced. */
-  drain(): Promise<void>;
+  drain(volume?: string): Promise<void>;
   /**
    * Applies `{name: value}` changes all together or none (an empty object changes nothing) and
    * resolves to every setting's value afterwards; refuses with a PcacheError.
    */
-  set(changes: Readonly<Record<string, unknown>>): Promise<unknown>;
+  set(changes: Readonly<Record<string, unknown>>, volume?: string): Promise<unknown>;
   /** Drops every clean cached copy; resolves to the bytes dropped. */
-  invalidate(): Promise<number>;
+  invalidate(volume?: string): Promise<number>;
   /** Drains, drops every clean copy, marks the cache detached; the server then stops. */
   detach(): Promise<void>;
   /**
    * Brings the backing device to the log's durable state and holds it there while `held` runs;
    * `signal` (the client gone) gives up the wait.
    */
-  checkpoint(held: (point: CheckpointPoint) => Promise<void>, signal: AbortSignal): Promise<void>;
+  checkpoint(held: (point: CheckpointPoint) => Promise<void>, signal: AbortSignal, volume?: string): Promise<void>;
+  /** The volume routes; absent on a server of one backing device (they answer ENOTSUP). */
+  readonly volumes?: VolumeHandlers;
+}
+
+export interface VolumeHandlers {
+  list(): unknown;
+  /** Adds a volume from the request's JSON object; resolves to its entry. */
+  add(request: Readonly<Record<string, unknown>>): Promise<unknown>;
+  remove(request: Readonly<Record<string, unknown>>): Promise<unknown>;
+  resize(request: Readonly<Record<string, unknown>>): Promise<unknown>;
 }
 
 /** Where a checkpoint holds the backing device (Cache.checkpoint's point). */
@@ -74,9 +89,14 @@ const ownerOnlyUmask = 0o177;
 const shuttingDown = (): ControlError => new ControlError('ESHUTDOWN', 'the server is stopping');
 
 interface Served extends ControlRoute {
-  /** The answer's JSON; a route that answers by itself (checkpoint) sends it on `response` and resolves once done. */
-  answer(body: string, response: http.ServerResponse): unknown;
+  /**
+   * The answer's JSON; a route that answers by itself (checkpoint) sends it on `response` and
+   * resolves once done. `volume` is the request's `?volume=NAME`.
+   */
+  answer(body: string, response: http.ServerResponse, volume: string | undefined): unknown;
 }
+
+const singleVolume = (): ControlError => new ControlError('ENOTSUP', 'this server serves one backing device (serve --backing): volumes are served from a cache device served without --backing');
 
 export class ControlServer {
   private readonly handlers: ControlHandlers;
@@ -96,12 +116,16 @@ export class ControlServer {
     this.routes = [
       { ...controlRoutes.routes, answer: () => this.describe() },
       { ...controlRoutes.status, answer: () => this.handlers.status() },
-      { ...controlRoutes.drain, answer: () => this.handlers.drain().then(() => ({ drained: true })) },
-      { ...controlRoutes.settings, answer: () => this.handlers.set({}) },
-      { ...controlRoutes.set, answer: (body) => this.handlers.set(settingsOf(body)) },
-      { ...controlRoutes.invalidate, answer: () => this.handlers.invalidate().then((droppedBytes) => ({ droppedBytes })) },
+      { ...controlRoutes.drain, answer: (_body, _response, volume) => this.handlers.drain(volume).then(() => ({ drained: true })) },
+      { ...controlRoutes.settings, answer: (_body, _response, volume) => this.handlers.set({}, volume) },
+      { ...controlRoutes.set, answer: (body, _response, volume) => this.handlers.set(objectOf(body, 'PATCH /settings', 'name: value'), volume) },
+      { ...controlRoutes.invalidate, answer: (_body, _response, volume) => this.handlers.invalidate(volume).then((droppedBytes) => ({ droppedBytes })) },
       { ...controlRoutes.detach, answer: () => this.handlers.detach().then(() => ({ detached: true })) },
-      { ...controlRoutes.checkpoint, answer: (_body, response) => this.checkpoint(response) },
+      { ...controlRoutes.checkpoint, answer: (_body, response, volume) => this.checkpoint(response, volume) },
+      { ...controlRoutes.volumes, answer: () => this.volumeHandlers().list() },
+      { ...controlRoutes.volumeAdd, answer: (body) => this.volumeHandlers().add(objectOf(body, 'POST /volumes', 'the volume\'s fields')) },
+      { ...controlRoutes.volumeRemove, answer: (body) => this.volumeHandlers().remove(objectOf(body, 'POST /volumes/remove', 'the volume\'s fields')) },
+      { ...controlRoutes.volumeResize, answer: (body) => this.volumeHandlers().resize(objectOf(body, 'POST /volumes/resize', 'the volume\'s fields')) },
     ];
     this.server = http.createServer({
       maxHeaderSize: this.limits.headerBytesMax,
@@ -167,8 +191,10 @@ export class ControlServer {
       return;
     }
     let route: Served;
+    let volume: string | undefined;
     try {
       route = this.route(request);
+      volume = new URL(request.url ?? '/', 'http://localhost').searchParams.get('volume') ?? undefined;
     } catch (error) {
       refuse(response, error);
       return;
@@ -176,7 +202,7 @@ export class ControlServer {
     readBody(request, this.limits.bodyBytesMax).then(
       (body) => {
         if (this.closing) return; // answered with ESHUTDOWN already
-        new Promise((resolve) => { resolve(route.answer(body, response)); }).then(
+        new Promise((resolve) => { resolve(route.answer(body, response, volume)); }).then(
           (result) => { answer(response, 200, result); },
           (error: unknown) => { refuse(response, error); },
         );
@@ -203,7 +229,12 @@ export class ControlServer {
    * `held` line go out and the answer stays open; the connection's close (the client done, or
    * gone) ends the hold. A failure before that is answered as any other.
    */
-  private async checkpoint(response: http.ServerResponse): Promise<unknown> {
+  private volumeHandlers(): VolumeHandlers {
+    if (this.handlers.volumes === undefined) throw singleVolume();
+    return this.handlers.volumes;
+  }
+
+  private async checkpoint(response: http.ServerResponse, volume: string | undefined): Promise<unknown> {
     const gone = new AbortController();
     response.once('close', () => { gone.abort(); });
     await this.handlers.checkpoint(async (point) => {
@@ -211,7 +242,7 @@ export class ControlServer {
       response.write(`${JSON.stringify({ held: { seq: point.seq, lsn: point.lsn, time: new Date().toISOString() } })}\n`);
       if (gone.signal.aborted) return;
       await new Promise<void>((resolve) => { gone.signal.addEventListener('abort', () => { resolve(); }, { once: true }); });
-    }, gone.signal);
+    }, gone.signal, volume);
     return undefined; // answered already (answer() leaves a sent response alone)
   }
 
@@ -224,16 +255,16 @@ export class ControlServer {
   }
 }
 
-/** `PATCH /settings`'s body: a JSON object of name: value. */
-function settingsOf(body: string): Record<string, unknown> {
+/** A request's body that must be a JSON object (`PATCH /settings`: name: value). */
+function objectOf(body: string, route: string, what: string): Record<string, unknown> {
   let value: unknown;
   try {
     value = JSON.parse(body);
   } catch {
-    throw new ControlError('EINVAL', 'PATCH /settings takes a JSON object of name: value; the body is not JSON');
+    throw new ControlError('EINVAL', `${route} takes a JSON object of ${what}; the body is not JSON`);
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw new ControlError('EINVAL', 'PATCH /settings takes a JSON object of name: value');
+    throw new ControlError('EINVAL', `${route} takes a JSON object of ${what}`);
   }
   return value as Record<string, unknown>;
 }

@@ -17,6 +17,16 @@
 //                    answer's head and a first line {"held":{"seq":N,"lsn":N,"time":"..."}} are
 //                    sent (application/x-ndjson) and the answer stays open; closing the
 //                    connection releases the hold (a client that dies releases it too)
+//   GET   /volumes   the volumes of a server that serves a cache device's volumes
+//   POST  /volumes   adds a volume: {"name","backing","cacheSizeBytes"[,"gcPercent","dataCrc"]};
+//                    answers its entry once it is recorded durably and exported
+//   POST  /volumes/remove  removes one: {"name"[,"drain","disconnect"]}; answers once its
+//                    share is free
+//   POST  /volumes/resize  gives one a new share: {"name","cacheSizeBytes"}; writes it back,
+//                    formats the share at its new size (clients wait meanwhile, connected)
+//
+// With volumes, drain, settings, invalidate and checkpoint take `?volume=NAME` (drain without
+// it drains every volume; the others need it when there are several).
 //
 // Success is 200 with the JSON result. A failure is {"error":{"code":"EINVAL","message":"..."}}
 // (with "reason" when the engine gave one) and an HTTP status that fits: controlErrorStatus
@@ -27,7 +37,7 @@ import type { PcacheErrorCode } from '../lib/errors.js';
 export type ControlMethod = 'GET' | 'POST' | 'PATCH';
 
 /** What the client asks for; each is one route. */
-export type ControlOp = 'routes' | 'status' | 'drain' | 'settings' | 'set' | 'invalidate' | 'detach' | 'checkpoint';
+export type ControlOp = 'routes' | 'status' | 'drain' | 'settings' | 'set' | 'invalidate' | 'detach' | 'checkpoint' | 'volumes' | 'volumeAdd' | 'volumeRemove' | 'volumeResize';
 
 export interface ControlRoute {
   readonly method: ControlMethod;
@@ -46,6 +56,10 @@ export const controlRoutes: Readonly<Record<ControlOp, ControlRoute>> = {
   invalidate: { method: 'POST', path: '/invalidate', summary: 'drop every clean cached copy (dirty data stays); answers the bytes dropped', command: 'invalidate' },
   checkpoint: { method: 'POST', path: '/checkpoint', summary: 'write back what the log held durably and hold the backing device there while the connection stays open (a snapshot)', command: 'checkpoint' },
   detach: { method: 'POST', path: '/detach', summary: 'write everything back, drop every clean copy, mark the cache detached and stop the server', command: 'detach' },
+  volumes: { method: 'GET', path: '/volumes', summary: 'the volumes served from the cache device', command: 'volume list' },
+  volumeAdd: { method: 'POST', path: '/volumes', summary: 'add a volume: {"name","backing","cacheSizeBytes"[,"gcPercent","dataCrc"]}; answers once it is recorded and exported', command: 'volume add' },
+  volumeRemove: { method: 'POST', path: '/volumes/remove', summary: 'remove a volume: {"name"[,"drain","disconnect"]}; answers once its share is free', command: 'volume remove' },
+  volumeResize: { method: 'POST', path: '/volumes/resize', summary: 'resize a volume\'s share: {"name","cacheSizeBytes"}; writes it back and formats the share at its new size while its clients wait', command: 'volume resize' },
 };
 
 /** The body of every failure. */
@@ -59,7 +73,7 @@ export const controlErrorStatus: Readonly<Record<string, number>> = {
   EPERM: 403, // the settings of a cache served --read-only
   ENOENT: 404, // no such route
   EMETHOD: 405, // the route takes another method (the Allow header lists it)
-  ENOTSUP: 409, // served --no-cache: there are no settings
+  ENOTSUP: 409, // served --no-cache: there are no settings; volumes asked of a single-volume server
   E2BIG: 413, // a request body over controlLimits.bodyBytesMax (the connection is closed)
   EBUSY: 429, // more than controlLimits.pendingPerConnectionMax unanswered requests on one connection
   ESHUTDOWN: 503, // the server is stopping

@@ -20,6 +20,8 @@ export interface ControlRequestOptions {
   readonly timeoutMs?: number | undefined;
   /** The JSON body (PATCH /settings). */
   readonly body?: unknown;
+  /** The volume the request is for (`?volume=NAME`), on a server of several. */
+  readonly volume?: string | undefined;
 }
 
 /** Sends `op` to the control socket at `path` and resolves to the server's JSON answer. */
@@ -41,7 +43,8 @@ export function controlRequest(path: string, op: ControlOp, options: ControlRequ
     };
     const headers: Record<string, string> = { host: 'localhost', accept: 'application/json' };
     if (payload !== undefined) Object.assign(headers, { 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(payload)) });
-    const request = http.request({ socketPath: path, method: route.method, path: route.path, headers, agent: false }, (response) => {
+    const target = options.volume === undefined ? route.path : `${route.path}?volume=${encodeURIComponent(options.volume)}`;
+    const request = http.request({ socketPath: path, method: route.method, path: target, headers, agent: false }, (response) => {
       const chunks: Buffer[] = [];
       let bytes = 0;
       response.on('data', (chunk: Buffer) => {
@@ -102,7 +105,7 @@ export interface HeldPoint {
  * EIO if the server let go of the connection before whileHeld was done (the hold may have
  * ended early).
  */
-export function controlCheckpoint<T>(path: string, whileHeld: (point: HeldPoint) => Promise<T>, timeoutMs: number | undefined): Promise<T> {
+export function controlCheckpoint<T>(path: string, whileHeld: (point: HeldPoint) => Promise<T>, timeoutMs: number | undefined, volume?: string): Promise<T> {
   const route = controlRoutes.checkpoint;
   const what = route.command;
   return new Promise((resolve, reject) => {
@@ -118,7 +121,8 @@ export function controlCheckpoint<T>(path: string, whileHeld: (point: HeldPoint)
       if (error !== undefined) reject(error);
       else resolve(result as T);
     };
-    const request = http.request({ socketPath: path, method: route.method, path: route.path, headers: { host: 'localhost', accept: 'application/x-ndjson', 'content-length': '0' }, agent: false }, (response) => {
+    const target = volume === undefined ? route.path : `${route.path}?volume=${encodeURIComponent(volume)}`;
+    const request = http.request({ socketPath: path, method: route.method, path: target, headers: { host: 'localhost', accept: 'application/x-ndjson', 'content-length': '0' }, agent: false }, (response) => {
       const chunks: Buffer[] = [];
       let bytes = 0;
       response.on('data', (chunk: Buffer) => {

@@ -33,7 +33,7 @@ export async function drainCommand(args: DrainArgs, terminal: Terminal): Promise
   const progress = args.progress ? new DrainProgress(args.controlPath, terminal) : undefined;
   try {
     const outcome = await Promise.race([
-      controlRequest(args.controlPath, 'drain', { timeoutMs: args.timeoutMs }).then(() => 'drained' as const),
+      controlRequest(args.controlPath, 'drain', { timeoutMs: args.timeoutMs, volume: args.volume }).then(() => 'drained' as const),
       new Promise<'interrupted'>((resolve) => { interrupted = () => { resolve('interrupted'); }; }),
     ]);
     progress?.stop(outcome === 'drained');

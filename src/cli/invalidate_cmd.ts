@@ -10,7 +10,7 @@ import { controlRequest } from './control_client.js';
 import type { Terminal } from './terminal.js';
 
 export async function invalidateCommand(args: ControlArgs, terminal: Terminal): Promise<number> {
-  const result = await controlRequest(args.controlPath, 'invalidate');
+  const result = await controlRequest(args.controlPath, 'invalidate', { volume: args.volume });
   const droppedBytes = (result as { droppedBytes?: unknown } | null)?.droppedBytes;
   if (typeof droppedBytes !== 'number') throw new PcacheError('EIO', `${args.controlPath} answered invalidate with something unexpected`);
   terminal.out(args.json ? JSON.stringify({ droppedBytes }) : `dropped ${droppedBytes} bytes (${formatSize(droppedBytes)}) of clean cached copies; dirty data stays`);

@@ -48,6 +48,8 @@ async function run(invocation: Invocation, terminal: Terminal): Promise<number> 
       return (await import('./invalidate_cmd.js')).detachCommand(invocation.args, terminal);
     case 'checkpoint':
       return (await import('./checkpoint_cmd.js')).checkpointCommand(invocation.args, terminal);
+    case 'volume':
+      return (await import('./volume_cmd.js')).volumeCommand(invocation.args, terminal);
   }
 }
 

@@ -63,9 +63,19 @@ export class NbdRequestCounters implements NbdRequestObserver {
 }
 
 export interface MetricsSources {
-  /** The cache's status; undefined with --no-cache. */
-  cacheStatus(): CacheStatus | undefined;
+  /**
+   * Every cache's status, by volume name; empty with --no-cache. A server of one backing device
+   * has one, and its metrics carry no volume label; a server of volumes labels every cache
+   * metric with `volume` (`perVolume`).
+   */
+  caches(): readonly VolumeStatus[];
+  readonly perVolume: boolean;
   nbdStats(): NbdServerStats;
+}
+
+export interface VolumeStatus {
+  readonly volume: string;
+  readonly status: CacheStatus;
 }
 
 const cacheStates: readonly CacheStatus['state'][] = ['running', 'draining', 'degraded', 'backing-offline', 'failed', 'stopping', 'stopped'];
@@ -133,87 +143,99 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   total('pcache_nbd_tls_sessions_total', 'NBD connections upgraded to TLS', () => sources.nbdStats().tlsSessionsTotal);
   total('pcache_nbd_tls_failures_total', 'NBD TLS handshakes that failed (credentials refused, garbage, hang-ups)', () => sources.nbdStats().tlsFailuresTotal);
 
-  // --- the cache, read from one status() per scrape ---
-  let snapshot: CacheStatus | undefined;
-  // Registered first, so its collect() takes the snapshot the cache metrics below read.
+  // --- the caches, read from one status() each per scrape ---
+  let snapshots: readonly VolumeStatus[] = [];
+  const volumeLabels = sources.perVolume ? ['volume'] : [];
+  const labelsOf = (snapshot: VolumeStatus, extra: Record<string, string> = {}): Record<string, string> => (sources.perVolume ? { volume: snapshot.volume, ...extra } : extra);
+  // Registered first, so its collect() takes the snapshots the cache metrics below read.
   new Gauge({
-    name: 'pcache_up', help: '1 while a cache is open (0 with --no-cache)', registers,
+    name: 'pcache_up', help: 'Caches open (1 for a server of one backing device; the volumes serving, for a server of volumes; 0 with --no-cache)', registers,
     collect() {
-      snapshot = sources.cacheStatus();
-      this.set(snapshot === undefined ? 0 : 1);
+      snapshots = sources.caches();
+      this.set(snapshots.length);
     },
   });
-  const cache = <T>(read: (status: CacheStatus) => T): (() => T | undefined) => () => (snapshot === undefined ? undefined : read(snapshot));
-  const stats = (read: (counters: CacheStatus['counters']) => number): (() => number | undefined) => cache((status) => read(status.counters));
-
-  new Gauge({
-    name: 'pcache_state', help: 'The cache state: 1 for the current one, 0 for the others', labelNames: ['state'], registers,
-    collect() {
-      const now = snapshot?.state;
-      for (const name of cacheStates) this.set({ state: name }, name === now ? 1 : 0);
-    },
-  });
-  gauge('pcache_backing_online', '0 while the backing device is offline, 1 otherwise', cache((status) => (status.backingOfflineSince === undefined ? 1 : 0)));
-  gauge('pcache_dirty_bytes', 'Bytes written to the cache and not yet written back', cache((status) => status.dirtyBytes));
-  gauge('pcache_dirty_high_water_bytes', 'Dirty bytes at which writes are held while the backing device is offline', cache((status) => status.dirtyHighWaterBytes));
-  gauge('pcache_segments', 'Segments of the cache device', cache((status) => status.cacheSegs));
-  gauge('pcache_segments_used', 'Segments in use (log and data)', cache((status) => status.segsUsed));
-  gauge('pcache_gc_percent', 'GC starts when this percentage of segments is in use', cache((status) => status.gcPercent));
-  gauge('pcache_index_keys', 'Keys in the in-memory index', cache((status) => status.indexKeys));
-  gauge('pcache_index_bytes', 'Bytes of memory held by the index', cache((status) => status.indexBytes));
-  gauge('pcache_writeback_oldest_dirty_age_seconds', 'Age of the oldest dirty data (0 when clean)', cache((status) => (status.writeback.oldestDirtyAgeMs ?? 0) / 1000));
-  total('pcache_read_hits_total', 'Read requests served entirely from the cache', stats((c) => c.readHitRequests));
-  total('pcache_read_misses_total', 'Read requests that needed the backing device', stats((c) => c.readMissRequests));
-  total('pcache_read_hit_bytes_total', 'Bytes read from the cache', stats((c) => c.readHitBytes));
-  total('pcache_read_miss_bytes_total', 'Bytes read from the backing device for clients', stats((c) => c.readMissBytes));
-  total('pcache_write_bytes_total', 'Bytes written by clients into the cache', stats((c) => c.writeBytes));
-  total('pcache_writeback_bytes_total', 'Dirty log bytes writeback has retired, written back or superseded (rate() gives the writeback rate)', stats((c) => c.writebackBytes));
-  total('pcache_writeback_backing_bytes_total', 'Bytes writeback wrote to the backing device', stats((c) => c.writebackBackingBytes));
-  total('pcache_writeback_backing_writes_total', 'Writes writeback sent to the backing device', stats((c) => c.writebackBackingWrites));
-  total('pcache_writeback_skipped_bytes_total', 'Dirty bytes writeback left out because newer writes superseded them', stats((c) => c.writebackSkippedBytes));
-  total('pcache_writeback_rounds_total', 'Writeback rounds completed', stats((c) => c.writebackRounds));
-  total('pcache_gc_segments_freed_total', 'Segments freed by garbage collection (rate() gives the GC rate)', stats((c) => c.gcSegmentsFreed));
-  total('pcache_gc_ksets_total', 'Ksets garbage collection walked past', stats((c) => c.gcKsets));
-  total('pcache_ksets_written_total', 'Key sets appended to the log', stats((c) => c.ksetsWritten));
-  /** A counter with one label, each value of it read from the snapshot's counters. */
-  const labelled = (name: string, help: string, label: string, kinds: readonly [string, (c: CacheStatus['counters']) => number][]): void => {
-    const seenByKind = new Map<string, number>();
-    new Counter({
-      name, help, labelNames: [label], registers,
+  /** A gauge per cache (and per value of `label`, when given). */
+  const cacheGauge = (name: string, help: string, read: (status: CacheStatus) => number, label?: { name: string; values: readonly string[]; read: (status: CacheStatus, value: string) => number }): void => {
+    new Gauge({
+      name, help, labelNames: [...volumeLabels, ...(label === undefined ? [] : [label.name])], registers,
       collect() {
-        if (snapshot === undefined) return;
-        for (const [kind, read] of kinds) {
-          const value = read(snapshot.counters);
-          const seen = seenByKind.get(kind) ?? 0;
-          this.inc({ [label]: kind }, Math.max(0, value - seen));
-          seenByKind.set(kind, Math.max(seen, value));
+        this.reset();
+        for (const snapshot of snapshots) {
+          if (label === undefined) this.set(labelsOf(snapshot), read(snapshot.status));
+          else for (const value of label.values) this.set(labelsOf(snapshot, { [label.name]: value }), label.read(snapshot.status, value));
         }
       },
     });
   };
-  labelled('pcache_errors_total', 'Errors, by kind', 'kind', [
+  /**
+   * A counter per cache and per kind, each read from the cache's counters. A volume removed and
+   * added again starts from zero: its series is dropped and counted afresh.
+   */
+  const cacheCounter = (name: string, help: string, kinds: readonly [string | undefined, (c: CacheStatus['counters']) => number][], label?: string): void => {
+    const seen = new Map<string, number>();
+    new Counter({
+      name, help, labelNames: [...volumeLabels, ...(label === undefined ? [] : [label])], registers,
+      collect() {
+        for (const snapshot of snapshots) {
+          for (const [kind, read] of kinds) {
+            const labels = labelsOf(snapshot, label === undefined || kind === undefined ? {} : { [label]: kind });
+            const key = JSON.stringify(labels);
+            const value = read(snapshot.status.counters);
+            let before = seen.get(key) ?? 0;
+            if (value < before) {
+              if (Object.keys(labels).length > 0) this.remove(labels);
+              before = 0;
+            }
+            this.inc(labels, value - before);
+            seen.set(key, value);
+          }
+        }
+      },
+    });
+  };
+  const counted = (name: string, help: string, read: (c: CacheStatus['counters']) => number): void => { cacheCounter(name, help, [[undefined, read]]); };
+
+  cacheGauge('pcache_state', 'The cache state: 1 for the current one, 0 for the others', () => 0, { name: 'state', values: cacheStates, read: (status, state) => (status.state === state ? 1 : 0) });
+  cacheGauge('pcache_backing_online', '0 while the backing device is offline, 1 otherwise', (status) => (status.backingOfflineSince === undefined ? 1 : 0));
+  cacheGauge('pcache_dirty_bytes', 'Bytes written to the cache and not yet written back', (status) => status.dirtyBytes);
+  cacheGauge('pcache_dirty_high_water_bytes', 'Dirty bytes at which writes are held while the backing device is offline', (status) => status.dirtyHighWaterBytes);
+  cacheGauge('pcache_segments', 'Segments of the cache device (of the volume\'s share)', (status) => status.cacheSegs);
+  cacheGauge('pcache_segments_used', 'Segments in use (log and data)', (status) => status.segsUsed);
+  cacheGauge('pcache_gc_percent', 'GC starts when this percentage of segments is in use', (status) => status.gcPercent);
+  cacheGauge('pcache_index_keys', 'Keys in the in-memory index', (status) => status.indexKeys);
+  cacheGauge('pcache_index_bytes', 'Bytes of memory held by the index', (status) => status.indexBytes);
+  cacheGauge('pcache_writeback_oldest_dirty_age_seconds', 'Age of the oldest dirty data (0 when clean)', (status) => (status.writeback.oldestDirtyAgeMs ?? 0) / 1000);
+  counted('pcache_read_hits_total', 'Read requests served entirely from the cache', (c) => c.readHitRequests);
+  counted('pcache_read_misses_total', 'Read requests that needed the backing device', (c) => c.readMissRequests);
+  counted('pcache_read_hit_bytes_total', 'Bytes read from the cache', (c) => c.readHitBytes);
+  counted('pcache_read_miss_bytes_total', 'Bytes read from the backing device for clients', (c) => c.readMissBytes);
+  counted('pcache_write_bytes_total', 'Bytes written by clients into the cache', (c) => c.writeBytes);
+  counted('pcache_writeback_bytes_total', 'Dirty log bytes writeback has retired, written back or superseded (rate() gives the writeback rate)', (c) => c.writebackBytes);
+  counted('pcache_writeback_backing_bytes_total', 'Bytes writeback wrote to the backing device', (c) => c.writebackBackingBytes);
+  counted('pcache_writeback_backing_writes_total', 'Writes writeback sent to the backing device', (c) => c.writebackBackingWrites);
+  counted('pcache_writeback_skipped_bytes_total', 'Dirty bytes writeback left out because newer writes superseded them', (c) => c.writebackSkippedBytes);
+  counted('pcache_writeback_rounds_total', 'Writeback rounds completed', (c) => c.writebackRounds);
+  counted('pcache_gc_segments_freed_total', 'Segments freed by garbage collection (rate() gives the GC rate)', (c) => c.gcSegmentsFreed);
+  counted('pcache_gc_ksets_total', 'Ksets garbage collection walked past', (c) => c.gcKsets);
+  counted('pcache_ksets_written_total', 'Key sets appended to the log', (c) => c.ksetsWritten);
+  cacheCounter('pcache_errors_total', 'Errors, by kind', [
     ['cache_io', (c) => c.cacheIoErrors], ['backing_read', (c) => c.backingReadErrors], ['backing_write', (c) => c.backingWriteErrors],
     ['data_crc', (c) => c.dataCrcErrors], ['writeback', (c) => c.writebackErrors], ['gc', (c) => c.gcErrors],
-  ]);
+  ], 'kind');
   // --- the policy: write mode, sequential cutoff, fills ---
-  new Gauge({
-    name: 'pcache_mode', help: 'The write mode: 1 for the current one, 0 for the others', labelNames: ['mode'], registers,
-    collect() {
-      if (snapshot === undefined) return;
-      for (const mode of cacheModes) this.set({ mode }, mode === snapshot.mode ? 1 : 0);
-    },
-  });
-  labelled('pcache_bypassed_requests_total', 'Requests that bypassed the cache, by reason (the sequential cutoff, or the write mode)', 'reason', [
+  cacheGauge('pcache_mode', 'The write mode: 1 for the current one, 0 for the others', () => 0, { name: 'mode', values: cacheModes, read: (status, mode) => (status.mode === mode ? 1 : 0) });
+  cacheCounter('pcache_bypassed_requests_total', 'Requests that bypassed the cache, by reason (the sequential cutoff, or the write mode)', [
     ['cutoff', (c) => c.bypassCutoffRequests], ['mode', (c) => c.bypassModeRequests],
-  ]);
-  labelled('pcache_bypassed_bytes_total', 'Bytes of the requests that bypassed the cache, by reason', 'reason', [
+  ], 'reason');
+  cacheCounter('pcache_bypassed_bytes_total', 'Bytes of the requests that bypassed the cache, by reason', [
     ['cutoff', (c) => c.bypassCutoffBytes], ['mode', (c) => c.bypassModeBytes],
-  ]);
-  total('pcache_bypass_fallbacks_total', 'Writes meant for the backing device that were cached: they overlapped dirty data', stats((c) => c.bypassFallbacks));
-  total('pcache_fills_admitted_total', 'Read misses (and writethrough copies) stored in the cache', stats((c) => c.fillsStored));
-  labelled('pcache_fills_rejected_total', 'Read misses not stored in the cache, by reason (no free space or log room; the mode or cutoff)', 'reason', [
+  ], 'reason');
+  counted('pcache_bypass_fallbacks_total', 'Writes meant for the backing device that were cached: they overlapped dirty data', (c) => c.bypassFallbacks);
+  counted('pcache_fills_admitted_total', 'Read misses (and writethrough copies) stored in the cache', (c) => c.fillsStored);
+  cacheCounter('pcache_fills_rejected_total', 'Read misses not stored in the cache, by reason (no free space or log room; the mode or cutoff)', [
     ['space', (c) => c.fillsSkipped], ['policy', (c) => c.fillsNotAdmitted],
-  ]);
+  ], 'reason');
   return registry;
 }
 

@@ -17,7 +17,7 @@ import { ensureDeviceFile } from './devices.js';
 import type { Logger } from './log.js';
 import { applySettings, currentSettings, knobNamed, type KnobValue } from './settings.js';
 
-export type Closer = () => Promise<void>;
+import type { Closer } from './serve_lifecycle.js';
 
 /**
  * With --record-dir, a device whose every write and sync is also appended to DIR/<name>.log
@@ -57,7 +57,10 @@ export interface OpenedBacking {
   whenBackOnline(callback: () => void): void;
 }
 
-export async function openBacking(args: ServeArgs, log: Logger): Promise<OpenedBacking> {
+/** What opening a backing device needs of serve's arguments (a volume passes its own). */
+export type BackingArgs = Pick<ServeArgs, 'backingPath' | 'backingIsUri' | 'backingConnections' | 'readOnly'>;
+
+export async function openBacking(args: BackingArgs, log: Logger): Promise<OpenedBacking> {
   if (!args.backingIsUri) return { device: await FileDevice.open(args.backingPath, { readOnly: args.readOnly }), remote: undefined, whenBackOnline: () => undefined };
   let wasOffline = false;
   let backOnline = (): void => undefined;
@@ -84,7 +87,7 @@ export function prepareFiles(args: ServeArgs): string[] {
 }
 
 /** The CacheTuning fields of `serve --tuning` (names and values were checked by args_serve.ts). */
-function tuningOf(args: ServeArgs): Partial<CacheTuning> {
+export function tuningOf(args: ServeArgs): Partial<CacheTuning> {
   const tuning: Record<string, KnobValue> = {};
   for (const [name, value] of Object.entries(args.tuning)) {
     const field = knobNamed(name)?.field;
@@ -94,45 +97,79 @@ function tuningOf(args: ServeArgs): Partial<CacheTuning> {
   return tuning;
 }
 
+/** How to open and serve one cache: serve's flags, or a volume's. */
+export interface CacheServeOptions {
+  /** The cache, as messages name it (a path, or a pool's volume). */
+  readonly cacheName: string;
+  readonly backingName: string;
+  /** Format a blank device (serve's first start); a volume's share is formatted when it is added. */
+  readonly formatIfBlank: boolean;
+  readonly readOnly: boolean;
+  readonly gcPercent: number | undefined;
+  readonly segmentSizeBytes: number | undefined;
+  readonly forceBacking: boolean;
+  readonly acceptLogLoss: boolean;
+  readonly acceptBackingChange: boolean;
+  readonly tuning: Partial<CacheTuning>;
+  readonly mode: ServeArgs['mode'];
+}
+
 export async function openCache(args: ServeArgs, backing: BlockDevice, closers: Closer[], log: Logger): Promise<Served> {
   const device = recorded(args, 'cache', await FileDevice.open(args.cachePath, { blocking: true, readOnly: args.readOnly }));
   closers.push(() => device.close());
-  const formatted = !args.readOnly && await probeDevice(device) === 'blank';
+  return serveCache(device, backing, {
+    cacheName: args.cachePath,
+    backingName: args.backingPath,
+    formatIfBlank: !args.readOnly,
+    readOnly: args.readOnly,
+    gcPercent: args.gcPercent,
+    segmentSizeBytes: args.segmentSizeBytes,
+    forceBacking: args.forceBacking,
+    acceptLogLoss: args.acceptLogLoss,
+    acceptBackingChange: args.acceptBackingChange,
+    tuning: tuningOf(args),
+    mode: args.mode,
+  }, closers, log);
+}
+
+/** Opens the cache on `device` in front of `backing`, logs what the start found, and wraps it for serve and the control socket. */
+export async function serveCache(device: BlockDevice, backing: BlockDevice, options: CacheServeOptions, closers: Closer[], log: Logger): Promise<Served> {
+  const formatted = options.formatIfBlank && await probeDevice(device) === 'blank';
   let cache: Cache;
   try {
     cache = await Cache.open({
       cacheDevice: device,
       backingDevice: backing,
-      formatIfBlank: args.readOnly ? false : {
-        ...(args.gcPercent === undefined ? {} : { gcPercent: args.gcPercent }),
-        ...(args.segmentSizeBytes === undefined ? {} : { segmentSizeBytes: args.segmentSizeBytes }),
+      formatIfBlank: !options.formatIfBlank ? false : {
+        ...(options.gcPercent === undefined ? {} : { gcPercent: options.gcPercent }),
+        ...(options.segmentSizeBytes === undefined ? {} : { segmentSizeBytes: options.segmentSizeBytes }),
       },
-      readOnly: args.readOnly,
-      acceptOtherBackingIdentity: args.forceBacking,
-      acceptLogLoss: args.acceptLogLoss,
-      acceptBackingChange: args.acceptBackingChange,
-      tuning: tuningOf(args),
+      readOnly: options.readOnly,
+      acceptOtherBackingIdentity: options.forceBacking,
+      acceptLogLoss: options.acceptLogLoss,
+      acceptBackingChange: options.acceptBackingChange,
+      tuning: options.tuning,
     });
   } catch (error) {
     if (!isPcacheError(error)) throw error;
     const hint = error.reason === 'other-backing-identity' ? ': add --force-backing to accept it'
-      : error.reason === 'log-damaged' ? ` (pcache check --cache ${args.cachePath}; then --accept-log-loss)`
+      : error.reason === 'log-damaged' ? ` (pcache check --cache ${options.cacheName}; then --accept-log-loss)`
         : error.reason === 'backing-changed' ? ' (--accept-backing-change writes the dirty data over the changed device)' : '';
-    throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath}: ${error.message}${hint}`, { cause: error, reason: error.reason });
+    throw new PcacheError(error.code, `cannot serve ${options.backingName} through ${options.cacheName}: ${error.message}${hint}`, { cause: error, reason: error.reason });
   }
   closers.push(() => cache.close());
-  if (args.gcPercent !== undefined && !formatted) await cache.setGcPercent(args.gcPercent);
-  if (args.mode !== undefined) {
+  if (options.gcPercent !== undefined && !formatted) await cache.setGcPercent(options.gcPercent);
+  if (options.mode !== undefined) {
     try {
-      await cache.setMode(args.mode);
+      await cache.setMode(options.mode);
     } catch (error) {
       if (!isPcacheError(error)) throw error;
-      throw new PcacheError(error.code, `cannot serve ${args.backingPath} through ${args.cachePath} in mode ${args.mode}: ${error.message}`, { cause: error });
+      throw new PcacheError(error.code, `cannot serve ${options.backingName} through ${options.cacheName} in mode ${options.mode}: ${error.message}`, { cause: error });
     }
   }
   const segmentSizeBytes = cache.status().segmentSizeBytes;
-  if (args.segmentSizeBytes !== undefined && !formatted && args.segmentSizeBytes !== segmentSizeBytes) {
-    log.warn({ segmentSizeBytes }, `--segment-size ${args.segmentSizeBytes} is not applied: the cache was formatted with segments of ${segmentSizeBytes} bytes (format it again to change them)`);
+  if (options.segmentSizeBytes !== undefined && !formatted && options.segmentSizeBytes !== segmentSizeBytes) {
+    log.warn({ segmentSizeBytes }, `--segment-size ${options.segmentSizeBytes} is not applied: the cache was formatted with segments of ${segmentSizeBytes} bytes (format it again to change them)`);
   }
   const { ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors } = cache.replayResult;
   const replay = { ksets, keys, staleKeys, stopReason, stopDamage, dataCrcErrors: dataCrcErrors.length };
@@ -162,7 +199,7 @@ export async function openCache(args: ServeArgs, backing: BlockDevice, closers: 
     },
     set: async (changes) => {
       if (Object.keys(changes).length === 0) return currentSettings(cache);
-      if (args.readOnly) throw new PcacheError('EPERM', 'the cache is served --read-only: its settings cannot change');
+      if (options.readOnly) throw new PcacheError('EPERM', 'the cache is served --read-only: its settings cannot change');
       return applySettings(cache, changes);
     },
     invalidate: () => cache.invalidate(),

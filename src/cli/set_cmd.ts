@@ -10,7 +10,7 @@ import type { Terminal } from './terminal.js';
 
 export async function setCommand(args: SetArgs, terminal: Terminal): Promise<number> {
   const listing = Object.keys(args.changes).length === 0;
-  const result = await controlRequest(args.controlPath, listing ? 'settings' : 'set', listing ? {} : { body: args.changes });
+  const result = await controlRequest(args.controlPath, listing ? 'settings' : 'set', listing ? { volume: args.volume } : { body: args.changes, volume: args.volume });
   if (typeof result !== 'object' || result === null) throw new PcacheError('EIO', `${args.controlPath} answered set with something that is not an object`);
   const settings = result as Record<string, unknown>;
   if (args.json) {

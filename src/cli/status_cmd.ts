@@ -92,6 +92,8 @@ function table(report: Fields): string {
   } else {
     rows.push(['device', String(report.cachePath)]);
   }
+  const volumes = report.volumes as Fields[] | undefined;
+  if (volumes !== undefined) return render([...rows, ...volumeRows(report, volumes)]);
   if (cache === null || cache === undefined) {
     rows.push(['cache', 'none (served with --no-cache)']);
     return render(rows);
@@ -122,6 +124,25 @@ function table(report: Fields): string {
   const problems = report.problems as string[] | undefined;
   for (const problem of problems ?? []) rows.push(['problem', problem]);
   return render(rows);
+}
+
+/** A server of volumes: the pool, then each volume's state, share, dirty bytes, reads and writeback. */
+function volumeRows(report: Fields, volumes: readonly Fields[]): [string, string][] {
+  const pool = (report.pool ?? {}) as Fields;
+  const rows: [string, string][] = [['pool', `${String(report.cachePath)}: ${String(pool.segments)} segments of ${formatSize(Number(pool.segmentSizeBytes))}, ${formatSize(Number(pool.freeBytes))} free, volume table generation ${String(pool.tableGeneration)}`]];
+  if (volumes.length === 0) rows.push(['volumes', 'none (pcache volume add)']);
+  for (const volume of volumes) {
+    const name = `volume ${String(volume.name)}`;
+    if (volume.failure !== null && volume.failure !== undefined) {
+      rows.push([name, `failed: ${typeof volume.failure === 'string' ? volume.failure : 'unknown'}`]);
+      continue;
+    }
+    const cache = (volume.cache ?? {}) as Fields;
+    rows.push([name, `${String(volume.state)}, ${String(cache.mode)}, share ${formatSize(Number(volume.shareBytes))} (${String(volume.segmentsUsed)}/${String(volume.segments)} segments used), ` +
+      `${formatSize(Number(volume.dirtyBytes))} dirty, ${String(volume.connections)} clients; ${String(volume.backing)}; ${String(volume.uri)}`]);
+    for (const [what, value] of serverRows({ backingPath: volume.backing, backingRemote: null }, cache).filter(([row]) => row !== 'backing')) rows.push([`  ${what}`, value]);
+  }
+  return rows;
 }
 
 /** Backing device, reads, writeback and errors of a running server, one line each. */

@@ -45,7 +45,11 @@ export type PcacheErrorReason =
   /** The cache's log is damaged inside, not merely cut short by a crash: serving would drop acknowledged writes. */
   | 'log-damaged'
   /** The backing device changed since the last clean stop while the cache holds dirty data for it. */
-  | 'backing-changed';
+  | 'backing-changed'
+  /** A volume cannot be removed now: it holds dirty data, or clients are connected to it. */
+  | 'volume-busy'
+  /** The cache device holds a single-volume cache (served with --backing), not volumes. */
+  | 'single-volume';
 
 export class PcacheError extends Error {
   override readonly name = 'PcacheError';

@@ -16,6 +16,9 @@ import { crc32c } from '../lib/crc32c.js';
 import { isAllZero, readU32LE, writeU32LE } from '../lib/units.js';
 import type { FormatVersion } from './layout.js';
 
+/** The version byte: a cache's format version, or the volume pool's (pool_layout.ts). */
+export type MetaVersion = FormatVersion | 3;
+
 export const metaHeaderBytes = 8;
 
 export type Decoded<T> =
@@ -24,7 +27,7 @@ export type Decoded<T> =
   | { readonly ok: false; readonly problem: string; readonly blank?: true };
 
 /** Stamps seq, version and CRC into a record whose fields after the header are filled in. */
-export function sealMetaRecord(record: Uint8Array, seq: number, version: FormatVersion): Uint8Array {
+export function sealMetaRecord(record: Uint8Array, seq: number, version: MetaVersion): Uint8Array {
   record[4] = seq & 0xff;
   record[5] = version;
   record[6] = 0;
@@ -39,7 +42,7 @@ export function metaRecordVersion(record: Uint8Array): number {
 }
 
 /** Checks CRC and version (that of the device it was read from); returns the copy's seq, or why the copy is unusable. */
-export function checkMetaRecord(record: Uint8Array, name: string, version: FormatVersion): { seq: number } | { problem: string; blank?: true } {
+export function checkMetaRecord(record: Uint8Array, name: string, version: MetaVersion): { seq: number } | { problem: string; blank?: true } {
   if (isAllZero(record)) return { problem: `${name}: never written (all zero)`, blank: true };
   const stored = readU32LE(record, 0);
   const computed = crc32c(record.subarray(4));

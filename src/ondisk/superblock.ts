@@ -29,6 +29,7 @@ import {
   segmentSizeProblem, type FormatVersion,
 } from './layout.js';
 import { checkMetaRecord, metaRecordVersion, sealMetaRecord, type Decoded } from './meta_header.js';
+import { poolFormatVersion } from './pool_layout.js';
 
 export const superblockRecordBytes = 200;
 export const superblockMagic = 'pcacheSB';
@@ -75,6 +76,9 @@ export function decodeSuperblock(record: Uint8Array, deviceSizeBytes: number): D
   const bytes = record.subarray(0, superblockRecordBytes);
   if (!hasSuperblockMagic(bytes)) return { ok: false, problem: 'superblock: no pcache magic' };
   const version = formatVersionsSupported.find((known) => known === metaRecordVersion(bytes));
+  if (metaRecordVersion(bytes) === poolFormatVersion) {
+    return { ok: false, problem: 'this cache device holds volumes (format version 3): serve it without --backing, and use `pcache volume list --control PATH` and `pcache check --cache PATH`' };
+  }
   if (version === undefined) {
     return { ok: false, problem: `superblock: format version ${metaRecordVersion(bytes)}, which this pcache does not know (it opens versions ${formatVersionsSupported.join(' and ')}): a newer pcache formatted this device` };
   }

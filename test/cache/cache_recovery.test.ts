@@ -13,7 +13,10 @@ import { MiB, writeU32LE } from '../../src/lib/units.js';
 import { encodeLastKset, ksetCrcSeed, ksetExtendedHeaderBytes } from '../../src/ondisk/kset.js';
 import { lastBlockOffsetBytes, segmentDataOffsetBytes, segmentsOffsetBytes, superblockOffsetBytes } from '../../src/ondisk/layout.js';
 import { cacheBytesFor, flipBits, openRig, pattern, readBytes } from '../helpers/cache_fixture.js';
-import { goldenBackingBytes, goldenCacheBytes, goldenExpected, goldenImagePath, goldenVersions } from '../fixtures/golden_image.js';
+import { goldenBackingBytes, goldenCacheBytes, goldenData, goldenExpected, goldenImagePath, goldenVersions } from '../fixtures/golden_image.js';
+import { goldenPoolBytes, goldenPoolPath, silverLengthBytes, silverOffsetBytes } from '../fixtures/golden_pool.js';
+import { CachePool } from '../../src/cache/cache_pool.js';
+import { checkPoolDevice } from '../../src/cache/cache_pool_check.js';
 
 const S = 512;
 const code = (expected: string) => (error: unknown): boolean => (error as { code?: string }).code === expected;
@@ -239,3 +242,37 @@ describe('golden images of every format version', () => {
     assert.ok(Buffer.from(backingDevice.bytes).equals(expected), 'writeback of the old image produces the same backing device');
   });
 });
+
+describe('the golden image of format version 3 (a cache device of volumes)', () => {
+  it('opens, checks clean, and every volume reads back exactly what was written', async () => {
+    const load = (name: 'cache' | 'gold' | 'silver'): MemoryDevice => new MemoryDevice(new Uint8Array(gunzipSync(readFileSync(goldenPoolPath(name)))));
+    const device = load('cache');
+    assert.equal(device.sizeBytes, goldenPoolBytes);
+    const report = await checkPoolDevice(device);
+    assert.deepEqual(report.problems, []);
+    assert.deepEqual(report.warnings, []);
+    assert.deepEqual(report.volumes.map((volume) => [volume.name, volume.segments, volume.report.summary?.dataCrc, volume.report.summary?.gcPercent]), [['gold', 5, true, 60], ['silver', 4, false, 70]]);
+    const pool = await CachePool.open(device);
+    assert.equal(pool.table.generation, 5);
+    assert.equal(pool.table.nextVolumeId, 4);
+    assert.deepEqual(pool.volume('silver')?.extents, [{ firstUnit: 5, unitCount: 4 }], 'silver took the removed volume\'s units');
+    const open = (name: string, backing: MemoryDevice): Promise<Cache> => {
+      const entry = pool.volume(name);
+      assert.ok(entry !== undefined);
+      return Cache.open({ cacheDevice: pool.volumeDevice(entry), backingDevice: backing, background: false, timers: new ManualTimers() });
+    };
+    const gold = load('gold');
+    const goldCache = await open('gold', gold);
+    const expected = goldenExpected();
+    assert.deepEqual(await readBytes(goldCache, 0, goldenBackingBytes), expected);
+    await goldCache.drain();
+    assert.ok(Buffer.from(gold.bytes).equals(expected), 'writeback of gold produces the expected backing device');
+    await goldCache.close();
+    const silver = load('silver');
+    const silverCache = await open('silver', silver);
+    assert.ok(silverCache.status().dirtyBytes >= silverLengthBytes);
+    assert.deepEqual(await readBytes(silverCache, silverOffsetBytes, silverLengthBytes), goldenData(100, silverLengthBytes));
+    await silverCache.close();
+  });
+});
+

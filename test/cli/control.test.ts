@@ -115,7 +115,7 @@ describe('status through the control socket', () => {
     assert.equal(index.status, 200);
     assert.equal(index.json.service, 'pcache');
     assert.deepEqual((index.json.routes as Json[]).map((route) => `${String(route.method)} ${String(route.path)}`),
-      ['GET /', 'GET /status', 'POST /drain', 'GET /settings', 'PATCH /settings', 'POST /invalidate', 'POST /detach', 'POST /checkpoint']);
+      ['GET /', 'GET /status', 'POST /drain', 'GET /settings', 'PATCH /settings', 'POST /invalidate', 'POST /detach', 'POST /checkpoint', 'GET /volumes', 'POST /volumes', 'POST /volumes/remove', 'POST /volumes/resize']);
     const status = await curl('http://localhost/status');
     assert.equal(status.status, 200);
     assert.equal(status.json.pid, (await statusJson(['--control', rig.control])).pid);

@@ -7,6 +7,17 @@
 // ... until the client enters transmission (GO, EXPORT_NAME), aborts, or breaks a rule. Options
 // are framed messages, read by HandshakeMachine.stepFrame; their replies come from optionReply.
 //
+// Exports: the machine serves whatever its ExportDirectory holds when an option asks, so a
+// server may add and remove exports while clients negotiate. LIST shows every export; INFO, GO,
+// EXPORT_NAME and the meta-context options name one (the empty name is the directory's default
+// export, if it has one). A name the directory does not know is NBD_REP_ERR_UNKNOWN with a
+// message, and haggling continues; EXPORT_NAME has no error reply, so an unknown name closes
+// (proto.md). Names are compared as the UTF-8 strings the directory holds; bytes that are not
+// UTF-8 name no export. The verdict "transmission" carries the export chosen, as the directory
+// returned it, so the owner never looks it up again. A base:allocation selected by
+// SET_META_CONTEXT for one export is dropped when GO or EXPORT_NAME picks another, since the
+// spec allows BLOCK_STATUS only when the last SET named the export finally chosen.
+//
 // Invariants:
 // - An option's data is buffered only after its length passed the cap (optionLengthMaxBytes),
 //   so a length field from the wire never sizes an allocation beyond the cap.
@@ -60,6 +71,7 @@ import {
   TransmissionFlag,
 } from './constants.js';
 import { exportNameBytes, HandshakeMachine, optionReply, type TransmissionTerms } from './handshake.js';
+import { descriptionBytes, type ExportDirectory, findExport, type OfferedExport, serverReplyData, unknownExportMessage } from './handshake_exports.js';
 
 /** The id under which base:allocation is selected (any u32 works; 0 is avoided for clarity). */
 export const baseAllocationContextId = 1;
@@ -69,11 +81,8 @@ export const metaContextQueriesMax = 64;
 /** TLS on a connection: never, at the client's choice, or before anything else (see above). */
 export type TlsMode = 'off' | 'on' | 'require';
 
-export interface HandshakeConfig {
-  readonly exportName: string;
-  readonly description: string | undefined;
-  readonly sizeBytes: number;
-  readonly readOnly: boolean;
+export interface HandshakeConfig<E extends OfferedExport = OfferedExport> {
+  readonly exports: ExportDirectory<E>;
   /** Advertise NBD_FLAG_NO_ZEROES (clients may then skip the 124 padding bytes). */
   readonly offerNoZeroes: boolean;
   /** Accept NBD_OPT_STRUCTURED_REPLY; when false it is refused as unsupported. */
@@ -87,14 +96,16 @@ export interface HandshakeConfig {
 }
 
 /** What the client and server agreed on, handed to the transmission phase. */
-export interface Negotiated extends TransmissionTerms {
+export interface Negotiated<E extends OfferedExport = OfferedExport> extends TransmissionTerms {
+  /** The export the client chose, as the directory returned it. */
+  readonly export: E;
   /** The context id for BLOCK_STATUS when the client selected base:allocation, else undefined. */
   readonly baseAllocationContextId: number | undefined;
 }
 
-export type HandshakeVerdict =
+export type HandshakeVerdict<E extends OfferedExport = OfferedExport> =
   | { readonly kind: 'negotiating' }
-  | { readonly kind: 'transmission'; readonly negotiated: Negotiated }
+  | { readonly kind: 'transmission'; readonly negotiated: Negotiated<E> }
   /** STARTTLS was acknowledged (the ACK is in the output): start TLS, then call tlsStarted(). */
   | { readonly kind: 'starttls' }
   /** `violation`: the client broke a rule (as opposed to aborting or naming an unknown export). */
@@ -102,13 +113,13 @@ export type HandshakeVerdict =
 
 type Stage = 'clientFlags' | 'options';
 
-const negotiating: HandshakeVerdict = { kind: 'negotiating' };
+const negotiating = { kind: 'negotiating' } as const;
 const textEncoder = new TextEncoder();
 
-export class Handshake extends HandshakeMachine<HandshakeVerdict> {
-  private readonly config: HandshakeConfig;
-  private readonly exportNameBytes: Uint8Array;
-  private readonly descriptionBytes: Uint8Array | undefined;
+export class Handshake<E extends OfferedExport = OfferedExport> extends HandshakeMachine<HandshakeVerdict<E>> {
+  private readonly config: HandshakeConfig<E>;
+  /** The export the last successful SET_META_CONTEXT named (its directory name). */
+  private metaContextExport: string | undefined;
   private stage: Stage = 'clientFlags';
   private clientNoZeroes = false;
   private structuredReplies = false;
@@ -118,16 +129,13 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
   private readonly tlsMode: TlsMode;
   private tlsUp = false;
 
-  constructor(config: HandshakeConfig) {
+  constructor(config: HandshakeConfig<E>) {
     // After GO the bytes belong to the transmission phase; after a close they are dropped.
     super(negotiating, 'closed');
     assert(config.optionLengthMaxBytes >= stringMaxBytes + 6, 'option cap must fit a maximal INFO/GO');
     assert(config.optionsMax >= 1, 'at least one option must be allowed');
     this.config = config;
     this.tlsMode = config.tls ?? 'off';
-    this.exportNameBytes = exportNameBytes(config.exportName);
-    this.descriptionBytes = config.description === undefined ? undefined : textEncoder.encode(config.description);
-    assert((this.descriptionBytes?.length ?? 0) <= stringMaxBytes, 'description longer than the protocol allows');
   }
 
   /** TLS has been started on this connection (tlsStarted was called). */
@@ -139,7 +147,7 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
    * Plaintext bytes after an acknowledged STARTTLS are never options: the client had to wait
    * for the ACK and then start TLS, so whatever came is injected or broken, and closes.
    */
-  override push(chunk: Uint8Array, out: Uint8Array[]): HandshakeVerdict {
+  override push(chunk: Uint8Array, out: Uint8Array[]): HandshakeVerdict<E> {
     if (this.verdict.kind === 'starttls') {
       this.close('plaintext bytes after STARTTLS was acknowledged');
       return this.verdict;
@@ -157,6 +165,7 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
     this.tlsUp = true;
     this.structuredReplies = false;
     this.baseAllocationSelected = false;
+    this.metaContextExport = undefined;
     this.verdict = negotiating;
   }
 
@@ -258,10 +267,11 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
   private exportName(name: Uint8Array, out: Uint8Array[]): void {
     // This option has no error reply: the only refusal is to close (proto.md).
     if (name.length > stringMaxBytes) return this.close('export name too long');
-    if (!this.matchesExport(name)) return this.close('unknown export name', false);
+    const chosen = this.lookup(name);
+    if (chosen === undefined) return this.close('unknown export name', false);
     const padding = this.clientNoZeroes ? 0 : exportNamePaddingBytes;
     const reply = new Uint8Array(exportNameReplyBytes + padding);
-    const negotiated = this.negotiated();
+    const negotiated = this.negotiated(chosen, true);
     writeU64BE(reply, 0, negotiated.sizeBytes);
     writeU16BE(reply, 8, negotiated.transmissionFlags);
     out.push(reply);
@@ -270,12 +280,8 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
 
   private list(data: Uint8Array, out: Uint8Array[]): void {
     if (data.length !== 0) return this.refuse(out, Option.list, OptionReply.errInvalid, 'LIST takes no data');
-    const description = this.descriptionBytes ?? new Uint8Array(0);
-    const payload = new Uint8Array(4 + this.exportNameBytes.length + description.length);
-    writeU32BE(payload, 0, this.exportNameBytes.length);
-    payload.set(this.exportNameBytes, 4);
-    payload.set(description, 4 + this.exportNameBytes.length);
-    out.push(optionReply(Option.list, OptionReply.server, payload));
+    // One SERVER reply per export: the name, then the description as the human-readable rest.
+    for (const offered of this.config.exports.list()) out.push(optionReply(Option.list, OptionReply.server, serverReplyData(offered)));
     out.push(optionReply(Option.list, OptionReply.ack));
   }
 
@@ -297,17 +303,18 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
     }
     const requested = new Set<number>();
     for (let i = 0; i < requestCount; i += 1) requested.add(readU16BE(data, fixedBytes + nameLength + 2 * i));
-    if (!this.matchesExport(name)) return this.refuse(out, option, OptionReply.errUnknown, 'no such export');
+    const chosen = this.lookup(name);
+    if (chosen === undefined) return this.refuse(out, option, OptionReply.errUnknown, unknownExportMessage(name));
 
-    const negotiated = this.negotiated();
+    const negotiated = this.negotiated(chosen, option === Option.go);
     const exportInfo = new Uint8Array(infoExportBytes);
     writeU16BE(exportInfo, 0, Info.export);
     writeU64BE(exportInfo, 2, negotiated.sizeBytes);
     writeU16BE(exportInfo, 10, negotiated.transmissionFlags);
     out.push(optionReply(option, OptionReply.info, exportInfo));
-    if (requested.has(Info.name)) out.push(optionReply(option, OptionReply.info, infoString(Info.name, this.exportNameBytes)));
-    if (requested.has(Info.description) && this.descriptionBytes !== undefined) {
-      out.push(optionReply(option, OptionReply.info, infoString(Info.description, this.descriptionBytes)));
+    if (requested.has(Info.name)) out.push(optionReply(option, OptionReply.info, infoString(Info.name, exportNameBytes(chosen.name))));
+    if (requested.has(Info.description) && chosen.description !== undefined) {
+      out.push(optionReply(option, OptionReply.info, infoString(Info.description, descriptionBytes(chosen))));
     }
     // Always sent: our minimum (512) differs from the protocol default (1), and the spec says
     // a server with non-default constraints MUST advertise them.
@@ -347,7 +354,8 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
       const type = parsed === tooManyQueries ? OptionReply.errTooBig : OptionReply.errInvalid;
       return this.refuse(out, option, type, parsed);
     }
-    if (!this.matchesExport(parsed.name)) return this.refuse(out, option, OptionReply.errUnknown, 'no such export');
+    const chosen = this.lookup(parsed.name);
+    if (chosen === undefined) return this.refuse(out, option, OptionReply.errUnknown, unknownExportMessage(parsed.name));
 
     // SET with no query selects nothing, and "base:" alone is ignored during SET; LIST with no
     // query lists everything, and "base:" is a wildcard for the base namespace (proto.md).
@@ -363,37 +371,42 @@ export class Handshake extends HandshakeMachine<HandshakeVerdict> {
       payload.set(nameBytes, 4);
       out.push(optionReply(option, OptionReply.metaContext, payload));
     }
-    if (isSet) this.baseAllocationSelected = matched;
+    if (isSet) {
+      this.baseAllocationSelected = matched;
+      this.metaContextExport = chosen.name;
+    }
     out.push(optionReply(option, OptionReply.ack));
   }
 
-  private negotiated(): Negotiated {
-    const config = this.config;
+  /**
+   * The terms for `chosen`. `final` (GO, EXPORT_NAME): the export is the one transmission will
+   * serve, so a meta context selected for another export does not carry over (proto.md).
+   */
+  private negotiated(chosen: E, final: boolean): Negotiated<E> {
     let flags = TransmissionFlag.hasFlags | TransmissionFlag.sendFlush | TransmissionFlag.sendFua |
       TransmissionFlag.sendCache | TransmissionFlag.canMultiConn;
-    if (config.readOnly) {
+    if (chosen.readOnly) {
       flags |= TransmissionFlag.readOnly;
     } else {
       flags |= TransmissionFlag.sendTrim | TransmissionFlag.sendWriteZeroes | TransmissionFlag.sendFastZero;
     }
     // DF "MUST" stay clear unless structured replies were negotiated.
     if (this.structuredReplies) flags |= TransmissionFlag.sendDf;
+    const sizeBytes = chosen.sizeBytes;
+    assert(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0 && sizeBytes % blockSizeMinimumBytes === 0, `export ${chosen.name} has size ${sizeBytes}`);
+    const contextSelected = this.baseAllocationSelected && (!final || this.metaContextExport === chosen.name);
     return {
-      sizeBytes: config.sizeBytes,
+      export: chosen,
+      sizeBytes,
       transmissionFlags: flags,
       structuredReplies: this.structuredReplies,
-      baseAllocationContextId: this.baseAllocationSelected ? baseAllocationContextId : undefined,
+      baseAllocationContextId: contextSelected ? baseAllocationContextId : undefined,
     };
   }
 
-  /** The export answers to the empty (default) name and to its own name. */
-  private matchesExport(name: Uint8Array): boolean {
-    if (name.length === 0) return true;
-    if (name.length !== this.exportNameBytes.length) return false;
-    for (let i = 0; i < name.length; i += 1) {
-      if (name[i] !== this.exportNameBytes[i]) return false;
-    }
-    return true;
+  /** The export a client named, or undefined when the directory has none by that name. */
+  private lookup(name: Uint8Array): E | undefined {
+    return findExport(this.config.exports, name);
   }
 
   private handshakeFlags(): number {

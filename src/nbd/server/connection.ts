@@ -1,5 +1,6 @@
 // One client connection: drives the handshake codec, then decodes requests, dispatches them to
-// the Export concurrently, and sends replies in batches (reply_batch.ts).
+// the Export it negotiated concurrently, and sends replies in batches (reply_batch.ts). The
+// Export is resolved once, when the handshake ends (export_catalog.ts); requests never look it up.
 //
 // Life of a connection: greeting -> handshake (bounded by a time limit; it may include a TLS
 // upgrade, after which it starts again inside TLS) -> transmission ->
@@ -32,8 +33,8 @@
 //   and what one read left queued.
 // - An Export failure that is a PcacheError becomes an NBD error reply (nbdErrnoOf); anything
 //   else is a programmer error and is rethrown outside every handler, crashing the process.
-// - With an observer (observer.ts) every answered request is reported once, with numbers only;
-//   without one, no clock is read and nothing is called per request.
+// - With an observer (observer.ts: the export's own, else the server's) every answered request
+//   is reported once, with numbers only; without one, no clock is read and nothing is called.
 
 import type net from 'node:net';
 import type tls from 'node:tls';
@@ -56,44 +57,18 @@ import {
 } from '../protocol/transmission_server.js';
 import type { BufferPool } from './buffer_pool.js';
 import type { BusyPoll } from './busy_poll.js';
+import type { ConnectionLimits, NbdCounters } from './connection_limits.js';
 import type { Export } from './export.js';
+import type { ServedExport } from './export_catalog.js';
 import type { NbdRequestObserver } from './observer.js';
 import { ReplyBatch } from './reply_batch.js';
 import { costBytes, invokeExport, isThenable, settle } from './export_call.js';
 import { startReading } from './socket_input.js';
 import type { NbdTlsFailure, ServerTls, TlsUpgradeResult } from './tls.js';
 
-export interface ConnectionLimits {
-  /** A client that has not entered transmission within this time is disconnected. */
-  readonly handshakeTimeoutMs: number;
-  /** Requests being served by the Export at once, per connection. */
-  readonly inFlightRequestsMax: number;
-  /** READ buffers and WRITE payloads held for in-flight requests, per connection. */
-  readonly inFlightBytesMax: number;
-  /** Reply bytes waiting for the client to read them before reading pauses. */
-  readonly replyBacklogBytesMax: number;
-  /** After our side ends, how long the client gets to close before the socket is destroyed. */
-  readonly closeGraceMs: number;
-}
-
-/** Counters shared by all connections of one server. */
-export interface NbdCounters {
-  connectionsTotal: number;
-  requestsTotal: number;
-  requestErrorsTotal: number;
-  replyBatchesTotal: number;
-  readPausesTotal: number;
-  protocolViolationsTotal: number;
-  /** TLS sessions started (STARTTLS and a successful TLS handshake). */
-  tlsSessionsTotal: number;
-  /** TLS handshakes that failed: bad credentials, garbage, a client that hung up. */
-  tlsFailuresTotal: number;
-}
-
 /** What a connection needs from its server. */
 export interface ConnectionHost {
-  readonly export: Export;
-  readonly handshakeConfig: HandshakeConfig;
+  readonly handshakeConfig: HandshakeConfig<ServedExport>;
   readonly limits: ConnectionLimits;
   readonly counters: NbdCounters;
   readonly shuttingDown: boolean;
@@ -125,10 +100,13 @@ export class Connection {
   /** The plaintext socket, then the TLS socket once STARTTLS has succeeded. */
   private socket: net.Socket;
   private readonly host: ConnectionHost;
-  private readonly exp: Export;
-  private readonly observer: NbdRequestObserver | undefined;
+  /** The negotiated export and its catalog name; undefined until transmission. */
+  private exp: Export | undefined;
+  private servedName: string | undefined;
+  /** Chosen with the export: its own observer, else the server's. */
+  private observer: NbdRequestObserver | undefined;
   private phase: Phase = 'handshake';
-  private handshake: Handshake | undefined;
+  private handshake: Handshake<ServedExport> | undefined;
   private readonly input: ByteQueue;
   private decoder: RequestDecoder | undefined;
   private context: TransmissionContext | undefined;
@@ -162,14 +140,16 @@ export class Connection {
   private readonly onCloseBound = (): void => { this.onClose(); };
   /** This connection's number, unique while the process runs: the Export's `client`. */
   private readonly clientId = nextClientId();
+  /** Settles when the socket has closed and no Export call is in flight (the host is told then too). */
+  readonly finished: Promise<void>;
+  private resolveFinished: (() => void) | undefined;
 
   constructor(accepted: net.Socket, host: ConnectionHost) {
     const { socket, reused } = startReading(accepted, (bytes) => { this.onData(bytes); });
     this.socket = socket;
     this.inputReused = reused;
     this.host = host;
-    this.exp = host.export;
-    this.observer = host.observer;
+    this.finished = new Promise((resolve) => { this.resolveFinished = resolve; });
     this.handshake = new Handshake(host.handshakeConfig);
     this.input = this.handshake.input;
     this.replies = new ReplyBatch(socket, host.buffers, host.counters, () => { this.afterReplies(); });
@@ -189,6 +169,11 @@ export class Connection {
     // failed after its handshake: destroying it here makes 'close' follow every error.
     socket.on('error', () => { socket.destroy(); });
     socket.on('close', this.onCloseBound);
+  }
+
+  /** The catalog name of the export being served; undefined while negotiating. */
+  get exportName(): string | undefined {
+    return this.servedName;
   }
 
   /** Server shutdown: refuse new work, finish in-flight work, then close. */
@@ -289,7 +274,10 @@ export class Connection {
     secure.on('data', (chunk: Buffer) => { this.onData(chunk); });
   }
 
-  private enterTransmission(negotiated: Negotiated): void {
+  private enterTransmission(negotiated: Negotiated<ServedExport>): void {
+    this.exp = negotiated.export.target;
+    this.servedName = negotiated.export.name;
+    this.observer = negotiated.export.observer ?? this.host.observer;
     clearTimeout(this.handshakeTimer);
     this.handshakeTimer = undefined;
     this.phase = 'transmission';
@@ -369,6 +357,7 @@ export class Connection {
 
     let result: unknown;
     try {
+      assert(this.exp !== undefined, 'request before an export was negotiated');
       result = invokeExport(this.exp, request, readBuffer, this.clientId);
     } catch (error) {
       if (!(error instanceof PcacheError)) throw error;
@@ -462,6 +451,7 @@ export class Connection {
       if (!this.finishedReported) {
         this.finishedReported = true;
         this.host.connectionFinished(this);
+        this.resolveFinished?.();
       }
       return;
     }

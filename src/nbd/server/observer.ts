@@ -1,5 +1,6 @@
 // NbdRequestObserver: an optional hook through which the server reports every request it
-// answered, for metrics (request counts, bytes, errors, latency per command).
+// answered, for metrics (request counts, bytes, errors, latency per command). A catalog entry
+// may bring its own (export_catalog.ts), which then hears that export's requests instead.
 //
 // Invariants:
 // - Without an observer the server does nothing extra per request: no clock read, no call,

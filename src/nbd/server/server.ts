@@ -1,20 +1,26 @@
-// NbdServer: listens on a Unix socket or TCP and serves one Export to many connections.
+// NbdServer: listens on a Unix socket or TCP and serves the exports of a catalog to many
+// connections.
 //
 // The server owns the listener, the set of live connections, the limits every connection
 // runs under, and shutdown. Everything protocol-shaped lives in ../protocol/:
 // handshake_server.ts (negotiation) and transmission_server.ts (requests, replies, validation,
-// error mapping); connection.ts serves one client. All connections share the one Export, which
-// is why CAN_MULTI_CONN is advertised: a FLUSH on any connection covers writes completed on
-// every connection.
+// error mapping); connection.ts serves one client. Which exports exist is the catalog's
+// business (export_catalog.ts): either one Export given as `export` + `exportName` (it answers
+// to its name and to the empty name), or an ExportCatalog the owner changes while the server
+// runs. Each connection serves the Export it negotiated; every connection to one export shares
+// that Export, which is why CAN_MULTI_CONN is advertised: a FLUSH on any connection covers
+// writes completed on every connection to the same export.
 //
 // Invariants:
-// - Export name and description fit the protocol's 4096-byte string limit, and the export
-//   size is a safe integer multiple of 512, or construction fails (PcacheError EINVAL).
+// - In the one-export form the name and description fit the protocol's 4096-byte string
+//   limit and the export size is a safe integer multiple of 512, or construction fails
+//   (PcacheError EINVAL); an ExportMap checks the same at add().
 // - A stale Unix socket file (its server was killed) is replaced; a live one, or a path that
 //   is not a socket, is never touched.
 // - close() stops accepting at once, answers new requests with ESHUTDOWN, lets in-flight
 //   requests finish and reply, then closes every socket; after shutdownTimeoutMs remaining
 //   sockets are destroyed (an Export call that never settles cannot hold shutdown forever).
+//   disconnect(name) does the same for the connections serving one export, and nothing else.
 // - With `tls`, the credentials are checked at construction (tls.ts); the mode goes into every
 //   connection's handshake (protocol/handshake_server.ts says what 'on' and 'require' mean),
 //   and a failed TLS handshake is counted and reported to onTlsFailure, never thrown.
@@ -24,12 +30,14 @@ import net from 'node:net';
 import { assert } from '../../lib/assert.js';
 import { PcacheError } from '../../lib/errors.js';
 import { KiB, MiB } from '../../lib/units.js';
-import { blockSizeMinimumBytes, maxPayloadBytes, stringMaxBytes } from '../protocol/constants.js';
+import { maxPayloadBytes, stringMaxBytes } from '../protocol/constants.js';
 import type { HandshakeConfig } from '../protocol/handshake_server.js';
 import { BufferPool } from './buffer_pool.js';
 import { BusyPoll, busyPollWindowDefaultUs, busyPollWindowMaxUs, type BusyPollCounters } from './busy_poll.js';
-import { Connection, type ConnectionHost, type ConnectionLimits, type NbdCounters } from './connection.js';
+import { Connection, type ConnectionHost } from './connection.js';
+import type { ConnectionLimits, NbdCounters } from './connection_limits.js';
 import type { Export } from './export.js';
+import { catalogDirectory, singleExportCatalog, type ExportCatalog, type ServedExport } from './export_catalog.js';
 import type { NbdRequestObserver } from './observer.js';
 import { ServerTls, type NbdServerTls, type NbdTlsFailure } from './tls.js';
 
@@ -56,13 +64,20 @@ export const defaultNbdLimits: NbdLimits = {
   shutdownTimeoutMs: 30_000,
 };
 
+/**
+ * What to serve is given one of two ways, never both (construction fails with EINVAL):
+ * - one export: `export` + `exportName` (+ `description`, `readOnly`);
+ * - `catalog`: the exports an ExportCatalog holds whenever a client asks (export_catalog.ts),
+ *   each with its own description and read-only flag.
+ */
 export interface NbdServerOptions {
-  readonly export: Export;
+  readonly export?: Export;
   /** The export answers to this name and to the empty (default) name. */
-  readonly exportName: string;
+  readonly exportName?: string;
   readonly description?: string;
-  /** Advertise READ_ONLY and refuse WRITE, TRIM and WRITE_ZEROES with EPERM. */
-  readonly readOnly: boolean;
+  /** Advertise READ_ONLY and refuse WRITE, TRIM and WRITE_ZEROES with EPERM (one-export form). */
+  readonly readOnly?: boolean;
+  readonly catalog?: ExportCatalog;
   readonly limits?: Partial<NbdLimits>;
   /** Advertise NBD_FLAG_NO_ZEROES (default true). Turning it off exercises old clients. */
   readonly offerNoZeroes?: boolean;
@@ -91,10 +106,7 @@ export interface NbdServerStats extends NbdCounters, BusyPollCounters {
   readonly connectionsOpen: number;
 }
 
-const textEncoder = new TextEncoder();
-
 export class NbdServer implements ConnectionHost {
-  readonly export: Export;
   readonly limits: NbdLimits;
   readonly counters: NbdCounters = {
     connectionsTotal: 0,
@@ -112,26 +124,18 @@ export class NbdServer implements ConnectionHost {
   readonly observer: NbdRequestObserver | undefined;
   readonly tls: ServerTls | undefined;
   private readonly options: NbdServerOptions;
+  /** Negotiation parameters shared by every connection; the exports in it are asked, never copied. */
+  readonly handshakeConfig: HandshakeConfig<ServedExport>;
   private readonly listener: net.Server;
   private readonly connections = new Set<Connection>();
   private boundAddress: NbdBoundAddress | undefined;
   private stopping = false;
   private closed: Promise<void> | undefined;
-  private resolveAllFinished: (() => void) | undefined;
 
   constructor(options: NbdServerOptions) {
     const limits = { ...defaultNbdLimits, ...options.limits };
     checkLimits(limits);
-    const size = options.export.sizeBytes;
-    if (!Number.isSafeInteger(size) || size < 0 || size % blockSizeMinimumBytes !== 0) {
-      throw new PcacheError('EINVAL', `export size ${size} is not a multiple of ${blockSizeMinimumBytes} bytes`);
-    }
-    if (textEncoder.encode(options.exportName).length > stringMaxBytes) {
-      throw new PcacheError('EINVAL', `export name longer than ${stringMaxBytes} bytes`);
-    }
-    if (options.description !== undefined && textEncoder.encode(options.description).length > stringMaxBytes) {
-      throw new PcacheError('EINVAL', `export description longer than ${stringMaxBytes} bytes`);
-    }
+    const catalog = catalogOf(options);
     const busyPollUs = options.busyPollUs ?? busyPollWindowDefaultUs;
     if (!Number.isSafeInteger(busyPollUs) || busyPollUs < 0 || busyPollUs > busyPollWindowMaxUs) {
       throw new PcacheError('EINVAL', `busy poll window must be an integer in [0, ${busyPollWindowMaxUs}] microseconds`);
@@ -139,8 +143,15 @@ export class NbdServer implements ConnectionHost {
     this.busyPoll = new BusyPoll(busyPollUs);
     this.tls = options.tls === undefined ? undefined : new ServerTls(options.tls, limits.handshakeTimeoutMs);
     this.options = options;
-    this.export = options.export;
     this.limits = limits;
+    this.handshakeConfig = {
+      exports: catalogDirectory(catalog),
+      offerNoZeroes: options.offerNoZeroes ?? true,
+      offerStructuredReplies: options.offerStructuredReplies ?? true,
+      optionLengthMaxBytes: limits.optionLengthMaxBytes,
+      optionsMax: limits.optionsMax,
+      tls: this.tls?.mode ?? 'off',
+    };
     this.observer = options.observer;
     // allowHalfOpen: a client that shuts down its sending side still gets its replies.
     // pauseOnConnect: the connection starts reading only once it has chosen how (socket_input.ts).
@@ -153,21 +164,6 @@ export class NbdServer implements ConnectionHost {
 
   get shuttingDown(): boolean {
     return this.stopping;
-  }
-
-  /** Negotiation parameters for a new connection; the size is read from the Export now. */
-  get handshakeConfig(): HandshakeConfig {
-    return {
-      exportName: this.options.exportName,
-      description: this.options.description,
-      sizeBytes: this.export.sizeBytes,
-      readOnly: this.options.readOnly,
-      offerNoZeroes: this.options.offerNoZeroes ?? true,
-      offerStructuredReplies: this.options.offerStructuredReplies ?? true,
-      optionLengthMaxBytes: this.limits.optionLengthMaxBytes,
-      optionsMax: this.limits.optionsMax,
-      tls: this.tls?.mode ?? 'off',
-    };
   }
 
   /**
@@ -218,9 +214,28 @@ export class NbdServer implements ConnectionHost {
     return this.closed;
   }
 
+  /** Connections in transmission with the export named `name` (its catalog name, whatever name the client sent). */
+  connectionCount(name: string): number {
+    let count = 0;
+    for (const connection of this.connections) if (connection.exportName === name) count += 1;
+    return count;
+  }
+
+  /**
+   * Ends every connection in transmission with the export named `name`, the way close() ends
+   * all of them: new requests get ESHUTDOWN, in-flight requests finish and reply, then the
+   * socket closes; after shutdownTimeoutMs what remains is destroyed. Resolves with the number
+   * of connections ended once all are gone. Clients still negotiating are not touched: remove
+   * the export from the catalog first, and none of them can choose it.
+   */
+  async disconnect(name: string): Promise<number> {
+    const ending = [...this.connections].filter((connection) => connection.exportName === name);
+    await this.endConnections(ending);
+    return ending.length;
+  }
+
   connectionFinished(connection: Connection): void {
     this.connections.delete(connection);
-    if (this.connections.size === 0) this.resolveAllFinished?.();
   }
 
   tlsFailed(failure: NbdTlsFailure): void {
@@ -245,20 +260,42 @@ export class NbdServer implements ConnectionHost {
       if (this.listener.listening) this.listener.close(() => { resolve(); });
       else resolve();
     });
-    const allFinished = new Promise<void>((resolve) => {
-      this.resolveAllFinished = resolve;
-      if (this.connections.size === 0) resolve();
-    });
-    for (const connection of [...this.connections]) connection.beginShutdown();
+    // Nothing is accepted from here on, so these are all the connections there will be.
+    await this.endConnections([...this.connections]);
+    await listenerClosed;
+  }
+
+  /** Gracefully ends `ending`, destroying whatever is left of them after shutdownTimeoutMs. */
+  private async endConnections(ending: readonly Connection[]): Promise<void> {
+    if (ending.length === 0) return;
+    const allFinished = Promise.all(ending.map((connection) => connection.finished));
+    for (const connection of ending) connection.beginShutdown();
     let timer: NodeJS.Timeout | undefined;
     const timedOut = new Promise<void>((resolve) => {
       timer = setTimeout(resolve, this.limits.shutdownTimeoutMs);
     });
     await Promise.race([allFinished, timedOut]);
     clearTimeout(timer);
-    for (const connection of this.connections) connection.destroy();
-    await listenerClosed;
+    for (const connection of ending) connection.destroy();
   }
+}
+
+/** The catalog the options describe (see NbdServerOptions). */
+function catalogOf(options: NbdServerOptions): ExportCatalog {
+  const { catalog, export: single, exportName, description, readOnly } = options;
+  if (catalog !== undefined) {
+    if (single !== undefined || exportName !== undefined || description !== undefined || readOnly !== undefined) {
+      throw new PcacheError('EINVAL', 'give a server either a catalog or one export (export, exportName, description, readOnly), not both');
+    }
+    return catalog;
+  }
+  if (single === undefined || exportName === undefined) throw new PcacheError('EINVAL', 'a server needs a catalog, or an export and its name');
+  return singleExportCatalog({
+    name: exportName,
+    export: single,
+    readOnly: readOnly ?? false,
+    ...(description === undefined ? {} : { description }),
+  });
 }
 
 function checkLimits(limits: NbdLimits): void {

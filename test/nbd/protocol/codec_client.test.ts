@@ -23,6 +23,7 @@ import {
   CHUNK, chunkReply, clientFlags, CMD, FLAG, INFO, infoBlockSize, infoData, infoExport, offsetDataPayload, OPT, option, optionReply, REP, request,
   serverGreeting, simpleMagic, simpleReply, structuredMagic, TFLAG,
 } from '../../helpers/nbd_wire.js';
+import { oneExport } from '../../helpers/nbd_exports.js';
 
 /** NBD_REPLY_FLAG_DONE. */
 const DONE = 1;
@@ -195,7 +196,7 @@ describe('client handshake, any chunking', () => {
 
 describe('client handshake against pcache\'s server handshake', () => {
   const serverConfig: HandshakeConfig = {
-    exportName: 'disk', description: undefined, sizeBytes: 8 * MiB, readOnly: false,
+    exports: oneExport('disk', 8 * MiB),
     offerNoZeroes: true, offerStructuredReplies: true, optionLengthMaxBytes: 64 * 1024, optionsMax: 16,
   };
 
@@ -226,7 +227,7 @@ describe('client handshake against pcache\'s server handshake', () => {
   });
 
   it('copes with a server that refuses structured replies and does not offer NO_ZEROES', () => {
-    const result = negotiate({ ...serverConfig, offerStructuredReplies: false, offerNoZeroes: false, readOnly: true }, clientConfig);
+    const result = negotiate({ ...serverConfig, offerStructuredReplies: false, offerNoZeroes: false, exports: oneExport('disk', 8 * MiB, { readOnly: true }) }, clientConfig);
     assert.equal(result.client.kind, 'ready');
     assert.equal(result.client.info.structuredReplies, false);
     assert.ok((result.client.info.transmissionFlags & TFLAG.readOnly) !== 0);

@@ -21,13 +21,11 @@ import {
   clientFlags, CMD, ERR, exportInfoOf, FLAG, INFO, infoData, metaContextData, OPT, option, parseOptionReplies, REP,
   request, TFLAG,
 } from '../../helpers/nbd_wire.js';
+import { oneExport } from '../../helpers/nbd_exports.js';
 
 const sizeBytes = MiB;
 const config: HandshakeConfig = {
-  exportName: 'pcache',
-  description: 'codec test export',
-  sizeBytes,
-  readOnly: false,
+  exports: oneExport('pcache', sizeBytes, { description: 'codec test export' }),
   offerNoZeroes: true,
   offerStructuredReplies: true,
   optionLengthMaxBytes: 64 * 1024,
@@ -204,7 +202,7 @@ describe('handshake codec, any chunking', () => {
   });
 
   it('advertises READ_ONLY and no write commands for a read-only export', () => {
-    const run = runHandshake([Buffer.concat([clientFlags(3), option(OPT.go, infoData(''))])], { ...config, readOnly: true });
+    const run = runHandshake([Buffer.concat([clientFlags(3), option(OPT.go, infoData(''))])], { ...config, exports: oneExport('pcache', sizeBytes, { readOnly: true }) });
     const info = exportInfoOf(parseOptionReplies(Buffer.from(run.replies, 'hex').subarray(18)));
     assert.ok((info.flags & TFLAG.readOnly) !== 0);
     assert.equal(info.flags & (TFLAG.sendTrim | TFLAG.sendWriteZeroes | TFLAG.sendFastZero), 0);

@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { ClientHandshake } from '../../../src/nbd/protocol/handshake_client.js';
 import { Handshake, type HandshakeConfig, type HandshakeVerdict, type TlsMode } from '../../../src/nbd/protocol/handshake_server.js';
 import { clientFlags, INFO, infoData, metaContextData, OPT, option, parseOptionReplies, REP } from '../../helpers/nbd_wire.js';
+import { oneExport } from '../../helpers/nbd_exports.js';
 
 /** NBD_REP_ERR_TLS_REQD (proto.md "Option reply types"). */
 const errTlsReqd = 0x8000_0005;
@@ -16,7 +17,7 @@ const optionReplyMagic = 0x0003e889045565a9n;
 
 function config(tls: TlsMode): HandshakeConfig {
   return {
-    exportName: 'pcache', description: 'tls codec test', sizeBytes: 1024 * 1024, readOnly: false,
+    exports: oneExport('pcache', 1024 * 1024, { description: 'tls codec test' }),
     offerNoZeroes: true, offerStructuredReplies: true, optionLengthMaxBytes: 64 * 1024, optionsMax: 32, tls,
   };
 }
