@@ -1,5 +1,5 @@
 // What the NBD benchmarks share about other processes: checking a tool is installed, running a
-// command for its output, starting `pcache serve` and waiting until it listens, stopping a
+// command (or the pcache CLI) for its output, starting `pcache serve` and waiting until it listens, stopping a
 // child, making and filling the test files, and parsing fio's JSON. Every child started through here is
 // tracked and killed if the benchmark exits early (an error, Ctrl-C), so no run leaves a server
 // behind.
@@ -162,6 +162,11 @@ export async function waitUntilReady(what: string, child: ChildProcess, ready: (
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
   throw new Error(`${what} did not start listening`);
+}
+
+/** Runs `pcache args...` (the package's bin, as users run it) to completion; returns its standard output. */
+export function runPcacheCli(args: readonly string[]): Promise<string> {
+  return run(process.execPath, [cliPath, ...args]);
 }
 
 /** Starts `pcache serve args --socket socket` (logging warnings only) and waits until it serves. */

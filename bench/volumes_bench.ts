@@ -1,0 +1,280 @@
+// Isolation of volumes (issue 14): with one volume under sustained random writes, do another
+// volume's QD1 4 KiB read hits stay within 2x of their latency when it is alone? Both volumes'
+// engines, writeback and GC share one process (one event loop) on a shared machine, so the
+// question is whether A's background work delays B's hits.
+//
+// Setup, through the real CLI: `pcache serve --cache NEW --cache-size ... --segment-size ...
+// --tuning sequential_cutoff_bytes=0` with no --backing (a pool; the cache file does not exist
+// before, so it is created sparse), then `pcache volume add` twice:
+// - A: the writer. Its backing device is either a file on tmpfs behind nbdkit's delay filter
+//   (1 ms per read/write/zero/trim: a remote store, so A's writeback is slow and never ends;
+//   store `delay`) or the tmpfs file itself (writeback as fast as the CPU allows, the most
+//   CPU A can take from B; store `file`). PCACHE_BENCH_STORE picks (default: both, one after
+//   the other, each with its own server).
+// - B: the reader. A tmpfs file of random data; its read set (a quarter of its share) is read
+//   through pcache once in order, so every measured read is a hit (the hit rate is printed).
+//
+// Each round measures B twice, alternating which comes first: alone (A idle and drained) and
+// together (A taking 4 KiB random writes at QD32 over twice its share; B's run starts once A's
+// writeback has written to A's backing device and its GC has freed a segment, and `leadSeconds`
+// more, so that both run throughout). B's run:
+// fio (nbd engine, one job) 4 KiB random reads at QD1 over its read set for `seconds`; fio's
+// completion-latency percentiles p50 and p99. After each together phase A is drained. What
+// is reported: medians over the rounds of B's p50 and p99, alone and together, and their
+// ratios (goal <= 2); A's write IOPS, writeback and GC during B's runs (pcache's counters);
+// pcache's CPU share in each phase (/proc).
+//
+// Environment: PCACHE_BENCH_STORE (delay, file or delay,file), PCACHE_BENCH_SECONDS (B's run,
+// default 10), PCACHE_BENCH_ROUNDS (default 5), PCACHE_BENCH_TUNING (more --tuning pairs).
+// PCACHE_BENCH_SMOKE=1: tiny sizes, one short round per store (the test suite runs that).
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { controlRequest } from '../src/cli/control_client.js';
+import { median, param, report, smoke } from './harness.js';
+import { fill, fioJob, makeScratch, removeScratch, requireTool, run, runPcacheCli, startNbdkitServer, startPcacheServe, stopChild, track, version } from './processes.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const segmentMiB = param(4, 16);
+const shareAMiB = param(32, 256);
+const shareBMiB = param(32, 128);
+/** A writes over twice its share, so GC must free segments all the time. */
+const rangeABytes = 2 * shareAMiB * MiB;
+/** B's read set: a quarter of its share, so it stays whole in the cache. */
+const readSetBytes = (shareBMiB / 4) * MiB;
+/** The pool: both shares and two segments to spare. */
+const poolMiB = shareAMiB + shareBMiB + 2 * segmentMiB;
+const seconds = Number(process.env.PCACHE_BENCH_SECONDS ?? param(1, 10));
+const rounds = Number(process.env.PCACHE_BENCH_ROUNDS ?? param(1, 5));
+/** How long A writes before B's run once its writeback and GC have both begun. */
+const leadSeconds = param(0, 2);
+/** The longest A may write before its writeback and GC have both begun (else the run fails). */
+const backgroundWaitMs = 120_000;
+const writerDepth = 32;
+const stores = (process.env.PCACHE_BENCH_STORE ?? 'delay,file').split(',').filter((text) => text !== '');
+const extraTuning = (process.env.PCACHE_BENCH_TUNING ?? '').split(',').filter((text) => text !== '');
+const delay = '1ms';
+const delayedOps = ['read', 'write', 'zero', 'trim'];
+/** Clock ticks per second of /proc/PID/stat's CPU times (USER_HZ, 100 on Linux). */
+const userHz = 100;
+const goal = 2;
+
+interface VolumeStatus {
+  name: string;
+  cache: {
+    dirtyBytes: number;
+    counters: { readRequests: number; readHitRequests: number; writeRequests: number; writebackBackingBytes: number; gcSegmentsFreed: number };
+  } | null;
+}
+
+interface Snapshot {
+  readonly atMs: number;
+  readonly cpuTicks: number;
+  readonly volumes: Map<string, NonNullable<VolumeStatus['cache']>>;
+}
+
+function cpuTicks(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return Number(fields[11]) + Number(fields[12]);
+}
+
+async function snapshot(control: string, pid: number): Promise<Snapshot> {
+  const status = await controlRequest(control, 'status') as { volumes: VolumeStatus[] };
+  const volumes = new Map<string, NonNullable<VolumeStatus['cache']>>();
+  for (const volume of status.volumes) if (volume.cache !== null) volumes.set(volume.name, volume.cache);
+  return { atMs: performance.now(), cpuTicks: cpuTicks(pid), volumes };
+}
+
+/** What happened between two snapshots: B's reads and hits, A's writes, writeback and GC, pcache's CPU. */
+function between(a: Snapshot, b: Snapshot): { bReads: number; bHits: number; aWrites: number; aWritebackBytes: number; aGcSegments: number; seconds: number; cpuPercent: number } {
+  const counters = (snap: Snapshot, name: string): NonNullable<VolumeStatus['cache']>['counters'] => {
+    const cache = snap.volumes.get(name);
+    if (cache === undefined) throw new Error(`volume ${name} is not serving`);
+    return cache.counters;
+  };
+  const dt = Math.max(0.001, (b.atMs - a.atMs) / 1000);
+  return {
+    bReads: counters(b, 'B').readRequests - counters(a, 'B').readRequests,
+    bHits: counters(b, 'B').readHitRequests - counters(a, 'B').readHitRequests,
+    aWrites: counters(b, 'A').writeRequests - counters(a, 'A').writeRequests,
+    aWritebackBytes: counters(b, 'A').writebackBackingBytes - counters(a, 'A').writebackBackingBytes,
+    aGcSegments: counters(b, 'A').gcSegmentsFreed - counters(a, 'A').gcSegmentsFreed,
+    seconds: dt,
+    cpuPercent: (100 * (b.cpuTicks - a.cpuTicks)) / userHz / dt,
+  };
+}
+
+interface Latency {
+  readonly p50Us: number;
+  readonly p99Us: number;
+  readonly iops: number;
+}
+
+/** B's measured run: QD1 4 KiB random reads over its read set; fio's completion-latency percentiles. */
+async function readRun(socket: string): Promise<Latency> {
+  const output = await run('fio', [
+    '--name=hits', '--ioengine=nbd', `--uri=nbd+unix:///B?socket=${socket}`, '--rw=randread', '--bs=4k', '--iodepth=1',
+    '--numjobs=1', '--thread', `--size=${readSetBytes}`, '--time_based', `--runtime=${seconds}`, '--norandommap', '--randrepeat=0',
+    '--output-format=json',
+  ]);
+  const job = fioJob(output, 'B random reads') as unknown as { read: { iops: number; clat_ns: { percentile: Record<string, number> } } };
+  const percentile = job.read.clat_ns.percentile;
+  return { p50Us: (percentile['50.000000'] ?? Number.NaN) / 1000, p99Us: (percentile['99.000000'] ?? Number.NaN) / 1000, iops: job.read.iops };
+}
+
+/**
+ * A's load: fio 4 KiB random writes at QD32 over twice its share, until stopped (SIGINT, after
+ * which fio exits on its own). Its rate is taken from pcache's counters, over B's run.
+ */
+function startWriter(socket: string): ChildProcess {
+  return track(spawn('fio', [
+    '--name=writer', '--ioengine=nbd', `--uri=nbd+unix:///A?socket=${socket}`, '--rw=randwrite', '--bs=4k', `--iodepth=${writerDepth}`,
+    '--numjobs=1', '--thread', `--size=${rangeABytes}`, '--time_based', '--runtime=3600', '--norandommap', '--randrepeat=0',
+  ], { stdio: 'ignore' }));
+}
+
+/** Waits until A's writeback has written to its backing device and GC has freed a segment since `from`. */
+async function untilBackgroundWork(control: string, pid: number, from: Snapshot, writer: ChildProcess): Promise<void> {
+  const deadline = performance.now() + backgroundWaitMs;
+  for (;;) {
+    if (writer.exitCode !== null) throw new Error(`the writer (fio on A) exited with ${writer.exitCode}`);
+    const d = between(from, await snapshot(control, pid));
+    if (d.aWritebackBytes > 0 && d.aGcSegments > 0) return;
+    if (performance.now() > deadline) throw new Error(`A's writeback and GC did not both start within ${backgroundWaitMs / 1000} s of its writes (written back ${d.aWritebackBytes} bytes, ${d.aGcSegments} segments freed)`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+async function stopWriter(writer: ChildProcess): Promise<void> {
+  if (writer.exitCode !== null || writer.signalCode !== null) return;
+  const exited = new Promise((resolve) => writer.once('exit', resolve));
+  writer.kill('SIGINT');
+  const timer = setTimeout(() => writer.kill('SIGKILL'), 30_000);
+  await exited;
+  clearTimeout(timer);
+}
+
+interface Phase {
+  readonly latency: Latency;
+  readonly hitPercent: number;
+  readonly aIops: number;
+  readonly aWritebackMiBs: number;
+  readonly aGcSegments: number;
+  readonly cpuPercent: number;
+}
+
+function describePhase(round: number, what: string, phase: Phase): void {
+  console.log(`  round ${round} ${what.padEnd(8)}: B p50 ${phase.latency.p50Us.toFixed(1).padStart(7)} us, p99 ${phase.latency.p99Us.toFixed(1).padStart(7)} us, ` +
+    `${Math.round(phase.latency.iops)} IOPS, hits ${phase.hitPercent.toFixed(1)}%; A ${Math.round(phase.aIops)} writes/s, ` +
+    `written back ${phase.aWritebackMiBs.toFixed(1)} MiB/s, GC freed ${phase.aGcSegments} segments; pcache CPU ${phase.cpuPercent.toFixed(0)}%`);
+}
+
+function phaseOf(latency: Latency, d: ReturnType<typeof between>, aIops: number): Phase {
+  return {
+    latency,
+    hitPercent: d.bReads === 0 ? 0 : (100 * d.bHits) / d.bReads,
+    aIops,
+    aWritebackMiBs: d.aWritebackBytes / MiB / d.seconds,
+    aGcSegments: d.aGcSegments,
+    cpuPercent: d.cpuPercent,
+  };
+}
+
+async function runStore(base: string, store: string): Promise<void> {
+  if (store !== 'delay' && store !== 'file') throw new Error(`PCACHE_BENCH_STORE: ${store} is neither delay nor file`);
+  const dir = makeScratch(base, `pcache-bench-volumes-${store}-`);
+  const started: ChildProcess[] = [];
+  try {
+    const backingA = path.join(dir, 'a.img');
+    const backingB = path.join(dir, 'b.img');
+    fill(backingA, rangeABytes, true);
+    fill(backingB, readSetBytes, true);
+    let backingAUri = backingA;
+    if (store === 'delay') {
+      const storeSocket = path.join(dir, 'nbdkit.sock');
+      started.push(await startNbdkitServer(dir, storeSocket, ['-f', '--exit-with-parent', '--filter=delay', 'file', `file=${backingA}`, ...delayedOps.map((op) => `delay-${op}=${delay}`)]));
+      backingAUri = `nbd+unix:///?socket=${storeSocket}`;
+    }
+    const socket = path.join(dir, 'pcache.sock');
+    const control = path.join(dir, 'pcache.ctl');
+    const server = await startPcacheServe('pcache serve', dir, socket, [
+      '--cache', path.join(dir, 'cache.img'), '--cache-size', `${poolMiB}M`, '--segment-size', `${segmentMiB}M`, '--control', control,
+      '--tuning', ['sequential_cutoff_bytes=0', ...extraTuning].join(','),
+    ]);
+    started.push(server);
+    const pid = server.pid ?? 0;
+    await runPcacheCli(['volume', 'add', '--control', control, '--name', 'A', '--backing', backingAUri, '--cache-size', `${shareAMiB}M`]);
+    await runPcacheCli(['volume', 'add', '--control', control, '--name', 'B', '--backing', backingB, '--cache-size', `${shareBMiB}M`]);
+    // Warm B: one pass in order brings its read set into its share.
+    await run('fio', ['--name=warm', '--ioengine=nbd', `--uri=nbd+unix:///B?socket=${socket}`, '--rw=read', '--bs=1m', '--iodepth=4', '--numjobs=1', '--thread', `--size=${readSetBytes}`, '--output-format=json']);
+    console.log(`store ${store}: A's backing ${store === 'delay' ? `a file on ${base} behind nbdkit's delay filter (${delay} per ${delayedOps.join('/')} request)` : `a file on ${base}`}, ` +
+      `A's share ${shareAMiB} MiB, writes over ${rangeABytes / MiB} MiB; B's backing a file on ${base}, share ${shareBMiB} MiB, read set ${readSetBytes / MiB} MiB; ` +
+      `pool ${poolMiB} MiB in ${segmentMiB} MiB segments; ${rounds} round(s), B's runs ${seconds} s, starting ${leadSeconds} s after A's writeback and GC have begun${smoke ? ' (smoke)' : ''}`);
+
+    const alone: Phase[] = [];
+    const together: Phase[] = [];
+    for (let round = 1; round <= rounds; round++) {
+      const order = round % 2 === 1 ? ['alone', 'together'] : ['together', 'alone'];
+      for (const what of order) {
+        if (what === 'alone') {
+          const before = await snapshot(control, pid);
+          const latency = await readRun(socket);
+          const d = between(before, await snapshot(control, pid));
+          const phase = phaseOf(latency, d, d.aWrites / d.seconds);
+          alone.push(phase);
+          describePhase(round, what, phase);
+          continue;
+        }
+        const writer = startWriter(socket);
+        let latency: Latency;
+        let d: ReturnType<typeof between>;
+        try {
+          await untilBackgroundWork(control, pid, await snapshot(control, pid), writer);
+          await new Promise((resolve) => setTimeout(resolve, leadSeconds * 1000));
+          const before = await snapshot(control, pid);
+          latency = await readRun(socket);
+          d = between(before, await snapshot(control, pid));
+        } finally {
+          await stopWriter(writer);
+        }
+        const phase = phaseOf(latency, d, d.aWrites / d.seconds);
+        together.push(phase);
+        describePhase(round, what, phase);
+        // A idle again for the next alone phase: everything written back.
+        await controlRequest(control, 'drain', { volume: 'A' });
+      }
+    }
+    const p50Alone = median(alone.map((phase) => phase.latency.p50Us));
+    const p99Alone = median(alone.map((phase) => phase.latency.p99Us));
+    const p50Together = median(together.map((phase) => phase.latency.p50Us));
+    const p99Together = median(together.map((phase) => phase.latency.p99Us));
+    report({ bench: 'volumes', metric: `B 4K read hit QD1 p50 ${store}`, value: p50Together, unit: 'us', peer: 'B alone', peerValue: p50Alone });
+    report({ bench: 'volumes', metric: `B 4K read hit QD1 p99 ${store}`, value: p99Together, unit: 'us', peer: 'B alone', peerValue: p99Alone });
+    report({ bench: 'volumes', metric: `A 4K rand write QD${writerDepth} ${store}`, value: median(together.map((phase) => phase.aIops)), unit: 'IOPS' });
+    const verdict = (ratio: number): string => (ratio <= goal ? 'met' : 'MISSED');
+    const p50Ratio = p50Together / p50Alone;
+    const p99Ratio = p99Together / p99Alone;
+    console.log(`  ${store}: B's QD1 read hits, alone vs with A writing: p50 ${p50Alone.toFixed(1)} vs ${p50Together.toFixed(1)} us = ${p50Ratio.toFixed(2)}x (goal <= ${goal}: ${verdict(p50Ratio)}); ` +
+      `p99 ${p99Alone.toFixed(1)} vs ${p99Together.toFixed(1)} us = ${p99Ratio.toFixed(2)}x (goal <= ${goal}: ${verdict(p99Ratio)}); ` +
+      `A ${Math.round(median(together.map((phase) => phase.aIops)))} writes/s, written back ${median(together.map((phase) => phase.aWritebackMiBs)).toFixed(1)} MiB/s; ` +
+      `pcache CPU ${median(alone.map((phase) => phase.cpuPercent)).toFixed(0)}% alone, ${median(together.map((phase) => phase.cpuPercent)).toFixed(0)}% together (medians)`);
+  } finally {
+    for (const child of started.reverse()) await stopChild(child);
+    removeScratch(dir);
+  }
+}
+
+async function main(): Promise<void> {
+  requireTool('fio', 'fio');
+  requireTool('nbdkit', 'nbdkit');
+  const base = existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
+  console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  for (const store of stores) await runStore(base, store);
+  console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+}
+
+await main();
