@@ -45,8 +45,6 @@ const shareBMiB = param(32, 128);
 const rangeABytes = 2 * shareAMiB * MiB;
 /** B's read set: a quarter of its share, so it stays whole in the cache. */
 const readSetBytes = (shareBMiB / 4) * MiB;
-/** The pool: both shares and two segments to spare. */
-const poolMiB = shareAMiB + shareBMiB + 2 * segmentMiB;
 const seconds = Number(process.env.PCACHE_BENCH_SECONDS ?? param(1, 10));
 const rounds = Number(process.env.PCACHE_BENCH_ROUNDS ?? param(1, 5));
 /** How long A writes before B's run once its writeback and GC have both begun. */
@@ -70,9 +68,24 @@ interface VolumeStatus {
   } | null;
 }
 
+/**
+ * Where the two volumes are served. `shared`: one `pcache serve` of a pool holding both (what
+ * is measured). `split`: the peer, each volume in a pool of its own in its own `pcache serve`
+ * process, same shares and settings: the same load on the machine, but no shared event loop.
+ */
+interface Layout {
+  readonly name: 'shared' | 'split';
+  readonly socketOf: Readonly<Record<'A' | 'B', string>>;
+  readonly controlOf: Readonly<Record<'A' | 'B', string>>;
+  /** The server of B first. */
+  readonly pids: readonly number[];
+}
+
 interface Snapshot {
   readonly atMs: number;
   readonly cpuTicks: number;
+  /** Nanoseconds the main thread of B's server has waited, runnable, for a CPU (/proc/PID/schedstat). */
+  readonly bRunqueueWaitNs: number;
   readonly volumes: Map<string, NonNullable<VolumeStatus['cache']>>;
 }
 
@@ -82,15 +95,33 @@ function cpuTicks(pid: number): number {
   return Number(fields[11]) + Number(fields[12]);
 }
 
-async function snapshot(control: string, pid: number): Promise<Snapshot> {
-  const status = await controlRequest(control, 'status') as { volumes: VolumeStatus[] };
+/** The main thread's time spent runnable but waiting for a CPU, in ns (the second field of schedstat). */
+function runqueueWaitNs(pid: number): number {
+  return Number(readFileSync(`/proc/${pid}/task/${pid}/schedstat`, 'utf8').split(' ')[1]);
+}
+
+async function snapshot(layout: Layout): Promise<Snapshot> {
   const volumes = new Map<string, NonNullable<VolumeStatus['cache']>>();
-  for (const volume of status.volumes) if (volume.cache !== null) volumes.set(volume.name, volume.cache);
-  return { atMs: performance.now(), cpuTicks: cpuTicks(pid), volumes };
+  for (const control of new Set(Object.values(layout.controlOf))) {
+    const status = await controlRequest(control, 'status') as { volumes: VolumeStatus[] };
+    for (const volume of status.volumes) if (volume.cache !== null) volumes.set(volume.name, volume.cache);
+  }
+  return { atMs: performance.now(), cpuTicks: layout.pids.reduce((sum, pid) => sum + cpuTicks(pid), 0), bRunqueueWaitNs: runqueueWaitNs(layout.pids[0] ?? 0), volumes };
+}
+
+interface Delta {
+  readonly bReads: number;
+  readonly bHits: number;
+  readonly aWrites: number;
+  readonly aWritebackBytes: number;
+  readonly aGcSegments: number;
+  readonly seconds: number;
+  readonly cpuPercent: number;
+  readonly bRunqueueWaitMsPerS: number;
 }
 
 /** What happened between two snapshots: B's reads and hits, A's writes, writeback and GC, pcache's CPU. */
-function between(a: Snapshot, b: Snapshot): { bReads: number; bHits: number; aWrites: number; aWritebackBytes: number; aGcSegments: number; seconds: number; cpuPercent: number } {
+function between(a: Snapshot, b: Snapshot): Delta {
   const counters = (snap: Snapshot, name: string): NonNullable<VolumeStatus['cache']>['counters'] => {
     const cache = snap.volumes.get(name);
     if (cache === undefined) throw new Error(`volume ${name} is not serving`);
@@ -105,6 +136,7 @@ function between(a: Snapshot, b: Snapshot): { bReads: number; bHits: number; aWr
     aGcSegments: counters(b, 'A').gcSegmentsFreed - counters(a, 'A').gcSegmentsFreed,
     seconds: dt,
     cpuPercent: (100 * (b.cpuTicks - a.cpuTicks)) / userHz / dt,
+    bRunqueueWaitMsPerS: (b.bRunqueueWaitNs - a.bRunqueueWaitNs) / 1e6 / dt,
   };
 }
 
@@ -138,11 +170,11 @@ function startWriter(socket: string): ChildProcess {
 }
 
 /** Waits until A's writeback has written to its backing device and GC has freed a segment since `from`. */
-async function untilBackgroundWork(control: string, pid: number, from: Snapshot, writer: ChildProcess): Promise<void> {
+async function untilBackgroundWork(layout: Layout, from: Snapshot, writer: ChildProcess): Promise<void> {
   const deadline = performance.now() + backgroundWaitMs;
   for (;;) {
     if (writer.exitCode !== null) throw new Error(`the writer (fio on A) exited with ${writer.exitCode}`);
-    const d = between(from, await snapshot(control, pid));
+    const d = between(from, await snapshot(layout));
     if (d.aWritebackBytes > 0 && d.aGcSegments > 0) return;
     if (performance.now() > deadline) throw new Error(`A's writeback and GC did not both start within ${backgroundWaitMs / 1000} s of its writes (written back ${d.aWritebackBytes} bytes, ${d.aGcSegments} segments freed)`);
     await new Promise((resolve) => setTimeout(resolve, 100));
@@ -165,23 +197,98 @@ interface Phase {
   readonly aWritebackMiBs: number;
   readonly aGcSegments: number;
   readonly cpuPercent: number;
+  readonly bRunqueueWaitMsPerS: number;
 }
 
-function describePhase(round: number, what: string, phase: Phase): void {
-  console.log(`  round ${round} ${what.padEnd(8)}: B p50 ${phase.latency.p50Us.toFixed(1).padStart(7)} us, p99 ${phase.latency.p99Us.toFixed(1).padStart(7)} us, ` +
-    `${Math.round(phase.latency.iops)} IOPS, hits ${phase.hitPercent.toFixed(1)}%; A ${Math.round(phase.aIops)} writes/s, ` +
-    `written back ${phase.aWritebackMiBs.toFixed(1)} MiB/s, GC freed ${phase.aGcSegments} segments; pcache CPU ${phase.cpuPercent.toFixed(0)}%`);
-}
-
-function phaseOf(latency: Latency, d: ReturnType<typeof between>, aIops: number): Phase {
+function phaseOf(latency: Latency, d: Delta): Phase {
   return {
     latency,
     hitPercent: d.bReads === 0 ? 0 : (100 * d.bHits) / d.bReads,
-    aIops,
+    aIops: d.aWrites / d.seconds,
     aWritebackMiBs: d.aWritebackBytes / MiB / d.seconds,
     aGcSegments: d.aGcSegments,
     cpuPercent: d.cpuPercent,
+    bRunqueueWaitMsPerS: d.bRunqueueWaitMsPerS,
   };
+}
+
+function describePhase(round: number, what: string, phase: Phase): void {
+  console.log(`  round ${round} ${what.padEnd(14)}: B p50 ${phase.latency.p50Us.toFixed(1).padStart(7)} us, p99 ${phase.latency.p99Us.toFixed(1).padStart(7)} us, ` +
+    `${Math.round(phase.latency.iops)} IOPS, hits ${phase.hitPercent.toFixed(1)}%; A ${Math.round(phase.aIops)} writes/s, ` +
+    `written back ${phase.aWritebackMiBs.toFixed(1)} MiB/s, GC freed ${phase.aGcSegments} segments; pcache CPU ${phase.cpuPercent.toFixed(0)}%, ` +
+    `B's server waited for a CPU ${phase.bRunqueueWaitMsPerS.toFixed(0)} ms/s`);
+}
+
+/** B measured alone (`writing` false) or while A takes its writes and runs writeback and GC. */
+async function measure(layout: Layout, writing: boolean): Promise<Phase> {
+  if (!writing) {
+    const before = await snapshot(layout);
+    const latency = await readRun(layout.socketOf.B);
+    return phaseOf(latency, between(before, await snapshot(layout)));
+  }
+  const writer = startWriter(layout.socketOf.A);
+  let phase: Phase;
+  try {
+    await untilBackgroundWork(layout, await snapshot(layout), writer);
+    await new Promise((resolve) => setTimeout(resolve, leadSeconds * 1000));
+    const before = await snapshot(layout);
+    const latency = await readRun(layout.socketOf.B);
+    phase = phaseOf(latency, between(before, await snapshot(layout)));
+  } finally {
+    await stopWriter(writer);
+  }
+  // A idle again for the next alone phase: everything written back.
+  await controlRequest(layout.controlOf.A, 'drain', { volume: 'A' });
+  return phase;
+}
+
+/** Starts a `pcache serve` of a new pool (a sparse cache file it creates) holding the given volumes. */
+async function startPool(dir: string, name: string, volumes: readonly { name: 'A' | 'B'; backing: string; shareMiB: number }[]): Promise<{ child: ChildProcess; socket: string; control: string }> {
+  const socket = path.join(dir, `${name}.sock`);
+  const control = path.join(dir, `${name}.ctl`);
+  const sizeMiB = volumes.reduce((sum, volume) => sum + volume.shareMiB, 0) + 2 * segmentMiB;
+  const child = await startPcacheServe(`pcache serve (${name})`, dir, socket, [
+    '--cache', path.join(dir, `${name}.img`), '--cache-size', `${sizeMiB}M`, '--segment-size', `${segmentMiB}M`, '--control', control,
+    '--tuning', ['sequential_cutoff_bytes=0', ...extraTuning].join(','),
+  ]);
+  for (const volume of volumes) {
+    await runPcacheCli(['volume', 'add', '--control', control, '--name', volume.name, '--backing', volume.backing, '--cache-size', `${volume.shareMiB}M`]);
+  }
+  return { child, socket, control };
+}
+
+/** Warms B: one pass in order brings its read set into its share. */
+async function warm(socket: string): Promise<void> {
+  await run('fio', ['--name=warm', '--ioengine=nbd', `--uri=nbd+unix:///B?socket=${socket}`, '--rw=read', '--bs=1m', '--iodepth=4', '--numjobs=1', '--thread', `--size=${readSetBytes}`, '--output-format=json']);
+}
+
+interface Summary {
+  readonly p50Alone: number;
+  readonly p99Alone: number;
+  readonly p50Together: number;
+  readonly p99Together: number;
+}
+
+function summarize(store: string, layout: Layout['name'], alone: readonly Phase[], together: readonly Phase[]): Summary {
+  const summary = {
+    p50Alone: median(alone.map((phase) => phase.latency.p50Us)),
+    p99Alone: median(alone.map((phase) => phase.latency.p99Us)),
+    p50Together: median(together.map((phase) => phase.latency.p50Us)),
+    p99Together: median(together.map((phase) => phase.latency.p99Us)),
+  };
+  const tag = `${store} ${layout}`;
+  report({ bench: 'volumes', metric: `B 4K read hit QD1 p50 ${tag}`, value: summary.p50Together, unit: 'us', peer: 'B alone', peerValue: summary.p50Alone });
+  report({ bench: 'volumes', metric: `B 4K read hit QD1 p99 ${tag}`, value: summary.p99Together, unit: 'us', peer: 'B alone', peerValue: summary.p99Alone });
+  report({ bench: 'volumes', metric: `A 4K rand write QD${writerDepth} ${tag}`, value: median(together.map((phase) => phase.aIops)), unit: 'IOPS' });
+  const verdict = (ratio: number): string => (ratio <= goal ? 'met' : 'MISSED');
+  const p50Ratio = summary.p50Together / summary.p50Alone;
+  const p99Ratio = summary.p99Together / summary.p99Alone;
+  console.log(`  ${tag}: B's QD1 read hits, alone vs with A writing: p50 ${summary.p50Alone.toFixed(1)} vs ${summary.p50Together.toFixed(1)} us = ${p50Ratio.toFixed(2)}x (goal <= ${goal}: ${verdict(p50Ratio)}); ` +
+    `p99 ${summary.p99Alone.toFixed(1)} vs ${summary.p99Together.toFixed(1)} us = ${p99Ratio.toFixed(2)}x (goal <= ${goal}: ${verdict(p99Ratio)}); ` +
+    `A ${Math.round(median(together.map((phase) => phase.aIops)))} writes/s, written back ${median(together.map((phase) => phase.aWritebackMiBs)).toFixed(1)} MiB/s; ` +
+    `pcache CPU ${median(alone.map((phase) => phase.cpuPercent)).toFixed(0)}% alone, ${median(together.map((phase) => phase.cpuPercent)).toFixed(0)}% together; ` +
+    `B's server waited for a CPU ${median(alone.map((phase) => phase.bRunqueueWaitMsPerS)).toFixed(0)} ms/s alone, ${median(together.map((phase) => phase.bRunqueueWaitMsPerS)).toFixed(0)} ms/s together (medians)`);
+  return summary;
 }
 
 async function runStore(base: string, store: string): Promise<void> {
@@ -189,79 +296,56 @@ async function runStore(base: string, store: string): Promise<void> {
   const dir = makeScratch(base, `pcache-bench-volumes-${store}-`);
   const started: ChildProcess[] = [];
   try {
-    const backingA = path.join(dir, 'a.img');
-    const backingB = path.join(dir, 'b.img');
-    fill(backingA, rangeABytes, true);
-    fill(backingB, readSetBytes, true);
-    let backingAUri = backingA;
-    if (store === 'delay') {
-      const storeSocket = path.join(dir, 'nbdkit.sock');
-      started.push(await startNbdkitServer(dir, storeSocket, ['-f', '--exit-with-parent', '--filter=delay', 'file', `file=${backingA}`, ...delayedOps.map((op) => `delay-${op}=${delay}`)]));
-      backingAUri = `nbd+unix:///?socket=${storeSocket}`;
-    }
-    const socket = path.join(dir, 'pcache.sock');
-    const control = path.join(dir, 'pcache.ctl');
-    const server = await startPcacheServe('pcache serve', dir, socket, [
-      '--cache', path.join(dir, 'cache.img'), '--cache-size', `${poolMiB}M`, '--segment-size', `${segmentMiB}M`, '--control', control,
-      '--tuning', ['sequential_cutoff_bytes=0', ...extraTuning].join(','),
-    ]);
-    started.push(server);
-    const pid = server.pid ?? 0;
-    await runPcacheCli(['volume', 'add', '--control', control, '--name', 'A', '--backing', backingAUri, '--cache-size', `${shareAMiB}M`]);
-    await runPcacheCli(['volume', 'add', '--control', control, '--name', 'B', '--backing', backingB, '--cache-size', `${shareBMiB}M`]);
-    // Warm B: one pass in order brings its read set into its share.
-    await run('fio', ['--name=warm', '--ioengine=nbd', `--uri=nbd+unix:///B?socket=${socket}`, '--rw=read', '--bs=1m', '--iodepth=4', '--numjobs=1', '--thread', `--size=${readSetBytes}`, '--output-format=json']);
-    console.log(`store ${store}: A's backing ${store === 'delay' ? `a file on ${base} behind nbdkit's delay filter (${delay} per ${delayedOps.join('/')} request)` : `a file on ${base}`}, ` +
-      `A's share ${shareAMiB} MiB, writes over ${rangeABytes / MiB} MiB; B's backing a file on ${base}, share ${shareBMiB} MiB, read set ${readSetBytes / MiB} MiB; ` +
-      `pool ${poolMiB} MiB in ${segmentMiB} MiB segments; ${rounds} round(s), B's runs ${seconds} s, starting ${leadSeconds} s after A's writeback and GC have begun${smoke ? ' (smoke)' : ''}`);
-
-    const alone: Phase[] = [];
-    const together: Phase[] = [];
-    for (let round = 1; round <= rounds; round++) {
-      const order = round % 2 === 1 ? ['alone', 'together'] : ['together', 'alone'];
-      for (const what of order) {
-        if (what === 'alone') {
-          const before = await snapshot(control, pid);
-          const latency = await readRun(socket);
-          const d = between(before, await snapshot(control, pid));
-          const phase = phaseOf(latency, d, d.aWrites / d.seconds);
-          alone.push(phase);
-          describePhase(round, what, phase);
-          continue;
-        }
-        const writer = startWriter(socket);
-        let latency: Latency;
-        let d: ReturnType<typeof between>;
-        try {
-          await untilBackgroundWork(control, pid, await snapshot(control, pid), writer);
-          await new Promise((resolve) => setTimeout(resolve, leadSeconds * 1000));
-          const before = await snapshot(control, pid);
-          latency = await readRun(socket);
-          d = between(before, await snapshot(control, pid));
-        } finally {
-          await stopWriter(writer);
-        }
-        const phase = phaseOf(latency, d, d.aWrites / d.seconds);
-        together.push(phase);
-        describePhase(round, what, phase);
-        // A idle again for the next alone phase: everything written back.
-        await controlRequest(control, 'drain', { volume: 'A' });
+    // Each layout's volumes have backing devices of their own (a backing device serves one volume).
+    const backing: Record<'A' | 'B', Record<Layout['name'], string>> = { A: { shared: '', split: '' }, B: { shared: '', split: '' } };
+    for (const layoutName of ['shared', 'split'] as const) {
+      const fileA = path.join(dir, `a-${layoutName}.img`);
+      const fileB = path.join(dir, `b-${layoutName}.img`);
+      fill(fileA, rangeABytes, true);
+      fill(fileB, readSetBytes, true);
+      backing.A[layoutName] = fileA;
+      backing.B[layoutName] = fileB;
+      if (store === 'delay') {
+        const storeSocket = path.join(dir, `nbdkit-${layoutName}.sock`);
+        started.push(await startNbdkitServer(dir, storeSocket, ['-f', '--exit-with-parent', '--filter=delay', 'file', `file=${fileA}`, ...delayedOps.map((op) => `delay-${op}=${delay}`)]));
+        backing.A[layoutName] = `nbd+unix:///?socket=${storeSocket}`;
       }
     }
-    const p50Alone = median(alone.map((phase) => phase.latency.p50Us));
-    const p99Alone = median(alone.map((phase) => phase.latency.p99Us));
-    const p50Together = median(together.map((phase) => phase.latency.p50Us));
-    const p99Together = median(together.map((phase) => phase.latency.p99Us));
-    report({ bench: 'volumes', metric: `B 4K read hit QD1 p50 ${store}`, value: p50Together, unit: 'us', peer: 'B alone', peerValue: p50Alone });
-    report({ bench: 'volumes', metric: `B 4K read hit QD1 p99 ${store}`, value: p99Together, unit: 'us', peer: 'B alone', peerValue: p99Alone });
-    report({ bench: 'volumes', metric: `A 4K rand write QD${writerDepth} ${store}`, value: median(together.map((phase) => phase.aIops)), unit: 'IOPS' });
-    const verdict = (ratio: number): string => (ratio <= goal ? 'met' : 'MISSED');
-    const p50Ratio = p50Together / p50Alone;
-    const p99Ratio = p99Together / p99Alone;
-    console.log(`  ${store}: B's QD1 read hits, alone vs with A writing: p50 ${p50Alone.toFixed(1)} vs ${p50Together.toFixed(1)} us = ${p50Ratio.toFixed(2)}x (goal <= ${goal}: ${verdict(p50Ratio)}); ` +
-      `p99 ${p99Alone.toFixed(1)} vs ${p99Together.toFixed(1)} us = ${p99Ratio.toFixed(2)}x (goal <= ${goal}: ${verdict(p99Ratio)}); ` +
-      `A ${Math.round(median(together.map((phase) => phase.aIops)))} writes/s, written back ${median(together.map((phase) => phase.aWritebackMiBs)).toFixed(1)} MiB/s; ` +
-      `pcache CPU ${median(alone.map((phase) => phase.cpuPercent)).toFixed(0)}% alone, ${median(together.map((phase) => phase.cpuPercent)).toFixed(0)}% together (medians)`);
+    const pool = await startPool(dir, 'pool', [{ name: 'A', backing: backing.A.shared, shareMiB: shareAMiB }, { name: 'B', backing: backing.B.shared, shareMiB: shareBMiB }]);
+    started.push(pool.child);
+    const poolA = await startPool(dir, 'pool-a', [{ name: 'A', backing: backing.A.split, shareMiB: shareAMiB }]);
+    started.push(poolA.child);
+    const poolB = await startPool(dir, 'pool-b', [{ name: 'B', backing: backing.B.split, shareMiB: shareBMiB }]);
+    started.push(poolB.child);
+    const layouts: Layout[] = [
+      { name: 'shared', socketOf: { A: pool.socket, B: pool.socket }, controlOf: { A: pool.control, B: pool.control }, pids: [pool.child.pid ?? 0] },
+      { name: 'split', socketOf: { A: poolA.socket, B: poolB.socket }, controlOf: { A: poolA.control, B: poolB.control }, pids: [poolB.child.pid ?? 0, poolA.child.pid ?? 0] },
+    ];
+    for (const layout of layouts) await warm(layout.socketOf.B);
+    console.log(`store ${store}: A's backing ${store === 'delay' ? `a file on ${base} behind nbdkit's delay filter (${delay} per ${delayedOps.join('/')} request)` : `a file on ${base}`}, ` +
+      `A's share ${shareAMiB} MiB, writes over ${rangeABytes / MiB} MiB; B's backing a file on ${base}, share ${shareBMiB} MiB, read set ${readSetBytes / MiB} MiB; ` +
+      `${segmentMiB} MiB segments; ${rounds} round(s), B's runs ${seconds} s, starting ${leadSeconds} s after A's writeback and GC have begun${smoke ? ' (smoke)' : ''}`);
+
+    const phases = [
+      { layout: 0, writing: false }, { layout: 0, writing: true }, { layout: 1, writing: false }, { layout: 1, writing: true },
+    ];
+    const results = layouts.map(() => ({ alone: [] as Phase[], together: [] as Phase[] }));
+    for (let round = 1; round <= rounds; round++) {
+      // Rotate the order, so no phase always follows the same one.
+      for (let index = 0; index < phases.length; index++) {
+        const step = phases[(index + round - 1) % phases.length];
+        const layout = step === undefined ? undefined : layouts[step.layout];
+        const into = step === undefined ? undefined : results[step.layout];
+        if (step === undefined || layout === undefined || into === undefined) continue;
+        const phase = await measure(layout, step.writing);
+        (step.writing ? into.together : into.alone).push(phase);
+        describePhase(round, `${layout.name} ${step.writing ? 'together' : 'alone'}`, phase);
+      }
+    }
+    const [shared, split] = layouts.map((layout, index) => summarize(store, layout.name, results[index]?.alone ?? [], results[index]?.together ?? []));
+    if (shared !== undefined && split !== undefined) {
+      console.log(`  ${store}: one process against two, with A writing: B's p50 ${(shared.p50Together / split.p50Together).toFixed(2)}x, p99 ${(shared.p99Together / split.p99Together).toFixed(2)}x`);
+    }
   } finally {
     for (const child of started.reverse()) await stopChild(child);
     removeScratch(dir);
