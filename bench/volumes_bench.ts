@@ -14,15 +14,19 @@
 // - B: the reader. A tmpfs file of random data; its read set (a quarter of its share) is read
 //   through pcache once in order, so every measured read is a hit (the hit rate is printed).
 //
-// Each round measures B twice, alternating which comes first: alone (A idle and drained) and
-// together (A taking 4 KiB random writes at QD32 over twice its share; B's run starts once A's
-// writeback has written to A's backing device and its GC has freed a segment, and `leadSeconds`
-// more, so that both run throughout). B's run:
-// fio (nbd engine, one job) 4 KiB random reads at QD1 over its read set for `seconds`; fio's
-// completion-latency percentiles p50 and p99. After each together phase A is drained. What
-// is reported: medians over the rounds of B's p50 and p99, alone and together, and their
-// ratios (goal <= 2); A's write IOPS, writeback and GC during B's runs (pcache's counters);
-// pcache's CPU share in each phase (/proc).
+// The peer layout, `split`: the same two volumes (same shares, settings and kinds of backing
+// device) each in a pool of its own served by its own `pcache serve` process — the same load on
+// the machine, but no shared event loop. Each round measures B four times, in rotated order:
+// shared or split, alone (A idle and drained) or together (A taking 4 KiB random writes at QD32
+// over twice its share; B's run starts once A's writeback has written to A's backing device and
+// its GC has freed a segment, and `leadSeconds` more, so that both run throughout). B's run: fio
+// (nbd engine, one job) 4 KiB random reads at QD1 over its read set for `seconds`; fio's
+// completion-latency percentiles p50 and p99. After each together phase A is drained. What is
+// reported, per layout: medians over the rounds of B's p50 and p99, alone and together, and
+// their ratios (goal <= 2); A's write rate, writeback and GC during B's runs (pcache's
+// counters); pcache's CPU in each phase and how long the main thread of B's server waited,
+// runnable, for a CPU (/proc: how loaded the machine was); and shared against split with A
+// writing (what sharing one event loop costs B).
 //
 // Environment: PCACHE_BENCH_STORE (delay, file or delay,file), PCACHE_BENCH_SECONDS (B's run,
 // default 10), PCACHE_BENCH_ROUNDS (default 5), PCACHE_BENCH_TUNING (more --tuning pairs).
