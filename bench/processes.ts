@@ -169,9 +169,9 @@ export function runPcacheCli(args: readonly string[]): Promise<string> {
   return run(process.execPath, [cliPath, ...args]);
 }
 
-/** Starts `pcache serve args --socket socket` (logging warnings only) and waits until it serves. */
-export async function startPcacheServe(what: string, dir: string, socket: string, args: readonly string[]): Promise<ChildProcess> {
-  const child = track(spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir }));
+/** Starts `pcache serve args --socket socket` (logging warnings only; `env` added to ours) and waits until it serves. */
+export async function startPcacheServe(what: string, dir: string, socket: string, args: readonly string[], env: Readonly<Record<string, string>> = {}): Promise<ChildProcess> {
+  const child = track(spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir, env: { ...process.env, ...env } }));
   let printed = '';
   child.stdout.setEncoding('utf8').on('data', (chunk: string) => { printed += chunk; });
   await waitUntilReady(what, child, () => printed.startsWith('serving '));

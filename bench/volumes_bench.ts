@@ -29,13 +29,16 @@
 // writing (what sharing one event loop costs B).
 //
 // Environment: PCACHE_BENCH_STORE (delay, file or delay,file), PCACHE_BENCH_SECONDS (B's run,
-// default 10), PCACHE_BENCH_ROUNDS (default 5), PCACHE_BENCH_TUNING (more --tuning pairs).
+// default 10), PCACHE_BENCH_ROUNDS (default 5), PCACHE_BENCH_TUNING (more --tuning pairs),
+// PCACHE_BENCH_LOOP_PROBE=1 (bench/loop_probe.ts preloaded into every server: the event loop's
+// delay in B's server during each of B's runs, printed per phase).
 // PCACHE_BENCH_SMOKE=1: tiny sizes, one short round per store (the test suite runs that).
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { controlRequest } from '../src/cli/control_client.js';
 import { median, param, report, smoke } from './harness.js';
 import { fill, fioJob, makeScratch, removeScratch, requireTool, run, runPcacheCli, startNbdkitServer, startPcacheServe, stopChild, track, version } from './processes.js';
@@ -63,6 +66,8 @@ const delayedOps = ['read', 'write', 'zero', 'trim'];
 /** Clock ticks per second of /proc/PID/stat's CPU times (USER_HZ, 100 on Linux). */
 const userHz = 100;
 const goal = 2;
+/** bench/loop_probe.ts, preloaded into the servers when PCACHE_BENCH_LOOP_PROBE=1. */
+const loopProbe = process.env.PCACHE_BENCH_LOOP_PROBE === '1' ? fileURLToPath(new URL('./loop_probe.js', import.meta.url)) : undefined;
 
 interface VolumeStatus {
   name: string;
@@ -83,6 +88,28 @@ interface Layout {
   readonly controlOf: Readonly<Record<'A' | 'B', string>>;
   /** The server of B first. */
   readonly pids: readonly number[];
+  /** Where the loop probe in B's server writes (PCACHE_BENCH_LOOP_PROBE=1). */
+  readonly probeFileOfB: string | undefined;
+}
+
+interface LoopDelay {
+  readonly p50Ms: number;
+  readonly p99Ms: number;
+  readonly maxMs: number;
+}
+
+/** Asks the loop probe in B's server for the delays since it last asked (SIGUSR2) and waits for its answer. */
+async function loopDelay(layout: Layout): Promise<LoopDelay | undefined> {
+  const file = layout.probeFileOfB;
+  if (file === undefined) return undefined;
+  const lines = (): string[] => (existsSync(file) ? readFileSync(file, 'utf8').split('\n').filter((line) => line !== '') : []);
+  const before = lines().length;
+  process.kill(layout.pids[0] ?? 0, 'SIGUSR2');
+  for (let attempt = 0; attempt < 500 && lines().length === before; attempt++) await new Promise((resolve) => setTimeout(resolve, 10));
+  const now = lines();
+  const last = now.at(-1);
+  if (last === undefined || now.length === before) throw new Error(`the loop probe in pid ${layout.pids[0] ?? 0} did not answer`);
+  return JSON.parse(last) as LoopDelay;
 }
 
 interface Snapshot {
@@ -196,6 +223,7 @@ async function stopWriter(writer: ChildProcess): Promise<void> {
 
 interface Phase {
   readonly latency: Latency;
+  readonly loop: LoopDelay | undefined;
   readonly hitPercent: number;
   readonly aIops: number;
   readonly aWritebackMiBs: number;
@@ -204,9 +232,10 @@ interface Phase {
   readonly bRunqueueWaitMsPerS: number;
 }
 
-function phaseOf(latency: Latency, d: Delta): Phase {
+function phaseOf(latency: Latency, d: Delta, loop: LoopDelay | undefined): Phase {
   return {
     latency,
+    loop,
     hitPercent: d.bReads === 0 ? 0 : (100 * d.bHits) / d.bReads,
     aIops: d.aWrites / d.seconds,
     aWritebackMiBs: d.aWritebackBytes / MiB / d.seconds,
@@ -220,24 +249,29 @@ function describePhase(round: number, what: string, phase: Phase): void {
   console.log(`  round ${round} ${what.padEnd(14)}: B p50 ${phase.latency.p50Us.toFixed(1).padStart(7)} us, p99 ${phase.latency.p99Us.toFixed(1).padStart(7)} us, ` +
     `${Math.round(phase.latency.iops)} IOPS, hits ${phase.hitPercent.toFixed(1)}%; A ${Math.round(phase.aIops)} writes/s, ` +
     `written back ${phase.aWritebackMiBs.toFixed(1)} MiB/s, GC freed ${phase.aGcSegments} segments; pcache CPU ${phase.cpuPercent.toFixed(0)}%, ` +
-    `B's server waited for a CPU ${phase.bRunqueueWaitMsPerS.toFixed(0)} ms/s`);
+    `B's server waited for a CPU ${phase.bRunqueueWaitMsPerS.toFixed(0)} ms/s` +
+    (phase.loop === undefined ? '' : `; its loop's ticks p50 ${phase.loop.p50Ms.toFixed(2)} ms, p99 ${phase.loop.p99Ms.toFixed(2)} ms, max ${phase.loop.maxMs.toFixed(1)} ms`));
 }
 
 /** B measured alone (`writing` false) or while A takes its writes and runs writeback and GC. */
 async function measure(layout: Layout, writing: boolean): Promise<Phase> {
   if (!writing) {
+    await loopDelay(layout);
     const before = await snapshot(layout);
     const latency = await readRun(layout.socketOf.B);
-    return phaseOf(latency, between(before, await snapshot(layout)));
+    const d = between(before, await snapshot(layout));
+    return phaseOf(latency, d, await loopDelay(layout));
   }
   const writer = startWriter(layout.socketOf.A);
   let phase: Phase;
   try {
     await untilBackgroundWork(layout, await snapshot(layout), writer);
     await new Promise((resolve) => setTimeout(resolve, leadSeconds * 1000));
+    await loopDelay(layout);
     const before = await snapshot(layout);
     const latency = await readRun(layout.socketOf.B);
-    phase = phaseOf(latency, between(before, await snapshot(layout)));
+    const d = between(before, await snapshot(layout));
+    phase = phaseOf(latency, d, await loopDelay(layout));
   } finally {
     await stopWriter(writer);
   }
@@ -247,18 +281,23 @@ async function measure(layout: Layout, writing: boolean): Promise<Phase> {
 }
 
 /** Starts a `pcache serve` of a new pool (a sparse cache file it creates) holding the given volumes. */
-async function startPool(dir: string, name: string, volumes: readonly { name: 'A' | 'B'; backing: string; shareMiB: number }[]): Promise<{ child: ChildProcess; socket: string; control: string }> {
+async function startPool(dir: string, name: string, volumes: readonly { name: 'A' | 'B'; backing: string; shareMiB: number }[]): Promise<{ child: ChildProcess; socket: string; control: string; probeFile: string | undefined }> {
   const socket = path.join(dir, `${name}.sock`);
   const control = path.join(dir, `${name}.ctl`);
+  const probeFile = loopProbe === undefined ? undefined : path.join(dir, `${name}.loop`);
+  const env: Record<string, string> = loopProbe === undefined || probeFile === undefined ? {} : {
+    NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --import ${pathToFileURL(loopProbe).href}`.trim(),
+    PCACHE_LOOP_PROBE_FILE: probeFile,
+  };
   const sizeMiB = volumes.reduce((sum, volume) => sum + volume.shareMiB, 0) + 2 * segmentMiB;
   const child = await startPcacheServe(`pcache serve (${name})`, dir, socket, [
     '--cache', path.join(dir, `${name}.img`), '--cache-size', `${sizeMiB}M`, '--segment-size', `${segmentMiB}M`, '--control', control,
     '--tuning', ['sequential_cutoff_bytes=0', ...extraTuning].join(','),
-  ]);
+  ], env);
   for (const volume of volumes) {
     await runPcacheCli(['volume', 'add', '--control', control, '--name', volume.name, '--backing', volume.backing, '--cache-size', `${volume.shareMiB}M`]);
   }
-  return { child, socket, control };
+  return { child, socket, control, probeFile };
 }
 
 /** Warms B: one pass in order brings its read set into its share. */
@@ -291,7 +330,8 @@ function summarize(store: string, layout: Layout['name'], alone: readonly Phase[
     `p99 ${summary.p99Alone.toFixed(1)} vs ${summary.p99Together.toFixed(1)} us = ${p99Ratio.toFixed(2)}x (goal <= ${goal}: ${verdict(p99Ratio)}); ` +
     `A ${Math.round(median(together.map((phase) => phase.aIops)))} writes/s, written back ${median(together.map((phase) => phase.aWritebackMiBs)).toFixed(1)} MiB/s; ` +
     `pcache CPU ${median(alone.map((phase) => phase.cpuPercent)).toFixed(0)}% alone, ${median(together.map((phase) => phase.cpuPercent)).toFixed(0)}% together; ` +
-    `B's server waited for a CPU ${median(alone.map((phase) => phase.bRunqueueWaitMsPerS)).toFixed(0)} ms/s alone, ${median(together.map((phase) => phase.bRunqueueWaitMsPerS)).toFixed(0)} ms/s together (medians)`);
+    `B's server waited for a CPU ${median(alone.map((phase) => phase.bRunqueueWaitMsPerS)).toFixed(0)} ms/s alone, ${median(together.map((phase) => phase.bRunqueueWaitMsPerS)).toFixed(0)} ms/s together` +
+    (loopProbe === undefined ? '' : `; its loop's ticks p99 ${median(alone.map((phase) => phase.loop?.p99Ms ?? 0)).toFixed(2)} ms alone, ${median(together.map((phase) => phase.loop?.p99Ms ?? 0)).toFixed(2)} ms together`) + ' (medians)');
   return summary;
 }
 
@@ -322,8 +362,8 @@ async function runStore(base: string, store: string): Promise<void> {
     const poolB = await startPool(dir, 'pool-b', [{ name: 'B', backing: backing.B.split, shareMiB: shareBMiB }]);
     started.push(poolB.child);
     const layouts: Layout[] = [
-      { name: 'shared', socketOf: { A: pool.socket, B: pool.socket }, controlOf: { A: pool.control, B: pool.control }, pids: [pool.child.pid ?? 0] },
-      { name: 'split', socketOf: { A: poolA.socket, B: poolB.socket }, controlOf: { A: poolA.control, B: poolB.control }, pids: [poolB.child.pid ?? 0, poolA.child.pid ?? 0] },
+      { name: 'shared', socketOf: { A: pool.socket, B: pool.socket }, controlOf: { A: pool.control, B: pool.control }, pids: [pool.child.pid ?? 0], probeFileOfB: pool.probeFile },
+      { name: 'split', socketOf: { A: poolA.socket, B: poolB.socket }, controlOf: { A: poolA.control, B: poolB.control }, pids: [poolB.child.pid ?? 0, poolA.child.pid ?? 0], probeFileOfB: poolB.probeFile },
     ];
     for (const layout of layouts) await warm(layout.socketOf.B);
     console.log(`store ${store}: A's backing ${store === 'delay' ? `a file on ${base} behind nbdkit's delay filter (${delay} per ${delayedOps.join('/')} request)` : `a file on ${base}`}, ` +

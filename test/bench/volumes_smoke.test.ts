@@ -1,7 +1,8 @@
 // bench/volumes_bench.ts in smoke mode, so it cannot rot: for both of A's backing stores it must
 // serve the two volumes through the real CLI, in one process and (the peer) in two, measure B's
 // read hits alone and with A writing (every read a hit; the benchmark itself waits until A's
-// writeback and GC run before measuring), and report p50 and p99 side by side with their ratios. Figures are not judged here (tests do not time anything); `npm run
+// writeback and GC run before measuring), report p50 and p99 side by side with their ratios,
+// and (with PCACHE_BENCH_LOOP_PROBE=1) the event loop's delay in B's server per phase. Figures are not judged here (tests do not time anything); `npm run
 // bench` reports them.
 
 import { describe, it } from 'node:test';
@@ -18,7 +19,7 @@ describe('volumes isolation benchmark (smoke)', () => {
     requireTool('fio', 'fio');
     requireTool('nbdkit', 'nbdkit');
     const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      execFile(process.execPath, [benchPath], { env: cliEnv({ PCACHE_BENCH_SMOKE: '1' }), timeout: 180_000, encoding: 'utf8' }, (error, out, err) => {
+      execFile(process.execPath, [benchPath], { env: cliEnv({ PCACHE_BENCH_SMOKE: '1', PCACHE_BENCH_LOOP_PROBE: '1' }), timeout: 180_000, encoding: 'utf8' }, (error, out, err) => {
         resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : -1, stdout: out, stderr: err });
       });
     });
@@ -32,7 +33,7 @@ describe('volumes isolation benchmark (smoke)', () => {
           const line = section.split('\n').find((candidate) => new RegExp(`^ {2}round 1 ${layout} ${phase} *: `).test(candidate));
           assert.ok(line !== undefined, `a ${layout} ${phase} phase for ${store}:\n${stdout}`);
           assert.match(line, /B p50 +[\d.]+ us, p99 +[\d.]+ us, \d+ IOPS, hits 100\.0%/, `every read of B is a hit: ${line}`);
-          assert.match(line, /B's server waited for a CPU \d+ ms\/s$/, line);
+          assert.match(line, /B's server waited for a CPU \d+ ms\/s; its loop's ticks p50 [\d.]+ ms, p99 [\d.]+ ms, max [\d.]+ ms$/, `the loop probe in B's server answered: ${line}`);
           if (phase === 'together') {
             const match = /A (\d+) writes\/s, written back ([\d.]+) MiB\/s, GC freed (\d+) segments/.exec(line);
             assert.ok(match !== null, line);
