@@ -1,5 +1,5 @@
 // What the NBD benchmarks share about other processes: checking a tool is installed, running a
-// command for its output, starting `pcache serve` and waiting until it listens, stopping a
+// command (or the pcache CLI) for its output, starting `pcache serve` and waiting until it listens, stopping a
 // child, making and filling the test files, and parsing fio's JSON. Every child started through here is
 // tracked and killed if the benchmark exits early (an error, Ctrl-C), so no run leaves a server
 // behind.
@@ -164,9 +164,14 @@ export async function waitUntilReady(what: string, child: ChildProcess, ready: (
   throw new Error(`${what} did not start listening`);
 }
 
-/** Starts `pcache serve args --socket socket` (logging warnings only) and waits until it serves. */
-export async function startPcacheServe(what: string, dir: string, socket: string, args: readonly string[]): Promise<ChildProcess> {
-  const child = track(spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir }));
+/** Runs `pcache args...` (the package's bin, as users run it) to completion; returns its standard output. */
+export function runPcacheCli(args: readonly string[]): Promise<string> {
+  return run(process.execPath, [cliPath, ...args]);
+}
+
+/** Starts `pcache serve args --socket socket` (logging warnings only; `env` added to ours) and waits until it serves. */
+export async function startPcacheServe(what: string, dir: string, socket: string, args: readonly string[], env: Readonly<Record<string, string>> = {}): Promise<ChildProcess> {
+  const child = track(spawn(process.execPath, [cliPath, 'serve', ...args, '--socket', socket, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'inherit'], cwd: dir, env: { ...process.env, ...env } }));
   let printed = '';
   child.stdout.setEncoding('utf8').on('data', (chunk: string) => { printed += chunk; });
   await waitUntilReady(what, child, () => printed.startsWith('serving '));
