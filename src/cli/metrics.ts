@@ -164,7 +164,8 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   gauge('pcache_writeback_oldest_dirty_age_seconds', 'Age of the oldest dirty data (0 when clean)', cache((status) => (status.writeback.oldestDirtyAgeMs ?? 0) / 1000));
   total('pcache_read_hits_total', 'Read requests served entirely from the cache', stats((c) => c.readHitRequests));
   total('pcache_read_misses_total', 'Read requests that needed the backing device', stats((c) => c.readMissRequests));
-  total('pcache_read_hit_bytes_total', 'Bytes read from the cache', stats((c) => c.readHitBytes));
+  total('pcache_read_hit_bytes_total', 'Bytes of read hits (cached data; fragmented ones gathered from the backing device included)', stats((c) => c.readHitBytes));
+  total('pcache_read_gathers_total', 'Read hits of fragmented, written-back data served by one backing read with the newer pieces copied over it', stats((c) => c.readGathers));
   total('pcache_read_miss_bytes_total', 'Bytes read from the backing device for clients', stats((c) => c.readMissBytes));
   total('pcache_write_bytes_total', 'Bytes written by clients into the cache', stats((c) => c.writeBytes));
   total('pcache_writeback_bytes_total', 'Dirty log bytes writeback has retired, written back or superseded (rate() gives the writeback rate)', stats((c) => c.writebackBytes));

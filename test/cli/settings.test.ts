@@ -26,6 +26,7 @@ const defaults: Settings = {
   backing_offline_after_ms: 10_000,
   writeback_ordering: 'strict',
   sequential_cutoff_bytes: 4 * 1024 * 1024,
+  fragmented_read_pieces: 16,
   space_wait_timeout_ms: 0,
 };
 
