@@ -11,7 +11,8 @@
 // 3. drain (everything written back), then, in an order that rotates by round, "written back"
 //    (the default: one backing read per request, dirty pieces copied over it), the same reads
 //    with `fragmented_read_pieces=0` (the read served piece by piece from the cache, as before),
-//    and nbdkit;
+//    nbdkit, and `pcache serve --no-cache` on the same file (pcache's NBD server with no cache:
+//    the floor a read that goes to the backing device can reach in this server);
 // 4. a second fresh pcache; fio writes the range in 1 MiB sequential writes at QD8; drain; the
 //    same reads: "sequential" (the unfragmented figure).
 // Every pcache runs with sequential_cutoff_bytes=0 (else the 1 MiB sequential writes of step 4
@@ -95,7 +96,7 @@ async function stopPcache(dir: string, pcache: Pcache, name: string): Promise<vo
   rmSync(path.join(dir, `${name}.cache`), { force: true });
 }
 
-type Series = 'written back' | 'written back, piece by piece' | 'not written back' | 'sequential' | 'nbdkit';
+type Series = 'written back' | 'written back, piece by piece' | 'not written back' | 'sequential' | 'nbdkit' | 'no cache';
 
 async function main(): Promise<void> {
   requireTool('fio', 'fio');
@@ -104,13 +105,16 @@ async function main(): Promise<void> {
   const dir = makeScratch(base, 'pcache-frag-');
   const backing = path.join(dir, 'backing.img');
   let nbdkit: ChildProcess | undefined;
+  let noCache: ChildProcess | undefined;
   try {
     fill(backing, backingBytes, true);
     const nbdkitSocket = path.join(dir, 'nbdkit.sock');
     nbdkit = await startNbdkitServer(dir, nbdkitSocket, ['-f', '--exit-with-parent', 'file', `file=${backing}`]);
+    const noCacheSocket = path.join(dir, 'nocache.sock');
+    noCache = await startPcacheServe('pcache serve --no-cache', dir, noCacheSocket, ['--no-cache', '--backing', backing]);
     console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     console.log(`files on ${base}: range ${rangeBytes / MiB} MiB, backing ${backingBytes / MiB} MiB, cache ${cacheSize} (sparse, new each time); ${rounds} round(s) of ${runtime} per run${smoke ? ' (smoke)' : ''}`);
-    const results: Record<Series, number[]> = { 'written back': [], 'written back, piece by piece': [], 'not written back': [], sequential: [], nbdkit: [] };
+    const results: Record<Series, number[]> = { 'written back': [], 'written back, piece by piece': [], 'not written back': [], sequential: [], nbdkit: [], 'no cache': [] };
     let reads = 0;
     let hits = 0;
     let gathers = 0;
@@ -121,11 +125,11 @@ async function main(): Promise<void> {
       results['not written back'].push(await readRun(frag.socket, 'not written back'));
       await controlRequest(frag.control, 'drain');
       const before = await counters(frag.control);
-      const turns: Series[] = ['written back', 'written back, piece by piece', 'nbdkit'];
+      const turns: Series[] = ['written back', 'written back, piece by piece', 'nbdkit', 'no cache'];
       for (let turn = 0; turn < turns.length; turn++) {
         const series = turns[(round + turn) % turns.length] ?? 'nbdkit';
-        if (series === 'nbdkit') {
-          results.nbdkit.push(await readRun(nbdkitSocket, 'nbdkit'));
+        if (series === 'nbdkit' || series === 'no cache') {
+          results[series].push(await readRun(series === 'nbdkit' ? nbdkitSocket : noCacheSocket, series));
           continue;
         }
         const pieceByPiece = series === 'written back, piece by piece';
@@ -154,6 +158,7 @@ async function main(): Promise<void> {
     report({ bench: 'frag_read', metric: '1M seq read QD8, fragmented vs nbdkit', value: value('written back'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, fragmented vs sequential', value: value('written back'), unit: 'IOPS', peer: 'pcache, laid down sequentially', peerValue: value('sequential') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, piece by piece vs nbdkit', value: value('written back, piece by piece'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, fragmented vs no cache', value: value('written back'), unit: 'IOPS', peer: 'pcache --no-cache', peerValue: value('no cache') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, not written back vs nbdkit', value: value('not written back'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
     const toNbdkit = value('written back') / value('nbdkit');
     const toSequential = value('written back') / value('sequential');
@@ -163,6 +168,7 @@ async function main(): Promise<void> {
     console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
   } finally {
     if (nbdkit !== undefined) await stopChild(nbdkit);
+    if (noCache !== undefined) await stopChild(noCache);
     removeScratch(dir);
   }
 }
