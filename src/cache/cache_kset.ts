@@ -32,7 +32,7 @@ import { BackgroundTask } from '../lib/background_task.js';
 import { Listeners } from '../lib/listeners.js';
 import type { TimerHandle } from '../lib/timers.js';
 import {
-  decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, ksetBytesMax, ksetExtendedHeaderBytes, ksetKeysMax, sealKset,
+  decodeKset, encodeKey, encodeLastKset, keyBytes, keyFlagClean, keyFlagZero, ksetBytesMax, ksetExtendedHeaderBytes, ksetKeysMax, sealKset,
   type DecodedKset, type KeyRecord,
 } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
@@ -136,8 +136,11 @@ export class KsetLog {
     encodeKey(this.open, this.headerBytes + this.openCount * keyBytes, key);
     this.openCount++;
     this.epochOpen = true;
-    if ((key.flags & keyFlagClean) === 0) this.ctx.stats.dirtyBytes += key.lengthBytes;
     const seq = this.nextSeq;
+    if ((key.flags & keyFlagClean) === 0) {
+      this.ctx.stats.dirtyBytes += key.lengthBytes;
+      if ((key.flags & keyFlagZero) === 0) this.ctx.segments.noteDirty(key.segment, seq);
+    }
     if (this.openCount === 1) {
       this.openTimer = this.ctx.timers.after(ksetCloseDelayMs, () => {
         this.openTimer = undefined;

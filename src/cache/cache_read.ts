@@ -7,6 +7,8 @@
 // and its placeholder is still there, the data is stored in the cache as a CLEAN key; a write
 // that landed meanwhile has cut or replaced the placeholder and wins. Filling is optional:
 // with no free space or no room in the log, the placeholder is simply dropped.
+// A large read whose cached pieces are many and mostly written back is instead one backing read
+// with the rest copied over it (cache_read_gather.ts decides and plans).
 // Every await is a point where the index may change; code after one re-checks what it needs
 // (a fill looks its placeholder up again by ticket; an asynchronous hit re-checks its
 // segment's generation).
@@ -18,6 +20,7 @@ import { subtreeSizeBytes } from '../ondisk/layout.js';
 import type { CacheContext } from './cache_context.js';
 import type { DataHead } from './cache_data_head.js';
 import type { KsetLog } from './cache_kset.js';
+import { gatherRead, gatherRequestBytesMin, planGather } from './cache_read_gather.js';
 import { keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
 import type { Space } from './cache_types.js';
 
@@ -94,6 +97,16 @@ export class ReadPath {
     const ctx = this.ctx;
     ctx.checkReadable();
     ctx.stats.readRequests++;
+    if (target.length >= gatherRequestBytesMin) {
+      const overlay = planGather(ctx, offsetBytes, target.length, ctx.tuning.fragmentedReadPieces);
+      if (overlay !== undefined) return gatherRead(ctx, target, offsetBytes, overlay, () => this.walkRead(target, offsetBytes, admit));
+    }
+    return this.walkRead(target, offsetBytes, admit);
+  }
+
+  /** Serves a read by walking the index: hits from the cache device, misses from the backing device. */
+  private walkRead(target: Uint8Array, offsetBytes: number, admit: boolean): Promise<void> | undefined {
+    const ctx = this.ctx;
     const walk = new ReadWalk();
     walk.admit = admit;
     const endBytes = offsetBytes + target.length;
@@ -389,7 +402,10 @@ export class ReadPath {
     const scratch = new Uint8Array(Math.min(chunkBytes, lengthBytes));
     for (let done = 0; done < lengthBytes; done += chunkBytes) {
       const piece = scratch.subarray(0, Math.min(chunkBytes, lengthBytes - done));
-      const io = this.read(piece, offsetBytes + done);
+      // The walk, never a gather: a prefetch of cached data needs no backing read.
+      this.ctx.checkReadable();
+      this.ctx.stats.readRequests++;
+      const io = this.walkRead(piece, offsetBytes + done, true);
       if (io !== undefined) await io;
     }
   }

@@ -162,6 +162,7 @@ export async function replay(
       if (!zero) {
         segments.kind[record.segment] = segmentKindData;
         segments.get(record.segment);
+        if ((record.flags & keyFlagClean) === 0) segments.noteDirty(record.segment, pos.seq);
         if (ctx.dataCrc) await verifyData(ctx, record, dataCrcErrors);
       }
       if (dirtyTail !== undefined && (record.flags & keyFlagClean) === 0) ctx.stats.dirtyBytes += record.lengthBytes;

@@ -12,6 +12,10 @@
 // - gen[s] increases when s is freed (every index entry into s becomes stale at once) and
 //   again when s is handed out; the new value is written to disk before anything that records
 //   it can be durable (see cache_kset.ts and cache_data_head.ts for the two orders that ensure it).
+// - dirtySeq[s] is at least the seq of every kset holding a dirty (not CLEAN, not ZERO) key whose
+//   data lives in s. Once dirty_tail's seq passes it, every key into s has been written back, so
+//   the backing device holds what those keys hold (a read may take it from there: cache_read_gather.ts).
+//   It only grows (seqs do), so after s is reused it stays an upper bound.
 // - One free segment is held back for the log (logReserveSegments): data allocation never
 //   takes it, so the log can always move on to a new segment and let writeback and GC run.
 
@@ -30,6 +34,8 @@ export class SegmentTable {
   readonly gen: Float64Array;
   readonly refs: Uint32Array;
   readonly kind: Uint8Array;
+  /** The newest kset seq known to hold a dirty key into each segment (see the file comment). */
+  readonly dirtySeq: Float64Array;
   /** Free segments in the order they were freed (a ring buffer). */
   private readonly freeRing: Uint32Array;
   private freeStart = 0;
@@ -42,6 +48,7 @@ export class SegmentTable {
     this.gen = new Float64Array(count);
     this.refs = new Uint32Array(count);
     this.kind = new Uint8Array(count);
+    this.dirtySeq = new Float64Array(count);
     this.freeRing = new Uint32Array(count);
   }
 
@@ -120,6 +127,11 @@ export class SegmentTable {
     const waiters = this.waiters;
     this.waiters = [];
     for (const wake of waiters) wake();
+  }
+
+  /** A dirty key into `segment` went into the kset `seq` (seqs only grow). */
+  noteDirty(segment: number, seq: number): void {
+    if (seq > (this.dirtySeq[segment] ?? 0)) this.dirtySeq[segment] = seq;
   }
 
   genLow32(segment: number): number {

@@ -1,6 +1,7 @@
 // CacheTuning: the runtime knobs of an open cache — writeback watermarks, idle and age limits,
 // the dirty high-water mark, when the backing device counts as offline, how long a held write
-// may wait, the sequential cutoff — with their defaults and the one check of a complete set.
+// may wait, the sequential cutoff, when a fragmented read goes to the backing device — with
+// their defaults and the one check of a complete set.
 //
 // This module imports nothing, so the command line can know the defaults (`serve --tuning`,
 // `pcache set`) without loading the engine.
@@ -35,6 +36,13 @@ export interface CacheTuning {
    * cached (bcache's sequential_cutoff). 0 turns it off.
    */
   readonly sequentialCutoffBytes: number;
+  /**
+   * A read of at least 64 KiB, all of it cached, with at least this many pieces already written
+   * back, is read from the backing device in one request, with the pieces not yet written back
+   * (at most 64) copied over it from the cache: cheaper than a cache read per piece when random
+   * small writes laid the data down (cache_read_gather.ts). 0 turns it off.
+   */
+  readonly fragmentedReadPieces: number;
 }
 
 export type WritebackOrdering = 'strict' | 'relaxed';
@@ -53,7 +61,11 @@ export const defaultTuning: CacheTuning = {
   writebackMaxAgeMs: 30_000,
   writebackOrdering: 'strict',
   sequentialCutoffBytes: 4 * 1024 * 1024,
+  fragmentedReadPieces: 16,
 };
+
+/** The largest fragmentedReadPieces accepted (a 32 MiB NBD read holds at most 65,536 sectors). */
+export const fragmentedReadPiecesMax = 65_536;
 
 /** Writeback as soon as anything is dirty (tests that watch writeback happen). */
 export const eagerWriteback: Partial<CacheTuning> = { writebackStartPercent: 0, writebackStopPercent: 0 };
@@ -61,6 +73,7 @@ export const eagerWriteback: Partial<CacheTuning> = { writebackStartPercent: 0, 
 /** Why a tuning is unacceptable, or undefined. */
 export function tuningProblem(tuning: CacheTuning): string | undefined {
   type NumericKnob = Exclude<keyof CacheTuning, 'writebackOrdering'>;
+  // (also for counts: an integer from 0 to max)
   const percent = (name: NumericKnob, max: number): string | undefined => {
     const value = tuning[name];
     return Number.isInteger(value) && value >= 0 && value <= max ? undefined : `${name} must be an integer from 0 to ${max}, got ${value}`;
@@ -75,6 +88,7 @@ export function tuningProblem(tuning: CacheTuning): string | undefined {
     duration('spaceWaitTimeoutMs') ?? duration('backingOfflineAfterMs') ?? duration('writebackIdleMs') ?? duration('writebackMaxAgeMs') ??
     (Number.isSafeInteger(tuning.sequentialCutoffBytes) && tuning.sequentialCutoffBytes >= 0 && tuning.sequentialCutoffBytes <= sequentialCutoffBytesMax
       ? undefined
-      : `sequentialCutoffBytes must be an integer from 0 to ${sequentialCutoffBytesMax}, got ${tuning.sequentialCutoffBytes}`);
+      : `sequentialCutoffBytes must be an integer from 0 to ${sequentialCutoffBytesMax}, got ${tuning.sequentialCutoffBytes}`) ??
+    percent('fragmentedReadPieces', fragmentedReadPiecesMax);
 }
 

@@ -208,7 +208,8 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   cacheGauge('pcache_writeback_oldest_dirty_age_seconds', 'Age of the oldest dirty data (0 when clean)', (status) => (status.writeback.oldestDirtyAgeMs ?? 0) / 1000);
   counted('pcache_read_hits_total', 'Read requests served entirely from the cache', (c) => c.readHitRequests);
   counted('pcache_read_misses_total', 'Read requests that needed the backing device', (c) => c.readMissRequests);
-  counted('pcache_read_hit_bytes_total', 'Bytes read from the cache', (c) => c.readHitBytes);
+  counted('pcache_read_hit_bytes_total', 'Bytes of read hits (cached data; fragmented ones gathered from the backing device included)', (c) => c.readHitBytes);
+  counted('pcache_read_gathers_total', 'Read hits of fragmented, written-back data served by one backing read with the newer pieces copied over it', (c) => c.readGathers);
   counted('pcache_read_miss_bytes_total', 'Bytes read from the backing device for clients', (c) => c.readMissBytes);
   counted('pcache_write_bytes_total', 'Bytes written by clients into the cache', (c) => c.writeBytes);
   counted('pcache_writeback_bytes_total', 'Dirty log bytes writeback has retired, written back or superseded (rate() gives the writeback rate)', (c) => c.writebackBytes);

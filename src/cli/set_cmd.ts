@@ -21,7 +21,7 @@ export async function setCommand(args: SetArgs, terminal: Terminal): Promise<num
   const width = Math.max(...Object.keys(settings).map((name) => name.length));
   const lines = Object.entries(settings).map(([name, value]) => {
     const knob = knobNamed(name);
-    const unit = knob === undefined || knob.unit === 'choice' ? '' : knob.unit === 'percent' ? ' %' : knob.unit === 'bytes' ? ' bytes' : ' ms';
+    const unit = knob === undefined || knob.unit === 'choice' || knob.unit === 'count' ? '' : knob.unit === 'percent' ? ' %' : knob.unit === 'bytes' ? ' bytes' : ' ms';
     const persisted = name === modeSettingName || knob?.persisted === true;
     const note = changed.has(name) ? (persisted ? '   (changed, stored in the cache)' : '   (changed until the server stops)') : '';
     return `${name.padEnd(width)}  ${String(value)}${unit}${note}`;

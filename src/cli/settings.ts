@@ -15,7 +15,7 @@
 
 import type { Cache, CacheTuning } from '../cache/cache.js';
 import { PcacheError } from '../lib/errors.js';
-import { defaultTuning, sequentialCutoffBytesMax, writebackOrderings } from '../cache/cache_tuning.js';
+import { defaultTuning, fragmentedReadPiecesMax, sequentialCutoffBytesMax, writebackOrderings } from '../cache/cache_tuning.js';
 import { cacheModeNamed, cacheModes, type CacheMode } from '../ondisk/cache_info.js';
 import { gcPercentDefault, gcPercentMax } from '../ondisk/layout.js';
 
@@ -32,7 +32,7 @@ export interface Knob {
   readonly name: string;
   /** The CacheTuning field it sets; undefined for gc_percent (persisted through setGcPercent). */
   readonly field: keyof CacheTuning | undefined;
-  readonly unit: 'percent' | 'ms' | 'bytes' | 'choice';
+  readonly unit: 'percent' | 'ms' | 'bytes' | 'count' | 'choice';
   /** For a numeric knob, its range. */
   readonly min: number;
   readonly max: number;
@@ -54,6 +54,7 @@ export const knobs: readonly Knob[] = [
   { name: 'backing_offline_after_ms', field: 'backingOfflineAfterMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.backingOfflineAfterMs, help: 'writeback failing this long marks the backing device offline' },
   { name: 'writeback_ordering', field: 'writebackOrdering', unit: 'choice', min: 0, max: 0, choices: writebackOrderings, persisted: false, defaultValue: defaultTuning.writebackOrdering, help: 'strict: the backing device alone always holds a prefix of the flush epochs; relaxed: larger merges across epochs' },
   { name: 'sequential_cutoff_bytes', field: 'sequentialCutoffBytes', unit: 'bytes', min: 0, max: sequentialCutoffBytesMax, persisted: false, defaultValue: defaultTuning.sequentialCutoffBytes, help: 'a sequential stream longer than this bypasses the cache; 0 turns it off' },
+  { name: 'fragmented_read_pieces', field: 'fragmentedReadPieces', unit: 'count', min: 0, max: fragmentedReadPiecesMax, persisted: false, defaultValue: defaultTuning.fragmentedReadPieces, help: 'a cached read of >= 64 KiB with this many pieces written back is read from the backing device, newer pieces copied over it; 0 turns it off' },
   { name: 'space_wait_timeout_ms', field: 'spaceWaitTimeoutMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.spaceWaitTimeoutMs, help: 'a held write fails with ETIMEDOUT after this long; 0 holds it forever' },
 ];
 
@@ -80,7 +81,7 @@ export function knobValueProblem(knob: Knob, value: unknown): string | undefined
     return typeof value === 'string' && knob.choices.includes(value) ? undefined : `${knob.name} must be ${knob.choices.join(' or ')}, got ${JSON.stringify(value)}`;
   }
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < knob.min || value > knob.max) {
-    const unit = knob.unit === 'percent' ? ' (percent)' : knob.unit === 'bytes' ? ' (bytes)' : ' (milliseconds)';
+    const unit = knob.unit === 'percent' ? ' (percent)' : knob.unit === 'bytes' ? ' (bytes)' : knob.unit === 'count' ? '' : ' (milliseconds)';
     return `${knob.name} must be an integer from ${knob.min} to ${knob.max}${unit}, got ${JSON.stringify(value)}`;
   }
   return undefined;

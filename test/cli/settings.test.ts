@@ -26,6 +26,7 @@ const defaults: Settings = {
   backing_offline_after_ms: 10_000,
   writeback_ordering: 'strict',
   sequential_cutoff_bytes: 4 * 1024 * 1024,
+  fragmented_read_pieces: 16,
   space_wait_timeout_ms: 0,
 };
 
@@ -35,7 +36,7 @@ async function settingsJson(control: string): Promise<Settings> {
   return settings;
 }
 
-/** `pcache set --control C` (no pairs) parsed: every line "name  value unit" ("name  word" for a choice). */
+/** `pcache set --control C` (no pairs) parsed: every line "name  value unit" ("name  word" for a choice, "name  value" for a count). */
 async function settingsTable(control: string): Promise<Settings> {
   const result = await runCli(['set', '--control', control]);
   assert.equal(result.code, 0, result.stderr);
@@ -50,7 +51,7 @@ async function settingsTable(control: string): Promise<Settings> {
       settings[name] = value;
       continue;
     }
-    assert.equal(unit, name.endsWith('_ms') ? 'ms' : name.endsWith('_bytes') ? 'bytes' : '%', `${name} is shown with its unit`);
+    assert.equal(unit, name.endsWith('_ms') ? 'ms' : name.endsWith('_bytes') ? 'bytes' : name.endsWith('_percent') ? '%' : '', `${name} is shown with its unit (a count has none)`);
     settings[name] = Number(value);
   }
   assert.deepEqual(Object.keys(settings), knobNames, 'set lists every knob, in the table\'s order');

@@ -1,0 +1,176 @@
+// Fragmented reads (issue 16, part 4): 1 MiB sequential reads at QD8 of data that random 4 KiB
+// writes laid down, against nbdkit's file plugin on the same file and against pcache's own
+// figure for the same range written sequentially.
+//
+// What runs: a backing file of random data on tmpfs (/dev/shm), nbdkit's `file` plugin serving
+// it, and `pcache serve` started by the real CLI on a cache file that does not exist yet (created
+// sparse by `--cache-size` and formatted as a new user's would be). In every round:
+// 1. a fresh pcache; fio writes the range in 4 KiB random writes at QD32, every block once
+//    (fio's random map), so a 1 MiB range of the disk lies in 256 pieces scattered over the log;
+// 2. "not written back": 1 MiB sequential reads at QD8 over the range, all pieces still dirty;
+// 3. drain (everything written back), then, in an order that rotates by round, "written back"
+//    (the default: one backing read per request, dirty pieces copied over it), the same reads
+//    with `fragmented_read_pieces=0` (the read served piece by piece from the cache, as before),
+//    nbdkit, and `pcache serve --no-cache` on the same file (pcache's NBD server with no cache:
+//    the floor a read that goes to the backing device can reach in this server);
+// 4. a second fresh pcache; fio writes the range in 1 MiB sequential writes at QD8; drain; the
+//    same reads: "sequential" (the unfragmented figure).
+// Every pcache runs with sequential_cutoff_bytes=0 (else the 1 MiB sequential writes of step 4
+// would go past the cache and the figure would not be the cache's) and writeback held back
+// (writeback_idle_ms and writeback_max_age_ms an hour: step 2 measures dirty data, and the
+// drains decide when writeback runs). Medians over the rounds; targets: written back >= 0.8x
+// nbdkit and >= 0.7x sequential. The hit rate of the reads and the share served by one backing
+// read (readGathers) are printed.
+// PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
+
+import type { ChildProcess } from 'node:child_process';
+import { rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { controlRequest } from '../src/cli/control_client.js';
+import { median, param, report, smoke } from './harness.js';
+import { fill, fioJob, makeScratch, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+/** The range laid down and read; the backing file is twice as large. */
+const rangeBytes = param(16 * MiB, 256 * MiB);
+const backingBytes = 2 * rangeBytes;
+const cacheSize = param('128M', '1G');
+const rounds = param(1, 5);
+const runtime = param('300ms', '5s');
+const rampTime = param('0', '1s');
+const heldWritebackMs = 3_600_000;
+const tuning = `sequential_cutoff_bytes=0,writeback_idle_ms=${heldWritebackMs},writeback_max_age_ms=${heldWritebackMs}`;
+
+interface Counters {
+  readRequests: number;
+  readHitRequests: number;
+  readGathers: number;
+}
+
+async function counters(control: string): Promise<Counters> {
+  const status = await controlRequest(control, 'status') as { cache: { counters: Counters } };
+  return status.cache.counters;
+}
+
+function uri(socket: string): string {
+  return `nbd+unix:///?socket=${socket}`;
+}
+
+/** Lays the range down through `socket`: 4 KiB random writes at QD32 (each block once), or 1 MiB sequential writes at QD8. */
+async function layDown(socket: string, how: 'random' | 'sequential'): Promise<void> {
+  const [rw, blockSize, depth] = how === 'random' ? ['randwrite', '4k', 32] : ['write', '1m', 8];
+  const output = await run('fio', [
+    '--name=lay', '--ioengine=nbd', `--uri=${uri(socket)}`, `--rw=${rw}`, `--bs=${blockSize}`, `--iodepth=${depth}`,
+    `--size=${rangeBytes}`, '--thread', '--output-format=json',
+  ]);
+  fioJob(output, `laying the range down (${how})`);
+}
+
+/** 1 MiB sequential reads at QD8 over the range; IOPS. */
+async function readRun(socket: string, what: string): Promise<number> {
+  const output = await run('fio', [
+    '--name=read', '--ioengine=nbd', `--uri=${uri(socket)}`, '--rw=read', '--bs=1m', '--iodepth=8', `--size=${rangeBytes}`,
+    '--thread', '--time_based', `--runtime=${runtime}`, `--ramp_time=${rampTime}`, '--output-format=json',
+  ]);
+  return fioJob(output, what).read.iops;
+}
+
+interface Pcache {
+  readonly child: ChildProcess;
+  readonly socket: string;
+  readonly control: string;
+}
+
+async function startPcache(dir: string, backing: string, name: string): Promise<Pcache> {
+  const socket = path.join(dir, `${name}.sock`);
+  const control = path.join(dir, `${name}.ctl`);
+  const cache = path.join(dir, `${name}.cache`);
+  const child = await startPcacheServe(`pcache serve (${name})`, dir, socket, ['--cache', cache, '--cache-size', cacheSize, '--backing', backing, '--control', control, '--tuning', tuning]);
+  return { child, socket, control };
+}
+
+async function stopPcache(dir: string, pcache: Pcache, name: string): Promise<void> {
+  await stopChild(pcache.child);
+  rmSync(path.join(dir, `${name}.cache`), { force: true });
+}
+
+type Series = 'written back' | 'written back, piece by piece' | 'not written back' | 'sequential' | 'nbdkit' | 'no cache';
+
+async function main(): Promise<void> {
+  requireTool('fio', 'fio');
+  requireTool('nbdkit', 'nbdkit');
+  const base = os.platform() === 'linux' ? '/dev/shm' : os.tmpdir();
+  const dir = makeScratch(base, 'pcache-frag-');
+  const backing = path.join(dir, 'backing.img');
+  let nbdkit: ChildProcess | undefined;
+  let noCache: ChildProcess | undefined;
+  try {
+    fill(backing, backingBytes, true);
+    const nbdkitSocket = path.join(dir, 'nbdkit.sock');
+    nbdkit = await startNbdkitServer(dir, nbdkitSocket, ['-f', '--exit-with-parent', 'file', `file=${backing}`]);
+    const noCacheSocket = path.join(dir, 'nocache.sock');
+    noCache = await startPcacheServe('pcache serve --no-cache', dir, noCacheSocket, ['--no-cache', '--backing', backing]);
+    console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+    console.log(`files on ${base}: range ${rangeBytes / MiB} MiB, backing ${backingBytes / MiB} MiB, cache ${cacheSize} (sparse, new each time); ${rounds} round(s) of ${runtime} per run${smoke ? ' (smoke)' : ''}`);
+    const results: Record<Series, number[]> = { 'written back': [], 'written back, piece by piece': [], 'not written back': [], sequential: [], nbdkit: [], 'no cache': [] };
+    let reads = 0;
+    let hits = 0;
+    let gathers = 0;
+    let gatheredReads = 0;
+    for (let round = 0; round < rounds; round++) {
+      const frag = await startPcache(dir, backing, 'frag');
+      await layDown(frag.socket, 'random');
+      results['not written back'].push(await readRun(frag.socket, 'not written back'));
+      await controlRequest(frag.control, 'drain');
+      const before = await counters(frag.control);
+      const turns: Series[] = ['written back', 'written back, piece by piece', 'nbdkit', 'no cache'];
+      for (let turn = 0; turn < turns.length; turn++) {
+        const series = turns[(round + turn) % turns.length] ?? 'nbdkit';
+        if (series === 'nbdkit' || series === 'no cache') {
+          results[series].push(await readRun(series === 'nbdkit' ? nbdkitSocket : noCacheSocket, series));
+          continue;
+        }
+        const pieceByPiece = series === 'written back, piece by piece';
+        if (pieceByPiece) await controlRequest(frag.control, 'set', { body: { fragmented_read_pieces: 0 } });
+        const start = await counters(frag.control);
+        results[series].push(await readRun(frag.socket, series));
+        const end = await counters(frag.control);
+        if (!pieceByPiece) {
+          gatheredReads += end.readRequests - start.readRequests;
+          gathers += end.readGathers - start.readGathers;
+        }
+        if (pieceByPiece) await controlRequest(frag.control, 'set', { body: { fragmented_read_pieces: 16 } });
+      }
+      const after = await counters(frag.control);
+      reads += after.readRequests - before.readRequests;
+      hits += after.readHitRequests - before.readHitRequests;
+      await stopPcache(dir, frag, 'frag');
+
+      const sequential = await startPcache(dir, backing, 'seq');
+      await layDown(sequential.socket, 'sequential');
+      await controlRequest(sequential.control, 'drain');
+      results.sequential.push(await readRun(sequential.socket, 'sequential'));
+      await stopPcache(dir, sequential, 'seq');
+    }
+    const value = (series: Series): number => median(results[series]);
+    report({ bench: 'frag_read', metric: '1M seq read QD8, fragmented vs nbdkit', value: value('written back'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, fragmented vs sequential', value: value('written back'), unit: 'IOPS', peer: 'pcache, laid down sequentially', peerValue: value('sequential') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, piece by piece vs nbdkit', value: value('written back, piece by piece'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, fragmented vs no cache', value: value('written back'), unit: 'IOPS', peer: 'pcache --no-cache', peerValue: value('no cache') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, not written back vs nbdkit', value: value('not written back'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    const toNbdkit = value('written back') / value('nbdkit');
+    const toSequential = value('written back') / value('sequential');
+    console.log(`  targets: fragmented/nbdkit ${toNbdkit.toFixed(2)} (>= 0.8: ${toNbdkit >= 0.8 ? 'met' : 'MISSED'}), fragmented/sequential ${toSequential.toFixed(2)} (>= 0.7: ${toSequential >= 0.7 ? 'met' : 'MISSED'})`);
+    console.log(`  written-back reads: hits ${reads === 0 ? '-' : (100 * hits / reads).toFixed(1)}%, served by one backing read ${gatheredReads === 0 ? '-' : (100 * gathers / gatheredReads).toFixed(1)}%`);
+    for (const [series, values] of Object.entries(results)) console.log(`  runs ${series}: ${values.map(Math.round).join(' ')}`);
+    console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  } finally {
+    if (nbdkit !== undefined) await stopChild(nbdkit);
+    if (noCache !== undefined) await stopChild(noCache);
+    removeScratch(dir);
+  }
+}
+
+await main();
