@@ -127,9 +127,19 @@ export async function openCache(args: ServeArgs, backing: BlockDevice, closers: 
     forceBacking: args.forceBacking,
     acceptLogLoss: args.acceptLogLoss,
     acceptBackingChange: args.acceptBackingChange,
-    tuning: tuningOf(args),
+    tuning: backingTuning(tuningOf(args), args.backingIsUri),
     mode: args.mode,
   }, closers, log);
+}
+
+/**
+ * The tuning for a backing device of this kind: in front of an NBD export (a remote store) a
+ * fragmented read is not gathered by one backing read unless asked for (fragmented_read_pieces),
+ * because a round trip to the store costs more than the local reads of the pieces.
+ */
+export function backingTuning(tuning: Partial<CacheTuning>, backingIsUri: boolean): Partial<CacheTuning> {
+  if (!backingIsUri || tuning.fragmentedReadPieces !== undefined) return tuning;
+  return { ...tuning, fragmentedReadPieces: 0 };
 }
 
 /** Opens the cache on `device` in front of `backing`, logs what the start found, and wraps it for serve and the control socket. */

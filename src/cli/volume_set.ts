@@ -29,7 +29,7 @@ import { gcPercentMax } from '../ondisk/layout.js';
 import { volumeUnits, type VolumeEntry } from '../ondisk/volume_table.js';
 import type { Logger } from './log.js';
 import { closeAll, type Closer } from './serve_lifecycle.js';
-import { openBacking, serveCache, type Served } from './serve_open.js';
+import { backingTuning, openBacking, serveCache, type Served } from './serve_open.js';
 import type { BlockDevice } from '../device/block_device.js';
 
 /** What the server is to the volumes: how many clients use an export, and cutting them off. */
@@ -385,7 +385,7 @@ export class VolumeSet {
         forceBacking: false,
         acceptLogLoss: false,
         acceptBackingChange: false,
-        tuning: this.options.tuning,
+        tuning: backingTuning(this.options.tuning, looksLikeNbdUri(entry.backing)),
         mode,
       }, closers, this.log);
       volume.served = served;
