@@ -39,7 +39,7 @@ function traces(): Trace[] {
 }
 
 /** Reads the trace through a fresh engine; returns its hit ratio and requests per second. */
-async function engineHitRatio(trace: Trace): Promise<{ ratio: number; perSecond: number }> {
+async function engineHitRatio(trace: Trace): Promise<{ ratio: number; perSecond: number; fills: string }> {
   const cache = await Cache.open({
     cacheDevice: new MemoryDevice(cacheDeviceBytes),
     backingDevice: new MemoryDevice(blocksSpanned(trace) * blockBytes),
@@ -64,18 +64,23 @@ async function engineHitRatio(trace: Trace): Promise<{ ratio: number; perSecond:
   const counters = cache.status().counters;
   await cache.close();
   const bytesRead = trace.blocks.length * blockBytes;
-  return { ratio: counters.readHitBytes / bytesRead, perSecond: trace.blocks.length / seconds };
+  return {
+    ratio: counters.readHitBytes / bytesRead,
+    perSecond: trace.blocks.length / seconds,
+    // Where the misses went: stored, turned away for want of space, not admitted (first miss), and what GC re-logged.
+    fills: `fills stored ${counters.fillsStored}, no space ${counters.fillsSkipped}, first miss ${counters.fillsNotRecurring}; re-logged ${counters.secondChanceKeys} keys; GC freed ${counters.gcSegmentsFreed} segments`,
+  };
 }
 
 async function main(): Promise<void> {
   console.log(`cache device ${cacheDeviceBytes / MiB} MiB (${cacheBlocks} blocks of 4 KiB for the reference policies), ${requests} reads per trace`);
-  for (const trace of traces()) {
+  for (const trace of traces().filter((t) => process.env.PC_TRACE === undefined || process.env.PC_TRACE.split(',').includes(t.name))) {
     const references = referencePolicies(cacheBlocks).map((policy) => ({ name: policy.name, ratio: hitRatio(policy, trace.blocks) }));
     const engine = await engineHitRatio(trace);
     const textbook = references.filter((reference) => reference.name !== 'FIFO');
     const best = textbook.reduce((a, b) => (b.ratio > a.ratio ? b : a));
     const fifo = references.find((reference) => reference.name === 'FIFO');
-    console.log(`${trace.name}: ${trace.description}; ${references.map((r) => `${r.name} ${r.ratio.toFixed(3)}`).join(', ')}; pcache ${engine.ratio.toFixed(3)} (${Math.round(engine.perSecond)} reads/s)`);
+    console.log(`${trace.name}: ${trace.description}; ${references.map((r) => `${r.name} ${r.ratio.toFixed(3)}`).join(', ')}; pcache ${engine.ratio.toFixed(3)} (${Math.round(engine.perSecond)} reads/s; ${engine.fills})`);
     report({ bench: 'policy', metric: `${trace.name} hit ratio vs best`, value: engine.ratio, unit: 'hits/read', peer: best.name, peerValue: best.ratio });
     if (fifo !== undefined) report({ bench: 'policy', metric: `${trace.name} hit ratio vs FIFO`, value: engine.ratio, unit: 'hits/read', peer: 'FIFO', peerValue: fifo.ratio });
   }

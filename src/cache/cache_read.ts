@@ -18,14 +18,15 @@ import { subtreeSizeBytes } from '../ondisk/layout.js';
 import type { CacheContext } from './cache_context.js';
 import type { DataHead } from './cache_data_head.js';
 import type { KsetLog } from './cache_kset.js';
-import { keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
+import { keyFlagReferenced, keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
+import { ReadAdmission } from './cache_admission.js';
 import type { Space } from './cache_types.js';
 
 function keyRecord(key: IndexKey): KeyRecord {
   return {
     offsetBytes: key.offsetBytes,
     lengthBytes: key.lengthBytes,
-    flags: key.flags,
+    flags: key.flags & ~keyFlagReferenced,
     segment: key.segment,
     segmentOffsetBytes: key.segmentOffsetBytes,
     gen: key.gen,
@@ -56,6 +57,8 @@ class ReadWalk {
   hitBytes = 0;
   /** Whether misses may be stored in the cache (the write mode and the sequential cutoff decide). */
   admit = true;
+  /** A client's read (not a prefetch): a full cache stores its misses only when they recur. */
+  demand = true;
   readonly scratchKey = newIndexKey();
 }
 
@@ -76,11 +79,13 @@ export class ReadPath {
   private readonly head: DataHead;
   /** The last ticket handed to an EMPTY placeholder. */
   private ticket = 0;
+  readonly admission: ReadAdmission;
 
   constructor(ctx: CacheContext, log: KsetLog, head: DataHead) {
     this.ctx = ctx;
     this.log = log;
     this.head = head;
+    this.admission = new ReadAdmission(ctx.dataCapacityBytes);
   }
 
   /** A fresh ticket for an EMPTY placeholder (never 0, wraps at 2^32). */
@@ -89,13 +94,18 @@ export class ReadPath {
     return this.ticket;
   }
 
-  /** A client read; with `admit` false its misses are read from the backing device and not cached. */
-  read(target: Uint8Array, offsetBytes: number, admit = true): Promise<void> | undefined {
+  /**
+   * A client read; with `admit` false its misses are read from the backing device and not
+   * cached. A `demand` read's misses are stored in a full cache only when they recur
+   * (cache_admission.ts); a prefetch's always are.
+   */
+  read(target: Uint8Array, offsetBytes: number, admit = true, demand = true): Promise<void> | undefined {
     const ctx = this.ctx;
     ctx.checkReadable();
     ctx.stats.readRequests++;
     const walk = new ReadWalk();
     walk.admit = admit;
+    walk.demand = demand;
     const endBytes = offsetBytes + target.length;
     for (let position = offsetBytes; position < endBytes;) {
       const end = Math.min(endBytes, subtreeEnd(position));
@@ -167,6 +177,7 @@ export class ReadPath {
           ctx.stats.staleKeysRemoved++;
           continue; // the range is a gap now
         }
+        subtree.markReferenced(index);
         this.readHit(walk, subtree, index, target.subarray(position - request, pieceEnd - request), position);
       }
       position = pieceEnd;
@@ -216,7 +227,7 @@ export class ReadPath {
   private addMiss(walk: ReadWalk, target: Uint8Array, request: number, start: number, end: number, placeholder: boolean): boolean {
     const ctx = this.ctx;
     let ticket = 0;
-    if (placeholder && walk.admit && ctx.state === 'running' && !ctx.readOnly && ctx.failure === undefined) {
+    if (placeholder && walk.admit && ctx.state === 'running' && !ctx.readOnly && ctx.failure === undefined && this.admitted(walk, start)) {
       ticket = this.nextTicket();
       const empty: KeyRecord = { offsetBytes: start, lengthBytes: end - start, flags: keyFlagEmpty, segment: ticket, segmentOffsetBytes: 0, gen: 0, dataCrc: 0 };
       ctx.index.insert(keyFromRecord(walk.scratchKey, empty));
@@ -225,6 +236,15 @@ export class ReadPath {
     ctx.stats.readMissBytes += end - start;
     (walk.reads ??= []).push(ctx.backing.read(target.subarray(start - request, end - request), start));
     return ticket !== 0;
+  }
+
+  /** Whether a demand read's miss at `start` is stored (cache_admission.ts); counts the ones turned away. */
+  private admitted(walk: ReadWalk, start: number): boolean {
+    if (!walk.demand) return true;
+    const ctx = this.ctx;
+    if (this.admission.admit(start, ctx.segments.freeCount)) return true;
+    ctx.stats.fillsNotRecurring++;
+    return false;
   }
 
   private async finishRead(walk: ReadWalk, target: Uint8Array, request: number): Promise<void> {
@@ -389,7 +409,7 @@ export class ReadPath {
     const scratch = new Uint8Array(Math.min(chunkBytes, lengthBytes));
     for (let done = 0; done < lengthBytes; done += chunkBytes) {
       const piece = scratch.subarray(0, Math.min(chunkBytes, lengthBytes - done));
-      const io = this.read(piece, offsetBytes + done);
+      const io = this.read(piece, offsetBytes + done, true, false);
       if (io !== undefined) await io;
     }
   }

@@ -211,9 +211,10 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   ]);
   total('pcache_bypass_fallbacks_total', 'Writes meant for the backing device that were cached: they overlapped dirty data', stats((c) => c.bypassFallbacks));
   total('pcache_fills_admitted_total', 'Read misses (and writethrough copies) stored in the cache', stats((c) => c.fillsStored));
-  labelled('pcache_fills_rejected_total', 'Read misses not stored in the cache, by reason (no free space or log room; the mode or cutoff)', 'reason', [
-    ['space', (c) => c.fillsSkipped], ['policy', (c) => c.fillsNotAdmitted],
+  labelled('pcache_fills_rejected_total', 'Read misses not stored in the cache, by reason (no free space or log room; the mode or cutoff; a full cache\'s first miss of a block)', 'reason', [
+    ['space', (c) => c.fillsSkipped], ['policy', (c) => c.fillsNotAdmitted], ['first-miss', (c) => c.fillsNotRecurring],
   ]);
+  total('pcache_second_chance_bytes_total', 'Bytes GC re-logged instead of evicting them: read since they were stored', stats((c) => c.secondChanceBytes));
   return registry;
 }
 
