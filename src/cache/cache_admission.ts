@@ -5,9 +5,11 @@
 // as it does under FIFO and LRU. So, as S3-FIFO's ghost queue and TinyLFU's doorkeeper do, a
 // full cache remembers the blocks its recent misses started at, and stores a miss only when
 // its block is remembered: the second miss within the memory's window is admitted, the first
-// is read from the backing device and not stored. While the cache still has room (more than
-// admitAllFreeSegments free segments: it is filling, or GC keeps a gc_percent reserve free for
-// dirty data), every miss is admitted: it evicts nothing yet.
+// is read from the backing device and not stored. This is for read caches, the ones GC lets
+// fill up (CacheContext.mostlyClean: little dirty data, gc_percent not 0). Every miss is
+// admitted while such a cache still has room (more than admitAllFreeSegments free segments),
+// and always in a cache holding much dirty data or with gc_percent 0, whose GC keeps free space
+// for writers or reclaims eagerly: there a stored miss displaces nothing a read would want.
 //
 // The memory is two Bloom filters of equal size, `current` and `previous`, each with two bit
 // positions per block: a block is remembered when both its bits are set in either filter. A
@@ -112,11 +114,11 @@ export class ReadAdmission {
   }
 
   /**
-   * Whether a miss starting at `offsetBytes` is stored, with `freeSegments` free: while there
-   * is room, yes; then only a recurring one.
+   * Whether a miss starting at `offsetBytes` is stored, with `freeSegments` free in a cache
+   * that is `mostlyClean` or not: in a read cache with no room left, only a recurring one.
    */
-  admit(offsetBytes: number, freeSegments: number): boolean {
-    if (freeSegments > admitAllFreeSegments) return true;
+  admit(offsetBytes: number, freeSegments: number, mostlyClean: boolean): boolean {
+    if (!mostlyClean || freeSegments > admitAllFreeSegments) return true;
     return this.ghosts.recall(Math.floor(offsetBytes / ghostBlockBytes));
   }
 }

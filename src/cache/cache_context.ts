@@ -183,8 +183,16 @@ export class CacheContext {
   get gcThresholdSegments(): number {
     const count = this.segments.count;
     const reserved = Math.floor((count * this.gcPercent) / 100);
-    if (this.gcPercent === 0 || this.stats.dirtyBytes * 100 > this.dataCapacityBytes * gcCleanDirtyPercentMax) return reserved;
+    if (!this.mostlyClean) return reserved;
     return Math.max(reserved, count - gcCleanReserveSegments);
+  }
+
+  /**
+   * The cache holds little dirty data (a read cache) and gc_percent is not 0: GC lets it fill
+   * up (gcThresholdSegments), and a full one admits only recurring misses (cache_admission.ts).
+   */
+  get mostlyClean(): boolean {
+    return this.gcPercent !== 0 && this.stats.dirtyBytes * 100 <= this.dataCapacityBytes * gcCleanDirtyPercentMax;
   }
 
   /** Waits until a segment is freed, the cache stops, or the space wait times out. */

@@ -242,7 +242,7 @@ export class ReadPath {
   private admitted(walk: ReadWalk, start: number): boolean {
     if (!walk.demand) return true;
     const ctx = this.ctx;
-    if (this.admission.admit(start, ctx.segments.freeCount)) return true;
+    if (this.admission.admit(start, ctx.segments.freeCount, ctx.mostlyClean)) return true;
     ctx.stats.fillsNotRecurring++;
     return false;
   }

@@ -33,13 +33,14 @@ describe('ghost memory of misses', () => {
     assert.ok(falsePositives < entries * 0.15, `${falsePositives} of ${entries} fresh blocks recalled`);
   });
 
-  it('admits every miss while segments are free, then only a recurring one', () => {
+  it('admits every miss while segments are free or the cache is not a read cache, then only a recurring one', () => {
     const admission = new ReadAdmission(64 * MiB);
-    assert.equal(admission.admit(0, admitAllFreeSegments + 1), true);
-    assert.equal(admission.admit(blockBytes, admitAllFreeSegments), false, 'a first miss in a full cache');
-    assert.equal(admission.admit(blockBytes, admitAllFreeSegments), true, 'the same block again');
-    assert.equal(admission.admit(2 * blockBytes + 512, admitAllFreeSegments), false);
-    assert.equal(admission.admit(2 * blockBytes, admitAllFreeSegments), true, 'remembered by its 4 KiB block');
+    assert.equal(admission.admit(0, admitAllFreeSegments + 1, true), true);
+    assert.equal(admission.admit(blockBytes, admitAllFreeSegments, true), false, 'a first miss in a full cache');
+    assert.equal(admission.admit(blockBytes, admitAllFreeSegments, true), true, 'the same block again');
+    assert.equal(admission.admit(2 * blockBytes + 512, admitAllFreeSegments, true), false);
+    assert.equal(admission.admit(2 * blockBytes, admitAllFreeSegments, true), true, 'remembered by its 4 KiB block');
+    assert.equal(admission.admit(9 * blockBytes, 0, false), true, 'much dirty data, or gc_percent 0: every miss');
   });
 });
 
