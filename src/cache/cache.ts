@@ -34,6 +34,9 @@ export { dmStatusLine, type CacheStatus } from './cache_status.js';
 export { defaultTuning, eagerWriteback, type CacheTuning } from './cache_tuning.js';
 export { cacheModes, type CacheMode } from '../ondisk/cache_info.js';
 
+/** Commit-and-wait passes check() makes before it compares the device with the running cache. */
+const checkSettlePassesMax = 8;
+
 /** Where the backing device stands during a checkpoint: every kset before this log position is on it. */
 export interface CheckpointPoint {
   /** The seq of the first kset not on the backing device: grows with every checkpoint of a cache, across restarts. */
@@ -406,9 +409,13 @@ export class Cache {
    */
   async check(): Promise<string[]> {
     const { ctx, log, writeback, gc } = this.engine;
-    if (!ctx.readOnly && ctx.failure === undefined) await log.flush();
-    await writeback.idle();
-    await gc.idle();
+    // GC may append (it re-logs data a second chance keeps): commit again until nothing is left.
+    for (let pass = 0; pass < checkSettlePassesMax; pass++) {
+      if (!ctx.readOnly && ctx.failure === undefined) await log.flush();
+      await writeback.idle();
+      await gc.idle();
+      if (ctx.readOnly || ctx.failure !== undefined || log.pendingKsetCount === 0) break;
+    }
     return compareWithEngine(await checkCacheDevice(ctx.dev.device), this.engine);
   }
 

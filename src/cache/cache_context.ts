@@ -28,6 +28,16 @@ import { newStats, type CacheStats, type LogPos } from './cache_types.js';
 
 export type CacheLifecycle = 'running' | 'stopping' | 'stopped';
 
+/**
+ * Free segments GC keeps while the cache is mostly clean: the one data allocation leaves for
+ * the log (logReserveSegments, cache_segment.ts). A fill that finds no other free segment is
+ * skipped and starts GC, which frees the oldest clean segment in one round (and its second
+ * chance copies hit data into the segments the round frees, cache_second_chance.ts).
+ */
+export const gcCleanReserveSegments = 1;
+/** At most this share of the data capacity dirty, the cache counts as mostly clean (gcThresholdSegments). */
+export const gcCleanDirtyPercentMax = 5;
+
 export interface ContextOptions {
   readonly readOnly: boolean;
   /** Run writeback, GC and the kset timer on their own; tests and the crash simulator turn it off. */
@@ -161,9 +171,28 @@ export class CacheContext {
     if (this.segments.usedCount >= this.gcThresholdSegments) this.gcThresholdReached.call();
   }
 
-  /** Segments in use at which GC starts (dm-pcache: seg_total * gc_percent / 100). */
+  /**
+   * Segments in use at which GC starts: dm-pcache's seg_total * gc_percent / 100, which leaves
+   * a writer room while writeback cleans the oldest data. A cache holding little dirty data (at
+   * most gcCleanDirtyPercentMax of its data capacity) needs no such reserve: GC frees its
+   * oldest, clean, segments in one round without waiting for writeback, so it fills up to
+   * gcCleanReserveSegments free before it evicts, and a read cache uses nearly all of its device
+   * instead of leaving the gc_percent reserve idle. gc_percent 0 keeps its meaning: reclaim as
+   * soon as anything is reclaimable.
+   */
   get gcThresholdSegments(): number {
-    return Math.floor((this.segments.count * this.gcPercent) / 100);
+    const count = this.segments.count;
+    const reserved = Math.floor((count * this.gcPercent) / 100);
+    if (!this.mostlyClean) return reserved;
+    return Math.max(reserved, count - gcCleanReserveSegments);
+  }
+
+  /**
+   * The cache holds little dirty data (a read cache) and gc_percent is not 0: GC lets it fill
+   * up (gcThresholdSegments), and a full one admits only recurring misses (cache_admission.ts).
+   */
+  get mostlyClean(): boolean {
+    return this.gcPercent !== 0 && this.stats.dirtyBytes * 100 <= this.dataCapacityBytes * gcCleanDirtyPercentMax;
   }
 
   /** Waits until a segment is freed, the cache stops, or the space wait times out. */

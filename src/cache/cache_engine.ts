@@ -3,7 +3,8 @@
 //   CacheContext (devices, segments, index, counters, knobs, tails, lifecycle)
 //     -> KsetLog (key_head onwards, from replay)   -> DataHead
 //     -> WritePath (and its WriteGroup)            -> ReadPath
-//     -> Writeback (listens to the log)            -> Gc (listens to the context)
+//     -> Writeback (listens to the log)            -> Gc (listens to the context; re-logs
+//                                                     hit data at the data head, SecondChance)
 //
 // Each part gets the context and the parts built before it that it uses; what a part must hear
 // from a part built later comes through the Listeners of the context or of the log, which
@@ -17,6 +18,7 @@ import { DataHead } from './cache_data_head.js';
 import { Gc } from './cache_gc.js';
 import { KsetLog } from './cache_kset.js';
 import { ReadPath } from './cache_read.js';
+import { SecondChance } from './cache_second_chance.js';
 import type { LogPos } from './cache_types.js';
 import { WritePath } from './cache_write.js';
 import { Writeback } from './cache_writeback.js';
@@ -38,7 +40,7 @@ export class CacheEngine {
     this.writes = new WritePath(ctx, this.log, this.head);
     this.reads = new ReadPath(ctx, this.log, this.head);
     this.writeback = new Writeback(ctx, this.log);
-    this.gc = new Gc(ctx);
+    this.gc = new Gc(ctx, new SecondChance(ctx, this.log, this.head));
     ctx.assertKeyTailBehindDirtyTail();
     assert(ctx.dirtyTail.lsn <= this.log.durableHead.lsn, 'dirty_tail passed the durable log head');
   }

@@ -22,6 +22,7 @@ import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
 import { CacheWorker, type RoundOutcome } from './cache_worker.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
+import type { SecondChance } from './cache_second_chance.js';
 import { isDataKey } from './cache_tree.js';
 
 export const gcKsetsPerRoundMax = 64;
@@ -35,8 +36,11 @@ export class Gc extends CacheWorker {
   private freedSinceSweep = 0;
   lastError: string | undefined;
 
-  constructor(ctx: CacheContext) {
+  private readonly secondChance: SecondChance;
+
+  constructor(ctx: CacheContext, secondChance: SecondChance) {
     super(ctx);
+    this.secondChance = secondChance;
     ctx.spaceNeeded.add(() => { this.kick(true); });
     ctx.gcThresholdReached.add(() => { this.kick(false); });
     ctx.dirtyTailAdvanced.add(() => { this.kick(false); });
@@ -85,6 +89,7 @@ export class Gc extends CacheWorker {
         ctx.durableDirtyTail = dirtyTail;
       }
       const limit = ctx.durableDirtyTail;
+      this.secondChance.forget();
       let pos = ctx.keyTail;
       const puts: number[] = [];
       const leftLogSegments: number[] = [];
@@ -97,7 +102,10 @@ export class Gc extends CacheWorker {
         } else {
           for (const key of kset.keys) {
             // Only keys that took a reference give one back: replay skips stale keys.
-            if ((key.flags & keyFlagZero) === 0 && key.gen === ctx.segments.gen[key.segment]) puts.push(key.segment);
+            if ((key.flags & keyFlagZero) === 0 && key.gen === ctx.segments.gen[key.segment]) {
+              this.secondChance.note(key, puts.length);
+              puts.push(key.segment);
+            }
           }
         }
         pos = positionAfter(pos, kset);
@@ -109,11 +117,14 @@ export class Gc extends CacheWorker {
       if (ctx.stopped()) return 'nothing';
       ctx.keyTail = pos;
       let freed = 0;
-      for (const segment of puts) if (ctx.segments.put(segment)) freed++;
       for (const segment of leftLogSegments) {
         ctx.segments.free(segment);
         freed++;
       }
+      // Data read since it was stored gets a second chance: each such key is copied to the data
+      // head just before its reference goes, so the segments freed by the puts before it make
+      // room for the copy (cache_second_chance.ts). Clean copies: a crash loses at most them.
+      await this.secondChance.relogAndPut(puts, (segment) => { if (ctx.segments.put(segment)) freed++; });
       ctx.stats.gcKsets += ksets;
       ctx.stats.gcSegmentsFreed += freed;
       this.freedSinceSweep += freed;

@@ -21,14 +21,15 @@ import type { CacheContext } from './cache_context.js';
 import type { DataHead } from './cache_data_head.js';
 import type { KsetLog } from './cache_kset.js';
 import { gatherRead, gatherRequestBytesMin, planGather } from './cache_read_gather.js';
-import { keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
+import { keyFlagReferenced, keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
+import { ReadAdmission } from './cache_admission.js';
 import type { Space } from './cache_types.js';
 
 function keyRecord(key: IndexKey): KeyRecord {
   return {
     offsetBytes: key.offsetBytes,
     lengthBytes: key.lengthBytes,
-    flags: key.flags,
+    flags: key.flags & ~keyFlagReferenced,
     segment: key.segment,
     segmentOffsetBytes: key.segmentOffsetBytes,
     gen: key.gen,
@@ -59,6 +60,8 @@ class ReadWalk {
   hitBytes = 0;
   /** Whether misses may be stored in the cache (the write mode and the sequential cutoff decide). */
   admit = true;
+  /** A client's read (not a prefetch): a full cache stores its misses only when they recur. */
+  demand = true;
   readonly scratchKey = newIndexKey();
 }
 
@@ -79,11 +82,13 @@ export class ReadPath {
   private readonly head: DataHead;
   /** The last ticket handed to an EMPTY placeholder. */
   private ticket = 0;
+  readonly admission: ReadAdmission;
 
   constructor(ctx: CacheContext, log: KsetLog, head: DataHead) {
     this.ctx = ctx;
     this.log = log;
     this.head = head;
+    this.admission = new ReadAdmission(ctx.dataCapacityBytes);
   }
 
   /** A fresh ticket for an EMPTY placeholder (never 0, wraps at 2^32). */
@@ -92,23 +97,28 @@ export class ReadPath {
     return this.ticket;
   }
 
-  /** A client read; with `admit` false its misses are read from the backing device and not cached. */
-  read(target: Uint8Array, offsetBytes: number, admit = true): Promise<void> | undefined {
+  /**
+   * A client read; with `admit` false its misses are read from the backing device and not
+   * cached. A `demand` read's misses are stored in a full cache only when they recur
+   * (cache_admission.ts); a prefetch's always are.
+   */
+  read(target: Uint8Array, offsetBytes: number, admit = true, demand = true): Promise<void> | undefined {
     const ctx = this.ctx;
     ctx.checkReadable();
     ctx.stats.readRequests++;
     if (target.length >= gatherRequestBytesMin) {
       const overlay = planGather(ctx, offsetBytes, target.length, ctx.tuning.fragmentedReadPieces);
-      if (overlay !== undefined) return gatherRead(ctx, target, offsetBytes, overlay, () => this.walkRead(target, offsetBytes, admit));
+      if (overlay !== undefined) return gatherRead(ctx, target, offsetBytes, overlay, () => this.walkRead(target, offsetBytes, admit, demand));
     }
-    return this.walkRead(target, offsetBytes, admit);
+    return this.walkRead(target, offsetBytes, admit, demand);
   }
 
   /** Serves a read by walking the index: hits from the cache device, misses from the backing device. */
-  private walkRead(target: Uint8Array, offsetBytes: number, admit: boolean): Promise<void> | undefined {
+  private walkRead(target: Uint8Array, offsetBytes: number, admit: boolean, demand: boolean): Promise<void> | undefined {
     const ctx = this.ctx;
     const walk = new ReadWalk();
     walk.admit = admit;
+    walk.demand = demand;
     const endBytes = offsetBytes + target.length;
     for (let position = offsetBytes; position < endBytes;) {
       const end = Math.min(endBytes, subtreeEnd(position));
@@ -180,6 +190,7 @@ export class ReadPath {
           ctx.stats.staleKeysRemoved++;
           continue; // the range is a gap now
         }
+        subtree.markReferenced(index);
         this.readHit(walk, subtree, index, target.subarray(position - request, pieceEnd - request), position);
       }
       position = pieceEnd;
@@ -229,7 +240,7 @@ export class ReadPath {
   private addMiss(walk: ReadWalk, target: Uint8Array, request: number, start: number, end: number, placeholder: boolean): boolean {
     const ctx = this.ctx;
     let ticket = 0;
-    if (placeholder && walk.admit && ctx.state === 'running' && !ctx.readOnly && ctx.failure === undefined) {
+    if (placeholder && walk.admit && ctx.state === 'running' && !ctx.readOnly && ctx.failure === undefined && this.admitted(walk, start)) {
       ticket = this.nextTicket();
       const empty: KeyRecord = { offsetBytes: start, lengthBytes: end - start, flags: keyFlagEmpty, segment: ticket, segmentOffsetBytes: 0, gen: 0, dataCrc: 0 };
       ctx.index.insert(keyFromRecord(walk.scratchKey, empty));
@@ -238,6 +249,15 @@ export class ReadPath {
     ctx.stats.readMissBytes += end - start;
     (walk.reads ??= []).push(ctx.backing.read(target.subarray(start - request, end - request), start));
     return ticket !== 0;
+  }
+
+  /** Whether a demand read's miss at `start` is stored (cache_admission.ts); counts the ones turned away. */
+  private admitted(walk: ReadWalk, start: number): boolean {
+    if (!walk.demand) return true;
+    const ctx = this.ctx;
+    if (this.admission.admit(start, ctx.segments.freeCount, ctx.mostlyClean)) return true;
+    ctx.stats.fillsNotRecurring++;
+    return false;
   }
 
   private async finishRead(walk: ReadWalk, target: Uint8Array, request: number): Promise<void> {
@@ -402,10 +422,11 @@ export class ReadPath {
     const scratch = new Uint8Array(Math.min(chunkBytes, lengthBytes));
     for (let done = 0; done < lengthBytes; done += chunkBytes) {
       const piece = scratch.subarray(0, Math.min(chunkBytes, lengthBytes - done));
-      // The walk, never a gather: a prefetch of cached data needs no backing read.
+      // The walk, never a gather: a prefetch of cached data needs no backing read; and not a
+      // demand read: what a client asks to prefetch is always stored.
       this.ctx.checkReadable();
       this.ctx.stats.readRequests++;
-      const io = this.walkRead(piece, offsetBytes + done, true);
+      const io = this.walkRead(piece, offsetBytes + done, true, false);
       if (io !== undefined) await io;
     }
   }

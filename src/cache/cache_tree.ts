@@ -72,6 +72,13 @@ export function subtreeEnd(offsetBytes: number): number {
   return Math.floor(offsetBytes / subtreeSizeBytes) * subtreeSizeBytes + subtreeSizeBytes;
 }
 
+/**
+ * In-memory flag of an index entry, never written to disk: a read hit it since it was stored
+ * (the reference bit GC's second chance looks at, cache_second_chance.ts). On-disk flags are
+ * the low bits (kset.ts); anything that turns an entry into a key record leaves this one out.
+ */
+export const keyFlagReferenced = 1 << 8;
+
 export function isDataKey(flags: number): boolean {
   return (flags & (keyFlagEmpty | keyFlagZero)) === 0;
 }
@@ -101,6 +108,12 @@ export class Subtree {
 
   flags(index: number): number {
     return this.at(index, colFlags);
+  }
+
+  /** Sets the reference bit of key `index` (a read hit it). */
+  markReferenced(index: number): void {
+    const at = index * stride + colFlags;
+    this.cols[at] = (this.cols[at] ?? 0) | keyFlagReferenced;
   }
 
   segment(index: number): number {

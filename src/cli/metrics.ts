@@ -234,9 +234,10 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   ], 'reason');
   counted('pcache_bypass_fallbacks_total', 'Writes meant for the backing device that were cached: they overlapped dirty data', (c) => c.bypassFallbacks);
   counted('pcache_fills_admitted_total', 'Read misses (and writethrough copies) stored in the cache', (c) => c.fillsStored);
-  cacheCounter('pcache_fills_rejected_total', 'Read misses not stored in the cache, by reason (no free space or log room; the mode or cutoff)', [
-    ['space', (c) => c.fillsSkipped], ['policy', (c) => c.fillsNotAdmitted],
+  cacheCounter('pcache_fills_rejected_total', 'Read misses not stored in the cache, by reason (no free space or log room; the mode or cutoff; a full cache\'s first miss of a block)', [
+    ['space', (c) => c.fillsSkipped], ['policy', (c) => c.fillsNotAdmitted], ['first-miss', (c) => c.fillsNotRecurring],
   ], 'reason');
+  counted('pcache_second_chance_bytes_total', 'Bytes GC re-logged instead of evicting them: read since they were stored', (c) => c.secondChanceBytes);
   return registry;
 }
 

@@ -165,6 +165,13 @@ describe('garbage collection', () => {
     assert.ok(core.ctx.segments.usedCount >= 4);
     assert.equal(await cache.gcStep(), false, 'nothing is written back yet: GC may not pass dirty_tail');
     await cache.drain();
+    // Now all clean: GC waits until one segment is left free (cache_context.ts), as a
+    // read cache does. New dirty data (over 5% of the cache) brings gc_percent back.
+    assert.equal(core.ctx.gcThresholdSegments, 7);
+    assert.equal(await cache.gcStep(), false, 'a clean cache is not full yet');
+    await cache.write(pattern(13, 5 * MiB, MiB - 12 * 1024), 5 * MiB);
+    await cache.flush();
+    assert.equal(core.ctx.gcThresholdSegments, 4);
     const gens = Array.from(core.ctx.segments.gen);
     const usedBefore = core.ctx.segments.usedCount;
     events.length = 0;
@@ -183,9 +190,10 @@ describe('garbage collection', () => {
   });
 
   it('sweeps stale index entries once a sixteenth of the segments has been freed, and reads stay right before that', async () => {
-    // 32 segments: a sweep every 2 freed segments. GC starts at 10%. One 4 KiB key per kset
+    // 32 segments: a sweep every 2 freed segments. GC runs whenever it can (gc_percent 0; a
+    // higher one would let a clean cache fill up first). One 4 KiB key per kset
     // (a flush after every write), so that a GC round (64 ksets) frees at most one segment.
-    const rig = await recordingRig({ segments: 32, gcPercent: 10 });
+    const rig = await recordingRig({ segments: 32, gcPercent: 0 });
     const { cache } = rig;
     cache.setTuning({ sequentialCutoffBytes: 0 }); // sequential on purpose: every write must be cached
     const blockBytes = 4096;

@@ -195,11 +195,13 @@ describe('writeback urgency', () => {
   it('keeps a read-only cache admitting: GC starved of clean ksets has writeback pass them, with no idle spell', async () => {
     // The idle and age rules are an hour away, so neither can start writeback: only GC's need
     // can. The clock moves by the kset close delay after each read, so that the fills' ksets
-    // are committed as they would be. Reads of three times the cache, in 64 KiB pieces.
+    // are committed as they would be. Reads of three times the cache, in 64 KiB pieces, each
+    // read twice: a full cache stores a miss only when it recurs (cache_admission.ts).
     const { cache, timers } = await policyRig({ writebackIdleMs: 3_600_000, writebackMaxAgeMs: 3_600_000 }, 70);
     const piece = new Uint8Array(64 * 1024);
     const readBytes = 3 * capacityBytes;
     for (let offset = 0; offset + piece.length <= readBytes; offset += piece.length) {
+      await cache.read(piece, offset);
       await cache.read(piece, offset);
       await settle();
       timers.advance(ksetCloseDelayMs);
