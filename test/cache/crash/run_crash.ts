@@ -1,7 +1,7 @@
 // `npm run test:crash -- [--states N] [--seed S] [--mode randomized|exhaustive] [--ops N]
 //                        [--gc-percent P] [--data-crc] [--ordering strict|relaxed]
 //                        [--backing-alone-check] [--absorb] [--base NAME] [--workloads W;W;...]
-//                        [--blocks N] [--profile default|pressure] [--replay SPEC]`
+//                        [--blocks N] [--profile default|pressure] [--no-recovery-crashes] [--replay SPEC]`
 // --absorb runs workloads made to make writeback skip superseded data (crash_suite.ts).
 // --ordering sets writeback_ordering; under relaxed the raw backing device is not required to
 // hold a prefix of the flush epochs unless --backing-alone-check asks for it anyway.
@@ -32,6 +32,7 @@ const { values } = parseArgs({
     workloads: { type: 'string' },
     blocks: { type: 'string' },
     profile: { type: 'string', default: 'default' },
+    'no-recovery-crashes': { type: 'boolean', default: false },
     replay: { type: 'string' },
   },
 });
@@ -67,6 +68,7 @@ if (values.mode === 'exhaustive') {
     ...(base !== undefined ? { base } : {}),
     ...(values.workloads !== undefined ? { workloads: values.workloads.split(';') } : {}),
     ...(values.blocks !== undefined ? { blockCount: Number(values.blocks) } : {}),
+    ...(values['no-recovery-crashes'] ? { recoveryCrashes: false } : {}),
   });
   explored = report.statesExplored;
   violations = report.violationsTotal;
