@@ -9,7 +9,8 @@
 // base's two-operation workloads. Exhaustive states cost a few milliseconds each; randomized
 // ones (long histories, megabytes read after each recovery) ten times more, so a run made of
 // randomized chunks alone (as this script used to be) cannot reach 10^7 states in a day.
-// Prints one line per chunk and a summary (states, violations, wall time, states per second);
+// Prints one line per chunk and a summary (states, violations, wall time, states per second, and
+// states per CPU second, which on a shared machine is the figure that says what a state costs);
 // every violation line of a chunk is printed with its replay command. Exits 1 if any chunk
 // found a violation. A chunk cut short by --minutes is stopped and its states are not counted.
 // Chunk k of a configuration takes shard k of its enumeration (or seed first-seed + 1000 k),
@@ -68,6 +69,7 @@ let nextChunk = Number(values['first-chunk']);
 let states = 0;
 let violations = 0;
 let chunksDone = 0;
+let cpuSeconds = 0;
 const running = new Set();
 
 /** The run_crash.js arguments of chunk `index`, or undefined once its configuration's enumeration is used up. */
@@ -95,7 +97,7 @@ function runChunk(index, args) {
   const done = new Promise((resolve) => {
     child.on('close', (code, signal) => {
       if (timer !== undefined) clearTimeout(timer);
-      const summary = /crash run: (\d+) crash states explored, (\d+) violations/.exec(output);
+      const summary = /crash run: (\d+) crash states explored, (\d+) violations, \d+ s, ([\d.]+) s of CPU/.exec(output);
       const label = `chunk ${index} (${args.join(' ')})`;
       if (signal !== null || summary === null) {
         console.log(`${label}: stopped (${signal ?? `exit ${code}`}), not counted`);
@@ -103,8 +105,9 @@ function runChunk(index, args) {
         states += Number(summary[1]);
         violations += Number(summary[2]);
         chunksDone += 1;
+        cpuSeconds += Number(summary[3]);
         const seconds = (Date.now() - started) / 1000;
-        console.log(`${label}: ${summary[1]} states, ${summary[2]} violations; total ${states} states (${Math.round(seconds)} s, ${Math.round(states / seconds)} states/s)`);
+        console.log(`${label}: ${summary[1]} states in ${summary[3]} s of CPU, ${summary[2]} violations; total ${states} states (${Math.round(seconds)} s, ${Math.round(states / seconds)} states/s)`);
         if (Number(summary[2]) > 0) for (const line of output.split('\n')) if (line.startsWith('VIOLATION') || line.includes('replay:')) console.log(`  ${line.trim()}`);
       }
       resolve();
@@ -132,5 +135,8 @@ while (states < statesWanted && Date.now() < deadlineMs && exhaustedInARow < con
 }
 await Promise.all(running);
 const seconds = (Date.now() - started) / 1000;
-console.log(`deep crash run: ${states} crash states in ${chunksDone} chunks, ${violations} violations, ${Math.round(seconds)} s, ${Math.round(states / seconds)} states/s with ${jobs} jobs; next chunk ${nextChunk}`);
+// States per CPU second: what the run would reach on a machine of its own (times the jobs, up to the cores).
+const perCpuSecond = cpuSeconds > 0 ? states / cpuSeconds : 0;
+console.log(`deep crash run: ${states} crash states in ${chunksDone} chunks, ${violations} violations, ${Math.round(seconds)} s, ${Math.round(states / seconds)} states/s with ${jobs} jobs; ` +
+  `${Math.round(cpuSeconds)} s of CPU in the chunks counted, ${Math.round(perCpuSecond)} states per CPU second; next chunk ${nextChunk}`);
 process.exit(violations > 0 ? 1 : 0);

@@ -25,7 +25,7 @@ const scopes = {
   'cache-all': { mutate: cacheAll, tests: cacheTests },
   // GC's round (what it passes, when key_tail is persisted, what it frees) against the crash
   // simulator's GC file alone: is the simulator, not the unit tests, a net for it?
-  'gc-sim': { mutate: ['src/cache/cache_gc.ts:79-122'], tests: ['cache/crash/crash_gc.test.js'] },
+  'gc-sim': { mutate: ['src/cache/cache_gc.ts:106-116'], tests: ['cache/crash/crash_gc.test.js'] },
 };
 
 const { values } = parseArgs({
