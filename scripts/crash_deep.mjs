@@ -5,10 +5,11 @@
 // exhaustive enumeration of every workload of up to K operations (default 5: about 814,000
 // workloads, some 60 million crash states per target), `--shard i/S` of it, for the default
 // target, data CRC with gc_percent 70, and the aged bases; the rest are randomized chunks of
-// C states (default 20,000; the default and pressure profiles, data CRC), and the full-cache
-// base's two-operation workloads. Exhaustive states cost a few milliseconds each; randomized
-// ones (long histories, megabytes read after each recovery) ten times more, so a run made of
-// randomized chunks alone (as this script used to be) cannot reach 10^7 states in a day.
+// C states (default 2,000; the default and pressure profiles, data CRC), and the full-cache
+// base's two-operation workloads. Exhaustive states of a fresh cache cost about 6 ms of CPU
+// each; randomized ones (long histories, megabytes read after each recovery) six times more,
+// so a run made of randomized chunks alone (as this script used to be) cannot reach 10^7
+// states in a day.
 // Prints one line per chunk and a summary (states, violations, wall time, states per second, and
 // states per CPU second, which on a shared machine is the figure that says what a state costs);
 // every violation line of a chunk is printed with its replay command. Exits 1 if any chunk
@@ -26,7 +27,7 @@ const { values } = parseArgs({
     jobs: { type: 'string', default: '2' },
     ops: { type: 'string', default: '5' },
     shards: { type: 'string', default: '3000' },
-    chunk: { type: 'string', default: '20000' },
+    chunk: { type: 'string', default: '2000' },
     'first-seed': { type: 'string', default: '100000' },
     'first-chunk': { type: 'string', default: '0' },
   },
@@ -45,24 +46,30 @@ for (const [name, value] of [['states', statesWanted], ['jobs', jobs], ['ops', o
 }
 
 /**
- * What chunks cycle through, in this order: `exhaustive` configurations take the next shard of
- * their enumeration, `randomized` ones the next seeds. The full-cache base (every recovery
- * replays two segments of ksets) enumerates two-operation workloads only, in 64 shards.
+ * What chunks cycle through: each configuration `times` times per cycle (spread over it), so
+ * the cheap exhaustive slices of small systems (about 160 states per CPU second) carry most
+ * of the states, and the costly ones (the `stranded` and `log-end` bases, about 35; randomized
+ * chunks, about 25; the full-cache base, a few) get a share without setting the pace.
+ * `exhaustive` configurations take the next slice of their enumeration, `randomized` ones the
+ * next seeds. The full-cache base (every recovery replays two segments of ksets) enumerates
+ * workloads of up to two operations, in 64 slices.
  */
-const configurations = [
-  { kind: 'exhaustive', args: [] },
-  { kind: 'exhaustive', args: ['--data-crc', '--gc-percent', '70'] },
-  { kind: 'exhaustive', args: ['--base', 'stranded'] },
-  { kind: 'exhaustive', args: [] },
-  { kind: 'exhaustive', args: ['--base', 'log-end'] },
-  { kind: 'exhaustive', args: ['--base', 'divergent-tails'] },
-  { kind: 'randomized', args: [] },
-  { kind: 'exhaustive', args: [] },
-  { kind: 'exhaustive', args: ['--data-crc', '--gc-percent', '70'] },
-  { kind: 'randomized', args: ['--profile', 'pressure'] },
-  { kind: 'exhaustive', args: ['--base', 'log-full', '--no-recovery-crashes'], ops: 2, shards: 64 },
-  { kind: 'randomized', args: ['--data-crc', '--gc-percent', '70'] },
+const weighted = [
+  { times: 12, kind: 'exhaustive', args: [] },
+  { times: 5, kind: 'exhaustive', args: ['--data-crc', '--gc-percent', '70'] },
+  { times: 2, kind: 'exhaustive', args: ['--base', 'divergent-tails'] },
+  { times: 1, kind: 'exhaustive', args: ['--base', 'stranded'] },
+  { times: 1, kind: 'exhaustive', args: ['--base', 'log-end'] },
+  { times: 1, kind: 'randomized', args: [] },
+  { times: 1, kind: 'randomized', args: ['--profile', 'pressure'] },
+  { times: 1, kind: 'randomized', args: ['--data-crc', '--gc-percent', '70'] },
+  { times: 1, kind: 'exhaustive', args: ['--base', 'log-full', '--no-recovery-crashes'], ops: 2, shards: 64 },
 ];
+/** The cycle: round-robin over the configurations until each has had its `times`. */
+const configurations = [];
+for (let turn = 0; configurations.length < weighted.reduce((sum, c) => sum + c.times, 0); turn += 1) {
+  for (const configuration of weighted) if (turn < configuration.times) configurations.push(configuration);
+}
 
 const started = Date.now();
 let nextChunk = Number(values['first-chunk']);
@@ -79,11 +86,10 @@ function chunkArgs(index) {
   if (configuration.kind === 'randomized') {
     return ['--states', String(chunkStates), '--seed', String(Number(values['first-seed']) + index * 1000), ...configuration.args];
   }
-  // Several entries of the cycle may share a configuration: they take turns with its shards.
-  const sameConfiguration = configurations.filter((c) => c.kind === 'exhaustive' && c.args.join(' ') === configuration.args.join(' '));
-  const turn = sameConfiguration.indexOf(configuration);
+  // A configuration that appears several times in the cycle takes its slices in turn.
+  const turn = configurations.slice(0, index % configurations.length).filter((c) => c === configuration).length;
   const shardCount = configuration.shards ?? shards;
-  const shard = round * sameConfiguration.length + turn;
+  const shard = round * configuration.times + turn;
   if (shard >= shardCount) return undefined;
   return ['--mode', 'exhaustive', '--ops', String(configuration.ops ?? ops), '--shard', `${shard}/${shardCount}`, ...configuration.args];
 }
