@@ -129,7 +129,9 @@ class Setup {
    * Commits ksets (each followed by a writeback and a GC round) until the log's head is so
    * close to its segment's end that only a kset of one key fits, then that kset, with a
    * writeback round but no GC: no kset of any size fits after it, and replay has one kset to
-   * read (its key points into the data head's segment, which stays live).
+   * read (its key points into the data head's segment, which stays live). The ksets hold
+   * writes and each is followed by a GC round unless `options` say trims (ZERO keys, no data
+   * space needed) and no GC, as the full-cache base fills its later log segments.
    */
   async fillLogToEnd(options: { kind: 'write' | 'trim'; gc: boolean } = { kind: 'write', gc: true }): Promise<void> {
     const startSegment = this.keyHead().segment;
