@@ -84,7 +84,7 @@ const mutants = [
 ];
 
 /** The crash tier, the quickest files first (a caught mutant stops at the first failing file). */
-const defaultTests = ['cache/crash/crash_aged.test.ts', 'cache/crash/crash_more.test.ts', 'cache/crash/crash_exhaustive.test.ts'];
+const defaultTests = ['cache/crash/crash_gc.test.ts', 'cache/crash/crash_aged.test.ts', 'cache/crash/crash_more.test.ts', 'cache/crash/crash_exhaustive.test.ts'];
 
 const { values } = parseArgs({
   options: {

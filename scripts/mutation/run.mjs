@@ -23,6 +23,9 @@ const scopes = {
   cache: { mutate: ['src/cache/cache_segment.ts'], tests: ['cache/cache_recovery.test.js', 'cache/cache_writeback_gc.test.js'] },
   'ondisk-all': { mutate: ['src/ondisk/**/*.ts'], tests: unitTests },
   'cache-all': { mutate: cacheAll, tests: cacheTests },
+  // GC's round (what it passes, when key_tail is persisted, what it frees) against the crash
+  // simulator's GC file alone: is the simulator, not the unit tests, a net for it?
+  'gc-sim': { mutate: ['src/cache/cache_gc.ts:106-116'], tests: ['cache/crash/crash_gc.test.js'] },
 };
 
 const { values } = parseArgs({

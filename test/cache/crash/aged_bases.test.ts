@@ -1,6 +1,7 @@
 // The aged bases the crash suites start from (aged_bases.ts) hold the history they promise:
 // a log about to wrap, the state a crash left with a stranded kset and generation copies that
-// differ, dirty_tail copies that differ; each one a cache that recovers cleanly.
+// differ, dirty_tail copies that differ, a full cache whose next commit takes the segment GC
+// frees; each one a cache that recovers cleanly.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { checkCacheDevice } from '../../../src/cache/cache_check.js';
@@ -97,6 +98,26 @@ describe('aged bases', () => {
       assert.equal(Math.max(first ?? 0, second ?? 0), ctx.segments.gen[segment], 'recovery reads the newest copy');
     }
     assert.equal(stranded.length, 1, 'exactly one segment holds the stranded kset');
+  });
+
+  it('log-full: every segment in use and key_tail in the oldest log segment; a commit waits, GC frees that segment and the log takes it', async () => {
+    const images = await build('log-full');
+    await recovered(images);
+    const cache = await openCache(device(images, 'cache'), device(images, 'backing'));
+    try {
+      const before = cache.status();
+      assert.equal(before.segsUsed, before.segTotal, 'no segment is free');
+      assert.equal(before.dirtyTail, before.keyHead, 'everything is written back');
+      const oldest = position(before.keyTail).segment;
+      assert.notEqual(position(before.keyHead).segment, oldest, 'the log spans more than one segment');
+      await cache.trim(0, 4096, { fua: true });
+      const after = cache.status();
+      assert.equal(position(after.keyHead).segment, oldest, 'the commit went into the segment GC freed');
+      assert.notEqual(position(after.keyTail).segment, oldest, 'key_tail left that segment');
+      assert.deepEqual(await cache.check(), []);
+    } finally {
+      await cache.close();
+    }
   });
 
   it('divergent-tails: the two copies of dirty_tail hold its last two values', async () => {

@@ -18,6 +18,14 @@
 // - `divergent-tails`: two writeback rounds on, with the crash losing the second copy (the
 //   mirror) of the last dirty_tail update: the two copies on disk differ, as they do in the
 //   window between an update and its mirror.
+// - `log-full`: every segment in use — three log segments and one of data — and the log's
+//   head at its segment's end, everything written back, and key_tail still at the LAST kset
+//   of the oldest log segment (no GC since the log left it). The next commit finds no free
+//   segment, waits, and GC's first round frees that oldest segment, which the commit then
+//   takes at once: a segment reused while a key_tail pointing into it may not be durable yet
+//   (GC must persist key_tail before it frees). The log segments after it hold ZERO keys
+//   (trims), so nothing but the log needs space; the data keys that keep the fourth segment
+//   in use lie beyond the reach of GC's first round.
 // Every payload a base writes has an id from setupPayloadIdFirst on, so the workloads' ids
 // (1, 2, ... ) never collide with them; the harness reads what the base serves after
 // recovery and takes it as the oracle's initial contents.
@@ -25,6 +33,7 @@ import assert from 'node:assert/strict';
 import type { Cache } from '../../../src/cache/cache.js';
 import { formatVersionLatest, layoutFor, segmentDataOffsetBytes, segmentDataSizeBytes, segmentOffsetBytes, segmentsOffsetBytes } from '../../../src/ondisk/layout.js';
 import { ksetExtendedHeaderBytes, keyBytes, ksetKeysMax } from '../../../src/ondisk/kset.js';
+import { gcKsetsPerRoundMax } from '../../../src/cache/cache_gc.js';
 import { sectorSizeBytes } from '../../../src/lib/units.js';
 import { crashState, materialize, prefixState } from '../../../sim/crash_states.js';
 import type { CrashPoint } from '../../../sim/device_model.js';
@@ -36,8 +45,8 @@ import { crashSegmentBytes, openCache, type CacheTargetOptions } from './cache_t
 /** Payload ids of what bases write: far above any workload's. */
 export const setupPayloadIdFirst = 100_000;
 
-export type BaseName = 'log-end' | 'stranded' | 'divergent-tails';
-export const baseNames: readonly BaseName[] = ['log-end', 'stranded', 'divergent-tails'];
+export type BaseName = 'log-end' | 'stranded' | 'divergent-tails' | 'log-full';
+export const baseNames: readonly BaseName[] = ['log-end', 'stranded', 'divergent-tails', 'log-full'];
 
 export interface BaseShape {
   readonly cacheSizeBytes: number;
@@ -56,10 +65,11 @@ class Setup {
   private nextSector: number;
 
   private constructor(
-    readonly cacheDevice: SimDevice,
-    readonly backingDevice: SimDevice,
-    readonly cache: Cache,
+    public cacheDevice: SimDevice,
+    public backingDevice: SimDevice,
+    public cache: Cache,
     private readonly shape: BaseShape,
+    private readonly options: CacheTargetOptions,
   ) {
     this.nextSector = shape.workloadSectors;
   }
@@ -67,7 +77,15 @@ class Setup {
   static async start(shape: BaseShape, options: CacheTargetOptions): Promise<Setup> {
     const cacheDevice = SimDevice.blank(shape.cacheSizeBytes, { name: 'cache' });
     const backingDevice = SimDevice.blank(shape.backingSizeBytes, { name: 'backing' });
-    return new Setup(cacheDevice, backingDevice, await openCache(cacheDevice, backingDevice, options), shape);
+    return new Setup(cacheDevice, backingDevice, await openCache(cacheDevice, backingDevice, options), shape, options);
+  }
+
+  /** A clean close and a recovery on what it left: the data head is gone, unreferenced data segments are free again. */
+  async reopen(): Promise<void> {
+    const images = await this.closed();
+    this.cacheDevice = new SimDevice(images.cache.fork(), { name: 'cache' });
+    this.backingDevice = new SimDevice(images.backing.fork(), { name: 'backing' });
+    this.cache = await openCache(this.cacheDevice, this.backingDevice, this.options);
   }
 
   /** The sector the next setup write goes to: cycling over the sectors the workloads leave alone. */
@@ -85,9 +103,17 @@ class Setup {
     await this.cache.write(data, sector * sectorSizeBytes);
   }
 
-  /** `keys` one-sector writes, a flush (one kset of `keys` keys), a writeback round, and a GC round if asked. */
-  async epoch(keys: number, gc: boolean): Promise<void> {
-    for (let key = 0; key < keys; key += 1) await this.write();
+  /** A trim of one sector: a ZERO key, which needs no data space. */
+  async trim(sector = this.sector()): Promise<void> {
+    await this.cache.trim(sector * sectorSizeBytes, sectorSizeBytes, { fua: false });
+  }
+
+  /**
+   * `keys` one-sector writes (or trims), a flush (one kset of `keys` keys), a writeback round,
+   * and a GC round if asked.
+   */
+  async epoch(keys: number, gc: boolean, kind: 'write' | 'trim' = 'write'): Promise<void> {
+    for (let key = 0; key < keys; key += 1) await (kind === 'write' ? this.write() : this.trim());
     await this.cache.flush();
     await this.cache.writebackStep();
     if (gc) await this.cache.gcStep();
@@ -103,9 +129,11 @@ class Setup {
    * Commits ksets (each followed by a writeback and a GC round) until the log's head is so
    * close to its segment's end that only a kset of one key fits, then that kset, with a
    * writeback round but no GC: no kset of any size fits after it, and replay has one kset to
-   * read (its key points into the data head's segment, which stays live).
+   * read (its key points into the data head's segment, which stays live). The ksets hold
+   * writes and each is followed by a GC round unless `options` say trims (ZERO keys, no data
+   * space needed) and no GC, as the full-cache base fills its later log segments.
    */
-  async fillLogToEnd(): Promise<void> {
+  async fillLogToEnd(options: { kind: 'write' | 'trim'; gc: boolean } = { kind: 'write', gc: true }): Promise<void> {
     const startSegment = this.keyHead().segment;
     // One key in a kset, the header after it, and up to a key's worth of slack.
     const lastKset = smallestCommitBytes;
@@ -114,9 +142,9 @@ class Setup {
       if (remaining < lastKset + keyBytes) break;
       // Full ksets while far from the end; then exactly the size that leaves room for the last one.
       const fitting = Math.floor((remaining - lastKset - ksetExtendedHeaderBytes) / keyBytes);
-      await this.epoch(Math.max(1, Math.min(ksetKeysMax, fitting)), true);
+      await this.epoch(Math.max(1, Math.min(ksetKeysMax, fitting)), options.gc, options.kind);
     }
-    await this.epoch(1, false);
+    await this.epoch(1, false, options.kind);
     const remaining = dataSizeBytes - this.keyHead().offsetBytes;
     assert.equal(this.keyHead().segment, startSegment, 'the log stayed in its segment');
     assert.ok(remaining >= ksetExtendedHeaderBytes && remaining < smallestCommitBytes, `${remaining} bytes left: no kset fits any more`);
@@ -154,6 +182,28 @@ async function logEnd(shape: BaseShape, options: CacheTargetOptions): Promise<Se
   const setup = await Setup.start(shape, options);
   await setup.fillLogToEnd();
   return setup;
+}
+
+/** Every segment in use, the log at its end and key_tail at the oldest log segment's LAST kset (see the file's opening). */
+async function logFull(shape: BaseShape, options: CacheTargetOptions): Promise<SystemImages> {
+  const setup = await logEnd(shape, options);
+  const oldest = setup.keyHead().segment;
+  await setup.cache.gcStep(); // key_tail to the end of the oldest log segment, where its LAST kset will go
+  await setup.reopen(); // the data head and the data behind key_tail released: only the log is in use
+  assert.equal(setup.cache.status().segsUsed, 1, 'only the oldest log segment is in use');
+  // Beyond what GC's first round passes (the LAST kset and the ksets after it, gcKsetsPerRoundMax
+  // in all), a few data keys: they keep a data segment in use, taken while two were free.
+  for (let kset = 0; kset < gcKsetsPerRoundMax; kset += 1) await setup.epoch(ksetKeysMax, false, 'trim');
+  await setup.epoch(4, false, 'write');
+  const second = setup.keyHead().segment;
+  while (setup.keyHead().segment === second) await setup.epoch(ksetKeysMax, false, 'trim');
+  await setup.fillLogToEnd({ kind: 'trim', gc: false });
+  while (await setup.cache.writebackStep());
+  const status = setup.cache.status();
+  assert.equal(status.segsUsed, status.segTotal, 'every segment is in use');
+  assert.equal(Number(status.keyTail.split(':')[0]), oldest, 'key_tail is still in the oldest log segment');
+  assert.equal(status.dirtyTail, status.keyHead, 'everything is written back');
+  return setup.closed();
 }
 
 /** The state a crash leaves when it loses the LAST kset of a commit into a new segment but keeps the rest. */
@@ -210,5 +260,7 @@ export function agedBase(name: BaseName, shape: BaseShape, options: CacheTargetO
       return { name, build: () => stranded(shape, options) };
     case 'divergent-tails':
       return { name, build: () => divergentTails(shape, options) };
+    case 'log-full':
+      return { name, build: () => logFull(shape, options) };
   }
 }

@@ -92,6 +92,8 @@ export interface ExhaustiveRun {
   readonly blockCount?: number;
   /** Metadata writes may be left as garbage (default true; the largest tier leaves them out to fit the time budget). */
   readonly garbage?: boolean;
+  /** Crash at every prefix of recovery's own writes too (default true; a base whose every recovery replays megabytes leaves it out). */
+  readonly recoveryCrashes?: boolean;
   readonly violationsMax?: number;
 }
 
@@ -110,6 +112,7 @@ export function exhaustive(options: SuiteOptions, run: ExhaustiveRun): Promise<H
     ...(run.log !== undefined ? { log: run.log } : {}),
     ...(run.workloads !== undefined ? { workloads: run.workloads } : {}),
     ...(run.violationsMax !== undefined ? { violationsMax: run.violationsMax } : {}),
+    ...(run.recoveryCrashes !== undefined ? { recoveryCrashes: run.recoveryCrashes } : {}),
     ...(run.base !== undefined ? { base: agedBase(run.base, { ...shape, workloadSectors: (shape.blockCount * 4096) / 512 }, options) } : {}),
     seed: run.seed ?? 1,
     replayCommand: replayCommand('exhaustive', options, run.base),
