@@ -5,22 +5,14 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-import { cliEnv } from '../helpers/pcache.js';
+import { runBenchSmoke } from '../helpers/bench_smoke.js';
 import { requireTool } from '../helpers/tools.js';
-
-const benchPath = fileURLToPath(new URL('../../bench/frag_read_bench.js', import.meta.url));
 
 describe('fragmented read benchmark (smoke)', () => {
   it('reads randomly written data gathered and piece by piece, against nbdkit, no cache and sequentially written data', async () => {
     requireTool('fio', 'fio');
     requireTool('nbdkit', 'nbdkit');
-    const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      execFile(process.execPath, [benchPath], { env: cliEnv({ PCACHE_BENCH_SMOKE: '1' }), timeout: 120_000, encoding: 'utf8' }, (error, out, err) => {
-        resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : -1, stdout: out, stderr: err });
-      });
-    });
+    const { code, stdout, stderr } = await runBenchSmoke('frag_read');
     assert.equal(code, 0, stdout + stderr);
     for (const metric of ['fragmented vs nbdkit', 'fragmented vs sequential', 'piece by piece vs nbdkit', 'fragmented vs no cache', 'not written back vs nbdkit']) {
       assert.match(stdout, new RegExp(`^frag_read +1M seq read QD8, ${metric} +[\\d,.]+ IOPS .* ratio \\d+\\.\\d\\d$`, 'm'), metric);

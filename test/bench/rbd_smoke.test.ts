@@ -4,21 +4,13 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-import { cliEnv } from '../helpers/pcache.js';
+import { runBenchSmoke } from '../helpers/bench_smoke.js';
 import { requireTool } from '../helpers/tools.js';
-
-const benchPath = fileURLToPath(new URL('../../bench/rbd_bench.js', import.meta.url));
 
 describe('rbd benchmark (smoke)', () => {
   it('reports cached reads and writes through pcache against the RBD image, and a drain', async () => {
     for (const [tool, debianPackage] of [['fio', 'fio'], ['ceph-mon', 'ceph-mon'], ['ceph-osd', 'ceph-osd'], ['rbd', 'ceph-common'], ['qemu-nbd', 'qemu-utils']]) requireTool(tool ?? '', debianPackage ?? '');
-    const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      execFile(process.execPath, [benchPath], { env: cliEnv({ PCACHE_BENCH_SMOKE: '1' }), timeout: 180_000, encoding: 'utf8' }, (error, out, err) => {
-        resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : -1, stdout: out, stderr: err });
-      });
-    });
+    const { code, stdout, stderr } = await runBenchSmoke('rbd', {}, 180_000);
     assert.equal(code, 0, stdout + stderr);
     for (const workload of ['4K random read QD1 (cached)', '4K random write QD1']) {
       const line = stdout.split('\n').find((candidate) => candidate.includes(`${workload} vs direct`));

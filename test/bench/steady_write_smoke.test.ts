@@ -5,22 +5,14 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-import { cliEnv } from '../helpers/pcache.js';
+import { runBenchSmoke } from '../helpers/bench_smoke.js';
 import { requireTool } from '../helpers/tools.js';
-
-const benchPath = fileURLToPath(new URL('../../bench/steady_write_bench.js', import.meta.url));
 
 describe('steady-state write benchmark (smoke)', () => {
   it('writes through pcache and nbdkit and reports the ratio and what was written back', async () => {
     requireTool('fio', 'fio');
     requireTool('nbdkit', 'nbdkit');
-    const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      execFile(process.execPath, [benchPath], { env: cliEnv({ PCACHE_BENCH_SMOKE: '1' }), timeout: 120_000, encoding: 'utf8' }, (error, out, err) => {
-        resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : -1, stdout: out, stderr: err });
-      });
-    });
+    const { code, stdout, stderr } = await runBenchSmoke('steady_write');
     assert.equal(code, 0, stdout + stderr);
     assert.match(stdout, /^steady_write +4K rand write QD32, cache wrapped +[\d,]+ IOPS +nbdkit file: [\d,]+ IOPS +ratio \d+\.\d\d$/m);
     assert.match(stdout, /the client wrote the cache's size \d+\.\d times over, \d+\.\d% of it written back/);

@@ -5,26 +5,18 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { tempDir } from '../helpers/files.js';
-import { cliEnv } from '../helpers/pcache.js';
+import { runBenchSmoke } from '../helpers/bench_smoke.js';
 import { requireTool } from '../helpers/tools.js';
-
-const benchPath = fileURLToPath(new URL('../../bench/sustained_bench.js', import.meta.url));
 
 describe('sustained benchmark (smoke)', () => {
   it('measures the store, runs pcache under both orderings second by second, and draws the chart', async (t) => {
     requireTool('fio', 'fio');
     requireTool('nbdkit', 'nbdkit');
     const svg = path.join(tempDir(t, 'pcache-sustained-'), 'chart.svg');
-    const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      execFile(process.execPath, [benchPath], { env: cliEnv({ PCACHE_BENCH_SMOKE: '1', PCACHE_BENCH_SVG: svg }), timeout: 120_000, encoding: 'utf8' }, (error, out, err) => {
-        resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : -1, stdout: out, stderr: err });
-      });
-    });
+    const { code, stdout, stderr } = await runBenchSmoke('sustained', { PCACHE_BENCH_SVG: svg });
     assert.equal(code, 0, stdout + stderr);
     assert.match(stdout, /^machine: \d+ CPUs/m);
     assert.match(stdout, /^ {2}store alone: \d+ IOPS at QD16/m);

@@ -5,23 +5,15 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-import { cliEnv } from '../helpers/pcache.js';
+import { runBenchSmoke } from '../helpers/bench_smoke.js';
 import { requireTool } from '../helpers/tools.js';
-
-const benchPath = fileURLToPath(new URL('../../bench/nbd_tls_bench.js', import.meta.url));
 
 describe('nbd_tls benchmark (smoke)', () => {
   it('runs both workloads against pcache and nbdkit, over TLS and in plaintext, and reports every ratio', async () => {
     requireTool('fio', 'fio');
     requireTool('nbdkit', 'nbdkit');
     requireTool('nbdinfo', 'libnbd-bin');
-    const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      execFile(process.execPath, [benchPath], { env: cliEnv({ PCACHE_BENCH_SMOKE: '1' }), timeout: 180_000, encoding: 'utf8' }, (error, out, err) => {
-        resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : -1, stdout: out, stderr: err });
-      });
-    });
+    const { code, stdout, stderr } = await runBenchSmoke('nbd_tls', {}, 180_000);
     assert.equal(code, 0, stdout + stderr);
     assert.match(stdout, /^machine: \d+ CPUs/m);
     assert.match(stdout, /^TLS with libnbd: pcache cipher \S+ .* nbdkit cipher \S+/m, 'both servers negotiated TLS with libnbd');

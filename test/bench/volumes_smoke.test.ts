@@ -7,22 +7,14 @@
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-import { cliEnv } from '../helpers/pcache.js';
+import { runBenchSmoke } from '../helpers/bench_smoke.js';
 import { requireTool } from '../helpers/tools.js';
-
-const benchPath = fileURLToPath(new URL('../../bench/volumes_bench.js', import.meta.url));
 
 describe('volumes isolation benchmark (smoke)', () => {
   it('measures B\'s read hits alone and beside A\'s writes, in one process and in two, for both stores, and reports p50 and p99 with ratios', async () => {
     requireTool('fio', 'fio');
     requireTool('nbdkit', 'nbdkit');
-    const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      execFile(process.execPath, [benchPath], { env: cliEnv({ PCACHE_BENCH_SMOKE: '1', PCACHE_BENCH_LOOP_PROBE: '1' }), timeout: 180_000, encoding: 'utf8' }, (error, out, err) => {
-        resolve({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : -1, stdout: out, stderr: err });
-      });
-    });
+    const { code, stdout, stderr } = await runBenchSmoke('volumes', { PCACHE_BENCH_LOOP_PROBE: '1' }, 180_000);
     assert.equal(code, 0, stdout + stderr);
     assert.match(stdout, /^machine: \d+ CPUs/m);
     for (const store of ['delay', 'file']) {
