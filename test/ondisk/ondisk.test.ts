@@ -77,8 +77,13 @@ describe('superblock', () => {
   });
   it('rejects a format version it does not know, naming it', () => {
     const record = encodeSuperblock(sb);
+    record[5] = 4;
+    expectProblem(decodeSuperblock(reseal(record), sbDeviceBytes), /format version 4, which this pcache does not know.*newer pcache/);
+  });
+  it('rejects format version 3 (a cache device of volumes) as a cache of one backing device, saying what to do', () => {
+    const record = encodeSuperblock(sb);
     record[5] = 3;
-    expectProblem(decodeSuperblock(reseal(record), sbDeviceBytes), /format version 3, which this pcache does not know.*newer pcache/);
+    expectProblem(decodeSuperblock(reseal(record), sbDeviceBytes), /holds volumes \(format version 3\): serve it without --backing/);
   });
   it('version 2 keeps the device\'s last 4 KiB block out of the segments', () => {
     const v2: Superblock = { ...sb, formatVersion: 2 };
