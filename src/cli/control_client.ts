@@ -8,7 +8,7 @@
 
 import http from 'node:http';
 import { PcacheError } from '../lib/errors.js';
-import { controlRoutes, engineCodes, type ControlErrorBody, type ControlOp } from './control_api.js';
+import { controlRoutes, engineCodes, type ControlErrorBody, type ControlOp, type ControlRoute } from './control_api.js';
 
 /** How long the client waits for an answer to anything but drain. */
 const defaultTimeoutMs = 10_000;
@@ -22,6 +22,11 @@ export interface ControlRequestOptions {
   readonly body?: unknown;
   /** The volume the request is for (`?volume=NAME`), on a server of several. */
   readonly volume?: string | undefined;
+}
+
+/** The route's path, for one volume (`?volume=NAME`) when given. */
+function routePath(route: ControlRoute, volume: string | undefined): string {
+  return volume === undefined ? route.path : `${route.path}?volume=${encodeURIComponent(volume)}`;
 }
 
 /** Sends `op` to the control socket at `path` and resolves to the server's JSON answer. */
@@ -43,7 +48,7 @@ export function controlRequest(path: string, op: ControlOp, options: ControlRequ
     };
     const headers: Record<string, string> = { host: 'localhost', accept: 'application/json' };
     if (payload !== undefined) Object.assign(headers, { 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(payload)) });
-    const target = options.volume === undefined ? route.path : `${route.path}?volume=${encodeURIComponent(options.volume)}`;
+    const target = routePath(route, options.volume);
     const request = http.request({ socketPath: path, method: route.method, path: target, headers, agent: false }, (response) => {
       const chunks: Buffer[] = [];
       let bytes = 0;
@@ -121,7 +126,7 @@ export function controlCheckpoint<T>(path: string, whileHeld: (point: HeldPoint)
       if (error !== undefined) reject(error);
       else resolve(result as T);
     };
-    const target = volume === undefined ? route.path : `${route.path}?volume=${encodeURIComponent(volume)}`;
+    const target = routePath(route, volume);
     const request = http.request({ socketPath: path, method: route.method, path: target, headers: { host: 'localhost', accept: 'application/x-ndjson', 'content-length': '0' }, agent: false }, (response) => {
       const chunks: Buffer[] = [];
       let bytes = 0;
