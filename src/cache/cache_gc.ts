@@ -110,6 +110,8 @@ export class Gc extends CacheWorker {
         }
         pos = positionAfter(pos, kset);
         ksets++;
+        const paced = ctx.timers.pace();
+        if (paced !== undefined) await paced;
       }
       if (ksets === 0 || ctx.stopped()) return 'nothing';
       await ctx.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes, seq: pos.seq, durableSeq: ctx.logDurableSeq });
