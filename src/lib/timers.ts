@@ -35,7 +35,7 @@ export interface Timers {
 }
 
 /** Event-loop time per turn that background work of all caches in the process may take. */
-export const backgroundSliceMs = 0.5;
+export const backgroundSliceMs = 0.1;
 /** When the current turn's background slice began (undefined: not yet in this turn). */
 let sliceStartMs: number | undefined;
 function endSlice(): void {
