@@ -15,7 +15,9 @@
 // one, not after every round: sweeping after every round (a round frees about two segments
 // under 4 KiB writes) cost 4% of the event loop of a write workload with GC running
 // (docs/performance.md). Stale entries are harmless meanwhile (every reader checks the
-// generation), and at most that sixteenth of the cache's data has them.
+// generation), and at most that sixteenth of the cache's data has them. A sweep goes a subtree
+// at a time under the background slice (lib/timers.ts): on a large cache the whole index is
+// millions of keys, tens of milliseconds that every volume's clients would otherwise wait out.
 
 import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
@@ -23,7 +25,7 @@ import type { CacheContext } from './cache_context.js';
 import { CacheWorker, type RoundOutcome } from './cache_worker.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
 import type { SecondChance } from './cache_second_chance.js';
-import { isDataKey } from './cache_tree.js';
+import { isDataKey, type Subtree } from './cache_tree.js';
 
 export const gcKsetsPerRoundMax = 64;
 export const gcBackoffMs = 1000;
@@ -34,6 +36,9 @@ export class Gc extends CacheWorker {
   private readonly scratch = new Uint8Array(ksetBytesMax);
   /** Segments freed since the last sweep of stale index entries. */
   private freedSinceSweep = 0;
+  /** The sweep in progress: the subtrees it set out to visit, and how many it has. */
+  private sweepIds: number[] | undefined;
+  private sweepAt = 0;
   lastError: string | undefined;
 
   private readonly secondChance: SecondChance;
@@ -57,7 +62,8 @@ export class Gc extends CacheWorker {
     await this.idle();
     if (this.ctx.stopped()) return false;
     const outcome = this.due ? await this.rounds.run(() => this.round()) : 'nothing';
-    this.maybeSweep();
+    const sweeping = this.maybeSweep();
+    if (sweeping !== undefined) await sweeping;
     return outcome === 'advanced';
   }
 
@@ -71,7 +77,8 @@ export class Gc extends CacheWorker {
           return;
         }
       }
-      this.maybeSweep();
+      const sweeping = this.maybeSweep();
+      if (sweeping !== undefined) await sweeping;
       if (!this.due) {
         this.urgent = false;
         break;
@@ -110,6 +117,8 @@ export class Gc extends CacheWorker {
         }
         pos = positionAfter(pos, kset);
         ksets++;
+        const paced = ctx.timers.pace();
+        if (paced !== undefined) await paced;
       }
       if (ksets === 0 || ctx.stopped()) return 'nothing';
       await ctx.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes, seq: pos.seq, durableSeq: ctx.logDurableSeq });
@@ -140,11 +149,37 @@ export class Gc extends CacheWorker {
   }
 
   /** Drops index entries that point into segments freed since they were written, once enough were freed. */
-  private maybeSweep(): void {
+  private maybeSweep(): Promise<void> | undefined {
     const ctx = this.ctx;
-    if (this.freedSinceSweep === 0 || this.freedSinceSweep < Math.floor(ctx.segments.count / gcSweepSegmentsDivisor)) return;
-    this.freedSinceSweep = 0;
-    ctx.stats.staleKeysRemoved += ctx.index.sweep((subtree, index) =>
-      isDataKey(subtree.flags(index)) && ctx.segments.genLow32(subtree.segment(index)) !== subtree.genLow32(index));
+    if (this.sweepIds === undefined) {
+      if (this.freedSinceSweep === 0 || this.freedSinceSweep < Math.floor(ctx.segments.count / gcSweepSegmentsDivisor)) return undefined;
+      this.freedSinceSweep = 0;
+      this.sweepIds = ctx.index.subtreeIds();
+      this.sweepAt = 0;
+    }
+    return this.continueSweep();
   }
+
+  /**
+   * Sweeps subtrees until the sweep is done (undefined) or the background slice is spent (a
+   * promise that finishes it). Subtrees are looked up by id, so the index may change between
+   * pieces; a second caller meanwhile just takes over the cursor.
+   */
+  private continueSweep(): Promise<void> | undefined {
+    const ctx = this.ctx;
+    const ids = this.sweepIds;
+    if (ids === undefined) return undefined;
+    while (this.sweepAt < ids.length) {
+      const id = ids[this.sweepAt++] as number;
+      ctx.stats.staleKeysRemoved += ctx.index.sweepSubtree(id, this.isStale);
+      const paced = ctx.timers.pace();
+      if (paced !== undefined) return paced.then(() => this.continueSweep());
+    }
+    this.sweepIds = undefined;
+    return undefined;
+  }
+
+  /** An index entry into a segment freed (and given a new generation) since it was written. */
+  private readonly isStale = (subtree: Subtree, index: number): boolean =>
+    isDataKey(subtree.flags(index)) && this.ctx.segments.genLow32(subtree.segment(index)) !== subtree.genLow32(index);
 }

@@ -449,17 +449,29 @@ export class KeyIndex {
   /** Removes every key for which `isStale(subtree, index)` holds; returns how many went. */
   sweep(isStale: (subtree: Subtree, index: number) => boolean): number {
     let removed = 0;
-    for (const subtree of [...this.subtrees.values()]) {
-      for (let index = 0; index < subtree.count;) {
-        if (isStale(subtree, index)) {
-          subtree.removeAt(index);
-          removed++;
-        } else {
-          index++;
-        }
+    for (const id of this.subtreeIds()) removed += this.sweepSubtree(id, isStale);
+    return removed;
+  }
+
+  /** Ids of the subtrees present now, for a sweep done a few subtrees at a time (sweepSubtree). */
+  subtreeIds(): number[] {
+    return [...this.subtrees.keys()];
+  }
+
+  /** Removes the keys `isStale` picks from subtree `id`, if it is still there; returns how many. */
+  sweepSubtree(id: number, isStale: (subtree: Subtree, index: number) => boolean): number {
+    const subtree = this.subtrees.get(id);
+    if (subtree === undefined) return 0;
+    let removed = 0;
+    for (let index = 0; index < subtree.count;) {
+      if (isStale(subtree, index)) {
+        subtree.removeAt(index);
+        removed++;
+      } else {
+        index++;
       }
-      this.release(subtree);
     }
+    this.release(subtree);
     return removed;
   }
 }

@@ -267,7 +267,7 @@ export class Writeback extends CacheWorker {
     try {
       const window = await readWindow(ctx, this.log, ctx.dirtyTail, this.windowLimits(), this.scratch);
       if (window.end.lsn === ctx.dirtyTail.lsn) return 'nothing'; // another round got here first
-      const plan = await planWrites(window, ctx.index, () => this.maySkipSuperseded(window.start), () => ctx.timers.yieldToOthers());
+      const plan = await planWrites(window, ctx.index, () => this.maySkipSuperseded(window.start), ctx.timers);
       // Newer keys that made parts of the window unnecessary must be durable before dirty_tail
       // passes those parts (cache_writeback_plan.ts); the commit runs alongside the writes.
       const committed = plan.skippedBytes > 0 ? this.log.commitAppended() : undefined;
@@ -346,6 +346,11 @@ export class Writeback extends CacheWorker {
       while (inFlight >= writebackWritesInFlightMax || inFlightBytes >= writebackInFlightBytesMax) {
         await new Promise<void>((resolve) => { wake = resolve; });
       }
+      // A completion resumes this loop inside the poll phase, where a client's request may be
+      // waiting behind it: the copy (a synchronous read of the cache device) waits for the
+      // turn's background slice (lib/timers.ts).
+      const paced = this.ctx.timers.pace();
+      if (paced !== undefined) await paced;
       if (failure !== undefined) return;
       inFlight++;
       inFlightBytes += bytes;

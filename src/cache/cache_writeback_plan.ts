@@ -30,6 +30,7 @@
 
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
+import type { Timers } from '../lib/timers.js';
 import { keyFlagClean, keyFlagEmpty, keyFlagZero } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
 import { positionAfter, readKsetAt, type KsetLog } from './cache_kset.js';
@@ -77,6 +78,8 @@ export async function readWindow(ctx: CacheContext, log: KsetLog, start: LogPos,
     if (kset.kind === 'last') continue;
     ksets++;
     if (ksets % windowKsetsPerTurn === 0) await ctx.timers.yieldToOthers();
+    const paced = ctx.timers.pace();
+    if (paced !== undefined) await paced;
     for (const record of kset.keys) {
       if ((record.flags & keyFlagZero) === 0 && record.gen !== ctx.segments.gen[record.segment]) {
         throw new PcacheError('CORRUPT', `writeback: a dirty key at ${record.offsetBytes} points at a reused segment ${record.segment}`);
@@ -106,7 +109,7 @@ export interface WritePlan {
  * only means that less is skipped than could be. Every key a skip relies on was appended
  * before planning ended, which is what the caller's commit (KsetLog.commitAppended) covers.
  */
-export async function planWrites(window: Window, live: KeyIndex, skipAllowed: () => boolean, yieldToOthers: () => Promise<void>): Promise<WritePlan> {
+export async function planWrites(window: Window, live: KeyIndex, skipAllowed: () => boolean, timers: Pick<Timers, 'yieldToOthers' | 'pace'>): Promise<WritePlan> {
   const parts: IndexKey[] = [];
   let bytes = 0;
   let skippedBytes = 0;
@@ -126,8 +129,10 @@ export async function planWrites(window: Window, live: KeyIndex, skipAllowed: ()
     for (let index = 0; index < subtree.count; index++) {
       if (++keysThisTurn >= planKeysPerTurn) {
         keysThisTurn = 0;
-        await yieldToOthers();
+        await timers.yieldToOthers();
       }
+      const paced = timers.pace();
+      if (paced !== undefined) await paced;
       const key = subtree.read(index, newIndexKey());
       if ((key.flags & keyFlagClean) !== 0) continue;
       // Looked up per key: the live subtree may be dropped or replaced during a break.

@@ -15,11 +15,20 @@ import { cacheBytesFor, type DeviceEvent, openRig, pattern, readBytes, Recording
 
 const S = 512;
 
-async function recordingRig(options: { segments?: number; gcPercent?: number; background?: boolean } = {}) {
+/** Manual timers whose background slice is always spent: every piece of background work is deferred. */
+class SlicingTimers extends ManualTimers {
+  deferrals = 0;
+  override pace(): Promise<void> | undefined {
+    this.deferrals++;
+    return Promise.resolve();
+  }
+}
+
+async function recordingRig(options: { segments?: number; gcPercent?: number; background?: boolean; timers?: ManualTimers } = {}) {
   const events: DeviceEvent[] = [];
   const cacheDevice = new RecordingDevice(new MemoryDevice(cacheBytesFor(options.segments ?? 8)), 'cache', events);
   const backingDevice = new RecordingDevice(new MemoryDevice(pattern(0xbb, 0, 32 * MiB)), 'backing', events, { blocking: false });
-  const timers = new ManualTimers();
+  const timers = options.timers ?? new ManualTimers();
   const open = (): Promise<Cache> => Cache.open({
     cacheDevice, backingDevice, timers, background: options.background ?? false,
     formatIfBlank: { segmentSizeBytes: MiB, gcPercent: options.gcPercent ?? 70 },
@@ -223,6 +232,41 @@ describe('garbage collection', () => {
     }
     assert.ok(sawUnswept && swept, 'GC freed one segment, then a second, in separate rounds');
     for (let i = 0; i < blocks; i += 97) assert.deepEqual(await readBytes(cache, i * blockBytes, blockBytes), pattern(i, i * blockBytes, blockBytes));
+    assert.deepEqual(await cache.check(), []);
+  });
+
+  it('writeback, GC and the sweep give way between every piece and still finish their work', async () => {
+    // Every pace() defers: each piece of background work resumes in a later microtask, and
+    // reads, writes and the check in between must see a consistent cache. The blocks go round
+    // six 4 MiB subtrees, so each segment's keys are spread over all of them and a sweep that
+    // stopped after its first piece would leave most of a freed segment's entries behind.
+    const timers = new SlicingTimers();
+    const rig = await recordingRig({ segments: 32, gcPercent: 0, timers });
+    const { cache } = rig;
+    cache.setTuning({ sequentialCutoffBytes: 0 });
+    const blockBytes = 4096;
+    const subtrees = 6;
+    const blocks = 6 * (MiB / blockBytes);
+    const offsetOf = (i: number): number => (i % subtrees) * 4 * MiB + Math.floor(i / subtrees) * blockBytes;
+    for (let i = 0; i < blocks; i++) {
+      await cache.write(pattern(i, offsetOf(i), blockBytes), offsetOf(i));
+      await cache.flush();
+    }
+    await cache.drain();
+    const deferredByWriteback = timers.deferrals;
+    assert.ok(deferredByWriteback > blocks, `writeback gave way per kset and per write (${deferredByWriteback})`);
+    const freed = (): number => cache.status().counters.gcSegmentsFreed;
+    let swept = false;
+    while (await cache.gcStep()) {
+      if (freed() >= 2 && !swept) {
+        swept = true;
+        const keys = cache.status().indexKeys;
+        assert.ok(keys < blocks - 256, `the sweep finished within the step that started it (${keys} keys left)`);
+      }
+    }
+    assert.ok(swept, `GC freed segments (${freed()})`);
+    assert.ok(timers.deferrals > deferredByWriteback, 'GC gave way too');
+    for (let i = 0; i < blocks; i += 61) assert.deepEqual(await readBytes(cache, offsetOf(i), blockBytes), pattern(i, offsetOf(i), blockBytes));
     assert.deepEqual(await cache.check(), []);
   });
 
