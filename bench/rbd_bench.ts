@@ -42,11 +42,11 @@ const target = 10;
 /** Which parts run (PCACHE_BENCH_RBD_PARTS, comma list): the QD1 comparison, the sustained writes past the cache. */
 const parts = new Set((process.env.PCACHE_BENCH_RBD_PARTS ?? 'qd1,sustained').split(','));
 const sustainedRangeBytes = param(32 * MiB, 512 * MiB);
-const sustainedCacheBytes = param(16 * MiB, 128 * MiB);
+const sustainedCacheBytes = param(8 * MiB, 128 * MiB);
 const sustainedSeconds = Number(process.env.PCACHE_BENCH_SECONDS ?? param(4, 120));
 const sustainedDirectSeconds = Number(process.env.PCACHE_BENCH_DIRECT_SECONDS ?? param(2, 30));
 const sustainedDepth = 16;
-/** serve --segment-size of the sustained run (PCACHE_BENCH_SEGMENT_MIB; default serve's own). Smoke runs use a 16 MiB cache, so segments of 1 MiB let the log wrap within seconds. */
+/** serve --segment-size of the sustained run (PCACHE_BENCH_SEGMENT_MIB; default serve's own). Smoke runs use an 8 MiB cache, so segments of 1 MiB let the log wrap within seconds. */
 const sustainedSegmentBytes = process.env.PCACHE_BENCH_SEGMENT_MIB === undefined ? param<number | undefined>(MiB, undefined) : Number(process.env.PCACHE_BENCH_SEGMENT_MIB) * MiB;
 /** The OSD's object store (PCACHE_BENCH_CEPH_STORE): bluestore over a file (what clusters run) or memstore (objects in the OSD's memory: the fastest peer). */
 const store = process.env.PCACHE_BENCH_CEPH_STORE ?? 'bluestore';

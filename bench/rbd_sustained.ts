@@ -5,22 +5,25 @@
 // rate is set by how fast writeback gets the data into Ceph. This measures that steady state and
 // the image alone under the same load, in the same run.
 //
-// What runs: fio, 4 KiB random writes at QD`depth` over the first `rangeBytes` of an image: straight
-// to the image (the peer) for half its time, then through `pcache serve` on a new sparse cache of
-// `cacheBytes` (default settings) in front of the other image, then straight to the image again
-// for the other half (so a drift in the machine's load shows on both sides). Both images were
-// written in full before (no side writes into unallocated RBD objects). Per second: writes completed and
-// p50/p99/max latency (fio's per-I/O log), pcache's dirty bytes, the bytes writeback sent to the
-// image and the log GC freed (its control socket). The steady part of the pcache run starts at
-// the first second GC freed a segment (the log has wrapped); the peer's is every second but the
-// first of each run. Reported: medians of the per-second IOPS and their ratio, latency over the
-// steady part, bytes written back against client bytes, and the drain at the end. Optionally an
-// SVG chart of the series (bench/svg_chart.ts).
+// What runs: fio, 4 KiB random writes at QD`depth` over the first `rangeBytes` of an image:
+// straight to the image (the peer) for `directSeconds`, then through `pcache serve` on a new
+// sparse cache of `cacheBytes` (default settings) in front of the other image, then straight to
+// the image again (so a drift in the machine's load shows on both sides), and once more straight
+// at the depth writeback itself keeps in flight (writebackWritesInFlightMax): the most writeback
+// could get from the image. Both images were written in full before (no side writes into
+// unallocated RBD objects). Per second: writes completed and p50/p99/max latency (fio's per-I/O
+// log), pcache's dirty bytes, the bytes writeback sent to the image and the log GC freed (its
+// control socket). The steady part of the pcache run starts at the first second GC freed a
+// segment (the log has wrapped); the peer's is every second but the first of each run.
+// Reported: medians and means of the per-second IOPS and their ratios, latency over the steady
+// part, bytes written back against client bytes, and the drain at the end. Optionally an SVG
+// chart of the series (bench/svg_chart.ts).
 
 import type { ChildProcess } from 'node:child_process';
 import { rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { writebackWritesInFlightMax } from '../src/cache/cache_writeback.js';
 import { controlRequest } from '../src/cli/control_client.js';
 import { median, report } from './harness.js';
 import { fioJob, run, startPcacheServe, stopChild } from './processes.js';
@@ -57,10 +60,10 @@ interface RunLog {
   buckets: number[][];
 }
 
-async function fioRun(options: SustainedOptions, socket: string, seconds: number, logPrefix: string): Promise<RunLog> {
+async function fioRun(options: SustainedOptions, socket: string, seconds: number, logPrefix: string, depth = options.depth): Promise<RunLog> {
   try {
     const output = await run('fio', [
-      '--name=randwrite', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${socket}`, '--rw=randwrite', '--bs=4k', `--iodepth=${options.depth}`,
+      '--name=randwrite', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${socket}`, '--rw=randwrite', '--bs=4k', `--iodepth=${depth}`,
       '--numjobs=1', '--thread', `--size=${options.rangeBytes}`, '--time_based', `--runtime=${seconds}`, '--norandommap', '--randrepeat=0',
       '--output-format=json', ...fioLatencyLogArgs(logPrefix),
     ]);
@@ -94,7 +97,7 @@ function latencyText(l: Latencies): string {
 export async function sustainedWrites(options: SustainedOptions): Promise<void> {
   const { dir, depth, rangeBytes, cacheBytes } = options;
   console.log(`sustained writes past the cache: 4 KiB random writes QD${depth} over ${rangeBytes / MiB} MiB of each image; pcache with a new ${cacheBytes / MiB} MiB cache for ${options.pcacheSeconds} s, ` +
-    `the image alone for ${options.directSeconds} s before and after; load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+    `the image alone for ${options.directSeconds} s before and after, and at QD${writebackWritesInFlightMax}; load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
   const directBefore = await fioRun(options, options.directImageSocket, options.directSeconds, path.join(dir, 'lat-direct-1'));
   const cache = path.join(dir, 'sustained-cache.img');
   const control = path.join(dir, 'sustained.ctl');
@@ -117,6 +120,8 @@ export async function sustainedWrites(options: SustainedOptions): Promise<void> 
     rmSync(cache, { force: true });
   }
   const directAfter = await fioRun(options, options.directImageSocket, options.directSeconds, path.join(dir, 'lat-direct-2'));
+  // The image at the depth writeback uses (it keeps up to writebackWritesInFlightMax writes in flight, whatever the client's depth): what writeback could reach at best.
+  const directDeep = await fioRun(options, options.directImageSocket, options.directSeconds, path.join(dir, 'lat-direct-deep'), writebackWritesInFlightMax);
 
   const series = sampleSeries(samples, options.pcacheSeconds);
   const pcacheCounts = pcacheRun.buckets.map((bucket) => bucket.length);
@@ -131,6 +136,7 @@ export async function sustainedWrites(options: SustainedOptions): Promise<void> 
   const last = samples[samples.length - 1]?.status.cache.counters;
   const clientBytes = (last?.writeBytes ?? 0) - (first?.writeBytes ?? 0);
   const writtenBack = (last === undefined ? 0 : bytesWrittenBack(last)) - (first === undefined ? 0 : bytesWrittenBack(first));
+  const backingWrites = (last?.writebackBackingWrites ?? 0) - (first?.writebackBackingWrites ?? 0);
   const startCounters = samples[0]?.status.cache.counters;
   const totalClient = (last?.writeBytes ?? 0) - (startCounters?.writeBytes ?? 0);
 
@@ -145,13 +151,14 @@ export async function sustainedWrites(options: SustainedOptions): Promise<void> 
   console.log(`  steady part, mean per second: pcache ${Math.round(mean(pcacheSteady))} IOPS, image ${Math.round(mean(directSteady))} IOPS, ratio ${(mean(pcacheSteady) / Math.max(1, mean(directSteady))).toFixed(2)}; ` +
     `seconds in which no write completed: pcache ${idle(pcacheSteady)} of ${pcacheSteady.length}, image ${idle(directSteady)} of ${directSteady.length}`);
   console.log(`  steady part: ${wrappedAt < 0 ? 'the log never wrapped (whole run)' : `from second ${steadyFrom + 1} (the log wrapped) to ${options.pcacheSeconds}`}; fio's whole-run means: pcache ${Math.round(pcacheRun.iops)} IOPS, image ${Math.round(directBefore.iops)} and ${Math.round(directAfter.iops)} IOPS (before, after)`);
+  console.log(`  the image at QD${writebackWritesInFlightMax} (writeback's in-flight limit), mean per second ${Math.round(mean(directDeep.buckets.slice(1)))} IOPS: pcache's steady mean is ${(mean(pcacheSteady) / Math.max(1, mean(directDeep.buckets.slice(1)))).toFixed(2)}x that`);
   console.log(`  latency, steady part: pcache ${latencyText(steadyLatencies(pcacheSteady))} | image ${latencyText(steadyLatencies(directSteady))}`);
-  console.log(`  bytes: client wrote ${(totalClient / MiB).toFixed(0)} MiB through pcache (${(totalClient / cacheBytes).toFixed(1)}x the cache); in the steady part written back ${(writtenBack / MiB).toFixed(0)} MiB ` +
+  console.log(`  bytes: client wrote ${(totalClient / MiB).toFixed(0)} MiB through pcache (${(totalClient / cacheBytes).toFixed(1)}x the cache); in the steady part written back ${(writtenBack / MiB).toFixed(0)} MiB in ${backingWrites} writes (${(writtenBack / 1024 / Math.max(1, backingWrites)).toFixed(1)} KiB each) ` +
     `of ${(clientBytes / MiB).toFixed(0)} MiB client bytes = ${(100 * writtenBack / Math.max(1, clientBytes)).toFixed(1)}%; drain after the run ${(drainMs / 1000).toFixed(1)} s`);
-  if (options.svgPath !== undefined) drawChart(options, pcacheRun, directBefore, directAfter, series, steadyFrom, { pcache: mean(pcacheSteady), direct: mean(directSteady) });
+  if (options.svgPath !== undefined) drawChart(options, pcacheRun, directBefore, directAfter, directDeep, series, steadyFrom, { pcache: mean(pcacheSteady), direct: mean(directSteady) });
 }
 
-function drawChart(options: SustainedOptions, pcacheRun: RunLog, before: RunLog, after: RunLog, series: ReturnType<typeof sampleSeries>, steadyFrom: number, means: { pcache: number; direct: number }): void {
+function drawChart(options: SustainedOptions, pcacheRun: RunLog, before: RunLog, after: RunLog, deep: RunLog, series: ReturnType<typeof sampleSeries>, steadyFrom: number, means: { pcache: number; direct: number }): void {
   const svgPath = options.svgPath ?? '';
   const x = pcacheRun.buckets.map((_, index) => index + 1);
   const per = (log: RunLog): (number | undefined)[] => x.map((_, index) => log.buckets[index]?.length);
@@ -166,6 +173,7 @@ function drawChart(options: SustainedOptions, pcacheRun: RunLog, before: RunLog,
         { name: 'through pcache', color: '#1f77b4', values: per(pcacheRun) },
         { name: 'image, before', color: '#999999', values: per(before) },
         { name: 'image, after', color: '#555555', values: per(after) },
+        { name: `image, QD${writebackWritesInFlightMax}`, color: '#bcbd22', values: per(deep) },
       ] },
       { title: 'write latency through pcache', unit: 'ms', log: true, lines: [
         { name: 'p50', color: '#2ca02c', values: stats.map((s) => s.p50Ms) },
