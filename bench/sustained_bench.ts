@@ -29,14 +29,13 @@
 // sparse). PCACHE_BENCH_SMOKE=1: tiny sizes, a few seconds (the test suite runs that).
 
 import type { ChildProcess } from 'node:child_process';
-import { createReadStream, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { createInterface } from 'node:readline';
-import { controlRequest } from '../src/cli/control_client.js';
 import { median, param, report, smoke } from './harness.js';
 import { fill, fioJob, makeBenchFiles, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 import { renderChart } from './svg_chart.js';
+import { bytesWrittenBack, fioLatencyLogArgs, latencyLogFiles, latencySeconds, sampleSeries, startSampler, userHz, type Latencies, type Sample } from './sustained_series.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -56,71 +55,16 @@ const segmentMiB = process.env.PCACHE_BENCH_SEGMENT_MIB;
 const extraTuning = (process.env.PCACHE_BENCH_TUNING ?? '').split(',').filter((text) => text !== '');
 const delay = '1ms';
 const delayedOps = ['read', 'write', 'zero', 'trim'];
-/** Clock ticks per second of /proc/PID/stat's CPU times (USER_HZ, 100 on Linux). */
-const userHz = 100;
-
-interface Counters {
-  writeRequests: number;
-  writeBytes: number;
-  writebackBytes: number;
-  writebackBackingBytes?: number;
-  writebackBackingWrites?: number;
-  writebackRounds: number;
-  gcSegmentsFreed: number;
-}
-
-interface Status {
-  cache: { dirtyBytes: number; segsUsed: number; segTotal: number; segmentSizeBytes: number; counters: Counters };
-}
-
-interface Sample {
-  readonly atMs: number;
-  readonly status: Status;
-  readonly cpuTicks: number;
-}
-
-/** The CPU time (user + system, clock ticks) `pid` has used. */
-function cpuTicks(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return Number(fields[11]) + Number(fields[12]);
-}
-
 async function fio(socket: string, offsetBytes: number, runSeconds: number, latLog?: string): Promise<{ iops: number; maxLatencyMs: number }> {
   const output = await run('fio', [
     '--name=randwrite', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${socket}`, '--rw=randwrite',
     '--bs=4k', `--iodepth=${depth}`, '--numjobs=1', '--thread', `--offset=${offsetBytes}`, `--size=${rangeBytes}`,
     '--time_based', `--runtime=${runSeconds}`, '--norandommap', '--randrepeat=0', '--output-format=json',
     ...(flushEvery === undefined ? [] : [`--fsync=${flushEvery}`]),
-    ...(latLog === undefined ? [] : [`--write_lat_log=${latLog}`, '--log_avg_msec=0']),
+    ...(latLog === undefined ? [] : fioLatencyLogArgs(latLog)),
   ]);
   const job = fioJob(output, `randwrite on ${socket}`) as unknown as { write: { iops: number; lat_ns: { max: number } } };
   return { iops: job.write.iops, maxLatencyMs: job.write.lat_ns.max / 1e6 };
-}
-
-interface Second {
-  count: number;
-  p50Ms: number;
-  p99Ms: number;
-  maxMs: number;
-}
-
-/** Per-second write counts and latency percentiles from fio's per-I/O latency log. */
-async function latencySeconds(file: string, runSeconds: number): Promise<Second[]> {
-  const buckets: number[][] = Array.from({ length: runSeconds }, () => []);
-  const lines = createInterface({ input: createReadStream(file), crlfDelay: Infinity });
-  for await (const line of lines) {
-    const comma = line.indexOf(',');
-    if (comma < 0) continue;
-    const second = Math.floor(Number(line.slice(0, comma)) / 1000);
-    const latencyNs = Number(line.slice(comma + 1, line.indexOf(',', comma + 1)));
-    if (second < runSeconds) buckets[second]?.push(latencyNs / 1e6);
-  }
-  return buckets.map((values) => {
-    const sorted = Float64Array.from(values).sort();
-    const at = (q: number): number => sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))] ?? 0;
-    return { count: values.length, p50Ms: at(0.5), p99Ms: at(0.99), maxMs: sorted[sorted.length - 1] ?? 0 };
-  });
 }
 
 function mib(bytes: number): string {
@@ -130,7 +74,7 @@ function mib(bytes: number): string {
 interface RunResult {
   readonly ordering: string;
   readonly iops: number;
-  readonly seconds: Second[];
+  readonly seconds: Latencies[];
   readonly samples: Sample[];
 }
 
@@ -144,25 +88,13 @@ async function runPcache(dir: string, store: string, ordering: string, storeIops
   ]);
   const pid = child.pid ?? 0;
   try {
-    const samples: Sample[] = [];
-    const sample = async (): Promise<void> => {
-      samples.push({ atMs: performance.now(), status: await controlRequest(control, 'status') as Status, cpuTicks: cpuTicks(pid) });
-    };
-    await sample();
-    const sampling = { on: true };
-    const sampler = (async () => {
-      while (sampling.on) {
-        await new Promise((resolve) => setTimeout(resolve, 1000 - ((performance.now() - (samples[0]?.atMs ?? 0)) % 1000)));
-        await sample();
-      }
-    })();
+    const sampler = await startSampler(control, pid);
     const latLog = path.join(dir, `lat-${ordering}`);
     const result = await fio(path.join(dir, `pcache-${ordering}.sock`), 0, seconds, latLog);
-    sampling.on = false;
-    await sampler;
-    await sample();
+    await sampler.stop();
+    const samples = sampler.samples;
     const perSecond = await latencySeconds(`${latLog}_lat.1.log`, seconds);
-    for (const suffix of ['lat', 'clat', 'slat']) rmSync(`${latLog}_${suffix}.1.log`, { force: true });
+    for (const file of latencyLogFiles(latLog)) rmSync(file, { force: true });
     summarize(ordering, result.iops, storeIops, perSecond, samples);
     return { ordering, iops: result.iops, seconds: perSecond, samples };
   } finally {
@@ -171,28 +103,7 @@ async function runPcache(dir: string, store: string, ordering: string, storeIops
   }
 }
 
-/** Per-second rates from the status samples: the sample at or after each second's end. */
-function sampleSeries(samples: readonly Sample[], count: number): { dirtyMiB: number[]; writebackMiBs: number[]; retiredMiBs: number[]; gcMiBs: number[]; cpuPercent: number[] } {
-  const first = samples[0];
-  const out = { dirtyMiB: [] as number[], writebackMiBs: [] as number[], retiredMiBs: [] as number[], gcMiBs: [] as number[], cpuPercent: [] as number[] };
-  if (first === undefined) return out;
-  const at = (second: number): Sample => samples.find((s) => s.atMs - first.atMs >= second * 1000 - 100) ?? samples[samples.length - 1] ?? first;
-  for (let second = 1; second <= count; second++) {
-    const a = at(second - 1);
-    const b = at(second);
-    const dt = Math.max(0.001, (b.atMs - a.atMs) / 1000);
-    const ca = a.status.cache;
-    const cb = b.status.cache;
-    out.dirtyMiB.push(cb.dirtyBytes / MiB);
-    out.writebackMiBs.push(((cb.counters.writebackBackingBytes ?? cb.counters.writebackBytes) - (ca.counters.writebackBackingBytes ?? ca.counters.writebackBytes)) / MiB / dt);
-    out.retiredMiBs.push((cb.counters.writebackBytes - ca.counters.writebackBytes) / MiB / dt);
-    out.gcMiBs.push(((cb.counters.gcSegmentsFreed - ca.counters.gcSegmentsFreed) * cb.segmentSizeBytes) / MiB / dt);
-    out.cpuPercent.push((100 * (b.cpuTicks - a.cpuTicks)) / userHz / dt);
-  }
-  return out;
-}
-
-function summarize(ordering: string, iops: number, storeIops: number, perSecond: readonly Second[], samples: readonly Sample[]): void {
+function summarize(ordering: string, iops: number, storeIops: number, perSecond: readonly Latencies[], samples: readonly Sample[]): void {
   const series = sampleSeries(samples, perSecond.length);
   console.log(`  pcache, writeback_ordering=${ordering}, per second:`);
   console.log('    s    IOPS   p50 ms  p99 ms  max ms  dirty MiB  wb MiB/s  retired MiB/s  GC MiB/s  CPU %');
@@ -207,20 +118,20 @@ function summarize(ordering: string, iops: number, storeIops: number, perSecond:
   const lastTicks = samples[samples.length - 1]?.cpuTicks ?? 0;
   const clientBytes = (last?.writeBytes ?? 0) - (first?.writeBytes ?? 0);
   const writes = (last?.writeRequests ?? 0) - (first?.writeRequests ?? 0);
-  const backingBytes = (last?.writebackBackingBytes ?? last?.writebackBytes ?? 0) - (first?.writebackBackingBytes ?? first?.writebackBytes ?? 0);
+  const writtenBack = (last === undefined ? 0 : bytesWrittenBack(last)) - (first === undefined ? 0 : bytesWrittenBack(first));
   const backingWrites = (last?.writebackBackingWrites ?? 0) - (first?.writebackBackingWrites ?? 0);
   const counts = perSecond.map((second) => second.count);
   const medianSecond = median(counts);
   const slowestSecond = Math.min(...counts);
   const slowestWriteMs = Math.max(...perSecond.map((second) => second.maxMs));
   const cpuUsPerWrite = writes === 0 ? 0 : ((lastTicks - firstTicks) / userHz) * 1e6 / writes;
-  const share = clientBytes === 0 ? 0 : backingBytes / clientBytes;
+  const share = clientBytes === 0 ? 0 : writtenBack / clientBytes;
   report({ bench: 'sustained', metric: `4K rand write QD${depth} ${ordering}`, value: iops, unit: 'IOPS', peer: `store QD${depth}`, peerValue: storeIops });
   report({ bench: 'sustained', metric: `written back / client bytes ${ordering}`, value: share, unit: 'ratio' });
   report({ bench: 'sustained', metric: `server CPU per 4K write ${ordering}`, value: cpuUsPerWrite, unit: 'us' });
   const verdict = (ok: boolean): string => (ok ? 'met' : 'MISSED');
   console.log(`  ${ordering}: ${Math.round(iops)} IOPS = ${(iops / storeIops).toFixed(2)}x the store (goal >= 3: ${verdict(iops >= 3 * storeIops)}); ` +
-    `client ${mib(clientBytes)} MiB, written back ${mib(backingBytes)} MiB in ${backingWrites} writes = ${(100 * share).toFixed(1)}% (goal <= 25%: ${verdict(share <= 0.25)}); ` +
+    `client ${mib(clientBytes)} MiB, written back ${mib(writtenBack)} MiB in ${backingWrites} writes = ${(100 * share).toFixed(1)}% (goal <= 25%: ${verdict(share <= 0.25)}); ` +
     `slowest second ${slowestSecond} against a median of ${medianSecond} (goal >= half: ${verdict(slowestSecond >= medianSecond / 2)}); ` +
     `slowest write ${slowestWriteMs.toFixed(1)} ms (goal < 1000: ${verdict(slowestWriteMs < 1000)}); server CPU ${cpuUsPerWrite.toFixed(1)} us per write, writeback included`);
 }

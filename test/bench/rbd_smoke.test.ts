@@ -1,6 +1,8 @@
-// bench/rbd_bench.ts in smoke mode, so it cannot rot: it must start a Ceph cluster through
-// scripts/ceph_cluster.sh, serve one image through pcache, and report both workloads against
-// the other image straight through qemu-nbd. Figures are not judged here (`npm run bench` reports them).
+// bench/rbd_bench.ts in smoke mode, so it cannot rot: it must start a Ceph cluster (bluestore,
+// the benchmark's default) through scripts/ceph_cluster.sh, serve one image through pcache, report
+// both QD1 workloads against another image straight through qemu-nbd, and run the sustained
+// writes past a cache small enough to wrap within the run: per-second IOPS through pcache against
+// the image, latency, and bytes written back. Figures are not judged here (`npm run bench` reports them).
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -8,7 +10,7 @@ import { runBenchSmoke } from '../helpers/bench_smoke.js';
 import { requireTool } from '../helpers/tools.js';
 
 describe('rbd benchmark (smoke)', () => {
-  it('reports cached reads and writes through pcache against the RBD image, and a drain', async () => {
+  it('reports cached reads and writes through pcache against the RBD image, a drain, and sustained writes past the cache', async () => {
     for (const [tool, debianPackage] of [['fio', 'fio'], ['ceph-mon', 'ceph-mon'], ['ceph-osd', 'ceph-osd'], ['rbd', 'ceph-common'], ['qemu-nbd', 'qemu-utils']]) requireTool(tool ?? '', debianPackage ?? '');
     const { code, stdout, stderr } = await runBenchSmoke('rbd', {}, 180_000);
     assert.equal(code, 0, stdout + stderr);
@@ -21,5 +23,13 @@ describe('rbd benchmark (smoke)', () => {
     }
     assert.match(stdout, /pcache read hits 100\.0%/);
     assert.match(stdout, /drains after the write runs: [\d.]+ s/);
+    const sustained = stdout.split('\n').find((candidate) => candidate.includes('4K random write QD16 past the cache'));
+    assert.ok(sustained !== undefined, `a sustained result:\n${stdout}`);
+    const match = /\s([\d,.]+) IOPS .*: ([\d,.]+) IOPS\s+ratio (\d+\.\d\d)/.exec(sustained);
+    assert.ok(match !== null && Number((match[1] ?? '').replaceAll(',', '')) > 0 && Number((match[2] ?? '').replaceAll(',', '')) > 0, `both sides wrote: ${sustained}`);
+    // The smoke cache (8 MiB in 1 MiB segments) wraps within the run, so a steady part exists.
+    assert.match(stdout, /steady part: from second \d+ \(the log wrapped\)/);
+    assert.match(stdout, /latency, steady part: pcache p50 [\d.]+ ms, p99 [\d.]+ ms, p99\.9 [\d.]+ ms, max [\d.]+ ms \| image p50/);
+    assert.match(stdout, /in the steady part written back \d+ MiB in \d+ writes \([\d.]+ KiB each\) of \d+ MiB client bytes = [\d.]+%; drain after the run [\d.]+ s/);
   });
 });
