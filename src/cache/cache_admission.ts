@@ -10,6 +10,9 @@
 // admitted while such a cache still has room (more than admitAllFreeSegments free segments),
 // and always in a cache holding much dirty data or with gc_percent 0, whose GC keeps free space
 // for writers or reclaims eagerly: there a stored miss displaces nothing a read would want.
+// The recurrence rule costs a moving working set a second miss per block; while sampled shadow
+// caches find that storing every miss would have hit more (cache_admission_shadow.ts), a full
+// read cache stores first misses too.
 //
 // The memory is two Bloom filters of equal size, `current` and `previous`, each with two bit
 // positions per block: a block is remembered when both its bits are set in either filter. A
