@@ -10,6 +10,9 @@
 // admitted while such a cache still has room (more than admitAllFreeSegments free segments),
 // and always in a cache holding much dirty data or with gc_percent 0, whose GC keeps free space
 // for writers or reclaims eagerly: there a stored miss displaces nothing a read would want.
+// The recurrence rule costs a moving working set a second miss per block; while sampled shadow
+// caches find that storing every miss would have hit more (cache_admission_shadow.ts), a full
+// read cache stores first misses too.
 //
 // The memory is two Bloom filters of equal size, `current` and `previous`, each with two bit
 // positions per block: a block is remembered when both its bits are set in either filter. A
@@ -22,6 +25,7 @@
 // Invariant: the filters' sizes never change after construction; nothing here allocates per miss.
 
 import { assert } from '../lib/assert.js';
+import { AdmissionShadow, shadowBlocksMin } from './cache_admission_shadow.js';
 import { gcCleanReserveSegments } from './cache_context.js';
 
 /** Bits of each filter per remembered block: 8 bits and 2 probes give about 5% false positives. */
@@ -101,12 +105,23 @@ export function ghostEntriesFor(dataCapacityBytes: number): number {
   return Math.max(1, Math.min(ghostEntriesMax, Math.floor(dataCapacityBytes / ghostBlockBytes)));
 }
 
+/** A miss is stored, stored although it did not recur (the shadows' choice), or not stored. */
+export type AdmissionVerdict = 'stored' | 'first-miss' | 'rejected';
+
 /** The admission decision for read misses of one cache. */
 export class ReadAdmission {
   private readonly ghosts: MissGhosts;
+  readonly shadow: AdmissionShadow | undefined;
 
-  constructor(dataCapacityBytes: number) {
+  constructor(dataCapacityBytes: number, heldBytes = dataCapacityBytes) {
     this.ghosts = new MissGhosts(ghostEntriesFor(dataCapacityBytes));
+    const heldBlocks = Math.floor(heldBytes / ghostBlockBytes);
+    this.shadow = heldBlocks >= shadowBlocksMin ? new AdmissionShadow(heldBlocks) : undefined;
+  }
+
+  /** A client read whose misses may be stored, starting at `offsetBytes`: the shadows see it. */
+  observe(offsetBytes: number): void {
+    this.shadow?.observe(Math.floor(offsetBytes / ghostBlockBytes));
   }
 
   get storageBytes(): number {
@@ -115,10 +130,13 @@ export class ReadAdmission {
 
   /**
    * Whether a miss starting at `offsetBytes` is stored, with `freeSegments` free in a cache
-   * that is `mostlyClean` or not: in a read cache with no room left, only a recurring one.
+   * that is `mostlyClean` or not: in a read cache with no room left, a recurring one, or any
+   * while the shadows find that storing every miss pays ('first-miss': stored for that alone).
    */
-  admit(offsetBytes: number, freeSegments: number, mostlyClean: boolean): boolean {
-    if (!mostlyClean || freeSegments > admitAllFreeSegments) return true;
-    return this.ghosts.recall(Math.floor(offsetBytes / ghostBlockBytes));
+  admit(offsetBytes: number, freeSegments: number, mostlyClean: boolean): AdmissionVerdict {
+    if (!mostlyClean || freeSegments > admitAllFreeSegments) return 'stored';
+    // Recorded whichever rule is in force, so the memory is current when the rule changes.
+    if (this.ghosts.recall(Math.floor(offsetBytes / ghostBlockBytes))) return 'stored';
+    return this.shadow?.storeEveryMiss === true ? 'first-miss' : 'rejected';
   }
 }

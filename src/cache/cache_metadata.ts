@@ -14,7 +14,7 @@ import { ksetHeaderBytesFor } from '../ondisk/kset.js';
 import {
   blankProbeBytes, blockBytes, cacheInfoOffsetsBytes, formatVersionLatest, formatVersionsSupported, gcPercentDefault, gcPercentMax,
   lastBlockOffsetBytes, layoutFor, segmentCountFor, segmentCountMax, segmentCountMin, segmentDataOffsetBytes, segmentDataSizeBytes,
-  segmentInfoOffsetsBytes, segmentOffsetBytes, segmentsOffsetBytes, segmentSizeDefaultBytes, segmentSizeMinBytes, segmentSizeProblem,
+  segmentInfoOffsetsBytes, segmentOffsetBytes, segmentsOffsetBytes, segmentSizeDefaultFor, segmentSizeMinBytes, segmentSizeProblem,
   superblockOffsetBytes, type FormatVersion,
 } from '../ondisk/layout.js';
 import { chooseLatest, metaRecordVersion, type Decoded, type DualCopyChoice } from '../ondisk/meta_header.js';
@@ -23,7 +23,7 @@ import { decodeSegmentInfo, encodeSegmentInfo, segmentInfoRecordBytes, type Segm
 import { decodeSuperblock, encodeSuperblock, hasSuperblockMagic, superblockRecordBytes, type Superblock } from '../ondisk/superblock.js';
 
 export interface FormatOptions {
-  /** Bytes per segment; default 16 MiB, smallest 1 MiB. */
+  /** Bytes per segment; default by the device's size (segmentSizeDefaultFor: 16 MiB from 1 GiB on), smallest 1 MiB. */
   segmentSizeBytes?: number;
   /** Protect every data extent with a CRC32C (fixed at format). Default false. */
   dataCrc?: boolean;
@@ -240,7 +240,7 @@ export function segmentChainProblems(metadata: CacheMetadata): string[] {
 export async function formatCacheDevice(device: BlockDevice, backing: BlockDevice, options: FormatOptions = {}): Promise<Superblock> {
   const version = options.formatVersion ?? formatVersionLatest;
   const layout = layoutFor(version);
-  const segmentSizeBytes = options.segmentSizeBytes ?? segmentSizeDefaultBytes;
+  const segmentSizeBytes = options.segmentSizeBytes ?? segmentSizeDefaultFor(device.sizeBytes);
   const sizeProblem = segmentSizeProblem(segmentSizeBytes);
   if (sizeProblem !== undefined) throw new PcacheError('EINVAL', sizeProblem);
   const gcPercent = options.gcPercent ?? gcPercentDefault;

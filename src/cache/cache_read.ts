@@ -88,7 +88,8 @@ export class ReadPath {
     this.ctx = ctx;
     this.log = log;
     this.head = head;
-    this.admission = new ReadAdmission(ctx.dataCapacityBytes);
+    // What a full read cache holds: all but its free segment and about one of log (cache_admission_shadow.ts).
+    this.admission = new ReadAdmission(ctx.dataCapacityBytes, Math.max(0, ctx.segments.count - 2) * ctx.dev.dataSizeBytes);
   }
 
   /** A fresh ticket for an EMPTY placeholder (never 0, wraps at 2^32). */
@@ -106,6 +107,7 @@ export class ReadPath {
     const ctx = this.ctx;
     ctx.checkReadable();
     ctx.stats.readRequests++;
+    if (admit && demand) this.admission.observe(offsetBytes);
     if (target.length >= gatherRequestBytesMin) {
       const overlay = planGather(ctx, offsetBytes, target.length, ctx.tuning.fragmentedReadPieces);
       if (overlay !== undefined) return gatherRead(ctx, target, offsetBytes, overlay, () => this.walkRead(target, offsetBytes, admit, demand));
@@ -255,7 +257,12 @@ export class ReadPath {
   private admitted(walk: ReadWalk, start: number): boolean {
     if (!walk.demand) return true;
     const ctx = this.ctx;
-    if (this.admission.admit(start, ctx.segments.freeCount, ctx.mostlyClean)) return true;
+    const verdict = this.admission.admit(start, ctx.segments.freeCount, ctx.mostlyClean);
+    if (verdict === 'stored') return true;
+    if (verdict === 'first-miss') {
+      ctx.stats.fillsFirstMissStored++;
+      return true;
+    }
     ctx.stats.fillsNotRecurring++;
     return false;
   }

@@ -72,6 +72,8 @@ export interface CacheStats {
   fillsNotAdmitted: number;
   /** Read misses not stored because the cache was full and they had not missed recently (cache_admission.ts). */
   fillsNotRecurring: number;
+  /** First misses a full read cache stored all the same, because its shadow caches found that storing every miss pays (cache_admission_shadow.ts). */
+  fillsFirstMissStored: number;
   /** Keys and bytes GC re-logged instead of evicting them: read since they were stored (cache_second_chance.ts). */
   secondChanceKeys: number;
   secondChanceBytes: number;
@@ -97,7 +99,7 @@ export function newStats(): CacheStats {
     writeRequests: 0, writeBytes: 0, zeroRequests: 0, zeroBytes: 0, flushRequests: 0,
     dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackBackingBytes: 0, writebackBackingWrites: 0, writebackSkippedBytes: 0, writebackKsets: 0, writebackRounds: 0,
     gcKsets: 0, gcSegmentsFreed: 0, staleKeysRemoved: 0, fillsStored: 0, fillsSkipped: 0,
-    fillsNotAdmitted: 0, fillsNotRecurring: 0, secondChanceKeys: 0, secondChanceBytes: 0, bypassCutoffRequests: 0, bypassCutoffBytes: 0, bypassModeRequests: 0, bypassModeBytes: 0, bypassFallbacks: 0,
+    fillsNotAdmitted: 0, fillsNotRecurring: 0, fillsFirstMissStored: 0, secondChanceKeys: 0, secondChanceBytes: 0, bypassCutoffRequests: 0, bypassCutoffBytes: 0, bypassModeRequests: 0, bypassModeBytes: 0, bypassFallbacks: 0,
     cacheIoErrors: 0, backingReadErrors: 0, backingWriteErrors: 0, dataCrcErrors: 0, writebackErrors: 0, gcErrors: 0,
   };
 }

@@ -237,6 +237,7 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   cacheCounter('pcache_fills_rejected_total', 'Read misses not stored in the cache, by reason (no free space or log room; the mode or cutoff; a full cache\'s first miss of a block)', [
     ['space', (c) => c.fillsSkipped], ['policy', (c) => c.fillsNotAdmitted], ['first-miss', (c) => c.fillsNotRecurring],
   ], 'reason');
+  counted('pcache_fills_first_miss_stored_total', 'First misses a full read cache stored because its shadow caches found that storing every miss pays (a moving working set)', (c) => c.fillsFirstMissStored);
   counted('pcache_second_chance_bytes_total', 'Bytes GC re-logged instead of evicting them: read since they were stored', (c) => c.secondChanceBytes);
   return registry;
 }

@@ -91,7 +91,15 @@ export function lastBlockOffsetBytes(deviceSizeBytes: number): number {
   return Math.floor(deviceSizeBytes / blockBytes) * blockBytes - blockBytes;
 }
 
+/** The default segment size of caches of 1 GiB and more (dm-pcache's fixed size); smaller caches get smaller ones. */
 export const segmentSizeDefaultBytes = 16 * MiB;
+/**
+ * Format's default segment size aims at this many segments: a read cache holds data in all but
+ * about three of its segments (one held back for the log, one or two of log, the data head's
+ * unfilled part) and GC frees whole ones, so with 16 MiB segments a 256 MiB cache held about
+ * 13/16 of what its size promises (docs/performance.md, the policy benchmark).
+ */
+export const segmentCountTarget = 64;
 export const segmentSizeMinBytes = 1 * MiB;
 export const segmentSizeMaxBytes = 1 * GiB;
 /** Segment sizes are whole multiples of this, so data areas stay sector- and page-aligned. */
@@ -141,6 +149,17 @@ export function cacheDeviceBytesFor(segments: number, segmentSizeBytes: number, 
 export function segmentCountFor(deviceSizeBytes: number, segmentSizeBytes: number, layout: Layout): number {
   const usableBytes = deviceSizeBytes - endReserveBytes(layout, deviceSizeBytes) - segmentsOffsetBytes;
   return Math.max(0, Math.floor(usableBytes / segmentSizeBytes));
+}
+
+/**
+ * The segment size format picks for a device of `deviceSizeBytes` when none is given: the
+ * device's size over segmentCountTarget, rounded down to a power of two, from 1 MiB to
+ * segmentSizeDefaultBytes (4 MiB for 256 MiB, 16 MiB from 1 GiB on). Recorded in the superblock.
+ */
+export function segmentSizeDefaultFor(deviceSizeBytes: number): number {
+  let segmentSizeBytes = segmentSizeDefaultBytes;
+  while (segmentSizeBytes > segmentSizeMinBytes && segmentSizeBytes * segmentCountTarget > deviceSizeBytes) segmentSizeBytes /= 2;
+  return segmentSizeBytes;
 }
 
 /** Returns why a segment size is unacceptable, or undefined. */

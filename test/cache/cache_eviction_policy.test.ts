@@ -35,12 +35,12 @@ describe('ghost memory of misses', () => {
 
   it('admits every miss while segments are free or the cache is not a read cache, then only a recurring one', () => {
     const admission = new ReadAdmission(64 * MiB);
-    assert.equal(admission.admit(0, admitAllFreeSegments + 1, true), true);
-    assert.equal(admission.admit(blockBytes, admitAllFreeSegments, true), false, 'a first miss in a full cache');
-    assert.equal(admission.admit(blockBytes, admitAllFreeSegments, true), true, 'the same block again');
-    assert.equal(admission.admit(2 * blockBytes + 512, admitAllFreeSegments, true), false);
-    assert.equal(admission.admit(2 * blockBytes, admitAllFreeSegments, true), true, 'remembered by its 4 KiB block');
-    assert.equal(admission.admit(9 * blockBytes, 0, false), true, 'much dirty data, or gc_percent 0: every miss');
+    assert.equal(admission.admit(0, admitAllFreeSegments + 1, true), 'stored');
+    assert.equal(admission.admit(blockBytes, admitAllFreeSegments, true), 'rejected', 'a first miss in a full cache');
+    assert.equal(admission.admit(blockBytes, admitAllFreeSegments, true), 'stored', 'the same block again');
+    assert.equal(admission.admit(2 * blockBytes + 512, admitAllFreeSegments, true), 'rejected');
+    assert.equal(admission.admit(2 * blockBytes, admitAllFreeSegments, true), 'stored', 'remembered by its 4 KiB block');
+    assert.equal(admission.admit(9 * blockBytes, 0, false), 'stored', 'much dirty data, or gc_percent 0: every miss');
   });
 });
 
@@ -108,6 +108,30 @@ describe('admission and eviction through the engine', () => {
     const counters = rig.cache.status().counters;
     assert.ok(counters.fillsNotRecurring > 0, 'first misses of a full cache were not stored');
     assert.equal(await readBlocks(rig, hot), hot.length * blockBytes, 'every block of the hot set still hits');
+    assert.deepEqual(await rig.cache.check(), []);
+    await rig.cache.close();
+  });
+
+  it('stores a moved hot set at its first miss once moving sets have been seen (the admission shadows)', async () => {
+    const rig = await readRig();
+    // Fill the cache, then let the hot set (a quarter of the cache) move twice.
+    await readBlocks(rig, range(0, 16 * 256));
+    const hotBlocks = 1024;
+    for (let move = 1; move <= 2; move++) {
+      const hot = range(move * 8192, hotBlocks);
+      for (let pass = 0; pass < 3; pass++) await readBlocks(rig, hot);
+    }
+    // The next move: its first pass stores what it misses, so its second pass hits. With the
+    // recurrence rule alone, the first pass stores nothing and the second misses again.
+    const before = rig.cache.status().counters;
+    const hot = range(3 * 8192, hotBlocks);
+    assert.equal(await readBlocks(rig, hot), 0, 'the first pass misses');
+    const hits = await readBlocks(rig, hot);
+    assert.ok(hits >= 0.9 * hotBlocks * blockBytes, `${hits / blockBytes} of ${hotBlocks} hit on the second pass`);
+    const counters = rig.cache.status().counters;
+    assert.equal(counters.fillsNotRecurring, before.fillsNotRecurring, 'no first miss was turned away');
+    assert.ok(counters.fillsFirstMissStored > before.fillsFirstMissStored, 'first misses were stored for the shadows\' choice');
+    assert.equal(rig.cache.internals.reads.admission.shadow?.storeEveryMiss, true, 'the shadows found that storing every miss pays');
     assert.deepEqual(await rig.cache.check(), []);
     await rig.cache.close();
   });

@@ -135,7 +135,11 @@ describe('pcache format', () => {
     const f = files(t, 3 * MiB);
     assertOneLineError(await format(f), 1, /holds 2 segments of 1048576 bytes; at least 4 are needed: use a cache device of at least 4218880 bytes/);
     const g = files(t, 40 * MiB);
-    assertOneLineError(await runCli(['format', '--cache', g.cache, '--backing', g.backing]), 1, /holds 2 segments of 16777216 bytes.*or smaller segments \(--segment-size 1M gives 39\)/);
+    assertOneLineError(await runCli(['format', '--cache', g.cache, '--backing', g.backing, '--segment-size', '16M']), 1, /holds 2 segments of 16777216 bytes.*or smaller segments \(--segment-size 1M gives 39\)/);
+    // Without --segment-size, a small device gets segments small enough (segmentSizeDefaultFor).
+    const formatted = await runCli(['format', '--cache', g.cache, '--backing', g.backing]);
+    assert.equal(formatted.code, 0, formatted.stderr);
+    assert.match(formatted.stdout, /39 segments of 1 MiB/);
   });
 
   it('recognises a dirty cache whose superblocks are both garbage, refusing --force; check --repair mends one damaged copy', async (t) => {

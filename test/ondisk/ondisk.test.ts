@@ -10,6 +10,7 @@ import {
   decodeKset, encodeKey, encodeLastKset, isDropKey, keyBytes, keyFlagClean, keyFlagsDrop, keyFlagZero, ksetBytes, ksetBytesMax, ksetCrcSeed, ksetExtendedHeaderBytes,
   ksetHeaderBytes, ksetKeysMax, sealKset, validateKey, type KeyRecord, type KsetContext,
 } from '../../src/ondisk/kset.js';
+import { segmentCountFor, segmentCountTarget, segmentSizeDefaultBytes, segmentSizeDefaultFor, segmentSizeProblem, layoutFor, formatVersionLatest } from '../../src/ondisk/layout.js';
 import { chooseLatest, DualCopyWriter, seqAfter, type Decoded } from '../../src/ondisk/meta_header.js';
 import { decodeSegmentGen, encodeSegmentGen } from '../../src/ondisk/segment_gen.js';
 import { decodeSegmentInfo, encodeSegmentInfo } from '../../src/ondisk/segment_info.js';
@@ -43,6 +44,29 @@ const sb: Superblock = {
   formatTimeMs: 1_700_000_000_000,
 };
 const sbDeviceBytes = 20 * 1024 + 31 * 16 * MiB;
+
+describe('default segment size', () => {
+  it('is the device size over the segment count target, rounded down to a power of two, from 1 MiB to 16 MiB', () => {
+    const GiB = 1024 * MiB;
+    assert.equal(segmentSizeDefaultFor(64 * GiB), segmentSizeDefaultBytes, 'dm-pcache\'s 16 MiB for large caches');
+    assert.equal(segmentSizeDefaultFor(GiB), 16 * MiB);
+    assert.equal(segmentSizeDefaultFor(GiB - MiB), 8 * MiB);
+    assert.equal(segmentSizeDefaultFor(512 * MiB), 8 * MiB);
+    assert.equal(segmentSizeDefaultFor(256 * MiB), 4 * MiB);
+    assert.equal(segmentSizeDefaultFor(300 * MiB), 4 * MiB);
+    assert.equal(segmentSizeDefaultFor(128 * MiB), 2 * MiB);
+    assert.equal(segmentSizeDefaultFor(100 * MiB), MiB);
+    assert.equal(segmentSizeDefaultFor(8 * MiB), MiB, 'never below the minimum');
+    const layout = layoutFor(formatVersionLatest);
+    for (const deviceBytes of [16 * MiB, 100 * MiB, 256 * MiB, 700 * MiB, 3 * GiB]) {
+      const size = segmentSizeDefaultFor(deviceBytes);
+      assert.equal(segmentSizeProblem(size), undefined);
+      // About the target count (the device's metadata may take one): never far fewer, never twice as many.
+      const count = segmentCountFor(deviceBytes, size, layout);
+      assert.ok(size === MiB || size === segmentSizeDefaultBytes || (count >= segmentCountTarget - 1 && count < 2 * segmentCountTarget), `${count} segments of ${size} in ${deviceBytes}`);
+    }
+  });
+});
 
 describe('superblock', () => {
   it('round-trips', () => {
