@@ -382,6 +382,7 @@ interface RandomConfig {
 class Session {
   readonly report: HarnessReport;
   readonly checkBytes: number;
+  private readonly scratchBuffers = new Map<'image' | 'again', Uint8Array>();
   private readonly log: (line: string) => void;
   private readonly startedMs: number;
   private lastProgressMs: number;
@@ -904,7 +905,7 @@ class Session {
       const cache = materialize(cacheState);
       const backing = materialize(backingState);
       try {
-        const again = await this.recover(cache, backing);
+        const again = await this.recover(cache, backing, false, this.scratch('again'));
         for (const problem of again.problems) problems.push({ kind: problem.kind, details: [`in ${where}:`, ...problem.details] });
         again.opened?.abandon();
         if (again.reads !== undefined) {
@@ -922,9 +923,10 @@ class Session {
   /**
    * Opens the target, checks it right after recovery (before reads fill the cache over what
    * recovery left), reads the checked range and, when `checkAfterReads` (the first recovery of
-   * a state: once per state is enough to cover the read path), checks it again.
+   * a state: once per state is enough to cover the read path), checks it again. The reads go
+   * to `readsInto` when given (a reused buffer, for callers that only compare them).
    */
-  private async recover(cache: SimDevice, backing: SimDevice, checkAfterReads = false): Promise<{ opened: OpenTarget | undefined; reads: Uint8Array | undefined; values: Float64Array | undefined; problems: { kind: ViolationKind; details: string[] }[] }> {
+  private async recover(cache: SimDevice, backing: SimDevice, checkAfterReads = false, readsInto?: Uint8Array): Promise<{ opened: OpenTarget | undefined; reads: Uint8Array | undefined; values: Float64Array | undefined; problems: { kind: ViolationKind; details: string[] }[] }> {
     const problems: { kind: ViolationKind; details: string[] }[] = [];
     this.report.recoveries += 1;
     let opened: OpenTarget;
@@ -935,7 +937,7 @@ class Session {
       return { opened: undefined, reads: undefined, values: undefined, problems };
     }
     await this.structuralCheck(opened, 'right after recovery', problems);
-    const reads = new Uint8Array(this.checkBytes);
+    const reads = readsInto ?? new Uint8Array(this.checkBytes);
     try {
       await opened.read(reads, 0);
     } catch (error) {
@@ -955,10 +957,26 @@ class Session {
     }
   }
 
+  /** The checked range of `image`, in a buffer the next call reuses. */
   private imageBytes(image: PageImage): Uint8Array {
-    const bytes = new Uint8Array(this.checkBytes);
+    const bytes = this.scratch('image');
     image.read(bytes, 0);
     return bytes;
+  }
+
+  /**
+   * A buffer of the checked range's size, the same one every time for the same use: a state
+   * reads the range about a dozen times, and fresh buffers of that size made the crash
+   * simulator spend a fifth of its time collecting garbage. A caller is done with it before
+   * the next call for the same use.
+   */
+  private scratch(use: 'image' | 'again'): Uint8Array {
+    let buffer = this.scratchBuffers.get(use);
+    if (buffer === undefined) {
+      buffer = new Uint8Array(this.checkBytes);
+      this.scratchBuffers.set(use, buffer);
+    }
+    return buffer;
   }
 
   private imageValues(image: PageImage): Float64Array {

@@ -107,27 +107,39 @@ export class PageImage implements ReadonlyPageImage {
 
   read(target: Uint8Array, offsetBytes: number): void {
     this.checkRange(offsetBytes, target.length);
+    // Recovery reads whole segments through here (hundreds of pages per open in the crash
+    // simulator, most never written): a stored page is copied without making a view of it,
+    // and a run of absent pages is zeroed by one fill (Uint8Array's: a Buffer's own fill
+    // checks its arguments in JavaScript on every call).
+    let zeroFrom = -1;
     let done = 0;
     while (done < target.length) {
       const position = offsetBytes + done;
       const pageIndex = Math.floor(position / pageSizeBytes);
       const inPage = position - pageIndex * pageSizeBytes;
       const length = Math.min(pageSizeBytes - inPage, target.length - done);
-      const piece = target.subarray(done, done + length);
       const leaf = this.lookup(pageIndex);
+      if (leaf === undefined && this.source === undefined) {
+        if (zeroFrom < 0) zeroFrom = done;
+        done += length;
+        continue;
+      }
+      if (zeroFrom >= 0) {
+        fillZero(target, zeroFrom, done);
+        zeroFrom = -1;
+      }
       if (leaf !== undefined) {
-        piece.set(leaf.bytes.subarray(inPage, inPage + length));
-      } else if (this.source === undefined) {
-        piece.fill(0);
+        target.set(length === pageSizeBytes ? leaf.bytes : leaf.bytes.subarray(inPage, inPage + length), done);
       } else if (length === pageSizeBytes) {
-        this.source.readPage(pageIndex, piece);
+        this.source?.readPage(pageIndex, target.subarray(done, done + length));
       } else {
         const page = new Uint8Array(pageSizeBytes);
-        this.source.readPage(pageIndex, page);
-        piece.set(page.subarray(inPage, inPage + length));
+        this.source?.readPage(pageIndex, page);
+        target.set(page.subarray(inPage, inPage + length), done);
       }
       done += length;
     }
+    if (zeroFrom >= 0) fillZero(target, zeroFrom, done);
   }
 
   write(source: Uint8Array, offsetBytes: number): void {
@@ -240,6 +252,11 @@ function walk(branch: Branch, level: number, firstPage: number, visit: (pageInde
     if (child instanceof Leaf) visit(pageIndex, child.bytes);
     else walk(child, level - 1, pageIndex, visit);
   }
+}
+
+/** Zeroes [start, end) of `target`, a Buffer or a plain Uint8Array alike. */
+function fillZero(target: Uint8Array, start: number, end: number): void {
+  Uint8Array.prototype.fill.call(target, 0, start, end);
 }
 
 export function isZero(bytes: Uint8Array): boolean {

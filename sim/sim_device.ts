@@ -18,6 +18,7 @@
 
 import { assert } from '../src/lib/assert.js';
 import { PcacheError } from '../src/lib/errors.js';
+import { isAllZero } from '../src/lib/units.js';
 import { rangeProblem, type BlockDevice, type BlockingIo } from '../src/device/block_device.js';
 import { DeviceModel, type CrashPoint } from './device_model.js';
 import { FaultInjector, type FaultOp } from './faults.js';
@@ -249,7 +250,7 @@ export class SimDevice implements BlockDevice {
   }
 
   write(source: Uint8Array, offsetBytes: number): Promise<void> {
-    return this.writeAsync(offsetBytes, source.length, source.slice());
+    return this.writeAsync(offsetBytes, source.length, copyUnlessZero(source));
   }
 
   discard(offsetBytes: number, lengthBytes: number): Promise<void> {
@@ -365,7 +366,7 @@ export class SimDevice implements BlockDevice {
       throw fault;
     }
     this.countWrite(source.length);
-    this.model.issueWrite(id, offsetBytes, source.length, source.slice());
+    this.model.issueWrite(id, offsetBytes, source.length, copyUnlessZero(source));
     this.model.completeWrite(id);
     this.event('write', 'complete', id, offsetBytes, source.length);
   }
@@ -442,4 +443,14 @@ export class SimDevice implements BlockDevice {
   private event(kind: DeviceEventKind, phase: DeviceEventPhase, id: number, offsetBytes: number, lengthBytes: number): void {
     this.events.append({ device: this.name, kind, phase, id, offsetBytes, lengthBytes });
   }
+}
+
+/**
+ * What a write keeps of its source: a copy (the caller may reuse its buffer), or nothing for a
+ * write of zeroes, which the model then holds like a discard. It reads, drops and tears the
+ * same, and its whole pages are dropped instead of stored: recovery zeroes the rest of a
+ * segment at every open, and the crash simulator opens a cache millions of times.
+ */
+function copyUnlessZero(source: Uint8Array): Uint8Array | undefined {
+  return isAllZero(source) ? undefined : source.slice();
 }

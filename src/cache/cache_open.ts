@@ -239,8 +239,10 @@ async function recordTruncatedLog(ctx: CacheContext, keyHead: LogPos): Promise<v
  */
 async function clearAfterHead(ctx: CacheContext, keyHead: LogPos): Promise<void> {
   const chunkBytes = 64 * KiB;
-  const scratch = new Uint8Array(chunkBytes);
-  const zeroes = new Uint8Array(chunkBytes);
+  // Every open reads the rest of a segment here and most find it zero already: the read
+  // buffer is not zero-filled (the read fills it) and the zeroes are made only when needed.
+  const scratch = Buffer.allocUnsafe(chunkBytes);
+  let zeroes: Uint8Array | undefined;
   let wrote = false;
   for (let offset = keyHead.offsetBytes; offset < ctx.dev.dataSizeBytes; offset += chunkBytes) {
     const length = Math.min(chunkBytes, ctx.dev.dataSizeBytes - offset);
@@ -248,6 +250,7 @@ async function clearAfterHead(ctx: CacheContext, keyHead: LogPos): Promise<void>
     const read = ctx.dev.readData(current, keyHead.segment, offset);
     if (read !== undefined) await read;
     if (isAllZero(current)) continue;
+    zeroes ??= new Uint8Array(chunkBytes);
     const io = ctx.dev.writeData(zeroes.subarray(0, length), keyHead.segment, offset);
     if (io !== undefined) await io;
     wrote = true;
