@@ -22,4 +22,12 @@ describe('crash consistency, more', () => {
     assert.ok(report.statesExplored > 100);
     console.error(`crash tier (randomized, seed ${seed}): ${report.statesExplored} crash states explored, ${report.violationsTotal} violations`);
   });
+
+  it('randomized read-heavy runs: fills racing reads of the same blocks, under crashes: no violations', async () => {
+    const seed = Number(process.env.PCACHE_CRASH_SEED ?? 21);
+    const report = await randomized({ gcPercent: 0 }, { seed, runs: 1, segmentsPerRun: 2, opsPerSegment: 200, profile: 'reads', log });
+    assert.equal(report.violationsTotal, 0, 'violations were found; the replay commands are printed above');
+    assert.ok(report.statesExplored > 50);
+    console.error(`crash tier (randomized reads, seed ${seed}): ${report.statesExplored} crash states explored, ${report.violationsTotal} violations`);
+  });
 });

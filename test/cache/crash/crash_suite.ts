@@ -28,7 +28,10 @@ export const randomizedShape = {
  * crashes. `pressure`: a working set larger than the cache and GC only when writers wait for
  * space (its weight 0: a writer out of space kicks it), so every GC round frees segments that
  * waiting writers take at once, and the keys GC passed are still the newest of their ranges
- * (a segment reused too early shows as wrong data).
+ * (a segment reused too early shows as wrong data). `reads`: mostly reads, eight in flight,
+ * over blocks few writes touch, so that misses fill the cache while other reads of the same
+ * blocks are in flight and meet their placeholders (a placeholder served as a hit shows as
+ * wrong data); writes, trims and GC keep changing what the fills must not bring back.
  */
 export const randomizedProfiles = {
   default: { shape: randomizedShape, weights: { gc: 10 } as Partial<OpWeights> },
@@ -36,6 +39,10 @@ export const randomizedProfiles = {
     // Megabytes read after every recovery: no crashes during recovery here (the other runs have them).
     shape: { cacheSizeBytes: crashCacheBytes(4), backingSizeBytes: 4 * MiB, blockCount: 1024, extentBlocksMax: 16, recoveryCrashes: false },
     weights: { write: 60, fuaWrite: 3, flush: 4, trim: 1, writeZeroes: 1, writeback: 3, gc: 0, read: 5 } as Partial<OpWeights>,
+  },
+  reads: {
+    shape: randomizedShape,
+    weights: { write: 8, fuaWrite: 1, flush: 3, trim: 2, writeZeroes: 1, writeback: 4, gc: 4, read: 60 } as Partial<OpWeights>,
   },
 } as const;
 export type RandomizedProfile = keyof typeof randomizedProfiles;
