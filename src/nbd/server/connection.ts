@@ -200,11 +200,6 @@ export class Connection {
     if (this.phase === 'transmission') {
       this.input.push(chunk);
       this.pump();
-      // Everything this read asked for is answered already (read hits complete synchronously):
-      // send it now rather than after every other callback of this poll phase, which may be
-      // another volume's busy connection or background work. A connection with requests still
-      // in flight keeps batching its replies per turn.
-      if (this.inFlightCount === 0) this.replies.flush();
       // The next read reuses the buffer: keep what this one left (usually nothing, or part
       // of a request header; everything queued while reading is paused).
       if (this.inputReused) this.input.own();
