@@ -23,7 +23,7 @@ import type { ChildProcess } from 'node:child_process';
 import { rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { writebackWritesInFlightMax } from '../src/cache/cache_writeback.js';
+import { writebackWritesInFlightMax } from '../src/cache/cache_writeback_apply.js';
 import { controlRequest } from '../src/cli/control_client.js';
 import { median, report } from './harness.js';
 import { fioJob, run, startPcacheServe, stopChild } from './processes.js';

@@ -19,7 +19,7 @@
 import { assert } from '../src/lib/assert.js';
 import { PcacheError } from '../src/lib/errors.js';
 import { isAllZero } from '../src/lib/units.js';
-import { rangeProblem, type BlockDevice, type BlockingIo } from '../src/device/block_device.js';
+import { rangeProblem, type BlockDevice, type BlockingIo, type DeviceWrite } from '../src/device/block_device.js';
 import { DeviceModel, type CrashPoint } from './device_model.js';
 import { FaultInjector, type FaultOp } from './faults.js';
 import { PageImage } from './page_image.js';
@@ -251,6 +251,17 @@ export class SimDevice implements BlockDevice {
 
   write(source: Uint8Array, offsetBytes: number): Promise<void> {
     return this.writeAsync(offsetBytes, source.length, copyUnlessZero(source));
+  }
+
+  /**
+   * A batch of writes (BlockDevice.writeMany), as a file's writer thread puts one into the page
+   * cache: each piece is a write of its own, all in flight together (a crash may keep any subset
+   * of them), and the batch settles only when every piece has, with the first failure.
+   */
+  async writeMany(writes: readonly DeviceWrite[]): Promise<void> {
+    const outcomes = await Promise.allSettled(writes.map((w) => this.write(w.source, w.offsetBytes)));
+    const failed = outcomes.find((outcome) => outcome.status === 'rejected');
+    if (failed !== undefined) throw failed.reason;
   }
 
   discard(offsetBytes: number, lengthBytes: number): Promise<void> {

@@ -24,23 +24,22 @@
 // miss away); and whenever it is urgent (a writer short of space, a drain). Writing back lazily
 // keeps the backing device's I/O and the CPU for clients while the cache absorbs a burst, and
 // gives overwrites a chance to be written back once instead of many times.
-// Contiguous extents go to the backing device as one write (up to writebackRunMaxBytes), with
-// at most writebackWritesInFlightMax writes in flight.
+// How a round's extents reach the backing device (runs, batches, what is in flight):
+// cache_writeback_apply.ts.
 // A hold (holdAt, for checkpoints) stops rounds at a log position: writeback applies nothing at
 // or past it until release(), so the backing device keeps one prefix of the log while, say, a
 // snapshot of it is taken; clients go on writing into the cache meanwhile.
 
 import { assert } from '../lib/assert.js';
-import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
-import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
+import { ksetBytesMax } from '../ondisk/kset.js';
 import type { TimerHandle } from '../lib/timers.js';
 import type { CacheContext } from './cache_context.js';
 import { CacheWorker, type RoundOutcome } from './cache_worker.js';
 import type { KsetLog } from './cache_kset.js';
-import type { IndexKey } from './cache_tree.js';
 import type { LogPos } from './cache_types.js';
+import { WritebackApplier } from './cache_writeback_apply.js';
 import { planWrites, readWindow, type WindowLimits } from './cache_writeback_plan.js';
 
 /** A round covers at most this many ksets... */
@@ -49,23 +48,11 @@ export const writebackWindowKsetsMax = 1024;
 export const writebackWindowBytesMin = 4 * MiB;
 export const writebackWindowBytesMax = 64 * MiB;
 const writebackWindowCacheDivisor = 16;
-export const writebackInFlightBytesMax = 64 * MiB;
-/** Backing writes in flight: a slow (network) store needs many to reach its throughput. */
-export const writebackWritesInFlightMax = 64;
-/** Contiguous extents are gathered into backing writes of at most this size. */
-export const writebackRunMaxBytes = 1 * MiB;
-/**
- * A write's data is read from a synchronous cache device before it is issued, so issuing many
- * writes runs long without a break: after this many bytes, other work (client requests, the
- * control socket) gets a turn of the event loop.
- */
-const writebackYieldBytes = 4 * MiB;
 /** Commits closer together than this share one age entry (bounds the age queue). */
 const ageGranularityMs = 100;
 const ageEntriesMax = 1024;
 export const writebackBackoffMinMs = 100;
 export const writebackBackoffMaxMs = 30_000;
-const zeroChunkBytes = 1 * MiB;
 /**
  * GC starved of reclaimable ksets makes writeback run only while at most this percentage of
  * the cache's data capacity is dirty: then the log is mostly clean copies (a read-mostly
@@ -83,8 +70,8 @@ interface DrainWaiter {
 export class Writeback extends CacheWorker {
   private readonly log: KsetLog;
   private readonly scratch = new Uint8Array(ksetBytesMax);
+  private readonly applier: WritebackApplier;
   private waiters: DrainWaiter[] = [];
-  private zeroes: Uint8Array | undefined;
   backoffMs = 0;
   /** Monotonic time of the first failure of the current failing streak, if any. */
   failingSinceMs: number | undefined;
@@ -101,6 +88,7 @@ export class Writeback extends CacheWorker {
   constructor(ctx: CacheContext, log: KsetLog) {
     super(ctx);
     this.log = log;
+    this.applier = new WritebackApplier(ctx);
     log.durable.add((durableHead) => {
       this.noteDurable(durableHead.lsn, ctx.timers.now());
       this.kick(false);
@@ -272,7 +260,7 @@ export class Writeback extends CacheWorker {
       // passes those parts (cache_writeback_plan.ts); the commit runs alongside the writes.
       const committed = plan.skippedBytes > 0 ? this.log.commitAppended() : undefined;
       committed?.catch(() => undefined); // awaited below; a failure is the cache's failure
-      await this.apply(plan.parts);
+      await this.applier.apply(plan.parts);
       await ctx.backing.sync();
       if (committed !== undefined) await committed;
       if (ctx.stopped()) return 'nothing';
@@ -325,132 +313,6 @@ export class Writeback extends CacheWorker {
    */
   private maySkipSuperseded(start: LogPos): boolean {
     return this.ctx.tuning.writebackOrdering === 'relaxed' || this.log.lastEpochEndSeq < start.seq;
-  }
-
-  /**
-   * Writes the planned extents to the backing device in offset order: contiguous runs of dirty
-   * extents (or of ZERO extents) become one write of up to writebackRunMaxBytes; at most
-   * writebackWritesInFlightMax writes and writebackInFlightBytesMax bytes are in flight.
-   */
-  private async apply(parts: readonly IndexKey[]): Promise<void> {
-    // Writes never reject here: the first failure is kept, nothing more is issued, and it is
-    // thrown once every write already issued has finished (none may still be in flight when
-    // the round is retried).
-    const settled: Promise<void>[] = [];
-    let failure: { error: unknown } | undefined;
-    let inFlight = 0;
-    let inFlightBytes = 0;
-    let wake: (() => void) | undefined;
-    const stats = this.ctx.stats;
-    const issue = async (start: () => Promise<void>, bytes: number): Promise<void> => {
-      while (inFlight >= writebackWritesInFlightMax || inFlightBytes >= writebackInFlightBytesMax) {
-        await new Promise<void>((resolve) => { wake = resolve; });
-      }
-      // A completion resumes this loop inside the poll phase, where a client's request may be
-      // waiting behind it: the copy (a synchronous read of the cache device) waits for the
-      // turn's background slice (lib/timers.ts).
-      const paced = this.ctx.timers.pace();
-      if (paced !== undefined) await paced;
-      if (failure !== undefined) return;
-      inFlight++;
-      inFlightBytes += bytes;
-      stats.writebackBackingWrites++;
-      stats.writebackBackingBytes += bytes;
-      settled.push(start().then(
-        () => undefined,
-        (error: unknown) => { failure ??= { error }; },
-      ).finally(() => {
-        inFlight--;
-        inFlightBytes -= bytes;
-        const resume = wake;
-        wake = undefined;
-        resume?.();
-      }));
-    };
-    let run: IndexKey[] = [];
-    let runBytes = 0;
-    let issuedSinceYield = 0;
-    const flush = async (): Promise<void> => {
-      const first = run[0];
-      if (first === undefined) return;
-      const pieces = run;
-      const bytes = runBytes;
-      run = [];
-      runBytes = 0;
-      issuedSinceYield += bytes;
-      if (issuedSinceYield >= writebackYieldBytes) {
-        issuedSinceYield = 0;
-        await this.ctx.timers.yieldToOthers();
-      }
-      await issue(() => ((first.flags & keyFlagZero) !== 0 ? this.zero(first.offsetBytes, bytes) : this.copy(pieces, bytes)), bytes);
-    };
-    for (const key of parts) {
-      if (failure !== undefined) break;
-      const last = run[run.length - 1];
-      const joins = last !== undefined && last.offsetBytes + last.lengthBytes === key.offsetBytes &&
-        (last.flags & keyFlagZero) === (key.flags & keyFlagZero) && runBytes + key.lengthBytes <= writebackRunMaxBytes;
-      if (!joins) await flush();
-      run.push(key);
-      runBytes += key.lengthBytes;
-    }
-    await flush();
-    await Promise.all(settled);
-    if (failure !== undefined) throw failure.error;
-  }
-
-  /** Gathers contiguous dirty extents from the cache device and writes them as one. */
-  private async copy(parts: readonly IndexKey[], bytes: number): Promise<void> {
-    const ctx = this.ctx;
-    const first = parts[0];
-    assert(first !== undefined, 'empty writeback run');
-    const data = new Uint8Array(bytes);
-    let at = 0;
-    for (const part of parts) {
-      await this.readPart(part, data.subarray(at, at + part.lengthBytes));
-      at += part.lengthBytes;
-    }
-    await this.backingWrite(() => ctx.backing.write(data, first.offsetBytes));
-  }
-
-  /** Reads one extent's data from the cache device, checking its data CRC when the cache has one. */
-  private async readPart(key: IndexKey, target: Uint8Array): Promise<void> {
-    const ctx = this.ctx;
-    if (!ctx.dataCrc) {
-      const io = ctx.dev.readData(target, key.segment, key.segmentOffsetBytes);
-      if (io !== undefined) await io;
-      return;
-    }
-    const extent = new Uint8Array(key.crcLengthBytes);
-    const io = ctx.dev.readData(extent, key.segment, key.segmentOffsetBytes - key.crcDeltaBytes);
-    if (io !== undefined) await io;
-    if (crc32c(extent) !== key.crc) {
-      ctx.stats.dataCrcErrors++;
-      throw new PcacheError('EIO', `writeback: data CRC mismatch in extent ${key.offsetBytes}+${key.lengthBytes} (segment ${key.segment})`);
-    }
-    target.set(extent.subarray(key.crcDeltaBytes, key.crcDeltaBytes + key.lengthBytes));
-  }
-
-  private async zero(offsetBytes: number, lengthBytes: number): Promise<void> {
-    const backing = this.ctx.backing;
-    if (backing.discard !== undefined) {
-      const discard = backing.discard.bind(backing);
-      await this.backingWrite(() => discard(offsetBytes, lengthBytes));
-      return;
-    }
-    this.zeroes ??= new Uint8Array(zeroChunkBytes);
-    for (let done = 0; done < lengthBytes; done += zeroChunkBytes) {
-      const piece = this.zeroes.subarray(0, Math.min(zeroChunkBytes, lengthBytes - done));
-      await this.backingWrite(() => backing.write(piece, offsetBytes + done));
-    }
-  }
-
-  private async backingWrite(write: () => Promise<void>): Promise<void> {
-    try {
-      await write();
-    } catch (error) {
-      if (isPcacheError(error)) this.ctx.stats.backingWriteErrors++;
-      throw error;
-    }
   }
 
   private wakeWaiters(): void {

@@ -27,6 +27,15 @@ export interface BlockDevice {
 
   read(target: Uint8Array, offsetBytes: number): Promise<void>;
   write(source: Uint8Array, offsetBytes: number): Promise<void>;
+  /**
+   * Several writes at unrelated offsets as one request, where the device does that more
+   * cheaply than one write() each (a file hands them to its writer thread in one message
+   * instead of one thread-pool request per write). Resolves when every write has completed;
+   * rejects on the first failure, and then any subset of them may have happened. The writes
+   * must not overlap. Sources that are views of one SharedArrayBuffer reach a writer thread
+   * without a copy.
+   */
+  writeMany?(writes: readonly DeviceWrite[]): Promise<void>;
   /** Makes every write that completed before this call durable. */
   sync(): Promise<void>;
   /** Drops the range's contents; afterwards it reads as zeroes. */
@@ -39,6 +48,11 @@ export interface BlockDevice {
    */
   fingerprint?(): Promise<string | undefined>;
   close(): Promise<void>;
+}
+
+export interface DeviceWrite {
+  readonly source: Uint8Array;
+  readonly offsetBytes: number;
 }
 
 export interface BlockingIo {

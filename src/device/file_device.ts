@@ -6,14 +6,16 @@
 //   cache), where one call costs about a microsecond.
 // - asynchronous: reads and writes go through libuv's thread pool, so a slow backing device
 //   keeps many requests in flight without stalling the event loop.
-// `sync` is always fdatasync on the thread pool. System errors become PcacheErrors here, in
+// `sync` is always fdatasync on the thread pool. Batches of writes (writeMany) go to a writer
+// thread of the file's own (file_writer.ts) in the asynchronous style. System errors become PcacheErrors here, in
 // one place, so nothing above the device layer ever sees an errno.
 
 import fs from 'node:fs';
 import { assert } from '../lib/assert.js';
 import { PcacheError, type PcacheErrorCode } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
-import { rangeProblem, type BlockDevice, type BlockingIo } from './block_device.js';
+import { rangeProblem, type BlockDevice, type BlockingIo, type DeviceWrite } from './block_device.js';
+import { FileWriter } from './file_writer.js';
 
 export interface FileDeviceOptions {
   /** Use synchronous positional I/O (see the file comment). Default false. */
@@ -34,6 +36,9 @@ export class FileDevice implements BlockDevice {
   readonly path: string;
   readonly readOnly: boolean;
   private fd: number | undefined;
+  /** Started by the first writeMany. */
+  private writer: FileWriter | undefined;
+  private closing = false;
 
   private constructor(path: string, fd: number, info: { sizeBytes: number; identity: string | undefined }, options: FileDeviceOptions) {
     this.path = path;
@@ -95,6 +100,18 @@ export class FileDevice implements BlockDevice {
     await transfer('write', fd, source, offsetBytes, this.path);
   }
 
+  async writeMany(writes: readonly DeviceWrite[]): Promise<void> {
+    if (this.closing) throw new PcacheError('ENODEV', `${this.path} is closing`);
+    let fd = this.check(0, 0);
+    for (const w of writes) fd = this.checkWritable(w.offsetBytes, w.source.length);
+    if (this.blocking !== undefined) {
+      for (const w of writes) this.writeSync(w.source, w.offsetBytes);
+      return;
+    }
+    this.writer ??= new FileWriter(this.path, fd, (failure) => toPcacheError(Object.assign(new Error(failure.message), { code: failure.code }), `write ${this.path} at ${failure.offsetBytes}`));
+    await this.writer.write(writes);
+  }
+
   async sync(): Promise<void> {
     if (this.readOnly) return;
     const fd = this.check(0, 0);
@@ -126,11 +143,16 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  close(): Promise<void> {
+  async close(): Promise<void> {
+    // The writer thread finishes what it was given before the descriptor goes.
+    this.closing = true;
+    const writer = this.writer;
+    this.writer = undefined;
+    if (writer !== undefined) await writer.close();
     const fd = this.fd;
     this.fd = undefined;
-    if (fd === undefined) return Promise.resolve();
-    return new Promise((resolve, reject) => {
+    if (fd === undefined) return;
+    await new Promise<void>((resolve, reject) => {
       fs.close(fd, (error) => {
         if (error === null) resolve();
         else reject(toPcacheError(error, `close ${this.path}`));

@@ -6,7 +6,7 @@
 
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
-import { rangeProblem, type BlockDevice, type BlockingIo } from './block_device.js';
+import { rangeProblem, type BlockDevice, type BlockingIo, type DeviceWrite } from './block_device.js';
 
 export class MemoryDevice implements BlockDevice, BlockingIo {
   readonly sizeBytes: number;
@@ -50,6 +50,11 @@ export class MemoryDevice implements BlockDevice, BlockingIo {
 
   async write(source: Uint8Array, offsetBytes: number): Promise<void> {
     this.writeSync(source, offsetBytes);
+    return Promise.resolve();
+  }
+
+  async writeMany(writes: readonly DeviceWrite[]): Promise<void> {
+    for (const w of writes) this.writeSync(w.source, w.offsetBytes);
     return Promise.resolve();
   }
 

@@ -2,10 +2,12 @@
 // read-only opening, error mapping, and the engine running on files across a reopen.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { FileDevice } from '../../src/device/file_device.js';
+import type { DeviceWrite } from '../../src/device/block_device.js';
+import { FileDevice, toPcacheError } from '../../src/device/file_device.js';
+import { FileWriter } from '../../src/device/file_writer.js';
 import { Cache } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { MiB } from '../../src/lib/units.js';
@@ -55,6 +57,50 @@ describe('FileDevice', () => {
       await assert.rejects(() => device.read(Buffer.alloc(512), 0), code('ENODEV'));
     });
   }
+
+  for (const blocking of [false, true]) {
+    it(`writeMany (${blocking ? 'blocking' : 'writer thread'}) writes scattered pieces, shared or not, and close waits for batches in flight`, async () => {
+      const path = join(dir, `many-${String(blocking)}.img`);
+      FileDevice.create(path, 8 * MiB);
+      const device = await FileDevice.open(path, { blocking });
+      // Views of one SharedArrayBuffer (what writeback sends) and plain buffers (copied).
+      const shared = new Uint8Array(new SharedArrayBuffer(3 * 4096));
+      shared.set(pattern(1, 0, 4096), 0);
+      shared.set(pattern(2, 0, 8192), 4096);
+      const batches: DeviceWrite[][] = [
+        [{ source: shared.subarray(0, 4096), offsetBytes: 7 * MiB }, { source: shared.subarray(4096), offsetBytes: 4096 }],
+        [{ source: pattern(3, 0, 512), offsetBytes: 3 * MiB + 512 }, { source: pattern(4, 0, 65536), offsetBytes: MiB }],
+      ];
+      const inFlight = batches.map((writes) => device.writeMany(writes));
+      await device.close(); // must not close the descriptor under the writer thread's writes
+      await Promise.all(inFlight);
+      await assert.rejects(() => device.writeMany([{ source: pattern(5, 0, 512), offsetBytes: 0 }]), code('ENODEV'));
+      const back = await FileDevice.open(path, { blocking: true });
+      for (const writes of batches) {
+        for (const { source, offsetBytes } of writes) {
+          const read = Buffer.alloc(source.length);
+          back.blocking?.readSync(read, offsetBytes);
+          assert.deepEqual(read, Buffer.from(source), `bytes at ${offsetBytes}`);
+        }
+      }
+      await back.close();
+    });
+  }
+
+  it('writeMany refuses a read-only file, and the writer thread reports a failed write as an operating error', async () => {
+    const path = join(dir, 'many-ro.img');
+    writeFileSync(path, Buffer.alloc(MiB));
+    const device = await FileDevice.open(path, { readOnly: true });
+    await assert.rejects(() => device.writeMany([{ source: Buffer.alloc(512), offsetBytes: 0 }]), code('EPERM'));
+    await device.close();
+    // A descriptor without write access: pwrite fails with EBADF in the thread.
+    const fd = openSync(path, 'r');
+    const writer = new FileWriter(path, fd, (failure) => toPcacheError(Object.assign(new Error(failure.message), { code: failure.code }), `write at ${failure.offsetBytes}`));
+    await assert.rejects(() => writer.write([{ source: Buffer.alloc(512), offsetBytes: 4096 }]), (error: unknown) => code('ENODEV')(error) && /write at 4096/.test(String(error)));
+    assert.equal(writer.queued, 0);
+    await writer.close();
+    closeSync(fd);
+  });
 
   it('keeps its identity across reopening and distinguishes files', async () => {
     const a = join(dir, 'a.img');
