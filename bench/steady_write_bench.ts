@@ -8,7 +8,8 @@
 // the file) and once through nbdkit (the second half), in an order that rotates by round. pcache
 // is not drained between rounds: its cache stays full and writeback and GC run all the time, which
 // is the steady state. Medians over the rounds; target pcache/nbdkit >= 0.9. Also printed: how
-// many times the client's writes filled the cache, and the share of them written back.
+// many times the client's writes filled the cache, and the share of them written back, and each
+// server's CPU time per client write (user + system, all its threads, writeback included).
 // PCACHE_BENCH_SECONDS sets the run length (default 20). PCACHE_BENCH_SMOKE=1: tiny sizes.
 
 import type { ChildProcess } from 'node:child_process';
@@ -17,6 +18,7 @@ import path from 'node:path';
 import { controlRequest } from '../src/cli/control_client.js';
 import { median, param, report, smoke } from './harness.js';
 import { fill, fioJob, makeScratch, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+import { cpuTicks, userHz } from './sustained_series.js';
 
 const MiB = 1024 * 1024;
 const rangeBytes = param(32 * MiB, 1024 * MiB);
@@ -55,9 +57,15 @@ async function main(): Promise<void> {
     console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     console.log(`files on ${base}: range ${rangeBytes / MiB} MiB each, cache ${cacheBytes / MiB} MiB (sparse, new); ${rounds} round(s) of ${seconds} s${smoke ? ' (smoke)' : ''}`);
     const results = { pcache: [] as number[], nbdkit: [] as number[] };
+    /** Server CPU microseconds per client write, per run. */
+    const cpuPerWrite = { pcache: [] as number[], nbdkit: [] as number[] };
+    const pids = { nbdkit: children[0]?.pid ?? 0, pcache: children[1]?.pid ?? 0 };
     for (let round = 0; round < rounds; round++) {
       for (const name of round % 2 === 0 ? ['pcache', 'nbdkit'] as const : ['nbdkit', 'pcache'] as const) {
-        results[name].push(await writeRun(name === 'pcache' ? socket : nbdkitSocket, name === 'pcache' ? 0 : rangeBytes, name));
+        const ticksBefore = cpuTicks(pids[name]);
+        const iops = await writeRun(name === 'pcache' ? socket : nbdkitSocket, name === 'pcache' ? 0 : rangeBytes, name);
+        results[name].push(iops);
+        cpuPerWrite[name].push(((cpuTicks(pids[name]) - ticksBefore) / userHz) * 1e6 / Math.max(1, iops * seconds));
       }
     }
     const status = await controlRequest(control, 'status') as { cache: { counters: Counters } };
@@ -66,6 +74,7 @@ async function main(): Promise<void> {
     const ratio = median(results.pcache) / median(results.nbdkit);
     console.log(`  target pcache/nbdkit >= 0.9: ${ratio >= 0.9 ? 'met' : 'MISSED'}; the client wrote the cache's size ${(writeBytes / cacheBytes).toFixed(1)} times over, ${(100 * writebackBackingBytes / Math.max(1, writeBytes)).toFixed(1)}% of it written back`);
     console.log(`  runs pcache ${results.pcache.map(Math.round).join(' ')} | nbdkit ${results.nbdkit.map(Math.round).join(' ')}`);
+    console.log(`  server CPU per client write (median): pcache ${median(cpuPerWrite.pcache).toFixed(1)} us (writeback and GC included), nbdkit ${median(cpuPerWrite.nbdkit).toFixed(1)} us; runs pcache ${cpuPerWrite.pcache.map((v) => v.toFixed(1)).join(' ')} | nbdkit ${cpuPerWrite.nbdkit.map((v) => v.toFixed(1)).join(' ')}`);
     console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
   } finally {
     for (const child of children) await stopChild(child);

@@ -42,6 +42,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { controlRequest } from '../src/cli/control_client.js';
 import { median, param, report, smoke } from './harness.js';
 import { fill, fioJob, makeScratch, removeScratch, requireTool, run, runPcacheCli, startNbdkitServer, startPcacheServe, stopChild, track, version } from './processes.js';
+import { cpuTicks, userHz } from './sustained_series.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -63,8 +64,6 @@ const stores = (process.env.PCACHE_BENCH_STORE ?? 'delay,file').split(',').filte
 const extraTuning = (process.env.PCACHE_BENCH_TUNING ?? '').split(',').filter((text) => text !== '');
 const delay = '1ms';
 const delayedOps = ['read', 'write', 'zero', 'trim'];
-/** Clock ticks per second of /proc/PID/stat's CPU times (USER_HZ, 100 on Linux). */
-const userHz = 100;
 const goal = 2;
 /** bench/loop_probe.ts, preloaded into the servers when PCACHE_BENCH_LOOP_PROBE=1. */
 const loopProbe = process.env.PCACHE_BENCH_LOOP_PROBE === '1' ? fileURLToPath(new URL('./loop_probe.js', import.meta.url)) : undefined;
@@ -118,12 +117,6 @@ interface Snapshot {
   /** Nanoseconds the main thread of B's server has waited, runnable, for a CPU (/proc/PID/schedstat). */
   readonly bRunqueueWaitNs: number;
   readonly volumes: Map<string, NonNullable<VolumeStatus['cache']>>;
-}
-
-function cpuTicks(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return Number(fields[11]) + Number(fields[12]);
 }
 
 /** The main thread's time spent runnable but waiting for a CPU, in ns (the second field of schedstat). */
