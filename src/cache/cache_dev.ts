@@ -9,7 +9,7 @@
 // because that ordering is the crash contract (docs/design.md, "Barriers").
 
 import { assert } from '../lib/assert.js';
-import type { BlockDevice } from '../device/block_device.js';
+import type { BlockDevice, FileExtent } from '../device/block_device.js';
 import { encodeCacheInfo, type CacheInfo } from '../ondisk/cache_info.js';
 import { encodeCachePos, type CachePos } from '../ondisk/cache_pos.js';
 import { ksetCrcSeed, ksetHeaderBytesFor } from '../ondisk/kset.js';
@@ -71,6 +71,17 @@ export class CacheDev {
   readData(target: Uint8Array, segment: number, offsetBytes: number): Io {
     assert(offsetBytes + target.length <= this.dataSizeBytes, 'read runs past the segment');
     return this.read(target, this.dataOffset(segment, offsetBytes));
+  }
+
+  /** Where a data range lives in an open file, when the device can say (BlockingIo.locate). */
+  locateData(segment: number, offsetBytes: number, lengthBytes: number): FileExtent | undefined {
+    assert(offsetBytes + lengthBytes <= this.dataSizeBytes, 'range runs past the segment');
+    return this.device.blocking?.locate?.(this.dataOffset(segment, offsetBytes), lengthBytes);
+  }
+
+  /** Whether locateData can answer at all. */
+  get locatable(): boolean {
+    return this.device.blocking?.locate !== undefined;
   }
 
   writeData(source: Uint8Array, segment: number, offsetBytes: number): Io {

@@ -6,8 +6,14 @@
 // zeroes). Dirty runs travel in batches. Where the backing device takes several writes in one
 // request (BlockDevice.writeMany: a file hands them to its writer thread, one message instead
 // of one thread-pool request per write), a batch holds up to writebackBatchWritesMax runs and
-// writebackBatchBytesMax bytes, read into one SharedArrayBuffer. Elsewhere (a remote store,
-// which wants its writes side by side on the wire) a batch is one run and one write().
+// writebackBatchBytesMax bytes, read into one SharedArrayBuffer. Where, besides, the cache
+// device can say which file holds the data (a file, or a volume of one) and no data CRC needs
+// checking, the batch carries only those places (BlockDevice.copyMany) and the writer thread
+// reads the data itself: the event loop copies nothing. The data stays put meanwhile: its keys
+// lie at or past dirty_tail, and a data segment is freed only once GC has passed every key into
+// it, which GC never does past dirty_tail (cache_segment.ts, cache_gc.ts). Elsewhere (a
+// remote store, which wants its writes side by side on the wire) a batch is one run and one
+// write().
 // At most writebackWritesInFlightMax batches and writebackInFlightBytesMax bytes are in flight.
 //
 // Because the extents never overlap, the order in which writes complete does not matter: the
@@ -20,7 +26,7 @@ import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
 import { keyFlagZero } from '../ondisk/kset.js';
-import type { DeviceWrite } from '../device/block_device.js';
+import type { DeviceCopy, DeviceWrite, FileExtent } from '../device/block_device.js';
 import type { CacheContext } from './cache_context.js';
 import type { IndexKey } from './cache_tree.js';
 
@@ -55,11 +61,16 @@ class InFlight {
   private readonly settled: Promise<void>[] = [];
   failure: { error: unknown } | undefined;
 
-  /** Waits for room for `bytes` more. */
-  async room(): Promise<void> {
+  /**
+   * Waits for room for one more request; false when a request failed meanwhile, and nothing
+   * more may be issued (a store that is failing may hold new requests until it returns, and
+   * the round would wait for them).
+   */
+  async room(): Promise<boolean> {
     while (this.count >= writebackWritesInFlightMax || this.bytes >= writebackInFlightBytesMax) {
       await new Promise<void>((resolve) => { this.wake = resolve; });
     }
+    return this.failure === undefined;
   }
 
   start(bytes: number, io: () => Promise<void>): void {
@@ -87,6 +98,12 @@ class InFlight {
   }
 }
 
+/** A batch of copies being filled. */
+interface CopyBatch {
+  readonly copies: DeviceCopy[];
+  bytes: number;
+}
+
 /** A batch being filled: its data buffer and the writes that use it. */
 interface Batch {
   readonly data: Uint8Array;
@@ -107,7 +124,10 @@ export class WritebackApplier {
   async apply(parts: readonly IndexKey[]): Promise<void> {
     const ctx = this.ctx;
     const batched = ctx.backing.writeMany !== undefined;
+    const copyMany = ctx.backing.copyMany?.bind(ctx.backing);
+    const copying = copyMany !== undefined && !ctx.dataCrc && ctx.dev.locatable;
     const inFlight = new InFlight();
+    let copyBatch: CopyBatch | undefined;
     let batch: Batch | undefined;
     let issuedSinceYield = 0;
 
@@ -115,8 +135,17 @@ export class WritebackApplier {
       const full = batch;
       batch = undefined;
       if (full === undefined || full.writes.length === 0) return;
-      await inFlight.room();
+      if (!(await inFlight.room())) return;
+      this.count(full.writes.length, full.usedBytes);
       inFlight.start(full.usedBytes, () => this.backingWrite(full.writes).finally(() => { this.recycle(full.data); }));
+    };
+    const sendCopies = async (): Promise<void> => {
+      const full = copyBatch;
+      copyBatch = undefined;
+      if (full === undefined || copyMany === undefined) return;
+      if (!(await inFlight.room())) return;
+      this.count(full.copies.length, full.bytes);
+      inFlight.start(full.bytes, () => this.counted(() => copyMany(full.copies)));
     };
     const addRun = async (run: readonly IndexKey[], bytes: number): Promise<void> => {
       const first = run[0];
@@ -133,9 +162,17 @@ export class WritebackApplier {
       if (paced !== undefined) await paced;
       if (inFlight.failure !== undefined) return;
       if ((first.flags & keyFlagZero) !== 0) {
-        await inFlight.room();
-        this.count(bytes);
+        if (!(await inFlight.room())) return;
+        this.count(1, bytes);
         inFlight.start(bytes, () => this.zero(first.offsetBytes, bytes));
+        return;
+      }
+      const copy = copying ? this.copyOf(run, first.offsetBytes) : undefined;
+      if (copy !== undefined) {
+        if (copyBatch !== undefined && (copyBatch.copies.length >= writebackBatchWritesMax || copyBatch.bytes + bytes > writebackBatchBytesMax)) await sendCopies();
+        copyBatch ??= { copies: [], bytes: 0 };
+        copyBatch.copies.push(copy);
+        copyBatch.bytes += bytes;
         return;
       }
       if (batch !== undefined && (batch.writes.length >= writebackBatchWritesMax || batch.usedBytes + bytes > batch.data.length)) await send();
@@ -144,7 +181,6 @@ export class WritebackApplier {
       await this.readRun(run, source);
       batch.usedBytes += bytes;
       batch.writes.push({ source, offsetBytes: first.offsetBytes });
-      this.count(bytes);
       if (!batched) await send();
     };
 
@@ -166,6 +202,7 @@ export class WritebackApplier {
       }
       if (run.length > 0 && inFlight.failure === undefined) await addRun(run, runBytes);
       if (inFlight.failure === undefined) await send();
+      if (inFlight.failure === undefined) await sendCopies();
     } catch (error) {
       // A read of the cache device failed (or a data CRC did not match): nothing more is
       // issued, and the error waits for what is in flight.
@@ -190,9 +227,20 @@ export class WritebackApplier {
     if (buffer instanceof SharedArrayBuffer && buffer.byteLength === writebackBatchBytesMax && this.spareBuffers.length < spareBatchBuffersMax) this.spareBuffers.push(buffer);
   }
 
-  private count(bytes: number): void {
-    this.ctx.stats.writebackBackingWrites++;
+  private count(writes: number, bytes: number): void {
+    this.ctx.stats.writebackBackingWrites += writes;
     this.ctx.stats.writebackBackingBytes += bytes;
+  }
+
+  /** Where a run's data lies in the cache device's file, or undefined when it cannot say for every piece. */
+  private copyOf(run: readonly IndexKey[], offsetBytes: number): DeviceCopy | undefined {
+    const sources: { from: FileExtent; lengthBytes: number }[] = [];
+    for (const part of run) {
+      const from = this.ctx.dev.locateData(part.segment, part.segmentOffsetBytes, part.lengthBytes);
+      if (from === undefined) return undefined;
+      sources.push({ from, lengthBytes: part.lengthBytes });
+    }
+    return { offsetBytes, sources };
   }
 
   /** Gathers a run's contiguous extents from the cache device. */

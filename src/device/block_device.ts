@@ -36,6 +36,12 @@ export interface BlockDevice {
    * without a copy.
    */
   writeMany?(writes: readonly DeviceWrite[]): Promise<void>;
+  /**
+   * Like writeMany, but each write's bytes are gathered by the device itself from open files
+   * (FileExtents another device located), so they never pass through the caller's thread. The
+   * caller guarantees the source bytes do not change until the promise settles.
+   */
+  copyMany?(copies: readonly DeviceCopy[]): Promise<void>;
   /** Makes every write that completed before this call durable. */
   sync(): Promise<void>;
   /** Drops the range's contents; afterwards it reads as zeroes. */
@@ -55,11 +61,29 @@ export interface DeviceWrite {
   readonly offsetBytes: number;
 }
 
+/** Bytes of an open file: where a device keeps a range (BlockingIo.locate). */
+export interface FileExtent {
+  /** Open for as long as the device that located it is. */
+  readonly fd: number;
+  readonly offsetBytes: number;
+}
+
+/** One write for copyMany: the sources' bytes, back to back, go to `offsetBytes`. */
+export interface DeviceCopy {
+  readonly offsetBytes: number;
+  readonly sources: readonly { readonly from: FileExtent; readonly lengthBytes: number }[];
+}
+
 export interface BlockingIo {
   readSync(target: Uint8Array, offsetBytes: number): void;
   writeSync(source: Uint8Array, offsetBytes: number): void;
   /** Writes `sources` back to back from `offsetBytes` in one call, where the device can. */
   writevSync?(sources: readonly Uint8Array[], offsetBytes: number): void;
+  /**
+   * Where the range lives in an open file, when it lies in one piece of one (a file device, or
+   * a volume of one): another device's writer thread can then copy it without this thread.
+   */
+  locate?(offsetBytes: number, lengthBytes: number): FileExtent | undefined;
 }
 
 /** Asserts nothing; returns a message when a request does not fit the device. */

@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import { assert } from '../lib/assert.js';
 import { PcacheError, type PcacheErrorCode } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
-import { rangeProblem, type BlockDevice, type BlockingIo, type DeviceWrite } from './block_device.js';
+import { rangeProblem, type BlockDevice, type BlockingIo, type DeviceCopy, type DeviceWrite } from './block_device.js';
 import { FileWriter } from './file_writer.js';
 
 export interface FileDeviceOptions {
@@ -47,7 +47,12 @@ export class FileDevice implements BlockDevice {
     this.identity = info.identity;
     this.readOnly = options.readOnly ?? false;
     this.blocking = options.blocking === true
-      ? { readSync: (t, o) => { this.readSync(t, o); }, writeSync: (s, o) => { this.writeSync(s, o); }, writevSync: (s, o) => { this.writevSync(s, o); } }
+      ? {
+        readSync: (t, o) => { this.readSync(t, o); },
+        writeSync: (s, o) => { this.writeSync(s, o); },
+        writevSync: (s, o) => { this.writevSync(s, o); },
+        locate: (o, l) => ({ fd: this.check(o, l), offsetBytes: o }),
+      }
       : undefined;
   }
 
@@ -108,8 +113,26 @@ export class FileDevice implements BlockDevice {
       for (const w of writes) this.writeSync(w.source, w.offsetBytes);
       return;
     }
-    this.writer ??= new FileWriter(this.path, fd, (failure) => toPcacheError(Object.assign(new Error(failure.message), { code: failure.code }), `write ${this.path} at ${failure.offsetBytes}`));
-    await this.writer.write(writes);
+    await this.writerFor(fd).write(writes);
+  }
+
+  private writerFor(fd: number): FileWriter {
+    this.writer ??= new FileWriter(this.path, fd, (failure) => toPcacheError(
+      Object.assign(new Error(failure.message), { code: failure.code }),
+      failure.reading ? `copy to ${this.path}: reading the source at ${failure.offsetBytes}` : `write ${this.path} at ${failure.offsetBytes}`,
+    ));
+    return this.writer;
+  }
+
+  async copyMany(copies: readonly DeviceCopy[]): Promise<void> {
+    if (this.closing) throw new PcacheError('ENODEV', `${this.path} is closing`);
+    let fd = this.check(0, 0);
+    for (const copy of copies) {
+      let lengthBytes = 0;
+      for (const source of copy.sources) lengthBytes += source.lengthBytes;
+      fd = this.checkWritable(copy.offsetBytes, lengthBytes);
+    }
+    await this.writerFor(fd).copy(copies);
   }
 
   async sync(): Promise<void> {

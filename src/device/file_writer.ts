@@ -1,4 +1,5 @@
-// FileWriter: a file's writer thread, for batches of positional writes (BlockDevice.writeMany).
+// FileWriter: a file's writer thread, for batches of positional writes (BlockDevice.writeMany)
+// and of copies from other open files into this one (BlockDevice.copyMany).
 //
 // Why a thread of its own: an asynchronous write goes to libuv's thread pool, and each one
 // costs the event loop a hand-off (a lock and a wake-up of a pool thread, which on a small
@@ -8,7 +9,8 @@
 // message each way, whatever its number of writes. The thread writes synchronously, one piece
 // after another: buffered writes to a file or block device land in the page cache, which takes
 // them as fast one at a time as side by side, and the sync after them (fdatasync on the pool)
-// makes them durable together.
+// makes them durable together. A copy batch names where the bytes are (another device's file
+// descriptor and offsets) instead of carrying them, so the event loop does not even read them.
 //
 // Invariants: batches are answered in the order they were sent (one thread, one queue); every
 // batch sent is answered or failed before close() resolves, so the file descriptor is never
@@ -19,8 +21,8 @@
 import { Worker } from 'node:worker_threads';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
-import type { DeviceWrite } from './block_device.js';
-import { pieceFields, type WriteBatchReply, type WriteBatchRequest } from './file_writer_thread.js';
+import type { DeviceCopy, DeviceWrite } from './block_device.js';
+import { pieceFields, runFields, sourceFields, type BatchFailure, type CopyBatchRequest, type WriteBatchReply, type WriteBatchRequest } from './file_writer_thread.js';
 
 /** Batches sent and not yet answered, at most. */
 export const batchesQueuedMax = 1024;
@@ -34,14 +36,14 @@ export class FileWriter {
   private readonly path: string;
   private readonly fd: number;
   /** Turns a failure the thread reports into the device layer's error. */
-  private readonly toError: (failure: NonNullable<WriteBatchReply['failure']>) => PcacheError;
+  private readonly toError: (failure: BatchFailure) => PcacheError;
   private worker: Worker | undefined;
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
   private closed = false;
   private drained: (() => void) | undefined;
 
-  constructor(path: string, fd: number, toError: (failure: NonNullable<WriteBatchReply['failure']>) => PcacheError) {
+  constructor(path: string, fd: number, toError: (failure: BatchFailure) => PcacheError) {
     this.path = path;
     this.fd = fd;
     this.toError = toError;
@@ -54,15 +56,41 @@ export class FileWriter {
 
   /** Writes `writes` (already checked against the device) in the writer thread. */
   write(writes: readonly DeviceWrite[]): Promise<void> {
-    if (this.closed) return Promise.reject(new PcacheError('ENODEV', `${this.path} is closed`));
     if (writes.length === 0) return Promise.resolve();
-    assert(this.pending.size < batchesQueuedMax, `${this.path}: more than ${batchesQueuedMax} write batches queued`);
     const { buffer, pieces } = pack(writes);
+    return this.send((id) => ({ kind: 'write', id, fd: this.fd, buffer, pieces }));
+  }
+
+  /** Copies `copies` (already checked against the device) in the writer thread: it reads the sources itself. */
+  copy(copies: readonly DeviceCopy[]): Promise<void> {
+    if (copies.length === 0) return Promise.resolve();
+    let numbers = 0;
+    for (const copy of copies) numbers += runFields + copy.sources.length * sourceFields;
+    const runs = new Float64Array(numbers);
+    let at = 0;
+    let runBytesMax = 0;
+    for (const copy of copies) {
+      runs[at++] = copy.offsetBytes;
+      runs[at++] = copy.sources.length;
+      let runBytes = 0;
+      for (const source of copy.sources) {
+        runs[at++] = source.from.fd;
+        runs[at++] = source.from.offsetBytes;
+        runs[at++] = source.lengthBytes;
+        runBytes += source.lengthBytes;
+      }
+      runBytesMax = Math.max(runBytesMax, runBytes);
+    }
+    return this.send((id) => ({ kind: 'copy', id, fd: this.fd, runs, runBytesMax }));
+  }
+
+  private send(request: (id: number) => WriteBatchRequest | CopyBatchRequest): Promise<void> {
+    if (this.closed) return Promise.reject(new PcacheError('ENODEV', `${this.path} is closed`));
+    assert(this.pending.size < batchesQueuedMax, `${this.path}: more than ${batchesQueuedMax} batches queued`);
     const id = this.nextId++;
-    const request: WriteBatchRequest = { id, fd: this.fd, buffer, pieces };
     return new Promise<void>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.thread().postMessage(request);
+      this.thread().postMessage(request(id));
     });
   }
 

@@ -44,6 +44,13 @@ export class VolumeDevice implements BlockDevice {
     this.blocking = poolBlocking === undefined ? undefined : {
       readSync: (target, offsetBytes) => { this.each(target, offsetBytes, (part, at) => { poolBlocking.readSync(part, at); }); },
       writeSync: (source, offsetBytes) => { this.each(source, offsetBytes, (part, at) => { poolBlocking.writeSync(part, at); }); },
+      ...(poolBlocking.locate === undefined ? {} : {
+        locate: (offsetBytes: number, lengthBytes: number) => {
+          this.check(offsetBytes, lengthBytes);
+          const [at, runBytes] = this.map(offsetBytes);
+          return lengthBytes <= runBytes ? poolBlocking.locate?.(at, lengthBytes) : undefined;
+        },
+      }),
       ...(poolBlocking.writevSync === undefined ? {} : {
         writevSync: (sources: readonly Uint8Array[], offsetBytes: number) => {
           let total = 0;

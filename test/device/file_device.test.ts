@@ -102,6 +102,50 @@ describe('FileDevice', () => {
     closeSync(fd);
   });
 
+  it('copyMany gathers each run from other files in the writer thread and writes it as one', async () => {
+    const sourcePath = join(dir, 'copy-source.img');
+    const targetPath = join(dir, 'copy-target.img');
+    FileDevice.create(sourcePath, 4 * MiB);
+    FileDevice.create(targetPath, 4 * MiB);
+    const source = await FileDevice.open(sourcePath, { blocking: true });
+    const blocking = source.blocking;
+    assert.ok(blocking?.locate !== undefined, 'a blocking file device locates its ranges');
+    blocking.writeSync(pattern(1, 0, 4096), 0);
+    blocking.writeSync(pattern(2, 0, 8192), 2 * MiB);
+    blocking.writeSync(pattern(3, 0, 4096), MiB);
+    const from = (offsetBytes: number, lengthBytes: number) => {
+      const extent = blocking.locate?.(offsetBytes, lengthBytes);
+      assert.ok(extent !== undefined);
+      assert.equal(extent.offsetBytes, offsetBytes);
+      return { from: extent, lengthBytes };
+    };
+    const target = await FileDevice.open(targetPath);
+    // One run of three pieces from three places, back to back, and a run of one piece.
+    await target.copyMany([
+      { offsetBytes: 64 * 1024, sources: [from(2 * MiB, 8192), from(0, 4096), from(MiB, 4096)] },
+      { offsetBytes: 3 * MiB, sources: [from(0, 4096)] },
+    ]);
+    await target.close();
+    const back = await FileDevice.open(targetPath, { blocking: true });
+    const read = (offsetBytes: number, lengthBytes: number): Buffer => {
+      const out = Buffer.alloc(lengthBytes);
+      back.blocking?.readSync(out, offsetBytes);
+      return out;
+    };
+    assert.deepEqual(read(64 * 1024, 16384), Buffer.concat([pattern(2, 0, 8192), pattern(1, 0, 4096), pattern(3, 0, 4096)]));
+    assert.deepEqual(read(3 * MiB, 4096), pattern(1, 0, 4096));
+    assert.deepEqual(read(0, 4096), Buffer.alloc(4096), 'nothing else was written');
+    await back.close();
+    // A source the thread cannot read (a descriptor open for writing only: EBADF): an operating error that says so.
+    const writeOnly = openSync(sourcePath, 'a');
+    const again = await FileDevice.open(targetPath);
+    await assert.rejects(() => again.copyMany([{ offsetBytes: 0, sources: [{ from: { fd: writeOnly, offsetBytes: 0 }, lengthBytes: 4096 }] }]),
+      (error: unknown) => code('ENODEV')(error) && /reading the source at 0/.test(String(error)));
+    await again.close();
+    closeSync(writeOnly);
+    await source.close();
+  });
+
   it('keeps its identity across reopening and distinguishes files', async () => {
     const a = join(dir, 'a.img');
     const b = join(dir, 'b.img');
