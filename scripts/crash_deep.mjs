@@ -9,8 +9,8 @@
 // C states (default 2,000; the default and pressure profiles, data CRC), and the full-cache
 // base's two-operation workloads. Exhaustive states of a fresh cache cost about 3.5 ms of CPU
 // each (docs/testing.md, "What a crash state costs"); randomized ones (long histories,
-// megabytes read after each recovery) five times more, so a run made of randomized chunks
-// alone (as this script used to be) cannot reach 10^7 states in a day.
+// megabytes read after each recovery) four to twenty times more, so a run made of randomized
+// chunks alone (as this script used to be) cannot reach 10^7 states in a day.
 // Prints one line per chunk and a summary (states, violations, wall time, states per second, and
 // states per CPU second, which on a shared machine is the figure that says what a state costs);
 // every violation line of a chunk is printed with its replay command. Exits 1 if any chunk
@@ -61,8 +61,8 @@ for (const [name, value] of [['states', statesWanted], ['jobs', jobs], ['ops', o
 /**
  * What chunks cycle through: each configuration `times` times per cycle (spread over it), so
  * the cheap exhaustive slices of small systems (about 300 states per CPU second) carry most
- * of the states, and the costly ones (the `stranded` and `log-end` bases, about 65; randomized
- * chunks, about 50; the full-cache base, a few) get a share without setting the pace.
+ * of the states, and the costly ones (the `stranded` and `log-end` bases, about 120; randomized
+ * chunks, 15 to 90; the full-cache base, a few) get a share without setting the pace.
  * `exhaustive` configurations take the next slice of their enumeration, `randomized` ones the
  * next seeds. The full-cache base (every recovery replays two segments of ksets) enumerates
  * workloads of up to two operations, in 64 slices.
