@@ -42,8 +42,9 @@ const mutants = [
     id: 'c',
     name: 'a kset with a wrong CRC is accepted',
     file: 'src/ondisk/kset.ts',
-    find: '  if (stored !== computed) return end(',
-    replace: '  if (stored !== computed && stored === 0) return end(',
+    // (crcCheckedKsetSize: the CRC check decodeKset and the checker's generation scan share.)
+    find: '  if (stored !== computed) return `kset CRC mismatch',
+    replace: '  if (stored !== computed && stored === 0) return `kset CRC mismatch',
   },
   {
     id: 'd',

@@ -47,10 +47,12 @@ import {
   sectorValues,
   type HistoryRequest,
   type OracleView,
+  type SectorValuesDelta,
   type SectorViolation,
 } from './oracle.js';
-import type { PageImage } from './page_image.js';
+import type { PageImage, ReadonlyPageImage } from './page_image.js';
 import { Prng } from './prng.js';
+import { DeltaDecoder, ImageDecoder } from './sector_delta.js';
 import { DeviceEventLog, IoScheduler, SimDevice, type CompletionOrder } from './sim_device.js';
 import {
   defaultOpWeights,
@@ -283,7 +285,7 @@ interface StateResult {
   /** Raw backing sector values of the crash state. */
   readonly rawBacking: Float64Array | undefined;
   /** Raw backing sector values of crash states (prefix, omit-one) taken during the drain. */
-  readonly drainBacking: readonly { readonly label: string; readonly values: Float64Array }[];
+  readonly drainBacking: readonly { readonly label: string; readonly values: SectorValuesDelta }[];
   /** Crash-point-independent problems: open, check, unstable, error. */
   readonly problems: { kind: ViolationKind; details: string[] }[];
   reported: boolean;
@@ -383,6 +385,12 @@ class Session {
   readonly report: HarnessReport;
   readonly checkBytes: number;
   private readonly scratchBuffers = new Map<'image' | 'again', Uint8Array>();
+  /**
+   * Decoders of the backing images a state yields (raw, after its drain, and the durable
+   * images under the drain's crash states), one per use so that each decodes an image like
+   * its previous one: only the pages where the two differ (sector_delta.ts).
+   */
+  private readonly decoders: Record<'raw' | 'drained' | 'drainBase', ImageDecoder>;
   private readonly log: (line: string) => void;
   private readonly startedMs: number;
   private lastProgressMs: number;
@@ -401,6 +409,8 @@ class Session {
     this.lastProgressMs = this.startedMs;
     this.log = options.log ?? ((line) => process.stderr.write(`${line}\n`));
     this.violationsMax = options.violationsMax ?? violationsMaxDefault;
+    const decoder = (): ImageDecoder => new ImageDecoder(this.checkBytes / sectorSizeBytes, (image) => this.imageValues(image));
+    this.decoders = { raw: decoder(), drained: decoder(), drainBase: decoder() };
     this.replayCommand = options.replayCommand ?? ((spec) => `PCACHE_SIM_REPLAY='${spec}' node scripts/run_tests.mjs sim`);
     this.report = {
       target: options.name,
@@ -807,7 +817,7 @@ class Session {
         if (epoch.violations.length > 0) this.addViolation(context, 'epoch-backing', boundary, state, explain(view, epoch.violations));
       }
       for (const drainState of result.drainBacking) {
-        const epoch = view.checkEpochPrefix(drainState.values, 0);
+        const epoch = view.checkEpochPrefixDelta(drainState.values);
         if (epoch.violations.length === 0) continue;
         this.addViolation(context, 'epoch-backing', boundary, `${state}; ${drainState.label}`, explain(view, epoch.violations));
         break;
@@ -824,7 +834,7 @@ class Session {
     const backing = materialize(pair.backing, { events });
     const problems: { kind: ViolationKind; details: string[] }[] = [];
     const rawBackingCheck = this.options.rawBackingCheck ?? true;
-    const rawBacking = rawBackingCheck ? this.imageValues(backing.visibleImage()) : undefined;
+    const rawBacking = rawBackingCheck ? this.decoders.raw.values(backing.visibleImage()) : undefined;
     const drainPoints: CrashPoint[] = [];
     const recoveryCrashes = this.options.recoveryCrashes ?? true;
     const recoveryPoints: SystemPoint[] = [];
@@ -857,8 +867,9 @@ class Session {
           try {
             await first.opened.drain();
             await first.opened.close();
-            const backingBytes = this.imageBytes(backing.visibleImage());
-            drained = sectorValues(backingBytes, 0);
+            const drainedImage = backing.visibleImage();
+            const backingBytes = this.imageBytes(drainedImage);
+            drained = this.decoders.drained.values(drainedImage);
             if (reads !== undefined) {
               const differences = compareReads(reads, backingBytes, 0);
               if (differences.length > 0) problems.push({ kind: 'drain', details: ['after drain the backing device differs from what the cache served:', ...describeSectors(differences)] });
@@ -885,11 +896,13 @@ class Session {
    * The backing device's own crash states while the drain wrote to it: prefixes and omit-one
    * (untorn: tearing tests sector atomicity, which the epoch rule is not about).
    */
-  private drainBackingStates(points: readonly CrashPoint[]): { label: string; values: Float64Array }[] {
+  private drainBackingStates(points: readonly CrashPoint[]): { label: string; values: SectorValuesDelta }[] {
     const states = new CrashStateSet();
     const prng = new Prng(this.seed);
     for (const point of points) for (const state of standardStates(point, prng, { tornLast: false })) states.add(state);
-    return states.list.map((state) => ({ label: `during drain: ${state.label}`, values: this.imageValues(materialize(state).visibleImage()) }));
+    // Hundreds of states on a few durable images: decode each image once, then what differs.
+    const decoder = new DeltaDecoder(this.checkBytes / sectorSizeBytes, this.decoders.drainBase);
+    return states.list.map((state) => ({ label: `during drain: ${state.label}`, values: decoder.valuesOf(state) }));
   }
 
   /** Crashes at every prefix of recovery's writes and requires the next recovery to read the same. */
@@ -924,7 +937,8 @@ class Session {
    * Opens the target, checks it right after recovery (before reads fill the cache over what
    * recovery left), reads the checked range and, when `checkAfterReads` (the first recovery of
    * a state: once per state is enough to cover the read path), checks it again. The reads go
-   * to `readsInto` when given (a reused buffer, for callers that only compare them).
+   * to `readsInto` when given (a reused buffer, for callers that only compare them; no values
+   * are decoded then).
    */
   private async recover(cache: SimDevice, backing: SimDevice, checkAfterReads = false, readsInto?: Uint8Array): Promise<{ opened: OpenTarget | undefined; reads: Uint8Array | undefined; values: Float64Array | undefined; problems: { kind: ViolationKind; details: string[] }[] }> {
     const problems: { kind: ViolationKind; details: string[] }[] = [];
@@ -945,7 +959,8 @@ class Session {
       return { opened, reads: undefined, values: undefined, problems };
     }
     if (checkAfterReads && problems.length === 0) await this.structuralCheck(opened, 'after reading everything', problems);
-    return { opened, reads, values: sectorValues(reads, 0), problems };
+    // A caller that reads into its own buffer only compares the bytes: no values to decode.
+    return { opened, reads, values: readsInto === undefined ? sectorValues(reads, 0) : undefined, problems };
   }
 
   private async structuralCheck(opened: OpenTarget, when: string, problems: { kind: ViolationKind; details: string[] }[]): Promise<void> {
@@ -958,7 +973,7 @@ class Session {
   }
 
   /** The checked range of `image`, in a buffer the next call reuses. */
-  private imageBytes(image: PageImage): Uint8Array {
+  private imageBytes(image: ReadonlyPageImage): Uint8Array {
     const bytes = this.scratch('image');
     image.read(bytes, 0);
     return bytes;
@@ -979,7 +994,7 @@ class Session {
     return buffer;
   }
 
-  private imageValues(image: PageImage): Float64Array {
+  private imageValues(image: ReadonlyPageImage): Float64Array {
     return sectorValues(this.imageBytes(image), 0);
   }
 

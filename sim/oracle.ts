@@ -362,10 +362,39 @@ interface EpochBounds {
   readonly nextReply: number;
 }
 
+/**
+ * Sector values (from sector 0) given as a base plus the sectors where they may differ: how
+ * the crash simulator describes the many crash states built on one durable image, each of
+ * which differs from it only where its applied writes landed.
+ */
+export interface SectorValuesDelta {
+  /** Values of the shared image; never changed (checks cache what they learn per base). */
+  readonly base: Float64Array;
+  /** Sectors whose value may differ from the base, increasing. */
+  readonly sectors: Int32Array;
+  /** Their values. */
+  readonly values: Float64Array;
+}
+
+/** The values a delta describes, as one array. */
+export function expandDelta(delta: SectorValuesDelta): Float64Array {
+  const values = delta.base.slice();
+  for (let index = 0; index < delta.sectors.length; index += 1) values[delta.sectors[index] ?? 0] = delta.values[index] ?? garbageValue;
+  return values;
+}
+
+/** How far one base has been scanned for sectors that do not fit one epoch, and those found. */
+interface MisfitScan {
+  readonly misfits: number[];
+  next: number;
+}
+
 /** The oracle for one crash boundary. Cheap to build; computes per sector on demand. */
 export class OracleView {
   private readonly flushIssueMax: number;
   private readonly candidateCache = new Map<number, HistoryRequest[]>();
+  /** Per base of checkEpochPrefixDelta, per epoch: the misfit scan so far. */
+  private readonly misfitScans = new WeakMap<Float64Array, MisfitScan[]>();
 
   constructor(
     private readonly history: RequestHistory,
@@ -419,22 +448,81 @@ export class OracleView {
    * such k, or the violations for the k that comes closest.
    */
   checkEpochPrefix(values: Float64Array, firstSector: number): { epoch: number | undefined; violations: SectorViolation[] } {
-    const flushes = this.history.flushList().filter((flush) => flush.issueClock <= this.clock);
-    const bounds = (epoch: number): EpochBounds => {
-      const closing = epoch >= 1 ? flushes[epoch - 1] : undefined;
-      const next = flushes[epoch];
-      return {
-        requiredBefore: closing === undefined ? -1 : closing.issueTime,
-        nextReply: next !== undefined && this.answered(next) ? (next.replyTime ?? Infinity) : Infinity,
-      };
-    };
+    const flushes = this.epochFlushes();
     // The common case is a valid prefix: test each epoch without allocating, newest first.
     for (let epoch = flushes.length; epoch >= 0; epoch -= 1) {
-      const epochBounds = bounds(epoch);
+      const epochBounds = this.epochBounds(flushes, epoch);
       let fits = true;
       for (let index = 0; index < values.length && fits; index += 1) fits = this.fitsEpoch(firstSector + index, values[index] ?? garbageValue, epochBounds);
       if (fits) return { epoch, violations: [] };
     }
+    return this.describeNoPrefix(values, firstSector, flushes);
+  }
+
+  /**
+   * checkEpochPrefix of `expandDelta(delta)` (sectors from 0), with the same answer, at the
+   * cost of the sectors the delta lists: an epoch fits when every sector of the base that
+   * does not fit it is listed and every listed value fits. The base's misfits are found by a
+   * scan that stops at the first unlisted one and is kept for the next delta on the same
+   * base, so the states of a drain, which share a few bases, scan each base about once.
+   */
+  checkEpochPrefixDelta(delta: SectorValuesDelta): { epoch: number | undefined; violations: SectorViolation[] } {
+    const flushes = this.epochFlushes();
+    let scans = this.misfitScans.get(delta.base);
+    if (scans === undefined) {
+      scans = [];
+      this.misfitScans.set(delta.base, scans);
+    }
+    for (let epoch = flushes.length; epoch >= 0; epoch -= 1) {
+      const epochBounds = this.epochBounds(flushes, epoch);
+      let scan = scans[epoch];
+      if (scan === undefined) {
+        scan = { misfits: [], next: 0 };
+        scans[epoch] = scan;
+      }
+      if (this.deltaFits(delta, scan, epochBounds)) return { epoch, violations: [] };
+    }
+    return this.describeNoPrefix(expandDelta(delta), 0, flushes);
+  }
+
+  private deltaFits(delta: SectorValuesDelta, scan: MisfitScan, bounds: EpochBounds): boolean {
+    const { base, sectors, values } = delta;
+    // Every misfit of the base must be among the listed sectors (both lists increase).
+    let listed = 0;
+    for (let index = 0; ; index += 1) {
+      while (scan.misfits.length <= index && scan.next < base.length) {
+        const sector = scan.next;
+        scan.next += 1;
+        if (!this.fitsEpoch(sector, base[sector] ?? garbageValue, bounds)) scan.misfits.push(sector);
+      }
+      const misfit = scan.misfits[index];
+      if (misfit === undefined) break;
+      while (listed < sectors.length && (sectors[listed] ?? 0) < misfit) listed += 1;
+      if (sectors[listed] !== misfit) return false;
+    }
+    for (let index = 0; index < sectors.length; index += 1) {
+      if (!this.fitsEpoch(sectors[index] ?? 0, values[index] ?? garbageValue, bounds)) return false;
+    }
+    return true;
+  }
+
+  /** The flushes issued before the crash: flush k closes epoch k. */
+  private epochFlushes(): HistoryRequest[] {
+    return this.history.flushList().filter((flush) => flush.issueClock <= this.clock);
+  }
+
+  private epochBounds(flushes: readonly HistoryRequest[], epoch: number): EpochBounds {
+    const closing = epoch >= 1 ? flushes[epoch - 1] : undefined;
+    const next = flushes[epoch];
+    return {
+      requiredBefore: closing === undefined ? -1 : closing.issueTime,
+      nextReply: next !== undefined && this.answered(next) ? (next.replyTime ?? Infinity) : Infinity,
+    };
+  }
+
+  /** No epoch fits `values`: the violations of the epoch with the fewest bad sectors. */
+  private describeNoPrefix(values: Float64Array, firstSector: number, flushes: readonly HistoryRequest[]): { epoch: number | undefined; violations: SectorViolation[] } {
+    const bounds = (epoch: number): EpochBounds => this.epochBounds(flushes, epoch);
     // No epoch fits: describe the one with the fewest bad sectors.
     let best = { epoch: 0, failures: Number.POSITIVE_INFINITY };
     for (let epoch = flushes.length; epoch >= 0; epoch -= 1) {

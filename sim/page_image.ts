@@ -61,6 +61,8 @@ export interface ReadonlyPageImage {
   /** The stored bytes of one page, or undefined if it was never written (tests; do not mutate). */
   storedPage(pageIndex: number): Uint8Array | undefined;
   forEachStoredPage(visit: (pageIndex: number, bytes: Uint8Array) => void): void;
+  /** The pages where this image may differ from `other` (see PageImage). */
+  forEachPageDifferentFrom(other: ReadonlyPageImage, visit: (pageIndex: number) => void): void;
 }
 
 export class PageImage implements ReadonlyPageImage {
@@ -150,7 +152,7 @@ export class PageImage implements ReadonlyPageImage {
       const pageIndex = Math.floor(position / pageSizeBytes);
       const inPage = position - pageIndex * pageSizeBytes;
       const length = Math.min(pageSizeBytes - inPage, source.length - done);
-      this.writablePage(pageIndex).set(source.subarray(done, done + length), inPage);
+      this.writablePage(pageIndex, length === pageSizeBytes).set(source.subarray(done, done + length), inPage);
       done += length;
     }
   }
@@ -181,6 +183,19 @@ export class PageImage implements ReadonlyPageImage {
     if (this.root !== undefined) walk(this.root, this.levels - 1, 0, visit);
   }
 
+  /**
+   * Visits (in increasing order) every page where this image may differ from `other`, an
+   * image of the same size and source: a subtree or page both hold as the same object is
+   * skipped (shared nodes are never changed, so they hold the same bytes), so two images
+   * forked from a common ancestor cost the pages either wrote since, not the device size.
+   * A page may be visited although its bytes are equal (written with the same bytes, or
+   * stored in one and absent but zero in the other).
+   */
+  forEachPageDifferentFrom(other: ReadonlyPageImage, visit: (pageIndex: number) => void): void {
+    assert(other instanceof PageImage && other.sizeBytes === this.sizeBytes && other.source === this.source, 'compare images of one device');
+    diff(this.root, other.root, this.levels - 1, 0, visit);
+  }
+
   private lookup(pageIndex: number): Leaf | undefined {
     let node: Branch | Leaf | undefined = this.root;
     for (let level = this.levels - 1; level >= 0; level -= 1) {
@@ -192,15 +207,21 @@ export class PageImage implements ReadonlyPageImage {
     return node;
   }
 
-  /** The page's bytes, owned by this image (copied first if shared, created if absent). */
-  private writablePage(pageIndex: number): Uint8Array {
+  /**
+   * The page's bytes, owned by this image (copied first if shared, created if absent; with
+   * `overwritten`, the caller is about to write all of it, so a fresh page is not filled).
+   */
+  private writablePage(pageIndex: number, overwritten = false): Uint8Array {
     const parent = this.ownedParentOf(pageIndex);
     const slot = pageIndex & fanoutMask;
     const existing = parent.slots[slot];
     assert(existing === undefined || existing instanceof Leaf, 'the last level of the page tree holds pages');
     if (existing !== undefined && existing.owner === this.owner) return existing.bytes;
     let bytes: Uint8Array;
-    if (existing !== undefined) {
+    if (overwritten) {
+      // The caller writes the whole page: what it held need not be copied first.
+      bytes = new Uint8Array(pageSizeBytes);
+    } else if (existing !== undefined) {
       bytes = existing.bytes.slice();
     } else {
       bytes = new Uint8Array(pageSizeBytes);
@@ -251,6 +272,23 @@ function walk(branch: Branch, level: number, firstPage: number, visit: (pageInde
     const pageIndex = firstPage + slot * span;
     if (child instanceof Leaf) visit(pageIndex, child.bytes);
     else walk(child, level - 1, pageIndex, visit);
+  }
+}
+
+function diff(mine: Branch | undefined, theirs: Branch | undefined, level: number, firstPage: number, visit: (pageIndex: number) => void): void {
+  if (mine === theirs) return;
+  const span = fanout ** level;
+  for (let slot = 0; slot < fanout; slot += 1) {
+    const a = mine?.slots[slot];
+    const b = theirs?.slots[slot];
+    if (a === b) continue;
+    const pageIndex = firstPage + slot * span;
+    if (level === 0) {
+      visit(pageIndex);
+      continue;
+    }
+    assert(!(a instanceof Leaf) && !(b instanceof Leaf), 'inner levels of the page tree hold branches');
+    diff(a, b, level - 1, pageIndex, visit);
   }
 }
 

@@ -238,6 +238,41 @@ export interface KsetContext extends KeyLimits {
   readonly extended: boolean;
 }
 
+/** What the CRC check of a kset's header needs: the device's format, the seed, the room left. */
+export type KsetHeaderContext = Pick<KsetContext, 'extended' | 'crcSeed' | 'roomBytes'>;
+
+/**
+ * The checks a kset passes before anything in it is trusted: room for a header, the magic, a
+ * key count within bounds, room for the size that count gives, and the CRC over that size.
+ * Returns the size, or why there is no kset here (the ways a log normally ends: not damage).
+ */
+function crcCheckedKsetSize(bytes: Uint8Array, context: KsetHeaderContext): number | string {
+  const headerBytes = ksetHeaderBytesFor(context.extended);
+  if (context.roomBytes < headerBytes || bytes.length < headerBytes) return 'no room for a kset header';
+  if (!ksetMagicBytes.equals(bytes.subarray(8, 16))) return 'no kset magic';
+  // Until the CRC has passed, nothing here is trusted; only the size is needed to check it.
+  const flags = readU32LE(bytes, 16);
+  const isLast = (flags & ksetFlagLast) !== 0;
+  const countOrNext = readU32LE(bytes, 4);
+  if (!isLast && countOrNext > ksetKeysMax) return `kset key count ${countOrNext} exceeds ${ksetKeysMax} (unverifiable header)`;
+  // The size follows the device's format, not the flag: the flag is checked once the CRC passed.
+  const size = isLast ? headerBytes : ksetBytes(countOrNext, context.extended);
+  if (size > context.roomBytes || size > bytes.length) return `kset of ${size} bytes would overrun its segment (unverifiable header)`;
+  const stored = readU32LE(bytes, 0);
+  const computed = crc32c(bytes.subarray(4, size), context.crcSeed);
+  if (stored !== computed) return `kset CRC mismatch (stored ${hex(stored)}, computed ${hex(computed)})`;
+  return size;
+}
+
+/**
+ * The log_gen of the kset at the start of `bytes` if its CRC passes, else undefined: what
+ * decodeKset reads before it looks at flags and keys, for a caller that wants nothing more
+ * (the checker's scan of every segment's first kset, which validated every key it skipped).
+ */
+export function crcCheckedKsetLogGen(bytes: Uint8Array, context: KsetHeaderContext): number | undefined {
+  return typeof crcCheckedKsetSize(bytes, context) === 'string' ? undefined : readU32LE(bytes, 20);
+}
+
 /**
  * Decodes the kset at the start of `bytes` (which holds at least min(roomBytes,
  * ksetBytesMax) bytes read from the log) and validates every field. The first problem found
@@ -246,20 +281,12 @@ export interface KsetContext extends KeyLimits {
 export function decodeKset(bytes: Uint8Array, context: KsetContext): DecodedKset {
   const end = (problem: string): DecodedKset => ({ ok: false, problem, damage: false });
   const damaged = (problem: string): DecodedKset => ({ ok: false, problem, damage: true });
+  const size = crcCheckedKsetSize(bytes, context);
+  if (typeof size === 'string') return end(size);
   const headerBytes = ksetHeaderBytesFor(context.extended);
-  if (context.roomBytes < headerBytes || bytes.length < headerBytes) return end('no room for a kset header');
-  if (!ksetMagicBytes.equals(bytes.subarray(8, 16))) return end('no kset magic');
-  // Until the CRC has passed, nothing here is trusted; only the size is needed to check it.
   const flags = readU32LE(bytes, 16);
   const isLast = (flags & ksetFlagLast) !== 0;
   const countOrNext = readU32LE(bytes, 4);
-  if (!isLast && countOrNext > ksetKeysMax) return end(`kset key count ${countOrNext} exceeds ${ksetKeysMax} (unverifiable header)`);
-  // The size follows the device's format, not the flag: the flag is checked once the CRC passed.
-  const size = isLast ? headerBytes : ksetBytes(countOrNext, context.extended);
-  if (size > context.roomBytes || size > bytes.length) return end(`kset of ${size} bytes would overrun its segment (unverifiable header)`);
-  const stored = readU32LE(bytes, 0);
-  const computed = crc32c(bytes.subarray(4, size), context.crcSeed);
-  if (stored !== computed) return end(`kset CRC mismatch (stored ${hex(stored)}, computed ${hex(computed)})`);
   const logGen = readU32LE(bytes, 20);
   if (logGen !== context.logGen >>> 0) {
     return { ok: false, problem: `kset from an earlier use of its segment (log_gen ${logGen}, segment gen ${context.logGen})`, damage: false, otherLogGen: logGen };

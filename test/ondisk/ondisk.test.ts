@@ -7,7 +7,7 @@ import { MiB, writeU32LE } from '../../src/lib/units.js';
 import { cacheModes, decodeCacheInfo, encodeCacheInfo, noFingerprint, type CacheInfo } from '../../src/ondisk/cache_info.js';
 import { decodeCachePos, encodeCachePos } from '../../src/ondisk/cache_pos.js';
 import {
-  decodeKset, encodeKey, encodeLastKset, isDropKey, keyBytes, keyFlagClean, keyFlagsDrop, keyFlagZero, ksetBytes, ksetBytesMax, ksetCrcSeed, ksetExtendedHeaderBytes,
+  crcCheckedKsetLogGen, decodeKset, encodeKey, encodeLastKset, isDropKey, keyBytes, keyFlagClean, keyFlagsDrop, keyFlagZero, ksetBytes, ksetBytesMax, ksetCrcSeed, ksetExtendedHeaderBytes,
   ksetHeaderBytes, ksetKeysMax, sealKset, validateKey, type KeyRecord, type KsetContext,
 } from '../../src/ondisk/kset.js';
 import { segmentCountFor, segmentCountTarget, segmentSizeDefaultBytes, segmentSizeDefaultFor, segmentSizeProblem, layoutFor, formatVersionLatest } from '../../src/ondisk/layout.js';
@@ -263,6 +263,24 @@ describe('keys and ksets', () => {
     assert.ok(!earlierLap.ok && !earlierLap.damage && /earlier use/.test(earlierLap.problem));
     const otherFormat = decodeKset(build([key()]), { ...context, crcSeed: crcSeed ^ 1 });
     assert.ok(!otherFormat.ok && /CRC mismatch/.test(otherFormat.problem));
+  });
+  it('reads a log_gen only where the header and CRC pass, as decodeKset does before the rest', () => {
+    assert.equal(crcCheckedKsetLogGen(build([key()], { logGen: 6 }), context), 6, 'an earlier lap');
+    assert.equal(crcCheckedKsetLogGen(build([key(), key({ offsetBytes: 100 })]), context), 7, 'keys are not its business');
+    assert.equal(crcCheckedKsetLogGen(encodeLastKset(5, 9, crcSeed, undefined), context), 9);
+    const kset = build([key(), key({ offsetBytes: 0 })], { logGen: 6 });
+    for (let at = 0; at < kset.length; at += 11) {
+      // Wherever decodeKset still reads the other lap's log_gen, this reads it too.
+      const torn = flipByte(kset, at);
+      const decoded = decodeKset(torn, context);
+      assert.equal(crcCheckedKsetLogGen(torn, context), decoded.ok ? 7 : decoded.otherLogGen, `byte ${at}`);
+    }
+    assert.equal(crcCheckedKsetLogGen(new Uint8Array(64), context), undefined);
+    assert.equal(crcCheckedKsetLogGen(build([key()]), { ...context, crcSeed: crcSeed ^ 1 }), undefined);
+    assert.equal(crcCheckedKsetLogGen(build([key(), key()]), { ...context, roomBytes: ksetBytes(1, false) }), undefined);
+    const tooMany = build([key()]).slice();
+    writeU32LE(tooMany, 4, 129);
+    assert.equal(crcCheckedKsetLogGen(tooMany, context), undefined);
   });
   it('refuses a key count above 128 and a kset that overruns its segment', () => {
     const kset = build([key()]).slice();
