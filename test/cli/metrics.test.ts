@@ -17,7 +17,7 @@ import path from 'node:path';
 import { KiB, MiB } from '../../src/lib/units.js';
 import { patternBytes } from '../helpers/bytes.js';
 import { tempDir } from '../helpers/files.js';
-import { assertOneLineError, assertQuietLogs, pcacheJson, runCli, startServe } from '../helpers/pcache.js';
+import { assertOneLineError, assertQuietLogs, pcacheJson, printedMetricsUrl, runCli, startServe } from '../helpers/pcache.js';
 import { nbdcopy, qemuIo, requireTool, uriFor } from '../helpers/tools.js';
 
 // --- a strict parser of the Prometheus text format -------------------------------------------
@@ -320,8 +320,8 @@ describe('pcache serve --metrics', () => {
       '--cache', path.join(dir, 'cache.img'), '--cache-size', '128M', '--backing', path.join(dir, 'backing.img'), '--backing-size', '32M',
       '--socket', socket, '--control', control, '--metrics', '127.0.0.1:0', '--tuning', holdWriteback,
     ], dir);
-    const url = /^metrics at (http:\/\/127\.0\.0\.1:\d+\/metrics)$/m.exec(server.stdout)?.[1];
-    assert.ok(url !== undefined, `serve printed where the metrics are: ${server.stdout}`);
+    const url = await printedMetricsUrl(server);
+    assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\/metrics$/);
     const uri = uriFor(socket);
 
     // Before any I/O: every per-op counter is there and zero, the cache is up and running.

@@ -12,7 +12,7 @@ import { patternBytes } from '../helpers/bytes.js';
 import { errorOf, httpRequest } from '../helpers/control_http.js';
 import { tempDir } from '../helpers/files.js';
 import { openRemoteDevice } from '../helpers/nbd_client.js';
-import { assertOneLineError, pcacheJson, runCli, startServe } from '../helpers/pcache.js';
+import { assertOneLineError, pcacheJson, printedMetricsUrl, runCli, startServe } from '../helpers/pcache.js';
 import { uriFor } from '../helpers/tools.js';
 
 interface StatusJson {
@@ -73,8 +73,7 @@ describe('write modes through pcache serve', () => {
     }
     assert.equal(await modeOf(['--control', control]), 'passthrough');
 
-    const url = /^metrics at (http:\/\/127\.0\.0\.1:\d+\/metrics)$/m.exec(server.stdout)?.[1];
-    assert.ok(url !== undefined, `serve printed where the metrics are: ${server.stdout}`);
+    const url = await printedMetricsUrl(server);
     const text = await (await fetch(url)).text();
     assert.match(text, /^pcache_mode\{mode="passthrough"\} 1$/m);
     assert.match(text, /^pcache_mode\{mode="writeback"\} 0$/m);

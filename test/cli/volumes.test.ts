@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { MiB } from '../../src/lib/units.js';
 import { assertFilesEqual, tempDir, writeRandomFile } from '../helpers/files.js';
-import { runCli, startServe, type ServeProcess } from '../helpers/pcache.js';
+import { printedMetricsUrl, runCli, startServe, type ServeProcess } from '../helpers/pcache.js';
 import { connectClient } from '../helpers/nbd_client.js';
 import { randomBytes } from 'node:crypto';
 import { fioVerifyJobs, nbdcopy, requireFioNbd, requireTool, runTool, uriFor } from '../helpers/tools.js';
@@ -161,8 +161,7 @@ describe('volumes through the command line', () => {
     }
     assert.deepEqual((await listed(pool)).map((entry) => entry.name), ['first']);
     // Every cache metric carries the volume's name.
-    const metricsUrl = /metrics at (\S+)/.exec(server.stdout)?.[1];
-    assert.ok(metricsUrl !== undefined, server.stdout);
+    const metricsUrl = await printedMetricsUrl(server);
     const scrape = await (await fetch(metricsUrl)).text();
     assert.match(scrape, /^pcache_dirty_bytes\{volume="first"\} 0$/m);
     assert.match(scrape, /^pcache_state\{volume="first",state="running"\} 1$/m);

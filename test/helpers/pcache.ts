@@ -15,7 +15,7 @@ import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import type { TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { controlRequest } from '../../src/cli/control_client.js';
-import { sleep } from './wait.js';
+import { sleep, waitUntil } from './wait.js';
 
 /** The package's bin, as `npm run build` leaves it (dist/test/helpers -> dist/src/cli). */
 export const cliPath = fileURLToPath(new URL('../../src/cli/pcache.cjs', import.meta.url));
@@ -168,6 +168,18 @@ export async function startServe(t: TestContext, args: readonly string[], cwd: s
 }
 
 /** `pcache args...` (a command that prints JSON, `--json` included in `args`): it must exit 0; returns its output parsed. */
+/**
+ * The metrics URL a server printed. It prints that line after the `serving` line that
+ * startServe waits for, in a write of its own, so it may arrive a moment later.
+ */
+export async function printedMetricsUrl(server: { readonly stdout: string }): Promise<string> {
+  const find = (): string | undefined => /^metrics at (http:\/\/\S+\/metrics)$/m.exec(server.stdout)?.[1];
+  await waitUntil(() => find() !== undefined, `the server printed where its metrics are (stdout so far: ${server.stdout})`);
+  const url = find();
+  assert.ok(url !== undefined);
+  return url;
+}
+
 export async function pcacheJson(args: readonly string[]): Promise<unknown> {
   const result = await runCli(args);
   assert.equal(result.code, 0, result.stderr);
