@@ -128,6 +128,11 @@ export class ReadAdmission {
     return this.ghosts.storageBytes;
   }
 
+  /** Whether GC's second chance should copy only recently hit data (the shadows' choice; SecondChancePolicy). */
+  get relogRecentOnly(): boolean {
+    return this.shadow?.relogRecentOnly === true;
+  }
+
   /**
    * Whether a miss starting at `offsetBytes` is stored, with `freeSegments` free in a cache
    * that is `mostlyClean` or not: in a read cache with no room left, a recurring one, or any

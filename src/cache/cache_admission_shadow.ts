@@ -14,6 +14,10 @@
 // for each sampled read that only `every` hits and takes one away for each that only
 // `recurring` hits, decaying by 1/capacity per sampled read (it weighs about the last cache's
 // worth of sampled reads); while it is above zero the cache stores every miss.
+// A third shadow, `recent`, stores every miss as `every` does but gives second chances only to
+// blocks hit within the last half lap (in insertions), as GC does while relogRecentOnly holds
+// (cache_second_chance.ts); a second score, kept the same way for `recent` against `every`,
+// makes that choice: above zero after the popular data moved, below on steady popularity.
 // Reads are given as the 4 KiB block they start at (a large read is one access, as the
 // admission rule sees it too). Writes are not replayed: in a read cache they are few, and both
 // shadows would store them alike.
@@ -22,25 +26,35 @@
 // size); a read that is not sampled costs one hash.
 
 import { assert } from '../lib/assert.js';
+import { hitEpochsPerLap } from './cache_data_head.js';
+import { secondChanceRecentEpochs } from './cache_second_chance.js';
 
 /** Each shadow cache holds at most this many sampled blocks (the sample rate grows with the cache). */
 export const shadowBlocksMax = 4096;
 /** Shadows smaller than this are not worth running: a cache this small admits by the recurrence rule alone. */
 export const shadowBlocksMin = 64;
 
-/** A CLOCK cache of sampled block numbers (no data). */
+/**
+ * A CLOCK cache of sampled block numbers (no data). With a `recentWindow`, a referenced block
+ * gets its second chance only if its last hit came within the last `recentWindow` insertions
+ * (stored blocks and second chances, as the data head counts what it allocates).
+ */
 export class ShadowClock {
   readonly capacity: number;
   private readonly slotOf = new Map<number, number>();
   private readonly blocks: Float64Array;
   private readonly referenced: Uint8Array;
+  /** Per slot, `insertions` at its last hit (windowed shadows only). */
+  private readonly lastHit: Float64Array | undefined;
+  private insertions = 0;
   private hand = 0;
 
-  constructor(capacity: number) {
+  constructor(capacity: number, private readonly recentWindow?: number) {
     assert(capacity > 0, 'a shadow cache needs room');
     this.capacity = capacity;
     this.blocks = new Float64Array(capacity);
     this.referenced = new Uint8Array(capacity);
+    if (recentWindow !== undefined) this.lastHit = new Float64Array(capacity);
   }
 
   get size(): number {
@@ -52,18 +66,23 @@ export class ShadowClock {
     const slot = this.slotOf.get(block);
     if (slot === undefined) return false;
     this.referenced[slot] = 1;
+    if (this.lastHit !== undefined) this.lastHit[slot] = this.insertions;
     return true;
   }
 
   /** Stores a block that missed, evicting the first unreferenced one the hand meets once full. */
   store(block: number): void {
+    this.insertions++;
     if (this.slotOf.size < this.capacity) {
       this.place(this.slotOf.size, block);
       return;
     }
     // Every pass clears the bits it meets, so the hand stops within one lap.
+    const window = this.recentWindow ?? Infinity;
     while (this.referenced[this.hand] === 1) {
       this.referenced[this.hand] = 0;
+      if (this.insertions - (this.lastHit?.[this.hand] ?? 0) > window) break; // an old hit: evicted all the same
+      this.insertions++; // a second chance is a copy at the head
       this.hand = (this.hand + 1) % this.capacity;
     }
     this.slotOf.delete(this.blocks[this.hand] ?? -1);
@@ -104,9 +123,13 @@ export class AdmissionShadow {
   readonly capacity: number;
   private readonly every: ShadowClock;
   private readonly recurring: ShadowClock;
+  /** Stores every miss, as `every`, but gives second chances to recent hits only (cache_second_chance.ts). */
+  private readonly recent: ShadowClock;
   private readonly ghosts: ShadowGhosts;
   private readonly decay: number;
   private score = 0;
+  /** As `score`, for `recent` against `every`: above zero, only recent hits earn a second chance. */
+  private recentScore = 0;
 
   /** `capacityBlocks`: the 4 KiB blocks the cache holds once full. */
   constructor(capacityBlocks: number) {
@@ -116,6 +139,7 @@ export class AdmissionShadow {
     this.capacity = Math.max(1, Math.floor(capacityBlocks / 2 ** shift));
     this.every = new ShadowClock(this.capacity);
     this.recurring = new ShadowClock(this.capacity);
+    this.recent = new ShadowClock(this.capacity, (this.capacity * secondChanceRecentEpochs) / hitEpochsPerLap);
     this.ghosts = new ShadowGhosts(this.capacity);
     this.decay = 1 - 1 / this.capacity;
   }
@@ -123,6 +147,11 @@ export class AdmissionShadow {
   /** Whether storing every miss has paid lately (the score is above zero). */
   get storeEveryMiss(): boolean {
     return this.score > 0;
+  }
+
+  /** Whether giving second chances to recent hits only has paid lately (cache_second_chance.ts). */
+  get relogRecentOnly(): boolean {
+    return this.recentScore > 0;
   }
 
   /** A client read starting at 4 KiB block `block`: replayed in both shadows if it is sampled. */
@@ -153,5 +182,8 @@ export class AdmissionShadow {
       if (recurs || this.recurring.size < this.capacity) this.recurring.store(block);
     }
     this.score = this.score * this.decay + (everyHit === recurringHit ? 0 : everyHit ? 1 : -1);
+    const recentHit = this.recent.hit(block);
+    if (!recentHit) this.recent.store(block);
+    this.recentScore = this.recentScore * this.decay + (everyHit === recentHit ? 0 : recentHit ? 1 : -1);
   }
 }

@@ -14,8 +14,19 @@ import type { CacheContext } from './cache_context.js';
 import { segmentKindData } from './cache_segment.js';
 import type { Space } from './cache_types.js';
 
+/**
+ * The data head counts epochs of 1/hitEpochsPerLap of the cache's data capacity allocated (fills,
+ * writes, copies): a cache's content turns over about once in hitEpochsPerLap of them, so the
+ * epoch of a read hit tells GC's second chance how long ago it was (cache_second_chance.ts).
+ */
+export const hitEpochsPerLap = 8;
+
 export class DataHead {
   private readonly ctx: CacheContext;
+  /** Epochs of allocation since open (see hitEpochsPerLap); read hits record it, modulo 16, in the index. */
+  hitEpoch = 0;
+  private readonly epochBytes: number;
+  private epochLeftBytes: number;
   /** The segment being filled, or -1. */
   segment = -1;
   private offsetBytes = 0;
@@ -28,6 +39,8 @@ export class DataHead {
 
   constructor(ctx: CacheContext) {
     this.ctx = ctx;
+    this.epochBytes = Math.max(1, Math.floor(ctx.dataCapacityBytes / hitEpochsPerLap));
+    this.epochLeftBytes = this.epochBytes;
   }
 
   /**
@@ -58,6 +71,11 @@ export class DataHead {
     assert(lengthBytes > 0 && lengthBytes % sectorSizeBytes === 0, 'data allocation is not whole sectors');
     const space: Space = { segment: this.segment, offsetBytes: this.offsetBytes, lengthBytes, gen: ctx.segments.gen[this.segment] ?? 0 };
     this.offsetBytes += lengthBytes;
+    this.epochLeftBytes -= lengthBytes;
+    while (this.epochLeftBytes <= 0) {
+      this.hitEpoch++;
+      this.epochLeftBytes += this.epochBytes;
+    }
     ctx.segments.get(this.segment); // the key's reference
     return space;
   }

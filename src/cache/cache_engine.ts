@@ -40,7 +40,7 @@ export class CacheEngine {
     this.writes = new WritePath(ctx, this.log, this.head);
     this.reads = new ReadPath(ctx, this.log, this.head);
     this.writeback = new Writeback(ctx, this.log);
-    this.gc = new Gc(ctx, new SecondChance(ctx, this.log, this.head));
+    this.gc = new Gc(ctx, new SecondChance(ctx, this.log, this.head, this.reads.admission));
     ctx.assertKeyTailBehindDirtyTail();
     assert(ctx.dirtyTail.lsn <= this.log.durableHead.lsn, 'dirty_tail passed the durable log head');
   }

@@ -18,10 +18,12 @@
 // generation), and at most that sixteenth of the cache's data has them. A sweep goes a subtree
 // at a time under the background slice (lib/timers.ts): on a large cache the whole index is
 // millions of keys, tens of milliseconds that every volume's clients would otherwise wait out.
+// A read cache's round (mostly clean, no writer waiting for space) stops once it has freed
+// what fills need (readRoundTargetBytes): segments freed beyond that would stand empty.
 
 import { isPcacheError, PcacheError } from '../lib/errors.js';
 import { keyFlagZero, ksetBytesMax } from '../ondisk/kset.js';
-import type { CacheContext } from './cache_context.js';
+import { gcCleanReserveSegments, type CacheContext } from './cache_context.js';
 import { CacheWorker, type RoundOutcome } from './cache_worker.js';
 import { positionAfter, readKsetAt } from './cache_kset.js';
 import type { SecondChance } from './cache_second_chance.js';
@@ -29,6 +31,11 @@ import { isDataKey, type Subtree } from './cache_tree.js';
 
 export const gcKsetsPerRoundMax = 64;
 export const gcBackoffMs = 1000;
+/**
+ * A read cache's GC round aims to leave this share (1/n) of its segments free beyond
+ * gcCleanReserveSegments, at least one (readRoundTargetBytes).
+ */
+export const gcReadRoundDivisor = 64;
 /** A sweep of stale index entries runs once this share of the cache's segments has been freed. */
 export const gcSweepSegmentsDivisor = 16;
 
@@ -42,10 +49,13 @@ export class Gc extends CacheWorker {
   lastError: string | undefined;
 
   private readonly secondChance: SecondChance;
+  /** Per segment, the references a round in progress will drop (zero outside a round). */
+  private readonly pendingPuts: Uint32Array;
 
   constructor(ctx: CacheContext, secondChance: SecondChance) {
     super(ctx);
     this.secondChance = secondChance;
+    this.pendingPuts = new Uint32Array(ctx.segments.count);
     ctx.spaceNeeded.add(() => { this.kick(true); });
     ctx.gcThresholdReached.add(() => { this.kick(false); });
     ctx.dirtyTailAdvanced.add(() => { this.kick(false); });
@@ -101,24 +111,40 @@ export class Gc extends CacheWorker {
       const puts: number[] = [];
       const leftLogSegments: number[] = [];
       let ksets = 0;
-      while (ksets < gcKsetsPerRoundMax && pos.lsn < limit.lsn) {
-        const kset = await readKsetAt(ctx, pos, this.scratch);
-        if (!kset.ok) throw new PcacheError('CORRUPT', `gc: the kset at segment ${pos.segment} offset ${pos.offsetBytes} is invalid: ${kset.problem}`);
-        if (kset.kind === 'last') {
-          leftLogSegments.push(pos.segment);
-        } else {
-          for (const key of kset.keys) {
-            // Only keys that took a reference give one back: replay skips stale keys.
-            if ((key.flags & keyFlagZero) === 0 && key.gen === ctx.segments.gen[key.segment]) {
-              this.secondChance.note(key, puts.length);
-              puts.push(key.segment);
+      // A read cache's round stops once it frees what fills need (see readRoundTargetBytes).
+      const targetBytes = this.readRoundTargetBytes();
+      const pending = this.pendingPuts;
+      const touched: number[] = [];
+      let emptied = 0;
+      try {
+        while (ksets < gcKsetsPerRoundMax && pos.lsn < limit.lsn) {
+          const kset = await readKsetAt(ctx, pos, this.scratch);
+          if (!kset.ok) throw new PcacheError('CORRUPT', `gc: the kset at segment ${pos.segment} offset ${pos.offsetBytes} is invalid: ${kset.problem}`);
+          if (kset.kind === 'last') {
+            leftLogSegments.push(pos.segment);
+          } else {
+            for (const key of kset.keys) {
+              // Only keys that took a reference give one back: replay skips stale keys.
+              if ((key.flags & keyFlagZero) === 0 && key.gen === ctx.segments.gen[key.segment]) {
+                this.secondChance.note(key, puts.length);
+                puts.push(key.segment);
+                if (targetBytes !== undefined) {
+                  const count = (pending[key.segment] ?? 0) + 1;
+                  if (count === 1) touched.push(key.segment);
+                  pending[key.segment] = count;
+                  if (count === ctx.segments.refs[key.segment]) emptied++;
+                }
+              }
             }
           }
+          pos = positionAfter(pos, kset);
+          ksets++;
+          if (targetBytes !== undefined && (emptied + leftLogSegments.length) * ctx.dev.dataSizeBytes - this.secondChance.copyBoundBytes() >= targetBytes) break;
+          const paced = ctx.timers.pace();
+          if (paced !== undefined) await paced;
         }
-        pos = positionAfter(pos, kset);
-        ksets++;
-        const paced = ctx.timers.pace();
-        if (paced !== undefined) await paced;
+      } finally {
+        for (const segment of touched) pending[segment] = 0; // zero outside a round, however it ends
       }
       if (ksets === 0 || ctx.stopped()) return 'nothing';
       await ctx.dev.writeKeyTail({ segment: pos.segment, offsetBytes: pos.offsetBytes, seq: pos.seq, durableSeq: ctx.logDurableSeq });
@@ -146,6 +172,25 @@ export class Gc extends CacheWorker {
       this.lastError = error.message;
       return 'failed';
     }
+  }
+
+  /**
+   * The bytes a read cache's GC round frees, net of the copies its second chance makes, before it
+   * stops; undefined for a full round. A read cache (mostly clean, no writer waiting for space)
+   * runs GC only to make room for fills, and every segment freed beyond that is capacity left
+   * idle until fills take it: a full round of 64 ksets of 4 KiB keys passes 32 MiB. So such a
+   * round stops once the segments its passed keys empty (and the log segments it leaves),
+   * less what it may copy, bring the free segments to gcCleanReserveSegments and a 64th of the
+   * cache (gcReadRoundDivisor; at least one segment) beyond. Not less: fills that find no free
+   * segment are not stored, and while more than admitAllFreeSegments are free every miss is
+   * (cache_admission.ts), which a hot set read alongside scans needs after GC evicted part of it.
+   */
+  private readRoundTargetBytes(): number | undefined {
+    const ctx = this.ctx;
+    if (!ctx.mostlyClean || ctx.spaceWaiters > 0) return undefined;
+    const slackSegments = Math.max(1, Math.ceil(ctx.segments.count / gcReadRoundDivisor));
+    const neededSegments = Math.max(1, gcCleanReserveSegments + slackSegments - ctx.segments.freeCount);
+    return neededSegments * ctx.dev.dataSizeBytes;
   }
 
   /** Drops index entries that point into segments freed since they were written, once enough were freed. */

@@ -23,7 +23,7 @@ import { decodeSegmentInfo, encodeSegmentInfo, segmentInfoRecordBytes, type Segm
 import { decodeSuperblock, encodeSuperblock, hasSuperblockMagic, superblockRecordBytes, type Superblock } from '../ondisk/superblock.js';
 
 export interface FormatOptions {
-  /** Bytes per segment; default by the device's size (segmentSizeDefaultFor: 16 MiB from 1 GiB on), smallest 1 MiB. */
+  /** Bytes per segment; default by the device's size (segmentSizeDefaultFor: 16 MiB from 4 GiB on), smallest 1 MiB. */
   segmentSizeBytes?: number;
   /** Protect every data extent with a CRC32C (fixed at format). Default false. */
   dataCrc?: boolean;

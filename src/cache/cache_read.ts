@@ -21,7 +21,7 @@ import type { CacheContext } from './cache_context.js';
 import type { DataHead } from './cache_data_head.js';
 import type { KsetLog } from './cache_kset.js';
 import { gatherRead, gatherRequestBytesMin, planGather } from './cache_read_gather.js';
-import { keyFlagReferenced, keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
+import { keyFlagsInMemory, keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
 import { ReadAdmission } from './cache_admission.js';
 import type { Space } from './cache_types.js';
 
@@ -29,7 +29,7 @@ function keyRecord(key: IndexKey): KeyRecord {
   return {
     offsetBytes: key.offsetBytes,
     lengthBytes: key.lengthBytes,
-    flags: key.flags & ~keyFlagReferenced,
+    flags: key.flags & ~keyFlagsInMemory,
     segment: key.segment,
     segmentOffsetBytes: key.segmentOffsetBytes,
     gen: key.gen,
@@ -192,7 +192,7 @@ export class ReadPath {
           ctx.stats.staleKeysRemoved++;
           continue; // the range is a gap now
         }
-        subtree.markReferenced(index);
+        subtree.markReferenced(index, this.head.hitEpoch);
         this.readHit(walk, subtree, index, target.subarray(position - request, pieceEnd - request), position);
       }
       position = pieceEnd;

@@ -15,6 +15,11 @@
 // new CLEAN key (bit clear) in the index and the log, as a read miss is filled. The old key
 // then goes as GC drops it. A re-logged key must be hit again before GC reaches it next time,
 // or it is evicted: the clock hand is GC's walk.
+// Which hits count: a hit also records the data head's hit epoch (DataHead.hitEpoch, about an
+// eighth of a lap of the log; four in-memory bits of the flags). While the admission shadows
+// find that recent hits alone pay (SecondChancePolicy: a working set that moves, where data hit
+// before the move would stay a lap longer than it is worth), only data hit within
+// secondChanceRecentEpochs of GC passing it is re-logged; otherwise any hit since it was stored.
 //
 // Bounds: every data byte GC passes earns secondChancePercentMax/100 bytes of copy credit, and
 // re-logging spends it, so at most that share of what GC passes is copied (GC always frees
@@ -36,14 +41,25 @@ import { crc32c } from '../lib/crc32c.js';
 import { isPcacheError } from '../lib/errors.js';
 import { keyFlagClean, keyFlagZero, type KeyRecord } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
-import type { DataHead } from './cache_data_head.js';
+import { hitEpochsPerLap, type DataHead } from './cache_data_head.js';
 import type { KsetLog } from './cache_kset.js';
-import { isDataKey, keyFlagReferenced, keyFromRecord, newIndexKey, subtreeEnd } from './cache_tree.js';
+import { hitEpochOf, isDataKey, keyFlagReferenced, keyFromRecord, newIndexKey, subtreeEnd } from './cache_tree.js';
 
 /** Share of the data bytes GC passes that it may re-log. */
 export const secondChancePercentMax = 50;
 /** Copy credit carried between rounds: at most this fraction (1/n) of the cache's data capacity. */
 export const secondChanceCreditDivisor = 4;
+
+/**
+ * While the policy says recent hits only, a hit earns a copy only if it came within this many
+ * hit epochs (each 1/hitEpochsPerLap of a lap) of GC passing the key: about half a lap.
+ */
+export const secondChanceRecentEpochs = hitEpochsPerLap / 2;
+
+/** Which hits earn a copy: all since the key was stored (CLOCK), or recent ones only (the shadows' choice, cache_admission_shadow.ts). */
+export interface SecondChancePolicy {
+  readonly relogRecentOnly: boolean;
+}
 
 /** A piece of a key GC passes that the index still holds, hit since it was stored. */
 interface Candidate {
@@ -65,18 +81,34 @@ export class SecondChance {
   private readonly head: DataHead;
   private candidates: Candidate[] = [];
   private passedBytes = 0;
+  /** The sum of the noted pieces' lengths. */
+  private candidateBytes = 0;
   /** Bytes GC may still re-log (see the file comment). */
   private creditBytes = 0;
 
-  constructor(ctx: CacheContext, log: KsetLog, head: DataHead) {
+  private readonly policy: SecondChancePolicy;
+
+  constructor(ctx: CacheContext, log: KsetLog, head: DataHead, policy: SecondChancePolicy) {
     this.ctx = ctx;
     this.log = log;
     this.head = head;
+    this.policy = policy;
+  }
+
+  /**
+   * Bytes the noted pieces would copy at most: their sum, bounded by the credit the round will
+   * have (GC's cut round of a read cache subtracts it from what it frees, cache_gc.ts).
+   */
+  copyBoundBytes(): number {
+    const creditMax = Math.floor(this.ctx.dataCapacityBytes / secondChanceCreditDivisor);
+    const credit = Math.min(creditMax, this.creditBytes + Math.floor((this.passedBytes * secondChancePercentMax) / 100));
+    return Math.min(credit, this.candidateBytes);
   }
 
   /** Forgets what an earlier round noted (GC starts every round with this). */
   forget(): void {
     this.candidates = [];
+    this.candidateBytes = 0;
     this.passedBytes = 0;
   }
 
@@ -92,9 +124,12 @@ export class SecondChance {
     if (subtree === undefined) return;
     const end = Math.min(key.offsetBytes + key.lengthBytes, subtreeEnd(key.offsetBytes));
     const genLow32 = key.gen % 0x1_0000_0000;
+    const recentOnly = this.policy.relogRecentOnly;
+    const epoch = this.head.hitEpoch;
     for (let index = subtree.seek(key.offsetBytes); index < subtree.count && subtree.start(index) < end; index++) {
       const flags = subtree.flags(index);
       if ((flags & keyFlagReferenced) === 0 || !isDataKey(flags)) continue;
+      if (recentOnly && ((epoch - hitEpochOf(flags)) & 0xf) > secondChanceRecentEpochs) continue;
       const start = subtree.start(index);
       if (subtree.segment(index) !== key.segment || subtree.genLow32(index) !== genLow32) continue;
       if (subtree.segmentOffset(index) !== key.segmentOffsetBytes + (start - key.offsetBytes)) continue;
@@ -104,6 +139,7 @@ export class SecondChance {
         if (row.crcDeltaBytes !== 0 || row.crcLengthBytes !== row.lengthBytes) continue;
         crc = row.crc;
       }
+      this.candidateBytes += subtree.length(index);
       this.candidates.push({ offsetBytes: start, lengthBytes: subtree.length(index), segment: key.segment, segmentOffsetBytes: subtree.segmentOffset(index), genLow32, crc, putIndex });
     }
   }

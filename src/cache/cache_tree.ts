@@ -78,6 +78,20 @@ export function subtreeEnd(offsetBytes: number): number {
  * the low bits (kset.ts); anything that turns an entry into a key record leaves this one out.
  */
 export const keyFlagReferenced = 1 << 8;
+/**
+ * In-memory bits 9-12 of an index entry's flags, never written to disk: the data head's epoch
+ * (DataHead.hitEpoch, modulo 16) at the entry's last read hit, which tells GC's second chance
+ * how long ago that hit was (cache_second_chance.ts).
+ */
+export const keyHitEpochShift = 9;
+export const keyHitEpochMask = 0xf << keyHitEpochShift;
+/** The flags an index entry has only in memory: left out of every key record. */
+export const keyFlagsInMemory = keyFlagReferenced | keyHitEpochMask;
+
+/** The hit epoch (modulo 16) recorded in an index entry's flags. */
+export function hitEpochOf(flags: number): number {
+  return (flags & keyHitEpochMask) >>> keyHitEpochShift;
+}
 
 export function isDataKey(flags: number): boolean {
   return (flags & (keyFlagEmpty | keyFlagZero)) === 0;
@@ -110,10 +124,10 @@ export class Subtree {
     return this.at(index, colFlags);
   }
 
-  /** Sets the reference bit of key `index` (a read hit it). */
-  markReferenced(index: number): void {
+  /** Sets the reference bit of key `index` (a read hit it) and records the hit's `epoch` (DataHead.hitEpoch). */
+  markReferenced(index: number, epoch: number): void {
     const at = index * stride + colFlags;
-    this.cols[at] = (this.cols[at] ?? 0) | keyFlagReferenced;
+    this.cols[at] = ((this.cols[at] ?? 0) & ~keyHitEpochMask) | keyFlagReferenced | ((epoch & 0xf) << keyHitEpochShift);
   }
 
   segment(index: number): number {

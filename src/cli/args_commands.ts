@@ -79,7 +79,7 @@ export const formatGrammar: CommandGrammar<FormatArgs> = {
       cache: valueFlag('PATH', 'the cache device: a file or a block device (required)'),
       backing: valueFlag('PATH|URI', 'the backing device it will cache: a file, a block device or an NBD URI (required)'),
       'cache-size': valueFlag('SIZE', 'create the cache file with this size (sparse) if it does not exist'),
-      'segment-size': valueFlag('SIZE', 'bytes per segment, a multiple of 1M from 1M to 1G (default: the cache size / 64 rounded down to a power of two, 1M to 16M)'),
+      'segment-size': valueFlag('SIZE', 'bytes per segment, a multiple of 1M from 1M to 1G (default: the cache size / 256 rounded down to a power of two, 1M to 16M)'),
       'data-crc': switchFlag('protect every cached extent with a CRC32C (fixed at format)'),
       'gc-percent': valueFlag('N', `start garbage collection when N% of segments are in use, 0..${gcPercentMax} (default 70)`),
       force: switchFlag('overwrite a device that is not blank (never discards dirty data on its own)'),

@@ -124,7 +124,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
       backing: valueFlag('PATH|URI', 'the backing device: a file or block device (asynchronous I/O), or nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (nbds://, nbds+unix:// over TLS, with tls-certificates= or tls-psk-file=)'),
       'backing-connections': valueFlag('N', `with an NBD backing device: connections to it, 1..${connectionsMax} (default ${defaultConnections})`),
       'cache-size': valueFlag('SIZE', 'create a missing cache file of this size (sparse)'),
-      'segment-size': valueFlag('SIZE', 'bytes per segment when formatting a blank cache device, a multiple of 1M from 1M to 1G (default: the cache size / 64 rounded down to a power of two, 1M to 16M)'),
+      'segment-size': valueFlag('SIZE', 'bytes per segment when formatting a blank cache device, a multiple of 1M from 1M to 1G (default: the cache size / 256 rounded down to a power of two, 1M to 16M)'),
       'backing-size': valueFlag('SIZE', 'create a missing backing file of this size (sparse)'),
       socket: valueFlag('PATH', 'listen on this Unix socket (default ./nbd.sock)'),
       port: valueFlag('N', 'listen on TCP port N instead (0 picks a free port)'),

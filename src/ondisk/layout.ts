@@ -91,15 +91,17 @@ export function lastBlockOffsetBytes(deviceSizeBytes: number): number {
   return Math.floor(deviceSizeBytes / blockBytes) * blockBytes - blockBytes;
 }
 
-/** The default segment size of caches of 1 GiB and more (dm-pcache's fixed size); smaller caches get smaller ones. */
+/** The default segment size of caches of 4 GiB and more (dm-pcache's fixed size); smaller caches get smaller ones. */
 export const segmentSizeDefaultBytes = 16 * MiB;
 /**
  * Format's default segment size aims at this many segments: a read cache holds data in all but
- * about three of its segments (one held back for the log, one or two of log, the data head's
- * unfilled part) and GC frees whole ones, so with 16 MiB segments a 256 MiB cache held about
- * 13/16 of what its size promises (docs/performance.md, the policy benchmark).
+ * a few of its segments (one held back for the log, the log's own, a 64th of the cache kept
+ * free for fills, the data head's unfilled part) and GC frees whole ones, so with 16 MiB
+ * segments a 256 MiB cache held about 13/16 of what its size promises, with 4 MiB ones 92%,
+ * with 1 MiB ones 96% (docs/performance.md, the policy benchmark). Each segment's 12 KiB of
+ * metadata is 1.2% of a 1 MiB one, paid back several times over by that.
  */
-export const segmentCountTarget = 64;
+export const segmentCountTarget = 256;
 export const segmentSizeMinBytes = 1 * MiB;
 export const segmentSizeMaxBytes = 1 * GiB;
 /** Segment sizes are whole multiples of this, so data areas stay sector- and page-aligned. */
@@ -154,7 +156,7 @@ export function segmentCountFor(deviceSizeBytes: number, segmentSizeBytes: numbe
 /**
  * The segment size format picks for a device of `deviceSizeBytes` when none is given: the
  * device's size over segmentCountTarget, rounded down to a power of two, from 1 MiB to
- * segmentSizeDefaultBytes (4 MiB for 256 MiB, 16 MiB from 1 GiB on). Recorded in the superblock.
+ * segmentSizeDefaultBytes (1 MiB up to 511 MiB, 4 MiB for 1 GiB, 16 MiB from 4 GiB on). Recorded in the superblock.
  */
 export function segmentSizeDefaultFor(deviceSizeBytes: number): number {
   let segmentSizeBytes = segmentSizeDefaultBytes;

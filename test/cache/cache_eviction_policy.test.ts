@@ -8,6 +8,8 @@ import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache } from '../../src/cache/cache.js';
 import { admitAllFreeSegments, MissGhosts, ReadAdmission } from '../../src/cache/cache_admission.js';
+import { gcCleanReserveSegments } from '../../src/cache/cache_context.js';
+import { Prng } from '../../sim/prng.js';
 import { ksetCloseDelayMs } from '../../src/cache/cache_kset.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { MiB } from '../../src/lib/units.js';
@@ -173,5 +175,84 @@ describe('admission and eviction through the engine', () => {
     }
     assert.ok(hitsAfter > 0, `after a restart ${hitsAfter / blockBytes} hot blocks hit, read right`);
     await reopened.close();
+  });
+
+  it('frees in a GC round of a read cache what fills need, not a whole round of ksets', async () => {
+    const rig = await readRig();
+    const segmentTable = rig.cache.internals.ctx.segments;
+    // Three caches' worth of blocks, prefetched (always stored), GC running after every 64.
+    let mostFree = 0;
+    for (let chunk = 0; chunk < (3 * segments * 253) / 64; chunk++) {
+      await readBlocks(rig, range(chunk * 64, 64), true);
+      if (rig.cache.status().counters.gcSegmentsFreed > 0) mostFree = Math.max(mostFree, segmentTable.freeCount);
+    }
+    const counters = rig.cache.status().counters;
+    assert.ok(counters.gcSegmentsFreed >= 2 * segments, `GC evicted two caches' worth (${counters.gcSegmentsFreed} segments freed)`);
+    // A round of 64 ksets (here of 64 keys each: 16 MiB) would free most of the cache at once;
+    // a read cache's round stops at the log's reserve and one segment more, give or take the
+    // kset it stopped after and the log segment it left.
+    assert.ok(mostFree <= gcCleanReserveSegments + 3, `at most ${mostFree} segments free after GC`);
+    assert.deepEqual(await rig.cache.check(), []);
+    await rig.cache.close();
+  });
+
+  it('re-logs at GC only data hit in the last half lap while the shadows find that recent hits alone pay', async () => {
+    /** Hits of [0, 100) read early and of [100, 200) read later, after GC passed the segment holding both. */
+    async function oldAndRecentHits(moving: boolean): Promise<{ old: number; recent: number; recentOnly: boolean }> {
+      const rig = await readRig();
+      const admission = rig.cache.internals.reads.admission;
+      const shadow = admission.shadow;
+      assert.ok(shadow !== undefined);
+      if (moving) {
+        // The shadows see a popular set that moves (half of it, with a new order, every four
+        // shadows' worth of reads), of blocks far from the ones read below.
+        const prng = new Prng(5);
+        const where = new Uint32Array(2 * shadow.capacity);
+        // Zipf 0.9 ranks over `where`, by bisecting the cumulative sums.
+        const cdf = new Float64Array(where.length);
+        let sum = 0;
+        for (let k = 0; k < cdf.length; k++) cdf[k] = sum += 1 / Math.pow(k + 1, 0.9);
+        const zipf = (from: Prng): number => {
+          const u = from.nextFloat() * sum;
+          let lo = 0;
+          let hi = cdf.length - 1;
+          while (lo < hi) {
+            const mid = (lo + hi) >>> 1;
+            if ((cdf[mid] ?? sum) < u) lo = mid + 1;
+            else hi = mid;
+          }
+          return lo;
+        };
+        for (let phase = 1; phase <= 8; phase++) {
+          for (let i = 0; i < where.length; i++) where[i] = 50_000 + phase * shadow.capacity + i;
+          for (let i = where.length - 1; i > 0; i--) {
+            const j = prng.nextInt(i + 1);
+            const held = where[i] ?? 0;
+            where[i] = where[j] ?? 0;
+            where[j] = held;
+          }
+          for (let i = 0; i < 4 * shadow.capacity; i++) admission.observe((where[zipf(prng)] ?? 0) * blockBytes);
+        }
+      }
+      const old = range(0, 100);
+      const recent = range(100, 100);
+      await readBlocks(rig, range(0, 200), true); // both in the oldest segment
+      await readBlocks(rig, old); // hit now: an eighth of a lap's allocation in
+      await readBlocks(rig, range(10_000, 1800), true); // half a cache later,
+      await readBlocks(rig, recent); // hit again
+      // Cold data until GC has passed the oldest segment.
+      for (let chunk = 0; rig.cache.status().counters.gcSegmentsFreed === 0; chunk++) await readBlocks(rig, range(20_000 + chunk * 64, 64), true);
+      const recentOnly = admission.relogRecentOnly;
+      const hits = { old: (await readBlocks(rig, old)) / blockBytes, recent: (await readBlocks(rig, recent)) / blockBytes, recentOnly };
+      assert.deepEqual(await rig.cache.check(), []);
+      await rig.cache.close();
+      return hits;
+    }
+    const clock = await oldAndRecentHits(false);
+    assert.deepEqual(clock, { old: 100, recent: 100, recentOnly: false }, 'plain CLOCK: every hit data re-logged');
+    const moving = await oldAndRecentHits(true);
+    assert.equal(moving.recentOnly, true, 'the shadows chose recent hits only');
+    assert.equal(moving.recent, 100, 'data hit in the last half lap re-logged');
+    assert.ok(moving.old <= 10, `${moving.old} of 100 blocks hit long ago still cached`);
   });
 });

@@ -66,8 +66,8 @@ describe('status through the control socket', () => {
     assert.equal(report.backingPath, rig.backing);
     const cache = report.cache as Json;
     for (const field of nineFields) assert.ok(field in cache, `cache.${field}`);
-    // 128 MiB in segments of 2 MiB (the default for that size: segmentSizeDefaultFor), less the metadata's first one.
-    assert.deepEqual([cache.segTotal, cache.cacheSegs, cache.segmentSizeBytes, cache.gcPercent, cache.cacheFlags, cache.state], [63, 63, 2 * MiB, 60, 0b10 | (60 << 6), 'running']);
+    // 128 MiB in segments of 1 MiB (the default for that size: segmentSizeDefaultFor), less the metadata's first one.
+    assert.deepEqual([cache.segTotal, cache.cacheSegs, cache.segmentSizeBytes, cache.gcPercent, cache.cacheFlags, cache.state], [127, 127, MiB, 60, 0b10 | (60 << 6), 'running']);
     assert.equal(String(report.dmStatusLine).split(' ').length, 9);
     assert.equal(report.dmStatusLine, nineFields.map((f) => (f === 'sbFlags' || f === 'cacheFlags' ? Number(cache[f]).toString(16) : String(cache[f]))).join(' '));
     const counters = cache.counters as Json;

@@ -49,16 +49,16 @@ describe('default segment size', () => {
   it('is the device size over the segment count target, rounded down to a power of two, from 1 MiB to 16 MiB', () => {
     const GiB = 1024 * MiB;
     assert.equal(segmentSizeDefaultFor(64 * GiB), segmentSizeDefaultBytes, 'dm-pcache\'s 16 MiB for large caches');
-    assert.equal(segmentSizeDefaultFor(GiB), 16 * MiB);
-    assert.equal(segmentSizeDefaultFor(GiB - MiB), 8 * MiB);
-    assert.equal(segmentSizeDefaultFor(512 * MiB), 8 * MiB);
-    assert.equal(segmentSizeDefaultFor(256 * MiB), 4 * MiB);
-    assert.equal(segmentSizeDefaultFor(300 * MiB), 4 * MiB);
-    assert.equal(segmentSizeDefaultFor(128 * MiB), 2 * MiB);
+    assert.equal(segmentSizeDefaultFor(4 * GiB), 16 * MiB);
+    assert.equal(segmentSizeDefaultFor(4 * GiB - MiB), 8 * MiB);
+    assert.equal(segmentSizeDefaultFor(GiB), 4 * MiB);
+    assert.equal(segmentSizeDefaultFor(512 * MiB), 2 * MiB);
+    assert.equal(segmentSizeDefaultFor(300 * MiB), MiB);
+    assert.equal(segmentSizeDefaultFor(256 * MiB), MiB);
     assert.equal(segmentSizeDefaultFor(100 * MiB), MiB);
     assert.equal(segmentSizeDefaultFor(8 * MiB), MiB, 'never below the minimum');
     const layout = layoutFor(formatVersionLatest);
-    for (const deviceBytes of [16 * MiB, 100 * MiB, 256 * MiB, 700 * MiB, 3 * GiB]) {
+    for (const deviceBytes of [16 * MiB, 100 * MiB, 256 * MiB, 700 * MiB, 3 * GiB, 6 * GiB]) {
       const size = segmentSizeDefaultFor(deviceBytes);
       assert.equal(segmentSizeProblem(size), undefined);
       // About the target count (the device's metadata may take one): never far fewer, never twice as many.
