@@ -63,6 +63,16 @@ class ReadWalk {
   /** A client's read (not a prefetch): a full cache stores its misses only when they recur. */
   demand = true;
   readonly scratchKey = newIndexKey();
+
+  /** Ready for a new read (a walk is reused once its read has ended). */
+  reset(admit: boolean, demand: boolean): void {
+    this.misses = undefined;
+    this.pendingHits = undefined;
+    this.reads = undefined;
+    this.hitBytes = 0;
+    this.admit = admit;
+    this.demand = demand;
+  }
 }
 
 /** One run of the block status answer. */
@@ -83,6 +93,8 @@ export class ReadPath {
   /** The last ticket handed to an EMPTY placeholder. */
   private ticket = 0;
   readonly admission: ReadAdmission;
+  /** A walk left by a read that ended synchronously, for the next one (walkRead). */
+  private spareWalk: ReadWalk | undefined;
 
   constructor(ctx: CacheContext, log: KsetLog, head: DataHead) {
     this.ctx = ctx;
@@ -118,9 +130,11 @@ export class ReadPath {
   /** Serves a read by walking the index: hits from the cache device, misses from the backing device. */
   private walkRead(target: Uint8Array, offsetBytes: number, admit: boolean, demand: boolean): Promise<void> | undefined {
     const ctx = this.ctx;
-    const walk = new ReadWalk();
-    walk.admit = admit;
-    walk.demand = demand;
+    // A walk that ends synchronously (every piece a hit from a blocking device) is left for the
+    // next read: no allocation on the read-hit path.
+    const walk = this.spareWalk ?? new ReadWalk();
+    this.spareWalk = undefined;
+    walk.reset(admit, demand);
     const endBytes = offsetBytes + target.length;
     for (let position = offsetBytes; position < endBytes;) {
       const end = Math.min(endBytes, subtreeEnd(position));
@@ -130,6 +144,7 @@ export class ReadPath {
     ctx.stats.readHitBytes += walk.hitBytes;
     if (walk.misses === undefined && walk.reads === undefined) {
       ctx.stats.readHitRequests++;
+      this.spareWalk = walk;
       return undefined;
     }
     if (walk.misses === undefined) ctx.stats.readHitRequests++;

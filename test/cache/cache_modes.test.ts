@@ -452,4 +452,22 @@ describe('sequential cutoff', () => {
     assert.equal(table.note(7, 8 * MiB + block, block), 2 * block);
     assert.equal(table.note(7, block, block), block);
   });
+
+  it('the stream table keeps clients apart, also when the last request\'s client is forgotten', () => {
+    const table = new StreamTable();
+    // Two clients alternating, each with its own run at the same offsets: neither continues the other's.
+    assert.equal(table.note(1, 0, block), block);
+    assert.equal(table.note(2, 0, block), block);
+    assert.equal(table.note(1, block, block), 2 * block);
+    assert.equal(table.note(2, block, block), 2 * block);
+    assert.equal(table.note(2, 2 * block, block), 3 * block);
+    // Client 1 (the oldest) is forgotten while client 1 sent the last request: its next request
+    // starts a new run instead of continuing through a table entry that no longer exists.
+    const full = new StreamTable();
+    for (let client = 0; client < streamClientsMax; client++) full.note(client, 0, block);
+    assert.equal(full.note(0, block, block), 2 * block, 'client 0 continues its run');
+    assert.equal(full.note(streamClientsMax, 0, block), block, 'a new client evicts the oldest, client 0');
+    assert.equal(full.note(0, 2 * block, block), block, 'client 0 starts afresh');
+    assert.equal(full.clientCount, streamClientsMax);
+  });
 });
