@@ -15,12 +15,21 @@
 // every trace, and above FIFO everywhere. The hot-set trace's scans are sequential, so the
 // sequential cutoff (on by default) keeps them out of the cache by itself; the trace runs a
 // second time with the cutoff off, where only the admission policy can.
+// Once through the NBD server: the shifting trace (PCACHE_BENCH_NBD_TRACE names another) is
+// also read through a real `pcache serve` (a sparse cache file of the same size, created fresh,
+// a backing file on tmpfs) by an NBD client, 32 reads in flight at a time, and its hit ratio,
+// from the server's counters, is printed beside the engine's.
 // PCACHE_BENCH_TRACES: a comma list of trace names to run (default all).
+import os from 'node:os';
+import path from 'node:path';
 import { Cache } from '../src/cache/cache.js';
+import { controlRequest } from '../src/cli/control_client.js';
+import { NbdClient } from '../src/nbd/client/client.js';
 import { MemoryDevice } from '../src/device/memory_device.js';
 import type { FormatOptions } from '../src/cache/cache_metadata.js';
 import { MiB } from '../src/lib/units.js';
 import { param, report } from './harness.js';
+import { fill, makeScratch, removeScratch, startPcacheServe, stopChild } from './processes.js';
 import { blocksSpanned, hotScanTrace, shiftingTrace, zipfTrace, type Trace } from './policy/traces.js';
 import { hitRatio, referencePolicies } from './policy/reference_policies.js';
 
@@ -30,6 +39,8 @@ const cacheBlocks = cacheDeviceBytes / blockBytes;
 const requests = param(40_000, 1_500_000);
 /** Reads replayed per event-loop turn (a busy NBD connection's batch). */
 const readsPerTurn = 32;
+/** The trace also read through the NBD server. */
+const nbdTrace = process.env.PCACHE_BENCH_NBD_TRACE ?? 'shifting';
 
 interface Run {
   readonly trace: Trace;
@@ -83,6 +94,35 @@ async function engineHitRatio(trace: Trace, cutoffOff: boolean): Promise<{ ratio
   };
 }
 
+/** Reads the trace through `pcache serve` over NBD; returns its hit ratio from the server's counters. */
+async function nbdHitRatio(trace: Trace): Promise<number> {
+  const dir = makeScratch(os.platform() === 'linux' ? '/dev/shm' : os.tmpdir(), 'pcache-policy-');
+  const socket = path.join(dir, 'nbd.sock');
+  const control = path.join(dir, 'control.sock');
+  const backing = path.join(dir, 'backing.img');
+  fill(backing, blocksSpanned(trace) * blockBytes, false);
+  const segmentArgs = param(['--segment-size', '1M'], []);
+  const server = await startPcacheServe('pcache serve (policy)', dir, socket, [
+    '--cache', path.join(dir, 'cache.img'), '--cache-size', String(cacheDeviceBytes), ...segmentArgs, '--backing', backing, '--control', control,
+  ]);
+  try {
+    const client = await NbdClient.connect({ kind: 'unix', socketPath: socket }, { exportName: '' });
+    const buffers = Array.from({ length: readsPerTurn }, () => new Uint8Array(blockBytes));
+    const blocks = trace.blocks;
+    for (let at = 0; at < blocks.length; at += readsPerTurn) {
+      const batch: Promise<void>[] = [];
+      for (let i = 0; i < readsPerTurn && at + i < blocks.length; i++) batch.push(client.read(buffers[i] ?? new Uint8Array(blockBytes), (blocks[at + i] ?? 0) * blockBytes));
+      await Promise.all(batch);
+    }
+    await client.disconnect();
+    const status = await controlRequest(control, 'status') as { cache: { counters: { readHitBytes: number } } };
+    return status.cache.counters.readHitBytes / (blocks.length * blockBytes);
+  } finally {
+    await stopChild(server);
+    removeScratch(dir);
+  }
+}
+
 async function main(): Promise<void> {
   console.log(`cache device ${cacheDeviceBytes / MiB} MiB (${cacheBlocks} blocks of 4 KiB for the reference policies), ${requests} reads per trace`);
   const wanted = process.env.PCACHE_BENCH_TRACES?.split(',');
@@ -96,6 +136,11 @@ async function main(): Promise<void> {
     console.log(`${name}: ${trace.description}; ${references.map((r) => `${r.name} ${r.ratio.toFixed(3)}`).join(', ')}; pcache ${engine.ratio.toFixed(3)} (${Math.round(engine.perSecond)} reads/s; ${engine.fills})`);
     report({ bench: 'policy', metric: `${name} hit ratio vs best`, value: engine.ratio, unit: 'hits/read', peer: best.name, peerValue: best.ratio });
     if (fifo !== undefined) report({ bench: 'policy', metric: `${name} hit ratio vs FIFO`, value: engine.ratio, unit: 'hits/read', peer: 'FIFO', peerValue: fifo.ratio });
+    if (!cutoffOff && trace.name === nbdTrace) {
+      const nbd = await nbdHitRatio(trace);
+      report({ bench: 'policy', metric: `${name} hit ratio through NBD vs best`, value: nbd, unit: 'hits/read', peer: best.name, peerValue: best.ratio });
+      console.log(`  ${name} through pcache serve over NBD: ${nbd.toFixed(3)} (the engine: ${engine.ratio.toFixed(3)}; FIFO ${fifo?.ratio.toFixed(3) ?? '?'})`);
+    }
   }
 }
 

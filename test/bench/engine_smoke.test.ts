@@ -24,11 +24,14 @@ describe('benchmarks in smoke mode', () => {
     const lines = runBench('engine');
     assert.equal(lines.filter((line) => line.startsWith('engine') && line.includes('raw memory device') && /ratio \d/.test(line)).length, 7, lines.join('\n'));
   });
-  it('policy: every trace through the engine against the reference policies', () => {
+  it('policy: every trace through the engine against the reference policies, and the shifting one through pcache serve too', () => {
     const lines = runBench('policy');
     for (const trace of ['zipf-0.9', 'zipf-0.8', 'zipf-1.0', 'hot+scans', 'shifting']) {
-      const reported = lines.filter((line) => line.startsWith('policy') && line.includes(`${trace} hit ratio`) && /ratio \d/.test(line));
+      const reported = lines.filter((line) => line.startsWith('policy') && line.includes(`${trace} hit ratio vs`) && /ratio \d/.test(line));
       assert.equal(reported.length, 2, `${trace}:\n${lines.join('\n')}`);
     }
+    const throughNbd = lines.filter((line) => line.startsWith('policy') && line.includes('hit ratio through NBD vs') && /ratio \d/.test(line));
+    assert.equal(throughNbd.length, 1, lines.join('\n'));
+    assert.ok(throughNbd[0]?.includes('shifting'), lines.join('\n'));
   });
 });
