@@ -34,7 +34,8 @@ import type { Timers } from '../lib/timers.js';
 import { keyFlagClean, keyFlagEmpty, keyFlagZero } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
 import { positionAfter, readKsetAt, type KsetLog } from './cache_kset.js';
-import { KeyIndex, keyFromRecord, newIndexKey, type IndexKey, type Subtree } from './cache_tree.js';
+import { KeyIndex } from './cache_index.js';
+import { keyFromRecord, newIndexKey, type IndexKey, type Subtree } from './cache_tree.js';
 import type { LogPos } from './cache_types.js';
 
 /**
