@@ -4,8 +4,8 @@
 // Invariants: a subtree is in the map only while it holds keys (release drops an empty one,
 // so idle address space costs nothing); a key never crosses its subtree's end.
 // Stale entries (their segment was freed since) are no keys at all to every reader. With a
-// staleness test (the live cache's index has one), an insert that lands next to a stale entry
-// takes its row instead of opening one, and a GC sweep leaves a subtree's stale entries in
+// staleness test (the live cache's index has one), a write's insert that lands next to a stale
+// entry takes its row instead of opening one (insertTakingStale), and a GC sweep leaves a subtree's stale entries in
 // place while they are at most half its rows (sweepSubtree): under overwrites they are the
 // rows the next writes take, and removing them only to open rows again for those writes moved
 // every row after each one twice. The index thus holds at most twice its live keys after a
@@ -45,7 +45,18 @@ export class KeyIndex {
     return subtree;
   }
 
+  /** Inserts `key` (newer wins); a key that lands in a gap opens a row there. */
   insert(key: IndexKey): void {
+    this.subtree(key.offsetBytes, true).insert(key);
+  }
+
+  /**
+   * insert(), except that a key landing in a gap next to a stale entry takes that entry's row
+   * (the file comment says why). Rows then move differently from insert(), so code that walks
+   * a subtree by row number and inserts as it goes (a read adding placeholders) uses insert();
+   * the write path, which holds no row numbers, uses this.
+   */
+  insertTakingStale(key: IndexKey): void {
     this.subtree(key.offsetBytes, true).insert(key, this.isStale);
   }
 
