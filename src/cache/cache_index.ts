@@ -125,9 +125,12 @@ export class KeyIndex {
   sweepSubtree(id: number, isStale: StaleRow): number {
     const subtree = this.subtrees.get(id);
     if (subtree === undefined) return 0;
+    // Count stale entries only until the answer is known: enough to remove, or too few left to be.
+    const count = subtree.count;
+    const needed = Math.floor(count / sweepLeaveStaleDivisor) + 1;
     let stale = 0;
-    for (let index = 0; index < subtree.count; index++) if (isStale(subtree, index)) stale++;
-    if (stale === 0 || stale * sweepLeaveStaleDivisor <= subtree.count) return 0;
+    for (let index = 0; index < count && stale < needed && stale + (count - index) >= needed; index++) if (isStale(subtree, index)) stale++;
+    if (stale < needed) return 0;
     const removed = subtree.removeWhere(isStale);
     this.release(subtree);
     return removed;
