@@ -3,7 +3,8 @@
 // Peer: the obvious JavaScript design — one object per key in a Map keyed by offset — measured
 // in the same process on the same keys. The Map can only answer exact-offset lookups (no
 // range queries), so it is a floor on what object-per-key storage costs, not a usable index.
-import { KeyIndex, newIndexKey } from '../src/cache/cache_tree.js';
+import { KeyIndex } from '../src/cache/cache_index.js';
+import { newIndexKey } from '../src/cache/cache_tree.js';
 import { Prng } from '../sim/prng.js';
 import { heapBytes, medianOf, param, report } from './harness.js';
 

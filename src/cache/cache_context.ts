@@ -21,7 +21,8 @@ import { dataCrcKeyMaxBytes, segmentDataSizeBytes, subtreeSizeBytes } from '../o
 import { CacheDev } from './cache_dev.js';
 import { type CacheMetadata } from './cache_metadata.js';
 import { SegmentTable } from './cache_segment.js';
-import { KeyIndex } from './cache_tree.js';
+import { KeyIndex } from './cache_index.js';
+import { isDataKey } from './cache_tree.js';
 import type { BackingState, CacheMode } from '../ondisk/cache_info.js';
 import type { CacheTuning } from './cache_tuning.js';
 import { newStats, type CacheStats, type LogPos } from './cache_types.js';
@@ -103,7 +104,8 @@ export class CacheContext {
     this.backing = backingDevice;
     this.segments = new SegmentTable(metadata.sb.segmentCount);
     metadata.gens.forEach((choice, segment) => { this.segments.gen[segment] = choice.value ?? 0; });
-    this.index = new KeyIndex();
+    // An entry into a segment freed since it was written is no key: an insert may take its row.
+    this.index = new KeyIndex((subtree, index) => isDataKey(subtree.flags(index)) && this.segments.genLow32(subtree.segment(index)) !== subtree.genLow32(index));
     this.timers = options.timers;
     // Version 1 tails carry no kset seq: the log's seqs then just count from 1.
     const keyTail: LogPos = { segment: metadata.keyTail.value.segment, offsetBytes: metadata.keyTail.value.offsetBytes, lsn: 0, seq: Math.max(1, metadata.keyTail.value.seq) };

@@ -208,6 +208,7 @@ export class ReadPath {
           continue; // the range is a gap now
         }
         subtree.markReferenced(index, this.head.hitEpoch);
+        ctx.segments.hit[segment] = 1;
         this.readHit(walk, subtree, index, target.subarray(position - request, pieceEnd - request), position);
       }
       position = pieceEnd;

@@ -15,6 +15,7 @@
 // new CLEAN key (bit clear) in the index and the log, as a read miss is filled. The old key
 // then goes as GC drops it. A re-logged key must be hit again before GC reaches it next time,
 // or it is evicted: the clock hand is GC's walk.
+// A segment nothing was read from (SegmentTable.hit) is passed without looking in the index.
 // Which hits count: a hit also records the data head's hit epoch (DataHead.hitEpoch, about an
 // eighth of a lap of the log; four in-memory bits of the flags). While the admission shadows
 // find that recent hits alone pay (SecondChancePolicy: a working set that moves, where data hit
@@ -120,6 +121,9 @@ export class SecondChance {
     const ctx = this.ctx;
     this.passedBytes += key.lengthBytes;
     if ((key.flags & keyFlagZero) !== 0) return;
+    // No read hit data in the segment since it was handed out: no reference bit to look for.
+    // Under a write workload this skips the index walk for nearly every key GC passes.
+    if (ctx.segments.hit[key.segment] === 0) return;
     const subtree = ctx.index.subtree(key.offsetBytes, false);
     if (subtree === undefined) return;
     const end = Math.min(key.offsetBytes + key.lengthBytes, subtreeEnd(key.offsetBytes));

@@ -16,6 +16,9 @@
 //   data lives in s. Once dirty_tail's seq passes it, every key into s has been written back, so
 //   the backing device holds what those keys hold (a read may take it from there: cache_read_gather.ts).
 //   It only grows (seqs do), so after s is reused it stays an upper bound.
+// - hit[s] is 1 once a read hit data in s since s was last handed out (0 again on allocate).
+//   While it is 0 no index entry into s has its reference bit set, so GC's second chance need
+//   not look in the index for the keys it passes there (cache_second_chance.ts).
 // - One free segment is held back for the log (logReserveSegments): data allocation never
 //   takes it, so the log can always move on to a new segment and let writeback and GC run.
 
@@ -36,6 +39,8 @@ export class SegmentTable {
   readonly kind: Uint8Array;
   /** The newest kset seq known to hold a dirty key into each segment (see the file comment). */
   readonly dirtySeq: Float64Array;
+  /** Whether a read hit data in each segment since it was handed out (see the file comment). */
+  readonly hit: Uint8Array;
   /** Free segments in the order they were freed (a ring buffer). */
   private readonly freeRing: Uint32Array;
   private freeStart = 0;
@@ -49,6 +54,7 @@ export class SegmentTable {
     this.refs = new Uint32Array(count);
     this.kind = new Uint8Array(count);
     this.dirtySeq = new Float64Array(count);
+    this.hit = new Uint8Array(count);
     this.freeRing = new Uint32Array(count);
   }
 
@@ -86,6 +92,7 @@ export class SegmentTable {
     assert(this.refs[segment] === 0, 'free segment has references', segment);
     this.kind[segment] = kind;
     this.gen[segment] = (this.gen[segment] ?? 0) + 1;
+    this.hit[segment] = 0;
     return segment;
   }
 

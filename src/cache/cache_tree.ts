@@ -97,6 +97,9 @@ export function isDataKey(flags: number): boolean {
   return (flags & (keyFlagEmpty | keyFlagZero)) === 0;
 }
 
+/** Whether row `index` of `subtree` is stale (or, for removeWhere, is to go). */
+export type StaleRow = (subtree: Subtree, index: number) => boolean;
+
 export class Subtree {
   readonly baseBytes: number;
   count = 0;
@@ -225,7 +228,7 @@ export class Subtree {
    *
    *   T before or after K: untouched.
    */
-  insert(key: IndexKey): void {
+  insert(key: IndexKey, isStale?: StaleRow): void {
     const keyStart = key.offsetBytes - this.baseBytes;
     const keyEnd = keyStart + key.lengthBytes;
     assert(keyStart >= 0 && keyEnd <= subtreeSizeBytes && key.lengthBytes > 0, 'key outside its subtree');
@@ -248,7 +251,34 @@ export class Subtree {
     while (last < this.count && (this.ends[last] ?? 0) <= keyEnd) last++;
     // Keys first .. last-1 lie inside K. Key `last`, if it starts before K's end, overlaps K's tail.
     if (last < this.count && this.at(last, colOffset) < keyEnd) this.cutFront(last, keyEnd);
+    if (last === first && isStale !== undefined) {
+      // K lands in a gap. A stale neighbour is no key at all (its segment was freed): K takes
+      // its row, which keeps the order (K lies between the rows either side) and moves nothing,
+      // where opening a row moves every row after it.
+      if (first < this.count && isStale(this, first)) {
+        this.store(first, key);
+        return;
+      }
+      if (first > 0 && isStale(this, first - 1)) {
+        this.store(first - 1, key);
+        return;
+      }
+    }
     this.replace(first, last - first, key);
+  }
+
+  /** Removes every key `remove` picks, in one pass over the rows; returns how many went. */
+  removeWhere(remove: StaleRow): number {
+    const count = this.count;
+    let kept = 0;
+    for (let index = 0; index < count; index++) {
+      if (remove(this, index)) continue;
+      if (kept !== index) this.copyRow(index, kept);
+      kept++;
+    }
+    this.count = kept;
+    this.maybeShrink();
+    return count - kept;
   }
 
   /** Removes key `index`. */
@@ -384,108 +414,15 @@ export class Subtree {
   }
 
   private maybeShrink(): void {
-    const capacity = this.cols.length / stride;
+    let capacity = this.cols.length / stride;
     if (capacity > capacityInitialKeys * 4 && this.count * 4 < capacity) {
-      const shrunk = new Uint32Array((capacity / 2) * stride);
+      while (capacity > capacityInitialKeys * 4 && this.count * 4 < capacity) capacity /= 2;
+      const shrunk = new Uint32Array(capacity * stride);
       shrunk.set(this.cols.subarray(0, this.count * stride));
       this.cols = shrunk;
-      const shrunkEnds = new Uint32Array(capacity / 2);
+      const shrunkEnds = new Uint32Array(capacity);
       shrunkEnds.set(this.ends.subarray(0, this.count));
       this.ends = shrunkEnds;
     }
-  }
-}
-
-export class KeyIndex {
-  private readonly subtrees = new Map<number, Subtree>();
-
-  get subtreeCount(): number {
-    return this.subtrees.size;
-  }
-
-  /** The subtree holding `offsetBytes`, created when `create` is set. */
-  subtree(offsetBytes: number, create: true): Subtree;
-  subtree(offsetBytes: number, create: false): Subtree | undefined;
-  subtree(offsetBytes: number, create: boolean): Subtree | undefined {
-    const id = Math.floor(offsetBytes / subtreeSizeBytes);
-    let subtree = this.subtrees.get(id);
-    if (subtree === undefined && create) {
-      subtree = new Subtree(id * subtreeSizeBytes);
-      this.subtrees.set(id, subtree);
-    }
-    return subtree;
-  }
-
-  insert(key: IndexKey): void {
-    this.subtree(key.offsetBytes, true).insert(key);
-  }
-
-  /**
-   * Removes whatever the index holds over `key`'s range (inside one subtree): `key` goes in,
-   * cutting what it overlaps, and then comes out again (a DROP key, cache_replay.ts).
-   */
-  removeRange(key: IndexKey): void {
-    const subtree = this.subtree(key.offsetBytes, true);
-    subtree.insert(key);
-    const index = subtree.seek(key.offsetBytes);
-    assert(subtree.start(index) === key.offsetBytes && subtree.length(index) === key.lengthBytes, 'removeRange lost its key');
-    subtree.removeAt(index);
-    this.release(subtree);
-  }
-
-  /** Drops a subtree that has become empty, so idle address space costs nothing. */
-  release(subtree: Subtree): void {
-    if (subtree.count === 0) this.subtrees.delete(subtree.baseBytes / subtreeSizeBytes);
-  }
-
-  get keyCount(): number {
-    let count = 0;
-    for (const subtree of this.subtrees.values()) count += subtree.count;
-    return count;
-  }
-
-  /** Subtrees in address order. */
-  inOrder(): Subtree[] {
-    return [...this.subtrees.values()].sort((a, b) => a.baseBytes - b.baseBytes);
-  }
-
-  /** Subtrees in no particular order (cheap; for sweeps). */
-  all(): IterableIterator<Subtree> {
-    return this.subtrees.values();
-  }
-
-  get storageBytes(): number {
-    let bytes = 0;
-    for (const subtree of this.subtrees.values()) bytes += subtree.storageBytes;
-    return bytes;
-  }
-
-  /** Removes every key for which `isStale(subtree, index)` holds; returns how many went. */
-  sweep(isStale: (subtree: Subtree, index: number) => boolean): number {
-    let removed = 0;
-    for (const id of this.subtreeIds()) removed += this.sweepSubtree(id, isStale);
-    return removed;
-  }
-
-  /** Ids of the subtrees present now, for a sweep done a few subtrees at a time (sweepSubtree). */
-  subtreeIds(): number[] {
-    return [...this.subtrees.keys()];
-  }
-
-  /** Removes the keys `isStale` picks from subtree `id`, if it is still there; returns how many. */
-  sweepSubtree(id: number, isStale: (subtree: Subtree, index: number) => boolean): number {
-    const subtree = this.subtrees.get(id);
-    if (subtree === undefined) return 0;
-    let removed = 0;
-    for (let index = 0; index < subtree.count;) {
-      if (isStale(subtree, index)) {
-        subtree.removeAt(index);
-        removed++;
-      } else {
-        index++;
-      }
-    }
-    this.release(subtree);
-    return removed;
   }
 }

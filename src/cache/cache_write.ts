@@ -147,7 +147,8 @@ export class WriteGroup {
         piece.write.failure ??= refused;
         continue;
       }
-      ctx.index.insert(keyFromRecord(this.scratchKey, piece.record));
+      // A stale neighbour's row is taken rather than a row opened (cache_index.ts).
+      ctx.index.insertTakingStale(keyFromRecord(this.scratchKey, piece.record));
       piece.write.seq = this.log.append(piece.record);
     }
     for (const write of writes) {

@@ -34,7 +34,8 @@ import type { Timers } from '../lib/timers.js';
 import { keyFlagClean, keyFlagEmpty, keyFlagZero } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
 import { positionAfter, readKsetAt, type KsetLog } from './cache_kset.js';
-import { KeyIndex, keyFromRecord, newIndexKey, type IndexKey, type Subtree } from './cache_tree.js';
+import { KeyIndex } from './cache_index.js';
+import { keyFromRecord, newIndexKey, type IndexKey, type Subtree } from './cache_tree.js';
 import type { LogPos } from './cache_types.js';
 
 /**
@@ -125,6 +126,8 @@ export async function planWrites(window: Window, live: KeyIndex, skipAllowed: ()
     bytes += lengthBytes;
   };
   let keysThisTurn = 0;
+  // Read into one scratch key: emit copies what it keeps, and nothing awaits while it is used.
+  const scratch = newIndexKey();
   for (const subtree of window.keys.inOrder()) {
     for (let index = 0; index < subtree.count; index++) {
       if (++keysThisTurn >= planKeysPerTurn) {
@@ -133,7 +136,7 @@ export async function planWrites(window: Window, live: KeyIndex, skipAllowed: ()
       }
       const paced = timers.pace();
       if (paced !== undefined) await paced;
-      const key = subtree.read(index, newIndexKey());
+      const key = subtree.read(index, scratch);
       if ((key.flags & keyFlagClean) !== 0) continue;
       // Looked up per key: the live subtree may be dropped or replaced during a break.
       const liveSubtree = skipAllowed() ? live.subtree(subtree.baseBytes, false) : undefined;

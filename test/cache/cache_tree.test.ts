@@ -2,7 +2,8 @@
 // model under random inserts.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { KeyIndex, Subtree, newIndexKey, type IndexKey } from '../../src/cache/cache_tree.js';
+import { KeyIndex } from '../../src/cache/cache_index.js';
+import { Subtree, newIndexKey, type IndexKey } from '../../src/cache/cache_tree.js';
 import { keyFlagEmpty, keyFlagZero } from '../../src/ondisk/kset.js';
 import { MiB } from '../../src/lib/units.js';
 import { Prng } from '../../sim/prng.js';
@@ -209,5 +210,94 @@ describe('index seek: the column of key ends stays true under every kind of chan
       while (t.count > 3) t.removeAt(prng.nextInt(t.count));
       check(t, prng, `seed ${seed}, round ${round}, after shrinking`);
     }
+  });
+});
+
+describe('stale entries: inserts take their rows, sweeps remove them in one pass', () => {
+  it('an insert into a gap takes a stale neighbour\'s row, before or after it, and keeps the order', () => {
+    const stale = new Set<number>([2]);
+    const isStale = (t: Subtree, index: number): boolean => stale.has(t.segment(index));
+    const t = new Subtree(0);
+    for (const [start, segment] of [[0, 1], [16, 2], [32, 3]] as const) t.insert(key(start, 8, segment));
+    // K at 8..16 lies between key 1 and the stale key 2 (after it): K takes 2's row.
+    t.insert(key(8, 8, 4), isStale);
+    assert.deepEqual(dump(t).map((row) => [row[0], row[2]]), [[0, 1], [8, 4], [32, 3]]);
+    // K at 24..32 lies between key 4 and key 3; neither is stale: a row is opened.
+    t.insert(key(24, 8, 5), isStale);
+    assert.deepEqual(dump(t).map((row) => [row[0], row[2]]), [[0, 1], [8, 4], [24, 5], [32, 3]]);
+    // Segment 3 goes stale; K at 40 lies after it (the stale row is before K): K takes its row.
+    stale.add(3);
+    t.insert(key(40, 8, 6), isStale);
+    assert.deepEqual(dump(t).map((row) => [row[0], row[2]]), [[0, 1], [8, 4], [24, 5], [40, 6]]);
+    for (let i = 0; i < t.count; i++) assert.equal(t.end(i), t.start(i) + t.length(i));
+    // A stale key K overlaps is cut as any key is; what is left of it after K is then the
+    // neighbour K takes the row of. A live key K overlaps is cut and kept.
+    stale.add(5);
+    t.insert(key(20, 8, 7), isStale);
+    assert.deepEqual(dump(t).map((row) => [row[0], row[1], row[2]]), [[0, 8, 1], [8, 8, 4], [20, 8, 7], [40, 8, 6]]);
+    t.insert(key(36, 8, 8), isStale);
+    assert.deepEqual(dump(t).map((row) => [row[0], row[1], row[2]]), [[0, 8, 1], [8, 8, 4], [20, 8, 7], [36, 8, 8], [44, 4, 6]]);
+  });
+
+  it('random inserts with segments going stale: the live keys match a per-sector model', () => {
+    const seed = Number(process.env.PCACHE_SEED ?? 4321);
+    const prng = new Prng(seed);
+    const sectors = 2048;
+    for (let round = 0; round < 10; round++) {
+      const stale = new Set<number>();
+      const isStale = (t: Subtree, index: number): boolean => stale.has(t.segment(index));
+      const t = new Subtree(0);
+      const model: (number | undefined)[] = new Array<number | undefined>(sectors).fill(undefined);
+      for (let id = 1; id <= 400; id++) {
+        if (prng.nextInt(4) === 0) stale.add(1 + prng.nextInt(id)); // a segment freed: its keys go stale
+        const small = prng.nextInt(3) !== 0;
+        const length = small ? 8 : 1 + prng.nextInt(64);
+        const start = small ? prng.nextInt(sectors / 8) * 8 : prng.nextInt(sectors - length);
+        t.insert(key(start, length, id), isStale);
+        for (let s = start; s < start + length; s++) model[s] = id;
+        const seen: (number | undefined)[] = new Array<number | undefined>(sectors).fill(undefined);
+        let previousEnd = 0;
+        for (let i = 0; i < t.count; i++) {
+          assert.ok(t.start(i) >= previousEnd, `seed ${seed}: keys overlap or are unsorted`);
+          assert.equal(t.end(i), t.start(i) + t.length(i));
+          previousEnd = t.end(i);
+          if (stale.has(t.segment(i))) continue;
+          for (let s = t.start(i) / S; s < t.end(i) / S; s++) seen[s] = t.segment(i);
+        }
+        assert.deepEqual(seen, model.map((owner) => (owner === undefined || stale.has(owner) ? undefined : owner)), `seed ${seed}, round ${round}, insert ${id}`);
+      }
+    }
+  });
+
+  it('removeWhere removes what it picks in one pass and keeps the rest in order', () => {
+    const t = new Subtree(0);
+    for (let i = 0; i < 100; i++) t.insert(key(i * 8, 8, i));
+    assert.equal(t.removeWhere((s, index) => s.segment(index) % 3 === 0), 34);
+    assert.deepEqual(dump(t).map((row) => row[2]), Array.from({ length: 100 }, (_, i) => i).filter((i) => i % 3 !== 0));
+    for (let i = 0; i < t.count; i++) assert.equal(t.seek(t.start(i)), i);
+    assert.equal(t.removeWhere(() => true), 66);
+    assert.equal(t.count, 0);
+  });
+
+  it('a sweep leaves a subtree\'s stale entries while they are at most half of it, and drops an all-stale subtree', () => {
+    const stale = new Set<number>();
+    const isStale = (t: Subtree, index: number): boolean => stale.has(t.segment(index));
+    const index = new KeyIndex(isStale);
+    for (let i = 0; i < 8; i++) index.insert(key(i * 8, 8, i));
+    index.insert(key(subtreeBytes / S, 8, 100));
+    const [first, second] = index.subtreeIds();
+    assert.ok(first !== undefined && second !== undefined);
+    for (let i = 0; i < 4; i++) stale.add(i);
+    assert.equal(index.sweepSubtree(first, isStale), 0, 'half stale: left');
+    assert.equal(index.keyCount, 9);
+    stale.add(4);
+    assert.equal(index.sweepSubtree(first, isStale), 5, 'more than half: removed');
+    assert.deepEqual(index.subtree(0, false)?.count, 3);
+    stale.add(100);
+    assert.equal(index.sweepSubtree(second, isStale), 1);
+    assert.equal(index.subtreeCount, 1, 'an emptied subtree is dropped');
+    // sweep() removes whatever it is told, every subtree.
+    assert.equal(index.sweep(() => true), 3);
+    assert.equal(index.subtreeCount, 0);
   });
 });

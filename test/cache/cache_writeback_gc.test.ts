@@ -202,6 +202,8 @@ describe('garbage collection', () => {
     // 32 segments: a sweep every 2 freed segments. GC runs whenever it can (gc_percent 0; a
     // higher one would let a clean cache fill up first). One 4 KiB key per kset
     // (a flush after every write), so that a GC round (64 ksets) frees at most one segment.
+    // A sweep leaves a subtree's stale entries while they are at most half its rows
+    // (cache_index.ts), so the 1,024 keys of the first 4 MiB go once more than 512 are stale.
     const rig = await recordingRig({ segments: 32, gcPercent: 0 });
     const { cache } = rig;
     cache.setTuning({ sequentialCutoffBytes: 0 }); // sequential on purpose: every write must be cached
@@ -215,22 +217,25 @@ describe('garbage collection', () => {
     const freed = (): number => cache.status().counters.gcSegmentsFreed;
     let sawUnswept = false;
     let swept = false;
+    let read = false;
     while (await cache.gcStep()) {
       const keys = cache.status().indexKeys;
       if (freed() < 2) {
         // A segment of 256 keys may have been freed: its index entries are stale but still
-        // there (no sweep yet), and a read skips them.
-        assert.equal(keys, blocks, `no sweep before 2 segments are freed (${freed()} so far)`);
+        // there (no sweep yet), and a read skips them. (The read drops the stale entry it met,
+        // and its fill may take a stale neighbour's row: at most two fewer.)
+        assert.ok(keys >= blocks - 2, `no sweep before 2 segments are freed (${freed()} so far, ${keys} keys)`);
         if (freed() > 0) {
           sawUnswept = true;
-          assert.deepEqual(await readBytes(cache, 0, blockBytes), pattern(0, 0, blockBytes));
+          if (!read) assert.deepEqual(await readBytes(cache, 0, blockBytes), pattern(0, 0, blockBytes));
+          read = true;
         }
-      } else if (!swept) {
+      } else if (!swept && keys < blocks - 512) {
         swept = true;
-        assert.ok(keys < blocks - 256, `the sweep ran once ${freed()} segments were freed (${keys} keys left)`);
       }
     }
-    assert.ok(sawUnswept && swept, 'GC freed one segment, then a second, in separate rounds');
+    assert.ok(sawUnswept && swept, 'GC freed one segment, then more, in separate rounds, and a sweep removed stale entries');
+    assert.ok(cache.status().counters.staleKeysRemoved > 512);
     for (let i = 0; i < blocks; i += 97) assert.deepEqual(await readBytes(cache, i * blockBytes, blockBytes), pattern(i, i * blockBytes, blockBytes));
     assert.deepEqual(await cache.check(), []);
   });
@@ -258,10 +263,13 @@ describe('garbage collection', () => {
     const freed = (): number => cache.status().counters.gcSegmentsFreed;
     let swept = false;
     while (await cache.gcStep()) {
-      if (freed() >= 2 && !swept) {
+      const keys = cache.status().indexKeys;
+      if (keys < blocks && !swept) {
+        // The first sweep that removes anything: each subtree is then more than half stale
+        // (cache_index.ts), more than 128 of its 256 keys; one that stopped after its first
+        // subtree would have removed at most 256.
         swept = true;
-        const keys = cache.status().indexKeys;
-        assert.ok(keys < blocks - 256, `the sweep finished within the step that started it (${keys} keys left)`);
+        assert.ok(keys < blocks - 512, `the sweep finished within the step that started it (${keys} keys left)`);
       }
     }
     assert.ok(swept, `GC freed segments (${freed()})`);
