@@ -136,10 +136,15 @@ export class ReadPath {
     this.spareWalk = undefined;
     walk.reset(admit, demand);
     const endBytes = offsetBytes + target.length;
-    for (let position = offsetBytes; position < endBytes;) {
-      const end = Math.min(endBytes, subtreeEnd(position));
-      this.readSubtree(walk, target, offsetBytes, position, end);
-      position = end;
+    const firstEnd = subtreeEnd(offsetBytes);
+    if (endBytes <= firstEnd) {
+      this.readSubtree(walk, target, offsetBytes, offsetBytes, endBytes); // the common case: one subtree
+    } else {
+      for (let position = offsetBytes; position < endBytes;) {
+        const end = Math.min(endBytes, subtreeEnd(position));
+        this.readSubtree(walk, target, offsetBytes, position, end);
+        position = end;
+      }
     }
     ctx.stats.readHitBytes += walk.hitBytes;
     if (walk.misses === undefined && walk.reads === undefined) {
@@ -209,7 +214,10 @@ export class ReadPath {
         }
         subtree.markReferenced(index, this.head.hitEpoch);
         ctx.segments.hit[segment] = 1;
-        this.readHit(walk, subtree, index, target.subarray(position - request, pieceEnd - request), position);
+        // A hit covering the whole request (a small read inside one key) reads into the
+        // target itself: no view allocated per request.
+        const whole = position === request && pieceEnd - position === target.length;
+        this.readHit(walk, subtree, index, whole ? target : target.subarray(position - request, pieceEnd - request), position);
       }
       position = pieceEnd;
       index++;
@@ -219,13 +227,19 @@ export class ReadPath {
 
   private readHit(walk: ReadWalk, subtree: Subtree, index: number, piece: Uint8Array, position: number): void {
     const ctx = this.ctx;
-    const key = subtree.read(index, walk.scratchKey);
-    const segmentOffset = key.segmentOffsetBytes + (position - key.offsetBytes);
+    const segment = subtree.segment(index);
     walk.hitBytes += piece.length;
-    const io = ctx.dataCrc ? this.verifiedRead(key, piece, segmentOffset) : ctx.dev.readData(piece, key.segment, segmentOffset);
+    let io;
+    if (ctx.dataCrc) {
+      const key = subtree.read(index, walk.scratchKey);
+      io = this.verifiedRead(key, piece, key.segmentOffsetBytes + (position - key.offsetBytes));
+    } else {
+      // Without data CRCs only where the data lies is needed: two columns, not the whole key.
+      io = ctx.dev.readData(piece, segment, subtree.segmentOffset(index) + (position - subtree.start(index)));
+    }
     if (io === undefined) return;
     (walk.reads ??= []).push(io);
-    (walk.pendingHits ??= []).push({ offsetBytes: position, lengthBytes: piece.length, segment: key.segment, genLow32: subtree.genLow32(index) });
+    (walk.pendingHits ??= []).push({ offsetBytes: position, lengthBytes: piece.length, segment, genLow32: subtree.genLow32(index) });
   }
 
   /**

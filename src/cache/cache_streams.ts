@@ -6,8 +6,14 @@
 // replaced; at most streamClientsMax clients are remembered, the oldest forgotten first. So
 // the table is bounded whatever the clients do, and a client interleaving a few sequential
 // streams (a copy reading one file and writing another) keeps each of them.
-// Cost per request: a scan of streamsPerClientMax numbers, and a Map lookup when the client is
-// not the last request's; no allocation except for a client seen for the first time.
+// A request continues the first stream (in slot order) whose last request ended where it
+// starts; otherwise it starts a new stream in the least recently used slot (unused slots first,
+// lowest first).
+// Cost per request (every read and write notes itself while the cutoff is on, so this is on the
+// hot path): a scan of streamsPerClientMax numbers for the continued stream, and a few small
+// array writes to keep the slots in use order (a ring of slot numbers, so the least recently
+// used slot is known without a scan); a Map lookup when the client is not the last request's;
+// no allocation except for a client seen for the first time.
 
 export const streamsPerClientMax = 8;
 export const streamClientsMax = 256;
@@ -17,13 +23,47 @@ class ClientStreams {
   readonly ends = new Float64Array(streamsPerClientMax).fill(-1);
   /** Bytes each stream has run so far. */
   readonly runBytes = new Float64Array(streamsPerClientMax);
-  /** When each stream was last used (the table's request counter). */
-  readonly usedAt = new Float64Array(streamsPerClientMax);
+  /**
+   * The slots in use order, as a ring: `newer[slot]` is the slot used next after it, `older`
+   * the one before; `oldest` the least recently used (the next to be replaced), and
+   * `older[oldest]` the most recently used. Unused slots start the ring in slot order.
+   */
+  readonly newer = new Uint8Array(streamsPerClientMax);
+  readonly older = new Uint8Array(streamsPerClientMax);
+  oldest = 0;
+
+  constructor() {
+    for (let slot = 0; slot < streamsPerClientMax; slot++) {
+      this.newer[slot] = (slot + 1) % streamsPerClientMax;
+      this.older[slot] = (slot + streamsPerClientMax - 1) % streamsPerClientMax;
+    }
+  }
+
+  /** Makes `slot` the most recently used. */
+  touch(slot: number): void {
+    const oldest = this.oldest;
+    // The oldest slot becomes the newest by turning the ring one step.
+    if (slot === oldest) {
+      this.oldest = this.newer[slot] ?? 0;
+      return;
+    }
+    const newer = this.newer;
+    const older = this.older;
+    const newest = older[oldest] ?? 0;
+    if (slot === newest) return;
+    const before = older[slot] ?? 0;
+    const after = newer[slot] ?? 0;
+    newer[before] = after;
+    older[after] = before;
+    newer[newest] = slot;
+    older[slot] = newest;
+    newer[slot] = oldest;
+    older[oldest] = slot;
+  }
 }
 
 export class StreamTable {
   private readonly clients = new Map<number, ClientStreams>();
-  private requests = 0;
   /** The client of the last request, and its streams (the Map's entry for it, or undefined). */
   private lastClient = -1;
   private lastStreams: ClientStreams | undefined;
@@ -35,7 +75,23 @@ export class StreamTable {
   note(client: number, offsetBytes: number, lengthBytes: number): number {
     // Most requests come from the client of the request before (one busy connection): its
     // streams are kept at hand, which saves the Map lookup on the read-hit path.
-    let streams = client === this.lastClient ? this.lastStreams : this.clients.get(client);
+    let streams = this.lastStreams;
+    if (client !== this.lastClient || streams === undefined) streams = this.streamsOf(client);
+    const ends = streams.ends;
+    let slot = 0;
+    while (slot < streamsPerClientMax && ends[slot] !== offsetBytes) slot++;
+    let run = lengthBytes;
+    if (slot < streamsPerClientMax) run += streams.runBytes[slot] ?? 0;
+    else slot = streams.oldest;
+    ends[slot] = offsetBytes + lengthBytes;
+    streams.runBytes[slot] = run;
+    streams.touch(slot);
+    return run;
+  }
+
+  /** The streams of `client`, made the last request's (a new entry for a client not remembered). */
+  private streamsOf(client: number): ClientStreams {
+    let streams = this.clients.get(client);
     if (streams === undefined) {
       if (this.clients.size >= streamClientsMax) {
         const oldest = this.clients.keys().next();
@@ -47,23 +103,7 @@ export class StreamTable {
     }
     this.lastClient = client;
     this.lastStreams = streams;
-    const now = ++this.requests;
-    const { ends, runBytes, usedAt } = streams;
-    let victim = 0;
-    for (let slot = 0; slot < streamsPerClientMax; slot++) {
-      if (ends[slot] === offsetBytes) {
-        const run = (runBytes[slot] ?? 0) + lengthBytes;
-        ends[slot] = offsetBytes + lengthBytes;
-        runBytes[slot] = run;
-        usedAt[slot] = now;
-        return run;
-      }
-      if ((usedAt[slot] ?? 0) < (usedAt[victim] ?? 0)) victim = slot;
-    }
-    ends[victim] = offsetBytes + lengthBytes;
-    runBytes[victim] = lengthBytes;
-    usedAt[victim] = now;
-    return lengthBytes;
+    return streams;
   }
 
   /** Clients remembered (tests: the table stays bounded). */
