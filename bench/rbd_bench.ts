@@ -14,6 +14,10 @@
 // round runs each workload once through pcache and once direct, alternating which goes first;
 // medians over the rounds are compared; after each pcache write run the cache is drained (so
 // writeback never overlaps the next run), and the drain's time is printed.
+// PCACHE_BENCH_RBD_FILE_PEER=1 adds a control to the read workload: a second `pcache serve` with
+// the same settings in front of a tmpfs file instead of the image (written, drained and read
+// through the same way), measured in the same rounds. It tells what a cached read costs when
+// the backing device is not a remote NBD client with Ceph behind it (docs/performance.md).
 // Part "sustained" (bench/rbd_sustained.ts): 4 KiB random writes QD16 over a range four times
 // the cache, long enough to wrap it several times, through pcache and straight; per-second series.
 // Environment: PCACHE_BENCH_RBD_PARTS (default qd1,sustained), PCACHE_BENCH_SECONDS (the pcache
@@ -52,7 +56,10 @@ const sustainedSegmentBytes = process.env.PCACHE_BENCH_SEGMENT_MIB === undefined
 const store = process.env.PCACHE_BENCH_CEPH_STORE ?? 'bluestore';
 if (store !== 'bluestore' && store !== 'memstore') throw new Error(`PCACHE_BENCH_CEPH_STORE must be bluestore or memstore, not ${store}`);
 
-type Side = 'pcache' | 'direct';
+/** Whether the read workload also runs through pcache in front of a tmpfs file (PCACHE_BENCH_RBD_FILE_PEER=1). */
+const filePeer = process.env.PCACHE_BENCH_RBD_FILE_PEER === '1';
+
+type Side = 'pcache' | 'direct' | 'file';
 
 const workloads = [
   { name: '4K random read QD1 (cached)', rw: 'randread' },
@@ -82,30 +89,48 @@ async function qd1Comparison(dir: string, clusterDir: string): Promise<void> {
   const socket = path.join(dir, 'pcache.sock');
   // The sequential cutoff is off (sequential_cutoff_bytes=0): the warm-up reads the range in order, and with the cutoff on those reads would not be admitted; the benchmark measures the cache's own path.
   const child = await startPcacheServe('pcache serve', dir, socket, ['--cache', cache, '--backing', `nbd+unix:///?socket=${path.join(clusterDir, 'cached.sock')}`, '--control', control, '--tuning', 'sequential_cutoff_bytes=0']);
+  // The control: the same settings in front of a tmpfs file (its cache file is filled the same way).
+  const fileControl = path.join(dir, 'file.ctl');
+  const fileCache = path.join(dir, 'file-cache.img');
+  let fileChild: Awaited<ReturnType<typeof startPcacheServe>> | undefined;
   try {
-    const sockets: Record<Side, string> = { pcache: socket, direct: path.join(clusterDir, 'direct.sock') };
+    const sockets: Record<Side, string> = { pcache: socket, direct: path.join(clusterDir, 'direct.sock'), file: path.join(dir, 'file.sock') };
+    if (filePeer) {
+      const backing = path.join(dir, 'file-backing.img');
+      fill(backing, rangeBytes, true);
+      fill(fileCache, cacheBytes, false);
+      fileChild = await startPcacheServe('pcache serve (file backing)', dir, sockets.file, ['--cache', fileCache, '--backing', backing, '--control', fileControl, '--tuning', 'sequential_cutoff_bytes=0']);
+    }
     // Both images get written once in full, so neither side reads unallocated RBD objects.
     await fio(sockets.direct, 'randwrite', '1m', 4, false);
-    await fio(sockets.pcache, 'randwrite', '1m', 4, false);
-    await controlRequest(control, 'drain');
-    await fio(sockets.pcache, 'read', '1m', 4, false); // the whole range in the cache
+    const warmed: [Side, string][] = [['pcache', control], ...(filePeer ? [['file', fileControl] as [Side, string]] : [])];
+    for (const [side, ctl] of warmed) {
+      await fio(sockets[side], 'randwrite', '1m', 4, false);
+      await controlRequest(ctl, 'drain');
+      await fio(sockets[side], 'read', '1m', 4, false); // the whole range in the cache
+    }
     // The same read pass straight: the OSD's own cache (bluestore keeps what it reads, writes are not cached) gets the same warm-up as pcache's.
     await fio(sockets.direct, 'read', '1m', 4, false);
     console.log(`QD1: RBD images of ${rangeBytes / MiB} MiB; pcache cache ${cacheBytes / MiB} MiB on ${dir}; ${rounds} round(s) of ${runtime} per run; load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     for (const workload of workloads) {
-      const results: Record<Side, number[]> = { pcache: [], direct: [] };
+      const results: Record<Side, number[]> = { pcache: [], direct: [], file: [] };
       const drainsMs: number[] = [];
-      let reads = 0;
-      let hits = 0;
+      // Read requests and hits seen by each pcache server.
+      const reads: Record<Side, number> = { pcache: 0, direct: 0, file: 0 };
+      const hits: Record<Side, number> = { pcache: 0, direct: 0, file: 0 };
+      const withFile = filePeer && workload.rw === 'randread';
       for (let round = 0; round < rounds; round++) {
         const order: Side[] = round % 2 === 0 ? ['pcache', 'direct'] : ['direct', 'pcache'];
+        if (withFile) order.splice(round % 3, 0, 'file');
         for (const side of order) {
-          const before = side === 'pcache' ? await counters(control) : undefined;
+          const ctl = side === 'pcache' ? control : side === 'file' ? fileControl : undefined;
+          const before = ctl === undefined ? undefined : await counters(ctl);
           results[side].push(await fio(sockets[side], workload.rw, '4k', 1, true));
-          if (before === undefined) continue;
-          const after = await counters(control);
-          reads += after.counters.readRequests - before.counters.readRequests;
-          hits += after.counters.readHitRequests - before.counters.readHitRequests;
+          if (before === undefined || ctl === undefined) continue;
+          const after = await counters(ctl);
+          reads[side] += after.counters.readRequests - before.counters.readRequests;
+          hits[side] += after.counters.readHitRequests - before.counters.readHitRequests;
+          if (side === 'file') continue;
           if (workload.rw !== 'randwrite') continue;
           const drainStart = performance.now();
           await controlRequest(control, 'drain');
@@ -116,14 +141,20 @@ async function qd1Comparison(dir: string, clusterDir: string): Promise<void> {
       const direct = median(results.direct);
       report({ bench: 'rbd', metric: `${workload.name} vs direct`, value, unit: 'IOPS', peer: 'RBD via qemu-nbd --cache=none', peerValue: direct });
       const ratio = value / direct;
-      const hitRate = reads === 0 ? '' : `; pcache read hits ${(100 * hits / reads).toFixed(1)}%`;
+      const hitRate = reads.pcache === 0 ? '' : `; pcache read hits ${(100 * hits.pcache / reads.pcache).toFixed(1)}%`;
       console.log(`  ${workload.name}: ratio ${ratio.toFixed(2)}, target >= ${target.toFixed(1)}: ${ratio >= target ? 'met' : 'MISSED'}${hitRate}; ` +
         `runs pcache ${results.pcache.map(Math.round).join(' ')} | direct ${results.direct.map(Math.round).join(' ')}; load average ${os.loadavg()[0]?.toFixed(2) ?? '?'}`);
+      if (withFile) {
+        const file = median(results.file);
+        console.log(`  the same through pcache in front of a tmpfs file (control): median ${Math.round(file)} IOPS, ${(file / value).toFixed(2)}x the RBD-backed pcache; read hits ${(100 * hits.file / Math.max(1, reads.file)).toFixed(1)}%; runs ${results.file.map(Math.round).join(' ')}`);
+      }
       if (drainsMs.length > 0) console.log(`  drains after the write runs: ${drainsMs.map((ms) => `${(ms / 1000).toFixed(2)} s`).join(', ')}`);
     }
   } finally {
     await stopChild(child);
+    if (fileChild !== undefined) await stopChild(fileChild);
     fs.rmSync(cache, { force: true });
+    fs.rmSync(fileCache, { force: true });
   }
 }
 

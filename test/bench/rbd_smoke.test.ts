@@ -2,7 +2,8 @@
 // the benchmark's default) through scripts/ceph_cluster.sh, serve one image through pcache, report
 // both QD1 workloads against another image straight through qemu-nbd, and run the sustained
 // writes past a cache small enough to wrap within the run: per-second IOPS through pcache against
-// the image, latency, and bytes written back. Figures are not judged here (`npm run bench` reports them).
+// the image, latency, and bytes written back; with PCACHE_BENCH_RBD_FILE_PEER=1, the cached reads
+// also through pcache in front of a tmpfs file (the control). Figures are not judged here (`npm run bench` reports them).
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -12,7 +13,7 @@ import { requireTool } from '../helpers/tools.js';
 describe('rbd benchmark (smoke)', () => {
   it('reports cached reads and writes through pcache against the RBD image, a drain, and sustained writes past the cache', async () => {
     for (const [tool, debianPackage] of [['fio', 'fio'], ['ceph-mon', 'ceph-mon'], ['ceph-osd', 'ceph-osd'], ['rbd', 'ceph-common'], ['qemu-nbd', 'qemu-utils']]) requireTool(tool ?? '', debianPackage ?? '');
-    const { code, stdout, stderr } = await runBenchSmoke('rbd', {}, 180_000);
+    const { code, stdout, stderr } = await runBenchSmoke('rbd', { PCACHE_BENCH_RBD_FILE_PEER: '1' }, 180_000);
     assert.equal(code, 0, stdout + stderr);
     for (const workload of ['4K random read QD1 (cached)', '4K random write QD1']) {
       const line = stdout.split('\n').find((candidate) => candidate.includes(`${workload} vs direct`));
@@ -22,6 +23,7 @@ describe('rbd benchmark (smoke)', () => {
       assert.ok(Number((match[1] ?? '').replaceAll(',', '')) > 0 && Number((match[2] ?? '').replaceAll(',', '')) > 0, `both sides moved data: ${line}`);
     }
     assert.match(stdout, /pcache read hits 100\.0%/);
+    assert.match(stdout, /the same through pcache in front of a tmpfs file \(control\): median [1-9]\d* IOPS, [\d.]+x the RBD-backed pcache; read hits 100\.0%/);
     assert.match(stdout, /drains after the write runs: [\d.]+ s/);
     const sustained = stdout.split('\n').find((candidate) => candidate.includes('4K random write QD16 past the cache'));
     assert.ok(sustained !== undefined, `a sustained result:\n${stdout}`);

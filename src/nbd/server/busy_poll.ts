@@ -16,7 +16,11 @@
 // - A window that closes without input is a miss. After each consecutive miss the following
 //   2^misses - 1 idle moments are not polled (at most missSkipMax), so a client that pauses
 //   between requests costs almost nothing; input during a window resets the count.
-// - One window at a time for the whole server, whatever the number of connections.
+// - One window at a time for the whole server, whatever the number of connections. A
+//   connection that goes idle while the window is open (its request arrived during the window
+//   and was answered at once, inside the same turn) counts the window's hit and restarts it
+//   from now, instead of leaving the window to close on that input: a client at QD1 whose
+//   replies leave without waiting for the turn's end must still find the loop polling.
 
 import { assert } from '../../lib/assert.js';
 
@@ -80,7 +84,14 @@ export class BusyPoll {
 
   /** A connection has answered every request of a busy period of `requests` requests. */
   idle(requests: number): void {
-    if (this.windowMs === 0 || this.polling || this.stopped || requests > busyRequestsMax) return;
+    if (this.windowMs === 0 || this.stopped || requests > busyRequestsMax) return;
+    if (this.polling) {
+      // The step already queued keeps running; it now waits for input after this moment.
+      if (this.inputSeen) this.hit();
+      this.inputSeen = false;
+      this.deadlineMs = this.clock.nowMs() + this.windowMs;
+      return;
+    }
     if (this.skip > 0) {
       this.skip -= 1;
       return;
@@ -99,8 +110,7 @@ export class BusyPoll {
   private step(): void {
     if (this.inputSeen) {
       this.polling = false;
-      this.misses = 0;
-      this.counters.busyPollHitsTotal += 1;
+      this.hit();
       return;
     }
     if (this.stopped) {
@@ -115,5 +125,10 @@ export class BusyPoll {
       return;
     }
     this.clock.schedule(this.stepBound);
+  }
+
+  private hit(): void {
+    this.misses = 0;
+    this.counters.busyPollHitsTotal += 1;
   }
 }

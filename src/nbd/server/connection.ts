@@ -11,8 +11,8 @@
 // Invariants:
 // - Nothing is written after the socket closed or after our side ended; 'error' is always
 //   handled, so a client that vanishes mid-reply cannot crash the process.
-// - Requests are dispatched as soon as they are decoded; replies go out in completion order.
-//   Replies produced in one event-loop turn leave in one socket write (ReplyBatch).
+// - Requests are dispatched as soon as they are decoded; replies go out in completion order,
+//   in one socket write per event-loop turn (ReplyBatch), or per read when it left none in flight.
 // - The socket is read into one buffer reused for every read (socket_input.ts); whatever a
 //   read leaves queued is copied out (ByteQueue.own) before the next one. WRITE payloads are
 //   copied into buffers from the server's pool, which go back to it when the WRITE succeeds.
@@ -89,12 +89,8 @@ export interface ConnectionHost {
 type Phase = 'handshake' | 'transmission';
 
 let clientsNumbered = 0;
-
 /** Numbers connections 1, 2, ... (past 2^53 it would repeat; no process lives that long). */
-function nextClientId(): number {
-  clientsNumbered += 1;
-  return clientsNumbered;
-}
+const nextClientId = (): number => (clientsNumbered += 1);
 
 export class Connection {
   /** The plaintext socket, then the TLS socket once STARTTLS has succeeded. */
@@ -200,6 +196,9 @@ export class Connection {
     if (this.phase === 'transmission') {
       this.input.push(chunk);
       this.pump();
+      // All answered (read hits complete synchronously): send now, not after the turn's other
+      // callbacks (at QD1 the client waits for it); with requests in flight, batch per turn.
+      if (this.inFlightCount === 0) this.replies.flush();
       // The next read reuses the buffer: keep what this one left (usually nothing, or part
       // of a request header; everything queued while reading is paused).
       if (this.inputReused) this.input.own();

@@ -1,5 +1,6 @@
 // BusyPoll on a hand-driven clock: when a window opens (short busy periods only), how it ends
-// (input: a hit; the deadline: a miss), the back-off after misses, and stop(). The server test
+// (input: a hit; the deadline: a miss), how an idle moment inside a window restarts it, the
+// back-off after misses, and stop(). The server test
 // below it checks the wiring: a QD1 client is polled for, a deep batch and a zero window are not.
 
 import { describe, it } from 'node:test';
@@ -78,6 +79,34 @@ describe('busy poll window', () => {
     off.poll.idle(1);
     assert.ok(!off.poll.active);
     assert.equal(off.clock.queued.length, 0);
+  });
+
+  it('a connection going idle while the window is open (a reply sent at once) counts the hit and polls on from now', () => {
+    const { poll, clock } = setup();
+    poll.idle(1);
+    clock.now += 0.05;
+    clock.runQueued();
+    // The next request arrives and is answered within the same turn, before the next step.
+    poll.noteInput();
+    clock.now += 0.01;
+    poll.idle(1);
+    assert.deepEqual(poll.counters, { busyPollHitsTotal: 1, busyPollMissesTotal: 0 });
+    assert.equal(clock.queued.length, 1, 'the queued step carries on; no second chain');
+    // The old deadline (0.1 ms) passes: the window, restarted at 0.06 ms, is still open.
+    clock.now = 0.12;
+    clock.runQueued();
+    assert.ok(poll.active, 'the window closed on the input that came before the restart');
+    clock.now = 0.16;
+    clock.runQueued();
+    assert.ok(!poll.active);
+    assert.deepEqual(poll.counters, { busyPollHitsTotal: 1, busyPollMissesTotal: 1 });
+    // Without input before it, an idle moment during a window extends it and counts nothing.
+    poll.idle(1);
+    assert.ok(!poll.active, 'the idle moment after one miss is skipped');
+    poll.idle(1);
+    assert.ok(poll.active);
+    poll.idle(1);
+    assert.deepEqual(poll.counters, { busyPollHitsTotal: 1, busyPollMissesTotal: 1 });
   });
 
   it('input that came before the window opened does not count as a hit', () => {

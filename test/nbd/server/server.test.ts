@@ -17,7 +17,7 @@ import { patternBytes } from '../../helpers/bytes.js';
 import { tempDir } from '../../helpers/files.js';
 import { type Chunk, connectAndGo, RawClient } from '../../helpers/nbd_raw_client.js';
 import { ControlledExport, startServer } from '../../helpers/nbd_server.js';
-import { CHUNK, CMD, ERR, FLAG, TFLAG } from '../../helpers/nbd_wire.js';
+import { CHUNK, CMD, ERR, FLAG, request, TFLAG } from '../../helpers/nbd_wire.js';
 import { waitUntil } from '../../helpers/wait.js';
 
 
@@ -125,6 +125,39 @@ describe('transmission', () => {
     for (let i = 0; i < count; i += 1) assert.equal((await client.simpleReply(512)).error, 0);
     const batches = srv.server.stats().replyBatchesTotal - before;
     assert.ok(batches <= 10, `${count} replies took ${batches} socket writes`);
+    client.disconnect();
+  });
+
+  it('replies larger than the socket takes at once arrive whole and in order, and their buffers are reused only once sent', async (t) => {
+    // Read hits complete synchronously, so each burst is answered at the end of the read that
+    // brought it, with one writev to the socket's descriptor; 4 MiB of replies is more than a
+    // Unix socket takes at once, so the rest goes through the stream, and the next burst
+    // (answered while that is still queued) must go behind it. Pooled reply buffers are reused
+    // by the next burst: one given back too early would show as wrong data.
+    const exp = newExport(16 * MiB);
+    const srv = await startServer({ export: exp });
+    t.after(() => srv.stop());
+    const { client } = await connectAndGo(srv.path);
+    const length = 128 * 1024;
+    const perBurst = 32;
+    const bursts = 4;
+    // The client reads nothing until every burst has been answered: what the socket did not
+    // take stays queued in the server while the later bursts take buffers from the pool.
+    client.socket.pause();
+    const callsBefore = exp.calls.length;
+    for (let burst = 0; burst < bursts; burst += 1) {
+      const first = burst * perBurst;
+      client.write(Buffer.concat(Array.from({ length: perBurst }, (_, i) => request({ type: CMD.read, cookie: BigInt(first + i), offset: ((first + i) * length) % (16 * MiB), length }))));
+      await waitUntil(() => exp.calls.length - callsBefore === first + perBurst, `burst ${burst} answered`);
+    }
+    client.socket.resume();
+    for (let index = 0; index < bursts * perBurst; index += 1) {
+      const reply = await client.simpleReply(length);
+      assert.equal(reply.error, ERR.ok);
+      assert.equal(reply.cookie, BigInt(index), 'replies in request order');
+      const offset = (index * length) % (16 * MiB);
+      assert.ok(reply.data.equals(Buffer.from(exp.device.bytes.subarray(offset, offset + length))), `the data of reply ${index}`);
+    }
     client.disconnect();
   });
 
