@@ -409,12 +409,21 @@ export class Cache {
    */
   async check(): Promise<string[]> {
     const { ctx, log, writeback, gc } = this.engine;
-    // GC may append (it re-logs data a second chance keeps): commit again until nothing is left.
+    const policy = this.policy;
+    // Three actors move the tails: writeback, GC, and the drain a switch out of writeback starts
+    // (cache_policy.ts), which kicks writeback again after each of its log flushes, so writeback
+    // idle says nothing about the drain. GC may append (it re-logs data a second chance keeps)
+    // and its commits kick writeback. So: commit, wait for all three, and go round again until
+    // nothing is pending and none of them runs; comparing earlier finds the device a round
+    // behind (a round persists dirty_tail before the running cache takes it). A failed cache's
+    // drain may wait on writeback for good (nothing rejects its waiter before close): not awaited.
     for (let pass = 0; pass < checkSettlePassesMax; pass++) {
       if (!ctx.readOnly && ctx.failure === undefined) await log.flush();
+      if (ctx.failure === undefined) await policy.drainIdle();
       await writeback.idle();
       await gc.idle();
-      if (ctx.readOnly || ctx.failure !== undefined || log.pendingKsetCount === 0) break;
+      if (ctx.readOnly || ctx.failure !== undefined) break;
+      if (log.pendingKsetCount === 0 && !policy.draining && !writeback.active && !gc.active) break;
     }
     return compareWithEngine(await checkCacheDevice(ctx.dev.device), this.engine);
   }

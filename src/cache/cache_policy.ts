@@ -41,7 +41,8 @@ export class CachePolicy {
   private readonly engine: CacheEngine;
   readonly direct: DirectWrites;
   private readonly streams = new StreamTable();
-  private draining = false;
+  /** The background drain in progress (drainInBackground), if any. */
+  private drainRun: Promise<void> | undefined;
 
   constructor(engine: CacheEngine) {
     this.engine = engine;
@@ -186,9 +187,18 @@ export class CachePolicy {
    */
   private drainInBackground(): void {
     const ctx = this.engine.ctx;
-    if (!ctx.background || this.draining || ctx.readOnly) return;
-    this.draining = true;
-    void this.drainWhileDirty().finally(() => { this.draining = false; });
+    if (!ctx.background || this.drainRun !== undefined || ctx.readOnly) return;
+    this.drainRun = this.drainWhileDirty().finally(() => { this.drainRun = undefined; });
+  }
+
+  /** Whether a background drain is running: it may kick writeback again at any await. */
+  get draining(): boolean {
+    return this.drainRun !== undefined;
+  }
+
+  /** Resolves once no background drain runs (Cache.check() settles on it). */
+  async drainIdle(): Promise<void> {
+    while (this.drainRun !== undefined) await this.drainRun;
   }
 
   private async drainWhileDirty(): Promise<void> {
