@@ -208,16 +208,21 @@ describe('write modes', () => {
     assert.deepEqual(await readBytes(await rig.reopen(), 0, 4 * block), expected);
   });
 
-  it('leaving writeback drains the dirty data in the background, at once', async () => {
-    // Background work on, default watermarks: nothing would be written back for a while.
+  /** Background work on, default watermarks: 64 KiB of flushed dirty data that writeback leaves alone for a while. */
+  async function dirtyBelowWatermark(seed: number): Promise<{ rig: Awaited<ReturnType<typeof openRig>>; data: Uint8Array }> {
     const rig = await openRig({ background: true });
-    const cache = rig.cache;
-    const data = pattern(19, 0, 64 * KiB);
-    await cache.write(data, 0);
-    await cache.flush();
+    const data = pattern(seed, 0, 64 * KiB);
+    await rig.cache.write(data, 0);
+    await rig.cache.flush();
     await settle();
-    await cache.internals.writeback.idle();
-    assert.equal(cache.status().dirtyBytes, 64 * KiB, 'writeback waits below its start watermark');
+    await rig.cache.internals.writeback.idle();
+    assert.equal(rig.cache.status().dirtyBytes, 64 * KiB, 'writeback waits below its start watermark');
+    return { rig, data };
+  }
+
+  it('leaving writeback drains the dirty data in the background, at once', async () => {
+    const { rig, data } = await dirtyBelowWatermark(19);
+    const cache = rig.cache;
     await cache.setMode('writethrough');
     for (let round = 0; round < 100 && cache.status().dirtyBytes > 0; round++) {
       await settle();
@@ -235,14 +240,8 @@ describe('write modes', () => {
     // waits) and the drain goes round again: flush, kick, a second round. A check() that waited
     // for writeback and GC only compared in between, and the device (read before the second
     // round persisted dirty_tail) was one round behind the running cache (model test, seed 1).
-    const rig = await openRig({ background: true });
+    const { rig, data } = await dirtyBelowWatermark(20);
     const cache = rig.cache;
-    const data = pattern(20, 0, 64 * KiB);
-    await cache.write(data, 0);
-    await cache.flush();
-    await settle();
-    await cache.internals.writeback.idle();
-    assert.equal(cache.status().dirtyBytes, 64 * KiB, 'writeback waits below its start watermark');
     await cache.setMode('writethrough');
     const newer = pattern(21, block, block);
     await cache.write(newer, block, { fua: true });
