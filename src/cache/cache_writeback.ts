@@ -95,6 +95,9 @@ export class Writeback extends CacheWorker {
     });
     ctx.spaceNeeded.add(() => { this.kick(true); });
     ctx.gcThresholdReached.add(() => { this.kick(false); });
+    // A failed cache runs no more rounds (loop), so a drain waiting for dirty_tail would wait
+    // until close: it fails with the cache instead, as the log's waiters do.
+    ctx.failed.add((failure) => { this.abort(failure); });
   }
 
   /** Writeback has work: durable ksets past dirty_tail (and before the hold, if any). */
@@ -185,6 +188,7 @@ export class Writeback extends CacheWorker {
   /** Resolves when dirty_tail reaches `lsn` (drain). */
   waitFor(lsn: number): Promise<void> {
     if (this.ctx.dirtyTail.lsn >= lsn) return Promise.resolve();
+    if (this.ctx.failure !== undefined) return Promise.reject(this.ctx.failure);
     return new Promise((resolve, reject) => { this.waiters.push({ lsn, resolve, reject }); });
   }
 

@@ -11,6 +11,7 @@ import { layoutFor } from '../../src/ondisk/layout.js';
 const { dirtyTailOffsetsBytes, keyTailOffsetsBytes } = layoutFor(2);
 import { ManualTimers } from '../../src/lib/timers.js';
 import { MiB } from '../../src/lib/units.js';
+import { isPcacheError } from '../../src/lib/errors.js';
 import { cacheBytesFor, type DeviceEvent, openRig, pattern, readBytes, RecordingDevice, settle } from '../helpers/cache_fixture.js';
 
 const S = 512;
@@ -86,6 +87,32 @@ describe('writeback', () => {
     assert.ok(backing.subarray(4 * S, 8 * S).every((b) => b === 0));
     assert.deepEqual(backing.subarray(0, 4 * S), pattern(5, 0, 4 * S));
     assert.deepEqual(backing.subarray(8 * S, 16 * S), pattern(5, 8 * S, 8 * S));
+  });
+
+  it('a drain waiting on writeback fails with the cache: once the cache device fails, writeback stops, so nothing would end the wait', async () => {
+    const rig = await recordingRig({ background: true });
+    const { cache, cacheDevice, backingDevice } = rig;
+    backingDevice.failWrites = 'the backing device refuses writes, so the drain waits';
+    await cache.write(pattern(8, 0, 8 * S), 0);
+    await cache.flush();
+    let outcome: unknown = 'pending';
+    const draining = cache.drain().then(() => 'drained', (error: unknown) => error);
+    void draining.then((value) => { outcome = value; });
+    await settle();
+    assert.equal(outcome, 'pending', 'the drain waits while writeback cannot write');
+    // A failed sync of the log fails the cache (a failed data write fails only its request).
+    cacheDevice.failSyncs = 'injected cache sync error';
+    await cache.write(pattern(9, 64 * S, S), 64 * S);
+    await assert.rejects(cache.flush(), { code: 'EIO' });
+    assert.equal(cache.status().state, 'failed');
+    await settle();
+    assert.ok(isPcacheError(outcome), 'the drain ended with the failure of the cache instead of waiting until close');
+    assert.equal(outcome.code, 'EIO');
+    assert.match(outcome.message, /cache device failed/);
+    await assert.rejects(cache.drain(), { code: 'EIO' }, 'a drain started after the failure fails at once');
+    cacheDevice.failSyncs = undefined;
+    backingDevice.failWrites = undefined;
+    cache.abandon();
   });
 
   it('advances nothing on a backing write or sync error, reports degraded, and retries with back-off until it succeeds', async () => {
