@@ -26,19 +26,20 @@
 //   descriptor is read from the live handle at each flush, after the destroyed check, so a
 //   closed socket's number (which the kernel may have reused) is never written to. A TLS
 //   socket always goes through the stream, which encrypts.
-// - A TLS socket gets one write at a time of at most tlsWriteBytesMax, the next one from the
-//   previous one's callback. Why: node's TLS socket encrypts a write whole before any of it
-//   leaves, and completes it only once all of its records are out; writes that pile up behind
-//   it are joined (a copy) and encrypted whole again. With a turn's 1 MiB READ replies handed
-//   over at once, the server encrypted while the client waited, then the client decrypted
-//   while the server waited: each side was half idle. Writes of 128 KiB let the client decrypt
-//   one while the server encrypts the next. Replies keep their order: the queue is FIFO, and a
+// - A TLS socket gets writes of at most tlsWriteBytesMax, at most tlsWritesInFlightMax at a
+//   time, the next from a completed one's callback. Why: node's TLS socket encrypts a write
+//   whole before any of it leaves, and completes it only once all of its records are out;
+//   writes that pile up behind it are joined (a copy) and encrypted whole again. With a turn's
+//   1 MiB READ replies handed over at once, the server encrypted while the client waited, then
+//   the client decrypted while the server waited: each side was half idle. Pieces of 128 KiB
+//   let the client decrypt one while the server encrypts the next, and the second piece in
+//   flight is encrypted as soon as the first is out, without waiting for a turn of the loop.
+//   Replies keep their order (the queue is FIFO, and the stream keeps its writes in order); a
 //   pooled buffer goes back to the pool after the write that carried its last byte.
 
 import fs from 'node:fs';
 import type net from 'node:net';
 import tls from 'node:tls';
-import { assert } from '../../lib/assert.js';
 import { simpleReplyBytes } from '../protocol/constants.js';
 import { type NbdRequest, writeSimpleReply } from '../protocol/transmission_server.js';
 import type { BufferPool } from './buffer_pool.js';
@@ -49,8 +50,10 @@ const stageReplyBytesMax = 512;
 const stagingBytes = 64 * 1024;
 /** Entries one writev may carry (Linux's IOV_MAX); a larger batch goes through the stream. */
 const writevEntriesMax = 1024;
-/** Most bytes handed to a TLS socket in one write (see the file comment). */
+/** Most bytes handed to a TLS socket in one write (see the file comment)... */
 const tlsWriteBytesMax = 128 * 1024;
+/** ...and most such writes handed to it at once: one being encrypted and sent, one waiting behind it. */
+const tlsWritesInFlightMax = 2;
 
 interface HandleOwner {
   _handle?: { fd?: unknown } | null;
@@ -88,12 +91,14 @@ export class ReplyBatch {
   /** Parallel to tlsQueue: the pooled buffer whose last byte the entry carries, else undefined. */
   private readonly tlsQueuePooled: (Uint8Array | undefined)[] = [];
   private tlsQueueBytes = 0;
-  /** TLS only: the pooled buffers the write in flight completes; undefined when none is in flight. */
-  private tlsInFlight: Uint8Array[] | undefined = undefined;
+  /** TLS only: per write in flight, oldest first, the pooled buffers it completes (at most tlsWritesInFlightMax). */
+  private readonly tlsInFlight: Uint8Array[][] = [];
   private readonly tlsWrittenBound = (error: Error | null | undefined): void => {
-    const completed = this.tlsInFlight;
-    this.tlsInFlight = undefined;
-    if (error !== null && error !== undefined) return; // the socket is gone; buffers go to the GC
+    const completed = this.tlsInFlight.shift();
+    if (error !== null && error !== undefined) {
+      this.tlsInFlight.length = 0; // the socket is gone; buffers go to the GC
+      return;
+    }
     if (completed !== undefined) for (const buffer of completed) this.buffers.give(buffer);
     if (this.tlsQueue.length === 0) return;
     this.writeTls();
@@ -174,7 +179,7 @@ export class ReplyBatch {
       this.enqueueTls(count);
       this.dropOutbox();
       if (whole) this.writeTlsWhole();
-      else if (this.tlsInFlight === undefined) this.writeTls();
+      else this.writeTls();
       this.afterWrite();
       return;
     }
@@ -218,7 +223,10 @@ export class ReplyBatch {
    * (at least one), joined by a cork when there are several (small replies).
    */
   private writeTls(): void {
-    assert(this.tlsInFlight === undefined, 'a second TLS write in flight');
+    while (this.tlsQueue.length > 0 && this.tlsInFlight.length < tlsWritesInFlightMax) this.writeTlsPiece();
+  }
+
+  private writeTlsPiece(): void {
     let take = 1;
     let takeBytes = (this.tlsQueue[0] as Uint8Array).length;
     while (take < this.tlsQueue.length) {
@@ -236,7 +244,7 @@ export class ReplyBatch {
       else this.socket.write(this.tlsQueue[index] as Uint8Array);
     }
     if (take > 1) this.socket.uncork();
-    this.tlsInFlight = completed;
+    this.tlsInFlight.push(completed);
     this.dequeueTls(take, takeBytes);
   }
 
