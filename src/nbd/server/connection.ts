@@ -462,7 +462,7 @@ export class Connection {
     clearTimeout(this.handshakeTimer);
     this.inputEnded = true;
     this.input.clear();
-    this.replies.flush();
+    this.replies.flush(true);
     this.replies.end();
     this.socket.end();
     this.graceTimer = setTimeout(() => { this.socket.destroy(); }, this.host.limits.closeGraceMs);

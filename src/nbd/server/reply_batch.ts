@@ -26,6 +26,16 @@
 //   descriptor is read from the live handle at each flush, after the destroyed check, so a
 //   closed socket's number (which the kernel may have reused) is never written to. A TLS
 //   socket always goes through the stream, which encrypts.
+// - A TLS socket gets writes of at most tlsWriteBytesMax, at most tlsWritesInFlightMax at a
+//   time, the next from a completed one's callback. Why: node's TLS socket encrypts a write
+//   whole before any of it leaves, and completes it only once all of its records are out;
+//   writes that pile up behind it are joined (a copy) and encrypted whole again. With a turn's
+//   1 MiB READ replies handed over at once, the server encrypted while the client waited, then
+//   the client decrypted while the server waited: each side was half idle. Pieces of 128 KiB
+//   let the client decrypt one while the server encrypts the next, and the second piece in
+//   flight is encrypted as soon as the first is out, without waiting for a turn of the loop.
+//   Replies keep their order (the queue is FIFO, and the stream keeps its writes in order); a
+//   pooled buffer goes back to the pool after the write that carried its last byte.
 
 import fs from 'node:fs';
 import type net from 'node:net';
@@ -40,6 +50,10 @@ const stageReplyBytesMax = 512;
 const stagingBytes = 64 * 1024;
 /** Entries one writev may carry (Linux's IOV_MAX); a larger batch goes through the stream. */
 const writevEntriesMax = 1024;
+/** Most bytes handed to a TLS socket in one write (see the file comment)... */
+const tlsWriteBytesMax = 128 * 1024;
+/** ...and most such writes handed to it at once: one being encrypted and sent, one waiting behind it. */
+const tlsWritesInFlightMax = 2;
 
 interface HandleOwner {
   _handle?: { fd?: unknown } | null;
@@ -72,6 +86,24 @@ export class ReplyBatch {
   private flushScheduled = false;
   /** A plaintext socket, whose descriptor may be written directly (see the file comment). */
   private readonly plaintext: boolean;
+  /** TLS only: flushed replies not yet handed to the socket, in order, each at most tlsWriteBytesMax. */
+  private readonly tlsQueue: Uint8Array[] = [];
+  /** Parallel to tlsQueue: the pooled buffer whose last byte the entry carries, else undefined. */
+  private readonly tlsQueuePooled: (Uint8Array | undefined)[] = [];
+  private tlsQueueBytes = 0;
+  /** TLS only: per write in flight, oldest first, the pooled buffers it completes (at most tlsWritesInFlightMax). */
+  private readonly tlsInFlight: Uint8Array[][] = [];
+  private readonly tlsWrittenBound = (error: Error | null | undefined): void => {
+    const completed = this.tlsInFlight.shift();
+    if (error !== null && error !== undefined) {
+      this.tlsInFlight.length = 0; // the socket is gone; buffers go to the GC
+      return;
+    }
+    if (completed !== undefined) for (const buffer of completed) this.buffers.give(buffer);
+    if (this.tlsQueue.length === 0) return;
+    this.writeTls();
+    this.afterWrite();
+  };
   // Bound once per connection so that batching needs no per-reply closure.
   private readonly flushBound = (): void => {
     this.flushScheduled = false;
@@ -96,9 +128,9 @@ export class ReplyBatch {
     return this.writeEnded;
   }
 
-  /** Reply bytes queued in this turn and not yet handed to the socket. */
+  /** Reply bytes queued and not yet handed to the socket (this turn's, and a TLS socket's queue). */
   get queuedBytes(): number {
-    return this.outboxBytes;
+    return this.outboxBytes + this.tlsQueueBytes;
   }
 
   /**
@@ -129,16 +161,28 @@ export class ReplyBatch {
     this.scheduleFlush();
   }
 
-  /** Hands everything queued to the socket now (or drops it when nothing may be written). */
-  flush(): void {
+  /**
+   * Hands everything queued to the socket now (or drops it when nothing may be written); a
+   * TLS socket gets it one write at a time (see the file comment), unless `whole` asks for
+   * everything at once (the last flush before our side ends).
+   */
+  flush(whole = false): void {
     this.closeStaged();
     const count = this.outbox.length;
-    if (count === 0) return;
+    if (count === 0 && !(whole && this.tlsQueue.length > 0)) return;
     if (this.writeEnded || this.socket.destroyed) {
       this.dropOutbox();
       return;
     }
-    this.counters.replyBatchesTotal += 1;
+    if (count > 0) this.counters.replyBatchesTotal += 1;
+    if (!this.plaintext) {
+      this.enqueueTls(count);
+      this.dropOutbox();
+      if (whole) this.writeTlsWhole();
+      else this.writeTls();
+      this.afterWrite();
+      return;
+    }
     if (this.writeDirect(count)) {
       this.dropOutbox();
       this.afterWrite();
@@ -158,6 +202,69 @@ export class ReplyBatch {
     if (count > 1) this.socket.uncork();
     this.dropOutbox();
     this.afterWrite();
+  }
+
+  /** Moves the outbox's `count` entries to the TLS queue, cut into pieces of at most tlsWriteBytesMax. */
+  private enqueueTls(count: number): void {
+    for (let index = 0; index < count; index++) {
+      const bytes = this.outbox[index] as Uint8Array;
+      const pooled = this.outboxPooled[index] === true;
+      for (let at = 0; at < bytes.length; at += tlsWriteBytesMax) {
+        const end = Math.min(bytes.length, at + tlsWriteBytesMax);
+        this.tlsQueue.push(at === 0 && end === bytes.length ? bytes : bytes.subarray(at, end));
+        this.tlsQueuePooled.push(pooled && end === bytes.length ? bytes : undefined);
+      }
+      this.tlsQueueBytes += bytes.length;
+    }
+  }
+
+  /**
+   * Hands the TLS socket its next write: the queue's first entries up to tlsWriteBytesMax
+   * (at least one), joined by a cork when there are several (small replies).
+   */
+  private writeTls(): void {
+    while (this.tlsQueue.length > 0 && this.tlsInFlight.length < tlsWritesInFlightMax) this.writeTlsPiece();
+  }
+
+  private writeTlsPiece(): void {
+    let take = 1;
+    let takeBytes = (this.tlsQueue[0] as Uint8Array).length;
+    while (take < this.tlsQueue.length) {
+      const next = (this.tlsQueue[take] as Uint8Array).length;
+      if (takeBytes + next > tlsWriteBytesMax) break;
+      takeBytes += next;
+      take++;
+    }
+    const completed: Uint8Array[] = [];
+    if (take > 1) this.socket.cork();
+    for (let index = 0; index < take; index++) {
+      const pooled = this.tlsQueuePooled[index];
+      if (pooled !== undefined) completed.push(pooled);
+      if (index === take - 1) this.socket.write(this.tlsQueue[index] as Uint8Array, this.tlsWrittenBound);
+      else this.socket.write(this.tlsQueue[index] as Uint8Array);
+    }
+    if (take > 1) this.socket.uncork();
+    this.tlsInFlight.push(completed);
+    this.dequeueTls(take, takeBytes);
+  }
+
+  /**
+   * Hands the whole TLS queue to the socket in one go, after any write in flight (the stream
+   * keeps the order). Its pooled buffers are left to the GC: this is the last flush.
+   */
+  private writeTlsWhole(): void {
+    const take = this.tlsQueue.length;
+    if (take === 0) return;
+    this.socket.cork();
+    for (let index = 0; index < take; index++) this.socket.write(this.tlsQueue[index] as Uint8Array);
+    this.socket.uncork();
+    this.dequeueTls(take, this.tlsQueueBytes);
+  }
+
+  private dequeueTls(take: number, takeBytes: number): void {
+    this.tlsQueue.splice(0, take);
+    this.tlsQueuePooled.splice(0, take);
+    this.tlsQueueBytes -= takeBytes;
   }
 
   /** The socket's descriptor when the batch may be written to it directly, else undefined. */
@@ -206,6 +313,9 @@ export class ReplyBatch {
   end(): void {
     this.writeEnded = true;
     this.dropOutbox();
+    this.tlsQueue.length = 0;
+    this.tlsQueuePooled.length = 0;
+    this.tlsQueueBytes = 0;
   }
 
   /** The staging buffer, with room for `lengthBytes` more at stagedBytes. */

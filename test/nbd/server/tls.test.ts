@@ -214,6 +214,36 @@ describe('NbdServer with TLS: the upgrade', () => {
     assert.equal(chunk.kind, 'chunk');
     assert.ok(chunk.payload.subarray(8).equals(data), 'the 32 MiB came back intact');
   });
+
+  it('pipelined reads of mixed sizes, and a DISC right behind them: every reply arrives whole and in order, then the close', async (t) => {
+    // A TLS socket is written one piece of at most 128 KiB at a time (reply_batch.ts): replies
+    // larger than a piece are cut, small ones joined. Sizes straddle the piece size; an error
+    // reply sits in the middle; the DISC makes the last flush hand over everything at once.
+    const fixture = tlsFixture();
+    const srv = await startTlsServer(t, x509('require', fixture.server), {}, { exp: new ControlledExport(64 * MiB) });
+    const client = await tlsClient(srv.path, certificateClient(fixture.clientNoCert));
+    await goInside(client, false);
+    const data = patternBytes(32 * MiB, 7);
+    assert.equal(await client.command({ type: CMD.write, cookie: 1n, offset: 0, length: data.length }, data), ERR.ok);
+    const sizes = [MiB, 4096, 128 * 1024, 128 * 1024 + 512, 512, 3 * MiB + 4096, 65536, 1536, 2 * MiB];
+    const reads = Array.from({ length: 30 }, (_, index) => ({ length: sizes[index % sizes.length] as number, offset: (index * 1_048_576 + index * 4096) % (30 * MiB) }));
+    const badIndex = 13; // beyond the end of the export: an error reply among the data
+    for (const [index, read] of reads.entries()) {
+      client.send({ type: CMD.read, cookie: BigInt(100 + index), offset: index === badIndex ? 64 * MiB : read.offset, length: read.length });
+    }
+    client.disconnect();
+    for (const [index, read] of reads.entries()) {
+      const reply = await client.simpleReply(index === badIndex ? 0 : read.length);
+      assert.equal(reply.cookie, BigInt(100 + index), 'replies in request order');
+      if (index === badIndex) {
+        assert.notEqual(reply.error, ERR.ok, 'the read past the end failed');
+        continue;
+      }
+      assert.equal(reply.error, ERR.ok);
+      assert.ok(reply.data.equals(data.subarray(read.offset, read.offset + read.length)), `read ${index} (${read.length} bytes) intact`);
+    }
+    assert.equal((await client.readUntilClosed()).length, 0, 'nothing after the last reply; the server closed');
+  });
 });
 
 describe('NbdServer with --tls require: a plaintext client gets nothing', () => {
