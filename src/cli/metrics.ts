@@ -250,7 +250,8 @@ export class MetricsServer {
     this.server = server;
   }
 
-  static async listen(registry: Registry, host: string, port: number): Promise<{ server: MetricsServer; url: string }> {
+  /** `refresh`: run before each scrape is collected (a server of volume processes asks them for their figures then). */
+  static async listen(registry: Registry, host: string, port: number, refresh?: () => Promise<void>): Promise<{ server: MetricsServer; url: string }> {
     const server = http.createServer((request, response) => {
       const url = (request.url ?? '/').split('?')[0];
       if (url !== '/metrics') {
@@ -261,7 +262,7 @@ export class MetricsServer {
         response.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain' }).end('use GET\n');
         return;
       }
-      registry.metrics().then(
+      (refresh ?? (() => Promise.resolve()))().then(() => registry.metrics()).then(
         (text) => { response.writeHead(200, { 'content-type': registry.contentType }).end(request.method === 'HEAD' ? undefined : text); },
         (error: unknown) => { response.writeHead(500, { 'content-type': 'text/plain' }).end(`${error instanceof Error ? error.message : String(error)}\n`); },
       );
