@@ -104,7 +104,8 @@ class VolumeChild {
   constructor(name: string, relayPath: string | undefined) {
     this.relayPath = relayPath;
     // stdout is not the child's (only the serve process prints there); its log lines share stderr.
-    this.process = fork(childScript, [], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'], serialization: 'json' });
+    // The volume's name in the arguments: `ps` shows which process serves which volume.
+    this.process = fork(childScript, ['--volume', name], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'], serialization: 'json' });
     assert(this.process.pid !== undefined, 'fork gave no pid');
     this.pid = this.process.pid;
     this.exited = new Promise((resolve) => {
@@ -489,7 +490,7 @@ export class VolumeProcesses {
       const volume: ChildVolume = { entry, child, failure: undefined, identity: opened.identity, snapshot: undefined, leaving: false };
       this.watch(volume, child);
       this.exports.add({ name: entry.name, description: `pcache volume ${entry.name}: ${entry.backing} cached on ${this.options.cachePath}`, export: sizeOnly(opened.sizeBytes), handOff: (socket, terms, leftover) => { child?.handOff(socket, terms, leftover); } });
-      this.log.info({ volume: entry.name, pid: child.pid }, 'volume process serving');
+      this.log.info({ volume: entry.name, volumePid: child.pid }, 'volume process serving');
       return volume;
     } catch (error) {
       if (!(error instanceof PcacheError)) throw error;
@@ -510,7 +511,7 @@ export class VolumeProcesses {
       volume.failure = `${why}: restart the server to serve it again`;
       volume.snapshot = undefined;
       this.exports.remove(volume.entry.name);
-      this.log.error({ volume: volume.entry.name, pid: child.pid, code, signal }, 'volume process ended: its volume is not served (the other volumes serve on)');
+      this.log.error({ volume: volume.entry.name, volumePid: child.pid, code, signal }, 'volume process ended: its volume is not served (the other volumes serve on)');
     });
   }
 

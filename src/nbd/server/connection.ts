@@ -374,10 +374,11 @@ export class Connection {
       this.maybeFinish();
       handOff(socket, terms, leftover);
     };
-    // The GO reply must reach the socket before the socket leaves: almost always written at
-    // once (writev took it); otherwise wait for the stream to write it out.
+    // The GO reply must reach the socket before the socket leaves: a plaintext one has almost
+    // always written it at once (writev took it); otherwise (TLS encrypts on its own schedule)
+    // an empty write's callback comes once everything before it is written.
     if (socket.writableLength === 0) give();
-    else socket.once('drain', give);
+    else socket.write(new Uint8Array(0), give);
   }
 
   /** Decodes and dispatches queued requests until the input runs dry or a limit is reached. */
