@@ -86,8 +86,6 @@ export interface VolumeControl {
   checkpoint(held: (point: CheckpointPoint) => Promise<void>, signal: AbortSignal): Promise<void>;
 }
 
-type Quick = 'snapshot' | 'set';
-
 /** One volume process: the IPC channel, the requests in flight, how it ended. */
 class VolumeChild {
   readonly pid: number;
@@ -146,7 +144,7 @@ class VolumeChild {
         if (quick) {
           timer = setTimeout(() => {
             this.pending.delete(id);
-            reject(new PcacheError('ETIMEDOUT', `the volume process (pid ${this.pid}) did not answer ${(request.op as Quick) === 'set' ? 'a settings request' : 'a status request'} within ${quickRequestTimeoutMs / 1000} s`));
+            reject(new PcacheError('ETIMEDOUT', `the volume process (pid ${this.pid}) did not answer ${request.op === 'set' ? 'a settings request' : 'a status request'} within ${quickRequestTimeoutMs / 1000} s`));
           }, quickRequestTimeoutMs);
         }
       });
@@ -311,7 +309,7 @@ export class VolumeProcesses {
     for (const volume of this.volumes.values()) {
       const stats = volume.snapshot?.nbd;
       if (stats === undefined) continue;
-      for (const [key, value] of Object.entries(stats)) sum[key] = (sum[key] ?? 0) + value;
+      for (const [key, value] of Object.entries(stats as unknown as Record<string, number>)) sum[key] = (sum[key] ?? 0) + value;
     }
     // Handshakes are counted where they ran (here), transmissions where they were served.
     sum.connectionsTotal = own.connectionsTotal;
@@ -403,7 +401,7 @@ export class VolumeProcesses {
       volume.leaving = true;
       this.exports.remove(volume.entry.name);
     }
-    await Promise.all(volumes.map((volume) => volume.child?.stop()));
+    await Promise.all(volumes.map((volume) => volume.child?.stop() ?? Promise.resolve()));
     this.volumes.clear();
     if (this.relayDirectory !== undefined) fs.rmSync(this.relayDirectory, { recursive: true, force: true });
   }

@@ -178,8 +178,9 @@ describe('volume processes', () => {
     const server = await startServe(t, pool.args, pool.dir);
     await addVolume(pool, 'inside');
     const [volume] = await volumesOf(pool.control);
-    assert.equal(volume?.state, 'running');
-    assert.equal(volume?.pid, undefined, 'no volume process');
+    assert.ok(volume !== undefined);
+    assert.equal(volume.state, 'running');
+    assert.equal(volume.pid, undefined, 'no volume process');
     await roundTrip(pool, 'inside', 'a volume in the serve process');
     assert.equal(await server.stop(), 0);
     const bad = await runCli(['serve', ...pool.args.filter((arg) => arg !== 'off'), 'sometimes']);

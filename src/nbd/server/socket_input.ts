@@ -49,7 +49,7 @@ export function startReading(accepted: net.Socket, onBytes: (bytes: Uint8Array) 
   if (isStreamHandle(handle)) {
     // A handle that is reading already must stop first: the new socket starts it again, and
     // libuv refuses a second start.
-    const reading = handle as unknown as { reading?: boolean; readStop?: () => number };
+    const reading = handle as { reading?: boolean; readStop?: () => number };
     if (reading.reading === true) {
       reading.readStop?.();
       reading.reading = false;
