@@ -53,6 +53,21 @@ export class NbdRequestCounters implements NbdRequestObserver {
     this.sink = sink;
   }
 
+  /**
+   * Adds what another process counted (a volume process's snapshot): `totals` grow by the
+   * given amounts, and each (command index, seconds) pair of `durations` goes to the histogram.
+   */
+  addCounted(requests: readonly number[], errors: readonly number[], bytes: readonly number[], durations: readonly number[]): void {
+    for (let index = 0; index < this.requests.length; index += 1) {
+      this.requests[index] = (this.requests[index] ?? 0) + (requests[index] ?? 0);
+      this.errors[index] = (this.errors[index] ?? 0) + (errors[index] ?? 0);
+      this.bytes[index] = (this.bytes[index] ?? 0) + (bytes[index] ?? 0);
+    }
+    const sink = this.sink;
+    if (sink === undefined) return;
+    for (let at = 0; at + 1 < durations.length; at += 2) sink(durations[at] ?? 0, durations[at + 1] ?? 0);
+  }
+
   drainDurations(): void {
     const sink = this.sink;
     if (sink !== undefined) {

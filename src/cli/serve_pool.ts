@@ -51,6 +51,8 @@ interface PoolVolumes {
   remove(request: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>>;
   resize(request: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>>;
   closeAll(): Promise<void>;
+  /** Volume processes serve their own clients: --drain-on-exit stops them before the drain (VolumeSet's are the server's). */
+  closeClients?(): Promise<void>;
 }
 
 export async function servePool(args: ServeArgs, terminal: Terminal): Promise<number> {
@@ -70,14 +72,14 @@ export async function servePool(args: ServeArgs, terminal: Terminal): Promise<nu
     closers.push(() => device.close());
     const pool = await openPool(device, args, log);
     const exports = new ExportMap();
+    const requestCounters = args.metrics === undefined ? undefined : new NbdRequestCounters();
     const processes = !args.volumeProcesses ? undefined : new VolumeProcesses(pool, exports, log, {
-      cachePath: args.cachePath, tuning: tuningOf(args), backingConnections: args.backingConnections, busyPollUs: args.busyPollUs, logLevel: args.logLevel, relay: tls !== undefined,
+      cachePath: args.cachePath, tuning: tuningOf(args), backingConnections: args.backingConnections, busyPollUs: args.busyPollUs, logLevel: args.logLevel, relay: tls !== undefined, requestCounters,
     });
     volumes = processes ?? new VolumeSet(pool, exports, log, { cachePath: args.cachePath, tuning: tuningOf(args), backingConnections: args.backingConnections });
     const set = volumes;
     closers.push(() => set.closeAll());
     await volumes.openAll();
-    const requestCounters = args.metrics === undefined ? undefined : new NbdRequestCounters();
     nbd = new NbdServer({
       catalog: exports,
       busyPollUs: args.busyPollUs,
@@ -187,6 +189,7 @@ async function openPool(device: FileDevice, args: ServeArgs, log: Logger): Promi
 /** --drain-on-exit with volumes: clients first, then every volume written back (a second stop or the timeout stops waiting). */
 async function drainVolumesBeforeExit(args: ServeArgs, server: NbdServer, volumes: PoolVolumes, stops: StopRequests, log: Logger, terminal: Terminal): Promise<void> {
   await server.close();
+  await volumes.closeClients?.();
   terminal.out('writing back every volume before stopping (stop again to skip)');
   let timer: NodeJS.Timeout | undefined;
   const outcome = await Promise.race([

@@ -36,6 +36,7 @@ import { NbdServer, type NbdServerStats } from '../nbd/server/server.js';
 import type { CacheMode } from '../ondisk/cache_info.js';
 import type { LogLevel } from './args.js';
 import { createLogger, type Logger } from './log.js';
+import { NbdRequestCounters } from './metrics.js';
 import { closeAll, watchState, type Closer } from './serve_lifecycle.js';
 import { backingTuning, openBacking, serveCache, type Served } from './serve_open.js';
 import { SwitchableExport } from './volume_export.js';
@@ -50,6 +51,8 @@ export interface VolumeProcessSettings {
   readonly backingConnections: number;
   readonly busyPollUs: number;
   readonly logLevel: LogLevel;
+  /** The server serves metrics: count the volume's NBD requests (snapshot's `requests`). */
+  readonly metrics: boolean;
   /** Where to listen for relayed (TLS) connections; undefined when the server offers no TLS. */
   readonly relayPath: string | undefined;
 }
@@ -77,6 +80,8 @@ export type VolumeRequest =
   | { readonly op: 'checkpoint-release'; readonly checkpoint: number }
   | { readonly op: 'checkpoint-abort'; readonly checkpoint: number }
   | { readonly op: 'disconnect' }
+  /** The server stops with --drain-on-exit: no more client requests (the drain follows). */
+  | { readonly op: 'close-clients' }
   | { readonly op: 'stop' };
 
 export type VolumeRequestMessage = VolumeRequest & { readonly id: number };
@@ -106,7 +111,24 @@ export interface VolumeSnapshot {
   readonly cache: CacheStatus | null;
   readonly connections: number;
   readonly nbd: NbdServerStats;
+  /** With metrics: the volume's NBD requests, counted since it started (RequestCounts). */
+  readonly requests: RequestCounts | null;
 }
+
+/**
+ * A volume process's NBD request metrics: totals per command (indexed as nbdCommandNames), and
+ * the durations of the requests answered since the last snapshot, as far as durationsMax.
+ */
+export interface RequestCounts {
+  readonly requests: number[];
+  readonly errors: number[];
+  readonly bytes: number[];
+  /** Pairs of command index and seconds, flattened; at most durationsMax pairs. */
+  readonly durations: number[];
+}
+
+/** Durations a snapshot carries at most (the rest of a longer interval are not in the histogram). */
+export const durationsMax = 16_384;
 
 /** A relayed connection starts with a 4-byte big-endian length and that many bytes of JSON: the AdoptMessage. */
 export const relayHeaderMaxBytes = 64 * 1024;
@@ -126,6 +148,9 @@ class VolumeProcess {
   /** Checkpoints holding the backing device, by request id: release() lets go. */
   private readonly held = new Map<number, { release: () => void; abort: AbortController }>();
   private stopping = false;
+  private counters: NbdRequestCounters | undefined;
+  /** Durations since the last snapshot (command index, seconds), flattened and bounded. */
+  private durations: number[] = [];
 
   handle(message: VolumeRequestMessage): void {
     this.answer(message).then(
@@ -168,6 +193,7 @@ class VolumeProcess {
       case 'checkpoint-release': this.held.get(request.checkpoint)?.release(); return null;
       case 'checkpoint-abort': this.held.get(request.checkpoint)?.abort.abort(); return null;
       case 'disconnect': return this.nbd?.disconnect(this.settingsNow().name) ?? 0;
+      case 'close-clients': return this.nbd?.close() ?? null;
       case 'stop': return this.stop();
     }
   }
@@ -261,7 +287,14 @@ class VolumeProcess {
   private async startServing(settings: VolumeProcessSettings, exported: SwitchableExport): Promise<void> {
     const catalog = new ExportMap();
     catalog.add({ name: settings.name, description: `pcache volume ${settings.name}: ${settings.backing} cached on ${settings.cachePath}`, export: exported });
-    const nbd = new NbdServer({ catalog, busyPollUs: settings.busyPollUs });
+    if (settings.metrics) {
+      const counters = new NbdRequestCounters();
+      counters.setSink((command, seconds) => {
+        if (this.durations.length < 2 * durationsMax) this.durations.push(command, seconds);
+      });
+      this.counters = counters;
+    }
+    const nbd = new NbdServer({ catalog, busyPollUs: settings.busyPollUs, ...(this.counters === undefined ? {} : { observer: this.counters }) });
     this.nbd = nbd;
     if (settings.relayPath === undefined) return;
     const relay = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) => { acceptRelayed(socket, nbd); });
@@ -296,10 +329,18 @@ class VolumeProcess {
 
   private snapshot(): VolumeSnapshot {
     const nbd = this.nbd;
+    const counters = this.counters;
+    let requests: RequestCounts | null = null;
+    if (counters !== undefined) {
+      counters.drainDurations();
+      requests = { requests: [...counters.requests], errors: [...counters.errors], bytes: [...counters.bytes], durations: this.durations };
+      this.durations = [];
+    }
     return {
       cache: this.served?.cacheStatus() ?? null,
       connections: nbd === undefined ? 0 : nbd.connectionCount(this.settingsNow().name),
       nbd: nbd === undefined ? emptyStats : nbd.stats(),
+      requests,
     };
   }
 

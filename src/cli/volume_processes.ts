@@ -51,6 +51,7 @@ import type { CacheMode } from '../ondisk/cache_info.js';
 import { volumeUnits, type VolumeEntry } from '../ondisk/volume_table.js';
 import type { LogLevel } from './args.js';
 import type { Logger } from './log.js';
+import type { NbdRequestCounters } from './metrics.js';
 import type { KnobValue } from './settings.js';
 import { relayHeaderMaxBytes, type AdoptMessage, type ShareFormat, type VolumeProcessSettings, type VolumeReply, type VolumeRequest, type VolumeSnapshot } from './volume_process.js';
 import { addRequestOf, stringField, type VolumeClients } from './volume_set.js';
@@ -76,6 +77,8 @@ export interface VolumeProcessesOptions {
   readonly logLevel: LogLevel;
   /** The server offers TLS: volume processes listen for relayed connections. */
   readonly relay: boolean;
+  /** With metrics: where the volume processes' NBD request counts are added (at each refresh). */
+  readonly requestCounters: NbdRequestCounters | undefined;
 }
 
 /** What serve_pool.ts asks of one volume (VolumeSet's Served offers the same). */
@@ -238,6 +241,8 @@ interface ChildVolume {
   snapshot: VolumeSnapshot | undefined;
   /** Set while the volume is being removed or the server stops: its exit is expected. */
   leaving: boolean;
+  /** The request totals of the last snapshot, already added to the server's counters. */
+  counted: { requests: number[]; errors: number[]; bytes: number[] } | undefined;
 }
 
 /** An export whose requests are served elsewhere: the handshake reads its size, nothing else. */
@@ -276,7 +281,7 @@ export class VolumeProcesses {
   /** Starts a volume process for every volume of the table, all at once; one that fails is reported, the others serve. */
   async openAll(): Promise<void> {
     const started = this.pool.table.volumes.map((entry) => this.start(entry, undefined));
-    for (const entry of this.pool.table.volumes) this.volumes.set(entry.name, { entry, child: undefined, failure: 'starting', identity: undefined, snapshot: undefined, leaving: false });
+    for (const entry of this.pool.table.volumes) this.volumes.set(entry.name, { entry, child: undefined, failure: 'starting', identity: undefined, snapshot: undefined, leaving: false, counted: undefined });
     for (const volume of await Promise.all(started)) this.volumes.set(volume.entry.name, volume);
   }
 
@@ -297,10 +302,27 @@ export class VolumeProcesses {
       if (child === undefined || volume.failure !== undefined) return;
       try {
         volume.snapshot = await child.request({ op: 'snapshot' }) as VolumeSnapshot;
+        this.count(volume, volume.snapshot);
       } catch {
         volume.snapshot = undefined;
       }
     }));
+  }
+
+  /** Adds what a volume process counted since its last snapshot to the server's request counters. */
+  private count(volume: ChildVolume, snapshot: VolumeSnapshot): void {
+    const counters = this.options.requestCounters;
+    const now = snapshot.requests;
+    if (counters === undefined || now === null) return;
+    const before = volume.counted;
+    const delta = (totals: number[], seen: number[] | undefined): number[] => totals.map((value, index) => value - (seen?.[index] ?? 0));
+    counters.addCounted(delta(now.requests, before?.requests), delta(now.errors, before?.errors), delta(now.bytes, before?.bytes), now.durations);
+    volume.counted = { requests: now.requests, errors: now.errors, bytes: now.bytes };
+  }
+
+  /** --drain-on-exit: every volume process stops serving its clients (the drain follows). */
+  async closeClients(): Promise<void> {
+    await Promise.all([...this.volumes.values()].map((volume) => (volume.failure === undefined ? volume.child?.request({ op: 'close-clients' }).catch(() => undefined) : undefined)));
   }
 
   /** The volume processes' NBD figures added to the serve process's own (which negotiates). */
@@ -453,6 +475,7 @@ export class VolumeProcesses {
       backingConnections: this.options.backingConnections,
       busyPollUs: this.options.busyPollUs,
       logLevel: this.options.logLevel,
+      metrics: this.options.requestCounters !== undefined,
       relayPath: this.relayDirectory === undefined ? undefined : path.join(this.relayDirectory, `${++this.relaysMade}.sock`),
     };
   }
@@ -485,7 +508,7 @@ export class VolumeProcesses {
       const opened = spawned ?? await this.spawn(entry);
       child = opened.child;
       await child.request({ op: 'open-cache', geometry: this.pool.volumeGeometry(entry), format: this.formatOf(entry), mode: undefined });
-      const volume: ChildVolume = { entry, child, failure: undefined, identity: opened.identity, snapshot: undefined, leaving: false };
+      const volume: ChildVolume = { entry, child, failure: undefined, identity: opened.identity, snapshot: undefined, leaving: false, counted: undefined };
       this.watch(volume, child);
       this.exports.add({ name: entry.name, description: `pcache volume ${entry.name}: ${entry.backing} cached on ${this.options.cachePath}`, export: sizeOnly(opened.sizeBytes), handOff: (socket, terms, leftover) => { child?.handOff(socket, terms, leftover); } });
       this.log.info({ volume: entry.name, volumePid: child.pid }, 'volume process serving');
@@ -497,7 +520,7 @@ export class VolumeProcesses {
         await child.exited;
       }
       this.log.error({ volume: entry.name, backing: entry.backing, reason: error.message }, 'volume not served: it cannot be opened (the other volumes serve on)');
-      return { entry, child: undefined, failure: error.message, identity: spawned?.identity, snapshot: undefined, leaving: false };
+      return { entry, child: undefined, failure: error.message, identity: spawned?.identity, snapshot: undefined, leaving: false, counted: undefined };
     }
   }
 

@@ -15,7 +15,7 @@ import { MiB } from '../../src/lib/units.js';
 import { assertFilesEqual, tempDir, writeRandomFile } from '../helpers/files.js';
 import { RawClient } from '../helpers/nbd_raw_client.js';
 import { clientFlags, CMD, infoData, OPT, REP, request, option } from '../helpers/nbd_wire.js';
-import { pcacheJson, runCli, startServe } from '../helpers/pcache.js';
+import { pcacheJson, printedMetricsUrl, runCli, startServe } from '../helpers/pcache.js';
 import { tlsFixture } from '../helpers/tls_fixture.js';
 import { nbdcopy, requireTool, runTool, uriFor } from '../helpers/tools.js';
 import { waitUntil } from '../helpers/wait.js';
@@ -126,9 +126,9 @@ describe('volume processes', () => {
     for (const pid of restarted) assert.equal(alive(pid), false, `volume process ${pid} gone after the stop`);
   });
 
-  it('requests pipelined right behind GO are served by the volume process', async (t) => {
-    const pool = poolIn(t);
-    await startServe(t, pool.args, pool.dir);
+  it('requests pipelined right behind GO are served by the volume process, and counted in the metrics', async (t) => {
+    const pool = poolIn(t, ['--metrics', '127.0.0.1:0']);
+    const server = await startServe(t, pool.args, pool.dir);
     await addVolume(pool, 'piped');
     const client = await RawClient.connect(pool.socket);
     t.after(() => { client.destroy(); });
@@ -158,6 +158,31 @@ describe('volume processes', () => {
     assert.deepEqual((await client.simpleReply(8192)).data, second);
     const volume = (await volumesOf(pool.control)).find((entry) => entry.name === 'piped');
     assert.ok(volume?.pid !== null && volume?.pid !== undefined);
+    // The volume process's requests reach the serve process's metrics.
+    const scrape = await (await fetch(await printedMetricsUrl(server))).text();
+    assert.match(scrape, /^pcache_nbd_requests_total\{op="write"\} 2$/m);
+    assert.match(scrape, /^pcache_nbd_requests_total\{op="read"\} 2$/m);
+    assert.match(scrape, /^pcache_nbd_request_duration_seconds_count\{op="flush"\} 1$/m);
+    assert.match(scrape, /^pcache_state\{volume="piped",state="running"\} 1$/m);
+  });
+
+  it('--drain-on-exit stops every volume\'s clients and writes every volume back before stopping', async (t) => {
+    const pool = poolIn(t, ['--drain-on-exit', '--tuning', 'writeback_idle_ms=600000,writeback_max_age_ms=600000,sequential_cutoff_bytes=0']);
+    const server = await startServe(t, pool.args, pool.dir);
+    const backing = await addVolume(pool, 'held');
+    const client = await RawClient.connect(pool.socket);
+    t.after(() => { client.destroy(); });
+    await client.greeting();
+    client.write(Buffer.concat([clientFlags(3), option(OPT.go, infoData('held'))]));
+    assert.equal((await client.optionReplies()).at(-1)?.type, REP.ack);
+    const data = randomBytes(64 * 1024);
+    assert.equal(await client.command({ type: CMD.write, cookie: 1n, offset: 2 * MiB }, data), 0);
+    assert.equal(await client.command({ type: CMD.flush, cookie: 2n }), 0);
+    const [held] = await volumesOf(pool.control);
+    assert.ok(held !== undefined);
+    assert.ok(((held as unknown as { dirtyBytes: number }).dirtyBytes) > 0, 'the write is dirty in the cache');
+    assert.equal(await server.stop(), 0);
+    assert.deepEqual(fs.readFileSync(backing).subarray(2 * MiB, 2 * MiB + data.length), data, 'written back before the stop');
   });
 
   it('TLS sessions are relayed to the volume process', async (t) => {
