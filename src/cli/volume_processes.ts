@@ -322,7 +322,9 @@ export class VolumeProcesses {
 
   /** --drain-on-exit: every volume process stops serving its clients (the drain follows). */
   async closeClients(): Promise<void> {
-    await Promise.all([...this.volumes.values()].map((volume) => (volume.failure === undefined ? volume.child?.request({ op: 'close-clients' }).catch(() => undefined) : undefined)));
+    await Promise.all([...this.volumes.values()].map(async (volume) => {
+      if (volume.failure === undefined) await volume.child?.request({ op: 'close-clients' }).catch(() => undefined);
+    }));
   }
 
   /** The volume processes' NBD figures added to the serve process's own (which negotiates). */
