@@ -627,7 +627,19 @@ export class VolumeProcesses {
       volume.entry = this.pool.volume(name) ?? volume.entry;
     }
     // The volume process formats a share left blank by a format cut short before it opens it.
-    await child.request({ op: 'open-cache', geometry: this.pool.volumeGeometry(volume.entry), format: this.formatOf(volume.entry), mode: mode ?? undefined });
+    try {
+      await child.request({ op: 'open-cache', geometry: this.pool.volumeGeometry(volume.entry), format: this.formatOf(volume.entry), mode: mode ?? undefined });
+    } catch (error) {
+      if (!(error instanceof PcacheError)) throw error;
+      // No cache to serve the held requests: the volume fails (its clients are cut off), the others serve on.
+      volume.failure = `its cache cannot be opened after the resize: ${error.message}`;
+      volume.leaving = true;
+      this.exports.remove(name);
+      this.log.error({ volume: name, reason: error.message }, 'volume not served: its cache cannot be opened after the resize (the other volumes serve on)');
+      child.kill();
+      await child.exited;
+      throw failure ?? error;
+    }
     if (failure !== undefined) throw failure;
     const units = volumeUnits(volume.entry);
     this.log.info({ volume: name, fromBytes: before * this.pool.segmentSizeBytes, toBytes: units * this.pool.segmentSizeBytes, pausedMs: Math.round(performance.now() - pausedMs), totalMs: Math.round(performance.now() - startedMs) }, 'volume resized');
