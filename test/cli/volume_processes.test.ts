@@ -3,8 +3,9 @@
 // clients: a volume process killed with SIGKILL leaves its volume failed (with the reason) and
 // the other volume serving its data; the serve process killed with SIGKILL takes its volume
 // processes along (checked by PID) and a restart serves every volume; requests pipelined right
-// behind GO reach the volume process (the bytes read past the handshake go with the socket);
-// TLS sessions are relayed to the volume process; `--volume-processes off` serves in one process.
+// behind GO reach the volume process (the bytes read past the handshake go with the socket) and
+// are counted in the serve process's metrics; a checkpoint and --drain-on-exit reach the volume
+// process; TLS sessions are relayed to it; `--volume-processes off` serves in one process.
 
 import { describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
@@ -166,7 +167,7 @@ describe('volume processes', () => {
     assert.match(scrape, /^pcache_state\{volume="piped",state="running"\} 1$/m);
   });
 
-  it('--drain-on-exit stops every volume\'s clients and writes every volume back before stopping', async (t) => {
+  it('a checkpoint holds a volume\'s backing device; --drain-on-exit stops every volume\'s clients and writes every volume back', async (t) => {
     const pool = poolIn(t, ['--drain-on-exit', '--tuning', 'writeback_idle_ms=600000,writeback_max_age_ms=600000,sequential_cutoff_bytes=0']);
     const server = await startServe(t, pool.args, pool.dir);
     const backing = await addVolume(pool, 'held');
@@ -181,6 +182,11 @@ describe('volume processes', () => {
     const [held] = await volumesOf(pool.control);
     assert.ok(held !== undefined);
     assert.ok(((held as unknown as { dirtyBytes: number }).dirtyBytes) > 0, 'the write is dirty in the cache');
+    // A checkpoint through the volume process: the backing device holds the write while the command runs.
+    const expected = path.join(pool.dir, 'held.expected');
+    fs.writeFileSync(expected, data);
+    const checkpoint = await runCli(['checkpoint', '--control', pool.control, '--volume', 'held', '--exec', `dd if=${backing} bs=64K skip=32 count=1 status=none | cmp - ${expected}`]);
+    assert.equal(checkpoint.code, 0, checkpoint.stderr);
     assert.equal(await server.stop(), 0);
     assert.deepEqual(fs.readFileSync(backing).subarray(2 * MiB, 2 * MiB + data.length), data, 'written back before the stop');
   });
