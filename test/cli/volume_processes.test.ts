@@ -70,6 +70,19 @@ function parentOf(pid: number): number {
   return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
 }
 
+/** The processes whose parent is `pid`. */
+function childrenOf(pid: number): number[] {
+  const found: number[] = [];
+  for (const entry of fs.readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
+    try {
+      if (parentOf(Number(entry)) === pid) found.push(Number(entry));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return found;
+}
+
 /** Copies random data into the volume `name` and back out; the two must match. */
 async function roundTrip(pool: Pool, name: string, what: string, uri = uriFor(pool.socket, name)): Promise<void> {
   const data = path.join(pool.dir, `${name}.data`);
@@ -97,6 +110,15 @@ describe('volume processes', () => {
       assert.ok(volume.pid !== null && volume.pid !== server.pid, `${volume.name} runs in a process of its own`);
       assert.equal(parentOf(volume.pid), server.pid, 'a child of the serve process');
     }
+    // A second name for alpha's backing file (a hard link): the volume process that opened it
+    // reports its identity, the add is refused before anything is written, and that process is gone.
+    const hard = path.join(pool.dir, 'hard.img');
+    fs.linkSync(path.join(pool.dir, 'alpha.img'), hard);
+    const twin = await runCli(['volume', 'add', '--control', pool.control, '--name', 'gamma', '--backing', hard, '--cache-size', '64M']);
+    assert.equal(twin.code, 1);
+    assert.match(twin.stderr, /is the one volume "alpha" uses/);
+    assert.deepEqual((await volumesOf(pool.control)).map((volume) => volume.name), ['alpha', 'beta']);
+    await waitUntil(() => childrenOf(server.pid).length === 2, 'only the two volume processes remain');
     await roundTrip(pool, 'alpha', 'alpha before the kill');
     await roundTrip(pool, 'beta', 'beta before the kill');
 
