@@ -15,6 +15,10 @@
 //   requestsInFlightMax at once per volume (more wait, in order); the quick ones (status,
 //   settings) give up after quickRequestTimeoutMs; drains and checkpoints run as long as they
 //   must. A volume process's PcacheError comes back with its code, message and reason.
+//   Status, `volume list` and metrics ask every volume process for a snapshot (its cache's
+//   status, its clients, its NBD figures and, with metrics, its request counts, which are added
+//   to the serve process's counters). --drain-on-exit stops every volume process's clients
+//   before the drain (closeClients).
 // - add: the volume process opens the backing device (its identity is checked against the
 //   other volumes'), formats the share when the pool asks (CachePool.addVolume), then this
 //   process commits the table, and the volume process opens its cache and serves. remove: the
