@@ -14,19 +14,23 @@
 // - B: the reader. A tmpfs file of random data; its read set (a quarter of its share) is read
 //   through pcache once in order, so every measured read is a hit (the hit rate is printed).
 //
-// The peer layout, `split`: the same two volumes (same shares, settings and kinds of backing
-// device) each in a pool of its own served by its own `pcache serve` process — the same load on
-// the machine, but no shared event loop. Each round measures B four times, in rotated order:
-// shared or split, alone (A idle and drained) or together (A taking 4 KiB random writes at QD32
+// Three layouts of the same two volumes (same shares, settings and kinds of backing device):
+// `shared`, one pool served by one `pcache serve` as it starts by default, each volume in a
+// volume process of its own (--volume-processes on); `in-process`, the same pool served with
+// --volume-processes off, both engines on the serve process's one event loop; and the peer,
+// `split`, each volume in a pool of its own served by its own `pcache serve` process (volumes in
+// process) — the same load on the machine, but no shared event loop. Each round measures B six
+// times, in rotated order: each layout alone (A idle and drained) or together (A taking 4 KiB random writes at QD32
 // over twice its share; B's run starts once A's writeback has written to A's backing device and
 // its GC has freed a segment, and `leadSeconds` more, so that both run throughout). B's run: fio
 // (nbd engine, one job) 4 KiB random reads at QD1 over its read set for `seconds`; fio's
 // completion-latency percentiles p50 and p99. After each together phase A is drained. What is
 // reported, per layout: medians over the rounds of B's p50 and p99, alone and together, and
 // their ratios (goal <= 2); A's write rate, writeback and GC during B's runs (pcache's
-// counters); pcache's CPU in each phase and how long the main thread of B's server waited,
-// runnable, for a CPU (/proc: how loaded the machine was); and shared against split with A
-// writing (what sharing one event loop costs B).
+// counters); pcache's CPU in each phase (every process of the layout) and how long the main
+// thread of the process serving B (its volume process, in `shared`) waited, runnable, for a
+// CPU (/proc: how loaded the machine was); and shared and in-process against split with A
+// writing (what sharing one pool, or one event loop, costs B).
 //
 // Environment: PCACHE_BENCH_STORE (delay, file or delay,file), PCACHE_BENCH_SECONDS (B's run,
 // default 10), PCACHE_BENCH_ROUNDS (default 5), PCACHE_BENCH_TUNING (more --tuning pairs),
@@ -82,10 +86,10 @@ interface VolumeStatus {
  * process, same shares and settings: the same load on the machine, but no shared event loop.
  */
 interface Layout {
-  readonly name: 'shared' | 'split';
+  readonly name: 'shared' | 'in-process' | 'split';
   readonly socketOf: Readonly<Record<'A' | 'B', string>>;
   readonly controlOf: Readonly<Record<'A' | 'B', string>>;
-  /** The server of B first. */
+  /** The process serving B first (its volume process, or its server), then every other process of the layout. */
   readonly pids: readonly number[];
   /** Where the loop probe in B's server writes (PCACHE_BENCH_LOOP_PROBE=1). */
   readonly probeFileOfB: string | undefined;
@@ -239,7 +243,7 @@ function phaseOf(latency: Latency, d: Delta, loop: LoopDelay | undefined): Phase
 }
 
 function describePhase(round: number, what: string, phase: Phase): void {
-  console.log(`  round ${round} ${what.padEnd(14)}: B p50 ${phase.latency.p50Us.toFixed(1).padStart(7)} us, p99 ${phase.latency.p99Us.toFixed(1).padStart(7)} us, ` +
+  console.log(`  round ${round} ${what.padEnd(19)}: B p50 ${phase.latency.p50Us.toFixed(1).padStart(7)} us, p99 ${phase.latency.p99Us.toFixed(1).padStart(7)} us, ` +
     `${Math.round(phase.latency.iops)} IOPS, hits ${phase.hitPercent.toFixed(1)}%; A ${Math.round(phase.aIops)} writes/s, ` +
     `written back ${phase.aWritebackMiBs.toFixed(1)} MiB/s, GC freed ${phase.aGcSegments} segments; pcache CPU ${phase.cpuPercent.toFixed(0)}%, ` +
     `B's server waited for a CPU ${phase.bRunqueueWaitMsPerS.toFixed(0)} ms/s` +
@@ -274,7 +278,7 @@ async function measure(layout: Layout, writing: boolean): Promise<Phase> {
 }
 
 /** Starts a `pcache serve` of a new pool (a sparse cache file it creates) holding the given volumes. */
-async function startPool(dir: string, name: string, volumes: readonly { name: 'A' | 'B'; backing: string; shareMiB: number }[]): Promise<{ child: ChildProcess; socket: string; control: string; probeFile: string | undefined }> {
+async function startPool(dir: string, name: string, volumes: readonly { name: 'A' | 'B'; backing: string; shareMiB: number }[], volumeProcesses: boolean): Promise<{ child: ChildProcess; socket: string; control: string; probeFile: string | undefined; volumePids: Partial<Record<'A' | 'B', number>> }> {
   const socket = path.join(dir, `${name}.sock`);
   const control = path.join(dir, `${name}.ctl`);
   const probeFile = loopProbe === undefined ? undefined : path.join(dir, `${name}.loop`);
@@ -285,12 +289,15 @@ async function startPool(dir: string, name: string, volumes: readonly { name: 'A
   const sizeMiB = volumes.reduce((sum, volume) => sum + volume.shareMiB, 0) + 2 * segmentMiB;
   const child = await startPcacheServe(`pcache serve (${name})`, dir, socket, [
     '--cache', path.join(dir, `${name}.img`), '--cache-size', `${sizeMiB}M`, '--segment-size', `${segmentMiB}M`, '--control', control,
-    '--tuning', ['sequential_cutoff_bytes=0', ...extraTuning].join(','),
+    '--tuning', ['sequential_cutoff_bytes=0', ...extraTuning].join(','), '--volume-processes', volumeProcesses ? 'on' : 'off',
   ], env);
   for (const volume of volumes) {
     await runPcacheCli(['volume', 'add', '--control', control, '--name', volume.name, '--backing', volume.backing, '--cache-size', `${volume.shareMiB}M`]);
   }
-  return { child, socket, control, probeFile };
+  const status = await controlRequest(control, 'status') as { volumes: { name: 'A' | 'B'; pid?: number | null }[] };
+  const volumePids: Partial<Record<'A' | 'B', number>> = {};
+  for (const volume of status.volumes) if (typeof volume.pid === 'number') volumePids[volume.name] = volume.pid;
+  return { child, socket, control, probeFile, volumePids };
 }
 
 /** Warms B: one pass in order brings its read set into its share. */
@@ -334,8 +341,8 @@ async function runStore(base: string, store: string): Promise<void> {
   const started: ChildProcess[] = [];
   try {
     // Each layout's volumes have backing devices of their own (a backing device serves one volume).
-    const backing: Record<'A' | 'B', Record<Layout['name'], string>> = { A: { shared: '', split: '' }, B: { shared: '', split: '' } };
-    for (const layoutName of ['shared', 'split'] as const) {
+    const backing: Record<'A' | 'B', Record<Layout['name'], string>> = { A: { shared: '', 'in-process': '', split: '' }, B: { shared: '', 'in-process': '', split: '' } };
+    for (const layoutName of ['shared', 'in-process', 'split'] as const) {
       const fileA = path.join(dir, `a-${layoutName}.img`);
       const fileB = path.join(dir, `b-${layoutName}.img`);
       fill(fileA, rangeABytes, true);
@@ -348,14 +355,19 @@ async function runStore(base: string, store: string): Promise<void> {
         backing.A[layoutName] = `nbd+unix:///?socket=${storeSocket}`;
       }
     }
-    const pool = await startPool(dir, 'pool', [{ name: 'A', backing: backing.A.shared, shareMiB: shareAMiB }, { name: 'B', backing: backing.B.shared, shareMiB: shareBMiB }]);
+    const pool = await startPool(dir, 'pool', [{ name: 'A', backing: backing.A.shared, shareMiB: shareAMiB }, { name: 'B', backing: backing.B.shared, shareMiB: shareBMiB }], true);
     started.push(pool.child);
-    const poolA = await startPool(dir, 'pool-a', [{ name: 'A', backing: backing.A.split, shareMiB: shareAMiB }]);
+    const inProcess = await startPool(dir, 'pool-in-process', [{ name: 'A', backing: backing.A['in-process'], shareMiB: shareAMiB }, { name: 'B', backing: backing.B['in-process'], shareMiB: shareBMiB }], false);
+    started.push(inProcess.child);
+    const poolA = await startPool(dir, 'pool-a', [{ name: 'A', backing: backing.A.split, shareMiB: shareAMiB }], false);
     started.push(poolA.child);
-    const poolB = await startPool(dir, 'pool-b', [{ name: 'B', backing: backing.B.split, shareMiB: shareBMiB }]);
+    const poolB = await startPool(dir, 'pool-b', [{ name: 'B', backing: backing.B.split, shareMiB: shareBMiB }], false);
     started.push(poolB.child);
+    const { A: volumeA, B: volumeB } = pool.volumePids;
+    if (volumeA === undefined || volumeB === undefined) throw new Error('the shared pool reports no volume processes');
     const layouts: Layout[] = [
-      { name: 'shared', socketOf: { A: pool.socket, B: pool.socket }, controlOf: { A: pool.control, B: pool.control }, pids: [pool.child.pid ?? 0], probeFileOfB: pool.probeFile },
+      { name: 'shared', socketOf: { A: pool.socket, B: pool.socket }, controlOf: { A: pool.control, B: pool.control }, pids: [volumeB, pool.child.pid ?? 0, volumeA], probeFileOfB: pool.probeFile },
+      { name: 'in-process', socketOf: { A: inProcess.socket, B: inProcess.socket }, controlOf: { A: inProcess.control, B: inProcess.control }, pids: [inProcess.child.pid ?? 0], probeFileOfB: inProcess.probeFile },
       { name: 'split', socketOf: { A: poolA.socket, B: poolB.socket }, controlOf: { A: poolA.control, B: poolB.control }, pids: [poolB.child.pid ?? 0, poolA.child.pid ?? 0], probeFileOfB: poolB.probeFile },
     ];
     for (const layout of layouts) await warm(layout.socketOf.B);
@@ -363,9 +375,7 @@ async function runStore(base: string, store: string): Promise<void> {
       `A's share ${shareAMiB} MiB, writes over ${rangeABytes / MiB} MiB; B's backing a file on ${base}, share ${shareBMiB} MiB, read set ${readSetBytes / MiB} MiB; ` +
       `${segmentMiB} MiB segments; ${rounds} round(s), B's runs ${seconds} s, starting ${leadSeconds} s after A's writeback and GC have begun${smoke ? ' (smoke)' : ''}`);
 
-    const phases = [
-      { layout: 0, writing: false }, { layout: 0, writing: true }, { layout: 1, writing: false }, { layout: 1, writing: true },
-    ];
+    const phases = layouts.flatMap((_layout, index) => [{ layout: index, writing: false }, { layout: index, writing: true }]);
     const results = layouts.map(() => ({ alone: [] as Phase[], together: [] as Phase[] }));
     for (let round = 1; round <= rounds; round++) {
       // Rotate the order, so no phase always follows the same one.
@@ -379,9 +389,10 @@ async function runStore(base: string, store: string): Promise<void> {
         describePhase(round, `${layout.name} ${step.writing ? 'together' : 'alone'}`, phase);
       }
     }
-    const [shared, split] = layouts.map((layout, index) => summarize(store, layout.name, results[index]?.alone ?? [], results[index]?.together ?? []));
-    if (shared !== undefined && split !== undefined) {
-      console.log(`  ${store}: one process against two, with A writing: B's p50 ${(shared.p50Together / split.p50Together).toFixed(2)}x, p99 ${(shared.p99Together / split.p99Together).toFixed(2)}x`);
+    const [shared, inOne, split] = layouts.map((layout, index) => summarize(store, layout.name, results[index]?.alone ?? [], results[index]?.together ?? []));
+    if (shared !== undefined && inOne !== undefined && split !== undefined) {
+      console.log(`  ${store}: against two servers, with A writing: volume processes B's p50 ${(shared.p50Together / split.p50Together).toFixed(2)}x, p99 ${(shared.p99Together / split.p99Together).toFixed(2)}x; ` +
+        `one process B's p50 ${(inOne.p50Together / split.p50Together).toFixed(2)}x, p99 ${(inOne.p99Together / split.p99Together).toFixed(2)}x`);
     }
   } finally {
     for (const child of started.reverse()) await stopChild(child);

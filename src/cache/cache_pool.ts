@@ -15,7 +15,7 @@
 
 import { randomUUID } from 'node:crypto';
 import type { BlockDevice } from '../device/block_device.js';
-import { VolumeDevice } from '../device/volume_device.js';
+import { VolumeDevice, type VolumeGeometry } from '../device/volume_device.js';
 import { PcacheError } from '../lib/errors.js';
 import { formatSize } from '../lib/units.js';
 import { blankProbeBytes, blockBytes, gcPercentDefault, gcPercentMax, lastBlockOffsetBytes, segmentCountMin, segmentSizeDefaultBytes, segmentSizeProblem, segmentsOffsetBytes } from '../ondisk/layout.js';
@@ -146,17 +146,22 @@ export class CachePool {
 
   /** The engine's view of a volume's share. */
   volumeDevice(entry: VolumeEntry): VolumeDevice {
+    return new VolumeDevice(this.device, this.volumeGeometry(entry));
+  }
+
+  /** Where a volume's share lies on the pool device (plain data: a volume process builds its own VolumeDevice from it). */
+  volumeGeometry(entry: VolumeEntry): VolumeGeometry {
     const unitOffsetsBytes: number[] = [];
     for (const extent of entry.extents) {
       for (let unit = extent.firstUnit; unit < extent.firstUnit + extent.unitCount; unit++) unitOffsetsBytes.push(unitOffsetBytes(unit, this.sb.segmentSizeBytes));
     }
-    return new VolumeDevice(this.device, {
+    return {
       slotOffsetBytes: volumeSlotOffsetBytes(entry.slot),
       frontBytes: segmentsOffsetBytes,
       endBytes: blockBytes,
       segmentSizeBytes: this.sb.segmentSizeBytes,
       unitOffsetsBytes,
-    });
+    };
   }
 
   /**

@@ -63,6 +63,11 @@ export interface ServeArgs {
    * for volumes, with none); `pcache volume add` adds more. backingPath is empty then.
    */
   readonly volumes: boolean;
+  /**
+   * `--volume-processes on|off` (volumes only; default on): each volume served by a process of
+   * its own (cli/volume_processes.ts), or all of them in the serve process (cli/volume_set.ts).
+   */
+  readonly volumeProcesses: boolean;
   /** Record both devices' writes and syncs here (RecordingDevice), for offline power-loss states. */
   readonly recordDir: string | undefined;
   /** `pcache serve` with no arguments: create ./pcache-data/ and print connection recipes. */
@@ -151,6 +156,7 @@ export const serveGrammar: CommandGrammar<ServeArgs> = {
       'drain-timeout': valueFlag('SECONDS', `with --drain-on-exit: stop anyway after this long (default ${defaultDrainTimeoutSeconds})`),
       'no-cache': switchFlag('serve the backing device directly, without a cache (for comparisons)'),
       'busy-poll-us': valueFlag('N', `after answering a client at low queue depth, poll for its next request for up to N microseconds instead of sleeping, 0..${busyPollWindowMaxUs} (default ${busyPollWindowDefaultUs}; 0 turns it off)`),
+      'volume-processes': valueFlag('on|off', 'without --backing: serve each volume in a process of its own, so one volume\'s work never holds up another\'s (on, the default), or all volumes in the serve process (off)'),
       'record-dir': valueFlag('DIR', 'record every write and sync of both devices to DIR/cache.log and DIR/backing.log (for crash testing; see docs/testing.md)'),
     },
     notes: [
@@ -183,6 +189,7 @@ function defaultModeArgs(): ServeArgs {
     mode: undefined,
     noCache: false,
     volumes: false,
+    volumeProcesses: false,
     recordDir: undefined,
     defaultMode: true,
     tuning: {},
@@ -226,6 +233,9 @@ function serveArgs(flags: Flags): ServeArgs {
     }
     if (!flags.has('control')) throw flags.usage('--backing is required (or, to serve the cache device\'s volumes, --control PATH without --backing: volumes are added through it with pcache volume add)');
   }
+  if (!volumes && flags.has('volume-processes')) throw flags.usage('--volume-processes is for serving a cache device\'s volumes (serve without --backing)');
+  const processesText = flags.optional('volume-processes');
+  if (processesText !== undefined && processesText !== 'on' && processesText !== 'off') throw flags.usage(`--volume-processes must be on or off, not "${processesText}"`);
   const backingPath = volumes ? '' : flags.required('backing');
   const isUri = !volumes && backingIsUri(flags, backingPath);
   if (isUri && flags.has('backing-size')) throw flags.usage('--backing-size makes no sense with an NBD backing device (its server decides its size)');
@@ -254,6 +264,7 @@ function serveArgs(flags: Flags): ServeArgs {
     mode,
     noCache,
     volumes,
+    volumeProcesses: processesText !== 'off',
     recordDir: flags.optional('record-dir'),
     defaultMode: false,
     tuning: tuningFlag(flags),

@@ -12,9 +12,10 @@
 //   requestTimeoutMs). Answering is not timed: a drain may take hours, and its connection
 //   stays open until it is answered. A socket error or a malformed request ends that
 //   connection only;
-// - `GET /status` is computed synchronously from memory: it never waits for a drain, a
-//   device, or another client (HTTP answers one connection's requests in order, so a status
-//   asked while a drain runs comes on another connection, as any HTTP client does it);
+// - `GET /status` is computed from memory (synchronously, or by the volume processes, each
+//   from its own memory, within a time limit): it never waits for a drain, a device, or
+//   another client (HTTP answers one connection's requests in order, so a status asked while
+//   a drain runs comes on another connection, as any HTTP client does it);
 // - close() stops listening, answers every request still pending with 503 ESHUTDOWN, and
 //   closes every connection; a request arriving meanwhile gets 503 too.
 
@@ -33,7 +34,10 @@ import { listenOn } from './listen.js';
  * refuses a volume it does not know).
  */
 export interface ControlHandlers {
-  /** The server's state, computed synchronously. */
+  /**
+   * The server's state, from memory: computed synchronously, or (a server of volume processes)
+   * gathered from each volume process's answer, which never waits for a drain either.
+   */
   status(): unknown;
   /** Resolves once everything written before the call is on the backing device, synced. */
   drain(volume?: string): Promise<void>;

@@ -9,6 +9,8 @@
 // Limits: only processes whose /proc entries this user may read are seen (all of them for
 // root; the user's own otherwise, which is where a server started by the same user lives).
 // Where /proc does not exist (not Linux) nothing is found: the check is a guard, not a lock.
+// This process's own children are not "another process": a serve's volume processes
+// (volume_process.ts) hold the cache device open on its behalf.
 
 import fs from 'node:fs';
 import { PcacheError } from '../lib/errors.js';
@@ -21,7 +23,7 @@ export interface DeviceUser {
 /** Files opened per process are bounded by the kernel; this bounds how many users are listed. */
 const usersListedMax = 8;
 
-/** The other processes that have `path` open (this process excluded). */
+/** The other processes that have `path` open (this process and its children excluded). */
 export function deviceUsers(path: string): DeviceUser[] {
   let target: fs.Stats;
   try {
@@ -38,7 +40,7 @@ export function deviceUsers(path: string): DeviceUser[] {
   const users: DeviceUser[] = [];
   for (const entry of pids) {
     const pid = Number(entry);
-    if (pid === process.pid) continue;
+    if (pid === process.pid || parentOf(pid) === process.pid) continue;
     if (holds(pid, target)) users.push({ pid, command: commandOf(pid) });
     if (users.length >= usersListedMax) break;
   }
@@ -74,6 +76,17 @@ function holds(pid: number, target: fs.Stats): boolean {
     }
   }
   return false;
+}
+
+/** The parent's pid, from /proc/PID/stat (after the command in parentheses: state, then ppid). */
+function parentOf(pid: number): number | undefined {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return Number(fields[1]);
+  } catch {
+    return undefined;
+  }
 }
 
 function commandOf(pid: number): string {

@@ -53,6 +53,21 @@ export class NbdRequestCounters implements NbdRequestObserver {
     this.sink = sink;
   }
 
+  /**
+   * Adds what another process counted (a volume process's snapshot): `totals` grow by the
+   * given amounts, and each (command index, seconds) pair of `durations` goes to the histogram.
+   */
+  addCounted(requests: readonly number[], errors: readonly number[], bytes: readonly number[], durations: readonly number[]): void {
+    for (let index = 0; index < this.requests.length; index += 1) {
+      this.requests[index] = (this.requests[index] ?? 0) + (requests[index] ?? 0);
+      this.errors[index] = (this.errors[index] ?? 0) + (errors[index] ?? 0);
+      this.bytes[index] = (this.bytes[index] ?? 0) + (bytes[index] ?? 0);
+    }
+    const sink = this.sink;
+    if (sink === undefined) return;
+    for (let at = 0; at + 1 < durations.length; at += 2) sink(durations[at] ?? 0, durations[at + 1] ?? 0);
+  }
+
   drainDurations(): void {
     const sink = this.sink;
     if (sink !== undefined) {
@@ -250,7 +265,8 @@ export class MetricsServer {
     this.server = server;
   }
 
-  static async listen(registry: Registry, host: string, port: number): Promise<{ server: MetricsServer; url: string }> {
+  /** `refresh`: run before each scrape is collected (a server of volume processes asks them for their figures then). */
+  static async listen(registry: Registry, host: string, port: number, refresh?: () => Promise<void>): Promise<{ server: MetricsServer; url: string }> {
     const server = http.createServer((request, response) => {
       const url = (request.url ?? '/').split('?')[0];
       if (url !== '/metrics') {
@@ -261,7 +277,7 @@ export class MetricsServer {
         response.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain' }).end('use GET\n');
         return;
       }
-      registry.metrics().then(
+      (refresh ?? (() => Promise.resolve()))().then(() => registry.metrics()).then(
         (text) => { response.writeHead(200, { 'content-type': registry.contentType }).end(request.method === 'HEAD' ? undefined : text); },
         (error: unknown) => { response.writeHead(500, { 'content-type': 'text/plain' }).end(`${error instanceof Error ? error.message : String(error)}\n`); },
       );

@@ -8,6 +8,10 @@
 // with --backing) or anything else is refused without writing a byte; open every volume (one
 // that fails is reported, the others serve); listen for NBD, on the control socket and for
 // metrics. Stop: as serve_cmd.ts, for every volume.
+//
+// Where the volumes run: each in a process of its own (volume_processes.ts; the default), or
+// all in this one (volume_set.ts, `--volume-processes off`). Both offer the same PoolVolumes;
+// the control socket, the metrics and the stop do not care which.
 
 import fs from 'node:fs';
 import { probeDevice } from '../cache/cache_metadata.js';
@@ -29,7 +33,27 @@ import { tuningOf } from './serve_open.js';
 import { notificationsWanted, notifySystemd } from './systemd.js';
 import type { Terminal } from './terminal.js';
 import { packageVersion } from './version.js';
-import { VolumeSet } from './volume_set.js';
+import { VolumeProcesses, type VolumeControl } from './volume_processes.js';
+import { VolumeSet, type VolumeClients } from './volume_set.js';
+import type { CacheStatus } from '../cache/cache.js';
+import type { NbdServerStats } from '../nbd/server/server.js';
+
+/** What the pool's volumes offer serve, wherever they run (VolumeSet, VolumeProcesses). */
+interface PoolVolumes {
+  openAll(): Promise<void>;
+  attach(clients: VolumeClients, uriOf: (name: string) => string): void;
+  list(): Record<string, unknown>[] | Promise<Record<string, unknown>[]>;
+  status(): Record<string, unknown> | Promise<Record<string, unknown>>;
+  caches(): { volume: string; status: CacheStatus }[];
+  served(name: string | undefined): VolumeControl;
+  allServed(): VolumeControl[];
+  add(request: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>>;
+  remove(request: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>>;
+  resize(request: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>>;
+  closeAll(): Promise<void>;
+  /** Volume processes serve their own clients: --drain-on-exit stops them before the drain (VolumeSet's are the server's). */
+  closeClients?(): Promise<void>;
+}
 
 export async function servePool(args: ServeArgs, terminal: Terminal): Promise<number> {
   const { stops, log, startedAt, inherited, tls } = beginServe(args);
@@ -37,7 +61,7 @@ export async function servePool(args: ServeArgs, terminal: Terminal): Promise<nu
   let created = false;
   let listening = false;
   let removePidFile: (() => void) | undefined;
-  let volumes: VolumeSet;
+  let volumes: PoolVolumes;
   let nbd: NbdServer;
   try {
     const note = sizeFlagIgnored(args.cachePath, args.cacheSizeBytes, '--cache-size');
@@ -48,11 +72,14 @@ export async function servePool(args: ServeArgs, terminal: Terminal): Promise<nu
     closers.push(() => device.close());
     const pool = await openPool(device, args, log);
     const exports = new ExportMap();
-    volumes = new VolumeSet(pool, exports, log, { cachePath: args.cachePath, tuning: tuningOf(args), backingConnections: args.backingConnections });
+    const requestCounters = args.metrics === undefined ? undefined : new NbdRequestCounters();
+    const processes = !args.volumeProcesses ? undefined : new VolumeProcesses(pool, exports, log, {
+      cachePath: args.cachePath, tuning: tuningOf(args), backingConnections: args.backingConnections, busyPollUs: args.busyPollUs, logLevel: args.logLevel, relay: tls !== undefined, requestCounters,
+    });
+    volumes = processes ?? new VolumeSet(pool, exports, log, { cachePath: args.cachePath, tuning: tuningOf(args), backingConnections: args.backingConnections });
     const set = volumes;
     closers.push(() => set.closeAll());
     await volumes.openAll();
-    const requestCounters = args.metrics === undefined ? undefined : new NbdRequestCounters();
     nbd = new NbdServer({
       catalog: exports,
       busyPollUs: args.busyPollUs,
@@ -68,16 +95,21 @@ export async function servePool(args: ServeArgs, terminal: Terminal): Promise<nu
     volumes.attach({ connectionCount: (name) => server.connectionCount(name), disconnect: async (name) => { await server.disconnect(name); } }, (name) => uriOf(address, name, tls));
     const threadPoolSize = uvThreadPoolSize(process.env.UV_THREADPOOL_SIZE);
     const listUri = uriOf(address, '', tls);
-    const status = (): Record<string, unknown> => ({
-      pid: process.pid,
-      uvThreadPoolSize: threadPoolSize,
-      startedAt: startedAt.toISOString(),
-      uptimeMs: Date.now() - startedAt.getTime(),
-      uri: listUri,
-      cachePath: args.cachePath,
-      ...set.status(),
-      nbd: server.stats(),
-    });
+    const nbdStats = (): NbdServerStats => processes?.nbdStats(server.stats()) ?? server.stats();
+    const status = async (): Promise<Record<string, unknown>> => {
+      const volumesStatus = await set.status();
+      return {
+        pid: process.pid,
+        uvThreadPoolSize: threadPoolSize,
+        startedAt: startedAt.toISOString(),
+        uptimeMs: Date.now() - startedAt.getTime(),
+        uri: listUri,
+        cachePath: args.cachePath,
+        volumeProcesses: processes !== undefined,
+        ...volumesStatus,
+        nbd: nbdStats(),
+      };
+    };
     const control = new ControlServer({
       status,
       drain: async (volume) => {
@@ -108,8 +140,8 @@ export async function servePool(args: ServeArgs, terminal: Terminal): Promise<nu
     closers.push(() => control.close());
     let metricsUrl: string | undefined;
     if (args.metrics !== undefined && requestCounters !== undefined) {
-      const registry = createMetricsRegistry(requestCounters, { caches: () => set.caches(), perVolume: true, nbdStats: () => server.stats() });
-      const metrics = await MetricsServer.listen(registry, args.metrics.host, args.metrics.port);
+      const registry = createMetricsRegistry(requestCounters, { caches: () => set.caches(), perVolume: true, nbdStats });
+      const metrics = await MetricsServer.listen(registry, args.metrics.host, args.metrics.port, processes === undefined ? undefined : () => processes.refresh());
       closers.push(() => metrics.server.close());
       metricsUrl = metrics.url;
     }
@@ -155,8 +187,9 @@ async function openPool(device: FileDevice, args: ServeArgs, log: Logger): Promi
 }
 
 /** --drain-on-exit with volumes: clients first, then every volume written back (a second stop or the timeout stops waiting). */
-async function drainVolumesBeforeExit(args: ServeArgs, server: NbdServer, volumes: VolumeSet, stops: StopRequests, log: Logger, terminal: Terminal): Promise<void> {
+async function drainVolumesBeforeExit(args: ServeArgs, server: NbdServer, volumes: PoolVolumes, stops: StopRequests, log: Logger, terminal: Terminal): Promise<void> {
   await server.close();
+  await volumes.closeClients?.();
   terminal.out('writing back every volume before stopping (stop again to skip)');
   let timer: NodeJS.Timeout | undefined;
   const outcome = await Promise.race([

@@ -204,16 +204,7 @@ export class VolumeSet {
   }
 
   private async addNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
-    const name = stringField(fields, 'name');
-    const backingText = stringField(fields, 'backing');
-    const shareBytes = fields.cacheSizeBytes;
-    if (typeof shareBytes !== 'number' || !Number.isSafeInteger(shareBytes) || shareBytes <= 0) throw new PcacheError('EINVAL', 'cacheSizeBytes must be a positive integer (bytes of the cache device for this volume)');
-    const gcPercent = fields.gcPercent;
-    if (gcPercent !== undefined && (typeof gcPercent !== 'number' || !Number.isInteger(gcPercent) || gcPercent < 0 || gcPercent > gcPercentMax)) throw new PcacheError('EINVAL', `gcPercent must be an integer 0..${gcPercentMax}`);
-    const dataCrc = fields.dataCrc;
-    if (dataCrc !== undefined && typeof dataCrc !== 'boolean') throw new PcacheError('EINVAL', 'dataCrc must be true or false');
-    const backingIsUri = looksLikeNbdUri(backingText);
-    const backing = backingIsUri ? checkedUri(backingText) : checkedFile(backingText);
+    const { name, backing, backingIsUri, shareBytes, gcPercent, dataCrc } = addRequestOf(fields);
     // Everything the table can tell, before the backing device is opened.
     this.pool.planVolume({ name, backing, shareBytes, ...(gcPercent === undefined ? {} : { gcPercent }) });
     const closers: Closer[] = [];
@@ -405,7 +396,31 @@ async function closeVolume(volume: ServedVolume): Promise<void> {
   await closeAll([() => closeAll(volume.backingClosers.splice(0)), () => closeAll(volume.cacheClosers.splice(0))]);
 }
 
-function stringField(fields: Readonly<Record<string, unknown>>, name: string): string {
+/** An add request's fields, checked (EINVAL); the backing device named by its real path (a file) or its URI. */
+export interface AddRequest {
+  readonly name: string;
+  readonly backing: string;
+  readonly backingIsUri: boolean;
+  readonly shareBytes: number;
+  readonly gcPercent: number | undefined;
+  readonly dataCrc: boolean | undefined;
+}
+
+export function addRequestOf(fields: Readonly<Record<string, unknown>>): AddRequest {
+  const name = stringField(fields, 'name');
+  const backingText = stringField(fields, 'backing');
+  const shareBytes = fields.cacheSizeBytes;
+  if (typeof shareBytes !== 'number' || !Number.isSafeInteger(shareBytes) || shareBytes <= 0) throw new PcacheError('EINVAL', 'cacheSizeBytes must be a positive integer (bytes of the cache device for this volume)');
+  const gcPercent = fields.gcPercent;
+  if (gcPercent !== undefined && (typeof gcPercent !== 'number' || !Number.isInteger(gcPercent) || gcPercent < 0 || gcPercent > gcPercentMax)) throw new PcacheError('EINVAL', `gcPercent must be an integer 0..${gcPercentMax}`);
+  const dataCrc = fields.dataCrc;
+  if (dataCrc !== undefined && typeof dataCrc !== 'boolean') throw new PcacheError('EINVAL', 'dataCrc must be true or false');
+  const backingIsUri = looksLikeNbdUri(backingText);
+  const backing = backingIsUri ? checkedUri(backingText) : checkedFile(backingText);
+  return { name, backing, backingIsUri, shareBytes, gcPercent, dataCrc };
+}
+
+export function stringField(fields: Readonly<Record<string, unknown>>, name: string): string {
   const value = fields[name];
   if (typeof value !== 'string' || value === '') throw new PcacheError('EINVAL', `${name} must be a non-empty string`);
   return value;

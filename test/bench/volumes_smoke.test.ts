@@ -1,5 +1,6 @@
 // bench/volumes_bench.ts in smoke mode, so it cannot rot: for both of A's backing stores it must
-// serve the two volumes through the real CLI, in one process and (the peer) in two, measure B's
+// serve the two volumes through the real CLI, in one pool with a volume process each, in one
+// pool in one process (--volume-processes off) and (the peer) in two servers, measure B's
 // read hits alone and with A writing (every read a hit; the benchmark itself waits until A's
 // writeback and GC run before measuring), report p50 and p99 side by side with their ratios,
 // and (with PCACHE_BENCH_LOOP_PROBE=1) the event loop's delay in B's server per phase. Figures are not judged here (tests do not time anything); `npm run
@@ -11,7 +12,7 @@ import { runBenchSmoke } from '../helpers/bench_smoke.js';
 import { requireTool } from '../helpers/tools.js';
 
 describe('volumes isolation benchmark (smoke)', () => {
-  it('measures B\'s read hits alone and beside A\'s writes, in one process and in two, for both stores, and reports p50 and p99 with ratios', async () => {
+  it('measures B\'s read hits alone and beside A\'s writes, in volume processes, in one process and in two servers, for both stores, and reports p50 and p99 with ratios', async () => {
     requireTool('fio', 'fio');
     requireTool('nbdkit', 'nbdkit');
     const { code, stdout, stderr } = await runBenchSmoke('volumes', { PCACHE_BENCH_LOOP_PROBE: '1' }, 180_000);
@@ -20,7 +21,7 @@ describe('volumes isolation benchmark (smoke)', () => {
     for (const store of ['delay', 'file']) {
       const section = stdout.slice(stdout.indexOf(`store ${store}: `));
       assert.match(section, new RegExp(`^store ${store}: A's backing `, 'm'), stdout);
-      for (const layout of ['shared', 'split']) {
+      for (const layout of ['shared', 'in-process', 'split']) {
         for (const phase of ['alone', 'together']) {
           const line = section.split('\n').find((candidate) => new RegExp(`^ {2}round 1 ${layout} ${phase} *: `).test(candidate));
           assert.ok(line !== undefined, `a ${layout} ${phase} phase for ${store}:\n${stdout}`);
@@ -39,7 +40,7 @@ describe('volumes isolation benchmark (smoke)', () => {
         }
         assert.match(section, new RegExp(`^ {2}${store} ${layout}: B's QD1 read hits, alone vs with A writing: p50 [\\d.]+ vs [\\d.]+ us = [\\d.]+x \\(goal <= 2: (met|MISSED)\\); p99 .*x \\(goal <= 2: (met|MISSED)\\); A \\d+ writes/s`, 'm'));
       }
-      assert.match(section, new RegExp(`^ {2}${store}: one process against two, with A writing: B's p50 [\\d.]+x, p99 [\\d.]+x$`, 'm'));
+      assert.match(section, new RegExp(`^ {2}${store}: against two servers, with A writing: volume processes B's p50 [\\d.]+x, p99 [\\d.]+x; one process B's p50 [\\d.]+x, p99 [\\d.]+x$`, 'm'));
     }
   });
 });

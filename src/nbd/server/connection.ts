@@ -35,12 +35,19 @@
 //   else is a programmer error and is rethrown outside every handler, crashing the process.
 // - With an observer (observer.ts: the export's own, else the server's) every answered request
 //   is reported once, with numbers only; without one, no clock is read and nothing is called.
+// - Handed off (the export chosen is served elsewhere, export_catalog.ts): at the end of
+//   negotiation reading stops at once, the last handshake reply is handed to the socket, and
+//   once the socket has written everything the connection lets go of it (no listener of ours
+//   is left on it) and gives it, the terms and the bytes read past the handshake to the
+//   export's handOff; for the server it is then finished. An adopted connection (the other
+//   side: NbdServer.adopt) starts in transmission with those terms and bytes, as if it had
+//   negotiated them itself.
 
 import type net from 'node:net';
 import type tls from 'node:tls';
 import { assert } from '../../lib/assert.js';
 import { PcacheError } from '../../lib/errors.js';
-import type { ByteQueue } from '../protocol/bytes.js';
+import { ByteQueue } from '../protocol/bytes.js';
 import type { BlockStatusExtent } from '../protocol/command_types.js';
 import { Command, NbdErrno, TransmissionFlag } from '../protocol/constants.js';
 import { nbdErrnoOf } from '../protocol/errno.js';
@@ -59,7 +66,7 @@ import type { BufferPool } from './buffer_pool.js';
 import type { BusyPoll } from './busy_poll.js';
 import type { ConnectionLimits, NbdCounters } from './connection_limits.js';
 import type { Export } from './export.js';
-import type { ServedExport } from './export_catalog.js';
+import type { HandedOffTerms, ServedExport } from './export_catalog.js';
 import type { NbdRequestObserver } from './observer.js';
 import { ReplyBatch } from './reply_batch.js';
 import { costBytes, invokeExport, isThenable, settle } from './export_call.js';
@@ -87,6 +94,13 @@ export interface ConnectionHost {
 }
 
 type Phase = 'handshake' | 'transmission';
+
+/** A connection negotiated elsewhere: the export it chose here, the terms, the bytes already read. */
+export interface AdoptedTerms {
+  readonly served: ServedExport;
+  readonly terms: HandedOffTerms;
+  readonly leftover: Uint8Array;
+}
 
 let clientsNumbered = 0;
 /** Numbers connections 1, 2, ... (past 2^53 it would repeat; no process lives that long). */
@@ -134,25 +148,44 @@ export class Connection {
   private readonly onEnd = (): void => { this.stopReading(); };
   private readonly onDrain = (): void => { this.maybeResume(); };
   private readonly onCloseBound = (): void => { this.onClose(); };
+  private readonly onSecureData = (chunk: Buffer): void => { this.onData(chunk); };
+  private readonly onSocketError = (): void => { this.socket.destroy(); };
   /** This connection's number, unique while the process runs: the Export's `client`. */
   private readonly clientId = nextClientId();
   /** Settles when the socket has closed and no Export call is in flight (the host is told then too). */
   readonly finished: Promise<void>;
   private resolveFinished: (() => void) | undefined;
 
-  constructor(accepted: net.Socket, host: ConnectionHost) {
-    const { socket, reused } = startReading(accepted, (bytes) => { this.onData(bytes); });
+  /** `adopted`: the connection was negotiated elsewhere and starts in transmission (NbdServer.adopt). */
+  constructor(accepted: net.Socket, host: ConnectionHost, adopted?: AdoptedTerms) {
+    const { socket, reused, buffered } = startReading(accepted, (bytes) => { this.onData(bytes); });
     this.socket = socket;
     this.inputReused = reused;
     this.host = host;
     this.finished = new Promise((resolve) => { this.resolveFinished = resolve; });
-    this.handshake = new Handshake(host.handshakeConfig);
-    this.input = this.handshake.input;
     this.replies = new ReplyBatch(socket, host.buffers, host.counters, () => { this.afterReplies(); });
     this.peer = socket.remoteAddress === undefined ? 'unix socket' : `${socket.remoteAddress}:${socket.remotePort ?? 0}`;
     host.counters.connectionsTotal += 1;
-
     this.listen(socket);
+    if (adopted !== undefined) {
+      this.handshake = undefined;
+      this.input = new ByteQueue();
+      const { served, terms } = adopted;
+      this.enterTransmission({
+        export: served,
+        sizeBytes: terms.sizeBytes,
+        transmissionFlags: terms.transmissionFlags,
+        structuredReplies: terms.structuredReplies,
+        baseAllocationContextId: terms.baseAllocationContextId,
+      });
+      this.input.push(adopted.leftover.slice());
+      for (const chunk of buffered) this.input.push(chunk);
+      this.pump();
+      if (this.inFlightCount === 0) this.replies.flush();
+      return;
+    }
+    this.handshake = new Handshake(host.handshakeConfig);
+    this.input = this.handshake.input;
     this.handshakeTimer = setTimeout(() => { this.onHandshakeTimeout(); }, host.limits.handshakeTimeoutMs);
     this.replies.queue(this.handshake.greeting());
   }
@@ -163,8 +196,16 @@ export class Connection {
     // Errors (ECONNRESET, EPIPE, a TLS record that fails) are expected from hostile or vanished
     // clients. node destroys a plain socket that failed, but not a TLS socket whose session
     // failed after its handshake: destroying it here makes 'close' follow every error.
-    socket.on('error', () => { socket.destroy(); });
+    socket.on('error', this.onSocketError);
     socket.on('close', this.onCloseBound);
+  }
+
+  private unlisten(socket: net.Socket): void {
+    socket.off('end', this.onEnd);
+    socket.off('drain', this.onDrain);
+    socket.off('error', this.onSocketError);
+    socket.off('close', this.onCloseBound);
+    socket.off('data', this.onSecureData);
   }
 
   /** The catalog name of the export being served; undefined while negotiating. */
@@ -262,6 +303,9 @@ export class Connection {
     plain.off('end', this.onEnd);
     plain.off('drain', this.onDrain);
     plain.off('close', this.onCloseBound);
+    plain.off('error', this.onSocketError);
+    // The plaintext socket stays with the TLS one: its errors are the TLS socket's too.
+    plain.on('error', () => { plain.destroy(); });
     // node closes the TLS socket when the plaintext one closes, and the reverse: from now on
     // the TLS socket is the connection.
     this.socket = secure;
@@ -270,10 +314,14 @@ export class Connection {
     this.replies = new ReplyBatch(secure, this.host.buffers, this.host.counters, () => { this.afterReplies(); });
     this.listen(secure);
     this.handshake.tlsStarted();
-    secure.on('data', (chunk: Buffer) => { this.onData(chunk); });
+    secure.on('data', this.onSecureData);
   }
 
   private enterTransmission(negotiated: Negotiated<ServedExport>): void {
+    if (negotiated.export.handOff !== undefined) {
+      this.handOff(negotiated);
+      return;
+    }
     this.exp = negotiated.export.target;
     this.servedName = negotiated.export.name;
     this.observer = negotiated.export.observer ?? this.host.observer;
@@ -291,6 +339,46 @@ export class Connection {
       shuttingDown: this.host.shuttingDown,
     };
     this.decoder = new RequestDecoder(this.input, this.context, this.takePayload);
+  }
+
+  /**
+   * The export chosen is served elsewhere: stop reading, let the last handshake reply reach
+   * the socket, then give the socket away (see the file comment).
+   */
+  private handOff(negotiated: Negotiated<ServedExport>): void {
+    const handOff = negotiated.export.handOff;
+    assert(handOff !== undefined, 'handOff without a handOff');
+    clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = undefined;
+    this.handshake = undefined;
+    // Not a byte more is read here: what the client sends next belongs to the new owner.
+    this.socket.pause();
+    this.inputEnded = true;
+    this.replies.flush();
+    assert(this.replies.queuedBytes === 0, 'replies left behind the end of negotiation');
+    this.replies.end();
+    const leftover = new Uint8Array(this.input.length);
+    this.input.takeInto(leftover, 0);
+    const terms: HandedOffTerms = {
+      exportName: negotiated.export.name,
+      sizeBytes: negotiated.sizeBytes,
+      transmissionFlags: negotiated.transmissionFlags,
+      structuredReplies: negotiated.structuredReplies,
+      baseAllocationContextId: negotiated.baseAllocationContextId,
+    };
+    const socket = this.socket;
+    const give = (): void => {
+      if (this.socketClosed || socket.destroyed) return;
+      this.unlisten(socket);
+      this.socketClosed = true;
+      this.maybeFinish();
+      handOff(socket, terms, leftover);
+    };
+    // The GO reply must reach the socket before the socket leaves: a plaintext one has almost
+    // always written it at once (writev took it); otherwise (TLS encrypts on its own schedule)
+    // an empty write's callback comes once everything before it is written.
+    if (socket.writableLength === 0) give();
+    else socket.write(new Uint8Array(0), give);
   }
 
   /** Decodes and dispatches queued requests until the input runs dry or a limit is reached. */

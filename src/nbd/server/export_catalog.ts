@@ -6,6 +6,11 @@
 // Export until it closes; removing an entry stops new clients from choosing it and leaves
 // connected ones alone (NbdServer.disconnect(name) ends those).
 //
+// An entry may be served elsewhere (`handOff`): when a client's negotiation ends on it, the
+// server hands the connection, the negotiated terms and the bytes it read past the handshake
+// to the entry's owner instead of serving it (another process serves it: NbdServer.adopt
+// there). The entry's Export then only gives the size negotiation advertises.
+//
 // ExportMap is the mutable catalog the command line keeps; singleExportCatalog is the one-export
 // form NbdServer builds from its `export` + `exportName` options.
 //
@@ -17,11 +22,37 @@
 //   name already present; nothing is changed by a refused add().
 // - The default name, when set, may name no entry (the empty name then selects nothing).
 
+import type net from 'node:net';
 import { PcacheError } from '../../lib/errors.js';
 import { blockSizeMinimumBytes, stringMaxBytes } from '../protocol/constants.js';
 import type { ExportDirectory, OfferedExport } from '../protocol/handshake_exports.js';
 import type { Export } from './export.js';
 import type { NbdRequestObserver } from './observer.js';
+
+/**
+ * What a server that hands a connection over has agreed with its client: everything the
+ * transmission phase needs to go on where the handshake left off (NbdServer.adopt). Plain
+ * data, so that it can cross a process boundary as JSON.
+ */
+export interface HandedOffTerms {
+  /** The catalog name of the export chosen (whatever name the client sent). */
+  readonly exportName: string;
+  readonly sizeBytes: number;
+  /** The transmission flags sent to the client (protocol/constants.ts TransmissionFlag). */
+  readonly transmissionFlags: number;
+  readonly structuredReplies: boolean;
+  /** The id BLOCK_STATUS answers with, when the client selected base:allocation. */
+  readonly baseAllocationContextId: number | undefined;
+}
+
+/**
+ * Takes a connection whose negotiation chose a handed-off export. `socket` is the plaintext
+ * socket, not reading, with every handshake reply written to it (or, after STARTTLS, the TLS
+ * socket, paused: a TLS session cannot leave the process, so its owner relays it). `leftover`
+ * holds the bytes the client sent past the end of negotiation (pipelined requests), in order.
+ * The server has let go of the socket: its errors and its closing are the receiver's from now on.
+ */
+export type HandOff = (socket: net.Socket, terms: HandedOffTerms, leftover: Uint8Array) => void;
 
 export interface ExportEntry {
   readonly name: string;
@@ -34,6 +65,8 @@ export interface ExportEntry {
    * observer (per-export metrics); chosen once per connection, so it costs nothing per request.
    */
   readonly observer?: NbdRequestObserver;
+  /** Served elsewhere: connections that choose this export go here (see the file comment). */
+  readonly handOff?: HandOff;
 }
 
 export interface ExportCatalog {
@@ -114,6 +147,7 @@ export function singleExportCatalog(entry: ExportEntry): ExportCatalog {
 export interface ServedExport extends OfferedExport {
   readonly target: Export;
   readonly observer: NbdRequestObserver | undefined;
+  readonly handOff: HandOff | undefined;
 }
 
 /**
@@ -138,6 +172,7 @@ function served(entry: ExportEntry): ServedExport {
     readOnly: entry.readOnly ?? false,
     target: entry.export,
     observer: entry.observer,
+    handOff: entry.handOff,
   };
 }
 

@@ -24,6 +24,11 @@
 // - With `tls`, the credentials are checked at construction (tls.ts); the mode goes into every
 //   connection's handshake (protocol/handshake_server.ts says what 'on' and 'require' mean),
 //   and a failed TLS handshake is counted and reported to onTlsFailure, never thrown.
+// - An export served elsewhere (an entry with handOff, export_catalog.ts) is negotiated here and
+//   served by whoever adopt()s the connection: a server that is never told to listen can serve
+//   only adopted connections. adopt() takes a connection only for an export its catalog has,
+//   of the size the client was told, and within connectionsMax; otherwise the socket is
+//   destroyed (the client sees its connection close).
 
 import fs from 'node:fs';
 import net from 'node:net';
@@ -37,7 +42,7 @@ import { BusyPoll, busyPollWindowDefaultUs, busyPollWindowMaxUs, type BusyPollCo
 import { Connection, type ConnectionHost } from './connection.js';
 import type { ConnectionLimits, NbdCounters } from './connection_limits.js';
 import type { Export } from './export.js';
-import { catalogDirectory, singleExportCatalog, type ExportCatalog, type ServedExport } from './export_catalog.js';
+import { catalogDirectory, singleExportCatalog, type ExportCatalog, type HandedOffTerms, type ServedExport } from './export_catalog.js';
 import type { NbdRequestObserver } from './observer.js';
 import { ServerTls, type NbdServerTls, type NbdTlsFailure } from './tls.js';
 
@@ -232,6 +237,22 @@ export class NbdServer implements ConnectionHost {
     const ending = [...this.connections].filter((connection) => connection.exportName === name);
     await this.endConnections(ending);
     return ending.length;
+  }
+
+  /**
+   * Serves a connection another server negotiated (an export it hands off): `terms` and
+   * `leftover` as its HandOff received them. Returns false, with the socket destroyed, when
+   * this server cannot serve it (see the file comment).
+   */
+  adopt(socket: net.Socket, terms: HandedOffTerms, leftover: Uint8Array): boolean {
+    const served = this.handshakeConfig.exports.find(terms.exportName);
+    if (this.stopping || this.connections.size >= this.limits.connectionsMax || served === undefined ||
+      served.handOff !== undefined || served.sizeBytes !== terms.sizeBytes) {
+      socket.destroy();
+      return false;
+    }
+    this.connections.add(new Connection(socket, this, { served, terms, leftover }));
+    return true;
   }
 
   connectionFinished(connection: Connection): void {

@@ -35,10 +35,25 @@ function isStreamHandle(handle: unknown): boolean {
  * the socket to use from now on, which is `accepted` itself only on the fallback path.
  * `reused` tells whether bytes arrive in a reused buffer.
  */
-export function startReading(accepted: net.Socket, onBytes: (bytes: Uint8Array) => void): { socket: net.Socket; reused: boolean } {
+export function startReading(accepted: net.Socket, onBytes: (bytes: Uint8Array) => void): { socket: net.Socket; reused: boolean; buffered: Uint8Array[] } {
+  // A socket that was read before (one received from another process, or read for a header
+  // first: NbdServer.adopt) may hold bytes in its stream buffer: they come first, in order.
+  const buffered: Uint8Array[] = [];
+  while (accepted.readableLength > 0) {
+    const chunk = accepted.read() as Uint8Array | null;
+    if (chunk === null) break;
+    buffered.push(chunk);
+  }
   const owner = accepted as unknown as HandleOwner;
   const handle = owner._handle;
   if (isStreamHandle(handle)) {
+    // A handle that is reading already must stop first: the new socket starts it again, and
+    // libuv refuses a second start.
+    const reading = handle as { reading?: boolean; readStop?: () => number };
+    if (reading.reading === true) {
+      reading.readStop?.();
+      reading.reading = false;
+    }
     const buffer = new Uint8Array(readBufferBytes);
     const onread = {
       buffer,
@@ -50,9 +65,9 @@ export function startReading(accepted: net.Socket, onBytes: (bytes: Uint8Array) 
     owner._handle = null;
     accepted.destroy();
     const options = { handle, allowHalfOpen: true, readable: true, writable: true, onread };
-    return { socket: new net.Socket(options), reused: true };
+    return { socket: new net.Socket(options), reused: true, buffered };
   }
   accepted.on('data', onBytes);
   accepted.resume();
-  return { socket: accepted, reused: false };
+  return { socket: accepted, reused: false, buffered };
 }

@@ -1,0 +1,661 @@
+// VolumeProcesses: the volumes of a pool served each by a process of its own (volume_process.ts),
+// the default of `pcache serve` without --backing (`--volume-processes on`). The serve process
+// keeps the pool's metadata, the listening sockets and the NBD handshake; a volume's engine and
+// its clients' requests run in its volume process, so that one volume's writes, writeback and
+// GC never hold up another volume's requests (docs/design.md "Volumes: processes").
+//
+// It offers serve_pool.ts what VolumeSet (the volumes in this process, `--volume-processes
+// off`) offers, with the same checks, refusals, messages and answers; what differs is where
+// the work runs:
+// - A client that chooses a volume is handed over when its negotiation ends (the export
+//   entry's handOff): its socket is sent to the volume process over the IPC channel, or, for a
+//   TLS session (which cannot leave this process), relayed in cleartext over a local connection
+//   to the volume process's private Unix socket (a copy each way).
+// - Control requests about a volume are forwarded over the IPC channel (VolumeChild): at most
+//   requestsInFlightMax at once per volume (more wait, in order); the quick ones (status,
+//   settings) give up after quickRequestTimeoutMs; drains and checkpoints run as long as they
+//   must. A volume process's PcacheError comes back with its code, message and reason.
+//   Status, `volume list` and metrics ask every volume process for a snapshot (its cache's
+//   status, its clients, its NBD figures and, with metrics, its request counts, which are added
+//   to the serve process's counters). --drain-on-exit stops every volume process's clients
+//   before the drain (closeClients).
+// - add: the volume process opens the backing device (its identity is checked against the
+//   other volumes'), formats the share when the pool asks (CachePool.addVolume), then this
+//   process commits the table, and the volume process opens its cache and serves. remove: the
+//   volume process drains if told, closes and exits; then the table is committed. resize: the
+//   volume process writes everything back, holds its clients' requests and closes its cache;
+//   the pool resizes the share (the volume process formats it); the volume process opens the
+//   new share and lets the held requests go on, on the same connections.
+//
+// Invariants:
+// - A volume process that exits unasked (a crash, SIGKILL) is logged with its status or
+//   signal, its export is withdrawn and the volume is reported failed with the reason; every
+//   request waiting for it fails (ENODEV). The other volumes are not touched. It is not
+//   restarted: `pcache volume` shows it failed until the server restarts.
+// - Only this process writes the pool's superblock and volume table.
+// - Adds, removes and resizes run one at a time, in the order asked.
+
+import { fork, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import tls from 'node:tls';
+import { fileURLToPath } from 'node:url';
+import type { CacheStatus, CacheTuning } from '../cache/cache.js';
+import type { CachePool } from '../cache/cache_pool.js';
+import type { CheckpointPoint } from '../cache/cache.js';
+import { assert } from '../lib/assert.js';
+import { PcacheError } from '../lib/errors.js';
+import { formatSize } from '../lib/units.js';
+import type { ExportMap, HandedOffTerms } from '../nbd/server/export_catalog.js';
+import type { Export } from '../nbd/server/export.js';
+import type { NbdServerStats } from '../nbd/server/server.js';
+import type { CacheMode } from '../ondisk/cache_info.js';
+import { volumeUnits, type VolumeEntry } from '../ondisk/volume_table.js';
+import type { LogLevel } from './args.js';
+import type { Logger } from './log.js';
+import type { NbdRequestCounters } from './metrics.js';
+import type { KnobValue } from './settings.js';
+import { relayHeaderMaxBytes, type AdoptMessage, type ShareFormat, type VolumeProcessSettings, type VolumeReply, type VolumeRequest, type VolumeSnapshot } from './volume_process.js';
+import { addRequestOf, stringField, type VolumeClients } from './volume_set.js';
+
+/** Control requests sent to one volume process at once; more wait in order. */
+const requestsInFlightMax = 16;
+/** Requests waiting for a turn, per volume process (the control socket's own limits keep it far lower). */
+const requestsWaitingMax = 1024;
+/** How long status and settings requests wait for a volume process's answer. */
+const quickRequestTimeoutMs = 5_000;
+/** How long a stop waits for a volume process to close its cache and exit before killing it. */
+const stopTimeoutMs = 50_000;
+/** How long a volume process may take to start and open its devices (an NBD backing device may retry). */
+const startTimeoutMs = 120_000;
+
+const childScript = fileURLToPath(new URL('./volume_process_main.js', import.meta.url));
+
+export interface VolumeProcessesOptions {
+  readonly cachePath: string;
+  readonly tuning: Partial<CacheTuning>;
+  readonly backingConnections: number;
+  readonly busyPollUs: number;
+  readonly logLevel: LogLevel;
+  /** The server offers TLS: volume processes listen for relayed connections. */
+  readonly relay: boolean;
+  /** With metrics: where the volume processes' NBD request counts are added (at each refresh). */
+  readonly requestCounters: NbdRequestCounters | undefined;
+}
+
+/** What serve_pool.ts asks of one volume (VolumeSet's Served offers the same). */
+export interface VolumeControl {
+  drain(): Promise<void>;
+  set(changes: Readonly<Record<string, unknown>>): Promise<Record<string, KnobValue>>;
+  invalidate(): Promise<number>;
+  checkpoint(held: (point: CheckpointPoint) => Promise<void>, signal: AbortSignal): Promise<void>;
+}
+
+/** One volume process: the IPC channel, the requests in flight, how it ended. */
+class VolumeChild {
+  readonly pid: number;
+  /** Settles when the process has exited, with how. */
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  private readonly process: ChildProcess;
+  private nextId = 1;
+  private readonly pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void; onEvent?: (point: CheckpointPoint) => void }>();
+  private inFlight = 0;
+  private readonly waiting: (() => void)[] = [];
+  private gone: string | undefined;
+  readonly relayPath: string | undefined;
+
+  constructor(name: string, relayPath: string | undefined) {
+    this.relayPath = relayPath;
+    // stdout is not the child's (only the serve process prints there); its log lines share stderr.
+    // The volume's name in the arguments: `ps` shows which process serves which volume.
+    this.process = fork(childScript, ['--volume', name], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'], serialization: 'json' });
+    assert(this.process.pid !== undefined, 'fork gave no pid');
+    this.pid = this.process.pid;
+    this.exited = new Promise((resolve) => {
+      this.process.once('exit', (code, signal) => {
+        this.gone = signal !== null ? `its volume process (pid ${this.pid}) was killed by ${signal}` : `its volume process (pid ${this.pid}) exited with status ${code ?? 'unknown'}`;
+        const error = new PcacheError('ENODEV', `volume "${name}" is not serving: ${this.gone}`);
+        for (const request of this.pending.values()) request.reject(error);
+        this.pending.clear();
+        for (const wake of this.waiting.splice(0)) wake();
+        resolve({ code, signal });
+      });
+    });
+    // A failed send (the channel closing) is reported by 'exit' as well.
+    this.process.on('error', () => undefined);
+    this.process.on('message', (message: VolumeReply) => { this.receive(message); });
+  }
+
+  get alive(): boolean {
+    return this.gone === undefined;
+  }
+
+  /** Sends a request; resolves with its answer, rejects with its PcacheError (ENODEV when the process is gone). */
+  async request(request: VolumeRequest, options: { onHeld?: (point: CheckpointPoint) => void; idOut?: (id: number) => void } = {}): Promise<unknown> {
+    if (this.inFlight >= requestsInFlightMax) {
+      assert(this.waiting.length < requestsWaitingMax, 'too many control requests waiting for one volume process');
+      await new Promise<void>((resolve) => { this.waiting.push(resolve); });
+    }
+    if (this.gone !== undefined) throw new PcacheError('ENODEV', `the volume is not serving: ${this.gone}`);
+    this.inFlight += 1;
+    const id = this.nextId++;
+    options.idOut?.(id);
+    const quick = request.op === 'snapshot' || request.op === 'set';
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      return await new Promise<unknown>((resolve, reject) => {
+        this.pending.set(id, { resolve, reject, ...(options.onHeld === undefined ? {} : { onEvent: options.onHeld }) });
+        this.process.send({ ...request, id });
+        if (quick) {
+          timer = setTimeout(() => {
+            this.pending.delete(id);
+            reject(new PcacheError('ETIMEDOUT', `the volume process (pid ${this.pid}) did not answer ${request.op === 'set' ? 'a settings request' : 'a status request'} within ${quickRequestTimeoutMs / 1000} s`));
+          }, quickRequestTimeoutMs);
+        }
+      });
+    } finally {
+      clearTimeout(timer);
+      this.inFlight -= 1;
+      this.waiting.shift()?.();
+    }
+  }
+
+  /** Sends a request that needs no answer (a checkpoint's release or abort). */
+  tell(request: VolumeRequest): void {
+    if (this.gone === undefined) this.process.send({ ...request, id: 0 });
+  }
+
+  /** A connection negotiated here for this volume: its socket goes to the volume process, or its TLS session is relayed. */
+  handOff(socket: net.Socket, terms: HandedOffTerms, leftover: Uint8Array): void {
+    if (this.gone !== undefined) {
+      socket.destroy();
+      return;
+    }
+    if (socket instanceof tls.TLSSocket) {
+      this.relay(socket, terms, leftover);
+      return;
+    }
+    const message: AdoptMessage = { op: 'adopt', terms, leftover: Buffer.from(leftover).toString('base64') };
+    socket.on('error', () => { socket.destroy(); });
+    this.process.send(message, socket, (error) => { if (error !== null) socket.destroy(); });
+  }
+
+  /** TLS: the cleartext goes over a local connection to the volume process, behind a header with the terms. */
+  private relay(secure: tls.TLSSocket, terms: HandedOffTerms, leftover: Uint8Array): void {
+    const relayPath = this.relayPath;
+    if (relayPath === undefined) {
+      secure.destroy();
+      return;
+    }
+    const header = Buffer.from(JSON.stringify({ op: 'adopt', terms, leftover: Buffer.from(leftover).toString('base64') } satisfies AdoptMessage), 'utf8');
+    if (header.length > relayHeaderMaxBytes) {
+      secure.destroy();
+      return;
+    }
+    const local = net.connect({ path: relayPath, allowHalfOpen: true });
+    local.setNoDelay(true);
+    const lengthBytes = Buffer.alloc(4);
+    lengthBytes.writeUInt32BE(header.length, 0);
+    local.write(Buffer.concat([lengthBytes, header]));
+    secure.on('error', () => { secure.destroy(); local.destroy(); });
+    local.on('error', () => { local.destroy(); secure.destroy(); });
+    // Ends pass through both ways (a client's shutdown, the volume's close); a socket gone takes the other along.
+    secure.pipe(local);
+    local.pipe(secure);
+    secure.on('close', () => { local.destroy(); });
+    local.on('close', () => { if (!secure.destroyed) secure.end(); });
+  }
+
+  /** Asks the process to close everything and exit; kills it if it does not within stopTimeoutMs. */
+  async stop(): Promise<void> {
+    if (this.gone === undefined) {
+      this.request({ op: 'stop' }).catch(() => undefined);
+      const timer = setTimeout(() => { this.kill(); }, stopTimeoutMs);
+      await this.exited;
+      clearTimeout(timer);
+    }
+  }
+
+  kill(): void {
+    if (this.gone === undefined) this.process.kill('SIGKILL');
+  }
+
+  private receive(message: VolumeReply): void {
+    const request = this.pending.get(message.id);
+    if (request === undefined) return;
+    if ('event' in message) {
+      request.onEvent?.(message.point);
+      return;
+    }
+    this.pending.delete(message.id);
+    if (message.ok) request.resolve(message.value);
+    else request.reject(new PcacheError(message.error.code, message.error.message, message.error.reason === undefined ? {} : { reason: message.error.reason }));
+  }
+}
+
+interface ChildVolume {
+  entry: VolumeEntry;
+  child: VolumeChild | undefined;
+  /** Why the volume is not serving; undefined while it serves. */
+  failure: string | undefined;
+  readonly identity: string | undefined;
+  /** The latest snapshot (metrics read it between scrapes' refreshes). */
+  snapshot: VolumeSnapshot | undefined;
+  /** Set while the volume is being removed or the server stops: its exit is expected. */
+  leaving: boolean;
+  /** The request totals of the last snapshot, already added to the server's counters. */
+  counted: { requests: number[]; errors: number[]; bytes: number[] } | undefined;
+}
+
+/** An export whose requests are served elsewhere: the handshake reads its size, nothing else. */
+function sizeOnly(sizeBytes: number): Export {
+  const elsewhere = (): never => { throw new PcacheError('ENOTSUP', 'this export is served by a volume process'); };
+  return { sizeBytes, read: elsewhere, write: elsewhere, flush: elsewhere, trim: elsewhere, writeZeroes: elsewhere, cache: elsewhere, blockStatus: elsewhere };
+}
+
+export class VolumeProcesses {
+  private readonly pool: CachePool;
+  private readonly exports: ExportMap;
+  private readonly log: Logger;
+  private readonly options: VolumeProcessesOptions;
+  private readonly volumes = new Map<string, ChildVolume>();
+  private uriOf: (name: string) => string | undefined = () => undefined;
+  private changing: Promise<unknown> = Promise.resolve();
+  /** Private directory (0700) of the volume processes' relay sockets; undefined without TLS. */
+  private readonly relayDirectory: string | undefined;
+  private relaysMade = 0;
+  private stopping = false;
+
+  constructor(pool: CachePool, exports: ExportMap, log: Logger, options: VolumeProcessesOptions) {
+    this.pool = pool;
+    this.exports = exports;
+    this.log = log;
+    this.options = options;
+    // mkdtemp creates the directory with mode 0700: only this user reaches the sockets in it.
+    this.relayDirectory = options.relay ? fs.mkdtempSync(path.join(os.tmpdir(), 'pcache-relay-')) : undefined;
+  }
+
+  /** Volume processes count their own clients; only the URIs come from the server. */
+  attach(_clients: VolumeClients, uriOf: (name: string) => string): void {
+    this.uriOf = uriOf;
+  }
+
+  /** Starts a volume process for every volume of the table, all at once; one that fails is reported, the others serve. */
+  async openAll(): Promise<void> {
+    const started = this.pool.table.volumes.map((entry) => this.start(entry, undefined));
+    for (const entry of this.pool.table.volumes) this.volumes.set(entry.name, { entry, child: undefined, failure: 'starting', identity: undefined, snapshot: undefined, leaving: false, counted: undefined });
+    for (const volume of await Promise.all(started)) this.volumes.set(volume.entry.name, volume);
+  }
+
+  /** Every serving volume's cache status, as the last refresh() found it (metrics). */
+  caches(): { volume: string; status: CacheStatus }[] {
+    const found: { volume: string; status: CacheStatus }[] = [];
+    for (const [name, volume] of this.volumes) {
+      const status = volume.failure === undefined ? volume.snapshot?.cache : undefined;
+      if (status !== undefined && status !== null) found.push({ volume: name, status });
+    }
+    return found;
+  }
+
+  /** Asks every volume process for its figures now. */
+  async refresh(): Promise<void> {
+    await Promise.all([...this.volumes.values()].map(async (volume) => {
+      const child = volume.child;
+      if (child === undefined || volume.failure !== undefined) return;
+      try {
+        volume.snapshot = await child.request({ op: 'snapshot' }) as VolumeSnapshot;
+        this.count(volume, volume.snapshot);
+      } catch {
+        volume.snapshot = undefined;
+      }
+    }));
+  }
+
+  /** Adds what a volume process counted since its last snapshot to the server's request counters. */
+  private count(volume: ChildVolume, snapshot: VolumeSnapshot): void {
+    const counters = this.options.requestCounters;
+    const now = snapshot.requests;
+    if (counters === undefined || now === null) return;
+    const before = volume.counted;
+    const delta = (totals: number[], seen: number[] | undefined): number[] => totals.map((value, index) => value - (seen?.[index] ?? 0));
+    counters.addCounted(delta(now.requests, before?.requests), delta(now.errors, before?.errors), delta(now.bytes, before?.bytes), now.durations);
+    volume.counted = { requests: now.requests, errors: now.errors, bytes: now.bytes };
+  }
+
+  /** --drain-on-exit: every volume process stops serving its clients (the drain follows). */
+  async closeClients(): Promise<void> {
+    await Promise.all([...this.volumes.values()].map(async (volume) => {
+      if (volume.failure === undefined) await volume.child?.request({ op: 'close-clients' }).catch(() => undefined);
+    }));
+  }
+
+  /** The volume processes' NBD figures added to the serve process's own (which negotiates). */
+  nbdStats(own: NbdServerStats): NbdServerStats {
+    const sum: Record<string, number> = { ...own };
+    for (const volume of this.volumes.values()) {
+      const stats = volume.snapshot?.nbd;
+      if (stats === undefined) continue;
+      for (const [key, value] of Object.entries(stats as unknown as Record<string, number>)) sum[key] = (sum[key] ?? 0) + value;
+    }
+    // Handshakes are counted where they ran (here), transmissions where they were served.
+    sum.connectionsTotal = own.connectionsTotal;
+    return sum as unknown as NbdServerStats;
+  }
+
+  /** What `pcache volume list` shows (the same fields as VolumeSet.list). */
+  async list(): Promise<Record<string, unknown>[]> {
+    await this.refresh();
+    return this.listed();
+  }
+
+  /** The pool and every volume, for `pcache status`. */
+  async status(): Promise<Record<string, unknown>> {
+    await this.refresh();
+    const ownership = this.pool.ownershipReport();
+    return {
+      pool: {
+        segmentSizeBytes: this.pool.segmentSizeBytes,
+        segments: this.pool.sb.unitCount,
+        segmentsFree: ownership.unitsFree,
+        freeBytes: ownership.unitsFree * this.pool.segmentSizeBytes,
+        tableGeneration: this.pool.table.generation,
+      },
+      volumes: this.listed().map((summary) => {
+        const volume = this.volumes.get(String(summary.name));
+        return { ...summary, pid: volume?.child?.alive === true ? volume.child.pid : null, cache: volume?.failure === undefined ? volume?.snapshot?.cache ?? null : null };
+      }),
+    };
+  }
+
+  private listed(): Record<string, unknown>[] {
+    return [...this.volumes.values()].map((volume) => {
+      const status = volume.failure === undefined ? volume.snapshot?.cache ?? undefined : undefined;
+      const units = volumeUnits(volume.entry);
+      return {
+        name: volume.entry.name,
+        backing: volume.entry.backing,
+        uri: this.uriOf(volume.entry.name) ?? null,
+        state: volume.failure !== undefined ? 'failed' : status?.state ?? 'unknown',
+        failure: volume.failure ?? null,
+        shareBytes: units * this.pool.segmentSizeBytes,
+        segments: units,
+        segmentsUsed: status?.segsUsed ?? null,
+        gcPercent: status?.gcPercent ?? null,
+        dirtyBytes: status?.dirtyBytes ?? null,
+        mode: status?.mode ?? null,
+        readHits: status?.counters.readHitRequests ?? null,
+        readMisses: status?.counters.readMissRequests ?? null,
+        connections: volume.failure === undefined ? volume.snapshot?.connections ?? 0 : 0,
+      };
+    });
+  }
+
+  /** The volume named `name` (the only one when no name is given); EINVAL naming the volumes there are. */
+  served(name: string | undefined): VolumeControl {
+    if (name === undefined) {
+      const only = this.volumes.size === 1 ? [...this.volumes.values()][0] : undefined;
+      if (only === undefined) throw new PcacheError('EINVAL', `name the volume (--volume NAME): this server serves ${this.volumes.size === 0 ? 'no volumes' : `${this.volumes.size}: ${this.names()}`}`);
+      return this.control(only);
+    }
+    const volume = this.volumes.get(name);
+    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
+    return this.control(volume);
+  }
+
+  /** Every serving volume (drain without a name drains them all). */
+  allServed(): VolumeControl[] {
+    return [...this.volumes.values()].filter((volume) => volume.failure === undefined && volume.child !== undefined).map((volume) => this.control(volume));
+  }
+
+  add(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
+    return this.serialised(() => this.addNow(fields));
+  }
+
+  remove(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
+    return this.serialised(() => this.removeNow(fields));
+  }
+
+  resize(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
+    return this.serialised(() => this.resizeNow(fields));
+  }
+
+  /** The server is stopping: every volume process finishes its clients, closes its cache and exits. */
+  async closeAll(): Promise<void> {
+    this.stopping = true;
+    const volumes = [...this.volumes.values()];
+    for (const volume of volumes) {
+      volume.leaving = true;
+      this.exports.remove(volume.entry.name);
+    }
+    await Promise.all(volumes.map((volume) => volume.child?.stop() ?? Promise.resolve()));
+    this.volumes.clear();
+    if (this.relayDirectory !== undefined) fs.rmSync(this.relayDirectory, { recursive: true, force: true });
+  }
+
+  private control(volume: ChildVolume): VolumeControl {
+    const child = volume.child;
+    if (volume.failure !== undefined || child === undefined) throw new PcacheError('ENODEV', `volume "${volume.entry.name}" is not serving: ${volume.failure ?? 'it failed to open'}`);
+    return {
+      drain: async () => { await child.request({ op: 'drain' }); },
+      set: async (changes) => await child.request({ op: 'set', changes }) as Record<string, KnobValue>,
+      invalidate: async () => await child.request({ op: 'invalidate' }) as number,
+      checkpoint: async (held, signal) => {
+        let id = 0;
+        let holding: Promise<void> | undefined;
+        const onAbort = (): void => { child.tell({ op: 'checkpoint-abort', checkpoint: id }); };
+        signal.addEventListener('abort', onAbort);
+        try {
+          await child.request({ op: 'checkpoint' }, {
+            idOut: (assigned) => { id = assigned; },
+            onHeld: (point) => {
+              holding = held(point).finally(() => { child.tell({ op: 'checkpoint-release', checkpoint: id }); });
+              holding.catch(() => undefined);
+            },
+          });
+          await holding;
+        } finally {
+          signal.removeEventListener('abort', onAbort);
+        }
+      },
+    };
+  }
+
+  private names(): string {
+    return [...this.volumes.keys()].join(', ');
+  }
+
+  private serialised<T>(change: () => Promise<T>): Promise<T> {
+    const next = this.changing.then(change, change);
+    this.changing = next.catch(() => undefined);
+    return next;
+  }
+
+  private settingsFor(entry: VolumeEntry): VolumeProcessSettings {
+    return {
+      name: entry.name,
+      backing: entry.backing,
+      cachePath: this.options.cachePath,
+      tuning: this.options.tuning,
+      backingConnections: this.options.backingConnections,
+      busyPollUs: this.options.busyPollUs,
+      logLevel: this.options.logLevel,
+      metrics: this.options.requestCounters !== undefined,
+      relayPath: this.relayDirectory === undefined ? undefined : path.join(this.relayDirectory, `${++this.relaysMade}.sock`),
+    };
+  }
+
+  private formatOf(entry: VolumeEntry): ShareFormat {
+    return { segmentSizeBytes: this.pool.segmentSizeBytes, gcPercent: entry.gcPercent, dataCrc: entry.dataCrc };
+  }
+
+  /** Starts a volume process and has it open the backing device; answers it and the device's identity and size. */
+  private async spawn(entry: VolumeEntry): Promise<{ child: VolumeChild; identity: string | undefined; sizeBytes: number }> {
+    const settings = this.settingsFor(entry);
+    const child = new VolumeChild(entry.name, settings.relayPath);
+    try {
+      const opened = await withTimeout(child.request({ op: 'open-backing', settings }), startTimeoutMs, `volume "${entry.name}": its volume process did not open its backing device within ${startTimeoutMs / 1000} s`) as { identity: string | null; sizeBytes: number };
+      return { child, identity: opened.identity ?? undefined, sizeBytes: opened.sizeBytes };
+    } catch (error) {
+      child.kill();
+      await child.exited;
+      throw error;
+    }
+  }
+
+  /**
+   * Starts a volume: its process (unless `spawned` by add), its cache, its export. A failure
+   * that is a PcacheError becomes a failed volume: logged, not exported, the others serve on.
+   */
+  private async start(entry: VolumeEntry, spawned: { child: VolumeChild; identity: string | undefined; sizeBytes: number } | undefined): Promise<ChildVolume> {
+    let child = spawned?.child;
+    try {
+      const opened = spawned ?? await this.spawn(entry);
+      child = opened.child;
+      await child.request({ op: 'open-cache', geometry: this.pool.volumeGeometry(entry), format: this.formatOf(entry), mode: undefined });
+      const volume: ChildVolume = { entry, child, failure: undefined, identity: opened.identity, snapshot: undefined, leaving: false, counted: undefined };
+      this.watch(volume, child);
+      this.exports.add({ name: entry.name, description: `pcache volume ${entry.name}: ${entry.backing} cached on ${this.options.cachePath}`, export: sizeOnly(opened.sizeBytes), handOff: (socket, terms, leftover) => { child?.handOff(socket, terms, leftover); } });
+      this.log.info({ volume: entry.name, volumePid: child.pid }, 'volume process serving');
+      return volume;
+    } catch (error) {
+      if (!(error instanceof PcacheError)) throw error;
+      if (child !== undefined) {
+        child.kill();
+        await child.exited;
+      }
+      this.log.error({ volume: entry.name, backing: entry.backing, reason: error.message }, 'volume not served: it cannot be opened (the other volumes serve on)');
+      return { entry, child: undefined, failure: error.message, identity: spawned?.identity, snapshot: undefined, leaving: false, counted: undefined };
+    }
+  }
+
+  /** A volume process that exits unasked: logged, the volume failed, its export withdrawn. */
+  private watch(volume: ChildVolume, child: VolumeChild): void {
+    void child.exited.then(({ code, signal }) => {
+      if (volume.child !== child || volume.leaving || this.stopping) return;
+      const why = signal !== null ? `its volume process (pid ${child.pid}) was killed by ${signal}` : `its volume process (pid ${child.pid}) exited with status ${code ?? 'unknown'}`;
+      volume.failure = `${why}: restart the server to serve it again`;
+      volume.snapshot = undefined;
+      this.exports.remove(volume.entry.name);
+      this.log.error({ volume: volume.entry.name, volumePid: child.pid, code, signal }, 'volume process ended: its volume is not served (the other volumes serve on)');
+    });
+  }
+
+  private async addNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
+    const { name, backing, shareBytes, gcPercent, dataCrc } = addRequestOf(fields);
+    // Everything the table can tell, before the backing device is opened.
+    const planned = this.pool.planVolume({ name, backing, shareBytes, ...(gcPercent === undefined ? {} : { gcPercent }) });
+    const spawned = await this.spawn(planned);
+    let committed = false;
+    try {
+      const identity = spawned.identity;
+      const twin = identity === undefined ? undefined : [...this.volumes.values()].find((volume) => volume.identity === identity);
+      if (twin !== undefined) throw new PcacheError('EINVAL', `backing device ${backing} is the one volume "${twin.entry.name}" uses (${twin.entry.backing})`);
+      const entry = await this.pool.addVolume({ name, backing, shareBytes, ...(gcPercent === undefined ? {} : { gcPercent }), ...(dataCrc === undefined ? {} : { dataCrc }) }, async (_share, formatted) => {
+        await spawned.child.request({ op: 'format', geometry: this.pool.volumeGeometry(formatted), format: this.formatOf(formatted) });
+      });
+      committed = true;
+      const volume = await this.start(entry, spawned);
+      this.volumes.set(name, volume);
+      this.log.info({ volume: name, backing, shareBytes: volumeUnits(entry) * this.pool.segmentSizeBytes, failure: volume.failure ?? null }, 'volume added');
+      return (await this.list()).find((summary) => summary.name === name) ?? {};
+    } catch (error) {
+      if (!committed) {
+        spawned.child.kill();
+        await spawned.child.exited;
+      }
+      throw error;
+    }
+  }
+
+  private async removeNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
+    const name = stringField(fields, 'name');
+    const drain = fields.drain === true;
+    const disconnect = fields.disconnect === true;
+    const volume = this.volumes.get(name);
+    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
+    const child = volume.child;
+    if (volume.failure !== undefined || child === undefined) {
+      throw new PcacheError('EINVAL', `volume "${name}" is not serving (${volume.failure ?? 'it failed to open'}), so whether it holds dirty data is unknown: make its backing device reachable and restart the server, then remove it`, { reason: 'volume-busy' });
+    }
+    const snapshot = await child.request({ op: 'snapshot' }) as VolumeSnapshot;
+    const connections = snapshot.connections;
+    if (connections > 0 && !disconnect) {
+      throw new PcacheError('EINVAL', `volume "${name}" has ${connections} client connection${connections === 1 ? '' : 's'}: disconnect them first, or remove it with --disconnect`, { reason: 'volume-busy' });
+    }
+    const dirtyBytes = snapshot.cache?.dirtyBytes ?? 0;
+    if (dirtyBytes > 0 && !drain) {
+      throw new PcacheError('EINVAL', `volume "${name}" holds ${formatSize(dirtyBytes)} of dirty data not yet on ${volume.entry.backing}: remove it with --drain to write it back first`, { reason: 'volume-busy' });
+    }
+    // No new client from here on; the connected ones go before the drain.
+    const exported = this.exports.remove(name);
+    try {
+      if (disconnect) await child.request({ op: 'disconnect' });
+      if (drain) await child.request({ op: 'drain' });
+    } catch (error) {
+      if (exported !== undefined && child.alive) this.exports.add(exported);
+      throw error;
+    }
+    volume.leaving = true;
+    this.volumes.delete(name);
+    await child.stop();
+    await this.pool.removeVolume(name);
+    const freedBytes = volumeUnits(volume.entry) * this.pool.segmentSizeBytes;
+    this.log.info({ volume: name, freedBytes, drained: drain, disconnected: disconnect }, 'volume removed');
+    return { removed: name, freedBytes };
+  }
+
+  /** As VolumeSet.resizeNow, with the cache's part done by the volume process (see the file comment). */
+  private async resizeNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
+    const name = stringField(fields, 'name');
+    const shareBytes = fields.cacheSizeBytes;
+    if (typeof shareBytes !== 'number' || !Number.isSafeInteger(shareBytes) || shareBytes <= 0) throw new PcacheError('EINVAL', 'cacheSizeBytes must be a positive integer (the volume\'s new share, in bytes)');
+    const volume = this.volumes.get(name);
+    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
+    this.control(volume); // ENODEV when it is not serving
+    const child = volume.child;
+    assert(child !== undefined, 'a serving volume without its process');
+    const before = volumeUnits(volume.entry);
+    if (volumeUnits(this.pool.planResize(name, shareBytes)) === before) return (await this.list()).find((summary) => summary.name === name) ?? {};
+    const startedMs = performance.now();
+    const { mode } = await child.request({ op: 'close-cache' }) as { mode: CacheMode | null };
+    const pausedMs = performance.now();
+    let failure: Error | undefined;
+    try {
+      volume.entry = await this.pool.resizeVolume(name, shareBytes, async (_share, resized) => {
+        await child.request({ op: 'format', geometry: this.pool.volumeGeometry(resized), format: this.formatOf(resized) });
+      });
+    } catch (error) {
+      failure = error instanceof Error ? error : new Error(String(error));
+      volume.entry = this.pool.volume(name) ?? volume.entry;
+    }
+    // The volume process formats a share left blank by a format cut short before it opens it.
+    try {
+      await child.request({ op: 'open-cache', geometry: this.pool.volumeGeometry(volume.entry), format: this.formatOf(volume.entry), mode: mode ?? undefined });
+    } catch (error) {
+      if (!(error instanceof PcacheError)) throw error;
+      // No cache to serve the held requests: the volume fails (its clients are cut off), the others serve on.
+      volume.failure = `its cache cannot be opened after the resize: ${error.message}`;
+      volume.leaving = true;
+      this.exports.remove(name);
+      this.log.error({ volume: name, reason: error.message }, 'volume not served: its cache cannot be opened after the resize (the other volumes serve on)');
+      child.kill();
+      await child.exited;
+      throw failure ?? error;
+    }
+    if (failure !== undefined) throw failure;
+    const units = volumeUnits(volume.entry);
+    this.log.info({ volume: name, fromBytes: before * this.pool.segmentSizeBytes, toBytes: units * this.pool.segmentSizeBytes, pausedMs: Math.round(performance.now() - pausedMs), totalMs: Math.round(performance.now() - startedMs) }, 'volume resized');
+    return (await this.list()).find((summary) => summary.name === name) ?? {};
+  }
+}
+
+async function withTimeout<T>(promise: Promise<T>, timeoutMs: number, message: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([promise, new Promise<never>((_resolve, reject) => { timer = setTimeout(() => { reject(new PcacheError('ETIMEDOUT', message)); }, timeoutMs); })]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
