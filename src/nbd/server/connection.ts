@@ -354,7 +354,7 @@ export class Connection {
     // Not a byte more is read here: what the client sends next belongs to the new owner.
     this.socket.pause();
     this.inputEnded = true;
-    this.replies.flush();
+    this.replies.flush(true);
     assert(this.replies.queuedBytes === 0, 'replies left behind the end of negotiation');
     this.replies.end();
     const leftover = new Uint8Array(this.input.length);
