@@ -38,7 +38,8 @@ import type { LogLevel } from './args.js';
 import { createLogger, type Logger } from './log.js';
 import { NbdRequestCounters } from './metrics.js';
 import { closeAll, watchState, type Closer } from './serve_lifecycle.js';
-import { backingTuning, openBacking, serveCache, type Served } from './serve_open.js';
+import { openBacking, type Served } from './serve_open.js';
+import { serveVolumeCache } from './volume_summary.js';
 import { SwitchableExport } from './volume_export.js';
 
 /** What a volume process is started with (its first message). */
@@ -254,19 +255,7 @@ class VolumeProcess {
     }
     const closers: Closer[] = [() => share.close()];
     try {
-      this.served = await serveCache(share, backing, {
-        cacheName: `${settings.cachePath} (volume ${settings.name})`,
-        backingName: settings.backing,
-        formatIfBlank: false,
-        readOnly: false,
-        gcPercent: undefined,
-        segmentSizeBytes: undefined,
-        forceBacking: false,
-        acceptLogLoss: false,
-        acceptBackingChange: false,
-        tuning: backingTuning(settings.tuning, looksLikeNbdUri(settings.backing)),
-        mode,
-      }, closers, log);
+      this.served = await serveVolumeCache({ share, backing, cachePath: settings.cachePath, name: settings.name, backingName: settings.backing, tuning: settings.tuning, mode }, closers, log);
     } catch (error) {
       await closeAll(closers).catch(() => undefined);
       throw error;

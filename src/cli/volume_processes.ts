@@ -57,6 +57,7 @@ import type { LogLevel } from './args.js';
 import type { Logger } from './log.js';
 import type { NbdRequestCounters } from './metrics.js';
 import type { KnobValue } from './settings.js';
+import { poolSummary, volumeNamed, volumeSummary } from './volume_summary.js';
 import { relayHeaderMaxBytes, type AdoptMessage, type ShareFormat, type VolumeProcessSettings, type VolumeReply, type VolumeRequest, type VolumeSnapshot } from './volume_process.js';
 import { addRequestOf, stringField, type VolumeClients } from './volume_set.js';
 
@@ -353,15 +354,8 @@ export class VolumeProcesses {
   /** The pool and every volume, for `pcache status`. */
   async status(): Promise<Record<string, unknown>> {
     await this.refresh();
-    const ownership = this.pool.ownershipReport();
     return {
-      pool: {
-        segmentSizeBytes: this.pool.segmentSizeBytes,
-        segments: this.pool.sb.unitCount,
-        segmentsFree: ownership.unitsFree,
-        freeBytes: ownership.unitsFree * this.pool.segmentSizeBytes,
-        tableGeneration: this.pool.table.generation,
-      },
+      pool: poolSummary(this.pool),
       volumes: this.listed().map((summary) => {
         const volume = this.volumes.get(String(summary.name));
         return { ...summary, pid: volume?.child?.alive === true ? volume.child.pid : null, cache: volume?.failure === undefined ? volume?.snapshot?.cache ?? null : null };
@@ -370,38 +364,19 @@ export class VolumeProcesses {
   }
 
   private listed(): Record<string, unknown>[] {
-    return [...this.volumes.values()].map((volume) => {
-      const status = volume.failure === undefined ? volume.snapshot?.cache ?? undefined : undefined;
-      const units = volumeUnits(volume.entry);
-      return {
-        name: volume.entry.name,
-        backing: volume.entry.backing,
-        uri: this.uriOf(volume.entry.name) ?? null,
-        state: volume.failure !== undefined ? 'failed' : status?.state ?? 'unknown',
-        failure: volume.failure ?? null,
-        shareBytes: units * this.pool.segmentSizeBytes,
-        segments: units,
-        segmentsUsed: status?.segsUsed ?? null,
-        gcPercent: status?.gcPercent ?? null,
-        dirtyBytes: status?.dirtyBytes ?? null,
-        mode: status?.mode ?? null,
-        readHits: status?.counters.readHitRequests ?? null,
-        readMisses: status?.counters.readMissRequests ?? null,
-        connections: volume.failure === undefined ? volume.snapshot?.connections ?? 0 : 0,
-      };
-    });
+    return [...this.volumes.values()].map((volume) => volumeSummary({
+      entry: volume.entry,
+      segmentSizeBytes: this.pool.segmentSizeBytes,
+      uri: this.uriOf(volume.entry.name),
+      failure: volume.failure,
+      status: volume.failure === undefined ? volume.snapshot?.cache ?? undefined : undefined,
+      connections: volume.failure === undefined ? volume.snapshot?.connections ?? 0 : 0,
+    }));
   }
 
   /** The volume named `name` (the only one when no name is given); EINVAL naming the volumes there are. */
   served(name: string | undefined): VolumeControl {
-    if (name === undefined) {
-      const only = this.volumes.size === 1 ? [...this.volumes.values()][0] : undefined;
-      if (only === undefined) throw new PcacheError('EINVAL', `name the volume (--volume NAME): this server serves ${this.volumes.size === 0 ? 'no volumes' : `${this.volumes.size}: ${this.names()}`}`);
-      return this.control(only);
-    }
-    const volume = this.volumes.get(name);
-    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
-    return this.control(volume);
+    return this.control(volumeNamed(this.volumes, name));
   }
 
   /** Every serving volume (drain without a name drains them all). */
@@ -460,10 +435,6 @@ export class VolumeProcesses {
         }
       },
     };
-  }
-
-  private names(): string {
-    return [...this.volumes.keys()].join(', ');
   }
 
   private serialised<T>(change: () => Promise<T>): Promise<T> {
@@ -573,8 +544,7 @@ export class VolumeProcesses {
     const name = stringField(fields, 'name');
     const drain = fields.drain === true;
     const disconnect = fields.disconnect === true;
-    const volume = this.volumes.get(name);
-    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
+    const volume = volumeNamed(this.volumes, name);
     const child = volume.child;
     if (volume.failure !== undefined || child === undefined) {
       throw new PcacheError('EINVAL', `volume "${name}" is not serving (${volume.failure ?? 'it failed to open'}), so whether it holds dirty data is unknown: make its backing device reachable and restart the server, then remove it`, { reason: 'volume-busy' });
@@ -611,8 +581,7 @@ export class VolumeProcesses {
     const name = stringField(fields, 'name');
     const shareBytes = fields.cacheSizeBytes;
     if (typeof shareBytes !== 'number' || !Number.isSafeInteger(shareBytes) || shareBytes <= 0) throw new PcacheError('EINVAL', 'cacheSizeBytes must be a positive integer (the volume\'s new share, in bytes)');
-    const volume = this.volumes.get(name);
-    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
+    const volume = volumeNamed(this.volumes, name);
     this.control(volume); // ENODEV when it is not serving
     const child = volume.child;
     assert(child !== undefined, 'a serving volume without its process');

@@ -29,7 +29,8 @@ import { gcPercentMax } from '../ondisk/layout.js';
 import { volumeUnits, type VolumeEntry } from '../ondisk/volume_table.js';
 import type { Logger } from './log.js';
 import { closeAll, type Closer } from './serve_lifecycle.js';
-import { backingTuning, openBacking, serveCache, type Served } from './serve_open.js';
+import { openBacking, type Served } from './serve_open.js';
+import { poolSummary, serveVolumeCache, volumeNamed, volumeSummary } from './volume_summary.js';
 import type { BlockDevice } from '../device/block_device.js';
 
 /** What the server is to the volumes: how many clients use an export, and cutting them off. */
@@ -111,53 +112,27 @@ export class VolumeSet {
 
   /** What `pcache volume list` shows. */
   list(): Record<string, unknown>[] {
-    return [...this.volumes.values()].map((volume) => {
-      const status = volume.served?.cacheStatus();
-      const units = volumeUnits(volume.entry);
-      return {
-        name: volume.entry.name,
-        backing: volume.entry.backing,
-        uri: this.uriOf(volume.entry.name) ?? null,
-        state: volume.failure !== undefined ? 'failed' : status?.state ?? 'unknown',
-        failure: volume.failure ?? null,
-        shareBytes: units * this.pool.segmentSizeBytes,
-        segments: units,
-        segmentsUsed: status?.segsUsed ?? null,
-        gcPercent: status?.gcPercent ?? null,
-        dirtyBytes: status?.dirtyBytes ?? null,
-        mode: status?.mode ?? null,
-        readHits: status?.counters.readHitRequests ?? null,
-        readMisses: status?.counters.readMissRequests ?? null,
-        connections: this.clients?.connectionCount(volume.entry.name) ?? 0,
-      };
-    });
+    return [...this.volumes.values()].map((volume) => volumeSummary({
+      entry: volume.entry,
+      segmentSizeBytes: this.pool.segmentSizeBytes,
+      uri: this.uriOf(volume.entry.name),
+      failure: volume.failure,
+      status: volume.served?.cacheStatus(),
+      connections: this.clients?.connectionCount(volume.entry.name) ?? 0,
+    }));
   }
 
   /** The pool and every volume, for `pcache status`. */
   status(): Record<string, unknown> {
-    const ownership = this.pool.ownershipReport();
     return {
-      pool: {
-        segmentSizeBytes: this.pool.segmentSizeBytes,
-        segments: this.pool.sb.unitCount,
-        segmentsFree: ownership.unitsFree,
-        freeBytes: ownership.unitsFree * this.pool.segmentSizeBytes,
-        tableGeneration: this.pool.table.generation,
-      },
+      pool: poolSummary(this.pool),
       volumes: this.list().map((summary) => ({ ...summary, cache: this.volumes.get(String(summary.name))?.served?.cacheStatus() ?? null })),
     };
   }
 
   /** The served volume named `name`; EINVAL naming the volumes there are. */
   served(name: string | undefined): Served {
-    if (name === undefined) {
-      const only = this.volumes.size === 1 ? [...this.volumes.values()][0] : undefined;
-      if (only === undefined) throw new PcacheError('EINVAL', `name the volume (--volume NAME): this server serves ${this.volumes.size === 0 ? 'no volumes' : `${this.volumes.size}: ${this.names()}`}`);
-      return this.servedOf(only);
-    }
-    const volume = this.volumes.get(name);
-    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
-    return this.servedOf(volume);
+    return this.servedOf(volumeNamed(this.volumes, name));
   }
 
   /** Every served volume (drain without a name drains them all). */
@@ -193,10 +168,6 @@ export class VolumeSet {
     return volume.served;
   }
 
-  private names(): string {
-    return [...this.volumes.keys()].join(', ');
-  }
-
   private serialised<T>(change: () => Promise<T>): Promise<T> {
     const next = this.changing.then(change, change);
     this.changing = next.catch(() => undefined);
@@ -230,8 +201,7 @@ export class VolumeSet {
     const name = stringField(fields, 'name');
     const drain = fields.drain === true;
     const disconnect = fields.disconnect === true;
-    const volume = this.volumes.get(name);
-    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
+    const volume = volumeNamed(this.volumes, name);
     if (volume.served === undefined) {
       throw new PcacheError('EINVAL', `volume "${name}" is not serving (${volume.failure ?? 'it failed to open'}), so whether it holds dirty data is unknown: make its backing device reachable and restart the server, then remove it`, { reason: 'volume-busy' });
     }
@@ -272,8 +242,7 @@ export class VolumeSet {
     const name = stringField(fields, 'name');
     const shareBytes = fields.cacheSizeBytes;
     if (typeof shareBytes !== 'number' || !Number.isSafeInteger(shareBytes) || shareBytes <= 0) throw new PcacheError('EINVAL', 'cacheSizeBytes must be a positive integer (the volume\'s new share, in bytes)');
-    const volume = this.volumes.get(name);
-    if (volume === undefined) throw new PcacheError('EINVAL', `no volume named "${name}" (volumes: ${this.names() || 'none'})`);
+    const volume = volumeNamed(this.volumes, name);
     const served = this.servedOf(volume);
     const backing = volume.backing;
     if (backing === undefined) throw new PcacheError('ENODEV', `volume "${name}" has no backing device open`);
@@ -366,19 +335,7 @@ export class VolumeSet {
     const share = this.pool.volumeDevice(entry);
     const closers: Closer[] = [() => share.close()];
     try {
-      const served = await serveCache(share, backing, {
-        cacheName: `${this.options.cachePath} (volume ${entry.name})`,
-        backingName: entry.backing,
-        formatIfBlank: false,
-        readOnly: false,
-        gcPercent: undefined,
-        segmentSizeBytes: undefined,
-        forceBacking: false,
-        acceptLogLoss: false,
-        acceptBackingChange: false,
-        tuning: backingTuning(this.options.tuning, looksLikeNbdUri(entry.backing)),
-        mode,
-      }, closers, this.log);
+      const served = await serveVolumeCache({ share, backing, cachePath: this.options.cachePath, name: entry.name, backingName: entry.backing, tuning: this.options.tuning, mode }, closers, this.log);
       volume.served = served;
       volume.failure = undefined;
       volume.cacheClosers = closers;
