@@ -25,6 +25,8 @@ const rangeBytes = param(32 * MiB, 1024 * MiB);
 const cacheBytes = param(128 * MiB, 1024 * MiB);
 const rounds = param(1, 3);
 const seconds = Number(process.env.PCACHE_BENCH_SECONDS ?? param(1, 20));
+/** Extra `pcache serve` arguments, separated by spaces (`--gc-percent 85 --tuning name=value,...`), to compare settings against the defaults. */
+const extraServeArgs = (process.env.PCACHE_BENCH_SERVE_ARGS ?? '').split(' ').filter((text) => text !== '');
 
 interface Counters {
   writeBytes: number;
@@ -53,7 +55,7 @@ async function main(): Promise<void> {
     children.push(await startNbdkitServer(dir, nbdkitSocket, ['-f', '--exit-with-parent', 'file', `file=${backing}`]));
     const socket = path.join(dir, 'pcache.sock');
     const control = path.join(dir, 'pcache.ctl');
-    children.push(await startPcacheServe('pcache serve', dir, socket, ['--cache', path.join(dir, 'cache.img'), '--cache-size', String(cacheBytes), '--backing', backing, '--control', control]));
+    children.push(await startPcacheServe('pcache serve', dir, socket, ['--cache', path.join(dir, 'cache.img'), '--cache-size', String(cacheBytes), '--backing', backing, '--control', control, ...extraServeArgs]));
     console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     console.log(`files on ${base}: range ${rangeBytes / MiB} MiB each, cache ${cacheBytes / MiB} MiB (sparse, new); ${rounds} round(s) of ${seconds} s${smoke ? ' (smoke)' : ''}`);
     const results = { pcache: [] as number[], nbdkit: [] as number[] };

@@ -30,8 +30,9 @@
 // Invariants:
 // - A volume process that exits unasked (a crash, SIGKILL) is logged with its status or
 //   signal, its export is withdrawn and the volume is reported failed with the reason; every
-//   request waiting for it fails (ENODEV). The other volumes are not touched. It is not
-//   restarted: `pcache volume` shows it failed until the server restarts.
+//   request waiting for it fails (ENODEV). The other volumes are not touched. It is started
+//   again after 0.5, 2 and 8 s (its cache recovers as after a crash), at most three times in
+//   ten minutes; after that `pcache volume` shows it failed until the server restarts.
 // - Only this process writes the pool's superblock and volume table.
 // - Adds, removes and resizes run one at a time, in the order asked.
 
@@ -67,6 +68,13 @@ const requestsInFlightMax = 16;
 const requestsWaitingMax = 1024;
 /** How long status and settings requests wait for a volume process's answer. */
 const quickRequestTimeoutMs = 5_000;
+/** A volume process that ends unasked is started again at most this many times... */
+const volumeRestartsMax = 3;
+/** ...within this window (older restarts no longer count)... */
+const volumeRestartWindowMs = 10 * 60_000;
+/** ...the n-th of them (1-based) after volumeRestartDelayMs * 4^(n-1): 0.5 s, 2 s, 8 s. */
+const volumeRestartDelayMs = 500;
+
 /** How long a stop waits for a volume process to close its cache and exit before killing it. */
 const stopTimeoutMs = 50_000;
 /** How long a volume process may take to start and open its devices (an NBD backing device may retry). */
@@ -248,6 +256,8 @@ interface ChildVolume {
   leaving: boolean;
   /** The request totals of the last snapshot, already added to the server's counters. */
   counted: { requests: number[]; errors: number[]; bytes: number[] } | undefined;
+  /** When its volume process was restarted after ending unasked (ms, performance.now), within the window. */
+  restartsAtMs: number[];
 }
 
 /** An export whose requests are served elsewhere: the handshake reads its size, nothing else. */
@@ -268,6 +278,8 @@ export class VolumeProcesses {
   private readonly relayDirectory: string | undefined;
   private relaysMade = 0;
   private stopping = false;
+  /** Restarts waiting for their delay (watch); cleared when the server stops. */
+  private readonly restartTimers = new Set<NodeJS.Timeout>();
 
   constructor(pool: CachePool, exports: ExportMap, log: Logger, options: VolumeProcessesOptions) {
     this.pool = pool;
@@ -286,7 +298,7 @@ export class VolumeProcesses {
   /** Starts a volume process for every volume of the table, all at once; one that fails is reported, the others serve. */
   async openAll(): Promise<void> {
     const started = this.pool.table.volumes.map((entry) => this.start(entry, undefined));
-    for (const entry of this.pool.table.volumes) this.volumes.set(entry.name, { entry, child: undefined, failure: 'starting', identity: undefined, snapshot: undefined, leaving: false, counted: undefined });
+    for (const entry of this.pool.table.volumes) this.volumes.set(entry.name, { entry, child: undefined, failure: 'starting', identity: undefined, snapshot: undefined, leaving: false, counted: undefined, restartsAtMs: [] });
     for (const volume of await Promise.all(started)) this.volumes.set(volume.entry.name, volume);
   }
 
@@ -399,6 +411,8 @@ export class VolumeProcesses {
   /** The server is stopping: every volume process finishes its clients, closes its cache and exits. */
   async closeAll(): Promise<void> {
     this.stopping = true;
+    for (const timer of this.restartTimers) clearTimeout(timer);
+    this.restartTimers.clear();
     const volumes = [...this.volumes.values()];
     for (const volume of volumes) {
       volume.leaving = true;
@@ -485,7 +499,7 @@ export class VolumeProcesses {
       const opened = spawned ?? await this.spawn(entry);
       child = opened.child;
       await child.request({ op: 'open-cache', geometry: this.pool.volumeGeometry(entry), format: this.formatOf(entry), mode: undefined });
-      const volume: ChildVolume = { entry, child, failure: undefined, identity: opened.identity, snapshot: undefined, leaving: false, counted: undefined };
+      const volume: ChildVolume = { entry, child, failure: undefined, identity: opened.identity, snapshot: undefined, leaving: false, counted: undefined, restartsAtMs: [] };
       this.watch(volume, child);
       this.exports.add({ name: entry.name, description: `pcache volume ${entry.name}: ${entry.backing} cached on ${this.options.cachePath}`, export: sizeOnly(opened.sizeBytes), handOff: (socket, terms, leftover) => { child?.handOff(socket, terms, leftover); } });
       this.log.info({ volume: entry.name, volumePid: child.pid }, 'volume process serving');
@@ -497,20 +511,50 @@ export class VolumeProcesses {
         await child.exited;
       }
       this.log.error({ volume: entry.name, backing: entry.backing, reason: error.message }, 'volume not served: it cannot be opened (the other volumes serve on)');
-      return { entry, child: undefined, failure: error.message, identity: spawned?.identity, snapshot: undefined, leaving: false, counted: undefined };
+      return { entry, child: undefined, failure: error.message, identity: spawned?.identity, snapshot: undefined, leaving: false, counted: undefined, restartsAtMs: [] };
     }
   }
 
-  /** A volume process that exits unasked: logged, the volume failed, its export withdrawn. */
+  /**
+   * A volume process that exits unasked: logged, the volume failed, its export withdrawn (its
+   * clients lost their connections with it), and the volume started again after a delay —
+   * its cache recovers as after any crash — unless it has been restarted volumeRestartsMax
+   * times within volumeRestartWindowMs already: then it stays failed until the server restarts
+   * (a volume that keeps crashing should not take the machine's CPU in a loop).
+   */
   private watch(volume: ChildVolume, child: VolumeChild): void {
     void child.exited.then(({ code, signal }) => {
       if (volume.child !== child || volume.leaving || this.stopping) return;
       const why = signal !== null ? `its volume process (pid ${child.pid}) was killed by ${signal}` : `its volume process (pid ${child.pid}) exited with status ${code ?? 'unknown'}`;
-      volume.failure = `${why}: restart the server to serve it again`;
+      const nowMs = performance.now();
+      const recent = volume.restartsAtMs.filter((atMs) => nowMs - atMs < volumeRestartWindowMs);
       volume.snapshot = undefined;
       this.exports.remove(volume.entry.name);
-      this.log.error({ volume: volume.entry.name, volumePid: child.pid, code, signal }, 'volume process ended: its volume is not served (the other volumes serve on)');
+      if (recent.length >= volumeRestartsMax) {
+        volume.failure = `${why}; restarted ${recent.length} times within ${volumeRestartWindowMs / 60_000} minutes, it is not started again: restart the server to serve it again`;
+        this.log.error({ volume: volume.entry.name, volumePid: child.pid, code, signal, restarts: recent.length }, 'volume process ended again: its volume is not served until the server restarts (the other volumes serve on)');
+        return;
+      }
+      const delayMs = volumeRestartDelayMs * 4 ** recent.length;
+      volume.failure = `${why}; starting it again in ${delayMs / 1000} s`;
+      this.log.error({ volume: volume.entry.name, volumePid: child.pid, code, signal, restartInMs: delayMs }, 'volume process ended: its volume is started again after a delay (the other volumes serve on)');
+      const timer = setTimeout(() => {
+        this.restartTimers.delete(timer);
+        void this.serialised(() => this.restart(volume, [...recent, performance.now()])).catch((error: unknown) => {
+          this.log.error({ volume: volume.entry.name, reason: error instanceof Error ? error.message : String(error) }, 'volume not started again');
+        });
+      }, delayMs);
+      this.restartTimers.add(timer);
     });
+  }
+
+  /** Starts a volume whose process ended unasked again, unless it was removed or the server stops meanwhile. */
+  private async restart(volume: ChildVolume, restartsAtMs: number[]): Promise<void> {
+    if (this.stopping || this.volumes.get(volume.entry.name) !== volume) return;
+    const started = await this.start(volume.entry, undefined);
+    started.restartsAtMs = restartsAtMs;
+    this.volumes.set(volume.entry.name, started);
+    if (started.failure === undefined) this.log.info({ volume: volume.entry.name, volumePid: started.child?.pid, restarts: restartsAtMs.length }, 'volume process started again: its volume serves');
   }
 
   private async addNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
