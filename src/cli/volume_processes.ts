@@ -552,6 +552,14 @@ export class VolumeProcesses {
   private async restart(volume: ChildVolume, restartsAtMs: number[]): Promise<void> {
     if (this.stopping || this.volumes.get(volume.entry.name) !== volume) return;
     const started = await this.start(volume.entry, undefined);
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- closeAll may have set it during the await
+    if (this.stopping) {
+      // The server began to stop while the volume process started: closeAll did not see it.
+      started.leaving = true;
+      this.exports.remove(volume.entry.name);
+      await started.child?.stop();
+      return;
+    }
     started.restartsAtMs = restartsAtMs;
     this.volumes.set(volume.entry.name, started);
     if (started.failure === undefined) this.log.info({ volume: volume.entry.name, volumePid: started.child?.pid, restarts: restartsAtMs.length }, 'volume process started again: its volume serves');
