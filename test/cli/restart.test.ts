@@ -11,7 +11,7 @@ import { MiB } from '../../src/lib/units.js';
 import { patternBytes } from '../helpers/bytes.js';
 import { tempDir } from '../helpers/files.js';
 import { assertQuietLogs, logLines, pcacheJson, runCli, startServe } from '../helpers/pcache.js';
-import { nbdcopy, requireTool, uriFor } from '../helpers/tools.js';
+import { nbdcopy, processAlive, requireTool, uriFor } from '../helpers/tools.js';
 
 interface Paths {
   readonly dir: string;
@@ -44,15 +44,6 @@ async function readBack(socket: string, dir: string, length: number): Promise<Bu
 
 async function serverPid(control: string): Promise<number> {
   return ((await pcacheJson(['status', '--control', control, '--json'])) as { pid: number }).pid;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 describe('restart', () => {
@@ -110,7 +101,7 @@ describe('restart', () => {
     await writeFlushed(p.socket, p.dir, data);
     process.kill(first.pid, 'SIGKILL'); // the process alone, not its group
     assert.equal((await first.wait()).signal, 'SIGKILL');
-    assert.equal(alive(first.pid), false);
+    assert.equal(processAlive(first.pid), false);
 
     const second = await startServe(t, p.args, p.dir);
     const serving = logLines(second.stderr).find((line) => line.msg === 'serving');

@@ -19,7 +19,7 @@ import { RawClient } from '../helpers/nbd_raw_client.js';
 import { clientFlags, CMD, infoData, OPT, REP, request, option } from '../helpers/nbd_wire.js';
 import { pcacheJson, printedMetricsUrl, runCli, startServe } from '../helpers/pcache.js';
 import { tlsFixture } from '../helpers/tls_fixture.js';
-import { nbdcopy, requireTool, runTool, uriFor } from '../helpers/tools.js';
+import { nbdcopy, processAlive, requireTool, runTool, uriFor } from '../helpers/tools.js';
 import { waitUntil } from '../helpers/wait.js';
 
 interface Pool {
@@ -54,15 +54,6 @@ interface VolumeStatus {
 
 async function volumesOf(control: string): Promise<VolumeStatus[]> {
   return ((await pcacheJson(['status', '--control', control, '--json'])) as { volumes: VolumeStatus[] }).volumes;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** The parent pid of `pid`, from /proc. */
@@ -162,7 +153,7 @@ describe('volume processes', () => {
     // channel close and exit, so a new serve can open the cache device.
     process.kill(server.pid, 'SIGKILL');
     await server.wait();
-    await waitUntil(() => !alive(Number(pids.beta)), 'beta\'s volume process exits after its parent was killed');
+    await waitUntil(() => !processAlive(Number(pids.beta)), 'beta\'s volume process exits after its parent was killed');
     server = await startServe(t, pool.args, pool.dir);
     assert.match(server.stdout, /serving 2 volumes/);
     assert.deepEqual((await volumesOf(pool.control)).map((volume) => volume.state), ['running', 'running']);
@@ -172,7 +163,7 @@ describe('volume processes', () => {
     assertFilesEqual(out, path.join(pool.dir, 'beta.data'), 'beta after its serve process was killed and restarted');
     const restarted = (await volumesOf(pool.control)).map((volume) => Number(volume.pid));
     assert.equal(await server.stop(), 0);
-    for (const pid of restarted) assert.equal(alive(pid), false, `volume process ${pid} gone after the stop`);
+    for (const pid of restarted) assert.equal(processAlive(pid), false, `volume process ${pid} gone after the stop`);
   });
 
   it('requests pipelined right behind GO are served by the volume process, and counted in the metrics', async (t) => {

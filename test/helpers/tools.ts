@@ -91,3 +91,13 @@ export async function fioVerifyJobs(uri: string, jobs: number, name: string): Pr
   }
   return report.jobs;
 }
+
+/** Whether a process with this pid exists (signal 0 checks without sending anything). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
