@@ -11,11 +11,11 @@
 // a segment is never reused while a key that recovery could replay still points into it.
 // Freed segments get a new generation, which makes every index entry into them stale; the
 // index drops stale entries lazily (readers) and in sweeps (here). A sweep walks the whole
-// index, so it runs once a sixteenth of the cache's segments has been freed since the last
+// index, so it runs once a quarter of the cache's segments has been freed since the last
 // one, not after every round: sweeping after every round (a round frees about two segments
-// under 4 KiB writes) cost 4% of the event loop of a write workload with GC running
-// (docs/performance.md). Stale entries are harmless meanwhile (every reader checks the
-// generation), and at most that sixteenth of the cache's data has them. A sweep goes a subtree
+// under 4 KiB writes) cost 4% of the event loop of a write workload with GC running, and
+// after every sixteenth still 3% (docs/performance.md). Stale entries are harmless meanwhile
+// (every reader checks the generation), and at most that quarter of the cache's data has them. A sweep goes a subtree
 // at a time under the background slice (lib/timers.ts): on a large cache the whole index is
 // millions of keys, tens of milliseconds that every volume's clients would otherwise wait out.
 // A read cache's round (mostly clean, no writer waiting for space) stops once it has freed
@@ -37,7 +37,7 @@ export const gcBackoffMs = 1000;
  */
 export const gcReadRoundDivisor = 64;
 /** A sweep of stale index entries runs once this share of the cache's segments has been freed. */
-export const gcSweepSegmentsDivisor = 16;
+export const gcSweepSegmentsDivisor = 4;
 
 export class Gc extends CacheWorker {
   private readonly scratch = new Uint8Array(ksetBytesMax);

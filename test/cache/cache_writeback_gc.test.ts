@@ -5,6 +5,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, eagerWriteback } from '../../src/cache/cache.js';
+import { gcSweepSegmentsDivisor } from '../../src/cache/cache_gc.js';
 import { cachePosRecordBytes } from '../../src/ondisk/cache_pos.js';
 import { layoutFor } from '../../src/ondisk/layout.js';
 
@@ -225,17 +226,18 @@ describe('garbage collection', () => {
     assert.deepEqual(await cache.check(), []);
   });
 
-  it('sweeps stale index entries once a sixteenth of the segments has been freed, and reads stay right before that', async () => {
-    // 32 segments: a sweep every 2 freed segments. GC runs whenever it can (gc_percent 0; a
-    // higher one would let a clean cache fill up first). One 4 KiB key per kset
+  it('sweeps stale index entries once a quarter of the segments has been freed, and reads stay right before that', async () => {
+    // 32 segments of 1 MiB: a sweep every 8 freed segments. GC runs whenever it can
+    // (gc_percent 0; a higher one would let a clean cache fill up first). One 4 KiB key per kset
     // (a flush after every write), so that a GC round (64 ksets) frees at most one segment.
     // A sweep leaves a subtree's stale entries while they are at most half its rows
     // (cache_index.ts), so the 1,024 keys of the first 4 MiB go once more than 512 are stale.
     const rig = await recordingRig({ segments: 32, gcPercent: 0 });
     const { cache } = rig;
     cache.setTuning({ sequentialCutoffBytes: 0 }); // sequential on purpose: every write must be cached
+    const sweepEveryFreed = 32 / gcSweepSegmentsDivisor;
     const blockBytes = 4096;
-    const blocks = 6 * (MiB / blockBytes);
+    const blocks = 12 * (MiB / blockBytes);
     for (let i = 0; i < blocks; i++) {
       await cache.write(pattern(i, i * blockBytes, blockBytes), i * blockBytes);
       await cache.flush();
@@ -247,11 +249,11 @@ describe('garbage collection', () => {
     let read = false;
     while (await cache.gcStep()) {
       const keys = cache.status().indexKeys;
-      if (freed() < 2) {
-        // A segment of 256 keys may have been freed: its index entries are stale but still
+      if (freed() < sweepEveryFreed) {
+        // Segments of 256 keys may have been freed: their index entries are stale but still
         // there (no sweep yet), and a read skips them. (The read drops the stale entry it met,
         // and its fill may take a stale neighbour's row: at most two fewer.)
-        assert.ok(keys >= blocks - 2, `no sweep before 2 segments are freed (${freed()} so far, ${keys} keys)`);
+        assert.ok(keys >= blocks - 2, `no sweep before ${sweepEveryFreed} segments are freed (${freed()} so far, ${keys} keys)`);
         if (freed() > 0) {
           sawUnswept = true;
           if (!read) assert.deepEqual(await readBytes(cache, 0, blockBytes), pattern(0, 0, blockBytes));
@@ -278,7 +280,8 @@ describe('garbage collection', () => {
     cache.setTuning({ sequentialCutoffBytes: 0 });
     const blockBytes = 4096;
     const subtrees = 6;
-    const blocks = 6 * (MiB / blockBytes);
+    // Enough to free the segments a sweep waits for (a quarter of them).
+    const blocks = 12 * (MiB / blockBytes);
     const offsetOf = (i: number): number => (i % subtrees) * 4 * MiB + Math.floor(i / subtrees) * blockBytes;
     for (let i = 0; i < blocks; i++) {
       await cache.write(pattern(i, offsetOf(i), blockBytes), offsetOf(i));

@@ -146,6 +146,70 @@ describe('FileDevice', () => {
     await source.close();
   });
 
+  it('copyMany reads nearby pieces of a source together and still writes every run right', async () => {
+    const sourcePath = join(dir, 'span-source.img');
+    const otherPath = join(dir, 'span-other.img');
+    const targetPath = join(dir, 'span-target.img');
+    FileDevice.create(sourcePath, 4 * MiB);
+    FileDevice.create(otherPath, MiB);
+    FileDevice.create(targetPath, 4 * MiB);
+    // The source holds a different pattern in every 4 KiB block, so a piece read from the
+    // wrong place (a span's gap, a neighbour) shows.
+    const content = Buffer.concat(Array.from({ length: 64 }, (_, block) => pattern(100 + block, 0, 4096)));
+    writeFileSync(sourcePath, content, { flag: 'r+' });
+    writeFileSync(otherPath, pattern(7, 0, 8192), { flag: 'r+' });
+    const source = openSync(sourcePath, 'r');
+    const other = openSync(otherPath, 'r');
+    const piece = (fd: number, offsetBytes: number, lengthBytes: number) => ({ from: { fd, offsetBytes }, lengthBytes });
+    const block = (n: number) => content.subarray(n * 4096, (n + 1) * 4096);
+    const target = await FileDevice.open(targetPath);
+    const runs = [
+      // Out of source order, a block apart, and an 8 KiB gap: one span in the thread.
+      { offsetBytes: MiB, sources: [piece(source, 5 * 4096, 4096), piece(source, 0, 4096)] },
+      { offsetBytes: 2 * MiB, sources: [piece(source, 3 * 4096, 8192)] },
+      // Two pieces back to back in the source: written straight from the span.
+      { offsetBytes: 3 * MiB, sources: [piece(source, 7 * 4096, 4096), piece(source, 8 * 4096, 4096)] },
+      // Further than a span's gap away.
+      { offsetBytes: 3 * MiB + 65536, sources: [piece(source, 60 * 4096, 4096)] },
+    ];
+    await target.copyMany(runs);
+    // A batch that cannot be sorted (a second file, and an offset that is not sector-aligned)
+    // is read in batch order, and still right.
+    await target.copyMany([
+      { offsetBytes: 0, sources: [piece(source, 100, 1000), piece(other, 4096, 4096)] },
+      { offsetBytes: 65536, sources: [piece(source, 4096, 512)] },
+    ]);
+    await target.close();
+    const back = await FileDevice.open(targetPath, { blocking: true });
+    const read = (offsetBytes: number, lengthBytes: number): Buffer => {
+      const out = Buffer.alloc(lengthBytes);
+      back.blocking?.readSync(out, offsetBytes);
+      return out;
+    };
+    assert.deepEqual(read(MiB, 8192), Buffer.concat([block(5), block(0)]));
+    assert.deepEqual(read(2 * MiB, 8192), Buffer.concat([block(3), block(4)]));
+    assert.deepEqual(read(3 * MiB, 8192), Buffer.concat([block(7), block(8)]));
+    assert.deepEqual(read(3 * MiB + 65536, 4096), block(60));
+    assert.deepEqual(read(0, 5096), Buffer.concat([content.subarray(100, 1100), pattern(7, 0, 8192).subarray(4096)]));
+    assert.deepEqual(read(65536, 512), content.subarray(4096, 4608));
+    assert.deepEqual(read(MiB + 8192, 4096), Buffer.alloc(4096), 'nothing past the runs was written');
+    await back.close();
+    // A piece past the source's end: EIO, and nothing of that batch is written.
+    const again = await FileDevice.open(targetPath);
+    await assert.rejects(() => again.copyMany([
+      { offsetBytes: 3 * MiB - 4096, sources: [piece(source, 0, 4096)] },
+      { offsetBytes: 3 * MiB - 8192, sources: [piece(source, 4 * MiB, 4096)] },
+    ]), (error: unknown) => code('EIO')(error) && /reading the source at 4194304/.test(String(error)));
+    await again.close();
+    const after = await FileDevice.open(targetPath, { blocking: true });
+    const out = Buffer.alloc(8192);
+    after.blocking?.readSync(out, 3 * MiB - 8192);
+    assert.deepEqual(out, Buffer.alloc(8192));
+    await after.close();
+    closeSync(source);
+    closeSync(other);
+  });
+
   it('keeps its identity across reopening and distinguishes files', async () => {
     const a = join(dir, 'a.img');
     const b = join(dir, 'b.img');
