@@ -20,6 +20,13 @@ after(() => { rmSync(dir, { recursive: true, force: true }); });
 
 const code = (expected: string) => (error: unknown): boolean => (error as { code?: string }).code === expected;
 
+/** Reads `lengthBytes` at `offsetBytes` of a file device opened with `blocking`. */
+function readSyncAt(device: FileDevice, offsetBytes: number, lengthBytes: number): Buffer {
+  const out = Buffer.alloc(lengthBytes);
+  device.blocking?.readSync(out, offsetBytes);
+  return out;
+}
+
 describe('FileDevice', () => {
   it('creates a sparse file of the requested size and refuses to replace one', () => {
     const path = join(dir, 'created.img');
@@ -127,11 +134,7 @@ describe('FileDevice', () => {
     ]);
     await target.close();
     const back = await FileDevice.open(targetPath, { blocking: true });
-    const read = (offsetBytes: number, lengthBytes: number): Buffer => {
-      const out = Buffer.alloc(lengthBytes);
-      back.blocking?.readSync(out, offsetBytes);
-      return out;
-    };
+    const read = (offsetBytes: number, lengthBytes: number): Buffer => readSyncAt(back, offsetBytes, lengthBytes);
     assert.deepEqual(read(64 * 1024, 16384), Buffer.concat([pattern(2, 0, 8192), pattern(1, 0, 4096), pattern(3, 0, 4096)]));
     assert.deepEqual(read(3 * MiB, 4096), pattern(1, 0, 4096));
     assert.deepEqual(read(0, 4096), Buffer.alloc(4096), 'nothing else was written');
@@ -181,11 +184,7 @@ describe('FileDevice', () => {
     ]);
     await target.close();
     const back = await FileDevice.open(targetPath, { blocking: true });
-    const read = (offsetBytes: number, lengthBytes: number): Buffer => {
-      const out = Buffer.alloc(lengthBytes);
-      back.blocking?.readSync(out, offsetBytes);
-      return out;
-    };
+    const read = (offsetBytes: number, lengthBytes: number): Buffer => readSyncAt(back, offsetBytes, lengthBytes);
     assert.deepEqual(read(MiB, 8192), Buffer.concat([block(5), block(0)]));
     assert.deepEqual(read(2 * MiB, 8192), Buffer.concat([block(3), block(4)]));
     assert.deepEqual(read(3 * MiB, 8192), Buffer.concat([block(7), block(8)]));
@@ -202,9 +201,7 @@ describe('FileDevice', () => {
     ]), (error: unknown) => code('EIO')(error) && /reading the source at 4194304/.test(String(error)));
     await again.close();
     const after = await FileDevice.open(targetPath, { blocking: true });
-    const out = Buffer.alloc(8192);
-    after.blocking?.readSync(out, 3 * MiB - 8192);
-    assert.deepEqual(out, Buffer.alloc(8192));
+    assert.deepEqual(readSyncAt(after, 3 * MiB - 8192, 8192), Buffer.alloc(8192));
     await after.close();
     closeSync(source);
     closeSync(other);
