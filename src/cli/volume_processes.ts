@@ -48,7 +48,6 @@ import type { CachePool } from '../cache/cache_pool.js';
 import type { CheckpointPoint } from '../cache/cache.js';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
-import { formatSize } from '../lib/units.js';
 import type { ExportMap, HandedOffTerms } from '../nbd/server/export_catalog.js';
 import type { Export } from '../nbd/server/export.js';
 import type { NbdServerStats } from '../nbd/server/server.js';
@@ -58,7 +57,7 @@ import type { LogLevel } from './args.js';
 import type { Logger } from './log.js';
 import type { NbdRequestCounters } from './metrics.js';
 import type { KnobValue } from './settings.js';
-import { poolSummary, volumeNamed, volumeSummary } from './volume_summary.js';
+import { poolSummary, refuseRemoval, removeRequestOf, resizeShareBytesOf, volumeNamed, volumeSummary } from './volume_summary.js';
 import { relayHeaderMaxBytes, type AdoptMessage, type ShareFormat, type VolumeProcessSettings, type VolumeReply, type VolumeRequest, type VolumeSnapshot } from './volume_process.js';
 import { addRequestOf, stringField, type VolumeClients } from './volume_set.js';
 
@@ -593,23 +592,14 @@ export class VolumeProcesses {
   }
 
   private async removeNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
-    const name = stringField(fields, 'name');
-    const drain = fields.drain === true;
-    const disconnect = fields.disconnect === true;
+    const request = removeRequestOf(fields, stringField(fields, 'name'));
+    const { name, drain, disconnect } = request;
     const volume = volumeNamed(this.volumes, name);
     const child = volume.child;
-    if (volume.failure !== undefined || child === undefined) {
-      throw new PcacheError('EINVAL', `volume "${name}" is not serving (${volume.failure ?? 'it failed to open'}), so whether it holds dirty data is unknown: make its backing device reachable and restart the server, then remove it`, { reason: 'volume-busy' });
-    }
-    const snapshot = await child.request({ op: 'snapshot' }) as VolumeSnapshot;
-    const connections = snapshot.connections;
-    if (connections > 0 && !disconnect) {
-      throw new PcacheError('EINVAL', `volume "${name}" has ${connections} client connection${connections === 1 ? '' : 's'}: disconnect them first, or remove it with --disconnect`, { reason: 'volume-busy' });
-    }
-    const dirtyBytes = snapshot.cache?.dirtyBytes ?? 0;
-    if (dirtyBytes > 0 && !drain) {
-      throw new PcacheError('EINVAL', `volume "${name}" holds ${formatSize(dirtyBytes)} of dirty data not yet on ${volume.entry.backing}: remove it with --drain to write it back first`, { reason: 'volume-busy' });
-    }
+    const failure = volume.failure ?? (child === undefined ? 'it failed to open' : undefined);
+    const snapshot = failure === undefined && child !== undefined ? await child.request({ op: 'snapshot' }) as VolumeSnapshot : undefined;
+    refuseRemoval(request, { failure, connections: snapshot?.connections ?? 0, dirtyBytes: snapshot?.cache?.dirtyBytes ?? 0, backing: volume.entry.backing });
+    assert(child !== undefined, 'a removable volume has its process');
     // No new client from here on; the connected ones go before the drain.
     const exported = this.exports.remove(name);
     try {
@@ -631,8 +621,7 @@ export class VolumeProcesses {
   /** As VolumeSet.resizeNow, with the cache's part done by the volume process (see the file comment). */
   private async resizeNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
     const name = stringField(fields, 'name');
-    const shareBytes = fields.cacheSizeBytes;
-    if (typeof shareBytes !== 'number' || !Number.isSafeInteger(shareBytes) || shareBytes <= 0) throw new PcacheError('EINVAL', 'cacheSizeBytes must be a positive integer (the volume\'s new share, in bytes)');
+    const shareBytes = resizeShareBytesOf(fields);
     const volume = volumeNamed(this.volumes, name);
     this.control(volume); // ENODEV when it is not serving
     const child = volume.child;

@@ -22,7 +22,7 @@ import type { CachePool, ShareFormatter } from '../cache/cache_pool.js';
 import type { CacheMode } from '../ondisk/cache_info.js';
 import { SwitchableExport } from './volume_export.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
-import { formatSize } from '../lib/units.js';
+import { assert } from '../lib/assert.js';
 import { looksLikeNbdUri, parseNbdUri } from '../nbd/client/uri.js';
 import type { ExportMap } from '../nbd/server/export_catalog.js';
 import { gcPercentMax } from '../ondisk/layout.js';
@@ -30,7 +30,7 @@ import { volumeUnits, type VolumeEntry } from '../ondisk/volume_table.js';
 import type { Logger } from './log.js';
 import { closeAll, type Closer } from './serve_lifecycle.js';
 import { openBacking, type Served } from './serve_open.js';
-import { poolSummary, serveVolumeCache, volumeNamed, volumeSummary } from './volume_summary.js';
+import { poolSummary, refuseRemoval, removeRequestOf, resizeShareBytesOf, serveVolumeCache, volumeNamed, volumeSummary } from './volume_summary.js';
 import type { BlockDevice } from '../device/block_device.js';
 
 /** What the server is to the volumes: how many clients use an export, and cutting them off. */
@@ -198,26 +198,22 @@ export class VolumeSet {
   }
 
   private async removeNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
-    const name = stringField(fields, 'name');
-    const drain = fields.drain === true;
-    const disconnect = fields.disconnect === true;
+    const request = removeRequestOf(fields, stringField(fields, 'name'));
+    const { name, drain, disconnect } = request;
     const volume = volumeNamed(this.volumes, name);
-    if (volume.served === undefined) {
-      throw new PcacheError('EINVAL', `volume "${name}" is not serving (${volume.failure ?? 'it failed to open'}), so whether it holds dirty data is unknown: make its backing device reachable and restart the server, then remove it`, { reason: 'volume-busy' });
-    }
-    const connections = this.clients?.connectionCount(name) ?? 0;
-    if (connections > 0 && !disconnect) {
-      throw new PcacheError('EINVAL', `volume "${name}" has ${connections} client connection${connections === 1 ? '' : 's'}: disconnect them first, or remove it with --disconnect`, { reason: 'volume-busy' });
-    }
-    const dirtyBytes = volume.served.cacheStatus()?.dirtyBytes ?? 0;
-    if (dirtyBytes > 0 && !drain) {
-      throw new PcacheError('EINVAL', `volume "${name}" holds ${formatSize(dirtyBytes)} of dirty data not yet on ${volume.entry.backing}: remove it with --drain to write it back first`, { reason: 'volume-busy' });
-    }
+    const served = volume.served;
+    refuseRemoval(request, {
+      failure: served === undefined ? volume.failure ?? 'it failed to open' : undefined,
+      connections: this.clients?.connectionCount(name) ?? 0,
+      dirtyBytes: served?.cacheStatus()?.dirtyBytes ?? 0,
+      backing: volume.entry.backing,
+    });
+    assert(served !== undefined, 'a removable volume is served');
     // No new client from here on; the connected ones go before the drain.
     const exported = this.exports.remove(name);
     try {
       if (disconnect) await this.clients?.disconnect(name);
-      if (drain) await volume.served.drain();
+      if (drain) await served.drain();
     } catch (error) {
       if (exported !== undefined) this.exports.add(exported);
       throw error;
@@ -240,8 +236,7 @@ export class VolumeSet {
    */
   private async resizeNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
     const name = stringField(fields, 'name');
-    const shareBytes = fields.cacheSizeBytes;
-    if (typeof shareBytes !== 'number' || !Number.isSafeInteger(shareBytes) || shareBytes <= 0) throw new PcacheError('EINVAL', 'cacheSizeBytes must be a positive integer (the volume\'s new share, in bytes)');
+    const shareBytes = resizeShareBytesOf(fields);
     const volume = volumeNamed(this.volumes, name);
     const served = this.servedOf(volume);
     const backing = volume.backing;

@@ -15,6 +15,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { MiB } from '../../src/lib/units.js';
 import { assertFilesEqual, tempDir, writeRandomFile } from '../helpers/files.js';
+import { connectClient } from '../helpers/nbd_client.js';
 import { RawClient } from '../helpers/nbd_raw_client.js';
 import { clientFlags, CMD, infoData, OPT, REP, request, option } from '../helpers/nbd_wire.js';
 import { pcacheJson, printedMetricsUrl, runCli, startServe } from '../helpers/pcache.js';
@@ -244,16 +245,33 @@ describe('volume processes', () => {
 
   it('--volume-processes off serves every volume in the serve process', async (t) => {
     requireTool('nbdcopy', 'libnbd-bin');
-    const pool = poolIn(t, ['--volume-processes', 'off']);
+    // Writeback only when asked, so that the data stays dirty until the remove drains it.
+    const pool = poolIn(t, ['--volume-processes', 'off', '--tuning', 'writeback_idle_ms=3600000,writeback_max_age_ms=3600000']);
     const server = await startServe(t, pool.args, pool.dir);
-    await addVolume(pool, 'inside');
+    const backing = await addVolume(pool, 'inside');
     const [volume] = await volumesOf(pool.control);
     assert.ok(volume !== undefined);
     assert.equal(volume.state, 'running');
     assert.equal(volume.pid, undefined, 'no volume process');
     await roundTrip(pool, 'inside', 'a volume in the serve process');
+    // Removing it is refused while a client is connected, then while it holds dirty data.
+    const client = await connectClient(t, uriFor(pool.socket, 'inside'));
+    const data = randomBytes(64 * 1024);
+    await client.write(data, 8 * MiB);
+    await client.flush();
+    const busy = await runCli(['volume', 'remove', '--control', pool.control, 'inside']);
+    assert.equal(busy.code, 1);
+    assert.match(busy.stderr, /1 client connection: .*--disconnect/);
+    await client.disconnect();
+    await waitUntil(async () => (await pcacheJson(['volume', 'list', '--control', pool.control, '--json']) as { connections: number }[])[0]?.connections === 0, 'the client is gone');
+    const dirty = await runCli(['volume', 'remove', '--control', pool.control, 'inside']);
+    assert.equal(dirty.code, 1);
+    assert.match(dirty.stderr, /of dirty data not yet on .*inside\.img: remove it with --drain/);
+    const removed = await runCli(['volume', 'remove', '--control', pool.control, 'inside', '--drain']);
+    assert.equal(removed.code, 0, removed.stderr);
+    assert.deepEqual(fs.readFileSync(backing).subarray(8 * MiB, 8 * MiB + data.length), data, 'written back before the remove');
     assert.equal(await server.stop(), 0);
-    const bad = await runCli(['serve', ...pool.args.filter((arg) => arg !== 'off'), 'sometimes']);
+    const bad = await runCli(['serve', ...poolIn(t).args, '--volume-processes', 'sometimes']);
     assert.equal(bad.code, 2);
     assert.match(bad.stderr, /--volume-processes must be on or off/);
   });
