@@ -47,6 +47,7 @@ import type { CacheStatus, CacheTuning } from '../cache/cache.js';
 import type { CachePool } from '../cache/cache_pool.js';
 import type { CheckpointPoint } from '../cache/cache.js';
 import { assert } from '../lib/assert.js';
+import { SerialSection } from '../lib/background_task.js';
 import { PcacheError } from '../lib/errors.js';
 import type { ExportMap, HandedOffTerms } from '../nbd/server/export_catalog.js';
 import type { Export } from '../nbd/server/export.js';
@@ -272,7 +273,8 @@ export class VolumeProcesses {
   private readonly options: VolumeProcessesOptions;
   private readonly volumes = new Map<string, ChildVolume>();
   private uriOf: (name: string) => string | undefined = () => undefined;
-  private changing: Promise<unknown> = Promise.resolve();
+  /** Adds, removes and resizes, one at a time in the order asked. */
+  private readonly changes = new SerialSection();
   /** Private directory (0700) of the volume processes' relay sockets; undefined without TLS. */
   private readonly relayDirectory: string | undefined;
   private relaysMade = 0;
@@ -396,15 +398,15 @@ export class VolumeProcesses {
   }
 
   add(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
-    return this.serialised(() => this.addNow(fields));
+    return this.changes.run(() => this.addNow(fields));
   }
 
   remove(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
-    return this.serialised(() => this.removeNow(fields));
+    return this.changes.run(() => this.removeNow(fields));
   }
 
   resize(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
-    return this.serialised(() => this.resizeNow(fields));
+    return this.changes.run(() => this.resizeNow(fields));
   }
 
   /** The server is stopping: every volume process finishes its clients, closes its cache and exits. */
@@ -450,11 +452,6 @@ export class VolumeProcesses {
     };
   }
 
-  private serialised<T>(change: () => Promise<T>): Promise<T> {
-    const next = this.changing.then(change, change);
-    this.changing = next.catch(() => undefined);
-    return next;
-  }
 
   private settingsFor(entry: VolumeEntry): VolumeProcessSettings {
     return {
@@ -539,7 +536,7 @@ export class VolumeProcesses {
       this.log.error({ volume: volume.entry.name, volumePid: child.pid, code, signal, restartInMs: delayMs }, 'volume process ended: its volume is started again after a delay (the other volumes serve on)');
       const timer = setTimeout(() => {
         this.restartTimers.delete(timer);
-        void this.serialised(() => this.restart(volume, [...recent, performance.now()])).catch((error: unknown) => {
+        void this.changes.run(() => this.restart(volume, [...recent, performance.now()])).catch((error: unknown) => {
           this.log.error({ volume: volume.entry.name, reason: error instanceof Error ? error.message : String(error) }, 'volume not started again');
         });
       }, delayMs);

@@ -21,6 +21,7 @@ import { formatCacheDevice, probeDevice } from '../cache/cache_metadata.js';
 import type { CachePool, ShareFormatter } from '../cache/cache_pool.js';
 import type { CacheMode } from '../ondisk/cache_info.js';
 import { SwitchableExport } from './volume_export.js';
+import { SerialSection } from '../lib/background_task.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
 import { assert } from '../lib/assert.js';
 import { looksLikeNbdUri, parseNbdUri } from '../nbd/client/uri.js';
@@ -77,7 +78,8 @@ export class VolumeSet {
   private readonly volumes = new Map<string, ServedVolume>();
   private clients: VolumeClients | undefined;
   private uriOf: (name: string) => string | undefined = () => undefined;
-  private changing: Promise<unknown> = Promise.resolve();
+  /** Adds, removes and resizes, one at a time in the order asked. */
+  private readonly changes = new SerialSection();
 
   constructor(pool: CachePool, exports: ExportMap, log: Logger, options: VolumeSetOptions) {
     this.pool = pool;
@@ -144,15 +146,15 @@ export class VolumeSet {
 
   /** Adds a volume from a control request's fields (see the file comment for what is checked first). */
   add(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
-    return this.serialised(() => this.addNow(fields));
+    return this.changes.run(() => this.addNow(fields));
   }
 
   remove(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
-    return this.serialised(() => this.removeNow(fields));
+    return this.changes.run(() => this.removeNow(fields));
   }
 
   resize(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
-    return this.serialised(() => this.resizeNow(fields));
+    return this.changes.run(() => this.resizeNow(fields));
   }
 
   /** Closes every volume (the server is stopping). */
@@ -168,11 +170,6 @@ export class VolumeSet {
     return volume.served;
   }
 
-  private serialised<T>(change: () => Promise<T>): Promise<T> {
-    const next = this.changing.then(change, change);
-    this.changing = next.catch(() => undefined);
-    return next;
-  }
 
   private async addNow(fields: Readonly<Record<string, unknown>>): Promise<Record<string, unknown>> {
     const { name, backing, backingIsUri, shareBytes, gcPercent, dataCrc } = addRequestOf(fields);
