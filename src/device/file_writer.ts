@@ -15,8 +15,8 @@
 // Invariants: batches are answered in the order they were sent (one thread, one queue); every
 // batch sent is answered or failed before close() resolves, so the file descriptor is never
 // closed under a write; at most batchesQueuedMax batches wait in the thread's queue (callers
-// bound their own, this is the backstop). The thread is started on first use and does not
-// keep the process alive.
+// bound their own, this is the backstop). The thread is started on first use, and keeps the
+// process alive only while a batch is out.
 
 import { Worker } from 'node:worker_threads';
 import { assert } from '../lib/assert.js';
@@ -89,8 +89,12 @@ export class FileWriter {
     assert(this.pending.size < batchesQueuedMax, `${this.path}: more than ${batchesQueuedMax} batches queued`);
     const id = this.nextId++;
     return new Promise<void>((resolve, reject) => {
+      const thread = this.thread();
       this.pending.set(id, { resolve, reject });
-      this.thread().postMessage(request(id));
+      // While a batch is out, the thread keeps the process alive (nothing else may: a test or a
+      // command awaiting a write); once none is, it does not (see thread()).
+      if (this.pending.size === 1) thread.ref();
+      thread.postMessage(request(id));
     });
   }
 
@@ -106,7 +110,6 @@ export class FileWriter {
   private thread(): Worker {
     if (this.worker !== undefined) return this.worker;
     const worker = new Worker(new URL('./file_writer_thread.js', import.meta.url));
-    worker.unref();
     worker.on('message', (reply: WriteBatchReply) => { this.answer(reply); });
     // The thread dying (it should not: it catches every write error) fails what it held; the
     // next batch starts a new one.
@@ -118,6 +121,9 @@ export class FileWriter {
     };
     worker.on('error', (error) => { fail(`failed: ${error.message}`); });
     worker.on('exit', (code) => { fail(`exited (${code})`); });
+    // Only now: a 'message' listener added after unref() refs the thread's port again (node 20),
+    // and an idle writer thread then kept the process from exiting.
+    worker.unref();
     this.worker = worker;
     return worker;
   }
@@ -133,6 +139,7 @@ export class FileWriter {
     if (error === undefined) waiter.resolve();
     else waiter.reject(error);
     if (this.pending.size === 0) {
+      this.worker?.unref();
       const drained = this.drained;
       this.drained = undefined;
       drained?.();

@@ -167,6 +167,7 @@ function readSources(runs: Float64Array): BatchFailure | undefined {
   let spanStart = 0;
   let spanEnd = 0;
   let spanAt = 0;
+  let spanFirst = 0; // the span's first piece in read order
   for (let k = 0; k < count; k++) {
     const piece = sortKeys[k] ?? 0;
     const fields = pieceFieldsAt[piece] ?? 0;
@@ -179,25 +180,43 @@ function readSources(runs: Float64Array): BatchFailure | undefined {
       at += gap;
     } else {
       if (spanFd !== -1) {
-        try {
-          readAll(spanFd, spanStart, spanEnd - spanStart, spanAt);
-        } catch (error) {
-          return failureOf(error, spanStart, true);
-        }
+        const failure = readSpan(runs, spanFd, spanStart, spanEnd, spanAt, spanFirst, k);
+        if (failure !== undefined) return failure;
       }
       spanFd = fd;
       spanStart = offsetBytes;
       spanAt = at;
+      spanFirst = k;
     }
     pieceBufferAt[piece] = at;
     at += length;
     spanEnd = offsetBytes + length;
   }
-  if (spanFd === -1) return undefined;
+  return spanFd === -1 ? undefined : readSpan(runs, spanFd, spanStart, spanEnd, spanAt, spanFirst, count);
+}
+
+/**
+ * Reads one span, pieces sortKeys[first .. end) of the batch, into spanBuffer at `at`. If the
+ * span read fails, its pieces are read one by one, and only a piece's own failure fails the
+ * batch: a gap is bytes no run needs (superseded data, say), and a bad block there must not stop
+ * writeback of the data around it.
+ */
+function readSpan(runs: Float64Array, fd: number, start: number, end: number, at: number, first: number, last: number): BatchFailure | undefined {
   try {
-    readAll(spanFd, spanStart, spanEnd - spanStart, spanAt);
-  } catch (error) {
-    return failureOf(error, spanStart, true);
+    readAll(fd, start, end - start, at);
+    return undefined;
+  } catch {
+    // Read the pieces on their own, below.
+  }
+  for (let k = first; k < last; k++) {
+    const piece = sortKeys[k] ?? 0;
+    const fields = pieceFieldsAt[piece] ?? 0;
+    const offsetBytes = runs[fields + 1] ?? 0;
+    try {
+      readAll(fd, offsetBytes, runs[fields + 2] ?? 0, pieceBufferAt[piece] ?? 0);
+    } catch (error) {
+      return failureOf(error, offsetBytes, true);
+    }
   }
   return undefined;
 }

@@ -2,7 +2,8 @@
 // read-only opening, error mapping, and the engine running on files across a reopen.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, mkdtempSync, openSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { DeviceWrite } from '../../src/device/block_device.js';
@@ -193,6 +194,14 @@ describe('FileDevice', () => {
     assert.deepEqual(read(65536, 512), content.subarray(4096, 4608));
     assert.deepEqual(read(MiB + 8192, 4096), Buffer.alloc(4096), 'nothing past the runs was written');
     await back.close();
+    // A piece past the source's end, read in one span with a good piece just before it: the
+    // span fails, its pieces are read one by one, and the error names the piece that failed.
+    const spanned = await FileDevice.open(targetPath);
+    await assert.rejects(() => spanned.copyMany([
+      { offsetBytes: 0, sources: [piece(source, 4 * MiB - 4096, 4096)] },
+      { offsetBytes: 8192, sources: [piece(source, 4 * MiB + 4096, 4096)] },
+    ]), (error: unknown) => code('EIO')(error) && /reading the source at 4198400/.test(String(error)));
+    await spanned.close();
     // A piece past the source's end: EIO, and nothing of that batch is written.
     const again = await FileDevice.open(targetPath);
     await assert.rejects(() => again.copyMany([
@@ -205,6 +214,33 @@ describe('FileDevice', () => {
     await after.close();
     closeSync(source);
     closeSync(other);
+  });
+
+  it('a writer thread keeps its process alive while a batch is out, and not once it is idle', () => {
+    // A child process that copies through a file device's writer thread and never closes it:
+    // with nothing else running, it must finish the copy (the thread held the process while the
+    // batch was out) and then exit on its own (an idle thread does not hold it).
+    const sourcePath = join(dir, 'alive-source.img');
+    const targetPath = join(dir, 'alive-target.img');
+    writeFileSync(sourcePath, pattern(9, 0, 4 * MiB));
+    FileDevice.create(targetPath, 4 * MiB);
+    const module = new URL('../../src/device/file_device.js', import.meta.url).href;
+    const script = `
+      import fs from 'node:fs';
+      const { FileDevice } = await import(${JSON.stringify(module)});
+      const source = fs.openSync(${JSON.stringify(sourcePath)}, 'r');
+      const target = await FileDevice.open(${JSON.stringify(targetPath)});
+      const runs = [];
+      for (let at = 0; at < 4 * 1024 * 1024; at += 8192) runs.push({ offsetBytes: at, sources: [{ from: { fd: source, offsetBytes: at }, lengthBytes: 8192 }] });
+      await target.copyMany(runs);
+      console.log('copied');`;
+    const scriptPath = join(dir, 'alive.mjs');
+    writeFileSync(scriptPath, script);
+    const child = spawnSync(process.execPath, [scriptPath], { encoding: 'utf8', timeout: 20_000 });
+    assert.equal(child.error, undefined, `the process exited on its own (${String(child.error)})`);
+    assert.equal(child.status, 0, child.stderr);
+    assert.equal(child.stdout.trim(), 'copied');
+    assert.deepEqual(readFileSync(targetPath), pattern(9, 0, 4 * MiB));
   });
 
   it('keeps its identity across reopening and distinguishes files', async () => {
