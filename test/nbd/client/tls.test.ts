@@ -65,10 +65,12 @@ async function qemuNbd(t: TestContext, objectArgs: string[]): Promise<{ socket: 
   const child: ChildProcess = spawn('qemu-nbd', ['--persistent', '--shared=4', '-f', 'raw', '-k', socket, ...objectArgs, file], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.setEncoding('utf8').on('data', (text: string) => { stderr += text; });
+  // SIGKILL, as the nbdkit helper does: after a SIGTERM, qemu-nbd once (a full test run on a
+  // loaded machine) stayed alive with no client left, and this hook waited for it for good.
   t.after(async () => {
     if (child.exitCode === null && child.signalCode === null) {
       const exited = new Promise((resolve) => child.once('exit', resolve));
-      child.kill('SIGTERM');
+      child.kill('SIGKILL');
       await exited;
     }
     fs.rmSync(dir, { recursive: true, force: true });
