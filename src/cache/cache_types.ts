@@ -63,6 +63,12 @@ export interface CacheStats {
   writebackSkippedBytes: number;
   writebackKsets: number;
   writebackRounds: number;
+  /**
+   * Rounds whose window was merged in a private index before planning: skipping superseded
+   * data was not allowed (strict ordering, an epoch end in or after the window), or the live
+   * index alone could not tell what to write (cache_writeback_plan.ts).
+   */
+  writebackWindowsMerged: number;
   gcKsets: number;
   gcSegmentsFreed: number;
   staleKeysRemoved: number;
@@ -97,7 +103,7 @@ export function newStats(): CacheStats {
   return {
     readRequests: 0, readHitRequests: 0, readMissRequests: 0, readHitBytes: 0, readMissBytes: 0, readGathers: 0,
     writeRequests: 0, writeBytes: 0, zeroRequests: 0, zeroBytes: 0, flushRequests: 0,
-    dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackBackingBytes: 0, writebackBackingWrites: 0, writebackSkippedBytes: 0, writebackKsets: 0, writebackRounds: 0,
+    dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackBackingBytes: 0, writebackBackingWrites: 0, writebackSkippedBytes: 0, writebackKsets: 0, writebackRounds: 0, writebackWindowsMerged: 0,
     gcKsets: 0, gcSegmentsFreed: 0, staleKeysRemoved: 0, fillsStored: 0, fillsSkipped: 0,
     fillsNotAdmitted: 0, fillsNotRecurring: 0, fillsFirstMissStored: 0, secondChanceKeys: 0, secondChanceBytes: 0, bypassCutoffRequests: 0, bypassCutoffBytes: 0, bypassModeRequests: 0, bypassModeBytes: 0, bypassFallbacks: 0,
     cacheIoErrors: 0, backingReadErrors: 0, backingWriteErrors: 0, dataCrcErrors: 0, writebackErrors: 0, gcErrors: 0,

@@ -40,7 +40,7 @@ import { CacheWorker, type RoundOutcome } from './cache_worker.js';
 import type { KsetLog } from './cache_kset.js';
 import type { LogPos } from './cache_types.js';
 import { WritebackApplier } from './cache_writeback_apply.js';
-import { planWrites, readWindow, type WindowLimits } from './cache_writeback_plan.js';
+import { planWrites, readWindow, readWindowPlan, type WindowBounds, type WindowLimits, type WritePlan } from './cache_writeback_plan.js';
 
 /** A round covers at most this many ksets... */
 export const writebackWindowKsetsMax = 1024;
@@ -257,9 +257,8 @@ export class Writeback extends CacheWorker {
     const ctx = this.ctx;
     ctx.stats.writebackRounds++;
     try {
-      const window = await readWindow(ctx, this.log, ctx.dirtyTail, this.windowLimits(), this.scratch);
+      const { window, plan } = await this.readAndPlan();
       if (window.end.lsn === ctx.dirtyTail.lsn) return 'nothing'; // another round got here first
-      const plan = await planWrites(window, ctx.index, () => this.maySkipSuperseded(window.start), ctx.timers);
       // Newer keys that made parts of the window unnecessary must be durable before dirty_tail
       // passes those parts (cache_writeback_plan.ts); the commit runs alongside the writes.
       const committed = plan.skippedBytes > 0 ? this.log.commitAppended() : undefined;
@@ -278,7 +277,7 @@ export class Writeback extends CacheWorker {
       ctx.dirtyTail = end;
       ctx.stats.dirtyBytes -= window.dirtyBytes;
       ctx.stats.writebackBytes += window.dirtyBytes;
-      ctx.stats.writebackSkippedBytes += plan.skippedBytes;
+      ctx.stats.writebackSkippedBytes += window.dirtyBytes - plan.bytes;
       ctx.stats.writebackKsets += window.ksets;
       ctx.assertKeyTailBehindDirtyTail();
       assert(ctx.dirtyTail.lsn <= this.log.durableHead.lsn, 'dirty_tail passed the durable log head');
@@ -301,6 +300,24 @@ export class Writeback extends CacheWorker {
       this.backoffMs = Math.min(writebackBackoffMaxMs, Math.max(writebackBackoffMinMs, this.backoffMs * 2));
       return 'failed';
     }
+  }
+
+  /**
+   * The round's window and what to write of it: planned from the live index in one pass while
+   * superseded data may be skipped, else (or when the live index cannot tell) merged in a
+   * private index first (cache_writeback_plan.ts).
+   */
+  private async readAndPlan(): Promise<{ window: WindowBounds; plan: WritePlan }> {
+    const ctx = this.ctx;
+    const start = ctx.dirtyTail;
+    const skipAllowed = (): boolean => this.maySkipSuperseded(start);
+    if (skipAllowed()) {
+      const planned = await readWindowPlan(ctx, this.log, start, this.windowLimits(), this.scratch, ctx.index, skipAllowed);
+      if (planned !== undefined) return planned;
+    }
+    ctx.stats.writebackWindowsMerged++;
+    const window = await readWindow(ctx, this.log, start, this.windowLimits(), this.scratch);
+    return { window, plan: await planWrites(window, ctx.index, skipAllowed, ctx.timers) };
   }
 
   /** The window this round covers: bounded by ksets and dirty bytes; under strict ordering, one epoch at most. */

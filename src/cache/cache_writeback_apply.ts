@@ -150,41 +150,55 @@ export class WritebackApplier {
       this.count(full.copies.length, full.bytes);
       inFlight.start(full.bytes, () => this.counted(() => copyMany(full.copies)));
     };
-    const addRun = async (run: readonly IndexKey[], bytes: number): Promise<void> => {
+    // Issuing a run is synchronous in the common case (a copy joining the batch being filled):
+    // it returns a promise only when it has to wait, so a round of thousands of runs does not
+    // pay an async call and a microtask for each.
+    const issueRun = (run: readonly IndexKey[], bytes: number): Promise<void> | undefined => {
       const first = run[0];
       assert(first !== undefined, 'empty writeback run');
-      issuedSinceYield += bytes;
-      if (issuedSinceYield >= writebackYieldBytes) {
-        issuedSinceYield = 0;
-        await ctx.timers.yieldToOthers();
-      }
-      // A completion resumes this loop inside the poll phase, where a client's request may be
-      // waiting behind it: the copy (a synchronous read of the cache device) waits for the
-      // turn's background slice (lib/timers.ts).
-      const paced = ctx.timers.pace();
-      if (paced !== undefined) await paced;
-      if (inFlight.failure !== undefined) return;
-      if ((first.flags & keyFlagZero) !== 0) {
-        if (!(await inFlight.room())) return;
-        this.count(1, bytes);
-        inFlight.start(bytes, () => this.zero(first.offsetBytes, bytes));
-        return;
-      }
+      if (inFlight.failure !== undefined) return undefined;
+      if ((first.flags & keyFlagZero) !== 0) return issueZero(first.offsetBytes, bytes);
       const copy = copying ? this.copyOf(run, first.offsetBytes) : undefined;
       if (copy !== undefined) {
-        if (copyBatch !== undefined && (copyBatch.copies.length >= writebackBatchWritesMax || copyBatch.bytes + bytes > writebackBatchBytesMax)) await sendCopies();
-        copyBatch ??= { copies: [], bytes: 0 };
-        copyBatch.copies.push(copy);
-        copyBatch.bytes += bytes;
-        return;
+        if (copyBatch !== undefined && (copyBatch.copies.length >= writebackBatchWritesMax || copyBatch.bytes + bytes > writebackBatchBytesMax)) {
+          return sendCopies().then(() => { addCopy(copy, bytes); });
+        }
+        addCopy(copy, bytes);
+        return undefined;
       }
+      return issueWrite(run, bytes);
+    };
+    const addCopy = (copy: DeviceCopy, bytes: number): void => {
+      copyBatch ??= { copies: [], bytes: 0 };
+      copyBatch.copies.push(copy);
+      copyBatch.bytes += bytes;
+    };
+    const issueZero = async (offsetBytes: number, bytes: number): Promise<void> => {
+      if (!(await inFlight.room())) return;
+      this.count(1, bytes);
+      inFlight.start(bytes, () => this.zero(offsetBytes, bytes));
+    };
+    const issueWrite = async (run: readonly IndexKey[], bytes: number): Promise<void> => {
       if (batch !== undefined && (batch.writes.length >= writebackBatchWritesMax || batch.usedBytes + bytes > batch.data.length)) await send();
       batch ??= this.newBatch(batched, bytes);
       const source = batch.data.subarray(batch.usedBytes, batch.usedBytes + bytes);
       await this.readRun(run, source);
       batch.usedBytes += bytes;
-      batch.writes.push({ source, offsetBytes: first.offsetBytes });
+      batch.writes.push({ source, offsetBytes: (run[0] as IndexKey).offsetBytes });
       if (!batched) await send();
+    };
+    const addRun = (run: readonly IndexKey[], bytes: number): Promise<void> | undefined => {
+      issuedSinceYield += bytes;
+      if (issuedSinceYield >= writebackYieldBytes) {
+        issuedSinceYield = 0;
+        return ctx.timers.yieldToOthers().then(() => issueRun(run, bytes));
+      }
+      // A completion resumes this loop inside the poll phase, where a client's request may be
+      // waiting behind it: the copy (a synchronous read of the cache device) waits for the
+      // turn's background slice (lib/timers.ts).
+      const paced = ctx.timers.pace();
+      if (paced !== undefined) return paced.then(() => issueRun(run, bytes));
+      return issueRun(run, bytes);
     };
 
     let run: IndexKey[] = [];
@@ -196,7 +210,8 @@ export class WritebackApplier {
         const joins = last !== undefined && last.offsetBytes + last.lengthBytes === key.offsetBytes &&
           (last.flags & keyFlagZero) === (key.flags & keyFlagZero) && runBytes + key.lengthBytes <= writebackRunMaxBytes;
         if (!joins && run.length > 0) {
-          await addRun(run, runBytes);
+          const issuing = addRun(run, runBytes);
+          if (issuing !== undefined) await issuing;
           run = [];
           runBytes = 0;
         }

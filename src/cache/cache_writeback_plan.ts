@@ -31,7 +31,7 @@
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
 import type { Timers } from '../lib/timers.js';
-import { keyFlagClean, keyFlagEmpty, keyFlagZero } from '../ondisk/kset.js';
+import { keyFlagClean, keyFlagEmpty, keyFlagZero, type KeyRecord } from '../ondisk/kset.js';
 import type { CacheContext } from './cache_context.js';
 import { positionAfter, readKsetAt, type KsetLog } from './cache_kset.js';
 import { KeyIndex } from './cache_index.js';
@@ -54,19 +54,24 @@ export interface WindowLimits {
   readonly endLsn: () => number;
 }
 
-export interface Window {
+/** Where a window lies in the log, and what it holds. */
+export interface WindowBounds {
   readonly start: LogPos;
-  readonly keys: KeyIndex;
   readonly end: LogPos;
   /** Log bytes of dirty keys in the window (what dirtyBytes drops by). */
   readonly dirtyBytes: number;
   readonly ksets: number;
 }
 
-/** Reads the window of ksets from `start` (see the file comment). */
-export async function readWindow(ctx: CacheContext, log: KsetLog, start: LogPos, limits: WindowLimits, scratch: Uint8Array): Promise<Window> {
-  const keys = new KeyIndex();
-  const key = newIndexKey();
+export interface Window extends WindowBounds {
+  readonly keys: KeyIndex;
+}
+
+/**
+ * Reads the window's ksets from `start` (see the file comment) and hands each key record to
+ * `visit`, in log order; undefined as soon as `visit` returns false.
+ */
+async function scanWindow(ctx: CacheContext, log: KsetLog, start: LogPos, limits: WindowLimits, scratch: Uint8Array, visit: (record: KeyRecord) => boolean): Promise<WindowBounds | undefined> {
   let pos = start;
   let ksets = 0;
   let dirtyBytes = 0;
@@ -86,12 +91,24 @@ export async function readWindow(ctx: CacheContext, log: KsetLog, start: LogPos,
         throw new PcacheError('CORRUPT', `writeback: a dirty key at ${record.offsetBytes} points at a reused segment ${record.segment}`);
       }
       if ((record.flags & keyFlagClean) === 0) dirtyBytes += record.lengthBytes;
-      keys.insert(keyFromRecord(key, record));
+      if (!visit(record)) return undefined;
     }
     if (kset.epochEnd && limits.stopAtEpochEnd) break;
   }
   assert(pos.lsn <= log.durableHead.lsn, 'writeback read past the durable log head');
-  return { start, keys, end: pos, dirtyBytes, ksets };
+  return { start, end: pos, dirtyBytes, ksets };
+}
+
+/** Reads the window of ksets from `start` into a private index, newest first (see the file comment). */
+export async function readWindow(ctx: CacheContext, log: KsetLog, start: LogPos, limits: WindowLimits, scratch: Uint8Array): Promise<Window> {
+  const keys = new KeyIndex();
+  const key = newIndexKey();
+  const bounds = await scanWindow(ctx, log, start, limits, scratch, (record) => {
+    keys.insert(keyFromRecord(key, record));
+    return true;
+  });
+  assert(bounds !== undefined, 'a window scan that keeps every key stopped');
+  return { ...bounds, keys };
 }
 
 export interface WritePlan {
@@ -167,8 +184,11 @@ function emitLive(live: Subtree, key: IndexKey, emit: (key: IndexKey, offsetByte
   return skipped;
 }
 
+/** The fields of a key (an index entry, or a key record as the log holds it) that say which data it maps. */
+type KeyMapping = Pick<IndexKey, 'offsetBytes' | 'flags' | 'segment' | 'segmentOffsetBytes' | 'gen'>;
+
 /** Whether live key `index` holds newer data than the window's `key` (see the file comment). */
-function supersedes(live: Subtree, index: number, key: IndexKey): boolean {
+function supersedes(live: Subtree, index: number, key: KeyMapping): boolean {
   const flags = live.flags(index);
   if ((flags & (keyFlagEmpty | keyFlagClean)) !== 0) return false;
   const liveZero = (flags & keyFlagZero) !== 0;
@@ -176,4 +196,110 @@ function supersedes(live: Subtree, index: number, key: IndexKey): boolean {
   if (liveZero || keyZero) return liveZero !== keyZero;
   return live.segment(index) !== key.segment || live.genLow32(index) !== key.gen % 0x1_0000_0000 ||
     live.segmentOffset(index) - live.start(index) !== key.segmentOffsetBytes - key.offsetBytes;
+}
+
+/**
+ * The window and its plan in one pass, from the live index instead of a private one: the fast
+ * path while superseded data may be skipped (planWrites' `skipAllowed`). Undefined when the
+ * live index cannot decide the plan alone; the caller then reads the window again with
+ * readWindow and plans it with planWrites, which is always right.
+ *
+ * Why it gives planWrites' plan: every byte of a dirty key in the window is, in the live index,
+ * either this key's own data (then this key is the newest of all for that byte, so also the
+ * window's newest, and planWrites writes it: "holds" below) or newer data or ZERO from another
+ * key, in the window or after it (planWrites writes nothing there: the window's newest is
+ * superseded too, or is that other key, which is written when its own turn comes). Anything
+ * else (no key, an EMPTY placeholder, a CLEAN copy, a ZERO key over a ZERO key, which could
+ * be either) would need the window's own order, which only a private index has: undefined.
+ * So does skipping becoming forbidden before the window is planned (an EPOCH_END sealed
+ * meanwhile under strict ordering), unless no more bytes needed skipping by then. A key read
+ * after a break sees the live index as it is then, as planWrites does; keys appended
+ * meanwhile only make it skip more, and the round's commit covers them.
+ *
+ * What it saves: under overwrites, half a window's keys or more are superseded, and merging
+ * every key into a private index first (tens of thousands of inserts per round) was a fifth
+ * of writeback's work on the event loop (docs/performance.md).
+ */
+export async function readWindowPlan(
+  ctx: CacheContext, log: KsetLog, start: LogPos, limits: WindowLimits, scratch: Uint8Array,
+  live: KeyIndex, skipAllowed: () => boolean,
+): Promise<{ window: WindowBounds; plan: WritePlan } | undefined> {
+  const parts: IndexKey[] = [];
+  let bytes = 0;
+  let skippedBytes = 0;
+  const window = await scanWindow(ctx, log, start, limits, scratch, (record) => {
+    // CLEAN keys (and DROP keys) are never written back; whatever they shadow in the window
+    // shows in the live index as a key that neither holds nor supersedes: undecided below.
+    if ((record.flags & keyFlagClean) !== 0) return true;
+    const skipped = planRecordFromLive(live, record, parts, skipAllowed);
+    if (skipped === undecided) return false;
+    skippedBytes += skipped;
+    bytes += record.lengthBytes - skipped;
+    return true;
+  });
+  if (window === undefined) return undefined;
+  parts.sort(byOffset);
+  for (let index = 1; index < parts.length; index++) {
+    const previous = parts[index - 1] as IndexKey;
+    // Two window keys mapping the same data (the log holds one key twice): let the private index decide.
+    if ((parts[index] as IndexKey).offsetBytes < previous.offsetBytes + previous.lengthBytes) return undefined;
+  }
+  return { window, plan: { parts, bytes, skippedBytes } };
+}
+
+const undecided = -1;
+
+function byOffset(a: IndexKey, b: IndexKey): number {
+  return a.offsetBytes - b.offsetBytes;
+}
+
+/**
+ * Appends to `parts` the parts of dirty key `record` the live index holds as its data, and
+ * returns the bytes it skips as superseded, or `undecided` (readWindowPlan says when).
+ * A key never crosses its subtree (cache_index.ts), so one subtree holds all of it:
+ *
+ *   record        |=======================|
+ *   live       |=====|  |====|      |========|
+ *              holds  ^ gap:  undecided
+ *   live       |=====|=======|======|========|
+ *              holds  other   holds  other: superseded (skipped) or undecided
+ */
+function planRecordFromLive(live: KeyIndex, record: KeyRecord, parts: IndexKey[], skipAllowed: () => boolean): number {
+  const subtree = live.subtree(record.offsetBytes, false);
+  if (subtree === undefined) return undecided;
+  const end = record.offsetBytes + record.lengthBytes;
+  let from = record.offsetBytes;
+  let skipped = 0;
+  for (let index = subtree.seek(from); from < end; index++) {
+    if (index >= subtree.count || subtree.start(index) > from) return undecided;
+    const partEnd = Math.min(subtree.end(index), end);
+    if (holds(subtree, index, record)) parts.push(partOf(record, from, partEnd - from));
+    else if (supersedes(subtree, index, record) && skipAllowed()) skipped += partEnd - from;
+    else return undecided;
+    from = partEnd;
+  }
+  return skipped;
+}
+
+/** Whether live key `index` maps data key `record`'s own data (the record is the newest there). */
+function holds(live: Subtree, index: number, record: KeyRecord): boolean {
+  if (((live.flags(index) | record.flags) & (keyFlagEmpty | keyFlagClean | keyFlagZero)) !== 0) return false;
+  return live.segment(index) === record.segment && live.genLow32(index) === record.gen % 0x1_0000_0000 &&
+    live.segmentOffset(index) - live.start(index) === record.segmentOffsetBytes - record.offsetBytes;
+}
+
+/** The part [offsetBytes, +lengthBytes) of data key `record`, as planWrites emits it. */
+function partOf(record: KeyRecord, offsetBytes: number, lengthBytes: number): IndexKey {
+  const delta = offsetBytes - record.offsetBytes;
+  return {
+    offsetBytes,
+    lengthBytes,
+    flags: record.flags,
+    segment: record.segment,
+    segmentOffsetBytes: record.segmentOffsetBytes + delta,
+    gen: record.gen,
+    crc: record.dataCrc,
+    crcDeltaBytes: delta,
+    crcLengthBytes: record.lengthBytes,
+  };
 }

@@ -232,6 +232,7 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   counted('pcache_writeback_backing_writes_total', 'Writes writeback sent to the backing device', (c) => c.writebackBackingWrites);
   counted('pcache_writeback_skipped_bytes_total', 'Dirty bytes writeback left out because newer writes superseded them', (c) => c.writebackSkippedBytes);
   counted('pcache_writeback_rounds_total', 'Writeback rounds completed', (c) => c.writebackRounds);
+  counted('pcache_writeback_windows_merged_total', 'Writeback rounds that merged their window in a private index before planning (no skipping allowed, or the live index could not tell)', (c) => c.writebackWindowsMerged);
   counted('pcache_gc_segments_freed_total', 'Segments freed by garbage collection (rate() gives the GC rate)', (c) => c.gcSegmentsFreed);
   counted('pcache_gc_ksets_total', 'Ksets garbage collection walked past', (c) => c.gcKsets);
   counted('pcache_ksets_written_total', 'Key sets appended to the log', (c) => c.ksetsWritten);

@@ -18,6 +18,9 @@ describe('crash consistency of GC reusing a segment', () => {
   it('a commit that takes the log segment GC frees on a full cache, crashed at every boundary: no violations', async () => {
     const report = await exhaustive({ gcPercent: 0 }, { opsMax: 1, base: 'log-full', workloads: ['TF0'], recoveryCrashes: false, log });
     assert.equal(report.violationsTotal, 0, 'violations were found; the replay commands are printed above');
-    assert.ok(report.statesExplored > 30, `explored ${report.statesExplored} crash states`);
+    // How many states there are depends on how writeback's rounds interleave with the commit
+    // (26 since rounds plan from the live index, 43 when they merged every window first); a
+    // handful would mean the workload no longer reaches the reuse. Mutant (d) is caught either way.
+    assert.ok(report.statesExplored > 20, `explored ${report.statesExplored} crash states`);
   });
 });
