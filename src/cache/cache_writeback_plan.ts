@@ -217,7 +217,7 @@ function supersedes(live: Subtree, index: number, key: KeyMapping): boolean {
  * meanwhile only make it skip more, and the round's commit covers them.
  *
  * What it saves: under overwrites, half a window's keys or more are superseded, and merging
- * every key into a private index first (tens of thousands of inserts per round) was a fifth
+ * every key into a private index first (tens of thousands of inserts per round) was about a quarter
  * of writeback's work on the event loop (docs/performance.md).
  */
 export async function readWindowPlan(
