@@ -21,6 +21,7 @@
 // drains decide when writeback runs). Medians over the rounds; targets: written back >= 0.8x
 // nbdkit and >= 0.7x sequential. The hit rate of the reads and the share served by one backing
 // read (readGathers) are printed.
+// PCACHE_BENCH_PREWRITTEN=1: every cache file written full of zeroes first instead.
 // PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
 
 import type { ChildProcess } from 'node:child_process';
@@ -29,14 +30,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { controlRequest } from '../src/cli/control_client.js';
 import { median, param, report, smoke } from './harness.js';
-import { fill, fioJob, makeScratch, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+import { cacheFileKind, fill, fioJob, makeScratch, newCacheArgs, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 /** The range laid down and read; the backing file is twice as large. */
 const rangeBytes = param(16 * MiB, 256 * MiB);
 const backingBytes = 2 * rangeBytes;
-const cacheSize = param('128M', '1G');
+const cacheBytes = param(128 * MiB, 1024 * MiB);
 const rounds = param(1, 5);
 const runtime = param('300ms', '5s');
 const rampTime = param('0', '1s');
@@ -87,7 +88,7 @@ async function startPcache(dir: string, backing: string, name: string): Promise<
   const socket = path.join(dir, `${name}.sock`);
   const control = path.join(dir, `${name}.ctl`);
   const cache = path.join(dir, `${name}.cache`);
-  const child = await startPcacheServe(`pcache serve (${name})`, dir, socket, ['--cache', cache, '--cache-size', cacheSize, '--backing', backing, '--control', control, '--tuning', tuning]);
+  const child = await startPcacheServe(`pcache serve (${name})`, dir, socket, [...newCacheArgs(cache, cacheBytes), '--backing', backing, '--control', control, '--tuning', tuning]);
   return { child, socket, control };
 }
 
@@ -113,7 +114,7 @@ async function main(): Promise<void> {
     const noCacheSocket = path.join(dir, 'nocache.sock');
     noCache = await startPcacheServe('pcache serve --no-cache', dir, noCacheSocket, ['--no-cache', '--backing', backing]);
     console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
-    console.log(`files on ${base}: range ${rangeBytes / MiB} MiB, backing ${backingBytes / MiB} MiB, cache ${cacheSize} (sparse, new each time); ${rounds} round(s) of ${runtime} per run${smoke ? ' (smoke)' : ''}`);
+    console.log(`files on ${base}: range ${rangeBytes / MiB} MiB, backing ${backingBytes / MiB} MiB, cache ${cacheBytes / MiB} MiB (${cacheFileKind()}, new each time); ${rounds} round(s) of ${runtime} per run${smoke ? ' (smoke)' : ''}`);
     const results: Record<Series, number[]> = { 'written back': [], 'written back, piece by piece': [], 'not written back': [], sequential: [], nbdkit: [], 'no cache': [] };
     let reads = 0;
     let hits = 0;

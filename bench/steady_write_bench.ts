@@ -10,14 +10,15 @@
 // is the steady state. Medians over the rounds; target pcache/nbdkit >= 0.9. Also printed: how
 // many times the client's writes filled the cache, and the share of them written back, and each
 // server's CPU time per client write (user + system, all its threads, writeback included).
-// PCACHE_BENCH_SECONDS sets the run length (default 20). PCACHE_BENCH_SMOKE=1: tiny sizes.
+// PCACHE_BENCH_SECONDS sets the run length (default 20); PCACHE_BENCH_PREWRITTEN=1 writes the
+// cache file full of zeroes first instead. PCACHE_BENCH_SMOKE=1: tiny sizes.
 
 import type { ChildProcess } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { controlRequest } from '../src/cli/control_client.js';
 import { median, param, report, smoke } from './harness.js';
-import { fill, fioJob, makeScratch, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+import { cacheFileKind, fill, fioJob, makeScratch, newCacheArgs, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 import { cpuTicks, userHz } from './sustained_series.js';
 
 const MiB = 1024 * 1024;
@@ -55,9 +56,9 @@ async function main(): Promise<void> {
     children.push(await startNbdkitServer(dir, nbdkitSocket, ['-f', '--exit-with-parent', 'file', `file=${backing}`]));
     const socket = path.join(dir, 'pcache.sock');
     const control = path.join(dir, 'pcache.ctl');
-    children.push(await startPcacheServe('pcache serve', dir, socket, ['--cache', path.join(dir, 'cache.img'), '--cache-size', String(cacheBytes), '--backing', backing, '--control', control, ...extraServeArgs]));
+    children.push(await startPcacheServe('pcache serve', dir, socket, [...newCacheArgs(path.join(dir, 'cache.img'), cacheBytes), '--backing', backing, '--control', control, ...extraServeArgs]));
     console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
-    console.log(`files on ${base}: range ${rangeBytes / MiB} MiB each, cache ${cacheBytes / MiB} MiB (sparse, new); ${rounds} round(s) of ${seconds} s${smoke ? ' (smoke)' : ''}`);
+    console.log(`files on ${base}: range ${rangeBytes / MiB} MiB each, cache ${cacheBytes / MiB} MiB (${cacheFileKind()}); ${rounds} round(s) of ${seconds} s${smoke ? ' (smoke)' : ''}`);
     const results = { pcache: [] as number[], nbdkit: [] as number[] };
     /** Server CPU microseconds per client write, per run. */
     const cpuPerWrite = { pcache: [] as number[], nbdkit: [] as number[] };

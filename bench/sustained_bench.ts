@@ -33,7 +33,7 @@ import { rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { median, param, report, smoke } from './harness.js';
-import { fill, fioJob, makeBenchFiles, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+import { cacheFileKind, fioJob, makeBenchFiles, newCacheArgs, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 import { renderChart } from './svg_chart.js';
 import { bytesWrittenBack, fioLatencyLogArgs, latencyLogFiles, latencySeconds, sampleSeries, startSampler, userHz, type Latencies, type Sample } from './sustained_series.js';
 
@@ -48,7 +48,6 @@ const depth = 16;
 const orderings = (process.env.PCACHE_BENCH_ORDERING ?? 'strict,relaxed').split(',').filter((text) => text !== '');
 const flushEvery = process.env.PCACHE_BENCH_FLUSH_EVERY === undefined ? undefined : Number(process.env.PCACHE_BENCH_FLUSH_EVERY);
 const svgPath = process.env.PCACHE_BENCH_SVG;
-const prewritten = process.env.PCACHE_BENCH_PREWRITTEN === '1';
 /** serve --segment-size for the new cache (PCACHE_BENCH_SEGMENT_MIB; default: serve's own choice). */
 const segmentMiB = process.env.PCACHE_BENCH_SEGMENT_MIB;
 /** More `--tuning` pairs for pcache (PCACHE_BENCH_TUNING=name=value,...), to try settings. */
@@ -81,9 +80,8 @@ interface RunResult {
 async function runPcache(dir: string, store: string, ordering: string, storeIops: number): Promise<RunResult> {
   const cachePath = path.join(dir, `cache-${ordering}.img`);
   const control = path.join(dir, `pcache-${ordering}.ctl`);
-  if (prewritten) fill(cachePath, cacheMiB * MiB, false);
   const child = await startPcacheServe('pcache serve', dir, path.join(dir, `pcache-${ordering}.sock`), [
-    '--cache', cachePath, ...(prewritten ? [] : ['--cache-size', `${cacheMiB}M`]), ...(segmentMiB === undefined ? [] : ['--segment-size', `${segmentMiB}M`]), '--backing', `nbd+unix:///?socket=${store}`,
+    ...newCacheArgs(cachePath, cacheMiB * MiB), ...(segmentMiB === undefined ? [] : ['--segment-size', `${segmentMiB}M`]), '--backing', `nbd+unix:///?socket=${store}`,
     '--control', control, ...(ordering === 'default' ? [] : ['--tuning', [`writeback_ordering=${ordering}`, ...extraTuning].join(',')]),
   ]);
   const pid = child.pid ?? 0;
@@ -175,7 +173,7 @@ async function main(): Promise<void> {
     started.push(await startNbdkitServer(dir, socket, ['-f', '--exit-with-parent', '--filter=delay', 'file', `file=${backing}`, ...delayedOps.map((op) => `delay-${op}=${delay}`)]));
     console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     console.log(`store: nbdkit file on ${base} behind the delay filter (${delay} per ${delayedOps.join('/')} request); 4 KiB random writes QD${depth} over ${rangeBytes / MiB} MiB; ` +
-      `pcache: ${prewritten ? 'a pre-written' : 'a new sparse'} ${cacheMiB} MiB cache, ${seconds} s per run${flushEvery === undefined ? '' : `, a FLUSH every ${flushEvery} writes`}${smoke ? ' (smoke)' : ''}`);
+      `pcache: ${cacheMiB} MiB cache (${cacheFileKind()}), ${seconds} s per run${flushEvery === undefined ? '' : `, a FLUSH every ${flushEvery} writes`}${smoke ? ' (smoke)' : ''}`);
     const store = await fio(socket, rangeBytes, storeSeconds);
     console.log(`  store alone: ${Math.round(store.iops)} IOPS at QD${depth} (${storeSeconds} s), slowest write ${store.maxLatencyMs.toFixed(1)} ms`);
     const results: RunResult[] = [];
