@@ -132,14 +132,7 @@ export async function planWrites(window: Window, live: KeyIndex, skipAllowed: ()
   let bytes = 0;
   let skippedBytes = 0;
   const emit = (key: IndexKey, offsetBytes: number, lengthBytes: number): void => {
-    const delta = offsetBytes - key.offsetBytes;
-    parts.push({
-      ...key,
-      offsetBytes,
-      lengthBytes,
-      segmentOffsetBytes: (key.flags & keyFlagZero) === 0 ? key.segmentOffsetBytes + delta : key.segmentOffsetBytes,
-      crcDeltaBytes: key.crcDeltaBytes + delta,
-    });
+    parts.push(partOf(key, offsetBytes, lengthBytes));
     bytes += lengthBytes;
   };
   let keysThisTurn = 0;
@@ -184,11 +177,8 @@ function emitLive(live: Subtree, key: IndexKey, emit: (key: IndexKey, offsetByte
   return skipped;
 }
 
-/** The fields of a key (an index entry, or a key record as the log holds it) that say which data it maps. */
-type KeyMapping = Pick<IndexKey, 'offsetBytes' | 'flags' | 'segment' | 'segmentOffsetBytes' | 'gen'>;
-
 /** Whether live key `index` holds newer data than the window's `key` (see the file comment). */
-function supersedes(live: Subtree, index: number, key: KeyMapping): boolean {
+function supersedes(live: Subtree, index: number, key: IndexKey): boolean {
   const flags = live.flags(index);
   if ((flags & (keyFlagEmpty | keyFlagClean)) !== 0) return false;
   const liveZero = (flags & keyFlagZero) !== 0;
@@ -227,11 +217,13 @@ export async function readWindowPlan(
   const parts: IndexKey[] = [];
   let bytes = 0;
   let skippedBytes = 0;
+  // Each record is read into one scratch key: partOf copies what it keeps.
+  const key = newIndexKey();
   const window = await scanWindow(ctx, log, start, limits, scratch, (record) => {
     // CLEAN keys (and DROP keys) are never written back; whatever they shadow in the window
     // shows in the live index as a key that neither holds nor supersedes: undecided below.
     if ((record.flags & keyFlagClean) !== 0) return true;
-    const skipped = planRecordFromLive(live, record, parts, skipAllowed);
+    const skipped = planKeyFromLive(live, keyFromRecord(key, record), parts, skipAllowed);
     if (skipped === undecided) return false;
     skippedBytes += skipped;
     bytes += record.lengthBytes - skipped;
@@ -254,52 +246,52 @@ function byOffset(a: IndexKey, b: IndexKey): number {
 }
 
 /**
- * Appends to `parts` the parts of dirty key `record` the live index holds as its data, and
- * returns the bytes it skips as superseded, or `undecided` (readWindowPlan says when).
- * A key never crosses its subtree (cache_index.ts), so one subtree holds all of it:
+ * Appends to `parts` the parts of dirty key `key` (a whole key record) the live index holds as
+ * its data, and returns the bytes it skips as superseded, or `undecided` (readWindowPlan says
+ * when). A key never crosses its subtree (cache_index.ts), so one subtree holds all of it:
  *
- *   record        |=======================|
+ *   key           |=======================|
  *   live       |=====|  |====|      |========|
  *              holds  ^ gap:  undecided
  *   live       |=====|=======|======|========|
  *              holds  other   holds  other: superseded (skipped) or undecided
  */
-function planRecordFromLive(live: KeyIndex, record: KeyRecord, parts: IndexKey[], skipAllowed: () => boolean): number {
-  const subtree = live.subtree(record.offsetBytes, false);
+function planKeyFromLive(live: KeyIndex, key: IndexKey, parts: IndexKey[], skipAllowed: () => boolean): number {
+  const subtree = live.subtree(key.offsetBytes, false);
   if (subtree === undefined) return undecided;
-  const end = record.offsetBytes + record.lengthBytes;
-  let from = record.offsetBytes;
+  const end = key.offsetBytes + key.lengthBytes;
+  let from = key.offsetBytes;
   let skipped = 0;
   for (let index = subtree.seek(from); from < end; index++) {
     if (index >= subtree.count || subtree.start(index) > from) return undecided;
     const partEnd = Math.min(subtree.end(index), end);
-    if (holds(subtree, index, record)) parts.push(partOf(record, from, partEnd - from));
-    else if (supersedes(subtree, index, record) && skipAllowed()) skipped += partEnd - from;
+    if (holds(subtree, index, key)) parts.push(partOf(key, from, partEnd - from));
+    else if (supersedes(subtree, index, key) && skipAllowed()) skipped += partEnd - from;
     else return undecided;
     from = partEnd;
   }
   return skipped;
 }
 
-/** Whether live key `index` maps data key `record`'s own data (the record is the newest there). */
-function holds(live: Subtree, index: number, record: KeyRecord): boolean {
-  if (((live.flags(index) | record.flags) & (keyFlagEmpty | keyFlagClean | keyFlagZero)) !== 0) return false;
-  return live.segment(index) === record.segment && live.genLow32(index) === record.gen % 0x1_0000_0000 &&
-    live.segmentOffset(index) - live.start(index) === record.segmentOffsetBytes - record.offsetBytes;
+/** Whether live key `index` maps data key `key`'s own data (the key is the newest there). */
+function holds(live: Subtree, index: number, key: IndexKey): boolean {
+  if (((live.flags(index) | key.flags) & (keyFlagEmpty | keyFlagClean | keyFlagZero)) !== 0) return false;
+  return live.segment(index) === key.segment && live.genLow32(index) === key.gen % 0x1_0000_0000 &&
+    live.segmentOffset(index) - live.start(index) === key.segmentOffsetBytes - key.offsetBytes;
 }
 
-/** The part [offsetBytes, +lengthBytes) of data key `record`, as planWrites emits it. */
-function partOf(record: KeyRecord, offsetBytes: number, lengthBytes: number): IndexKey {
-  const delta = offsetBytes - record.offsetBytes;
+/** The part [offsetBytes, +lengthBytes) of `key`, which lies inside it: data keys move their data pointer along. */
+function partOf(key: IndexKey, offsetBytes: number, lengthBytes: number): IndexKey {
+  const delta = offsetBytes - key.offsetBytes;
   return {
     offsetBytes,
     lengthBytes,
-    flags: record.flags,
-    segment: record.segment,
-    segmentOffsetBytes: record.segmentOffsetBytes + delta,
-    gen: record.gen,
-    crc: record.dataCrc,
-    crcDeltaBytes: delta,
-    crcLengthBytes: record.lengthBytes,
+    flags: key.flags,
+    segment: key.segment,
+    segmentOffsetBytes: (key.flags & keyFlagZero) === 0 ? key.segmentOffsetBytes + delta : key.segmentOffsetBytes,
+    gen: key.gen,
+    crc: key.crc,
+    crcDeltaBytes: key.crcDeltaBytes + delta,
+    crcLengthBytes: key.crcLengthBytes,
   };
 }
