@@ -5,22 +5,30 @@
 // What runs: a backing file of random data on tmpfs (/dev/shm), nbdkit's `file` plugin serving
 // it, and `pcache serve` started by the real CLI on a cache file that does not exist yet (created
 // sparse by `--cache-size` and formatted as a new user's would be). In every round:
-// 1. a fresh pcache; fio writes the range in 4 KiB random writes at QD32, every block once
-//    (fio's random map), so a 1 MiB range of the disk lies in 256 pieces scattered over the log;
-// 2. "not written back": 1 MiB sequential reads at QD8 over the range, all pieces still dirty;
+// 1. a fresh pcache with rewrites off (`fragmented_rewrite_pieces=0`); fio writes the range in
+//    4 KiB random writes at QD32, every block once (fio's random map), so a 1 MiB range of the
+//    disk lies in 256 pieces scattered over the log;
+// 2. "not written back, piece by piece": 1 MiB sequential reads at QD8 over the range, all
+//    pieces still dirty, each read from the cache on its own;
 // 3. drain (everything written back), then, in an order that rotates by round, "written back"
 //    (the default: one backing read per request, dirty pieces copied over it), the same reads
-//    with `fragmented_read_pieces=0` (the read served piece by piece from the cache, as before),
-//    nbdkit, and `pcache serve --no-cache` on the same file (pcache's NBD server with no cache:
-//    the floor a read that goes to the backing device can reach in this server);
-// 4. a second fresh pcache; fio writes the range in 1 MiB sequential writes at QD8; drain; the
+//    with `fragmented_read_pieces=0` (the read served piece by piece from the cache), nbdkit,
+//    and `pcache serve --no-cache` on the same file (pcache's NBD server with no cache: the
+//    floor a read that goes to the backing device can reach in this server);
+// 4. a second fresh pcache with the default settings, laid down the same way: "not written
+//    back, first read" is one pass over the range (fio not time-based), read piece by piece;
+//    "second read", another pass, during which each fragmented read, now seen twice, is stored
+//    again as one piece (cache_read_rewrite.ts); then "read again", the timed reads over the
+//    same, still dirty, range;
+// 5. a third fresh pcache; fio writes the range in 1 MiB sequential writes at QD8; drain; the
 //    same reads: "sequential" (the unfragmented figure).
-// Every pcache runs with sequential_cutoff_bytes=0 (else the 1 MiB sequential writes of step 4
+// Every pcache runs with sequential_cutoff_bytes=0 (else the 1 MiB sequential writes of step 5
 // would go past the cache and the figure would not be the cache's) and writeback held back
-// (writeback_idle_ms and writeback_max_age_ms an hour: step 2 measures dirty data, and the
-// drains decide when writeback runs). Medians over the rounds; targets: written back >= 0.8x
-// nbdkit and >= 0.7x sequential. The hit rate of the reads and the share served by one backing
-// read (readGathers) are printed.
+// (writeback_idle_ms and writeback_max_age_ms an hour: steps 2 and 4 measure dirty data, and
+// the drains decide when writeback runs). Medians over the rounds; targets: >= 0.8x nbdkit and
+// >= 0.7x sequential, for data written back and for data read again before writeback. The hit
+// rate of the reads, the share served by one backing read (readGathers) and the share of the
+// range each pass of step 4 stored again (fragmentRewriteBytes) are printed.
 // PCACHE_BENCH_PREWRITTEN=1: every cache file written full of zeroes first instead.
 // PCACHE_BENCH_SMOKE=1: tiny sizes, one short round (the test suite runs that).
 
@@ -37,17 +45,19 @@ const MiB = 1024 * KiB;
 /** The range laid down and read; the backing file is twice as large. */
 const rangeBytes = param(16 * MiB, 256 * MiB);
 const backingBytes = 2 * rangeBytes;
-const cacheBytes = param(128 * MiB, 1024 * MiB);
+const cacheBytes = param(256 * MiB, 1024 * MiB);
 const rounds = param(1, 5);
 const runtime = param('300ms', '5s');
 const rampTime = param('0', '1s');
 const heldWritebackMs = 3_600_000;
 const tuning = `sequential_cutoff_bytes=0,writeback_idle_ms=${heldWritebackMs},writeback_max_age_ms=${heldWritebackMs}`;
+const noRewrites = 'fragmented_rewrite_pieces=0';
 
 interface Counters {
   readRequests: number;
   readHitRequests: number;
   readGathers: number;
+  fragmentRewriteBytes: number;
 }
 
 async function counters(control: string): Promise<Counters> {
@@ -69,11 +79,12 @@ async function layDown(socket: string, how: 'random' | 'sequential'): Promise<vo
   fioJob(output, `laying the range down (${how})`);
 }
 
-/** 1 MiB sequential reads at QD8 over the range; IOPS. */
-async function readRun(socket: string, what: string): Promise<number> {
+/** 1 MiB sequential reads at QD8 over the range, for `runtime` or (`once`) one pass; IOPS. */
+async function readRun(socket: string, what: string, once = false): Promise<number> {
+  const timing = once ? [] : ['--time_based', `--runtime=${runtime}`, `--ramp_time=${rampTime}`];
   const output = await run('fio', [
     '--name=read', '--ioengine=nbd', `--uri=${uri(socket)}`, '--rw=read', '--bs=1m', '--iodepth=8', `--size=${rangeBytes}`,
-    '--thread', '--time_based', `--runtime=${runtime}`, `--ramp_time=${rampTime}`, '--output-format=json',
+    '--thread', ...timing, '--output-format=json',
   ]);
   return fioJob(output, what).read.iops;
 }
@@ -84,11 +95,12 @@ interface Pcache {
   readonly control: string;
 }
 
-async function startPcache(dir: string, backing: string, name: string): Promise<Pcache> {
+async function startPcache(dir: string, backing: string, name: string, extraTuning?: string): Promise<Pcache> {
   const socket = path.join(dir, `${name}.sock`);
   const control = path.join(dir, `${name}.ctl`);
   const cache = path.join(dir, `${name}.cache`);
-  const child = await startPcacheServe(`pcache serve (${name})`, dir, socket, [...newCacheArgs(cache, cacheBytes), '--backing', backing, '--control', control, '--tuning', tuning]);
+  const knobs = extraTuning === undefined ? tuning : `${tuning},${extraTuning}`;
+  const child = await startPcacheServe(`pcache serve (${name})`, dir, socket, [...newCacheArgs(cache, cacheBytes), '--backing', backing, '--control', control, '--tuning', knobs]);
   return { child, socket, control };
 }
 
@@ -97,7 +109,10 @@ async function stopPcache(dir: string, pcache: Pcache, name: string): Promise<vo
   rmSync(path.join(dir, `${name}.cache`), { force: true });
 }
 
-type Series = 'written back' | 'written back, piece by piece' | 'not written back' | 'sequential' | 'nbdkit' | 'no cache';
+type Series =
+  | 'written back' | 'written back, piece by piece' | 'not written back, piece by piece'
+  | 'not written back, first read' | 'not written back, second read' | 'not written back, read again'
+  | 'sequential' | 'nbdkit' | 'no cache';
 
 async function main(): Promise<void> {
   requireTool('fio', 'fio');
@@ -115,15 +130,19 @@ async function main(): Promise<void> {
     noCache = await startPcacheServe('pcache serve --no-cache', dir, noCacheSocket, ['--no-cache', '--backing', backing]);
     console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     console.log(`files on ${base}: range ${rangeBytes / MiB} MiB, backing ${backingBytes / MiB} MiB, cache ${cacheBytes / MiB} MiB (${cacheFileKind()}, new each time); ${rounds} round(s) of ${runtime} per run${smoke ? ' (smoke)' : ''}`);
-    const results: Record<Series, number[]> = { 'written back': [], 'written back, piece by piece': [], 'not written back': [], sequential: [], nbdkit: [], 'no cache': [] };
+    const results: Record<Series, number[]> = {
+      'written back': [], 'written back, piece by piece': [], 'not written back, piece by piece': [], 'not written back, first read': [], 'not written back, second read': [], 'not written back, read again': [],
+      sequential: [], nbdkit: [], 'no cache': [],
+    };
     let reads = 0;
     let hits = 0;
     let gathers = 0;
     let gatheredReads = 0;
+    const rewrittenBytes = [0, 0];
     for (let round = 0; round < rounds; round++) {
-      const frag = await startPcache(dir, backing, 'frag');
+      const frag = await startPcache(dir, backing, 'frag', noRewrites);
       await layDown(frag.socket, 'random');
-      results['not written back'].push(await readRun(frag.socket, 'not written back'));
+      results['not written back, piece by piece'].push(await readRun(frag.socket, 'not written back, piece by piece'));
       await controlRequest(frag.control, 'drain');
       const before = await counters(frag.control);
       const turns: Series[] = ['written back', 'written back, piece by piece', 'nbdkit', 'no cache'];
@@ -149,6 +168,18 @@ async function main(): Promise<void> {
       hits += after.readHitRequests - before.readHitRequests;
       await stopPcache(dir, frag, 'frag');
 
+      const rewrite = await startPcache(dir, backing, 'rewrite');
+      await layDown(rewrite.socket, 'random');
+      const passes = ['not written back, first read', 'not written back, second read'] as const;
+      for (let pass = 0; pass < passes.length; pass++) {
+        const series = passes[pass] ?? 'not written back, first read';
+        const before = (await counters(rewrite.control)).fragmentRewriteBytes;
+        results[series].push(await readRun(rewrite.socket, series, true));
+        rewrittenBytes[pass] = (rewrittenBytes[pass] ?? 0) + (await counters(rewrite.control)).fragmentRewriteBytes - before;
+      }
+      results['not written back, read again'].push(await readRun(rewrite.socket, 'not written back, read again'));
+      await stopPcache(dir, rewrite, 'rewrite');
+
       const sequential = await startPcache(dir, backing, 'seq');
       await layDown(sequential.socket, 'sequential');
       await controlRequest(sequential.control, 'drain');
@@ -160,11 +191,21 @@ async function main(): Promise<void> {
     report({ bench: 'frag_read', metric: '1M seq read QD8, fragmented vs sequential', value: value('written back'), unit: 'IOPS', peer: 'pcache, laid down sequentially', peerValue: value('sequential') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, piece by piece vs nbdkit', value: value('written back, piece by piece'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, fragmented vs no cache', value: value('written back'), unit: 'IOPS', peer: 'pcache --no-cache', peerValue: value('no cache') });
-    report({ bench: 'frag_read', metric: '1M seq read QD8, not written back vs nbdkit', value: value('not written back'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
-    const toNbdkit = value('written back') / value('nbdkit');
-    const toSequential = value('written back') / value('sequential');
-    console.log(`  targets: fragmented/nbdkit ${toNbdkit.toFixed(2)} (>= 0.8: ${toNbdkit >= 0.8 ? 'met' : 'MISSED'}), fragmented/sequential ${toSequential.toFixed(2)} (>= 0.7: ${toSequential >= 0.7 ? 'met' : 'MISSED'})`);
+    report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, piece by piece vs nbdkit', value: value('not written back, piece by piece'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, first read vs nbdkit', value: value('not written back, first read'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, second read vs nbdkit', value: value('not written back, second read'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, read again vs nbdkit', value: value('not written back, read again'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, read again vs sequential', value: value('not written back, read again'), unit: 'IOPS', peer: 'pcache, laid down sequentially', peerValue: value('sequential') });
+    const target = (what: string, series: Series): void => {
+      const toNbdkit = value(series) / value('nbdkit');
+      const toSequential = value(series) / value('sequential');
+      console.log(`  targets, ${what}: /nbdkit ${toNbdkit.toFixed(2)} (>= 0.8: ${toNbdkit >= 0.8 ? 'met' : 'MISSED'}), /sequential ${toSequential.toFixed(2)} (>= 0.7: ${toSequential >= 0.7 ? 'met' : 'MISSED'})`);
+    };
+    target('written back', 'written back');
+    target('not written back, read again', 'not written back, read again');
     console.log(`  written-back reads: hits ${reads === 0 ? '-' : (100 * hits / reads).toFixed(1)}%, served by one backing read ${gatheredReads === 0 ? '-' : (100 * gathers / gatheredReads).toFixed(1)}%`);
+    const share = (bytes: number | undefined): string => (100 * (bytes ?? 0) / (rounds * rangeBytes)).toFixed(1);
+    console.log(`  data not written back, stored again as one piece per read: first read ${share(rewrittenBytes[0])}% of the range, second read ${share(rewrittenBytes[1])}%`);
     for (const [series, values] of Object.entries(results)) console.log(`  runs ${series}: ${values.map(Math.round).join(' ')}`);
     console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
   } finally {

@@ -147,6 +147,12 @@ export interface HarnessOptions {
   readonly backingSizeBytes: number;
   readonly cacheIdentity?: string;
   readonly backingIdentity?: string;
+  /**
+   * Whether the cache device offers synchronous I/O (default true, as a cache file does). With
+   * false every cache read and write completes later, so work the engine finishes within one
+   * call on a blocking device (a hit, a rewrite) interleaves with other requests.
+   */
+  readonly cacheBlocking?: boolean;
   /** Default 1. */
   readonly seed?: number;
   /** Bytes of the exported device read and checked after each recovery. Default: all of it. */
@@ -1001,7 +1007,10 @@ class Session {
   private newSystem(images: SystemImages | undefined, scheduler: IoScheduler | undefined): System {
     const events = new DeviceEventLog({ recordedEventsMax: 0 });
     const common = scheduler === undefined ? { events } : { events, scheduler };
-    const cacheIdentity = this.options.cacheIdentity === undefined ? {} : { identity: this.options.cacheIdentity };
+    const cacheIdentity = {
+      ...(this.options.cacheIdentity === undefined ? {} : { identity: this.options.cacheIdentity }),
+      ...(this.options.cacheBlocking === false ? { blocking: false } : {}),
+    };
     const backingIdentity = this.options.backingIdentity === undefined ? {} : { identity: this.options.backingIdentity };
     const cache =
       images === undefined

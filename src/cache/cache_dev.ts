@@ -79,6 +79,11 @@ export class CacheDev {
     return this.device.blocking?.locate?.(this.dataOffset(segment, offsetBytes), lengthBytes);
   }
 
+  /** Whether reads and writes complete before they return (the device offers blocking I/O): then no Io is a promise. */
+  get synchronous(): boolean {
+    return this.device.blocking !== undefined;
+  }
+
   /** Whether locateData can answer at all. */
   get locatable(): boolean {
     return this.device.blocking?.locate !== undefined;

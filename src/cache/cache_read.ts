@@ -15,12 +15,13 @@
 
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
-import { keyFlagEmpty, keyFlagZero, type KeyRecord } from '../ondisk/kset.js';
+import { keyFlagClean, keyFlagEmpty, keyFlagZero, type KeyRecord } from '../ondisk/kset.js';
 import { subtreeSizeBytes } from '../ondisk/layout.js';
 import type { CacheContext } from './cache_context.js';
 import type { DataHead } from './cache_data_head.js';
 import type { KsetLog } from './cache_kset.js';
 import { gatherRead, gatherRequestBytesMin, planGather } from './cache_read_gather.js';
+import { FragmentRewriter, PieceTable, rewriteCandidate } from './cache_read_rewrite.js';
 import { keyFlagsInMemory, keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
 import { ReadAdmission } from './cache_admission.js';
 import type { Space } from './cache_types.js';
@@ -63,15 +64,20 @@ class ReadWalk {
   /** A client's read (not a prefetch): a full cache stores its misses only when they recur. */
   demand = true;
   readonly scratchKey = newIndexKey();
+  /** The pieces served, recorded while the read may be rewritten (cache_read_rewrite.ts). */
+  pieces: PieceTable | undefined;
+  record = false;
 
   /** Ready for a new read (a walk is reused once its read has ended). */
-  reset(admit: boolean, demand: boolean): void {
+  reset(admit: boolean, demand: boolean, record: boolean): void {
     this.misses = undefined;
     this.pendingHits = undefined;
     this.reads = undefined;
     this.hitBytes = 0;
     this.admit = admit;
     this.demand = demand;
+    this.record = record;
+    if (record) (this.pieces ??= new PieceTable()).reset();
   }
 }
 
@@ -95,11 +101,13 @@ export class ReadPath {
   readonly admission: ReadAdmission;
   /** A walk left by a read that ended synchronously, for the next one (walkRead). */
   private spareWalk: ReadWalk | undefined;
+  private readonly rewriter: FragmentRewriter;
 
   constructor(ctx: CacheContext, log: KsetLog, head: DataHead) {
     this.ctx = ctx;
     this.log = log;
     this.head = head;
+    this.rewriter = new FragmentRewriter(ctx, log, head);
     // What a full read cache holds: all but its free segment and about one of log (cache_admission_shadow.ts).
     this.admission = new ReadAdmission(ctx.dataCapacityBytes, Math.max(0, ctx.segments.count - 2) * ctx.dev.dataSizeBytes);
   }
@@ -134,7 +142,7 @@ export class ReadPath {
     // next read: no allocation on the read-hit path.
     const walk = this.spareWalk ?? new ReadWalk();
     this.spareWalk = undefined;
-    walk.reset(admit, demand);
+    walk.reset(admit, demand, rewriteCandidate(ctx, target.length));
     const endBytes = offsetBytes + target.length;
     const firstEnd = subtreeEnd(offsetBytes);
     if (endBytes <= firstEnd) {
@@ -149,6 +157,7 @@ export class ReadPath {
     ctx.stats.readHitBytes += walk.hitBytes;
     if (walk.misses === undefined && walk.reads === undefined) {
       ctx.stats.readHitRequests++;
+      if (walk.record && walk.pieces !== undefined) this.rewriter.offer(target, offsetBytes, walk.pieces);
       this.spareWalk = walk;
       return undefined;
     }
@@ -205,6 +214,7 @@ export class ReadPath {
       } else if ((flags & keyFlagZero) !== 0) {
         target.fill(0, position - request, pieceEnd - request);
         walk.hitBytes += pieceEnd - position;
+        if (walk.record) walk.pieces?.add(position, pieceEnd - position, -1, 0, 0);
       } else {
         const segment = subtree.segment(index);
         if (ctx.segments.genLow32(segment) !== subtree.genLow32(index)) {
@@ -214,6 +224,7 @@ export class ReadPath {
         }
         subtree.markReferenced(index, this.head.hitEpoch);
         ctx.segments.hit[segment] = 1;
+        if (walk.record && walk.pieces !== undefined) this.recordPiece(walk.pieces, subtree, index, position, pieceEnd, flags);
         // A hit covering the whole request (a small read inside one key) reads into the
         // target itself: no view allocated per request.
         const whole = position === request && pieceEnd - position === target.length;
@@ -223,6 +234,14 @@ export class ReadPath {
       index++;
     }
     ctx.index.release(subtree);
+  }
+
+  /** Notes a hit piece for a possible rewrite, and whether it is not yet written back (as cache_read_gather.ts tells). */
+  private recordPiece(pieces: PieceTable, subtree: Subtree, index: number, position: number, pieceEnd: number, flags: number): void {
+    const ctx = this.ctx;
+    const segment = subtree.segment(index);
+    pieces.add(position, pieceEnd - position, segment, subtree.segmentOffset(index) + (position - subtree.start(index)), subtree.genLow32(index));
+    if ((flags & keyFlagClean) === 0 && (ctx.segments.dirtySeq[segment] ?? 0) >= ctx.dirtyTail.seq) pieces.dirty++;
   }
 
   private readHit(walk: ReadWalk, subtree: Subtree, index: number, piece: Uint8Array, position: number): void {
@@ -312,11 +331,14 @@ export class ReadPath {
     }
     // A hit read asynchronously may have raced with GC freeing its segment; then the data has
     // been written back, so the backing device holds it.
+    let raced = false;
     for (const hit of walk.pendingHits ?? []) {
       if (ctx.segments.genLow32(hit.segment) !== hit.genLow32) {
+        raced = true;
         await ctx.backing.read(target.subarray(hit.offsetBytes - request, hit.offsetBytes - request + hit.lengthBytes), hit.offsetBytes);
       }
     }
+    if (walk.misses === undefined && !raced && walk.record && walk.pieces !== undefined) this.rewriter.offer(target, request, walk.pieces);
     for (const miss of misses) {
       if (miss.ticket !== 0) await this.fillMiss(miss, target.subarray(miss.offsetBytes - request, miss.offsetBytes - request + miss.lengthBytes));
     }

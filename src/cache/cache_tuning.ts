@@ -1,7 +1,7 @@
 // CacheTuning: the runtime knobs of an open cache — writeback watermarks, idle and age limits,
 // the dirty high-water mark, when the backing device counts as offline, how long a held write
-// may wait, the sequential cutoff, when a fragmented read goes to the backing device — with
-// their defaults and the one check of a complete set.
+// may wait, the sequential cutoff, when a fragmented read goes to the backing device or is
+// rewritten — with their defaults and the one check of a complete set.
 //
 // This module imports nothing, so the command line can know the defaults (`serve --tuning`,
 // `pcache set`) without loading the engine.
@@ -43,6 +43,13 @@ export interface CacheTuning {
    * small writes laid the data down (cache_read_gather.ts). 0 turns it off.
    */
   readonly fragmentedReadPieces: number;
+  /**
+   * A read of at most 4 MiB served wholly from the cache, from at least this many pieces not yet
+   * written back, stores what it read again as one piece at the data head, so the next read of
+   * the range is one cache read (cache_read_rewrite.ts); only in writeback mode and while the
+   * cache has room to spare. 0 turns it off.
+   */
+  readonly fragmentedRewritePieces: number;
 }
 
 export type WritebackOrdering = 'strict' | 'relaxed';
@@ -62,6 +69,7 @@ export const defaultTuning: CacheTuning = {
   writebackOrdering: 'strict',
   sequentialCutoffBytes: 4 * 1024 * 1024,
   fragmentedReadPieces: 16,
+  fragmentedRewritePieces: 16,
 };
 
 /** The largest fragmentedReadPieces accepted (a 32 MiB NBD read holds at most 65,536 sectors). */
@@ -89,6 +97,6 @@ export function tuningProblem(tuning: CacheTuning): string | undefined {
     (Number.isSafeInteger(tuning.sequentialCutoffBytes) && tuning.sequentialCutoffBytes >= 0 && tuning.sequentialCutoffBytes <= sequentialCutoffBytesMax
       ? undefined
       : `sequentialCutoffBytes must be an integer from 0 to ${sequentialCutoffBytesMax}, got ${tuning.sequentialCutoffBytes}`) ??
-    percent('fragmentedReadPieces', fragmentedReadPiecesMax);
+    percent('fragmentedReadPieces', fragmentedReadPiecesMax) ?? percent('fragmentedRewritePieces', fragmentedReadPiecesMax);
 }
 

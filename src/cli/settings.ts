@@ -55,6 +55,7 @@ export const knobs: readonly Knob[] = [
   { name: 'writeback_ordering', field: 'writebackOrdering', unit: 'choice', min: 0, max: 0, choices: writebackOrderings, persisted: false, defaultValue: defaultTuning.writebackOrdering, help: 'strict: the backing device alone always holds a prefix of the flush epochs; relaxed: larger merges across epochs' },
   { name: 'sequential_cutoff_bytes', field: 'sequentialCutoffBytes', unit: 'bytes', min: 0, max: sequentialCutoffBytesMax, persisted: false, defaultValue: defaultTuning.sequentialCutoffBytes, help: 'a sequential stream longer than this bypasses the cache; 0 turns it off' },
   { name: 'fragmented_read_pieces', field: 'fragmentedReadPieces', unit: 'count', min: 0, max: fragmentedReadPiecesMax, persisted: false, defaultValue: defaultTuning.fragmentedReadPieces, help: 'a cached read of >= 64 KiB with this many pieces written back is read from the backing device, newer pieces copied over it; 0 turns it off' },
+  { name: 'fragmented_rewrite_pieces', field: 'fragmentedRewritePieces', unit: 'count', min: 0, max: fragmentedReadPiecesMax, persisted: false, defaultValue: defaultTuning.fragmentedRewritePieces, help: 'a cached read of <= 4 MiB with this many pieces not yet written back is stored again as one piece (writeback mode); 0 turns it off' },
   { name: 'space_wait_timeout_ms', field: 'spaceWaitTimeoutMs', unit: 'ms', min: 0, max: knobDurationMaxMs, persisted: false, defaultValue: defaultTuning.spaceWaitTimeoutMs, help: 'a held write fails with ETIMEDOUT after this long; 0 holds it forever' },
 ];
 

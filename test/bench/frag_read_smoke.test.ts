@@ -1,6 +1,7 @@
 // bench/frag_read_bench.ts in smoke mode, so it cannot rot: it must lay the range down both
-// ways through the real CLI, read it with and without gathering, against nbdkit and pcache
-// --no-cache, and report every ratio and the share of reads gathered. Figures are not judged
+// ways through the real CLI, read it with and without gathering and rewriting, against nbdkit
+// and pcache --no-cache, and report every ratio, the share of reads gathered and the share of
+// the range rewritten. Figures are not judged
 // here (tests do not time anything); `npm run bench -- frag_read` reports them.
 
 import { describe, it } from 'node:test';
@@ -14,10 +15,18 @@ describe('fragmented read benchmark (smoke)', () => {
     requireTool('nbdkit', 'nbdkit');
     const { code, stdout, stderr } = await runBenchSmoke('frag_read');
     assert.equal(code, 0, stdout + stderr);
-    for (const metric of ['fragmented vs nbdkit', 'fragmented vs sequential', 'piece by piece vs nbdkit', 'fragmented vs no cache', 'not written back vs nbdkit']) {
+    const metrics = [
+      'fragmented vs nbdkit', 'fragmented vs sequential', 'piece by piece vs nbdkit', 'fragmented vs no cache', 'not written back, piece by piece vs nbdkit',
+      'not written back, first read vs nbdkit', 'not written back, second read vs nbdkit', 'not written back, read again vs nbdkit',
+      'not written back, read again vs sequential',
+    ];
+    for (const metric of metrics) {
       assert.match(stdout, new RegExp(`^frag_read +1M seq read QD8, ${metric} +[\\d,.]+ IOPS .* ratio \\d+\\.\\d\\d$`, 'm'), metric);
     }
-    assert.match(stdout, /targets: fragmented\/nbdkit \d+\.\d\d .* fragmented\/sequential \d+\.\d\d/);
+    assert.match(stdout, /targets, written back: \/nbdkit \d+\.\d\d .* \/sequential \d+\.\d\d/);
+    assert.match(stdout, /targets, not written back, read again: \/nbdkit \d+\.\d\d .* \/sequential \d+\.\d\d/);
+    // The first pass over data still dirty stored none of it again, the second all of it.
+    assert.match(stdout, /stored again as one piece per read: first read 0\.0% of the range, second read 100\.0%/);
     // Every written-back read of the default setting was one backing read; every one was a hit.
     assert.match(stdout, /written-back reads: hits 100\.0%, served by one backing read 100\.0%/);
   });

@@ -5,7 +5,7 @@
 // run and every replay is exact. abandon() drops the engine as a crash would.
 // Also here: which writes of the cache device a crash may leave as garbage (its metadata
 // records, each kept twice in sectors of their own: docs/format.md).
-import { Cache } from '../../../src/cache/cache.js';
+import { Cache, type CacheStatus } from '../../../src/cache/cache.js';
 import type { WritebackOrdering } from '../../../src/cache/cache_tuning.js';
 import type { BlockDevice } from '../../../src/device/block_device.js';
 import { ManualTimers } from '../../../src/lib/timers.js';
@@ -19,6 +19,10 @@ export interface CacheTargetOptions {
   readonly gcPercent?: number;
   /** writeback_ordering (default strict). */
   readonly ordering?: WritebackOrdering;
+  /** fragmented_rewrite_pieces (default: the engine's, which the simulator's small reads never reach). */
+  readonly rewritePieces?: number;
+  /** Hears every opened cache's counters when it is closed or abandoned (a test adds them up). */
+  readonly onCounters?: (counters: CacheStatus['counters']) => void;
 }
 
 /** The simulator's segment size: the smallest the format allows, so logs wrap soonest. */
@@ -43,7 +47,7 @@ export function openCache(cacheDevice: BlockDevice, backingDevice: BlockDevice, 
     },
     background: false,
     timers: new ManualTimers(),
-    tuning: { writebackOrdering: options.ordering ?? 'strict' },
+    tuning: { writebackOrdering: options.ordering ?? 'strict', ...(options.rewritePieces !== undefined ? { fragmentedRewritePieces: options.rewritePieces } : {}) },
   });
 }
 
@@ -61,8 +65,14 @@ export function cacheTarget(options: CacheTargetOptions = {}): CrashTarget {
         gcStep: async () => { await cache.gcStep(); },
         drain: () => cache.drain(),
         check: () => cache.check(),
-        close: () => cache.close(),
-        abandon: () => { cache.abandon(); },
+        close: () => {
+          options.onCounters?.(cache.status().counters);
+          return cache.close();
+        },
+        abandon: () => {
+          options.onCounters?.(cache.status().counters);
+          cache.abandon();
+        },
       };
     },
   };

@@ -49,7 +49,7 @@ export type RandomizedProfile = keyof typeof randomizedProfiles;
 export const randomizedProfileNames = Object.keys(randomizedProfiles) as RandomizedProfile[];
 
 export function targetName(options: SuiteOptions): string {
-  return `pcache${options.dataCrc === true ? '-crc' : ''}-gc${options.gcPercent ?? 0}${options.ordering === 'relaxed' ? '-relaxed' : ''}${options.absorb === true ? '-absorb' : ''}`;
+  return `pcache${options.dataCrc === true ? '-crc' : ''}-gc${options.gcPercent ?? 0}${options.ordering === 'relaxed' ? '-relaxed' : ''}${options.absorb === true ? '-absorb' : ''}${options.rewritePieces !== undefined ? `-rewrite${options.rewritePieces}` : ''}${options.asyncCache === true ? '-async' : ''}`;
 }
 
 function replayCommand(kind: 'exhaustive' | 'randomized', options: SuiteOptions, base: BaseName | undefined, profile: RandomizedProfile = 'default') {
@@ -59,6 +59,8 @@ function replayCommand(kind: 'exhaustive' | 'randomized', options: SuiteOptions,
     ...(options.ordering === 'relaxed' ? ['--ordering relaxed'] : []),
     ...(options.backingAloneCheck === true ? ['--backing-alone-check'] : []),
     ...(options.absorb === true ? ['--absorb'] : []),
+    ...(options.rewritePieces !== undefined ? [`--rewrite-pieces ${options.rewritePieces}`] : []),
+    ...(options.asyncCache === true ? ['--async-cache'] : []),
     ...(base === undefined ? [] : [`--base ${base}`]),
     ...(profile === 'default' ? [] : [`--profile ${profile}`]),
   ];
@@ -84,7 +86,12 @@ export const absorbWeights: Partial<OpWeights> = { write: 40, fuaWrite: 12, flus
 export const absorbKinds: readonly OpKind[] = ['write', 'fuaWrite', 'flush', 'trim', 'writeback'];
 
 /** How a suite runs the target: its options, the raw backing check, and the absorption workloads. */
-export type SuiteOptions = CacheTargetOptions & { readonly backingAloneCheck?: boolean; readonly absorb?: boolean };
+export type SuiteOptions = CacheTargetOptions & {
+  readonly backingAloneCheck?: boolean;
+  readonly absorb?: boolean;
+  /** The cache device completes its I/O later, not within the call (HarnessOptions.cacheBlocking). */
+  readonly asyncCache?: boolean;
+};
 
 export interface ExhaustiveRun {
   readonly opsMax: number;
@@ -110,6 +117,7 @@ export function exhaustive(options: SuiteOptions, run: ExhaustiveRun): Promise<H
     name: targetName(options),
     target: cacheTarget(options),
     rawBackingCheck: backingCheck(options),
+    ...(options.asyncCache === true ? { cacheBlocking: false } : {}),
     ...shape,
     ...(run.garbage === false ? {} : { garbage: cacheMetadataGarbage(shape.cacheSizeBytes) }),
     opsMax: run.opsMax,
@@ -149,6 +157,7 @@ export function randomized(options: SuiteOptions, run: RandomizedRun): Promise<H
     name: targetName(options),
     target: cacheTarget(options),
     rawBackingCheck: backingCheck(options),
+    ...(options.asyncCache === true ? { cacheBlocking: false } : {}),
     ...shape,
     garbage: cacheMetadataGarbage(shape.cacheSizeBytes),
     weights: options.absorb === true ? absorbWeights : weights,

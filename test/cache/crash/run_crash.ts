@@ -1,9 +1,12 @@
 // `npm run test:crash -- [--states N] [--seed S] [--mode randomized|exhaustive] [--ops N]
 //                        [--gc-percent P] [--data-crc] [--ordering strict|relaxed]
-//                        [--backing-alone-check] [--absorb] [--base NAME] [--workloads W;W;...]
+//                        [--backing-alone-check] [--absorb] [--rewrite-pieces N] [--async-cache] [--base NAME] [--workloads W;W;...]
 //                        [--blocks N] [--shard I/N] [--profile default|pressure] [--no-recovery-crashes]
 //                        [--replay SPEC]`
 // --absorb runs workloads made to make writeback skip superseded data (crash_suite.ts).
+// --rewrite-pieces sets fragmented_rewrite_pieces, so reads of that many dirty pieces are
+// stored again as one (cache_read_rewrite.ts; the simulator's reads cover at most 16 blocks).
+// --async-cache makes the cache device complete its I/O later instead of within the call.
 // --ordering sets writeback_ordering; under relaxed the raw backing device is not required to
 // hold a prefix of the flush epochs unless --backing-alone-check asks for it anyway.
 //
@@ -33,6 +36,8 @@ const { values } = parseArgs({
     ordering: { type: 'string', default: 'strict' },
     'backing-alone-check': { type: 'boolean', default: false },
     absorb: { type: 'boolean', default: false },
+    'rewrite-pieces': { type: 'string' },
+    'async-cache': { type: 'boolean', default: false },
     base: { type: 'string' },
     workloads: { type: 'string' },
     blocks: { type: 'string' },
@@ -66,6 +71,8 @@ const target = {
   ordering,
   ...(values['backing-alone-check'] ? { backingAloneCheck: true } : {}),
   ...(values.absorb ? { absorb: true } : {}),
+  ...(values['rewrite-pieces'] !== undefined ? { rewritePieces: Number(values['rewrite-pieces']) } : {}),
+  ...(values['async-cache'] ? { asyncCache: true } : {}),
 };
 const log = (line: string): void => { console.log(line); };
 let explored = 0;
