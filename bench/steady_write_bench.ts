@@ -7,7 +7,9 @@
 // blocks at QD32 over a 1 GiB range for the run's length, once through pcache (the first half of
 // the file) and once through nbdkit (the second half), in an order that rotates by round. pcache
 // is not drained between rounds: its cache stays full and writeback and GC run all the time, which
-// is the steady state. Medians over the rounds; target pcache/nbdkit >= 0.9. Also printed: how
+// is the steady state. Each round's two runs are back to back, so their ratio is the steadier
+// figure on a shared machine whose speed drifts between rounds: the target (pcache/nbdkit >= 0.9)
+// is judged on the median of the per-round ratios; the ratio of the medians is printed too. Also printed: how
 // many times the client's writes filled the cache, and the share of them written back, and each
 // server's CPU time per client write (user + system, all its threads, writeback included).
 // PCACHE_BENCH_SECONDS sets the run length (default 20); PCACHE_BENCH_PREWRITTEN=1 writes the
@@ -24,7 +26,7 @@ import { cpuTicks, userHz } from './sustained_series.js';
 const MiB = 1024 * 1024;
 const rangeBytes = param(32 * MiB, 1024 * MiB);
 const cacheBytes = param(128 * MiB, 1024 * MiB);
-const rounds = param(1, 3);
+const rounds = param(1, 5);
 const seconds = Number(process.env.PCACHE_BENCH_SECONDS ?? param(1, 20));
 /** Extra `pcache serve` arguments, separated by spaces (`--gc-percent 85 --tuning name=value,...`), to compare settings against the defaults. */
 const extraServeArgs = (process.env.PCACHE_BENCH_SERVE_ARGS ?? '').split(' ').filter((text) => text !== '');
@@ -74,8 +76,10 @@ async function main(): Promise<void> {
     const status = await controlRequest(control, 'status') as { cache: { counters: Counters } };
     const { writeBytes, writebackBackingBytes } = status.cache.counters;
     report({ bench: 'steady_write', metric: '4K rand write QD32, cache wrapped', value: median(results.pcache), unit: 'IOPS', peer: 'nbdkit file', peerValue: median(results.nbdkit) });
-    const ratio = median(results.pcache) / median(results.nbdkit);
-    console.log(`  target pcache/nbdkit >= 0.9: ${ratio >= 0.9 ? 'met' : 'MISSED'}; the client wrote the cache's size ${(writeBytes / cacheBytes).toFixed(1)} times over, ${(100 * writebackBackingBytes / Math.max(1, writeBytes)).toFixed(1)}% of it written back`);
+    const roundRatios = results.pcache.map((iops, round) => iops / Math.max(1, results.nbdkit[round] ?? 0));
+    const ratio = median(roundRatios);
+    console.log(`  per-round ratios ${roundRatios.map((r) => r.toFixed(2)).join(' ')}, median ${ratio.toFixed(2)}`);
+    console.log(`  target pcache/nbdkit >= 0.9 (median of the per-round ratios): ${ratio >= 0.9 ? 'met' : 'MISSED'}; the client wrote the cache's size ${(writeBytes / cacheBytes).toFixed(1)} times over, ${(100 * writebackBackingBytes / Math.max(1, writeBytes)).toFixed(1)}% of it written back`);
     console.log(`  runs pcache ${results.pcache.map(Math.round).join(' ')} | nbdkit ${results.nbdkit.map(Math.round).join(' ')}`);
     console.log(`  server CPU per client write (median): pcache ${median(cpuPerWrite.pcache).toFixed(1)} us (writeback and GC included), nbdkit ${median(cpuPerWrite.nbdkit).toFixed(1)} us; runs pcache ${cpuPerWrite.pcache.map((v) => v.toFixed(1)).join(' ')} | nbdkit ${cpuPerWrite.nbdkit.map((v) => v.toFixed(1)).join(' ')}`);
     console.log(`load average at end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);

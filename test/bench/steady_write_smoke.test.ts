@@ -17,6 +17,7 @@ describe('steady-state write benchmark (smoke)', () => {
     assert.equal(code, 0, stdout + stderr);
     assert.match(stdout, /^steady_write +4K rand write QD32, cache wrapped +[\d,]+ IOPS +nbdkit file: [\d,]+ IOPS +ratio \d+\.\d\d$/m);
     assert.match(stdout, /the client wrote the cache's size \d+\.\d times over, \d+\.\d% of it written back/);
+    assert.match(stdout, /per-round ratios (\d+\.\d\d ?)+, median \d+\.\d\d/);
     assert.match(stdout, /cache \d+ MiB \(sparse, new\)/);
   });
 
