@@ -11,61 +11,13 @@ import type { CacheTuning } from '../../src/cache/cache_tuning.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { KiB, MiB } from '../../src/lib/units.js';
 import { RecentFragmentedReads, recentFragmentedReadsMax } from '../../src/cache/cache_read_rewrite.js';
-import { cacheBytesFor, pattern, readBytes, settle } from '../helpers/cache_fixture.js';
+import { cacheBytesFor, GatedDevice, pattern, readBytes, settle } from '../helpers/cache_fixture.js';
 
 const piece = 4 * KiB;
 const pieces = 32;
 const rangeBytes = pieces * piece;
 const firstTag = 0xa1;
 const newerTag = 0xa2;
-
-/** A cache device whose writes can be held and let go one at a time (an asynchronous device). */
-class HeldWritesDevice implements BlockDevice {
-  readonly sizeBytes: number;
-  readonly identity = undefined;
-  readonly blocking = undefined;
-  hold = false;
-  readonly held: { offsetBytes: number; lengthBytes: number; release: () => void }[] = [];
-
-  constructor(readonly inner: MemoryDevice) {
-    this.sizeBytes = inner.sizeBytes;
-  }
-
-  async read(target: Uint8Array, offsetBytes: number): Promise<void> {
-    await Promise.resolve();
-    this.inner.readSync(target, offsetBytes);
-  }
-
-  async write(source: Uint8Array, offsetBytes: number): Promise<void> {
-    if (this.hold) await new Promise<void>((resolve) => { this.held.push({ offsetBytes, lengthBytes: source.length, release: resolve }); });
-    this.inner.writeSync(source, offsetBytes);
-  }
-
-  /** Lets the held write of `lengthBytes` go (the first one of that length). */
-  release(lengthBytes: number): void {
-    const at = this.held.findIndex((write) => write.lengthBytes === lengthBytes);
-    assert.ok(at >= 0, `a held write of ${lengthBytes} bytes (held: ${this.held.map((write) => write.lengthBytes).join(', ')})`);
-    const [write] = this.held.splice(at, 1);
-    write?.release();
-  }
-
-  releaseAll(): void {
-    this.hold = false;
-    for (const write of this.held.splice(0)) write.release();
-  }
-
-  sync(): Promise<void> {
-    return Promise.resolve();
-  }
-
-  discard(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.inner.discard(offsetBytes, lengthBytes);
-  }
-
-  close(): Promise<void> {
-    return Promise.resolve();
-  }
-}
 
 /** A cache of 32 segments of 1 MiB over a 64 MiB backing device, no background work. */
 async function open(cacheDevice: BlockDevice, backing: MemoryDevice, tuning: Partial<CacheTuning> = {}): Promise<Cache> {
@@ -138,29 +90,29 @@ describe('fragmented dirty reads rewritten', () => {
   });
 
   it('writes and trims that land while the rewrite is written keep their data; the rewrite fills around them', async () => {
-    const device = new HeldWritesDevice(new MemoryDevice(cacheBytesFor(32)));
+    const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
     const backing = new MemoryDevice(64 * MiB);
     const cache = await open(device, backing);
     await layDown(cache, firstTag);
     assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
-    device.hold = true;
+    device.holdWrites = true;
     assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
     await settle();
-    assert.equal(device.held.length, 1, 'the rewrite\'s data write is out');
+    assert.equal(device.heldWrites.length, 1, 'the rewrite\'s data write is out');
     // A write of piece 5 and of pieces 20-21 that publish before the rewrite does, a trim of piece 9.
     const written = cache.write(pattern(newerTag, 5 * piece, piece), 5 * piece);
     const writtenTwo = cache.write(pattern(newerTag, 20 * piece, 2 * piece), 20 * piece);
     await settle();
-    device.release(piece);
-    device.release(2 * piece);
+    device.releaseWrite(piece);
+    device.releaseWrite(2 * piece);
     await Promise.all([written, writtenTwo]);
     await cache.trim(9 * piece, piece);
     // A write queued after the rewrite that publishes after it: it wins as any newer write does.
     const late = cache.write(pattern(newerTag, 30 * piece, piece), 30 * piece);
     await settle();
-    device.release(rangeBytes);
+    device.releaseWrite(rangeBytes);
     await settle();
-    device.releaseAll();
+    device.releaseWrites();
     await late;
     await settle();
     const want = expected(new Map<number, number | 'zero'>([[5, newerTag], [9, 'zero'], [20, newerTag], [21, newerTag], [30, newerTag]]));

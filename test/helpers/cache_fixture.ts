@@ -69,14 +69,19 @@ export async function readBytes(cache: Cache, offsetBytes: number, lengthBytes: 
   return out;
 }
 
-/** A BlockDevice over memory whose reads wait until the test releases them. */
+/**
+ * A BlockDevice over memory whose reads wait until the test releases them (while `gated`), and
+ * whose writes wait until it lets them go one by one (while `holdWrites`).
+ */
 export class GatedDevice implements BlockDevice {
   readonly inner: MemoryDevice;
   readonly sizeBytes: number;
   readonly identity = undefined;
   readonly blocking = undefined;
   gated = false;
+  holdWrites = false;
   private held: (() => void)[] = [];
+  readonly heldWrites: { offsetBytes: number; lengthBytes: number; release: () => void }[] = [];
 
   constructor(inner: MemoryDevice) {
     this.inner = inner;
@@ -92,8 +97,23 @@ export class GatedDevice implements BlockDevice {
     this.inner.readSync(target, offsetBytes);
   }
 
-  write(source: Uint8Array, offsetBytes: number): Promise<void> {
-    return this.inner.write(source, offsetBytes);
+  async write(source: Uint8Array, offsetBytes: number): Promise<void> {
+    if (this.holdWrites) await new Promise<void>((resolve) => { this.heldWrites.push({ offsetBytes, lengthBytes: source.length, release: resolve }); });
+    this.inner.writeSync(source, offsetBytes);
+  }
+
+  /** Lets the first held write of `lengthBytes` go. */
+  releaseWrite(lengthBytes: number): void {
+    const at = this.heldWrites.findIndex((write) => write.lengthBytes === lengthBytes);
+    if (at < 0) throw new Error(`no held write of ${lengthBytes} bytes (held: ${this.heldWrites.map((write) => write.lengthBytes).join(', ')})`);
+    const [write] = this.heldWrites.splice(at, 1);
+    write?.release();
+  }
+
+  /** Stops holding writes and lets every held one go. */
+  releaseWrites(): void {
+    this.holdWrites = false;
+    for (const write of this.heldWrites.splice(0)) write.release();
   }
 
   sync(): Promise<void> {
