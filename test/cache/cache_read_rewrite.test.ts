@@ -20,10 +20,10 @@ const firstTag = 0xa1;
 const newerTag = 0xa2;
 
 /** A cache of 32 segments of 1 MiB over a 64 MiB backing device, no background work. */
-async function open(cacheDevice: BlockDevice, backing: MemoryDevice, tuning: Partial<CacheTuning> = {}): Promise<Cache> {
+async function open(cacheDevice: BlockDevice, backing: MemoryDevice, tuning: Partial<CacheTuning> = {}, dataCrc = false): Promise<Cache> {
   return Cache.open({
     cacheDevice, backingDevice: backing, background: false, timers: new ManualTimers(), tuning,
-    formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, gcPercent: 0 },
+    formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, gcPercent: 0, dataCrc },
   });
 }
 
@@ -61,10 +61,11 @@ function counters(cache: Cache): { fragmentRewrites: number; fragmentRewriteByte
 }
 
 describe('fragmented dirty reads rewritten', () => {
-  it('the second read of 32 dirty pieces stores them again as one piece; the device reads the same before and after a restart, and after writeback', async () => {
+  for (const dataCrc of [false, true]) {
+  it(`the second read of 32 dirty pieces stores them again as one piece; the device reads the same before and after a restart, and after writeback${dataCrc ? ' (data CRC)' : ''}`, async () => {
     const cacheDevice = new MemoryDevice(cacheBytesFor(32));
     const backing = new MemoryDevice(64 * MiB);
-    let cache = await open(cacheDevice, backing);
+    let cache = await open(cacheDevice, backing, {}, dataCrc);
     await layDown(cache, firstTag);
     assert.equal(entries(cache).length, pieces);
     assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
@@ -72,14 +73,17 @@ describe('fragmented dirty reads rewritten', () => {
     assert.equal(entries(cache).length, pieces);
     assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
     assert.deepEqual(counters(cache), { ...counters(cache), fragmentRewrites: 1, fragmentRewriteBytes: rangeBytes });
-    assert.deepEqual(entries(cache), [[0, rangeBytes / KiB]], 'one key over the whole range');
+    // One key over the whole range; with data CRC, keys of at most keyMaxBytes (32 KiB) each.
+    const keyKiB = Math.min(rangeBytes, cache.internals.ctx.keyMaxBytes) / KiB;
+    const rewritten = Array.from({ length: rangeBytes / KiB / keyKiB }, (_, i) => [i * keyKiB, keyKiB]);
+    assert.deepEqual(entries(cache), rewritten, 'the range in as few keys as keys may be long');
     assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
     assert.equal(counters(cache).fragmentRewrites, 1, 'one piece is not rewritten again');
     // The rewrite is in the log like a write: after an unclean stop, replay finds it.
     await cache.flush();
     cache.abandon();
-    cache = await open(cacheDevice, backing);
-    assert.deepEqual(entries(cache), [[0, rangeBytes / KiB]]);
+    cache = await open(cacheDevice, backing, {}, dataCrc);
+    assert.deepEqual(entries(cache), rewritten);
     assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
     assert.deepEqual(await cache.check(), [], 'the structural checker agrees with the running cache');
     await cache.drain();
@@ -88,6 +92,8 @@ describe('fragmented dirty reads rewritten', () => {
     assert.ok(onBacking.equals(expected()), 'writeback wrote the range');
     await cache.close();
   });
+
+  }
 
   it('writes and trims that land while the rewrite is written keep their data; the rewrite fills around them', async () => {
     const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
