@@ -132,8 +132,9 @@ export class FragmentRewriter {
 
   /**
    * Called when a read of [offsetBytes, +data.length) was served from `pieces` alone. Starts a
-   * rewrite when the rules allow (the second such read at the offset, with room to spare); `data` is only read before this returns (a copy is taken
-   * when the device writes asynchronously).
+   * rewrite when the rules allow (the second such read at the offset, with room to spare).
+   * `data` is only read before this returns (a copy is taken when the device writes
+   * asynchronously).
    */
   offer(data: Uint8Array, offsetBytes: number, pieces: PieceTable): void {
     const ctx = this.ctx;
@@ -189,28 +190,31 @@ export class FragmentRewriter {
       throw error;
     }
     let position = 0;
+    let published = 0;
     for (const space of parts) {
       // Publishing is optional: a stopping cache or a full log simply drops the rest.
       if (ctx.state !== 'running' || ctx.failure !== undefined || this.log.full) ctx.segments.put(space.segment);
-      else this.publish(offsetBytes + position, source.subarray(position, position + space.lengthBytes), space, table);
+      else published += this.publish(offsetBytes + position, source.subarray(position, position + space.lengthBytes), space, table);
       position += space.lengthBytes;
     }
-    ctx.stats.fragmentRewrites++;
+    if (published > 0) ctx.stats.fragmentRewrites++;
   }
 
   /**
    * Points the index over [start, start + bytes.length), wherever it still maps the read's
    * pieces, at `space`: one dirty key per run of such entries. Entries that changed keep their
-   * newer data. Each key takes its own segment reference (the allocation took one).
+   * newer data. Each key takes its own segment reference (the allocation took one). Returns the
+   * bytes published.
    *
    *   index now:   |p1 |p2 |W  |p4 |p5 |    (W: written since the read)
    *   published:   |=======|   |=======|    two keys; W stays
    */
-  private publish(start: number, bytes: Uint8Array, space: Space, table: Float64Array): void {
+  private publish(start: number, bytes: Uint8Array, space: Space, table: Float64Array): number {
     const ctx = this.ctx;
     const end = start + bytes.length;
     const runs = this.unchangedRuns(start, end, table);
     let references = 1; // alloc took one for us
+    let published = 0;
     for (let index = 0; index < runs.length; index += 2) {
       const runStart = runs[index] ?? 0;
       const runEnd = runs[index + 1] ?? 0;
@@ -228,9 +232,11 @@ export class FragmentRewriter {
       };
       ctx.index.insertTakingStale(keyFromRecord(this.scratchKey, record));
       this.log.append(record);
-      ctx.stats.fragmentRewriteBytes += runEnd - runStart;
+      published += runEnd - runStart;
     }
     if (references > 0) ctx.segments.put(space.segment);
+    ctx.stats.fragmentRewriteBytes += published;
+    return published;
   }
 
   /**
