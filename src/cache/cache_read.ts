@@ -9,6 +9,8 @@
 // with no free space or no room in the log, the placeholder is simply dropped.
 // A large read whose cached pieces are many and mostly written back is instead one backing read
 // with the rest copied over it (cache_read_gather.ts decides and plans).
+// A large read served from many pieces not yet written back, the second time it comes at its
+// offset, is stored again as one piece (cache_read_rewrite.ts), so the reads after it are one.
 // Every await is a point where the index may change; code after one re-checks what it needs
 // (a fill looks its placeholder up again by ticket; an asynchronous hit re-checks its
 // segment's generation).
