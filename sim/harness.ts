@@ -1007,15 +1007,15 @@ class Session {
   private newSystem(images: SystemImages | undefined, scheduler: IoScheduler | undefined): System {
     const events = new DeviceEventLog({ recordedEventsMax: 0 });
     const common = scheduler === undefined ? { events } : { events, scheduler };
-    const cacheIdentity = {
+    const cacheOptions = {
       ...(this.options.cacheIdentity === undefined ? {} : { identity: this.options.cacheIdentity }),
       ...(this.options.cacheBlocking === false ? { blocking: false } : {}),
     };
     const backingIdentity = this.options.backingIdentity === undefined ? {} : { identity: this.options.backingIdentity };
     const cache =
       images === undefined
-        ? SimDevice.blank(this.options.cacheSizeBytes, { ...common, name: 'cache', ...cacheIdentity })
-        : new SimDevice(images.cache.fork(), { ...common, name: 'cache', ...cacheIdentity });
+        ? SimDevice.blank(this.options.cacheSizeBytes, { ...common, name: 'cache', ...cacheOptions })
+        : new SimDevice(images.cache.fork(), { ...common, name: 'cache', ...cacheOptions });
     const backing =
       images === undefined
         ? SimDevice.blank(this.options.backingSizeBytes, { ...common, name: 'backing', ...backingIdentity })

@@ -17,12 +17,12 @@
 
 import { crc32c } from '../lib/crc32c.js';
 import { PcacheError, isPcacheError } from '../lib/errors.js';
-import { keyFlagClean, keyFlagEmpty, keyFlagZero, type KeyRecord } from '../ondisk/kset.js';
+import { keyFlagEmpty, keyFlagZero, type KeyRecord } from '../ondisk/kset.js';
 import { subtreeSizeBytes } from '../ondisk/layout.js';
 import type { CacheContext } from './cache_context.js';
 import type { DataHead } from './cache_data_head.js';
 import type { KsetLog } from './cache_kset.js';
-import { gatherRead, gatherRequestBytesMin, planGather } from './cache_read_gather.js';
+import { gatherRead, gatherRequestBytesMin, planGather, writtenBack } from './cache_read_gather.js';
 import { FragmentRewriter, PieceTable, rewriteCandidate } from './cache_read_rewrite.js';
 import { keyFlagsInMemory, keyFromRecord, newIndexKey, subtreeEnd, type IndexKey, type Subtree } from './cache_tree.js';
 import { ReadAdmission } from './cache_admission.js';
@@ -66,9 +66,10 @@ class ReadWalk {
   /** A client's read (not a prefetch): a full cache stores its misses only when they recur. */
   demand = true;
   readonly scratchKey = newIndexKey();
-  /** The pieces served, recorded while the read may be rewritten (cache_read_rewrite.ts). */
+  /** The pieces served, while the read may be rewritten (cache_read_rewrite.ts); else undefined. */
   pieces: PieceTable | undefined;
-  record = false;
+  /** The table `pieces` uses when recording, kept from read to read. */
+  private table: PieceTable | undefined;
 
   /** Ready for a new read (a walk is reused once its read has ended). */
   reset(admit: boolean, demand: boolean, record: boolean): void {
@@ -78,8 +79,11 @@ class ReadWalk {
     this.hitBytes = 0;
     this.admit = admit;
     this.demand = demand;
-    this.record = record;
-    if (record) (this.pieces ??= new PieceTable()).reset();
+    this.pieces = undefined;
+    if (record) {
+      this.pieces = this.table ??= new PieceTable();
+      this.pieces.reset();
+    }
   }
 }
 
@@ -159,7 +163,7 @@ export class ReadPath {
     ctx.stats.readHitBytes += walk.hitBytes;
     if (walk.misses === undefined && walk.reads === undefined) {
       ctx.stats.readHitRequests++;
-      if (walk.record && walk.pieces !== undefined) this.rewriter.offer(target, offsetBytes, walk.pieces);
+      if (walk.pieces !== undefined) this.rewriter.offer(target, offsetBytes, walk.pieces);
       this.spareWalk = walk;
       return undefined;
     }
@@ -216,7 +220,7 @@ export class ReadPath {
       } else if ((flags & keyFlagZero) !== 0) {
         target.fill(0, position - request, pieceEnd - request);
         walk.hitBytes += pieceEnd - position;
-        if (walk.record) walk.pieces?.add(position, pieceEnd - position, -1, 0, 0);
+        walk.pieces?.add(position, pieceEnd - position, -1, 0, 0);
       } else {
         const segment = subtree.segment(index);
         if (ctx.segments.genLow32(segment) !== subtree.genLow32(index)) {
@@ -226,7 +230,7 @@ export class ReadPath {
         }
         subtree.markReferenced(index, this.head.hitEpoch);
         ctx.segments.hit[segment] = 1;
-        if (walk.record && walk.pieces !== undefined) this.recordPiece(walk.pieces, subtree, index, position, pieceEnd, flags);
+        if (walk.pieces !== undefined) this.recordPiece(walk.pieces, subtree, index, position, pieceEnd, flags);
         // A hit covering the whole request (a small read inside one key) reads into the
         // target itself: no view allocated per request.
         const whole = position === request && pieceEnd - position === target.length;
@@ -238,12 +242,12 @@ export class ReadPath {
     ctx.index.release(subtree);
   }
 
-  /** Notes a hit piece for a possible rewrite, and whether it is not yet written back (as cache_read_gather.ts tells). */
+  /** Notes a hit piece for a possible rewrite, and whether it is not yet written back. */
   private recordPiece(pieces: PieceTable, subtree: Subtree, index: number, position: number, pieceEnd: number, flags: number): void {
     const ctx = this.ctx;
     const segment = subtree.segment(index);
     pieces.add(position, pieceEnd - position, segment, subtree.segmentOffset(index) + (position - subtree.start(index)), subtree.genLow32(index));
-    if ((flags & keyFlagClean) === 0 && (ctx.segments.dirtySeq[segment] ?? 0) >= ctx.dirtyTail.seq) pieces.dirty++;
+    if (!writtenBack(ctx, flags, segment)) pieces.dirty++;
   }
 
   private readHit(walk: ReadWalk, subtree: Subtree, index: number, piece: Uint8Array, position: number): void {
@@ -340,7 +344,7 @@ export class ReadPath {
         await ctx.backing.read(target.subarray(hit.offsetBytes - request, hit.offsetBytes - request + hit.lengthBytes), hit.offsetBytes);
       }
     }
-    if (walk.misses === undefined && !raced && walk.record && walk.pieces !== undefined) this.rewriter.offer(target, request, walk.pieces);
+    if (walk.misses === undefined && !raced && walk.pieces !== undefined) this.rewriter.offer(target, request, walk.pieces);
     for (const miss of misses) {
       if (miss.ticket !== 0) await this.fillMiss(miss, target.subarray(miss.offsetBytes - request, miss.offsetBytes - request + miss.lengthBytes));
     }

@@ -26,6 +26,15 @@ export const gatherRequestBytesMin = 64 * 1024;
 /** A plan overlays at most this many pieces; a read with more takes the ordinary walk. */
 export const gatherOverlayPiecesMax = 64;
 
+/**
+ * Whether a cached data piece (its key's flags and segment) is written back: a CLEAN key, or any
+ * key into a segment whose newest dirty key is in a kset dirty_tail has passed (see the file
+ * comment). The read walk asks it too (cache_read_rewrite.ts counts the pieces not written back).
+ */
+export function writtenBack(ctx: CacheContext, flags: number, segment: number): boolean {
+  return (flags & keyFlagClean) !== 0 || (ctx.segments.dirtySeq[segment] ?? 0) < ctx.dirtyTail.seq;
+}
+
 /** A part of the request that is copied from the cache (or zeroed) over the backing read. */
 export interface OverlayPiece {
   readonly offsetBytes: number;
@@ -45,7 +54,6 @@ export interface OverlayPiece {
 export function planGather(ctx: CacheContext, offsetBytes: number, lengthBytes: number, cleanPiecesMin: number): OverlayPiece[] | undefined {
   if (cleanPiecesMin <= 0 || lengthBytes < gatherRequestBytesMin || ctx.dataCrc || ctx.backingOfflineSinceMs !== undefined) return undefined;
   const segments = ctx.segments;
-  const cleanBelowSeq = ctx.dirtyTail.seq;
   const overlay: OverlayPiece[] = [];
   let cleanPieces = 0;
   const endBytes = offsetBytes + lengthBytes;
@@ -61,7 +69,7 @@ export function planGather(ctx: CacheContext, offsetBytes: number, lengthBytes: 
       const segment = subtree.segment(index);
       const zero = (flags & keyFlagZero) !== 0;
       if (!zero && segments.genLow32(segment) !== subtree.genLow32(index)) return undefined; // stale
-      if (!zero && ((flags & keyFlagClean) !== 0 || (segments.dirtySeq[segment] ?? 0) < cleanBelowSeq)) {
+      if (!zero && writtenBack(ctx, flags, segment)) {
         cleanPieces++;
       } else {
         if (overlay.length === gatherOverlayPiecesMax) return undefined;
