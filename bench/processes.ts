@@ -47,6 +47,19 @@ export function makeScratch(parent: string, prefix: string): string {
   return dir;
 }
 
+/**
+ * How full the file system holding `parent` is, for a benchmark's header: files left on a tmpfs
+ * by other runs take memory from the benchmark's own, and slowed a fresh sparse cache's first
+ * seconds to half (docs/performance.md, "At the edge").
+ */
+export function scratchUse(parent: string): string {
+  const stats = fs.statfsSync(parent);
+  const totalBytes = stats.blocks * stats.bsize;
+  const usedBytes = (stats.blocks - stats.bfree) * stats.bsize;
+  const GiB = 1024 ** 3;
+  return `${(usedBytes / GiB).toFixed(1)} GiB of ${(totalBytes / GiB).toFixed(1)} GiB in use by other files`;
+}
+
 export function removeScratch(dir: string): void {
   fs.rmSync(dir, { recursive: true, force: true });
   scratchDirs.delete(dir);

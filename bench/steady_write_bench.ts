@@ -20,7 +20,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { controlRequest } from '../src/cli/control_client.js';
 import { median, param, report, smoke } from './harness.js';
-import { cacheFileKind, fill, fioJob, makeScratch, newCacheArgs, removeScratch, requireTool, run, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
+import { cacheFileKind, fill, fioJob, makeScratch, newCacheArgs, removeScratch, requireTool, run, scratchUse, startNbdkitServer, startPcacheServe, stopChild, version } from './processes.js';
 import { cpuTicks, userHz } from './sustained_series.js';
 
 const MiB = 1024 * 1024;
@@ -49,6 +49,7 @@ async function main(): Promise<void> {
   requireTool('fio', 'fio');
   requireTool('nbdkit', 'nbdkit');
   const base = os.platform() === 'linux' ? '/dev/shm' : os.tmpdir();
+  const scratchAtStart = scratchUse(base);
   const dir = makeScratch(base, 'pcache-steady-');
   const backing = path.join(dir, 'backing.img');
   const children: ChildProcess[] = [];
@@ -60,7 +61,7 @@ async function main(): Promise<void> {
     const control = path.join(dir, 'pcache.ctl');
     children.push(await startPcacheServe('pcache serve', dir, socket, [...newCacheArgs(path.join(dir, 'cache.img'), cacheBytes), '--backing', backing, '--control', control, ...extraServeArgs]));
     console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
-    console.log(`files on ${base}: range ${rangeBytes / MiB} MiB each, cache ${cacheBytes / MiB} MiB (${cacheFileKind()}); ${rounds} round(s) of ${seconds} s${smoke ? ' (smoke)' : ''}`);
+    console.log(`files on ${base} (${scratchAtStart} at start): range ${rangeBytes / MiB} MiB each, cache ${cacheBytes / MiB} MiB (${cacheFileKind()}); ${rounds} round(s) of ${seconds} s${smoke ? ' (smoke)' : ''}`);
     const results = { pcache: [] as number[], nbdkit: [] as number[] };
     /** Server CPU microseconds per client write, per run. */
     const cpuPerWrite = { pcache: [] as number[], nbdkit: [] as number[] };
