@@ -79,7 +79,7 @@ async function main(): Promise<void> {
     report({ bench: 'steady_write', metric: '4K rand write QD32, cache wrapped', value: median(results.pcache), unit: 'IOPS', peer: 'nbdkit file', peerValue: median(results.nbdkit) });
     const roundRatios = results.pcache.map((iops, round) => iops / Math.max(1, results.nbdkit[round] ?? 0));
     const ratio = median(roundRatios);
-    console.log(`  per-round ratios ${roundRatios.map((r) => r.toFixed(2)).join(' ')}, median ${ratio.toFixed(2)}`);
+    console.log(`  per-round ratios ${roundRatios.map((r) => r.toFixed(2)).join(' ')}, median ${ratio.toFixed(3)} (judged unrounded)`);
     console.log(`  target pcache/nbdkit >= 0.9 (median of the per-round ratios): ${ratio >= 0.9 ? 'met' : 'MISSED'}; the client wrote the cache's size ${(writeBytes / cacheBytes).toFixed(1)} times over, ${(100 * writebackBackingBytes / Math.max(1, writeBytes)).toFixed(1)}% of it written back`);
     console.log(`  runs pcache ${results.pcache.map(Math.round).join(' ')} | nbdkit ${results.nbdkit.map(Math.round).join(' ')}`);
     console.log(`  server CPU per client write (median): pcache ${median(cpuPerWrite.pcache).toFixed(1)} us (writeback and GC included), nbdkit ${median(cpuPerWrite.nbdkit).toFixed(1)} us; runs pcache ${cpuPerWrite.pcache.map((v) => v.toFixed(1)).join(' ')} | nbdkit ${cpuPerWrite.nbdkit.map((v) => v.toFixed(1)).join(' ')}`);
