@@ -11,7 +11,7 @@
 # alternates. Prints each run's IOPS and the server's CPU per client write (user + system, all
 # threads, /proc/PID/stat), and per pair B/A for both. Compare medians of the pair ratios, and
 # calibrate with an A/A run (the same build twice) first: on a shared 2-CPU VM the pair ratios
-# of two identical servers spread by +-10% (docs/performance.md, "Steady state").
+# of two identical servers spread from 0.95 to 1.07 (docs/performance.md, "At the edge").
 set -u
 treeA=$1; envA=$2; treeB=$3; envB=$4; pairs=$5; seconds=$6
 dir=$(mktemp -d /dev/shm/pcache-ab2.XXXXXX)

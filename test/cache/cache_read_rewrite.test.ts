@@ -62,37 +62,36 @@ function counters(cache: Cache): { fragmentRewrites: number; fragmentRewriteByte
 
 describe('fragmented dirty reads rewritten', () => {
   for (const dataCrc of [false, true]) {
-  it(`the second read of 32 dirty pieces stores them again as one piece; the device reads the same before and after a restart, and after writeback${dataCrc ? ' (data CRC)' : ''}`, async () => {
-    const cacheDevice = new MemoryDevice(cacheBytesFor(32));
-    const backing = new MemoryDevice(64 * MiB);
-    let cache = await open(cacheDevice, backing, {}, dataCrc);
-    await layDown(cache, firstTag);
-    assert.equal(entries(cache).length, pieces);
-    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
-    assert.equal(counters(cache).fragmentRewrites, 0, 'a first read is not rewritten');
-    assert.equal(entries(cache).length, pieces);
-    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
-    assert.deepEqual(counters(cache), { ...counters(cache), fragmentRewrites: 1, fragmentRewriteBytes: rangeBytes });
-    // One key over the whole range; with data CRC, keys of at most keyMaxBytes (32 KiB) each.
-    const keyKiB = Math.min(rangeBytes, cache.internals.ctx.keyMaxBytes) / KiB;
-    const rewritten = Array.from({ length: rangeBytes / KiB / keyKiB }, (_, i) => [i * keyKiB, keyKiB]);
-    assert.deepEqual(entries(cache), rewritten, 'the range in as few keys as keys may be long');
-    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
-    assert.equal(counters(cache).fragmentRewrites, 1, 'one piece is not rewritten again');
-    // The rewrite is in the log like a write: after an unclean stop, replay finds it.
-    await cache.flush();
-    cache.abandon();
-    cache = await open(cacheDevice, backing, {}, dataCrc);
-    assert.deepEqual(entries(cache), rewritten);
-    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
-    assert.deepEqual(await cache.check(), [], 'the structural checker agrees with the running cache');
-    await cache.drain();
-    const onBacking = Buffer.alloc(rangeBytes);
-    await backing.read(onBacking, 0);
-    assert.ok(onBacking.equals(expected()), 'writeback wrote the range');
-    await cache.close();
-  });
-
+    it(`the second read of 32 dirty pieces stores them again as one piece; the device reads the same before and after a restart, and after writeback${dataCrc ? ' (data CRC)' : ''}`, async () => {
+      const cacheDevice = new MemoryDevice(cacheBytesFor(32));
+      const backing = new MemoryDevice(64 * MiB);
+      let cache = await open(cacheDevice, backing, {}, dataCrc);
+      await layDown(cache, firstTag);
+      assert.equal(entries(cache).length, pieces);
+      assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+      assert.equal(counters(cache).fragmentRewrites, 0, 'a first read is not rewritten');
+      assert.equal(entries(cache).length, pieces);
+      assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+      assert.deepEqual(counters(cache), { ...counters(cache), fragmentRewrites: 1, fragmentRewriteBytes: rangeBytes });
+      // One key over the whole range; with data CRC, keys of at most keyMaxBytes (32 KiB) each.
+      const keyKiB = Math.min(rangeBytes, cache.internals.ctx.keyMaxBytes) / KiB;
+      const rewritten = Array.from({ length: rangeBytes / KiB / keyKiB }, (_, i) => [i * keyKiB, keyKiB]);
+      assert.deepEqual(entries(cache), rewritten, 'the range in as few keys as keys may be long');
+      assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+      assert.equal(counters(cache).fragmentRewrites, 1, 'one piece is not rewritten again');
+      // The rewrite is in the log like a write: after an unclean stop, replay finds it.
+      await cache.flush();
+      cache.abandon();
+      cache = await open(cacheDevice, backing, {}, dataCrc);
+      assert.deepEqual(entries(cache), rewritten);
+      assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+      assert.deepEqual(await cache.check(), [], 'the structural checker agrees with the running cache');
+      await cache.drain();
+      const onBacking = Buffer.alloc(rangeBytes);
+      await backing.read(onBacking, 0);
+      assert.ok(onBacking.equals(expected()), 'writeback wrote the range');
+      await cache.close();
+    });
   }
 
   it('writes and trims that land while the rewrite is written keep their data; the rewrite fills around them', async () => {
