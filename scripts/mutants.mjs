@@ -1,13 +1,15 @@
-// Is the crash simulator a net? Puts five small, plausible bugs into crash-critical code, one
-// at a time, each in its own copy of the tree, builds the copy, runs the crash simulator's test
-// files there (the ones `npm test` runs) and reports each bug as caught (a crash test failed)
-// or survived (every one passed). Not part of `npm test`: each survivor costs a whole crash
+// Is the crash simulator a net? Puts small, plausible bugs into crash-critical code, one at a
+// time, each in its own copy of the tree, builds the copy, runs the crash simulator's test
+// files there (the ones `npm test` runs; for a mutant that names its own files, those) and
+// reports each bug as caught (a test failed) or survived (every one passed). Not part of `npm test`: each survivor costs a whole crash
 // tier (about ten minutes); a caught bug usually fails within seconds.
 //
 // Usage: node scripts/mutants.mjs [--only a,b,...] [--tests file,file,...] [--keep] [--control]
 //   --only     the mutants to run (ids below; default all)
-//   --tests    test files under test/ to run in each copy (default: the crash tier, kill test excluded)
-//   --control  also run the unmutated copy first (it must pass, or the verdicts mean nothing)
+//   --tests    test files under test/ to run in each copy (default: the mutant's own list if it
+//              has one, else the crash tier, kill test excluded)
+//   --control  also run the unmutated copy first, on every file the chosen mutants run (it must
+//              pass, or the verdicts mean nothing)
 //   --keep     keep the copies (under $TMPDIR/pcache-mutants-*) to look at afterwards
 // Prints one line per mutant and a summary; exits 1 if any mutant survived.
 //
@@ -22,7 +24,7 @@ import { parseArgs } from 'node:util';
 
 const root = resolve(import.meta.dirname, '..');
 
-/** The five bugs of issue 19 that the crash simulator used to miss. */
+/** The five bugs of issue 19 that the crash simulator used to miss (a-e), and issue 16's (f-h). */
 const mutants = [
   {
     id: 'a',
@@ -83,6 +85,49 @@ const mutants = [
     find: '      if ((flags & keyFlagEmpty) !== 0) {\n        this.addMiss(walk, target, request, position, pieceEnd, false);\n      } else if ((flags & keyFlagZero) !== 0) {',
     replace: '      if ((flags & keyFlagZero) !== 0) {',
   },
+  // Issue 16's writeback and read shortcuts: each trades work for an argument about ordering
+  // or durability, and a bug in one would lose data only in some crash or some interleaving.
+  {
+    id: 'f',
+    name: 'strict writeback skips superseded data across an EPOCH_END',
+    file: 'src/cache/cache_writeback.ts',
+    tests: ['cache/crash/crash_absorb.test.ts', 'cache/crash/crash_rewrite.test.ts'],
+    find: "    return this.ctx.tuning.writebackOrdering === 'relaxed' || this.log.lastEpochEndSeq < start.seq;",
+    replace: "    return this.ctx.tuning.writebackOrdering === 'relaxed' || this.log.lastEpochEndSeq < start.seq || start.seq >= 0;",
+  },
+  {
+    id: 'g',
+    name: 'writeback skips superseded data without first making the newer keys durable',
+    file: 'src/cache/cache_writeback.ts',
+    tests: ['cache/crash/crash_absorb.test.ts', 'cache/crash/crash_rewrite.test.ts'],
+    find: '      const committed = plan.skippedBytes > 0 ? this.log.commitAppended() : undefined;',
+    replace: '      const committed = plan.skippedBytes < 0 ? this.log.commitAppended() : undefined;',
+  },
+  {
+    id: 'h',
+    name: 'a fragmented read takes a piece in the kset at dirty_tail for written back (gathers stale backing data)',
+    file: 'src/cache/cache_read_gather.ts',
+    // A read bug, not a crash bug: the tests of the gather rule and the engine's model test.
+    tests: ['cache/cache_read_gather.test.ts', 'cache/cache_model.test.ts'],
+    find: '  return (flags & keyFlagClean) !== 0 || (ctx.segments.dirtySeq[segment] ?? 0) < ctx.dirtyTail.seq;',
+    replace: '  return (flags & keyFlagClean) !== 0 || (ctx.segments.dirtySeq[segment] ?? 0) <= ctx.dirtyTail.seq;',
+  },
+  {
+    id: 'i',
+    name: 'a strict writeback round runs past an EPOCH_END',
+    file: 'src/cache/cache_writeback.ts',
+    tests: ['cache/crash/crash_absorb.test.ts', 'cache/crash/crash_rewrite.test.ts'],
+    find: "stopAtEpochEnd: ctx.tuning.writebackOrdering === 'strict'",
+    replace: 'stopAtEpochEnd: false',
+  },
+  {
+    id: 'j',
+    name: 'a gathered read copies an overlay piece from its segment after GC freed it',
+    file: 'src/cache/cache_read_gather.ts',
+    tests: ['cache/cache_read_gather.test.ts', 'cache/cache_model.test.ts', 'cache/crash/crash_more.test.ts'],
+    find: '    else if (ctx.segments.genLow32(piece.segment) !== piece.genLow32) (reads ??= []).push(ctx.backing.read(part, piece.offsetBytes));',
+    replace: '    else if (ctx.segments.genLow32(piece.segment) !== piece.genLow32 && piece.zero) (reads ??= []).push(ctx.backing.read(part, piece.offsetBytes));',
+  },
 ];
 
 /** The crash tier, the quickest files first (a caught mutant stops at the first failing file). */
@@ -104,8 +149,11 @@ const chosen = values.only === undefined ? mutants : values.only.split(',').map(
   }
   return mutant;
 });
-const tests = values.tests === undefined ? defaultTests : values.tests.split(',');
-for (const test of tests) {
+/** The test files a mutant runs against: --tests, else its own list, else the crash tier. */
+const testsFor = (mutant) => values.tests?.split(',') ?? mutant?.tests ?? defaultTests;
+/** Every file some chosen mutant runs, in first-use order (what the control copy runs). */
+const allTests = [...new Set(chosen.flatMap((mutant) => testsFor(mutant)))];
+for (const test of allTests) {
   if (!existsSync(join(root, 'test', test))) {
     console.error(`no test file test/${test}`);
     process.exit(2);
@@ -133,7 +181,7 @@ function build(dir) {
 }
 
 /** Runs the test files one after another; stops at the first that fails. */
-function runTests(dir, label) {
+function runTests(dir, label, tests) {
   for (const test of tests) {
     const started = performance.now();
     const file = join('dist/test', test.replace(/\.ts$/, '.js'));
@@ -155,7 +203,7 @@ if (values.control) {
   const dir = makeCopy(undefined);
   try {
     build(dir);
-    const outcome = runTests(dir, 'control');
+    const outcome = runTests(dir, 'control', allTests);
     if (outcome.caught) {
       console.log(`control: FAILED in ${outcome.by}: ${outcome.first}`);
       process.exit(1);
@@ -170,7 +218,7 @@ for (const mutant of chosen) {
   const dir = makeCopy(mutant);
   try {
     build(dir);
-    const outcome = runTests(dir, mutant.id);
+    const outcome = runTests(dir, mutant.id, testsFor(mutant));
     const seconds = Math.round((performance.now() - started) / 1000);
     const verdict = outcome.caught ? `caught by ${outcome.by} in ${seconds} s: ${outcome.first}` : `SURVIVED (${seconds} s)`;
     console.log(`mutant ${mutant.id} (${mutant.name}): ${verdict}`);
