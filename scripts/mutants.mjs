@@ -11,6 +11,9 @@
 //   --control  also run the unmutated copy first, on every file the chosen mutants run (it must
 //              pass, or the verdicts mean nothing)
 //   --keep     keep the copies (under $TMPDIR/pcache-mutants-*) to look at afterwards
+//   --check    only check that every chosen mutant still applies (its text occurs once in its
+//              file, its test files exist) and exit: 0 if all do, 1 if not (`npm test` runs this)
+//   --root     the tree to mutate (default: this repository)
 // Prints one line per mutant and a summary; exits 1 if any mutant survived.
 //
 // Each mutant is a text substitution that must match exactly once in its file, so a change to
@@ -22,7 +25,6 @@ import { join, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 
-const root = resolve(import.meta.dirname, '..');
 
 /** The five bugs of issue 19 that the crash simulator used to miss (a-e), and issue 16's (f-h). */
 const mutants = [
@@ -37,8 +39,9 @@ const mutants = [
     id: 'b',
     name: 'SegmentTable.allocate hands out a free segment without bumping its generation',
     file: 'src/cache/cache_segment.ts',
-    find: '    this.kind[segment] = kind;\n    this.gen[segment] = (this.gen[segment] ?? 0) + 1;\n    return segment;',
-    replace: '    this.kind[segment] = kind;\n    return segment;',
+    // (The hit count reset after it came with the second chance's skipping of unread segments.)
+    find: '    this.kind[segment] = kind;\n    this.gen[segment] = (this.gen[segment] ?? 0) + 1;\n    this.hit[segment] = 0;',
+    replace: '    this.kind[segment] = kind;\n    this.hit[segment] = 0;',
   },
   {
     id: 'c',
@@ -139,8 +142,11 @@ const { values } = parseArgs({
     tests: { type: 'string' },
     keep: { type: 'boolean', default: false },
     control: { type: 'boolean', default: false },
+    check: { type: 'boolean', default: false },
+    root: { type: 'string' },
   },
 });
+const root = resolve(values.root ?? join(import.meta.dirname, '..'));
 const chosen = values.only === undefined ? mutants : values.only.split(',').map((id) => {
   const mutant = mutants.find((m) => m.id === id);
   if (mutant === undefined) {
@@ -153,6 +159,25 @@ const chosen = values.only === undefined ? mutants : values.only.split(',').map(
 const testsFor = (mutant) => values.tests?.split(',') ?? mutant?.tests ?? defaultTests;
 /** Every file some chosen mutant runs, in first-use order (what the control copy runs). */
 const allTests = [...new Set(chosen.flatMap((mutant) => testsFor(mutant)))];
+
+/** How many times `mutant`'s text occurs in its file under `tree` (it applies when exactly once). */
+function occurrences(mutant, tree) {
+  const path = join(tree, mutant.file);
+  return existsSync(path) ? readFileSync(path, 'utf8').split(mutant.find).length - 1 : 0;
+}
+
+if (values.check) {
+  const problems = [];
+  for (const mutant of chosen) {
+    const count = occurrences(mutant, root);
+    if (count !== 1) problems.push(`mutant ${mutant.id} (${mutant.name}): its text occurs ${count} times in ${mutant.file} (must be once)`);
+    for (const test of testsFor(mutant)) if (!existsSync(join(root, 'test', test))) problems.push(`mutant ${mutant.id}: no test file test/${test}`);
+  }
+  for (const problem of problems) console.log(problem);
+  console.log(problems.length === 0 ? `${chosen.length} mutants apply: ${chosen.map((m) => m.id).join(', ')}` : 'update scripts/mutants.mjs');
+  process.exit(problems.length === 0 ? 0 : 1);
+}
+
 for (const test of allTests) {
   if (!existsSync(join(root, 'test', test))) {
     console.error(`no test file test/${test}`);
@@ -166,11 +191,10 @@ function makeCopy(mutant) {
   for (const entry of ['src', 'sim', 'test', 'bench', 'scripts', 'tsconfig.json', 'package.json']) cpSync(join(root, entry), join(dir, entry), { recursive: true });
   symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'));
   if (mutant !== undefined) {
-    const path = join(dir, mutant.file);
-    const text = readFileSync(path, 'utf8');
-    const count = text.split(mutant.find).length - 1;
+    const count = occurrences(mutant, dir);
     if (count !== 1) throw new Error(`mutant ${mutant.id}: the text to replace occurs ${count} times in ${mutant.file} (must be once); update scripts/mutants.mjs`);
-    writeFileSync(path, text.replace(mutant.find, mutant.replace));
+    const path = join(dir, mutant.file);
+    writeFileSync(path, readFileSync(path, 'utf8').replace(mutant.find, mutant.replace));
   }
   return dir;
 }
