@@ -1,10 +1,11 @@
 // Is the crash simulator a net? Puts small, plausible bugs into crash-critical code, one at a
 // time, each in its own copy of the tree, builds the copy, runs the crash simulator's test
 // files there (the ones `npm test` runs; for a mutant that names its own files, those) and
-// reports each bug as caught (a test failed) or survived (every one passed). Not part of `npm test`: each survivor costs a whole crash
-// tier (about ten minutes); a caught bug usually fails within seconds.
+// reports each bug as caught (a test failed) or survived (every one passed). Not part of `npm
+// test` (only --check is): each survivor costs a whole crash tier (about ten minutes); a caught
+// bug usually fails within seconds.
 //
-// Usage: node scripts/mutants.mjs [--only a,b,...] [--tests file,file,...] [--keep] [--control]
+// Usage: node scripts/mutants.mjs [--only a,b,...] [--tests file,file,...] [--keep] [--control] [--check] [--root DIR]
 //   --only     the mutants to run (ids below; default all)
 //   --tests    test files under test/ to run in each copy (default: the mutant's own list if it
 //              has one, else the crash tier, kill test excluded)
@@ -25,8 +26,7 @@ import { join, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 
-
-/** The five bugs of issue 19 that the crash simulator used to miss (a-e), and issue 16's (f-h). */
+/** The five bugs of issue 19 that the crash simulator used to miss (a-e), and issue 16's (f-j). */
 const mutants = [
   {
     id: 'a',

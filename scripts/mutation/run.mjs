@@ -1,5 +1,5 @@
 // Mutation testing of the crash-critical code with StrykerJS (its command runner), outside
-// `npm test`: `npm run test:mutation -- [--scope ondisk|cache|ondisk-all|cache-all] [--mutate GLOBS] [--concurrency N]`.
+// `npm test`: `npm run test:mutation -- [--scope ondisk|cache|ondisk-all|cache-all|gc-sim|absorb] [--mutate GLOBS] [--concurrency N]`.
 // Each scope names the files mutated and the tests run against every mutant (docs/testing.md,
 // "Mutation testing"): the tests that target that code and finish in seconds, since each
 // mutant costs one run of them. The report goes to reports/mutation/<scope>.json and the
@@ -26,6 +26,13 @@ const scopes = {
   // GC's round (what it passes, when key_tail is persisted, what it frees) against the crash
   // simulator's GC file alone: is the simulator, not the unit tests, a net for it?
   'gc-sim': { mutate: ['src/cache/cache_gc.ts:106-116'], tests: ['cache/crash/crash_gc.test.js'] },
+  // Issue 16's shortcuts: writeback's plan from the live index (what it skips as superseded),
+  // the gathered read and the rewrite of fragmented dirty data, against their unit tests and
+  // the crash file that runs writeback under both orderings (about 8 s per mutant).
+  absorb: {
+    mutate: ['cache_writeback_plan', 'cache_read_gather', 'cache_read_rewrite'].map((name) => `src/cache/${name}.ts`),
+    tests: ['cache/cache_writeback_absorb.test.js', 'cache/cache_read_gather.test.js', 'cache/cache_read_rewrite.test.js', 'cache/crash/crash_absorb.test.js'],
+  },
 };
 
 const { values } = parseArgs({
