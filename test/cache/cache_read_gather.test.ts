@@ -155,6 +155,56 @@ describe('fragmented reads', () => {
     await cache.close();
   });
 
+  it('a read at an offset, starting and ending inside keys, on a cache device that completes later', async () => {
+    // Where an overlay piece lies in its segment and in the reply is computed from the key it
+    // starts inside and from the request's offset; on an asynchronous cache device its data
+    // arrives after the backing read's and must still land on top of it (the cache device holds
+    // the overlay's reads until the backing read is done). The pieces here start at 8 MiB, and
+    // the read starts inside a newer 8 KiB key and ends inside a piece.
+    const timers = new ManualTimers();
+    const cacheDevice = new GatedDevice(new MemoryDevice(cacheBytesFor(8)));
+    const cache = await Cache.open({
+      cacheDevice, backingDevice: new MemoryDevice(pattern(backingTag, 0, 64 * MiB)), background: false, timers,
+      tuning: { sequentialCutoffBytes: 0 },
+      formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, gcPercent: 0 },
+    });
+    assert.equal(cache.internals.ctx.dev.synchronous, false, 'the cache device completes its I/O later');
+    const base = 8 * MiB;
+    const truth = Buffer.alloc(readBytesTotal);
+    for (const i of scrambled()) {
+      const data = pattern(firstTag, base + i * piece, piece);
+      await cache.write(data, base + i * piece);
+      truth.set(data, i * piece);
+    }
+    await cache.write(Buffer.alloc(MiB, 0x77), 32 * MiB);
+    await cache.drain();
+    const newer = async (at: number, length: number): Promise<void> => {
+      const data = pattern(newerTag, base + at, length);
+      await cache.write(data, base + at);
+      truth.set(data, at);
+    };
+    await newer(4 * KiB, 8 * KiB); // the read starts in its second half
+    await newer(40 * KiB, 8 * KiB);
+    await cache.writeZeroes(base + 64 * KiB, piece);
+    truth.fill(0, 64 * KiB, 64 * KiB + piece);
+    const from = 8 * KiB;
+    const to = 118 * KiB; // inside piece 29
+    const before = cache.status().counters.readGathers;
+    const out = Buffer.alloc(to - from);
+    cacheDevice.gated = true;
+    let done = false;
+    const reading = Promise.resolve(cache.read(out, base + from)).then(() => { done = true; });
+    await settle();
+    assert.equal(cacheDevice.heldReads, 2, 'the overlay\'s two data pieces wait on the cache device (the ZERO piece reads nothing)');
+    assert.equal(done, false, 'the read waits for them');
+    cacheDevice.gated = false;
+    cacheDevice.release();
+    await reading;
+    assert.equal(cache.status().counters.readGathers - before, 1, 'served by one backing read');
+    assert.ok(out.equals(truth.subarray(from, to)), 'the newest data of every byte, each in its place');
+    await cache.close();
+  });
+
   it('an overlay piece whose segment is freed and reused during the backing read comes from the backing device', async () => {
     const gated = new GatedDevice(new MemoryDevice(pattern(backingTag, 0, 64 * MiB)));
     const rig = await openOver(gated);
