@@ -58,11 +58,11 @@ async function rigOverBacking(): Promise<Rig> {
   return openRig({ backing: new MemoryDevice(pattern(backingTag, 0, 64 * MiB)), format: { gcPercent: 0 } });
 }
 
-/** A cache of eight 1 MiB segments (GC at any fill) over `backing`, no background work; as much of a Rig as these tests use. */
-async function openOver(backing: BlockDevice): Promise<Rig> {
+/** A cache of eight 1 MiB segments (GC at any fill) on `cacheDevice` over `backing`, no background work; as much of a Rig as these tests use. */
+async function openOver(backing: BlockDevice, cacheDevice: BlockDevice = new MemoryDevice(cacheBytesFor(8))): Promise<Rig> {
   const timers = new ManualTimers();
   const cache = await Cache.open({
-    cacheDevice: new MemoryDevice(cacheBytesFor(8)), backingDevice: backing, background: false, timers,
+    cacheDevice, backingDevice: backing, background: false, timers,
     tuning: { sequentialCutoffBytes: 0 }, // the filler writes are sequential and must go into the cache
     formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, gcPercent: 0 },
   });
@@ -161,13 +161,8 @@ describe('fragmented reads', () => {
     // arrives after the backing read's and must still land on top of it (the cache device holds
     // the overlay's reads until the backing read is done). The pieces here start at 8 MiB, and
     // the read starts inside a newer 8 KiB key and ends inside a piece.
-    const timers = new ManualTimers();
     const cacheDevice = new GatedDevice(new MemoryDevice(cacheBytesFor(8)));
-    const cache = await Cache.open({
-      cacheDevice, backingDevice: new MemoryDevice(pattern(backingTag, 0, 64 * MiB)), background: false, timers,
-      tuning: { sequentialCutoffBytes: 0 },
-      formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, gcPercent: 0 },
-    });
+    const { cache } = await openOver(new MemoryDevice(pattern(backingTag, 0, 64 * MiB)), cacheDevice);
     assert.equal(cache.internals.ctx.dev.synchronous, false, 'the cache device completes its I/O later');
     const base = 8 * MiB;
     const truth = Buffer.alloc(readBytesTotal);
