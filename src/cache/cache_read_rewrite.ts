@@ -140,7 +140,9 @@ export class FragmentRewriter {
     const ctx = this.ctx;
     if (pieces.dirty < ctx.tuning.fragmentedRewritePieces || !this.recent.seenBefore(offsetBytes) || !this.roomFor(data.length)) return;
     const table = pieces.snapshot();
-    const source = ctx.dev.synchronous ? data : data.slice();
+    // A copy when the device writes later: the reader may reuse its buffer as soon as its read
+    // returns. new Uint8Array(view) copies whatever `data` is; a Buffer's slice() would not.
+    const source = ctx.dev.synchronous ? data : new Uint8Array(data);
     void this.rewrite(source, offsetBytes, table).catch((error: unknown) => {
       if (!isPcacheError(error)) throw error;
       ctx.stats.cacheIoErrors++;

@@ -5,6 +5,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import type { BlockDevice } from '../../src/device/block_device.js';
+import { PcacheError } from '../../src/lib/errors.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache } from '../../src/cache/cache.js';
 import type { CacheTuning } from '../../src/cache/cache_tuning.js';
@@ -35,6 +36,21 @@ async function layDown(cache: Cache, tag: number): Promise<void> {
   }
 }
 
+/** Writes `count` pieces from `start` with `tag`, one 4 KiB write each, in a scrambled order (7 is prime to every count used). */
+async function layDownAt(cache: Cache, tag: number, start: number, count: number): Promise<void> {
+  for (let i = 0; i < count; i++) {
+    const at = start + ((i * 7) % count) * piece;
+    await cache.write(pattern(tag, at, piece), at);
+  }
+}
+
+/** What `count` pieces from `start` laid down with `tag` read as. */
+function patternRun(tag: number, start: number, count: number): Buffer {
+  const out = Buffer.alloc(count * piece);
+  for (let i = 0; i < count; i++) out.set(pattern(tag, start + i * piece, piece), i * piece);
+  return out;
+}
+
 /** What the range must read as: `firstTag` but where `exceptions` say otherwise. */
 function expected(exceptions: Map<number, number | 'zero'> = new Map()): Buffer {
   const out = Buffer.alloc(rangeBytes);
@@ -45,12 +61,12 @@ function expected(exceptions: Map<number, number | 'zero'> = new Map()): Buffer 
   return out;
 }
 
-/** The index entries over the range, as [start, length] pairs in KiB. */
-function entries(cache: Cache): number[][] {
-  const subtree = cache.internals.ctx.index.subtree(0, false);
+/** The index entries over [start, end) (one subtree; the first range by default), as [start, length] pairs in KiB. */
+function entries(cache: Cache, start = 0, end = rangeBytes): number[][] {
+  const subtree = cache.internals.ctx.index.subtree(start, false);
   assert.ok(subtree !== undefined);
   const out: number[][] = [];
-  for (let index = subtree.seek(0); index < subtree.count && subtree.start(index) < rangeBytes; index++) {
+  for (let index = subtree.seek(start); index < subtree.count && subtree.start(index) < end; index++) {
     out.push([subtree.start(index) / KiB, subtree.length(index) / KiB]);
   }
   return out;
@@ -94,43 +110,47 @@ describe('fragmented dirty reads rewritten', () => {
     });
   }
 
-  it('writes and trims that land while the rewrite is written keep their data; the rewrite fills around them', async () => {
-    const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
-    const backing = new MemoryDevice(64 * MiB);
-    const cache = await open(device, backing);
-    await layDown(cache, firstTag);
-    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
-    device.holdWrites = true;
-    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
-    await settle();
-    assert.equal(device.heldWrites.length, 1, 'the rewrite\'s data write is out');
-    // A write of piece 5 and of pieces 20-21 that publish before the rewrite does, a trim of piece 9.
-    const written = cache.write(pattern(newerTag, 5 * piece, piece), 5 * piece);
-    const writtenTwo = cache.write(pattern(newerTag, 20 * piece, 2 * piece), 20 * piece);
-    await settle();
-    device.releaseWrite(piece);
-    device.releaseWrite(2 * piece);
-    await Promise.all([written, writtenTwo]);
-    await cache.trim(9 * piece, piece);
-    // A write queued after the rewrite that publishes after it: it wins as any newer write does.
-    const late = cache.write(pattern(newerTag, 30 * piece, piece), 30 * piece);
-    await settle();
-    device.releaseWrite(rangeBytes);
-    await settle();
-    device.releaseWrites();
-    await late;
-    await settle();
-    const want = expected(new Map<number, number | 'zero'>([[5, newerTag], [9, 'zero'], [20, newerTag], [21, newerTag], [30, newerTag]]));
-    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(want));
-    assert.equal(counters(cache).fragmentRewrites, 1);
-    assert.equal(counters(cache).fragmentRewriteBytes, rangeBytes - 4 * piece, 'everything but the pieces written or trimmed before it published');
-    assert.deepEqual(entries(cache), [[0, 20], [20, 4], [24, 12], [36, 4], [40, 40], [80, 8], [88, 32], [120, 4], [124, 4]]);
-    await cache.drain();
-    const onBacking = Buffer.alloc(rangeBytes);
-    await backing.read(onBacking, 0);
-    assert.ok(onBacking.equals(want));
-    await cache.close();
-  });
+  for (const dataCrc of [false, true]) {
+    it(`writes and trims that land while the rewrite is written keep their data; the rewrite fills around them${dataCrc ? ' (data CRC: 32 KiB keys, each run its own CRC)' : ''}`, async () => {
+      const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
+      const backing = new MemoryDevice(64 * MiB);
+      const cache = await open(device, backing, {}, dataCrc);
+      const partBytes = Math.min(rangeBytes, cache.internals.ctx.keyMaxBytes);
+      await layDown(cache, firstTag);
+      assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+      device.holdWrites = true;
+      assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+      await settle();
+      assert.equal(device.heldWrites.length, rangeBytes / partBytes, 'the rewrite\'s data writes are out');
+      // A write of piece 5 and of pieces 20-21 that publish before the rewrite does, a trim of piece 9.
+      const written = cache.write(pattern(newerTag, 5 * piece, piece), 5 * piece);
+      const writtenTwo = cache.write(pattern(newerTag, 20 * piece, 2 * piece), 20 * piece);
+      await settle();
+      device.releaseWrite(piece);
+      device.releaseWrite(2 * piece);
+      await Promise.all([written, writtenTwo]);
+      await cache.trim(9 * piece, piece);
+      // A write queued after the rewrite that publishes after it: it wins as any newer write does.
+      const late = cache.write(pattern(newerTag, 30 * piece, piece), 30 * piece);
+      await settle();
+      for (let part = 0; part < rangeBytes / partBytes; part++) device.releaseWrite(partBytes);
+      await settle();
+      device.releaseWrites();
+      await late;
+      await settle();
+      const want = expected(new Map<number, number | 'zero'>([[5, newerTag], [9, 'zero'], [20, newerTag], [21, newerTag], [30, newerTag]]));
+      assert.ok((await readBytes(cache, 0, rangeBytes)).equals(want));
+      assert.equal(counters(cache).fragmentRewrites, 1);
+      assert.equal(counters(cache).fragmentRewriteBytes, rangeBytes - 4 * piece, 'everything but the pieces written or trimmed before it published');
+      if (!dataCrc) assert.deepEqual(entries(cache), [[0, 20], [20, 4], [24, 12], [36, 4], [40, 40], [80, 8], [88, 32], [120, 4], [124, 4]]);
+      assert.deepEqual(await cache.check(), [], 'segment references and the log agree with the device');
+      await cache.drain();
+      const onBacking = Buffer.alloc(rangeBytes);
+      await backing.read(onBacking, 0);
+      assert.ok(onBacking.equals(want));
+      await cache.close();
+    });
+  }
 
   it('reads at other offsets do not count; the oldest offsets are forgotten beyond the bound', async () => {
     const cache = await open(new MemoryDevice(cacheBytesFor(32)), new MemoryDevice(64 * MiB));
@@ -170,5 +190,214 @@ describe('fragmented dirty reads rewritten', () => {
       assert.equal(entries(cache).length, pieces, what);
       await cache.close();
     }
+  });
+});
+
+/** A cache device whose writes of exactly `failBytes` fail with EIO: a rewrite's data write, and nothing else the tests do. */
+class FailingRewriteDevice implements BlockDevice {
+  readonly sizeBytes: number;
+  readonly identity = undefined;
+  readonly blocking = undefined;
+
+  constructor(readonly inner: MemoryDevice, readonly failBytes: number) {
+    this.sizeBytes = inner.sizeBytes;
+  }
+
+  read(target: Uint8Array, offsetBytes: number): Promise<void> {
+    return this.inner.read(target, offsetBytes);
+  }
+
+  async write(source: Uint8Array, offsetBytes: number): Promise<void> {
+    if (source.length === this.failBytes) throw new PcacheError('EIO', 'injected write failure');
+    await this.inner.write(source, offsetBytes);
+  }
+
+  sync(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.inner.discard(offsetBytes, lengthBytes);
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+describe('fragmented dirty reads rewritten: the edges', () => {
+  it('a 4 MiB read of 1,024 dirty pieces is rewritten (its piece table outgrows its first size); one of 4 MiB + 4 KiB is not', async () => {
+    const count = (4 * MiB) / piece;
+    const cache = await open(new MemoryDevice(cacheBytesFor(32)), new MemoryDevice(64 * MiB));
+    await layDownAt(cache, firstTag, 0, count);
+    for (let read = 0; read < 2; read++) assert.ok((await readBytes(cache, 0, 4 * MiB)).equals(patternRun(firstTag, 0, count)));
+    assert.equal(counters(cache).fragmentRewrites, 1);
+    assert.equal(counters(cache).fragmentRewriteBytes, 4 * MiB, 'every piece of the table matched');
+    // One key per segment the rewrite's data went to (a segment holds less than 1 MiB of data).
+    const keys = entries(cache, 0, 4 * MiB);
+    assert.ok(keys.length <= Math.ceil((4 * MiB) / cache.internals.ctx.dev.dataSizeBytes) + 1, `${keys.length} keys`);
+    assert.deepEqual(keys.map(([start]) => start), keys.map((_, i) => keys.slice(0, i).reduce((sum, [, length]) => sum + (length ?? 0), 0)), 'back to back');
+    assert.equal(keys.reduce((sum, [, length]) => sum + (length ?? 0), 0), 4096);
+    assert.ok((await readBytes(cache, 0, 4 * MiB)).equals(patternRun(firstTag, 0, count)));
+    assert.deepEqual(await cache.check(), []);
+    await cache.close();
+
+    const larger = await open(new MemoryDevice(cacheBytesFor(32)), new MemoryDevice(64 * MiB));
+    await layDownAt(larger, firstTag, 8 * MiB, count + 1);
+    for (let read = 0; read < 2; read++) assert.ok((await readBytes(larger, 8 * MiB, 4 * MiB + piece)).equals(patternRun(firstTag, 8 * MiB, count + 1)));
+    assert.equal(counters(larger).fragmentRewrites, 0, 'past rewriteRequestBytesMax');
+    await larger.close();
+  });
+
+  it('exactly fragmented_rewrite_pieces dirty pieces are enough', async () => {
+    const cache = await open(new MemoryDevice(cacheBytesFor(32)), new MemoryDevice(64 * MiB), { fragmentedRewritePieces: pieces });
+    await layDown(cache, firstTag);
+    for (let read = 0; read < 2; read++) assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    assert.equal(counters(cache).fragmentRewrites, 1);
+    await cache.close();
+  });
+
+  it('a range across a 4 MiB subtree boundary is rewritten as one key on each side', async () => {
+    const start = 4 * MiB - rangeBytes / 2;
+    const cache = await open(new MemoryDevice(cacheBytesFor(32)), new MemoryDevice(64 * MiB));
+    await layDownAt(cache, firstTag, start, pieces);
+    for (let read = 0; read < 2; read++) assert.ok((await readBytes(cache, start, rangeBytes)).equals(patternRun(firstTag, start, pieces)));
+    assert.equal(counters(cache).fragmentRewriteBytes, rangeBytes);
+    assert.deepEqual(entries(cache, start, 4 * MiB), [[start / KiB, rangeBytes / 2 / KiB]]);
+    assert.deepEqual(entries(cache, 4 * MiB, start + rangeBytes), [[4 * 1024, rangeBytes / 2 / KiB]]);
+    assert.deepEqual(await cache.check(), []);
+    await cache.close();
+  });
+
+  it('a ZERO piece is rewritten as zeroes while it stays ZERO, and keeps data written over it meanwhile', async () => {
+    // Still ZERO when the rewrite publishes: the whole range becomes one key.
+    let cache = await open(new MemoryDevice(cacheBytesFor(32)), new MemoryDevice(64 * MiB));
+    await layDown(cache, firstTag);
+    await cache.trim(9 * piece, piece);
+    const zeroed = expected(new Map<number, number | 'zero'>([[9, 'zero']]));
+    for (let read = 0; read < 2; read++) assert.ok((await readBytes(cache, 0, rangeBytes)).equals(zeroed));
+    assert.equal(counters(cache).fragmentRewriteBytes, rangeBytes);
+    assert.deepEqual(entries(cache), [[0, rangeBytes / KiB]]);
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(zeroed));
+    assert.deepEqual(await cache.check(), []);
+    await cache.close();
+
+    // Written while the rewrite's data is on its way: the newer data stays.
+    const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
+    cache = await open(device, new MemoryDevice(64 * MiB));
+    await layDown(cache, firstTag);
+    await cache.trim(9 * piece, piece);
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(zeroed));
+    device.holdWrites = true;
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(zeroed));
+    await settle();
+    const written = cache.write(pattern(newerTag, 9 * piece, piece), 9 * piece);
+    await settle();
+    device.releaseWrite(piece);
+    await written;
+    device.releaseWrites();
+    await settle();
+    const want = expected(new Map<number, number | 'zero'>([[9, newerTag]]));
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(want));
+    assert.equal(counters(cache).fragmentRewriteBytes, rangeBytes - piece);
+    assert.deepEqual(await cache.check(), []);
+    await cache.close();
+  });
+
+  it('a rewrite keeps its own copy of the data and of the piece table: the reader reuses its buffer and another rewrite starts meanwhile', async () => {
+    const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
+    const cache = await open(device, new MemoryDevice(64 * MiB));
+    const other = 2 * MiB;
+    await layDown(cache, firstTag);
+    await layDownAt(cache, newerTag, other, pieces);
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    assert.ok((await readBytes(cache, other, rangeBytes)).equals(patternRun(newerTag, other, pieces)));
+    device.holdWrites = true;
+    const buffer = Buffer.alloc(rangeBytes);
+    await cache.read(buffer, 0);
+    assert.ok(buffer.equals(expected()));
+    buffer.fill(0xee); // the client's buffer, reused once its read has returned
+    // The second rewrite's read records its pieces into the read path's table.
+    assert.ok((await readBytes(cache, other, rangeBytes)).equals(patternRun(newerTag, other, pieces)));
+    await settle();
+    assert.equal(device.heldWrites.length, 2, 'both rewrites\' data writes are out');
+    device.releaseWrites();
+    await settle();
+    assert.equal(counters(cache).fragmentRewrites, 2);
+    assert.equal(counters(cache).fragmentRewriteBytes, 2 * rangeBytes, 'each rewrite matched its own pieces');
+    assert.deepEqual(entries(cache), [[0, rangeBytes / KiB]]);
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()), 'the rewrite stored what the read returned');
+    assert.ok((await readBytes(cache, other, rangeBytes)).equals(patternRun(newerTag, other, pieces)));
+    assert.deepEqual(await cache.check(), []);
+    await cache.close();
+  });
+
+  it('a rewrite whose pieces were all overwritten meanwhile publishes nothing and returns its space', async () => {
+    const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
+    const cache = await open(device, new MemoryDevice(64 * MiB));
+    await layDown(cache, firstTag);
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    device.holdWrites = true;
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    await settle();
+    const written = cache.write(pattern(newerTag, 0, rangeBytes), 0);
+    await settle();
+    // The write's data first (the rewrite's, of the same length, went out before it).
+    assert.equal(device.heldWrites.length, 2);
+    device.heldWrites.splice(1, 1)[0]?.release();
+    await written;
+    device.releaseWrites();
+    await settle();
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(patternRun(newerTag, 0, pieces)));
+    assert.equal(counters(cache).fragmentRewrites, 0, 'nothing published is no rewrite');
+    assert.equal(counters(cache).fragmentRewriteBytes, 0);
+    assert.deepEqual(await cache.check(), [], 'the allocation\'s segment reference was returned');
+    await cache.close();
+  });
+
+  it('a rewrite whose data write fails changes nothing: the read is served, the error counted, the space returned', async () => {
+    const cache = await open(new FailingRewriteDevice(new MemoryDevice(cacheBytesFor(32)), rangeBytes), new MemoryDevice(64 * MiB));
+    await layDown(cache, firstTag);
+    for (let read = 0; read < 2; read++) assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    await settle();
+    assert.equal(cache.status().counters.cacheIoErrors, 1);
+    assert.equal(counters(cache).fragmentRewrites, 0);
+    assert.equal(entries(cache).length, pieces);
+    assert.deepEqual(await cache.check(), []);
+    await cache.close();
+  });
+
+  it('a rewrite that opens a new segment publishes only once that segment\'s generation is written', async () => {
+    const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
+    const cache = await open(device, new MemoryDevice(64 * MiB));
+    await layDown(cache, firstTag);
+    // Fill the head's segment up to half a range before its end, so the rewrite spans two segments.
+    // The head's segment holds the 32 pieces (in order of writing, from its start); fill it
+    // with other writes up to half a range before its end.
+    const filler = 8 * MiB;
+    const fillerBytes = cache.internals.ctx.dev.dataSizeBytes - rangeBytes - rangeBytes / 2;
+    for (let written = 0; written < fillerBytes;) {
+      const length = Math.min(64 * KiB, fillerBytes - written);
+      await cache.write(pattern(0x33, filler + written, length), filler + written);
+      written += length;
+    }
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    device.holdWrites = true;
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    await settle();
+    // The data of both parts, and the new segment's generation.
+    assert.equal(device.heldWrites.length, 3);
+    device.releaseWrite(rangeBytes / 2);
+    device.releaseWrite(rangeBytes / 2);
+    await settle();
+    assert.equal(counters(cache).fragmentRewrites, 0, 'not published before the generation is written');
+    assert.equal(entries(cache).length, pieces);
+    device.releaseWrites();
+    await settle();
+    assert.equal(counters(cache).fragmentRewriteBytes, rangeBytes);
+    assert.deepEqual(entries(cache), [[0, rangeBytes / KiB / 2], [rangeBytes / KiB / 2, rangeBytes / KiB / 2]]);
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    assert.deepEqual(await cache.check(), []);
+    await cache.close();
   });
 });
