@@ -178,7 +178,7 @@ export class Connection {
         structuredReplies: terms.structuredReplies,
         baseAllocationContextId: terms.baseAllocationContextId,
       });
-      this.input.push(adopted.leftover.slice());
+      this.input.push(new Uint8Array(adopted.leftover)); // a copy (a Buffer's slice() would be a view)
       for (const chunk of buffered) this.input.push(chunk);
       this.pump();
       if (this.inFlightCount === 0) this.replies.flush();
