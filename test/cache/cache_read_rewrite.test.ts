@@ -21,10 +21,10 @@ const firstTag = 0xa1;
 const newerTag = 0xa2;
 
 /** A cache of 32 segments of 1 MiB over a 64 MiB backing device, no background work. */
-async function open(cacheDevice: BlockDevice, backing: MemoryDevice, tuning: Partial<CacheTuning> = {}, dataCrc = false): Promise<Cache> {
+async function open(cacheDevice: BlockDevice, backing: MemoryDevice, tuning: Partial<CacheTuning> = {}, dataCrc = false, more: { gcPercent?: number; readOnly?: boolean } = {}): Promise<Cache> {
   return Cache.open({
-    cacheDevice, backingDevice: backing, background: false, timers: new ManualTimers(), tuning,
-    formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, gcPercent: 0, dataCrc },
+    cacheDevice, backingDevice: backing, background: false, timers: new ManualTimers(), tuning, readOnly: more.readOnly === true,
+    formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, gcPercent: more.gcPercent ?? 0, dataCrc },
   });
 }
 
@@ -228,9 +228,13 @@ class FailingRewriteDevice implements BlockDevice {
 describe('fragmented dirty reads rewritten: the edges', () => {
   it('a 4 MiB read of 1,024 dirty pieces is rewritten (its piece table outgrows its first size); one of 4 MiB + 4 KiB is not', async () => {
     const count = (4 * MiB) / piece;
-    const cache = await open(new MemoryDevice(cacheBytesFor(32)), new MemoryDevice(64 * MiB));
+    // A cache device that completes later: then every read records into a table of its own, so
+    // the table of the read that is rewritten grows while it records (a blocking device's reads
+    // share one table, which the first read grew already).
+    const cache = await open(new GatedDevice(new MemoryDevice(cacheBytesFor(32))), new MemoryDevice(64 * MiB));
     await layDownAt(cache, firstTag, 0, count);
     for (let read = 0; read < 2; read++) assert.ok((await readBytes(cache, 0, 4 * MiB)).equals(patternRun(firstTag, 0, count)));
+    await settle();
     assert.equal(counters(cache).fragmentRewrites, 1);
     assert.equal(counters(cache).fragmentRewriteBytes, 4 * MiB, 'every piece of the table matched');
     // One key per segment the rewrite's data went to (a segment holds less than 1 MiB of data).
@@ -399,5 +403,69 @@ describe('fragmented dirty reads rewritten: the edges', () => {
     assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
     assert.deepEqual(await cache.check(), []);
     await cache.close();
+  });
+
+  it('no rewrite that would reach GC\'s threshold or leave fewer than two segments free; a rewrite up to either is made', async () => {
+    /** A cache with the range laid down, then other dirty data until `used` segments are in use. */
+    const cacheUsing = async (segments: number, gcPercent: number, used: number): Promise<Cache> => {
+      const cache = await open(new MemoryDevice(cacheBytesFor(segments)), new MemoryDevice(64 * MiB), {}, false, { gcPercent });
+      await layDown(cache, firstTag);
+      for (let at = 8 * MiB; cache.internals.ctx.segments.usedCount < used; at += 64 * KiB) await cache.write(pattern(0x33, at, 64 * KiB), at);
+      assert.equal(cache.internals.ctx.segments.usedCount, used);
+      return cache;
+    };
+    const cases = [
+      // 25% of 32 segments: GC's threshold is 8 segments in use (the cache is not mostly clean); 30 free at most.
+      { segments: 32, gcPercent: 25, threshold: 8, used: 6, rewritten: true },
+      { segments: 32, gcPercent: 25, threshold: 8, used: 7, rewritten: false },
+      // No GC threshold: 8 segments, the rewrite's one and two more must stay free.
+      { segments: 8, gcPercent: 0, threshold: 0, used: 5, rewritten: true },
+      { segments: 8, gcPercent: 0, threshold: 0, used: 6, rewritten: false },
+    ];
+    for (const { segments, gcPercent, threshold, used, rewritten } of cases) {
+      const what = `${segments} segments, gc_percent ${gcPercent}, ${used} in use`;
+      const cache = await cacheUsing(segments, gcPercent, used);
+      assert.equal(cache.internals.ctx.gcThresholdSegments, threshold, what);
+      for (let read = 0; read < 2; read++) assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()), what);
+      assert.equal(counters(cache).fragmentRewrites, rewritten ? 1 : 0, what);
+      await cache.close();
+    }
+  });
+
+  it('no rewrite that would take dirty data past writeback_stop_percent; one that stays under it is made', async () => {
+    // 8 segments hold 7.9 MiB of data: the range and its rewrite (256 KiB dirty) are 3.2% of it.
+    for (const [stopPercent, rewrites] of [[3, 0], [4, 1]] as const) {
+      const tuning = { writebackStartPercent: stopPercent, writebackStopPercent: stopPercent };
+      const cache = await open(new MemoryDevice(cacheBytesFor(8)), new MemoryDevice(64 * MiB), tuning);
+      await layDown(cache, firstTag);
+      for (let read = 0; read < 2; read++) assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+      assert.equal(counters(cache).fragmentRewrites, rewrites, `writeback_stop_percent ${stopPercent}`);
+      await cache.close();
+    }
+  });
+
+  it('no rewrite in a cache opened read-only, nor by one abandoned while the rewrite\'s data was written', async () => {
+    const memory = new MemoryDevice(cacheBytesFor(32));
+    const backing = new MemoryDevice(64 * MiB);
+    const writer = await open(memory, backing);
+    await layDown(writer, firstTag);
+    await writer.close();
+    const reader = await open(memory, backing, {}, false, { readOnly: true });
+    for (let read = 0; read < 2; read++) assert.ok((await readBytes(reader, 0, rangeBytes)).equals(expected()));
+    assert.equal(counters(reader).fragmentRewrites, 0, 'read-only');
+    await reader.close();
+
+    const device = new GatedDevice(memory);
+    const cache = await open(device, backing);
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    device.holdWrites = true;
+    assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
+    await settle();
+    assert.equal(device.heldWrites.length, 2, 'the rewrite\'s data, and the generation of the segment a reopened cache writes to first');
+    cache.abandon();
+    device.releaseWrites();
+    await settle();
+    assert.equal(counters(cache).fragmentRewrites, 0, 'abandoned');
+    assert.equal(entries(cache).length, pieces);
   });
 });
