@@ -5,7 +5,6 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import type { BlockDevice } from '../../src/device/block_device.js';
-import { PcacheError } from '../../src/lib/errors.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache } from '../../src/cache/cache.js';
 import type { CacheTuning } from '../../src/cache/cache_tuning.js';
@@ -193,38 +192,6 @@ describe('fragmented dirty reads rewritten', () => {
   });
 });
 
-/** A cache device whose writes of exactly `failBytes` fail with EIO: a rewrite's data write, and nothing else the tests do. */
-class FailingRewriteDevice implements BlockDevice {
-  readonly sizeBytes: number;
-  readonly identity = undefined;
-  readonly blocking = undefined;
-
-  constructor(readonly inner: MemoryDevice, readonly failBytes: number) {
-    this.sizeBytes = inner.sizeBytes;
-  }
-
-  read(target: Uint8Array, offsetBytes: number): Promise<void> {
-    return this.inner.read(target, offsetBytes);
-  }
-
-  async write(source: Uint8Array, offsetBytes: number): Promise<void> {
-    if (source.length === this.failBytes) throw new PcacheError('EIO', 'injected write failure');
-    await this.inner.write(source, offsetBytes);
-  }
-
-  sync(): Promise<void> {
-    return Promise.resolve();
-  }
-
-  discard(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.inner.discard(offsetBytes, lengthBytes);
-  }
-
-  close(): Promise<void> {
-    return Promise.resolve();
-  }
-}
-
 describe('fragmented dirty reads rewritten: the edges', () => {
   it('a 4 MiB read of 1,024 dirty pieces is rewritten (its piece table outgrows its first size); one of 4 MiB + 4 KiB is not', async () => {
     const count = (4 * MiB) / piece;
@@ -360,7 +327,9 @@ describe('fragmented dirty reads rewritten: the edges', () => {
   });
 
   it('a rewrite whose data write fails changes nothing: the read is served, the error counted, the space returned', async () => {
-    const cache = await open(new FailingRewriteDevice(new MemoryDevice(cacheBytesFor(32)), rangeBytes), new MemoryDevice(64 * MiB));
+    const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
+    device.failWritesOfBytes = rangeBytes; // the rewrite's data write, and nothing else this test does
+    const cache = await open(device, new MemoryDevice(64 * MiB));
     await layDown(cache, firstTag);
     for (let read = 0; read < 2; read++) assert.ok((await readBytes(cache, 0, rangeBytes)).equals(expected()));
     await settle();
@@ -375,9 +344,8 @@ describe('fragmented dirty reads rewritten: the edges', () => {
     const device = new GatedDevice(new MemoryDevice(cacheBytesFor(32)));
     const cache = await open(device, new MemoryDevice(64 * MiB));
     await layDown(cache, firstTag);
-    // Fill the head's segment up to half a range before its end, so the rewrite spans two segments.
     // The head's segment holds the 32 pieces (in order of writing, from its start); fill it
-    // with other writes up to half a range before its end.
+    // with other writes up to half a range before its end, so the rewrite spans two segments.
     const filler = 8 * MiB;
     const fillerBytes = cache.internals.ctx.dev.dataSizeBytes - rangeBytes - rangeBytes / 2;
     for (let written = 0; written < fillerBytes;) {

@@ -80,6 +80,8 @@ export class GatedDevice implements BlockDevice {
   readonly blocking = undefined;
   gated = false;
   holdWrites = false;
+  /** Writes of exactly this many bytes fail with EIO (one kind of write, picked by its size). */
+  failWritesOfBytes: number | undefined;
   private held: (() => void)[] = [];
   readonly heldWrites: { offsetBytes: number; lengthBytes: number; release: () => void }[] = [];
 
@@ -99,6 +101,7 @@ export class GatedDevice implements BlockDevice {
 
   async write(source: Uint8Array, offsetBytes: number): Promise<void> {
     if (this.holdWrites) await new Promise<void>((resolve) => { this.heldWrites.push({ offsetBytes, lengthBytes: source.length, release: resolve }); });
+    if (source.length === this.failWritesOfBytes) throw new PcacheError('EIO', `injected failure of a ${source.length}-byte write`);
     this.inner.writeSync(source, offsetBytes);
   }
 
