@@ -27,20 +27,17 @@ async function open(cacheDevice: BlockDevice, backing: MemoryDevice, tuning: Par
   });
 }
 
-/** Writes every piece of [0, 128 KiB) with `tag`, one 4 KiB write each, no two neighbours one after the other. */
-async function layDown(cache: Cache, tag: number): Promise<void> {
-  for (let i = 0; i < pieces; i++) {
-    const at = ((i * 7) % pieces) * piece;
-    await cache.write(pattern(tag, at, piece), at);
-  }
-}
-
-/** Writes `count` pieces from `start` with `tag`, one 4 KiB write each, in a scrambled order (7 is prime to every count used). */
+/** Writes `count` pieces from `start` with `tag`, one 4 KiB write each, no two neighbours one after the other (7 is prime to every count used). */
 async function layDownAt(cache: Cache, tag: number, start: number, count: number): Promise<void> {
   for (let i = 0; i < count; i++) {
     const at = start + ((i * 7) % count) * piece;
     await cache.write(pattern(tag, at, piece), at);
   }
+}
+
+/** Writes every piece of [0, 128 KiB) with `tag`, as layDownAt does. */
+async function layDown(cache: Cache, tag: number): Promise<void> {
+  await layDownAt(cache, tag, 0, pieces);
 }
 
 /** What `count` pieces from `start` laid down with `tag` read as. */
