@@ -1,5 +1,5 @@
 // Mutation testing of the crash-critical code with StrykerJS (its command runner), outside
-// `npm test`: `npm run test:mutation -- [--scope ondisk|cache|ondisk-all|cache-all|gc-sim|absorb] [--mutate GLOBS] [--concurrency N]`.
+// `npm test`: `npm run test:mutation -- [--scope ondisk|cache|ondisk-all|cache-all|gc-sim|absorb|index] [--mutate GLOBS] [--concurrency N]`.
 // Each scope names the files mutated and the tests run against every mutant (docs/testing.md,
 // "Mutation testing"): the tests that target that code and finish in seconds, since each
 // mutant costs one run of them. The report goes to reports/mutation/<scope>.json and the
@@ -33,6 +33,10 @@ const scopes = {
     mutate: ['cache_writeback_plan', 'cache_read_gather', 'cache_read_rewrite'].map((name) => `src/cache/${name}.ts`),
     tests: ['cache/cache_writeback_absorb.test.js', 'cache/cache_read_gather.test.js', 'cache/cache_read_rewrite.test.js', 'cache/crash/crash_absorb.test.js'],
   },
+  // The range index every read, write, writeback plan and GC round goes through: the overlap
+  // cases of insert, the subtrees' rows, stale entries and sweeps, against the index's own
+  // tests (explicit overlap cases and a per-sector model under random inserts).
+  index: { mutate: ['src/cache/cache_tree.ts', 'src/cache/cache_index.ts'], tests: ['cache/cache_tree.test.js'] },
 };
 
 const { values } = parseArgs({

@@ -3,8 +3,10 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { KeyIndex } from '../../src/cache/cache_index.js';
-import { Subtree, newIndexKey, type IndexKey } from '../../src/cache/cache_tree.js';
-import { keyFlagEmpty, keyFlagZero } from '../../src/ondisk/kset.js';
+import {
+  Subtree, hitEpochOf, isDataKey, keyFlagReferenced, keyFlagsInMemory, keyFromRecord, newIndexKey, subtreeEnd, type IndexKey,
+} from '../../src/cache/cache_tree.js';
+import { keyFlagClean, keyFlagEmpty, keyFlagZero } from '../../src/ondisk/kset.js';
 import { MiB } from '../../src/lib/units.js';
 import { Prng } from '../../sim/prng.js';
 
@@ -299,5 +301,199 @@ describe('stale entries: inserts take their rows, sweeps remove them in one pass
     // sweep() removes whatever it is told, every subtree.
     assert.equal(index.sweep(() => true), 3);
     assert.equal(index.subtreeCount, 0);
+  });
+});
+
+describe('index entries: fields, in-memory flags and storage', () => {
+  /** Bytes one key's row and end take: nine u32 columns plus one u32 end. */
+  const bytesPerKeySlot = 40;
+
+  it('a key record becomes a whole, uncut index key', () => {
+    const out = newIndexKey();
+    out.crcDeltaBytes = 99; // left over from an earlier use: must be reset
+    keyFromRecord(out, { offsetBytes: 8192, lengthBytes: 4096, flags: keyFlagClean, segment: 7, segmentOffsetBytes: 12_288, gen: 3, dataCrc: 0xdeadbeef });
+    assert.deepEqual({ ...out }, {
+      offsetBytes: 8192, lengthBytes: 4096, flags: keyFlagClean, segment: 7, segmentOffsetBytes: 12_288, gen: 3,
+      crc: 0xdeadbeef, crcDeltaBytes: 0, crcLengthBytes: 4096,
+    });
+  });
+
+  it('every field survives a store and a read; the generation is kept modulo 2^32', () => {
+    const t = new Subtree(subtreeBytes);
+    const k = key(subtreeBytes / S + 16, 8, 5, keyFlagClean);
+    k.gen = 2 ** 32 + 17;
+    k.crc = 0xfedcba98;
+    k.crcDeltaBytes = 1024;
+    k.crcLengthBytes = 8192;
+    t.insert(k);
+    const out = t.read(0, newIndexKey());
+    assert.deepEqual({ ...out }, { ...k, gen: 17 });
+    assert.deepEqual([t.start(0), t.end(0), t.length(0), t.flags(0), t.segment(0), t.segmentOffset(0), t.genLow32(0)],
+      [k.offsetBytes, k.offsetBytes + k.lengthBytes, k.lengthBytes, keyFlagClean, 5, k.segmentOffsetBytes, 17]);
+    assert.throws(() => t.read(1, out), /out of range/);
+    assert.throws(() => t.read(-1, out), /out of range/);
+  });
+
+  it('subtreeEnd is the end of the 4 MiB subtree holding an offset', () => {
+    assert.equal(subtreeEnd(0), subtreeBytes);
+    assert.equal(subtreeEnd(subtreeBytes - 1), subtreeBytes);
+    assert.equal(subtreeEnd(subtreeBytes), 2 * subtreeBytes);
+    assert.equal(subtreeEnd(5 * subtreeBytes + 4096), 6 * subtreeBytes);
+  });
+
+  it('data keys are those with neither the EMPTY nor the ZERO flag', () => {
+    assert.equal(isDataKey(0), true);
+    assert.equal(isDataKey(keyFlagClean), true);
+    assert.equal(isDataKey(keyFlagClean | keyFlagReferenced), true);
+    assert.equal(isDataKey(keyFlagEmpty), false);
+    assert.equal(isDataKey(keyFlagZero), false);
+    assert.equal(isDataKey(keyFlagZero | keyFlagClean), false);
+  });
+
+  it('a read hit sets the reference bit and the hit epoch (modulo 16), keeping the on-disk flags', () => {
+    assert.equal(keyFlagsInMemory & (keyFlagEmpty | keyFlagClean | keyFlagZero), 0, 'in-memory flags overlap on-disk ones');
+    const t = new Subtree(0);
+    t.insert(key(0, 8, 1, keyFlagClean));
+    t.insert(key(8, 8, 2));
+    assert.equal(hitEpochOf(t.flags(0)), 0);
+    t.markReferenced(0, 5);
+    assert.equal(t.flags(0), keyFlagClean | keyFlagReferenced | (5 << 9));
+    assert.equal(hitEpochOf(t.flags(0)), 5);
+    t.markReferenced(0, 16 + 10); // a later hit replaces the epoch, not ORs into it
+    assert.equal(hitEpochOf(t.flags(0)), 10);
+    assert.equal(t.flags(0) & ~keyFlagsInMemory, keyFlagClean);
+    assert.equal(t.flags(1), 0, 'the neighbour is untouched');
+    t.markReferenced(1, 15);
+    assert.equal(t.flags(1), keyFlagReferenced | (15 << 9));
+    assert.equal(hitEpochOf(t.flags(1)), 15);
+  });
+
+  it('a filled placeholder is a CLEAN key with its own CRC fields, the generation modulo 2^32', () => {
+    const t = new Subtree(0);
+    t.insert(key(0, 16, 42, keyFlagEmpty));
+    t.fillPlaceholder(0, { lengthBytes: 16 * S, segment: 3, segmentOffsetBytes: 4096, gen: 2 ** 32 + 9, crc: 0x1234 });
+    assert.equal(t.count, 1, 'a whole fill splits nothing');
+    assert.deepEqual({ ...t.read(0, newIndexKey()) }, {
+      offsetBytes: 0, lengthBytes: 16 * S, flags: keyFlagClean, segment: 3, segmentOffsetBytes: 4096, gen: 9,
+      crc: 0x1234, crcDeltaBytes: 0, crcLengthBytes: 16 * S,
+    });
+    assert.throws(() => t.fillPlaceholder(0, { lengthBytes: S, segment: 3, segmentOffsetBytes: 0, gen: 1, crc: 0 }), /not a placeholder/);
+    t.insert(key(32, 8, 43, keyFlagEmpty));
+    assert.throws(() => t.fillPlaceholder(1, { lengthBytes: 9 * S, segment: 3, segmentOffsetBytes: 0, gen: 1, crc: 0 }), /longer than its placeholder/);
+    assert.throws(() => t.fillPlaceholder(1, { lengthBytes: 0, segment: 3, segmentOffsetBytes: 0, gen: 1, crc: 0 }), /longer than its placeholder/);
+    // The split-off rest keeps the ticket and ends where the placeholder ended.
+    t.fillPlaceholder(1, { lengthBytes: 3 * S, segment: 4, segmentOffsetBytes: 0, gen: 1, crc: 0 });
+    assert.deepEqual([t.count, t.start(2), t.end(2), t.segment(2), t.flags(2)], [3, 35 * S, 40 * S, 43, keyFlagEmpty]);
+    assert.deepEqual([t.end(1), t.seek(34 * S), t.seek(35 * S)], [35 * S, 1, 2]);
+  });
+
+  it('storage doubles as keys arrive and halves as they go, never below 16 keys nor above a full subtree', () => {
+    const t = new Subtree(0);
+    assert.equal(t.storageBytes, 4 * bytesPerKeySlot, 'a new subtree has room for 4 keys');
+    for (let i = 0; i < 5; i++) t.insert(key(i * 8, 8, i + 1));
+    assert.equal(t.storageBytes, 8 * bytesPerKeySlot);
+    for (let i = 5; i < 100; i++) t.insert(key(i * 8, 8, i + 1));
+    assert.equal(t.storageBytes, 128 * bytesPerKeySlot);
+    // Shrinks while a quarter of the capacity is more than the keys: 10 keys fit 32 slots.
+    while (t.count > 10) t.removeAt(t.count - 1);
+    assert.equal(t.storageBytes, 32 * bytesPerKeySlot);
+    assert.deepEqual(dump(t).map((row) => row[2]), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 'shrinking keeps the keys');
+    for (let i = 0; i < 10; i++) assert.equal(t.end(i), (i + 1) * 8 * S, 'and their ends');
+    // Never below 16 slots, however few keys are left; removeWhere shrinks too.
+    assert.equal(t.removeWhere((_subtree, index) => index > 0), 9);
+    assert.equal(t.storageBytes, 16 * bytesPerKeySlot);
+    // A subtree full of one-sector keys: 8,192 of them, all in order, storage capped there.
+    const full = new Subtree(0);
+    for (let i = subtreeBytes / S - 1; i >= 0; i--) full.insert(key(i, 1, 1));
+    assert.equal(full.count, subtreeBytes / S);
+    assert.equal(full.storageBytes, (subtreeBytes / S) * bytesPerKeySlot);
+    for (const at of [0, 1, 4095, 8191]) assert.equal(full.seek(at * S), at);
+    assert.equal(full.seek(subtreeBytes), full.count);
+  });
+
+  it('removeAt moves the rows after the removed one, few or many (ends included)', () => {
+    for (const keys of [6, 80]) {
+      const t = new Subtree(0);
+      for (let i = 0; i < keys; i++) t.insert(key(i * 8, 8, i));
+      t.removeAt(2);
+      assert.equal(t.count, keys - 1);
+      for (let i = 0; i < t.count; i++) {
+        const expected = i < 2 ? i : i + 1;
+        assert.deepEqual([t.segment(i), t.start(i), t.end(i)], [expected, expected * 8 * S, (expected + 1) * 8 * S], `${keys} keys, row ${i}`);
+        assert.equal(t.seek(t.start(i)), i);
+      }
+      assert.throws(() => t.removeAt(t.count), /out of range/);
+    }
+  });
+
+  it('opening a row in front of few or many keys moves them and their ends', () => {
+    for (const keys of [6, 80]) {
+      const t = new Subtree(0);
+      for (let i = 1; i <= keys; i++) t.insert(key(i * 8, 8, i));
+      t.insert(key(0, 8, 0));
+      t.insert(key(2 * 8 + 2, 2, 500)); // T contains K near the front: opens two rows
+      const rows = dump(t);
+      assert.equal(rows.length, keys + 3);
+      for (let i = 0; i < t.count; i++) assert.equal(t.end(i), t.start(i) + t.length(i), `${keys} keys: end of row ${i}`);
+      assert.deepEqual(rows.slice(0, 6).map((row) => [row[0], row[1], row[2]]), [[0, 8, 0], [8, 8, 1], [16, 2, 2], [18, 2, 500], [20, 4, 2], [24, 8, 3]]);
+      assert.deepEqual(rows[rows.length - 1]?.slice(0, 3), [keys * 8, 8, keys]);
+    }
+  });
+});
+
+describe('KeyIndex: ranges, sizes and stale rows across subtrees', () => {
+  it('removeRange removes what lies over a range, cuts what crosses it, and drops an emptied subtree', () => {
+    const index = new KeyIndex();
+    index.insert(key(0, 16, 1));
+    index.insert(key(16, 16, 2));
+    index.insert(key(32, 16, 3));
+    index.removeRange(key(8, 32, 9));
+    const subtree = index.subtree(0, false);
+    assert.ok(subtree !== undefined);
+    assert.deepEqual(dump(subtree), [[0, 8, 1, 100_000, 0], [40, 8, 3, 300_000 + 8 * S, 8 * S]]);
+    index.insert(key(subtreeBytes / S, 8, 4));
+    index.removeRange(key(subtreeBytes / S, 8, 9));
+    assert.equal(index.subtreeCount, 1, 'the second subtree held only the removed range');
+    index.removeRange(key(100, 8, 9)); // nothing there: nothing changes
+    assert.equal(index.keyCount, 2);
+  });
+
+  it('keyCount and storageBytes add up every subtree; all() visits each once', () => {
+    const index = new KeyIndex();
+    for (let s = 0; s < 3; s++) for (let i = 0; i <= s; i++) index.insert(key((s * subtreeBytes) / S + i * 8, 8, 1));
+    assert.equal(index.keyCount, 6);
+    assert.equal(index.storageBytes, 3 * 4 * 40);
+    assert.deepEqual([...index.all()].map((s) => s.count).sort(), [1, 2, 3]);
+    assert.equal(index.subtree(3 * subtreeBytes, false), undefined, 'looking does not create');
+    assert.equal(index.subtreeCount, 3);
+  });
+
+  it('insertTakingStale takes a stale neighbour\'s row; insert never does', () => {
+    const stale = new Set<number>([2]);
+    const isStale = (t: Subtree, row: number): boolean => stale.has(t.segment(row));
+    const index = new KeyIndex(isStale);
+    index.insert(key(0, 8, 1));
+    index.insert(key(16, 8, 2));
+    index.insert(key(8, 4, 3));
+    assert.equal(index.keyCount, 3, 'insert opened a row next to the stale key');
+    index.insertTakingStale(key(12, 4, 4));
+    assert.deepEqual(dump(index.subtree(0, true)).map((row) => row[2]), [1, 3, 4]);
+    assert.equal(new KeyIndex().sweepSubtree(0, isStale), 0, 'no such subtree');
+  });
+
+  it('a sweep counts exactly: half stale is left, one more is removed, at any size', () => {
+    for (const keys of [2, 3, 9, 64]) {
+      const stale = new Set<number>();
+      const isStale = (t: Subtree, row: number): boolean => stale.has(t.segment(row));
+      const index = new KeyIndex(isStale);
+      for (let i = 0; i < keys; i++) index.insert(key(i * 8, 8, i));
+      const half = Math.floor(keys / 2);
+      // Stale rows at the end, so that a count stopping early would miss them.
+      for (let i = keys - half; i < keys; i++) stale.add(i);
+      assert.equal(index.sweepSubtree(0, isStale), 0, `${keys} keys, ${half} stale: left`);
+      stale.add(keys - half - 1);
+      assert.equal(index.sweepSubtree(0, isStale), half + 1, `${keys} keys, ${half + 1} stale: removed`);
+      assert.equal(index.keyCount, keys - half - 1);
+    }
   });
 });
