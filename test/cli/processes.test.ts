@@ -14,7 +14,7 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { tempDir } from '../helpers/files.js';
-import { assertQuietLogs, cliEnv, type Launcher, pcacheJson, startServe } from '../helpers/pcache.js';
+import { assertQuietLogs, cliEnv, type Launcher, mainPath, pcacheJson, startServe } from '../helpers/pcache.js';
 import { waitUntil } from '../helpers/wait.js';
 
 interface Started {
@@ -97,7 +97,14 @@ describe('one process per server', () => {
 
   it('Ctrl-C (SIGINT to the process group) stops a server started with npx pcache, and leaves no process of the group behind', async (t) => {
     const started = files(t);
-    const server = await startServe(t, started.args, '.', { launcher: 'npx' });
+    // A first npx pcache, as after a fresh clone: an empty npm cache, so npx installs the
+    // package into it again and runs its prepare script. That must leave dist/ as it is (a
+    // rebuild that starts by emptying dist/, killed by a Ctrl-C, left no pcache to run).
+    const npmCache = path.join(tempDir(t), 'npm-cache');
+    const built = fs.statSync(mainPath).mtimeMs;
+    const server = await startServe(t, started.args, '.', { launcher: 'npx', env: { npm_config_cache: npmCache, npm_config_offline: 'true' } });
+    assert.ok(fs.existsSync(path.join(npmCache, '_npx')), 'npx installed the package into the fresh cache');
+    assert.equal(fs.statSync(mainPath).mtimeMs, built, 'npx\'s prepare did not rebuild dist/');
     const { pid } = await serverStatus(started.control);
     assert.notEqual(pid, server.pid, 'npx runs the server under npm');
     assert.ok(processGroup(server.pid).some((member) => member.startsWith(`${pid} `)), 'in npx\'s process group');
