@@ -242,17 +242,6 @@ export interface KsetContext extends KeyLimits {
 export type KsetHeaderContext = Pick<KsetContext, 'extended' | 'crcSeed' | 'roomBytes'>;
 
 /**
- * Whether bytes 8-15 hold the kset magic. Compared in place: a view and Buffer.equals cost a
- * tenth of a whole kset's decode, and writeback, GC and replay decode every kset.
- */
-function hasKsetMagic(bytes: Uint8Array): boolean {
-  for (let index = 0; index < ksetMagicBytes.length; index++) {
-    if (bytes[8 + index] !== ksetMagicBytes[index]) return false;
-  }
-  return true;
-}
-
-/**
  * The checks a kset passes before anything in it is trusted: room for a header, the magic, a
  * key count within bounds, room for the size that count gives, and the CRC over that size.
  * Returns the size, or why there is no kset here (the ways a log normally ends: not damage).
@@ -260,7 +249,7 @@ function hasKsetMagic(bytes: Uint8Array): boolean {
 function crcCheckedKsetSize(bytes: Uint8Array, context: KsetHeaderContext): number | string {
   const headerBytes = ksetHeaderBytesFor(context.extended);
   if (context.roomBytes < headerBytes || bytes.length < headerBytes) return 'no room for a kset header';
-  if (!hasKsetMagic(bytes)) return 'no kset magic';
+  if (!ksetMagicBytes.equals(bytes.subarray(8, 16))) return 'no kset magic';
   // Until the CRC has passed, nothing here is trusted; only the size is needed to check it.
   const flags = readU32LE(bytes, 16);
   const isLast = (flags & ksetFlagLast) !== 0;
@@ -284,19 +273,16 @@ export function crcCheckedKsetLogGen(bytes: Uint8Array, context: KsetHeaderConte
   return typeof crcCheckedKsetSize(bytes, context) === 'string' ? undefined : readU32LE(bytes, 20);
 }
 
-/** A kset whose CRC passed but which carries a field no pcache writes. */
-function damaged(problem: string): DecodedKset {
-  return { ok: false, problem, damage: true };
-}
-
 /**
  * Decodes the kset at the start of `bytes` (which holds at least min(roomBytes,
  * ksetBytesMax) bytes read from the log) and validates every field. The first problem found
  * marks the end of the log during replay.
  */
 export function decodeKset(bytes: Uint8Array, context: KsetContext): DecodedKset {
+  const end = (problem: string): DecodedKset => ({ ok: false, problem, damage: false });
+  const damaged = (problem: string): DecodedKset => ({ ok: false, problem, damage: true });
   const size = crcCheckedKsetSize(bytes, context);
-  if (typeof size === 'string') return { ok: false, problem: size, damage: false };
+  if (typeof size === 'string') return end(size);
   const headerBytes = ksetHeaderBytesFor(context.extended);
   const flags = readU32LE(bytes, 16);
   const isLast = (flags & ksetFlagLast) !== 0;
@@ -309,17 +295,16 @@ export function decodeKset(bytes: Uint8Array, context: KsetContext): DecodedKset
   if (((flags & ksetFlagExtended) !== 0) !== context.extended) {
     return damaged(context.extended ? 'a kset without the extended header on a version 2 device' : 'a kset with the extended header on a version 1 device');
   }
-  const seq = context.extended ? readU64LE(bytes, 24) : 0;
-  const durableSeq = context.extended ? readU64LE(bytes, 32) : 0;
-  if (context.extended && (!Number.isSafeInteger(seq) || seq < 1 || !(durableSeq < seq))) {
-    return damaged(`kset seq ${seq} with durable seq ${durableSeq} is impossible`);
+  const seqs: DecodedSeqs = context.extended ? { seq: readU64LE(bytes, 24), durableSeq: readU64LE(bytes, 32) } : { seq: 0, durableSeq: 0 };
+  if (context.extended && (!Number.isSafeInteger(seqs.seq) || seqs.seq < 1 || !(seqs.durableSeq < seqs.seq))) {
+    return damaged(`kset seq ${seqs.seq} with durable seq ${seqs.durableSeq} is impossible`);
   }
   const invalidate = (flags & ksetFlagInvalidate) !== 0;
   if (invalidate && (!context.extended || isLast || countOrNext !== 0)) return damaged('an INVALIDATE kset must be an extended kset without keys');
   if (isLast) {
     if ((flags & ksetFlagEpochEnd) !== 0) return damaged('a LAST kset cannot end an epoch');
     if (countOrNext >= context.segmentCount) return damaged(`LAST kset points at segment ${countOrNext}, out of range`);
-    return { ok: true, kind: 'last', next: countOrNext, sizeBytes: size, seq, durableSeq };
+    return { ok: true, kind: 'last', next: countOrNext, sizeBytes: size, ...seqs };
   }
   const epochEnd = (flags & ksetFlagEpochEnd) !== 0;
   if (countOrNext === 0 && !epochEnd && !invalidate) return damaged('an empty kset must end an epoch or invalidate');
@@ -330,5 +315,5 @@ export function decodeKset(bytes: Uint8Array, context: KsetContext): DecodedKset
     if (problem !== undefined) return damaged(`key ${index}: ${problem}`);
     keys.push(key);
   }
-  return { ok: true, kind: 'keys', keys, epochEnd, invalidate, sizeBytes: size, seq, durableSeq };
+  return { ok: true, kind: 'keys', keys, epochEnd, invalidate, sizeBytes: size, ...seqs };
 }
