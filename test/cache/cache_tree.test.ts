@@ -497,3 +497,45 @@ describe('KeyIndex: ranges, sizes and stale rows across subtrees', () => {
     }
   });
 });
+
+describe('index edges found by mutation testing (docs/testing.md, scope index)', () => {
+  it('a key taking a stale row never looks outside the rows: not past the last, not before the first', () => {
+    // The live cache's staleness test compares a row's generation with its segment's, so
+    // memory outside the rows (zeros, or a removed row's leftovers) can look stale. Here
+    // segment 0 and segment 9 are stale, as a zeroed row and a removed row would be.
+    const stale = new Set<number>([0, 9]);
+    const isStale = (t: Subtree, row: number): boolean => stale.has(t.segment(row));
+    const t = new Subtree(0);
+    t.insert(key(16, 8, 1));
+    t.insert(key(32, 8, 9));
+    t.removeAt(1); // its row's bytes stay behind the last row
+    t.insert(key(48, 8, 2), isStale); // lands after the last row: must open one
+    t.insert(key(0, 8, 3), isStale); // lands before the first row: must open one
+    assert.deepEqual(dump(t).map((row) => [row[0], row[2]]), [[0, 3], [16, 1], [48, 2]]);
+  });
+
+  it('insertTakingStale and removeRange work on a subtree not there yet; inOrder sorts by address', () => {
+    const index = new KeyIndex(() => false);
+    index.insertTakingStale(key(3 * subtreeBytes / S, 8, 1));
+    index.removeRange(key(subtreeBytes / S, 8, 2));
+    index.insert(key(0, 8, 3));
+    assert.deepEqual(index.inOrder().map((s) => s.baseBytes), [0, 3 * subtreeBytes], 'inserted out of order, listed in order');
+    assert.equal(index.keyCount, 2);
+  });
+
+  it('a key before its subtree, or of no length, is refused; so is removing row -1', () => {
+    const t = new Subtree(subtreeBytes);
+    assert.throws(() => { t.insert(key(subtreeBytes / S - 8, 8, 1)); }, /outside its subtree/);
+    assert.throws(() => { t.insert(key(subtreeBytes / S, 0, 1)); }, /outside its subtree/);
+    t.insert(key(subtreeBytes / S, 8, 1));
+    assert.throws(() => { t.removeAt(-1); }, /out of range/);
+    assert.equal(t.count, 1);
+  });
+
+  it('one removal of many keys shrinks the storage to the smallest power of two above 4x the keys left', () => {
+    const t = new Subtree(0);
+    for (let i = 0; i < 100; i++) t.insert(key(i * 8, 8, i));
+    assert.equal(t.removeWhere((_subtree, row) => row >= 16), 84);
+    assert.equal(t.storageBytes, 64 * 40, '16 keys keep 64 slots: a quarter full is full enough');
+  });
+});
