@@ -12,6 +12,8 @@ import { Prng } from '../../sim/prng.js';
 
 const S = 512;
 const subtreeBytes = 4 * MiB;
+/** Bytes one key's row and end take in a subtree's storage: nine u32 columns plus one u32 end. */
+const bytesPerKeySlot = 40;
 
 function key(startSectors: number, lengthSectors: number, segment: number, flags = 0): IndexKey {
   const k = newIndexKey();
@@ -305,9 +307,6 @@ describe('stale entries: inserts take their rows, sweeps remove them in one pass
 });
 
 describe('index entries: fields, in-memory flags and storage', () => {
-  /** Bytes one key's row and end take: nine u32 columns plus one u32 end. */
-  const bytesPerKeySlot = 40;
-
   it('a key record becomes a whole, uncut index key', () => {
     const out = newIndexKey();
     out.crcDeltaBytes = 99; // left over from an earlier use: must be reset
@@ -462,7 +461,7 @@ describe('KeyIndex: ranges, sizes and stale rows across subtrees', () => {
     const index = new KeyIndex();
     for (let s = 0; s < 3; s++) for (let i = 0; i <= s; i++) index.insert(key((s * subtreeBytes) / S + i * 8, 8, 1));
     assert.equal(index.keyCount, 6);
-    assert.equal(index.storageBytes, 3 * 4 * 40);
+    assert.equal(index.storageBytes, 3 * 4 * bytesPerKeySlot);
     assert.deepEqual([...index.all()].map((s) => s.count).sort(), [1, 2, 3]);
     assert.equal(index.subtree(3 * subtreeBytes, false), undefined, 'looking does not create');
     assert.equal(index.subtreeCount, 3);
@@ -536,6 +535,6 @@ describe('index edges found by mutation testing (docs/testing.md, scope index)',
     const t = new Subtree(0);
     for (let i = 0; i < 100; i++) t.insert(key(i * 8, 8, i));
     assert.equal(t.removeWhere((_subtree, row) => row >= 16), 84);
-    assert.equal(t.storageBytes, 64 * 40, '16 keys keep 64 slots: a quarter full is full enough');
+    assert.equal(t.storageBytes, 64 * bytesPerKeySlot, '16 keys keep 64 slots: a quarter full is full enough');
   });
 });
