@@ -9,7 +9,10 @@
 //    4 KiB random writes at QD32, every block once (fio's random map), so a 1 MiB range of the
 //    disk lies in 256 pieces scattered over the log;
 // 2. "not written back, piece by piece": 1 MiB sequential reads at QD8 over the range, all
-//    pieces still dirty, each read from the cache on its own;
+//    pieces still dirty, each read from the cache on its own: by the default, in one batch per
+//    request on the cache device's own thread, and ("on the event loop") with
+//    `fragmented_thread_pieces=0`, one pread per piece on the event loop, the two in an order
+//    that alternates by round;
 // 3. drain (everything written back), then, in an order that rotates by round, "written back"
 //    (the default: one backing read per request, dirty pieces copied over it), the same reads
 //    with `fragmented_read_pieces=0` (the read served piece by piece from the cache), nbdkit,
@@ -57,6 +60,7 @@ interface Counters {
   readRequests: number;
   readHitRequests: number;
   readGathers: number;
+  threadReadBatches: number;
   fragmentRewriteBytes: number;
 }
 
@@ -110,7 +114,7 @@ async function stopPcache(dir: string, pcache: Pcache, name: string): Promise<vo
 }
 
 type Series =
-  | 'written back' | 'written back, piece by piece' | 'not written back, piece by piece'
+  | 'written back' | 'written back, piece by piece' | 'not written back, piece by piece' | 'not written back, on the event loop'
   | 'not written back, first read' | 'not written back, second read' | 'not written back, read again'
   | 'sequential' | 'nbdkit' | 'no cache';
 
@@ -131,18 +135,33 @@ async function main(): Promise<void> {
     console.log(`machine: ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}), Node ${process.version}, ${version('fio', ['--version'])}, ${version('nbdkit', ['--version'])}; load average at start ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     console.log(`files on ${base}: range ${rangeBytes / MiB} MiB, backing ${backingBytes / MiB} MiB, cache ${cacheBytes / MiB} MiB (${cacheFileKind()}, new each time); ${rounds} round(s) of ${runtime} per run${smoke ? ' (smoke)' : ''}`);
     const results: Record<Series, number[]> = {
-      'written back': [], 'written back, piece by piece': [], 'not written back, piece by piece': [], 'not written back, first read': [], 'not written back, second read': [], 'not written back, read again': [],
+      'written back': [], 'written back, piece by piece': [], 'not written back, piece by piece': [], 'not written back, on the event loop': [], 'not written back, first read': [], 'not written back, second read': [], 'not written back, read again': [],
       sequential: [], nbdkit: [], 'no cache': [],
     };
     let reads = 0;
     let hits = 0;
     let gathers = 0;
     let gatheredReads = 0;
+    let dirtyReads = 0;
+    let threadBatches = 0;
     const rewrittenBytes = [0, 0];
     for (let round = 0; round < rounds; round++) {
       const frag = await startPcache(dir, backing, 'frag', noRewrites);
       await layDown(frag.socket, 'random');
-      results['not written back, piece by piece'].push(await readRun(frag.socket, 'not written back, piece by piece'));
+      const dirtyTurns = ['not written back, piece by piece', 'not written back, on the event loop'] as const;
+      for (let turn = 0; turn < dirtyTurns.length; turn++) {
+        const series = dirtyTurns[(round + turn) % dirtyTurns.length] ?? 'not written back, piece by piece';
+        const onLoop = series === 'not written back, on the event loop';
+        await controlRequest(frag.control, 'set', { body: { fragmented_thread_pieces: onLoop ? 0 : 16 } });
+        const start = await counters(frag.control);
+        results[series].push(await readRun(frag.socket, series));
+        const end = await counters(frag.control);
+        if (!onLoop) {
+          dirtyReads += end.readRequests - start.readRequests;
+          threadBatches += end.threadReadBatches - start.threadReadBatches;
+        }
+      }
+      await controlRequest(frag.control, 'set', { body: { fragmented_thread_pieces: 16 } });
       await controlRequest(frag.control, 'drain');
       const before = await counters(frag.control);
       const turns: Series[] = ['written back', 'written back, piece by piece', 'nbdkit', 'no cache'];
@@ -192,6 +211,8 @@ async function main(): Promise<void> {
     report({ bench: 'frag_read', metric: '1M seq read QD8, piece by piece vs nbdkit', value: value('written back, piece by piece'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, fragmented vs no cache', value: value('written back'), unit: 'IOPS', peer: 'pcache --no-cache', peerValue: value('no cache') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, piece by piece vs nbdkit', value: value('not written back, piece by piece'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, on the event loop vs nbdkit', value: value('not written back, on the event loop'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
+    report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, thread vs event loop', value: value('not written back, piece by piece'), unit: 'IOPS', peer: 'pcache, pieces read on the event loop', peerValue: value('not written back, on the event loop') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, first read vs nbdkit', value: value('not written back, first read'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, second read vs nbdkit', value: value('not written back, second read'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
     report({ bench: 'frag_read', metric: '1M seq read QD8, not written back, read again vs nbdkit', value: value('not written back, read again'), unit: 'IOPS', peer: 'nbdkit file', peerValue: value('nbdkit') });
@@ -204,6 +225,7 @@ async function main(): Promise<void> {
     target('written back', 'written back');
     target('not written back, read again', 'not written back, read again');
     console.log(`  written-back reads: hits ${reads === 0 ? '-' : (100 * hits / reads).toFixed(1)}%, served by one backing read ${gatheredReads === 0 ? '-' : (100 * gathers / gatheredReads).toFixed(1)}%`);
+    console.log(`  not written back, piece by piece: ${dirtyReads === 0 ? '-' : (100 * threadBatches / dirtyReads).toFixed(1)}% of the reads read their pieces on the cache device's thread`);
     const share = (bytes: number | undefined): string => (100 * (bytes ?? 0) / (rounds * rangeBytes)).toFixed(1);
     console.log(`  data not written back, stored again as one piece per read: first read ${share(rewrittenBytes[0])}% of the range, second read ${share(rewrittenBytes[1])}%`);
     for (const [series, values] of Object.entries(results)) console.log(`  runs ${series}: ${values.map(Math.round).join(' ')}`);

@@ -9,7 +9,7 @@
 // because that ordering is the crash contract (docs/design.md, "Barriers").
 
 import { assert } from '../lib/assert.js';
-import type { BlockDevice, FileExtent } from '../device/block_device.js';
+import type { BlockDevice, DeviceRead, FileExtent } from '../device/block_device.js';
 import { encodeCacheInfo, type CacheInfo } from '../ondisk/cache_info.js';
 import { encodeCachePos, type CachePos } from '../ondisk/cache_pos.js';
 import { ksetCrcSeed, ksetHeaderBytesFor } from '../ondisk/kset.js';
@@ -71,6 +71,28 @@ export class CacheDev {
   readData(target: Uint8Array, segment: number, offsetBytes: number): Io {
     assert(offsetBytes + target.length <= this.dataSizeBytes, 'read runs past the segment');
     return this.read(target, this.dataOffset(segment, offsetBytes));
+  }
+
+  /** Whether readDataMany can read off the event loop (the device has a thread for batches of reads). */
+  get readsOffThread(): boolean {
+    return this.device.readMany !== undefined;
+  }
+
+  /**
+   * Reads data ranges, `targets[i]` from segment `segments[i]` at `offsetsBytes[i]` of its data
+   * area, as one batch off the event loop (readsOffThread must hold).
+   */
+  readDataMany(targets: readonly Uint8Array[], segments: readonly number[], offsetsBytes: readonly number[]): Promise<void> {
+    const readMany = this.device.readMany;
+    assert(readMany !== undefined, 'readDataMany on a device without readMany');
+    const reads: DeviceRead[] = new Array<DeviceRead>(targets.length);
+    for (let i = 0; i < targets.length; i++) {
+      const target = targets[i] as Uint8Array;
+      const offsetBytes = offsetsBytes[i] ?? 0;
+      assert(offsetBytes + target.length <= this.dataSizeBytes, 'read runs past the segment');
+      reads[i] = { target, offsetBytes: this.dataOffset(segments[i] ?? -1, offsetBytes) };
+    }
+    return readMany.call(this.device, reads);
   }
 
   /** Where a data range lives in an open file, when the device can say (BlockingIo.locate). */

@@ -11,6 +11,10 @@
 // with the rest copied over it (cache_read_gather.ts decides and plans).
 // A large read served from many pieces not yet written back, the second time it comes at its
 // offset, is stored again as one piece (cache_read_rewrite.ts), so the reads after it are one.
+// A large read served from many cached pieces reads them in one batch on the cache device's
+// own thread (BlockDevice.readMany), where it has one and the target is shared memory: the
+// event loop sends other replies meanwhile instead of making a system call per piece.
+// Those pieces are asynchronous hits like any other: re-checked once read.
 // Every await is a point where the index may change; code after one re-checks what it needs
 // (a fill looks its placeholder up again by ticket; an asynchronous hit re-checks its
 // segment's generation).
@@ -70,10 +74,26 @@ class ReadWalk {
   pieces: PieceTable | undefined;
   /** The table `pieces` uses when recording, kept from read to read. */
   private table: PieceTable | undefined;
+  /**
+   * Hits to read off the event loop once the walk is done, if they come to at least this many
+   * (deferredPiecesMin); 0 when this read reads every hit as the walk meets it.
+   */
+  deferredPiecesMin = 0;
+  /** The deferred hits: where each goes in the target, its segment, and where in that segment's data. */
+  deferred: Uint8Array[] | undefined;
+  deferredSegments: number[] | undefined;
+  deferredOffsetsBytes: number[] | undefined;
+  /** The request offset each deferred hit serves. */
+  deferredPositions: number[] | undefined;
 
   /** Ready for a new read (a walk is reused once its read has ended). */
-  reset(admit: boolean, demand: boolean, record: boolean): void {
+  reset(admit: boolean, demand: boolean, record: boolean, deferredPiecesMin: number): void {
     this.misses = undefined;
+    this.deferredPiecesMin = deferredPiecesMin;
+    this.deferred = undefined;
+    this.deferredSegments = undefined;
+    this.deferredOffsetsBytes = undefined;
+    this.deferredPositions = undefined;
     this.pendingHits = undefined;
     this.reads = undefined;
     this.hitBytes = 0;
@@ -148,7 +168,7 @@ export class ReadPath {
     // next read: no allocation on the read-hit path.
     const walk = this.spareWalk ?? new ReadWalk();
     this.spareWalk = undefined;
-    walk.reset(admit, demand, rewriteCandidate(ctx, target.length));
+    walk.reset(admit, demand, rewriteCandidate(ctx, target.length), this.threadPiecesMin(target));
     const endBytes = offsetBytes + target.length;
     const firstEnd = subtreeEnd(offsetBytes);
     if (endBytes <= firstEnd) {
@@ -160,6 +180,7 @@ export class ReadPath {
         position = end;
       }
     }
+    if (walk.deferred !== undefined) this.readDeferred(walk);
     ctx.stats.readHitBytes += walk.hitBytes;
     if (walk.misses === undefined && walk.reads === undefined) {
       ctx.stats.readHitRequests++;
@@ -260,11 +281,65 @@ export class ReadPath {
       io = this.verifiedRead(key, piece, key.segmentOffsetBytes + (position - key.offsetBytes));
     } else {
       // Without data CRCs only where the data lies is needed: two columns, not the whole key.
-      io = ctx.dev.readData(piece, segment, subtree.segmentOffset(index) + (position - subtree.start(index)));
+      const segmentOffset = subtree.segmentOffset(index) + (position - subtree.start(index));
+      if (walk.deferredPiecesMin > 0) {
+        (walk.deferred ??= []).push(piece);
+        (walk.deferredSegments ??= []).push(segment);
+        (walk.deferredOffsetsBytes ??= []).push(segmentOffset);
+        (walk.deferredPositions ??= []).push(position);
+        return;
+      }
+      io = ctx.dev.readData(piece, segment, segmentOffset);
     }
+    this.pendOn(walk, io, position, piece.length, segment);
+  }
+
+  /** Notes an asynchronous hit (`io` undefined: it completed already), to be re-checked once read. */
+  private pendOn(walk: ReadWalk, io: Promise<void> | undefined, position: number, lengthBytes: number, segment: number): void {
     if (io === undefined) return;
     (walk.reads ??= []).push(io);
-    (walk.pendingHits ??= []).push({ offsetBytes: position, lengthBytes: piece.length, segment, genLow32: subtree.genLow32(index) });
+    (walk.pendingHits ??= []).push({ offsetBytes: position, lengthBytes, segment, genLow32: this.ctx.segments.genLow32(segment) });
+  }
+
+  /**
+   * The least number of hits a read of `target` must have for them to be read off the event
+   * loop, or 0 when they never are: the read must be large, without data CRCs (the checks would
+   * be the event loop's again), into shared memory (a thread fills it in place), and the cache
+   * device must have a thread for reads.
+   */
+  private threadPiecesMin(target: Uint8Array): number {
+    const ctx = this.ctx;
+    const min = ctx.tuning.fragmentedThreadPieces;
+    if (min <= 0 || target.length < gatherRequestBytesMin || ctx.dataCrc || !(target.buffer instanceof SharedArrayBuffer) || !ctx.dev.readsOffThread) return 0;
+    return min;
+  }
+
+  /**
+   * Reads the hits the walk deferred: in one batch off the event loop when they are at least
+   * deferredPiecesMin, else each here, as the walk would have. Nothing ran between the walk and
+   * this (no await), so every segment still holds what the walk saw.
+   */
+  private readDeferred(walk: ReadWalk): void {
+    const ctx = this.ctx;
+    const targets = walk.deferred ?? [];
+    const segments = walk.deferredSegments ?? [];
+    const offsets = walk.deferredOffsetsBytes ?? [];
+    const positions = walk.deferredPositions ?? [];
+    walk.deferred = undefined;
+    if (targets.length >= walk.deferredPiecesMin) {
+      ctx.stats.threadReadBatches++;
+      (walk.reads ??= []).push(ctx.dev.readDataMany(targets, segments, offsets));
+      for (let i = 0; i < targets.length; i++) {
+        const segment = segments[i] ?? -1;
+        (walk.pendingHits ??= []).push({ offsetBytes: positions[i] ?? 0, lengthBytes: (targets[i] as Uint8Array).length, segment, genLow32: ctx.segments.genLow32(segment) });
+      }
+      return;
+    }
+    for (let i = 0; i < targets.length; i++) {
+      const target = targets[i] as Uint8Array;
+      const segment = segments[i] ?? -1;
+      this.pendOn(walk, ctx.dev.readData(target, segment, offsets[i] ?? 0), positions[i] ?? 0, target.length, segment);
+    }
   }
 
   /**

@@ -46,6 +46,8 @@ export interface CacheStats {
   readMissBytes: number;
   /** Reads (all cached, counted as hits) served by one backing read with the pieces not yet written back copied over it. */
   readGathers: number;
+  /** Reads whose cached pieces were read in one batch on the cache device's own thread (cache_read.ts). */
+  threadReadBatches: number;
   /** Fragmented reads stored again as one piece (cache_read_rewrite.ts), and the bytes published by them. */
   fragmentRewrites: number;
   fragmentRewriteBytes: number;
@@ -104,7 +106,7 @@ export interface CacheStats {
 
 export function newStats(): CacheStats {
   return {
-    readRequests: 0, readHitRequests: 0, readMissRequests: 0, readHitBytes: 0, readMissBytes: 0, readGathers: 0, fragmentRewrites: 0, fragmentRewriteBytes: 0,
+    readRequests: 0, readHitRequests: 0, readMissRequests: 0, readHitBytes: 0, readMissBytes: 0, readGathers: 0, threadReadBatches: 0, fragmentRewrites: 0, fragmentRewriteBytes: 0,
     writeRequests: 0, writeBytes: 0, zeroRequests: 0, zeroBytes: 0, flushRequests: 0,
     dirtyBytes: 0, ksetsWritten: 0, writebackBytes: 0, writebackBackingBytes: 0, writebackBackingWrites: 0, writebackSkippedBytes: 0, writebackKsets: 0, writebackRounds: 0, writebackWindowsMerged: 0,
     gcKsets: 0, gcSegmentsFreed: 0, staleKeysRemoved: 0, fillsStored: 0, fillsSkipped: 0,

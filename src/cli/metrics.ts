@@ -225,6 +225,7 @@ export function createMetricsRegistry(requests: NbdRequestCounters, sources: Met
   counted('pcache_read_misses_total', 'Read requests that needed the backing device', (c) => c.readMissRequests);
   counted('pcache_read_hit_bytes_total', 'Bytes of read hits (cached data; fragmented ones gathered from the backing device included)', (c) => c.readHitBytes);
   counted('pcache_read_gathers_total', 'Read hits of fragmented, written-back data served by one backing read with the newer pieces copied over it', (c) => c.readGathers);
+  counted('pcache_thread_read_batches_total', 'Reads whose many cached pieces were read in one batch on the cache device\'s own thread', (c) => c.threadReadBatches);
   counted('pcache_fragment_rewrites_total', 'Reads of fragmented data not yet written back that stored what they read again as one piece', (c) => c.fragmentRewrites);
   counted('pcache_fragment_rewrite_bytes_total', 'Bytes those rewrites published (parts written since the read keep the newer data)', (c) => c.fragmentRewriteBytes);
   counted('pcache_read_miss_bytes_total', 'Bytes read from the backing device for clients', (c) => c.readMissBytes);

@@ -161,7 +161,7 @@ function serverRows(report: Fields, cache: Fields): [string, string][] {
   const hits = counters.readHitRequests ?? 0;
   const ratio = reads === 0 ? '' : ` (${((100 * hits) / reads).toFixed(1)}%)`;
   rows.push(['reads', `${reads} requests: ${hits} hits${ratio}, ${counters.readMissRequests ?? 0} misses; ` +
-    `${formatSize(counters.readHitBytes ?? 0)} of hits (${counters.readGathers ?? 0} fragmented ones gathered from the backing device, ${counters.fragmentRewrites ?? 0} stored again as one piece), ${formatSize(counters.readMissBytes ?? 0)} of misses`]);
+    `${formatSize(counters.readHitBytes ?? 0)} of hits (${counters.readGathers ?? 0} fragmented ones gathered from the backing device, ${counters.threadReadBatches ?? 0} read in pieces off the event loop, ${counters.fragmentRewrites ?? 0} stored again as one piece), ${formatSize(counters.readMissBytes ?? 0)} of misses`]);
   rows.push(['policy', `${counters.bypassCutoffRequests ?? 0} requests past the sequential cutoff (${formatSize(counters.bypassCutoffBytes ?? 0)}), ` +
     `${counters.bypassModeRequests ?? 0} past the cache by the mode (${formatSize(counters.bypassModeBytes ?? 0)}), ${counters.bypassFallbacks ?? 0} cached over dirty data; ` +
     `fills ${counters.fillsStored ?? 0} admitted, ${(counters.fillsSkipped ?? 0) + (counters.fillsNotAdmitted ?? 0)} rejected`]);

@@ -42,6 +42,15 @@ export interface BlockDevice {
    * caller guarantees the source bytes do not change until the promise settles.
    */
   copyMany?(copies: readonly DeviceCopy[]): Promise<void>;
+  /**
+   * Several reads at unrelated offsets as one request, done off the caller's thread (a file:
+   * by its own thread, one message for the whole batch, even when the device is blocking).
+   * For a caller that has other work to do meanwhile: the reads of one request then overlap
+   * that work. Resolves when every read has completed; rejects on the first failure, and then
+   * the targets hold any subset of the bytes. Targets that are views of one SharedArrayBuffer
+   * are filled in place; any others are read into a shared buffer and copied over.
+   */
+  readMany?: ((reads: readonly DeviceRead[]) => Promise<void>) | undefined;
   /** Makes every write that completed before this call durable. */
   sync(): Promise<void>;
   /** Drops the range's contents; afterwards it reads as zeroes. */
@@ -58,6 +67,11 @@ export interface BlockDevice {
 
 export interface DeviceWrite {
   readonly source: Uint8Array;
+  readonly offsetBytes: number;
+}
+
+export interface DeviceRead {
+  readonly target: Uint8Array;
   readonly offsetBytes: number;
 }
 

@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import { assert } from '../lib/assert.js';
 import { PcacheError, type PcacheErrorCode } from '../lib/errors.js';
 import { MiB } from '../lib/units.js';
-import { rangeProblem, type BlockDevice, type BlockingIo, type DeviceCopy, type DeviceWrite } from './block_device.js';
+import { rangeProblem, type BlockDevice, type BlockingIo, type DeviceCopy, type DeviceRead, type DeviceWrite } from './block_device.js';
 import { FileWriter } from './file_writer.js';
 
 export interface FileDeviceOptions {
@@ -116,10 +116,19 @@ export class FileDevice implements BlockDevice {
     await this.writerFor(fd).write(writes);
   }
 
+  /** On the file's own thread, whatever the I/O style: the caller wants the reads off its thread. */
+  async readMany(reads: readonly DeviceRead[]): Promise<void> {
+    if (this.closing) throw new PcacheError('ENODEV', `${this.path} is closing`);
+    let fd = this.check(0, 0);
+    for (const r of reads) fd = this.check(r.offsetBytes, r.target.length);
+    await this.writerFor(fd).read(reads);
+  }
+
   private writerFor(fd: number): FileWriter {
-    this.writer ??= new FileWriter(this.path, fd, (failure) => toPcacheError(
+    this.writer ??= new FileWriter(this.path, fd, (failure, kind) => toPcacheError(
       Object.assign(new Error(failure.message), { code: failure.code }),
-      failure.reading ? `copy to ${this.path}: reading the source at ${failure.offsetBytes}` : `write ${this.path} at ${failure.offsetBytes}`,
+      kind === 'read' ? `read ${this.path} at ${failure.offsetBytes}`
+        : failure.reading ? `copy to ${this.path}: reading the source at ${failure.offsetBytes}` : `write ${this.path} at ${failure.offsetBytes}`,
     ));
     return this.writer;
   }

@@ -1,5 +1,7 @@
 // FileWriter: a file's writer thread, for batches of positional writes (BlockDevice.writeMany)
-// and of copies from other open files into this one (BlockDevice.copyMany).
+// and of copies from other open files into this one (BlockDevice.copyMany); and, on the cache
+// device, batches of reads (BlockDevice.readMany: a fragmented client read's pieces, read
+// while the event loop sends other replies).
 //
 // Why a thread of its own: an asynchronous write goes to libuv's thread pool, and each one
 // costs the event loop a hand-off (a lock and a wake-up of a pool thread, which on a small
@@ -21,13 +23,16 @@
 import { Worker } from 'node:worker_threads';
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
-import type { DeviceCopy, DeviceWrite } from './block_device.js';
-import { pieceFields, runFields, sourceFields, type BatchFailure, type CopyBatchRequest, type WriteBatchReply, type WriteBatchRequest } from './file_writer_thread.js';
+import type { DeviceCopy, DeviceRead, DeviceWrite } from './block_device.js';
+import { pieceFields, runFields, sourceFields, type BatchFailure, type CopyBatchRequest, type ReadBatchRequest, type WriteBatchReply, type WriteBatchRequest } from './file_writer_thread.js';
+
+export type BatchKind = 'write' | 'copy' | 'read';
 
 /** Batches sent and not yet answered, at most. */
 export const batchesQueuedMax = 1024;
 
 interface Pending {
+  readonly kind: BatchKind;
   readonly resolve: () => void;
   readonly reject: (error: unknown) => void;
 }
@@ -35,15 +40,15 @@ interface Pending {
 export class FileWriter {
   private readonly path: string;
   private readonly fd: number;
-  /** Turns a failure the thread reports into the device layer's error. */
-  private readonly toError: (failure: BatchFailure) => PcacheError;
+  /** Turns a failure the thread reports for a batch of `kind` into the device layer's error. */
+  private readonly toError: (failure: BatchFailure, kind: BatchKind) => PcacheError;
   private worker: Worker | undefined;
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
   private closed = false;
   private drained: (() => void) | undefined;
 
-  constructor(path: string, fd: number, toError: (failure: BatchFailure) => PcacheError) {
+  constructor(path: string, fd: number, toError: (failure: BatchFailure, kind: BatchKind) => PcacheError) {
     this.path = path;
     this.fd = fd;
     this.toError = toError;
@@ -59,6 +64,36 @@ export class FileWriter {
     if (writes.length === 0) return Promise.resolve();
     const { buffer, pieces } = pack(writes);
     return this.send((id) => ({ kind: 'write', id, fd: this.fd, buffer, pieces }));
+  }
+
+  /**
+   * Reads `reads` (already checked against the device) in the writer thread: in place when
+   * every target is a view of one SharedArrayBuffer, else through a shared buffer copied out
+   * once every read has completed.
+   */
+  async read(reads: readonly DeviceRead[]): Promise<void> {
+    if (reads.length === 0) return;
+    const pieces = new Float64Array(reads.length * pieceFields);
+    const first = reads[0]?.target.buffer;
+    const shared = first instanceof SharedArrayBuffer && reads.every((r) => r.target.buffer === first) ? first : undefined;
+    let buffer = shared;
+    let at = 0;
+    reads.forEach((r, i) => {
+      pieces[i * pieceFields] = shared === undefined ? at : r.target.byteOffset;
+      pieces[i * pieceFields + 1] = r.target.length;
+      pieces[i * pieceFields + 2] = r.offsetBytes;
+      at += r.target.length;
+    });
+    buffer ??= new SharedArrayBuffer(at);
+    const batch = buffer;
+    await this.send((id): ReadBatchRequest => ({ kind: 'read', id, fd: this.fd, buffer: batch, pieces }));
+    if (shared !== undefined) return;
+    const bytes = new Uint8Array(batch);
+    at = 0;
+    for (const r of reads) {
+      r.target.set(bytes.subarray(at, at + r.target.length));
+      at += r.target.length;
+    }
   }
 
   /** Copies `copies` (already checked against the device) in the writer thread: it reads the sources itself. */
@@ -84,17 +119,18 @@ export class FileWriter {
     return this.send((id) => ({ kind: 'copy', id, fd: this.fd, runs, runBytesMax }));
   }
 
-  private send(request: (id: number) => WriteBatchRequest | CopyBatchRequest): Promise<void> {
+  private send(request: (id: number) => WriteBatchRequest | CopyBatchRequest | ReadBatchRequest): Promise<void> {
     if (this.closed) return Promise.reject(new PcacheError('ENODEV', `${this.path} is closed`));
     assert(this.pending.size < batchesQueuedMax, `${this.path}: more than ${batchesQueuedMax} batches queued`);
     const id = this.nextId++;
+    const message = request(id);
     return new Promise<void>((resolve, reject) => {
       const thread = this.thread();
-      this.pending.set(id, { resolve, reject });
+      this.pending.set(id, { kind: message.kind, resolve, reject });
       // While a batch is out, the thread keeps the process alive (nothing else may: a test or a
       // command awaiting a write); once none is, it does not (see thread()).
       if (this.pending.size === 1) thread.ref();
-      thread.postMessage(request(id));
+      thread.postMessage(message);
     });
   }
 
@@ -129,7 +165,8 @@ export class FileWriter {
   }
 
   private answer(reply: WriteBatchReply): void {
-    this.settle(reply.id, reply.failure === undefined ? undefined : this.toError(reply.failure));
+    const kind = this.pending.get(reply.id)?.kind ?? 'write';
+    this.settle(reply.id, reply.failure === undefined ? undefined : this.toError(reply.failure, kind));
   }
 
   private settle(id: number, error: PcacheError | undefined): void {

@@ -1,5 +1,6 @@
 // The body of a file's writer thread (file_writer.ts starts it): positional writes, done
-// synchronously, a batch per message.
+// synchronously, a batch per message; and batches of reads (a fragmented client read's pieces,
+// BlockDevice.readMany), done the same way into the caller's shared buffer.
 //
 // A write batch arrives as one SharedArrayBuffer and a list of pieces (where in the buffer, how
 // long, where in the file). A copy batch arrives as a list of runs, each a file offset and the
@@ -27,6 +28,15 @@ export interface WriteBatchRequest {
   readonly fd: number;
   readonly buffer: SharedArrayBuffer;
   /** pieceFields numbers per piece. */
+  readonly pieces: Float64Array;
+}
+
+/** Reads into `buffer`: pieceFields numbers per piece, as a write batch's (buffer offset, length, file offset). */
+export interface ReadBatchRequest {
+  readonly kind: 'read';
+  readonly id: number;
+  readonly fd: number;
+  readonly buffer: SharedArrayBuffer;
   readonly pieces: Float64Array;
 }
 
@@ -235,6 +245,27 @@ function writeBatch(request: WriteBatchRequest): WriteBatchReply {
   return { id: request.id };
 }
 
+/** Reads each piece in order; stops at the first failure (the reading flag set). */
+function readBatch(request: ReadBatchRequest): WriteBatchReply {
+  const data = new Uint8Array(request.buffer);
+  const pieces = request.pieces;
+  for (let i = 0; i + pieceFields <= pieces.length; i += pieceFields) {
+    const at = pieces[i] ?? 0;
+    const length = pieces[i + 1] ?? 0;
+    const offsetBytes = pieces[i + 2] ?? 0;
+    try {
+      for (let done = 0; done < length;) {
+        const n = fs.readSync(request.fd, data, at + done, length - done, offsetBytes + done);
+        if (n === 0) throw Object.assign(new Error(`unexpected end of file at ${offsetBytes + done}`), { code: 'EIO' });
+        done += n;
+      }
+    } catch (error) {
+      return { id: request.id, failure: failureOf(error, offsetBytes, true) };
+    }
+  }
+  return { id: request.id };
+}
+
 function copyBatch(request: CopyBatchRequest): WriteBatchReply {
   const runs = request.runs;
   const readFailure = readSources(runs);
@@ -279,7 +310,7 @@ function copyBatch(request: CopyBatchRequest): WriteBatchReply {
 
 const port = parentPort;
 if (port !== null) {
-  port.on('message', (request: WriteBatchRequest | CopyBatchRequest) => {
-    port.postMessage(request.kind === 'write' ? writeBatch(request) : copyBatch(request));
+  port.on('message', (request: WriteBatchRequest | CopyBatchRequest | ReadBatchRequest) => {
+    port.postMessage(request.kind === 'write' ? writeBatch(request) : request.kind === 'read' ? readBatch(request) : copyBatch(request));
   });
 }

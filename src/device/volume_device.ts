@@ -12,7 +12,7 @@
 
 import { assert } from '../lib/assert.js';
 import { PcacheError } from '../lib/errors.js';
-import { rangeProblem, type BlockDevice, type BlockingIo } from './block_device.js';
+import { rangeProblem, type BlockDevice, type BlockingIo, type DeviceRead } from './block_device.js';
 
 export interface VolumeGeometry {
   /** Where the volume's slot starts on the pool device. */
@@ -30,6 +30,7 @@ export class VolumeDevice implements BlockDevice {
   readonly sizeBytes: number;
   readonly identity: string | undefined = undefined;
   readonly blocking: BlockingIo | undefined;
+  readonly readMany: ((reads: readonly DeviceRead[]) => Promise<void>) | undefined;
   private readonly pool: BlockDevice;
   private readonly geometry: VolumeGeometry;
   private readonly unitsEndBytes: number;
@@ -40,6 +41,15 @@ export class VolumeDevice implements BlockDevice {
     this.geometry = geometry;
     this.unitsEndBytes = geometry.frontBytes + geometry.unitOffsetsBytes.length * geometry.segmentSizeBytes;
     this.sizeBytes = this.unitsEndBytes + geometry.endBytes;
+    const poolReadMany = pool.readMany?.bind(pool);
+    this.readMany = poolReadMany === undefined ? undefined : async (reads) => {
+      const mapped: DeviceRead[] = [];
+      for (const r of reads) {
+        this.check(r.offsetBytes, r.target.length);
+        this.each(r.target, r.offsetBytes, (part, at) => { mapped.push({ target: part, offsetBytes: at }); });
+      }
+      await poolReadMany(mapped);
+    };
     const poolBlocking = pool.blocking;
     this.blocking = poolBlocking === undefined ? undefined : {
       readSync: (target, offsetBytes) => { this.each(target, offsetBytes, (part, at) => { poolBlocking.readSync(part, at); }); },

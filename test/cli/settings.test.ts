@@ -28,6 +28,7 @@ const defaults: Settings = {
   sequential_cutoff_bytes: 4 * 1024 * 1024,
   fragmented_read_pieces: 16,
   fragmented_rewrite_pieces: 16,
+  fragmented_thread_pieces: 16,
   space_wait_timeout_ms: 0,
 };
 

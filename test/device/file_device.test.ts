@@ -150,6 +150,61 @@ describe('FileDevice', () => {
     await source.close();
   });
 
+  for (const blocking of [true, false]) {
+    it(`readMany (${blocking ? 'blocking' : 'asynchronous'} device) reads pieces at unrelated offsets on the file's thread, in place in shared memory`, async () => {
+      const path = join(dir, `read-many-${String(blocking)}.img`);
+      FileDevice.create(path, 4 * MiB);
+      const device = await FileDevice.open(path, { blocking });
+      await device.write(pattern(7, 0, 4 * MiB), 0);
+      const expected = (offsetBytes: number, lengthBytes: number): Buffer => pattern(7, offsetBytes, lengthBytes);
+      // Pieces out of file order, into views of one SharedArrayBuffer: filled in place.
+      const shared = new Uint8Array(new SharedArrayBuffer(64 * 1024)).fill(0xee);
+      await device.readMany([
+        { target: shared.subarray(0, 4096), offsetBytes: 3 * MiB },
+        { target: shared.subarray(4096, 12288), offsetBytes: 512 },
+        { target: shared.subarray(20480, 20992), offsetBytes: 4 * MiB - 512 },
+      ]);
+      assert.deepEqual(Buffer.from(shared.subarray(0, 4096)), expected(3 * MiB, 4096));
+      assert.deepEqual(Buffer.from(shared.subarray(4096, 12288)), expected(512, 8192));
+      assert.deepEqual(Buffer.from(shared.subarray(20480, 20992)), expected(4 * MiB - 512, 512));
+      assert.ok(shared.subarray(12288, 20480).every((b) => b === 0xee) && shared.subarray(20992).every((b) => b === 0xee), 'nothing else was written');
+      // Targets of ordinary memory, or of two shared buffers: read through a buffer of the thread's, copied over.
+      const plain = [Buffer.alloc(4096), Buffer.alloc(1024)];
+      const other = new Uint8Array(new SharedArrayBuffer(2048));
+      await device.readMany([
+        { target: plain[0] as Buffer, offsetBytes: MiB },
+        { target: shared.subarray(0, 2048), offsetBytes: 2 * MiB },
+        { target: other, offsetBytes: 8192 },
+        { target: plain[1] as Buffer, offsetBytes: 0 },
+      ]);
+      assert.deepEqual(plain[0], expected(MiB, 4096));
+      assert.deepEqual(Buffer.from(shared.subarray(0, 2048)), expected(2 * MiB, 2048));
+      assert.deepEqual(Buffer.from(other), expected(8192, 2048));
+      assert.deepEqual(plain[1], expected(0, 1024));
+      await device.readMany([]);
+      await device.close();
+      await assert.rejects(() => device.readMany([{ target: shared.subarray(0, 512), offsetBytes: 0 }]), code('ENODEV'));
+    });
+  }
+
+  it('readMany reports a piece the thread cannot read as an operating error naming where, and reads nothing after it', async () => {
+    const path = join(dir, 'read-many-short.img');
+    FileDevice.create(path, MiB);
+    const device = await FileDevice.open(path, { blocking: true });
+    device.blocking?.writeSync(pattern(3, 0, MiB), 0);
+    // The file shrinks under the open device (another program truncates it): reading past its end is EIO.
+    spawnSync('truncate', ['-s', String(512 * 1024), path]);
+    const target = new Uint8Array(new SharedArrayBuffer(8192)).fill(0xee);
+    await assert.rejects(() => device.readMany([
+      { target: target.subarray(0, 4096), offsetBytes: 4096 },
+      { target: target.subarray(4096, 6144), offsetBytes: 768 * 1024 },
+      { target: target.subarray(6144), offsetBytes: 8192 },
+    ]), (error: unknown) => code('EIO')(error) && /read .*read-many-short\.img at 786432/.test(String(error)));
+    assert.deepEqual(Buffer.from(target.subarray(0, 4096)), pattern(3, 4096, 4096), 'the piece before the failure was read');
+    assert.ok(target.subarray(6144).every((b) => b === 0xee), 'the piece after it was not');
+    await device.close();
+  });
+
   it('copyMany reads nearby pieces of a source together and still writes every run right', async () => {
     const sourcePath = join(dir, 'span-source.img');
     const otherPath = join(dir, 'span-other.img');

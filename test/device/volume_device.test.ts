@@ -56,4 +56,30 @@ describe('VolumeDevice', () => {
     const volume = new VolumeDevice(new MemoryDevice(2 * MiB), geometry);
     assert.equal(volume.blocking !== undefined && 'locate' in volume.blocking, false);
   });
+
+  it('reads many pieces through the pool\'s readMany, a piece across two units split at their edge', async () => {
+    const path = join(dir, 'pool-many.img');
+    FileDevice.create(path, 2 * MiB);
+    const pool = await FileDevice.open(path, { blocking: true });
+    let batches = 0;
+    const poolReadMany = pool.readMany.bind(pool);
+    pool.readMany = (reads) => { batches++; return poolReadMany(reads); };
+    const volume = new VolumeDevice(pool, geometry);
+    assert.ok(volume.readMany !== undefined, 'a volume of a file device reads batches on its thread');
+    const data = pattern(9, 0, volume.sizeBytes);
+    volume.blocking?.writeSync(data, 0);
+    const target = new Uint8Array(new SharedArrayBuffer(24 * KiB));
+    await volume.readMany([
+      { target: target.subarray(0, 8 * KiB), offsetBytes: 4 * KiB + 60 * KiB }, // across the two units
+      { target: target.subarray(8 * KiB, 12 * KiB), offsetBytes: 0 }, // the front
+      { target: target.subarray(12 * KiB, 24 * KiB), offsetBytes: 4 * KiB + 100 * KiB }, // the second unit
+    ]);
+    assert.equal(batches, 1, 'one batch for the pool');
+    assert.deepEqual(Buffer.from(target.subarray(0, 8 * KiB)), data.subarray(64 * KiB, 72 * KiB));
+    assert.deepEqual(Buffer.from(target.subarray(8 * KiB, 12 * KiB)), data.subarray(0, 4 * KiB));
+    assert.deepEqual(Buffer.from(target.subarray(12 * KiB)), data.subarray(104 * KiB, 116 * KiB));
+    await assert.rejects(() => volume.readMany?.([{ target: target.subarray(0, 8 * KiB), offsetBytes: volume.sizeBytes - 4 * KiB }]) ?? Promise.resolve(), /ends past the device end/);
+    assert.equal(new VolumeDevice(new MemoryDevice(2 * MiB), geometry).readMany, undefined, 'none over a pool without readMany');
+    await pool.close();
+  });
 });

@@ -17,6 +17,11 @@
 //   failed Export call an asynchronous read might still be writing into it, so it is left to
 //   the GC. A WRITE payload goes back when the Export completed the write successfully (the
 //   Export keeps no reference after that: export.ts); after a failure it is left to the GC.
+// - Buffers of at least sharedBufferBytesMin are shared memory (SharedArrayBuffer), so an Export
+//   may have another thread fill a large READ's data in place (BlockDevice.readMany) instead of
+//   copying it over from a buffer of its own. Node's sockets send them like any other bytes.
+//   Smaller ones stay ordinary memory: no thread is worth its hand-off for them, and the 4 KiB
+//   hot path keeps exactly what it had.
 // - Reused buffers are not zeroed. The Export contract is to fill the whole target on success;
 //   should an Export break it, stale bytes from an earlier READ of the same export (which any
 //   client may read anyway) would go out, never memory of anything else. One pool per server.
@@ -26,10 +31,12 @@
 //   not fit.
 
 import { assert } from '../../lib/assert.js';
-import { MiB } from '../../lib/units.js';
+import { KiB, MiB } from '../../lib/units.js';
 
 /** Free bytes the pool may keep (on top of the buffers in use, which backpressure bounds). */
 export const bufferPoolBytesMax = 64 * MiB;
+/** Buffers this long or longer are SharedArrayBuffers (see the file comment); as cache_read.ts's threshold for reading on a thread. */
+export const sharedBufferBytesMin = 64 * KiB;
 /** Free buffers of one length the pool may keep. */
 export const bufferPoolPerSizeMax = 256;
 
@@ -42,7 +49,9 @@ export class BufferPool {
     assert(Number.isSafeInteger(lengthBytes) && lengthBytes > 0, 'pooled buffer length must be positive');
     const list = this.free.get(lengthBytes);
     const buffer = list?.pop();
-    if (list === undefined || buffer === undefined) return new Uint8Array(lengthBytes);
+    if (list === undefined || buffer === undefined) {
+      return lengthBytes >= sharedBufferBytesMin ? new Uint8Array(new SharedArrayBuffer(lengthBytes)) : new Uint8Array(lengthBytes);
+    }
     if (list.length === 0) this.free.delete(lengthBytes); // no empty lists: the map stays as small as the pool
     this.freeBytes -= lengthBytes;
     return buffer;

@@ -6,7 +6,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { PcacheError } from '../../../src/lib/errors.js';
-import { BufferPool, bufferPoolBytesMax, bufferPoolPerSizeMax } from '../../../src/nbd/server/buffer_pool.js';
+import { BufferPool, bufferPoolBytesMax, bufferPoolPerSizeMax, sharedBufferBytesMin } from '../../../src/nbd/server/buffer_pool.js';
 import { MiB } from '../../../src/lib/units.js';
 import { patternBytes } from '../../helpers/bytes.js';
 import { connectAndGo } from '../../helpers/nbd_raw_client.js';
@@ -27,6 +27,17 @@ describe('BufferPool', () => {
     assert.equal(pool.take(4124), first, 'the same length reuses it');
     assert.equal(pool.freeBytesHeld, 0);
     assert.notEqual(pool.take(4124), first, 'a buffer is handed out once');
+  });
+
+  it('hands out shared memory from sharedBufferBytesMin up (a thread may fill it), ordinary memory below', () => {
+    const pool = new BufferPool();
+    assert.ok(!(pool.take(sharedBufferBytesMin - 1).buffer instanceof SharedArrayBuffer));
+    assert.ok(!(pool.take(4096 + 16).buffer instanceof SharedArrayBuffer));
+    const large = pool.take(sharedBufferBytesMin);
+    assert.ok(large.buffer instanceof SharedArrayBuffer);
+    assert.ok(large.every((b) => b === 0), 'a new buffer is zeroed');
+    pool.give(large);
+    assert.equal(pool.take(sharedBufferBytesMin), large, 'and is pooled like any other');
   });
 
   it('keeps at most its per-length count and its byte budget', () => {

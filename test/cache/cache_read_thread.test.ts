@@ -1,0 +1,154 @@
+// A large read from many cached pieces reads them in one batch on the cache device's own thread
+// (cache_read.ts, BlockDevice.readMany): when it does and when it does not, that every byte
+// comes back in its place either way, and that a piece whose segment GC freed and reused while
+// the batch was out comes from the backing device instead.
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import type { BlockDevice, DeviceRead } from '../../src/device/block_device.js';
+import { MemoryDevice } from '../../src/device/memory_device.js';
+import { Cache } from '../../src/cache/cache.js';
+import type { CacheTuning } from '../../src/cache/cache_tuning.js';
+import { ManualTimers } from '../../src/lib/timers.js';
+import { KiB, MiB } from '../../src/lib/units.js';
+import { cacheBytesFor, pattern, settle } from '../helpers/cache_fixture.js';
+
+const piece = 4 * KiB;
+const pieces = 32; // a 128 KiB read of 32 pieces
+const readBytesTotal = pieces * piece;
+const backingTag = 0xb0;
+const firstTag = 0xa1;
+
+/**
+ * A memory cache device with a thread for batches of reads, as a file has: readMany reads later
+ * (after `gate`, when set), and counts its batches and their pieces.
+ */
+class ThreadedMemoryDevice extends MemoryDevice {
+  batches: number[] = [];
+  gate: Promise<void> | undefined;
+  readMany = async (reads: readonly DeviceRead[]): Promise<void> => {
+    this.batches.push(reads.length);
+    await (this.gate ?? Promise.resolve());
+    for (const r of reads) this.readSync(r.target, r.offsetBytes);
+  };
+}
+
+/** Piece numbers in a scrambled order, so no two neighbours lie side by side in the cache. */
+function scrambled(): number[] {
+  return Array.from({ length: pieces }, (_, i) => (i * 7) % pieces);
+}
+
+async function openCache(cacheDevice: BlockDevice, backing: BlockDevice, tuning: Partial<CacheTuning> = {}, dataCrc = false): Promise<Cache> {
+  return Cache.open({
+    cacheDevice, backingDevice: backing, background: false, timers: new ManualTimers(),
+    // The filler writes are sequential and must go into the cache; no rewrite changes what is read.
+    tuning: { sequentialCutoffBytes: 0, fragmentedRewritePieces: 0, ...tuning },
+    formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, gcPercent: 0, dataCrc },
+  });
+}
+
+/** Writes every piece of [0, 128 KiB) with `tag`, one 4 KiB write each, in scrambled order; left dirty. */
+async function layDown(cache: Cache, tag: number): Promise<void> {
+  for (const i of scrambled()) await cache.write(pattern(tag, i * piece, piece), i * piece);
+}
+
+function shared(lengthBytes: number): Uint8Array {
+  return new Uint8Array(new SharedArrayBuffer(lengthBytes)).fill(0xee);
+}
+
+describe('fragmented reads on the cache device\'s thread', () => {
+  it('reads a large read\'s pieces in one batch when they are many and the target is shared memory, else each on the event loop', async () => {
+    const device = new ThreadedMemoryDevice(cacheBytesFor(8));
+    const cache = await openCache(device, new MemoryDevice(pattern(backingTag, 0, 64 * MiB)));
+    await layDown(cache, firstTag);
+    const truth = pattern(firstTag, 0, readBytesTotal);
+    const batches = (): number => cache.status().counters.threadReadBatches;
+    const check = async (target: Uint8Array, offsetBytes: number, batched: boolean, what: string): Promise<void> => {
+      const before = batches();
+      const sent = device.batches.length;
+      await cache.read(target, offsetBytes);
+      assert.ok(Buffer.from(target).equals(truth.subarray(offsetBytes, offsetBytes + target.length)), `${what}: every byte in its place`);
+      assert.equal(batches() - before, batched ? 1 : 0, `${what}: ${batched ? 'one batch' : 'no batch'}`);
+      assert.equal(device.batches.length - sent, batched ? 1 : 0);
+    };
+
+    await check(shared(readBytesTotal), 0, true, 'the whole range');
+    assert.equal(device.batches.at(-1), pieces, 'one read per piece, all in the batch');
+    // A read that starts and ends inside pieces: the first and last are parts of keys.
+    await check(shared(readBytesTotal - 4 * KiB), 2 * KiB, true, 'from inside a piece to inside another');
+    assert.equal(device.batches.at(-1), pieces);
+    await check(new Uint8Array(readBytesTotal), 0, false, 'a target of ordinary memory (no thread can fill it)');
+    await check(shared(32 * KiB), 0, false, 'a read under 64 KiB');
+    cache.setTuning({ fragmentedThreadPieces: pieces + 1 });
+    await check(shared(readBytesTotal), 0, false, 'fewer pieces than fragmented_thread_pieces');
+    cache.setTuning({ fragmentedThreadPieces: pieces });
+    await check(shared(readBytesTotal), 0, true, 'exactly fragmented_thread_pieces pieces');
+    cache.setTuning({ fragmentedThreadPieces: 0 });
+    await check(shared(readBytesTotal), 0, false, 'turned off');
+    await cache.close();
+  });
+
+  it('reads a range partly cached, partly a miss, partly zeroes: the misses from the backing device, the rest in the batch', async () => {
+    const device = new ThreadedMemoryDevice(cacheBytesFor(8));
+    const cache = await openCache(device, new MemoryDevice(pattern(backingTag, 0, 64 * MiB)));
+    await layDown(cache, firstTag);
+    await cache.writeZeroes(5 * piece, piece);
+    const out = shared(readBytesTotal + 64 * KiB); // 64 KiB past the range: never written, a miss
+    await cache.read(out, 0);
+    const truth = Buffer.concat([pattern(firstTag, 0, readBytesTotal), pattern(backingTag, readBytesTotal, 64 * KiB)]);
+    truth.fill(0, 5 * piece, 6 * piece);
+    assert.ok(Buffer.from(out).equals(truth), 'cached pieces, zeroes and the miss, each in its place');
+    assert.equal(device.batches.at(-1), pieces - 1, 'the data pieces went in the batch, the ZERO piece read nothing');
+    await cache.close();
+  });
+
+  it('leaves a cache with data CRCs to read and check every piece on the event loop', async () => {
+    const device = new ThreadedMemoryDevice(cacheBytesFor(8));
+    const cache = await openCache(device, new MemoryDevice(pattern(backingTag, 0, 64 * MiB)), {}, true);
+    await layDown(cache, firstTag);
+    const out = shared(readBytesTotal);
+    await cache.read(out, 0);
+    assert.ok(Buffer.from(out).equals(pattern(firstTag, 0, readBytesTotal)));
+    assert.equal(device.batches.length, 0);
+    await cache.close();
+  });
+
+  it('a piece whose segment is written back, freed and reused while the batch is out comes from the backing device', async () => {
+    const device = new ThreadedMemoryDevice(cacheBytesFor(8));
+    const cache = await openCache(device, new MemoryDevice(pattern(backingTag, 0, 64 * MiB)));
+    await layDown(cache, firstTag);
+    const core = cache.internals;
+    const subtree = core.ctx.index.subtree(0, false);
+    assert.ok(subtree !== undefined);
+    const segment = subtree.segment(subtree.seek(0));
+    // Move the data head past the pieces' segment, so GC may take it.
+    await cache.write(Buffer.alloc(MiB, 0x77), 32 * MiB);
+    assert.notEqual(core.head.segment, segment);
+    const genBefore = core.ctx.segments.genLow32(segment);
+
+    let open: () => void = () => undefined;
+    device.gate = new Promise<void>((resolve) => { open = resolve; });
+    const out = shared(readBytesTotal);
+    let done = false;
+    const reading = Promise.resolve(cache.read(out, 0)).then(() => { done = true; });
+    await settle();
+    assert.equal(device.batches.length, 1, 'the pieces are out in one batch');
+    assert.equal(done, false, 'the read waits for it');
+    // Meanwhile: everything is written back, GC frees the segment, and new data reuses it.
+    await cache.drain();
+    while (await core.gc.step()) { /* until GC has nothing left */ }
+    assert.notEqual(core.ctx.segments.genLow32(segment), genBefore, 'the segment was freed');
+    let reused = false;
+    for (let at = 48 * MiB; !(reused && core.head.segment !== segment); at += 256 * KiB) {
+      assert.ok(at < 62 * MiB, 'the freed segment is handed out again');
+      await cache.write(Buffer.alloc(256 * KiB, 0x55), at);
+      if (core.head.segment === segment) reused = true;
+      await cache.drain();
+      while (await core.gc.step()) { /* free what was written back */ }
+    }
+    device.gate = undefined;
+    open();
+    await reading;
+    assert.ok(Buffer.from(out).equals(pattern(firstTag, 0, readBytesTotal)), 'the written-back data, not what reused the segment');
+    await cache.close();
+  });
+});
