@@ -16,7 +16,7 @@ import { Cache, cacheModes, eagerWriteback, type CacheMode } from '../../src/cac
 import { ManualTimers } from '../../src/lib/timers.js';
 import { MiB } from '../../src/lib/units.js';
 import { Prng } from '../../sim/prng.js';
-import { cacheBytesFor, pattern } from '../helpers/cache_fixture.js';
+import { cacheBytesFor, pattern, ThreadedMemoryDevice } from '../helpers/cache_fixture.js';
 
 const S = 512;
 const segments = 12;
@@ -32,6 +32,11 @@ interface Config {
   gatherPieces?: number;
   /** fragmented_rewrite_pieces for every open (default: the engine's), so reads of dirty pieces are stored again as one. */
   rewritePieces?: number;
+  /**
+   * fragmented_thread_pieces for every open, on a cache device with a thread for reads (whose
+   * batches complete on a later turn) and reads into shared memory: large reads' pieces read later.
+   */
+  threadPieces?: number;
 }
 
 /** What the engine is doing, for a step that does not finish (PCACHE_TRACE=1). */
@@ -59,12 +64,13 @@ interface Totals {
   fallbacks: number;
   gathers: number;
   rewrites: number;
+  threadBatches: number;
 }
 
 async function runModel(config: Config): Promise<Totals> {
   const prng = new Prng(config.seed);
   const model = Buffer.alloc(backingBytes);
-  const cacheDevice = new MemoryDevice(cacheBytesFor(segments));
+  const cacheDevice = config.threadPieces !== undefined ? new ThreadedMemoryDevice(cacheBytesFor(segments)) : new MemoryDevice(cacheBytesFor(segments));
   const backingDevice = new MemoryDevice(backingBytes);
   const timers = new ManualTimers();
   // Half the seeds write back as soon as anything is dirty, half use the default policy.
@@ -83,6 +89,7 @@ async function runModel(config: Config): Promise<Totals> {
     const opened = await openCache();
     if (config.gatherPieces !== undefined) opened.setTuning({ fragmentedReadPieces: config.gatherPieces });
     if (config.rewritePieces !== undefined) opened.setTuning({ fragmentedRewritePieces: config.rewritePieces });
+    if (config.threadPieces !== undefined) opened.setTuning({ fragmentedThreadPieces: config.threadPieces });
     return opened;
   };
   let cache = await open();
@@ -90,7 +97,7 @@ async function runModel(config: Config): Promise<Totals> {
   const cutoffs = [0, 16 * 1024, 256 * 1024];
   if (config.modes === true) cache.setTuning({ sequentialCutoffBytes: prng.pick(cutoffs) });
   let tag = 1;
-  const totals = { reads: 0, writes: 0, drains: 0, reopens: 0, gcSegments: 0, switches: 0, bypassMode: 0, bypassCutoff: 0, fallbacks: 0, gathers: 0, rewrites: 0 };
+  const totals = { reads: 0, writes: 0, drains: 0, reopens: 0, gcSegments: 0, switches: 0, bypassMode: 0, bypassCutoff: 0, fallbacks: 0, gathers: 0, rewrites: 0, threadBatches: 0 };
   // The engine's counters start again at every open: add them up before each stop.
   const noteCounters = (): void => {
     const counters = cache.status().counters;
@@ -99,6 +106,7 @@ async function runModel(config: Config): Promise<Totals> {
     totals.fallbacks += counters.bypassFallbacks;
     totals.gathers += counters.readGathers;
     totals.rewrites += counters.fragmentRewrites;
+    totals.threadBatches += counters.threadReadBatches;
   };
 
   const randomExtent = (maxSectors: number): { offset: number; length: number } => {
@@ -168,7 +176,7 @@ async function runModel(config: Config): Promise<Totals> {
         }
         switch (request.kind) {
           case 'read': {
-            const out = Buffer.alloc(request.length);
+            const out = config.threadPieces !== undefined ? Buffer.from(new SharedArrayBuffer(request.length)) : Buffer.alloc(request.length);
             return Promise.resolve(cache.read(out, request.offset, request.client)).then(() => out);
           }
           case 'write':
@@ -301,6 +309,22 @@ describe('engine model test', () => {
       try {
         const totals = await runModel({ seed, steps, dataCrc: seed % 2 === 0, rewritePieces: 1 });
         assert.ok(totals.rewrites > 10, `reads are rewritten: ${JSON.stringify(totals)}`);
+        assert.ok(totals.reads > steps / 2 && totals.writes > steps / 2);
+      } catch (error) {
+        console.error(`model test failed: replay with PCACHE_SEED=${seed} node --test dist/test/cache/cache_model.test.js`);
+        throw error;
+      }
+    });
+  }
+  // Large reads' pieces read in one batch on the cache device's thread (fragmented_thread_pieces=1),
+  // completing on a later turn, while writes, trims, writeback, GC, reopens and unclean stops go
+  // on: a piece whose segment was freed meanwhile must come from the backing device.
+  const threadSeeds = fixedSeed !== undefined ? [Number(fixedSeed)] : [41, 42];
+  for (const seed of threadSeeds) {
+    it(`seed ${seed}, reading pieces on the cache device's thread: ${steps} random steps match the model`, async () => {
+      try {
+        const totals = await runModel({ seed, steps, dataCrc: false, threadPieces: 1 });
+        assert.ok(totals.threadBatches > 20, `pieces are read on the thread: ${JSON.stringify(totals)}`);
         assert.ok(totals.reads > steps / 2 && totals.writes > steps / 2);
       } catch (error) {
         console.error(`model test failed: replay with PCACHE_SEED=${seed} node --test dist/test/cache/cache_model.test.js`);

@@ -4,33 +4,19 @@
 // the batch was out comes from the backing device instead.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import type { BlockDevice, DeviceRead } from '../../src/device/block_device.js';
+import type { BlockDevice } from '../../src/device/block_device.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache } from '../../src/cache/cache.js';
 import type { CacheTuning } from '../../src/cache/cache_tuning.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { KiB, MiB } from '../../src/lib/units.js';
-import { cacheBytesFor, pattern, settle } from '../helpers/cache_fixture.js';
+import { cacheBytesFor, pattern, settle, ThreadedMemoryDevice } from '../helpers/cache_fixture.js';
 
 const piece = 4 * KiB;
 const pieces = 32; // a 128 KiB read of 32 pieces
 const readBytesTotal = pieces * piece;
 const backingTag = 0xb0;
 const firstTag = 0xa1;
-
-/**
- * A memory cache device with a thread for batches of reads, as a file has: readMany reads later
- * (after `gate`, when set), and counts its batches and their pieces.
- */
-class ThreadedMemoryDevice extends MemoryDevice {
-  batches: number[] = [];
-  gate: Promise<void> | undefined;
-  readMany = async (reads: readonly DeviceRead[]): Promise<void> => {
-    this.batches.push(reads.length);
-    await (this.gate ?? Promise.resolve());
-    for (const r of reads) this.readSync(r.target, r.offsetBytes);
-  };
-}
 
 /** Piece numbers in a scrambled order, so no two neighbours lie side by side in the cache. */
 function scrambled(): number[] {

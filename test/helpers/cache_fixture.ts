@@ -1,6 +1,6 @@
 // Helpers for engine tests: memory devices, a cache opened on them with manual timers, and a
 // device whose reads can be held in flight.
-import type { BlockDevice } from '../../src/device/block_device.js';
+import type { BlockDevice, DeviceRead } from '../../src/device/block_device.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache, type CacheOpenOptions, type FormatOptions } from '../../src/cache/cache.js';
 import { ManualTimers } from '../../src/lib/timers.js';
@@ -73,6 +73,22 @@ export async function readBytes(cache: Cache, offsetBytes: number, lengthBytes: 
  * A BlockDevice over memory whose reads wait until the test releases them (while `gated`), and
  * whose writes wait until it lets them go one by one (while `holdWrites`).
  */
+/**
+ * A memory device with a thread for batches of reads, as a file has (BlockDevice.readMany): a
+ * batch is read later, once `gate` resolves when one is set, else on a later turn of the event
+ * loop, so other work runs between a read's walk and its pieces' reads. Counts its batches.
+ */
+export class ThreadedMemoryDevice extends MemoryDevice {
+  /** The number of reads in each batch, in order. */
+  readonly batches: number[] = [];
+  gate: Promise<void> | undefined;
+  readMany = async (reads: readonly DeviceRead[]): Promise<void> => {
+    this.batches.push(reads.length);
+    await (this.gate ?? new Promise<void>((resolve) => { setImmediate(resolve); }));
+    for (const r of reads) this.readSync(r.target, r.offsetBytes);
+  };
+}
+
 export class GatedDevice implements BlockDevice {
   readonly inner: MemoryDevice;
   readonly sizeBytes: number;
