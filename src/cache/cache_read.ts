@@ -127,6 +127,12 @@ export class ReadPath {
   readonly admission: ReadAdmission;
   /** A walk left by a read that ended synchronously, for the next one (walkRead). */
   private spareWalk: ReadWalk | undefined;
+  /** Reads of at least gatherRequestBytesMin that returned a promise and have not settled. */
+  private largeReadsPending = 0;
+  private readonly largeReadSettled = (): void => { this.largeReadsPending--; };
+  /** Whether a read of at least gatherRequestBytesMin came earlier in this macrotask (a microtask clears it). */
+  private largeReadThisTurn = false;
+  private readonly turnEnded = (): void => { this.largeReadThisTurn = false; };
   private readonly rewriter: FragmentRewriter;
 
   constructor(ctx: CacheContext, log: KsetLog, head: DataHead) {
@@ -154,11 +160,17 @@ export class ReadPath {
     ctx.checkReadable();
     ctx.stats.readRequests++;
     if (admit && demand) this.admission.observe(offsetBytes);
-    if (target.length >= gatherRequestBytesMin) {
-      const overlay = planGather(ctx, offsetBytes, target.length, ctx.tuning.fragmentedReadPieces);
-      if (overlay !== undefined) return gatherRead(ctx, target, offsetBytes, overlay, () => this.walkRead(target, offsetBytes, admit, demand));
+    if (target.length < gatherRequestBytesMin) return this.walkRead(target, offsetBytes, admit, demand);
+    const overlay = planGather(ctx, offsetBytes, target.length, ctx.tuning.fragmentedReadPieces);
+    const io = overlay !== undefined
+      ? gatherRead(ctx, target, offsetBytes, overlay, () => this.walkRead(target, offsetBytes, admit, demand))
+      : this.walkRead(target, offsetBytes, admit, demand);
+    if (io !== undefined) {
+      this.largeReadsPending++;
+      // Both ways, so the derived promise never rejects (the caller handles io's rejection).
+      io.then(this.largeReadSettled, this.largeReadSettled);
     }
-    return this.walkRead(target, offsetBytes, admit, demand);
+    return io;
   }
 
   /** Serves a read by walking the index: hits from the cache device, misses from the backing device. */
@@ -305,13 +317,22 @@ export class ReadPath {
    * The least number of hits a read of `target` must have for them to be read off the event
    * loop, or 0 when they never are: the read must be large, without data CRCs (the checks would
    * be the event loop's again), into shared memory (a thread fills it in place), and the cache
-   * device must have a thread for reads.
+   * device must have a thread for reads. And other reads must be about: another large read
+   * pending, or one that came earlier in this macrotask (requests queued behind each other, as
+   * at a queue depth above 1 before any is pending). The thread pays when the event loop has
+   * other replies to send meanwhile; a read alone (queue depth 1) would only add two hand-offs
+   * between threads, measured at 20-30% fewer reads per second than on the event loop.
    */
   private threadPiecesMin(target: Uint8Array): number {
     const ctx = this.ctx;
     const min = ctx.tuning.fragmentedThreadPieces;
     if (min <= 0 || target.length < gatherRequestBytesMin || ctx.dataCrc || !(target.buffer instanceof SharedArrayBuffer) || !ctx.dev.readsOffThread) return 0;
-    return min;
+    const others = this.largeReadsPending > 0 || this.largeReadThisTurn;
+    if (!this.largeReadThisTurn) {
+      this.largeReadThisTurn = true;
+      queueMicrotask(this.turnEnded);
+    }
+    return others ? min : 0;
   }
 
   /**

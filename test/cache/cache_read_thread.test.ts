@@ -1,7 +1,7 @@
 // A large read from many cached pieces reads them in one batch on the cache device's own thread
-// (cache_read.ts, BlockDevice.readMany): when it does and when it does not, that every byte
-// comes back in its place either way, and that a piece whose segment GC freed and reused while
-// the batch was out comes from the backing device instead.
+// (cache_read.ts, BlockDevice.readMany) when other large reads are about: when it does and when
+// it does not, that every byte comes back in its place either way, and that a piece whose
+// segment GC freed and reused while the batch was out comes from the backing device instead.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import type { BlockDevice } from '../../src/device/block_device.js';
@@ -41,6 +41,16 @@ function shared(lengthBytes: number): Uint8Array {
   return new Uint8Array(new SharedArrayBuffer(lengthBytes)).fill(0xee);
 }
 
+/**
+ * Reads `target` at `offsetBytes` right after another large read in the same macrotask, as
+ * requests queued behind each other come (the other one, alone, is read on the event loop).
+ */
+function readQueued(cache: Cache, target: Uint8Array, offsetBytes: number): Promise<void> {
+  const first = cache.read(shared(readBytesTotal), 0);
+  assert.equal(first, undefined, 'the first read, alone, completes on the event loop');
+  return Promise.resolve(cache.read(target, offsetBytes));
+}
+
 describe('fragmented reads on the cache device\'s thread', () => {
   it('reads a large read\'s pieces in one batch when they are many and the target is shared memory, else each on the event loop', async () => {
     const device = new ThreadedMemoryDevice(cacheBytesFor(8));
@@ -51,7 +61,7 @@ describe('fragmented reads on the cache device\'s thread', () => {
     const check = async (target: Uint8Array, offsetBytes: number, batched: boolean, what: string): Promise<void> => {
       const before = batches();
       const sent = device.batches.length;
-      await cache.read(target, offsetBytes);
+      await readQueued(cache, target, offsetBytes);
       assert.ok(Buffer.from(target).equals(truth.subarray(offsetBytes, offsetBytes + target.length)), `${what}: every byte in its place`);
       assert.equal(batches() - before, batched ? 1 : 0, `${what}: ${batched ? 'one batch' : 'no batch'}`);
       assert.equal(device.batches.length - sent, batched ? 1 : 0);
@@ -70,6 +80,29 @@ describe('fragmented reads on the cache device\'s thread', () => {
     await check(shared(readBytesTotal), 0, true, 'exactly fragmented_thread_pieces pieces');
     cache.setTuning({ fragmentedThreadPieces: 0 });
     await check(shared(readBytesTotal), 0, false, 'turned off');
+    cache.setTuning({ fragmentedThreadPieces: 16 });
+
+    // A read alone (nothing pending, nothing before it in this turn) stays on the event loop:
+    // a thread would only add two hand-offs to it.
+    const alone = shared(readBytesTotal);
+    assert.equal(cache.read(alone, 0), undefined, 'a read alone completes on the event loop');
+    assert.ok(Buffer.from(alone).equals(truth));
+    await settle();
+    // A read while another is pending goes to the thread, even in a later turn.
+    let open: () => void = () => undefined;
+    device.gate = new Promise<void>((resolve) => { open = resolve; });
+    const pending = readQueued(cache, shared(readBytesTotal), 0);
+    await settle();
+    const sent = device.batches.length;
+    const later = shared(readBytesTotal);
+    const io = cache.read(later, 0);
+    assert.notEqual(io, undefined, 'with a read pending, the next one goes to the thread');
+    assert.equal(device.batches.length, sent + 1);
+    device.gate = undefined;
+    open();
+    await pending;
+    await io;
+    assert.ok(Buffer.from(later).equals(truth));
     await cache.close();
   });
 
@@ -79,7 +112,7 @@ describe('fragmented reads on the cache device\'s thread', () => {
     await layDown(cache, firstTag);
     await cache.writeZeroes(5 * piece, piece);
     const out = shared(readBytesTotal + 64 * KiB); // 64 KiB past the range: never written, a miss
-    await cache.read(out, 0);
+    await readQueued(cache, out, 0);
     const truth = Buffer.concat([pattern(firstTag, 0, readBytesTotal), pattern(backingTag, readBytesTotal, 64 * KiB)]);
     truth.fill(0, 5 * piece, 6 * piece);
     assert.ok(Buffer.from(out).equals(truth), 'cached pieces, zeroes and the miss, each in its place');
@@ -92,7 +125,7 @@ describe('fragmented reads on the cache device\'s thread', () => {
     const cache = await openCache(device, new MemoryDevice(pattern(backingTag, 0, 64 * MiB)), {}, true);
     await layDown(cache, firstTag);
     const out = shared(readBytesTotal);
-    await cache.read(out, 0);
+    await readQueued(cache, out, 0);
     assert.ok(Buffer.from(out).equals(pattern(firstTag, 0, readBytesTotal)));
     assert.equal(device.batches.length, 0);
     await cache.close();
@@ -115,7 +148,7 @@ describe('fragmented reads on the cache device\'s thread', () => {
     device.gate = new Promise<void>((resolve) => { open = resolve; });
     const out = shared(readBytesTotal);
     let done = false;
-    const reading = Promise.resolve(cache.read(out, 0)).then(() => { done = true; });
+    const reading = readQueued(cache, out, 0).then(() => { done = true; });
     await settle();
     assert.equal(device.batches.length, 1, 'the pieces are out in one batch');
     assert.equal(done, false, 'the read waits for it');
