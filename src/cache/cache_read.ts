@@ -117,6 +117,9 @@ export interface CacheExtentStatus {
 /** Maximum extents in one block status answer; the client asks again for the rest. */
 export const blockStatusExtentsMax = 1024;
 
+/** How long large reads keep going to the cache device's thread after others were last about (ReadPath.threadPiecesMin). */
+const othersAboutWindowMs = 100;
+
 /** Client reads, prefetch and block status over one cache's index. */
 export class ReadPath {
   private readonly ctx: CacheContext;
@@ -133,6 +136,8 @@ export class ReadPath {
   /** Whether a read of at least gatherRequestBytesMin came earlier in this macrotask (a microtask clears it). */
   private largeReadThisTurn = false;
   private readonly turnEnded = (): void => { this.largeReadThisTurn = false; };
+  /** When (ms, the cache's clock) a large read last came with others about: a queue depth above 1 lately. */
+  private othersAboutAtMs = -Infinity;
   private readonly rewriter: FragmentRewriter;
 
   constructor(ctx: CacheContext, log: KsetLog, head: DataHead) {
@@ -318,21 +323,24 @@ export class ReadPath {
    * loop, or 0 when they never are: the read must be large, without data CRCs (the checks would
    * be the event loop's again), into shared memory (a thread fills it in place), and the cache
    * device must have a thread for reads. And other reads must be about: another large read
-   * pending, or one that came earlier in this macrotask (requests queued behind each other, as
-   * at a queue depth above 1 before any is pending). The thread pays when the event loop has
-   * other replies to send meanwhile; a read alone (queue depth 1) would only add two hand-offs
-   * between threads, measured at 20-30% fewer reads per second than on the event loop.
+   * pending, or one that came earlier in this macrotask (requests queued behind each other), now
+   * or within othersAboutWindowMs (at a queue depth above 1 a request can still find every
+   * other one answered, and reading it on the event loop would stall the ones behind it). The
+   * thread pays when the event loop has other replies to send meanwhile; a read alone (queue
+   * depth 1) would only add two hand-offs between threads, measured at 20-30% fewer reads per
+   * second than on the event loop.
    */
   private threadPiecesMin(target: Uint8Array): number {
     const ctx = this.ctx;
     const min = ctx.tuning.fragmentedThreadPieces;
     if (min <= 0 || target.length < gatherRequestBytesMin || ctx.dataCrc || !(target.buffer instanceof SharedArrayBuffer) || !ctx.dev.readsOffThread) return 0;
-    const others = this.largeReadsPending > 0 || this.largeReadThisTurn;
+    const nowMs = ctx.timers.now();
+    if (this.largeReadsPending > 0 || this.largeReadThisTurn) this.othersAboutAtMs = nowMs;
     if (!this.largeReadThisTurn) {
       this.largeReadThisTurn = true;
       queueMicrotask(this.turnEnded);
     }
-    return others ? min : 0;
+    return nowMs - this.othersAboutAtMs <= othersAboutWindowMs ? min : 0;
   }
 
   /**

@@ -23,9 +23,12 @@ function scrambled(): number[] {
   return Array.from({ length: pieces }, (_, i) => (i * 7) % pieces);
 }
 
+/** Time in the caches these tests open: it moves only when a test says. */
+const timers = new ManualTimers();
+
 async function openCache(cacheDevice: BlockDevice, backing: BlockDevice, tuning: Partial<CacheTuning> = {}, dataCrc = false): Promise<Cache> {
   return Cache.open({
-    cacheDevice, backingDevice: backing, background: false, timers: new ManualTimers(),
+    cacheDevice, backingDevice: backing, background: false, timers,
     // The filler writes are sequential and must go into the cache; no rewrite changes what is read.
     tuning: { sequentialCutoffBytes: 0, fragmentedRewritePieces: 0, ...tuning },
     formatIfBlank: { segmentSizeBytes: MiB, cacheUuid: new Uint8Array(16).fill(7), formatTimeMs: 0, gcPercent: 0, dataCrc },
@@ -43,9 +46,11 @@ function shared(lengthBytes: number): Uint8Array {
 
 /**
  * Reads `target` at `offsetBytes` right after another large read in the same macrotask, as
- * requests queued behind each other come (the other one, alone, is read on the event loop).
+ * requests queued behind each other come (the other one, alone, is read on the event loop:
+ * nothing pending, no other read in the last 100 ms). Nothing may be pending.
  */
 function readQueued(cache: Cache, target: Uint8Array, offsetBytes: number): Promise<void> {
+  timers.advance(101); // past the time other reads were last about
   const first = cache.read(shared(readBytesTotal), 0);
   assert.equal(first, undefined, 'the first read, alone, completes on the event loop');
   return Promise.resolve(cache.read(target, offsetBytes));
@@ -81,9 +86,19 @@ describe('fragmented reads on the cache device\'s thread', () => {
     cache.setTuning({ fragmentedThreadPieces: 0 });
     await check(shared(readBytesTotal), 0, false, 'turned off');
     cache.setTuning({ fragmentedThreadPieces: 16 });
+    await check(shared(readBytesTotal), 0, true, 'turned on again');
 
-    // A read alone (nothing pending, nothing before it in this turn) stays on the event loop:
-    // a thread would only add two hand-offs to it.
+    // Within 100 ms of the last read that came with others, a read alone still goes to the
+    // thread (a queue depth above 1 lately); after that it stays on the event loop, where a
+    // thread would only add two hand-offs to it.
+    await settle();
+    timers.advance(100);
+    const soon = shared(readBytesTotal);
+    const soonIo = cache.read(soon, 0);
+    assert.notEqual(soonIo, undefined, 'a read 100 ms after others were about goes to the thread');
+    await soonIo;
+    assert.ok(Buffer.from(soon).equals(truth));
+    timers.advance(101);
     const alone = shared(readBytesTotal);
     assert.equal(cache.read(alone, 0), undefined, 'a read alone completes on the event loop');
     assert.ok(Buffer.from(alone).equals(truth));
