@@ -168,8 +168,8 @@ export class ReadPath {
     if (target.length < gatherRequestBytesMin) return this.walkRead(target, offsetBytes, admit, demand);
     const overlay = planGather(ctx, offsetBytes, target.length, ctx.tuning.fragmentedReadPieces);
     const io = overlay !== undefined
-      ? gatherRead(ctx, target, offsetBytes, overlay, () => this.walkRead(target, offsetBytes, admit, demand))
-      : this.walkRead(target, offsetBytes, admit, demand);
+      ? gatherRead(ctx, target, offsetBytes, overlay, () => this.walkRead(target, offsetBytes, admit, demand, this.threadPiecesMin(target)))
+      : this.walkRead(target, offsetBytes, admit, demand, this.threadPiecesMin(target));
     if (io !== undefined) {
       this.largeReadsPending++;
       // Both ways, so the derived promise never rejects (the caller handles io's rejection).
@@ -179,13 +179,14 @@ export class ReadPath {
   }
 
   /** Serves a read by walking the index: hits from the cache device, misses from the backing device. */
-  private walkRead(target: Uint8Array, offsetBytes: number, admit: boolean, demand: boolean): Promise<void> | undefined {
+  /** `threadPieces`: read the hits on the cache device's thread if there are at least this many (0: never; threadPiecesMin). */
+  private walkRead(target: Uint8Array, offsetBytes: number, admit: boolean, demand: boolean, threadPieces = 0): Promise<void> | undefined {
     const ctx = this.ctx;
     // A walk that ends synchronously (every piece a hit from a blocking device) is left for the
     // next read: no allocation on the read-hit path.
     const walk = this.spareWalk ?? new ReadWalk();
     this.spareWalk = undefined;
-    walk.reset(admit, demand, rewriteCandidate(ctx, target.length), this.threadPiecesMin(target));
+    walk.reset(admit, demand, rewriteCandidate(ctx, target.length), threadPieces);
     const endBytes = offsetBytes + target.length;
     const firstEnd = subtreeEnd(offsetBytes);
     if (endBytes <= firstEnd) {
@@ -319,8 +320,8 @@ export class ReadPath {
   }
 
   /**
-   * The least number of hits a read of `target` must have for them to be read off the event
-   * loop, or 0 when they never are: the read must be large, without data CRCs (the checks would
+   * The least number of hits a large read into `target` must have for them to be read off the
+   * event loop, or 0 when they never are: the read must be without data CRCs (the checks would
    * be the event loop's again), into shared memory (a thread fills it in place), and the cache
    * device must have a thread for reads. And other reads must be about: another large read
    * pending, or one that came earlier in this macrotask (requests queued behind each other), now
@@ -333,7 +334,7 @@ export class ReadPath {
   private threadPiecesMin(target: Uint8Array): number {
     const ctx = this.ctx;
     const min = ctx.tuning.fragmentedThreadPieces;
-    if (min <= 0 || target.length < gatherRequestBytesMin || ctx.dataCrc || !(target.buffer instanceof SharedArrayBuffer) || !ctx.dev.readsOffThread) return 0;
+    if (min <= 0 || ctx.dataCrc || !(target.buffer instanceof SharedArrayBuffer) || !ctx.dev.readsOffThread) return 0;
     const nowMs = ctx.timers.now();
     if (this.largeReadsPending > 0 || this.largeReadThisTurn) this.othersAboutAtMs = nowMs;
     if (!this.largeReadThisTurn) {
