@@ -108,6 +108,14 @@ async function startPcache(dir: string, backing: string, name: string, extraTuni
   return { child, socket, control };
 }
 
+/** readRun on `pcache`, with how much each counter moved over it. */
+async function countedRun(pcache: Pcache, what: string): Promise<{ iops: number; change: (counter: keyof Counters) => number }> {
+  const start = await counters(pcache.control);
+  const iops = await readRun(pcache.socket, what);
+  const end = await counters(pcache.control);
+  return { iops, change: (counter) => end[counter] - start[counter] };
+}
+
 async function stopPcache(dir: string, pcache: Pcache, name: string): Promise<void> {
   await stopChild(pcache.child);
   rmSync(path.join(dir, `${name}.cache`), { force: true });
@@ -153,12 +161,11 @@ async function main(): Promise<void> {
         const series = dirtyTurns[(round + turn) % dirtyTurns.length] ?? 'not written back, piece by piece';
         const onLoop = series === 'not written back, on the event loop';
         await controlRequest(frag.control, 'set', { body: { fragmented_thread_pieces: onLoop ? 0 : 16 } });
-        const start = await counters(frag.control);
-        results[series].push(await readRun(frag.socket, series));
-        const end = await counters(frag.control);
+        const counted = await countedRun(frag, series);
+        results[series].push(counted.iops);
         if (!onLoop) {
-          dirtyReads += end.readRequests - start.readRequests;
-          threadBatches += end.threadReadBatches - start.threadReadBatches;
+          dirtyReads += counted.change('readRequests');
+          threadBatches += counted.change('threadReadBatches');
         }
       }
       await controlRequest(frag.control, 'set', { body: { fragmented_thread_pieces: 16 } });
@@ -173,12 +180,11 @@ async function main(): Promise<void> {
         }
         const pieceByPiece = series === 'written back, piece by piece';
         if (pieceByPiece) await controlRequest(frag.control, 'set', { body: { fragmented_read_pieces: 0 } });
-        const start = await counters(frag.control);
-        results[series].push(await readRun(frag.socket, series));
-        const end = await counters(frag.control);
+        const counted = await countedRun(frag, series);
+        results[series].push(counted.iops);
         if (!pieceByPiece) {
-          gatheredReads += end.readRequests - start.readRequests;
-          gathers += end.readGathers - start.readGathers;
+          gatheredReads += counted.change('readRequests');
+          gathers += counted.change('readGathers');
         }
         if (pieceByPiece) await controlRequest(frag.control, 'set', { body: { fragmented_read_pieces: 16 } });
       }
