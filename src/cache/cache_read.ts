@@ -85,6 +85,13 @@ class ReadWalk {
   deferredOffsetsBytes: number[] | undefined;
   /** The request offset each deferred hit serves. */
   deferredPositions: number[] | undefined;
+  /** The error a read of the cache device (not the backing device) failed with, once one has. */
+  cacheError: unknown;
+  /** Notes a failed cache-device read's error (so finishRead does not blame the backing device), and passes it on. */
+  readonly cacheReadFailed = (error: unknown): never => {
+    this.cacheError ??= error;
+    throw error;
+  };
 
   /** Ready for a new read (a walk is reused once its read has ended). */
   reset(admit: boolean, demand: boolean, record: boolean, deferredPiecesMin: number): void {
@@ -94,6 +101,7 @@ class ReadWalk {
     this.deferredSegments = undefined;
     this.deferredOffsetsBytes = undefined;
     this.deferredPositions = undefined;
+    this.cacheError = undefined;
     this.pendingHits = undefined;
     this.reads = undefined;
     this.hitBytes = 0;
@@ -315,7 +323,7 @@ export class ReadPath {
   /** Notes an asynchronous hit (`io` undefined: it completed already), to be re-checked once read. */
   private pendOn(walk: ReadWalk, io: Promise<void> | undefined, position: number, lengthBytes: number, segment: number): void {
     if (io === undefined) return;
-    (walk.reads ??= []).push(io);
+    (walk.reads ??= []).push(io.catch(walk.cacheReadFailed));
     (walk.pendingHits ??= []).push({ offsetBytes: position, lengthBytes, segment, genLow32: this.ctx.segments.genLow32(segment) });
   }
 
@@ -358,7 +366,7 @@ export class ReadPath {
     walk.deferred = undefined;
     if (targets.length >= walk.deferredPiecesMin) {
       ctx.stats.threadReadBatches++;
-      (walk.reads ??= []).push(ctx.dev.readDataMany(targets, segments, offsets));
+      (walk.reads ??= []).push(ctx.dev.readDataMany(targets, segments, offsets).catch(walk.cacheReadFailed));
       for (let i = 0; i < targets.length; i++) {
         const segment = segments[i] ?? -1;
         (walk.pendingHits ??= []).push({ offsetBytes: positions[i] ?? 0, lengthBytes: (targets[i] as Uint8Array).length, segment, genLow32: ctx.segments.genLow32(segment) });
@@ -434,7 +442,10 @@ export class ReadPath {
       await Promise.all(walk.reads ?? []);
     } catch (error) {
       for (const miss of misses) if (miss.ticket !== 0) this.removePlaceholders(miss);
-      if (isPcacheError(error)) {
+      // A cache-device read that failed is the cache device's error, not the backing device's:
+      // counted as such, and never a reason to call the backing device offline.
+      if (error === walk.cacheError) ctx.stats.cacheIoErrors++;
+      else if (isPcacheError(error)) {
         ctx.stats.backingReadErrors++;
         if (error.code === 'ENODEV') ctx.backingOffline(error.message);
       }

@@ -8,6 +8,7 @@ import type { BlockDevice } from '../../src/device/block_device.js';
 import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache } from '../../src/cache/cache.js';
 import type { CacheTuning } from '../../src/cache/cache_tuning.js';
+import { PcacheError } from '../../src/lib/errors.js';
 import { ManualTimers } from '../../src/lib/timers.js';
 import { KiB, MiB } from '../../src/lib/units.js';
 import { cacheBytesFor, pattern, settle, ThreadedMemoryDevice } from '../helpers/cache_fixture.js';
@@ -132,6 +133,25 @@ describe('fragmented reads on the cache device\'s thread', () => {
     truth.fill(0, 5 * piece, 6 * piece);
     assert.ok(Buffer.from(out).equals(truth), 'cached pieces, zeroes and the miss, each in its place');
     assert.equal(device.batches.at(-1), pieces - 1, 'the data pieces went in the batch, the ZERO piece read nothing');
+    await cache.close();
+  });
+
+  it('a failed batch fails the read as the cache device\'s error, never the backing device\'s', async () => {
+    const device = new ThreadedMemoryDevice(cacheBytesFor(8));
+    const cache = await openCache(device, new MemoryDevice(pattern(backingTag, 0, 64 * MiB)));
+    await layDown(cache, firstTag);
+    for (const code of ['EIO', 'ENODEV'] as const) {
+      device.failure = new PcacheError(code, `injected ${code} reading the cache device`);
+      await assert.rejects(() => readQueued(cache, shared(readBytesTotal), 0), (error: unknown) => error === device.failure);
+    }
+    const status = cache.status();
+    assert.equal(status.counters.cacheIoErrors, 2);
+    assert.equal(status.counters.backingReadErrors, 0);
+    assert.equal(cache.internals.ctx.backingOfflineSinceMs, undefined, 'the backing device is not taken for offline');
+    device.failure = undefined;
+    const out = shared(readBytesTotal);
+    await readQueued(cache, out, 0);
+    assert.ok(Buffer.from(out).equals(pattern(firstTag, 0, readBytesTotal)), 'the next read is served');
     await cache.close();
   });
 

@@ -82,9 +82,12 @@ export class ThreadedMemoryDevice extends MemoryDevice {
   /** The number of reads in each batch, in order. */
   readonly batches: number[] = [];
   gate: Promise<void> | undefined;
+  /** Batches fail with this, when set. */
+  failure: PcacheError | undefined;
   readMany = async (reads: readonly DeviceRead[]): Promise<void> => {
     this.batches.push(reads.length);
     await (this.gate ?? new Promise<void>((resolve) => { setImmediate(resolve); }));
+    if (this.failure !== undefined) throw this.failure;
     for (const r of reads) this.readSync(r.target, r.offsetBytes);
   };
 }
