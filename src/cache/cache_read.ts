@@ -125,6 +125,10 @@ export interface CacheExtentStatus {
 /** Maximum extents in one block status answer; the client asks again for the rest. */
 export const blockStatusExtentsMax = 1024;
 
+function ignore(): void {
+  // A failure nobody waits for any more (ReadPath.abandon).
+}
+
 /** How long large reads keep going to the cache device's thread after others were last about (ReadPath.threadPiecesMin). */
 const othersAboutWindowMs = 100;
 
@@ -197,16 +201,21 @@ export class ReadPath {
     walk.reset(admit, demand, rewriteCandidate(ctx, target.length), threadPieces);
     const endBytes = offsetBytes + target.length;
     const firstEnd = subtreeEnd(offsetBytes);
-    if (endBytes <= firstEnd) {
-      this.readSubtree(walk, target, offsetBytes, offsetBytes, endBytes); // the common case: one subtree
-    } else {
-      for (let position = offsetBytes; position < endBytes;) {
-        const end = Math.min(endBytes, subtreeEnd(position));
-        this.readSubtree(walk, target, offsetBytes, position, end);
-        position = end;
+    try {
+      if (endBytes <= firstEnd) {
+        this.readSubtree(walk, target, offsetBytes, offsetBytes, endBytes); // the common case: one subtree
+      } else {
+        for (let position = offsetBytes; position < endBytes;) {
+          const end = Math.min(endBytes, subtreeEnd(position));
+          this.readSubtree(walk, target, offsetBytes, position, end);
+          position = end;
+        }
       }
+      if (walk.deferred !== undefined) this.readDeferred(walk);
+    } catch (error) {
+      this.abandon(walk);
+      throw error;
     }
-    if (walk.deferred !== undefined) this.readDeferred(walk);
     ctx.stats.readHitBytes += walk.hitBytes;
     if (walk.misses === undefined && walk.reads === undefined) {
       ctx.stats.readHitRequests++;
@@ -287,6 +296,17 @@ export class ReadPath {
       index++;
     }
     ctx.index.release(subtree);
+  }
+
+  /**
+   * A walk that threw (a synchronous cache-device read failed): the request fails with that
+   * error, so its placeholders go (else no later read could store the range: a read meeting a
+   * placeholder reads around it) and the reads it started are left to finish unheard (a failure
+   * of one then is nobody's: it must not surface as an unhandled rejection).
+   */
+  private abandon(walk: ReadWalk): void {
+    for (const miss of walk.misses ?? []) if (miss.ticket !== 0) this.removePlaceholders(miss);
+    for (const io of walk.reads ?? []) io.catch(ignore);
   }
 
   /** Notes a hit piece for a possible rewrite, and whether it is not yet written back. */

@@ -6,6 +6,7 @@ import { MemoryDevice } from '../../src/device/memory_device.js';
 import { Cache } from '../../src/cache/cache.js';
 import { keyFlagClean, keyFlagEmpty } from '../../src/ondisk/kset.js';
 import { ManualTimers } from '../../src/lib/timers.js';
+import { PcacheError } from '../../src/lib/errors.js';
 import { MiB } from '../../src/lib/units.js';
 import { cacheBytesFor, GatedDevice, openRig, pattern, readBytes, settle } from '../helpers/cache_fixture.js';
 
@@ -141,6 +142,39 @@ describe('misses in flight', () => {
     expectSectors(first, 0, 0, 0);
     expectSectors(second, 2, 0, 0);
     assert.deepEqual(keysOf(cache), [[0, 8, 'clean']]);
+  });
+
+  it('a cache-device read error during the walk fails the read and leaves no placeholder behind', async () => {
+    // The read misses [0, 8) (a placeholder and a backing read, which fails too), then hits the
+    // cached key [8, 16) on a cache device whose reads fail.
+    const inner = new MemoryDevice(pattern(backingTag, 0, 16 * MiB));
+    const backing = new GatedDevice(inner);
+    let backingFails = true;
+    backing.read = async (target, offset) => {
+      await Promise.resolve();
+      if (backingFails) throw new PcacheError('EIO', 'injected backing read error');
+      inner.readSync(target, offset);
+    };
+    let cacheFails = false;
+    const cacheDevice = new MemoryDevice(cacheBytesFor(8));
+    const readSync = cacheDevice.readSync.bind(cacheDevice);
+    cacheDevice.readSync = (target, offset) => {
+      if (cacheFails) throw new PcacheError('EIO', 'injected cache read error');
+      readSync(target, offset);
+    };
+    const cache = await Cache.open({ cacheDevice, backingDevice: backing, formatIfBlank: { segmentSizeBytes: MiB }, background: false, timers: new ManualTimers() });
+    await cache.write(pattern(cachedTag, 8 * S, 8 * S), 8 * S);
+    cacheFails = true;
+    assert.throws(() => cache.read(Buffer.alloc(16 * S), 0), /injected cache read error/);
+    assert.deepEqual(keysOf(cache), [[8, 8, 'dirty']], 'the miss left no placeholder');
+    await settle(); // the abandoned backing read fails with nobody listening: no unhandled rejection
+    cacheFails = false;
+    backingFails = false;
+    const out = Buffer.alloc(16 * S);
+    await cache.read(out, 0);
+    expectSectors(out, 0, 8, 16);
+    assert.deepEqual(keysOf(cache), [[0, 8, 'clean'], [8, 8, 'dirty']], 'the range is stored once it reads');
+    await cache.close();
   });
 
   it('a backing read error fails that read with EIO and caches nothing', async () => {
