@@ -15,9 +15,24 @@ function freshTurn(): Promise<void> {
 
 describe('background pacing (Timers.pace)', () => {
   it('lets background work go on without an await until the turn\'s slice is spent', async () => {
-    await freshTurn();
-    assert.equal(realTimers.pace(), undefined, 'the first piece of a turn starts the slice');
-    assert.equal(realTimers.pace(), undefined, 'the slice is not spent yet');
+    // A loaded machine can take the CPU from this thread between two calls for longer than a
+    // slice (a clean-clone run of the whole suite once did): then the second call rightly
+    // defers, and says nothing about a slice not yet spent. So turns are tried until one runs
+    // both calls within a slice, and in that one the second call must not defer.
+    let within = false;
+    for (let attempt = 0; attempt < 50 && !within; attempt++) {
+      await freshTurn();
+      const startMs = performance.now();
+      assert.equal(realTimers.pace(), undefined, 'the first piece of a turn starts the slice');
+      const second = realTimers.pace();
+      if (performance.now() - startMs < backgroundSliceMs) {
+        assert.equal(second, undefined, 'the slice is not spent yet');
+        within = true;
+      } else if (second !== undefined) {
+        await second;
+      }
+    }
+    assert.ok(within, 'some turn ran two calls within one slice');
     spin(backgroundSliceMs * 2);
     const deferred = realTimers.pace();
     assert.notEqual(deferred, undefined, 'a spent slice defers the next piece');
