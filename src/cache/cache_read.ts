@@ -214,6 +214,8 @@ export class ReadPath {
       if (walk.deferred !== undefined) this.readDeferred(walk);
     } catch (error) {
       this.abandon(walk);
+      // Only the cache device's reads throw during the walk (a backing read fails later, unheard).
+      if (isPcacheError(error)) ctx.stats.cacheIoErrors++;
       throw error;
     }
     ctx.stats.readHitBytes += walk.hitBytes;
@@ -299,8 +301,8 @@ export class ReadPath {
   }
 
   /**
-   * A walk that threw (a synchronous cache-device read failed): the request fails with that
-   * error, so its placeholders go (else no later read could store the range: a read meeting a
+   * A walk that threw (a synchronous cache-device read failed; counted by the caller as the
+   * cache device's error): the request fails with that error, so its placeholders go (else no later read could store the range: a read meeting a
    * placeholder reads around it) and the reads it started are left to finish unheard (a failure
    * of one then is nobody's: it must not surface as an unhandled rejection).
    */
@@ -344,6 +346,11 @@ export class ReadPath {
   private pendOn(walk: ReadWalk, io: Promise<void> | undefined, position: number, lengthBytes: number, segment: number): void {
     if (io === undefined) return;
     (walk.reads ??= []).push(io.catch(walk.cacheReadFailed));
+    this.notePending(walk, position, lengthBytes, segment);
+  }
+
+  /** Notes a hit whose read is in flight, with its segment's generation now, for finishRead to re-check. */
+  private notePending(walk: ReadWalk, position: number, lengthBytes: number, segment: number): void {
     (walk.pendingHits ??= []).push({ offsetBytes: position, lengthBytes, segment, genLow32: this.ctx.segments.genLow32(segment) });
   }
 
@@ -387,10 +394,7 @@ export class ReadPath {
     if (targets.length >= walk.deferredPiecesMin) {
       ctx.stats.threadReadBatches++;
       (walk.reads ??= []).push(ctx.dev.readDataMany(targets, segments, offsets).catch(walk.cacheReadFailed));
-      for (let i = 0; i < targets.length; i++) {
-        const segment = segments[i] ?? -1;
-        (walk.pendingHits ??= []).push({ offsetBytes: positions[i] ?? 0, lengthBytes: (targets[i] as Uint8Array).length, segment, genLow32: ctx.segments.genLow32(segment) });
-      }
+      for (let i = 0; i < targets.length; i++) this.notePending(walk, positions[i] ?? 0, (targets[i] as Uint8Array).length, segments[i] ?? -1);
       return;
     }
     for (let i = 0; i < targets.length; i++) {

@@ -62,7 +62,7 @@ export class FileWriter {
   /** Writes `writes` (already checked against the device) in the writer thread. */
   write(writes: readonly DeviceWrite[]): Promise<void> {
     if (writes.length === 0) return Promise.resolve();
-    const { buffer, pieces } = pack(writes);
+    const { buffer, pieces } = layOut(writes.map((w) => w.source), writes.map((w) => w.offsetBytes), true);
     return this.send((id) => ({ kind: 'write', id, fd: this.fd, buffer, pieces }));
   }
 
@@ -73,26 +73,15 @@ export class FileWriter {
    */
   async read(reads: readonly DeviceRead[]): Promise<void> {
     if (reads.length === 0) return;
-    const pieces = new Float64Array(reads.length * pieceFields);
-    const first = reads[0]?.target.buffer;
-    const shared = first instanceof SharedArrayBuffer && reads.every((r) => r.target.buffer === first) ? first : undefined;
-    let buffer = shared;
-    let at = 0;
-    reads.forEach((r, i) => {
-      pieces[i * pieceFields] = shared === undefined ? at : r.target.byteOffset;
-      pieces[i * pieceFields + 1] = r.target.length;
-      pieces[i * pieceFields + 2] = r.offsetBytes;
-      at += r.target.length;
-    });
-    buffer ??= new SharedArrayBuffer(at);
-    const batch = buffer;
-    await this.send((id): ReadBatchRequest => ({ kind: 'read', id, fd: this.fd, buffer: batch, pieces }));
-    if (shared !== undefined) return;
-    const bytes = new Uint8Array(batch);
-    at = 0;
-    for (const r of reads) {
-      r.target.set(bytes.subarray(at, at + r.target.length));
-      at += r.target.length;
+    const targets = reads.map((r) => r.target);
+    const { buffer, pieces, shared } = layOut(targets, reads.map((r) => r.offsetBytes), false);
+    await this.send((id): ReadBatchRequest => ({ kind: 'read', id, fd: this.fd, buffer, pieces }));
+    if (shared) return;
+    const bytes = new Uint8Array(buffer);
+    for (let i = 0; i < targets.length; i++) {
+      const at = pieces[i * pieceFields] ?? 0;
+      const target = targets[i] as Uint8Array;
+      target.set(bytes.subarray(at, at + target.length));
     }
   }
 
@@ -185,33 +174,28 @@ export class FileWriter {
 }
 
 /**
- * The batch as the thread takes it: one SharedArrayBuffer and the pieces' places in it. Sources
- * that are views of one SharedArrayBuffer (as writeback makes them) go as they are; anything
- * else is copied into a new one.
+ * A batch's pieces as the thread takes them: one SharedArrayBuffer, and per piece its place in
+ * it, its length and its file offset. Views of one SharedArrayBuffer (as writeback's batch
+ * buffers and the NBD server's large pooled buffers are) go as they are (`shared`), so the
+ * thread reads or writes them in place; anything else is laid back to back in a new buffer,
+ * filled from the views for a write (`copyIn`), copied out by the caller after a read.
  */
-function pack(writes: readonly DeviceWrite[]): { buffer: SharedArrayBuffer; pieces: Float64Array } {
-  const pieces = new Float64Array(writes.length * pieceFields);
-  const first = writes[0]?.source.buffer;
-  const shared = first instanceof SharedArrayBuffer && writes.every((w) => w.source.buffer === first) ? first : undefined;
-  if (shared !== undefined) {
-    writes.forEach((w, i) => {
-      pieces[i * pieceFields] = w.source.byteOffset;
-      pieces[i * pieceFields + 1] = w.source.length;
-      pieces[i * pieceFields + 2] = w.offsetBytes;
-    });
-    return { buffer: shared, pieces };
-  }
+function layOut(views: readonly Uint8Array[], fileOffsets: readonly number[], copyIn: boolean): { buffer: SharedArrayBuffer; pieces: Float64Array; shared: boolean } {
+  const pieces = new Float64Array(views.length * pieceFields);
+  const first = views[0]?.buffer;
+  const shared = first instanceof SharedArrayBuffer && views.every((view) => view.buffer === first) ? first : undefined;
   let totalBytes = 0;
-  for (const w of writes) totalBytes += w.source.length;
-  const buffer = new SharedArrayBuffer(totalBytes);
-  const bytes = new Uint8Array(buffer);
-  let at = 0;
-  writes.forEach((w, i) => {
-    bytes.set(w.source, at);
-    pieces[i * pieceFields] = at;
-    pieces[i * pieceFields + 1] = w.source.length;
-    pieces[i * pieceFields + 2] = w.offsetBytes;
-    at += w.source.length;
+  views.forEach((view, i) => {
+    pieces[i * pieceFields] = shared === undefined ? totalBytes : view.byteOffset;
+    pieces[i * pieceFields + 1] = view.length;
+    pieces[i * pieceFields + 2] = fileOffsets[i] ?? 0;
+    totalBytes += view.length;
   });
-  return { buffer, pieces };
+  if (shared !== undefined) return { buffer: shared, pieces, shared: true };
+  const buffer = new SharedArrayBuffer(totalBytes);
+  if (copyIn) {
+    const bytes = new Uint8Array(buffer);
+    views.forEach((view, i) => { bytes.set(view, pieces[i * pieceFields] ?? 0); });
+  }
+  return { buffer, pieces, shared: false };
 }

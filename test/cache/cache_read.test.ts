@@ -165,9 +165,13 @@ describe('misses in flight', () => {
     const cache = await Cache.open({ cacheDevice, backingDevice: backing, formatIfBlank: { segmentSizeBytes: MiB }, background: false, timers: new ManualTimers() });
     await cache.write(pattern(cachedTag, 8 * S, 8 * S), 8 * S);
     cacheFails = true;
+    const before = cache.status().counters;
     assert.throws(() => cache.read(Buffer.alloc(16 * S), 0), /injected cache read error/);
     assert.deepEqual(keysOf(cache), [[8, 8, 'dirty']], 'the miss left no placeholder');
     await settle(); // the abandoned backing read fails with nobody listening: no unhandled rejection
+    const after = cache.status().counters;
+    assert.equal(after.cacheIoErrors - before.cacheIoErrors, 1, 'counted as the cache device\'s error');
+    assert.equal(after.backingReadErrors, before.backingReadErrors, 'the abandoned backing read is not counted');
     cacheFails = false;
     backingFails = false;
     const out = Buffer.alloc(16 * S);
