@@ -647,6 +647,42 @@ describe('hostile inputs (docs/nbd.md), transmission rows', () => {
     await stillServes(s);
   });
 
+  it('row 29 (large reads): a large READ waits while a reply is unsent; small ones fill the whole backlog', async (t) => {
+    // Default limits (16 MiB of replies). A client that reads nothing: 1 MiB READs stop being
+    // taken in once about 1 MiB of replies waits (the data would only go cold), 128 KiB READs
+    // only at the 16 MiB backlog. Once the client reads, every reply comes, in order.
+    const s = await setup(t);
+    const { client } = await connectAndGo(s.path);
+    client.socket.pause();
+    const takenInWhileStalled = async (count: number, length: number): Promise<number> => {
+      const before = s.exp.calls.length;
+      client.write(Buffer.concat(Array.from({ length: count }, (_, i) => request({ type: CMD.read, cookie: BigInt(i), offset: (i % 8) * MiB, length }))));
+      let stable = 0;
+      let last = -1;
+      await waitUntil(() => {
+        stable = s.exp.calls.length === last ? stable + 1 : 0;
+        last = s.exp.calls.length;
+        return stable >= 20;
+      }, 'the server stops taking requests in');
+      return s.exp.calls.length - before;
+    };
+    const large = await takenInWhileStalled(64, MiB);
+    assert.ok(large >= 1 && large <= 4, `1 MiB reads taken in while nothing was read: ${large} (the 16 MiB backlog alone allows 16)`);
+    client.socket.resume();
+    for (let i = 0; i < 64; i += 1) {
+      const reply = await client.simpleReply(MiB);
+      assert.equal(reply.error, 0);
+      assert.equal(reply.cookie, BigInt(i), 'replies in order');
+    }
+    client.socket.pause();
+    const small = await takenInWhileStalled(256, 128 * 1024);
+    assert.ok(small >= 100, `128 KiB reads taken in while nothing was read: ${small} (not held as large reads)`);
+    client.socket.resume();
+    for (let i = 0; i < 256; i += 1) assert.equal((await client.simpleReply(128 * 1024)).error, 0);
+    client.disconnect();
+    await stillServes(s);
+  });
+
   it('row 30: a client vanishing with requests in flight, or mid-reply, affects nobody else', async (t) => {
     const s = await setup(t, { mode: 'async' });
     const bystander = await connectAndGo(s.path);
