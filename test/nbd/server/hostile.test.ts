@@ -23,6 +23,17 @@ interface Setup {
   path: string;
 }
 
+/** Waits until the export has taken in no new request for 20 polls in a row (a client that reads nothing). */
+async function untilTakingInStops(s: Setup): Promise<void> {
+  let stable = 0;
+  let last = -1;
+  await waitUntil(() => {
+    stable = s.exp.calls.length === last ? stable + 1 : 0;
+    last = s.exp.calls.length;
+    return stable >= 20;
+  }, 'the server stops taking requests in');
+}
+
 async function setup(t: TestContext, options: Partial<NbdServerOptions> & { sizeBytes?: number; mode?: 'sync' | 'async' } = {}): Promise<Setup> {
   const exp = new ControlledExport(options.sizeBytes ?? deviceBytes);
   exp.device.bytes.set(patternBytes(exp.sizeBytes, 1));
@@ -633,13 +644,7 @@ describe('hostile inputs (docs/nbd.md), transmission rows', () => {
     const count = 200;
     client.write(Buffer.concat(Array.from({ length: count }, (_, i) => request({ type: CMD.read, cookie: BigInt(i), offset: 0, length: MiB }))));
     client.socket.pause();
-    let stable = 0;
-    let last = -1;
-    await waitUntil(() => {
-      stable = s.exp.calls.length === last ? stable + 1 : 0;
-      last = s.exp.calls.length;
-      return stable >= 20;
-    }, 'the server stops taking requests in');
+    await untilTakingInStops(s);
     assert.ok(s.exp.calls.length < 32, `only a bounded backlog was produced: ${s.exp.calls.length} of ${count} reads`);
     client.socket.resume();
     for (let i = 0; i < count; i += 1) assert.equal((await client.simpleReply(MiB)).error, 0);
@@ -657,13 +662,7 @@ describe('hostile inputs (docs/nbd.md), transmission rows', () => {
     const takenInWhileStalled = async (count: number, length: number): Promise<number> => {
       const before = s.exp.calls.length;
       client.write(Buffer.concat(Array.from({ length: count }, (_, i) => request({ type: CMD.read, cookie: BigInt(i), offset: (i % 8) * MiB, length }))));
-      let stable = 0;
-      let last = -1;
-      await waitUntil(() => {
-        stable = s.exp.calls.length === last ? stable + 1 : 0;
-        last = s.exp.calls.length;
-        return stable >= 20;
-      }, 'the server stops taking requests in');
+      await untilTakingInStops(s);
       return s.exp.calls.length - before;
     };
     const large = await takenInWhileStalled(64, MiB);
