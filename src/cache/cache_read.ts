@@ -302,9 +302,10 @@ export class ReadPath {
 
   /**
    * A walk that threw (a synchronous cache-device read failed; counted by the caller as the
-   * cache device's error): the request fails with that error, so its placeholders go (else no later read could store the range: a read meeting a
-   * placeholder reads around it) and the reads it started are left to finish unheard (a failure
-   * of one then is nobody's: it must not surface as an unhandled rejection).
+   * cache device's error): the request fails with that error, so its placeholders go (else no
+   * later read could store the range: a read meeting a placeholder reads around it) and the
+   * reads it started are left to finish unheard (a failure of one then is nobody's: it must not
+   * surface as an unhandled rejection).
    */
   private abandon(walk: ReadWalk): void {
     for (const miss of walk.misses ?? []) if (miss.ticket !== 0) this.removePlaceholders(miss);
